@@ -1,0 +1,1 @@
+"""Strata benchmarks: `bench/run NAME [--quick]` (one module per NAME in this package)."""

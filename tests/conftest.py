@@ -1,0 +1,84 @@
+"""Shared pytest harness: real PostgreSQL 15 servers on free loopback ports.
+
+Servers run as the unprivileged service user when the tests run as root. Each
+test's servers keep their data directories and logs under the test's own
+`tmp_path` (inside a run directory that other users can traverse), and every
+server a test started is stopped when it ends, on failure and on Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from strata.common.proc import ensure_traversable
+from strata.compute.pgserver import PgServer
+
+_live: list[PgServer] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest's default base (/tmp/pytest-of-root) is 0700, which the service user
+    # cannot traverse; use a run directory of our own instead.
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        base = Path(tempfile.gettempdir()) / f"strata-tests-{os.getuid()}"
+        config.option.basetemp = str(base)
+
+
+def _stop_all() -> None:
+    while _live:
+        server = _live.pop()
+        try:
+            server.stop("immediate", timeout_s=10)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            server.kill9()
+
+
+atexit.register(_stop_all)
+
+
+@pytest.fixture
+def test_dir(tmp_path: Path) -> Path:
+    """The test's output directory; other users can reach it."""
+    os.chmod(tmp_path, 0o755)
+    ensure_traversable(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def pg_factory(test_dir: Path) -> Iterator[Callable[..., PgServer]]:
+    """Make `PgServer`s under this test's directory; all are stopped at the end."""
+    mine: list[PgServer] = []
+
+    def make(name: str = "pg", **kwargs: object) -> PgServer:
+        server = PgServer(test_dir / name, log_path=test_dir / f"{name}.log", **kwargs)  # type: ignore[arg-type]
+        mine.append(server)
+        _live.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in reversed(mine):
+            try:
+                server.stop("fast", timeout_s=30)
+            except Exception:  # noqa: BLE001
+                server.kill9()
+            if server in _live:
+                _live.remove(server)
+
+
+@pytest.fixture
+def pg(pg_factory: Callable[..., PgServer]) -> PgServer:
+    """A fresh, started PostgreSQL 15 with the Strata WAL settings (D2)."""
+    from strata.compute.pgserver import STRATA_WAL_SETTINGS
+
+    server = pg_factory("pg")
+    server.initdb()
+    server.start(STRATA_WAL_SETTINGS)
+    return server
