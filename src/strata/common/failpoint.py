@@ -1,0 +1,85 @@
+"""Named failpoints: inert markers in code that a test can arm to fail or run a callback.
+
+Production code calls `failpoint("flush-after-write-layer")` at a step where a crash
+matters. Nothing happens unless a test armed that name with `enable(name)` (raise
+`FailpointHit` there) or `enable(name, action=callback)` (run the callback, which may
+raise its own exception). `enable(..., count=n)` fires only on the n-th hit. Disarm with
+`disable(name)`, `disable_all()`, or use the `armed(name)` context manager.
+
+The registry is process-wide and guarded by a lock, because flush and compaction may run
+on background threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from strata.common.errors import StrataError
+
+
+class FailpointHit(StrataError):
+    """Raised by an armed failpoint: simulates a crash or I/O failure at that step."""
+
+
+@dataclass(slots=True)
+class _Armed:
+    action: Callable[[], None] | None
+    skip: int  # hits to let through before firing
+    hits: int = 0
+
+
+_lock = threading.Lock()
+_armed: dict[str, _Armed] = {}
+
+
+def failpoint(name: str) -> None:
+    """Mark a step; fire if a test armed `name`. Cheap (one dict lookup) when inert."""
+    if not _armed:
+        return
+    with _lock:
+        armed = _armed.get(name)
+        if armed is None:
+            return
+        armed.hits += 1
+        if armed.hits <= armed.skip:
+            return
+        action = armed.action
+    if action is None:
+        raise FailpointHit(f"failpoint {name!r} fired (armed by a test)")
+    action()
+
+
+def enable(name: str, action: Callable[[], None] | None = None, count: int = 1) -> None:
+    """Arm `name`: on its `count`-th hit (and after), raise FailpointHit or run `action`."""
+    assert count >= 1, count
+    with _lock:
+        _armed[name] = _Armed(action=action, skip=count - 1)
+
+
+def disable(name: str) -> None:
+    with _lock:
+        _armed.pop(name, None)
+
+
+def disable_all() -> None:
+    with _lock:
+        _armed.clear()
+
+
+def hits(name: str) -> int:
+    """How often an armed failpoint was reached (0 if not armed)."""
+    with _lock:
+        armed = _armed.get(name)
+        return armed.hits if armed is not None else 0
+
+
+@contextmanager
+def armed(name: str, action: Callable[[], None] | None = None, count: int = 1) -> Iterator[None]:
+    enable(name, action, count)
+    try:
+        yield
+    finally:
+        disable(name)
