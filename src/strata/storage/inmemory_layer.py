@@ -1,0 +1,145 @@
+"""The in-memory layer: newest writes of a timeline, values in an ephemeral file, a dict index.
+
+Writes go here first (architecture.md D4). Each put appends the encoded value to an
+ephemeral file (`ephemeral-<n>` in the timeline directory, deleted on restart because
+the WAL is re-fed from `disk_consistent_lsn`) and records (lsn, offset, length,
+is_image) under the key. The layer is *open* while it takes writes, then *frozen*
+(immutable, waiting to be written as a delta layer) once it covers
+`checkpoint_distance` bytes of WAL or `checkpoint_timeout`.
+
+Writes are buffered in memory and appended to the file in chunks; reads look in the
+buffer or `pread` the file. A lock serializes the buffer against concurrent readers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from strata.storage.key import Key, KeyRange
+
+_FLUSH_BYTES = 1 << 20
+
+# One version in the index: (lsn, offset in the ephemeral file, length, is_image).
+Version = tuple[int, int, int, bool]
+
+
+class InMemoryLayer:
+    """Versions with start_lsn <= lsn < end_lsn (end_lsn set when frozen)."""
+
+    def __init__(self, path: Path, start_lsn: int, created_at: float) -> None:
+        self.path = path
+        self.start_lsn = start_lsn
+        self.end_lsn: int | None = None  # exclusive; set by freeze()
+        self.prev_record_lsn_at_end = 0  # prev_record_lsn of the record ending at end_lsn - 1
+        self.created_at = created_at
+        self.max_lsn = 0  # newest lsn put
+        self._index: dict[Key, list[Version]] = {}
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._file_bytes = 0  # bytes already written to the file
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self._sorted_keys: list[Key] | None = None
+        self.value_bytes = 0
+
+    # --- writes -----------------------------------------------------------
+    def put(self, key: Key, lsn: int, data: bytes, is_image: bool) -> None:
+        assert self.end_lsn is None, f"put into frozen layer {self.path}"
+        assert lsn >= self.start_lsn, (lsn, self.start_lsn)
+        with self._lock:
+            offset = self._file_bytes + len(self._buf)
+            self._buf += data
+            if len(self._buf) >= _FLUSH_BYTES:
+                self._write_buffer()
+        versions = self._index.get(key)
+        entry = (lsn, offset, len(data), is_image)
+        if versions is None:
+            self._index[key] = [entry]
+            self._sorted_keys = None
+        elif versions[-1][0] <= lsn:
+            versions.append(entry)
+        else:
+            # Out-of-order put (not done by ingest, which writes in LSN order).
+            bisect.insort(versions, entry, key=lambda v: v[0])
+        if lsn > self.max_lsn:
+            self.max_lsn = lsn
+        self.value_bytes += len(data)
+
+    def _write_buffer(self) -> None:
+        view = memoryview(self._buf)
+        while view:
+            written = os.pwrite(self._fd, view, self._file_bytes)
+            self._file_bytes += written
+            view = view[written:]
+        self._buf = bytearray()
+
+    def freeze(self, end_lsn: int, prev_record_lsn: int) -> None:
+        """Stop taking writes; the layer covers [start_lsn, end_lsn)."""
+        assert self.end_lsn is None, self.path
+        assert end_lsn > self.max_lsn, (end_lsn, self.max_lsn)
+        assert end_lsn >= self.start_lsn, (end_lsn, self.start_lsn)
+        self.end_lsn = end_lsn
+        self.prev_record_lsn_at_end = prev_record_lsn
+        with self._lock:
+            self._write_buffer()
+
+    # --- reads ------------------------------------------------------------
+    def _read(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            if offset >= self._file_bytes:
+                start = offset - self._file_bytes
+                return bytes(self._buf[start:start + length])
+        data = os.pread(self._fd, length, offset)
+        assert len(data) == length, (self.path, offset, length, len(data))
+        return data
+
+    def get_versions(self, key: Key, end_lsn: int) -> list[tuple[int, bytes, bool]]:
+        """Versions of `key` with lsn < end_lsn, newest first, stopping after an image."""
+        versions = self._index.get(key)
+        if not versions:
+            return []
+        out: list[tuple[int, bytes, bool]] = []
+        for i in range(len(versions) - 1, -1, -1):
+            lsn, offset, length, is_image = versions[i]
+            if lsn >= end_lsn:
+                continue
+            out.append((lsn, self._read(offset, length), is_image))
+            if is_image:
+                break
+        return out
+
+    def is_empty(self) -> bool:
+        return not self._index
+
+    def keys_in(self, key_range: KeyRange) -> list[Key]:
+        keys = self._sorted_keys
+        if keys is None:
+            keys = sorted(self._index)
+            if self.end_lsn is not None:
+                self._sorted_keys = keys
+        lo = bisect.bisect_left(keys, key_range.start)
+        hi = bisect.bisect_left(keys, key_range.end)
+        return keys[lo:hi]
+
+    def iter_all(self) -> Iterator[tuple[Key, int, bytes]]:
+        """Every version in (key, lsn) order (for writing the delta layer)."""
+        for key in sorted(self._index):
+            for lsn, offset, length, _ in self._index[key]:
+                yield key, lsn, self._read(offset, length)
+
+    def key_range(self) -> KeyRange:
+        assert self._index, self.path
+        return KeyRange(min(self._index), max(self._index).next())
+
+    def key_count(self) -> int:
+        return len(self._index)
+
+    def close(self, delete: bool = True) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if delete:
+            self.path.unlink(missing_ok=True)
