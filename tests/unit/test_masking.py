@@ -4,6 +4,7 @@ masked, and real content changes are not; diff_fields names the field that diffe
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -167,7 +168,7 @@ def test_heap_frozen_tuple_keeps_xmin_bits_but_masks_xmax_hints() -> None:
 @pytest.mark.parametrize("field,kwargs", [("t_xmin", {"xmin": 1001}), ("t_xmax", {"xmax": 9}),
                                           ("t_ctid", {"ctid": (0, 2)}),
                                           ("t_infomask2", {"infomask2": 2})])
-def test_heap_tuple_header_changes_are_not_masked(field: str, kwargs: dict[str, int]) -> None:
+def test_heap_tuple_header_changes_are_not_masked(field: str, kwargs: dict[str, Any]) -> None:
     a = build_page([heap_tuple(b"row")])
     b = build_page([heap_tuple(b"row", **kwargs)])
     assert m.diff_fields(masked(a, "heap"), masked(b, "heap"), "heap") == [f"tuple[1].{field}"]

@@ -374,7 +374,8 @@ _SPECIAL_FIELDS: dict[str, tuple[tuple[str, int, int], ...]] = {
 }
 
 
-def diff_fields(a: bytes, b: bytes, am: str | None = None) -> list[str]:
+def diff_fields(a: bytes | bytearray, b: bytes | bytearray,
+                am: str | None = None) -> list[str]:
     """Name the parts of two pages that differ, e.g. ['pd_flags', 'lp[3]',
     'tuple[3].t_infomask', 'special.btpo_flags', 'unused space'].
 
@@ -423,8 +424,8 @@ def diff_fields(a: bytes, b: bytes, am: str | None = None) -> list[str]:
     return names
 
 
-def _claim_item(a: bytes, b: bytes, offnum: int, am: str | None, lp_end: int, special: int,
-                claim: Callable[[str, int, int], None]) -> None:
+def _claim_item(a: bytes | bytearray, b: bytes | bytearray, offnum: int, am: str | None,
+                lp_end: int, special: int, claim: Callable[[str, int, int], None]) -> None:
     if SIZE_OF_PAGE_HEADER + 4 * offnum > pd_lower(a):
         return
     lp_off, _flags, lp_len = item_id(a, offnum)
@@ -439,8 +440,8 @@ def _claim_item(a: bytes, b: bytes, offnum: int, am: str | None, lp_end: int, sp
         claim(f"tuple[{offnum}]", lp_off, end)
 
 
-def _name_byte_ranges(a: bytes, b: bytes, covered: bytearray, names: list[str],
-                      label: str = "bytes", base: int = 0) -> None:
+def _name_byte_ranges(a: bytes | bytearray, b: bytes | bytearray, covered: bytearray,
+                      names: list[str], label: str = "bytes", base: int = 0) -> None:
     start = -1
     for i in range(BLCKSZ + 1):
         odd = i < BLCKSZ and not covered[i] and a[i] != b[i]
