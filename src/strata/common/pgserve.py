@@ -141,9 +141,9 @@ class _Conn:
     async def receive(self) -> wire.StartupPacket | wire.FrontendMessage | None:
         """The next message, or None at end of stream."""
         while True:
-            msg = self.messages.next()
+            msg = self.messages.next_frontend()
             if msg is not None:
-                return msg  # type: ignore[return-value]
+                return msg
             chunk = await self.reader.read(_READ_CHUNK_BYTES)
             if not chunk:
                 if self.messages.buffered_bytes:

@@ -66,6 +66,7 @@ class PgConnection:
         self.backend_pid = 0
         self.secret_key = 0
         self.notices: list[wire.NoticeResponse] = []
+        self._pending: wire.BackendMessage | None = None  # decoded but not yet consumed
         self._closed = False
 
     # --- connect --------------------------------------------------------------------
@@ -153,10 +154,13 @@ class PgConnection:
         self._writer.write(data)
 
     async def _receive(self) -> wire.BackendMessage:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return pending
         while True:
-            msg = self._messages.next()
+            msg = self._messages.next_backend()
             if msg is not None:
-                return msg  # type: ignore[return-value]
+                return msg
             try:
                 chunk = await self._reader.read(_READ_CHUNK_BYTES)
             except OSError as err:
@@ -284,6 +288,18 @@ class CopyBothStream:
                 case _:
                     raise ProtocolError(f"{self._conn.describe}: unexpected "
                                         f"{type(msg).__name__} in CopyBoth mode")
+
+    def next_buffered(self) -> bytes | None:
+        """The next CopyData payload if it has already arrived, else None (no I/O).
+        Lets a reader take a whole batch before acting on it (one fsync per batch)."""
+        conn = self._conn
+        if self.server_done or conn._pending is not None:
+            return None
+        msg = conn._messages.next_backend()
+        if isinstance(msg, wire.CopyData):
+            return msg.data
+        conn._pending = msg
+        return None
 
     async def send(self, payload: bytes) -> None:
         assert not self.client_done, "CopyData after our CopyDone"

@@ -649,6 +649,16 @@ class MessageReader:
             return _decode_frontend(tag, body)
         return _decode_backend(tag, body)
 
+    def next_backend(self) -> BackendMessage | None:
+        """`next()` typed for `side="backend"`."""
+        assert self.side == "backend", self.side
+        return self.next()  # type: ignore[return-value]
+
+    def next_frontend(self) -> StartupPacket | FrontendMessage | None:
+        """`next()` typed for `side="frontend"`."""
+        assert self.side == "frontend", self.side
+        return self.next()  # type: ignore[return-value]
+
     def _next_startup(self) -> StartupPacket | None:
         if len(self._buf) < 4:
             return None

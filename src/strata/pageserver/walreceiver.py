@@ -1,0 +1,221 @@
+"""Development-mode WAL receiver: stream a compute's WAL into the pageserver's `WalLog`.
+
+Architecture D7, the mode without safekeepers: the pageserver is the compute's
+synchronous standby. It connects as a physical replication client
+(`replication=true`, `application_name` listed in the compute's
+`synchronous_standby_names`), checks the system identifier, and runs
+`START_REPLICATION SLOT <slot> PHYSICAL <lsn>` from the end of its log. Every
+batch of XLogData is appended and fsynced; then a standby status update reports
+write = received, flush = fsynced (so a commit returns only once the WAL is
+durable here) and apply = a caller-supplied LSN (later the pageserver's
+disk_consistent_lsn). Consumers follow `flush_lsn` through `on_flush` or
+`wait_for_flush`.
+
+The connection is re-established with bounded exponential backoff when it drops
+or the compute restarts; streaming always resumes at the log's end, so the log
+has no gaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from strata.common.errors import ProtocolError, StrataError, Unavailable, UserError
+from strata.common.lsn import Lsn
+from strata.pageserver.wal_log import WalLog
+from strata.pg import wire
+from strata.pg.pgclient import CopyBothStream, PgConnection, ServerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WalReceiverConfig:
+    host: str
+    port: int
+    slot_name: str
+    user: str = "postgres"
+    application_name: str = "strata_pageserver"
+    system_id: int | None = None  # refuse a compute of another cluster when set
+    status_interval_s: float = 1.0  # status update while idle (wal_receiver_status_interval)
+    connect_timeout_s: float = 10
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.slot_name.replace("_", "").isalnum() or not self.slot_name.islower():
+            raise UserError(f"invalid replication slot name {self.slot_name!r}: use lower "
+                            "case letters, digits and underscores")
+        assert 0 < self.backoff_initial_s <= self.backoff_max_s, \
+            (self.backoff_initial_s, self.backoff_max_s)
+        assert self.status_interval_s > 0, self.status_interval_s
+
+
+class WrongSystem(UserError):
+    """The compute belongs to another cluster; streaming from it would corrupt the log."""
+
+
+class WalReceiver:
+    """Streams WAL from one compute into `wal_log` until `stop()`."""
+
+    def __init__(self, config: WalReceiverConfig, wal_log: WalLog, *,
+                 apply_lsn: Callable[[], Lsn] | None = None,
+                 on_flush: Callable[[Lsn], None] | None = None) -> None:
+        self.config = config
+        self.wal_log = wal_log
+        self._apply_lsn = apply_lsn or (lambda: Lsn(0))
+        self._on_flush = on_flush
+        self._flushed = asyncio.Condition()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        self.connections = 0  # successful START_REPLICATIONs, for tests and status
+        self.server_end_lsn = Lsn(0)  # the compute's end of WAL as it last told us
+        self.last_error: str | None = None
+
+    @property
+    def flush_lsn(self) -> Lsn:
+        return self.wal_log.flush_lsn
+
+    # --- lifecycle ---------------------------------------------------------------
+    def start(self) -> asyncio.Task[None]:
+        assert self._task is None, "already started"
+        self._task = asyncio.create_task(self.run(), name="walreceiver")
+        return self._task
+
+    async def stop(self) -> None:
+        """Stop streaming and close the connection (the log stays open)."""
+        self._stopping.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self) -> None:
+        """Connect, stream, and reconnect with backoff until stopped.
+
+        Returns only on `stop()`; raises WrongSystem for a compute of another cluster."""
+        backoff = self.config.backoff_initial_s
+        while not self._stopping.is_set():
+            connections_before = self.connections
+            try:
+                await self._session()
+            except WrongSystem:
+                raise
+            except (StrataError, OSError) as err:
+                self.last_error = str(err)
+                log.info("walreceiver: connection to %s:%d ended: %s; retrying in %.2fs",
+                         self.config.host, self.config.port, err, backoff)
+            finally:
+                self.connected.clear()
+            if self.connections != connections_before:
+                backoff = self.config.backoff_initial_s  # it worked for a while
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff):
+                    await self._stopping.wait()
+            backoff = min(backoff * 2, self.config.backoff_max_s)
+
+    async def wait_for_flush(self, lsn: Lsn, timeout_s: float) -> Lsn:
+        """Wait until `flush_lsn >= lsn`; Unavailable after `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s), self._flushed:
+                await self._flushed.wait_for(lambda: self.flush_lsn >= lsn)
+        except TimeoutError as err:
+            raise Unavailable(f"WAL flushed only to {self.flush_lsn}, not {lsn}, after "
+                              f"{timeout_s}s (last error: {self.last_error})") from err
+        return self.flush_lsn
+
+    # --- one connection ----------------------------------------------------------------
+    async def _session(self) -> None:
+        cfg = self.config
+        conn = await PgConnection.connect(cfg.host, cfg.port, user=cfg.user,
+                                          replication="true",
+                                          application_name=cfg.application_name,
+                                          timeout_s=cfg.connect_timeout_s)
+        try:
+            await self._identify(conn)
+            start = self.wal_log.end_lsn
+            stream = await conn.start_copy_both(
+                f"START_REPLICATION SLOT {cfg.slot_name} PHYSICAL {start}")
+            self.connections += 1
+            self.connected.set()
+            log.info("walreceiver: streaming from %s:%d slot %s at %s", cfg.host, cfg.port,
+                     cfg.slot_name, start)
+            await self._stream(stream)
+        finally:
+            conn.abort()
+
+    async def _identify(self, conn: PgConnection) -> None:
+        result = await conn.simple_query("IDENTIFY_SYSTEM")
+        if len(result.rows) != 1 or len(result.columns) < 4:
+            raise ProtocolError(f"IDENTIFY_SYSTEM returned {result.columns} {result.rows}")
+        row = dict(zip(result.columns, result.rows[0], strict=True))
+        system_id = int(row["systemid"] or 0)
+        expected = self.config.system_id
+        if expected is not None and system_id != expected:
+            raise WrongSystem(f"compute at {self.config.host}:{self.config.port} has system "
+                              f"id {system_id}, expected {expected}; it belongs to another "
+                              "cluster, check the endpoint's configuration")
+
+    async def _stream(self, stream: CopyBothStream) -> None:
+        received = self.wal_log.end_lsn.value
+        reported_flush = -1
+        while True:
+            try:
+                async with asyncio.timeout(self.config.status_interval_s):
+                    payload = await stream.read()
+            except TimeoutError:
+                # Idle: tell the sender we are alive (and our apply LSN may have moved).
+                await self._send_status(stream, received, False)
+                continue
+            if payload is None:
+                raise Unavailable("the compute ended the replication stream (CopyDone)")
+            reply_now = False
+            batch = 0
+            # Take every message already buffered, then fsync once for all of them.
+            while payload is not None:
+                msg = wire.decode_replication(payload)
+                match msg:
+                    case wire.XLogData(start_lsn=start, end_lsn=end, data=data):
+                        if start != received:
+                            raise ProtocolError(f"XLogData at {Lsn(start)} but we expect "
+                                                f"{Lsn(received)}; the stream has a gap")
+                        self.wal_log.append(Lsn(start), data)
+                        received += len(data)
+                        batch += len(data)
+                        self.server_end_lsn = Lsn(max(end, received))
+                    case wire.PrimaryKeepalive(end_lsn=end, reply_requested=requested):
+                        self.server_end_lsn = Lsn(end)
+                        reply_now = reply_now or requested
+                    case _:
+                        raise ProtocolError(f"unexpected {type(msg).__name__} from a walsender")
+                payload = stream.next_buffered() if batch < (1 << 22) else None
+            if received > self.wal_log.flush_lsn.value:
+                flushed = await asyncio.to_thread(self.wal_log.fsync)
+                await self._notify(flushed)
+            if self.wal_log.flush_lsn.value != reported_flush or reply_now:
+                reported_flush = self.wal_log.flush_lsn.value
+                await self._send_status(stream, received, False)
+
+    async def _send_status(self, stream: CopyBothStream, received: int,
+                           reply_requested: bool) -> None:
+        update = wire.StandbyStatusUpdate(
+            write_lsn=received, flush_lsn=self.wal_log.flush_lsn.value,
+            apply_lsn=self._apply_lsn().value, send_time_us=wire.pg_timestamp(time.time()),
+            reply_requested=reply_requested)
+        await stream.send(update.encode())
+
+    async def _notify(self, flushed: Lsn) -> None:
+        async with self._flushed:
+            self._flushed.notify_all()
+        if self._on_flush is not None:
+            self._on_flush(flushed)
+
+
+__all__ = ["ServerError", "WalReceiver", "WalReceiverConfig", "WrongSystem"]
