@@ -1,0 +1,210 @@
+"""The PostgreSQL-protocol server framework, driven by real clients: psycopg, psql, and
+Strata's own client, including CopyOut/CopyBoth streams, errors and garbage."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from strata.common.errors import NotFound
+from strata.common.pgserve import (
+    Command,
+    CopyBoth,
+    CopyOut,
+    CopyStream,
+    PgProtocolServer,
+    Rows,
+    Session,
+    SqlError,
+)
+from strata.common.proc import pg_bindir
+from strata.pg import wire
+from strata.pg.pgclient import PgConnection, ServerError
+
+
+async def handler(session: Session, sql: str) -> Rows | Command | CopyOut | CopyBoth:
+    words = sql.strip().rstrip(";").split()
+    match [w.lower() for w in words]:
+        case ["select", "1"]:
+            return Rows(["?column?"], [["1"]])
+        case ["whoami"]:
+            return Rows(["user", "database", "application_name"],
+                        [[session.user, session.database,
+                          session.parameters.get("application_name")]])
+        case ["numbers", n]:
+            return Rows(["n", "null"], [[i, None] for i in range(int(n))])
+        case ["set", *_]:
+            return Command("SET")
+        case ["missing"]:
+            raise NotFound("timeline 42 not found; see `strata timeline list`")
+        case ["fail"]:
+            raise SqlError("custom failure", code="22012", detail="why", hint="do this")
+        case ["bug"]:
+            raise RuntimeError("a handler bug")
+        case ["tar", n]:
+            async def send_chunks(stream: CopyStream) -> None:
+                for i in range(int(n)):
+                    await stream.write(f"chunk {i}\n".encode())
+            return CopyOut(send_chunks)
+        case ["echo"]:
+            async def echo(stream: CopyStream) -> None:
+                while (data := await stream.read()) is not None:
+                    await stream.write(data.upper())
+            return CopyBoth(echo)
+    raise SqlError(f"unknown command {sql!r}", code="42601")
+
+
+class ServerThread:
+    """The server on its own event loop in a thread, so blocking clients can use it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = PgProtocolServer(handler, **kwargs)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def dsn(self, **extra: str) -> str:
+        params = {"host": "127.0.0.1", "port": str(self.port), "user": "alice",
+                  "dbname": "db1", "sslmode": "disable", **extra}
+        return " ".join(f"{k}={v}" for k, v in params.items())
+
+    def run(self, coro: Any, timeout_s: float = 20) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.run(self.server.stop(grace_s=1))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def server() -> Iterator[ServerThread]:
+    s = ServerThread(max_message_bytes=64 * 1024)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_psycopg_queries_rows_and_errors(server: ServerThread) -> None:
+    """psycopg connects, gets rows, and an error leaves the connection usable."""
+    with psycopg.connect(server.dsn(application_name="probe"), autocommit=True,
+                         prepare_threshold=None) as conn:
+        assert conn.execute("select 1").fetchall() == [("1",)]
+        assert conn.execute("whoami").fetchall() == [("alice", "db1", "probe")]
+        with pytest.raises(psycopg.errors.UndefinedObject, match="timeline 42"):
+            conn.execute("missing")
+        with pytest.raises(psycopg.errors.DivisionByZero) as info:
+            conn.execute("fail")
+        assert info.value.diag.message_detail == "why"
+        assert info.value.diag.message_hint == "do this"
+        with pytest.raises(psycopg.errors.InternalError_, match="a handler bug"):
+            conn.execute("bug")
+        # Still usable after three errors.
+        assert conn.execute("numbers 3").fetchall() == [("0", None), ("1", None), ("2", None)]
+        cur = conn.execute("set x = 1")
+        assert cur.statusmessage == "SET"
+        assert conn.info.parameter_status("server_version") is not None
+        # Parameters force the extended protocol, which is refused without breaking anything.
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            conn.execute("select %s", [1])
+        assert conn.execute("select 1").fetchall() == [("1",)]
+
+
+def test_psql_runs_a_command(server: ServerThread) -> None:
+    out = subprocess.run([str(pg_bindir() / "psql"), server.dsn(), "-X", "-A", "-t",
+                          "-c", "numbers 2"], capture_output=True, timeout=30, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["0|", "1|"]
+    err = subprocess.run([str(pg_bindir() / "psql"), server.dsn(), "-X", "-c", "missing"],
+                         capture_output=True, timeout=30, text=True)
+    assert err.returncode != 0
+    assert "timeline 42 not found" in err.stderr
+
+
+def test_garbage_closes_only_that_connection(server: ServerThread) -> None:
+    with psycopg.connect(server.dsn(), autocommit=True) as good:
+        async def send_garbage() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(wire.StartupMessage((("user", "mallory"),)).encode())
+            writer.write(b"?\x00\x00\x00\x09garbage")
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(), 10)  # until the server closes
+            writer.close()
+            return data
+
+        received = server.run(send_garbage())
+        assert b"unknown frontend message type" in received  # the FATAL it sent first
+        assert good.execute("select 1").fetchall() == [("1",)]
+
+        async def send_oversized() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(wire.StartupMessage((("user", "mallory"),)).encode())
+            writer.write(wire.Query("x" * 70000).encode())
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            return data
+
+        assert b"exceeds the limit" in server.run(send_oversized())
+        assert good.execute("whoami").fetchall()[0][0] == "alice"
+
+
+def test_own_client_copy_out_and_copy_both(server: ServerThread) -> None:
+    async def scenario() -> None:
+        conn = await PgConnection.connect("127.0.0.1", server.port, user="bob",
+                                          database="db2", application_name="t")
+        result = await conn.simple_query("whoami")
+        assert result.rows == [("bob", "db2", "t")]
+        assert result.tag == "SELECT 1"
+        with pytest.raises(ServerError) as info:
+            await conn.simple_query("missing")
+        assert info.value.code == "42704"
+        stream = await conn.start_copy_both("echo")
+        for word in (b"get", b"page", b"x" * 10000):
+            await stream.send(word)
+            assert await stream.read() == word.upper()
+        await stream.finish()
+        assert (await conn.simple_query("select 1")).rows == [("1",)]
+        await conn.close()
+
+        # CopyOut: read the raw protocol with the codec.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(wire.StartupMessage((("user", "u"),)).encode() + wire.Query("tar 3").encode())
+        messages = wire.MessageReader("backend")
+        got: list[Any] = []
+        while not got or not isinstance(got[-1], wire.ReadyForQuery) or len(got) < 3 + 6:
+            messages.feed(await asyncio.wait_for(reader.read(4096), 10))
+            got.extend(messages)
+        copy = got[got.index(wire.CopyOutResponse()):]
+        assert copy == [wire.CopyOutResponse(), *(wire.CopyData(f"chunk {i}\n".encode())
+                                                  for i in range(3)),
+                        wire.CopyDone(), wire.CommandComplete("COPY 0"), wire.ReadyForQuery()]
+        writer.close()
+
+    server.run(scenario())
+
+
+def test_ssl_request_is_declined_and_shutdown_is_graceful() -> None:
+    s = ServerThread()
+    try:
+        # sslmode=prefer sends SSLRequest first; 'N' makes libpq go on in plain text.
+        with psycopg.connect(s.dsn(sslmode="prefer"), autocommit=True) as conn:
+            assert conn.execute("select 1").fetchall() == [("1",)]
+            assert conn.pgconn.ssl_in_use is False
+    finally:
+        s.close()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(s.dsn(connect_timeout="2"))
