@@ -142,4 +142,6 @@ def test_reconstruct_matches_model(base: bytes, patch_ops: list[PatchOp | PatchW
             model[op.offset] = (model[op.offset] & ~op.clear_mask & 0xFF) | op.set_mask
         else:
             model[op.offset:op.offset + len(op.data)] = op.data
-    assert reconstruct([Image(base)] + [Patch((op,)) for op in patch_ops]) == bytes(model)
+    versions: list[Value] = [Image(base)]
+    versions += [Patch((op,)) for op in patch_ops]
+    assert reconstruct(versions) == bytes(model)
