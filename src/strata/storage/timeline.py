@@ -1,0 +1,727 @@
+"""A timeline: one line of WAL as a versioned key-value map, readable at any retained LSN.
+
+Writes (all puts of one WAL record carry the record's end LSN, then `finish_record`)
+go to the open in-memory layer; it is frozen at `checkpoint_distance` bytes of WAL or
+`checkpoint_timeout_s`, and `flush_frozen()` writes frozen layers as delta layer files
+and advances `disk_consistent_lsn` in the metadata file. Reads walk, newest first, the
+open layer, the frozen layers, the layer files (through the layer map), then the
+ancestor timeline at the branch LSN, until an image is reached.
+
+Relation semantics (sizes, cuts, zero pages) follow `rel.py`: a block read ignores
+versions older than the block's cut. Reads below the GC cutoff raise UserError; a
+broken timeline refuses reads with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from strata.common.errors import CorruptionError, NotFound, Unavailable, UserError
+from strata.common.failpoint import FailpointHit, failpoint
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
+from strata.pg.constants import BLCKSZ
+from strata.storage.inmemory_layer import InMemoryLayer
+from strata.storage.key import (
+    FULL_KEY_RANGE,
+    Key,
+    KeyRange,
+    RelTag,
+    db_dir_key,
+    db_dir_range,
+    rel_block_key,
+    rel_size_key,
+    rel_size_range,
+    relmap_key,
+)
+from strata.storage.layer_name import LayerDesc
+from strata.storage.metadata import TimelineMetadata, fsync_dir, save_metadata
+from strata.storage.rel import SizeRecord
+from strata.storage.value import (
+    Image,
+    Tombstone,
+    Value,
+    decode_value,
+    encode_value,
+    is_image_bytes,
+    reconstruct,
+)
+
+if TYPE_CHECKING:
+    from strata.storage.tenant import TenantConfig
+
+log = logging.getLogger(__name__)
+
+ZERO_PAGE = bytes(BLCKSZ)
+LSN_TIME_FILE = "lsn_time"
+EPHEMERAL_PREFIX = "ephemeral-"
+_LSN_TIME = struct.Struct("<QQ")
+_MAX_FROZEN = 2  # frozen layers waiting for flush before finish_record flushes inline
+_INF = (1 << 64) - 1
+
+
+class TimelineBroken(CorruptionError):
+    """The timeline cannot serve reads: ingest found something it could not store exactly."""
+
+
+class LayerReader(Protocol):
+    """What the timeline needs from S1's delta and image layer readers."""
+
+    def get_versions_raw(self, key: bytes, end_lsn: int) -> list[tuple[int, bytes]]: ...
+    def iter_range_raw(self, key_range: KeyRange,
+                       end_lsn: int) -> Iterator[tuple[bytes, int, bytes]]: ...
+    def keys(self) -> Iterator[tuple[Key, Lsn, int]]: ...
+    def close(self) -> None: ...
+
+
+def open_layer_file(path: Path) -> LayerReader:
+    from strata.storage.layer_file import open_layer
+    return open_layer(path)
+
+
+class Timeline:
+    """One timeline of one tenant. Thread-safe for one writer and many readers."""
+
+    def __init__(self, tenant_id: TenantId, timeline_id: TimelineId, directory: Path,
+                 meta: TimelineMetadata, conf: TenantConfig, ancestor: Timeline | None,
+                 clock: Callable[[], float] = time.time) -> None:
+        from strata.storage.layer_map import LayerMap
+        from strata.storage.leases import LeaseTable
+
+        assert (ancestor is None) == (meta.ancestor_timeline is None), (ancestor, meta)
+        self.tenant_id = tenant_id
+        self.timeline_id = timeline_id
+        self.dir = directory
+        self.conf = conf
+        self.ancestor = ancestor
+        self.children: list[Timeline] = []
+        self.clock = clock
+        self.leases = LeaseTable()
+        self._meta = meta
+        self._ancestor_lsn = meta.ancestor_lsn.value
+        self._initdb_lsn = meta.initdb_lsn.value
+        self._last_record = meta.disk_consistent_lsn.value
+        self._prev_record = meta.prev_record_lsn.value
+        self._disk_consistent = meta.disk_consistent_lsn.value
+        self._gc_cutoff = meta.latest_gc_cutoff.value
+        self._open: InMemoryLayer | None = None
+        self._frozen: list[InMemoryLayer] = []
+        self._layer_map = LayerMap()
+        self._readers: dict[LayerDesc, LayerReader] = {}
+        self._lock = threading.RLock()  # layer lists, layer map, readers
+        self._flush_lock = threading.Lock()  # one flush / compaction / gc at a time
+        self._ephemeral_seq = 0
+        self._rel_cache: dict[RelTag, tuple[int, SizeRecord | None]] = {}
+        self._size_lock = threading.Lock()
+        self._size_gen = 0  # bumped by every size write (see _size_record)
+        self._lsn_times: list[tuple[int, int]] = []  # (lsn, ts_us), lsn increasing
+        self._ts_prefix_max: list[int] = []
+        self._persisted_times = 0
+        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._waiters_lock = threading.Lock()
+        self.broken_reason: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Timeline({self.tenant_id}/{self.timeline_id})"
+
+    # --- loading -----------------------------------------------------------
+    def load_layers(self) -> None:
+        """Build the layer map from the directory, cleaning up what a crash left behind.
+
+        Ephemeral files and half-written (temp-named) layers are deleted; a layer
+        reaching above disk_consistent_lsn was written before the crash but never
+        acknowledged in the metadata, so it is not trusted: deleted too (ingest re-feeds
+        that WAL from disk_consistent_lsn).
+        """
+        from strata.storage.layer_name import is_layer_file_name, is_temp_file_name
+
+        dcl = self._disk_consistent
+        for entry in sorted(os.listdir(self.dir)):
+            path = self.dir / entry
+            if entry.startswith(EPHEMERAL_PREFIX) or is_temp_file_name(entry) or \
+                    entry.endswith(".___temp"):
+                log.info("removing leftover file %s", path)
+                path.unlink()
+                continue
+            if not is_layer_file_name(entry):
+                continue
+            desc = LayerDesc.parse_file_name(entry)
+            if desc.lsn_range[1].value > dcl + 1:
+                log.info("removing layer %s: it ends above disk_consistent_lsn %s "
+                         "(written before a crash, never acknowledged)", entry, Lsn(dcl))
+                path.unlink()
+                continue
+            self._layer_map.insert(desc)
+        fsync_dir(self.dir)
+        self._load_lsn_times()
+
+    def _load_lsn_times(self) -> None:
+        path = self.dir / LSN_TIME_FILE
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        keep = 0
+        for off in range(0, len(data) - len(data) % _LSN_TIME.size, _LSN_TIME.size):
+            lsn, ts = _LSN_TIME.unpack_from(data, off)
+            if lsn > self._disk_consistent:
+                break
+            self._append_time(lsn, ts)
+            keep = off + _LSN_TIME.size
+        if keep != len(data):
+            # A torn append, or entries above disk_consistent_lsn (re-fed by ingest).
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+                os.fsync(f.fileno())
+        self._persisted_times = len(self._lsn_times)
+
+    # --- LSNs --------------------------------------------------------------
+    @property
+    def last_record_lsn(self) -> Lsn:
+        return Lsn(self._last_record)
+
+    @property
+    def prev_record_lsn(self) -> Lsn:
+        return Lsn(self._prev_record)
+
+    @property
+    def disk_consistent_lsn(self) -> Lsn:
+        return Lsn(self._disk_consistent)
+
+    @property
+    def ancestor_lsn(self) -> Lsn:
+        return Lsn(self._ancestor_lsn)
+
+    @property
+    def initdb_lsn(self) -> Lsn:
+        return Lsn(self._initdb_lsn)
+
+    @property
+    def gc_cutoff(self) -> Lsn:
+        return Lsn(self._gc_cutoff)
+
+    @property
+    def metadata(self) -> TimelineMetadata:
+        return self._meta
+
+    # --- writes ------------------------------------------------------------
+    def put(self, key: Key, lsn: Lsn, value: Value) -> None:
+        """Store `value` for `key` at `lsn` (the end LSN of the record being ingested)."""
+        data = encode_value(value)
+        if key.is_rel_size():
+            with self._size_lock:
+                self._put_bytes(key, lsn.value, data, value.is_image)
+                self._rel_cache.pop(key.rel_tag(), None)
+                self._size_gen += 1
+            return
+        self._put_bytes(key, lsn.value, data, value.is_image)
+
+    def _put_bytes(self, key: Key, lsn: int, data: bytes, is_image: bool) -> None:
+        if lsn <= self._last_record:
+            raise UserError(f"put at LSN {Lsn(lsn)} on timeline {self.timeline_id} is not "
+                            f"after last_record_lsn {Lsn(self._last_record)}; WAL must be "
+                            f"ingested in order")
+        layer = self._open
+        if layer is None:
+            layer = self._new_open_layer()
+        layer.put(key, lsn, data, is_image)
+
+    def _new_open_layer(self) -> InMemoryLayer:
+        with self._lock:
+            if self._open is None:
+                self._ephemeral_seq += 1
+                path = self.dir / f"{EPHEMERAL_PREFIX}{self._ephemeral_seq}"
+                self._open = InMemoryLayer(path, self._last_record + 1, self.clock())
+            return self._open
+
+    def finish_record(self, end_lsn: Lsn, prev_lsn: Lsn) -> None:
+        """All puts of the record ending at `end_lsn` are done: advance and wake waiters."""
+        if end_lsn.value < self._last_record:
+            raise UserError(f"finish_record at {end_lsn} is behind last_record_lsn "
+                            f"{self.last_record_lsn} on timeline {self.timeline_id}")
+        layer = self._open
+        assert layer is None or layer.max_lsn <= end_lsn.value, (layer.max_lsn, end_lsn)
+        self._last_record = end_lsn.value
+        self._prev_record = prev_lsn.value
+        self._wake_waiters()
+        if layer is not None and (
+                end_lsn.value - layer.start_lsn >= self.conf.checkpoint_distance
+                or self.clock() - layer.created_at >= self.conf.checkpoint_timeout_s):
+            self.freeze()
+            if len(self._frozen) > _MAX_FROZEN:
+                self.flush_frozen()
+
+    def put_rel_page(self, rel: RelTag, blkno: int, lsn: Lsn, value: Value) -> None:
+        """Store a block version; extends the fork to blkno + 1 if it is shorter."""
+        rec = self._current_size(rel)
+        if rec is None:
+            # PostgreSQL may write a block of a fork whose creation came before our WAL
+            # (or is implied by the record); the fork exists from here on.
+            self._write_size(rel, lsn, SizeRecord.created(lsn.value).extended(blkno + 1))
+        elif blkno >= rec.nblocks:
+            self._write_size(rel, lsn, rec.extended(blkno + 1))
+        self._put_bytes(rel_block_key(rel, blkno), lsn.value, encode_value(value), value.is_image)
+
+    def create_rel(self, rel: RelTag, lsn: Lsn) -> None:
+        """Create an empty fork (no-op if it exists): a cut at 0, so old blocks are dead."""
+        if self._current_size(rel) is None:
+            self._write_size(rel, lsn, SizeRecord.created(lsn.value))
+
+    def truncate_rel(self, rel: RelTag, nblocks: int, lsn: Lsn) -> None:
+        """Shrink a fork to `nblocks` (no-op if it does not exist or is not longer)."""
+        rec = self._current_size(rel)
+        if rec is None or nblocks >= rec.nblocks:
+            return
+        self._write_size(rel, lsn, rec.truncated(lsn.value, nblocks))
+
+    def drop_rel(self, rel: RelTag, lsn: Lsn) -> None:
+        if self._current_size(rel) is not None:
+            self._write_size(rel, lsn, None)
+
+    def drop_db(self, spcnode: int, dbnode: int, lsn: Lsn) -> None:
+        """Drop every fork of a database, its directory marker and its relation map."""
+        for rel in sorted(self.list_rels(spcnode, dbnode, lsn)):
+            self.drop_rel(rel, lsn)
+        for key in (db_dir_key(spcnode, dbnode), relmap_key(spcnode, dbnode)):
+            if self._get_value(key, lsn.value) is not None:
+                self.put(key, lsn, Tombstone())
+
+    def put_db_dir(self, spcnode: int, dbnode: int, lsn: Lsn, pg_version: bytes) -> None:
+        self.put(db_dir_key(spcnode, dbnode), lsn, Image(pg_version))
+
+    def _write_size(self, rel: RelTag, lsn: Lsn, rec: SizeRecord | None) -> None:
+        value: Value = Tombstone() if rec is None else Image(rec.encode())
+        with self._size_lock:
+            self._put_bytes(rel_size_key(rel), lsn.value, encode_value(value), True)
+            self._rel_cache[rel] = (lsn.value, rec)
+            self._size_gen += 1
+
+    def _current_size(self, rel: RelTag) -> SizeRecord | None:
+        """The newest size record of `rel` (including puts of the record in progress)."""
+        return self._size_record(rel, _INF - 1)
+
+    def _size_record(self, rel: RelTag, lsn: int) -> SizeRecord | None:
+        cached = self._rel_cache.get(rel)
+        if cached is not None and lsn >= cached[0]:
+            return cached[1]
+        key = rel_size_key(rel)
+        if cached is None:
+            gen = self._size_gen
+            newest = self._versions(key, _INF - 1, 0)
+            version_lsn = newest[0][0] if newest else 0
+            rec = self._decode_size(newest)
+            with self._size_lock:
+                # A size written meanwhile by the ingest thread must not be overwritten
+                # with the older one read here.
+                if gen == self._size_gen and rel not in self._rel_cache:
+                    self._rel_cache[rel] = (version_lsn, rec)
+            if lsn >= version_lsn:
+                return rec
+        return self._decode_size(self._versions(key, lsn, 0))
+
+    @staticmethod
+    def _decode_size(versions: list[tuple[int, bytes]]) -> SizeRecord | None:
+        if not versions:
+            return None
+        value = decode_value(versions[0][1])
+        if isinstance(value, Tombstone):
+            return None
+        assert isinstance(value, Image), value
+        return SizeRecord.decode(value.data)
+
+    # --- LSN <-> time ----------------------------------------------------------
+    def put_lsn_time(self, lsn: Lsn, ts_us: int) -> None:
+        """Record that the commit ending at `lsn` has timestamp `ts_us` (for PITR)."""
+        if self._lsn_times and lsn.value <= self._lsn_times[-1][0]:
+            return  # re-fed WAL after a restart, or a duplicate
+        self._append_time(lsn.value, ts_us)
+
+    def _append_time(self, lsn: int, ts_us: int) -> None:
+        prev_max = self._ts_prefix_max[-1] if self._ts_prefix_max else 0
+        self._lsn_times.append((lsn, ts_us))
+        self._ts_prefix_max.append(max(prev_max, ts_us))
+
+    def find_lsn_for_timestamp(self, ts_us: int) -> Lsn:
+        """End LSN of the last commit at or before `ts_us` (commit times taken as ordered)."""
+        found = self._find_lsn_for_timestamp(ts_us, _INF)
+        if found is None:
+            raise NotFound(f"no commit at or before timestamp {ts_us} us on timeline "
+                           f"{self.timeline_id} or its ancestors; pick a later time")
+        return Lsn(found)
+
+    def _find_lsn_for_timestamp(self, ts_us: int, max_lsn: int) -> int | None:
+        limit = bisect.bisect_right(self._lsn_times, (max_lsn, _INF))
+        i = bisect.bisect_right(self._ts_prefix_max, ts_us, 0, limit) - 1
+        if i >= 0:
+            return self._lsn_times[i][0]
+        if self.ancestor is not None:
+            return self.ancestor._find_lsn_for_timestamp(ts_us, self._ancestor_lsn)
+        return None
+
+    # --- reads ---------------------------------------------------------------
+    def _check_readable(self, lsn: int) -> None:
+        if self.broken_reason is not None:
+            raise TimelineBroken(f"timeline {self.timeline_id} of tenant {self.tenant_id} is "
+                                 f"broken: {self.broken_reason}; re-create it from a branch")
+        if lsn < self._gc_cutoff:
+            raise UserError(f"read at LSN {Lsn(lsn)} on timeline {self.timeline_id} is below "
+                            f"its GC cutoff {Lsn(self._gc_cutoff)}: that history was garbage "
+                            f"collected; read at a later LSN or hold a lease to keep it")
+        if self.ancestor is not None and lsn <= self._ancestor_lsn:
+            self.ancestor._check_readable(lsn)
+
+    def mark_broken(self, reason: str) -> None:
+        log.error("timeline %s marked broken: %s", self.timeline_id, reason)
+        self.broken_reason = reason
+
+    def _versions(self, key: Key, lsn: int, floor: int) -> list[tuple[int, bytes]]:
+        """Versions of `key` with floor <= version lsn <= lsn, newest first, down to an image.
+
+        An image layer whose key range holds `key` ends the walk even without a value:
+        it is a complete picture of its range, so a missing key was absent at its LSN.
+        """
+        out: list[tuple[int, bytes]] = []
+        key_bytes: bytes | None = None
+        end = lsn + 1  # exclusive
+        tl: Timeline | None = self
+        while tl is not None and end > floor:
+            with tl._lock:
+                mems = [tl._open] if tl._open is not None else []
+                mems.extend(reversed(tl._frozen))
+            for mem in mems:
+                if mem.start_lsn >= end:
+                    continue
+                for v_lsn, data, is_image in mem.get_versions(key, end):
+                    if v_lsn < floor:
+                        return out
+                    out.append((v_lsn, data))
+                    if is_image:
+                        return out
+                end = mem.start_lsn
+                if end <= floor:
+                    return out
+            while end > floor:
+                desc = tl._layer_map.search(key, Lsn(end))
+                if desc is None:
+                    break
+                reader = tl._reader(desc)
+                read_end = min(end, desc.lsn_range[1].value)
+                if key_bytes is None:
+                    key_bytes = key.to_bytes()
+                for v_lsn, data in reader.get_versions_raw(key_bytes, read_end):
+                    if v_lsn < floor:
+                        return out
+                    out.append((v_lsn, data))
+                    if is_image_bytes(data):
+                        return out
+                if not desc.is_delta:
+                    return out
+                end = desc.lsn_range[0].value
+            if tl.ancestor is None:
+                break
+            end = min(end, tl._ancestor_lsn + 1)
+            tl = tl.ancestor
+        return out
+
+    def _reader(self, desc: LayerDesc) -> LayerReader:
+        reader = self._readers.get(desc)
+        if reader is None:
+            with self._lock:
+                reader = self._readers.get(desc)
+                if reader is None:
+                    reader = open_layer_file(self.dir / desc.file_name())
+                    self._readers[desc] = reader
+        return reader
+
+    def _get_value(self, key: Key, lsn: int, floor: int = 0) -> bytes | None:
+        versions = self._versions(key, lsn, floor)
+        if not versions:
+            return None
+        return reconstruct([decode_value(data) for _, data in reversed(versions)])
+
+    def get(self, key: Key, lsn: Lsn) -> bytes:
+        """The value of `key` as of `lsn` (inclusive); NotFound if it does not exist."""
+        self._check_readable(lsn.value)
+        value = self._get_value(key, lsn.value)
+        if value is None:
+            raise NotFound(f"key {key} does not exist at LSN {lsn} on timeline "
+                           f"{self.timeline_id}")
+        return value
+
+    def get_rel_page(self, rel: RelTag, blkno: int, lsn: Lsn) -> bytes:
+        """Block `blkno` of `rel` as of `lsn`: 8192 bytes, zeros if unwritten since its cut."""
+        self._check_readable(lsn.value)
+        page = self._rel_page(rel, blkno, lsn.value)
+        if page is None:
+            nblocks = self._size_record(rel, lsn.value)
+            what = "does not exist" if nblocks is None else f"has {nblocks.nblocks} blocks"
+            raise NotFound(f"block {blkno} of {rel} does not exist at LSN {lsn} on timeline "
+                           f"{self.timeline_id}: the fork {what}")
+        return page
+
+    def _rel_page(self, rel: RelTag, blkno: int, lsn: int) -> bytes | None:
+        rec = self._size_record(rel, lsn)
+        if rec is None or blkno >= rec.nblocks:
+            return None
+        versions = self._versions(rel_block_key(rel, blkno), lsn, rec.cut_lsn(blkno))
+        if not versions:
+            return ZERO_PAGE
+        page = reconstruct([decode_value(data) for _, data in reversed(versions)])
+        return ZERO_PAGE if page is None else page
+
+    def rel_size(self, rel: RelTag, lsn: Lsn) -> int:
+        self._check_readable(lsn.value)
+        rec = self._size_record(rel, lsn.value)
+        if rec is None:
+            raise NotFound(f"{rel} does not exist at LSN {lsn} on timeline {self.timeline_id}")
+        return rec.nblocks
+
+    def rel_exists(self, rel: RelTag, lsn: Lsn) -> bool:
+        self._check_readable(lsn.value)
+        return self._size_record(rel, lsn.value) is not None
+
+    def list_rels(self, spcnode: int, dbnode: int, lsn: Lsn) -> set[RelTag]:
+        return {key.rel_tag() for key, _ in self.scan(rel_size_range(spcnode, dbnode), lsn)}
+
+    def list_dbs(self, lsn: Lsn) -> set[tuple[int, int]]:
+        return {key.db() for key, _ in self.scan(db_dir_range(), lsn)}
+
+    def scan(self, key_range: KeyRange, lsn: Lsn) -> Iterator[tuple[Key, bytes]]:
+        """Live keys in `key_range` as of `lsn`, in key order, with their values."""
+        self._check_readable(lsn.value)
+        for key in self._candidate_keys(key_range, lsn.value):
+            value = self._get_value(key, lsn.value)
+            if value is not None:
+                yield key, value
+
+    def _candidate_keys(self, key_range: KeyRange, lsn: int) -> list[Key]:
+        """Every key with some version at or below `lsn` in range (live or not)."""
+        keys: set[Key] = set()
+        tl: Timeline | None = self
+        while tl is not None:
+            with tl._lock:
+                mems = ([tl._open] if tl._open is not None else []) + list(tl._frozen)
+                descs = tl._layer_map.layers_overlapping(key_range, (Lsn(0), Lsn(lsn + 1)))
+            for mem in mems:
+                if mem.start_lsn <= lsn:
+                    keys.update(mem.keys_in(key_range))
+            for desc in descs:
+                reader = tl._reader(desc)
+                if key_range.covers(desc.key_range):
+                    # The whole layer: its index alone lists the keys (no blob reads).
+                    keys.update(k for k, v_lsn, _ in reader.keys() if v_lsn.value <= lsn)
+                else:
+                    keys.update(Key.from_bytes(k) for k, _, _ in
+                                reader.iter_range_raw(key_range, lsn + 1))
+            if tl.ancestor is None:
+                break
+            lsn = min(lsn, tl._ancestor_lsn)
+            tl = tl.ancestor
+        return sorted(keys)
+
+    def materialize(self, key: Key, lsn: int) -> bytes | None:
+        """The value of `key` at `lsn` as an image layer stores it (None: absent).
+
+        Blocks go through the fork's size and cut, so that an image layer never carries
+        a dead version forward as if it were new.
+        """
+        if key.is_rel_block():
+            rec = self._size_record(key.rel_tag(), lsn)
+            if rec is None or key.blkno() >= rec.nblocks:
+                return None
+            versions = self._versions(key, lsn, rec.cut_lsn(key.blkno()))
+            if not versions:
+                return None  # absent in an image layer reads as a zero page
+            return reconstruct([decode_value(data) for _, data in reversed(versions)])
+        return self._get_value(key, lsn)
+
+    async def wait_for_lsn(self, lsn: Lsn, timeout_s: float) -> None:
+        """Return once last_record_lsn >= lsn; Unavailable after `timeout_s`."""
+        if self._last_record >= lsn.value:
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        entry = (lsn.value, loop, fut)
+        with self._waiters_lock:
+            self._waiters.append(entry)
+        if self._last_record >= lsn.value:  # raced with finish_record
+            self._remove_waiter(entry)
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await fut
+        except TimeoutError as err:
+            raise Unavailable(f"timed out after {timeout_s}s waiting for WAL up to {lsn} on "
+                              f"timeline {self.timeline_id}; last_record_lsn is "
+                              f"{self.last_record_lsn}") from err
+        finally:
+            self._remove_waiter(entry)
+
+    def _remove_waiter(self, entry: tuple[int, asyncio.AbstractEventLoop,
+                                          asyncio.Future[None]]) -> None:
+        with self._waiters_lock:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    def _wake_waiters(self) -> None:
+        if not self._waiters:
+            return
+        with self._waiters_lock:
+            ready = [w for w in self._waiters if w[0] <= self._last_record]
+            self._waiters = [w for w in self._waiters if w[0] > self._last_record]
+        for _, loop, fut in ready:
+            loop.call_soon_threadsafe(_resolve, fut)
+
+    # --- freeze and flush --------------------------------------------------------
+    def freeze(self) -> None:
+        """Freeze the open layer at last_record_lsn (it then waits for flush_frozen)."""
+        with self._lock:
+            layer = self._open
+            if layer is None:
+                return
+            if layer.max_lsn > self._last_record:
+                raise UserError(f"cannot freeze timeline {self.timeline_id} in the middle of "
+                                f"a record (puts at {Lsn(layer.max_lsn)} not finished)")
+            layer.freeze(self._last_record + 1, self._prev_record)
+            self._frozen.append(layer)
+            self._open = None
+            log.info("froze in-memory layer [%s, %s) (%d bytes)", Lsn(layer.start_lsn),
+                     Lsn(self._last_record + 1), layer.value_bytes)
+
+    def flush(self) -> None:
+        """Freeze and write everything ingested so far; disk_consistent_lsn = last_record_lsn."""
+        self.freeze()
+        self.flush_frozen()
+        with self._flush_lock, self._lock:
+            idle = self._open is None and not self._frozen
+            last, prev = self._last_record, self._prev_record
+        if idle and last > self._disk_consistent:
+            # WAL with no puts since the last layer: nothing to write but the LSN.
+            with self._flush_lock:
+                self._persist_times(last)
+                self._save_meta(disk_consistent_lsn=Lsn(last), prev_record_lsn=Lsn(prev))
+                self._disk_consistent = last
+
+    def flush_frozen(self) -> None:
+        """Write each frozen layer as a delta layer file, oldest first, then the metadata."""
+        from strata.storage.delta_layer import DeltaLayerWriter
+
+        with self._flush_lock:
+            while True:
+                with self._lock:
+                    if not self._frozen:
+                        return
+                    layer = self._frozen[0]
+                assert layer.end_lsn is not None, layer.path
+                desc = None
+                if not layer.is_empty():
+                    failpoint("flush-before-write-layer")
+                    writer = DeltaLayerWriter(self.dir, layer.key_range(),
+                                              (Lsn(layer.start_lsn), Lsn(layer.end_lsn)))
+                    try:
+                        for i, (key, lsn, data) in enumerate(layer.iter_all()):
+                            writer.put(key, Lsn(lsn), data)
+                            if i == 0:
+                                failpoint("flush-mid-layer")
+                        desc = writer.finish()
+                    except FailpointHit:
+                        raise  # a simulated crash leaves the temp file, as a real one would
+                    except BaseException:
+                        writer.abort()
+                        raise
+                    failpoint("flush-after-write-layer")
+                    with self._lock:
+                        self._layer_map.insert(desc)
+                        self._frozen.pop(0)
+                else:
+                    with self._lock:
+                        self._frozen.pop(0)
+                dcl = layer.end_lsn - 1
+                self._persist_times(dcl)
+                failpoint("flush-before-metadata")
+                self._save_meta(disk_consistent_lsn=Lsn(dcl),
+                                prev_record_lsn=Lsn(layer.prev_record_lsn_at_end))
+                self._disk_consistent = dcl
+                failpoint("flush-after-metadata")
+                layer.close(delete=True)
+                log.info("flushed layer %s; disk_consistent_lsn %s", desc, Lsn(dcl))
+
+    def _persist_times(self, upto: int) -> None:
+        """Append the LSN-time entries at or below `upto` to the lsn_time file."""
+        start = self._persisted_times
+        end = bisect.bisect_right(self._lsn_times, (upto, _INF), lo=start)
+        if end == start:
+            return
+        data = b"".join(_LSN_TIME.pack(lsn, ts) for lsn, ts in self._lsn_times[start:end])
+        with open(self.dir / LSN_TIME_FILE, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self._persisted_times = end
+
+    def _save_meta(self, **changes: Any) -> None:
+        meta = self._meta.with_updates(**changes)
+        save_metadata(self.dir, meta)
+        self._meta = meta
+
+    # --- layer management for compaction and GC -------------------------------------
+    @property
+    def layer_map(self) -> Any:
+        return self._layer_map
+
+    def layers(self) -> list[LayerDesc]:
+        with self._lock:
+            return list(self._layer_map.all())
+
+    def add_layer(self, desc: LayerDesc) -> None:
+        with self._lock:
+            self._layer_map.insert(desc)
+
+    def remove_layer(self, desc: LayerDesc) -> None:
+        """Forget a layer and delete its file (GC)."""
+        with self._lock:
+            self._layer_map.remove(desc)
+            reader = self._readers.pop(desc, None)
+        if reader is not None:
+            reader.close()
+        (self.dir / desc.file_name()).unlink(missing_ok=True)
+
+    def set_gc_cutoff(self, cutoff: Lsn) -> None:
+        """Persist a new (higher) GC cutoff, then refuse reads below it."""
+        assert cutoff.value >= self._gc_cutoff, (cutoff, self.gc_cutoff)
+        failpoint("gc-before-cutoff-metadata")
+        self._save_meta(latest_gc_cutoff=cutoff)
+        self._gc_cutoff = cutoff.value
+
+    @property
+    def maintenance_lock(self) -> threading.Lock:
+        """Held by flush, compaction and GC: they change the layer files one at a time."""
+        return self._flush_lock
+
+    def full_key_range(self) -> KeyRange:
+        return FULL_KEY_RANGE
+
+    def close(self) -> None:
+        """Drop in-memory state without flushing (the WAL is re-fed after a restart)."""
+        with self._lock:
+            for mem in ([self._open] if self._open else []) + self._frozen:
+                mem.close(delete=True)
+            self._open = None
+            self._frozen = []
+            for reader in self._readers.values():
+                reader.close()
+            self._readers.clear()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
