@@ -149,7 +149,7 @@ class WalReceiver:
                      cfg.slot_name, start)
             await self._stream(stream)
         finally:
-            conn.abort()
+            conn.close_nowait()
 
     async def _identify(self, conn: PgConnection) -> None:
         result = await conn.simple_query("IDENTIFY_SYSTEM")

@@ -245,6 +245,15 @@ class PgConnection:
         except OSError:
             pass  # the peer is gone already; nothing to tell it
 
+    def close_nowait(self) -> None:
+        """Queue Terminate and close once it is sent; usable where we cannot await
+        (cleanup after cancellation). A walsender exits quietly on Terminate."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.write(wire.Terminate().encode())
+        self._writer.close()
+
     def abort(self) -> None:
         """Close the socket at once, without Terminate."""
         self._closed = True
