@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from strata.storage.key import Key, KeyRange
+from strata.storage.value import Image, Patch, decode_value, encode_value, reconstruct
 
 _FLUSH_BYTES = 1 << 20
 
@@ -49,17 +50,26 @@ class InMemoryLayer:
     def put(self, key: Key, lsn: int, data: bytes, is_image: bool) -> None:
         assert self.end_lsn is None, f"put into frozen layer {self.path}"
         assert lsn >= self.start_lsn, (lsn, self.start_lsn)
+        versions = self._index.get(key)
+        same_lsn = versions is not None and versions[-1][0] == lsn
+        if same_lsn and not is_image:
+            # Two puts of one key in one record: a layer file holds one value per
+            # (key, lsn), so fold the delta into the value already there.
+            assert versions is not None
+            _, offset, length, prev_is_image = versions[-1]
+            data, is_image = _fold(self._read(offset, length), data), prev_is_image
         with self._lock:
             offset = self._file_bytes + len(self._buf)
             self._buf += data
             if len(self._buf) >= _FLUSH_BYTES:
                 self._write_buffer()
-        versions = self._index.get(key)
         entry = (lsn, offset, len(data), is_image)
         if versions is None:
             self._index[key] = [entry]
             self._sorted_keys = None
-        elif versions[-1][0] <= lsn:
+        elif same_lsn:
+            versions[-1] = entry  # a later image in the same record replaces the value
+        elif versions[-1][0] < lsn:
             versions.append(entry)
         else:
             # Out-of-order put (not done by ingest, which writes in LSN order).
@@ -143,3 +153,14 @@ class InMemoryLayer:
             self._fd = -1
         if delete:
             self.path.unlink(missing_ok=True)
+
+
+def _fold(prev: bytes, delta: bytes) -> bytes:
+    """The one value equal to applying encoded `delta` after encoded `prev`."""
+    old, new = decode_value(prev), decode_value(delta)
+    assert isinstance(new, Patch), new
+    if isinstance(old, Patch):
+        return encode_value(Patch(old.ops + new.ops))
+    value = reconstruct([old, new])
+    assert value is not None, (old, new)
+    return encode_value(Image(value))

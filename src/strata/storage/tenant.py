@@ -199,12 +199,12 @@ class Tenant:
             last = parent.last_record_lsn
             at = last if lsn is None else lsn
             where = f"timeline {ancestor_id} of tenant {self.tenant_id}"
-            if at > last:
-                raise UserError(f"cannot branch {where} at {at}: beyond its last_record_lsn "
-                                f"{last}; wait for the WAL to arrive or pick an earlier LSN")
             if at < parent.initdb_lsn or at.value == 0:
                 raise UserError(f"cannot branch {where} at {at}: before its initdb LSN "
                                 f"{parent.initdb_lsn}, where the data starts")
+            if at > last:
+                raise UserError(f"cannot branch {where} at {at}: beyond its last_record_lsn "
+                                f"{last}; wait for the WAL to arrive or pick an earlier LSN")
             if at < parent.gc_cutoff:
                 raise UserError(f"cannot branch {where} at {at}: below its GC cutoff "
                                 f"{parent.gc_cutoff}; that history was garbage collected")
