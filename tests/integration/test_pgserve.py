@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,9 @@ from strata.pg import wire
 from strata.pg.pgclient import PgConnection, ServerError
 
 
+SLEEPING = threading.Event()  # a `sleep` query has reached the handler
+
+
 async def handler(session: Session, sql: str) -> Rows | Command | CopyOut | CopyBoth:
     words = sql.strip().rstrip(";").split()
     match [w.lower() for w in words]:
@@ -39,6 +43,10 @@ async def handler(session: Session, sql: str) -> Rows | Command | CopyOut | Copy
                           session.parameters.get("application_name")]])
         case ["numbers", n]:
             return Rows(["n", "null"], [[i, None] for i in range(int(n))])
+        case ["sleep", seconds]:
+            SLEEPING.set()
+            await asyncio.sleep(float(seconds))
+            return Rows(["slept"], [[seconds]])
         case ["set", *_]:
             return Command("SET")
         case ["missing"]:
@@ -208,3 +216,25 @@ def test_ssl_request_is_declined_and_shutdown_is_graceful() -> None:
         s.close()
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(s.dsn(connect_timeout="2"))
+
+
+def test_stop_lets_a_running_query_finish_and_closes_idle_connections() -> None:
+    s = ServerThread()
+    idle = psycopg.connect(s.dsn(), autocommit=True)
+    busy = psycopg.connect(s.dsn(), autocommit=True)
+    result: list[Any] = []
+    query = threading.Thread(target=lambda: result.append(busy.execute("sleep 0.5").fetchall()))
+    try:
+        SLEEPING.clear()
+        query.start()
+        assert SLEEPING.wait(10)
+        t0 = time.monotonic()
+        s.close()  # stop(grace_s=1)
+        assert time.monotonic() - t0 < 1.0  # it did not wait out the grace period
+        query.join(5)
+        assert result == [[("0.5",)]]
+        with pytest.raises(psycopg.OperationalError, match="shutting down"):
+            idle.execute("select 1")
+    finally:
+        idle.close()
+        busy.close()

@@ -208,6 +208,8 @@ class PgProtocolServer:
         self.startup_timeout_s = startup_timeout_s
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: set[asyncio.Task[None]] = set()  # waiting for the next query
+        self._stopping = False
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
@@ -218,18 +220,23 @@ class PgProtocolServer:
         log.info("%s listening on %s:%d", self.name, self.host, self.port)
 
     async def stop(self, grace_s: float = 5) -> None:
-        """Stop listening, give connections `grace_s` to finish, then cancel them."""
+        """Stop listening and close idle connections at once; a connection running a
+        query gets `grace_s` to finish it (then it is closed), and is cancelled after."""
         if self._server is None:
             return
+        self._stopping = True
         self._server.close()
-        await self._server.wait_closed()
-        self._server = None
+        for task in self._idle:
+            task.cancel()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        # Only now: from Python 3.12 on this also waits for open connections.
+        await self._server.wait_closed()
+        self._server = None
         log.info("%s on port %d stopped", self.name, self.port)
 
     async def __aenter__(self) -> PgProtocolServer:
@@ -256,8 +263,13 @@ class PgProtocolServer:
                 conn.write(wire.ErrorResponse(severity="FATAL", code="08P01", message=str(err)))
         except (ConnectionError, OSError) as err:
             log.info("%s connection %d from %s lost: %s", self.name, conn_id, peer_text, err)
+        except asyncio.CancelledError:
+            if self._stopping:
+                _say_shutting_down(conn)
+            raise
         finally:
             self._tasks.discard(task)
+            self._idle.discard(task)
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 1)
@@ -307,8 +319,17 @@ class PgProtocolServer:
                     raise ProtocolError(f"unexpected {type(msg).__name__} before start-up")
 
     async def _query_loop(self, conn: _Conn, session: Session) -> None:
+        task = asyncio.current_task()
+        assert task is not None
         while True:
-            msg = await conn.receive()
+            if self._stopping:
+                _say_shutting_down(conn)
+                return
+            self._idle.add(task)
+            try:
+                msg = await conn.receive()
+            finally:
+                self._idle.discard(task)
             match msg:
                 case None | wire.Terminate():
                     return
@@ -385,6 +406,12 @@ class PgProtocolServer:
                 return False
         conn.write(wire.CommandComplete(reply.tag))
         return True
+
+
+def _say_shutting_down(conn: _Conn) -> None:
+    with contextlib.suppress(OSError, RuntimeError):
+        conn.write(wire.ErrorResponse(severity="FATAL", code="57P01", message=(
+            "terminating connection because the server is shutting down")))
 
 
 def _encode_rows(reply: Rows) -> list[wire.BackendMessage]:

@@ -197,11 +197,20 @@ class WalReceiver:
                         raise ProtocolError(f"unexpected {type(msg).__name__} from a walsender")
                 payload = stream.next_buffered() if batch < (1 << 22) else None
             if received > self.wal_log.flush_lsn.value:
-                flushed = await asyncio.to_thread(self.wal_log.fsync)
-                await self._notify(flushed)
+                await self._notify(await self._fsync())
             if self.wal_log.flush_lsn.value != reported_flush or reply_now:
                 reported_flush = self.wal_log.flush_lsn.value
                 await self._send_status(stream, received, False)
+
+    async def _fsync(self) -> Lsn:
+        # In a worker thread, so the event loop keeps serving; but a cancelled receiver
+        # must not return (and let its log be closed) while that thread still fsyncs.
+        fsync = asyncio.ensure_future(asyncio.to_thread(self.wal_log.fsync))
+        try:
+            return await asyncio.shield(fsync)
+        except asyncio.CancelledError:
+            await fsync
+            raise
 
     async def _send_status(self, stream: CopyBothStream, received: int,
                            reply_requested: bool) -> None:
