@@ -28,7 +28,6 @@ from strata.common.proc import pg_bindir
 from strata.pg import wire
 from strata.pg.pgclient import PgConnection, ServerError
 
-
 SLEEPING = threading.Event()  # a `sleep` query has reached the handler
 
 
