@@ -7,7 +7,7 @@ import asyncio
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -25,6 +25,7 @@ from strata.common.pgserve import (
     SqlError,
 )
 from strata.common.proc import pg_bindir
+from strata.compute.pgserver import PgServer
 from strata.pg import wire
 from strata.pg.pgclient import PgConnection, ServerError
 
@@ -237,3 +238,37 @@ def test_stop_lets_a_running_query_finish_and_closes_idle_connections() -> None:
     finally:
         idle.close()
         busy.close()
+
+
+def test_own_client_against_postgres_md5_and_cleartext(
+        pg_factory: Callable[..., PgServer]) -> None:
+    """Strata's client authenticates to a real PostgreSQL 15 with md5 and cleartext
+    passwords, and reads results and errors from it."""
+    pg = pg_factory("auth")
+    pg.initdb()
+    hba = pg.datadir / "pg_hba.conf"
+    hba.write_text("host all md5user 127.0.0.1/32 md5\n"
+                   "host all textuser 127.0.0.1/32 password\n" + hba.read_text())
+    pg.start({"password_encryption": "md5"})
+    pg.sql("create role md5user login password 's3cret'")
+    pg.sql("create role textuser login password 'plain'")
+
+    async def scenario() -> None:
+        async with await PgConnection.connect(pg.host, pg.port, user="md5user",
+                                              database="postgres", password="s3cret") as conn:
+            result = await conn.simple_query("select current_user, null::text, 1 + 1 as two")
+            assert result.columns == ("current_user", "text", "two")
+            assert result.rows == [("md5user", None, "2")]
+            with pytest.raises(ServerError) as info:
+                await conn.simple_query("select * from no_such_table")
+            assert info.value.code == "42P01"
+            assert (await conn.simple_query("select 1")).rows == [("1",)]
+            assert conn.parameters["server_version"].startswith("15")
+        async with await PgConnection.connect(pg.host, pg.port, user="textuser",
+                                              database="postgres", password="plain") as conn:
+            assert (await conn.simple_query("select current_user")).rows == [("textuser",)]
+        with pytest.raises(ServerError, match="28P01"):
+            await PgConnection.connect(pg.host, pg.port, user="md5user", database="postgres",
+                                       password="wrong")
+
+    asyncio.run(scenario())
