@@ -278,3 +278,25 @@ def test_wrong_system_id_is_refused(compute: tuple[PgServer, Lsn, int], test_dir
     asyncio.run(scenario())
     assert wal.end_lsn == start
     wal.close()
+
+
+def test_receiver_retries_until_its_slot_exists(pg_factory: Callable[..., PgServer],
+                                                test_dir: Path) -> None:
+    """A refused START_REPLICATION (no slot yet) is retried with backoff, not fatal."""
+    pg = pg_factory("compute")
+    pg.initdb()
+    pg.start(SETTINGS)
+    start = current_flush_lsn(pg)
+    rx = ReceiverThread(test_dir / "wal_log", pg, start)
+    try:
+        wait_until(lambda: "does not exist" in (rx.receiver.last_error or ""), 20,
+                   "the missing-slot error")
+        assert rx.receiver.connections == 0
+        pg.sql("select pg_create_physical_replication_slot(%s, true)", SLOT)
+        wait_until(lambda: rx.receiver.connections == 1, 20, "streaming to start")
+        pg.sql("create table t (i int)")  # a commit: needs our flush
+        end = current_flush_lsn(pg)
+        rx.wait_for_flush(end)
+        assert_log_matches_pg_wal(rx.wal, pg, end)
+    finally:
+        rx.stop()

@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from strata.common.errors import ProtocolError, StrataError, Unavailable, UserError
 from strata.common.lsn import Lsn
-from strata.pageserver.wal_log import WalLog
+from strata.pageserver.wal_log import TIMELINE, WalLog
 from strata.pg import wire
 from strata.pg.pgclient import CopyBothStream, PgConnection, ServerError
 
@@ -48,12 +49,15 @@ class WalReceiverConfig:
     backoff_max_s: float = 2.0
 
     def __post_init__(self) -> None:
-        if not self.slot_name.replace("_", "").isalnum() or not self.slot_name.islower():
+        if not re.fullmatch(r"[a-z0-9_]{1,63}", self.slot_name):
             raise UserError(f"invalid replication slot name {self.slot_name!r}: use lower "
                             "case letters, digits and underscores")
         assert 0 < self.backoff_initial_s <= self.backoff_max_s, \
             (self.backoff_initial_s, self.backoff_max_s)
         assert self.status_interval_s > 0, self.status_interval_s
+
+
+_WARN_EVERY_FAILURES = 10
 
 
 class WrongSystem(UserError):
@@ -102,6 +106,7 @@ class WalReceiver:
 
         Returns only on `stop()`; raises WrongSystem for a compute of another cluster."""
         backoff = self.config.backoff_initial_s
+        failures = 0  # in a row, without streaming in between
         while not self._stopping.is_set():
             connections_before = self.connections
             try:
@@ -110,12 +115,18 @@ class WalReceiver:
                 raise
             except (StrataError, OSError) as err:
                 self.last_error = str(err)
-                log.info("walreceiver: connection to %s:%d ended: %s; retrying in %.2fs",
-                         self.config.host, self.config.port, err, backoff)
+                failures += 1
+                # A compute restart takes a few tries; ten in a row (seconds of backoff)
+                # means something someone should look at (a missing slot, a dead compute).
+                level = logging.WARNING if failures % _WARN_EVERY_FAILURES == 0 else logging.INFO
+                log.log(level, "walreceiver: connection to %s:%d ended (%d in a row): %s; "
+                        "retrying in %.2fs", self.config.host, self.config.port, failures, err,
+                        backoff)
             finally:
                 self.connected.clear()
             if self.connections != connections_before:
                 backoff = self.config.backoff_initial_s  # it worked for a while
+                failures = 0
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(backoff):
                     await self._stopping.wait()
@@ -157,6 +168,13 @@ class WalReceiver:
             raise ProtocolError(f"IDENTIFY_SYSTEM returned {result.columns} {result.rows}")
         row = dict(zip(result.columns, result.rows[0], strict=True))
         system_id = int(row["systemid"] or 0)
+        timeline = int(row["timeline"] or 0)
+        if timeline != TIMELINE:
+            # Strata computes never promote (architecture D5), and the log's segment
+            # names assume timeline 1.
+            raise WrongSystem(f"compute at {self.config.host}:{self.config.port} is on "
+                              f"PostgreSQL timeline {timeline}, not {TIMELINE}; it was not "
+                              "started by Strata")
         expected = self.config.system_id
         if expected is not None and system_id != expected:
             raise WrongSystem(f"compute at {self.config.host}:{self.config.port} has system "
