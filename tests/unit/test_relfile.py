@@ -40,6 +40,7 @@ def test_both_ways(loc: RelFileLocation, path: str) -> None:
     "pg_wal/000000010000000000000001", "pg_xact/0000", "base/5", "base/5/16384/1",
     "pg_tblspc/16390/PG_14_202107181/5/16391", "pg_tblspc/16390/PG_15_202209061/16391",
     "base/pgsql_tmp/pgsql_tmp123.0", "global/0", "",
+    "pg_tblspc/1663/PG_15_202209061/5/16391", "pg_tblspc/1664/PG_15_202209061/5/16391",
 ])
 def test_not_relation_files(path: str) -> None:
     assert parse_path(path) is None

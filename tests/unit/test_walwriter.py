@@ -1,7 +1,9 @@
 """The synthesized checkpoint WAL: exact record bytes, page headers and layouts (D6)."""
 
 import dataclasses
+import stat
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -10,12 +12,14 @@ from hypothesis import strategies as st
 from strata.common.errors import UserError
 from strata.common.lsn import Lsn, parse_segment_file_name
 from strata.pg.checkpoint import CheckPoint
+from strata.pg.controlfile import ControlFileData
 from strata.pg.crc import crc32c
 from strata.pg.walwriter import (
     CHECKPOINT_RECORD_LEN,
     SyntheticWal,
     checkpoint_record,
     checkpoint_record_lsn,
+    install_synthetic_start,
     synthesize_wal,
 )
 
@@ -28,6 +32,18 @@ INITDB_RECORD = bytes.fromhex(
     "000000000000cc0200000100000001000000010000000000000038ab066b0000"
     "000000000000000000000000000000000000")
 INITDB_CHECKPOINT = CheckPoint.from_bytes(INITDB_RECORD, offset=26)
+# The pg_control of the same cluster (as in test_controlfile.py).
+INITDB_CONTROL = bytes.fromhex(
+    "ca65ed7b38ab066b1405000025770d0c010000000000000038ab066b00000000"
+    "1807500100000000180750010000000001000000010000000100000000000000"
+    "d402000000000000043500000100000000000000cc0200000100000001000000"
+    "010000000000000038ab066b0000000000000000000000000000000000000000"
+    "e803000000000000000000000000000000000000000000000000000000000000"
+    "000000000000000000000000010000000000000064000000080000000a000000"
+    "000000004000000000000000080000000000000087d632410020000000000200"
+    "00200000000000014000000020000000cc070000000800000100000000000000"
+    "44715ffa3302338729e59c54a8c6434e12a3da4ffca01456da0c89d0933af3e9"
+    "f978f44f00000000") + bytes(8192 - 296)
 
 
 def test_record_is_byte_identical_to_postgres() -> None:
@@ -181,3 +197,40 @@ def test_any_position(value: int, seg_size: int, near_end: bool) -> None:
         return  # inside a header: rejected, tested above
     wal = synth(str(lsn), seg_size, prev="0/0")
     assert wal.record_lsn == checkpoint_record_lsn(lsn, seg_size)
+
+
+def test_install_replaces_wal_and_control(tmp_path: Path) -> None:
+    """Old segments and their archive markers go; the new ones and pg_control are written."""
+    (tmp_path / "global").mkdir()
+    (tmp_path / "global" / "pg_control").write_bytes(INITDB_CONTROL)
+    status = tmp_path / "pg_wal" / "archive_status"
+    status.mkdir(parents=True)
+    for name in ("000000010000000000000001", "000000010000000000000009",
+                 "000000010000000000000002.partial"):
+        (tmp_path / "pg_wal" / name).write_bytes(b"old")
+    (status / "000000010000000000000001.done").touch()
+    (status / "000000010000000000000002.partial.ready").touch()
+    (tmp_path / "pg_wal" / "00000002.history").write_text("kept")
+    control = ControlFileData.from_bytes(INITDB_CONTROL)
+    wal = synthesize_wal(Lsn.parse("0/3FFFFD0"), control.checkpoint, control.checkpoint_copy,
+                         system_identifier=control.system_identifier,
+                         seg_size=control.xlog_seg_size)
+
+    new = install_synthetic_start(tmp_path, control, wal, time=1700000000)
+
+    files = sorted(p.name for p in (tmp_path / "pg_wal").iterdir() if p.is_file())
+    assert files == ["000000010000000000000003", "000000010000000000000004",
+                     "00000002.history"]
+    assert list(status.iterdir()) == []
+    for name, data in wal.segments.items():
+        path = tmp_path / "pg_wal" / name
+        assert path.read_bytes() == data
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    written = ControlFileData.from_bytes((tmp_path / "global" / "pg_control").read_bytes())
+    assert written == new
+    assert (written.checkpoint, written.checkpoint_copy, written.time) == \
+        (wal.record_lsn, wal.checkpoint, 1700000000)
+
+    other = dataclasses.replace(control, system_identifier=1)
+    with pytest.raises(UserError, match="is for system"):
+        install_synthetic_start(tmp_path, other, wal, time=1)

@@ -85,6 +85,8 @@ def parse_path(path: str) -> RelFileLocation | None:
             spcnode, dbnode = DEFAULTTABLESPACE_OID, _oid(db)
         case ["pg_tblspc", spc, version, db, name] if version == TABLESPACE_VERSION_DIRECTORY:
             spcnode, dbnode = _oid(spc), _oid(db)
+            if spcnode in (DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID):
+                return None  # never under pg_tblspc; the path is not PostgreSQL's
         case _:
             return None
     m = _FILE.match(name)

@@ -215,11 +215,12 @@ def install_synthetic_start(datadir: Path, control: ControlFileData, wal: Synthe
                             time: int) -> ControlFileData:
     """Replace the WAL in `datadir/pg_wal` by `wal` and point `global/pg_control` at it.
 
-    The old segment files are removed first: records in an old segment past the checkpoint
-    would be replayed as if they followed it. `control` is the data directory's current
-    control file (its counters are not merged: `wal.checkpoint` already holds them); `time`
-    (seconds since the epoch) becomes pg_control's modification time. Returns the new
-    control file. New files get the data directory's owner, mode 0600.
+    The old segment files (and their archive_status markers) are removed first: records in
+    an old segment past the checkpoint would be replayed as if they followed it. `control`
+    is the data directory's current control file (its counters are not merged:
+    `wal.checkpoint` already holds them); `time` (seconds since the epoch) becomes
+    pg_control's modification time. Returns the new control file. New files get the data
+    directory's owner, mode 0600.
     """
     if control.system_identifier != wal.system_identifier:
         raise UserError(f"synthesized WAL is for system {wal.system_identifier}, the control "
@@ -232,6 +233,12 @@ def install_synthetic_start(datadir: Path, control: ControlFileData, wal: Synthe
     for entry in pg_wal.iterdir():
         if _SEGMENT_NAME.match(entry.name) and entry.is_file():
             entry.unlink()
+    # The archiver's .ready/.done markers name segments that no longer exist.
+    archive_status = pg_wal / "archive_status"
+    if archive_status.is_dir():
+        for entry in archive_status.iterdir():
+            if _SEGMENT_NAME.match(entry.stem) and entry.suffix in (".ready", ".done"):
+                entry.unlink()
     for name, data in wal.segments.items():
         assert len(data) == wal.seg_size, (name, len(data))
         _write_file(pg_wal / name, data, owner)
