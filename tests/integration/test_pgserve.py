@@ -60,6 +60,11 @@ async def handler(session: Session, sql: str) -> Rows | Command | CopyOut | Copy
                 for i in range(int(n)):
                     await stream.write(f"chunk {i}\n".encode())
             return CopyOut(send_chunks)
+        case ["badtar"]:
+            async def fail_midway(stream: CopyStream) -> None:
+                await stream.write(b"first")
+                raise NotFound("layer file for key 7 is gone")
+            return CopyOut(fail_midway)
         case ["echo"]:
             async def echo(stream: CopyStream) -> None:
                 while (data := await stream.read()) is not None:
@@ -272,3 +277,17 @@ def test_own_client_against_postgres_md5_and_cleartext(
                                        password="wrong")
 
     asyncio.run(scenario())
+
+
+def test_psycopg_reads_copy_out_and_a_failing_copy_keeps_the_connection(
+        server: ServerThread) -> None:
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        cur = conn.cursor()
+        with cur.copy("tar 4") as copy:
+            data = b"".join(bytes(chunk) for chunk in copy)
+        assert data == b"".join(f"chunk {i}\n".encode() for i in range(4))
+        with pytest.raises(psycopg.errors.UndefinedObject, match="key 7 is gone"):
+            with cur.copy("badtar") as copy:
+                for _ in copy:
+                    pass
+        assert conn.execute("select 1").fetchall() == [("1",)]

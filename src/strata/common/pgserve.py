@@ -389,7 +389,11 @@ class PgProtocolServer:
         stream = CopyStream(conn, both=both)
         try:
             await reply.run(stream)
-        except (StrataError, ValueError, LookupError) as err:
+        except ProtocolError:
+            raise  # the client broke the sub-protocol: close this connection
+        except Exception as err:
+            if not isinstance(err, StrataError | ValueError | LookupError):
+                log.exception("%s copy handler failed", self.name)
             if stream.client_gone:
                 return False
             conn.write(error_response(err))
