@@ -64,6 +64,7 @@ SIZE_OF_HEAP_TUPLE_HEADER = 23
 # btpo_flags u16 @12, btpo_cycleid u16 @14
 BTP_LEAF = 1 << 0
 BTP_DELETED = 1 << 2
+BTP_META = 1 << 3
 BTP_SPLIT_END = 1 << 5
 BTP_HAS_GARBAGE = 1 << 6
 
@@ -78,7 +79,9 @@ LH_PAGE_HAS_DEAD_TUPLES = 1 << 7
 LH_PAGE_TYPE = LH_OVERFLOW_PAGE | LH_BUCKET_PAGE | LH_BITMAP_PAGE | LH_META_PAGE
 
 # gin_private.h GinPageOpaqueData: rightlink u32 @0, maxoff u16 @4, flags u16 @6
+GIN_DATA = 1 << 0
 GIN_DELETED = 1 << 2
+GIN_META = 1 << 3
 
 # gist.h GISTPageOpaqueData: nsn u64 (xlogid, xrecoff) @0, rightlink u32 @8,
 # flags u16 @12, gist_page_id u16 @14
@@ -86,8 +89,13 @@ F_LEAF = 1 << 0
 F_FOLLOW_RIGHT = 1 << 3
 F_HAS_GARBAGE = 1 << 4
 
+# spgist_private.h SpGistPageOpaqueData: flags u16 @0, nRedirection @2, nPlaceholder @4,
+# spgist_page_id @6
+SPGIST_META = 1 << 0
+
 # brin_page.h BrinSpecialSpace: uint16 vector[4]; flags = vector[2] @4, type = vector[3] @6
 BRIN_PAGETYPE_META = 0xF091
+BRIN_PAGETYPE_REVMAP = 0xF092
 BRIN_PAGETYPE_REGULAR = 0xF093
 BRIN_EVACUATE_PAGE = 1 << 0
 
@@ -400,10 +408,18 @@ def diff_fields(a: bytes | bytearray, b: bytes | bytearray,
 
     for name, at, size in _HEADER_FIELDS:
         claim(name, at, at + size)
-    if am == "vm" or (is_new(a) and is_new(b)):
-        # A VM page is a bitmap after the header: name byte ranges within it.
-        base = SIZE_OF_PAGE_HEADER if am == "vm" else 0
-        _name_byte_ranges(a, b, covered, names, "bitmap" if am == "vm" else "bytes", base)
+    if is_new(a) and is_new(b):
+        _name_byte_ranges(a, b, covered, names)
+        return names
+    label = content_label(a, am)
+    if label is not None:
+        # Contents that are not line pointers and items (a metapage, a bitmap ...): name
+        # byte ranges relative to the start of the contents, then the special space.
+        special = pd_special(a) if SIZE_OF_PAGE_HEADER <= pd_special(a) <= BLCKSZ else BLCKSZ
+        _name_byte_ranges(a, b, covered, names, label, SIZE_OF_PAGE_HEADER, special)
+        for name, at, size in _SPECIAL_FIELDS.get(am or "", ()):
+            claim(f"special.{name}", special + at, special + at + size)
+        claim("special", special, BLCKSZ)
         return names
     nitems = max(max_offset(a), max_offset(b))
     lp_end = SIZE_OF_PAGE_HEADER + 4 * min(nitems, (BLCKSZ - SIZE_OF_PAGE_HEADER) // 4)
@@ -424,6 +440,32 @@ def diff_fields(a: bytes | bytearray, b: bytes | bytearray,
     return names
 
 
+def content_label(page: bytes | bytearray, am: str | None) -> str | None:
+    """What a page holds after its header when that is not line pointers and items:
+    'bitmap' (VM, hash bitmap), 'meta' (metapages), 'posting data' (GIN data pages),
+    'revmap' (BRIN); None for ordinary pages."""
+    if am == "vm":
+        return "bitmap"
+    special = pd_special(page)
+    # Where each kind keeps its page-type flags in the special space.
+    flags_at = {"btree": 12, "hash": 12, "gin": 6, "spgist": 0, "brin": 6}.get(am or "")
+    if flags_at is None or not SIZE_OF_PAGE_HEADER <= special <= BLCKSZ - flags_at - 2:
+        return None
+    flags = _u16(page, special + flags_at)
+    if am == "brin":
+        return {BRIN_PAGETYPE_META: "meta", BRIN_PAGETYPE_REVMAP: "revmap"}.get(flags)
+    labels = {
+        "btree": ((BTP_META, "meta"),),
+        "hash": ((LH_META_PAGE, "meta"), (LH_BITMAP_PAGE, "bitmap")),
+        "gin": ((GIN_META, "meta"), (GIN_DATA, "posting data")),
+        "spgist": ((SPGIST_META, "meta"),),
+    }
+    for bit, label in labels[am or ""]:
+        if flags & bit:
+            return label
+    return None
+
+
 def _claim_item(a: bytes | bytearray, b: bytes | bytearray, offnum: int, am: str | None,
                 lp_end: int, special: int, claim: Callable[[str, int, int], None]) -> None:
     if SIZE_OF_PAGE_HEADER + 4 * offnum > pd_lower(a):
@@ -441,12 +483,14 @@ def _claim_item(a: bytes | bytearray, b: bytes | bytearray, offnum: int, am: str
 
 
 def _name_byte_ranges(a: bytes | bytearray, b: bytes | bytearray, covered: bytearray,
-                      names: list[str], label: str = "bytes", base: int = 0) -> None:
+                      names: list[str], label: str = "bytes", base: int = 0,
+                      end: int = BLCKSZ) -> None:
     start = -1
-    for i in range(BLCKSZ + 1):
-        odd = i < BLCKSZ and not covered[i] and a[i] != b[i]
+    for i in range(base, end + 1):
+        odd = i < end and not covered[i] and a[i] != b[i]
         if odd and start < 0:
             start = i
         elif not odd and start >= 0:
             names.append(f"{label}[{start - base}:{i - base}]")
+            covered[start:i] = b"\x01" * (i - start)
             start = -1
