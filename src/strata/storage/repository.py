@@ -54,7 +54,7 @@ class Repository:
                 log.info("removing unfinished tenant directory %s", path)
                 shutil.rmtree(path)
                 continue
-            tenant_id = TenantId.parse(entry)
+            tenant_id = TenantId(TenantId.parse(entry).raw)  # parse() is typed as the base
             tenant = Tenant(tenant_id, path, TenantConfig.load(path), self.clock)
             tenant.load_timelines()
             self.tenants[tenant_id] = tenant
@@ -62,7 +62,8 @@ class Repository:
 
     def create_tenant(self, tenant_id: TenantId | None = None,
                       conf: TenantConfig | None = None) -> Tenant:
-        tenant_id = tenant_id if tenant_id is not None else TenantId.generate()
+        if tenant_id is None:
+            tenant_id = TenantId(TenantId.generate().raw)
         conf = conf if conf is not None else TenantConfig()
         with self._lock:
             if tenant_id in self.tenants:

@@ -242,7 +242,7 @@ class Tenant:
                 log.info("removing unfinished timeline directory %s", path)
                 shutil.rmtree(path)
                 continue
-            metas[TimelineId.parse(entry)] = load_metadata(path)
+            metas[TimelineId(TimelineId.parse(entry).raw)] = load_metadata(path)
         pending = dict(metas)
         while pending:
             ready = [tid for tid, m in pending.items()
