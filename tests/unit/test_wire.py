@@ -90,7 +90,7 @@ def split_feed(reader: wire.MessageReader, data: bytes, cuts: list[int]) -> list
     return out
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(backend_messages, max_size=8), st.lists(st.integers(0, 10**6), max_size=6))
 def test_backend_messages_round_trip_in_any_chunking(msgs: list[Any], cuts: list[int]) -> None:
     data = b"".join(m.encode() for m in msgs)
@@ -99,7 +99,7 @@ def test_backend_messages_round_trip_in_any_chunking(msgs: list[Any], cuts: list
     assert reader.buffered_bytes == 0
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(startup_packets.filter(lambda p: not isinstance(p, wire.StartupMessage)),
                 max_size=2),
        startup_packets.filter(lambda p: isinstance(p, wire.StartupMessage)),
@@ -113,6 +113,7 @@ def test_frontend_stream_round_trips(pre: list[Any], startup: wire.StartupMessag
     assert split_feed(wire.MessageReader("frontend"), data, cuts) == all_msgs
 
 
+@settings(deadline=None)
 @given(startup_packets)
 def test_each_startup_packet_round_trips(packet: Any) -> None:
     reader = wire.MessageReader("frontend")
@@ -120,7 +121,7 @@ def test_each_startup_packet_round_trips(packet: Any) -> None:
     assert reader.next() == packet
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(replication_messages)
 def test_replication_messages_round_trip(msg: Any) -> None:
     assert wire.decode_replication(msg.encode()) == msg
@@ -203,7 +204,7 @@ def test_malformed_replication_messages(payload: bytes) -> None:
         wire.decode_replication(payload)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300), st.sampled_from(["frontend", "backend"]))
 def test_random_bytes_raise_only_protocol_error(data: bytes, side: Any) -> None:
     reader = wire.MessageReader(side, max_message_bytes=4096)
@@ -218,7 +219,7 @@ def test_random_bytes_raise_only_protocol_error(data: bytes, side: Any) -> None:
         pass
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(backend_messages, st.integers(0, 200), st.binary(min_size=1, max_size=4))
 def test_corrupted_valid_messages_raise_only_protocol_error(msg: Any, pos: int,
                                                              junk: bytes) -> None:
