@@ -101,6 +101,7 @@ class WalImagePageSource:
         self.vm_clears = 0
         self.truncates = 0
         self.refs_without_image: list[str] = []
+        self.apply_gist_fix = True  # the D2 exception; off only to prove it is needed
 
     # --- ingest ---------------------------------------------------------------------
     def ingest(self, rec: DecodedRecord) -> None:
@@ -180,7 +181,7 @@ class WalImagePageSource:
         if version is not None:
             page = bytearray(version.block.page())
             set_page_lsn(page, version.end_lsn)
-            if version.gist_left_child:
+            if version.gist_left_child and self.apply_gist_fix:
                 special = masking.pd_special(page)
                 page[special + GIST_NSN_AT:special + GIST_NSN_AT + 8] = \
                     (version.end_lsn >> 32).to_bytes(4, "little") + \
@@ -293,6 +294,16 @@ def test_golden_check_passes_on_wal_images_and_names_a_corrupt_tuple(
         else:
             assert (diff.relation.kind, diff.blkno) == ("spgist", 0), tolerated
 
+    # Without the GiST left-child fix, NSN/F_FOLLOW_RIGHT differ: they are compared.
+    gist_relations = [r for r in report.relations if r.kind == "gist"]
+    source.apply_gist_fix = False
+    unfixed = golden.check_pages(server.datadir, gist_relations, page_source)
+    source.apply_gist_fix = True
+    assert unfixed.differences, "no GiST page needed the left-child fix"
+    for diff in unfixed.differences:
+        assert set(diff.fields) <= {"special.nsn", "special.flags"}, diff
+        assert "special.nsn" in diff.fields, diff
+
     # Corrupt one byte of one tuple's data in one heap block of the source.
     items = next(r for r in report.relations if r.name == "items")
     target_block = 3
@@ -316,3 +327,43 @@ def test_golden_check_passes_on_wal_images_and_names_a_corrupt_tuple(
     text = str(diff)
     assert "items" in text and f"oid {items.oid}" in text and items.path() in text, text
     assert f"block {target_block}" in text and "tuple[2].data" in text, text
+
+
+# --- tolerated_reason on constructed pages (pure) ----------------------------------------
+
+def _vm_page(bitmap: bytes) -> bytes:
+    page = bytearray(BLCKSZ)
+    page[12:18] = (24).to_bytes(2, "little") + BLCKSZ.to_bytes(2, "little") * 2
+    page[MAP_OFFSET:MAP_OFFSET + len(bitmap)] = bitmap
+    return bytes(page)
+
+
+def test_vm_difference_is_tolerated_only_when_the_store_lacks_bits() -> None:
+    actual = _vm_page(b"\xff\x0f")
+    fewer = _vm_page(b"\x3f\x00")
+    more = _vm_page(b"\xff\x3f")
+    fields = tuple(golden.compare_pages(actual, fewer, "vm", 0))
+    assert fields == ("bitmap[0:2]",), fields
+    assert golden.tolerated_reason("vm", actual, fewer, fields) is not None
+    fields = tuple(golden.compare_pages(actual, more, "vm", 0))
+    assert golden.tolerated_reason("vm", actual, more, fields) is None
+
+
+def test_spgist_meta_difference_is_tolerated_only_in_last_used_pages() -> None:
+    def meta(content: bytes) -> bytes:
+        page = bytearray(BLCKSZ)
+        special = BLCKSZ - 8
+        page[12:18] = (24 + 68).to_bytes(2, "little") + special.to_bytes(2, "little") * 2
+        page[24:24 + len(content)] = content
+        page[special:special + 2] = masking.SPGIST_META.to_bytes(2, "little")
+        return bytes(page)
+
+    base = b"\x01\x02\x03\x04" + bytes(64)
+    cache = meta(base[:10] + b"\x07" + base[11:])
+    magic = meta(b"\x09" + base[1:])
+    fields = tuple(golden.compare_pages(meta(base), cache, "spgist", 0))
+    assert fields == ("meta[10:11]",), fields
+    assert golden.tolerated_reason("spgist", meta(base), cache, fields) is not None
+    fields = tuple(golden.compare_pages(meta(base), magic, "spgist", 0))
+    assert fields == ("meta[0:1]",), fields
+    assert golden.tolerated_reason("spgist", meta(base), magic, fields) is None

@@ -318,6 +318,23 @@ def test_diff_fields_names_header_lp_tuple_special_and_bytes() -> None:
     assert m.diff_fields(a, c) == ["unused space"]
 
 
+def test_diff_fields_names_metapage_contents_not_line_pointers() -> None:
+    meta_flags = {"btree": (12, m.BTP_META), "hash": (12, m.LH_META_PAGE),
+                  "gin": (6, m.GIN_META), "spgist": (0, m.SPGIST_META)}
+    for am, (at, flag) in meta_flags.items():
+        special = bytearray(SPECIAL_SIZE[am])
+        struct.pack_into("<H", special, at, flag)
+        a = build_page([b"m" * 40], special=bytes(special))
+        b = bytearray(a)
+        b[24 + 6] ^= 0xFF
+        assert m.content_label(a, am) == "meta", am
+        assert m.diff_fields(a, b, am) == ["meta[6:7]"], am
+    bitmap = build_page([], special=hash_special(m.LH_BITMAP_PAGE))
+    assert m.content_label(bitmap, "hash") == "bitmap"
+    assert m.content_label(build_page([], special=bt_special(m.BTP_LEAF)), "btree") is None
+    assert m.content_label(build_page([]), None) is None
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.binary(min_size=0, max_size=200).map(heap_tuple), min_size=0, max_size=20),
        st.sampled_from(sorted(m.ACCESS_METHODS)), st.integers(0, 2**32 - 1))
