@@ -95,11 +95,14 @@ class WalReceiver:
     async def stop(self) -> None:
         """Stop streaming and close the connection (the log stays open)."""
         self._stopping.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # asyncio.wait does not raise, so a cancellation of stop() itself still
+            # reaches our caller.
+            await asyncio.wait([task])
+            if not task.cancelled() and task.exception() is not None:
+                log.info("walreceiver had stopped with %r", task.exception())
 
     async def run(self) -> None:
         """Connect, stream, and reconnect with backoff until stopped.
