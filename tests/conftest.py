@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,9 +26,16 @@ _live: list[PgServer] = []
 def pytest_configure(config: pytest.Config) -> None:
     # pytest's default base (/tmp/pytest-of-root) is 0700, which the service user
     # cannot traverse; use a run directory of our own instead.
+    # Each run gets its own directory (pytest empties basetemp when a run starts, so
+    # concurrent runs must not share one); the newest few runs are kept for their logs.
     if config.option.basetemp is None and not hasattr(config, "workerinput"):
         base = Path(tempfile.gettempdir()) / f"strata-tests-{os.getuid()}"
-        config.option.basetemp = str(base)
+        base.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(base, 0o755)
+        runs = sorted(base.glob("run-*"), key=lambda p: p.stat().st_mtime)
+        for old in runs[:-4]:
+            shutil.rmtree(old, ignore_errors=True)
+        config.option.basetemp = str(base / f"run-{os.getpid()}")
 
 
 def _stop_all() -> None:
