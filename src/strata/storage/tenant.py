@@ -19,6 +19,7 @@ import shutil
 import threading
 import tomllib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,10 +31,11 @@ from strata.common.failpoint import failpoint
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.storage.metadata import (
+    METADATA_FILE,
     TimelineMetadata,
+    encode_metadata,
     fsync_dir,
     load_metadata,
-    save_metadata,
     write_atomic,
 )
 from strata.storage.timeline import Timeline
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 TENANT_CONFIG_FILE = "tenant.toml"
 TIMELINES_DIR = "timelines"
 TEMP_DIR_SUFFIX = ".___temp"
+_fsync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
 DELETING_DIR_SUFFIX = ".___deleting"
 
 
@@ -164,7 +167,17 @@ class Tenant:
         if temp.exists():
             shutil.rmtree(temp)
         temp.mkdir(parents=True)
-        save_metadata(temp, meta)
+        fd = os.open(temp / METADATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, encode_metadata(meta))
+            # The file and its directory entry must both be durable before the rename;
+            # the two fsyncs are independent, so overlap them (branch creation is ~2
+            # fsyncs of latency instead of 3).
+            dir_synced = _fsync_pool.submit(fsync_dir, temp)
+            os.fsync(fd)
+            dir_synced.result()
+        finally:
+            os.close(fd)
         failpoint("timeline-create-before-rename")
         os.rename(temp, final)
         fsync_dir(self.timelines_dir)
