@@ -138,6 +138,20 @@ def test_new_page_is_returned_unchanged() -> None:
         assert masked(zero, am) == zero
 
 
+def test_item_past_page_end_is_reported_not_grown() -> None:
+    page = build_page([heap_tuple(b"abc")])
+    struct.pack_into("<I", page, 24, (BLCKSZ - 20) | (m.LP_NORMAL << 15) | (27 << 17))
+    with pytest.raises(CorruptionError, match="past the page end"):
+        masked(page, "heap")
+
+
+@pytest.mark.parametrize("am", ["btree", "hash", "gin", "gist", "brin"])
+def test_special_space_too_small_is_reported(am: str) -> None:
+    page = build_page([heap_tuple(b"abc")], special=bytes(4))  # pd_special = 8188
+    with pytest.raises(CorruptionError, match="pd_special 8188"):
+        masked(page, am)
+
+
 def test_broken_header_is_reported() -> None:
     page = build_page([b"a" * 8])
     struct.pack_into("<H", page, 12, 9000)  # pd_lower past pd_upper

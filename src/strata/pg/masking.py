@@ -133,6 +133,15 @@ def pd_special(page: Page | bytes) -> int:
     return _u16(page, 16)
 
 
+def _special_at(page: Page, size: int, kind: str) -> int:
+    """PageGetSpecialPointer, checked: the special space must hold the AM's opaque data."""
+    special = pd_special(page)
+    if not SIZE_OF_PAGE_HEADER <= special <= BLCKSZ - size:
+        raise CorruptionError(f"{kind} page has pd_special {special}, which leaves no room "
+                              f"for its {size}-byte special space")
+    return special
+
+
 def max_offset(page: Page | bytes) -> int:
     """PageGetMaxOffsetNumber: line pointers in use by the array (0 if pd_lower <= 24)."""
     lower = pd_lower(page)
@@ -205,8 +214,11 @@ def heap_mask(page: Page, blkno: int) -> None:
             _mask_heap_tuple(page, lp_off, blkno, offnum)
         if lp_len != 0:
             # Padding after a tuple whose length is not MAXALIGNed is never WAL-logged.
-            pad = _maxalign(lp_len) - lp_len
-            page[lp_off + lp_len:lp_off + lp_len + pad] = bytes(pad)
+            end = lp_off + _maxalign(lp_len)
+            if end > BLCKSZ:
+                raise CorruptionError(f"heap line pointer {offnum} points past the page end "
+                                      f"(lp_off {lp_off}, lp_len {lp_len})")
+            page[lp_off + lp_len:end] = bytes(end - lp_off - lp_len)
         offnum += 1
 
 
@@ -230,7 +242,7 @@ def btree_mask(page: Page) -> None:
     mask_lsn_and_checksum(page)
     mask_hint_bits(page)
     mask_unused_space(page)
-    opaque = pd_special(page)
+    opaque = _special_at(page, 16, "btree")
     flags = _u16(page, opaque + 12)
     if flags & BTP_LEAF:
         mask_lp_flags(page)
@@ -245,7 +257,7 @@ def hash_mask(page: Page) -> None:
     mask_lsn_and_checksum(page)
     mask_hint_bits(page)
     mask_unused_space(page)
-    opaque = pd_special(page)
+    opaque = _special_at(page, 16, "hash")
     page_type = _u16(page, opaque + 12) & LH_PAGE_TYPE
     if page_type == LH_UNUSED_PAGE:
         mask_content(page)
@@ -257,7 +269,7 @@ def hash_mask(page: Page) -> None:
 def gin_mask(page: Page) -> None:
     """gin_mask (ginxlog.c): the metapage and some others do not keep pd_lower."""
     mask_lsn_and_checksum(page)
-    opaque = pd_special(page)
+    opaque = _special_at(page, 8, "gin")
     mask_hint_bits(page)
     if _u16(page, opaque + 6) & GIN_DELETED:
         mask_content(page)
@@ -270,7 +282,7 @@ def gist_mask(page: Page, *, keep_nsn: bool) -> None:
     mask_lsn_and_checksum(page)
     mask_hint_bits(page)
     mask_unused_space(page)
-    opaque = pd_special(page)
+    opaque = _special_at(page, 16, "gist")
     if not keep_nsn:
         # The NSN and F_FOLLOW_RIGHT of a split's left child change after the
         # record is inserted (gistplacetopage); PostgreSQL masks both.
@@ -293,7 +305,7 @@ def brin_mask(page: Page) -> None:
     """brin_mask (brin_xlog.c): BRIN_EVACUATE_PAGE is never WAL-logged."""
     mask_lsn_and_checksum(page)
     mask_hint_bits(page)
-    opaque = pd_special(page)
+    opaque = _special_at(page, 8, "brin")
     page_type = _u16(page, opaque + 6)
     if page_type == BRIN_PAGETYPE_REGULAR or (
             page_type == BRIN_PAGETYPE_META and pd_lower(page) > SIZE_OF_PAGE_HEADER):
@@ -354,6 +366,7 @@ def mask_page(page: bytes, am: str, *, keep_gist_nsn: bool, blkno: int = 0) -> b
         return bytes(page)
     buf = bytearray(page)
     _MASKS[am](buf, blkno, keep_gist_nsn)
+    assert len(buf) == BLCKSZ, (am, len(buf))
     return bytes(buf)
 
 
