@@ -309,7 +309,7 @@ def test_corrupt_blob_fails_only_reads_that_touch_it(tmp_path: Path) -> None:
 def _index_entries(layer: DeltaLayer, key: Key) -> list[tuple[int, int, int]]:
     out = []
     for b in range(layer._nblocks):
-        data = layer._block(b)
+        data = layer._block(b)[0]
         for s in range(min(ENTRIES_PER_BLOCK, layer.entry_count - b * ENTRIES_PER_BLOCK)):
             k, lsn, off, ln, _ = layer._entry(data, s)
             if k == key.to_bytes():

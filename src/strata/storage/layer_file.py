@@ -23,11 +23,13 @@ Readers use os.pread only, so one reader is safe to share between threads.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import struct
 import threading
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -70,6 +72,38 @@ COMPRESS_MIN_BYTES = 64
 ZSTD_LEVEL = 1  # ingest speed matters more than the last few percent of ratio
 
 _tls = threading.local()
+_reader_ids = itertools.count()
+
+
+class _IndexBlockCache:
+    """Verified index blocks (with their entry prefixes split out) shared by all readers.
+
+    A hit saves a pread, a CRC and the parsing; bytes on disk are immutable, so a
+    block verified once stays valid. Bounded LRU; readers are keyed by a unique
+    number, never by id(), so a closed reader's blocks are simply aged out.
+    """
+
+    def __init__(self, max_blocks: int) -> None:
+        self.max_blocks = max_blocks
+        self._blocks: OrderedDict[tuple[int, int], tuple[bytes, list[bytes]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> tuple[bytes, list[bytes]] | None:
+        with self._lock:
+            found = self._blocks.get(key)
+            if found is not None:
+                self._blocks.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[int, int], value: tuple[bytes, list[bytes]]) -> None:
+        with self._lock:
+            self._blocks[key] = value
+            while len(self._blocks) > self.max_blocks:
+                self._blocks.popitem(last=False)
+
+
+# About 10 KB per cached block: 4096 blocks index ~400,000 values (3 GB of pages).
+INDEX_BLOCK_CACHE = _IndexBlockCache(4096)
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -223,6 +257,7 @@ class LayerFileReader:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._name = str(self.path)
+        self._cache_id = next(_reader_ids)
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError as err:
@@ -298,8 +333,11 @@ class LayerFileReader:
         self.close()
 
     # --- index ---------------------------------------------------------------------
-    def _block(self, b: int) -> bytes:
-        """Index block `b`, checksum verified."""
+    def _block(self, b: int) -> tuple[bytes, list[bytes]]:
+        """Index block `b` (checksum verified) and the (key, lsn) prefixes of its entries."""
+        cached = INDEX_BLOCK_CACHE.get((self._cache_id, b))
+        if cached is not None:
+            return cached
         assert 0 <= b < self._nblocks, (b, self._nblocks)
         offset = self._index_offset + b * INDEX_BLOCK_SIZE
         data = os.pread(self._fd, INDEX_BLOCK_SIZE, offset)
@@ -311,20 +349,20 @@ class LayerFileReader:
         expect = min(ENTRIES_PER_BLOCK, self.entry_count - b * ENTRIES_PER_BLOCK)
         if n != expect:
             raise self._corrupt(f"index block {b} has {n} entries, expected {expect}", offset)
-        return data
+        base = _BLOCK_HDR.size
+        prefixes = [data[p:p + PREFIX_SIZE] for p in range(base, base + n * ENTRY_SIZE,
+                                                           ENTRY_SIZE)]
+        INDEX_BLOCK_CACHE.put((self._cache_id, b), (data, prefixes))
+        return data, prefixes
 
-    def _lower_bound(self, prefix: bytes) -> int:
-        """Global index of the first entry whose (key, lsn) >= prefix."""
+    def _lower_bound(self, prefix: bytes) -> tuple[int, int, bytes]:
+        """(global index of the first entry with (key, lsn) >= prefix, the block that
+        index falls in or the one before it, that block's bytes)."""
         b = bisect_left(self._firsts, prefix) - 1
         if b < 0:
-            return 0
-        data = self._block(b)
-        n = _BLOCK_HDR.unpack_from(data)[1]
-        base = _BLOCK_HDR.size
-        slot = bisect_left(range(n), prefix,
-                           key=lambda i: data[base + i * ENTRY_SIZE:
-                                              base + i * ENTRY_SIZE + PREFIX_SIZE])
-        return b * ENTRIES_PER_BLOCK + slot
+            return 0, -1, b""
+        data, prefixes = self._block(b)
+        return b * ENTRIES_PER_BLOCK + bisect_left(prefixes, prefix), b, data
 
     @staticmethod
     def _entry(data: bytes, slot: int) -> tuple[bytes, int, int, int, int]:
@@ -364,14 +402,13 @@ class LayerFileReader:
     # --- queries ----------------------------------------------------------------------
     def get_versions_raw(self, key: bytes, end_lsn: int) -> list[tuple[int, bytes]]:
         """Versions of `key` with lsn < end_lsn, newest first, up to the first image."""
-        g = self._lower_bound(key + _lsn_bytes(end_lsn)) - 1
+        g, data_block, data = self._lower_bound(key + _lsn_bytes(end_lsn))
+        g -= 1
         found: list[tuple[int, int, int]] = []  # lsn, blob offset, blob length
-        data = b""
-        data_block = -1
         while g >= 0:
             b = g // ENTRIES_PER_BLOCK
             if b != data_block:
-                data, data_block = self._block(b), b
+                data, data_block = self._block(b)[0], b
             k, lsn, offset, length, flags = self._entry(data, g - b * ENTRIES_PER_BLOCK)
             if k != key:
                 break
@@ -394,10 +431,10 @@ class LayerFileReader:
     def _entries_from(self, start_prefix: bytes) -> Iterator[tuple[bytes, list[tuple[
             bytes, int, int, int, int]]]]:
         """(verified index block, its entries from the first >= start_prefix), block by block."""
-        g = self._lower_bound(start_prefix)
+        g = self._lower_bound(start_prefix)[0]
         while g < self.entry_count:
             b = g // ENTRIES_PER_BLOCK
-            data = self._block(b)
+            data = self._block(b)[0]
             n = min(ENTRIES_PER_BLOCK, self.entry_count - b * ENTRIES_PER_BLOCK)
             entries = [self._entry(data, s) for s in range(g - b * ENTRIES_PER_BLOCK, n)]
             yield data, entries

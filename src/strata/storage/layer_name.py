@@ -16,7 +16,7 @@ half-written file is never mistaken for a layer.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from strata.common.errors import UserError
 from strata.common.lsn import Lsn
@@ -39,11 +39,17 @@ class LayerDesc:
     key_range: KeyRange
     lsn_range: tuple[Lsn, Lsn]
     is_delta: bool
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         start, end = self.lsn_range
         assert start < end, (start, end)
         assert self.is_delta or end.value == start.value + 1, ("image layer", start, end)
+        # Descriptors key the readers dict on every get: hash once, not per lookup.
+        object.__setattr__(self, "_hash", hash((self.key_range, self.lsn_range, self.is_delta)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def image(cls, key_range: KeyRange, lsn: Lsn) -> LayerDesc:
