@@ -101,7 +101,9 @@ class WalImagePageSource:
         self.vm_clears = 0
         self.truncates = 0
         self.refs_without_image: list[str] = []
-        self.apply_gist_fix = True  # the D2 exception; off only to prove it is needed
+        # The D2 fixes; each is switched off only to prove that the check needs it.
+        self.apply_gist_fix = True
+        self.apply_patches = True
 
     # --- ingest ---------------------------------------------------------------------
     def ingest(self, rec: DecodedRecord) -> None:
@@ -194,7 +196,7 @@ class WalImagePageSource:
             page = bytearray(self._bootstrap_page(key))
         else:
             page = bytearray(BLCKSZ)
-        for patch in self.patches.get(key, ()):
+        for patch in self.patches.get(key, ()) if self.apply_patches else ():
             patch(page)
         return bytes(page)
 
@@ -303,6 +305,15 @@ def test_golden_check_passes_on_wal_images_and_names_a_corrupt_tuple(
     for diff in unfixed.differences:
         assert set(diff.fields) <= {"special.nsn", "special.flags"}, diff
         assert "special.nsn" in diff.fields, diff
+
+    # Without the VM bits heap records clear (and truncation clears), VM pages differ.
+    heaps = [r for r in report.relations if r.kind in ("heap", "toast")]
+    source.apply_patches = False
+    unpatched = golden.check_pages(server.datadir, heaps, page_source)
+    source.apply_patches = True
+    assert unpatched.differences, "no VM page needed a clear"
+    assert {d.fork for d in unpatched.differences} == {ForkNumber.VISIBILITYMAP}, \
+        unpatched.summary()
 
     # Corrupt one byte of one tuple's data in one heap block of the source.
     items = next(r for r in report.relations if r.name == "items")
