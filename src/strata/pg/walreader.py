@@ -309,6 +309,11 @@ class WalStreamDecoder:
     exactly at a record start (the usual case) loses nothing. Records are verified as they are
     decoded (CRC, prev-link, page headers), so a wrong guess cannot go unnoticed.
 
+    `at_record_start`: the caller knows that `start_lsn` is where a record begins (the end of
+    the previous record, as when streaming resumes at a record end; D7). The decoder then
+    decodes from there at once instead of waiting for the next page header to arrive, which
+    matters at the live tail of a stream.
+
     `zero_is_end`: a zeroed page header, a zero `xl_tot_len`, or a recycled page (an older
     `xlp_pageaddr`) where a record should begin is the end of the written WAL: `poll()` returns
     None from then on and `end_of_wal` is set. In a replication stream (the default) they are
@@ -316,8 +321,11 @@ class WalStreamDecoder:
     """
 
     def __init__(self, start_lsn: Lsn, seg_size: int = DEFAULT_WAL_SEGMENT_SIZE, *,
-                 zero_is_end: bool = False, sysid: int | None = None) -> None:
+                 at_record_start: bool = False, zero_is_end: bool = False,
+                 sysid: int | None = None) -> None:
         check_segment_size(seg_size)
+        if at_record_start and start_lsn.value % 8:
+            raise UserError(f"a record cannot begin at {start_lsn}: records are 8-byte aligned")
         self.seg_size = seg_size
         self.start_lsn = start_lsn.value
         self.zero_is_end = zero_is_end
@@ -329,6 +337,8 @@ class WalStreamDecoder:
         self._pending_len = 0
         self._next: int | None = None  # start (or page boundary before) of the next record
         self._last_lsn: int | None = None  # start of the previous record, for xl_prev checks
+        if at_record_start:
+            self._next = start_lsn.value
 
     # --- input ---------------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -651,7 +661,9 @@ def read_wal_files(paths_or_dir: str | os.PathLike[str] | Iterable[str | os.Path
     if not numbered or numbered[0][0] != first_segno:
         raise UserError(f"WAL segment {start.segment_file_name(1, seg_size)} holding start "
                         f"{start} is not among the files given")
-    decoder = WalStreamDecoder(start, seg_size, zero_is_end=True)
+    # Begin at the page start, like XLogFindNextRecord: the page header tells where the first
+    # record on the page begins, and records before `start` are skipped below.
+    decoder = WalStreamDecoder(start.page_start(), seg_size, zero_is_end=True)
     expect = first_segno
     last_path = numbered[0][1]
     for segno, path in numbered:
@@ -663,14 +675,15 @@ def read_wal_files(paths_or_dir: str | os.PathLike[str] | Iterable[str | os.Path
                                   "(truncated or wrong segment size?)", path=str(path),
                                   offset=len(data))
         if segno == first_segno:
-            data = data[start.value - segno * seg_size:]
+            data = data[start.page_start().value - segno * seg_size:]
         decoder.feed(data)
         last_path = path
         expect += 1
         while (record := decoder.poll()) is not None:
             if end is not None and record.lsn >= end.value:
                 return
-            yield record
+            if record.lsn >= start.value:
+                yield record
         if decoder.end_of_wal is not None:
             return
     if decoder.has_partial_record():
