@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 PageSource = Callable[[int, int, int, int, int], bytes]
 Connect = Callable[[str], "psycopg.Connection[Any]"]
 
-# pg_am.amname -> the masking kind; relkinds with storage that hold table data use heap.
+# pg_am.amname -> the masking kind (tables, matviews and TOAST tables have amname 'heap').
 _AM_KIND = {"heap": "heap", "btree": "btree", "hash": "hash", "gin": "gin", "gist": "gist",
             "spgist": "spgist", "brin": "brin", "bloom": "bloom"}
 _CHECKED_FORKS = (ForkNumber.MAIN, ForkNumber.VISIBILITYMAP)
@@ -198,12 +198,9 @@ def _relation(datname: str, dboid: int, dattablespace: int, row: tuple[Any, ...]
     if filenode is None:
         excluded.append(Excluded(what, "no storage"))
         return None
-    if relkind == "t":
+    kind = _AM_KIND.get(amname, "")
+    if relkind == "t" and kind == "heap":
         kind = "toast"
-    elif relkind in ("r", "m"):
-        kind = "heap"
-    else:
-        kind = _AM_KIND.get(amname, "")
     if not kind:
         excluded.append(Excluded(what, f"access method {amname!r} has no mask here"))
         return None
