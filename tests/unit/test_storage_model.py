@@ -267,6 +267,11 @@ class StorageMachine(RuleBasedStateMachine):
 
     # --- checks ----------------------------------------------------------------
     @invariant()
+    def timelines_consistent(self) -> None:
+        for m in self.model.values():
+            self.tl(m).check_invariants()
+
+    @invariant()
     def cutoff_respects_leases_and_branches(self) -> None:
         for m in self.model.values():
             tl = self.tl(m)

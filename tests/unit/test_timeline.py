@@ -430,3 +430,62 @@ def test_tenants_create_list_delete_and_config(tmp_path: Path) -> None:
         TenantConfig.from_dict({"gc_horizont": 1})
     with pytest.raises(UserError, match="image_creation_threshold"):
         TenantConfig(image_creation_threshold=0)
+
+
+def test_tick_freezes_idle_layer_after_timeout(tmp_path: Path) -> None:
+    clock = Clock()
+    _, tenant = make_tenant(tmp_path, clock, checkpoint_timeout_s=30.0)
+    tl = new_timeline(tenant)
+    record(tl, 0x200, (0, page(1)))
+    tl.tick()
+    assert tl.disk_consistent_lsn == Lsn(0)  # young layer: nothing to do
+    clock.now += 31
+    tl.tick()  # no WAL arrived, but the layer is old: freeze and flush it
+    assert tl.disk_consistent_lsn == Lsn(0x200)
+    assert tl.get_rel_page(REL, 0, Lsn(0x200)) == page(1)
+
+
+def test_background_flush_and_compaction_with_concurrent_reads(tmp_path: Path) -> None:
+    """Ingest, flush/compaction on another thread and readers together: every read exact."""
+    import threading
+
+    _, tenant = make_tenant(tmp_path, checkpoint_distance=0x400, image_creation_threshold=2,
+                            image_layer_keys=4)
+    tl = new_timeline(tenant)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def maintain() -> None:
+        try:
+            while not done.is_set():
+                tl.flush_frozen()
+                compact(tl)
+        except BaseException as err:  # noqa: BLE001 - reported by the test thread
+            errors.append(err)
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                last = tl.last_record_lsn.value
+                if last < 0x200:
+                    continue
+                n = (last - 0x100) // 0x40  # records so far; record k wrote block k % 8
+                for k in range(max(1, n - 8), n + 1):
+                    lsn = 0x100 + k * 0x40
+                    assert tl.get_rel_page(REL, k % 8, Lsn(lsn)) == page(k), k
+        except BaseException as err:  # noqa: BLE001 - reported by the test thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=maintain), threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    try:
+        for k in range(1, 300):
+            record(tl, 0x100 + k * 0x40, (k % 8, page(k)))
+    finally:
+        done.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors
+    tl.check_invariants()
+    assert [d for d in tl.layers() if not d.is_delta]

@@ -410,10 +410,11 @@ class Timeline:
                 if end <= floor:
                     return out
             while end > floor:
-                desc = tl._layer_map.search(key, Lsn(end))
-                if desc is None:
-                    break
-                reader = tl._reader(desc)
+                with tl._lock:  # the layer map is not safe against a concurrent insert
+                    desc = tl._layer_map.search(key, Lsn(end))
+                    if desc is None:
+                        break
+                    reader = tl._reader(desc)
                 read_end = min(end, desc.lsn_range[1].value)
                 if key_bytes is None:
                     key_bytes = key.to_bytes()
@@ -596,6 +597,33 @@ class Timeline:
             self._open = None
             log.info("froze in-memory layer [%s, %s) (%d bytes)", Lsn(layer.start_lsn),
                      Lsn(self._last_record + 1), layer.value_bytes)
+
+    def tick(self) -> None:
+        """Periodic duty (the pageserver calls it): freeze an open layer older than
+        checkpoint_timeout_s even when no WAL arrives, and flush frozen layers."""
+        layer = self._open
+        if layer is not None and self.clock() - layer.created_at >= self.conf.checkpoint_timeout_s:
+            self.freeze()
+        self.flush_frozen()
+
+    def check_invariants(self) -> None:
+        """Costly consistency checks, run by tests after each step."""
+        with self._lock:
+            mems = list(self._frozen) + ([self._open] if self._open is not None else [])
+            descs = self._layer_map.all()
+        dcl = self._disk_consistent
+        assert dcl <= self._last_record, (dcl, self._last_record)
+        expected_start = dcl + 1
+        for mem in mems:
+            assert mem.start_lsn >= expected_start, (mem.start_lsn, expected_start)
+            if mem.end_lsn is not None:
+                assert mem.end_lsn > mem.start_lsn, (mem.start_lsn, mem.end_lsn)
+                expected_start = mem.end_lsn
+        for desc in descs:
+            assert desc.lsn_range[1].value <= dcl + 1, (desc, Lsn(dcl))
+        deltas = sorted((d.lsn_range[0].value, d.lsn_range[1].value) for d in descs if d.is_delta)
+        for (_, end1), (start2, _) in zip(deltas, deltas[1:], strict=False):
+            assert end1 <= start2, ("delta layers overlap in LSN", deltas)
 
     def flush(self) -> None:
         """Freeze and write everything ingested so far; disk_consistent_lsn = last_record_lsn."""
