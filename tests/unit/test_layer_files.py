@@ -2,6 +2,7 @@
 
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,32 @@ def test_delta_iter_range_and_keys(tmp_path: Path) -> None:
         want = [(k, lsn, v) for k, lsn, v in everything if a <= k < b and lsn < end]
         assert list(layer.iter_range(KeyRange(a, b), end)) == want
     assert list(layer.iter_range(KeyRange(KEY_MIN, stored[0]), Lsn(0x9000))) == []
+
+
+def test_reader_shared_by_threads(tmp_path: Path) -> None:
+    """One reader serves concurrent get_versions from several threads correctly."""
+    path, model = _write_delta(tmp_path, 600, seed=4)
+    layer = DeltaLayer.open(path)
+    stored = sorted(model)
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rnd = random.Random(seed)
+        try:
+            for _ in range(400):
+                key = rnd.choice(stored)
+                end = Lsn(rnd.randrange(0x1000, 0x9001))
+                assert layer.get_versions(key, end) == _expected(model, key, end)
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors[0]
+    layer.close()
 
 
 def test_values_decode_and_compression_pays(tmp_path: Path) -> None:

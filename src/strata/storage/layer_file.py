@@ -36,7 +36,7 @@ from types import TracebackType
 
 import zstandard
 
-from strata.common.errors import CorruptionError, NotFound
+from strata.common.errors import CorruptionError, NotFound, UserError
 from strata.common.lsn import Lsn
 from strata.pg.constants import BKPIMAGE_COMPRESSED_MASK
 from strata.pg.crc import crc32c
@@ -315,7 +315,7 @@ class LayerFileReader:
         self.desc = LayerDesc(key_range, lsn_range, is_delta=kind == KIND_DELTA)
         try:
             named = LayerDesc.parse_file_name(self.path.name)
-        except Exception:
+        except UserError:
             named = None  # opened under another name (a download in progress, a test)
         if named is not None and named != self.desc:
             raise self._corrupt(f"header describes {self.desc.file_name()}, not its name", 0)
