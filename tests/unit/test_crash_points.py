@@ -208,7 +208,7 @@ def test_crash_while_creating_branch(tmp_path: Path) -> None:
     """A branch directory is created atomically: a crash leaves nothing that loads."""
     repo, tl, _ = prepare(tmp_path)
     with fp.armed("timeline-create-before-rename"), pytest.raises(FailpointHit):
-        repo.get_tenant(TENANT).branch_timeline(TimelineId.generate(), TIMELINE, Lsn(MID))
+        repo.get_tenant(TENANT).branch_timeline(TimelineId(os.urandom(16)), TIMELINE, Lsn(MID))
     repo2 = Repository(tmp_path)
     assert repo2.get_tenant(TENANT).list_timelines() == [TIMELINE]
 

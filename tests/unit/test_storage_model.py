@@ -11,6 +11,7 @@ a GC cutoff must raise, never return data.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from strata.common.lsn import Lsn
 from strata.storage.compaction import compact
 from strata.storage.key import RelTag
 from strata.storage.repository import Repository
-from strata.storage.tenant import TenantConfig
+from strata.storage.tenant import Tenant, TenantConfig
 from strata.storage.timeline import Timeline
 from strata.storage.value import Image, Patch, PatchOp, Value
 
@@ -118,7 +119,7 @@ class StorageMachine(RuleBasedStateMachine):
         self.model: dict[TimelineId, ModelTimeline] = {}
 
     @property
-    def tenant(self):  # type: ignore[no-untyped-def]
+    def tenant(self) -> Tenant:
         return self.repo.get_tenant(self.tenant_id)
 
     def tl(self, m: ModelTimeline) -> Timeline:
@@ -205,7 +206,7 @@ class StorageMachine(RuleBasedStateMachine):
         if not candidates:
             return
         lsn = data.draw(st.sampled_from(candidates), label="branch lsn")
-        tid = TimelineId.generate()
+        tid = TimelineId(os.urandom(16))
         prev = next((p for rec_lsn, p, _ in m.records if rec_lsn == lsn), 0)
         self.tenant.branch_timeline(tid, m.timeline_id, Lsn(lsn), Lsn(prev))
         self.model[tid] = ModelTimeline(tid, m, lsn, [(lsn, m.state_at(lsn))])

@@ -50,7 +50,7 @@ def make_tenant(tmp_path: Path, clock: Clock | None = None, **conf: object) -> t
 
 
 def new_timeline(tenant: Tenant) -> Timeline:
-    return tenant.create_timeline(TimelineId.generate(), Lsn(0x100))
+    return tenant.create_timeline(TimelineId(os.urandom(16)), Lsn(0x100))
 
 
 def record(tl: Timeline, lsn: int, *puts: tuple[int, bytes]) -> None:
@@ -210,7 +210,7 @@ def test_branch_reads_fall_through_and_diverge(tmp_path: Path) -> None:
     record(main, 0x200, (0, page(1)))
     main.flush()
     record(main, 0x300, (0, page(2)))
-    branch = tenant.branch_timeline(TimelineId.generate(), main.timeline_id, Lsn(0x200))
+    branch = tenant.branch_timeline(TimelineId(os.urandom(16)), main.timeline_id, Lsn(0x200))
     assert branch.ancestor is main
     assert branch.last_record_lsn == Lsn(0x200)
     record(branch, 0x280, (1, page(10)))
@@ -223,7 +223,7 @@ def test_branch_reads_fall_through_and_diverge(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         branch.get_rel_page(REL, 1, Lsn(0x200))
     # Branch of a branch, below the first branch's own writes.
-    sub = tenant.branch_timeline(TimelineId.generate(), branch.timeline_id, Lsn(0x280))
+    sub = tenant.branch_timeline(TimelineId(os.urandom(16)), branch.timeline_id, Lsn(0x280))
     assert sub.get_rel_page(REL, 1, Lsn(0x280)) == page(10)
     assert sub.prev_record_lsn == Lsn(0x280 - 8)
 
@@ -233,16 +233,16 @@ def test_branch_refusals(tmp_path: Path) -> None:
     _, tenant = make_tenant(tmp_path, clock, gc_horizon=0x100, pitr_interval_s=0.0)
     main = new_timeline(tenant)
     with pytest.raises(UserError, match="initdb"):
-        tenant.branch_timeline(TimelineId.generate(), main.timeline_id, Lsn(0x80))
+        tenant.branch_timeline(TimelineId(os.urandom(16)), main.timeline_id, Lsn(0x80))
     for i in range(2, 10):
         record(main, i * 0x100, (0, page(i)))
     with pytest.raises(UserError, match="beyond its last_record_lsn"):
-        tenant.branch_timeline(TimelineId.generate(), main.timeline_id, Lsn(0x1000))
+        tenant.branch_timeline(TimelineId(os.urandom(16)), main.timeline_id, Lsn(0x1000))
     main.flush()
     tenant.gc()
     assert main.gc_cutoff == Lsn(0x800)
     with pytest.raises(UserError, match="below its GC cutoff"):
-        tenant.branch_timeline(TimelineId.generate(), main.timeline_id, Lsn(0x700))
+        tenant.branch_timeline(TimelineId(os.urandom(16)), main.timeline_id, Lsn(0x700))
     with pytest.raises(UserError, match="GC cutoff"):
         main.get_rel_page(REL, 0, Lsn(0x700))
     assert main.get_rel_page(REL, 0, Lsn(0x800)) == page(8)
@@ -280,7 +280,7 @@ def test_lsn_for_timestamp_survives_restart(tmp_path: Path) -> None:
     assert tl.find_lsn_for_timestamp(10_000) == Lsn(0x500)
     with pytest.raises(NotFound):
         tl.find_lsn_for_timestamp(99)
-    branch = tenant.branch_timeline(TimelineId.generate(), tl.timeline_id, Lsn(0x300))
+    branch = tenant.branch_timeline(TimelineId(os.urandom(16)), tl.timeline_id, Lsn(0x300))
     assert branch.find_lsn_for_timestamp(10_000) == Lsn(0x300)
     tl.flush()
     tid = tl.timeline_id
@@ -360,7 +360,7 @@ def test_gc_keeps_branch_point(tmp_path: Path) -> None:
     main = new_timeline(tenant)
     record(main, 0x200, (0, page(1)))
     main.flush()
-    branch = tenant.branch_timeline(TimelineId.generate(), main.timeline_id)
+    branch = tenant.branch_timeline(TimelineId(os.urandom(16)), main.timeline_id)
     for i in range(3, 8):
         record(main, i * 0x100, (0, page(i)))
         main.flush()
@@ -489,3 +489,21 @@ def test_background_flush_and_compaction_with_concurrent_reads(tmp_path: Path) -
     assert not errors, errors
     tl.check_invariants()
     assert [d for d in tl.layers() if not d.is_delta]
+
+
+def test_gc_cutoff_honours_pitr_interval(tmp_path: Path) -> None:
+    """History newer than now - pitr_interval stays readable, whatever gc_horizon says."""
+    clock = Clock(10_000.0)
+    _, tenant = make_tenant(tmp_path, clock, gc_horizon=0, pitr_interval_s=100.0)
+    tl = new_timeline(tenant)
+    for i, ts in enumerate([9_800.0, 9_850.0, 9_950.0, 9_990.0], start=2):
+        record(tl, i * 0x100, (0, page(i)))
+        tl.put_lsn_time(Lsn(i * 0x100), int(ts * 1_000_000))
+    tl.flush()
+    tenant.gc()
+    # now - pitr = 9_900: the last commit at or before it ends at 0x300.
+    assert tl.gc_cutoff == Lsn(0x300)
+    assert tl.get_rel_page(REL, 0, Lsn(0x300)) == page(3)
+    clock.now += 1_000
+    tenant.gc()
+    assert tl.gc_cutoff == Lsn(0x500)
