@@ -188,19 +188,23 @@ class LayerMap:
         layers = self.layers_overlapping(key_range, lsn_range)
         if not layers:
             return 0
-        cuts = {key_range.start.to_bytes(), key_range.end.to_bytes()}
-        for d in layers:
-            cuts.add(max(d.key_range.start, key_range.start).to_bytes())
-            cuts.add(min(d.key_range.end, key_range.end).to_bytes())
-        bounds = sorted(cuts)
+        lo, hi = key_range.start.to_bytes(), key_range.end.to_bytes()
+        # (start, end) clipped to key_range, as bytes; images first
+        spans = sorted(((max(d.key_range.start.to_bytes(), lo), min(d.key_range.end.to_bytes(), hi),
+                         d.is_delta, d.lsn_range[1].value) for d in layers),
+                       key=lambda t: t[2])
+        bounds = sorted({b for t in spans for b in t[:2]} | {lo, hi})
         most = 0
         for seg_start, seg_end in zip(bounds, bounds[1:], strict=False):
-            covering = [d for d in layers if d.key_range.start.to_bytes() <= seg_start
-                        and seg_end <= d.key_range.end.to_bytes()]
-            image_end = max((d.lsn_range[1].value for d in covering if not d.is_delta),
-                            default=0)
-            most = max(most, sum(1 for d in covering
-                                 if d.is_delta and d.lsn_range[1].value > image_end))
+            image_end = 0
+            stacked = 0
+            for start, end, is_delta, lsn_end in spans:
+                if start <= seg_start and seg_end <= end:
+                    if not is_delta:
+                        image_end = max(image_end, lsn_end)
+                    elif lsn_end > image_end:
+                        stacked += 1
+            most = max(most, stacked)
         return most
 
     def check_invariants(self) -> None:
