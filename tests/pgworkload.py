@@ -96,7 +96,7 @@ def run_workload(server: PgServer) -> None:
     assert server.is_running(), server.datadir
     with server.connect() as conn:
         for statement in _SETUP:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
     _multixact(server)
     server.sql("create table more (a int)", dbname="db_wal")
     server.sql("insert into more select generate_series(1, 100)", dbname="db_wal")
