@@ -142,3 +142,16 @@ def test_short_or_inconsistent_heap_records_are_corrupt() -> None:
     with pytest.raises(CorruptionError, match="fork 2, expected the main fork"):
         decode_record(RmgrId.HEAP, h.XLOG_HEAP_DELETE, struct.pack("<IHBB", 1, 1, 0, 1),
                       [Block(0, 1, forknum=2)])
+
+
+def test_vm_patches_point_at_the_vm_page_bits() -> None:
+    """Heap block 32672 is the first block of VM page 1 (8168 map bytes x 4 blocks each)."""
+    clear = VmClear(((REL, 0), (REL, 5), (REL, 32672)), VISIBILITYMAP_VALID_BITS)
+    patches = clear.vm_patches()
+    assert [(rel, p.vm_block, p.offset, p.clear_mask) for rel, p in patches] == [
+        (REL, 0, 24, 0b11), (REL, 0, 25, 0b1100), (REL, 1, 24, 0b11)]
+    page = bytearray(b"\xff" * 8192)
+    frozen_only = VmClear(((REL, 2),), VISIBILITYMAP_ALL_FROZEN).vm_patches()[0][1]
+    frozen_only.apply(page)
+    # Block 2 has bits 4-5 of byte 24; only its all-frozen bit (the higher one) is cleared.
+    assert page[24] == 0b11011111

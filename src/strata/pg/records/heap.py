@@ -22,7 +22,9 @@ from strata.pg.records._cursor import BlockLike, Cursor, RelTag, need_block, rel
 from strata.pg.visibilitymap import (
     VISIBILITYMAP_ALL_FROZEN,
     VISIBILITYMAP_VALID_BITS,
+    clear_bits,
 )
+from strata.pg.visibilitymap import VmClear as VmPagePatch
 
 # Heap (xl_info & XLOG_HEAP_OPMASK)
 XLOG_HEAP_INSERT = 0x00
@@ -86,6 +88,11 @@ class VmClear:
 
     heap_blocks: tuple[tuple[RelTag, int], ...]
     flags: int
+
+    def vm_patches(self) -> tuple[tuple[RelTag, VmPagePatch], ...]:
+        """For each heap block: its relation and the patch to its VM page (which names
+        the VM block number, the byte offset in that page and the bits to clear)."""
+        return tuple((rel, clear_bits(blkno, self.flags)) for rel, blkno in self.heap_blocks)
 
 
 @dataclass(frozen=True, slots=True)
