@@ -1,0 +1,399 @@
+"""Basebackup: a tar stream of a data directory at LSN X on which stock PostgreSQL 15 starts clean.
+
+Architecture D6. The tar holds everything PostgreSQL needs to start as after a clean
+shutdown at X, built from what import and ingest stored (keyspace.md):
+
+* `global/pg_control`: the imported template with a shutdown checkpoint at X
+  (`ControlFileData.with_clean_start`), the counters from the checkpoint key;
+* `pg_wal/`: the synthesized segment(s) holding that single checkpoint record, whose
+  xl_prev is the previous record on the timeline (`strata.pg.walwriter`), and an empty
+  `archive_status/`;
+* relation files (mode 'full'): every fork of every relation materialized at X, split
+  into segment files `.N` of `relseg_size` blocks (md.c). An unlogged relation (one with
+  an init fork) gets its init fork and a main fork that is a copy of it, nothing else:
+  a clean start skips `ResetUnloggedRelations`, which would otherwise do that copy
+  (postgres15.md sec. 3);
+* `PG_VERSION` (top level and per database), `pg_filenode.map` (global and per
+  database), `pg_xact/` and `pg_multixact/{offsets,members}/` segment files,
+  `pg_twophase/<xid>` for transactions still prepared at X (stored content + CRC-32C);
+* `pg_replslot/<slot>/state`: the walproposer's physical slot with restart_lsn = X
+  (primaries only: a read-only endpoint has no walproposer; it gets `standby.signal`);
+* the empty directories PostgreSQL expects, and minimal configuration files (the
+  compute's settings are written by `strata.compute`).
+
+Never in the tar: postmaster.pid, pg_internal.init, statistics files, other slots.
+Mode 'lazy' is the same tar without relation segment files (a FUSE file system serves
+them, D6).
+
+`global/pg_control` is written last, as pg_basebackup does: an archive cut short
+has no control file and cannot be started by mistake.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import struct
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO, NamedTuple
+
+from strata.common.errors import CorruptionError, NotFound, UserError
+from strata.common.lsn import Lsn
+from strata.pg.checkpoint import CheckPoint
+from strata.pg.constants import BLCKSZ, GLOBALTABLESPACE_OID, ForkNumber
+from strata.pg.controlfile import ControlFileData
+from strata.pg.crc import crc32c
+from strata.pg.relfile import relation_path
+from strata.pg.slru import segment_file_name
+from strata.pg.walwriter import synthesize_wal
+from strata.storage.key import (
+    Key,
+    RelTag,
+    SlruKind,
+    checkpoint_key,
+    control_file_key,
+    db_dir_range,
+    relmap_range,
+    slru_range,
+    twophase_range,
+)
+from strata.storage.timeline import Timeline
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SLOT_NAME = "strata_walproposer"
+PG_VERSION_CONTENT = b"15\n"
+MODES = ("full", "lazy")
+
+SLRU_DIRS: dict[SlruKind, str] = {
+    SlruKind.CLOG: "pg_xact",
+    SlruKind.MULTIXACT_OFFSETS: "pg_multixact/offsets",
+    SlruKind.MULTIXACT_MEMBERS: "pg_multixact/members",
+}
+
+# Directories initdb creates that a started server expects (initdb.c `subdirs`), in an
+# order where parents come first. Relation, SLRU, WAL and slot files go inside them.
+EMPTY_DIRS = (
+    "global", "base", "pg_commit_ts", "pg_dynshmem", "pg_logical", "pg_logical/mappings",
+    "pg_logical/snapshots", "pg_multixact", "pg_multixact/members", "pg_multixact/offsets",
+    "pg_notify", "pg_replslot", "pg_serial", "pg_snapshots", "pg_stat", "pg_stat_tmp",
+    "pg_subtrans", "pg_tblspc", "pg_twophase", "pg_wal", "pg_wal/archive_status", "pg_xact",
+)
+
+POSTGRESQL_CONF = (b"# Written by the Strata basebackup. The compute's settings are in an\n"
+                   b"# included file written by strata.compute.\n")
+PG_HBA_CONF = (b"# Written by the Strata basebackup: trust on the local socket and loopback.\n"
+               b"local   all             all                     trust\n"
+               b"host    all             all     127.0.0.1/32    trust\n"
+               b"host    all             all     ::1/128         trust\n"
+               b"local   replication     all                     trust\n"
+               b"host    replication     all     127.0.0.1/32    trust\n"
+               b"host    replication     all     ::1/128         trust\n")
+PG_IDENT_CONF = b"# Written by the Strata basebackup: no user name maps.\n"
+
+# --- replication slot state file (slot.c ReplicationSlotOnDisk, PG15) ------------------
+# magic u32 @0, checksum u32 @4 (CRC-32C of bytes [8, 200)), version u32 @8, length u32
+# @12 (= 184, the size of the part after it), then ReplicationSlotPersistentData
+# (slot.h): name NameData[64] @16, database Oid @80, persistency enum @84, xmin @88,
+# catalog_xmin @92, restart_lsn u64 @96, invalidated_at @104, confirmed_flush @112,
+# two_phase_at @120, two_phase bool @128, plugin NameData[64] @129, 7 pad -> 200.
+# Checked byte for byte against a state file PostgreSQL 15 wrote (tests/unit).
+SLOT_MAGIC = 0x1051CA1
+SLOT_VERSION = 2
+SLOT_STATE_SIZE = 200
+_SLOT_HEAD = struct.Struct("<IIII")
+_SLOT_DATA = struct.Struct("<64sIiIIQQQQ?64s7x")
+assert _SLOT_HEAD.size + _SLOT_DATA.size == SLOT_STATE_SIZE, _SLOT_DATA.size
+_SLOT_CRC_START = 8  # magic and checksum are not covered
+RS_PERSISTENT = 0  # slot.h ReplicationSlotPersistency
+_SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")  # ReplicationSlotValidateName
+
+# --- two-phase state file (twophase.c) -----------------------------------------------
+# TwoPhaseFileHeader starts with magic u32 and total_len u32; total_len counts the
+# trailing CRC-32C, which the stored content (the PREPARE record's data) lacks.
+TWOPHASE_MAGIC = 0x57F94534
+_TWOPHASE_HEAD = struct.Struct("<II")
+_U32 = struct.Struct("<I")
+
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
+
+class BasebackupLsns(NamedTuple):
+    """Where the synthesized shutdown checkpoint is: PostgreSQL's first record goes at end_lsn."""
+
+    record_lsn: Lsn
+    end_lsn: Lsn
+
+
+def slot_state_bytes(name: str, restart_lsn: Lsn) -> bytes:
+    """The 200-byte `pg_replslot/<name>/state` of a persistent physical slot (slot.c)."""
+    if _SLOT_NAME.fullmatch(name) is None:
+        raise UserError(f"invalid replication slot name {name!r}: use 1-63 lower case "
+                        "letters, digits and underscores")
+    data = _SLOT_DATA.pack(name.encode(), 0, RS_PERSISTENT, 0, 0, restart_lsn.value, 0, 0, 0,
+                           False, b"")
+    covered = _U32.pack(SLOT_VERSION) + _U32.pack(_SLOT_DATA.size) + data
+    head = _SLOT_HEAD.pack(SLOT_MAGIC, crc32c(covered), SLOT_VERSION, _SLOT_DATA.size)
+    state = head + data
+    assert len(state) == SLOT_STATE_SIZE, len(state)
+    return state
+
+
+def twophase_file_bytes(xid: int, content: bytes) -> bytes:
+    """`pg_twophase/<xid>`: the stored state (PREPARE record data) plus its CRC-32C."""
+    if len(content) < _TWOPHASE_HEAD.size:
+        raise CorruptionError(f"two-phase state of xid {xid} is {len(content)} bytes, too "
+                              "short for its header; the stored PREPARE data is damaged")
+    magic, total_len = _TWOPHASE_HEAD.unpack_from(content)
+    if magic != TWOPHASE_MAGIC or total_len != len(content) + 4:
+        raise CorruptionError(f"two-phase state of xid {xid}: magic {magic:#x} (want "
+                              f"{TWOPHASE_MAGIC:#x}), total_len {total_len} (want "
+                              f"{len(content) + 4}); the stored PREPARE data is damaged")
+    return content + _U32.pack(crc32c(content))
+
+
+def relation_segments(nblocks: int, relseg_size: int) -> list[tuple[int, int, int]]:
+    """(segno, first block, block count) of each segment file of an `nblocks`-block fork.
+
+    An empty fork is one empty file. A fork whose size is a multiple of `relseg_size`
+    has no trailing empty segment: md.c `mdnblocks` stops at a missing next segment.
+    """
+    assert nblocks >= 0, nblocks
+    assert relseg_size > 0, relseg_size
+    if nblocks == 0:
+        return [(0, 0, 0)]
+    return [(segno, segno * relseg_size, min(relseg_size, nblocks - segno * relseg_size))
+            for segno in range((nblocks + relseg_size - 1) // relseg_size)]
+
+
+class _PageReader:
+    """A file-like `read(n)` over a stream of pages, for tarfile to copy without buffering all."""
+
+    def __init__(self, pages: Iterator[bytes]) -> None:
+        self._pages = pages
+        self._buf = bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buf) < size:
+            page = next(self._pages, None)
+            if page is None:
+                break
+            self._buf += page
+        if size < 0:
+            size = len(self._buf)
+        out = bytes(self._buf[:size])
+        del self._buf[:size]
+        return out
+
+
+class _TarWriter:
+    """Entries of one tar stream, with the modes and times PostgreSQL expects."""
+
+    def __init__(self, out: BinaryIO, mtime: int) -> None:
+        self.tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
+        self.mtime = mtime
+        self.files = 0
+        self.bytes = 0
+
+    def _info(self, path: str, kind: bytes, mode: int, size: int) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(path)
+        info.type = kind
+        info.mode = mode
+        info.size = size
+        info.mtime = self.mtime
+        return info
+
+    def add_dir(self, path: str) -> None:
+        self.tar.addfile(self._info(path, tarfile.DIRTYPE, _DIR_MODE, 0))
+
+    def add_file(self, path: str, data: bytes) -> None:
+        self.add_stream(path, len(data), iter((data,)))
+
+    def add_stream(self, path: str, size: int, chunks: Iterator[bytes]) -> None:
+        """A file of exactly `size` bytes whose content is produced while it is written."""
+        info = self._info(path, tarfile.REGTYPE, _FILE_MODE, size)
+        self.tar.addfile(info, _PageReader(chunks) if size else None)
+        self.files += 1
+        self.bytes += size
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+def write_basebackup(timeline: Timeline, lsn: Lsn, out: BinaryIO, *, mode: str = "full",
+                     slot_name: str = DEFAULT_SLOT_NAME, read_only: bool = False,
+                     prev_lsn: Lsn | None = None, now: int | None = None) -> BasebackupLsns:
+    """Write a basebackup of `timeline` at `lsn` (a record end) to `out` as a tar stream.
+
+    `prev_lsn` is the start of the record ending at `lsn` (the checkpoint's xl_prev);
+    by default the timeline's prev_record_lsn when `lsn` is its last_record_lsn, else
+    0/0, which PostgreSQL accepts. `now` (seconds since the epoch) is the checkpoint and
+    pg_control time. Returns where the checkpoint record landed and its end.
+    """
+    started = time.monotonic()
+    if mode not in MODES:
+        raise UserError(f"unknown basebackup mode {mode!r}; use one of {', '.join(MODES)}")
+    check_basebackup_lsn(timeline, lsn)
+    if not read_only:
+        slot_state = slot_state_bytes(slot_name, lsn)
+    prev = prev_lsn if prev_lsn is not None else (
+        timeline.prev_record_lsn if lsn == timeline.last_record_lsn else Lsn(0))
+    now = int(time.time()) if now is None else now
+
+    control = ControlFileData.from_bytes(_get_meta(timeline, control_file_key(), lsn,
+                                                   "pg_control template"))
+    if control.blcksz != BLCKSZ:
+        raise CorruptionError(f"pg_control template says BLCKSZ {control.blcksz}, Strata "
+                              f"supports {BLCKSZ}", path="global/pg_control", offset=216)
+    stored = CheckPoint.from_bytes(_get_meta(timeline, checkpoint_key(), lsn, "checkpoint"))
+    # A shutdown checkpoint has no running transactions (CreateCheckPoint).
+    checkpoint = dataclasses.replace(stored, time=now, full_page_writes=True,
+                                     oldest_active_xid=0)
+    wal = synthesize_wal(lsn, prev, checkpoint, system_identifier=control.system_identifier,
+                         seg_size=control.xlog_seg_size)
+    new_control = control.with_clean_start(wal.checkpoint, wal.record_lsn, time=now)
+
+    tar = _TarWriter(out, now)
+    tar.add_file("PG_VERSION", PG_VERSION_CONTENT)
+    for path in EMPTY_DIRS:
+        tar.add_dir(path)
+    for name, data in (("postgresql.conf", POSTGRESQL_CONF), ("pg_hba.conf", PG_HBA_CONF),
+                       ("pg_ident.conf", PG_IDENT_CONF)):
+        tar.add_file(name, data)
+    _write_databases(tar, timeline, lsn, with_relations=mode == "full",
+                     relseg_size=control.relseg_size)
+    for kind, directory in SLRU_DIRS.items():
+        _write_slru(tar, timeline, lsn, kind, directory)
+    for key, content in timeline.scan(twophase_range(), lsn):
+        tar.add_file(f"pg_twophase/{key.xid():08X}", twophase_file_bytes(key.xid(), content))
+    if read_only:
+        tar.add_file("standby.signal", b"")
+    else:
+        tar.add_dir(f"pg_replslot/{slot_name}")
+        tar.add_file(f"pg_replslot/{slot_name}/state", slot_state)
+    for name, data in wal.segments.items():
+        tar.add_file(f"pg_wal/{name}", data)
+    tar.add_file("global/pg_control", new_control.to_bytes())
+    tar.close()
+    log.info("basebackup of timeline %s at %s (%s%s): checkpoint at %s, %d files, %d bytes "
+             "in %.2fs", timeline.timeline_id, lsn, mode, ", read-only" if read_only else "",
+             wal.record_lsn, tar.files, tar.bytes, time.monotonic() - started)
+    return BasebackupLsns(wal.record_lsn, wal.end_lsn)
+
+
+def check_basebackup_lsn(timeline: Timeline, lsn: Lsn) -> None:
+    """Refuse an LSN that cannot be a retained record end of `timeline`."""
+    where = f"timeline {timeline.timeline_id} of tenant {timeline.tenant_id}"
+    if lsn.value % 8:
+        raise UserError(f"basebackup LSN {lsn} is not 8-byte aligned, so it is not a record "
+                        f"end; pass the MAXALIGNed end of a record of {where}")
+    if lsn > timeline.last_record_lsn:
+        raise UserError(f"basebackup LSN {lsn} is beyond the last record {where} has "
+                        f"ingested ({timeline.last_record_lsn}); wait for the WAL to arrive "
+                        "or pick an earlier LSN")
+    if lsn < timeline.initdb_lsn:
+        raise UserError(f"basebackup LSN {lsn} is before the initdb LSN "
+                        f"{timeline.initdb_lsn} of {where}, where its data starts")
+    if lsn < timeline.gc_cutoff:
+        raise UserError(f"basebackup LSN {lsn} is below the GC cutoff {timeline.gc_cutoff} "
+                        f"of {where}: that history was garbage collected; pick a later LSN")
+
+
+def _get_meta(timeline: Timeline, key: Key, lsn: Lsn, what: str) -> bytes:
+    try:
+        return timeline.get(key, lsn)
+    except NotFound as err:
+        raise CorruptionError(f"timeline {timeline.timeline_id} has no {what} at {lsn}; "
+                              "was it imported from an initdb'ed data directory?") from err
+
+
+def _db_dir(spcnode: int, dbnode: int) -> str:
+    """The database directory: the path of a relation file, without the file."""
+    return relation_path(spcnode, dbnode, 1).rsplit("/", 1)[0]
+
+
+def _write_databases(tar: _TarWriter, timeline: Timeline, lsn: Lsn, *, with_relations: bool,
+                     relseg_size: int) -> None:
+    """Database directories with PG_VERSION, relation maps and (full mode) relation files."""
+    dbs = {key.db(): value for key, value in timeline.scan(db_dir_range(), lsn)}
+    relmaps = {key.db(): value for key, value in timeline.scan(relmap_range(), lsn)}
+    made: set[str] = set(EMPTY_DIRS)
+    for spcnode, dbnode in sorted(set(dbs) | {(GLOBALTABLESPACE_OID, 0)}):
+        directory = _db_dir(spcnode, dbnode)
+        _add_dirs(tar, directory, made)
+        if (spcnode, dbnode) in dbs and spcnode != GLOBALTABLESPACE_OID:
+            tar.add_file(f"{directory}/PG_VERSION", dbs[(spcnode, dbnode)])
+        if (spcnode, dbnode) in relmaps:
+            tar.add_file(f"{directory}/pg_filenode.map", relmaps[(spcnode, dbnode)])
+        if with_relations:
+            rels = timeline.list_rels(spcnode, dbnode, lsn)
+            for path, nblocks, pages in relation_files(rels, timeline, lsn, relseg_size):
+                tar.add_stream(path, nblocks * BLCKSZ, pages)
+
+
+def _add_dirs(tar: _TarWriter, directory: str, made: set[str]) -> None:
+    """Add `directory` and its missing parents (tablespace directories are nested)."""
+    parts = directory.split("/")
+    for i in range(1, len(parts) + 1):
+        path = "/".join(parts[:i])
+        if path not in made:
+            tar.add_dir(path)
+            made.add(path)
+
+
+def relation_files(rels: Iterable[RelTag], timeline: Timeline, lsn: Lsn,
+                   relseg_size: int) -> Iterator[tuple[str, int, Iterator[bytes]]]:
+    """(path, block count, pages) of every relation segment file of `rels` at `lsn`.
+
+    A relation with an init fork is unlogged: its main fork is written as a copy of the
+    init fork and its other forks are left out, as `ResetUnloggedRelations` (reinit.c)
+    leaves them after a crash. The pages iterator must be consumed before the next item.
+    """
+    by_rel: dict[tuple[int, int, int], set[int]] = {}
+    for rel in rels:
+        by_rel.setdefault((rel.spcnode, rel.dbnode, rel.relnode), set()).add(rel.forknum)
+    for (spcnode, dbnode, relnode), forks in sorted(by_rel.items()):
+        if ForkNumber.INIT in forks:
+            source = RelTag(spcnode, dbnode, relnode, ForkNumber.INIT)
+            wanted = [(ForkNumber.MAIN, source), (ForkNumber.INIT, source)]
+        else:
+            wanted = [(ForkNumber(f), RelTag(spcnode, dbnode, relnode, f)) for f in sorted(forks)]
+        for fork, source in wanted:
+            nblocks = timeline.rel_size(source, lsn)
+            for segno, first, count in relation_segments(nblocks, relseg_size):
+                path = relation_path(spcnode, dbnode, relnode, fork, segno)
+                yield path, count, _pages(timeline, source, lsn, first, count)
+
+
+def _pages(timeline: Timeline, rel: RelTag, lsn: Lsn, first: int,
+           count: int) -> Iterator[bytes]:
+    for blkno in range(first, first + count):
+        page = timeline.get_rel_page(rel, blkno, lsn)
+        assert len(page) == BLCKSZ, (rel, blkno, len(page))
+        yield page
+
+
+def _write_slru(tar: _TarWriter, timeline: Timeline, lsn: Lsn, kind: SlruKind,
+                directory: str) -> None:
+    """Every live segment of one SLRU; a page with no stored version is zeros."""
+    sizes: dict[int, int] = {}
+    pages: dict[tuple[int, int], bytes] = {}
+    for key, value in timeline.scan(slru_range(kind), lsn):
+        if key.is_slru_segment_size():
+            if len(value) != 4:
+                raise CorruptionError(f"{kind.name} segment {key.segno()} size value is "
+                                      f"{len(value)} bytes, expected 4, at {lsn}")
+            sizes[key.segno()] = _U32.unpack(value)[0]
+        else:
+            if len(value) != BLCKSZ:
+                raise CorruptionError(f"{kind.name} segment {key.segno()} page "
+                                      f"{key.blkno()} is {len(value)} bytes at {lsn}")
+            pages[(key.segno(), key.blkno())] = value
+    zero = bytes(BLCKSZ)
+    for segno, npages in sorted(sizes.items()):
+        data = b"".join(pages.get((segno, blkno), zero) for blkno in range(npages))
+        tar.add_file(f"{directory}/{segment_file_name(segno)}", data)

@@ -1,0 +1,274 @@
+"""The basebackup tar writer on a small timeline (no PostgreSQL process).
+
+Proves: relation forks are split into segment files of pg_control's relseg_size with the
+right blocks in each; an unlogged relation gets main = a copy of its init fork and no
+other fork; SLRU segments, relation maps, PG_VERSION files and two-phase files (with
+their CRC-32C) come from the stored values; pg_control and the synthesized WAL point at
+a shutdown checkpoint at X with the stored counters; the slot state file is byte for byte
+what PostgreSQL 15 writes; read-only backups have standby.signal and no slot; the LSN is
+validated; and nothing PostgreSQL must not inherit is in the tar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import struct
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from strata.common.errors import CorruptionError, UserError
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
+from strata.pageserver.basebackup import (
+    BasebackupLsns,
+    relation_segments,
+    slot_state_bytes,
+    twophase_file_bytes,
+    write_basebackup,
+)
+from strata.pg.checkpoint import CheckPoint
+from strata.pg.controlfile import ControlFileData, DBState
+from strata.pg.crc import crc32c
+from strata.pg.walwriter import CHECKPOINT_RECORD_LEN
+from strata.storage.key import (
+    RelTag,
+    SlruKind,
+    checkpoint_key,
+    control_file_key,
+    relmap_key,
+    slru_block_key,
+    slru_segment_size_key,
+    twophase_key,
+)
+from strata.storage.repository import Repository
+from strata.storage.tenant import TenantConfig
+from strata.storage.timeline import Timeline
+from strata.storage.value import Image, Patch, PatchOp, Tombstone
+
+# pg_replslot/strata_walproposer/state written by PostgreSQL 15.18 after
+# pg_create_physical_replication_slot('strata_walproposer', true) and CHECKPOINT,
+# restart_lsn 0/1500718.
+PG15_SLOT_STATE = bytes.fromhex(
+    "a11c05017909e1b602000000b8000000" + b"strata_walproposer".hex() + "00" * 46
+    + "00" * 16 + "1807500100000000" + "00" * 96)
+assert len(PG15_SLOT_STATE) == 200
+
+X0 = 0x1_0000_0100  # the stand-in "initdb" record end
+SEG = 16 << 20
+RELSEG = 3  # blocks per relation segment file in this test's pg_control
+
+
+def control_template() -> ControlFileData:
+    cp = CheckPoint(redo=Lsn(X0 - 120), this_timeline_id=1, prev_timeline_id=1,
+                    full_page_writes=True, next_xid=(3 << 32) | 750, next_oid=24576,
+                    next_multi=7, next_multi_offset=11, oldest_xid=716, oldest_xid_db=1,
+                    oldest_multi=1, oldest_multi_db=1, time=1_700_000_000,
+                    oldest_commit_ts_xid=0, newest_commit_ts_xid=0, oldest_active_xid=0)
+    return ControlFileData(
+        system_identifier=7_300_000_000_000_000_123, pg_control_version=1300,
+        catalog_version_no=202209061, state=DBState.SHUTDOWNED, time=1_700_000_000,
+        checkpoint=Lsn(X0 - 120), checkpoint_copy=cp, unlogged_lsn=Lsn(1000),
+        min_recovery_point=Lsn(0), min_recovery_point_tli=0, backup_start_point=Lsn(0),
+        backup_end_point=Lsn(0), backup_end_required=False, wal_level=1, wal_log_hints=False,
+        max_connections=100, max_worker_processes=8, max_wal_senders=10, max_prepared_xacts=0,
+        max_locks_per_xact=64, track_commit_timestamp=False, max_align=8,
+        float_format=1234567.0, blcksz=8192, relseg_size=RELSEG, xlog_blcksz=8192,
+        xlog_seg_size=SEG, name_data_len=64, index_max_keys=32, toast_max_chunk_size=1996,
+        loblksize=2048, float8_by_val=True, data_checksum_version=0,
+        mock_authentication_nonce=bytes(range(32)))
+
+
+def page(tag: int, blkno: int) -> bytes:
+    return struct.pack("<II", tag, blkno) * 1024
+
+
+def twophase_content(xid: int, body: bytes) -> bytes:
+    return struct.pack("<III", 0x57F94534, 12 + len(body) + 4, xid) + body
+
+
+HEAP = RelTag(1663, 5, 16384, 0)
+HEAP_FSM = RelTag(1663, 5, 16384, 1)
+UNLOGGED = [RelTag(1663, 5, 16390, f) for f in (0, 1, 3)]  # main, fsm, init
+GLOBAL = RelTag(1664, 0, 1262, 0)
+EMPTY = RelTag(1663, 5, 16400, 0)
+
+
+@pytest.fixture
+def timeline(tmp_path: Path) -> Timeline:
+    """X0: a database with relations, SLRUs, relmaps, a prepared xact; X1: more changes."""
+    repo = Repository(tmp_path)
+    tenant = repo.create_tenant(TenantId(bytes(range(16))), TenantConfig())
+    tl = tenant.create_timeline(TimelineId(os.urandom(16)), Lsn(X0))
+    at = Lsn(X0)
+    tl.put(control_file_key(), at, Image(control_template().to_bytes()))
+    tl.put(checkpoint_key(), at, Image(control_template().checkpoint_copy.to_bytes()))
+    tl.put_db_dir(1663, 1, at, b"15\n")
+    tl.put_db_dir(1663, 5, at, b"15\n")
+    for spc, db in ((1664, 0), (1663, 1), (1663, 5)):
+        tl.put(relmap_key(spc, db), at, Image(bytes([db]) * 512))
+    for blkno in range(7):
+        tl.put_rel_page(HEAP, blkno, at, Image(page(1, blkno)))
+    tl.put_rel_page(HEAP_FSM, 0, at, Image(page(2, 0)))
+    for rel in UNLOGGED:
+        for blkno in range(2 if rel.forknum == 3 else 4):
+            tl.put_rel_page(rel, blkno, at, Image(page(10 + rel.forknum, blkno)))
+    tl.put_rel_page(GLOBAL, 0, at, Image(page(4, 0)))
+    tl.create_rel(EMPTY, at)
+    tl.put(slru_segment_size_key(SlruKind.CLOG, 0), at, Image(struct.pack("<I", 2)))
+    tl.put(slru_block_key(SlruKind.CLOG, 0, 0), at, Image(page(5, 0)))
+    tl.put(slru_segment_size_key(SlruKind.MULTIXACT_OFFSETS, 0), at,
+           Image(struct.pack("<I", 1)))
+    tl.put(slru_segment_size_key(SlruKind.MULTIXACT_MEMBERS, 0), at,
+           Image(struct.pack("<I", 1)))
+    tl.put(twophase_key(740), at, Image(twophase_content(740, b"prepared")))
+    tl.finish_record(at, Lsn(X0 - 120))
+    # X1: a clog bit set, the prepared xact resolved, a block changed.
+    at1 = Lsn(X0 + 64)
+    tl.put(slru_block_key(SlruKind.CLOG, 0, 1), at1, Patch((PatchOp(3, 0, 0x40),)))
+    tl.put(twophase_key(740), at1, Tombstone())
+    tl.put_rel_page(HEAP, 2, at1, Image(page(9, 2)))
+    tl.finish_record(at1, Lsn(X0 + 8))
+    return tl
+
+
+def backup(tl: Timeline, lsn: int, **kwargs: object) -> tuple[BasebackupLsns, dict[str, bytes],
+                                                               dict[str, tarfile.TarInfo]]:
+    out = io.BytesIO()
+    lsns = write_basebackup(tl, Lsn(lsn), out, now=1_800_000_000, **kwargs)  # type: ignore[arg-type]
+    out.seek(0)
+    files: dict[str, bytes] = {}
+    infos: dict[str, tarfile.TarInfo] = {}
+    with tarfile.open(fileobj=out, mode="r:") as tar:
+        for info in tar:
+            assert info.name not in infos, f"duplicate tar entry {info.name}"
+            infos[info.name] = info
+            if info.isfile():
+                f = tar.extractfile(info)
+                assert f is not None
+                files[info.name] = f.read()
+    return lsns, files, infos
+
+
+def test_relation_segments_math() -> None:
+    assert relation_segments(0, 3) == [(0, 0, 0)]
+    assert relation_segments(3, 3) == [(0, 0, 3)]
+    assert relation_segments(7, 3) == [(0, 0, 3), (1, 3, 3), (2, 6, 1)]
+    assert relation_segments(131073, 131072) == [(0, 0, 131072), (1, 131072, 1)]
+
+
+def test_slot_state_is_what_postgres_writes() -> None:
+    assert slot_state_bytes("strata_walproposer", Lsn(0x1500718)) == PG15_SLOT_STATE
+    assert struct.unpack_from("<I", PG15_SLOT_STATE, 4)[0] == crc32c(PG15_SLOT_STATE[8:])
+    with pytest.raises(UserError, match="invalid replication slot name"):
+        slot_state_bytes("Bad-Name", Lsn(0x1500718))
+
+
+def test_twophase_file_gets_crc_and_is_checked() -> None:
+    content = twophase_content(740, b"state")
+    data = twophase_file_bytes(740, content)
+    assert data[:-4] == content
+    assert struct.unpack("<I", data[-4:])[0] == crc32c(content)
+    assert struct.unpack_from("<I", data, 4)[0] == len(data)
+    with pytest.raises(CorruptionError, match="total_len"):
+        twophase_file_bytes(740, content + b"x")
+    with pytest.raises(CorruptionError, match="magic"):
+        twophase_file_bytes(740, b"\0" * 4 + content[4:])
+
+
+def test_full_backup_at_x0(timeline: Timeline) -> None:
+    lsns, files, infos = backup(timeline, X0, prev_lsn=Lsn(X0 - 120))
+    assert lsns == BasebackupLsns(Lsn(X0), Lsn(X0 + CHECKPOINT_RECORD_LEN).align(8))
+    # Segments of RELSEG blocks: 7 blocks -> 3 + 3 + 1, each block where md.c looks.
+    heap = [files["base/5/16384"], files["base/5/16384.1"], files["base/5/16384.2"]]
+    assert [len(f) for f in heap] == [3 * 8192, 3 * 8192, 8192]
+    assert b"".join(heap) == b"".join(page(1, b) for b in range(7))
+    assert "base/5/16384.3" not in files
+    assert files["base/5/16384_fsm"] == page(2, 0)
+    assert files["base/5/16400"] == b""
+    assert files["global/1262"] == page(4, 0)
+    # Unlogged: main = copy of init, no fsm.
+    init = page(13, 0) + page(13, 1)
+    assert files["base/5/16390_init"] == init
+    assert files["base/5/16390"] == init
+    assert "base/5/16390_fsm" not in files
+    # Metadata files.
+    assert files["PG_VERSION"] == files["base/5/PG_VERSION"] == b"15\n"
+    assert "global/PG_VERSION" not in files
+    assert files["global/pg_filenode.map"] == bytes([0]) * 512
+    assert files["base/5/pg_filenode.map"] == bytes([5]) * 512
+    assert files["pg_xact/0000"] == page(5, 0) + bytes(8192)
+    assert files["pg_multixact/offsets/0000"] == bytes(8192)
+    assert files["pg_multixact/members/0000"] == bytes(8192)
+    assert files["pg_twophase/000002E4"] == twophase_file_bytes(
+        740, twophase_content(740, b"prepared"))
+    assert files["pg_replslot/strata_walproposer/state"] == slot_state_bytes(
+        "strata_walproposer", Lsn(X0))
+    assert "standby.signal" not in files
+    for d in ("pg_wal/archive_status", "pg_stat", "pg_logical/snapshots", "pg_tblspc",
+              "pg_subtrans", "pg_notify", "pg_serial", "pg_snapshots", "pg_commit_ts"):
+        assert infos[d].isdir() and infos[d].mode == 0o700, d
+    assert all(i.mode == 0o600 for i in infos.values() if i.isfile())
+    assert not any(n.endswith(("postmaster.pid", "pg_internal.init", "postmaster.opts"))
+                   for n in files)
+    assert list(infos)[-1] == "global/pg_control"
+    # pg_control: clean start at X with the stored counters, checkpoint time = now.
+    control = ControlFileData.from_bytes(files["global/pg_control"])
+    stored = control_template().checkpoint_copy
+    assert control.state == DBState.SHUTDOWNED
+    assert control.checkpoint == Lsn(X0)
+    assert control.checkpoint_copy == dataclasses.replace(stored, redo=Lsn(X0),
+                                                          time=1_800_000_000)
+    assert control.time == 1_800_000_000
+    assert control.system_identifier == control_template().system_identifier
+    # The WAL segment holds the record at X with xl_prev = prev_lsn.
+    wal = files["pg_wal/" + Lsn(X0).segment_file_name(1, SEG)]
+    assert len(wal) == SEG
+    off = X0 % SEG
+    tot_len, _, xl_prev = struct.unpack_from("<IIQ", wal, off)
+    assert (tot_len, xl_prev) == (CHECKPOINT_RECORD_LEN, X0 - 120)
+
+
+def test_backup_at_later_lsn_sees_later_state(timeline: Timeline) -> None:
+    _, files, _ = backup(timeline, X0 + 64)
+    assert files["base/5/16384"] == page(1, 0) + page(1, 1) + page(9, 2)
+    clog = bytearray(16384)
+    clog[:8192] = page(5, 0)
+    clog[8192 + 3] = 0x40
+    assert files["pg_xact/0000"] == bytes(clog)
+    assert not any(n.startswith("pg_twophase/") for n in files)
+    # At last_record_lsn the default xl_prev is the timeline's prev_record_lsn.
+    wal = files["pg_wal/" + Lsn(X0 + 64).segment_file_name(1, SEG)]
+    assert struct.unpack_from("<Q", wal, (X0 + 64) % SEG + 8)[0] == X0 + 8
+
+
+def test_read_only_and_lazy(timeline: Timeline) -> None:
+    _, files, _ = backup(timeline, X0, read_only=True)
+    assert files["standby.signal"] == b""
+    assert not any(n.startswith("pg_replslot/") for n in files)
+    _, files, infos = backup(timeline, X0, mode="lazy", slot_name="other_slot")
+    assert "base/5/16384" not in files and "global/1262" not in files
+    assert files["base/5/pg_filenode.map"] == bytes([5]) * 512
+    assert "pg_replslot/other_slot/state" in files
+    assert infos["base/5"].isdir()
+
+
+@pytest.mark.parametrize(("lsn", "message"), [
+    (X0 + 4, "not 8-byte aligned"),
+    (X0 + 72, "beyond the last record"),
+    (X0 - 8, "before the initdb LSN"),
+])
+def test_lsn_validation(timeline: Timeline, lsn: int, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        write_basebackup(timeline, Lsn(lsn), io.BytesIO())
+
+
+def test_gc_cutoff_and_bad_mode(timeline: Timeline) -> None:
+    with pytest.raises(UserError, match="unknown basebackup mode"):
+        write_basebackup(timeline, Lsn(X0), io.BytesIO(), mode="fast")
+    timeline.set_gc_cutoff(Lsn(X0 + 64))
+    with pytest.raises(UserError, match="below the GC cutoff"):
+        write_basebackup(timeline, Lsn(X0), io.BytesIO())
