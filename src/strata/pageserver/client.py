@@ -1,0 +1,265 @@
+"""A small client of the pageserver for tests and the CLI: its HTTP API and its basebackup.
+
+`PageserverClient` is synchronous (urllib, for tests and the CLI); `AsyncPageserverClient`
+is the same API over aiohttp. `fetch_basebackup` reads the CopyOut tar stream of
+`basebackup <tenant> <timeline> [lsn]` over the PostgreSQL-protocol port with
+`strata.pg.pgclient`. An error answer becomes the Strata error of its HTTP status
+(404 NotFound, 409 CorruptionError, 503 Unavailable, else UserError) with the server's
+message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import aiohttp
+
+from strata.common.errors import (
+    CorruptionError,
+    NotFound,
+    ProtocolError,
+    StrataError,
+    Unavailable,
+    UserError,
+)
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
+from strata.pg import wire
+from strata.pg.pgclient import PgConnection, ServerError
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineInfo:
+    tenant_id: TenantId
+    timeline_id: TimelineId
+    last_record_lsn: Lsn
+    prev_record_lsn: Lsn
+    disk_consistent_lsn: Lsn
+    ancestor_timeline_id: TimelineId | None
+    ancestor_lsn: Lsn | None
+    gc_cutoff: Lsn
+    initdb_lsn: Lsn
+    state: str
+    broken_reason: str | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TimelineInfo:
+        anc = data.get("ancestor_timeline_id")
+        anc_lsn = data.get("ancestor_lsn")
+        return cls(tenant_id=TenantId(TenantId.parse(data["tenant_id"]).raw),
+                   timeline_id=TimelineId(TimelineId.parse(data["timeline_id"]).raw),
+                   last_record_lsn=Lsn.parse(data["last_record_lsn"]),
+                   prev_record_lsn=Lsn.parse(data["prev_record_lsn"]),
+                   disk_consistent_lsn=Lsn.parse(data["disk_consistent_lsn"]),
+                   ancestor_timeline_id=TimelineId(TimelineId.parse(anc).raw) if anc else None,
+                   ancestor_lsn=Lsn.parse(anc_lsn) if anc_lsn else None,
+                   gc_cutoff=Lsn.parse(data["gc_cutoff"]),
+                   initdb_lsn=Lsn.parse(data["initdb_lsn"]),
+                   state=data["state"], broken_reason=data.get("broken_reason"))
+
+
+def error_for(status: int, message: str) -> StrataError:
+    if status == 404:
+        return NotFound(message)
+    if status == 409:
+        return CorruptionError(message)
+    if status == 503:
+        return Unavailable(message)
+    return UserError(message)
+
+
+def _branch_body(ancestor: TimelineId, lsn: Lsn | None, timestamp: str | None,
+                 new_timeline_id: TimelineId | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"ancestor_timeline_id": str(ancestor)}
+    if lsn is not None:
+        body["ancestor_lsn"] = str(lsn)
+    if timestamp is not None:
+        body["timestamp"] = timestamp
+    if new_timeline_id is not None:
+        body["new_timeline_id"] = str(new_timeline_id)
+    return body
+
+
+class PageserverClient:
+    """Synchronous HTTP client of one pageserver."""
+
+    def __init__(self, host: str, http_port: int, pg_port: int, timeout_s: float = 120) -> None:
+        self.host = host
+        self.http_port = http_port
+        self.pg_port = pg_port
+        self.timeout_s = timeout_s
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://{self.host}:{self.http_port}{path}", data=data,
+                                     method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as err:
+            text = err.read().decode(errors="replace")
+            try:
+                message = json.loads(text)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = text
+            raise error_for(err.code, f"{method} {path}: {message}") from err
+        except urllib.error.URLError as err:
+            raise Unavailable(f"pageserver at {self.host}:{self.http_port}: {err}") from err
+
+    def create_tenant(self, tenant_id: TenantId | None = None,
+                      config: dict[str, Any] | None = None) -> tuple[TenantId, TimelineId]:
+        body: dict[str, Any] = {}
+        if tenant_id is not None:
+            body["tenant_id"] = str(tenant_id)
+        if config:
+            body["config"] = config
+        out = self.request("POST", "/v1/tenant", body)
+        return (TenantId(TenantId.parse(out["tenant_id"]).raw),
+                TimelineId(TimelineId.parse(out["timeline_id"]).raw))
+
+    def list_tenants(self) -> list[TenantId]:
+        return [TenantId(TenantId.parse(t["tenant_id"]).raw)
+                for t in self.request("GET", "/v1/tenant")]
+
+    def list_timelines(self, tenant_id: TenantId) -> list[TimelineInfo]:
+        return [TimelineInfo.from_json(t)
+                for t in self.request("GET", f"/v1/tenant/{tenant_id}/timeline")]
+
+    def timeline(self, tenant_id: TenantId, timeline_id: TimelineId) -> TimelineInfo:
+        return TimelineInfo.from_json(
+            self.request("GET", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}"))
+
+    def branch(self, tenant_id: TenantId, ancestor: TimelineId, *, lsn: Lsn | None = None,
+               timestamp: str | None = None,
+               new_timeline_id: TimelineId | None = None) -> TimelineInfo:
+        return TimelineInfo.from_json(self.request(
+            "POST", f"/v1/tenant/{tenant_id}/timeline",
+            _branch_body(ancestor, lsn, timestamp, new_timeline_id)))
+
+    def lsn_by_timestamp(self, tenant_id: TenantId, timeline_id: TimelineId,
+                         timestamp: str) -> Lsn:
+        query = urllib.parse.urlencode({"timestamp": timestamp})
+        out = self.request("GET", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}/"
+                                  f"get_lsn_by_timestamp?{query}")
+        return Lsn.parse(out["lsn"])
+
+    def compute_start(self, tenant_id: TenantId, timeline_id: TimelineId) -> tuple[Lsn, Lsn]:
+        out = self.request("POST", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}/"
+                                   "compute_start", {})
+        return Lsn.parse(out["lsn"]), Lsn.parse(out["prev_lsn"])
+
+    def attach_receiver(self, tenant_id: TenantId, timeline_id: TimelineId, *, host: str,
+                        port: int, slot: str, application_name: str) -> None:
+        self.request("POST", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}/wal_receiver",
+                     {"host": host, "port": port, "slot": slot,
+                      "application_name": application_name})
+
+    def checkpoint(self, tenant_id: TenantId, timeline_id: TimelineId) -> TimelineInfo:
+        return TimelineInfo.from_json(self.request(
+            "POST", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}/checkpoint", {}))
+
+    def basebackup(self, tenant_id: TenantId, timeline_id: TimelineId, out: BinaryIO,
+                   lsn: Lsn | None = None, *, read_only: bool = False) -> int:
+        """Write the tar stream to `out`; returns its size in bytes."""
+        return asyncio.run(fetch_basebackup(self.host, self.pg_port, tenant_id, timeline_id,
+                                            out, lsn, read_only=read_only,
+                                            timeout_s=self.timeout_s))
+
+
+class AsyncPageserverClient:
+    """The same HTTP API over aiohttp (for code already on an event loop)."""
+
+    def __init__(self, host: str, http_port: int, pg_port: int, timeout_s: float = 120) -> None:
+        self.host = host
+        self.http_port = http_port
+        self.pg_port = pg_port
+        self.timeout_s = timeout_s
+
+    async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.request(
+                    method, f"http://{self.host}:{self.http_port}{path}", json=body) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    try:
+                        message = json.loads(text)["error"]
+                    except (ValueError, KeyError, TypeError):
+                        message = text
+                    raise error_for(resp.status, f"{method} {path}: {message}")
+                return json.loads(text or "null")
+        except aiohttp.ClientError as err:
+            raise Unavailable(f"pageserver at {self.host}:{self.http_port}: {err}") from err
+
+    async def timeline(self, tenant_id: TenantId, timeline_id: TimelineId) -> TimelineInfo:
+        return TimelineInfo.from_json(
+            await self.request("GET", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}"))
+
+    async def compute_start(self, tenant_id: TenantId,
+                            timeline_id: TimelineId) -> tuple[Lsn, Lsn]:
+        out = await self.request("POST", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}/"
+                                         "compute_start", {})
+        return Lsn.parse(out["lsn"]), Lsn.parse(out["prev_lsn"])
+
+    async def branch(self, tenant_id: TenantId, ancestor: TimelineId, *,
+                     lsn: Lsn | None = None, timestamp: str | None = None,
+                     new_timeline_id: TimelineId | None = None) -> TimelineInfo:
+        return TimelineInfo.from_json(await self.request(
+            "POST", f"/v1/tenant/{tenant_id}/timeline",
+            _branch_body(ancestor, lsn, timestamp, new_timeline_id)))
+
+    async def basebackup(self, tenant_id: TenantId, timeline_id: TimelineId, out: BinaryIO,
+                         lsn: Lsn | None = None, *, read_only: bool = False) -> int:
+        return await fetch_basebackup(self.host, self.pg_port, tenant_id, timeline_id, out,
+                                      lsn, read_only=read_only, timeout_s=self.timeout_s)
+
+
+async def fetch_basebackup(host: str, port: int, tenant_id: TenantId, timeline_id: TimelineId,
+                           out: BinaryIO, lsn: Lsn | None = None, *, read_only: bool = False,
+                           timeout_s: float = 120) -> int:
+    """Run `basebackup` on the pageserver's PG port and write the tar to `out`."""
+    command = f"basebackup {tenant_id} {timeline_id}"
+    if lsn is not None:
+        command += f" {lsn}"
+    if read_only:
+        command += " read_only"
+    async with asyncio.timeout(timeout_s):
+        conn = await PgConnection.connect(host, port, user="strata", timeout_s=timeout_s)
+        try:
+            return await _read_copy_out(conn, command, out)
+        finally:
+            await conn.close()
+
+
+async def _read_copy_out(conn: PgConnection, command: str, out: BinaryIO) -> int:
+    # pgclient has no CopyOut reader; the message loop is short enough to have here.
+    await conn._send(wire.Query(command).encode())
+    size = 0
+    error: wire.ErrorResponse | None = None
+    while True:
+        msg = await conn._receive()
+        match msg:
+            case wire.CopyOutResponse() | wire.CopyDone() | wire.CommandComplete():
+                pass
+            case wire.CopyData(data=data):
+                out.write(data)
+                size += len(data)
+            case wire.ErrorResponse():
+                error = msg
+            case wire.NoticeResponse() | wire.ParameterStatus():
+                pass
+            case wire.ReadyForQuery():
+                if error is not None:
+                    err = ServerError(error, f"{command!r} on {conn.describe}")
+                    raise (CorruptionError(str(err)) if error.code == "XX001" else err)
+                return size
+            case _:
+                raise ProtocolError(f"{conn.describe}: unexpected {type(msg).__name__} in the "
+                                    f"reply to {command!r}")

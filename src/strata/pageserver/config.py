@@ -1,0 +1,131 @@
+"""The pageserver's configuration: `<workdir>/pageserver.toml` plus `-c key=value` overrides.
+
+A frozen dataclass, validated once at start; every error names the key at fault, so a
+typo is refused instead of silently falling back to a default. Tenant defaults are the
+`[default_tenant_conf]` table (the keys of `strata.storage.tenant.TenantConfig`); on
+the command line they are dotted: `-c default_tenant_conf.checkpoint_distance=1048576`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from strata.common.errors import UserError
+from strata.storage.tenant import TenantConfig
+
+CONFIG_FILE = "pageserver.toml"
+
+
+def parse_addr(key: str, text: str) -> tuple[str, int]:
+    """`host:port` -> (host, port); port 0 means "pick a free one"."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise UserError(f"pageserver config {key} must be host:port, got {text!r}")
+    try:
+        port = int(port_text)
+    except ValueError as err:
+        raise UserError(f"pageserver config {key}: port {port_text!r} is not a number") from err
+    if not 0 <= port <= 65535:
+        raise UserError(f"pageserver config {key}: port {port} is out of range 0..65535")
+    return host, port
+
+
+@dataclass(frozen=True, slots=True)
+class PageserverConfig:
+    """Everything the pageserver process needs to know at start."""
+
+    workdir: Path
+    listen_pg_addr: str = "127.0.0.1:64000"
+    """PostgreSQL-protocol port (basebackup)."""
+    listen_http_addr: str = "127.0.0.1:9898"
+    """Management API."""
+    wait_lsn_timeout_s: float = 60.0
+    """How long a basebackup waits for WAL up to its LSN to be ingested."""
+    ingest_batch_bytes: int = 4 * 1024 * 1024
+    """WAL read from the log and decoded per ingest step."""
+    log_level: str = "INFO"
+    default_tenant_conf: TenantConfig = field(default_factory=TenantConfig)
+
+    def __post_init__(self) -> None:
+        parse_addr("listen_pg_addr", self.listen_pg_addr)
+        parse_addr("listen_http_addr", self.listen_http_addr)
+        if not self.wait_lsn_timeout_s > 0:
+            raise UserError(f"pageserver config wait_lsn_timeout_s must be > 0, got "
+                            f"{self.wait_lsn_timeout_s!r}")
+        if self.ingest_batch_bytes < 8192:
+            raise UserError(f"pageserver config ingest_batch_bytes must be >= 8192, got "
+                            f"{self.ingest_batch_bytes!r}")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise UserError(f"pageserver config log_level must be DEBUG, INFO, WARNING or "
+                            f"ERROR, got {self.log_level!r}")
+
+    @property
+    def pg_addr(self) -> tuple[str, int]:
+        return parse_addr("listen_pg_addr", self.listen_pg_addr)
+
+    @property
+    def http_addr(self) -> tuple[str, int]:
+        return parse_addr("listen_http_addr", self.listen_http_addr)
+
+    @classmethod
+    def from_dict(cls, workdir: Path, data: Mapping[str, Any]) -> PageserverConfig:
+        """Build from parsed TOML; unknown keys and wrongly typed values are refused."""
+        known = {f.name: f for f in fields(cls) if f.name != "workdir"}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise UserError(f"unknown pageserver config keys {unknown}; known: "
+                            f"{sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            if name == "default_tenant_conf":
+                if not isinstance(value, Mapping):
+                    raise UserError("pageserver config default_tenant_conf must be a table, "
+                                    f"got {value!r}")
+                kwargs[name] = TenantConfig.from_dict(dict(value))
+                continue
+            expected = {"str": str, "float": float, "int": int}[str(known[name].type)]
+            if isinstance(value, bool) or not isinstance(value, expected) and not (
+                    expected is float and isinstance(value, int)):
+                raise UserError(f"pageserver config {name} must be a {expected.__name__}, "
+                                f"got {value!r}")
+            kwargs[name] = float(value) if isinstance(value, int) and expected is float \
+                else value
+        return cls(workdir=workdir, **kwargs)
+
+    @classmethod
+    def load(cls, workdir: Path, overrides: Iterable[str] = ()) -> PageserverConfig:
+        """`<workdir>/pageserver.toml` (optional) with `key=value` overrides on top."""
+        path = workdir / CONFIG_FILE
+        data: dict[str, Any] = {}
+        if path.exists():
+            try:
+                data = tomllib.loads(path.read_text())
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+                raise UserError(f"{path} is not valid TOML: {err}") from err
+        for item in overrides:
+            _apply_override(data, item)
+        return cls.from_dict(workdir, data)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """`key=value` or `table.key=value`; the value is TOML, or else a bare string."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"config override {item!r} must look like key=value")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # `listen_http_addr=127.0.0.1:9898` without quotes
+    *tables, leaf = key.split(".")
+    target = data
+    for table in tables:
+        sub = target.setdefault(table, {})
+        if not isinstance(sub, dict):
+            raise UserError(f"config override {item!r}: {table} is not a table")
+        target = sub
+    target[leaf] = value

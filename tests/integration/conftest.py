@@ -1,0 +1,26 @@
+"""Fixtures of the pageserver integration tests (see fixtures_env.py)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fixtures_env import Env, PageserverProcess  # noqa: E402
+
+
+@pytest.fixture
+def env(test_dir: Path) -> Iterator[Env]:
+    """A running pageserver under the test's directory; it and every compute are stopped
+    at the end (SIGKILL: a test that checks a clean stop does it itself)."""
+    pageserver = PageserverProcess(test_dir / "pageserver", test_dir / "pageserver.log")
+    pageserver.start()
+    environment = Env(test_dir, pageserver)
+    try:
+        yield environment
+    finally:
+        environment.stop_all()

@@ -1,0 +1,173 @@
+"""Integration harness for the pageserver: the real process, and computes started from it.
+
+`PageserverProcess` runs `python -m strata.pageserver` on free ports (it binds port 0
+and reports the ports in `pageserver.ports`) and can stop it with SIGTERM (checking the
+exit code) or kill it with SIGKILL. `Env.start_compute(tenant, timeline, lsn=None,
+read_only=False)` does what the control plane does for a dev-mode compute: compute_start
+(for a primary), fetch the basebackup over the PG port, start a stock PostgreSQL 15 on
+it, and attach the pageserver's WAL receiver.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
+from strata.common.proc import chown_tree, make_dir_for, service_user
+from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
+from strata.pageserver.client import PageserverClient
+
+SLOT = "strata_walproposer"
+APP_NAME = "strata_pageserver"
+COMPUTE_SETTINGS: dict[str, object] = {
+    **STRATA_WAL_SETTINGS,
+    "synchronous_standby_names": APP_NAME,
+    "synchronous_commit": "on",
+    "restart_after_crash": False,
+    "max_prepared_transactions": 5,
+    "wal_sender_timeout": "20s",
+    "autovacuum": False,  # keeps pg_dump comparisons and WAL volume deterministic
+}
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class PageserverProcess:
+    """`python -m strata.pageserver --workdir DIR` as a child process."""
+
+    def __init__(self, workdir: Path, log_path: Path, overrides: list[str] | None = None) -> None:
+        self.workdir = workdir
+        self.log_path = log_path
+        self.overrides = overrides or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pg_port = 0
+        self.http_port = 0
+
+    def start(self, timeout_s: float = 60) -> None:
+        assert self.proc is None, "already running"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ports = self.workdir / "pageserver.ports"
+        ports.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "strata.pageserver", "--workdir", str(self.workdir),
+                "-c", "listen_pg_addr=127.0.0.1:0", "-c", "listen_http_addr=127.0.0.1:0"]
+        for item in self.overrides:
+            argv += ["-c", item]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"pageserver exited with {proc.returncode}:\n"
+                                     f"{self.log_tail()}")
+            return ports.exists()
+
+        wait_until(ready, timeout_s, "the pageserver to listen")
+        pg_port, http_port = ports.read_text().split()
+        self.pg_port, self.http_port = int(pg_port), int(http_port)
+
+    @property
+    def client(self) -> PageserverClient:
+        return PageserverClient("127.0.0.1", self.http_port, self.pg_port)
+
+    def stop(self, timeout_s: float = 60) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return 0
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError(f"pageserver did not stop in {timeout_s}s:\n"
+                                 f"{self.log_tail()}") from None
+
+    def kill9(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait(10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Env:
+    """A pageserver and the computes a test started on it."""
+
+    test_dir: Path
+    pageserver: PageserverProcess
+    computes: list[PgServer] = field(default_factory=list)
+    _seq: int = 0
+
+    @property
+    def client(self) -> PageserverClient:
+        return self.pageserver.client
+
+    def start_compute(self, tenant: TenantId, timeline: TimelineId, lsn: Lsn | None = None,
+                      read_only: bool = False,
+                      settings: dict[str, object] | None = None) -> PgServer:
+        """Start a stock PostgreSQL 15 on a basebackup of `timeline` (a primary at its end
+        after compute_start, or a hot standby at `lsn`)."""
+        if not read_only:
+            assert lsn is None, "a primary always starts at the timeline's end"
+            lsn, _prev = self.client.compute_start(tenant, timeline)
+        self._seq += 1
+        name = f"compute{self._seq}"
+        tar_bytes = io.BytesIO()
+        self.client.basebackup(tenant, timeline, tar_bytes, lsn, read_only=read_only)
+        user = service_user()
+        server = PgServer(self.test_dir / name, log_path=self.test_dir / f"{name}.log",
+                          user=user)
+        make_dir_for(server.datadir, user)
+        tar_bytes.seek(0)
+        with tarfile.open(fileobj=tar_bytes, mode="r|") as tar:
+            tar.extractall(server.datadir, filter="fully_trusted")
+        chown_tree(server.datadir, user)
+        os.chmod(server.datadir, 0o700)
+        conf = dict(COMPUTE_SETTINGS)
+        if read_only:
+            conf.pop("synchronous_standby_names")
+            conf["hot_standby"] = True
+        conf.update(settings or {})
+        self.computes.append(server)
+        server.start(conf)
+        if not read_only:
+            self.client.attach_receiver(tenant, timeline, host=server.host, port=server.port,
+                                        slot=SLOT, application_name=APP_NAME)
+        return server
+
+    def stop_all(self) -> None:
+        for server in reversed(self.computes):
+            try:
+                server.stop("immediate", timeout_s=20)
+            except Exception:  # noqa: BLE001 - best effort at the end of a test
+                server.kill9()
+        self.computes.clear()
+        self.pageserver.kill9()
