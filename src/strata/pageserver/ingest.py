@@ -1,0 +1,520 @@
+"""WAL ingest: apply one decoded PostgreSQL 15 WAL record to a timeline (architecture D2).
+
+`WalIngest(timeline)` holds the per-timeline decoding state (the checkpoint counters of
+D6) and `ingest(record)` turns one `strata.pg.walreader.DecodedRecord` into puts at the
+record's end LSN, then `finish_record(end, start)`. Keys and values follow the contract
+in /work/briefs/keyspace.md; docs/ingest.md says what each record type becomes.
+
+- Every block reference carries a page image (wal_consistency_checking = all); it is
+  stored as a `WalImage` exactly as the WAL has it. A block reference without an image
+  cannot be stored exactly: the timeline is marked broken and `TimelineBroken` raised.
+- The changes PostgreSQL makes without a block image are applied here: VM bits cleared
+  by heap records, pg_xact status bits, pg_multixact pages, relation create/truncate/
+  drop, databases, relation maps, two-phase state, and the checkpoint counters.
+
+The pure pieces (xid arithmetic, patches, truncation plans) are module functions on
+plain ints so that unit tests can check them against PostgreSQL's rules directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from strata.common.errors import NotFound
+from strata.common.lsn import Lsn
+from strata.pg import records as rec_types
+from strata.pg import slru
+from strata.pg.checkpoint import CheckPoint
+from strata.pg.constants import (
+    BLCKSZ,
+    GLOBALTABLESPACE_OID,
+    PG_MAJORVERSION,
+    ForkNumber,
+    RmgrId,
+)
+from strata.pg.records import decode, record_type_name
+from strata.pg.visibilitymap import (
+    MAP_OFFSET,
+    clear_bits,
+    vm_bit_shift,
+    vm_block,
+    vm_page_offset,
+)
+from strata.pg.walreader import DecodedRecord
+from strata.storage.key import (
+    RelTag,
+    SlruKind,
+    checkpoint_key,
+    relmap_key,
+    slru_block_key,
+    slru_range,
+    slru_segment_size_key,
+    twophase_key,
+)
+from strata.storage.timeline import Timeline, TimelineBroken
+from strata.storage.value import Image, Patch, PatchOp, PatchWrite, Tombstone, WalImage
+
+log = logging.getLogger(__name__)
+
+PG_VERSION_CONTENT = f"{PG_MAJORVERSION}\n".encode()
+ZERO_PAGE = bytes(BLCKSZ)
+SEGMENT_SIZE = struct.Struct("<I")  # value of an SLRU segment-size key: pages in the file
+
+# gistxlog.h (PostgreSQL 15)
+XLOG_GIST_PAGE_UPDATE = 0x00
+XLOG_GIST_PAGE_SPLIT = 0x30
+
+# transam.h
+FIRST_NORMAL_TRANSACTION_ID = 3
+# multixact.h / multixact.c
+FIRST_MULTIXACT_ID = 1
+MAX_MULTIXACT_OFFSET = 0xFFFFFFFF
+# pg_time.h: TimestampTz counts microseconds from 2000-01-01 00:00 UTC.
+POSTGRES_EPOCH_UNIX_US = 946_684_800 * 1_000_000
+
+_U32 = 0xFFFFFFFF
+
+
+# --- counters (D6) ------------------------------------------------------------------
+
+def xid_precedes(a: int, b: int) -> bool:
+    """TransactionIdPrecedes for two normal xids (modulo-2^32 comparison, transam.c)."""
+    return ((a - b) & _U32) >= 0x8000_0000
+
+
+def u32_follows(a: int, b: int) -> bool:
+    """a is after b in modulo-2^32 order (MultiXactIdPrecedes(b, a) and alike)."""
+    return a != b and not xid_precedes(a, b)
+
+
+def advance_next_xid(next_full_xid: int, xid: int) -> int:
+    """nextXid after seeing 32-bit `xid` used: AdvanceNextFullTransactionIdPastXid (varsup.c).
+
+    Special xids (< 3) never move it; an xid that does not follow-or-equal the current
+    32-bit nextXid is old; otherwise the next xid after it (skipping the special ones on
+    wraparound), in the epoch of nextXid or the next one when the 32-bit value wrapped.
+    """
+    if xid < FIRST_NORMAL_TRANSACTION_ID:
+        return next_full_xid
+    next_xid = next_full_xid & _U32
+    if xid != next_xid and xid_precedes(xid, next_xid):
+        return next_full_xid
+    following = (xid + 1) & _U32
+    if following < FIRST_NORMAL_TRANSACTION_ID:
+        following = FIRST_NORMAL_TRANSACTION_ID
+    epoch = next_full_xid >> 32
+    if following < next_xid:
+        epoch += 1
+    return (epoch << 32) | following
+
+
+def later_u32(current: int, candidate: int) -> int:
+    """The later of two wrapping 32-bit counters (nextOid, nextMulti, nextMultiOffset)."""
+    return candidate if u32_follows(candidate, current) else current
+
+
+def merge_checkpoint(current: CheckPoint, seen: CheckPoint) -> CheckPoint:
+    """Counters after a checkpoint record: maxima for the next* counters, its oldest*.
+
+    nextXid is compared as the full 64-bit value; the 32-bit counters in wrapping order.
+    oldestXid, oldestMulti and the other horizons are the record's (they only advance).
+    """
+    return dataclasses.replace(
+        seen,
+        next_xid=max(current.next_xid, seen.next_xid),
+        next_oid=later_u32(current.next_oid, seen.next_oid),
+        next_multi=later_u32(current.next_multi, seen.next_multi),
+        next_multi_offset=later_u32(current.next_multi_offset, seen.next_multi_offset),
+    )
+
+
+# --- pg_xact and pg_multixact patches ----------------------------------------------------
+
+SlruPage = tuple[SlruKind, int, int]  # kind, segno, blkno within the segment
+
+
+def _slru_page(kind: SlruKind, pageno: int) -> SlruPage:
+    return kind, slru.segment_of_page(pageno), slru.page_in_segment(pageno)
+
+
+def clog_patches(xids: Iterable[int], status: slru.XidStatus) -> dict[SlruPage, Patch]:
+    """Set `status` for each xid in pg_xact: one Patch per page, ops in xid order.
+
+    A commit with subtransactions ends with every xid COMMITTED, an abort with every
+    xid ABORTED (TransactionIdSetTreeStatus, clog.c); the intermediate SUB_COMMITTED
+    state is never visible after the record.
+    """
+    ops: dict[SlruPage, list[PatchOp | PatchWrite]] = {}
+    for xid in xids:
+        bits = slru.clog_set_status(xid, status)
+        ops.setdefault(_slru_page(SlruKind.CLOG, bits.page), []).append(
+            PatchOp(bits.offset, bits.clear_mask, bits.set_mask))
+    return {page: Patch(tuple(page_ops)) for page, page_ops in ops.items()}
+
+
+def multixact_create_patches(mid: int, moff: int,
+                             members: Iterable[tuple[int, int]]) -> dict[SlruPage, Patch]:
+    """RecordNewMultiXact (multixact.c): the offset of `mid`, then each member's xid and
+    flag byte, at consecutive member offsets from `moff` (wrapping at 2^32)."""
+    ops: dict[SlruPage, list[PatchOp | PatchWrite]] = {}
+    off = slru.multixact_set_offset(mid, moff)
+    ops.setdefault(_slru_page(SlruKind.MULTIXACT_OFFSETS, off.page), []).append(
+        PatchWrite(off.offset, off.data))
+    for i, (xid, status) in enumerate(members):
+        xid_patch, flag_patch = slru.member_set((moff + i) & _U32, xid,
+                                                slru.MultiXactStatus(status))
+        page_ops = ops.setdefault(_slru_page(SlruKind.MULTIXACT_MEMBERS, xid_patch.page), [])
+        page_ops.append(PatchWrite(xid_patch.offset, xid_patch.data))
+        page_ops.append(PatchOp(flag_patch.offset, flag_patch.clear_mask, flag_patch.set_mask))
+    return {page: Patch(tuple(page_ops)) for page, page_ops in ops.items()}
+
+
+def clog_page_precedes(page1: int, page2: int) -> bool:
+    """CLOGPagePrecedes (clog.c): compare pages through xids on them, modulo 2^32."""
+    xid1 = (page1 * slru.CLOG_XACTS_PER_PAGE + FIRST_NORMAL_TRANSACTION_ID + 1) & _U32
+    xid2 = (page2 * slru.CLOG_XACTS_PER_PAGE + FIRST_NORMAL_TRANSACTION_ID + 1) & _U32
+    return (xid_precedes(xid1, xid2)
+            and xid_precedes(xid1, (xid2 + slru.CLOG_XACTS_PER_PAGE - 1) & _U32))
+
+
+def clog_segments_to_remove(cutoff_page: int, segnos: Iterable[int]) -> list[int]:
+    """SimpleLruTruncate for pg_xact (slru.c): segments wholly before the cutoff's segment."""
+    cutoff = cutoff_page - cutoff_page % slru.SLRU_PAGES_PER_SEGMENT
+    doomed = []
+    for segno in segnos:
+        first = segno * slru.SLRU_PAGES_PER_SEGMENT
+        last = first + slru.SLRU_PAGES_PER_SEGMENT - 1
+        if clog_page_precedes(first, cutoff) and clog_page_precedes(last, cutoff):
+            doomed.append(segno)
+    return doomed
+
+
+def multixact_segments_to_remove(kind: SlruKind, start: int, end: int,
+                                 segnos: Iterable[int]) -> list[int]:
+    """Segments of pg_multixact/offsets (entries are multis) or /members (entries are
+    member offsets) removed by a TRUNCATE_ID for entries [start, end).
+
+    PerformMembersTruncation removes member segments from the one holding `start` up to,
+    not including, the one holding `end`, wrapping around; offsets truncation keeps the
+    segment holding the last multi before `end` (SimpleLruTruncate at
+    PreviousMultiXactId(end)). Both reduce to: segments in [seg(start), seg(keep)) in
+    wrapping order, among those that exist.
+    """
+    if kind == SlruKind.MULTIXACT_MEMBERS:
+        per_page = slru.MULTIXACT_MEMBERS_PER_PAGE
+        keep = end
+        nsegs = MAX_MULTIXACT_OFFSET // per_page // slru.SLRU_PAGES_PER_SEGMENT + 1
+    else:
+        assert kind == SlruKind.MULTIXACT_OFFSETS, kind
+        per_page = slru.MULTIXACT_OFFSETS_PER_PAGE
+        keep = (end - 1) & _U32 or _U32  # PreviousMultiXactId skips 0
+        nsegs = _U32 // per_page // slru.SLRU_PAGES_PER_SEGMENT + 1
+    first = start // per_page // slru.SLRU_PAGES_PER_SEGMENT
+    stop = keep // per_page // slru.SLRU_PAGES_PER_SEGMENT
+    span = (stop - first) % nsegs
+    doomed = {(first + i) % nsegs for i in range(span)} if span < nsegs else set()
+    return sorted(s for s in segnos if s in doomed)
+
+
+# --- visibility map -------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class VmTruncate:
+    """What smgr truncate does to a VM fork (visibilitymap_prepare_truncate, PG15).
+
+    `tail_patch` clears the bits of heap blocks >= the new heap size on VM block
+    `tail_block` (without WAL); `new_nblocks` is the VM fork's new size.
+    """
+
+    tail_block: int | None
+    tail_patch: Patch | None
+    new_nblocks: int
+
+
+def vm_truncate_plan(heap_nblocks: int) -> VmTruncate:
+    """The VM page and bits that stay when the heap is truncated to `heap_nblocks`."""
+    block = vm_block(heap_nblocks)
+    offset = vm_page_offset(heap_nblocks)
+    shift = vm_bit_shift(heap_nblocks)
+    if offset == MAP_OFFSET and shift == 0:
+        # The new end is the first heap block of a map page: that page goes entirely.
+        return VmTruncate(None, None, block)
+    ops: list[PatchOp | PatchWrite] = [PatchOp(offset, 0xFF & ~((1 << shift) - 1), 0)]
+    if offset + 1 < BLCKSZ:
+        ops.append(PatchWrite(offset + 1, bytes(BLCKSZ - offset - 1)))
+    return VmTruncate(block, Patch(tuple(ops)), block + 1)
+
+
+def vm_clear_patches(heap_blocks: Iterable[int], flags: int) -> dict[int, Patch]:
+    """visibilitymap_clear for each heap block: one Patch per VM block."""
+    ops: dict[int, list[PatchOp | PatchWrite]] = {}
+    for heap_block in heap_blocks:
+        clear = clear_bits(heap_block, flags)
+        ops.setdefault(clear.vm_block, []).append(PatchOp(clear.offset, clear.clear_mask, 0))
+    return {block: Patch(tuple(block_ops)) for block, block_ops in ops.items()}
+
+
+def is_gist_left_child(rmid: int, info: int, block_id: int) -> bool:
+    """The block whose NSN and F_FOLLOW_RIGHT gistplacetopage sets after XLogInsert:
+    block 1 of PAGE_UPDATE, block 0 of PAGE_SPLIT (gistXLogUpdate / gistXLogSplit)."""
+    if rmid != RmgrId.GIST:
+        return False
+    op = info & 0xF0
+    return ((op == XLOG_GIST_PAGE_UPDATE and block_id == 1)
+            or (op == XLOG_GIST_PAGE_SPLIT and block_id == 0))
+
+
+def rel_forks(rel: tuple[int, int, int]) -> list[RelTag]:
+    spc, db, relnode = rel
+    return [RelTag(spc, db, relnode, int(fork)) for fork in ForkNumber]
+
+
+# --- the ingest state machine ---------------------------------------------------------------
+
+@dataclass(slots=True)
+class IngestStats:
+    records: int = 0
+    wal_bytes: int = 0
+    images: int = 0
+    vm_clears: int = 0
+    clog_patches: int = 0
+
+
+class WalIngest:
+    """Applies decoded WAL records, in order, to one timeline."""
+
+    def __init__(self, timeline: Timeline) -> None:
+        self.timeline = timeline
+        lsn = timeline.last_record_lsn
+        try:
+            raw = timeline.get(checkpoint_key(), lsn)
+        except NotFound as err:
+            raise NotFound(f"timeline {timeline.timeline_id} has no checkpoint at {lsn}: "
+                           f"import a data directory into it before ingesting WAL") from err
+        self.checkpoint = CheckPoint.from_bytes(raw)
+        self.stats = IngestStats()
+
+    # --- entry point ----------------------------------------------------------------
+    def ingest(self, record: DecodedRecord) -> None:
+        """Apply `record` (the next one after last_record_lsn) and finish it."""
+        tl = self.timeline
+        if tl.broken_reason is not None:
+            raise TimelineBroken(f"timeline {tl.timeline_id} is broken ({tl.broken_reason}); "
+                                 f"not ingesting the record at {Lsn(record.lsn)}")
+        self._check_images(record)
+        lsn = Lsn(record.end_lsn)
+        before = self.checkpoint
+        self._advance_xid(record.xid)
+        self._put_images(record, lsn)
+        decoded = decode(record)
+        if decoded is not None:
+            self._apply(decoded, lsn)
+        if self.checkpoint != before:
+            tl.put(checkpoint_key(), lsn, Image(self.checkpoint.to_bytes()))
+        tl.finish_record(lsn, Lsn(record.lsn))
+        self.stats.records += 1
+        self.stats.wal_bytes += record.end_lsn - record.lsn
+
+    def _check_images(self, record: DecodedRecord) -> None:
+        for block in record.blocks:
+            if block.has_image:
+                continue
+            reason = (f"the {record_type_name(record.rmid, record.info)} record at "
+                      f"{Lsn(record.lsn)} (resource manager {record.rmgr_name}) has block "
+                      f"reference {block.block_id} (rel {block.spcnode}/{block.dbnode}/"
+                      f"{block.relnode} fork {block.forknum} block {block.blkno}) without a "
+                      f"page image: wal_consistency_checking was not 'all' for it, so the "
+                      f"page cannot be reconstructed")
+            self.timeline.mark_broken(reason)
+            raise TimelineBroken(f"timeline {self.timeline.timeline_id} marked broken: "
+                                 f"{reason}; re-create it from a branch before "
+                                 f"{Lsn(record.lsn)} and keep the setting on")
+
+    def _put_images(self, record: DecodedRecord, lsn: Lsn) -> None:
+        for block in record.blocks:
+            rel = RelTag(block.spcnode, block.dbnode, block.relnode, block.forknum)
+            value = WalImage(block.bimg_info, block.hole_offset, block.hole_length, block.image,
+                             record.end_lsn,
+                             is_gist_left_child(record.rmid, record.info, block.block_id))
+            self.timeline.put_rel_page(rel, block.blkno, lsn, value)
+        self.stats.images += len(record.blocks)
+
+    def _advance_xid(self, xid: int) -> None:
+        cp = self.checkpoint
+        next_xid = advance_next_xid(cp.next_xid, xid)
+        if next_xid != cp.next_xid:
+            self.checkpoint = dataclasses.replace(cp, next_xid=next_xid)
+
+    # --- per record type ------------------------------------------------------------------
+    def _apply(self, d: rec_types.Record, lsn: Lsn) -> None:
+        match d:
+            case (rec_types.HeapInsert() | rec_types.HeapMultiInsert() | rec_types.HeapDelete()
+                  | rec_types.HeapUpdate() | rec_types.HeapLock()):
+                if d.vm_clear is not None:
+                    self._vm_clear(d.vm_clear, lsn)
+            case rec_types.XactCommit() | rec_types.XactAbort():
+                self._xact_end(d, lsn)
+            case rec_types.XactPrepare():
+                for xid in (d.xid, *d.subxacts):
+                    self._advance_xid(xid)
+                self.timeline.put(twophase_key(d.xid), lsn, Image(d.state_data))
+            case rec_types.XactAssignment():
+                for xid in (d.xtop, *d.subxacts):
+                    self._advance_xid(xid)
+            case rec_types.SmgrCreate():
+                self.timeline.create_rel(RelTag(*d.rel, d.forknum), lsn)
+            case rec_types.SmgrTruncate():
+                self._smgr_truncate(d, lsn)
+            case rec_types.DbaseCreateWalLog():
+                self.timeline.put_db_dir(d.tablespace_id, d.db_id, lsn, PG_VERSION_CONTENT)
+            case rec_types.DbaseCreateFileCopy():
+                self._create_db_file_copy(d, lsn)
+            case rec_types.DbaseDrop():
+                for spcnode in d.tablespace_ids:
+                    self.timeline.drop_db(spcnode, d.db_id, lsn)
+            case rec_types.RelmapUpdate():
+                spcnode = GLOBALTABLESPACE_OID if d.dbid == 0 else d.tsid
+                self.timeline.put(relmap_key(spcnode, d.dbid), lsn, Image(d.data))
+            case rec_types.ClogZeroPage():
+                self._zero_slru_page(SlruKind.CLOG, d.pageno, lsn)
+            case rec_types.ClogTruncate():
+                self._clog_truncate(d, lsn)
+            case rec_types.MultiXactZeroOffPage():
+                self._zero_slru_page(SlruKind.MULTIXACT_OFFSETS, d.pageno, lsn)
+            case rec_types.MultiXactZeroMemPage():
+                self._zero_slru_page(SlruKind.MULTIXACT_MEMBERS, d.pageno, lsn)
+            case rec_types.MultiXactCreate():
+                self._multixact_create(d, lsn)
+            case rec_types.MultiXactTruncate():
+                self._multixact_truncate(d, lsn)
+            case rec_types.XlogCheckpoint():
+                self.checkpoint = merge_checkpoint(self.checkpoint, d.checkpoint)
+            case rec_types.XlogNextOid():
+                self.checkpoint = dataclasses.replace(
+                    self.checkpoint, next_oid=later_u32(self.checkpoint.next_oid, d.next_oid))
+            case _:
+                pass  # SWITCH, FPI (images only), standby, invalidations, logical messages
+
+    def _vm_clear(self, clear: rec_types.VmClear, lsn: Lsn) -> None:
+        by_rel: dict[tuple[int, int, int], list[int]] = {}
+        for rel, heap_block in clear.heap_blocks:
+            by_rel.setdefault(rel, []).append(heap_block)
+        for rel, heap_blocks in by_rel.items():
+            vm = RelTag(*rel, int(ForkNumber.VISIBILITYMAP))
+            nblocks = self._nblocks(vm, lsn)
+            for block, patch in vm_clear_patches(heap_blocks, clear.flags).items():
+                # visibilitymap_clear reads the map page without extending the fork.
+                if block < nblocks:
+                    self.timeline.put_rel_page(vm, block, lsn, patch)
+                    self.stats.vm_clears += 1
+
+    def _nblocks(self, rel: RelTag, lsn: Lsn) -> int:
+        tl = self.timeline
+        return tl.rel_size(rel, lsn) if tl.rel_exists(rel, lsn) else 0
+
+    def _xact_end(self, d: rec_types.XactCommit | rec_types.XactAbort, lsn: Lsn) -> None:
+        xids = (d.xid, *d.subxacts)
+        for xid in xids:
+            self._advance_xid(xid)
+        committed = isinstance(d, rec_types.XactCommit)
+        status = slru.XidStatus.COMMITTED if committed else slru.XidStatus.ABORTED
+        for (kind, segno, blkno), patch in clog_patches(xids, status).items():
+            self.timeline.put(slru_block_key(kind, segno, blkno), lsn, patch)
+            self.stats.clog_patches += 1
+        for rel in d.dropped_rels:
+            for fork in rel_forks(rel):
+                self.timeline.drop_rel(fork, lsn)
+        if isinstance(d, rec_types.XactCommit):
+            self.timeline.put_lsn_time(lsn, d.commit_time + POSTGRES_EPOCH_UNIX_US)
+        if d.is_prepared:
+            self.timeline.put(twophase_key(d.xid), lsn, Tombstone())
+
+    def _smgr_truncate(self, d: rec_types.SmgrTruncate, lsn: Lsn) -> None:
+        tl = self.timeline
+        if d.truncates_heap:
+            tl.truncate_rel(RelTag(*d.rel, int(ForkNumber.MAIN)), d.blkno, lsn)
+        if d.truncates_fsm:
+            # The FSM is a hint PostgreSQL rebuilds; a stale page past the new end could
+            # name blocks that no longer exist, so the whole fork goes (docs/ingest.md).
+            tl.truncate_rel(RelTag(*d.rel, int(ForkNumber.FSM)), 0, lsn)
+        if d.truncates_vm:
+            vm = RelTag(*d.rel, int(ForkNumber.VISIBILITYMAP))
+            nblocks = self._nblocks(vm, lsn)
+            plan = vm_truncate_plan(d.blkno)
+            if plan.tail_patch is not None and plan.tail_block is not None \
+                    and plan.tail_block < nblocks:
+                tl.put_rel_page(vm, plan.tail_block, lsn, plan.tail_patch)
+            tl.truncate_rel(vm, plan.new_nblocks, lsn)
+
+    def _create_db_file_copy(self, d: rec_types.DbaseCreateFileCopy, lsn: Lsn) -> None:
+        """Copy the source database as of this record: every fork, page by page."""
+        tl = self.timeline
+        src_spc, src_db = d.src_tablespace_id, d.src_db_id
+        for src in sorted(tl.list_rels(src_spc, src_db, lsn)):
+            dst = RelTag(d.tablespace_id, d.db_id, src.relnode, src.forknum)
+            tl.create_rel(dst, lsn)
+            for blkno in range(tl.rel_size(src, lsn)):
+                tl.put_rel_page(dst, blkno, lsn, Image(tl.get_rel_page(src, blkno, lsn)))
+        tl.put(relmap_key(d.tablespace_id, d.db_id), lsn,
+               Image(tl.get(relmap_key(src_spc, src_db), lsn)))
+        tl.put_db_dir(d.tablespace_id, d.db_id, lsn, PG_VERSION_CONTENT)
+
+    # --- SLRUs ----------------------------------------------------------------------------
+    def _segment_pages(self, kind: SlruKind, segno: int, lsn: Lsn) -> int | None:
+        try:
+            raw = self.timeline.get(slru_segment_size_key(kind, segno), lsn)
+        except NotFound:
+            return None
+        return int(SEGMENT_SIZE.unpack(raw)[0])
+
+    def _zero_slru_page(self, kind: SlruKind, pageno: int, lsn: Lsn) -> None:
+        _, segno, blkno = _slru_page(kind, pageno)
+        self.timeline.put(slru_block_key(kind, segno, blkno), lsn, Image(ZERO_PAGE))
+        pages = self._segment_pages(kind, segno, lsn)
+        if pages is None or pages < blkno + 1:
+            self.timeline.put(slru_segment_size_key(kind, segno), lsn,
+                              Image(SEGMENT_SIZE.pack(blkno + 1)))
+
+    def _segments(self, kind: SlruKind, lsn: Lsn) -> list[int]:
+        return [key.segno() for key, _ in self.timeline.scan(slru_range(kind), lsn)
+                if key.is_slru_segment_size()]
+
+    def _remove_segments(self, kind: SlruKind, segnos: Iterable[int], lsn: Lsn) -> None:
+        for segno in segnos:
+            self.timeline.put(slru_segment_size_key(kind, segno), lsn, Tombstone())
+
+    def _clog_truncate(self, d: rec_types.ClogTruncate, lsn: Lsn) -> None:
+        segnos = self._segments(SlruKind.CLOG, lsn)
+        self._remove_segments(SlruKind.CLOG, clog_segments_to_remove(d.pageno, segnos), lsn)
+        if u32_follows(d.oldest_xact, self.checkpoint.oldest_xid):
+            self.checkpoint = dataclasses.replace(self.checkpoint, oldest_xid=d.oldest_xact,
+                                                  oldest_xid_db=d.oldest_xact_db)
+
+    def _multixact_create(self, d: rec_types.MultiXactCreate, lsn: Lsn) -> None:
+        for (kind, segno, blkno), patch in multixact_create_patches(d.mid, d.moff,
+                                                                    d.members).items():
+            self.timeline.put(slru_block_key(kind, segno, blkno), lsn, patch)
+        next_multi = (d.mid + 1) & _U32 or FIRST_MULTIXACT_ID
+        next_offset = (d.moff + d.nmembers) & _U32
+        cp = self.checkpoint
+        self.checkpoint = dataclasses.replace(
+            cp, next_multi=later_u32(cp.next_multi, next_multi),
+            next_multi_offset=later_u32(cp.next_multi_offset, next_offset))
+        for xid, _status in d.members:
+            self._advance_xid(xid)
+
+    def _multixact_truncate(self, d: rec_types.MultiXactTruncate, lsn: Lsn) -> None:
+        for kind, start, end in (
+                (SlruKind.MULTIXACT_OFFSETS, d.start_trunc_off, d.end_trunc_off),
+                (SlruKind.MULTIXACT_MEMBERS, d.start_trunc_memb, d.end_trunc_memb)):
+            segnos = self._segments(kind, lsn)
+            self._remove_segments(kind, multixact_segments_to_remove(kind, start, end, segnos),
+                                  lsn)
+        if u32_follows(d.end_trunc_off, self.checkpoint.oldest_multi):
+            self.checkpoint = dataclasses.replace(
+                self.checkpoint, oldest_multi=d.end_trunc_off,
+                oldest_multi_db=d.oldest_multi_db)
