@@ -4,6 +4,7 @@ on the WAL of the shared workload, for every wal_compression method."""
 from __future__ import annotations
 
 import re
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -47,13 +48,14 @@ def _assert_same(ours: list[str], theirs: list[str]) -> None:
 @pytest.fixture
 def workload_wal(pg_factory: Callable[..., PgServer], request: pytest.FixtureRequest,
                  ) -> tuple[PgServer, Path, int, str]:
-    """A server that ran the workload (then stopped cleanly), its pg_wal, start LSN and
-    wal_compression."""
+    """A server that ran the workload (then stopped cleanly), its pg_wal, the LSN at which
+    the workload began and the wal_compression setting. Tests decode from the start of that
+    LSN's segment (the first segment after initdb's checkpoint)."""
     server = pg_factory("pg")
     server.initdb()
     server.start({**STRATA_WAL_SETTINGS, **WORKLOAD_SETTINGS,
                   "wal_compression": request.param})
-    start = Lsn.parse(server.sql("select pg_current_wal_lsn()")[0][0]).segment_start()
+    start = Lsn.parse(server.sql("select pg_current_wal_lsn()")[0][0])
     run_workload(server)
     server.stop()
     return server, server.datadir / "pg_wal", start.value, request.param
@@ -66,7 +68,7 @@ def test_reader_matches_pg_waldump(workload_wal: tuple[PgServer, Path, int, str]
     FPW / FPW for WAL verification, hole, compression) matches pg_waldump -b; every image
     restores to a page."""
     server, wal_dir, start, compression = workload_wal
-    records = list(read_wal_files(wal_dir, Lsn(start)))
+    records = list(read_wal_files(wal_dir, Lsn(start).segment_start()))
     assert len(records) > 10000
     theirs = _pg_waldump(server, wal_dir, records[0].lsn, records[-1].end_lsn)
     _assert_same(_ours(records), theirs)
@@ -92,7 +94,7 @@ def test_stream_from_arbitrary_lsn_and_cli(
     """Decoding a stream that starts mid-record, fed in 100 KB chunks, gives pg_waldump's
     records from that LSN on; `strata waldump` prints what pg_waldump -b prints."""
     server, wal_dir, start, _ = workload_wal
-    records = list(read_wal_files(wal_dir, Lsn(start)))
+    records = list(read_wal_files(wal_dir, Lsn(start).segment_start()))
     middle = records[len(records) // 3]
     stream_start = middle.lsn + 13  # inside a record, not a page start
     data = b"".join(p.read_bytes() for p in list_segments(wal_dir))
@@ -116,3 +118,33 @@ def test_stream_from_arbitrary_lsn_and_cli(
     theirs = _pg_waldump(server, wal_dir, lo.lsn, hi.lsn)
     _assert_same(ours, theirs)
     assert sum(line.startswith("rmgr:") for line in ours) == 2000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workload_wal", ["zstd"], indirect=True)
+def test_end_lsn_is_what_pages_carry(workload_wal: tuple[PgServer, Path, int, str]) -> None:
+    """`end_lsn` is PostgreSQL's EndRecPtr: after a clean shutdown, every page of the postgres
+    database changed during the workload carries in pd_lsn the end_lsn of a record that
+    referenced that block."""
+    server, wal_dir, start, _ = workload_wal
+    records = list(read_wal_files(wal_dir, Lsn(start).segment_start()))
+    db_oid = 5  # the postgres database (initdb's fixed OID in PostgreSQL 15)
+    ends: dict[tuple[int, int], set[int]] = {}
+    for r in records:
+        for b in r.blocks:
+            if b.dbnode == db_oid and b.forknum == 0:
+                ends.setdefault((b.relnode, b.blkno), set()).add(r.end_lsn)
+    checked = 0
+    for path in (server.datadir / "base" / str(db_oid)).iterdir():
+        if not path.name.isdigit():
+            continue  # other forks, segments past the first, PG_VERSION, maps
+        data = path.read_bytes()
+        for blkno in range(len(data) // 8192):
+            hi, lo = struct.unpack_from("<II", data, blkno * 8192)
+            pd_lsn = hi << 32 | lo
+            if pd_lsn < start:
+                continue  # last changed by initdb (the postgres db is a copy of template1)
+            assert pd_lsn in ends.get((int(path.name), blkno), set()), \
+                (path.name, blkno, str(Lsn(pd_lsn)))
+            checked += 1
+    assert checked > 200
