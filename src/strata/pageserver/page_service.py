@@ -1,0 +1,189 @@
+"""The page service: the `pagestream <tenant> <timeline>` command of the pageserver's pg port.
+
+The pageserver's query handler calls `PageService.command(args)` for `pagestream`; it
+resolves the timeline (NotFound becomes an ErrorResponse before any copy starts) and
+returns a CopyBoth whose `run` serves pagestream requests (pagestream.py) one at a
+time, in order, until the client ends the copy:
+
+- a request first waits until the timeline has ingested WAL up to its LSN, at most
+  `wait_lsn_timeout_s` (Unavailable otherwise; a lease does not wait: it may name a
+  future LSN);
+- a request that cannot be answered (below the GC cutoff, past a relation's size, a
+  broken timeline, a timed-out wait) becomes an ErrorResponse naming the request's
+  key and LSN, and the stream goes on;
+- a message that does not decode raises ProtocolError, which ends this connection
+  only (pgserve sends a FATAL and closes it).
+
+Reads run in a worker thread by default (`read_in_thread`) so that a read from a
+layer file on a slow disk does not stall every other connection of the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from strata.common.errors import CorruptionError, NotFound, ProtocolError, StrataError, UserError
+from strata.common.ids import TenantId, TimelineId
+from strata.common.logctx import timeline_context
+from strata.common.pgserve import CopyBoth, CopyStream, Reply, Session
+from strata.pageserver import pagestream as ps
+from strata.pg.constants import BLCKSZ
+from strata.pg.slru import SLRU_PAGES_PER_SEGMENT
+from strata.storage.key import slru_segment_range
+from strata.storage.timeline import Timeline, TimelineBroken
+
+log = logging.getLogger(__name__)
+
+USAGE = "usage: pagestream <tenant_id> <timeline_id>"
+
+
+@dataclass(frozen=True, slots=True)
+class PageServiceConfig:
+    wait_lsn_timeout_s: float = 60.0
+    """How long a request waits for its LSN to be ingested before it fails."""
+    read_in_thread: bool = True
+    """Serve reads in a worker thread (True) or on the event loop (faster, blocks it)."""
+
+    def __post_init__(self) -> None:
+        if not self.wait_lsn_timeout_s > 0:
+            raise UserError(f"page service wait_lsn_timeout_s must be > 0, got "
+                            f"{self.wait_lsn_timeout_s!r}")
+
+
+TimelineLookup = Callable[[TenantId, TimelineId], Timeline]
+
+
+class PageService:
+    """Serves pagestream connections over the timelines that `lookup` resolves."""
+
+    def __init__(self, lookup: TimelineLookup, config: PageServiceConfig | None = None) -> None:
+        self.lookup = lookup
+        self.config = config if config is not None else PageServiceConfig()
+        self.requests_served = 0
+        self.requests_failed = 0
+
+    async def handle_query(self, session: Session, query: str) -> Reply:
+        """A complete QueryHandler answering only `pagestream` (tests, a standalone port)."""
+        words = query.strip().rstrip(";").split()
+        if not words or words[0].lower() != "pagestream":
+            raise UserError(f"unknown command {query!r}; this port answers `pagestream "
+                            f"<tenant_id> <timeline_id>`")
+        return self.command(words[1:])
+
+    def command(self, args: Sequence[str]) -> Reply:
+        """`pagestream <tenant_id> <timeline_id>` (the words after `pagestream`)."""
+        if len(args) != 2:
+            raise UserError(f"pagestream takes 2 arguments, got {len(args)}; {USAGE}")
+        tenant_id = TenantId(TenantId.parse(args[0]).raw)
+        timeline_id = TimelineId(TimelineId.parse(args[1]).raw)
+        timeline = self.lookup(tenant_id, timeline_id)  # NotFound: an error before the copy
+
+        async def run(stream: CopyStream) -> None:
+            with timeline_context(tenant_id, timeline_id):
+                await self._serve_stream(timeline, stream)
+
+        return CopyBoth(run, tag="PAGESTREAM")
+
+    async def _serve_stream(self, timeline: Timeline, stream: CopyStream) -> None:
+        served = 0
+        while True:
+            payload = await stream.read()
+            if payload is None:
+                log.debug("pagestream ended by the client after %d requests", served)
+                return
+            try:
+                request = ps.decode_request(payload)
+            except ProtocolError:
+                log.info("pagestream closing after %d requests: malformed request", served)
+                raise
+            response = await self.serve(timeline, request)
+            await stream.write(ps.encode_response(response))
+            served += 1
+
+    async def serve(self, timeline: Timeline, request: ps.Request) -> ps.Response:
+        """Answer one request; every failure becomes an ErrorResponse with its context."""
+        try:
+            if timeline.broken_reason is not None:
+                raise TimelineBroken(f"timeline {timeline.timeline_id} of tenant "
+                                     f"{timeline.tenant_id} is broken: "
+                                     f"{timeline.broken_reason}; re-create it from a branch")
+            if not isinstance(request, ps.LeaseRequest):
+                await timeline.wait_for_lsn(request.lsn, self.config.wait_lsn_timeout_s)
+            if self.config.read_in_thread:
+                response = await asyncio.to_thread(serve_request, timeline, request)
+            else:
+                response = serve_request(timeline, request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            if not isinstance(err, StrataError):
+                log.exception("pagestream request failed: %s", ps.describe(request))
+            self.requests_failed += 1
+            return ps.ErrorResponse.from_exception(err, request.request_id,
+                                                   ps.describe(request))
+        self.requests_served += 1
+        return response
+
+
+def serve_request(timeline: Timeline, request: ps.Request) -> ps.Response:
+    """Read what `request` asks for (blocking; the LSN has been ingested already)."""
+    rid = request.request_id
+    match request:
+        case ps.GetPageRequest(lsn=lsn, rel=rel, blkno=blkno):
+            return ps.GetPageResponse(timeline.get_rel_page(rel, blkno, lsn), rid)
+        case ps.GetPagesRequest(lsn=lsn, blocks=blocks):
+            return ps.GetPagesResponse(tuple(timeline.get_rel_page(rel, blkno, lsn)
+                                             for rel, blkno in blocks), rid)
+        case ps.NblocksRequest(lsn=lsn, rel=rel):
+            return ps.NblocksResponse(timeline.rel_size(rel, lsn), rid)
+        case ps.ExistsRequest(lsn=lsn, rel=rel):
+            return ps.ExistsResponse(timeline.rel_exists(rel, lsn), rid)
+        case ps.DbSizeRequest(lsn=lsn, spcnode=spc, dbnode=db):
+            nblocks = sum(timeline.rel_size(rel, lsn) for rel in timeline.list_rels(spc, db, lsn))
+            return ps.DbSizeResponse(nblocks * BLCKSZ, rid)
+        case ps.GetSlruSegmentRequest():
+            return ps.GetSlruSegmentResponse(read_slru_segment(timeline, request), rid)
+        case ps.LeaseRequest(lsn=lsn, duration_s=duration_s):
+            expires_at = timeline.leases.lease(lsn, duration_s, timeline.clock(),
+                                               timeline.gc_cutoff)
+            log.info("lease on %s until %.0f (%.0fs)", lsn, expires_at, duration_s)
+            return ps.LeaseResponse(expires_at, rid)
+
+
+def read_slru_segment(timeline: Timeline, request: ps.GetSlruSegmentRequest) -> bytes:
+    """The segment file as of the request's LSN; a page with no stored version is zeros."""
+    npages: int | None = None
+    pages: dict[int, bytes] = {}
+    for key, value in timeline.scan(slru_segment_range(request.kind, request.segno),
+                                    request.lsn):
+        if key.is_slru_segment_size():
+            npages = _segment_npages(value, request)
+        else:
+            pages[key.blkno()] = value
+    if npages is None:
+        raise NotFound(f"{request.kind.name} segment {request.segno:04X} does not exist at "
+                       f"LSN {request.lsn} on timeline {timeline.timeline_id}")
+    zero = bytes(BLCKSZ)
+    data = b"".join(pages.get(blkno, zero) for blkno in range(npages))
+    for blkno, page in pages.items():
+        if len(page) != BLCKSZ:
+            raise CorruptionError(f"{request.kind.name} segment {request.segno:04X} page "
+                                     f"{blkno} is {len(page)} bytes at LSN {request.lsn}")
+    return data
+
+
+def _segment_npages(value: bytes, request: ps.GetSlruSegmentRequest) -> int:
+    # The segment-size value is the page count as u32 little-endian (import_datadir.py).
+    if len(value) != 4:
+        raise CorruptionError(f"{request.kind.name} segment {request.segno:04X} size value "
+                                 f"is {len(value)} bytes, expected 4, at LSN {request.lsn}")
+    npages = int.from_bytes(value, "little")
+    if npages > SLRU_PAGES_PER_SEGMENT:
+        raise CorruptionError(f"{request.kind.name} segment {request.segno:04X} has "
+                                 f"{npages} pages at LSN {request.lsn}, more than "
+                                 f"{SLRU_PAGES_PER_SEGMENT}")
+    return npages
+
