@@ -173,11 +173,12 @@ def test_import_and_ingest_reproduce_the_data_directory(
     assert {"heap", "toast", "btree", "hash", "gin", "gist", "spgist", "brin"} <= kinds, kinds
     assert {rel.database for rel in report.relations} >= {"postgres", "g_wal", "g_copy"}
 
+    _check_checkpoint(timeline, server, end)  # before anything below writes WAL
     _check_sizes(timeline, server.datadir, end, _unlogged_relnodes(server))
-    _check_pg_xact(timeline, server, end)
     _check_relmaps(timeline, server.datadir, end)
     _check_twophase(timeline, server, prepared_xid, end)
-    _check_checkpoint(timeline, server, end)
+    _check_pg_xact(timeline, server, end)
+    _check_multixact(timeline, server.datadir, end)
 
 
 def _prepare(server: PgServer) -> int:
@@ -233,6 +234,19 @@ def _check_pg_xact(timeline: Timeline, server: PgServer, lsn: Lsn) -> None:
             assert clog_get_status(ours, xid) == clog_get_status(theirs, xid), xid
         size = timeline.get(slru_segment_size_key(SlruKind.CLOG, segno), lsn)
         assert int.from_bytes(size, "little") * BLCKSZ >= (blkno + 1) * BLCKSZ
+
+
+def _check_multixact(timeline: Timeline, datadir: Path, lsn: Lsn) -> None:
+    """pg_multixact offsets and members pages equal the data directory's (after the
+    CHECKPOINT in _check_pg_xact flushed them)."""
+    for kind, sub in ((SlruKind.MULTIXACT_OFFSETS, "offsets"),
+                      (SlruKind.MULTIXACT_MEMBERS, "members")):
+        data = (datadir / "pg_multixact" / sub / "0000").read_bytes()
+        size = timeline.get(slru_segment_size_key(kind, 0), lsn)
+        assert int.from_bytes(size, "little") == len(data) // BLCKSZ, (kind, len(data))
+        for blkno in range(len(data) // BLCKSZ):
+            ours = timeline.get(slru_block_key(kind, 0, blkno), lsn)
+            assert ours == data[blkno * BLCKSZ:(blkno + 1) * BLCKSZ], (kind, blkno)
 
 
 def _check_relmaps(timeline: Timeline, datadir: Path, lsn: Lsn) -> None:

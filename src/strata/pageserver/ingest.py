@@ -158,12 +158,20 @@ def clog_patches(xids: Iterable[int], status: slru.XidStatus) -> dict[SlruPage, 
 
 def multixact_create_patches(mid: int, moff: int,
                              members: Iterable[tuple[int, int]]) -> dict[SlruPage, Patch]:
-    """RecordNewMultiXact (multixact.c): the offset of `mid`, then each member's xid and
-    flag byte, at consecutive member offsets from `moff` (wrapping at 2^32)."""
+    """RecordNewMultiXact (multixact.c): the offset of `mid` and of the multi after it,
+    then each member's xid and flag byte, at consecutive member offsets from `moff`.
+
+    PostgreSQL 15 minor releases since 2025 also store the next multi's starting offset
+    (moff + nmembers) when creating one, so that readers never need nextOffset; the
+    installed 15.18 does, as the integration test shows on its pg_multixact pages.
+    """
     ops: dict[SlruPage, list[PatchOp | PatchWrite]] = {}
-    off = slru.multixact_set_offset(mid, moff)
-    ops.setdefault(_slru_page(SlruKind.MULTIXACT_OFFSETS, off.page), []).append(
-        PatchWrite(off.offset, off.data))
+    members = tuple(members)
+    next_mid = (mid + 1) & _U32 or FIRST_MULTIXACT_ID
+    for multi, offset in ((mid, moff), (next_mid, (moff + len(members)) & _U32)):
+        off = slru.multixact_set_offset(multi, offset)
+        ops.setdefault(_slru_page(SlruKind.MULTIXACT_OFFSETS, off.page), []).append(
+            PatchWrite(off.offset, off.data))
     for i, (xid, status) in enumerate(members):
         xid_patch, flag_patch = slru.member_set((moff + i) & _U32, xid,
                                                 slru.MultiXactStatus(status))
@@ -474,6 +482,10 @@ class WalIngest:
     def _zero_slru_page(self, kind: SlruKind, pageno: int, lsn: Lsn) -> None:
         _, segno, blkno = _slru_page(kind, pageno)
         self.timeline.put(slru_block_key(kind, segno, blkno), lsn, Image(ZERO_PAGE))
+        self._extend_segment(kind, segno, blkno, lsn)
+
+    def _extend_segment(self, kind: SlruKind, segno: int, blkno: int, lsn: Lsn) -> None:
+        """The segment file holds at least blkno + 1 pages (SimpleLruWritePage extends)."""
         pages = self._segment_pages(kind, segno, lsn)
         if pages is None or pages < blkno + 1:
             self.timeline.put(slru_segment_size_key(kind, segno), lsn,
@@ -498,6 +510,9 @@ class WalIngest:
         for (kind, segno, blkno), patch in multixact_create_patches(d.mid, d.moff,
                                                                     d.members).items():
             self.timeline.put(slru_block_key(kind, segno, blkno), lsn, patch)
+            # WAL of older minors has no ZERO_OFF_PAGE for the next multi's page; redo
+            # then creates it (RecordNewMultiXact in recovery), and so do we.
+            self._extend_segment(kind, segno, blkno, lsn)
         next_multi = (d.mid + 1) & _U32 or FIRST_MULTIXACT_ID
         next_offset = (d.moff + d.nmembers) & _U32
         cp = self.checkpoint
