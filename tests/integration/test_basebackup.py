@@ -6,7 +6,8 @@ Proves, against real PostgreSQL 15 processes:
 * a compute on it starts "shut down" at X with no recovery, takes writes, and
   pg_waldump reads one unbroken prev-chain from the synthesized checkpoint at X;
   the walproposer's slot is the only slot, with restart_lsn X;
-* a read-only backup starts as a hot standby: reads work, writes are refused;
+* a read-only backup starts as a hot standby: reads work, writes are refused (also after
+  ingest, with a prepared transaction);
 * after import + a workload on a separate PostgreSQL + ingest of its WAL, a compute at the
   end LSN has the same pg_dump, the prepared transaction still prepared (and it can be
   committed), the unlogged table empty; a compute at an LSN between two phases has
@@ -186,6 +187,7 @@ def test_compute_after_ingest_matches_the_source(test_dir: Path,
     source.sql("create table prep (a int)")
     with source.connect(autocommit=False) as conn:
         conn.execute("insert into prep values (42)")
+        prepared_xid = int(conn.execute("select txid_current()").fetchone()[0])  # type: ignore[index]
         conn.execute("prepare transaction 'gid1'")
     source.sql("vacuum phase1")
     source.sql("checkpoint")
@@ -223,6 +225,22 @@ def test_compute_after_ingest_matches_the_source(test_dir: Path,
                            "from phase1") == [(4500, 450)]
     finally:
         compute.stop()
+
+    # A read-only endpoint at the same LSN: a hot standby with a prepared transaction.
+    _, tar = basebackup(timeline, end, read_only=True)
+    standby = start_compute(test_dir, "standby", tar, ComputeConfig(read_only=True))
+    try:
+        assert standby.sql("select count(*) from phase1") == [(4500,)]
+        # A standby lists no prepared transactions (they are not valid until promotion),
+        # but it holds the state file and treats the transaction as in progress.
+        assert [p.name for p in (standby.datadir / "pg_twophase").iterdir()] == [
+            f"{prepared_xid:08X}"]
+        assert standby.sql("select count(*) from prep") == [(0,)]
+        assert standby.sql("select count(*) from t2", dbname="other") == [(3000,)]
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            standby.sql("insert into phase1 values (9999, 'x')")
+    finally:
+        standby.stop()
 
     _, tar = basebackup(timeline, mid)
     early = start_compute(test_dir, "early", tar)
