@@ -6,7 +6,10 @@ other fork; SLRU segments, relation maps, PG_VERSION files and two-phase files (
 their CRC-32C) come from the stored values; pg_control and the synthesized WAL point at
 a shutdown checkpoint at X with the stored counters; the slot state file is byte for byte
 what PostgreSQL 15 writes; read-only backups have standby.signal and no slot; the LSN is
-validated; and nothing PostgreSQL must not inherit is in the tar.
+validated; a record crossing a segment end gives two WAL segments; nothing PostgreSQL
+must not inherit is in the tar. Also the compute's settings (D2, D6 minima from
+pg_control) and its refusal to unpack entries outside the data directory or a tar
+without pg_control.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import pytest
 from strata.common.errors import CorruptionError, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
+from strata.compute.compute import Compute, ComputeConfig, compute_settings
 from strata.pageserver.basebackup import (
     BasebackupLsns,
     relation_segments,
@@ -272,3 +276,68 @@ def test_gc_cutoff_and_bad_mode(timeline: Timeline) -> None:
     timeline.set_gc_cutoff(Lsn(X0 + 64))
     with pytest.raises(UserError, match="below the GC cutoff"):
         write_basebackup(timeline, Lsn(X0), io.BytesIO())
+
+
+def test_checkpoint_crossing_a_segment_end_gives_two_segments(tmp_path: Path) -> None:
+    repo = Repository(tmp_path)
+    tenant = repo.create_tenant(TenantId(bytes(range(16))), TenantConfig())
+    x = 2 * SEG - 48  # the 114-byte record crosses into the next segment
+    tl = tenant.create_timeline(TimelineId(os.urandom(16)), Lsn(x))
+    tl.put(control_file_key(), Lsn(x), Image(control_template().to_bytes()))
+    tl.put(checkpoint_key(), Lsn(x), Image(control_template().checkpoint_copy.to_bytes()))
+    tl.finish_record(Lsn(x), Lsn(x - 200))
+    lsns, files, _ = backup(tl, x)
+    wal = sorted(n for n in files if n.startswith("pg_wal/0"))
+    assert wal == ["pg_wal/" + Lsn(x).segment_file_name(1, SEG),
+                   "pg_wal/" + Lsn(2 * SEG).segment_file_name(1, SEG)]
+    assert lsns.record_lsn == Lsn(x)
+    assert lsns.end_lsn == Lsn(2 * SEG + 40 + CHECKPOINT_RECORD_LEN - 48).align(8)
+    assert ControlFileData.from_bytes(files["global/pg_control"]).checkpoint == Lsn(x)
+
+
+def test_compute_settings_primary_and_read_only() -> None:
+    control = dataclasses.replace(control_template(), max_connections=150,
+                                  max_prepared_xacts=20, max_locks_per_xact=64,
+                                  max_worker_processes=16, max_wal_senders=3)
+    primary = compute_settings(ComputeConfig(receiver_name="strata_pageserver"), control)
+    assert primary["synchronous_standby_names"] == "strata_pageserver"
+    assert primary["hot_standby"] is False
+    assert primary["restart_after_crash"] is False
+    assert primary["wal_consistency_checking"] == "all"
+    assert primary["wal_compression"] == "zstd"
+    # Raised to pg_control's values where lower, kept where higher.
+    assert primary["max_connections"] == 150
+    assert primary["max_prepared_transactions"] == 20
+    assert primary["max_worker_processes"] == 16
+    assert primary["max_wal_senders"] == 10
+    standby = compute_settings(ComputeConfig(read_only=True, settings={"work_mem": "8MB"}),
+                               control)
+    assert standby["hot_standby"] is True
+    assert standby["synchronous_standby_names"] == ""
+    assert standby["work_mem"] == "8MB"
+    with pytest.raises(UserError, match="max_connections"):
+        ComputeConfig(max_connections=0)
+
+
+def test_unpack_refuses_entries_outside_the_data_directory(tmp_path: Path) -> None:
+    for name, kind in (("../escape", tarfile.REGTYPE), ("/abs", tarfile.REGTYPE),
+                       ("link", tarfile.SYMTYPE)):
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w") as tar:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            tar.addfile(info, io.BytesIO(b""))
+        out.seek(0)
+        compute = Compute(tmp_path / f"d{len(name)}")
+        with pytest.raises(CorruptionError, match="refusing to unpack"):
+            compute.unpack(out)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_unpack_refuses_a_cut_short_stream(tmp_path: Path, timeline: Timeline) -> None:
+    out = io.BytesIO()
+    write_basebackup(timeline, Lsn(X0), out)
+    cut = out.getvalue()
+    cut = cut[:cut.find(b"global/pg_control")]  # every entry before pg_control
+    with pytest.raises(CorruptionError, match="no global/pg_control"):
+        Compute(tmp_path / "cut").unpack(io.BytesIO(cut + bytes(1024)))
