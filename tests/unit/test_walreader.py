@@ -327,6 +327,37 @@ def test_wrong_prev_link() -> None:
     _expect_error(data, BASE, rf"at {Lsn(rec.lsn)}: record with incorrect prev")
 
 
+def test_file_errors_name_the_segment_file_and_offset(tmp_path: Path) -> None:
+    rec = all_records()[-3]  # in the last segment
+    data = wal_bytes()
+    data[rec.lsn - BASE + 30] ^= 0x10
+    write_segments(tmp_path, data)
+    name = Lsn(rec.lsn).segment_file_name(1, SEG)
+    with pytest.raises(CorruptionError, match=rf"invalid WAL at {Lsn(rec.lsn)}: .* "
+                       rf"\(file {tmp_path / name}, offset {rec.lsn % SEG}\)"):
+        list(read_wal_files(tmp_path))
+
+
+def test_zeroed_page_between_records_is_the_end_of_wal(tmp_path: Path) -> None:
+    """The segment after the XLOG SWITCH is zeroed (never written): reading stops cleanly."""
+    records = all_records()
+    switch = next(i for i, r in enumerate(records) if r.rmid == 0 and r.info & 0xF0 == 0x40)
+    data = wal_bytes()
+    cut = records[switch].end_lsn
+    data[cut - BASE:] = bytes(len(data) - (cut - BASE))
+    got = list(read_wal_files(write_segments(tmp_path, data)))
+    assert got == list(records[:switch + 1])
+
+
+def test_zeroed_page_inside_a_record_is_wal_ending_mid_record(tmp_path: Path) -> None:
+    rec = record_spanning_pages()
+    page = (rec.lsn | 8191) + 1
+    data = wal_bytes()
+    data[page - BASE:] = bytes(len(data) - (page - BASE))
+    with pytest.raises(CorruptionError, match=rf"at {Lsn(page)}: WAL ends mid-record"):
+        list(read_wal_files(write_segments(tmp_path, data)))
+
+
 def test_zeroed_tail_is_the_end_of_wal_for_files_but_an_error_for_a_stream(
         tmp_path: Path) -> None:
     records = all_records()

@@ -149,8 +149,18 @@ def _lsn(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
-def _corrupt(lsn: int, what: str) -> CorruptionError:
-    return CorruptionError(f"invalid WAL at {_lsn(lsn)}: {what}")
+class WalCorruption(CorruptionError):
+    """Invalid WAL; `lsn` is where (a record's start, or a page header's)."""
+
+    def __init__(self, message: str, lsn: int, *, path: str | None = None,
+                 offset: int | None = None) -> None:
+        super().__init__(message, path=path, offset=offset)
+        self.message = message
+        self.lsn = lsn
+
+
+def _corrupt(lsn: int, what: str) -> WalCorruption:
+    return WalCorruption(f"invalid WAL at {_lsn(lsn)}: {what}", lsn)
 
 
 def decode_record(lsn: int, rec: bytes) -> DecodedRecord:
@@ -407,8 +417,11 @@ class WalStreamDecoder:
         buf = self._buf
         magic, info, tli, pageaddr, xlp_rem = _PAGE_HEADER.unpack_from(buf, off)
         if magic != XLOG_PAGE_MAGIC:
-            if magic == 0 and tli == 0 and pageaddr == 0 and self.zero_is_end and rem_len is None:
-                return None
+            if magic == 0 and tli == 0 and pageaddr == 0 and self.zero_is_end:
+                if rem_len is None:
+                    return None
+                raise _corrupt(page_lsn, f"WAL ends mid-record: the page is zeroed, but "
+                                         f"{rem_len} bytes of a record were to follow")
             raise _corrupt(page_lsn, f"page header has magic {magic:#06x}, expected "
                                      f"{XLOG_PAGE_MAGIC:#06x} (PostgreSQL 15); is this "
                                      "PostgreSQL 15 WAL?")
@@ -669,7 +682,7 @@ def read_wal_files(paths_or_dir: str | os.PathLike[str] | Iterable[str | os.Path
     for segno, path in numbered:
         if segno != expect:
             break  # a gap: the WAL we have ends here
-        data = path.read_bytes()
+        data = path.read_bytes()  # the page cache makes a whole segment the cheapest unit
         if len(data) != seg_size:
             raise CorruptionError(f"WAL segment has {len(data)} bytes, expected {seg_size} "
                                   "(truncated or wrong segment size?)", path=str(path),
@@ -679,11 +692,17 @@ def read_wal_files(paths_or_dir: str | os.PathLike[str] | Iterable[str | os.Path
         decoder.feed(data)
         last_path = path
         expect += 1
-        while (record := decoder.poll()) is not None:
-            if end is not None and record.lsn >= end.value:
-                return
-            if record.lsn >= start.value:
-                yield record
+        try:
+            while (record := decoder.poll()) is not None:
+                if end is not None and record.lsn >= end.value:
+                    return
+                if record.lsn >= start.value:
+                    yield record
+        except WalCorruption as err:
+            # Name the file and offset too, for whoever has to look at the bytes.
+            where = path.with_name(Lsn(err.lsn).segment_file_name(1, seg_size))
+            raise WalCorruption(err.message, err.lsn, path=str(where),
+                                offset=err.lsn % seg_size) from None
         if decoder.end_of_wal is not None:
             return
     if decoder.has_partial_record():
