@@ -155,7 +155,7 @@ def test_import_and_ingest_reproduce_the_data_directory(
     run_workload(server)
     with server.connect() as conn:
         for statement in EXTRAS:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
     prepared_xid = _prepare(server)
 
     ingested: list[tuple[WalIngest, str, Lsn]] = []
@@ -186,6 +186,20 @@ def test_import_and_ingest_reproduce_the_data_directory(
     _check_twophase(timeline, server, prepared_xid, end)
     _check_pg_xact(timeline, server, end)
     _check_multixact(timeline, server.datadir, end)
+
+    # Written to layer files and loaded again by a new Repository: the same pages.
+    timeline.flush()
+    reopened = Repository(test_dir / "pageserver")
+    tenant = reopened.get_tenant(timeline.tenant_id)
+    again = tenant.get_timeline(timeline.timeline_id)
+    assert again.last_record_lsn == end and again.disk_consistent_lsn == end
+    assert WalIngest(again).checkpoint == ingest.checkpoint
+
+    def reloaded(spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes:
+        return again.get_rel_page(RelTag(spc, db, rel, fork), blkno, end)
+
+    after = golden.check_pages(server.datadir, report.relations, reloaded)
+    assert after.ok and after.pages_checked == report.pages_checked, after.summary()
 
 
 def _prepare(server: PgServer) -> int:

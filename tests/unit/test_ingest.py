@@ -8,6 +8,7 @@ import os
 import random
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -103,7 +104,7 @@ def test_later_u32_compares_in_wrapping_order() -> None:
     assert later_u32(16384, 0xFFFF_FF00) == 16384
 
 
-def _checkpoint(**changes: int) -> CheckPoint:
+def _checkpoint(**changes: Any) -> CheckPoint:
     base = CheckPoint(Lsn(0x100), 1, 1, True, 1000, 20000, 5, 40, 700, 1, 1, 1, 0, 0, 0, 900)
     return dataclasses.replace(base, **changes)
 
