@@ -11,11 +11,9 @@ it, and attach the pageserver's WAL receiver.
 from __future__ import annotations
 
 import io
-import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,18 +21,14 @@ from pathlib import Path
 
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.common.proc import chown_tree, make_dir_for, service_user
-from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
+from strata.compute.compute import Compute, ComputeConfig
+from strata.compute.pgserver import PgServer
 from strata.pageserver.client import PageserverClient
 
 SLOT = "strata_walproposer"
 APP_NAME = "strata_pageserver"
 COMPUTE_SETTINGS: dict[str, object] = {
-    **STRATA_WAL_SETTINGS,
-    "synchronous_standby_names": APP_NAME,
     "synchronous_commit": "on",
-    "restart_after_crash": False,
-    "max_prepared_transactions": 5,
     "wal_sender_timeout": "20s",
     "autovacuum": False,  # keeps pg_dump comparisons and WAL volume deterministic
 }
@@ -123,7 +117,7 @@ class Env:
 
     test_dir: Path
     pageserver: PageserverProcess
-    computes: list[PgServer] = field(default_factory=list)
+    computes: list[Compute] = field(default_factory=list)
     _seq: int = 0
 
     @property
@@ -134,34 +128,26 @@ class Env:
                       read_only: bool = False,
                       settings: dict[str, object] | None = None) -> PgServer:
         """Start a stock PostgreSQL 15 on a basebackup of `timeline` (a primary at its end
-        after compute_start, or a hot standby at `lsn`)."""
+        after compute_start, or a hot standby at `lsn`); returns its PgServer."""
         if not read_only:
             assert lsn is None, "a primary always starts at the timeline's end"
             lsn, _prev = self.client.compute_start(tenant, timeline)
         self._seq += 1
         name = f"compute{self._seq}"
-        tar_bytes = io.BytesIO()
-        self.client.basebackup(tenant, timeline, tar_bytes, lsn, read_only=read_only)
-        user = service_user()
-        server = PgServer(self.test_dir / name, log_path=self.test_dir / f"{name}.log",
-                          user=user)
-        make_dir_for(server.datadir, user)
-        tar_bytes.seek(0)
-        with tarfile.open(fileobj=tar_bytes, mode="r|") as tar:
-            tar.extractall(server.datadir, filter="fully_trusted")
-        chown_tree(server.datadir, user)
-        os.chmod(server.datadir, 0o700)
-        conf = dict(COMPUTE_SETTINGS)
-        if read_only:
-            conf.pop("synchronous_standby_names")
-            conf["hot_standby"] = True
-        conf.update(settings or {})
-        self.computes.append(server)
-        server.start(conf)
+        tar = io.BytesIO()
+        self.client.basebackup(tenant, timeline, tar, lsn, read_only=read_only)
+        tar.seek(0)
+        config = ComputeConfig(read_only=read_only, receiver_name=APP_NAME,
+                               settings={**COMPUTE_SETTINGS, **(settings or {})})
+        compute = Compute.from_basebackup(tar, self.test_dir / name, config,
+                                          log_path=self.test_dir / f"{name}.log")
+        self.computes.append(compute)
+        compute.start()
         if not read_only:
-            self.client.attach_receiver(tenant, timeline, host=server.host, port=server.port,
-                                        slot=SLOT, application_name=APP_NAME)
-        return server
+            self.client.attach_receiver(tenant, timeline, host=compute.server.host,
+                                        port=compute.port, slot=SLOT,
+                                        application_name=APP_NAME)
+        return compute.server
 
     def stop_all(self) -> None:
         for server in reversed(self.computes):
