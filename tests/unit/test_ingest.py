@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from strata.common.errors import UserError
 from strata.common.ids import TimelineId
 from strata.common.lsn import Lsn
 from strata.pageserver.ingest import (
@@ -373,3 +374,14 @@ def test_block_without_image_marks_the_timeline_broken(feeder: Feeder) -> None:
     assert tl.broken_reason is not None and str(Lsn(lsn)) in tl.broken_reason
     with pytest.raises(TimelineBroken):
         tl.get_rel_page(HEAP, 0, before)
+
+
+def test_a_record_fed_twice_is_refused_without_breaking(feeder: Feeder) -> None:
+    record = DecodedRecord(feeder.lsn, feeder.lsn + 0x100, 0x100, 0, 0, 0x30, RmgrId.XLOG, [],
+                           struct.pack("<I", 30000))  # XLOG NEXTOID
+    feeder.ingest.ingest(record)
+    with pytest.raises(UserError, match="not after last_record_lsn"):
+        feeder.ingest.ingest(record)
+    assert feeder.timeline.broken_reason is None
+    cp = CheckPoint.from_bytes(feeder.timeline.get(checkpoint_key(), Lsn(record.end_lsn)))
+    assert cp.next_oid == 30000

@@ -24,7 +24,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from strata.common.errors import NotFound
+from strata.common.errors import NotFound, UserError
 from strata.common.lsn import Lsn
 from strata.pg import records as rec_types
 from strata.pg import slru
@@ -313,16 +313,27 @@ class WalIngest:
         if tl.broken_reason is not None:
             raise TimelineBroken(f"timeline {tl.timeline_id} is broken ({tl.broken_reason}); "
                                  f"not ingesting the record at {Lsn(record.lsn)}")
+        if record.end_lsn <= tl.last_record_lsn.value:
+            raise UserError(f"the record at {Lsn(record.lsn)} ends at {Lsn(record.end_lsn)}, "
+                            f"not after last_record_lsn {tl.last_record_lsn} of timeline "
+                            f"{tl.timeline_id}; feed WAL from last_record_lsn on")
+        # Everything that can refuse the record comes before the first put.
         self._check_images(record)
+        decoded = decode(record)  # CorruptionError for a record that does not decode
         lsn = Lsn(record.end_lsn)
         before = self.checkpoint
-        self._advance_xid(record.xid)
-        self._put_images(record, lsn)
-        decoded = decode(record)
-        if decoded is not None:
-            self._apply(decoded, lsn)
-        if self.checkpoint != before:
-            tl.put(checkpoint_key(), lsn, Image(self.checkpoint.to_bytes()))
+        try:
+            self._advance_xid(record.xid)
+            self._put_images(record, lsn)
+            if decoded is not None:
+                self._apply(decoded, lsn)
+            if self.checkpoint != before:
+                tl.put(checkpoint_key(), lsn, Image(self.checkpoint.to_bytes()))
+        except Exception as err:
+            # Part of the record is stored and the rest cannot be: never serve that.
+            tl.mark_broken(f"applying the {record_type_name(record.rmid, record.info)} "
+                           f"record at {Lsn(record.lsn)} failed half-way: {err}")
+            raise
         tl.finish_record(lsn, Lsn(record.lsn))
         self.stats.records += 1
         self.stats.wal_bytes += record.end_lsn - record.lsn
