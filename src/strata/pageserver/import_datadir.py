@@ -86,6 +86,10 @@ def read_initdb_point(datadir: Path) -> InitdbPoint:
     if control.state != DBState.SHUTDOWNED:
         raise UserError(f"{datadir} was not shut down cleanly (pg_control state "
                         f"{control.state}); import only a freshly initdb'ed data directory")
+    if control.data_checksum_version != 0:
+        # Stored images carry a stale pd_checksum and nothing recomputes it (D2).
+        raise UserError(f"{datadir} has data checksums enabled; Strata computes run "
+                        f"without them: initdb without --data-checksums")
     c = control.checkpoint
     records = read_wal_files(datadir / "pg_wal", start=c)
     first = next(records, None)
