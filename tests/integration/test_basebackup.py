@@ -11,7 +11,8 @@ Proves, against real PostgreSQL 15 processes:
 * after import + a workload on a separate PostgreSQL + ingest of its WAL, a compute at the
   end LSN has the same pg_dump, the prepared transaction still prepared (and it can be
   committed), the unlogged table empty; a compute at an LSN between two phases has
-  exactly the first phase's data.
+  exactly the first phase's data;
+* with data checksums on, every page of a basebackup passes `pg_checksums --check`.
 """
 
 from __future__ import annotations
@@ -253,3 +254,47 @@ def test_compute_after_ingest_matches_the_source(test_dir: Path,
         early.sql("insert into phase1 values (5001, 'new')")  # takes writes at the old LSN
     finally:
         early.stop()
+
+
+def test_data_checksums_are_recomputed(test_dir: Path,
+                                       pg_factory: Callable[..., PgServer]) -> None:
+    """With data checksums on, every page of a basebackup passes pg_checksums --check.
+
+    At X0 the pages come from the data directory and must come out unchanged (which
+    checks our checksum algorithm on every initdb page); after ingest they come from WAL
+    images whose pd_checksum is stale, so the basebackup must set it.
+    """
+    source = pg_factory("source")
+    source.initdb("--data-checksums")
+    timeline = new_timeline(test_dir, source.datadir)
+    x0 = timeline.last_record_lsn
+    _, tar = basebackup(timeline, x0)
+    at_x0 = Compute.from_basebackup(io.BytesIO(tar), test_dir / "at_x0", PRIMARY)
+    original = relation_and_slru_files(source.datadir)
+    restored = relation_and_slru_files(at_x0.datadir)
+    assert sorted(restored) == sorted(original)
+    for path, data in original.items():
+        assert restored[path] == data, path
+
+    source.start({**STRATA_WAL_SETTINGS, "wal_keep_size": "1GB", "autovacuum": False})
+    source.sql("create table t (a int primary key, b text)")
+    source.sql("insert into t select g, md5(g::text) from generate_series(1, 20000) g")
+    source.sql("update t set b = 'x' where a % 7 = 0")
+    end = Lsn.parse(source.sql("select pg_current_wal_insert_lsn()::text")[0][0])
+    source.stop()
+    ingest = WalIngest(timeline)
+    for record in read_wal_files(source.datadir / "pg_wal", start=x0, end=end):
+        ingest.ingest(record)
+    _, tar = basebackup(timeline, end)
+    compute = Compute.from_basebackup(io.BytesIO(tar), test_dir / "compute", PRIMARY,
+                                      log_path=test_dir / "compute.log")
+    check = compute.server.run_tool("pg_checksums", "--check", "-D", compute.datadir,
+                                    check=False)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    assert b"Bad checksums:  0" in check.stdout
+    compute.start()
+    try:
+        assert compute.sql("select count(*), count(*) filter (where b = 'x') from t") == [
+            (20000, 2857)]
+    finally:
+        compute.stop()

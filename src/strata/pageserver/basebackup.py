@@ -9,7 +9,9 @@ shutdown at X, built from what import and ingest stored (keyspace.md):
   xl_prev is the previous record on the timeline (`strata.pg.walwriter`), and an empty
   `archive_status/`;
 * relation files (mode 'full'): every fork of every relation materialized at X, split
-  into segment files `.N` of `relseg_size` blocks (md.c). An unlogged relation (one with
+  into segment files `.N` of `relseg_size` blocks (md.c). When pg_control says data
+  checksums are on, every page gets its checksum recomputed: WAL images carry a stale
+  one (D2). An unlogged relation (one with
   an init fork) gets its init fork and a main fork that is a copy of it, nothing else:
   a clean start skips `ResetUnloggedRelations`, which would otherwise do that copy
   (postgres15.md sec. 3);
@@ -46,6 +48,7 @@ from strata.pg.checkpoint import CheckPoint
 from strata.pg.constants import BLCKSZ, GLOBALTABLESPACE_OID, ForkNumber
 from strata.pg.controlfile import ControlFileData
 from strata.pg.crc import crc32c
+from strata.pg.page import is_new
 from strata.pg.relfile import relation_path
 from strata.pg.slru import segment_file_name
 from strata.pg.walwriter import synthesize_wal
@@ -118,6 +121,23 @@ TWOPHASE_MAGIC = 0x57F94534
 _TWOPHASE_HEAD = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 
+# --- data page checksum (checksum_impl.h) ----------------------------------------------
+# The page is read as 64 rows of 32 little-endian u32 words with pd_checksum taken as
+# zero; lane j starts at its base offset and mixes in word j of every row, then two
+# rounds of zero; the lanes are XORed, XORed with the block number, and reduced to
+# 1..65535.
+_N_SUMS = 32
+_FNV_PRIME = 16777619
+_CHECKSUM_BASE_OFFSETS = (
+    0x5B1F36E9, 0xB8525960, 0x02AB50AA, 0x1DE66D2A, 0x79FF467A, 0x9BB9F8A3, 0x217E7CD2,
+    0x83E13D2C, 0xF8D4474F, 0xE39EB970, 0x42C6AE16, 0x993216FA, 0x7B093B5D, 0x98DAFF3C,
+    0xF718902A, 0x0B1C9CDB, 0xE58F764B, 0x187636BC, 0x5D7B3BB1, 0xE73DE7DE, 0x92BEC979,
+    0xCCA6C0B2, 0x304A0979, 0x85AA43D4, 0x783125BB, 0x6CA8EAA2, 0xE407EAC6, 0x4B5CFC3E,
+    0x9FBF8C76, 0x15CA20BE, 0xF2CA9FD3, 0x959BD756)
+_PAGE_WORDS = struct.Struct(f"<{BLCKSZ // 4}I")
+_PD_CHECKSUM = struct.Struct("<H")
+_PD_CHECKSUM_OFFSET = 8
+
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 
@@ -154,6 +174,32 @@ def twophase_file_bytes(xid: int, content: bytes) -> bytes:
                               f"{TWOPHASE_MAGIC:#x}), total_len {total_len} (want "
                               f"{len(content) + 4}); the stored PREPARE data is damaged")
     return content + _U32.pack(crc32c(content))
+
+
+def page_checksum(page: bytes, blkno: int) -> int:
+    """`pg_checksum_page` (checksum_impl.h): the pd_checksum of `page` as block `blkno`."""
+    words = list(_PAGE_WORDS.unpack(page))
+    words[_PD_CHECKSUM_OFFSET // 4] &= 0xFFFF0000  # pd_checksum is the low half of word 2
+    mask = 0xFFFFFFFF
+    result = 0
+    for lane in range(_N_SUMS):
+        acc = _CHECKSUM_BASE_OFFSETS[lane]
+        for word in words[lane::_N_SUMS]:
+            tmp = acc ^ word
+            acc = ((tmp * _FNV_PRIME) & mask) ^ (tmp >> 17)
+        for _ in range(2):
+            acc = ((acc * _FNV_PRIME) & mask) ^ (acc >> 17)
+        result ^= acc
+    return ((result ^ blkno) % 65535) + 1
+
+
+def with_checksum(page: bytes, blkno: int) -> bytes:
+    """`page` with pd_checksum set for block `blkno`; a new (all-zero) page has none."""
+    if is_new(page):
+        return page
+    buf = bytearray(page)
+    _PD_CHECKSUM.pack_into(buf, _PD_CHECKSUM_OFFSET, page_checksum(page, blkno))
+    return bytes(buf)
 
 
 def relation_segments(nblocks: int, relseg_size: int) -> list[tuple[int, int, int]]:
@@ -265,7 +311,8 @@ def write_basebackup(timeline: Timeline, lsn: Lsn, out: BinaryIO, *, mode: str =
                        ("pg_ident.conf", PG_IDENT_CONF)):
         tar.add_file(name, data)
     _write_databases(tar, timeline, lsn, with_relations=mode == "full",
-                     relseg_size=control.relseg_size)
+                     relseg_size=control.relseg_size,
+                     checksums=control.data_checksum_version != 0)
     for kind, directory in SLRU_DIRS.items():
         _write_slru(tar, timeline, lsn, kind, directory)
     for key, content in timeline.scan(twophase_range(), lsn):
@@ -317,7 +364,7 @@ def _db_dir(spcnode: int, dbnode: int) -> str:
 
 
 def _write_databases(tar: _TarWriter, timeline: Timeline, lsn: Lsn, *, with_relations: bool,
-                     relseg_size: int) -> None:
+                     relseg_size: int, checksums: bool) -> None:
     """Database directories with PG_VERSION, relation maps and (full mode) relation files."""
     dbs = {key.db(): value for key, value in timeline.scan(db_dir_range(), lsn)}
     relmaps = {key.db(): value for key, value in timeline.scan(relmap_range(), lsn)}
@@ -331,7 +378,8 @@ def _write_databases(tar: _TarWriter, timeline: Timeline, lsn: Lsn, *, with_rela
             tar.add_file(f"{directory}/pg_filenode.map", relmaps[(spcnode, dbnode)])
         if with_relations:
             rels = timeline.list_rels(spcnode, dbnode, lsn)
-            for path, nblocks, pages in relation_files(rels, timeline, lsn, relseg_size):
+            for path, nblocks, pages in relation_files(rels, timeline, lsn, relseg_size,
+                                                       checksums=checksums):
                 tar.add_stream(path, nblocks * BLCKSZ, pages)
 
 
@@ -345,8 +393,8 @@ def _add_dirs(tar: _TarWriter, directory: str, made: set[str]) -> None:
             made.add(path)
 
 
-def relation_files(rels: Iterable[RelTag], timeline: Timeline, lsn: Lsn,
-                   relseg_size: int) -> Iterator[tuple[str, int, Iterator[bytes]]]:
+def relation_files(rels: Iterable[RelTag], timeline: Timeline, lsn: Lsn, relseg_size: int, *,
+                   checksums: bool = False) -> Iterator[tuple[str, int, Iterator[bytes]]]:
     """(path, block count, pages) of every relation segment file of `rels` at `lsn`.
 
     A relation with an init fork is unlogged: its main fork is written as a copy of the
@@ -366,15 +414,15 @@ def relation_files(rels: Iterable[RelTag], timeline: Timeline, lsn: Lsn,
             nblocks = timeline.rel_size(source, lsn)
             for segno, first, count in relation_segments(nblocks, relseg_size):
                 path = relation_path(spcnode, dbnode, relnode, fork, segno)
-                yield path, count, _pages(timeline, source, lsn, first, count)
+                yield path, count, _pages(timeline, source, lsn, first, count, checksums)
 
 
-def _pages(timeline: Timeline, rel: RelTag, lsn: Lsn, first: int,
-           count: int) -> Iterator[bytes]:
+def _pages(timeline: Timeline, rel: RelTag, lsn: Lsn, first: int, count: int,
+           checksums: bool) -> Iterator[bytes]:
     for blkno in range(first, first + count):
         page = timeline.get_rel_page(rel, blkno, lsn)
         assert len(page) == BLCKSZ, (rel, blkno, len(page))
-        yield page
+        yield with_checksum(page, blkno) if checksums else page
 
 
 def _write_slru(tar: _TarWriter, timeline: Timeline, lsn: Lsn, kind: SlruKind,
