@@ -480,7 +480,10 @@ class WalStreamDecoder:
                 return False
             if rem < XLOG_BLCKSZ - hdr:
                 first = page + hdr + ((rem + 7) & ~7)
-                break
+                if first & _PAGE_MASK:
+                    break
+                page = first  # the continued record (and its padding) end with the page
+                continue
             page += XLOG_BLCKSZ  # the continued record fills this page; try the next
         if start & _PAGE_MASK:
             # Mid-page start: walk xl_prev back from `first` to the earliest record >= start.
