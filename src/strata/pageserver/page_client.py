@@ -184,7 +184,13 @@ class PageClient:
         """End the stream politely (CopyDone) and close the connection."""
         if self._failure is None:
             self._failure = Unavailable(f"{self.describe}: the client was closed")
+            # The reader must be gone before finish() reads the rest of the stream.
             self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            for fut in self._waiters:
+                if not fut.done():
+                    fut.set_exception(self._failure)
+            self._waiters.clear()
             try:
                 async with asyncio.timeout(5):
                     await self._stream.finish()
