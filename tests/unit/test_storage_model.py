@@ -11,7 +11,6 @@ a GC cutoff must raise, never return data.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -206,7 +205,7 @@ class StorageMachine(RuleBasedStateMachine):
         if not candidates:
             return
         lsn = data.draw(st.sampled_from(candidates), label="branch lsn")
-        tid = TimelineId(os.urandom(16))
+        tid = TimelineId(bytes(15) + bytes([len(self.model) + 1]))  # deterministic order
         prev = next((p for rec_lsn, p, _ in m.records if rec_lsn == lsn), 0)
         self.tenant.branch_timeline(tid, m.timeline_id, Lsn(lsn), Lsn(prev))
         self.model[tid] = ModelTimeline(tid, m, lsn, [(lsn, m.state_at(lsn))])

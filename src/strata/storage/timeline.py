@@ -30,6 +30,7 @@ from strata.common.failpoint import FailpointHit, failpoint
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pg.constants import BLCKSZ
+from strata.storage.delta_layer import DeltaLayerWriter
 from strata.storage.inmemory_layer import InMemoryLayer
 from strata.storage.key import (
     FULL_KEY_RANGE,
@@ -43,7 +44,10 @@ from strata.storage.key import (
     rel_size_range,
     relmap_key,
 )
-from strata.storage.layer_name import LayerDesc
+from strata.storage.layer_file import open_layer
+from strata.storage.layer_map import LayerMap
+from strata.storage.layer_name import LayerDesc, is_layer_file_name, is_temp_file_name
+from strata.storage.leases import LeaseTable
 from strata.storage.metadata import TimelineMetadata, fsync_dir, save_metadata
 from strata.storage.rel import SizeRecord
 from strata.storage.value import (
@@ -84,7 +88,6 @@ class LayerReader(Protocol):
 
 
 def open_layer_file(path: Path) -> LayerReader:
-    from strata.storage.layer_file import open_layer
     return open_layer(path)
 
 
@@ -94,9 +97,6 @@ class Timeline:
     def __init__(self, tenant_id: TenantId, timeline_id: TimelineId, directory: Path,
                  meta: TimelineMetadata, conf: TenantConfig, ancestor: Timeline | None,
                  clock: Callable[[], float] = time.time) -> None:
-        from strata.storage.layer_map import LayerMap
-        from strata.storage.leases import LeaseTable
-
         assert (ancestor is None) == (meta.ancestor_timeline is None), (ancestor, meta)
         self.tenant_id = tenant_id
         self.timeline_id = timeline_id
@@ -142,8 +142,6 @@ class Timeline:
         acknowledged in the metadata, so it is not trusted: deleted too (ingest re-feeds
         that WAL from disk_consistent_lsn).
         """
-        from strata.storage.layer_name import is_layer_file_name, is_temp_file_name
-
         dcl = self._disk_consistent
         for entry in sorted(os.listdir(self.dir)):
             path = self.dir / entry
@@ -316,8 +314,12 @@ class Timeline:
         key = rel_size_key(rel)
         if cached is None:
             gen = self._size_gen
+            last = self._last_record
             newest = self._versions(key, _INF - 1, 0)
-            version_lsn = newest[0][0] if newest else 0
+            # With no version found, the fork is absent as of some image layer (or was
+            # never written): that holds for reads at or above last_record_lsn, not
+            # for every LSN.
+            version_lsn = newest[0][0] if newest else last
             rec = self._decode_size(newest)
             with self._size_lock:
                 # A size written meanwhile by the ingest thread must not be overwritten
@@ -641,8 +643,6 @@ class Timeline:
 
     def flush_frozen(self) -> None:
         """Write each frozen layer as a delta layer file, oldest first, then the metadata."""
-        from strata.storage.delta_layer import DeltaLayerWriter
-
         with self._flush_lock:
             while True:
                 with self._lock:
