@@ -29,9 +29,11 @@ from strata.common.lsn import Lsn
 from strata.compute.compute import Compute, ComputeConfig, compute_settings
 from strata.pageserver.basebackup import (
     BasebackupLsns,
+    page_checksum,
     relation_segments,
     slot_state_bytes,
     twophase_file_bytes,
+    with_checksum,
     write_basebackup,
 )
 from strata.pg.checkpoint import CheckPoint
@@ -341,3 +343,21 @@ def test_unpack_refuses_a_cut_short_stream(tmp_path: Path, timeline: Timeline) -
     cut = cut[:cut.find(b"global/pg_control")]  # every entry before pg_control
     with pytest.raises(CorruptionError, match="no global/pg_control"):
         Compute(tmp_path / "cut").unpack(io.BytesIO(cut + bytes(1024)))
+
+
+def test_checksums_are_set_when_pg_control_has_them(timeline: Timeline) -> None:
+    """Stored pages (WAL images carry stale pd_checksum) get theirs set for their block."""
+    on = dataclasses.replace(control_template(), data_checksum_version=1)
+    at = Lsn(X0 + 128)
+    timeline.put(control_file_key(), at, Image(on.to_bytes()))
+    heap_page = bytearray(page(1, 4))
+    heap_page[12:16] = struct.pack("<HH", 64, 8000)  # pd_lower, pd_upper: not a new page
+    timeline.put_rel_page(HEAP, 4, at, Image(bytes(heap_page)))
+    timeline.finish_record(at, Lsn(X0 + 64))
+    _, files, _ = backup(timeline, X0 + 128)
+    got = files["base/5/16384.1"][8192:16384]  # block 4 = segment 1, block 1
+    assert got == with_checksum(bytes(heap_page), 4)
+    assert struct.unpack_from("<H", got, 8)[0] == page_checksum(bytes(heap_page), 4)
+    assert got != heap_page and page_checksum(bytes(heap_page), 5) != page_checksum(
+        bytes(heap_page), 4)
+    assert with_checksum(bytes(8192), 4) == bytes(8192)  # new pages have no checksum

@@ -138,6 +138,7 @@ _PAGE_WORDS = struct.Struct(f"<{BLCKSZ // 4}I")
 _PD_CHECKSUM = struct.Struct("<H")
 _PD_CHECKSUM_OFFSET = 8
 
+_ZERO_PAGE = bytes(BLCKSZ)
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 
@@ -427,21 +428,30 @@ def _pages(timeline: Timeline, rel: RelTag, lsn: Lsn, first: int, count: int,
 
 def _write_slru(tar: _TarWriter, timeline: Timeline, lsn: Lsn, kind: SlruKind,
                 directory: str) -> None:
-    """Every live segment of one SLRU; a page with no stored version is zeros."""
-    sizes: dict[int, int] = {}
-    pages: dict[tuple[int, int], bytes] = {}
+    """Every live segment of one SLRU; a page with no stored version is zeros.
+
+    The scan is in key order: a segment's size key, then its pages, segment by segment,
+    so one segment at a time is held in memory. A segment whose size key is gone was
+    removed (truncated away) and is skipped with its pages.
+    """
+    segno: int | None = None
+    pages: list[bytes] = []
     for key, value in timeline.scan(slru_range(kind), lsn):
         if key.is_slru_segment_size():
+            if segno is not None:
+                tar.add_file(f"{directory}/{segment_file_name(segno)}", b"".join(pages))
             if len(value) != 4:
                 raise CorruptionError(f"{kind.name} segment {key.segno()} size value is "
                                       f"{len(value)} bytes, expected 4, at {lsn}")
-            sizes[key.segno()] = _U32.unpack(value)[0]
-        else:
-            if len(value) != BLCKSZ:
-                raise CorruptionError(f"{kind.name} segment {key.segno()} page "
-                                      f"{key.blkno()} is {len(value)} bytes at {lsn}")
-            pages[(key.segno(), key.blkno())] = value
-    zero = bytes(BLCKSZ)
-    for segno, npages in sorted(sizes.items()):
-        data = b"".join(pages.get((segno, blkno), zero) for blkno in range(npages))
-        tar.add_file(f"{directory}/{segment_file_name(segno)}", data)
+            segno = key.segno()
+            pages = [_ZERO_PAGE] * _U32.unpack(value)[0]
+            continue
+        if key.segno() != segno:
+            continue  # a page of a removed segment
+        if len(value) != BLCKSZ or key.blkno() >= len(pages):
+            raise CorruptionError(f"{kind.name} segment {segno} page {key.blkno()} "
+                                  f"({len(value)} bytes) does not fit the segment of "
+                                  f"{len(pages)} pages at {lsn}")
+        pages[key.blkno()] = value
+    if segno is not None:
+        tar.add_file(f"{directory}/{segment_file_name(segno)}", b"".join(pages))
