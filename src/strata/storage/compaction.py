@@ -60,7 +60,7 @@ def compact(timeline: Timeline, force: bool = False) -> CompactionResult:
         lsn = timeline.disk_consistent_lsn.value
         if lsn == 0:
             return CompactionResult((), 0)
-        keys = timeline._candidate_keys(KeyRange(KEY_MIN, KEY_MAX), lsn)
+        keys = timeline.candidate_keys(KeyRange(KEY_MIN, KEY_MAX), lsn)
         parts = partition(keys, timeline.conf.image_layer_keys)
         threshold = timeline.conf.image_creation_threshold
         created: list[LayerDesc] = []

@@ -501,12 +501,12 @@ class Timeline:
     def scan(self, key_range: KeyRange, lsn: Lsn) -> Iterator[tuple[Key, bytes]]:
         """Live keys in `key_range` as of `lsn`, in key order, with their values."""
         self._check_readable(lsn.value)
-        for key in self._candidate_keys(key_range, lsn.value):
+        for key in self.candidate_keys(key_range, lsn.value):
             value = self._get_value(key, lsn.value)
             if value is not None:
                 yield key, value
 
-    def _candidate_keys(self, key_range: KeyRange, lsn: int) -> list[Key]:
+    def candidate_keys(self, key_range: KeyRange, lsn: int) -> list[Key]:
         """Every key with some version at or below `lsn` in range (live or not)."""
         keys: set[Key] = set()
         tl: Timeline | None = self
@@ -703,7 +703,7 @@ class Timeline:
 
     # --- layer management for compaction and GC -------------------------------------
     @property
-    def layer_map(self) -> Any:
+    def layer_map(self) -> LayerMap:
         return self._layer_map
 
     def layers(self) -> list[LayerDesc]:
