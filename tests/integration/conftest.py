@@ -16,7 +16,9 @@ from fixtures_env import Env, PageserverProcess  # noqa: E402
 @pytest.fixture
 def env(test_dir: Path) -> Iterator[Env]:
     """A running pageserver under the test's directory; it and every compute are stopped
-    at the end (SIGKILL: a test that checks a clean stop does it itself)."""
+    at the end (SIGKILL: a test that checks a clean stop does it itself). ERROR and WARNING
+    lines in the pageserver's log fail the test unless it lists them in
+    `env.allowed_log_errors`."""
     pageserver = PageserverProcess(test_dir / "pageserver", test_dir / "pageserver.log")
     pageserver.start()
     environment = Env(test_dir, pageserver)
@@ -24,3 +26,5 @@ def env(test_dir: Path) -> Iterator[Env]:
         yield environment
     finally:
         environment.stop_all()
+    unexpected = environment.unexpected_log_errors()
+    assert not unexpected, "\n".join(unexpected[:20])

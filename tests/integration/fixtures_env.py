@@ -11,6 +11,7 @@ it, and attach the pageserver's WAL receiver.
 from __future__ import annotations
 
 import io
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +119,8 @@ class Env:
     test_dir: Path
     pageserver: PageserverProcess
     computes: list[Compute] = field(default_factory=list)
+    allowed_log_errors: list[str] = field(default_factory=list)
+    """Regexes of ERROR/WARNING pageserver log lines the test expects."""
     _seq: int = 0
 
     @property
@@ -148,6 +151,16 @@ class Env:
                                         port=compute.port, slot=SLOT,
                                         application_name=APP_NAME)
         return compute.server
+
+    def unexpected_log_errors(self) -> list[str]:
+        """ERROR and WARNING lines of every pageserver log of the test not expected."""
+        found = []
+        for path in sorted(self.test_dir.glob("pageserver*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                if (" ERROR " in line or " WARNING " in line or "Traceback" in line) and \
+                        not any(re.search(p, line) for p in self.allowed_log_errors):
+                    found.append(f"{path.name}: {line}")
+        return found
 
     def stop_all(self) -> None:
         for server in reversed(self.computes):

@@ -11,26 +11,35 @@ pageserver during ingest, and a session that turns wal_consistency_checking off.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from fixtures_env import Env, wait_until
+from fixtures_env import Env, PageserverProcess, wait_until
 
 from strata.common.errors import CorruptionError, StrataError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.compute import golden
 from strata.compute.pgserver import PgServer
+from strata.pageserver.wal_log import WalLog
+from strata.pg import records
+from strata.pg.records.xact import XactCommit
+from strata.pg.walreader import WalStreamDecoder
 from strata.storage.key import RelTag
 from strata.storage.repository import Repository
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from pgworkload import run_workload  # noqa: E402
 
+PG_EPOCH_OFFSET_US = 946_684_800 * 1_000_000  # 2000-01-01 (PostgreSQL's epoch) - 1970-01-01
 _SETVAL = re.compile(r"^SELECT pg_catalog\.setval\('([^']+)', (\d+), (true|false)\);$")
 
 
@@ -49,6 +58,30 @@ def wait_ingested(env: Env, tenant: TenantId, timeline: TimelineId, server: PgSe
     wait_until(lambda: env.client.timeline(tenant, timeline).last_record_lsn >= floor,
                timeout_s, f"ingest up to {target}")
     return env.client.timeline(tenant, timeline).last_record_lsn
+
+
+def commits_in_log(env: Env, tenant: TenantId, timeline: TimelineId) -> list[tuple[Lsn, int]]:
+    """(end LSN, commit time in microseconds since the Unix epoch) of every commit record in
+    the timeline's WAL log, read with our own decoder (the first segment of the log is
+    sparse before its start, which pg_waldump refuses)."""
+    directory = (env.pageserver.workdir / "tenants" / str(tenant) / "timelines" /
+                 str(timeline) / "wal")
+    wal = WalLog.open(directory)
+    try:
+        decoder = WalStreamDecoder(wal.start_lsn, wal.seg_size, at_record_start=True)
+        decoder.feed(wal.read(wal.start_lsn, wal.end_lsn))
+        out = []
+        for record in decoder:
+            decoded = records.decode(record)
+            if isinstance(decoded, XactCommit):
+                out.append((record.end, decoded.commit_time + PG_EPOCH_OFFSET_US))
+        return out
+    finally:
+        wal.close()
+
+
+def iso(unix_us: int) -> str:
+    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=unix_us)).isoformat()
 
 
 def pg_dump(server: PgServer, dbname: str = "postgres") -> str:
@@ -188,21 +221,19 @@ def test_branches_at_lsn_and_timestamp(env: Env) -> None:
     c.sql("insert into t select g, 'one' from generate_series(1, 1000) g")
     lsn1 = wait_ingested(env, tenant, main, c)
     dump1 = pg_dump(c)
-    time.sleep(0.05)
-    ts1 = c.sql("select to_char(clock_timestamp() at time zone 'UTC', "
-                "'YYYY-MM-DD\"T\"HH24:MI:SS.US')")[0][0]
-    time.sleep(0.05)
     c.sql("insert into t select g, 'two' from generate_series(1001, 2000) g")
     c.sql("update t set v = 'changed' where id <= 10")
     wait_ingested(env, tenant, main, c)
     dump2 = pg_dump(c)
     assert dump2 != dump1
 
-    by_ts = env.client.lsn_by_timestamp(tenant, main, ts1)
-    assert by_ts <= lsn1
+    # The commit of the first batch, with its exact timestamp, from the pageserver's log.
+    end1, time1 = [(end, ts) for end, ts in commits_in_log(env, tenant, main) if end <= lsn1][-1]
+    assert env.client.lsn_by_timestamp(tenant, main, iso(time1)) == end1
+    assert env.client.lsn_by_timestamp(tenant, main, iso(time1 - 1)) < end1
     b_lsn = env.client.branch(tenant, main, lsn=lsn1)
-    b_ts = env.client.branch(tenant, main, timestamp=ts1)
-    assert b_lsn.ancestor_lsn == lsn1 and b_ts.ancestor_lsn == by_ts
+    b_ts = env.client.branch(tenant, main, timestamp=iso(time1))  # that commit is included
+    assert b_lsn.ancestor_lsn == lsn1 and b_ts.ancestor_lsn == end1
 
     ro = env.start_compute(tenant, main, lsn=lsn1, read_only=True)
     assert pg_dump(ro) == dump1
@@ -334,11 +365,13 @@ def test_pageserver_kill9_during_ingest(env: Env) -> None:
     assert assert_balances(c2) == n
     info = env.client.timeline(tenant, timeline)
     assert info.disk_consistent_lsn > info.initdb_lsn  # layers were flushed along the way
+    check_golden(env, tenant, timeline, c2)
 
 
 def test_consistency_checking_off_breaks_the_timeline(env: Env) -> None:
     """A session that turns wal_consistency_checking off and writes: the timeline is marked
     broken with the record's LSN, and basebackup and compute_start refuse."""
+    env.allowed_log_errors.append(r"marked broken: the Heap \S+ record at [0-9A-F]+/")
     tenant, timeline = env.client.create_tenant()
     c1 = env.start_compute(tenant, timeline)
     c1.sql("create table w (id int)")
@@ -366,3 +399,53 @@ class _Sink:
     def write(self, data: bytes) -> int:
         self.size += len(data)
         return len(data)
+
+
+def test_http_errors_are_json_and_a_second_pageserver_is_refused(env: Env) -> None:
+    """Bad ids and bodies get a 4xx with a JSON message naming the problem (never a 500),
+    and a second pageserver on the same directory refuses to start."""
+    client = env.client
+    tenant, timeline = client.create_tenant()
+
+    def status_of(method: str, path: str, body: bytes | None = None) -> tuple[int, str]:
+        req = urllib.request.Request(f"http://127.0.0.1:{env.pageserver.http_port}{path}",
+                                     data=body, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            text = err.read().decode()
+            return err.code, json.loads(text)["error"]
+
+    other = TenantId.generate()
+    tl = f"/v1/tenant/{tenant}/timeline"
+    cases = [
+        ("GET", "/v1/tenant/not-hex/timeline", None, 400, "invalid TenantId"),
+        ("GET", f"/v1/tenant/{other}/timeline", None, 404, str(other)),
+        ("GET", f"{tl}/{TimelineId.generate()}", None, 404, "not in tenant"),
+        ("POST", tl, b"{not json", 400, "not valid JSON"),
+        ("POST", tl, b"[1]", 400, "JSON object"),
+        ("POST", tl, b"{}", 400, "ancestor_timeline_id"),
+        ("POST", tl, json.dumps({"ancestor_timeline_id": str(timeline),
+                                 "ancestor_lsn": "nonsense"}).encode(), 400, "invalid LSN"),
+        ("POST", tl, json.dumps({"ancestor_timeline_id": str(timeline),
+                                 "ancestor_lsn": "FF/0"}).encode(), 400, "beyond its last"),
+        ("GET", f"{tl}/{timeline}/get_lsn_by_timestamp?timestamp=yesterday", None, 400,
+         "invalid timestamp"),
+        ("GET", f"{tl}/{timeline}/get_lsn_by_timestamp?timestamp=2000-01-01T00:00:00", None,
+         404, "no commit"),
+        ("POST", f"{tl}/{timeline}/wal_receiver",
+         json.dumps({"host": "127.0.0.1", "port": 1, "slot": "Bad-Slot",
+                     "application_name": "x"}).encode(), 400, "slot name"),
+        ("POST", f"{tl}/{timeline}/wal_receiver",
+         json.dumps({"host": "127.0.0.1", "port": "1", "slot": "s",
+                     "application_name": "x"}).encode(), 400, "'port' must be a int"),
+    ]
+    for method, path, body, status, fragment in cases:
+        got_status, message = status_of(method, path, body)
+        assert (got_status, fragment in message) == (status, True), (path, got_status, message)
+    assert client.timeline(tenant, timeline).state == "Active"
+
+    second = PageserverProcess(env.pageserver.workdir, env.test_dir / "second.log")
+    with pytest.raises(AssertionError, match="another pageserver is running"):
+        second.start(timeout_s=30)

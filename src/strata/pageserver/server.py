@@ -138,9 +138,8 @@ class Pageserver:
             raise UserError("give ancestor_lsn or timestamp, not both")
         if timestamp_us is not None:
             lsn = parent.find_lsn_for_timestamp(timestamp_us)
-        if lsn is not None:
-            # Branch points are record ends (D5): the WAL must have been ingested that far.
-            await parent.wait_for_lsn(lsn, self.config.wait_lsn_timeout_s)
+        # An LSN beyond what has been ingested is refused (Tenant.branch_timeline), not
+        # waited for: the caller asks for a point it has seen the pageserver reach.
         new_id = timeline_id or TimelineId(TimelineId.generate().raw)
         async with self._create_lock:
             timeline = await asyncio.to_thread(tenant.branch_timeline, new_id, ancestor_id, lsn)
