@@ -285,11 +285,20 @@ def rel_forks(rel: tuple[int, int, int]) -> list[RelTag]:
 
 @dataclass(slots=True)
 class IngestStats:
+    """Counts of what ingest did (for tests, benchmarks and metrics)."""
+
     records: int = 0
-    wal_bytes: int = 0
+    wal_bytes: int = 0  # record bytes (xl_tot_len), not segment space skipped by SWITCH
     images: int = 0
+    gist_fixups: int = 0
     vm_clears: int = 0
     clog_patches: int = 0
+    truncates: int = 0
+    vm_tail_clears: int = 0
+    dropped_forks: int = 0
+    databases_copied: int = 0
+    multixacts: int = 0
+    prepares: int = 0
 
 
 class WalIngest:
@@ -336,7 +345,7 @@ class WalIngest:
             raise
         tl.finish_record(lsn, Lsn(record.lsn))
         self.stats.records += 1
-        self.stats.wal_bytes += record.end_lsn - record.lsn
+        self.stats.wal_bytes += record.tot_len
 
     def _check_images(self, record: DecodedRecord) -> None:
         for block in record.blocks:
@@ -356,10 +365,11 @@ class WalIngest:
     def _put_images(self, record: DecodedRecord, lsn: Lsn) -> None:
         for block in record.blocks:
             rel = RelTag(block.spcnode, block.dbnode, block.relnode, block.forknum)
+            fixup = is_gist_left_child(record.rmid, record.info, block.block_id)
             value = WalImage(block.bimg_info, block.hole_offset, block.hole_length, block.image,
-                             record.end_lsn,
-                             is_gist_left_child(record.rmid, record.info, block.block_id))
+                             record.end_lsn, fixup)
             self.timeline.put_rel_page(rel, block.blkno, lsn, value)
+            self.stats.gist_fixups += fixup
         self.stats.images += len(record.blocks)
 
     def _advance_xid(self, xid: int) -> None:
@@ -381,6 +391,7 @@ class WalIngest:
                 for xid in (d.xid, *d.subxacts):
                     self._advance_xid(xid)
                 self.timeline.put(twophase_key(d.xid), lsn, Image(d.state_data))
+                self.stats.prepares += 1
             case rec_types.XactAssignment():
                 for xid in (d.xtop, *d.subxacts):
                     self._advance_xid(xid)
@@ -446,7 +457,9 @@ class WalIngest:
             self.stats.clog_patches += 1
         for rel in d.dropped_rels:
             for fork in rel_forks(rel):
-                self.timeline.drop_rel(fork, lsn)
+                if self.timeline.rel_exists(fork, lsn):
+                    self.timeline.drop_rel(fork, lsn)
+                    self.stats.dropped_forks += 1
         if isinstance(d, rec_types.XactCommit):
             self.timeline.put_lsn_time(lsn, d.commit_time + POSTGRES_EPOCH_UNIX_US)
         if d.is_prepared:
@@ -454,6 +467,7 @@ class WalIngest:
 
     def _smgr_truncate(self, d: rec_types.SmgrTruncate, lsn: Lsn) -> None:
         tl = self.timeline
+        self.stats.truncates += 1
         if d.truncates_heap:
             tl.truncate_rel(RelTag(*d.rel, int(ForkNumber.MAIN)), d.blkno, lsn)
         if d.truncates_fsm:
@@ -467,6 +481,7 @@ class WalIngest:
             if plan.tail_patch is not None and plan.tail_block is not None \
                     and plan.tail_block < nblocks:
                 tl.put_rel_page(vm, plan.tail_block, lsn, plan.tail_patch)
+                self.stats.vm_tail_clears += 1
             tl.truncate_rel(vm, plan.new_nblocks, lsn)
 
     def _create_db_file_copy(self, d: rec_types.DbaseCreateFileCopy, lsn: Lsn) -> None:
@@ -481,6 +496,7 @@ class WalIngest:
         tl.put(relmap_key(d.tablespace_id, d.db_id), lsn,
                Image(tl.get(relmap_key(src_spc, src_db), lsn)))
         tl.put_db_dir(d.tablespace_id, d.db_id, lsn, PG_VERSION_CONTENT)
+        self.stats.databases_copied += 1
 
     # --- SLRUs ----------------------------------------------------------------------------
     def _segment_pages(self, kind: SlruKind, segno: int, lsn: Lsn) -> int | None:
@@ -524,6 +540,7 @@ class WalIngest:
             # WAL of older minors has no ZERO_OFF_PAGE for the next multi's page; redo
             # then creates it (RecordNewMultiXact in recovery), and so do we.
             self._extend_segment(kind, segno, blkno, lsn)
+        self.stats.multixacts += 1
         next_multi = (d.mid + 1) & _U32 or FIRST_MULTIXACT_ID
         next_offset = (d.moff + d.nmembers) & _U32
         cp = self.checkpoint
