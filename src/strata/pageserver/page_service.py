@@ -14,8 +14,11 @@ time, in order, until the client ends the copy:
 - a message that does not decode raises ProtocolError, which ends this connection
   only (pgserve sends a FATAL and closes it).
 
-Reads run in a worker thread by default (`read_in_thread`) so that a read from a
-layer file on a slow disk does not stall every other connection of the event loop.
+Where reads run: a single page takes tens of microseconds to reconstruct, less than a
+hop to a worker thread and back (which also costs up to a GIL switch interval, 5 ms,
+in the tail; bench/pageserver.py measures both), so small requests are served on the
+event loop. Batches and key-range scans run in a worker thread, so that one large
+request does not stall every other connection of the loop (`inline_max_pages`).
 """
 
 from __future__ import annotations
@@ -44,13 +47,17 @@ USAGE = "usage: pagestream <tenant_id> <timeline_id>"
 class PageServiceConfig:
     wait_lsn_timeout_s: float = 60.0
     """How long a request waits for its LSN to be ingested before it fails."""
-    read_in_thread: bool = True
-    """Serve reads in a worker thread (True) or on the event loop (faster, blocks it)."""
+    inline_max_pages: int = 4
+    """Requests reading at most this many pages are served on the event loop; larger
+    ones (big batches, DbSize, SLRU segments) in a worker thread. -1: all in threads."""
 
     def __post_init__(self) -> None:
         if not self.wait_lsn_timeout_s > 0:
             raise UserError(f"page service wait_lsn_timeout_s must be > 0, got "
                             f"{self.wait_lsn_timeout_s!r}")
+        if self.inline_max_pages < -1:
+            raise UserError(f"page service inline_max_pages must be >= -1, got "
+                            f"{self.inline_max_pages!r}")
 
 
 TimelineLookup = Callable[[TenantId, TimelineId], Timeline]
@@ -112,10 +119,10 @@ class PageService:
                                      f"{timeline.broken_reason}; re-create it from a branch")
             if not isinstance(request, ps.LeaseRequest):
                 await timeline.wait_for_lsn(request.lsn, self.config.wait_lsn_timeout_s)
-            if self.config.read_in_thread:
-                response = await asyncio.to_thread(serve_request, timeline, request)
-            else:
+            if pages_read(request) <= self.config.inline_max_pages:
                 response = serve_request(timeline, request)
+            else:
+                response = await asyncio.to_thread(serve_request, timeline, request)
         except asyncio.CancelledError:
             raise
         except Exception as err:
@@ -126,6 +133,19 @@ class PageService:
                                                    ps.describe(request))
         self.requests_served += 1
         return response
+
+
+def pages_read(request: ps.Request) -> int:
+    """About how many pages answering `request` reads (to pick loop or thread)."""
+    match request:
+        case ps.GetPageRequest():
+            return 1
+        case ps.GetPagesRequest(blocks=blocks):
+            return len(blocks)
+        case ps.DbSizeRequest() | ps.GetSlruSegmentRequest():
+            return ps.MAX_BATCH_PAGES  # a scan of a key range: never on the loop
+        case _:
+            return 0  # a size, an existence check, a lease: cheap metadata
 
 
 def serve_request(timeline: Timeline, request: ps.Request) -> ps.Response:
