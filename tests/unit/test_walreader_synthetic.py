@@ -8,9 +8,11 @@ import struct
 from pathlib import Path
 
 import google_crc32c
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from strata.common.errors import CorruptionError
 from strata.common.lsn import Lsn
 from strata.pg.walreader import WalStreamDecoder, read_wal_files
 
@@ -30,14 +32,21 @@ def _record(n: int, prev: int) -> bytes:
     return head + struct.pack("<I", crc) + body
 
 
-def build_wal(lengths: list[int]) -> tuple[bytes, list[tuple[int, int, int]]]:
+def build_wal(lengths: list[int], abandon: int | None = None,
+              ) -> tuple[bytes, list[tuple[int, int, int]]]:
     """WAL segments holding NOOP records of the given main data lengths, from BASE on;
-    returns the bytes (whole segments, zeros after the last record) and (lsn, end_lsn, n)."""
+    returns the bytes (whole segments, zeros after the last record) and (lsn, end_lsn, n).
+
+    Record number `abandon` is cut after its first page, as when a crash interrupted it;
+    the next page then carries XLP_FIRST_IS_OVERWRITE_CONTRECORD and the records go on there
+    (xlog.c after recovery; the overwrite record itself is a NOOP here). It is not returned.
+    """
     buf = bytearray(((sum(lengths) + 64 * len(lengths)) * 2 // SEG + 2) * SEG)
+    overwrite = False
 
     def header(page: int, rem: int) -> int:
         long = page % SEG == 0
-        info = (1 if rem else 0) | (2 if long else 0)
+        info = (1 if rem else 0) | (2 if long else 0) | (8 if overwrite else 0)
         h = struct.pack("<HHIQI4x", 0xD110, info, 1, page, rem)
         if long:
             h += struct.pack("<QII", SYSID, SEG, PAGE)
@@ -47,19 +56,25 @@ def build_wal(lengths: list[int]) -> tuple[bytes, list[tuple[int, int, int]]]:
     pos = BASE
     prev = 0
     out: list[tuple[int, int, int]] = []
-    for n in lengths:
+    for k, n in enumerate(lengths):
         if pos % PAGE == 0:
             pos += header(pos, 0)
+            overwrite = False
         lsn = pos
         rec = _record(n, prev)
         i = 0
         while i < len(rec):
             if pos % PAGE == 0:
+                if k == abandon:
+                    overwrite = True
+                    break
                 pos += header(pos, len(rec) - i)
             take = min(len(rec) - i, PAGE - pos % PAGE)
             buf[pos - BASE:pos - BASE + take] = rec[i:i + take]
             pos += take
             i += take
+        if overwrite:
+            continue  # the next record begins on this page, after its header
         end = (pos + 7) & ~7
         out.append((lsn, end, n))
         prev, pos = lsn, end
@@ -114,9 +129,26 @@ def test_any_layout_decodes_from_files_and_from_any_start(
         decoder.feed(wal[pos - BASE:min(pos + chunk, end) - BASE])
         got.extend((r.lsn, r.end_lsn, len(r.main_data)) for r in decoder)
     expect = [b for b in built if b[0] >= start]
-    # A mid-page start finds its footing at the next page that begins or continues a record
-    # and walks back; with no later page in the stream, it can only wait.
-    if start % PAGE and not any(b[1] > ((start | (PAGE - 1)) + 1) for b in built):
+    # A mid-page start finds its footing at the first record that begins after the next page
+    # header and walks back along xl_prev; until that record arrives, it can only wait.
+    if start % PAGE and not any(b[0] > ((start | (PAGE - 1)) + 1) for b in built):
         assert got == []
     else:
         assert got == expect
+
+
+def test_abandoned_record_is_skipped_at_an_overwrite_contrecord_page(tmp_path: Path) -> None:
+    """A record cut short by a crash is skipped where the next page has
+    XLP_FIRST_IS_OVERWRITE_CONTRECORD; without the flag it is corruption."""
+    data, built = build_wal([100, 20000, 50, 60], abandon=1)
+    assert len(built) == 3
+    records = list(read_wal_files(_write(tmp_path, data)))
+    assert [(r.lsn, r.end_lsn, len(r.main_data)) for r in records] == built
+    assert records[1].prev == records[0].lsn
+    page = (built[0][1] | (PAGE - 1)) + 1
+    plain = bytearray(data)
+    plain[page - BASE + 2] &= ~8
+    decoder = WalStreamDecoder(Lsn(BASE), SEG)
+    decoder.feed(bytes(plain[:built[-1][1] - BASE]))
+    with pytest.raises(CorruptionError, match=rf"at {Lsn(page)}: there is no contrecord flag"):
+        list(decoder)

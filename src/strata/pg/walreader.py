@@ -46,6 +46,7 @@ from strata.pg.constants import (
     XLOG_SWITCH,
     XLP_ALL_FLAGS,
     XLP_FIRST_IS_CONTRECORD,
+    XLP_FIRST_IS_OVERWRITE_CONTRECORD,
     XLP_LONG_HEADER,
     XLR_BLOCK_ID_DATA_LONG,
     XLR_BLOCK_ID_DATA_SHORT,
@@ -157,6 +158,14 @@ class WalCorruption(CorruptionError):
         super().__init__(message, path=path, offset=offset)
         self.message = message
         self.lsn = lsn
+
+
+class _Overwritten(Exception):
+    """The record being assembled was abandoned (XLP_FIRST_IS_OVERWRITE_CONTRECORD)."""
+
+    def __init__(self, page_lsn: int) -> None:
+        super().__init__(page_lsn)
+        self.page_lsn = page_lsn
 
 
 def _corrupt(lsn: int, what: str) -> WalCorruption:
@@ -456,6 +465,8 @@ class WalStreamDecoder:
                                      "a segment")
         is_cont = bool(info & XLP_FIRST_IS_CONTRECORD)
         if rem_len is not None:
+            if not is_cont and info & XLP_FIRST_IS_OVERWRITE_CONTRECORD:
+                raise _Overwritten(page_lsn)
             if not is_cont:
                 raise _corrupt(page_lsn, f"there is no contrecord flag, but {rem_len} bytes of "
                                          "the record that began on an earlier page are missing")
@@ -554,7 +565,14 @@ class WalStreamDecoder:
             rec = buf[off:off + tot_len]
             end = lsn + tot_len
         else:
-            assembled = self._assemble(lsn, tot_len, page_end)
+            try:
+                assembled = self._assemble(lsn, tot_len, page_end)
+            except _Overwritten as overwritten:
+                # PostgreSQL abandoned this record, left incomplete by a crash: the WAL goes on
+                # at this page with an XLOG OVERWRITE_CONTRECORD record (xlogreader.c), whose
+                # xl_prev is the last complete record.
+                self._next = overwritten.page_lsn
+                return self._read_record()
             if assembled is None:
                 return None
             rec, end = assembled
