@@ -323,9 +323,10 @@ class WalStreamDecoder:
     `start_lsn` may be anywhere. At a page start the page header says how much of a record
     continued from the previous page is to be skipped (`XLP_FIRST_IS_CONTRECORD` +
     `xlp_rem_len`, as `XLogFindNextRecord` does). Mid-page, the decoder waits for the next page
-    header, finds the first record that begins on that page or later, and follows `xl_prev`
-    links back to the first record that begins at or after `start_lsn`; so a stream that starts
-    exactly at a record start (the usual case) loses nothing. Records are verified as they are
+    header, finds the first record that begins after it, and follows `xl_prev` links back to
+    the first record that begins at or after `start_lsn`; so a stream that starts exactly at a
+    record start loses nothing. (Until that anchor record arrives, `poll()` returns None; a
+    caller that knows its start is a record start says so with `at_record_start`.) Records are verified as they are
     decoded (CRC, prev-link, page headers), so a wrong guess cannot go unnoticed.
 
     `at_record_start`: the caller knows that `start_lsn` is where a record begins (the end of
