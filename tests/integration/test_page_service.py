@@ -378,3 +378,22 @@ def test_lease_over_the_page_service_holds_gc_until_it_expires(served: Served) -
         with pytest.raises(UserError, match="cannot lease LSN 0/400: it is below the GC cutoff"):
             client.lease(Lsn(0x400), 100.0)
         assert client.get_page(REL, 0, Lsn(0x700)) == page(6)
+
+
+def test_sync_client_reconnects_once_after_the_pageserver_restarts(served: Served) -> None:
+    """The blocking client keeps its connection across calls and, when the pageserver
+    goes away and comes back on the same port, re-opens it for the next call."""
+    record(served.tl, 0x200, (REL, 0, page(1)))
+    with served.sync_client() as client:
+        assert client.get_page(REL, 0, Lsn(0x200)) == page(1)
+        assert client.nblocks(REL, Lsn(0x200)) == 1
+        assert client.connects == 1
+        port = served.port
+        served.run(served.server.stop(grace_s=0))
+        served.server = PgProtocolServer(served.service.handle_query, port=port,
+                                         name="pagestream-test")
+        served.run(served.server.start())
+        assert client.get_page(REL, 0, Lsn(0x200)) == page(1)
+        assert client.connects == 2
+        assert client.exists(REL, Lsn(0x200)) is True
+        assert client.connects == 2
