@@ -6,12 +6,14 @@ then runs in its own process (as the pageserver would, so that server and client
 not share one interpreter lock) and the client reads random blocks at the last LSN:
 
 - unbatched, one connection, one request at a time: pages/s, p50/p99 latency;
-- unbatched, eight connections at once: pages/s, p99;
+- unbatched at a moderate fixed load (1000 requests/s over eight connections): p50/p99;
+- unbatched, eight connections as fast as they go: pages/s, p99;
 - batched (BATCH random blocks per GetPages request), one and eight connections;
 - two baselines from the same run: `os.pread` of the same pages from a local file (page
   cache warm) and `timeline.get_rel_page` in-process (the storage engine alone).
 
-Figures: getpage_pages_per_s, getpage_p50_ms, getpage_p99_ms, getpage_8conn_pages_per_s,
+Figures: getpage_pages_per_s, getpage_p50_ms, getpage_p99_ms, getpage_moderate_p50_ms,
+getpage_moderate_p99_ms, getpage_8conn_pages_per_s,
 getpage_8conn_p99_ms, getpage_batched_pages_per_s, getpage_batched_p99_ms (per batch),
 getpage_batched_8conn_pages_per_s, local_file_pages_per_s, inprocess_pages_per_s,
 and two alternatives to the default split (single pages on the event loop, batches in a
@@ -48,6 +50,7 @@ from strata.storage.tenant import TenantConfig
 
 BLCKSZ = 8192
 BATCH = 64
+PACED_RATE_PER_S = 1000.0
 TENANT = TenantId(bytes(16))
 TIMELINE = TimelineId(bytes(15) + b"\x01")
 
@@ -141,6 +144,41 @@ async def unbatched(port: int, sample: list[tuple[RelTag, int]], lsn: Lsn,
     return len(sample) / elapsed, latencies
 
 
+async def paced(port: int, sample: list[tuple[RelTag, int]], lsn: Lsn, connections: int,
+                rate_per_s: float) -> list[float]:
+    """Latencies at a moderate, fixed offered load: `rate_per_s` requests per second in
+    all, spread over `connections` connections (open loop: a slow answer does not slow
+    the next request's start)."""
+    clients = [await PageClient.connect("127.0.0.1", port, TENANT, TIMELINE)
+               for _ in range(connections)]
+    latencies: list[float] = []
+    interval = connections / rate_per_s
+
+    async def worker(client: PageClient, keys: list[tuple[RelTag, int]], offset: float) -> None:
+        start = time.perf_counter() + offset
+
+        async def one(rel: RelTag, blkno: int) -> None:
+            t0 = time.perf_counter()
+            await client.get_page(rel, blkno, lsn)
+            latencies.append(time.perf_counter() - t0)
+
+        pending = []
+        for i, (rel, blkno) in enumerate(keys):
+            delay = start + i * interval - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            pending.append(asyncio.ensure_future(one(rel, blkno)))
+        await asyncio.gather(*pending)
+
+    try:
+        await asyncio.gather(*(worker(c, sample[i::connections], i / rate_per_s)
+                               for i, c in enumerate(clients)))
+    finally:
+        for c in clients:
+            await c.close()
+    return latencies
+
+
 async def batched(port: int, sample: list[tuple[RelTag, int]], lsn: Lsn,
                   connections: int) -> tuple[float, list[float]]:
     """(pages/s, latency per batch in s): BATCH random blocks per request."""
@@ -222,6 +260,10 @@ def run(report: Report, quick: bool) -> None:
                        baseline=percentile(local_lat, 0.5) * 1000)
             report.add("getpage_p99_ms", percentile(lat, 0.99) * 1000, "ms",
                        baseline=percentile(local_lat, 0.99) * 1000)
+            moderate = asyncio.run(paced(server.port, sample[:min(requests, 4000)], lsn, 8,
+                                         PACED_RATE_PER_S))
+            report.add("getpage_moderate_p50_ms", percentile(moderate, 0.5) * 1000, "ms")
+            report.add("getpage_moderate_p99_ms", percentile(moderate, 0.99) * 1000, "ms")
             rate8, lat8 = asyncio.run(unbatched(server.port, sample, lsn, 8))
             report.add("getpage_8conn_pages_per_s", rate8, "pages/s", baseline=local_rate)
             report.add("getpage_8conn_p99_ms", percentile(lat8, 0.99) * 1000, "ms")
