@@ -163,10 +163,9 @@ class Pageserver:
         """Ingest what the log holds, then freeze and flush the timeline."""
         wal = self.wal(tenant_id, timeline_id)
         await wal.wait_caught_up(self.config.wait_lsn_timeout_s)
-        timeline = wal.timeline
-        if timeline.broken_reason is None:
-            await asyncio.to_thread(timeline.flush)
-        return timeline
+        if wal.timeline.broken_reason is None:
+            await wal.flush()
+        return wal.timeline
 
     # --- PostgreSQL-protocol commands ------------------------------------------------------
     async def handle_query(self, session: Session, query: str) -> Reply:

@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from strata.common.errors import StrataError, Unavailable, UserError
 from strata.common.logctx import timeline_context
@@ -40,6 +40,7 @@ from strata.pg.walreader import DecodedRecord, WalStreamDecoder
 from strata.storage.timeline import Timeline, TimelineBroken
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WAL_DIR = "wal"
 RECEIVER_FILE = "walreceiver.json"
@@ -86,6 +87,9 @@ class TimelineWal:
         self._fed = 0  # end of the log bytes given to the decoder
         self._caught_up = False  # decoded everything up to the log's flush_lsn
         self.ingest_error: str | None = None
+        # Held while a worker thread writes to the timeline: a flush must not freeze the
+        # open layer between the puts of one record.
+        self._apply_lock = asyncio.Lock()
 
     def _context(self) -> contextlib.AbstractContextManager[None]:
         return timeline_context(self.timeline.tenant_id, self.timeline.timeline_id)
@@ -123,10 +127,16 @@ class TimelineWal:
             await self.detach(forget=False)
             await self._stop_ingest()
             if flush and self.timeline.broken_reason is None:
-                await asyncio.to_thread(self.timeline.flush)
+                await self.flush()
             if self.wal_log is not None:
                 self.wal_log.close()
                 self.wal_log = None
+
+    async def flush(self) -> None:
+        """Freeze and write the in-memory layers (never in the middle of a record: the
+        ingest thread and this take turns)."""
+        async with self._apply_lock:
+            await in_thread(self.timeline.flush)
 
     # --- receiver --------------------------------------------------------------------
     async def attach(self, target: ReceiverTarget) -> None:
@@ -186,7 +196,7 @@ class TimelineWal:
                 await self._stop_ingest()
                 log.info("truncating partial record %s..%s off the WAL log", last,
                          self.wal_log.end_lsn)
-                self.wal_log = await asyncio.to_thread(_truncate_log, self.wal_log, last)
+                self.wal_log = await in_thread(_truncate_log, self.wal_log, last)
                 self._start_ingest()
             assert self.wal_log.end_lsn == last, (self.wal_log.end_lsn, last)
             return last, self.timeline.prev_record_lsn
@@ -219,9 +229,11 @@ class TimelineWal:
                 await self._ingest()
             except asyncio.CancelledError:
                 raise
-            except StrataError as err:
+            except Exception as err:  # noqa: BLE001 - any failure stops ingest, loudly
                 # The WAL could not be applied exactly; serving pages from here on
                 # could be wrong, so reads refuse with the reason (D2).
+                if not isinstance(err, StrataError):
+                    log.exception("ingest failed at %s", self.timeline.last_record_lsn)
                 self.ingest_error = f"ingest stopped at {self.timeline.last_record_lsn}: {err}"
                 if self.timeline.broken_reason is None:
                     self.timeline.mark_broken(self.ingest_error)
@@ -248,10 +260,16 @@ class TimelineWal:
             flush = wal_log.flush_lsn.value
             if self._fed < flush:
                 end = min(flush, self._fed + self._batch_bytes)
-                data = await asyncio.to_thread(wal_log.read, Lsn(self._fed), Lsn(end))
+                data = await in_thread(wal_log.read, Lsn(self._fed), Lsn(end))
                 decoder.feed(data)
                 self._fed = end
-                await asyncio.to_thread(_apply_all, decoder, applier, timeline)
+                dcl = timeline.disk_consistent_lsn
+                async with self._apply_lock:
+                    await in_thread(_apply_all, decoder, applier, timeline)
+                if timeline.disk_consistent_lsn.segno(wal_log.seg_size) > dcl.segno(
+                        wal_log.seg_size):
+                    # Segments wholly below disk_consistent_lsn are never read again.
+                    await in_thread(wal_log.remove_below, timeline.disk_consistent_lsn)
                 if self._fed >= wal_log.flush_lsn.value:
                     self._caught_up = True
                 async with self._progress:
@@ -264,13 +282,25 @@ class TimelineWal:
             now = time.monotonic()
             if (timeline.last_record_lsn > timeline.disk_consistent_lsn
                     and now - last_flush >= timeline.conf.checkpoint_timeout_s):
-                await asyncio.to_thread(timeline.flush)
+                await self.flush()
                 last_flush = now
-                await asyncio.to_thread(wal_log.remove_below, timeline.disk_consistent_lsn)
+                await in_thread(wal_log.remove_below, timeline.disk_consistent_lsn)
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_IDLE_CHECK_S):
                     await self._wakeup.wait()
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a worker thread; if we are cancelled meanwhile, wait for the thread
+    to finish before the cancellation goes on (its writes must not overlap what the
+    canceller does next, such as a flush or closing the log)."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
 
 
 def _apply_all(decoder: WalStreamDecoder, applier: RecordApplier, timeline: Timeline) -> None:
