@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import zstandard
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -23,17 +24,19 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from strata.common.errors import NotFound, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
+from strata.pg.constants import BKPIMAGE_COMPRESS_ZSTD
 from strata.storage.compaction import compact
 from strata.storage.key import RelTag
 from strata.storage.repository import Repository
 from strata.storage.tenant import Tenant, TenantConfig
 from strata.storage.timeline import Timeline
-from strata.storage.value import Image, Patch, PatchOp, Value
+from strata.storage.value import Image, Patch, PatchOp, Value, WalImage
 
 RELS = [RelTag(1663, 5, 16384, 0), RelTag(1663, 5, 16384, 1), RelTag(1663, 5, 16390, 0)]
 MAX_BLOCK = 7
 ZERO = bytes(8192)
 INITDB = 0x100
+_zstd = zstandard.ZstdCompressor()
 
 RelState = tuple[int, dict[int, bytes]]
 State = dict[RelTag, RelState]
@@ -42,6 +45,11 @@ Op = tuple[str, RelTag, int, Value | None]
 
 def page(tag: int) -> bytes:
     return bytes([tag & 0xFF]) * 16 + bytes(((tag * 31 + i) % 253) for i in range(8176))
+
+
+def wal_image(data: bytes) -> WalImage:
+    """The page as PostgreSQL logs it with wal_compression=zstd (pd_lsn set on read)."""
+    return WalImage(BKPIMAGE_COMPRESS_ZSTD, 0, 0, _zstd.compress(data), 0x5000, False)
 
 
 def apply_model(state: State, op: Op) -> State:
@@ -53,6 +61,8 @@ def apply_model(state: State, op: Op) -> State:
         blocks = dict(blocks)
         if isinstance(value, Image):
             blocks[n] = value.data
+        elif isinstance(value, WalImage):
+            blocks[n] = value.materialize()
         else:
             assert isinstance(value, Patch)
             base = bytearray(blocks.get(n, ZERO))
@@ -160,8 +170,11 @@ class StorageMachine(RuleBasedStateMachine):
         for _ in range(data.draw(st.integers(1, 3), label="puts")):
             rel = data.draw(st.sampled_from(RELS), label="rel")
             blkno = data.draw(st.integers(0, MAX_BLOCK), label="blkno")
-            if data.draw(st.booleans(), label="image"):
+            kind = data.draw(st.sampled_from(["image", "wal", "patch"]), label="value")
+            if kind == "image":
                 value: Value = Image(page(data.draw(st.integers(0, 255), label="tag")))
+            elif kind == "wal":
+                value = wal_image(page(data.draw(st.integers(0, 255), label="tag")))
             else:
                 offset = data.draw(st.integers(16, 8191), label="offset")
                 value = Patch((PatchOp(offset, 0x0F, data.draw(st.integers(0, 255))),))

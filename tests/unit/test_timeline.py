@@ -507,3 +507,17 @@ def test_gc_cutoff_honours_pitr_interval(tmp_path: Path) -> None:
     clock.now += 1_000
     tenant.gc()
     assert tl.gc_cutoff == Lsn(0x500)
+
+
+def test_delete_timeline_refused_with_branches(tmp_path: Path) -> None:
+    repo, tenant = make_tenant(tmp_path)
+    main = new_timeline(tenant)
+    record(main, 0x200, (0, page(1)))
+    child = tenant.branch_timeline(TimelineId(os.urandom(16)), main.timeline_id)
+    with pytest.raises(UserError, match="has branches"):
+        tenant.delete_timeline(main.timeline_id)
+    tenant.delete_timeline(child.timeline_id)
+    tenant.delete_timeline(main.timeline_id)
+    assert tenant.list_timelines() == []
+    assert Repository(tmp_path).get_tenant(tenant.tenant_id).list_timelines() == []
+    repo.close()

@@ -1,10 +1,10 @@
 """Garbage collection: advance a timeline's GC cutoff and delete layer files no retained read needs.
 
-cutoff = min(last_record_lsn - gc_horizon, the LSN at now - pitr_interval (from the
-LSN-time index), the branch point of every descendant that reads this timeline, every
-live LSN lease of this timeline or of such a descendant below its branch point). The
-cutoff never moves back. It is persisted in the metadata before any file is deleted,
-so after a crash reads below it stay refused.
+cutoff = min(last_record_lsn - gc_horizon, disk_consistent_lsn, the LSN at now -
+pitr_interval (from the LSN-time index), the branch point of every descendant that
+reads this timeline, every live LSN lease of this timeline or of such a descendant
+below its branch point). The cutoff never moves back. It is persisted in the metadata
+before any file is deleted, so after a crash reads below it stay refused.
 
 A layer is removable when every read at or above the cutoff stops before reaching it:
 image layers at or below the cutoff, each ending at or after the layer's end, cover
@@ -48,7 +48,9 @@ def retention_points(timeline: Timeline, now: float) -> list[int]:
 def compute_cutoff(timeline: Timeline, now: float) -> int:
     conf = timeline.conf
     last = timeline.last_record_lsn.value
-    candidates = [max(0, last - conf.gc_horizon)]
+    # Never above disk_consistent_lsn: after a restart the timeline resumes there and
+    # must be able to serve (and branch at) its own last_record_lsn.
+    candidates = [max(0, last - conf.gc_horizon), timeline.disk_consistent_lsn.value]
     if conf.pitr_interval_s > 0:
         ts_us = int((now - conf.pitr_interval_s) * 1_000_000)
         try:
