@@ -397,3 +397,46 @@ def test_sync_client_reconnects_once_after_the_pageserver_restarts(served: Serve
         assert client.connects == 2
         assert client.exists(REL, Lsn(0x200)) is True
         assert client.connects == 2
+
+
+def test_pages_of_an_imported_initdb_datadir_equal_its_files(tmp_path: Path,
+                                                            pg_factory: Any) -> None:
+    """A real PostgreSQL 15 data directory imported into a timeline reads back over the
+    wire byte for byte: every fork of every relation of database `postgres` and the
+    shared catalogs (batched), their sizes, DbSize, and the pg_xact segment."""
+    from strata.pageserver.import_datadir import import_new_timeline
+    from strata.pg.relfile import parse_path
+
+    server = pg_factory("initdb")
+    server.initdb()
+    datadir: Path = server.datadir
+    s = Served(tmp_path / "repo")
+    try:
+        tl = import_new_timeline(s.tenant, TimelineId(os.urandom(16)), datadir)
+        s.tl = tl
+        lsn = tl.last_record_lsn
+        files: dict[RelTag, bytes] = {}
+        for sub in ("base/5", "global"):
+            for path in sorted((datadir / sub).iterdir()):
+                loc = parse_path(f"{sub}/{path.name}")
+                if loc is None:
+                    continue
+                assert loc.segno == 0, loc  # initdb's files are all far below 1 GB
+                files[RelTag(loc.spcnode, loc.dbnode, loc.relnode, int(loc.fork))] = \
+                    path.read_bytes()
+        assert len(files) > 100, sorted(files)[:5]
+        with s.sync_client() as client:
+            for rel, data in files.items():
+                nblocks = len(data) // 8192
+                assert client.exists(rel, lsn)
+                assert client.nblocks(rel, lsn) == nblocks, rel
+                if nblocks:
+                    pages = client.get_rel_pages(rel, range(nblocks), lsn)
+                    assert b"".join(pages) == data, rel
+            db5 = sum(len(d) for r, d in files.items() if r.dbnode == 5)
+            assert client.dbsize(5, lsn) == db5
+            xact = client.slru_segment(SlruKind.CLOG, 0, lsn)
+            assert xact == (datadir / "pg_xact" / "0000").read_bytes()
+            assert client.connects == 1
+    finally:
+        s.close()
