@@ -119,6 +119,10 @@ def test_merge_checkpoint_keeps_maxima_and_takes_horizons() -> None:
             merged.next_multi_offset) == (2000, 30000, 12, 80)
     assert merged.oldest_xid == 750
     assert merged.redo == seen.redo
+    # A truncation that moved oldestXid past the checkpoint's own value is kept.
+    truncated = _checkpoint(oldest_xid=800, oldest_xid_db=7)
+    kept = merge_checkpoint(truncated, seen)
+    assert (kept.oldest_xid, kept.oldest_xid_db) == (800, 7)
 
 
 # --- pg_xact ---------------------------------------------------------------------------

@@ -118,17 +118,28 @@ def later_u32(current: int, candidate: int) -> int:
 
 
 def merge_checkpoint(current: CheckPoint, seen: CheckPoint) -> CheckPoint:
-    """Counters after a checkpoint record: maxima for the next* counters, its oldest*.
+    """Counters after a checkpoint record: maxima for the next* counters, its horizons.
 
     nextXid is compared as the full 64-bit value; the 32-bit counters in wrapping order.
-    oldestXid, oldestMulti and the other horizons are the record's (they only advance).
+    oldestXid and oldestMulti (with their databases) are the record's unless a CLOG or
+    MultiXact truncation already moved them further: an online checkpoint computes them
+    at its start, and a truncation during the checkpoint must not be undone. The other
+    fields (oldestActiveXid, commit-ts xids, time, redo) are the record's.
     """
+    oldest_xid, oldest_xid_db = seen.oldest_xid, seen.oldest_xid_db
+    if u32_follows(current.oldest_xid, seen.oldest_xid):
+        oldest_xid, oldest_xid_db = current.oldest_xid, current.oldest_xid_db
+    oldest_multi, oldest_multi_db = seen.oldest_multi, seen.oldest_multi_db
+    if u32_follows(current.oldest_multi, seen.oldest_multi):
+        oldest_multi, oldest_multi_db = current.oldest_multi, current.oldest_multi_db
     return dataclasses.replace(
         seen,
         next_xid=max(current.next_xid, seen.next_xid),
         next_oid=later_u32(current.next_oid, seen.next_oid),
         next_multi=later_u32(current.next_multi, seen.next_multi),
         next_multi_offset=later_u32(current.next_multi_offset, seen.next_multi_offset),
+        oldest_xid=oldest_xid, oldest_xid_db=oldest_xid_db,
+        oldest_multi=oldest_multi, oldest_multi_db=oldest_multi_db,
     )
 
 
