@@ -34,6 +34,7 @@ from strata.common.lsn import Lsn
 from strata.common.pgserve import CopyOut, CopyStream, PgProtocolServer, Reply, Session
 from strata.common.proc import make_dir_for, service_user
 from strata.pageserver.config import PageserverConfig
+from strata.pageserver.page_service import PageService, PageServiceConfig
 from strata.pageserver.timeline_wal import ReceiverTarget, RecordApplier, TimelineWal
 from strata.storage.repository import Repository
 from strata.storage.tenant import Tenant, TenantConfig
@@ -61,6 +62,8 @@ class Pageserver:
         self.repo = Repository(config.workdir)
         self.wals: dict[tuple[TenantId, TimelineId], TimelineWal] = {}
         self._create_lock = asyncio.Lock()
+        self.page_service = PageService(self.timeline, PageServiceConfig(
+            wait_lsn_timeout_s=config.wait_lsn_timeout_s))
 
     async def start(self) -> None:
         for tenant in self.repo.tenants.values():
@@ -175,6 +178,8 @@ class Pageserver:
                             "<timeline> [lsn] [read_only]`")
         if words[0].lower() == "basebackup":
             return await self._basebackup_command(words[1:])
+        if words[0].lower() == "pagestream":
+            return self.page_service.command(words[1:])
         raise UserError(f"unknown command {words[0]!r}; this port answers `basebackup "
                         "<tenant> <timeline> [lsn] [read_only]`")
 
