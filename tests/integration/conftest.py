@@ -14,13 +14,22 @@ from fixtures_env import Env, PageserverProcess  # noqa: E402
 
 
 @pytest.fixture
-def env(test_dir: Path) -> Iterator[Env]:
-    """A running pageserver under the test's directory; it and every compute are stopped
-    at the end (SIGKILL: a test that checks a clean stop does it itself). ERROR and WARNING
-    lines in the pageserver's log fail the test unless it lists them in
+def pageserver(test_dir: Path) -> Iterator[PageserverProcess]:
+    """The pageserver process on free ports under the test's directory; SIGKILLed at the
+    end if the test did not stop it (a test that checks a clean stop does it itself)."""
+    process = PageserverProcess(test_dir / "pageserver", test_dir / "pageserver.log")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.kill9()
+
+
+@pytest.fixture
+def env(test_dir: Path, pageserver: PageserverProcess) -> Iterator[Env]:
+    """The pageserver plus `start_compute`; every compute is stopped at the end. ERROR and
+    WARNING lines in the pageserver's log fail the test unless it lists them in
     `env.allowed_log_errors`."""
-    pageserver = PageserverProcess(test_dir / "pageserver", test_dir / "pageserver.log")
-    pageserver.start()
     environment = Env(test_dir, pageserver)
     try:
         yield environment
