@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -440,3 +441,44 @@ def test_pages_of_an_imported_initdb_datadir_equal_its_files(tmp_path: Path,
             assert client.connects == 1
     finally:
         s.close()
+
+
+def test_pagestream_on_the_pageserver_process(env: Any) -> None:
+    """The pageserver process answers `pagestream`: a page a running compute has just
+    written is served once its WAL is ingested (the request waits if ingest lags), and at a
+    record end the pages over the wire equal the relation file of a full basebackup."""
+    import io
+    import tarfile
+
+    tenant, timeline = env.client.create_tenant()
+    compute = env.start_compute(tenant, timeline)
+    compute.sql("create table t (id int, note text)")
+    compute.sql("insert into t select g, 'pagestream-marker-' || g from generate_series(1, 50) g")
+    filenode = int(compute.sql("select pg_relation_filenode('t')")[0][0])
+    dbnode = int(compute.sql("select oid from pg_database where datname = 'postgres'")[0][0])
+    rel = RelTag(1663, dbnode, filenode, 0)
+    flushed = Lsn.parse(compute.sql("select pg_current_wal_flush_lsn()::text")[0][0])
+    # A flush position just past a page header means the last record ended at the page
+    # start, and a record end is what last_record_lsn reaches.
+    target = Lsn(flushed.value - flushed.value % 8192) if flushed.value % 8192 <= 40 \
+        else flushed
+    with PageClientSync("127.0.0.1", env.pageserver.pg_port, tenant, timeline) as client:
+        page0 = client.get_page(rel, 0, target)  # waits, if need be, for ingest to get there
+        assert b"pagestream-marker-50" in page0
+        assert client.exists(rel, target) and client.nblocks(rel, target) == 1
+        at = env.client.timeline(tenant, timeline).last_record_lsn
+        tar = io.BytesIO()
+        env.client.basebackup(tenant, timeline, tar, at)
+        tar.seek(0)
+        with tarfile.open(fileobj=tar) as archive:
+            member = archive.extractfile(f"base/{dbnode}/{filenode}")
+            assert member is not None
+            data = member.read()
+        nblocks = client.nblocks(rel, at)
+        assert len(data) == nblocks * 8192
+        assert b"".join(client.get_rel_pages(rel, range(nblocks), at)) == data
+        assert client.dbsize(dbnode, at) >= len(data)
+        assert client.lease(at, 60.0) > time.time()
+        with pytest.raises(NotFound, match=f"block {nblocks} of rel 1663/{dbnode}/{filenode}"):
+            client.get_page(rel, nblocks, at)
+    assert env.unexpected_log_errors() == []
