@@ -157,6 +157,15 @@ def run_everything(server: PgServer) -> None:
     run_workload(server)
     for statement in EXTRA_SQL:
         server.sql(statement)
+    # CREATE DATABASE of a database with data, with both strategies (the workload's
+    # file_copy database is dropped again).
+    server.sql("create database src_db")
+    server.sql("create table s (a int primary key, b text)", dbname="src_db")
+    server.sql("insert into s select g, md5(g::text) from generate_series(1, 5000) g",
+               dbname="src_db")
+    server.sql("create database db_fc template src_db strategy file_copy")
+    server.sql("create database db_wl template src_db strategy wal_log")
+    server.sql("insert into s values (0, 'only in src_db')", dbname="src_db")
 
 
 def dumps(server: PgServer) -> dict[str, str]:
@@ -174,7 +183,7 @@ def test_workload_survives_a_new_compute_and_pages_are_golden(env: Env) -> None:
     c1 = env.start_compute(tenant, timeline)
     run_everything(c1)
     before = dumps(c1)
-    assert set(before) == {"postgres", "db_wal", "template1"}
+    assert set(before) == {"postgres", "db_wal", "template1", "src_db", "db_fc", "db_wl"}
     c1.stop("fast")
 
     c2 = env.start_compute(tenant, timeline)
@@ -183,6 +192,8 @@ def test_workload_survives_a_new_compute_and_pages_are_golden(env: Env) -> None:
     for db in before:
         assert_same_dump(before[db], after[db])
     assert assert_balances(c2) == 200
+    for db in ("db_fc", "db_wl"):
+        assert c2.sql("select count(*), min(a) from s", dbname=db) == [(5000, 1)]
     # The compute is writable and its WAL is ingested.
     c2.sql("insert into items values (200000, 2, 'on compute 2', null)")
     wait_ingested(env, tenant, timeline, c2)
