@@ -219,6 +219,7 @@ def check_golden(env: Env, tenant: TenantId, timeline: TimelineId, compute: PgSe
     report = golden.golden_check(compute.datadir, compute.connect, page_source)
     if "repo" in state:
         state["repo"].close()  # type: ignore[attr-defined]
+    print(report.summary())
     report.raise_if_failed()
     assert report.pages_checked > 1000, report.summary()
 
