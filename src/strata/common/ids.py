@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Self
 
 from strata.common.errors import UserError
 
@@ -16,11 +17,11 @@ class _Id:
         assert isinstance(self.raw, bytes) and len(self.raw) == 16, self.raw
 
     @classmethod
-    def generate(cls) -> "_Id":
+    def generate(cls) -> Self:
         return cls(os.urandom(16))
 
     @classmethod
-    def parse(cls, text: str) -> "_Id":
+    def parse(cls, text: str) -> Self:
         try:
             raw = bytes.fromhex(text)
         except ValueError as err:
