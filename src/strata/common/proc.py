@@ -126,10 +126,11 @@ def popen_as(user: RunAs, argv: Sequence[str | os.PathLike[str]], *, log_path: P
     """Start a long-running process as `user`, stdout+stderr appended to `log_path`."""
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
     try:
-        return subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=_env_for(user, env), cwd=cwd,
-                                start_new_session=True,
-                                **_demote_kwargs(user))  # type: ignore[call-overload]
+        proc: subprocess.Popen[bytes] = subprocess.Popen(
+            [str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=_env_for(user, env), cwd=cwd,
+            start_new_session=True, **_demote_kwargs(user))  # type: ignore[call-overload]
+        return proc
     finally:
         log.close()
 

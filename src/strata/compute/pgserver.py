@@ -175,7 +175,7 @@ class PgServer:
     def sql(self, query: str, *params: Any, dbname: str = "postgres") -> list[tuple[Any, ...]]:
         """Run one statement with autocommit and return its rows (empty if none)."""
         with self.connect(dbname) as conn:
-            cur = conn.execute(query, params or None)  # type: ignore[arg-type]
+            cur = conn.execute(query, params or None)
             return cur.fetchall() if cur.description else []
 
     def bin(self, name: str) -> Path:

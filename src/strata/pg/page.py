@@ -40,7 +40,8 @@ def with_page_lsn(page: bytes, lsn: int) -> bytes:
 
 def is_new(page: bytes | bytearray | memoryview) -> bool:
     """PageIsNew: pd_upper == 0 (an all-zero page PostgreSQL initializes itself)."""
-    return struct.unpack_from("<H", page, 14)[0] == 0
+    upper: int = struct.unpack_from("<H", page, 14)[0]
+    return upper == 0
 
 
 def header_fields(page: bytes | bytearray | memoryview) -> dict[str, int]:
