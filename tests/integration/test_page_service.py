@@ -4,6 +4,7 @@ Repository built in the test, read with the asyncio and the blocking pagestream 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import struct
@@ -482,3 +483,27 @@ def test_pagestream_on_the_pageserver_process(env: Any) -> None:
         with pytest.raises(NotFound, match=f"block {nblocks} of rel 1663/{dbnode}/{filenode}"):
             client.get_page(rel, nblocks, at)
     assert env.unexpected_log_errors() == []
+
+
+def test_a_client_vanishing_mid_stream_is_no_error(served: Served,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A client that pipelines batches and resets its connection (a compute killed) is
+    logged as gone, without an ERROR, and the service keeps serving others."""
+    caplog.set_level(logging.INFO)
+    record(served.tl, 0x200, *((REL, b, page(b)) for b in range(256)))
+    request = ps.encode_request(ps.GetPagesRequest.for_rel(Lsn(0x200), REL, list(range(256))))
+    sock = _raw_pagestream(served.port, served.tl.timeline_id)
+    sock.sendall(wire.CopyData(request).encode() * 50)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST with responses still being written
+    with served.sync_client() as client:
+        assert client.get_page(REL, 255, Lsn(0x200)) == page(255)
+
+    def gone() -> bool:
+        return any("pagestream client gone" in r.getMessage() for r in caplog.records)
+
+    deadline = time.monotonic() + 10
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(), [r.getMessage() for r in caplog.records]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []

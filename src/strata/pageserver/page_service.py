@@ -107,7 +107,13 @@ class PageService:
                 log.info("pagestream closing after %d requests: malformed request", served)
                 raise
             response = await self.serve(timeline, request)
-            await stream.write(ps.encode_response(response))
+            try:
+                await stream.write(ps.encode_response(response))
+            except (ConnectionError, OSError) as err:
+                # The client went away (a compute or FUSE process stopped): not an error
+                # of ours; pgserve then finds the connection lost and closes it.
+                log.info("pagestream client gone after %d requests: %s", served, err)
+                return
             served += 1
 
     async def serve(self, timeline: Timeline, request: ps.Request) -> ps.Response:
