@@ -507,3 +507,22 @@ def test_a_client_vanishing_mid_stream_is_no_error(served: Served,
         time.sleep(0.05)
     assert gone(), [r.getMessage() for r in caplog.records]
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+def test_sync_client_shared_by_threads(served: Served) -> None:
+    """Threads (as a FUSE process's) share one blocking client and one connection; each
+    gets its own pages."""
+    record(served.tl, 0x200, *((REL, b, page(b)) for b in range(64)))
+    results: dict[int, list[bytes]] = {}
+    with served.sync_client() as client:
+        def reader(n: int) -> None:
+            results[n] = [client.get_page(REL, (n * 7 + i) % 64, Lsn(0x200)) for i in range(40)]
+
+        threads = [threading.Thread(target=reader, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert client.connects == 1
+    for n in range(4):
+        assert results[n] == [page((n * 7 + i) % 64) for i in range(40)]
