@@ -262,6 +262,7 @@ class TimelineWal:
                 end = min(flush, self._fed + self._batch_bytes)
                 data = await in_thread(wal_log.read, Lsn(self._fed), Lsn(end))
                 decoder.feed(data)
+                self._caught_up = False  # until these bytes have been applied
                 self._fed = end
                 dcl = timeline.disk_consistent_lsn
                 async with self._apply_lock:
