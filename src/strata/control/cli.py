@@ -1,4 +1,5 @@
-"""`strata`: the command-line tool (a click group; each command is added here)."""
+"""`strata`: the command-line tool (a click group; the environment commands are in
+`strata.control.commands`, added at the end of this module)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,28 @@ import click
 
 from strata.common.errors import StrataError
 from strata.common.lsn import Lsn
+from strata.control.env import DEFAULT_REPO_DIR, REPO_DIR_ENV, repo_dir_from
 
 
-@click.group()
-def main() -> None:
+class _Group(click.Group):
+    """Reports a StrataError as `strata: error: ...` and exit code 1, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except StrataError as err:
+            click.echo(f"strata: error: {err}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group)
+@click.option("--repo-dir", type=click.Path(file_okay=False), envvar=REPO_DIR_ENV,
+              help=f"The environment directory (default ./{DEFAULT_REPO_DIR}; "
+                   f"also ${REPO_DIR_ENV}).")
+@click.pass_context
+def main(ctx: click.Context, repo_dir: str | None) -> None:
     """Strata: serverless PostgreSQL on a versioned page store."""
+    ctx.obj = repo_dir_from(repo_dir)
 
 
 def _parse_lsn(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Lsn | None:
@@ -48,3 +66,12 @@ def waldump(start: Lsn | None, end: Lsn | None, paths: tuple[str, ...]) -> None:
         out.flush()
         click.echo(f"strata waldump: error: {err}", err=True)
         sys.exit(1)
+
+
+def _register() -> None:
+    from strata.control import commands
+
+    commands.register(main)
+
+
+_register()

@@ -1,0 +1,606 @@
+"""The environment commands of `strata`: init, start, stop, status, tenant, timeline,
+endpoint, pageserver, safekeeper (click). `register(main)` adds them to the CLI group.
+
+Commands translate names (branches, endpoints, tenant names) to ids through the state
+file and call `services` / `endpoints` for processes; they print progress on stderr and
+their result on stdout (see `output`).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import click
+
+from strata.common.errors import NotFound, StrataError, UserError
+from strata.common.ids import TimelineId
+from strata.common.lsn import Lsn
+from strata.common.proc import free_port
+from strata.control import output
+from strata.control.endpoints import (
+    endpoint_paths,
+    endpoint_status,
+    head_flush_lsn,
+    running_pid,
+    start_endpoint,
+    stop_endpoint,
+)
+from strata.control.env import (
+    DEFAULT_BRANCH,
+    DEFAULT_ENDPOINT,
+    EndpointState,
+    EnvConfig,
+    Environment,
+    State,
+    TenantState,
+    tenant_id_of,
+)
+from strata.control.services import (
+    pageserver_client,
+    pageserver_status,
+    require_pageserver,
+    safekeepers_unavailable,
+    start_pageserver,
+    stop_pageserver,
+)
+from strata.control.supervisor import wait_for
+from strata.pageserver.client import PageserverClient, TimelineInfo
+from strata.storage.tenant import TenantConfig
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+DEFAULT_TENANT_NAME = "default"
+INGEST_WAIT_S = 60.0
+
+
+def _check_name(kind: str, name: str) -> str:
+    if _NAME.fullmatch(name) is None:
+        raise UserError(f"invalid {kind} name {name!r}: use letters, digits, '_', '.', '-' "
+                        "(up to 63, starting with a letter or digit)")
+    return name
+
+
+def _env(ctx: click.Context) -> Environment:
+    root = ctx.find_root().obj
+    assert isinstance(root, Path), root
+    return Environment.open(root)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+tenant_option = click.option("--tenant", metavar="NAME|ID",
+                             help="Tenant (default: the environment's default tenant).")
+
+
+# --- init / start / stop / status ------------------------------------------------------------
+@click.command()
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False,
+                                                         path_type=Path),
+              help="A config TOML to start from (ports 0 or missing are allocated).")
+@click.pass_context
+def init(ctx: click.Context, config_file: Path | None) -> None:
+    """Create an environment: config, pageserver, a default tenant, branch and endpoint `main`.
+
+    The pageserver is left running; `strata start` starts the endpoint."""
+    root = ctx.find_root().obj
+    assert isinstance(root, Path), root
+    config = EnvConfig.load(config_file) if config_file else EnvConfig()
+    config = config.with_ports_allocated()
+    env = Environment.create(root, config)
+    output.info(f"created a Strata environment in {root} (config {env.config_path})")
+    start_pageserver(env, config)
+    client = pageserver_client(config)
+    with output.step("creating the default tenant (initdb and import into the pageserver)"):
+        tenant_id, timeline_id = client.create_tenant()
+    with env.locked() as state:
+        state.tenants[str(tenant_id)] = TenantState(DEFAULT_TENANT_NAME,
+                                                    {DEFAULT_BRANCH: str(timeline_id)})
+        state.default_tenant = str(tenant_id)
+        state.endpoints[DEFAULT_ENDPOINT] = EndpointState(
+            DEFAULT_ENDPOINT, str(tenant_id), DEFAULT_BRANCH, _allocate_port(config, state),
+            autostart=True)
+    output.info(f"tenant {tenant_id}: branch {DEFAULT_BRANCH} (timeline {timeline_id}), "
+                f"endpoint {DEFAULT_ENDPOINT}")
+    output.result(f"initialized {root}; run `strata start` to start endpoint "
+                  f"{DEFAULT_ENDPOINT}")
+
+
+@click.command()
+@click.pass_context
+def start(ctx: click.Context) -> None:
+    """Start the pageserver and every endpoint that was running (or, first time, `main`)."""
+    env = _env(ctx)
+    config = env.config()
+    start_pageserver(env, config)
+    state = env.read_state()
+    for ep in state.endpoints.values():
+        if not ep.autostart:
+            continue
+        if running_pid(env, ep.name) is not None:
+            output.info(f"endpoint {ep.name} already running")
+            conn = endpoint_status(env, config, ep)["connstr"]
+        else:
+            conn = start_endpoint(env, config, ep, state.timeline_id(ep.tenant_id, ep.branch))
+        output.result(f"endpoint {ep.name} ({ep.branch}): {conn}")
+        output.info(f"connect with: psql '{conn}'")
+
+
+@click.command()
+@click.option("--immediate", is_flag=True,
+              help="Stop without a clean shutdown (PostgreSQL `immediate`, pageserver "
+                   "SIGKILL); settings and statistics are not saved.")
+@click.pass_context
+def stop(ctx: click.Context, immediate: bool) -> None:
+    """Stop every endpoint, then the pageserver."""
+    env = _env(ctx)
+    state = env.read_state()
+    for ep in state.endpoints.values():
+        stop_endpoint(env, ep, state.timeline_id(ep.tenant_id, ep.branch), immediate=immediate)
+    stop_pageserver(env, immediate=immediate)
+    output.result(f"stopped {env.root}")
+
+
+@click.command()
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Every process: its address, health and LSNs."""
+    env = _env(ctx)
+    config = env.config()
+    state = env.read_state()
+    ps = pageserver_status(env, config)
+    timelines: list[dict[str, Any]] = []
+    if ps.state == "running":
+        client = pageserver_client(config, timeout_s=10)
+        for tid, tenant in state.tenants.items():
+            infos = client.list_timelines(tenant_id_of(tid))
+            timelines += [_timeline_json(tenant, info) for info in infos]
+    endpoints = [endpoint_status(env, config, ep) for ep in state.endpoints.values()]
+    data = {"wal_mode": config.wal_mode,
+            "pageserver": {**ps.to_json(), "timelines": timelines},
+            "safekeepers": [], "endpoints": endpoints}
+    if as_json:
+        output.print_json(data)
+        return
+    output.table(f"Strata environment {env.root} (wal_mode {config.wal_mode})",
+                 ["process", "pid", "address", "state", "LSN"],
+                 [["pageserver", ps.pid, f"pg {ps.addresses['pg']}, http {ps.addresses['http']}",
+                   ps.state, None],
+                  *[[f"endpoint {e['name']}", e["pid"], e["address"], e["state"],
+                     e["current_lsn"]] for e in endpoints]])
+    output.info("safekeepers: none (development mode: the pageserver receives the WAL, D7)")
+    if timelines:
+        output.table("Timelines on the pageserver",
+                     ["branch", "timeline", "last_record_lsn", "disk_consistent_lsn", "state"],
+                     [[t["branch"], t["timeline_id"], t["last_record_lsn"],
+                       t["disk_consistent_lsn"], t["state"]] for t in timelines])
+
+
+# --- tenants -----------------------------------------------------------------------------------
+@click.group()
+def tenant() -> None:
+    """Tenants: one initdb'ed cluster each, with its own branches."""
+
+
+def _parse_settings(items: tuple[str, ...]) -> dict[str, Any]:
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"tenant setting {item!r} must look like key=value")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = text.strip()
+    return out
+
+
+@tenant.command("create")
+@click.option("--name", required=True, help="A name for the tenant.")
+@click.option("-c", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Tenant config (strata.storage.tenant.TenantConfig keys), over the "
+                   "environment's [tenant_defaults].")
+@click.pass_context
+def tenant_create(ctx: click.Context, name: str, settings: tuple[str, ...]) -> None:
+    """Create a tenant with a `main` branch."""
+    env = _env(ctx)
+    config = env.config()
+    _check_name("tenant", name)
+    overrides = _parse_settings(settings)
+    TenantConfig.from_dict({**config.tenant_defaults, **overrides})  # refuse typos early
+    if any(t.name == name for t in env.read_state().tenants.values()):
+        raise UserError(f"a tenant named {name!r} exists already; see `strata tenant list`")
+    client = require_pageserver(env, config)
+    with output.step(f"creating tenant {name} (initdb and import into the pageserver)"):
+        conf = {**config.tenant_defaults, **overrides} if overrides else None
+        tenant_id, timeline_id = client.create_tenant(config=conf)
+    with env.locked() as state:
+        state.tenants[str(tenant_id)] = TenantState(name, {DEFAULT_BRANCH: str(timeline_id)},
+                                                    overrides)
+        if state.default_tenant is None:
+            state.default_tenant = str(tenant_id)
+    output.result(f"created tenant {name} ({tenant_id}) with branch {DEFAULT_BRANCH} "
+                  f"(timeline {timeline_id})")
+
+
+@tenant.command("list")
+@json_option
+@click.pass_context
+def tenant_list(ctx: click.Context, as_json: bool) -> None:
+    """The environment's tenants."""
+    state = _env(ctx).read_state()
+    rows: list[dict[str, Any]] = [
+        {"tenant_id": tid, "name": t.name, "default": tid == state.default_tenant,
+             "branches": sorted(t.branches)} for tid, t in state.tenants.items()]
+    if as_json:
+        output.print_json(rows)
+        return
+    output.table(None, ["name", "tenant", "default", "branches"],
+                 [[r["name"], r["tenant_id"], "yes" if r["default"] else "",
+                   ", ".join(r["branches"])] for r in rows])
+
+
+@tenant.command("config")
+@click.argument("name", required=False, metavar="[TENANT]")
+@json_option
+@click.pass_context
+def tenant_config(ctx: click.Context, name: str | None, as_json: bool) -> None:
+    """Show a tenant's effective config (as the pageserver stored it)."""
+    from strata.storage.repository import TENANTS_DIR
+
+    env = _env(ctx)
+    state = env.read_state()
+    tid = state.tenant_id(name)
+    tenant_dir = env.pageserver_dir / TENANTS_DIR / tid
+    if not tenant_dir.is_dir():
+        raise NotFound(f"the pageserver has no directory {tenant_dir} for tenant {tid}")
+    conf = TenantConfig.load(tenant_dir).to_dict()
+    if as_json:
+        output.print_json({"tenant_id": tid, "name": state.tenants[tid].name, "config": conf})
+        return
+    output.table(f"tenant {state.tenants[tid].name} ({tid})", ["key", "value"],
+                 [[k, v] for k, v in conf.items()])
+
+
+# --- timelines ---------------------------------------------------------------------------------
+@click.group()
+def timeline() -> None:
+    """Timelines, named as branches."""
+
+
+def _names_by_id(tenant: TenantState) -> dict[str, str]:
+    return {tl: name for name, tl in tenant.branches.items()}
+
+
+def _timeline_json(tenant: TenantState, info: TimelineInfo) -> dict[str, Any]:
+    names = _names_by_id(tenant)
+    parent = info.ancestor_timeline_id
+    return {"branch": names.get(str(info.timeline_id)), "tenant_id": str(info.tenant_id),
+            "timeline_id": str(info.timeline_id),
+            "parent": names.get(str(parent)) if parent else None,
+            "parent_timeline_id": str(parent) if parent else None,
+            "branch_lsn": str(info.ancestor_lsn) if info.ancestor_lsn else None,
+            "last_record_lsn": str(info.last_record_lsn),
+            "disk_consistent_lsn": str(info.disk_consistent_lsn), "state": info.state}
+
+
+def _primary_on(state: State, tenant_id: str, branch: str) -> EndpointState | None:
+    for ep in state.endpoints.values():
+        if ep.tenant_id == tenant_id and ep.branch == branch and not ep.read_only:
+            return ep
+    return None
+
+
+def _wait_head_ingested(env: Environment, client: PageserverClient, state: State,
+                        tenant_id: str, branch: str, timeline_id: TimelineId) -> None:
+    """If a primary runs on the branch, wait until the pageserver has all it flushed, so a
+    branch at the head holds every commit made so far."""
+    ep = _primary_on(state, tenant_id, branch)
+    if ep is None or running_pid(env, ep.name) is None:
+        return
+    target = head_flush_lsn(env, ep)
+    # A flush position just past a page header: the last record ended at the page start.
+    floor = target.page_start() if target.page_offset() <= 40 else target
+    tid = tenant_id_of(tenant_id)
+    with output.step(f"waiting for the pageserver to ingest branch {branch} up to {target}"):
+        wait_for(lambda: client.timeline(tid, timeline_id).last_record_lsn >= floor,
+                 timeout_s=INGEST_WAIT_S,
+                 what=f"waiting for the pageserver to ingest branch {branch} up to {target}")
+
+
+@timeline.command("branch")
+@click.argument("name")
+@click.option("--parent", default=DEFAULT_BRANCH, show_default=True, help="Parent branch.")
+@click.option("--at", "at", metavar="LSN|TIMESTAMP",
+              help="Branch point: an LSN that ends a record (e.g. pg_current_wal_lsn() "
+                   "right after a commit) or an ISO 8601 timestamp (the last commit at or "
+                   "before it). Default: the parent's head, with every commit so far.")
+@tenant_option
+@click.pass_context
+def timeline_branch(ctx: click.Context, name: str, parent: str, at: str | None,
+                    tenant: str | None) -> None:
+    """Create branch NAME from a parent branch (O(1): no data is copied)."""
+    env = _env(ctx)
+    config = env.config()
+    _check_name("branch", name)
+    state = env.read_state()
+    tid = state.tenant_id(tenant)
+    if name in state.tenants[tid].branches:
+        raise UserError(f"branch {name!r} exists already in tenant {state.tenants[tid].name}; "
+                        "see `strata timeline list`")
+    parent_id = state.timeline_id(tid, parent)
+    client = require_pageserver(env, config)
+    lsn: Lsn | None = None
+    timestamp: str | None = None
+    if at is None:
+        _wait_head_ingested(env, client, state, tid, parent, parent_id)
+    else:
+        try:
+            lsn = Lsn.parse(at)
+        except StrataError:
+            timestamp = at
+        if lsn is not None and not lsn.is_aligned(8):
+            raise UserError(f"--at {lsn} is not 8-byte aligned, so it cannot be the end of a "
+                            "WAL record; use pg_current_wal_lsn() right after a commit")
+    with output.step(f"creating branch {name} from {parent}"
+                     + (f" at {at}" if at else " at its head")):
+        info = client.branch(tenant_id_of(tid), parent_id, lsn=lsn, timestamp=timestamp)
+    with env.locked() as new_state:
+        new_state.tenants[tid].branches[name] = str(info.timeline_id)
+    output.result(f"created branch {name} (timeline {info.timeline_id}) from {parent} at "
+                  f"{info.ancestor_lsn}")
+
+
+@timeline.command("list")
+@tenant_option
+@json_option
+@click.pass_context
+def timeline_list(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
+    """The branches as a tree: each with its parent and branch LSN."""
+    env = _env(ctx)
+    config = env.config()
+    state = env.read_state()
+    tid = state.tenant_id(tenant)
+    client = require_pageserver(env, config)
+    rows = [_timeline_json(state.tenants[tid], info)
+            for info in client.list_timelines(tenant_id_of(tid))]
+    if as_json:
+        output.print_json(rows)
+        return
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for row in rows:
+        children.setdefault(row["parent_timeline_id"], []).append(row)
+    lines: list[list[object]] = []
+
+    def walk(parent: str | None, prefix: str) -> None:
+        kids = sorted(children.get(parent, []), key=lambda r: r["branch_lsn"] or "")
+        for i, row in enumerate(kids):
+            last = i == len(kids) - 1
+            mark = "" if parent is None else ("└─ " if last else "├─ ")
+            label = row["branch"] or f"(unnamed {row['timeline_id'][:8]})"
+            at = f" @ {row['branch_lsn']}" if row["branch_lsn"] else ""
+            lines.append([prefix + mark + label + at, row["timeline_id"],
+                          row["last_record_lsn"], row["state"]])
+            walk(row["timeline_id"], prefix + ("" if parent is None else
+                                                ("   " if last else "│  ")))
+
+    walk(None, "")
+    output.table(f"tenant {state.tenants[tid].name} ({tid})",
+                 ["branch @ branch LSN", "timeline", "last_record_lsn", "state"], lines)
+
+
+@timeline.command("delete")
+@click.argument("name")
+@tenant_option
+@click.pass_context
+def timeline_delete(ctx: click.Context, name: str, tenant: str | None) -> None:
+    """Delete branch NAME (refused while it has children or endpoints)."""
+    env = _env(ctx)
+    config = env.config()
+    state = env.read_state()
+    tid = state.tenant_id(tenant)
+    timeline_id = state.timeline_id(tid, name)
+    client = require_pageserver(env, config)
+    infos = client.list_timelines(tenant_id_of(tid))
+    names = _names_by_id(state.tenants[tid])
+    kids = [names.get(str(i.timeline_id), str(i.timeline_id)) for i in infos
+            if i.ancestor_timeline_id == timeline_id]
+    if kids:
+        raise UserError(f"cannot delete branch {name}: it has child branches {sorted(kids)}; "
+                        "delete them first")
+    eps = [ep for ep in state.endpoints.values() if ep.tenant_id == tid and ep.branch == name]
+    running = [ep.name for ep in eps if running_pid(env, ep.name) is not None]
+    if running:
+        raise UserError(f"cannot delete branch {name}: endpoints {running} run on it; stop "
+                        f"them first (`strata endpoint stop {running[0]}`)")
+    if eps:
+        raise UserError(f"cannot delete branch {name}: endpoints {[e.name for e in eps]} are "
+                        f"defined on it; delete them first (`strata endpoint delete "
+                        f"{eps[0].name}`)")
+    with env.locked() as new_state:
+        del new_state.tenants[tid].branches[name]
+    output.info(f"note: the pageserver has no timeline delete API yet: the files of timeline "
+                f"{timeline_id} stay in {env.pageserver_dir}")
+    output.result(f"deleted branch {name} (timeline {timeline_id})")
+
+
+# --- endpoints ---------------------------------------------------------------------------------
+@click.group()
+def endpoint() -> None:
+    """Endpoints: a PostgreSQL 15 compute on a branch (primary, or read-only at an LSN)."""
+
+
+def _allocate_port(config: EnvConfig, state: State) -> int:
+    used = {ep.port for ep in state.endpoints.values()}
+    used |= {config.pageserver.pg_port, config.pageserver.http_port}
+    for _ in range(100):
+        port = free_port(config.endpoint_defaults.host)
+        if port not in used:
+            return port
+    raise UserError("could not allocate a free port for the endpoint")
+
+
+@endpoint.command("create")
+@click.argument("name")
+@click.option("--branch", required=True, help="The branch the endpoint runs on.")
+@click.option("--lsn", metavar="LSN", help="Read-only at this LSN (a hot standby); "
+                                           "without it, a read-write primary at the head.")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default: allocated).")
+@tenant_option
+@click.pass_context
+def endpoint_create(ctx: click.Context, name: str, branch: str, lsn: str | None,
+                    port: int | None, tenant: str | None) -> None:
+    """Define endpoint NAME on a branch (start it with `strata endpoint start NAME`)."""
+    env = _env(ctx)
+    config = env.config()
+    _check_name("endpoint", name)
+    read_lsn = Lsn.parse(lsn) if lsn is not None else None
+    with env.locked() as state:
+        if name in state.endpoints:
+            raise UserError(f"endpoint {name!r} exists already; see `strata endpoint list`")
+        tid = state.tenant_id(tenant)
+        state.timeline_id(tid, branch)  # NotFound for an unknown branch
+        if read_lsn is None:
+            other = _primary_on(state, tid, branch)
+            if other is not None:
+                raise UserError(f"branch {branch} already has the primary endpoint "
+                                f"{other.name}: a branch has one writer; use it, or create "
+                                "a read-only endpoint with --lsn")
+        if port is not None and any(ep.port == port for ep in state.endpoints.values()):
+            raise UserError(f"port {port} is already assigned to another endpoint")
+        ep = EndpointState(name, tid, branch, port or _allocate_port(config, state),
+                           str(read_lsn) if read_lsn is not None else None, autostart=False)
+        state.endpoints[name] = ep
+    kind = f"read-only at {read_lsn}" if read_lsn is not None else "primary"
+    output.result(f"created endpoint {name} on branch {branch} ({kind}, port {ep.port})")
+
+
+@endpoint.command("start")
+@click.argument("name")
+@click.pass_context
+def endpoint_start(ctx: click.Context, name: str) -> None:
+    """Start endpoint NAME; prints its connection string as the last line."""
+    env = _env(ctx)
+    config = env.config()
+    state = env.read_state()
+    ep = state.endpoint(name)
+    conn = start_endpoint(env, config, ep, state.timeline_id(ep.tenant_id, ep.branch))
+    with env.locked() as new_state:
+        if name in new_state.endpoints:
+            new_state.endpoints[name] = _with_autostart(new_state.endpoints[name], True)
+    output.result(conn)
+
+
+def _with_autostart(ep: EndpointState, value: bool) -> EndpointState:
+    from dataclasses import replace
+
+    return replace(ep, autostart=value)
+
+
+@endpoint.command("stop")
+@click.argument("name")
+@click.option("--immediate", is_flag=True, help="Crash-stop (settings are not saved).")
+@click.pass_context
+def endpoint_stop(ctx: click.Context, name: str, immediate: bool) -> None:
+    """Stop endpoint NAME (a clean stop saves its ALTER SYSTEM settings and statistics)."""
+    env = _env(ctx)
+    state = env.read_state()
+    ep = state.endpoint(name)
+    stopped = stop_endpoint(env, ep, state.timeline_id(ep.tenant_id, ep.branch),
+                            immediate=immediate)
+    with env.locked() as new_state:
+        if name in new_state.endpoints:
+            new_state.endpoints[name] = _with_autostart(new_state.endpoints[name], False)
+    output.result(f"stopped endpoint {name}" if stopped else f"endpoint {name} was not running")
+
+
+@endpoint.command("delete")
+@click.argument("name")
+@click.pass_context
+def endpoint_delete(ctx: click.Context, name: str) -> None:
+    """Delete endpoint NAME (it must be stopped), with its saved settings."""
+    env = _env(ctx)
+    with env.locked() as state:
+        state.endpoint(name)
+        pid = running_pid(env, name)
+        if pid is not None:
+            raise UserError(f"endpoint {name} is running (postgres pid {pid}); stop it first "
+                            f"with `strata endpoint stop {name}`")
+        del state.endpoints[name]
+    shutil.rmtree(endpoint_paths(env, name).root, ignore_errors=True)
+    output.result(f"deleted endpoint {name}")
+
+
+@endpoint.command("list")
+@json_option
+@click.pass_context
+def endpoint_list(ctx: click.Context, as_json: bool) -> None:
+    """The endpoints: branch, mode, address, state, connection string."""
+    env = _env(ctx)
+    config = env.config()
+    rows = [endpoint_status(env, config, ep) for ep in env.read_state().endpoints.values()]
+    if as_json:
+        output.print_json(rows)
+        return
+    output.table(None, ["endpoint", "branch", "mode", "address", "state", "connect"],
+                 [[r["name"], r["branch"], r["mode"] + (f" @ {r['lsn']}" if r["lsn"] else ""),
+                   r["address"], r["state"], r["connstr"]] for r in rows])
+
+
+# --- services ----------------------------------------------------------------------------------
+@click.group()
+def pageserver() -> None:
+    """The pageserver process."""
+
+
+@pageserver.command("start")
+@click.pass_context
+def pageserver_start(ctx: click.Context) -> None:
+    env = _env(ctx)
+    pid = start_pageserver(env, env.config())
+    output.result(f"pageserver running (pid {pid})")
+
+
+@pageserver.command("stop")
+@click.option("--immediate", is_flag=True, help="SIGKILL instead of a clean stop.")
+@click.pass_context
+def pageserver_stop(ctx: click.Context, immediate: bool) -> None:
+    stop_pageserver(_env(ctx), immediate=immediate)
+    output.result("pageserver stopped")
+
+
+@pageserver.command("restart")
+@click.pass_context
+def pageserver_restart(ctx: click.Context) -> None:
+    env = _env(ctx)
+    stop_pageserver(env)
+    pid = start_pageserver(env, env.config())
+    output.result(f"pageserver running (pid {pid})")
+
+
+@click.group()
+def safekeeper() -> None:
+    """Safekeepers (not available yet: development mode, D7)."""
+
+
+def _safekeeper_command(action: str) -> click.Command:
+    @click.command(action, help=f"{action.capitalize()} safekeeper ID (all without ID): not "
+                                "available yet.")
+    @click.argument("sk_id", required=False, metavar="[ID]", type=int)
+    def command(sk_id: int | None) -> None:
+        raise safekeepers_unavailable()
+
+    return command
+
+
+for _action in ("start", "stop", "restart"):
+    safekeeper.add_command(_safekeeper_command(_action))
+
+
+def register(main: click.Group) -> None:
+    for command in (init, start, stop, status, tenant, timeline, endpoint, pageserver,
+                    safekeeper):
+        main.add_command(command)

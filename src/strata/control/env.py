@@ -1,0 +1,421 @@
+"""The environment directory of the `strata` CLI: its config TOML, its state file, its paths.
+
+An environment (`.strata/` by default, `--repo-dir` or `$STRATA_REPO_DIR` to choose
+another) holds:
+
+    config.toml          what to run: ports, tenant defaults, endpoint defaults (user-editable)
+    state.json           what exists: tenants, branch names -> timeline ids, endpoints
+    pageserver/          the pageserver's workdir (its files, not ours)
+    endpoints/NAME/      an endpoint's data directory (rebuilt at every start) and the
+                         settings and statistics saved at its last clean stop
+    logs/ run/           a log file and a pid file per process
+
+Branch names are labels kept here (architecture D5); the pageserver only knows ids.
+`state.json` is rewritten atomically (temp file, fsync, rename) under `.lock` (flock), so
+two `strata` commands never lose each other's changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from strata.common.errors import NotFound, UserError
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
+from strata.common.proc import ensure_traversable, free_port
+from strata.storage.tenant import TenantConfig
+
+REPO_DIR_ENV = "STRATA_REPO_DIR"
+DEFAULT_REPO_DIR = ".strata"
+CONFIG_FILE = "config.toml"
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+WAL_MODES = ("pageserver", "safekeepers")
+DEFAULT_BRANCH = "main"
+DEFAULT_ENDPOINT = "main"
+
+SAFEKEEPERS_UNAVAILABLE = (
+    "safekeepers are not available yet in this version; the environment runs with the "
+    "pageserver as the WAL receiver (development mode, D7)")
+
+
+def repo_dir_from(option: str | None) -> Path:
+    """--repo-dir, else $STRATA_REPO_DIR, else ./.strata (absolute)."""
+    text = option or os.environ.get(REPO_DIR_ENV) or DEFAULT_REPO_DIR
+    return Path(text).expanduser().absolute()
+
+
+# --- config ------------------------------------------------------------------------------------
+def _check_port(where: str, port: object) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UserError(f"config {where} must be a port number 0..65535 (0: allocate one at "
+                        f"init), got {port!r}")
+    return port
+
+
+def _check_keys(where: str, data: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"unknown keys {unknown} in config {where}; known: {sorted(known)}")
+
+
+def _table(where: str, value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise UserError(f"config {where} must be a table, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class PageserverSettings:
+    host: str = "127.0.0.1"
+    pg_port: int = 0
+    http_port: int = 0
+    config: Mapping[str, Any] = field(default_factory=dict)
+    """Extra pageserver.toml keys (strata.pageserver.config), passed as -c overrides."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PageserverSettings:
+        _check_keys("[pageserver]", data, {"host", "pg_port", "http_port", "config"})
+        host = data.get("host", "127.0.0.1")
+        if not isinstance(host, str) or not host:
+            raise UserError(f"config [pageserver] host must be a host name, got {host!r}")
+        extra = _table("[pageserver.config]", data.get("config", {}))
+        for key in ("listen_pg_addr", "listen_http_addr"):
+            if key in extra:
+                raise UserError(f"config [pageserver.config] must not set {key}; set "
+                                "[pageserver] host, pg_port and http_port instead")
+        return cls(host, _check_port("[pageserver] pg_port", data.get("pg_port", 0)),
+                   _check_port("[pageserver] http_port", data.get("http_port", 0)), extra)
+
+
+@dataclass(frozen=True, slots=True)
+class SafekeeperSettings:
+    id: int
+    host: str = "127.0.0.1"
+    pg_port: int = 0
+    http_port: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SafekeeperSettings:
+        _check_keys("[[safekeepers]]", data, {"id", "host", "pg_port", "http_port"})
+        sk_id = data.get("id")
+        if isinstance(sk_id, bool) or not isinstance(sk_id, int) or sk_id < 1:
+            raise UserError(f"config [[safekeepers]] id must be a positive integer, got "
+                            f"{sk_id!r}")
+        return cls(sk_id, str(data.get("host", "127.0.0.1")),
+                   _check_port(f"safekeeper {sk_id} pg_port", data.get("pg_port", 0)),
+                   _check_port(f"safekeeper {sk_id} http_port", data.get("http_port", 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointDefaults:
+    """Settings of every endpoint's PostgreSQL (`settings` are extra postgresql.conf lines)."""
+
+    host: str = "127.0.0.1"
+    shared_buffers: str = "64MB"
+    max_connections: int = 100
+    start_timeout_s: float = 120.0
+    """Bound on each wait of `endpoint start` (sync, pageserver catch-up, PostgreSQL)."""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EndpointDefaults:
+        _check_keys("[endpoint_defaults]", data,
+                    {"host", "shared_buffers", "max_connections", "start_timeout_s",
+                     "settings"})
+        out = cls(host=str(data.get("host", "127.0.0.1")),
+                  shared_buffers=str(data.get("shared_buffers", "64MB")),
+                  max_connections=data.get("max_connections", 100),
+                  start_timeout_s=data.get("start_timeout_s", 120.0),
+                  settings=_table("[endpoint_defaults.settings]", data.get("settings", {})))
+        if isinstance(out.max_connections, bool) or not isinstance(out.max_connections, int) \
+                or out.max_connections < 1:
+            raise UserError(f"config [endpoint_defaults] max_connections must be an integer "
+                            f">= 1, got {out.max_connections!r}")
+        if isinstance(out.start_timeout_s, bool) or \
+                not isinstance(out.start_timeout_s, int | float) or out.start_timeout_s <= 0:
+            raise UserError(f"config [endpoint_defaults] start_timeout_s must be a number > 0, "
+                            f"got {out.start_timeout_s!r}")
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class EnvConfig:
+    """config.toml, validated. Ports 0 are allocated (and written back) by `strata init`."""
+
+    wal_mode: str = "pageserver"
+    pageserver: PageserverSettings = field(default_factory=PageserverSettings)
+    safekeepers: tuple[SafekeeperSettings, ...] = ()
+    tenant_defaults: Mapping[str, Any] = field(default_factory=dict)
+    endpoint_defaults: EndpointDefaults = field(default_factory=EndpointDefaults)
+
+    def __post_init__(self) -> None:
+        if self.wal_mode not in WAL_MODES:
+            raise UserError(f"config wal_mode must be one of {list(WAL_MODES)}, got "
+                            f"{self.wal_mode!r}")
+        if self.wal_mode == "safekeepers" or self.safekeepers:
+            raise UserError(f"config: {SAFEKEEPERS_UNAVAILABLE}; set wal_mode = \"pageserver\" "
+                            "and safekeepers = []")
+        ids = [sk.id for sk in self.safekeepers]
+        if len(set(ids)) != len(ids):
+            raise UserError(f"config [[safekeepers]] ids must be unique, got {ids}")
+        # Validated here so a typo is refused at init, not when the pageserver starts.
+        TenantConfig.from_dict(dict(self.tenant_defaults))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EnvConfig:
+        _check_keys("(top level)", data, {"wal_mode", "pageserver", "safekeepers",
+                                          "tenant_defaults", "endpoint_defaults"})
+        sks = data.get("safekeepers", [])
+        if not isinstance(sks, list):
+            raise UserError(f"config safekeepers must be an array of tables, got {sks!r}")
+        return cls(
+            wal_mode=str(data.get("wal_mode", "pageserver")),
+            pageserver=PageserverSettings.from_dict(_table("[pageserver]",
+                                                           data.get("pageserver", {}))),
+            safekeepers=tuple(SafekeeperSettings.from_dict(_table("[[safekeepers]]", s))
+                              for s in sks),
+            tenant_defaults=_table("[tenant_defaults]", data.get("tenant_defaults", {})),
+            endpoint_defaults=EndpointDefaults.from_dict(
+                _table("[endpoint_defaults]", data.get("endpoint_defaults", {}))))
+
+    @classmethod
+    def load(cls, path: Path) -> EnvConfig:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise NotFound(f"config file {path} does not exist") from err
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{path} is not valid TOML: {err}") from err
+        try:
+            return cls.from_dict(data)
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "wal_mode": self.wal_mode,
+            "safekeepers": [asdict(sk) for sk in self.safekeepers],
+            "pageserver": {"host": self.pageserver.host, "pg_port": self.pageserver.pg_port,
+                           "http_port": self.pageserver.http_port,
+                           "config": dict(self.pageserver.config)},
+            "tenant_defaults": dict(self.tenant_defaults),
+            "endpoint_defaults": {**asdict(self.endpoint_defaults),
+                                  "settings": dict(self.endpoint_defaults.settings)},
+        }
+
+    def with_ports_allocated(self) -> EnvConfig:
+        """Replace every port 0 by a port that is free now (the OS picks it)."""
+        ps = self.pageserver
+        ps = replace(ps, pg_port=ps.pg_port or free_port(ps.host),
+                     http_port=ps.http_port or free_port(ps.host))
+        return replace(self, pageserver=ps)
+
+
+CONFIG_HEADER = """\
+# Strata environment configuration (written by `strata init`; edit, then `strata start`).
+# wal_mode = "pageserver": development mode (architecture D7): the pageserver is each
+# primary's synchronous standby. Safekeepers are not available yet in this version.
+# [tenant_defaults]: keys of strata.storage.tenant.TenantConfig (checkpoint_distance, ...).
+# [pageserver.config]: extra pageserver.toml keys (wait_lsn_timeout_s, log_level, ...).
+# [endpoint_defaults.settings]: extra postgresql.conf entries for every endpoint.
+"""
+
+
+# --- state -------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class EndpointState:
+    """One endpoint: a compute on a branch; primary at its head, or read-only at `lsn`."""
+
+    name: str
+    tenant_id: str
+    branch: str
+    port: int
+    lsn: str | None = None
+    autostart: bool = True
+    """Started by `strata start`: set by `endpoint start`, cleared by `endpoint stop`."""
+
+    @property
+    def read_only(self) -> bool:
+        return self.lsn is not None
+
+    @property
+    def read_lsn(self) -> Lsn | None:
+        return Lsn.parse(self.lsn) if self.lsn is not None else None
+
+
+@dataclass
+class TenantState:
+    name: str
+    branches: dict[str, str] = field(default_factory=dict)  # branch name -> timeline id
+    config: dict[str, Any] = field(default_factory=dict)  # overrides given at create
+
+
+@dataclass
+class State:
+    """state.json: the control plane's names for what the pageserver holds."""
+
+    default_tenant: str | None = None
+    tenants: dict[str, TenantState] = field(default_factory=dict)  # tenant id -> state
+    endpoints: dict[str, EndpointState] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], path: Path) -> State:
+        if data.get("version") != STATE_VERSION:
+            raise UserError(f"{path} has state version {data.get('version')!r}; this strata "
+                            f"reads version {STATE_VERSION}")
+        return cls(
+            default_tenant=data.get("default_tenant"),
+            tenants={tid: TenantState(t["name"], dict(t["branches"]), dict(t["config"]))
+                     for tid, t in data["tenants"].items()},
+            endpoints={name: EndpointState(**e) for name, e in data["endpoints"].items()})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "default_tenant": self.default_tenant,
+                "tenants": {tid: asdict(t) for tid, t in self.tenants.items()},
+                "endpoints": {name: asdict(e) for name, e in self.endpoints.items()}}
+
+    # --- lookups with errors that say what to do ----------------------------------------------
+    def tenant_id(self, name_or_id: str | None) -> str:
+        """A tenant by name or id; None is the default tenant."""
+        if name_or_id is None:
+            if self.default_tenant is None:
+                raise NotFound("the environment has no tenant; run `strata tenant create`")
+            return self.default_tenant
+        if name_or_id in self.tenants:
+            return name_or_id
+        for tid, tenant in self.tenants.items():
+            if tenant.name == name_or_id:
+                return tid
+        raise NotFound(f"no tenant named {name_or_id!r}; see `strata tenant list`")
+
+    def timeline_id(self, tenant_id: str, branch: str) -> TimelineId:
+        branches = self.tenants[tenant_id].branches
+        if branch not in branches:
+            known = ", ".join(sorted(branches)) or "none"
+            raise NotFound(f"no branch named {branch!r} in tenant "
+                           f"{self.tenants[tenant_id].name} ({tenant_id}); branches: {known}; "
+                           "see `strata timeline list`")
+        return TimelineId(TimelineId.parse(branches[branch]).raw)
+
+    def endpoint(self, name: str) -> EndpointState:
+        if name not in self.endpoints:
+            known = ", ".join(sorted(self.endpoints)) or "none"
+            raise NotFound(f"no endpoint named {name!r}; endpoints: {known}; see "
+                           "`strata endpoint list`")
+        return self.endpoints[name]
+
+
+def tenant_id_of(text: str) -> TenantId:
+    return TenantId(TenantId.parse(text).raw)
+
+
+# --- the directory -----------------------------------------------------------------------------
+class Environment:
+    """One environment directory. `open()` requires it to exist; `create()` makes it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / STATE_FILE
+
+    @property
+    def pageserver_dir(self) -> Path:
+        return self.root / "pageserver"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    def endpoint_dir(self, name: str) -> Path:
+        return self.root / "endpoints" / name
+
+    def exists(self) -> bool:
+        return self.config_path.is_file() and self.state_path.is_file()
+
+    @classmethod
+    def open(cls, root: Path) -> Environment:
+        env = cls(root)
+        if not env.exists():
+            raise NotFound(f"no Strata environment in {root} (no {CONFIG_FILE} and "
+                           f"{STATE_FILE}); run `strata init` first, or point --repo-dir / "
+                           f"${REPO_DIR_ENV} at an existing one")
+        return env
+
+    @classmethod
+    def create(cls, root: Path, config: EnvConfig) -> Environment:
+        env = cls(root)
+        if env.config_path.exists() or env.state_path.exists():
+            raise UserError(f"{root} already holds a Strata environment; use it (`strata "
+                            "start`) or pick another with --repo-dir")
+        root.mkdir(parents=True, exist_ok=True)
+        for sub in (env.logs_dir, env.run_dir, root / "endpoints"):
+            sub.mkdir(exist_ok=True)
+        # Endpoint data directories below belong to the service user, who must reach them.
+        os.chmod(root, 0o755)
+        os.chmod(root / "endpoints", 0o755)
+        ensure_traversable(root)
+        env.write_config(config)
+        env._write_state(State())
+        return env
+
+    def config(self) -> EnvConfig:
+        return EnvConfig.load(self.config_path)
+
+    def write_config(self, config: EnvConfig) -> None:
+        text = CONFIG_HEADER + "\n" + tomli_w.dumps(config.to_dict())
+        _atomic_write(self.config_path, text.encode())
+
+    def read_state(self) -> State:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"{self.state_path} is not valid JSON ({err}); restore it from a "
+                            "backup or re-create the environment") from err
+        return State.from_json(data, self.state_path)
+
+    def _write_state(self, state: State) -> None:
+        _atomic_write(self.state_path, (json.dumps(state.to_json(), indent=2) + "\n").encode())
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[State]:
+        """The state, held exclusively; written back when the block ends without error."""
+        with open(self.root / ".lock", "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            state = self.read_state()
+            yield state
+            self._write_state(state)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

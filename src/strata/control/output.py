@@ -1,0 +1,59 @@
+"""What the `strata` CLI prints: progress lines on stderr, results (tables, JSON) on stdout.
+
+Progress goes to stderr so that stdout holds only results: the connection string that
+`endpoint start` prints last, or a listing's `--json`, can be captured by a script.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+_out = Console(highlight=False, soft_wrap=True)
+if not _out.is_terminal:
+    _out.width = 250  # ids are 32 hex digits: never crop them in a captured listing
+
+
+def info(message: str) -> None:
+    _err.print(message, markup=False)
+
+
+@contextlib.contextmanager
+def step(message: str) -> Iterator[None]:
+    """`message ...` now, `message: done (1.2s)` when the block ends (a failure propagates;
+    the caller prints the error)."""
+    started = time.monotonic()
+    if _err.is_terminal:
+        with _err.status(message + " ..."):
+            yield
+    else:
+        _err.print(message + " ...", markup=False)
+        yield
+    _err.print(f"{message}: done ({time.monotonic() - started:.1f}s)", markup=False)
+
+
+def result(line: str) -> None:
+    """One line of the command's result, on stdout."""
+    print(line, flush=True)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    out = Table(title=title, title_justify="left", box=None, pad_edge=False)
+    for column in columns:
+        out.add_column(column, no_wrap=True)
+    for row in rows:
+        out.add_row(*("-" if cell is None else str(cell) for cell in row))
+    _out.print(out)

@@ -1,0 +1,161 @@
+"""Supervision of the environment's long-running processes: pid files, logs, ports, health.
+
+The `strata` CLI starts a process and exits; the process lives on in its own session.
+What ties a later `strata` command to it is its pid file (`run/NAME.pid`). A pid file is
+trusted only while the process with that pid is alive (not a zombie) and its command
+line still names what we started (`marker`), so a stale file left by a crash or a reused
+pid never makes us signal a stranger.
+
+When a process dies during start-up, or a port it needs is taken, the error says so and
+carries the tail of the process's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from strata.common.errors import Unavailable, UserError
+
+LOG_TAIL_LINES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessFiles:
+    """Where one supervised process keeps its pid and log, and how to recognise it."""
+
+    name: str
+    pid_path: Path
+    log_path: Path
+    marker: str
+    """A string its /proc/PID/cmdline contains (e.g. its data directory)."""
+
+    def read_pid(self) -> int | None:
+        """The pid of the live process this file names, or None (no file, or stale)."""
+        try:
+            pid = int(self.pid_path.read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+        if not pid_alive(pid) or self.marker not in cmdline(pid):
+            return None
+        return pid
+
+    def write_pid(self, pid: int) -> None:
+        self.pid_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.pid_path.with_suffix(".tmp")
+        tmp.write_text(f"{pid}\n")
+        os.replace(tmp, self.pid_path)
+
+    def clear_pid(self) -> None:
+        self.pid_path.unlink(missing_ok=True)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return log_tail(self.log_path, lines)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (dead, not yet reaped) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # "pid (comm) S ...": the state follows the last ')' (comm may hold spaces and parens).
+    state = stat[stat.rfind(b")") + 2:][:1]
+    return state not in (b"Z", b"X", b"")
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"(no log file {path})"
+    tail = text.splitlines()[-lines:]
+    return "\n".join(f"    | {line}" for line in tail) if tail else f"(log {path} is empty)"
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True if binding host:port fails because something holds it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return True
+            raise UserError(f"cannot bind {host}:{port}: {err}") from err
+    return False
+
+
+def check_ports_free(owner: str, ports: dict[str, tuple[str, int]]) -> None:
+    """UserError naming the first taken port, e.g. {'pg port': ('127.0.0.1', 64000)}."""
+    for what, (host, port) in ports.items():
+        if port_in_use(host, port):
+            raise UserError(f"cannot start {owner}: its {what} {host}:{port} is taken by "
+                            f"another process (see `ss -ltnp 'sport = :{port}'`); stop that "
+                            "process, or change the port in config.toml")
+
+
+def wait_for(ready: Callable[[], bool], *, timeout_s: float, what: str,
+             files: ProcessFiles | None = None, pid: int | None = None,
+             interval_s: float = 0.1) -> None:
+    """Poll `ready` until it is true (bounded). If `pid` dies first, say so with its log."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if ready():
+            return
+        if pid is not None and files is not None and not pid_alive(pid):
+            raise UserError(f"{files.name} (pid {pid}) exited while {what}; last lines of "
+                            f"{files.log_path}:\n{files.log_tail()}")
+        if time.monotonic() > deadline:
+            tail = f"; last lines of {files.log_path}:\n{files.log_tail()}" if files else ""
+            raise Unavailable(f"timed out after {timeout_s:.0f}s {what}{tail}")
+        time.sleep(interval_s)
+
+
+def stop_process(files: ProcessFiles, sig: signal.Signals, *, timeout_s: float) -> bool:
+    """Send `sig` to the recorded process and wait until it is gone; SIGKILL its process
+    group after `timeout_s`. Returns False if it was not running."""
+    pid = files.read_pid()
+    if pid is None:
+        files.clear_pid()
+        return False
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        files.clear_pid()
+        return False
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            # Children of a PostgreSQL postmaster share its process group (own session).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            _wait_gone(pid, 10)
+            break
+        time.sleep(0.05)
+    files.clear_pid()
+    return True
+
+
+def _wait_gone(pid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        raise Unavailable(f"process {pid} is still alive after SIGKILL")
