@@ -73,6 +73,13 @@ tenant_option = click.option("--tenant", metavar="NAME|ID",
                              help="Tenant (default: the environment's default tenant).")
 
 
+def _client_if_running(env: Environment) -> PageserverClient | None:
+    try:
+        return require_pageserver(env, env.config())
+    except StrataError:
+        return None
+
+
 # --- init / start / stop / status ------------------------------------------------------------
 @click.command()
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False,
@@ -122,8 +129,8 @@ def start(ctx: click.Context) -> None:
             conn = endpoint_status(env, config, ep)["connstr"]
         else:
             conn = start_endpoint(env, config, ep, state.timeline_id(ep.tenant_id, ep.branch))
+        output.info(f"connect to endpoint {ep.name} with: psql '{conn}'")
         output.result(f"endpoint {ep.name} ({ep.branch}): {conn}")
-        output.info(f"connect with: psql '{conn}'")
 
 
 @click.command()
@@ -134,9 +141,11 @@ def start(ctx: click.Context) -> None:
 def stop(ctx: click.Context, immediate: bool) -> None:
     """Stop every endpoint, then the pageserver."""
     env = _env(ctx)
+    client = _client_if_running(env)
     state = env.read_state()
     for ep in state.endpoints.values():
-        stop_endpoint(env, ep, state.timeline_id(ep.tenant_id, ep.branch), immediate=immediate)
+        stop_endpoint(env, ep, state.timeline_id(ep.tenant_id, ep.branch), immediate=immediate,
+                      client=client)
     stop_pageserver(env, immediate=immediate)
     output.result(f"stopped {env.root}")
 
@@ -157,7 +166,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             infos = client.list_timelines(tenant_id_of(tid))
             timelines += [_timeline_json(tenant, info) for info in infos]
     endpoints = [endpoint_status(env, config, ep) for ep in state.endpoints.values()]
-    data = {"wal_mode": config.wal_mode,
+    data: dict[str, Any] = {"wal_mode": config.wal_mode,
             "pageserver": {**ps.to_json(), "timelines": timelines},
             "safekeepers": [], "endpoints": endpoints}
     if as_json:
@@ -170,6 +179,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
                   *[[f"endpoint {e['name']}", e["pid"], e["address"], e["state"],
                      e["current_lsn"]] for e in endpoints]])
     output.info("safekeepers: none (development mode: the pageserver receives the WAL, D7)")
+    for name, proc in [("pageserver", data["pageserver"]),
+                       *[(f"endpoint {e['name']}", e) for e in endpoints]]:
+        if proc["log_tail"] is not None:
+            output.info(f"{name} {proc['state']}; last lines of {proc['log']}:\n"
+                        f"{proc['log_tail']}")
     if timelines:
         output.table("Timelines on the pageserver",
                      ["branch", "timeline", "last_record_lsn", "disk_consistent_lsn", "state"],
@@ -376,7 +390,8 @@ def timeline_list(ctx: click.Context, tenant: str | None, as_json: bool) -> None
     lines: list[list[object]] = []
 
     def walk(parent: str | None, prefix: str) -> None:
-        kids = sorted(children.get(parent, []), key=lambda r: r["branch_lsn"] or "")
+        kids = sorted(children.get(parent, []),
+                      key=lambda r: (Lsn.parse(r["branch_lsn"] or "0/0"), r["branch"] or ""))
         for i, row in enumerate(kids):
             last = i == len(kids) - 1
             mark = "" if parent is None else ("└─ " if last else "├─ ")
@@ -510,7 +525,7 @@ def endpoint_stop(ctx: click.Context, name: str, immediate: bool) -> None:
     state = env.read_state()
     ep = state.endpoint(name)
     stopped = stop_endpoint(env, ep, state.timeline_id(ep.tenant_id, ep.branch),
-                            immediate=immediate)
+                            immediate=immediate, client=_client_if_running(env))
     with env.locked() as new_state:
         if name in new_state.endpoints:
             new_state.endpoints[name] = _with_autostart(new_state.endpoints[name], False)

@@ -156,7 +156,8 @@ def start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
     if pid is not None:
         raise UserError(f"endpoint {ep.name} is still running (postgres pid {pid}); stop it "
                         f"first with `strata endpoint stop {ep.name}`")
-    check_ports_free(f"endpoint {ep.name}", {"port": (defaults.host, ep.port)})
+    check_ports_free(f"endpoint {ep.name}", {"port": (defaults.host, ep.port)},
+                     fix="delete the endpoint and create it again (with --port)")
     client = require_pageserver(env, config)
     tenant_id = tenant_id_of(ep.tenant_id)
     where = f"branch {ep.branch} (timeline {timeline_id})"
@@ -267,9 +268,10 @@ def _restrict_superuser(env: Environment, ep: EndpointState, paths: EndpointPath
 
 # --- stop -------------------------------------------------------------------------------------
 def stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId, *,
-                  immediate: bool = False) -> bool:
+                  immediate: bool = False, client: PageserverClient | None = None) -> bool:
     """Stop the endpoint's PostgreSQL; after a clean (fast) stop of a primary, save its
-    ALTER SYSTEM settings and statistics for the next start. False if it was not running."""
+    ALTER SYSTEM settings and statistics for the next start, and (given the pageserver's
+    `client`) release the WAL receiver. False if it was not running."""
     files = endpoint_files(env, ep.name)
     pid = running_pid(env, ep.name)
     if pid is None:
@@ -282,6 +284,12 @@ def stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId, 
                      timeout_s=STOP_TIMEOUT_S)
     if not immediate and not ep.read_only:
         _save_settings(endpoint_paths(env, ep.name), timeline_id)
+        if client is not None:
+            # The dev-mode sync step stops the receiver and forgets the compute's address
+            # (else the pageserver keeps dialling a stopped compute), after ingesting all
+            # the WAL it received, the shutdown checkpoint included.
+            with output.step(f"releasing the pageserver's WAL receiver of {ep.name}"):
+                client.compute_start(tenant_id_of(ep.tenant_id), timeline_id)
     return True
 
 
@@ -303,12 +311,15 @@ def _save_settings(paths: EndpointPaths, timeline_id: TimelineId) -> None:
 # --- status -----------------------------------------------------------------------------------
 def endpoint_status(env: Environment, config: EnvConfig, ep: EndpointState) -> dict[str, Any]:
     pid = running_pid(env, ep.name)
+    files = endpoint_files(env, ep.name)
+    died = pid is None and files.died()
     out: dict[str, Any] = {
         "name": ep.name, "tenant_id": ep.tenant_id, "branch": ep.branch,
         "mode": "read-only" if ep.read_only else "primary", "lsn": ep.lsn,
         "address": f"{config.endpoint_defaults.host}:{ep.port}", "pid": pid,
-        "state": "stopped" if pid is None else "running", "current_lsn": None,
-        "connstr": connstr(config, ep) if pid is not None else None,
+        "state": "died" if died else "stopped" if pid is None else "running",
+        "current_lsn": None, "connstr": connstr(config, ep) if pid is not None else None,
+        "log": str(files.log_path), "log_tail": files.log_tail() if died else None,
     }
     if pid is None:
         return out

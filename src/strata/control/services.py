@@ -18,7 +18,7 @@ from typing import Any
 from strata.common.errors import StrataError, Unavailable, UserError
 from strata.control import output
 from strata.control.env import SAFEKEEPERS_UNAVAILABLE, EnvConfig, Environment
-from strata.control.supervisor import ProcessFiles, check_ports_free, wait_for
+from strata.control.supervisor import ProcessFiles, check_ports_free, stop_process, wait_for
 from strata.pageserver.client import PageserverClient
 
 PAGESERVER_PORTS_FILE = "pageserver.ports"  # written by the pageserver once it listens
@@ -110,8 +110,6 @@ def stop_pageserver(env: Environment, *, immediate: bool = False) -> bool:
 
 
 def stop_process_checked(files: ProcessFiles, sig: signal.Signals) -> None:
-    from strata.control.supervisor import stop_process
-
     stop_process(files, sig, timeout_s=PAGESERVER_STOP_TIMEOUT_S)
 
 
@@ -134,24 +132,29 @@ class ServiceStatus:
     name: str
     pid: int | None
     addresses: dict[str, str]
-    state: str  # "running", "stopped", "not responding"
+    state: str  # "running", "stopped", "died", "not responding"
+    log: str
+    log_tail: str | None  # when it died or does not respond
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "pid": self.pid, "addresses": self.addresses,
-                "state": self.state}
+                "state": self.state, "log": self.log, "log_tail": self.log_tail}
 
 
 def pageserver_status(env: Environment, config: EnvConfig) -> ServiceStatus:
     ps = config.pageserver
-    pid = pageserver_files(env).read_pid()
+    files = pageserver_files(env)
+    pid = files.read_pid()
     if pid is None:
-        state = "stopped"
+        state = "died" if files.died() else "stopped"
     elif pageserver_responds(pageserver_client(config, timeout_s=5)):
         state = "running"
     else:
         state = "not responding"
+    tail = files.log_tail() if state in ("died", "not responding") else None
     return ServiceStatus("pageserver", pid, {"pg": f"{ps.host}:{ps.pg_port}",
-                                             "http": f"{ps.host}:{ps.http_port}"}, state)
+                                             "http": f"{ps.host}:{ps.http_port}"}, state,
+                         str(files.log_path), tail)
 
 
 def safekeepers_unavailable() -> UserError:

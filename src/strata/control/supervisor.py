@@ -47,6 +47,11 @@ class ProcessFiles:
             return None
         return pid
 
+    def died(self) -> bool:
+        """The pid file is there but its process is gone: it died (a clean stop removes
+        the file)."""
+        return self.pid_path.exists() and self.read_pid() is None
+
     def write_pid(self, pid: int) -> None:
         self.pid_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.pid_path.with_suffix(".tmp")
@@ -102,13 +107,14 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def check_ports_free(owner: str, ports: dict[str, tuple[str, int]]) -> None:
+def check_ports_free(owner: str, ports: dict[str, tuple[str, int]], *,
+                     fix: str = "change the port in config.toml") -> None:
     """UserError naming the first taken port, e.g. {'pg port': ('127.0.0.1', 64000)}."""
     for what, (host, port) in ports.items():
         if port_in_use(host, port):
             raise UserError(f"cannot start {owner}: its {what} {host}:{port} is taken by "
                             f"another process (see `ss -ltnp 'sport = :{port}'`); stop that "
-                            "process, or change the port in config.toml")
+                            f"process, or {fix}")
 
 
 def wait_for(ready: Callable[[], bool], *, timeout_s: float, what: str,

@@ -1,0 +1,215 @@
+"""The `strata` CLI end to end, run as a real command in a temporary environment directory.
+
+It drives real processes: the pageserver and stock PostgreSQL 15 endpoints (development
+mode, D7: the pageserver is each primary's synchronous standby). Every test stops its
+environment at the end (`strata stop --immediate`), on failure too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from strata.common.lsn import Lsn
+
+STRATA = str(Path(sys.executable).parent / "strata")
+
+
+class Cli:
+    """Runs `strata --repo-dir DIR ...` and keeps the environment to stop at the end."""
+
+    def __init__(self, repo_dir: Path) -> None:
+        self.repo_dir = repo_dir
+
+    def run(self, *args: str, ok: bool = True,
+            timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([STRATA, "--repo-dir", str(self.repo_dir), *args],
+                              capture_output=True, text=True, timeout=timeout_s, check=False)
+        if ok and proc.returncode != 0:
+            raise AssertionError(f"strata {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        if not ok:
+            assert proc.returncode == 1, (args, proc.returncode, proc.stdout, proc.stderr)
+            assert "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    def last_line(self, *args: str) -> str:
+        return self.run(*args).stdout.strip().splitlines()[-1]
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run(*args, "--json").stdout)
+
+    def superuser(self, endpoint: str) -> psycopg.Connection[Any]:
+        """Strata's own way in: the superuser over the endpoint's unix socket."""
+        port = next(e for e in self.json("endpoint", "list") if e["name"] == endpoint)[
+            "address"].rsplit(":", 1)[1]
+        sock = self.repo_dir / "endpoints" / endpoint / "pgdata.sock"
+        return psycopg.connect(host=str(sock), port=port, user="postgres", dbname="postgres",
+                               autocommit=True)
+
+
+@pytest.fixture
+def cli(test_dir: Path) -> Iterator[Cli]:
+    env = Cli(test_dir / "env")
+    try:
+        yield env
+    finally:
+        if (env.repo_dir / "state.json").exists():
+            subprocess.run([STRATA, "--repo-dir", str(env.repo_dir), "stop", "--immediate"],
+                           capture_output=True, timeout=120, check=False)
+
+
+def rows(connstr: str, query: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(connstr, autocommit=True) as conn:
+        cur = conn.execute(query)
+        return cur.fetchall() if cur.description else []
+
+
+def values(connstr: str) -> list[str]:
+    return [r[0] for r in rows(connstr, "select v from t order by id")]
+
+
+def connstr_of(line: str) -> str:
+    start = line.index("postgresql://")
+    return line[start:].split()[0]
+
+
+def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
+    """init + start give a `main` endpoint for a non-superuser role; branches at the head
+    and at a past LSN each see their parent's data of that moment and keep their own
+    writes apart; a read-only endpoint at an LSN sees that moment and refuses writes;
+    running endpoints block a second start and a timeline delete; after stopping and
+    starting the whole environment every endpoint comes back with its data, its ALTER
+    SYSTEM settings and its statistics."""
+    assert "strata start" in cli.last_line("init")
+    main = connstr_of(cli.last_line("start"))
+    assert rows(main, "select current_user, rolsuper from pg_roles "
+                      "where rolname = current_user") == [("strata", False)]
+    # The superuser is not reachable over TCP, only over the unix socket (D8).
+    port = main.rsplit(":", 1)[1].split("/")[0]
+    with pytest.raises(psycopg.OperationalError, match="pg_hba.conf rejects"):
+        rows(f"postgresql://postgres@127.0.0.1:{port}/postgres", "select 1")
+
+    rows(main, "create table t (id int primary key, v text)")
+    rows(main, "insert into t values (1, 'one')")
+    lsn1 = rows(main, "select pg_current_wal_lsn()::text")[0][0]
+    rows(main, "insert into t values (2, 'two')")
+
+    cli.run("timeline", "branch", "head")  # at main's head: includes 'two'
+    cli.run("timeline", "branch", "past", "--at", lsn1)
+    tree = {t["branch"]: t for t in cli.json("timeline", "list")}
+    assert tree["main"]["parent"] is None
+    assert tree["head"]["parent"] == "main" and tree["past"]["parent"] == "main"
+    assert tree["past"]["branch_lsn"] == lsn1
+    listing = cli.run("timeline", "list").stdout
+    assert f"├─ past @ {lsn1}" in listing and "└─ head @ " in listing  # by branch LSN
+
+    cli.run("endpoint", "create", "head", "--branch", "head")
+    head = connstr_of(cli.last_line("endpoint", "start", "head"))
+    cli.run("endpoint", "create", "past", "--branch", "past")
+    past = connstr_of(cli.last_line("endpoint", "start", "past"))
+    cli.run("endpoint", "create", "ro", "--branch", "main", "--lsn", lsn1)
+    ro = connstr_of(cli.last_line("endpoint", "start", "ro"))
+
+    rows(main, "insert into t values (3, 'main only')")
+    rows(head, "insert into t values (4, 'head only')")
+    rows(past, "insert into t values (5, 'past only')")
+    assert values(main) == ["one", "two", "main only"]
+    assert values(head) == ["one", "two", "head only"]
+    assert values(past) == ["one", "past only"]
+    assert values(ro) == ["one"]
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        rows(ro, "insert into t values (6, 'refused')")
+
+    again = cli.run("endpoint", "start", "head", ok=False)
+    assert "endpoint head is still running" in again.stderr
+    refused = cli.run("timeline", "delete", "past", ok=False)
+    assert "endpoints ['past'] run on it" in refused.stderr
+    refused = cli.run("timeline", "delete", "main", ok=False)
+    assert "child branches ['head', 'past']" in refused.stderr
+
+    with cli.superuser("main") as conn:
+        conn.execute("alter system set work_mem = '7MB'")
+    inserts = rows(main, "select n_tup_ins from pg_stat_user_tables where relname = 't'")
+    assert inserts == [(3,)]
+
+    cli.run("stop")
+    status = cli.json("status")
+    assert set(status) >= {"pageserver", "safekeepers", "endpoints"}
+    assert status["pageserver"]["state"] == "stopped"
+    assert status["safekeepers"] == []
+    assert {e["name"]: e["state"] for e in status["endpoints"]} == {
+        "main": "stopped", "head": "stopped", "past": "stopped", "ro": "stopped"}
+
+    started = cli.run("start").stdout
+    assert started.count("postgresql://") == 4, started
+    assert values(main) == ["one", "two", "main only"]
+    assert values(head) == ["one", "two", "head only"]
+    assert values(past) == ["one", "past only"]
+    assert values(ro) == ["one"]
+    assert rows(main, "show work_mem") == [("7MB",)]
+    assert rows(main, "select n_tup_ins from pg_stat_user_tables where relname = 't'") \
+        == inserts
+    rows(main, "insert into t values (7, 'after restart')")  # still writable and durable
+
+    status = cli.json("status")
+    assert status["pageserver"]["state"] == "running"
+    by_name = {e["name"]: e for e in status["endpoints"]}
+    assert all(e["state"] == "running" for e in by_name.values()), by_name
+    assert by_name["ro"]["mode"] == "read-only" and by_name["ro"]["lsn"] == lsn1
+    main_tl = next(t for t in status["pageserver"]["timelines"] if t["branch"] == "main")
+    assert Lsn.parse(main_tl["last_record_lsn"]) > Lsn.parse(lsn1)
+
+    # A deleted branch frees its name; its endpoint had to go first.
+    cli.run("endpoint", "stop", "past")
+    cli.run("endpoint", "delete", "past")
+    cli.run("timeline", "delete", "past")
+    assert "past" not in {t["branch"] for t in cli.json("timeline", "list")}
+
+
+def test_clear_errors(cli: Cli, test_dir: Path) -> None:
+    """A missing environment, an unknown branch, a taken port, a dead process and the
+    absent safekeepers each give one clear error line (exit code 1, no traceback)."""
+    missing = cli.run("status", ok=False)
+    assert "no Strata environment in" in missing.stderr and "strata init" in missing.stderr
+
+    cli.run("init")
+    unknown = cli.run("endpoint", "create", "x", "--branch", "nope", ok=False)
+    assert "no branch named 'nope'" in unknown.stderr and "branches: main" in unknown.stderr
+    unknown = cli.run("timeline", "branch", "b", "--parent", "nope", ok=False)
+    assert "no branch named 'nope'" in unknown.stderr
+    assert "not available yet" in cli.run("safekeeper", "start", "1", ok=False).stderr
+
+    # The pageserver dies: status says so and shows the tail of its log.
+    pid = int((cli.repo_dir / "run" / "pageserver.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while cli.json("status")["pageserver"]["state"] != "died":
+        assert time.monotonic() < deadline, "status never reported the dead pageserver"
+        time.sleep(0.1)
+    status = cli.run("status").stderr
+    assert "pageserver died; last lines of" in status and "\n    | " in status
+    assert "not running" in cli.run("endpoint", "start", "main", ok=False).stderr
+
+    # A taken port: the start is refused and names the port.
+    config = cli.repo_dir / "config.toml"
+    http_port = int(next(line for line in config.read_text().splitlines()
+                         if line.startswith("http_port")).split("=")[1])
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", http_port))
+        squatter.listen()
+        taken = cli.run("start", ok=False)
+    assert f"127.0.0.1:{http_port} is taken by another process" in taken.stderr
+    cli.run("start")
