@@ -37,7 +37,9 @@ def step(message: str) -> Iterator[None]:
     else:
         _err.print(message + " ...", markup=False)
         yield
-    _err.print(f"{message}: done ({time.monotonic() - started:.1f}s)", markup=False)
+    elapsed = f"{time.monotonic() - started:.1f}s"
+    _err.print(f"{message}: done ({elapsed})" if _err.is_terminal else f"  done in {elapsed}",
+               markup=False)
 
 
 def result(line: str) -> None:
