@@ -52,11 +52,9 @@ class Cli:
 
     def superuser(self, endpoint: str) -> psycopg.Connection[Any]:
         """Strata's own way in: the superuser over the endpoint's unix socket."""
-        port = next(e for e in self.json("endpoint", "list") if e["name"] == endpoint)[
-            "address"].rsplit(":", 1)[1]
-        sock = self.repo_dir / "endpoints" / endpoint / "pgdata.sock"
-        return psycopg.connect(host=str(sock), port=port, user="postgres", dbname="postgres",
-                               autocommit=True)
+        ep = next(e for e in self.json("endpoint", "list") if e["name"] == endpoint)
+        return psycopg.connect(host=ep["socket_dir"], port=ep["address"].rsplit(":", 1)[1],
+                               user="postgres", dbname="postgres", autocommit=True)
 
 
 @pytest.fixture
@@ -213,3 +211,37 @@ def test_clear_errors(cli: Cli, test_dir: Path) -> None:
         taken = cli.run("start", ok=False)
     assert f"127.0.0.1:{http_port} is taken by another process" in taken.stderr
     cli.run("start")
+
+
+def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
+    """`init --config` takes the user's TOML (tenant defaults reach the pageserver, ports
+    0 are allocated and written back); `tenant create` adds a tenant with its own
+    settings over those defaults and a `main` branch; a typo in the file is refused."""
+    bad = test_dir / "bad.toml"
+    bad.write_text("[tenant_defaults]\ncheckpoint_distanse = 1\n")
+    refused = cli.run("init", "--config", str(bad), ok=False)
+    assert "unknown tenant config keys ['checkpoint_distanse']" in refused.stderr
+    assert not (cli.repo_dir / "state.json").exists()
+
+    good = test_dir / "strata.toml"
+    good.write_text('wal_mode = "pageserver"\n\n[pageserver]\npg_port = 0\n\n'
+                    "[tenant_defaults]\ncheckpoint_distance = 4194304\n\n"
+                    '[endpoint_defaults]\nshared_buffers = "16MB"\n')
+    cli.run("init", "--config", str(good))
+    written = (cli.repo_dir / "config.toml").read_text()
+    assert "pg_port = 0" not in written and "http_port = 0" not in written
+    assert 'shared_buffers = "16MB"' in written
+
+    default = cli.json("tenant", "config")
+    assert default["name"] == "default"
+    assert default["config"]["checkpoint_distance"] == 4194304
+
+    cli.run("tenant", "create", "--name", "other", "-c", "gc_horizon=1000")
+    tenants = {t["name"]: t for t in cli.json("tenant", "list")}
+    assert set(tenants) == {"default", "other"}
+    assert tenants["other"]["branches"] == ["main"] and not tenants["other"]["default"]
+    other = cli.json("tenant", "config", "other")["config"]
+    assert other["gc_horizon"] == 1000 and other["checkpoint_distance"] == 4194304
+    assert [t["branch"] for t in cli.json("timeline", "list", "--tenant", "other")] == ["main"]
+    again = cli.run("tenant", "create", "--name", "other", ok=False)
+    assert "a tenant named 'other' exists already" in again.stderr

@@ -96,10 +96,16 @@ def init(ctx: click.Context, config_file: Path | None) -> None:
     config = config.with_ports_allocated()
     env = Environment.create(root, config)
     output.info(f"created a Strata environment in {root} (config {env.config_path})")
-    start_pageserver(env, config)
-    client = pageserver_client(config)
-    with output.step("creating the default tenant (initdb and import into the pageserver)"):
-        tenant_id, timeline_id = client.create_tenant()
+    try:
+        start_pageserver(env, config)
+        client = pageserver_client(config)
+        with output.step("creating the default tenant (initdb and import into the "
+                         "pageserver)"):
+            tenant_id, timeline_id = client.create_tenant()
+    except StrataError as err:
+        stop_pageserver(env, immediate=True)
+        raise UserError(f"{err}\n`strata init` did not finish; remove {root} and run it "
+                        "again") from err
     with env.locked() as state:
         state.tenants[str(tenant_id)] = TenantState(DEFAULT_TENANT_NAME,
                                                     {DEFAULT_BRANCH: str(timeline_id)})

@@ -23,6 +23,7 @@ connection): a superuser could turn `wal_consistency_checking` off in its sessio
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -81,22 +82,31 @@ host    all             all             ::1/128                 trust
 @dataclass(frozen=True, slots=True)
 class EndpointPaths:
     root: Path
+    socket_dir: Path
 
     @property
     def datadir(self) -> Path:
         return self.root / "pgdata"
 
-    @property
-    def socket_dir(self) -> Path:
-        # PgServer puts the socket next to the data directory.
-        return self.root / "pgdata.sock"
-
     def saved(self, timeline_id: TimelineId) -> Path:
         return self.root / "saved" / str(timeline_id)
 
 
+# sockaddr_un.sun_path holds 108 bytes with the terminating NUL (unix(7)); PostgreSQL
+# appends "/.s.PGSQL.<port>" (at most 16 bytes) to the directory.
+_SOCKET_PATH_MAX = 107 - 16
+
+
 def endpoint_paths(env: Environment, name: str) -> EndpointPaths:
-    return EndpointPaths(env.endpoint_dir(name))
+    """The endpoint's directories. Its unix socket lives in the environment's run/ unless
+    that path is too long for a socket; then in a short directory under the system's
+    temporary directory, named by a hash of the environment and endpoint."""
+    socket_dir = env.run_dir / f"{name}.sock"
+    if len(os.fsencode(socket_dir)) > _SOCKET_PATH_MAX:
+        digest = hashlib.sha256(os.fsencode(socket_dir)).hexdigest()[:16]
+        socket_dir = Path(tempfile.gettempdir()) / f"strata-{os.getuid()}" / digest
+    assert len(os.fsencode(socket_dir)) <= _SOCKET_PATH_MAX, socket_dir
+    return EndpointPaths(env.endpoint_dir(name), socket_dir)
 
 
 def endpoint_files(env: Environment, name: str) -> ProcessFiles:
@@ -222,9 +232,11 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
     with tempfile.TemporaryFile(dir=paths.root) as tar:
         client.basebackup(tenant_id, timeline_id, tar, lsn, read_only=ep.read_only)
         tar.seek(0)
-        return Compute.from_basebackup(tar, paths.datadir, compute_config, host=defaults.host,
-                                       port=ep.port, log_path=endpoint_files(env, ep.name)
-                                       .log_path, user=service_user())
+        compute = Compute(paths.datadir, compute_config, host=defaults.host, port=ep.port,
+                          log_path=endpoint_files(env, ep.name).log_path, user=service_user())
+        compute.server.socket_dir = paths.socket_dir
+        compute.unpack(tar)
+        return compute
 
 
 def _restore_saved(paths: EndpointPaths, timeline_id: TimelineId, compute: Compute) -> None:
@@ -319,6 +331,7 @@ def endpoint_status(env: Environment, config: EnvConfig, ep: EndpointState) -> d
         "address": f"{config.endpoint_defaults.host}:{ep.port}", "pid": pid,
         "state": "died" if died else "stopped" if pid is None else "running",
         "current_lsn": None, "connstr": connstr(config, ep) if pid is not None else None,
+        "socket_dir": str(endpoint_paths(env, ep.name).socket_dir),
         "log": str(files.log_path), "log_tail": files.log_tail() if died else None,
     }
     if pid is None:

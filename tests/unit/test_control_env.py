@@ -1,0 +1,146 @@
+"""The `strata` environment's config and state (pure code) and the supervisor's process
+checks, without starting services."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from strata.common.errors import NotFound, UserError
+from strata.control.env import (
+    SAFEKEEPERS_UNAVAILABLE,
+    EndpointState,
+    EnvConfig,
+    Environment,
+    State,
+    TenantState,
+)
+from strata.control.supervisor import ProcessFiles, pid_alive, port_in_use
+
+
+def test_defaults_are_dev_mode_without_safekeepers() -> None:
+    config = EnvConfig.from_dict({})
+    assert config.wal_mode == "pageserver"
+    assert config.safekeepers == ()
+    allocated = config.with_ports_allocated()
+    assert allocated.pageserver.pg_port > 0 and allocated.pageserver.http_port > 0
+    assert allocated.pageserver.pg_port != allocated.pageserver.http_port
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"wal_mod": "pageserver"}, "unknown keys ['wal_mod']"),
+    ({"wal_mode": "quorum"}, "wal_mode must be one of"),
+    ({"wal_mode": "safekeepers"}, SAFEKEEPERS_UNAVAILABLE),
+    ({"safekeepers": [{"id": 1}]}, SAFEKEEPERS_UNAVAILABLE),
+    ({"pageserver": {"pg_port": 70000}}, "[pageserver] pg_port must be a port number"),
+    ({"pageserver": {"http_port": "80"}}, "[pageserver] http_port must be a port number"),
+    ({"pageserver": {"config": {"listen_pg_addr": "x:1"}}}, "must not set listen_pg_addr"),
+    ({"tenant_defaults": {"gc_horizon": -1}}, "gc_horizon must be >= 0"),
+    ({"tenant_defaults": {"nope": 1}}, "unknown tenant config keys ['nope']"),
+    ({"endpoint_defaults": {"max_connections": 0}}, "max_connections must be an integer"),
+])
+def test_config_errors_name_the_key(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError) as err:
+        EnvConfig.from_dict(data)
+    assert message in str(err.value)
+
+
+ports = st.integers(min_value=0, max_value=65535)
+
+
+@settings(max_examples=40)
+@given(pg=ports, http=ports, distance=st.integers(min_value=1, max_value=1 << 40),
+       buffers=st.sampled_from(["16MB", "128MB", "1GB"]),
+       extra=st.dictionaries(st.sampled_from(["work_mem", "log_min_messages"]),
+                             st.sampled_from(["4MB", "info"]), max_size=2))
+def test_config_round_trips_through_the_file(tmp_path_factory: pytest.TempPathFactory,
+                                             pg: int, http: int, distance: int, buffers: str,
+                                             extra: dict[str, str]) -> None:
+    config = EnvConfig.from_dict({
+        "pageserver": {"pg_port": pg, "http_port": http, "config": {"log_level": "DEBUG"}},
+        "tenant_defaults": {"checkpoint_distance": distance},
+        "endpoint_defaults": {"shared_buffers": buffers, "settings": extra},
+    })
+    root = tmp_path_factory.mktemp("env") / "e"
+    env = Environment.create(root, config)
+    assert env.config() == config
+
+
+def test_state_round_trip_and_lookups(tmp_path: Path) -> None:
+    env = Environment.create(tmp_path / "env", EnvConfig())
+    tid, tl = "ab" * 16, "cd" * 16
+    with env.locked() as state:
+        state.tenants[tid] = TenantState("default", {"main": tl})
+        state.default_tenant = tid
+        state.endpoints["ro"] = EndpointState("ro", tid, "main", 5432, "0/16B3740", False)
+    state = env.read_state()
+    assert state.tenant_id(None) == tid == state.tenant_id("default")
+    assert str(state.timeline_id(tid, "main")) == tl
+    ep = state.endpoint("ro")
+    assert ep.read_only and str(ep.read_lsn) == "0/16B3740" and not ep.autostart
+    with pytest.raises(NotFound, match="no branch named 'dev'.*branches: main"):
+        state.timeline_id(tid, "dev")
+    with pytest.raises(NotFound, match="no endpoint named 'x'; endpoints: ro"):
+        state.endpoint("x")
+    with pytest.raises(NotFound, match="no tenant named 'other'"):
+        state.tenant_id("other")
+    with pytest.raises(NotFound, match="has no tenant"):
+        State().tenant_id(None)
+
+
+def test_missing_and_existing_environment(tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match="run `strata init` first"):
+        Environment.open(tmp_path / "none")
+    Environment.create(tmp_path / "env", EnvConfig())
+    with pytest.raises(UserError, match="already holds a Strata environment"):
+        Environment.create(tmp_path / "env", EnvConfig())
+
+
+def test_state_write_failure_keeps_the_old_state(tmp_path: Path) -> None:
+    env = Environment.create(tmp_path / "env", EnvConfig())
+    with pytest.raises(RuntimeError), env.locked() as state:
+        state.default_tenant = "x"
+        raise RuntimeError("a command failed half way")
+    assert env.read_state().default_tenant is None
+
+
+def test_pid_files_trust_only_the_live_process_they_name(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                              "marker-123"])
+    try:
+        files = ProcessFiles("sleeper", tmp_path / "p.pid", tmp_path / "p.log", "marker-123")
+        assert files.read_pid() is None and not files.died()
+        files.write_pid(child.pid)
+        assert files.read_pid() == child.pid
+        other = ProcessFiles("other", tmp_path / "p.pid", tmp_path / "p.log", "marker-999")
+        assert other.read_pid() is None  # a reused pid is not ours
+        child.kill()
+        deadline = time.monotonic() + 10
+        while pid_alive(child.pid):  # killed, not reaped: a zombie counts as dead
+            assert time.monotonic() < deadline, "a killed zombie still counts as alive"
+            time.sleep(0.01)
+        stat = Path(f"/proc/{child.pid}/stat").read_text()
+        assert stat[stat.rfind(")") + 2] == "Z", stat  # still there, as a zombie
+        assert files.read_pid() is None and files.died()
+    finally:
+        child.kill()
+        child.wait()
+    assert pid_alive(os.getpid())
+
+
+def test_port_in_use() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert port_in_use("127.0.0.1", port)
+    assert not port_in_use("127.0.0.1", port)
