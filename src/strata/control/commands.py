@@ -127,6 +127,7 @@ def start(ctx: click.Context) -> None:
     config = env.config()
     start_pageserver(env, config)
     state = env.read_state()
+    failed: list[str] = []
     for ep in state.endpoints.values():
         if not ep.autostart:
             continue
@@ -134,9 +135,18 @@ def start(ctx: click.Context) -> None:
             output.info(f"endpoint {ep.name} already running")
             conn = endpoint_status(env, config, ep)["connstr"]
         else:
-            conn = start_endpoint(env, config, ep, state.timeline_id(ep.tenant_id, ep.branch))
+            try:
+                conn = start_endpoint(env, config, ep,
+                                      state.timeline_id(ep.tenant_id, ep.branch))
+            except StrataError as err:
+                # One endpoint's trouble does not keep the others down.
+                output.info(f"strata: error: endpoint {ep.name}: {err}")
+                failed.append(ep.name)
+                continue
         output.info(f"connect to endpoint {ep.name} with: psql '{conn}'")
         output.result(f"endpoint {ep.name} ({ep.branch}): {conn}")
+    if failed:
+        raise UserError(f"endpoints {failed} did not start (see above); the rest run")
 
 
 @click.command()
