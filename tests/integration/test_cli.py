@@ -102,7 +102,10 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     rows(main, "create table t (id int primary key, v text)")
     rows(main, "insert into t values (1, 'one')")
     lsn1 = rows(main, "select pg_current_wal_lsn()::text")[0][0]
+    between = rows(main, "select clock_timestamp()")[0][0]
+    time.sleep(0.05)
     rows(main, "insert into t values (2, 'two')")
+    lsn2 = rows(main, "select pg_current_wal_lsn()::text")[0][0]
 
     cli.run("timeline", "branch", "head")  # at main's head: includes 'two'
     cli.run("timeline", "branch", "past", "--at", lsn1)
@@ -110,6 +113,11 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     assert tree["main"]["parent"] is None
     assert tree["head"]["parent"] == "main" and tree["past"]["parent"] == "main"
     assert tree["past"]["branch_lsn"] == lsn1
+    # At a timestamp: the end of the last commit before it, so 'one' but not 'two'.
+    cli.run("timeline", "branch", "when", "--at", between.isoformat())
+    when = next(t for t in cli.json("timeline", "list") if t["branch"] == "when")
+    when_lsn = Lsn.parse(when["branch_lsn"])
+    assert Lsn.parse(lsn1) <= when_lsn < Lsn.parse(lsn2), (lsn1, when_lsn, lsn2)
     listing = cli.run("timeline", "list").stdout
     assert f"├─ past @ {lsn1}" in listing and "└─ head @ " in listing  # by branch LSN
 
@@ -135,7 +143,7 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     refused = cli.run("timeline", "delete", "past", ok=False)
     assert "endpoints ['past'] run on it" in refused.stderr
     refused = cli.run("timeline", "delete", "main", ok=False)
-    assert "child branches ['head', 'past']" in refused.stderr
+    assert "child branches ['head', 'past', 'when']" in refused.stderr
 
     with cli.superuser("main") as conn:
         conn.execute("alter system set work_mem = '7MB'")
