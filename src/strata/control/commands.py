@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +216,6 @@ def tenant() -> None:
 
 
 def _parse_settings(items: tuple[str, ...]) -> dict[str, Any]:
-    import tomllib
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -489,6 +489,9 @@ def endpoint_create(ctx: click.Context, name: str, branch: str, lsn: str | None,
     config = env.config()
     _check_name("endpoint", name)
     read_lsn = Lsn.parse(lsn) if lsn is not None else None
+    if read_lsn is not None and not read_lsn.is_aligned(8):
+        raise UserError(f"--lsn {read_lsn} is not 8-byte aligned, so it cannot be the end of "
+                        "a WAL record; use pg_current_wal_lsn() right after a commit")
     with env.locked() as state:
         if name in state.endpoints:
             raise UserError(f"endpoint {name!r} exists already; see `strata endpoint list`")
@@ -526,8 +529,6 @@ def endpoint_start(ctx: click.Context, name: str) -> None:
 
 
 def _with_autostart(ep: EndpointState, value: bool) -> EndpointState:
-    from dataclasses import replace
-
     return replace(ep, autostart=value)
 
 

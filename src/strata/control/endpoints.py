@@ -23,11 +23,14 @@ connection): a superuser could turn `wal_consistency_checking` off in its sessio
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,9 +159,28 @@ def sync_wal(config: EnvConfig, client: PageserverClient, tenant_id: TenantId,
     return client.compute_start(tenant_id, timeline_id)
 
 
+@contextlib.contextmanager
+def endpoint_lock(env: Environment, name: str) -> Iterator[None]:
+    """Held while one `strata` command starts or stops the endpoint (flock)."""
+    env.run_dir.mkdir(exist_ok=True)
+    with open(env.run_dir / f"endpoint-{name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise UserError(f"another strata command is starting or stopping endpoint "
+                            f"{name}; wait for it to finish") from err
+        yield
+
+
 def start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
                    timeline_id: TimelineId) -> str:
     """Start endpoint `ep` on timeline `timeline_id`; returns its connection string."""
+    with endpoint_lock(env, ep.name):
+        return _start_endpoint(env, config, ep, timeline_id)
+
+
+def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
+                    timeline_id: TimelineId) -> str:
     files = endpoint_files(env, ep.name)
     paths = endpoint_paths(env, ep.name)
     defaults = config.endpoint_defaults
@@ -284,6 +306,12 @@ def stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId, 
     """Stop the endpoint's PostgreSQL; after a clean (fast) stop of a primary, save its
     ALTER SYSTEM settings and statistics for the next start, and (given the pageserver's
     `client`) release the WAL receiver. False if it was not running."""
+    with endpoint_lock(env, ep.name):
+        return _stop_endpoint(env, ep, timeline_id, immediate, client)
+
+
+def _stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId,
+                   immediate: bool, client: PageserverClient | None) -> bool:
     files = endpoint_files(env, ep.name)
     pid = running_pid(env, ep.name)
     if pid is None:

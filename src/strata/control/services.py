@@ -79,7 +79,8 @@ def start_pageserver(env: Environment, config: EnvConfig) -> int:
     ports_file = env.pageserver_dir / PAGESERVER_PORTS_FILE
     ports_file.unlink(missing_ok=True)
     client = pageserver_client(config, timeout_s=5)
-    with step_pageserver(ps.host, ps.http_port, files):
+    with output.step(f"starting the pageserver (http {ps.host}:{ps.http_port}, log "
+                     f"{files.log_path})"):
         with open(files.log_path, "ab") as log:
             proc = subprocess.Popen(pageserver_argv(env, config), stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -91,11 +92,6 @@ def start_pageserver(env: Environment, config: EnvConfig) -> int:
     return proc.pid
 
 
-def step_pageserver(host: str, http_port: int, files: ProcessFiles) -> Any:
-    return output.step(f"starting the pageserver (http {host}:{http_port}, log "
-                       f"{files.log_path})")
-
-
 def stop_pageserver(env: Environment, *, immediate: bool = False) -> bool:
     """SIGTERM (it flushes every timeline and exits) or, immediate, SIGKILL."""
     files = pageserver_files(env)
@@ -105,18 +101,14 @@ def stop_pageserver(env: Environment, *, immediate: bool = False) -> bool:
         return False
     how = "killing the pageserver (SIGKILL)" if immediate else "stopping the pageserver"
     with output.step(how):
-        stop_process_checked(files, signal.SIGKILL if immediate else signal.SIGTERM)
+        stop_process(files, signal.SIGKILL if immediate else signal.SIGTERM,
+                     timeout_s=PAGESERVER_STOP_TIMEOUT_S)
     return True
-
-
-def stop_process_checked(files: ProcessFiles, sig: signal.Signals) -> None:
-    stop_process(files, sig, timeout_s=PAGESERVER_STOP_TIMEOUT_S)
 
 
 def require_pageserver(env: Environment, config: EnvConfig) -> PageserverClient:
     """The pageserver's client, or Unavailable saying how to start it."""
     files = pageserver_files(env)
-    client = pageserver_client(config)
     if files.read_pid() is None:
         raise Unavailable(f"the pageserver of {env.root} is not running; run `strata start` "
                           "(or `strata pageserver start`)")
@@ -124,7 +116,7 @@ def require_pageserver(env: Environment, config: EnvConfig) -> PageserverClient:
         raise Unavailable(f"the pageserver (pid {files.read_pid()}) does not answer on "
                           f"{config.pageserver.host}:{config.pageserver.http_port}; last lines "
                           f"of {files.log_path}:\n{files.log_tail()}")
-    return client
+    return pageserver_client(config)
 
 
 @dataclass(frozen=True, slots=True)
