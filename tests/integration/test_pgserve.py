@@ -291,3 +291,26 @@ def test_psycopg_reads_copy_out_and_a_failing_copy_keeps_the_connection(
                 for _ in copy:
                     pass
         assert conn.execute("select 1").fetchall() == [("1",)]
+
+
+
+def test_stop_with_an_open_copy_both_stream_logs_no_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A pagestream-like client connected at shutdown is ended without an ERROR log
+    (Python 3.11's stream protocol logs a connection task that ends cancelled)."""
+
+    async def scenario() -> None:
+        srv = PgProtocolServer(handler, host="127.0.0.1", port=0)
+        await srv.start()
+        conn = await PgConnection.connect("127.0.0.1", srv.port, user="u")
+        stream = await conn.start_copy_both("echo")
+        await stream.send(b"ping")
+        assert await stream.read() == b"PING"
+        await srv.stop(grace_s=0.1)  # the stream is mid-copy: it gets cancelled
+        await asyncio.sleep(0.3)  # the loop goes on, as a pageserver's does
+        conn.abort()
+
+    with caplog.at_level("DEBUG"):
+        asyncio.run(scenario())
+    errors = [r for r in caplog.records if r.levelno >= 40]
+    assert errors == [], [r.getMessage() for r in errors]

@@ -264,9 +264,12 @@ class PgProtocolServer:
         except (ConnectionError, OSError) as err:
             log.info("%s connection %d from %s lost: %s", self.name, conn_id, peer_text, err)
         except asyncio.CancelledError:
-            if self._stopping:
-                _say_shutting_down(conn)
-            raise
+            if not self._stopping:
+                raise
+            # Our own stop() cancelled this connection task, which is the top of its
+            # stack: end it quietly. Re-raising makes Python 3.11's stream protocol log
+            # the cancellation as an ERROR with a traceback.
+            _say_shutting_down(conn)
         finally:
             self._tasks.discard(task)
             self._idle.discard(task)
