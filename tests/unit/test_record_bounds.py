@@ -13,8 +13,8 @@ import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sim.walgen import WalGenerator
 
+from sim.walgen import WalGenerator
 from strata.common.errors import CorruptionError
 from strata.common.lsn import Lsn
 from strata.pg.walreader import WalStreamDecoder

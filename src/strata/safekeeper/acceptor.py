@@ -1,0 +1,341 @@
+"""`Acceptor`: the safekeeper side of the WAL quorum for one timeline. No I/O.
+
+`handle(msg)` takes a proposer message and returns a list of actions for the driver (K2),
+to be executed in order, each finished before the next starts:
+
+- `PersistControl(state)`: write the control file durably (temp, fsync, rename, fsync dir);
+- `WriteWal(lsn, data)`: write WAL bytes (no fsync yet);
+- `FlushWal(upto)`: fsync the WAL written so far (everything below `upto` is durable);
+- `TruncateWal(lsn)`: cut the WAL at `lsn`, durably, before anything else happens;
+- `SendWal(term, start, end)`: read WAL [start, end) and send `ReadWalResponse(term, start, data)`;
+- a reply message (`AcceptorGreeting`, `VoteResponse`, `AppendResponse`, `ReadWalResponse`):
+  send it. Every position in a reply is durable by then, because the actions before it are.
+
+After a crash the driver rebuilds the acceptor with `Acceptor(state)` from the last
+persisted `AcceptorState` and `recover_wal(...)` with its WAL from `state.scan_lsn` to the
+end of what it finds on disk. After a `ProtocolError` from `handle()`, discard the object
+the same way (the message may have been half applied in memory, never on disk).
+The protocol and its safety argument are in docs/safekeeper-protocol.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from strata.common.errors import CorruptionError, ProtocolError
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn, check_segment_size
+from strata.safekeeper.messages import (
+    AcceptorGreeting,
+    AppendRequest,
+    AppendResponse,
+    ProposerElected,
+    ProposerGreeting,
+    ProposerMessage,
+    ReadWalRequest,
+    ReadWalResponse,
+    TermHistory,
+    VoteRequest,
+    VoteResponse,
+    history_up_to,
+    log_term,
+)
+from strata.safekeeper.record_bounds import RecordBoundaryTracker
+
+MAX_READ_BYTES = 1 << 20  # one ReadWalRequest
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptorState:
+    """What an acceptor persists in its control file (the WAL itself is in segment files).
+
+    `scan_lsn` is a record end at or below the durable commit LSN (so never truncated and
+    never beyond the durable WAL) and `scan_prev_lsn` the start of the record ending there:
+    after a restart the acceptor re-reads its WAL from there to find its last record end.
+    `voted_for` is the proposer `term` was promised to (0: the term was learned otherwise).
+    """
+
+    tenant_id: TenantId
+    timeline_id: TimelineId
+    system_id: int
+    wal_seg_size: int
+    timeline_start_lsn: Lsn
+    timeline_start_prev_lsn: Lsn
+    term: int
+    voted_for: int
+    term_history: TermHistory
+    commit_lsn: Lsn
+    scan_lsn: Lsn
+    scan_prev_lsn: Lsn
+
+    @classmethod
+    def new_timeline(cls, tenant_id: TenantId, timeline_id: TimelineId, system_id: int,
+                     wal_seg_size: int, start_lsn: Lsn, prev_record_lsn: Lsn) -> AcceptorState:
+        """A timeline created at record end `start_lsn` (D7: branch creation)."""
+        check_segment_size(wal_seg_size)
+        return cls(tenant_id, timeline_id, system_id, wal_seg_size, start_lsn,
+                   prev_record_lsn, term=0, voted_for=0, term_history=(),
+                   commit_lsn=start_lsn, scan_lsn=start_lsn, scan_prev_lsn=prev_record_lsn)
+
+
+# --- actions ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PersistControl:
+    """Make `state` durable before any later action runs."""
+
+    state: AcceptorState
+
+
+@dataclass(frozen=True, slots=True)
+class WriteWal:
+    """Write `data` at `lsn` (always the current end of the WAL); fsync comes with FlushWal."""
+
+    lsn: Lsn
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FlushWal:
+    """fsync: all WAL below `upto` must be durable before any later action runs."""
+
+    upto: Lsn
+
+
+@dataclass(frozen=True, slots=True)
+class TruncateWal:
+    """Remove the WAL at and after `lsn`, durably, before any later action runs."""
+
+    lsn: Lsn
+
+
+@dataclass(frozen=True, slots=True)
+class SendWal:
+    """Read WAL [start_lsn, end_lsn) and reply `ReadWalResponse(term, start_lsn, data)`."""
+
+    term: int
+    start_lsn: Lsn
+    end_lsn: Lsn
+
+
+AcceptorReply = AcceptorGreeting | VoteResponse | AppendResponse | ReadWalResponse
+AcceptorAction = PersistControl | WriteWal | FlushWal | TruncateWal | SendWal | AcceptorReply
+
+
+class Acceptor:
+    """Acceptor side of the WAL quorum for one timeline. No I/O; the driver is K2's server.
+
+    `commit_persist_bytes`: a commit LSN that moved this far past the persisted one is
+    persisted even while WAL keeps coming (a commit-only AppendRequest always persists it).
+    """
+
+    def __init__(self, state: AcceptorState, *, commit_persist_bytes: int = 16 << 20) -> None:
+        self.state = state  # as last persisted (or to be persisted by the last action)
+        self.commit_persist_bytes = commit_persist_bytes
+        self.flush_lsn = state.scan_lsn  # end of the WAL it holds (durable once replied)
+        self.commit_lsn = state.commit_lsn  # in memory; state.commit_lsn is the durable one
+        self._tracker = RecordBoundaryTracker(state.scan_lsn.value, state.scan_prev_lsn.value,
+                                              state.wal_seg_size)
+
+    # --- restart ------------------------------------------------------------------------------
+    def recover_wal(self, data: bytes) -> None:
+        """After a restart: the WAL found on disk from `flush_lsn` on (call in pieces)."""
+        try:
+            self._tracker.feed(data)
+        except CorruptionError as err:
+            raise CorruptionError(f"timeline {self.state.timeline_id}: durable WAL after "
+                                  f"{self.flush_lsn} is damaged: {err}") from err
+        self.flush_lsn += len(data)
+
+    # --- positions ----------------------------------------------------------------------------
+    @property
+    def term(self) -> int:
+        return self.state.term
+
+    @property
+    def last_record_end(self) -> Lsn:
+        return Lsn(self._tracker.last_record_end)
+
+    @property
+    def last_record_lsn(self) -> Lsn:
+        return Lsn(self._tracker.last_record_lsn)
+
+    @property
+    def log_term(self) -> int:
+        """The term whose log this acceptor's log (up to its last record end) is a prefix of."""
+        return log_term(self.state.term_history, self.last_record_end)
+
+    def _append_response(self) -> AppendResponse:
+        return AppendResponse(self.state.term, self._elected_term(), self.flush_lsn,
+                              self.last_record_end, self.state.commit_lsn)
+
+    def _elected_term(self) -> int:
+        """The term whose ProposerElected this acceptor adopted last (0: none yet)."""
+        history = self.state.term_history
+        return history[-1].term if history else 0
+
+    # --- messages -----------------------------------------------------------------------------
+    def handle(self, msg: ProposerMessage) -> list[AcceptorAction]:
+        match msg:
+            case ProposerGreeting():
+                return self._on_greeting(msg)
+            case VoteRequest():
+                return self._on_vote_request(msg)
+            case ProposerElected():
+                return self._on_elected(msg)
+            case AppendRequest():
+                return self._on_append(msg)
+            case ReadWalRequest():
+                return self._on_read_wal(msg)
+        raise ProtocolError(f"an acceptor does not handle {type(msg).__name__}")
+
+    def _on_greeting(self, msg: ProposerGreeting) -> list[AcceptorAction]:
+        s = self.state
+        if (msg.tenant_id, msg.timeline_id) != (s.tenant_id, s.timeline_id):
+            raise ProtocolError(f"greeting for {msg.tenant_id}/{msg.timeline_id} reached the "
+                                f"acceptor of {s.tenant_id}/{s.timeline_id}")
+        if msg.system_id != s.system_id or msg.wal_seg_size != s.wal_seg_size:
+            raise ProtocolError(f"proposer {msg.proposer_id} has system {msg.system_id}, "
+                                f"segment size {msg.wal_seg_size}; timeline {s.timeline_id} "
+                                f"has {s.system_id}, {s.wal_seg_size}: wrong cluster?")
+        return [AcceptorGreeting(s.term)]
+
+    def _on_vote_request(self, msg: VoteRequest) -> list[AcceptorAction]:
+        actions: list[AcceptorAction] = []
+        if msg.term > self.state.term:
+            # Persist before voting: a vote forgotten in a crash lets two proposers win it.
+            self.state = replace(self.state, term=msg.term, voted_for=msg.proposer_id)
+            actions.append(PersistControl(self.state))
+        granted = msg.term == self.state.term and msg.proposer_id == self.state.voted_for
+        end = self.last_record_end
+        actions.append(VoteResponse(
+            self.state.term, granted, self.flush_lsn, end, self.last_record_lsn,
+            self.state.commit_lsn, self.state.timeline_start_lsn,
+            history_up_to(self.state.term_history, end)))
+        return actions
+
+    def _on_elected(self, msg: ProposerElected) -> list[AcceptorAction]:
+        if msg.term < self.state.term:
+            return [self._append_response()]
+        if self._elected_term() == msg.term:
+            return [self._append_response()]  # a repeat: never truncate this term's WAL again
+        start = msg.start_streaming_at
+        self._check_elected(msg)
+        prev = self._prev_record_at(start, msg.term_history)
+        actions: list[AcceptorAction] = []
+        if self.flush_lsn > start:
+            # Durable before the new history is: a crash in between leaves the old history
+            # with a shorter log, which is still a prefix of that history's log.
+            actions.append(TruncateWal(start))
+            self.flush_lsn = start
+            self._tracker = RecordBoundaryTracker(start.value, prev.value,
+                                                  self.state.wal_seg_size)
+        self.state = replace(self.state, term=msg.term, term_history=msg.term_history,
+                             voted_for=self.state.voted_for if msg.term == self.state.term
+                             else 0)
+        actions.append(PersistControl(self.state))
+        actions.append(self._append_response())
+        return actions
+
+    def _check_elected(self, msg: ProposerElected) -> None:
+        history = msg.term_history
+        start = msg.start_streaming_at
+        if not history or history[-1].term != msg.term:
+            raise ProtocolError(f"ProposerElected for term {msg.term} has a history that does "
+                                f"not end with that term: {history}")
+        if start > history[-1].start_lsn:
+            raise ProtocolError(f"ProposerElected for term {msg.term}: streaming start {start} "
+                                f"is past the term start {history[-1].start_lsn}")
+        if start > self.last_record_end:
+            raise ProtocolError(f"ProposerElected for term {msg.term}: streaming start {start} "
+                                f"is past this acceptor's last record end "
+                                f"{self.last_record_end}; it never reported that")
+        # Committed WAL is never truncated (the safety argument in safekeeper-protocol.md).
+        assert start >= self.commit_lsn, (msg.term, start, self.commit_lsn)
+
+    def _prev_record_at(self, lsn: Lsn, history: TermHistory) -> Lsn:
+        """The start of the record that ends at `lsn`, a point the acceptor knows of."""
+        if lsn == self.last_record_end:
+            return self.last_record_lsn
+        for entry in self.state.term_history + history:
+            if entry.start_lsn == lsn:
+                return entry.prev_record_lsn
+        if lsn == self.state.timeline_start_lsn:
+            return self.state.timeline_start_prev_lsn
+        raise ProtocolError(f"streaming start {lsn} is neither a term start nor this "
+                            f"acceptor's last record end {self.last_record_end}")
+
+    def _on_append(self, msg: AppendRequest) -> list[AcceptorAction]:
+        if msg.term != self.state.term or self._elected_term() != msg.term:
+            # A stale term, or our term before its ProposerElected arrived: refuse.
+            return [self._append_response()]
+        actions: list[AcceptorAction] = []
+        if msg.begin_lsn <= self.flush_lsn < msg.end_lsn:
+            # Bytes below flush_lsn are this term's too (it truncated us at its start), so a
+            # repeated or overlapping request only adds the new part.
+            piece = msg.data[self.flush_lsn - msg.begin_lsn:]
+            try:
+                self._tracker.feed(piece)
+            except CorruptionError as err:
+                raise ProtocolError(f"term {msg.term} sent damaged WAL at {self.flush_lsn}: "
+                                    f"{err}") from err
+            actions.append(WriteWal(self.flush_lsn, piece))
+            self.flush_lsn = msg.end_lsn
+            actions.append(FlushWal(self.flush_lsn))
+        # A gap (begin_lsn > flush_lsn) writes nothing; the reply tells where to resume.
+        self._advance_commit(msg, actions)
+        actions.append(self._append_response())
+        return actions
+
+    def _advance_commit(self, msg: AppendRequest, actions: list[AcceptorAction]) -> None:
+        # Our log is a prefix of the proposer's, so any of our record ends below its commit
+        # LSN is committed too.
+        commit = min(msg.commit_lsn, self.last_record_end)
+        if commit > self.commit_lsn:
+            self.commit_lsn = commit
+        durable = self.state.commit_lsn
+        if self.commit_lsn > durable and (not msg.data or
+                                          self.commit_lsn - durable >= self.commit_persist_bytes):
+            scan_lsn, scan_prev = self._scan_point()
+            self.state = replace(self.state, commit_lsn=self.commit_lsn, scan_lsn=scan_lsn,
+                                 scan_prev_lsn=scan_prev)
+            actions.append(PersistControl(self.state))
+
+    def _scan_point(self) -> tuple[Lsn, Lsn]:
+        """The highest known (record end, its record's start) at or below the commit LSN."""
+        best = (self.state.scan_lsn, self.state.scan_prev_lsn)
+        for entry in self.state.term_history:
+            if best[0] < entry.start_lsn <= self.commit_lsn:
+                best = (entry.start_lsn, entry.prev_record_lsn)
+        if best[0] < self.last_record_end <= self.commit_lsn:
+            best = (self.last_record_end, self.last_record_lsn)
+        return best
+
+    def _on_read_wal(self, msg: ReadWalRequest) -> list[AcceptorAction]:
+        if msg.term != self.state.term:
+            return [ReadWalResponse(self.state.term, msg.start_lsn, b"")]
+        if not (self.state.timeline_start_lsn <= msg.start_lsn <= msg.end_lsn <= self.flush_lsn):
+            raise ProtocolError(f"ReadWalRequest [{msg.start_lsn}, {msg.end_lsn}) is outside "
+                                f"this acceptor's WAL [{self.state.timeline_start_lsn}, "
+                                f"{self.flush_lsn})")
+        if msg.end_lsn - msg.start_lsn > MAX_READ_BYTES:
+            raise ProtocolError(f"ReadWalRequest of {msg.end_lsn - msg.start_lsn} bytes; "
+                                f"the limit is {MAX_READ_BYTES}")
+        return [SendWal(msg.term, msg.start_lsn, msg.end_lsn)]
+
+    # --- checks -------------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        s = self.state
+        assert s.timeline_start_lsn <= s.scan_lsn, (s.timeline_start_lsn, s.scan_lsn)
+        assert s.scan_lsn <= s.commit_lsn, (s.scan_lsn, s.commit_lsn)
+        assert s.commit_lsn <= self.commit_lsn, (s.commit_lsn, self.commit_lsn)
+        assert self.commit_lsn <= self.last_record_end, (self.commit_lsn, self.last_record_end)
+        assert self.last_record_end.value == self._tracker.last_record_end
+        assert self.last_record_end <= self.flush_lsn, (self.last_record_end, self.flush_lsn)
+        assert self._tracker.end_lsn == self.flush_lsn.value, (self._tracker.end_lsn,
+                                                               self.flush_lsn)
+        history = s.term_history
+        for a, b in zip(history, history[1:], strict=False):
+            assert a.term < b.term, history
+            assert a.start_lsn <= b.start_lsn, history
+        assert not history or history[-1].term <= s.term, (history, s.term)
+        assert not history or history[0].start_lsn >= s.timeline_start_lsn, history
