@@ -1,0 +1,700 @@
+"""The walproposer sidecar: drives the quorum `Proposer` for one compute over real sockets.
+
+Architecture D7. Two ways to run it, sharing one driver (`QuorumDriver`):
+
+* **sync** (`sync_safekeepers`, `--sync`): a one-shot proposer that elects, recovers, makes
+  the commit LSN durable on a majority at the agreed end X of the log, and returns X and the
+  start of the record that ends there. The control plane then starts a compute from the
+  pageserver at exactly X.
+* **sidecar** (`WalProposer`, the default): PostgreSQL's only synchronous standby. It is a
+  physical replication client of the local compute through the slot the basebackup made
+  (restart_lsn X), elects itself, checks that the agreed end of the log is the slot's
+  restart_lsn (the compute started where the quorum's log ends), streams from exactly there
+  and hands each XLogData to the Proposer. It reports write = flush = apply = the quorum's
+  commit LSN, so a commit returns only once a majority has it.
+
+Backpressure: with a pageserver configured, the sidecar polls the timeline's
+`last_record_lsn` (ingested) and `disk_consistent_lsn` and never reports an LSN more than
+`max_write_lag_bytes` past the first (or `max_flush_lag_bytes` / `max_apply_lag_bytes`
+past the second; there is no remote-consistent LSN yet, so apply uses it too). Commits then
+wait, so a compute cannot outrun ingest without bound.
+
+Fencing: when the Proposer reports `Fenced` (a higher term exists), or fewer than a
+majority of safekeepers have answered within `fence_timeout_s`, the sidecar calls
+`on_fence`, which stops its PostgreSQL at once (the CLI sends SIGQUIT, PostgreSQL's
+immediate shutdown, to the postmaster it found at start), and stops reporting.
+
+Safekeeper connections (K2's PG-protocol port, docs/safekeeper.md): a connection as user
+`strata`, the command `proposer <tenant> <timeline>`, then one encoded
+`strata.safekeeper.messages` message per CopyData in each direction. Every connection
+starts with our greeting; a dropped connection is re-established with backoff, and the
+Proposer's `tick` resends whatever got no answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from strata.common.errors import ProtocolError, StrataError, Unavailable, UserError
+from strata.common.ids import TenantId, TimelineId
+from strata.common.logctx import setup_logging, timeline_context
+from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn, check_segment_size
+from strata.pg import wire
+from strata.pg.pgclient import CopyBothStream, PgConnection
+from strata.safekeeper.messages import (
+    AcceptorGreeting,
+    AcceptorMessage,
+    AppendResponse,
+    ProposerGreeting,
+    ReadWalResponse,
+    VoteResponse,
+    decode,
+    encode,
+)
+from strata.safekeeper.proposer import (
+    CommitAdvanced,
+    Elected,
+    Fenced,
+    Proposer,
+    ProposerAction,
+    ProposerConfig,
+    Send,
+    SyncDone,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SLOT = "strata_walproposer"
+DEFAULT_APPLICATION_NAME = "strata_walproposer"
+EXIT_FENCED = 3  # the CLI's exit code when the sidecar was fenced
+_TICK_S = 0.05
+_ACCEPTOR_MESSAGES = (AcceptorGreeting, VoteResponse, AppendResponse, ReadWalResponse)
+_LINK_QUEUE_MAX = 4096  # messages; beyond this a dead link drops them (tick resends)
+
+
+@dataclass(frozen=True, slots=True)
+class SafekeeperAddr:
+    """A safekeeper's node id and PG-protocol address."""
+
+    node_id: int
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, default_id: int) -> SafekeeperAddr:
+        """`ID@HOST:PORT` or `HOST:PORT` (the id is then `default_id`)."""
+        node, _, rest = text.rpartition("@")
+        host, _, port = rest.rpartition(":")
+        try:
+            return cls(int(node) if node else default_id, host or "127.0.0.1", int(port))
+        except ValueError as err:
+            raise UserError(f"safekeeper address {text!r}: expected ID@HOST:PORT") from err
+
+
+def parse_safekeepers(text: str) -> tuple[SafekeeperAddr, ...]:
+    """A comma-separated list of safekeeper addresses; ids default to 1, 2, ... by position."""
+    addrs = tuple(SafekeeperAddr.parse(item.strip(), i + 1)
+                  for i, item in enumerate(text.split(",")) if item.strip())
+    if not addrs:
+        raise UserError("no safekeepers given; pass --safekeepers ID@HOST:PORT,...")
+    if len({a.node_id for a in addrs}) != len(addrs):
+        raise UserError(f"safekeeper ids repeat in {text!r}")
+    return addrs
+
+
+@dataclass(frozen=True, slots=True)
+class QuorumConfig:
+    """Which timeline, which safekeepers, and how patient to be with them."""
+
+    tenant_id: TenantId
+    timeline_id: TimelineId
+    safekeepers: tuple[SafekeeperAddr, ...]
+    wal_seg_size: int = DEFAULT_WAL_SEGMENT_SIZE
+    user: str = "strata"
+    retry_interval_s: float = 0.25
+    connect_timeout_s: float = 5.0
+    backoff_max_s: float = 1.0
+    proposer_id: int = field(default_factory=lambda: secrets.randbits(62) + 1)
+
+    def __post_init__(self) -> None:
+        check_segment_size(self.wal_seg_size)
+        assert self.safekeepers, "no safekeepers"
+        assert self.proposer_id > 0, self.proposer_id
+
+    @property
+    def quorum(self) -> int:
+        return len(self.safekeepers) // 2 + 1
+
+
+# --- one safekeeper connection ------------------------------------------------------------
+class _Link:
+    """The connection to one safekeeper: (re)connects, sends queued messages, and puts every
+    message it receives on the driver's inbox as (node id, message)."""
+
+    def __init__(self, addr: SafekeeperAddr, config: QuorumConfig, greeting: bytes,
+                 inbox: asyncio.Queue[tuple[int, AcceptorMessage]]) -> None:
+        self.addr = addr
+        self.config = config
+        self.greeting = greeting
+        self.inbox = inbox
+        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_LINK_QUEUE_MAX)
+        self.connected = False
+        self.connections = 0
+        self.last_error: str | None = None
+
+    def send(self, msg: bytes) -> None:
+        """Queue a message; when the link is down and the queue full it is dropped (the
+        Proposer resends what gets no answer)."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self.outbox.put_nowait(msg)
+
+    async def run(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                await self._session()
+            except (StrataError, OSError) as err:
+                if self.connected or self.last_error != str(err):
+                    log.info("safekeeper %d at %s:%d: %s; reconnecting", self.addr.node_id,
+                             self.addr.host, self.addr.port, err)
+                self.last_error = str(err)
+            if self.connected:
+                backoff = 0.05
+            self.connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.config.backoff_max_s)
+
+    async def _session(self) -> None:
+        cfg = self.config
+        conn = await PgConnection.connect(self.addr.host, self.addr.port, user=cfg.user,
+                                          application_name=DEFAULT_APPLICATION_NAME,
+                                          timeout_s=cfg.connect_timeout_s)
+        writer: asyncio.Task[None] | None = None
+        try:
+            async with asyncio.timeout(cfg.connect_timeout_s):
+                stream = await conn.start_copy_both(f"proposer {cfg.tenant_id} "
+                                                    f"{cfg.timeline_id}")
+            self.connected = True
+            self.connections += 1
+            await stream.send(self.greeting)
+            writer = asyncio.create_task(self._write(stream), name=f"sk{self.addr.node_id}-tx")
+            while True:
+                payload = await stream.read()
+                if payload is None:
+                    raise Unavailable("the safekeeper ended the proposer stream")
+                self.inbox.put_nowait((self.addr.node_id, _decode_acceptor(payload)))
+                if writer.done():
+                    writer.result()  # its error ends this session
+        finally:
+            if writer is not None:
+                writer.cancel()
+                await asyncio.wait([writer])
+            conn.abort()
+
+    async def _write(self, stream: CopyBothStream) -> None:
+        while True:
+            await stream.send(await self.outbox.get())
+
+
+def _decode_acceptor(payload: bytes) -> AcceptorMessage:
+    msg = decode(payload)
+    if not isinstance(msg, _ACCEPTOR_MESSAGES):
+        raise ProtocolError(f"a safekeeper sent a proposer message {type(msg).__name__}")
+    return msg
+
+
+# --- the driver ---------------------------------------------------------------------------
+class Fencing(StrataError):
+    """This proposer may not go on: a higher term exists, or the quorum was lost too long."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    """The agreed end of the log after sync, and the start of the record ending there."""
+
+    lsn: Lsn
+    prev_lsn: Lsn
+
+    def to_json(self) -> str:
+        return json.dumps({"lsn": str(self.lsn), "prev_lsn": str(self.prev_lsn)})
+
+
+class QuorumDriver:
+    """Runs one `Proposer` against the safekeepers: links, timer, and the actions' effects.
+
+    Everything that touches the Proposer runs on the event loop without awaiting in between,
+    so its calls never interleave.
+    """
+
+    def __init__(self, config: QuorumConfig, system_id: int, *, sync: bool,
+                 fence_timeout_s: float,
+                 on_commit: Callable[[Lsn], None] | None = None) -> None:
+        self.config = config
+        self.fence_timeout_s = fence_timeout_s
+        pconf = ProposerConfig(
+            tenant_id=config.tenant_id, timeline_id=config.timeline_id, system_id=system_id,
+            wal_seg_size=config.wal_seg_size, proposer_id=config.proposer_id,
+            acceptors=tuple(a.node_id for a in config.safekeepers), sync=sync,
+            retry_interval_s=config.retry_interval_s)
+        self.proposer = Proposer(pconf, random.Random(config.proposer_id))
+        self.inbox: asyncio.Queue[tuple[int, AcceptorMessage]] = asyncio.Queue()
+        greeting = encode(ProposerGreeting(config.tenant_id, config.timeline_id, system_id,
+                                           config.wal_seg_size, config.proposer_id))
+        self.links = {a.node_id: _Link(a, config, greeting, self.inbox)
+                      for a in config.safekeepers}
+        self._on_commit = on_commit
+        self.elected: Elected | None = None
+        self.elected_event = asyncio.Event()
+        self.sync_result: SyncResult | None = None
+        self.fenced: str | None = None
+        self.done = asyncio.Event()  # sync finished or fenced
+        self.commit_lsn = Lsn(0)
+        self._last_heard: dict[int, float] = {}
+        self._started_s = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        now = time.monotonic()
+        self._started_s = now
+        for node, link in self.links.items():
+            self._tasks.append(asyncio.create_task(link.run(), name=f"sk{node}"))
+        self._apply(self.proposer.start(now))
+        self._tasks.append(asyncio.create_task(self._loop(), name="proposer"))
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def append_wal(self, data: bytes) -> None:
+        if self.fenced is None:
+            self._apply(self.proposer.append_wal(time.monotonic(), data))
+
+    @property
+    def end_lsn(self) -> Lsn:
+        return self.proposer.end_lsn
+
+    # --- the loop -------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        next_tick = time.monotonic()
+        while not self.done.is_set():
+            timeout = max(0.0, next_tick - time.monotonic())
+            try:
+                async with asyncio.timeout(timeout):
+                    node, msg = await self.inbox.get()
+                now = time.monotonic()
+                self._last_heard[node] = now
+                self._apply(self.proposer.handle(now, node, msg))
+            except TimeoutError:
+                now = time.monotonic()
+                next_tick = now + _TICK_S
+                self._apply(self.proposer.tick(now))
+                self._check_quorum(now)
+            except ProtocolError as err:
+                # A safekeeper broke the protocol: we cannot trust our view of the quorum.
+                self._fence(f"protocol error from a safekeeper: {err}")
+
+    def _check_quorum(self, now: float) -> None:
+        if self.fenced is not None or self.done.is_set():
+            return
+        if self.elected is None:
+            if now - self._started_s > self.fence_timeout_s:
+                heard = sorted(self._last_heard)
+                self._fence(f"no majority elected us within {self.fence_timeout_s}s "
+                            f"(heard from safekeepers {heard}; {self._link_errors()})")
+            return
+        recent = [n for n, t in self._last_heard.items() if now - t <= self.fence_timeout_s]
+        if len(recent) < self.config.quorum:
+            self._fence(f"only safekeepers {sorted(recent)} answered in the last "
+                        f"{self.fence_timeout_s}s, fewer than a majority of "
+                        f"{len(self.links)} ({self._link_errors()})")
+
+    def _link_errors(self) -> str:
+        return "; ".join(f"sk{n}: {link.last_error}" for n, link in self.links.items()
+                         if not link.connected and link.last_error)
+
+    def _apply(self, actions: list[ProposerAction]) -> None:
+        for action in actions:
+            match action:
+                case Send(node=node, msg=msg):
+                    self.links[node].send(encode(msg))
+                case Elected():
+                    self.elected = action
+                    log.info("elected in term %d: the log ends at %s (previous record %s)",
+                             action.term, action.start_lsn, action.prev_record_lsn)
+                    self.elected_event.set()
+                case CommitAdvanced(commit_lsn=lsn):
+                    self.commit_lsn = lsn
+                    if self._on_commit is not None:
+                        self._on_commit(lsn)
+                case Fenced(term=term):
+                    self._fence(f"a safekeeper knows term {term}, above our term "
+                                f"{self.proposer.term}: another proposer took over")
+                case SyncDone(end_lsn=end, prev_record_lsn=prev):
+                    self.sync_result = SyncResult(end, prev)
+                    self.done.set()
+
+    def _fence(self, reason: str) -> None:
+        if self.fenced is None:
+            log.warning("fenced: %s", reason)
+            self.fenced = reason
+            self.done.set()
+
+
+# --- sync mode ------------------------------------------------------------------------------
+async def sync_safekeepers(config: QuorumConfig, system_id: int,
+                           timeout_s: float = 30.0) -> SyncResult:
+    """Elect, recover and durably commit the agreed end of the log on a majority (D7).
+
+    Returns where the next compute starts. Unavailable if no majority answers within
+    `timeout_s` or another proposer took a higher term meanwhile (run it again)."""
+    with timeline_context(config.tenant_id, config.timeline_id):
+        driver = QuorumDriver(config, system_id, sync=True, fence_timeout_s=timeout_s)
+        driver.start()
+        try:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await driver.done.wait()
+            except TimeoutError as err:
+                raise Unavailable(f"sync of timeline {config.timeline_id} did not finish in "
+                                  f"{timeout_s}s ({driver._link_errors()}); are a majority of "
+                                  f"the safekeepers up?") from err
+            if driver.sync_result is None:
+                raise Unavailable(f"sync of timeline {config.timeline_id} failed: "
+                                  f"{driver.fenced}; run it again")
+            log.info("sync done: the log ends at %s (previous record %s)",
+                     driver.sync_result.lsn, driver.sync_result.prev_lsn)
+            return driver.sync_result
+        finally:
+            await driver.stop()
+
+
+# --- the sidecar ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    """The compute side: where PostgreSQL is, and the limits on how far ingest may lag."""
+
+    pg_host: str
+    pg_port: int
+    pg_user: str = "postgres"
+    slot_name: str = DEFAULT_SLOT
+    application_name: str = DEFAULT_APPLICATION_NAME
+    fence_timeout_s: float = 5.0
+    status_interval_s: float = 1.0
+    pg_reconnect_timeout_s: float = 10.0
+    pageserver_http: tuple[str, int] | None = None  # backpressure source; None: off
+    max_write_lag_bytes: int | None = 16 << 20
+    max_flush_lag_bytes: int | None = None
+    max_apply_lag_bytes: int | None = None
+    lag_poll_interval_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        assert self.fence_timeout_s > 0, self.fence_timeout_s
+        assert self.status_interval_s > 0, self.status_interval_s
+        for name in ("max_write_lag_bytes", "max_flush_lag_bytes", "max_apply_lag_bytes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"walproposer {name} = {value}: must be positive (or unset)")
+
+
+class WalProposer:
+    """The compute's synchronous standby that makes its WAL durable on the safekeepers.
+
+    `run()` returns when fenced (after `on_fence`), and raises when PostgreSQL stays
+    unreachable for `pg_reconnect_timeout_s` (the compute is gone) or its slot does not
+    start where the quorum's log ends."""
+
+    def __init__(self, quorum: QuorumConfig, sidecar: SidecarConfig, *,
+                 on_fence: Callable[[str], None]) -> None:
+        self.quorum = quorum
+        self.config = sidecar
+        self._on_fence = on_fence
+        self.driver: QuorumDriver | None = None
+        self.reported_lsn = Lsn(0)  # what PostgreSQL was last told (write = flush = apply)
+        self.pageserver_lsns: tuple[Lsn, Lsn] | None = None  # (last_record, disk_consistent)
+        self._report = asyncio.Event()
+        self.held_back_s = 0.0  # total time the report was below the commit LSN
+
+    # --- public ---------------------------------------------------------------------------
+    async def run(self) -> str:
+        """Serve until fenced; returns the reason."""
+        with timeline_context(self.quorum.tenant_id, self.quorum.timeline_id):
+            conn = await self._connect_pg()
+            try:
+                system_id, slot_lsn = await self._identify(conn)
+                driver = QuorumDriver(self.quorum, system_id, sync=False,
+                                      fence_timeout_s=self.config.fence_timeout_s,
+                                      on_commit=lambda _lsn: self._report.set())
+                self.driver = driver
+                driver.start()
+                try:
+                    return await self._serve(driver, conn, slot_lsn)
+                finally:
+                    await driver.stop()
+            finally:
+                conn.abort()
+
+    # --- PostgreSQL side ------------------------------------------------------------------
+    async def _connect_pg(self) -> PgConnection:
+        cfg = self.config
+        deadline = time.monotonic() + cfg.pg_reconnect_timeout_s
+        while True:
+            try:
+                return await PgConnection.connect(
+                    cfg.pg_host, cfg.pg_port, user=cfg.pg_user, replication="true",
+                    application_name=cfg.application_name, timeout_s=5)
+            except (StrataError, OSError) as err:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"the compute at {cfg.pg_host}:{cfg.pg_port} is "
+                                      f"unreachable for {cfg.pg_reconnect_timeout_s}s: "
+                                      f"{err}") from err
+                await asyncio.sleep(0.1)
+
+    async def _identify(self, conn: PgConnection) -> tuple[int, Lsn]:
+        """The compute's system id and its slot's restart_lsn (where it started, D6)."""
+        ident = await conn.simple_query("IDENTIFY_SYSTEM")
+        row = dict(zip(ident.columns, ident.rows[0], strict=True))
+        system_id = int(row["systemid"] or 0)
+        slot = await conn.simple_query(f"READ_REPLICATION_SLOT {self.config.slot_name}")
+        info = dict(zip(slot.columns, slot.rows[0], strict=True)) if slot.rows else {}
+        if info.get("slot_type") != "physical" or not info.get("restart_lsn"):
+            raise UserError(f"the compute at {self.config.pg_host}:{self.config.pg_port} has "
+                            f"no physical slot {self.config.slot_name} with a restart_lsn "
+                            f"({info}); it was not started from a Strata basebackup")
+        return system_id, Lsn.parse(str(info["restart_lsn"]))
+
+    async def _serve(self, driver: QuorumDriver, conn: PgConnection, slot_lsn: Lsn) -> str:
+        await _first_of(driver.elected_event.wait(), driver.done.wait())
+        if driver.fenced is not None:
+            return self._fence(driver.fenced)
+        assert driver.elected is not None
+        if driver.elected.start_lsn != slot_lsn:
+            return self._fence(
+                f"the safekeepers' log ends at {driver.elected.start_lsn} but the compute "
+                f"started at {slot_lsn}: start a compute only after sync, at the LSN it "
+                "printed")
+        self.reported_lsn = driver.proposer.commit_lsn
+        tasks = [asyncio.create_task(self._stream_pg(driver, conn), name="pg-stream")]
+        if self.config.pageserver_http is not None:
+            tasks.append(asyncio.create_task(self._poll_pageserver(), name="ps-lag"))
+        try:
+            done_wait = asyncio.create_task(driver.done.wait())
+            finished, _ = await asyncio.wait([done_wait, *tasks],
+                                             return_when=asyncio.FIRST_COMPLETED)
+            done_wait.cancel()
+            for task in tasks:
+                if task in finished:
+                    task.result()  # an error of the PostgreSQL side ends the sidecar
+            assert driver.fenced is not None
+            return self._fence(driver.fenced)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+
+    def _fence(self, reason: str) -> str:
+        log.warning("stopping the compute: %s", reason)
+        self._on_fence(reason)
+        return reason
+
+    async def _stream_pg(self, driver: QuorumDriver, conn: PgConnection) -> None:
+        """Stream from the log's end, reconnecting while PostgreSQL is reachable."""
+        while True:
+            try:
+                start = driver.end_lsn
+                stream = await conn.start_copy_both(
+                    f"START_REPLICATION SLOT {self.config.slot_name} PHYSICAL {start}")
+                log.info("streaming from the compute at %s", start)
+                reporter = asyncio.create_task(self._report_loop(driver, stream))
+                try:
+                    await self._read_pg(driver, stream)
+                finally:
+                    reporter.cancel()
+                    await asyncio.wait([reporter])
+            except (StrataError, OSError) as err:
+                log.info("replication from the compute ended: %s", err)
+            conn.abort()
+            conn = await self._connect_pg()
+
+    async def _read_pg(self, driver: QuorumDriver, stream: CopyBothStream) -> None:
+        while True:
+            payload = await stream.read()
+            if payload is None:
+                raise Unavailable("the compute ended the replication stream")
+            msg = wire.decode_replication(payload)
+            match msg:
+                case wire.XLogData(start_lsn=start, data=data):
+                    if start != driver.end_lsn.value:
+                        raise ProtocolError(f"XLogData at {Lsn(start)}, expected "
+                                            f"{driver.end_lsn}: the stream has a gap")
+                    driver.append_wal(data)
+                case wire.PrimaryKeepalive(reply_requested=requested):
+                    if requested:
+                        self._report.set()
+                case _:
+                    raise ProtocolError(f"unexpected {type(msg).__name__} from a walsender")
+
+    # --- reports and backpressure ---------------------------------------------------------
+    def allowed_lsn(self, commit_lsn: Lsn) -> Lsn:
+        """The LSN to report: the commit LSN, held back while ingest lags too far."""
+        cfg = self.config
+        allowed = commit_lsn
+        if cfg.pageserver_http is not None:
+            if self.pageserver_lsns is None:
+                return self.reported_lsn  # no word from the pageserver yet: hold
+            ingested, durable = self.pageserver_lsns
+            for base, limit in ((ingested, cfg.max_write_lag_bytes),
+                                (durable, cfg.max_flush_lag_bytes),
+                                (durable, cfg.max_apply_lag_bytes)):
+                if limit is not None:
+                    allowed = min(allowed, base + limit)
+        return max(allowed, self.reported_lsn)  # never moves back
+
+    async def _report_loop(self, driver: QuorumDriver, stream: CopyBothStream) -> None:
+        last_sent = -1.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.status_interval_s):
+                    await self._report.wait()
+            self._report.clear()
+            if driver.fenced is not None:
+                return  # never acknowledge anything after losing the term
+            lsn = self.allowed_lsn(driver.proposer.commit_lsn)
+            now = time.monotonic()
+            if lsn < driver.proposer.commit_lsn and last_sent >= 0:
+                self.held_back_s += now - last_sent
+            if lsn != self.reported_lsn or now - last_sent >= self.config.status_interval_s:
+                self.reported_lsn = lsn
+                last_sent = now
+                update = wire.StandbyStatusUpdate(lsn.value, lsn.value, lsn.value,
+                                                  wire.pg_timestamp(time.time()))
+                await stream.send(update.encode())
+
+    async def _poll_pageserver(self) -> None:
+        from strata.pageserver.client import AsyncPageserverClient  # only when configured
+
+        assert self.config.pageserver_http is not None
+        host, port = self.config.pageserver_http
+        client = AsyncPageserverClient(host, port, 0, timeout_s=5)
+        while True:
+            try:
+                info = await client.timeline(self.quorum.tenant_id, self.quorum.timeline_id)
+                lsns = (info.last_record_lsn, info.disk_consistent_lsn)
+                if lsns != self.pageserver_lsns:
+                    self.pageserver_lsns = lsns
+                    self._report.set()
+            except StrataError as err:
+                log.info("pageserver position unknown (%s); holding reports at %s", err,
+                         self.reported_lsn)
+            await asyncio.sleep(self.config.lag_poll_interval_s)
+
+
+async def _first_of(*aws: object) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]  # type: ignore[call-overload]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+# --- stopping PostgreSQL ---------------------------------------------------------------------
+def postmaster_pid(datadir: Path) -> int:
+    """The pid in `postmaster.pid` (its first line)."""
+    try:
+        return int((datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError) as err:
+        raise UserError(f"no running PostgreSQL in {datadir} (postmaster.pid: {err})") from err
+
+
+def immediate_stopper(pid: int) -> Callable[[str], None]:
+    """A fence action: SIGQUIT to that postmaster, PostgreSQL's immediate shutdown (what
+    `pg_ctl stop -m immediate` sends); no commit waiting for us returns success."""
+    def stop(reason: str) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGQUIT)
+            log.warning("sent SIGQUIT to postmaster %d: %s", pid, reason)
+    return stop
+
+
+# --- command line -----------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m strata.compute.walproposer",
+                                description="Strata walproposer: sync mode or compute sidecar")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--timeline", required=True)
+    p.add_argument("--safekeepers", required=True, help="ID@HOST:PORT,... (PG ports)")
+    p.add_argument("--sync", action="store_true", help="one-shot sync; print the start LSN")
+    p.add_argument("--system-id", type=int, help="the cluster's system id (required by --sync)")
+    p.add_argument("--wal-seg-size", type=int, default=DEFAULT_WAL_SEGMENT_SIZE)
+    p.add_argument("--timeout-s", type=float, default=30.0, help="sync: give up after this")
+    p.add_argument("--pg-host", default="127.0.0.1")
+    p.add_argument("--pg-port", type=int)
+    p.add_argument("--pg-user", default="postgres")
+    p.add_argument("--pgdata", type=Path, help="the compute's data directory (for fencing)")
+    p.add_argument("--slot", default=DEFAULT_SLOT)
+    p.add_argument("--application-name", default=DEFAULT_APPLICATION_NAME)
+    p.add_argument("--fence-timeout-s", type=float, default=5.0)
+    p.add_argument("--pageserver-http", help="HOST:PORT of the pageserver (backpressure)")
+    p.add_argument("--max-write-lag-bytes", type=int, default=16 << 20)
+    p.add_argument("--max-flush-lag-bytes", type=int)
+    p.add_argument("--max-apply-lag-bytes", type=int)
+    p.add_argument("--log-file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(logging.INFO, args.log_file)
+    try:
+        quorum = QuorumConfig(TenantId.parse(args.tenant), TimelineId.parse(args.timeline),
+                              parse_safekeepers(args.safekeepers), wal_seg_size=args.wal_seg_size)
+        if args.sync:
+            if args.system_id is None:
+                raise UserError("--sync needs --system-id (the cluster's pg_control value)")
+            result = asyncio.run(sync_safekeepers(quorum, args.system_id, args.timeout_s))
+            print(result.to_json(), flush=True)
+            return 0
+        if args.pg_port is None or args.pgdata is None:
+            raise UserError("the sidecar needs --pg-port and --pgdata")
+        ps = None
+        if args.pageserver_http:
+            host, _, port = args.pageserver_http.rpartition(":")
+            ps = (host or "127.0.0.1", int(port))
+        sidecar = SidecarConfig(
+            pg_host=args.pg_host, pg_port=args.pg_port, pg_user=args.pg_user,
+            slot_name=args.slot, application_name=args.application_name,
+            fence_timeout_s=args.fence_timeout_s, pageserver_http=ps,
+            max_write_lag_bytes=args.max_write_lag_bytes,
+            max_flush_lag_bytes=args.max_flush_lag_bytes,
+            max_apply_lag_bytes=args.max_apply_lag_bytes)
+        stopper = immediate_stopper(postmaster_pid(args.pgdata))
+        reason = asyncio.run(WalProposer(quorum, sidecar, on_fence=stopper).run())
+        print(json.dumps({"fenced": reason}), flush=True)
+        return EXIT_FENCED
+    except StrataError as err:
+        log.error("walproposer: %s", err)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

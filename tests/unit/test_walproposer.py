@@ -1,0 +1,254 @@
+"""The walproposer's quorum driver over real loopback sockets, against K1's `Acceptor` served
+in-process by a minimal PG-protocol safekeeper (durable state kept in memory, so a "restart"
+keeps exactly what the acceptor's actions made durable).
+
+Proves: sync on a new timeline and after WAL was appended returns the last record end and
+its record's start; commits advance with one safekeeper of three down and a restarted one
+catches up; losing a majority fences the proposer within the timeout; a second proposer's
+sync fences the first; a safekeeper that never answers does not stop sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from sim.walgen import SYSID, WalGenerator
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
+from strata.common.pgserve import CopyBoth, CopyStream, PgProtocolServer, Reply, Session
+from strata.compute.walproposer import (
+    QuorumConfig,
+    QuorumDriver,
+    SafekeeperAddr,
+    parse_safekeepers,
+    sync_safekeepers,
+)
+from strata.safekeeper.acceptor import (
+    Acceptor,
+    AcceptorState,
+    FlushWal,
+    PersistControl,
+    SendWal,
+    TruncateWal,
+    WriteWal,
+)
+from strata.safekeeper.messages import ReadWalResponse, decode, encode
+
+T = TypeVar("T")
+SEG = 1 << 20
+START = Lsn(SEG + 0x28 + 0x100)  # a record end mid-segment, as after initdb
+PREV = Lsn(SEG + 0x28)
+TENANT = TenantId.generate()
+TIMELINE = TimelineId.generate()
+
+
+@dataclass
+class StubSafekeeper:
+    """A safekeeper with the acceptor core and in-memory "durable" state."""
+
+    node_id: int
+    state: AcceptorState = field(default_factory=lambda: AcceptorState.new_timeline(
+        TENANT, TIMELINE, SYSID, SEG, START, PREV))
+    wal: bytearray = field(default_factory=bytearray)  # [START, START + len)
+    server: PgProtocolServer | None = None
+    port: int = 0
+    acceptor: Acceptor | None = None
+
+    async def start(self) -> None:
+        self.acceptor = Acceptor(self.state)
+        scan = self.state.scan_lsn - START
+        self.acceptor.recover_wal(bytes(self.wal[scan:]))
+        self.server = PgProtocolServer(self._handle, port=self.port)
+        await self.server.start()
+        self.port = self.server.port
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(grace_s=0.1)
+            self.server = None
+
+    async def _handle(self, session: Session, query: str) -> Reply:
+        assert query == f"proposer {TENANT} {TIMELINE}", query
+        return CopyBoth(self._serve)
+
+    async def _serve(self, stream: CopyStream) -> None:
+        while (payload := await stream.read()) is not None:
+            acceptor = self.acceptor
+            assert acceptor is not None
+            for action in acceptor.handle(decode(payload)):  # type: ignore[arg-type]
+                match action:
+                    case PersistControl(state=state):
+                        self.state = state
+                    case WriteWal(lsn=lsn, data=data):
+                        assert lsn == START + len(self.wal), (lsn, len(self.wal))
+                        self.wal += data
+                    case FlushWal():
+                        pass
+                    case TruncateWal(lsn=lsn):
+                        del self.wal[lsn - START:]
+                    case SendWal(term=term, start_lsn=s, end_lsn=e):
+                        data = bytes(self.wal[s - START:e - START])
+                        await stream.write(encode(ReadWalResponse(term, s, data)))
+                    case _:
+                        await stream.write(encode(action))
+
+
+def quorum_config(sks: list[StubSafekeeper], **kwargs: object) -> QuorumConfig:
+    addrs = tuple(SafekeeperAddr(s.node_id, "127.0.0.1", s.port) for s in sks)
+    return QuorumConfig(TENANT, TIMELINE, addrs, wal_seg_size=SEG, retry_interval_s=0.1,
+                        connect_timeout_s=1, backoff_max_s=0.2, **kwargs)  # type: ignore[arg-type]
+
+
+async def started(n: int) -> list[StubSafekeeper]:
+    sks = [StubSafekeeper(i + 1) for i in range(n)]
+    for s in sks:
+        await s.start()
+    return sks
+
+
+async def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+def run(coro: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(asyncio.wait_for(coro(), 60))
+
+
+def test_parse_safekeepers() -> None:
+    addrs = parse_safekeepers("127.0.0.1:5001, 7@localhost:5002")
+    assert addrs == (SafekeeperAddr(1, "127.0.0.1", 5001), SafekeeperAddr(7, "localhost", 5002))
+
+
+def test_sync_on_new_timeline_returns_its_start() -> None:
+    async def body() -> None:
+        sks = await started(3)
+        try:
+            result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
+            assert (result.lsn, result.prev_lsn) == (START, PREV)
+            durable = [s.state.commit_lsn for s in sks]
+            assert sum(c == START for c in durable) >= 2, durable
+        finally:
+            for s in sks:
+                await s.stop()
+    run(body)
+
+
+def test_commit_with_one_down_restart_catches_up_then_sync_finds_the_end() -> None:
+    async def body() -> None:
+        sks = await started(3)
+        gen = WalGenerator(START.value, PREV.value, SEG)
+        rng = random.Random(7)
+        driver = QuorumDriver(quorum_config(sks), SYSID, sync=False, fence_timeout_s=5)
+        driver.start()
+        try:
+            await wait_for(lambda: driver.elected is not None, 10, "election")
+            assert driver.elected is not None and driver.elected.start_lsn == START
+            for _ in range(30):
+                driver.append_wal(gen.random_record(rng)[1])
+            end = Lsn(gen.end_lsn)
+            await wait_for(lambda: driver.commit_lsn == end, 10, "commit")
+            await sks[2].stop()  # one of three down: commits go on
+            for _ in range(30):
+                driver.append_wal(gen.random_record(rng)[1])
+            end = Lsn(gen.end_lsn)
+            await wait_for(lambda: driver.commit_lsn == end, 10, "commit with 2 of 3")
+            assert len(sks[2].wal) < end - START
+            await sks[2].start()  # restarted on the same port: catches up
+            await wait_for(lambda: START + len(sks[2].wal) == end, 10, "catch-up")
+            assert bytes(sks[2].wal) == bytes(sks[0].wal)
+            assert driver.fenced is None
+        finally:
+            await driver.stop()
+        prev = Lsn(gen.prev_lsn)
+        result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
+        assert (result.lsn, result.prev_lsn) == (end, prev)
+        for s in sks:
+            await s.stop()
+    run(body)
+
+
+def test_partial_record_is_truncated_by_sync() -> None:
+    async def body() -> None:
+        sks = await started(3)
+        gen = WalGenerator(START.value, PREV.value, SEG)
+        driver = QuorumDriver(quorum_config(sks), SYSID, sync=False, fence_timeout_s=5)
+        driver.start()
+        try:
+            await wait_for(lambda: driver.elected is not None, 10, "election")
+            driver.append_wal(gen.record(b"x" * 100)[1])
+            complete_end, complete_prev = Lsn(gen.end_lsn), Lsn(gen.prev_lsn)
+            _, spanning = gen.record(bytes(20000))  # spans pages
+            driver.append_wal(spanning[:9000])  # the compute died mid-record
+            await wait_for(lambda: all(START + len(s.wal) == complete_end + 9000 for s in sks),
+                           10, "partial tail on all")
+        finally:
+            await driver.stop()
+        result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
+        assert (result.lsn, result.prev_lsn) == (complete_end, complete_prev)
+        for s in sks:
+            await s.stop()
+    run(body)
+
+
+def test_majority_loss_fences_within_timeout() -> None:
+    async def body() -> None:
+        sks = await started(3)
+        driver = QuorumDriver(quorum_config(sks), SYSID, sync=False, fence_timeout_s=1.0)
+        driver.start()
+        try:
+            await wait_for(lambda: driver.elected is not None, 10, "election")
+            await sks[0].stop()
+            await sks[1].stop()
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await wait_for(lambda: driver.fenced is not None, 5, "fencing")
+            assert loop.time() - t0 < 2.5
+            assert "fewer than a majority" in (driver.fenced or "")
+        finally:
+            await driver.stop()
+            for s in sks:
+                await s.stop()
+    run(body)
+
+
+def test_newer_proposer_fences_the_older() -> None:
+    async def body() -> None:
+        sks = await started(3)
+        gen = WalGenerator(START.value, PREV.value, SEG)
+        old = QuorumDriver(quorum_config(sks), SYSID, sync=False, fence_timeout_s=30)
+        old.start()
+        try:
+            await wait_for(lambda: old.elected is not None, 10, "election")
+            old.append_wal(gen.record(b"a" * 50)[1])
+            end = Lsn(gen.end_lsn)
+            await wait_for(lambda: old.commit_lsn == end, 10, "commit")
+            result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
+            assert result.lsn == end
+            # The old proposer learns the higher term at its next heartbeat or append.
+            old.append_wal(gen.record(b"b" * 50)[1])
+            await wait_for(lambda: old.fenced is not None, 5, "fencing")
+            assert old.commit_lsn == end
+        finally:
+            await old.stop()
+            for s in sks:
+                await s.stop()
+    run(body)
+
+
+def test_sync_with_one_safekeeper_unreachable() -> None:
+    async def body() -> None:
+        sks = await started(3)
+        await sks[1].stop()
+        try:
+            result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
+            assert result.lsn == START
+        finally:
+            for s in sks:
+                await s.stop()
+    run(body)
