@@ -219,7 +219,8 @@ class Proposer:
             elif p.vote is None:
                 out.append(self._send(p, VoteRequest(self.term, self.config.proposer_id), now))
             elif p.start_at is None:
-                out += self._start_peer(now, p)
+                if self.phase is Phase.ELECTED:
+                    out += self._start_peer(now, p)
             elif not p.synced:
                 out.append(self._send(p, self._elected_msg(p.start_at), now))
             else:
