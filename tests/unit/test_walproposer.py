@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 from sim.walgen import SYSID, WalGenerator
+from sk_stub import StubSafekeeper
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.common.pgserve import CopyBoth, CopyStream, PgProtocolServer, Reply, Session
 from strata.compute.walproposer import (
     QuorumConfig,
     QuorumDriver,
@@ -27,16 +26,6 @@ from strata.compute.walproposer import (
     parse_safekeepers,
     sync_safekeepers,
 )
-from strata.safekeeper.acceptor import (
-    Acceptor,
-    AcceptorState,
-    FlushWal,
-    PersistControl,
-    SendWal,
-    TruncateWal,
-    WriteWal,
-)
-from strata.safekeeper.messages import ReadWalResponse, decode, encode
 
 T = TypeVar("T")
 SEG = 1 << 20
@@ -46,57 +35,6 @@ TENANT = TenantId.generate()
 TIMELINE = TimelineId.generate()
 
 
-@dataclass
-class StubSafekeeper:
-    """A safekeeper with the acceptor core and in-memory "durable" state."""
-
-    node_id: int
-    state: AcceptorState = field(default_factory=lambda: AcceptorState.new_timeline(
-        TENANT, TIMELINE, SYSID, SEG, START, PREV))
-    wal: bytearray = field(default_factory=bytearray)  # [START, START + len)
-    server: PgProtocolServer | None = None
-    port: int = 0
-    acceptor: Acceptor | None = None
-
-    async def start(self) -> None:
-        self.acceptor = Acceptor(self.state)
-        scan = self.state.scan_lsn - START
-        self.acceptor.recover_wal(bytes(self.wal[scan:]))
-        self.server = PgProtocolServer(self._handle, port=self.port)
-        await self.server.start()
-        self.port = self.server.port
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.stop(grace_s=0.1)
-            self.server = None
-
-    async def _handle(self, session: Session, query: str) -> Reply:
-        assert query == f"proposer {TENANT} {TIMELINE}", query
-        return CopyBoth(self._serve)
-
-    async def _serve(self, stream: CopyStream) -> None:
-        while (payload := await stream.read()) is not None:
-            acceptor = self.acceptor
-            assert acceptor is not None
-            for action in acceptor.handle(decode(payload)):  # type: ignore[arg-type]
-                match action:
-                    case PersistControl(state=state):
-                        self.state = state
-                    case WriteWal(lsn=lsn, data=data):
-                        assert lsn == START + len(self.wal), (lsn, len(self.wal))
-                        self.wal += data
-                    case FlushWal():
-                        pass
-                    case TruncateWal(lsn=lsn):
-                        del self.wal[lsn - START:]
-                    case SendWal(term=term, start_lsn=s, end_lsn=e):
-                        data = bytes(self.wal[s - START:e - START])
-                        await stream.write(encode(ReadWalResponse(term, s, data)))
-                    case _:
-                        await stream.write(encode(action))
-
-
 def quorum_config(sks: list[StubSafekeeper], **kwargs: object) -> QuorumConfig:
     addrs = tuple(SafekeeperAddr(s.node_id, "127.0.0.1", s.port) for s in sks)
     return QuorumConfig(TENANT, TIMELINE, addrs, wal_seg_size=SEG, retry_interval_s=0.1,
@@ -104,7 +42,7 @@ def quorum_config(sks: list[StubSafekeeper], **kwargs: object) -> QuorumConfig:
 
 
 async def started(n: int) -> list[StubSafekeeper]:
-    sks = [StubSafekeeper(i + 1) for i in range(n)]
+    sks = [StubSafekeeper(i + 1, TENANT, TIMELINE, SYSID, SEG, START, PREV) for i in range(n)]
     for s in sks:
         await s.start()
     return sks
@@ -131,7 +69,7 @@ def test_sync_on_new_timeline_returns_its_start() -> None:
         try:
             result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
             assert (result.lsn, result.prev_lsn) == (START, PREV)
-            durable = [s.state.commit_lsn for s in sks]
+            durable = [s.state.commit_lsn for s in sks if s.state is not None]
             assert sum(c == START for c in durable) >= 2, durable
         finally:
             for s in sks:
