@@ -7,12 +7,16 @@ raise its own exception). `enable(..., count=n)` fires only on the n-th hit. Dis
 `disable(name)`, `disable_all()`, or use the `armed(name)` context manager.
 
 The registry is process-wide and guarded by a lock, because flush and compaction may run
-on background threads.
+on background threads. A test arms failpoints of a child process through its environment:
+`STRATA_FAILPOINTS="name=sleep(0.002);other=raise"` is read when this module is imported.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,3 +87,27 @@ def armed(name: str, action: Callable[[], None] | None = None, count: int = 1) -
         yield
     finally:
         disable(name)
+
+
+ENV_VAR = "STRATA_FAILPOINTS"
+_ENV_ITEM = re.compile(r"([a-z0-9_-]+)=(raise|sleep\(([0-9.]+)\))")
+
+
+def enable_from_env(value: str | None = None) -> list[str]:
+    """Arm the failpoints listed in `value` (default: $STRATA_FAILPOINTS), `;`-separated
+    `name=raise` or `name=sleep(SECONDS)`; returns the names armed."""
+    text = os.environ.get(ENV_VAR, "") if value is None else value
+    names = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        m = _ENV_ITEM.fullmatch(item)
+        if m is None:
+            raise StrataError(f"{ENV_VAR} item {item!r}: expected name=raise or "
+                              f"name=sleep(SECONDS)")
+        delay_s = float(m.group(3)) if m.group(3) else None
+        action = None if delay_s is None else (lambda d=delay_s: time.sleep(d))
+        enable(m.group(1), action)
+        names.append(m.group(1))
+    return names
+
+
+enable_from_env()

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
 from strata.common.errors import StrataError, Unavailable, UserError
+from strata.common.failpoint import failpoint
 from strata.common.logctx import timeline_context
 from strata.common.lsn import Lsn
 from strata.pageserver.wal_log import WalLog, fsync_dir
@@ -310,6 +311,7 @@ def _apply_all(decoder: WalStreamDecoder, applier: RecordApplier, timeline: Time
     for record in decoder:
         if record.end_lsn <= last:
             continue  # cannot happen when starting at last_record_lsn; kept for safety
+        failpoint("ingest-apply-record")  # tests slow ingest down here (backpressure)
         applier.ingest(record)
         if timeline.broken_reason is not None:
             return
