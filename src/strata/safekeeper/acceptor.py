@@ -20,6 +20,7 @@ The protocol and its safety argument are in docs/safekeeper-protocol.md.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, replace
 
 from strata.common.errors import CorruptionError, ProtocolError
@@ -43,6 +44,8 @@ from strata.safekeeper.messages import (
 from strata.safekeeper.record_bounds import RecordBoundaryTracker
 
 MAX_READ_BYTES = 1 << 20  # one ReadWalRequest
+# Record boundaries remembered (one per append) as restart scan points for the control file.
+_MAX_BOUNDS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +138,8 @@ class Acceptor:
         self.commit_lsn = state.commit_lsn  # in memory; state.commit_lsn is the durable one
         self._tracker = RecordBoundaryTracker(state.scan_lsn.value, state.scan_prev_lsn.value,
                                               state.wal_seg_size)
+        # (record end, record start) pairs above the persisted scan point, ascending.
+        self._bounds: deque[tuple[Lsn, Lsn]] = deque(maxlen=_MAX_BOUNDS)
 
     # --- restart ------------------------------------------------------------------------------
     def recover_wal(self, data: bytes) -> None:
@@ -229,6 +234,7 @@ class Acceptor:
             self.flush_lsn = start
             self._tracker = RecordBoundaryTracker(start.value, prev.value,
                                                   self.state.wal_seg_size)
+            self._bounds.clear()
         self.state = replace(self.state, term=msg.term, term_history=msg.term_history,
                              voted_for=self.state.voted_for if msg.term == self.state.term
                              else 0)
@@ -279,6 +285,8 @@ class Acceptor:
                 raise ProtocolError(f"term {msg.term} sent damaged WAL at {self.flush_lsn}: "
                                     f"{err}") from err
             actions.append(WriteWal(self.flush_lsn, piece))
+            if not self._bounds or self._bounds[-1][0] < self.last_record_end:
+                self._bounds.append((self.last_record_end, self.last_record_lsn))
             self.flush_lsn = msg.end_lsn
             actions.append(FlushWal(self.flush_lsn))
         # A gap (begin_lsn > flush_lsn) writes nothing; the reply tells where to resume.
@@ -306,8 +314,9 @@ class Acceptor:
         for entry in self.state.term_history:
             if best[0] < entry.start_lsn <= self.commit_lsn:
                 best = (entry.start_lsn, entry.prev_record_lsn)
-        if best[0] < self.last_record_end <= self.commit_lsn:
-            best = (self.last_record_end, self.last_record_lsn)
+        while self._bounds and self._bounds[0][0] <= self.commit_lsn:
+            bound = self._bounds.popleft()
+            best = max(best, bound)
         return best
 
     def _on_read_wal(self, msg: ReadWalRequest) -> list[AcceptorAction]:
@@ -333,6 +342,10 @@ class Acceptor:
         assert self.last_record_end <= self.flush_lsn, (self.last_record_end, self.flush_lsn)
         assert self._tracker.end_lsn == self.flush_lsn.value, (self._tracker.end_lsn,
                                                                self.flush_lsn)
+        bounds = list(self._bounds)
+        for (end_a, _), (end_b, _) in zip(bounds, bounds[1:], strict=False):
+            assert end_a < end_b, bounds
+        assert not bounds or bounds[-1][0] <= self.last_record_end, (bounds, self.last_record_end)
         history = s.term_history
         for a, b in zip(history, history[1:], strict=False):
             assert a.term < b.term, history
