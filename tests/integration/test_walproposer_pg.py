@@ -1,0 +1,252 @@
+"""The walproposer sidecar against a real PostgreSQL 15 compute (started from a pageserver
+basebackup, so its slot begins at X) and three in-process stub safekeepers (K1's Acceptor).
+
+Proves, on the PostgreSQL side: the sidecar streams from exactly X, PostgreSQL sees it as its
+synchronous standby, and a commit returns only once a majority holds the commit record; with
+two safekeepers gone, a commit does not return and the sidecar stops PostgreSQL within the
+fencing timeout; a newer proposer (sync) fences the sidecar, which stops PostgreSQL; with
+ingest slowed by a failpoint, reports are held back so the WAL the compute has acknowledged
+stays within max_write_lag_bytes of what the pageserver ingested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+from fixtures_env import COMPUTE_SETTINGS, Env, PageserverProcess, wait_until
+
+from sk_stub import StubSafekeeper
+from strata.common.lsn import Lsn
+from strata.compute.compute import Compute, ComputeConfig
+from strata.compute.walproposer import (
+    DEFAULT_APPLICATION_NAME,
+    QuorumConfig,
+    SafekeeperAddr,
+    SidecarConfig,
+    WalProposer,
+    immediate_stopper,
+    postmaster_pid,
+    sync_safekeepers,
+)
+from strata.pg.walreader import WalStreamDecoder
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop in a thread, for the stubs and the sidecar, while the test uses psycopg."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.closers: list[Callable[[], Awaitable[None]]] = []  # run first at close()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        async def cancel_all() -> None:
+            for closer in self.closers:
+                await closer()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks, timeout=5) if tasks else None
+        self.call(cancel_all())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Rig:
+    """A compute at X from the pageserver, three stub safekeepers at X, and a sidecar."""
+
+    def __init__(self, env: Env, loop: LoopThread, name: str) -> None:
+        self.env = env
+        self.loop = loop
+        client = env.client
+        self.tenant, self.timeline = client.create_tenant()
+        self.x, self.prev = client.compute_start(self.tenant, self.timeline)
+        tar = io.BytesIO()
+        client.basebackup(self.tenant, self.timeline, tar, self.x)
+        tar.seek(0)
+        config = ComputeConfig(receiver_name=DEFAULT_APPLICATION_NAME,
+                               settings=COMPUTE_SETTINGS)
+        self.compute = Compute.from_basebackup(tar, env.test_dir / name, config,
+                                               log_path=env.test_dir / f"{name}.log")
+        env.computes.append(self.compute)
+        self.compute.start()
+        self.system_id = self.compute.control().system_identifier
+        self.sks = [StubSafekeeper(i + 1, self.tenant, self.timeline, self.system_id,
+                                   16 << 20, self.x, self.prev) for i in range(3)]
+        for sk in self.sks:
+            loop.call(sk.start())
+            loop.closers.append(sk.stop)
+        self.fenced: list[str] = []
+        self.sidecar: WalProposer | None = None
+        self.run: concurrent.futures.Future[str] | None = None
+
+    def quorum(self) -> QuorumConfig:
+        return QuorumConfig(self.tenant, self.timeline,
+                            tuple(SafekeeperAddr(s.node_id, "127.0.0.1", s.port)
+                                  for s in self.sks),
+                            retry_interval_s=0.1, connect_timeout_s=1, backoff_max_s=0.2)
+
+    def start_sidecar(self, **kwargs: Any) -> WalProposer:
+        stop = immediate_stopper(postmaster_pid(self.compute.datadir))
+
+        def on_fence(reason: str) -> None:
+            self.fenced.append(reason)
+            stop(reason)
+
+        sidecar = WalProposer(self.quorum(), SidecarConfig(
+            pg_host="127.0.0.1", pg_port=self.compute.port, **kwargs), on_fence=on_fence)
+        self.sidecar = sidecar
+        self.run = self.loop.spawn(sidecar.run())
+        run = self.run
+
+        async def cancel() -> None:
+            run.cancel()
+        self.loop.closers.insert(0, cancel)
+        return sidecar
+
+    def commit_lsns(self) -> list[Lsn]:
+        return [s.acceptor.commit_lsn for s in self.sks if s.acceptor is not None]
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+def current_lsn(compute: Compute) -> Lsn:
+    return Lsn.parse(str(compute.sql("SELECT pg_current_wal_flush_lsn()")[0][0]))
+
+
+def test_commits_wait_for_a_majority_then_majority_loss_stops_postgres(
+        env: Env, loop: LoopThread) -> None:
+    rig = Rig(env, loop, "compute1")
+    rig.start_sidecar(fence_timeout_s=2.0)
+    compute = rig.compute
+    compute.sql("CREATE TABLE t (id int primary key, v text)")
+    for i in range(50):
+        compute.sql("INSERT INTO t VALUES (%s, repeat('x', 500))", i)
+    end = current_lsn(compute)
+    # Every acknowledged commit is on a majority.
+    on_majority = sorted(rig.commit_lsns(), reverse=True)[1]
+    assert on_majority >= end - 200, (on_majority, end)  # only a trailing non-commit record
+    rows = compute.sql("SELECT application_name, sync_state FROM pg_stat_replication")
+    assert rows == [(DEFAULT_APPLICATION_NAME, "sync")], rows
+    # The stubs hold exactly PostgreSQL's WAL from X on: it decodes as one chain from X.
+    data = bytes(rig.sks[0].wal)
+    decoder = WalStreamDecoder(rig.x, 16 << 20, at_record_start=True)
+    decoder.feed(data)
+    records = list(decoder)
+    assert records and records[0].lsn == rig.x.value and records[0].prev == rig.prev.value
+    assert len(records) > 100
+
+    # Two of three gone: a commit cannot return; PostgreSQL is stopped within the timeout.
+    loop.call(rig.sks[0].stop())
+    loop.call(rig.sks[1].stop())
+    t0 = time.monotonic()
+    with pytest.raises(psycopg.OperationalError):
+        compute.sql("INSERT INTO t VALUES (1000, 'never acknowledged')")
+    assert time.monotonic() - t0 < 8
+    wait_until(lambda: not compute.is_running(), 10, "PostgreSQL to stop")
+    assert rig.fenced and "fewer than a majority" in rig.fenced[0]
+    assert rig.run is not None and "fewer than a majority" in rig.run.result(10)
+
+
+def test_newer_proposer_stops_the_compute(env: Env, loop: LoopThread) -> None:
+    rig = Rig(env, loop, "compute1")
+    rig.start_sidecar(fence_timeout_s=30)
+    rig.compute.sql("CREATE TABLE t (id int)")
+    rig.compute.sql("INSERT INTO t VALUES (1)")
+    acked = current_lsn(rig.compute)
+    result = loop.call(sync_safekeepers(rig.quorum(), rig.system_id, timeout_s=10))
+    assert result.lsn >= acked - 200
+    wait_until(lambda: not rig.compute.is_running(), 10, "the fenced compute to stop")
+    assert rig.fenced and "another proposer" in rig.fenced[0]
+
+
+def test_backpressure_holds_commits_while_ingest_lags(
+        test_dir: Path, loop: LoopThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STRATA_FAILPOINTS", "ingest-apply-record=sleep(0.002)")
+    ps = PageserverProcess(test_dir / "pageserver", test_dir / "pageserver.log")
+    ps.start()
+    env = Env(test_dir, ps)
+    try:
+        _backpressure(env, loop)
+    finally:
+        env.stop_all()
+
+
+def _backpressure(env: Env, loop: LoopThread) -> None:
+    limit = 256 << 10
+    rig = Rig(env, loop, "compute1")
+    compute = rig.compute
+    # The pageserver follows the compute as an extra asynchronous standby (dev mode) through
+    # its own slot; the sidecar reads its progress over HTTP.
+    compute.sql("SELECT pg_create_physical_replication_slot('ps_async', true)")
+    env.client.attach_receiver(rig.tenant, rig.timeline, host="127.0.0.1", port=compute.port,
+                               slot="ps_async", application_name="ps_async")
+    sidecar = rig.start_sidecar(fence_timeout_s=30,
+                                pageserver_http=("127.0.0.1", env.pageserver.http_port),
+                                max_write_lag_bytes=limit)
+    compute.sql("CREATE TABLE t (id serial, v text)")
+    stop = threading.Event()
+    commits = [0]
+
+    def writer() -> None:
+        with compute.connect() as conn:
+            while not stop.is_set():
+                conn.execute("INSERT INTO t (v) SELECT repeat('y', 200) FROM generate_series(1,20)")
+                commits[0] += 1
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    worst = 0
+    worst_written = 0  # all WAL the compute wrote, acknowledged or not
+    held = 0
+    deadline = time.monotonic() + 6
+    try:
+        while time.monotonic() < deadline:
+            reported = sidecar.reported_lsn
+            ingested = env.client.timeline(rig.tenant, rig.timeline).last_record_lsn
+            worst = max(worst, reported - ingested)
+            worst_written = max(worst_written, current_lsn(compute) - ingested)
+            driver = sidecar.driver
+            if driver is not None and reported < driver.proposer.commit_lsn:
+                held += 1
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    # Acknowledged WAL never ran more than the limit ahead of ingest ...
+    assert worst <= limit, (worst, limit)
+    # The compute's writers wait for their commits, so what it wrote beyond that is bounded
+    # by the transactions in flight (4 writers of a few pages each).
+    assert worst_written <= limit + (256 << 10), (worst_written, limit)
+    print(f"lag: acknowledged {worst}, written {worst_written}, limit {limit}; "
+          f"{commits[0]} commits, held back {sidecar.held_back_s:.1f}s")
+    # ... because reports were actually held back, while commits kept going.
+    assert held > 0 and sidecar.held_back_s > 0, (held, sidecar.held_back_s)
+    assert commits[0] > 10, commits
+    ingested_end = env.client.timeline(rig.tenant, rig.timeline).last_record_lsn
+    assert ingested_end - rig.x > 2 * limit, (ingested_end, rig.x)
