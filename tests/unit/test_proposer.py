@@ -1,0 +1,283 @@
+"""The proposer core: it picks a term above every greeting of a majority, elects itself on a
+majority of votes, picks the most advanced log by last term before length, sends each voter
+the point where its log diverges, recovers missing WAL from the donor, commits only record
+ends held by a majority at or past its term start, is fenced by any higher term, and in sync
+mode reports the agreed end once a majority holds it as a durable commit LSN. Driven against
+real `Acceptor` cores over an in-memory, in-order network (the simulator adds the faults)."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+from sim.walgen import SYSID, WalGenerator
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
+from strata.safekeeper.acceptor import (
+    Acceptor,
+    AcceptorState,
+    FlushWal,
+    PersistControl,
+    SendWal,
+    TruncateWal,
+    WriteWal,
+)
+from strata.safekeeper.messages import (
+    AcceptorGreeting,
+    AcceptorMessage,
+    AppendRequest,
+    AppendResponse,
+    ProposerElected,
+    ProposerMessage,
+    ReadWalRequest,
+    ReadWalResponse,
+    TermEntry,
+    VoteRequest,
+    VoteResponse,
+)
+from strata.safekeeper.proposer import (
+    CommitAdvanced,
+    Elected,
+    Fenced,
+    Phase,
+    Proposer,
+    ProposerAction,
+    ProposerConfig,
+    Send,
+    SyncDone,
+)
+
+SEG = 1 << 20
+TENANT = TenantId(bytes(16))
+TIMELINE = TimelineId(bytes(range(16)))
+START = 5 * SEG - 2 * 8192 + 1000
+PREV = START - 64
+
+
+def config(**kwargs: object) -> ProposerConfig:
+    base: dict[str, object] = dict(tenant_id=TENANT, timeline_id=TIMELINE, system_id=SYSID,
+                                   wal_seg_size=SEG, proposer_id=1, acceptors=(1, 2, 3))
+    base.update(kwargs)
+    return ProposerConfig(**base)  # type: ignore[arg-type]
+
+
+class Cluster:
+    """Acceptor cores with memory disks behind a perfect in-order network."""
+
+    def __init__(self, n: int = 3) -> None:
+        state = AcceptorState.new_timeline(TENANT, TIMELINE, SYSID, SEG, Lsn(START), Lsn(PREV))
+        self.acceptors = {i: Acceptor(state) for i in range(1, n + 1)}
+        self.wal = {i: bytearray() for i in self.acceptors}
+        self.durable_commit = {i: Lsn(START) for i in self.acceptors}
+        self.down: set[int] = set()
+        self.queue: deque[tuple[int, int, ProposerMessage | AcceptorMessage]] = deque()
+        self.events: list[ProposerAction] = []
+        self.now = 0.0
+        self.gen: WalGenerator | None = None
+
+    def take(self, actions: list[ProposerAction]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                self.queue.append((0, a.node, a.msg))
+            else:
+                self.events.append(a)
+
+    def run(self, p: Proposer) -> None:
+        while self.queue:
+            src, dst, msg = self.queue.popleft()
+            if dst == 0:
+                assert not isinstance(msg, ProposerMessage)
+                self.take(p.handle(self.now, src, msg))
+                p.check_invariants()
+            elif dst not in self.down:
+                assert isinstance(msg, ProposerMessage)
+                self.deliver(dst, msg)
+
+    def deliver(self, node: int, msg: ProposerMessage) -> None:
+        acc = self.acceptors[node]
+        wal = self.wal[node]
+        for action in acc.handle(msg):
+            match action:
+                case WriteWal(lsn, data):
+                    assert lsn.value == START + len(wal)
+                    wal += data
+                case TruncateWal(lsn):
+                    del wal[lsn.value - START:]
+                case PersistControl(state):
+                    self.durable_commit[node] = state.commit_lsn
+                case FlushWal():
+                    pass
+                case SendWal(term, start, end):
+                    data = bytes(wal[start.value - START:end.value - START])
+                    self.queue.append((node, 0, ReadWalResponse(term, start, data)))
+                case _:
+                    self.queue.append((node, 0, action))
+        acc.check_invariants()
+
+    def tick(self, p: Proposer, seconds: float) -> None:
+        self.now += seconds
+        self.take(p.tick(self.now))
+        self.run(p)
+
+
+def elected(events: list[ProposerAction]) -> Elected:
+    found = [e for e in events if isinstance(e, Elected)]
+    assert len(found) == 1, events
+    return found[0]
+
+
+def test_term_is_above_every_greeting_of_a_majority() -> None:
+    p = Proposer(config(), random.Random(0))
+    sends = p.start(0.0)
+    assert [s.node for s in sends if isinstance(s, Send)] == [1, 2, 3]
+    assert p.handle(0.0, 1, AcceptorGreeting(4)) == []
+    out = p.handle(0.0, 3, AcceptorGreeting(7))
+    assert out == [Send(1, VoteRequest(8, 1)), Send(3, VoteRequest(8, 1))]
+    assert p.phase is Phase.VOTING
+    # A late greeting gets its vote request too.
+    assert p.handle(0.1, 2, AcceptorGreeting(2)) == [Send(2, VoteRequest(8, 1))]
+
+
+def vote(term: int, end: int, history: tuple[TermEntry, ...], prev: int) -> VoteResponse:
+    return VoteResponse(term, True, Lsn(end), Lsn(end), Lsn(prev), Lsn(START), Lsn(START),
+                        history)
+
+
+def test_election_prefers_the_last_term_over_length_and_recovers_from_the_donor() -> None:
+    p = Proposer(config(), random.Random(0))
+    p.start(0.0)
+    p.handle(0.0, 1, AcceptorGreeting(2))
+    p.handle(0.0, 2, AcceptorGreeting(2))
+    t1 = TermEntry(1, Lsn(START), Lsn(PREV))
+    t2 = TermEntry(2, Lsn(START + 504), Lsn(START + 400))
+    # Node 1 has a longer log of term 1; node 2 a shorter one that term 2 extended.
+    assert p.handle(0.0, 1, vote(3, START + 2000, (t1,), START + 1900)) == []
+    out = p.handle(0.0, 2, vote(3, START + 600, (t1, t2), START + 560))
+    assert elected(out) == Elected(3, Lsn(START + 600), Lsn(START + 560))
+    history = (t1, t2, TermEntry(3, Lsn(START + 600), Lsn(START + 560)))
+    # Node 1 diverges where term 2 began; the donor is in step at the agreed end.
+    assert Send(1, ProposerElected(3, Lsn(START + 504), history)) in out
+    assert Send(2, ProposerElected(3, Lsn(START + 600), history)) in out
+    # Node 1 needs [START+504, START+600), which only the donor has: fetch it.
+    assert Send(2, ReadWalRequest(3, Lsn(START + 504), Lsn(START + 600))) in out
+    out = p.handle(0.1, 1, AppendResponse(3, 3, Lsn(START + 504), Lsn(START + 504), Lsn(START)))
+    assert out == []  # nothing to send it before the WAL arrives
+    out = p.handle(0.2, 2, ReadWalResponse(3, Lsn(START + 504), bytes(96)))
+    appends = [s.msg for s in out if isinstance(s, Send) and isinstance(s.msg, AppendRequest)]
+    assert [a.begin_lsn for a in appends] == [Lsn(START + 504)]
+    assert len(out) == 1 and appends[0].data == bytes(96)
+    p.check_invariants()
+
+
+def test_commit_needs_a_majority_at_or_past_the_term_start() -> None:
+    p = Proposer(config(), random.Random(0))
+    p.start(0.0)
+    p.handle(0.0, 1, AcceptorGreeting(2))
+    p.handle(0.0, 2, AcceptorGreeting(2))
+    t1 = TermEntry(1, Lsn(START), Lsn(PREV))
+    t2 = TermEntry(2, Lsn(START + 504), Lsn(START + 400))
+    p.handle(0.0, 1, vote(3, START + 2000, (t1,), START + 1900))
+    p.handle(0.0, 2, vote(3, START + 600, (t1, t2), START + 560))
+    out = p.handle(0.1, 1, AppendResponse(3, 3, Lsn(START + 504), Lsn(START + 504), Lsn(START)))
+    out += p.handle(0.1, 2, AppendResponse(3, 3, Lsn(START + 600), Lsn(START + 600), Lsn(START)))
+    # Both hold WAL up to START+504, but not in term 3: no commit yet (Raft's rule).
+    assert not [e for e in out if isinstance(e, CommitAdvanced)]
+    p.handle(0.2, 2, ReadWalResponse(3, Lsn(START + 504), bytes(96)))
+    out = p.handle(0.3, 1, AppendResponse(3, 3, Lsn(START + 600), Lsn(START + 600), Lsn(START)))
+    assert CommitAdvanced(Lsn(START + 600)) in out
+
+
+def test_higher_terms_fence() -> None:
+    for answer in (AppendResponse(9, 9, Lsn(START), Lsn(START), Lsn(START)),
+                   VoteResponse(3, False, Lsn(START), Lsn(START), Lsn(PREV), Lsn(START),
+                                Lsn(START), ()),
+                   ReadWalResponse(9, Lsn(START), b"")):
+        p = Proposer(config(), random.Random(0))
+        p.start(0.0)
+        p.handle(0.0, 1, AcceptorGreeting(2))
+        p.handle(0.0, 2, AcceptorGreeting(2))
+        assert p.handle(0.0, 3, answer) == [Fenced(answer.term)], answer
+        assert p.phase is Phase.FENCED
+        assert p.handle(0.0, 1, vote(3, START, (), PREV)) == []
+        assert p.tick(10.0) == []
+
+
+def stream(cluster: Cluster, p: Proposer, records: int, seed: int = 0) -> int:
+    """The compute writes `records` records, each reaching the proposer in two pieces."""
+    if cluster.gen is None:
+        e = elected(cluster.events)
+        cluster.gen = WalGenerator(e.start_lsn.value, e.prev_record_lsn.value, SEG)
+    gen = cluster.gen
+    rng = random.Random(seed)
+    for _ in range(records):
+        _start, data = gen.random_record(rng)
+        cluster.take(p.append_wal(cluster.now, data[:7]))
+        cluster.take(p.append_wal(cluster.now, data[7:]))
+        cluster.run(p)
+    return int(gen.end_lsn)
+
+
+def test_streaming_commits_with_a_majority_only() -> None:
+    cluster = Cluster()
+    cluster.down = {3}
+    p = Proposer(config(max_append_bytes=3000), random.Random(1))
+    cluster.take(p.start(0.0))
+    cluster.run(p)
+    end = stream(cluster, p, 40)
+    commits = [e.commit_lsn for e in cluster.events if isinstance(e, CommitAdvanced)]
+    assert commits[-1] == Lsn(end) and commits == sorted(commits)
+    assert cluster.wal[1] == cluster.wal[2] and len(cluster.wal[1]) == end - START
+    # A second acceptor down: WAL still flows to the last one, but nothing commits.
+    cluster.down = {2, 3}
+    before = len(cluster.events)
+    end2 = stream(cluster, p, 10, seed=2)
+    assert not [e for e in cluster.events[before:] if isinstance(e, CommitAdvanced)]
+    assert len(cluster.wal[1]) == end2 - START
+    # Node 3 comes back: ticks resend the election and the WAL; commit catches up.
+    cluster.down = set()
+    for _ in range(6):
+        cluster.tick(p, 1.0)
+    assert p.commit_lsn == Lsn(end2)
+    assert cluster.wal[3] == cluster.wal[1]
+
+
+def test_late_acceptor_gets_released_wal_from_a_peer() -> None:
+    cluster = Cluster()
+    cluster.down = {3}
+    p = Proposer(config(release_bytes=1, max_read_bytes=5000), random.Random(2))
+    cluster.take(p.start(0.0))
+    cluster.run(p)
+    end = stream(cluster, p, 30)
+    assert p.wal_start > Lsn(START)  # committed WAL left memory
+    cluster.down = set()
+    for _ in range(6):
+        cluster.tick(p, 1.0)
+    assert cluster.wal[3] == cluster.wal[1] and len(cluster.wal[3]) == end - START
+    assert p.commit_lsn == Lsn(end)
+
+
+def test_sync_mode_reports_the_agreed_end_once_it_is_a_durable_commit() -> None:
+    cluster = Cluster()
+    writer = Proposer(config(), random.Random(3))
+    cluster.take(writer.start(0.0))
+    cluster.run(writer)
+    end = stream(cluster, writer, 12)
+    cluster.events.clear()  # the writer dies here
+    sync = Proposer(config(proposer_id=2, sync=True), random.Random(4))
+    cluster.take(sync.start(cluster.now))
+    cluster.run(sync)
+    done = [e for e in cluster.events if isinstance(e, SyncDone)]
+    assert len(done) == 1 and done[0].end_lsn == Lsn(end)
+    assert done[0].prev_record_lsn == cluster.acceptors[1].last_record_lsn
+    assert sum(c == Lsn(end) for c in cluster.durable_commit.values()) >= 2
+    assert sync.phase is Phase.DONE
+
+
+def test_tick_resends_what_was_lost() -> None:
+    cluster = Cluster()
+    p = Proposer(config(), random.Random(5))
+    p.start(0.0)  # every greeting lost
+    cluster.tick(p, 0.1)
+    assert p.phase is Phase.GREETING  # too early to retry
+    cluster.tick(p, 1.0)
+    assert p.phase.value == "elected"
