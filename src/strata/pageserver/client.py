@@ -161,6 +161,12 @@ class PageserverClient:
                      {"host": host, "port": port, "slot": slot,
                       "application_name": application_name})
 
+    def follow_safekeepers(self, tenant_id: TenantId, timeline_id: TimelineId,
+                           safekeepers: list[dict[str, Any]]) -> None:
+        """Take the timeline's WAL from these safekeepers ({id, host, pg_port, http_port})."""
+        self.request("POST", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}/safekeepers",
+                     {"safekeepers": safekeepers})
+
     def checkpoint(self, tenant_id: TenantId, timeline_id: TimelineId) -> TimelineInfo:
         return TimelineInfo.from_json(self.request(
             "POST", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}/checkpoint", {}))

@@ -9,6 +9,8 @@
     GET  /v1/tenant/{t}/timeline/{tl}/get_lsn_by_timestamp?timestamp=ISO8601
     POST /v1/tenant/{t}/timeline/{tl}/compute_start  dev-mode sync: {lsn, prev_lsn}
     POST /v1/tenant/{t}/timeline/{tl}/wal_receiver   {host, port, slot, application_name}
+    POST /v1/tenant/{t}/timeline/{tl}/safekeepers    {safekeepers: [{id, host, pg_port,
+                                                     http_port}]}: follow them (D7)
     POST /v1/tenant/{t}/timeline/{tl}/checkpoint     freeze + flush
 
 Errors are JSON `{"error": message}`: 400 for bad input, 404 for unknown ids, 409 for a
@@ -30,6 +32,7 @@ from strata.common.errors import CorruptionError, NotFound, StrataError, Unavail
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pageserver.server import Pageserver
+from strata.pageserver.sk_receiver import SafekeeperEndpoint
 from strata.pageserver.timeline_wal import ReceiverTarget
 from strata.storage.tenant import TenantConfig
 from strata.storage.timeline import Timeline
@@ -183,6 +186,20 @@ async def wal_receiver(request: web.Request) -> web.Response:
     return web.json_response({"attached": True})
 
 
+async def safekeepers(request: web.Request) -> web.Response:
+    ps = request.app[_KEY]
+    tenant_id, timeline_id = _ids(request)
+    body = await _body(request)
+    items = body.get("safekeepers")
+    if not isinstance(items, list) or not items:
+        raise UserError("body field 'safekeepers' must be a non-empty list of "
+                        "{id, host, pg_port, http_port}")
+    endpoints = tuple(SafekeeperEndpoint.from_json(item) if isinstance(item, dict)
+                      else SafekeeperEndpoint.from_json({}) for item in items)
+    await ps.follow_safekeepers(tenant_id, timeline_id, endpoints)
+    return web.json_response({"following": [e.node_id for e in endpoints]})
+
+
 async def checkpoint(request: web.Request) -> web.Response:
     ps = request.app[_KEY]
     timeline = await ps.checkpoint(*_ids(request))
@@ -229,6 +246,7 @@ def make_app(pageserver: Pageserver) -> web.Application:
         web.get(tl + "/get_lsn_by_timestamp", get_lsn_by_timestamp),
         web.post(tl + "/compute_start", compute_start),
         web.post(tl + "/wal_receiver", wal_receiver),
+        web.post(tl + "/safekeepers", safekeepers),
         web.post(tl + "/checkpoint", checkpoint),
     ])
     return app

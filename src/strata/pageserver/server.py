@@ -35,6 +35,7 @@ from strata.common.pgserve import CopyOut, CopyStream, PgProtocolServer, Reply, 
 from strata.common.proc import make_dir_for, service_user
 from strata.pageserver.config import PageserverConfig
 from strata.pageserver.page_service import PageService, PageServiceConfig
+from strata.pageserver.sk_receiver import SafekeeperEndpoint
 from strata.pageserver.timeline_wal import ReceiverTarget, RecordApplier, TimelineWal
 from strata.storage.repository import Repository
 from strata.storage.tenant import Tenant, TenantConfig
@@ -161,6 +162,12 @@ class Pageserver:
         wal = self.wal(tenant_id, timeline_id)
         with timeline_context(tenant_id, timeline_id):
             await wal.attach(target)
+
+    async def follow_safekeepers(self, tenant_id: TenantId, timeline_id: TimelineId,
+                                 safekeepers: tuple[SafekeeperEndpoint, ...]) -> None:
+        wal = self.wal(tenant_id, timeline_id)
+        with timeline_context(tenant_id, timeline_id):
+            await wal.follow_safekeepers(safekeepers)
 
     async def checkpoint(self, tenant_id: TenantId, timeline_id: TimelineId) -> Timeline:
         """Ingest what the log holds, then freeze and flush the timeline."""

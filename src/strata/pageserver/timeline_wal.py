@@ -14,6 +14,12 @@ is `disk_consistent_lsn`: the log is re-read from there; D4). A receiver's addre
 kept in `walreceiver.json` next to the log so that a restarted pageserver reconnects
 to a running compute by itself (the compute waits for its synchronous standby).
 
+With safekeepers (the normal mode, D7), `follow_safekeepers` replaces that receiver with a
+`SafekeeperReceiver` (sk_receiver.py) that streams committed WAL from the most advanced
+safekeeper; the list is kept in `safekeepers.json` and followed again after a restart. A
+compute is then started at the LSN that the walproposer's sync printed (the basebackup
+waits until ingest reaches it); `prepare_compute_start` is only for development mode.
+
 `prepare_compute_start` is the dev-mode sync step (D6/D7): stop the receiver, let
 ingest consume the whole log, cut a partial record off the log's tail, and return
 where the next compute starts: (last_record_lsn, prev_record_lsn).
@@ -35,6 +41,7 @@ from strata.common.errors import StrataError, Unavailable, UserError
 from strata.common.failpoint import failpoint
 from strata.common.logctx import timeline_context
 from strata.common.lsn import Lsn
+from strata.pageserver.sk_receiver import SafekeeperEndpoint, SafekeeperReceiver
 from strata.pageserver.wal_log import WalLog, fsync_dir
 from strata.pageserver.walreceiver import WalReceiver, WalReceiverConfig
 from strata.pg.walreader import DecodedRecord, WalStreamDecoder
@@ -45,6 +52,7 @@ T = TypeVar("T")
 
 WAL_DIR = "wal"
 RECEIVER_FILE = "walreceiver.json"
+SAFEKEEPERS_FILE = "safekeepers.json"
 _IDLE_CHECK_S = 0.5  # how often a quiet ingest task looks at checkpoint_timeout_s
 
 
@@ -82,6 +90,7 @@ class TimelineWal:
         self.wal_log: WalLog | None = None
         self.receiver: WalReceiver | None = None
         self.target: ReceiverTarget | None = None
+        self.safekeepers: tuple[SafekeeperEndpoint, ...] = ()
         self._ingest_task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
         self._progress = asyncio.Condition()  # notified after every ingest step
@@ -106,8 +115,12 @@ class TimelineWal:
                 raise UserError(f"the WAL log in {self.dir} starts at {self.wal_log.start_lsn}, "
                                 f"after the timeline's last_record_lsn {start}: WAL is missing")
             self._start_ingest()
+            safekeepers = self._load_safekeepers()
             target = self._load_target()
-            if target is not None:
+            if safekeepers:
+                log.info("following safekeepers %s again", [s.node_id for s in safekeepers])
+                await self.follow_safekeepers(safekeepers)
+            elif target is not None:
                 log.info("reattaching the WAL receiver to %s:%d", target.host, target.port)
                 await self.attach(target)
 
@@ -144,6 +157,8 @@ class TimelineWal:
         """Stream from a running compute (replacing any previous receiver)."""
         assert self.wal_log is not None, "start() first"
         await self.detach(forget=False)
+        self.safekeepers = ()  # development mode: the compute itself is the WAL source
+        (self.dir / SAFEKEEPERS_FILE).unlink(missing_ok=True)
         self._save_target(target)
         self.target = target
         receiver = WalReceiver(target.receiver_config(), self.wal_log,
@@ -161,7 +176,39 @@ class TimelineWal:
             log.info("stopped WAL receiver (log flushed to %s)", receiver.flush_lsn)
         if forget:
             self.target = None
+            self.safekeepers = ()
             (self.dir / RECEIVER_FILE).unlink(missing_ok=True)
+            (self.dir / SAFEKEEPERS_FILE).unlink(missing_ok=True)
+
+    async def follow_safekeepers(self, safekeepers: tuple[SafekeeperEndpoint, ...]) -> None:
+        """Take committed WAL from the safekeepers from now on (replacing any receiver)."""
+        assert self.wal_log is not None, "start() first"
+        if not safekeepers:
+            raise UserError(f"timeline {self.timeline.timeline_id}: an empty safekeeper list")
+        await self.detach(forget=True)
+        tmp = self.dir / (SAFEKEEPERS_FILE + ".tmp")
+        tmp.write_text(json.dumps([s.to_json() for s in safekeepers]))
+        os.replace(tmp, self.dir / SAFEKEEPERS_FILE)
+        fsync_dir(self.dir)
+        self.safekeepers = safekeepers
+        tl = self.timeline
+        receiver = SafekeeperReceiver(tl.tenant_id, tl.timeline_id, safekeepers, self.wal_log,
+                                      apply_lsn=lambda: tl.disk_consistent_lsn,
+                                      on_flush=lambda _lsn: self._wakeup.set())
+        receiver.start()
+        self.receiver = receiver
+        log.info("following safekeepers %s from %s", [s.node_id for s in safekeepers],
+                 self.wal_log.end_lsn)
+
+    def _load_safekeepers(self) -> tuple[SafekeeperEndpoint, ...]:
+        try:
+            data = json.loads((self.dir / SAFEKEEPERS_FILE).read_text())
+            return tuple(SafekeeperEndpoint.from_json(item) for item in data)
+        except FileNotFoundError:
+            return ()
+        except (ValueError, TypeError, UserError) as err:
+            log.warning("ignoring unreadable %s: %s", self.dir / SAFEKEEPERS_FILE, err)
+            return ()
 
     def _save_target(self, target: ReceiverTarget) -> None:
         tmp = self.dir / (RECEIVER_FILE + ".tmp")
@@ -185,6 +232,10 @@ class TimelineWal:
 
         Returns (lsn, prev_lsn) for the new compute's basebackup."""
         with self._context():
+            if self.safekeepers:
+                raise UserError(f"timeline {self.timeline.timeline_id} follows safekeepers: "
+                                "run `python -m strata.compute.walproposer --sync` and start "
+                                "the compute at the LSN it prints")
             await self.detach()
             self._check_not_broken()
             await self.wait_caught_up(timeout_s)
