@@ -49,10 +49,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from strata.common.errors import ProtocolError, StrataError, Unavailable, UserError
+from strata.common.failpoint import FailpointHit, failpoint
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import setup_logging, timeline_context
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn, check_segment_size
 from strata.pg import wire
+from strata.pg.constants import XLOG_BLCKSZ
 from strata.pg.pgclient import CopyBothStream, PgConnection
 from strata.safekeeper.messages import (
     AcceptorGreeting,
@@ -543,6 +545,13 @@ class WalProposer:
                     if start != driver.end_lsn.value:
                         raise ProtocolError(f"XLogData at {Lsn(start)}, expected "
                                             f"{driver.end_lsn}: the stream has a gap")
+                    if _crosses_page(start, len(data)) and _cut_here():
+                        # Test fault: forward the head of a record that spans pages, then
+                        # nothing more, as if the compute died mid-record.
+                        cut = (start | (XLOG_BLCKSZ - 1)) + 1 + 64 - start
+                        driver.append_wal(data[:cut])
+                        log.warning("failpoint: dropped the WAL tail after %s", Lsn(start + cut))
+                        await asyncio.Event().wait()
                     driver.append_wal(data)
                 case wire.PrimaryKeepalive(reply_requested=requested):
                     if requested:
@@ -612,6 +621,19 @@ async def _first_of(*aws: object) -> None:
     finally:
         for t in tasks:
             t.cancel()
+
+
+def _crosses_page(start: int, length: int) -> bool:
+    """Whether [start, start + length) reaches 64 bytes into the next WAL page."""
+    return start + length > (start | (XLOG_BLCKSZ - 1)) + 1 + 64
+
+
+def _cut_here() -> bool:
+    try:
+        failpoint("walproposer-drop-tail")
+    except FailpointHit:
+        return True
+    return False
 
 
 # --- stopping PostgreSQL ---------------------------------------------------------------------
