@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -364,27 +365,33 @@ async def sync_safekeepers(config: QuorumConfig, system_id: int,
                            timeout_s: float = 30.0) -> SyncResult:
     """Elect, recover and durably commit the agreed end of the log on a majority (D7).
 
-    Returns where the next compute starts. Unavailable if no majority answers within
-    `timeout_s` or another proposer took a higher term meanwhile (run it again)."""
+    Returns where the next compute starts. A proposer that another one outbids is replaced
+    by a new one (a new id, a higher term) until `timeout_s`; Unavailable when no majority
+    answers by then."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    attempt = config
     with timeline_context(config.tenant_id, config.timeline_id):
-        driver = QuorumDriver(config, system_id, sync=True, fence_timeout_s=timeout_s)
-        driver.start()
-        try:
+        while True:
+            left = deadline - loop.time()
+            driver = QuorumDriver(attempt, system_id, sync=True, fence_timeout_s=left)
+            driver.start()
             try:
-                async with asyncio.timeout(timeout_s):
-                    await driver.done.wait()
-            except TimeoutError as err:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await driver.done.wait()
+            finally:
+                await driver.stop()
+            if driver.sync_result is not None:
+                log.info("sync done: the log ends at %s (previous record %s)",
+                         driver.sync_result.lsn, driver.sync_result.prev_lsn)
+                return driver.sync_result
+            if loop.time() >= deadline or driver.fenced is None:
                 raise Unavailable(f"sync of timeline {config.timeline_id} did not finish in "
-                                  f"{timeout_s}s ({driver._link_errors()}); are a majority of "
-                                  f"the safekeepers up?") from err
-            if driver.sync_result is None:
-                raise Unavailable(f"sync of timeline {config.timeline_id} failed: "
-                                  f"{driver.fenced}; run it again")
-            log.info("sync done: the log ends at %s (previous record %s)",
-                     driver.sync_result.lsn, driver.sync_result.prev_lsn)
-            return driver.sync_result
-        finally:
-            await driver.stop()
+                                  f"{timeout_s}s ({driver.fenced or driver._link_errors()}); "
+                                  "are a majority of the safekeepers up?")
+            log.info("sync proposer outbid (%s); retrying with a new one", driver.fenced)
+            attempt = dataclasses.replace(attempt, proposer_id=secrets.randbits(62) + 1)
 
 
 # --- the sidecar ------------------------------------------------------------------------------

@@ -1,0 +1,277 @@
+"""Harness for the WAL path with safekeepers: a pageserver following 3 safekeeper processes,
+and computes started the way the control plane starts them (architecture D6/D7):
+
+1. `sync_safekeepers` (the walproposer's one-shot sync) gives X and its previous record;
+2. the pageserver's basebackup at X (it waits until it has ingested X from the safekeepers);
+3. a stock PostgreSQL 15 on it, whose only synchronous standby is the walproposer sidecar,
+   run here in a background event loop (so that tests can arm its failpoints and read its
+   state); `Cluster.sidecar_argv` gives the same sidecar as a command line.
+
+`SafekeeperProcess` runs `python -m strata.safekeeper` (K2) on fixed free ports, so that a
+restarted safekeeper is found at the same address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import urllib.request
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fixtures_env import COMPUTE_SETTINGS, Env, PageserverProcess, wait_until
+
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn
+from strata.common.proc import free_port
+from strata.compute.compute import Compute, ComputeConfig
+from strata.compute.walproposer import (
+    DEFAULT_APPLICATION_NAME,
+    QuorumConfig,
+    SafekeeperAddr,
+    SidecarConfig,
+    SyncResult,
+    WalProposer,
+    immediate_stopper,
+    postmaster_pid,
+    sync_safekeepers,
+)
+from strata.pg.controlfile import ControlFileData
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop in a thread, for sidecars, while the test thread uses psycopg."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.closers: list[Callable[[], Awaitable[None]]] = []  # run first at close()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        async def cancel_all() -> None:
+            for closer in self.closers:
+                await closer()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+        self.call(cancel_all())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class SafekeeperProcess:
+    """`python -m strata.safekeeper` on fixed ports under `workdir`."""
+
+    def __init__(self, node_id: int, workdir: Path, log_path: Path) -> None:
+        self.node_id = node_id
+        self.workdir = workdir
+        self.log_path = log_path
+        self.pg_port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 30) -> None:
+        assert self.proc is None, "already running"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "strata.safekeeper", "--id", str(self.node_id),
+                "--workdir", str(self.workdir), "--pg-port", str(self.pg_port),
+                "--http-port", str(self.http_port)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"safekeeper {self.node_id} exited with "
+                                     f"{proc.returncode}:\n{self.log_tail()}")
+            try:
+                self.http("GET", "/v1/status")
+                return True
+            except OSError:
+                return False
+
+        wait_until(ready, timeout_s, f"safekeeper {self.node_id} to listen")
+
+    def stop(self, timeout_s: float = 30) -> int:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return 0
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError(f"safekeeper {self.node_id} did not stop in {timeout_s}s") \
+                from None
+
+    def kill9(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait(10)
+
+    def http(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
+                                     method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def timeline_status(self, tenant: TenantId, timeline: TimelineId) -> dict[str, Any]:
+        status: dict[str, Any] = self.http("GET", f"/v1/tenant/{tenant}/timeline/{timeline}")
+        return status
+
+    def create_timeline(self, tenant: TenantId, timeline: TimelineId, start_lsn: Lsn,
+                        prev_lsn: Lsn, system_id: int, seg_size: int) -> None:
+        self.http("POST", f"/v1/tenant/{tenant}/timeline",
+                  {"timeline_id": str(timeline), "start_lsn": str(start_lsn),
+                   "prev_lsn": str(prev_lsn), "system_id": system_id, "seg_size": seg_size})
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def endpoint_json(self) -> dict[str, Any]:
+        return {"id": self.node_id, "host": "127.0.0.1", "pg_port": self.pg_port,
+                "http_port": self.http_port}
+
+
+@dataclass
+class RunningCompute:
+    """A compute with its sidecar; `fenced` collects the sidecar's fencing reasons."""
+
+    compute: Compute
+    sidecar: WalProposer
+    run: concurrent.futures.Future[str]
+    start: SyncResult
+    fenced: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Cluster:
+    """A pageserver, N safekeepers and the computes a test started."""
+
+    test_dir: Path
+    env: Env
+    safekeepers: list[SafekeeperProcess]
+    loop: LoopThread
+    fence_timeout_s: float = 3.0
+    sidecar_settings: dict[str, Any] = field(default_factory=dict)
+    computes: list[RunningCompute] = field(default_factory=list)
+    system_ids: dict[TimelineId, int] = field(default_factory=dict)
+    _seq: int = 0
+
+    @classmethod
+    def start(cls, test_dir: Path, loop: LoopThread, n: int = 3,
+              pageserver_overrides: list[str] | None = None) -> Cluster:
+        ps = PageserverProcess(test_dir / "pageserver", test_dir / "pageserver.log",
+                               pageserver_overrides)
+        ps.start()
+        sks = [SafekeeperProcess(i + 1, test_dir / f"sk{i + 1}", test_dir / f"sk{i + 1}.log")
+               for i in range(n)]
+        for sk in sks:
+            sk.start()
+        return cls(test_dir, Env(test_dir, ps), sks, loop)
+
+    def stop_all(self) -> None:
+        for rc in self.computes:
+            rc.run.cancel()
+            if rc.compute.is_running():
+                rc.compute.kill9()
+        self.env.stop_all()
+        for sk in self.safekeepers:
+            sk.kill9()
+
+    # --- tenants -------------------------------------------------------------------------
+    def create_tenant(self) -> tuple[TenantId, TimelineId]:
+        """A tenant whose main timeline lives on the safekeepers and that the pageserver
+        follows from there."""
+        client = self.env.client
+        tenant, timeline = client.create_tenant()
+        info = client.timeline(tenant, timeline)
+        tar = io.BytesIO()
+        client.basebackup(tenant, timeline, tar, info.last_record_lsn)
+        tar.seek(0)
+        with tarfile.open(fileobj=tar) as archive:
+            member = archive.extractfile("global/pg_control")
+            assert member is not None
+            control = ControlFileData.from_bytes(member.read())
+        self.system_ids[timeline] = control.system_identifier
+        for sk in self.safekeepers:
+            sk.create_timeline(tenant, timeline, info.last_record_lsn, info.prev_record_lsn,
+                               control.system_identifier, DEFAULT_WAL_SEGMENT_SIZE)
+        client.follow_safekeepers(tenant, timeline,
+                                  [sk.endpoint_json() for sk in self.safekeepers])
+        return tenant, timeline
+
+    def quorum(self, tenant: TenantId, timeline: TimelineId) -> QuorumConfig:
+        return QuorumConfig(tenant, timeline,
+                            tuple(SafekeeperAddr(sk.node_id, "127.0.0.1", sk.pg_port)
+                                  for sk in self.safekeepers),
+                            retry_interval_s=0.1, connect_timeout_s=1, backoff_max_s=0.2)
+
+    def sync(self, tenant: TenantId, timeline: TimelineId) -> SyncResult:
+        return self.loop.call(sync_safekeepers(self.quorum(tenant, timeline),
+                                               self.system_ids[timeline], timeout_s=30))
+
+    # --- computes ------------------------------------------------------------------------
+    def start_compute(self, tenant: TenantId, timeline: TimelineId,
+                      settings: dict[str, object] | None = None) -> RunningCompute:
+        start = self.sync(tenant, timeline)
+        self._seq += 1
+        name = f"compute{self._seq}"
+        tar = io.BytesIO()
+        self.env.client.basebackup(tenant, timeline, tar, start.lsn)
+        tar.seek(0)
+        config = ComputeConfig(receiver_name=DEFAULT_APPLICATION_NAME,
+                               settings={**COMPUTE_SETTINGS, **(settings or {})})
+        compute = Compute.from_basebackup(tar, self.test_dir / name, config,
+                                          log_path=self.test_dir / f"{name}.log")
+        self.env.computes.append(compute)
+        compute.start()
+        fenced: list[str] = []
+        stop = immediate_stopper(postmaster_pid(compute.datadir))
+
+        def on_fence(reason: str) -> None:
+            fenced.append(reason)
+            stop(reason)
+
+        sidecar_config = SidecarConfig(pg_host="127.0.0.1", pg_port=compute.port,
+                                       fence_timeout_s=self.fence_timeout_s,
+                                       pg_reconnect_timeout_s=3, **self.sidecar_settings)
+        sidecar = WalProposer(self.quorum(tenant, timeline), sidecar_config, on_fence=on_fence)
+        run = self.loop.spawn(sidecar.run())
+        rc = RunningCompute(compute, sidecar, run, start, fenced)
+        self.computes.append(rc)
+        return rc
+
+    def sidecar_argv(self, tenant: TenantId, timeline: TimelineId, compute: Compute) -> list[str]:
+        sks = ",".join(f"{sk.node_id}@127.0.0.1:{sk.pg_port}" for sk in self.safekeepers)
+        return [sys.executable, "-m", "strata.compute.walproposer", "--tenant", str(tenant),
+                "--timeline", str(timeline), "--safekeepers", sks, "--pg-port",
+                str(compute.port), "--pgdata", str(compute.datadir)]
