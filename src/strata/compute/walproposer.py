@@ -55,7 +55,7 @@ from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import setup_logging, timeline_context
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn, check_segment_size
 from strata.pg import wire
-from strata.pg.constants import XLOG_BLCKSZ
+from strata.pg.constants import SIZE_OF_XLOG_LONG_PHD, XLOG_BLCKSZ
 from strata.pg.pgclient import CopyBothStream, PgConnection
 from strata.safekeeper.messages import (
     AcceptorGreeting,
@@ -552,10 +552,10 @@ class WalProposer:
                     if start != driver.end_lsn.value:
                         raise ProtocolError(f"XLogData at {Lsn(start)}, expected "
                                             f"{driver.end_lsn}: the stream has a gap")
-                    if _crosses_page(start, len(data)) and _cut_here():
+                    cut = _record_cut(start, data)
+                    if cut is not None and _cut_here():
                         # Test fault: forward the head of a record that spans pages, then
                         # nothing more, as if the compute died mid-record.
-                        cut = (start | (XLOG_BLCKSZ - 1)) + 1 + 64 - start
                         driver.append_wal(data[:cut])
                         log.warning("failpoint: dropped the WAL tail after %s", Lsn(start + cut))
                         await asyncio.Event().wait()
@@ -630,9 +630,17 @@ async def _first_of(*aws: object) -> None:
             t.cancel()
 
 
-def _crosses_page(start: int, length: int) -> bool:
-    """Whether [start, start + length) reaches 64 bytes into the next WAL page."""
-    return start + length > (start | (XLOG_BLCKSZ - 1)) + 1 + 64
+def _record_cut(start: int, data: bytes) -> int | None:
+    """An offset in `data` inside a record continued from the previous page (a page header
+    with more than 128 bytes of `xlp_rem_len`, xlog_internal.h), or None."""
+    boundary = (start | (XLOG_BLCKSZ - 1)) + 1
+    while boundary + SIZE_OF_XLOG_LONG_PHD <= start + len(data):
+        off = boundary - start
+        rem_len = int.from_bytes(data[off + 16:off + 20], "little")
+        if rem_len > 128:
+            return off + SIZE_OF_XLOG_LONG_PHD + 64
+        boundary += XLOG_BLCKSZ
+    return None
 
 
 def _cut_here() -> bool:

@@ -1,0 +1,303 @@
+"""The WAL path with 3 safekeepers end to end (architecture D6, D7): stock PostgreSQL 15
+computes whose walproposer sidecar makes commits durable on a majority, a pageserver that
+follows the safekeepers, computes started from sync's LSN.
+
+Proves:
+- a bank-transfer workload keeps the sum of balances and every acknowledged transfer while
+  the safekeepers are restarted one by one (two of three always up), and every client keeps
+  committing through each restart;
+- kill -9 of the compute under load, five times, each time with the head of a record that
+  spans pages on the safekeepers and its tail dropped (failpoint walproposer-drop-tail): a
+  new compute starts every time, every acknowledged commit is there, and the timeline's WAL
+  decodes as one chain (CRC and xl_prev) from its start to the commit LSN;
+- two computes on one timeline: the older is stopped within the fencing timeout, only the
+  newer commits, and no acknowledged commit is lost;
+- backpressure: with ingest slowed by a failpoint, acknowledged WAL stays within the write
+  lag limit of what the pageserver ingested;
+- the `--sync` command line prints the same LSNs as the library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from fixtures_env import wait_until
+from sk_fixtures import Cluster, LoopThread, RunningCompute
+
+from strata.common import failpoint
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
+from strata.compute.compute import Compute
+from strata.pageserver.sk_receiver import start_command
+from strata.pg import wire
+from strata.pg.pgclient import PgConnection
+from strata.pg.walreader import WalStreamDecoder
+
+ACCOUNTS = 50
+INITIAL = 1000
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture
+def cluster(test_dir: Path, loop: LoopThread) -> Iterator[Cluster]:
+    c = Cluster.start(test_dir, loop)
+    try:
+        yield c
+    finally:
+        failpoint.disable_all()
+        c.stop_all()
+
+
+# --- workload ---------------------------------------------------------------------------------
+class Bank:
+    """Transfers between accounts from several client threads; remembers what was acked."""
+
+    def __init__(self, compute: Compute, clients: int, blob_bytes: int = 0) -> None:
+        self.compute = compute
+        self.clients = clients
+        self.blob_bytes = blob_bytes
+        self.acked: set[int] = set()
+        self.progress = [0] * clients
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def create(compute: Compute) -> None:
+        compute.sql("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL)")
+        compute.sql("CREATE TABLE transfers (id bigint PRIMARY KEY, src int, dst int, "
+                    "amount int, blob text)")
+        compute.sql(f"INSERT INTO accounts SELECT g, {INITIAL} FROM "
+                    f"generate_series(1, {ACCOUNTS}) g")
+
+    def start(self, first_id: int) -> None:
+        for i in range(self.clients):
+            t = threading.Thread(target=self._client, args=(i, first_id + i * 10_000_000),
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    def _client(self, index: int, next_id: int) -> None:
+        import random
+        rng = random.Random(next_id)
+        try:
+            conn = psycopg.connect(self.compute.connstr(), autocommit=True, connect_timeout=10)
+        except psycopg.Error as err:
+            self.errors.append(f"connect: {err}")
+            return
+        with conn:
+            while not self._stop.is_set():
+                src, dst = rng.sample(range(1, ACCOUNTS + 1), 2)
+                amount = rng.randrange(1, 50)
+                try:
+                    with conn.transaction():
+                        conn.execute("UPDATE accounts SET balance = balance + CASE WHEN id = %s "
+                                     "THEN -%s::bigint ELSE %s::bigint END WHERE id IN (%s, %s)",
+                                     (src, amount, amount, src, dst))
+                        blob = (f"SELECT string_agg(md5(random()::text), '') FROM "
+                                f"generate_series(1, {self.blob_bytes // 32})"
+                                if self.blob_bytes else "SELECT NULL")
+                        conn.execute(f"INSERT INTO transfers VALUES (%s, %s, %s, %s, ({blob}))",
+                                     (next_id, src, dst, amount))
+                except psycopg.errors.DeadlockDetected:
+                    continue
+                except psycopg.Error as err:
+                    self.errors.append(f"client {index}: {err}")
+                    return  # the compute is gone
+                with self._lock:
+                    self.acked.add(next_id)
+                self.progress[index] += 1
+                next_id += 1
+
+
+def check_bank(compute: Compute, acked: set[int]) -> None:
+    total = compute.sql("SELECT sum(balance), count(*) FROM accounts")[0]
+    assert total == (ACCOUNTS * INITIAL, ACCOUNTS), total
+    present = {row[0] for row in compute.sql("SELECT id FROM transfers")}
+    missing = acked - present
+    assert not missing, f"{len(missing)} acknowledged transfers lost, e.g. {sorted(missing)[:5]}"
+
+
+def stop_compute(rc: RunningCompute) -> None:
+    rc.run.cancel()
+    if rc.compute.is_running():
+        rc.compute.kill9()
+
+
+# --- tests ------------------------------------------------------------------------------------
+def test_bank_transfers_survive_rolling_safekeeper_restarts(cluster: Cluster) -> None:
+    tenant, timeline = cluster.create_tenant()
+    rc = cluster.start_compute(tenant, timeline)
+    Bank.create(rc.compute)
+    bank = Bank(rc.compute, clients=4)
+    bank.start(first_id=1)
+    try:
+        for sk in cluster.safekeepers:
+            before = list(bank.progress)
+            sk.stop()
+            # Two of three up: every client keeps committing while this one is down.
+            wait_until(lambda b=before: all(p >= q + 3 for p, q in  # type: ignore[misc]
+                                            zip(bank.progress, b, strict=True)),
+                       30, f"progress of every client with safekeeper {sk.node_id} down")
+            sk.start()
+            before = list(bank.progress)
+            wait_until(lambda b=before: all(p >= q + 3 for p, q in  # type: ignore[misc]
+                                            zip(bank.progress, b, strict=True)),
+                       30, f"progress after safekeeper {sk.node_id} restarted")
+        assert not bank.errors, bank.errors
+    finally:
+        bank.stop()
+    assert rc.fenced == [], rc.fenced
+    check_bank(rc.compute, bank.acked)
+    stop_compute(rc)
+    # A new compute: every acknowledged transfer, balances intact.
+    rc2 = cluster.start_compute(tenant, timeline)
+    check_bank(rc2.compute, bank.acked)
+    assert len(bank.acked) > 50, len(bank.acked)
+
+
+def test_kill9_compute_under_load_with_partial_multipage_records(cluster: Cluster) -> None:
+    tenant, timeline = cluster.create_tenant()
+    start_lsn = cluster.env.client.timeline(tenant, timeline).last_record_lsn
+    rc = cluster.start_compute(tenant, timeline)
+    Bank.create(rc.compute)
+    acked: set[int] = set()
+    for round_no in range(5):
+        bank = Bank(rc.compute, clients=3, blob_bytes=12_000)
+        bank.start(first_id=round_no * 100_000_000 + 1)
+        wait_until(lambda b=bank: sum(b.progress) >= 15, 30,  # type: ignore[misc]
+                   "transfers before the crash")
+        failpoint.enable("walproposer-drop-tail")
+        wait_until(lambda: failpoint.hits("walproposer-drop-tail") > 0, 30,
+                   "a record spanning pages to cut")
+        rc.compute.kill9()
+        bank.stop()
+        failpoint.disable("walproposer-drop-tail")
+        stop_compute(rc)
+        acked |= bank.acked
+        rc = cluster.start_compute(tenant, timeline)
+        check_bank(rc.compute, acked)
+    check_chain(cluster, tenant, timeline, start_lsn, rc.start.lsn)
+    info = cluster.env.client.timeline(tenant, timeline)
+    assert info.broken_reason is None and info.last_record_lsn >= rc.start.lsn, info
+
+
+def check_chain(cluster: Cluster, tenant: TenantId, timeline: TimelineId, start: Lsn,
+                end: Lsn) -> None:
+    """The safekeepers' committed WAL [start, end) decodes as one chain of records."""
+    sk = cluster.safekeepers[0]
+
+    async def fetch() -> bytes:
+        conn = await PgConnection.connect("127.0.0.1", sk.pg_port, user="strata",
+                                          replication="true")
+        out = bytearray()
+        try:
+            stream = await conn.start_copy_both(start_command(tenant, timeline, start))
+            while len(out) < end - start:
+                payload = await stream.read()
+                assert payload is not None
+                msg = wire.decode_replication(payload)
+                if isinstance(msg, wire.XLogData):
+                    assert msg.start_lsn == start.value + len(out)
+                    out += msg.data
+        finally:
+            conn.abort()
+        return bytes(out[:end - start])
+
+    data = asyncio.run(asyncio.wait_for(fetch(), 60))
+    decoder = WalStreamDecoder(start, 16 << 20, at_record_start=True)
+    decoder.feed(data)
+    last_end = start.value
+    count = 0
+    for record in decoder:
+        last_end = record.end_lsn
+        count += 1
+    assert last_end == end.value, (Lsn(last_end), end, count)
+
+
+def test_two_computes_older_is_fenced(cluster: Cluster) -> None:
+    tenant, timeline = cluster.create_tenant()
+    old = cluster.start_compute(tenant, timeline)
+    Bank.create(old.compute)
+    bank = Bank(old.compute, clients=2)
+    bank.start(first_id=1)
+    wait_until(lambda: sum(bank.progress) >= 20, 30, "transfers on the old compute")
+    new = cluster.start_compute(tenant, timeline)  # sync takes a higher term
+    t0 = time.monotonic()
+    wait_until(lambda: not old.compute.is_running(), cluster.fence_timeout_s + 5,
+               "the old compute to be stopped")
+    assert time.monotonic() - t0 <= cluster.fence_timeout_s + 5
+    bank.stop()
+    assert old.fenced and ("another proposer" in old.fenced[0]
+                           or "fewer than a majority" in old.fenced[0]), old.fenced
+    # Every transfer the old compute acknowledged is on the new one, which commits on.
+    check_bank(new.compute, bank.acked)
+    new.compute.sql("INSERT INTO transfers VALUES (-1, 1, 2, 0, NULL)")
+    assert new.fenced == [], new.fenced
+
+
+def test_backpressure_with_slow_ingest(test_dir: Path, loop: LoopThread,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STRATA_FAILPOINTS", "ingest-apply-record=sleep(0.002)")
+    cluster = Cluster.start(test_dir, loop)
+    limit = 512 << 10
+    try:
+        tenant, timeline = cluster.create_tenant()
+        cluster.sidecar_settings = {
+            "pageserver_http": ("127.0.0.1", cluster.env.pageserver.http_port),
+            "max_write_lag_bytes": limit}
+        rc = cluster.start_compute(tenant, timeline)
+        Bank.create(rc.compute)
+        bank = Bank(rc.compute, clients=4, blob_bytes=2000)
+        bank.start(first_id=1)
+        worst = 0
+        deadline = time.monotonic() + 6
+        try:
+            while time.monotonic() < deadline:
+                reported = rc.sidecar.reported_lsn
+                ingested = cluster.env.client.timeline(tenant, timeline).last_record_lsn
+                worst = max(worst, reported - ingested)
+                time.sleep(0.05)
+        finally:
+            bank.stop()
+        assert worst <= limit, (worst, limit)
+        assert rc.sidecar.held_back_s > 0.5, rc.sidecar.held_back_s
+        assert not bank.errors and sum(bank.progress) > 20, (bank.errors, bank.progress)
+    finally:
+        cluster.stop_all()
+
+
+def test_sync_command_line(cluster: Cluster) -> None:
+    tenant, timeline = cluster.create_tenant()
+    sks = ",".join(f"{sk.node_id}@127.0.0.1:{sk.pg_port}" for sk in cluster.safekeepers)
+    out = subprocess.run(
+        [sys.executable, "-m", "strata.compute.walproposer", "--sync", "--tenant", str(tenant),
+         "--timeline", str(timeline), "--safekeepers", sks,
+         "--system-id", str(cluster.system_ids[timeline])],
+        capture_output=True, timeout=60, check=True)
+    printed = json.loads(out.stdout)
+    info = cluster.env.client.timeline(tenant, timeline)
+    assert printed == {"lsn": str(info.last_record_lsn), "prev_lsn": str(info.prev_record_lsn)}
+    again = cluster.sync(tenant, timeline)
+    assert (str(again.lsn), str(again.prev_lsn)) == (printed["lsn"], printed["prev_lsn"])
