@@ -5,8 +5,8 @@ never from the compute: they serve only WAL at or below their commit LSN, so the
 never ingests a tail that a later term truncates. `SafekeeperReceiver` picks the safekeeper
 whose timeline state (its HTTP timeline status: `commit_lsn`) is the most advanced,
 streams from it from the end of the timeline's `WalLog`, and switches to another one when
-its connection ends or when it falls behind a peer by more than `switch_lag_bytes` for
-`switch_after_s` (a stuck safekeeper that still accepts connections).
+its connection ends, or when a peer has committed WAL that it cannot give (it missed the
+last commit LSN, or lags by more than `switch_lag_bytes`) for `switch_after_s`.
 
 The streaming itself is the development-mode receiver's (`WalReceiver._stream`): XLogData is
 appended to the log and fsynced per batch, and each status update reports write = received,
@@ -89,8 +89,8 @@ class SafekeeperReceiver(WalReceiver):
                  safekeepers: Sequence[SafekeeperEndpoint], wal_log: WalLog, *,
                  apply_lsn: Callable[[], Lsn] | None = None,
                  on_flush: Callable[[Lsn], None] | None = None,
-                 switch_lag_bytes: int = 1 << 20, switch_after_s: float = 3.0,
-                 poll_interval_s: float = 0.5) -> None:
+                 switch_lag_bytes: int = 1 << 20, switch_after_s: float = 1.0,
+                 poll_interval_s: float = 0.25) -> None:
         if not safekeepers:
             raise UserError(f"timeline {timeline_id}: no safekeepers to follow")
         first = safekeepers[0]
@@ -163,20 +163,26 @@ class SafekeeperReceiver(WalReceiver):
             await asyncio.wait([streaming, watch])
 
     async def _watch(self, target: SafekeeperEndpoint) -> None:
-        """Return an error once another safekeeper is far ahead of what we receive."""
+        """Return an error once another safekeeper has committed WAL that ours cannot give
+        us (it has nothing beyond what we received, or lags by more than
+        `switch_lag_bytes`) for `switch_after_s`: a safekeeper that missed the last commit
+        LSN (sync stops once a majority has it) or is stuck."""
         behind_since: float | None = None
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.poll_interval_s)
             lsns = await self._commit_lsns()
+            received = self.wal_log.end_lsn
             best = max(lsns.values(), default=Lsn(0))
-            lag = best - self.wal_log.end_lsn if best > self.wal_log.end_lsn else 0
-            if lag <= self.switch_lag_bytes:
+            ours = lsns.get(target.node_id, Lsn(0))
+            stuck = best > received and (ours <= received
+                                         or best - received > self.switch_lag_bytes)
+            if not stuck:
                 behind_since = None
                 continue
             now = loop.time()
             behind_since = now if behind_since is None else behind_since
             if now - behind_since >= self.switch_after_s:
-                raise Unavailable(f"safekeeper {target.node_id} is {lag} bytes behind the "
-                                  f"best commit LSN {best} for {self.switch_after_s}s; "
-                                  "switching")
+                raise Unavailable(f"safekeeper {target.node_id} (commit {ours}) cannot give "
+                                  f"WAL from {received} to the best commit LSN {best} for "
+                                  f"{self.switch_after_s}s; switching")
