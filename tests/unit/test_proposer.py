@@ -74,6 +74,8 @@ class Cluster:
         self.events: list[ProposerAction] = []
         self.now = 0.0
         self.gen: WalGenerator | None = None
+        # (proposer id, node): its ProposerElected and AppendRequests to node are lost
+        self.cut: set[tuple[int, int]] = set()
 
     def take(self, actions: list[ProposerAction]) -> None:
         for a in actions:
@@ -85,6 +87,9 @@ class Cluster:
     def run(self, p: Proposer) -> None:
         while self.queue:
             src, dst, msg = self.queue.popleft()
+            if (p.config.proposer_id, dst) in self.cut and \
+                    isinstance(msg, ProposerElected | AppendRequest):
+                continue
             if dst == 0:
                 assert not isinstance(msg, ProposerMessage)
                 self.take(p.handle(self.now, src, msg))
@@ -281,3 +286,57 @@ def test_tick_resends_what_was_lost() -> None:
     assert p.phase is Phase.GREETING  # too early to retry
     cluster.tick(p, 1.0)
     assert p.phase.value == "elected"
+
+
+def sync_once(cluster: Cluster, proposer_id: int) -> SyncDone:
+    cluster.events.clear()
+    p = Proposer(config(proposer_id=proposer_id, sync=True), random.Random(proposer_id))
+    cluster.take(p.start(cluster.now))
+    cluster.run(p)
+    for _ in range(5):
+        cluster.tick(p, 1.0)
+    done = [e for e in cluster.events if isinstance(e, SyncDone)]
+    assert len(done) == 1, cluster.events
+    return done[0]
+
+
+def test_an_acceptor_that_holds_a_term_start_claims_that_term() -> None:
+    """The scenario behind `log_term` counting an entry that starts exactly at the log end.
+
+    Term 2 extends a short term-1 log on node 3 only. Sync term 3 then recovers node 1 to the
+    longer term-1 log of node 2 and commits its end E with no WAL of its own. Nodes 1 and 2
+    hold E with the entry (3, E): their log term is 3, so term 4 (votes of nodes 1 and 3)
+    keeps E. Were their log term 1 (the entry not counted), term 4 would pick node 3's
+    term-2 log and truncate the committed end on node 1, leaving it on node 2 alone.
+    """
+    cluster = Cluster()
+    writer = Proposer(config(proposer_id=1), random.Random(1))
+    cluster.take(writer.start(0.0))
+    cluster.run(writer)
+    short_end = stream(cluster, writer, 5)
+    cluster.down = {1, 3}
+    end = stream(cluster, writer, 5, seed=1)
+    assert len(cluster.wal[2]) == end - START and len(cluster.wal[1]) == short_end - START
+    # Term 2: votes of nodes 1 and 3; its election reaches node 3 only, which takes new WAL.
+    cluster.down = {2}
+    cluster.cut = {(2, 1)}
+    cluster.events.clear()
+    cluster.gen = None
+    p2 = Proposer(config(proposer_id=2), random.Random(2))
+    cluster.take(p2.start(cluster.now))
+    cluster.run(p2)
+    assert elected(cluster.events).start_lsn == Lsn(short_end)
+    stream(cluster, p2, 4, seed=2)
+    assert cluster.acceptors[3].log_term == 2 and cluster.acceptors[1].log_term == 1
+    # Term 3 (sync): nodes 1 and 2; commits the end of node 2's term-1 log.
+    cluster.down = {3}
+    cluster.cut = set()
+    done = sync_once(cluster, 3)
+    assert done.end_lsn == Lsn(end)
+    committed = bytes(cluster.wal[2])
+    assert cluster.acceptors[1].log_term == 3
+    # Term 4 (sync): nodes 1 and 3. The committed end must survive.
+    cluster.down = {2}
+    done = sync_once(cluster, 4)
+    assert done.end_lsn == Lsn(end)
+    assert bytes(cluster.wal[1]) == committed and bytes(cluster.wal[3]) == committed
