@@ -1,0 +1,345 @@
+"""`Timeline`: one timeline on a safekeeper: K1's `Acceptor` driven durably against its files.
+
+The driver contract is docs/safekeeper-protocol.md ("What K2 must do"): the actions of one
+`Acceptor.handle()` run in order, each finished before the next starts; `PersistControl`
+writes the control file (temp, fsync, rename, fsync dir) and `FlushWal`/`TruncateWal`
+fsync before any later reply, so every reply vouches only for durable state. The actions
+of one message run in a task that a cancelled connection cannot interrupt halfway (the
+in-memory acceptor would otherwise be ahead of the disk). One `asyncio.Lock` orders
+messages from all connections and the WAL reads of walsenders.
+
+Restart (`Timeline.open`): load the control file, find the end of valid WAL after the scan
+point (records decoded with CRCs), cut a torn tail, and feed the WAL from the scan point to
+the new `Acceptor`. A damaged control file, or damaged WAL below the durable commit LSN,
+raises `CorruptionError`: the server then refuses this timeline and serves the others.
+
+Also here: the walsender's view (the commit LSN, waiting for it to move) and the
+pageserver's feedback, which decides which segments can be removed: only below what the
+pageserver reported as durable (`apply`, its disk-consistent LSN), below the durable scan
+point (so that a restart can still re-read from there) and below every active walsender,
+keeping `wal_keep_bytes` more for peers that may still need to recover from us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from strata.common.errors import CorruptionError, NotFound, ProtocolError, Unavailable
+from strata.common.lsn import Lsn
+from strata.safekeeper import control_file
+from strata.safekeeper.acceptor import (
+    Acceptor,
+    AcceptorAction,
+    AcceptorState,
+    FlushWal,
+    PersistControl,
+    SendWal,
+    TruncateWal,
+    WriteWal,
+)
+from strata.safekeeper.messages import ProposerMessage, ReadWalResponse, encode
+from strata.safekeeper.wal_storage import WalStorage
+from strata.storage.metadata import fsync_dir
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_RECOVER_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(slots=True)
+class Peer:
+    """A connection using this timeline: a proposer stream or a walsender."""
+
+    kind: str  # "proposer" or "walsender"
+    address: str
+    application_name: str
+    connected_at: float = field(default_factory=time.time)
+    proposer_id: int = 0
+    sent_lsn: Lsn = Lsn(0)  # walsender: next byte to send
+    write_lsn: Lsn = Lsn(0)  # walsender feedback: received, fsynced, applied
+    flush_lsn: Lsn = Lsn(0)
+    apply_lsn: Lsn = Lsn(0)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "address": self.address,
+                               "application_name": self.application_name,
+                               "connected_at": self.connected_at}
+        if self.kind == "proposer":
+            out["proposer_id"] = self.proposer_id
+        else:
+            out.update(sent_lsn=str(self.sent_lsn), write_lsn=str(self.write_lsn),
+                       flush_lsn=str(self.flush_lsn), apply_lsn=str(self.apply_lsn))
+        return out
+
+
+@dataclass(slots=True)
+class TimelineCounters:
+    """Monotonic counters for /metrics."""
+
+    wal_written_bytes: int = 0
+    wal_fsyncs: int = 0
+    control_writes: int = 0
+    truncations: int = 0
+    segments_removed: int = 0
+    wal_sent_bytes: int = 0
+    messages: int = 0
+
+
+class Timeline:
+    """One timeline's acceptor, control file and WAL on this safekeeper."""
+
+    def __init__(self, directory: Path, state: AcceptorState, wal: WalStorage, *,
+                 wal_keep_bytes: int) -> None:
+        self.directory = directory
+        self.state = state  # as durable on disk
+        self.wal = wal
+        self.wal_keep_bytes = wal_keep_bytes
+        self.acceptor = self._recover()
+        self.lock = asyncio.Lock()
+        self.broken: str | None = None  # an I/O failure: refuse everything from now on
+        self.peers: dict[int, Peer] = {}
+        self.pageserver_feedback: Peer | None = None  # the highest feedback received
+        self.counters = TimelineCounters()
+        self._commit_moved = asyncio.Event()
+
+    # --- creation and restart -----------------------------------------------------------
+    @classmethod
+    def create(cls, directory: Path, state: AcceptorState, *, wal_keep_bytes: int) -> Timeline:
+        """Create the timeline directory with its first control file, atomically."""
+        if directory.exists():
+            raise FileExistsError(directory)
+        temp = directory.with_name(directory.name + ".___temp")
+        if temp.exists():
+            shutil.rmtree(temp)  # a creation that crashed halfway
+        temp.mkdir(parents=True)
+        control_file.store(temp, state)
+        os.replace(temp, directory)
+        fsync_dir(directory.parent)
+        log.info("created timeline %s/%s at %s (previous record %s, system %d)",
+                 state.tenant_id, state.timeline_id, state.timeline_start_lsn,
+                 state.timeline_start_prev_lsn, state.system_id)
+        return cls.open(directory, wal_keep_bytes=wal_keep_bytes)
+
+    @classmethod
+    def open(cls, directory: Path, *, wal_keep_bytes: int) -> Timeline:
+        """Load a timeline after a (re)start; `CorruptionError` if it must not be served."""
+        state = control_file.load(directory)
+        wal = WalStorage(directory, state.wal_seg_size, state.timeline_start_lsn)
+        try:
+            return cls(directory, state, wal, wal_keep_bytes=wal_keep_bytes)
+        except BaseException:
+            wal.close()
+            raise
+
+    def _recover(self) -> Acceptor:
+        """A fresh acceptor from the durable state and the valid WAL after its scan point."""
+        state = self.state
+        valid_end = self.wal.find_valid_end(state.scan_lsn, state.commit_lsn, state.system_id)
+        if valid_end < self.wal.end_lsn:
+            log.info("cutting %d bytes of torn WAL after %s (the files ended at %s)",
+                     self.wal.end_lsn - valid_end, valid_end, self.wal.end_lsn)
+            self.wal.truncate(valid_end)
+        acceptor = Acceptor(state)
+        pos = state.scan_lsn
+        while pos < valid_end:
+            end = min(valid_end, pos + _RECOVER_CHUNK_BYTES)
+            acceptor.recover_wal(self.wal.read(pos, end))
+            pos = end
+        acceptor.check_invariants()
+        log.info("timeline %s: term %d, WAL %s..%s, last record end %s, commit %s",
+                 state.timeline_id, state.term, self.wal.wal_start_lsn, acceptor.flush_lsn,
+                 acceptor.last_record_end, state.commit_lsn)
+        return acceptor
+
+    def close(self) -> None:
+        self.wal.close()
+
+    # --- the proposer protocol ------------------------------------------------------------
+    def check_usable(self) -> None:
+        if self.broken is not None:
+            raise Unavailable(f"timeline {self.state.timeline_id} is out of service on this "
+                              f"safekeeper after an I/O failure: {self.broken}; restart the "
+                              "safekeeper")
+
+    async def handle(self, msg: ProposerMessage) -> list[bytes]:
+        """Apply one proposer message durably; the encoded replies to send, in order.
+
+        Runs to completion even if the caller is cancelled."""
+        self.check_usable()
+        task = asyncio.create_task(self._handle_locked(msg))
+        return await asyncio.shield(task)
+
+    async def _handle_locked(self, msg: ProposerMessage) -> list[bytes]:
+        async with self.lock:
+            self.check_usable()
+            self.counters.messages += 1
+            commit_before = self.acceptor.commit_lsn
+            try:
+                actions = self.acceptor.handle(msg)
+            except ProtocolError:
+                # The message may be half applied in memory, never on disk: start over.
+                try:
+                    self.acceptor = await self._in_thread(self._recover)
+                except CorruptionError as err:
+                    self._break(err)
+                raise
+            replies = await self._apply(actions)
+            if self.acceptor.commit_lsn != commit_before:
+                self._notify_commit()
+            return replies
+
+    async def _apply(self, actions: list[AcceptorAction]) -> list[bytes]:
+        replies: list[bytes] = []
+        for action in actions:
+            match action:
+                case PersistControl(state=state):
+                    await self._in_thread(control_file.store, self.directory, state)
+                    self.state = state
+                    self.counters.control_writes += 1
+                case WriteWal(lsn=lsn, data=data):
+                    self._guard(self.wal.write, lsn, data)  # into the page cache: quick
+                    self.counters.wal_written_bytes += len(data)
+                case FlushWal():
+                    await self._in_thread(self.wal.flush)
+                    self.counters.wal_fsyncs += 1
+                case TruncateWal(lsn=lsn):
+                    log.info("truncating WAL at %s for a new term (it ended at %s)", lsn,
+                             self.wal.end_lsn)
+                    await self._in_thread(self.wal.truncate, lsn)
+                    self.counters.truncations += 1
+                case SendWal(term=term, start_lsn=start, end_lsn=end):
+                    try:
+                        data = self.wal.read(start, end)
+                    except NotFound as err:
+                        raise ProtocolError(f"cannot send WAL [{start}, {end}) for term "
+                                            f"{term}: {err}") from err
+                    replies.append(encode(ReadWalResponse(term, start, data)))
+                case _:
+                    replies.append(encode(action))
+        return replies
+
+    def _guard(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except OSError as err:
+            self._break(err)
+            raise Unavailable(f"timeline {self.state.timeline_id}: {err}") from err
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking file I/O off the event loop. An I/O error takes the timeline out of
+        service: after a failed fsync the page cache can no longer be trusted."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except OSError as err:
+            self._break(err)
+            raise Unavailable(f"timeline {self.state.timeline_id}: {err}") from err
+
+    def _break(self, err: BaseException) -> None:
+        if self.broken is None:
+            log.error("timeline %s out of service: %s", self.state.timeline_id, err)
+            self.broken = str(err)
+        self._notify_commit()
+
+    # --- the walsender ----------------------------------------------------------------------
+    @property
+    def commit_lsn(self) -> Lsn:
+        """The highest LSN known committed (on a majority, in the current term's log), which
+        is in this safekeeper's durable WAL: what walsenders may serve."""
+        return self.acceptor.commit_lsn
+
+    def _notify_commit(self) -> None:
+        self._commit_moved.set()
+        self._commit_moved = asyncio.Event()
+
+    async def wait_commit_above(self, lsn: Lsn, timeout_s: float) -> None:
+        """Return once the commit LSN is above `lsn`, or after `timeout_s`."""
+        if self.commit_lsn > lsn or self.broken is not None:
+            return
+        event = self._commit_moved
+        try:
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+    async def read_committed(self, start: Lsn, max_bytes: int) -> bytes:
+        """Committed WAL from `start` (at most `max_bytes`); empty if none is new."""
+        self.check_usable()
+        async with self.lock:
+            end = min(self.commit_lsn, start + max_bytes)
+            if end <= start:
+                return b""
+            data = self.wal.read(start, end)
+        self.counters.wal_sent_bytes += len(data)
+        return data
+
+    def on_feedback(self, peer: Peer) -> None:
+        """A walsender got a status update (its fields are already in `peer`)."""
+        best = self.pageserver_feedback
+        if best is None or peer.apply_lsn > best.apply_lsn:
+            self.pageserver_feedback = Peer(peer.kind, peer.address, peer.application_name,
+                                            peer.connected_at, 0, peer.sent_lsn,
+                                            peer.write_lsn, peer.flush_lsn, peer.apply_lsn)
+
+    def removal_horizon(self) -> Lsn:
+        """WAL below this may be removed (see the module docstring)."""
+        feedback = self.pageserver_feedback
+        if feedback is None:
+            return Lsn(0)
+        horizon = min(feedback.apply_lsn, self.state.scan_lsn)
+        for peer in self.peers.values():
+            if peer.kind == "walsender":
+                horizon = min(horizon, peer.sent_lsn)
+        if horizon.value <= self.wal_keep_bytes:
+            return Lsn(0)
+        return horizon - self.wal_keep_bytes
+
+    async def remove_old_wal(self) -> int:
+        """Delete the segments below the removal horizon; how many were removed."""
+        horizon = self.removal_horizon()
+        if horizon.value // self.state.wal_seg_size <= self.wal.wal_start_lsn.value // \
+                self.state.wal_seg_size or self.broken is not None:
+            return 0
+        async with self.lock:
+            removed = await self._in_thread(self.wal.remove_below, horizon)
+        if removed:
+            self.counters.segments_removed += removed
+            log.info("removed %d WAL segments below %s; WAL now starts at %s", removed,
+                     horizon, self.wal.wal_start_lsn)
+        return removed
+
+    # --- status -----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        s = self.state
+        a = self.acceptor
+        feedback = self.pageserver_feedback
+        return {
+            "tenant_id": str(s.tenant_id), "timeline_id": str(s.timeline_id),
+            "system_id": s.system_id, "wal_seg_size": s.wal_seg_size,
+            "term": s.term, "voted_for": s.voted_for,
+            "term_history": [{"term": e.term, "start_lsn": str(e.start_lsn),
+                              "prev_record_lsn": str(e.prev_record_lsn)}
+                             for e in s.term_history],
+            "timeline_start_lsn": str(s.timeline_start_lsn),
+            "wal_start_lsn": str(self.wal.wal_start_lsn),
+            "flush_lsn": str(a.flush_lsn),
+            "last_record_end": str(a.last_record_end),
+            "last_record_lsn": str(a.last_record_lsn),
+            "commit_lsn": str(self.commit_lsn),
+            "durable_commit_lsn": str(s.commit_lsn),
+            "pageserver_feedback": None if feedback is None else {
+                "write_lsn": str(feedback.write_lsn), "flush_lsn": str(feedback.flush_lsn),
+                "apply_lsn": str(feedback.apply_lsn)},
+            "removal_horizon": str(self.removal_horizon()),
+            "peers": [p.to_json() for p in self.peers.values()],
+            "broken": self.broken,
+        }
