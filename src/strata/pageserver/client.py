@@ -47,6 +47,9 @@ class TimelineInfo:
     initdb_lsn: Lsn
     state: str
     broken_reason: str | None
+    children: tuple[TimelineId, ...] = ()
+    logical_size: int | None = None
+    """Only in a single timeline's detail (GET .../timeline/{id})."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TimelineInfo:
@@ -61,17 +64,43 @@ class TimelineInfo:
                    ancestor_lsn=Lsn.parse(anc_lsn) if anc_lsn else None,
                    gc_cutoff=Lsn.parse(data["gc_cutoff"]),
                    initdb_lsn=Lsn.parse(data["initdb_lsn"]),
-                   state=data["state"], broken_reason=data.get("broken_reason"))
+                   state=data["state"], broken_reason=data.get("broken_reason"),
+                   children=tuple(TimelineId(TimelineId.parse(c).raw)
+                                  for c in data.get("children", ())),
+                   logical_size=data.get("logical_size"))
 
 
-def error_for(status: int, message: str) -> StrataError:
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    lsn: Lsn
+    expires_at: float
+    """Seconds since the Unix epoch, on the pageserver's clock."""
+    renewed: bool = False
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LeaseInfo:
+        return cls(Lsn.parse(data["lsn"]), float(data["expires_at"]),
+                   bool(data.get("renewed", False)))
+
+
+def error_for(status: int, message: str, kind: str | None = None) -> StrataError:
+    """The Strata error of an HTTP error answer (`kind` is the body's error class name)."""
     if status == 404:
         return NotFound(message)
     if status == 409:
-        return CorruptionError(message)
+        # 409 is a conflict with the current state (a UserError) or a broken timeline.
+        return UserError(message) if kind == "Conflict" else CorruptionError(message)
     if status == 503:
         return Unavailable(message)
     return UserError(message)
+
+
+def _error_text(text: str) -> tuple[str, str | None]:
+    try:
+        data = json.loads(text)
+        return str(data["error"]), data.get("kind")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return text, None
 
 
 def _branch_body(ancestor: TimelineId, lsn: Lsn | None, timestamp: str | None,
@@ -104,12 +133,8 @@ class PageserverClient:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as err:
-            text = err.read().decode(errors="replace")
-            try:
-                message = json.loads(text)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = text
-            raise error_for(err.code, f"{method} {path}: {message}") from err
+            message, kind = _error_text(err.read().decode(errors="replace"))
+            raise error_for(err.code, f"{method} {path}: {message}", kind) from err
         except urllib.error.URLError as err:
             raise Unavailable(f"pageserver at {self.host}:{self.http_port}: {err}") from err
 
@@ -171,6 +196,67 @@ class PageserverClient:
         return TimelineInfo.from_json(self.request(
             "POST", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}/checkpoint", {}))
 
+    # --- tenants, maintenance, leases, service ------------------------------------------------
+    def tenant(self, tenant_id: TenantId) -> dict[str, Any]:
+        """{tenant_id, timelines (count), config}."""
+        out: dict[str, Any] = self.request("GET", f"/v1/tenant/{tenant_id}")
+        return out
+
+    def delete_tenant(self, tenant_id: TenantId) -> None:
+        self.request("DELETE", f"/v1/tenant/{tenant_id}")
+
+    def tenant_config(self, tenant_id: TenantId) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("GET", f"/v1/tenant/{tenant_id}/config")
+        return out
+
+    def set_tenant_config(self, tenant_id: TenantId, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change the given keys (the others keep their values); returns the new config."""
+        out: dict[str, Any] = self.request("PUT", f"/v1/tenant/{tenant_id}/config", changes)
+        return out
+
+    def delete_timeline(self, tenant_id: TenantId, timeline_id: TimelineId) -> None:
+        """UserError (HTTP 409) while the timeline has branches."""
+        self.request("DELETE", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}")
+
+    def compact(self, tenant_id: TenantId, timeline_id: TimelineId) -> int:
+        """Run compaction now; returns the number of image layers written."""
+        out = self.request("POST", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}/compact",
+                           {})
+        return int(out["image_layers_created"])
+
+    def gc(self, tenant_id: TenantId) -> dict[TimelineId, dict[str, Any]]:
+        """Run GC of the tenant now: per timeline {cutoff, layers_removed, expired_leases}."""
+        out = self.request("POST", f"/v1/tenant/{tenant_id}/gc", {})
+        return {TimelineId(TimelineId.parse(k).raw): v for k, v in out.items()}
+
+    def lease(self, tenant_id: TenantId, timeline_id: TimelineId, lsn: Lsn,
+              duration_s: float | None = None) -> LeaseInfo:
+        """Acquire or renew an LSN lease (default length: the tenant's lease_length_s)."""
+        body: dict[str, Any] = {"lsn": str(lsn)}
+        if duration_s is not None:
+            body["duration_s"] = duration_s
+        return LeaseInfo.from_json(self.request(
+            "POST", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}/lsn_lease", body))
+
+    def get_lease(self, tenant_id: TenantId, timeline_id: TimelineId, lsn: Lsn) -> LeaseInfo:
+        """The live lease on `lsn`; NotFound once it has expired."""
+        query = urllib.parse.urlencode({"lsn": str(lsn)})
+        return LeaseInfo.from_json(self.request(
+            "GET", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}/lsn_lease?{query}"))
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("GET", "/v1/status")
+        return out
+
+    def metrics_text(self) -> str:
+        """The Prometheus text of GET /metrics."""
+        req = urllib.request.Request(f"http://{self.host}:{self.http_port}/metrics")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return resp.read().decode()  # type: ignore[no-any-return]
+        except urllib.error.URLError as err:
+            raise Unavailable(f"pageserver at {self.host}:{self.http_port}: {err}") from err
+
     def basebackup(self, tenant_id: TenantId, timeline_id: TimelineId, out: BinaryIO,
                    lsn: Lsn | None = None, *, read_only: bool = False) -> int:
         """Write the tar stream to `out`; returns its size in bytes."""
@@ -195,11 +281,8 @@ class AsyncPageserverClient:
                     method, f"http://{self.host}:{self.http_port}{path}", json=body) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
-                    try:
-                        message = json.loads(text)["error"]
-                    except (ValueError, KeyError, TypeError):
-                        message = text
-                    raise error_for(resp.status, f"{method} {path}: {message}")
+                    message, kind = _error_text(text)
+                    raise error_for(resp.status, f"{method} {path}: {message}", kind)
                 return json.loads(text or "null")
         except aiohttp.ClientError as err:
             raise Unavailable(f"pageserver at {self.host}:{self.http_port}: {err}") from err

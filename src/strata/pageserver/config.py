@@ -48,6 +48,16 @@ class PageserverConfig:
     ingest_batch_bytes: int = 4 * 1024 * 1024
     """WAL read from the log and decoded per ingest step."""
     log_level: str = "INFO"
+    background_jobs: int = 1
+    """Compaction/GC/flush jobs that may run at once across all tenants (worker threads)."""
+    tick_period_s: float = 1.0
+    """How often each timeline's tick (freeze an old open layer, flush frozen ones) runs."""
+    max_tenants: int = 1000
+    """Tenant creation is refused beyond this many tenants."""
+    max_timelines_per_tenant: int = 1000
+    """Branch creation is refused beyond this many timelines in one tenant."""
+    max_request_body_bytes: int = 1024 * 1024
+    """HTTP request bodies above this size are refused with 413."""
     default_tenant_conf: TenantConfig = field(default_factory=TenantConfig)
 
     def __post_init__(self) -> None:
@@ -59,6 +69,16 @@ class PageserverConfig:
         if self.ingest_batch_bytes < 8192:
             raise UserError(f"pageserver config ingest_batch_bytes must be >= 8192, got "
                             f"{self.ingest_batch_bytes!r}")
+        for name in ("background_jobs", "max_tenants", "max_timelines_per_tenant"):
+            if getattr(self, name) < 1:
+                raise UserError(f"pageserver config {name} must be >= 1, got "
+                                f"{getattr(self, name)!r}")
+        if not self.tick_period_s > 0:
+            raise UserError(f"pageserver config tick_period_s must be > 0, got "
+                            f"{self.tick_period_s!r}")
+        if self.max_request_body_bytes < 1024:
+            raise UserError(f"pageserver config max_request_body_bytes must be >= 1024, got "
+                            f"{self.max_request_body_bytes!r}")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise UserError(f"pageserver config log_level must be DEBUG, INFO, WARNING or "
                             f"ERROR, got {self.log_level!r}")
@@ -85,7 +105,10 @@ class PageserverConfig:
                 if not isinstance(value, Mapping):
                     raise UserError("pageserver config default_tenant_conf must be a table, "
                                     f"got {value!r}")
-                kwargs[name] = TenantConfig.from_dict(dict(value))
+                try:
+                    kwargs[name] = TenantConfig.from_dict(dict(value))
+                except (UserError, TypeError) as err:
+                    raise UserError(f"pageserver config default_tenant_conf: {err}") from err
                 continue
             expected = {"str": str, "float": float, "int": int}[str(known[name].type)]
             if isinstance(value, bool) or not isinstance(value, expected) and not (

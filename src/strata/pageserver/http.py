@@ -1,46 +1,62 @@
 """The pageserver's HTTP management API (aiohttp), a thin layer over `server.Pageserver`.
 
-    POST /v1/tenant                                  create (initdb + import as `main`)
-    GET  /v1/tenant                                  list
-    GET  /v1/tenant/{t}/timeline                     list timelines
-    POST /v1/tenant/{t}/timeline                     branch: {ancestor_timeline_id,
-                                                     ancestor_lsn | timestamp, new_timeline_id?}
-    GET  /v1/tenant/{t}/timeline/{tl}                status
-    GET  /v1/tenant/{t}/timeline/{tl}/get_lsn_by_timestamp?timestamp=ISO8601
-    POST /v1/tenant/{t}/timeline/{tl}/compute_start  dev-mode sync: {lsn, prev_lsn}
-    POST /v1/tenant/{t}/timeline/{tl}/wal_receiver   {host, port, slot, application_name}
-    POST /v1/tenant/{t}/timeline/{tl}/safekeepers    {safekeepers: [{id, host, pg_port,
-                                                     http_port}]}: follow them (D7)
-    POST /v1/tenant/{t}/timeline/{tl}/checkpoint     freeze + flush
+The routes, their bodies and every status they answer are described by the OpenAPI
+document `openapi.json` next to this module, served at `GET /v1/openapi.json`
+(tests/integration/test_mgmt_api.py checks the two against each other). In short:
 
-Errors are JSON `{"error": message}`: 400 for bad input, 404 for unknown ids, 409 for a
-broken timeline, 503 for a timeout; an unexpected exception is logged and answered
-with 500 and its message, never a traceback.
+    GET    /v1/status, /metrics (Prometheus text), /v1/openapi.json
+    POST   /v1/tenant                          create (initdb + import as `main`)
+    GET    /v1/tenant                          list
+    GET    /v1/tenant/{t}                      detail;  DELETE: delete
+    GET    /v1/tenant/{t}/config               PUT: set (partial, merged; validated)
+    POST   /v1/tenant/{t}/gc                   GC now
+    GET    /v1/tenant/{t}/timeline             list;  POST: branch at an LSN or timestamp
+    GET    /v1/tenant/{t}/timeline/{tl}        detail (LSNs, ancestor, logical size)
+    DELETE /v1/tenant/{t}/timeline/{tl}        refused (409) while branches exist
+    GET    .../{tl}/get_lsn_by_timestamp?timestamp=ISO8601
+    POST   .../{tl}/checkpoint, compact, compute_start, wal_receiver, safekeepers
+    POST   .../{tl}/lsn_lease {lsn, duration_s?}; GET .../{tl}/lsn_lease?lsn=X
+
+Errors are JSON `{"error": message, "kind": ...}`: 400 for bad input, 404 for unknown
+ids (and unknown routes), 409 for a conflict with the current state (`kind` Conflict)
+or a broken timeline (`kind` TimelineBroken), 413 for a body over
+max_request_body_bytes, 503 for a timeout. An unexpected exception is logged with its
+traceback and answered 500 with only its type and message.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from strata.common.errors import CorruptionError, NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
+from strata.common.logctx import timeline_context
 from strata.common.lsn import Lsn
-from strata.pageserver.server import Pageserver
+from strata.pageserver.metrics import CONTENT_TYPE
+from strata.pageserver.server import Conflict, Pageserver
 from strata.pageserver.sk_receiver import SafekeeperEndpoint
 from strata.pageserver.timeline_wal import ReceiverTarget
-from strata.storage.tenant import TenantConfig
+from strata.storage.leases import Lease
+from strata.storage.tenant import Tenant, TenantConfig
 from strata.storage.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _KEY = web.AppKey("pageserver", Pageserver)
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+MAX_PORT = 65535
+MAX_CONFIG_VALUE = 2**48  # bytes or seconds: far beyond any sensible setting
 
 
 def timeline_info(timeline: Timeline) -> dict[str, Any]:
@@ -57,7 +73,18 @@ def timeline_info(timeline: Timeline) -> dict[str, Any]:
         "initdb_lsn": str(timeline.initdb_lsn),
         "state": "Broken" if timeline.broken_reason is not None else "Active",
         "broken_reason": timeline.broken_reason,
+        "children": sorted(str(c.timeline_id) for c in timeline.children),
     }
+
+
+def tenant_info(tenant: Tenant) -> dict[str, Any]:
+    return {"tenant_id": str(tenant.tenant_id), "timelines": len(tenant.timelines),
+            "config": tenant.conf.to_dict()}
+
+
+def lease_info(lease: Lease, now: float) -> dict[str, Any]:
+    return {"lsn": str(lease.lsn), "expires_at": lease.expires_at,
+            "expires_in_s": round(lease.expires_at - now, 3)}
 
 
 # --- request parsing (errors become 400s) -------------------------------------------------------
@@ -69,12 +96,19 @@ def _timeline_id(text: str) -> TimelineId:
     return TimelineId(TimelineId.parse(text).raw)
 
 
+def _no_constants(name: str) -> Any:
+    raise UserError(f"request body holds {name}, which JSON does not allow")
+
+
 async def _body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
+    raw = await request.read()  # over client_max_size: aiohttp answers 413
+    if not raw.strip():
+        return {}
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        body = json.loads(raw, parse_constant=_no_constants)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise UserError(f"request body is not valid JSON: {err}") from err
     if not isinstance(body, dict):
         raise UserError(f"request body must be a JSON object, got {type(body).__name__}")
@@ -87,31 +121,88 @@ def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = True
         if required:
             raise UserError(f"request body lacks {name!r}")
         return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > MAX_CONFIG_VALUE:
+            raise UserError(f"{name!r} is out of range: {_short(value)}")
+        return float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise UserError(f"{name!r} must be a {kind.__name__}, got {value!r}")
+        raise UserError(f"{name!r} must be a {kind.__name__}, got {_short(value)}")
     return value
+
+
+def _port(body: dict[str, Any], name: str) -> int:
+    port: int = _field(body, name, int)
+    if not 1 <= port <= MAX_PORT:
+        raise UserError(f"{name!r} must be a port number 1..{MAX_PORT}, got {port}")
+    return port
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def parse_timestamp_us(text: str) -> int:
     """ISO 8601 (naive means UTC) -> microseconds since the Unix epoch."""
     try:
         ts = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace(" ", "T", 1))
-    except ValueError as err:
-        raise UserError(f"invalid timestamp {text!r}: expected ISO 8601 such as "
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=UTC)
+        delta = ts - datetime(1970, 1, 1, tzinfo=UTC)
+    except (ValueError, OverflowError) as err:
+        raise UserError(f"invalid timestamp {_short(text)}: expected ISO 8601 such as "
                         "2026-01-02T03:04:05.123456+00:00") from err
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    delta = ts - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-# --- handlers ------------------------------------------------------------------------------------
+def tenant_config_from_json(base: TenantConfig, data: dict[str, Any]) -> TenantConfig:
+    """`base` with the keys of `data` replaced; unknown keys and non-numbers are refused
+    here (TenantConfig's own checks compare before they check types)."""
+    types = {f.name: f.type for f in dataclasses.fields(TenantConfig)}
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise UserError(f"unknown tenant config keys {[_short(k) for k in unknown]}; known: "
+                        f"{sorted(types)}")
+    merged = base.to_dict()
+    for key, value in data.items():
+        integral = types[key] in ("int", int)
+        what = "an integer" if integral else "a number"
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+            raise UserError(f"tenant config {key} must be {what}, got {_short(value)}")
+        # Bounded so that time and LSN arithmetic on it stays finite (no 1e308 seconds).
+        if not (math.isfinite(value) and abs(value) <= MAX_CONFIG_VALUE):
+            raise UserError(f"tenant config {key} must be at most {MAX_CONFIG_VALUE}, got "
+                            f"{_short(value)}")
+        merged[key] = value
+    return TenantConfig.from_dict(merged)
+
+
+def _ids(request: web.Request) -> tuple[TenantId, TimelineId]:
+    return (_tenant_id(request.match_info["tenant_id"]),
+            _timeline_id(request.match_info["timeline_id"]))
+
+
+# --- service ----------------------------------------------------------------------------------
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[_KEY].status())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    data = request.app[_KEY].metrics.render()
+    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
+
+
+# --- tenants --------------------------------------------------------------------------------------
 async def create_tenant(request: web.Request) -> web.Response:
     ps = request.app[_KEY]
     body = await _body(request)
     tenant_text = _field(body, "tenant_id", str, required=False)
     conf_data = _field(body, "config", dict, required=False)
-    conf = TenantConfig.from_dict({**ps.config.default_tenant_conf.to_dict(), **conf_data}) \
+    conf = tenant_config_from_json(ps.config.default_tenant_conf, conf_data) \
         if conf_data else None
     tenant, timeline = await ps.create_tenant(
         _tenant_id(tenant_text) if tenant_text else None, conf)
@@ -125,6 +216,42 @@ async def list_tenants(request: web.Request) -> web.Response:
     return web.json_response([{"tenant_id": str(t)} for t in ps.repo.list_tenants()])
 
 
+async def get_tenant(request: web.Request) -> web.Response:
+    ps = request.app[_KEY]
+    return web.json_response(tenant_info(ps.tenant(_tenant_id(request.match_info["tenant_id"]))))
+
+
+async def delete_tenant(request: web.Request) -> web.Response:
+    ps = request.app[_KEY]
+    tenant_id = _tenant_id(request.match_info["tenant_id"])
+    await ps.delete_tenant(tenant_id)
+    return web.json_response({"deleted": str(tenant_id)})
+
+
+async def get_tenant_config(request: web.Request) -> web.Response:
+    ps = request.app[_KEY]
+    tenant = ps.tenant(_tenant_id(request.match_info["tenant_id"]))
+    return web.json_response(tenant.conf.to_dict())
+
+
+async def set_tenant_config(request: web.Request) -> web.Response:
+    ps = request.app[_KEY]
+    tenant = ps.tenant(_tenant_id(request.match_info["tenant_id"]))
+    conf = tenant_config_from_json(tenant.conf, await _body(request))
+    ps.set_tenant_config(tenant.tenant_id, conf)
+    return web.json_response(conf.to_dict())
+
+
+async def tenant_gc(request: web.Request) -> web.Response:
+    ps = request.app[_KEY]
+    results = await ps.gc(_tenant_id(request.match_info["tenant_id"]))
+    return web.json_response({str(tid): {"cutoff": str(r.cutoff),
+                                         "layers_removed": len(r.removed),
+                                         "expired_leases": r.expired_leases}
+                              for tid, r in results.items()})
+
+
+# --- timelines ------------------------------------------------------------------------------------
 async def list_timelines(request: web.Request) -> web.Response:
     ps = request.app[_KEY]
     tenant = ps.tenant(_tenant_id(request.match_info["tenant_id"]))
@@ -147,14 +274,22 @@ async def create_timeline(request: web.Request) -> web.Response:
     return web.json_response(timeline_info(timeline), status=201)
 
 
-def _ids(request: web.Request) -> tuple[TenantId, TimelineId]:
-    return (_tenant_id(request.match_info["tenant_id"]),
-            _timeline_id(request.match_info["timeline_id"]))
-
-
 async def get_timeline(request: web.Request) -> web.Response:
     ps = request.app[_KEY]
-    return web.json_response(timeline_info(ps.timeline(*_ids(request))))
+    timeline = ps.timeline(*_ids(request))
+    info = timeline_info(timeline)
+    info["logical_size"] = await ps.logical_size(timeline) \
+        if timeline.broken_reason is None else None
+    now = timeline.clock()
+    info["leases"] = [lease_info(lease, now) for lease in timeline.leases.live(now)]
+    return web.json_response(info)
+
+
+async def delete_timeline(request: web.Request) -> web.Response:
+    ps = request.app[_KEY]
+    tenant_id, timeline_id = _ids(request)
+    await ps.delete_timeline(tenant_id, timeline_id)
+    return web.json_response({"deleted": str(timeline_id)})
 
 
 async def get_lsn_by_timestamp(request: web.Request) -> web.Response:
@@ -176,8 +311,9 @@ async def compute_start(request: web.Request) -> web.Response:
 async def wal_receiver(request: web.Request) -> web.Response:
     ps = request.app[_KEY]
     tenant_id, timeline_id = _ids(request)
+    ps.timeline(tenant_id, timeline_id)  # 404 before a body error
     body = await _body(request)
-    target = ReceiverTarget(host=_field(body, "host", str), port=_field(body, "port", int),
+    target = ReceiverTarget(host=_field(body, "host", str), port=_port(body, "port"),
                             slot=_field(body, "slot", str),
                             application_name=_field(body, "application_name", str),
                             user=_field(body, "user", str, required=False) or "postgres")
@@ -186,16 +322,27 @@ async def wal_receiver(request: web.Request) -> web.Response:
     return web.json_response({"attached": True})
 
 
+def _safekeeper(item: Any) -> SafekeeperEndpoint:
+    if not isinstance(item, dict):
+        raise UserError(f"safekeeper entry {_short(item)}: expected an object "
+                        "{id, host, pg_port, http_port}")
+    node_id = _field(item, "id", int)
+    host = _field(item, "host", str, required=False) or "127.0.0.1"
+    return SafekeeperEndpoint.from_json({"id": node_id, "host": host,
+                                         "pg_port": _port(item, "pg_port"),
+                                         "http_port": _port(item, "http_port")})
+
+
 async def safekeepers(request: web.Request) -> web.Response:
     ps = request.app[_KEY]
     tenant_id, timeline_id = _ids(request)
+    ps.timeline(tenant_id, timeline_id)
     body = await _body(request)
     items = body.get("safekeepers")
     if not isinstance(items, list) or not items:
         raise UserError("body field 'safekeepers' must be a non-empty list of "
                         "{id, host, pg_port, http_port}")
-    endpoints = tuple(SafekeeperEndpoint.from_json(item) if isinstance(item, dict)
-                      else SafekeeperEndpoint.from_json({}) for item in items)
+    endpoints = tuple(_safekeeper(item) for item in items)
     await ps.follow_safekeepers(tenant_id, timeline_id, endpoints)
     return web.json_response({"following": [e.node_id for e in endpoints]})
 
@@ -206,48 +353,119 @@ async def checkpoint(request: web.Request) -> web.Response:
     return web.json_response(timeline_info(timeline))
 
 
+async def compact(request: web.Request) -> web.Response:
+    ps = request.app[_KEY]
+    tenant_id, timeline_id = _ids(request)
+    results = await ps.compact(tenant_id, timeline_id)
+    result = results.get(timeline_id)
+    return web.json_response({
+        "image_layers_created": len(result.image_layers) if result else 0,
+        "partitions": result.partitions if result else 0})
+
+
+async def acquire_lease(request: web.Request) -> web.Response:
+    ps = request.app[_KEY]
+    tenant_id, timeline_id = _ids(request)
+    ps.timeline(tenant_id, timeline_id)
+    body = await _body(request)
+    lsn = Lsn.parse(_field(body, "lsn", str))
+    duration = _field(body, "duration_s", float, required=False)
+    if duration is not None and not 0 < duration <= 7 * 24 * 3600:
+        raise UserError(f"'duration_s' must be in (0, 604800] seconds, got {duration!r}")
+    lease, renewed = ps.lease(tenant_id, timeline_id, lsn, duration)
+    return web.json_response({**lease_info(lease, time.time()), "renewed": renewed})
+
+
+async def get_lease(request: web.Request) -> web.Response:
+    ps = request.app[_KEY]
+    tenant_id, timeline_id = _ids(request)
+    timeline = ps.timeline(tenant_id, timeline_id)
+    text = request.query.get("lsn")
+    if text is None:
+        raise UserError("query parameter 'lsn' (X/Y) is required")
+    lease = ps.live_lease(tenant_id, timeline_id, Lsn.parse(text))
+    return web.json_response(lease_info(lease, timeline.clock()))
+
+
 # --- errors ------------------------------------------------------------------------------------
 def _status_for(err: StrataError) -> int:
     if isinstance(err, NotFound):
         return 404
     if isinstance(err, Unavailable):
         return 503
-    if isinstance(err, CorruptionError):
-        return 409  # the timeline is broken (TimelineBroken) or its files fail checks
+    if isinstance(err, (CorruptionError, Conflict)):
+        return 409  # a broken timeline (TimelineBroken), bad files, or the state forbids it
     return 400
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ps = request.app[_KEY]
+    route = request.match_info.route.resource.canonical \
+        if request.match_info.route.resource is not None else "unmatched"
+    status = 500
     try:
-        return await handler(request)
-    except web.HTTPException:
+        with timeline_context(request.match_info.get("tenant_id", "-"),
+                              request.match_info.get("timeline_id")):
+            response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as err:
+        status = err.status
+        if err.status >= 400:
+            # aiohttp's own answers (no such route, wrong method, body too large) in the
+            # API's JSON shape.
+            return web.json_response({"error": f"{request.method} {request.path}: "
+                                               f"{err.reason}", "kind": type(err).__name__},
+                                     status=err.status, headers=_allow(err))
         raise
     except StrataError as err:
         status = _status_for(err)
         log.info("%s %s -> %d: %s", request.method, request.path, status, err)
-        return web.json_response({"error": str(err)}, status=status)
+        return web.json_response({"error": str(err), "kind": type(err).__name__},
+                                 status=status)
     except Exception as err:  # noqa: BLE001 - the API answers, the log has the traceback
         log.exception("%s %s failed", request.method, request.path)
-        return web.json_response({"error": f"internal error: {type(err).__name__}: {err}"},
-                                 status=500)
+        return web.json_response({"error": f"internal error: {type(err).__name__}: {err}",
+                                  "kind": "InternalError"}, status=500)
+    finally:
+        ps.metrics.http_requests.labels(request.method, route, str(status)).inc()
+
+
+def _allow(err: web.HTTPException) -> dict[str, str]:
+    allow = err.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
 
 
 def make_app(pageserver: Pageserver) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[error_middleware],
+                          client_max_size=pageserver.config.max_request_body_bytes)
     app[_KEY] = pageserver
-    tl = "/v1/tenant/{tenant_id}/timeline/{timeline_id}"
+    tn = "/v1/tenant/{tenant_id}"
+    tl = tn + "/timeline/{timeline_id}"
     app.add_routes([
+        web.get("/v1/status", status, allow_head=False),
+        web.get("/metrics", metrics, allow_head=False),
+        web.get("/v1/openapi.json", openapi, allow_head=False),
         web.post("/v1/tenant", create_tenant),
-        web.get("/v1/tenant", list_tenants),
-        web.get("/v1/tenant/{tenant_id}/timeline", list_timelines),
-        web.post("/v1/tenant/{tenant_id}/timeline", create_timeline),
-        web.get(tl, get_timeline),
-        web.get(tl + "/get_lsn_by_timestamp", get_lsn_by_timestamp),
+        web.get("/v1/tenant", list_tenants, allow_head=False),
+        web.get(tn, get_tenant, allow_head=False),
+        web.delete(tn, delete_tenant),
+        web.get(tn + "/config", get_tenant_config, allow_head=False),
+        web.put(tn + "/config", set_tenant_config),
+        web.post(tn + "/gc", tenant_gc),
+        web.get(tn + "/timeline", list_timelines, allow_head=False),
+        web.post(tn + "/timeline", create_timeline),
+        web.get(tl, get_timeline, allow_head=False),
+        web.delete(tl, delete_timeline),
+        web.get(tl + "/get_lsn_by_timestamp", get_lsn_by_timestamp, allow_head=False),
         web.post(tl + "/compute_start", compute_start),
         web.post(tl + "/wal_receiver", wal_receiver),
         web.post(tl + "/safekeepers", safekeepers),
         web.post(tl + "/checkpoint", checkpoint),
+        web.post(tl + "/compact", compact),
+        web.post(tl + "/lsn_lease", acquire_lease),
+        web.get(tl + "/lsn_lease", get_lease, allow_head=False),
     ])
     return app
 

@@ -7,7 +7,9 @@
 - loads the Repository and starts each timeline's `TimelineWal` (ingest resumes at
   disk_consistent_lsn; a compute recorded as attached is reconnected);
 - serves the PostgreSQL-protocol port (`basebackup <tenant> <timeline> [lsn]
-  [read_only]`, a CopyOut tar stream) and the HTTP management port (http.py);
+  [read_only]`, a CopyOut tar stream; `pagestream`, page_service.py) and the HTTP
+  management port (http.py, with /metrics from metrics.py);
+- runs timeline ticks, compaction and GC in the background (background.py);
 - on SIGTERM/SIGINT stops the receivers, flushes every timeline and exits 0.
 
 `Pageserver` is the in-process object the HTTP handlers call.
@@ -23,7 +25,8 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,10 +36,17 @@ from strata.common.logctx import setup_logging, timeline_context
 from strata.common.lsn import Lsn
 from strata.common.pgserve import CopyOut, CopyStream, PgProtocolServer, Reply, Session
 from strata.common.proc import make_dir_for, service_user
+from strata.pageserver import pagestream as ps
+from strata.pageserver.background import BackgroundWork
 from strata.pageserver.config import PageserverConfig
+from strata.pageserver.metrics import PageserverMetrics, TimelineState
 from strata.pageserver.page_service import PageService, PageServiceConfig
 from strata.pageserver.sk_receiver import SafekeeperEndpoint
 from strata.pageserver.timeline_wal import ReceiverTarget, RecordApplier, TimelineWal
+from strata.pg.constants import BLCKSZ
+from strata.storage.compaction import CompactionResult
+from strata.storage.gc import GcResult
+from strata.storage.leases import Lease
 from strata.storage.repository import Repository
 from strata.storage.tenant import Tenant, TenantConfig
 from strata.storage.timeline import Timeline, TimelineBroken
@@ -55,30 +65,73 @@ def make_applier(timeline: Timeline) -> RecordApplier:
     return WalIngest(timeline)
 
 
+class Conflict(UserError):
+    """The request contradicts the current state (answered with HTTP 409): an existing
+    id, a timeline that still has branches, a limit reached."""
+
+
+class MeasuredPageService(PageService):
+    """The page service with each request's latency and outcome in the metrics."""
+
+    def __init__(self, lookup: Callable[[TenantId, TimelineId], Timeline],
+                 config: PageServiceConfig, metrics: PageserverMetrics) -> None:
+        super().__init__(lookup, config)
+        self._metrics = metrics
+
+    async def serve(self, timeline: Timeline, request: ps.Request) -> ps.Response:
+        started = time.perf_counter()
+        response = await super().serve(timeline, request)
+        kind = type(request).__name__.removesuffix("Request")
+        self._metrics.getpage_seconds.labels(kind).observe(time.perf_counter() - started)
+        outcome = "error" if isinstance(response, ps.ErrorResponse) else "ok"
+        self._metrics.page_requests.labels(kind, outcome).inc()
+        return response
+
+
 class Pageserver:
     """All tenants of this pageserver and their WAL paths (one event loop)."""
 
     def __init__(self, config: PageserverConfig) -> None:
         self.config = config
+        self.started_at = time.time()
         self.repo = Repository(config.workdir)
         self.wals: dict[tuple[TenantId, TimelineId], TimelineWal] = {}
+        self._start_lsns: dict[tuple[TenantId, TimelineId], int] = {}
         self._create_lock = asyncio.Lock()
-        self.page_service = PageService(self.timeline, PageServiceConfig(
-            wait_lsn_timeout_s=config.wait_lsn_timeout_s))
+        self.metrics = PageserverMetrics(self._timeline_states)
+        self.page_service: PageService = MeasuredPageService(
+            self.timeline, PageServiceConfig(wait_lsn_timeout_s=config.wait_lsn_timeout_s),
+            self.metrics)
+        self.background = BackgroundWork(lambda: dict(self.repo.tenants), self.metrics,
+                                         max_jobs=config.background_jobs,
+                                         tick_period_s=config.tick_period_s)
 
     async def start(self) -> None:
         for tenant in self.repo.tenants.values():
             for timeline in tenant.timelines.values():
                 await self._start_wal(timeline)
+        self.background.start()
 
     async def _start_wal(self, timeline: Timeline) -> TimelineWal:
         wal = TimelineWal(timeline, make_applier, batch_bytes=self.config.ingest_batch_bytes)
-        self.wals[(timeline.tenant_id, timeline.timeline_id)] = wal
+        key = (timeline.tenant_id, timeline.timeline_id)
+        self.wals[key] = wal
+        self._start_lsns[key] = timeline.last_record_lsn.value
         await wal.start()
         return wal
 
+    def _timeline_states(self) -> list[TimelineState]:
+        states = []
+        for key, wal in list(self.wals.items()):
+            log_ = wal.wal_log
+            states.append(TimelineState(wal.timeline,
+                                        log_.flush_lsn.value if log_ is not None else None,
+                                        self._start_lsns.get(key, 0)))
+        return states
+
     async def stop(self) -> None:
-        """Stop receivers and ingest, then flush every timeline (clean shutdown)."""
+        """Stop background work, receivers and ingest, then flush every timeline."""
+        await self.background.stop()
         for (tenant_id, timeline_id), wal in self.wals.items():
             with timeline_context(tenant_id, timeline_id):
                 try:
@@ -104,6 +157,12 @@ class Pageserver:
                             conf: TenantConfig | None = None) -> tuple[Tenant, Timeline]:
         """initdb (as the service user) in a temp dir, import it as the `main` timeline."""
         async with self._create_lock:
+            if tenant_id is not None and tenant_id in self.repo.tenants:
+                raise Conflict(f"tenant {tenant_id} already exists; pick another id or "
+                               "delete it first")
+            if len(self.repo.tenants) >= self.config.max_tenants:
+                raise Conflict(f"this pageserver already holds {len(self.repo.tenants)} "
+                               f"tenants, its max_tenants; delete one or raise the limit")
             tenant = self.repo.create_tenant(tenant_id, conf or self.config.default_tenant_conf)
             with timeline_context(tenant.tenant_id):
                 timeline_id = TimelineId(TimelineId.generate().raw)
@@ -146,6 +205,12 @@ class Pageserver:
         # waited for: the caller asks for a point it has seen the pageserver reach.
         new_id = timeline_id or TimelineId(TimelineId.generate().raw)
         async with self._create_lock:
+            if new_id in tenant.timelines:
+                raise Conflict(f"timeline {new_id} already exists in tenant {tenant_id}")
+            if len(tenant.timelines) >= self.config.max_timelines_per_tenant:
+                raise Conflict(f"tenant {tenant_id} already has {len(tenant.timelines)} "
+                               "timelines, the max_timelines_per_tenant limit; delete one "
+                               "or raise the limit")
             timeline = await asyncio.to_thread(tenant.branch_timeline, new_id, ancestor_id, lsn)
             await self._start_wal(timeline)
         with timeline_context(tenant_id, new_id):
@@ -176,6 +241,89 @@ class Pageserver:
         if wal.timeline.broken_reason is None:
             await wal.flush()
         return wal.timeline
+
+    async def delete_tenant(self, tenant_id: TenantId) -> None:
+        """Stop every timeline's WAL path and background job, then remove the tenant."""
+        tenant = self.tenant(tenant_id)
+        async with self._create_lock, self.background.exclusive(tenant_id):
+            for timeline_id in tenant.list_timelines():
+                await self._stop_wal(tenant_id, timeline_id)
+            await asyncio.to_thread(self.repo.delete_tenant, tenant_id)
+        with timeline_context(tenant_id):
+            log.info("deleted tenant")
+
+    async def delete_timeline(self, tenant_id: TenantId, timeline_id: TimelineId) -> None:
+        """Remove a timeline; refused (Conflict) while branches of it exist."""
+        tenant = self.tenant(tenant_id)
+        async with self._create_lock, self.background.exclusive(tenant_id):
+            timeline = tenant.get_timeline(timeline_id)
+            if timeline.children:
+                raise Conflict(f"timeline {timeline_id} of tenant {tenant_id} has branches "
+                               f"{sorted(str(c.timeline_id) for c in timeline.children)}; "
+                               "delete them first")
+            await self._stop_wal(tenant_id, timeline_id)
+            await asyncio.to_thread(tenant.delete_timeline, timeline_id)
+        with timeline_context(tenant_id, timeline_id):
+            log.info("deleted timeline")
+
+    async def _stop_wal(self, tenant_id: TenantId, timeline_id: TimelineId) -> None:
+        wal = self.wals.pop((tenant_id, timeline_id), None)
+        self._start_lsns.pop((tenant_id, timeline_id), None)
+        if wal is not None:
+            with timeline_context(tenant_id, timeline_id):
+                await wal.stop(flush=False)
+
+    def set_tenant_config(self, tenant_id: TenantId, conf: TenantConfig) -> None:
+        self.repo.set_tenant_config(tenant_id, conf)
+        with timeline_context(tenant_id):
+            log.info("tenant config set: %s", conf.to_dict())
+
+    async def compact(self, tenant_id: TenantId,
+                      timeline_id: TimelineId) -> dict[TimelineId, CompactionResult]:
+        timeline = self.timeline(tenant_id, timeline_id)
+        _check_not_broken(timeline)
+        return await self.background.run_compaction(self.tenant(tenant_id), timeline_id)
+
+    async def gc(self, tenant_id: TenantId) -> dict[TimelineId, GcResult]:
+        return await self.background.run_gc(self.tenant(tenant_id))
+
+    def lease(self, tenant_id: TenantId, timeline_id: TimelineId, lsn: Lsn,
+              duration_s: float | None = None) -> tuple[Lease, bool]:
+        """Acquire or renew a lease on `lsn`; returns it and whether it was a renewal."""
+        timeline = self.timeline(tenant_id, timeline_id)
+        _check_not_broken(timeline)
+        if duration_s is None:
+            duration_s = timeline.conf.lease_length_s
+        now = timeline.clock()
+        renewal = any(lease.lsn == lsn for lease in timeline.leases.live(now))
+        expires_at = timeline.leases.lease(lsn, duration_s, now, timeline.gc_cutoff)
+        with timeline_context(tenant_id, timeline_id):
+            log.info("%s lease on %s until %.3f (%.1fs)", "renewed" if renewal else "granted",
+                     lsn, expires_at, duration_s)
+        return Lease(lsn, expires_at), renewal
+
+    def live_lease(self, tenant_id: TenantId, timeline_id: TimelineId, lsn: Lsn) -> Lease:
+        """The live lease on `lsn`; NotFound names an expired (or never granted) one."""
+        timeline = self.timeline(tenant_id, timeline_id)
+        for lease in timeline.leases.live(timeline.clock()):
+            if lease.lsn == lsn:
+                return lease
+        raise NotFound(f"no live lease on LSN {lsn} of timeline {timeline_id}: it expired "
+                       "or was never granted; acquire a new one (GC may have passed it)")
+
+    async def logical_size(self, timeline: Timeline) -> int:
+        """Bytes of every relation fork at last_record_lsn (what `pg_database_size` sums)."""
+        _check_not_broken(timeline)
+        return await asyncio.to_thread(_logical_size, timeline, timeline.last_record_lsn)
+
+    def status(self) -> dict[str, Any]:
+        timelines = sum(len(t.timelines) for t in self.repo.tenants.values())
+        broken = sum(1 for t in self.repo.tenants.values() for tl in t.timelines.values()
+                     if tl.broken_reason is not None)
+        return {"status": "ok", "pid": os.getpid(), "workdir": str(self.config.workdir),
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "tenants": len(self.repo.tenants), "timelines": timelines,
+                "broken_timelines": broken}
 
     # --- PostgreSQL-protocol commands ------------------------------------------------------
     async def handle_query(self, session: Session, query: str) -> Reply:
@@ -215,6 +363,20 @@ class Pageserver:
                          read_only)
 
         return CopyOut(run)
+
+
+def _check_not_broken(timeline: Timeline) -> None:
+    if timeline.broken_reason is not None:
+        raise TimelineBroken(f"timeline {timeline.timeline_id} of tenant {timeline.tenant_id} "
+                             f"is broken: {timeline.broken_reason}; branch from an earlier LSN")
+
+
+def _logical_size(timeline: Timeline, lsn: Lsn) -> int:
+    nblocks = 0
+    for spcnode, dbnode in sorted(timeline.list_dbs(lsn)):
+        nblocks += sum(timeline.rel_size(rel, lsn)
+                       for rel in timeline.list_rels(spcnode, dbnode, lsn))
+    return nblocks * BLCKSZ
 
 
 def _write_basebackup(timeline: Timeline, lsn: Lsn, sink: _StreamSink, read_only: bool) -> None:
