@@ -1,18 +1,53 @@
-"""Import and WAL ingest speed: a PostgreSQL 15 with the Strata WAL settings runs pgbench
-(init + a timed run); its WAL since initdb is decoded, then ingested into a fresh timeline.
+"""Ingest speed, offline and live.
 
-Figures: import time of the initdb'ed directory; WAL decode and ingest rates (MB of record
-bytes per second, records per second), separately and together; and layer flush time.
+Offline (engineer G's figures, unchanged): a PostgreSQL 15 with the Strata WAL settings
+runs pgbench (init + a timed run); its WAL since initdb is decoded, then ingested into a
+fresh timeline. Figures: import time of the initdb'ed directory; WAL decode and ingest
+rates (MB of record bytes per second, records per second), separately and together; and
+layer flush time.
+
+Live (issue 5): pgbench at full speed (-c 4 -j 2; scale 10 for 60 s, quick: scale 2 for
+15 s) on
+  - `stock`: a stock PostgreSQL 15 alone, with the D2 WAL settings and the compute's
+    fsync=off / shared_buffers: the baseline TPS and WAL MB/s;
+  - `sync`: a compute on a live pageserver process (dev mode: the pageserver is its
+    synchronous standby, so commits wait for the pageserver);
+  - `async`: the same with synchronous_commit=off on the compute, so the pageserver does
+    not throttle pgbench and any lag that grows without bound shows.
+For the live runs: TPS and WAL MB/s generated (ratios against `stock`); ingest MB/s,
+page versions/s and records/s on the pageserver side from the pgbench start until the
+pageserver has caught up; and the lag, compute insert LSN minus the pageserver's
+last_record_lsn (and minus disk_consistent_lsn), sampled every second: max, mean over the
+first and last quarter of the pgbench run, the least-squares slope over its second half
+(MB/s; about 0 when bounded), and the catch-up time after pgbench ends. The per-second
+series go into the JSON notes. Page versions are counted from the compute's own WAL (one
+per block reference, all of which carry images under wal_consistency_checking=all) up to
+the LSN the pageserver had reached at each sample.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from bench._live import (
+    MB,
+    BlockCounts,
+    Env,
+    LagSampler,
+    PageserverProcess,
+    Sample,
+    pgbench,
+    slope,
+    tps_of,
+    wait_caught_up,
+    wal_lsn,
+)
 from bench.report import Report
 from strata.common.ids import TimelineId
 from strata.common.proc import ensure_traversable
@@ -29,7 +64,7 @@ def _pgbench(pg: PgServer, *args: str) -> str:
     return out.stdout.decode()
 
 
-def run(report: Report, quick: bool) -> None:
+def _offline(report: Report, quick: bool) -> None:
     scale, seconds = (2, 5) if quick else (5, 20)
     with tempfile.TemporaryDirectory(prefix="strata-bench-") as tmp:
         root = Path(tmp)
@@ -79,3 +114,145 @@ def run(report: Report, quick: bool) -> None:
         report.note("rates count record bytes (xl_tot_len), not the segment space skipped by "
                     "WAL switches; ingest keeps images compressed as the WAL has them")
         repo.close()
+
+
+# Both the stock server and the computes: WAL kept so the compute's WAL can be counted after
+# the run, and checkpoints spaced out the same way (autovacuum is off on computes).
+_LIVE_SETTINGS: dict[str, object] = {"autovacuum": False, "wal_keep_size": "16GB",
+                                     "max_wal_size": "4GB"}
+_BENCH_ARGS = ("-c", "4", "-j", "2", "-n")
+
+
+@dataclass(frozen=True, slots=True)
+class _Stock:
+    tps: float
+    wal_mb_s: float
+
+
+def _stock(report: Report, root: Path, scale: int, seconds: int) -> _Stock:
+    pg = PgServer(root / "stock", log_path=root / "stock.log")
+    pg.initdb()
+    pg.start({**STRATA_WAL_SETTINGS, **_LIVE_SETTINGS})
+    try:
+        pgbench(pg, "-i", "-q", "-s", str(scale))
+        pg.sql("checkpoint")
+        l0 = wal_lsn(pg)
+        tps = tps_of(pgbench(pg, *_BENCH_ARGS, "-T", str(seconds)))
+        wal = (wal_lsn(pg) - l0) / MB / seconds
+    finally:
+        pg.stop("immediate")
+    report.add("stock_tps", tps, "tps")
+    report.add("stock_wal_mb_s", wal, "MB/s")
+    return _Stock(tps, wal)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _live_run(report: Report, env: Env, mode: str, scale: int, seconds: int,
+              stock: _Stock, catch_up_timeout_s: float) -> None:
+    """One pgbench run on a fresh tenant's compute; `mode` is sync or async."""
+    client = env.client
+    tenant, timeline = client.create_tenant()
+    settings = {**_LIVE_SETTINGS,
+                "synchronous_commit": "on" if mode == "sync" else "off"}
+    compute = env.start_compute(tenant, timeline, settings=settings)
+    try:
+        pgbench(compute, "-i", "-q", "-s", str(scale))
+        compute.sql("checkpoint")
+        wait_caught_up(client, tenant, timeline, wal_lsn(compute), catch_up_timeout_s)
+        sampler = LagSampler(compute, client, tenant, timeline)
+        with compute.connect() as conn:
+            first = sampler.sample_now(conn)
+        l0 = first.compute_lsn
+        sampler.start()
+        tps = tps_of(pgbench(compute, *_BENCH_ARGS, "-T", str(seconds)))
+        l1 = wal_lsn(compute)
+        t_end = time.monotonic() - sampler.t0
+        catch_up = wait_caught_up(client, tenant, timeline, l1, catch_up_timeout_s)
+        sampler.stop()
+        with compute.connect() as conn:
+            last = sampler.sample_now(conn)
+        samples = sampler.samples
+    finally:
+        compute.stop("immediate")
+    counts = BlockCounts(compute.datadir / "pg_wal", first.last_record_lsn,
+                         last.last_record_lsn)
+    _figures(report, mode, samples, counts, t_end, seconds, tps, (l1 - l0) / MB / seconds,
+             catch_up, stock)
+
+
+def _figures(report: Report, mode: str, samples: list[Sample], counts: BlockCounts,
+             t_end: float, seconds: int, tps: float, wal_mb_s: float, catch_up: float,
+             stock: _Stock) -> None:
+    first, last = samples[0], samples[-1]
+    report.add(f"{mode}_tps", tps, "tps", stock.tps)
+    report.add(f"{mode}_wal_mb_s", wal_mb_s, "MB/s", stock.wal_mb_s)
+    span = last.t - first.t
+    blocks, records = counts.at(last.last_record_lsn)
+    report.add(f"{mode}_ingest_mb_s", (last.last_record_lsn - first.last_record_lsn) / MB / span,
+               "MB/s", stock.wal_mb_s)
+    report.add(f"{mode}_page_versions_s", blocks / span, "versions/s")
+    report.add(f"{mode}_ingest_records_s", records / span, "records/s")
+    run = [s for s in samples if 0 < s.t <= t_end]
+    assert run, f"no lag samples during the {mode} pgbench run ({len(samples)} in all)"
+    quarter = max(1, len(run) // 4)
+    half = run[len(run) // 2:]
+    lag = [s.lag / MB for s in run]
+    disk_lag = [s.disk_lag / MB for s in run]
+    report.add(f"{mode}_lag_max_mb", max(lag), "MB")
+    report.add(f"{mode}_lag_start_mb", _mean(lag[:quarter]), "MB")
+    report.add(f"{mode}_lag_end_mb", _mean(lag[-quarter:]), "MB")
+    report.add(f"{mode}_lag_slope_2nd_half", slope([s.t for s in half],
+                                                   [s.lag / MB for s in half]), "MB/s")
+    report.add(f"{mode}_disk_lag_max_mb", max(disk_lag), "MB")
+    report.add(f"{mode}_disk_lag_end_mb", _mean(disk_lag[-quarter:]), "MB")
+    report.add(f"{mode}_catch_up_s", catch_up, "s")
+    series: dict[str, list[float]] = {"t": [], "lag_mb": [], "disk_lag_mb": [],
+                                      "ingest_mb_s": [], "page_versions_s": []}
+    for prev, s in zip(samples, samples[1:], strict=False):
+        dt = s.t - prev.t
+        if dt <= 0:
+            continue
+        series["t"].append(round(s.t, 2))
+        series["lag_mb"].append(round(s.lag / MB, 3))
+        series["disk_lag_mb"].append(round(s.disk_lag / MB, 3))
+        series["ingest_mb_s"].append(
+            round((s.last_record_lsn - prev.last_record_lsn) / MB / dt, 3))
+        series["page_versions_s"].append(
+            round((counts.at(s.last_record_lsn)[0] - counts.at(prev.last_record_lsn)[0]) / dt))
+    report.note(f"{mode} series (pgbench {seconds}s ends at t={t_end:.1f}s, then catch-up): "
+                + json.dumps(series, separators=(",", ":")))
+
+
+def _live(report: Report, quick: bool) -> None:
+    scale, seconds = (2, 15) if quick else (10, 60)
+    timeout = 120.0 if quick else 900.0
+    with tempfile.TemporaryDirectory(prefix="strata-bench-live-") as tmp:
+        root = Path(tmp)
+        root.chmod(0o755)
+        ensure_traversable(root)
+        stock = _stock(report, root, scale, seconds)
+        ps = PageserverProcess(root / "pageserver", root / "pageserver.log")
+        ps.start()
+        env = Env(root, ps)
+        # Each run's compute is stopped before the next: its receiver retries until then.
+        env.allowed_log_errors.append(r"walreceiver: connection to \S+ ended")
+        try:
+            for mode in ("sync", "async"):
+                _live_run(report, env, mode, scale, seconds, stock, timeout)
+            problems = env.unexpected_log_errors()
+            assert not problems, "pageserver logged errors:\n" + "\n".join(problems[:20])
+        finally:
+            env.stop_all()
+    report.note(f"live: pgbench -s {scale} -c 4 -j 2 -T {seconds} -n; stock and computes "
+                f"with the D2 WAL settings, fsync=off, shared_buffers=32MB, autovacuum off; "
+                f"WAL and ingest MB are LSN bytes; lag = compute insert LSN - pageserver LSN "
+                f"(pageserver read first, so never under-stated); page versions = block "
+                f"references in the compute's WAL up to the pageserver's last_record_lsn")
+
+
+def run(report: Report, quick: bool) -> None:
+    _offline(report, quick)
+    _live(report, quick)
