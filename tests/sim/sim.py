@@ -99,18 +99,28 @@ class SimAcceptor:
         return self.control.timeline_start_lsn.value
 
     def crash(self, rng: random.Random, torn: bool) -> None:
+        """Unsynced WAL is lost; with `torn`, a random prefix of it survives, partly garbage
+        (a write that was in flight), which the restart must recognise and cut."""
         keep = self.durable_len
         if torn and len(self.wal) > keep:
             keep += rng.randrange(len(self.wal) - keep + 1)
-        del self.wal[keep:]
-        self.durable_len = keep
+            if keep > self.durable_len and rng.random() < 0.5:
+                at = rng.randrange(self.durable_len, keep)
+                size = min(keep - at, rng.randrange(1, 600))
+                self.wal[at:at + size] = rng.randbytes(size)
+        del self.wal[keep:]  # durable_len stays: only that much is known to be intact
         self.core = None
 
     def restart(self) -> None:
         assert self.core is None
         core = Acceptor(self.control, commit_persist_bytes=self.commit_persist_bytes)
-        core.recover_wal(bytes(self.wal[self.control.scan_lsn.value - self.start:]))
-        assert core.flush_lsn.value == self.start + len(self.wal), (core.flush_lsn, len(self.wal))
+        end = core.recover_wal(bytes(self.wal[self.control.scan_lsn.value - self.start:]))
+        # Every complete record in the synced WAL survives the restart.
+        synced_end, _ = scan_record_bounds(self.start, self.control.timeline_start_prev_lsn.value,
+                                           bytes(self.wal[:self.durable_len]), SEG)
+        assert end.value >= synced_end, (end, Lsn(synced_end))
+        del self.wal[end.value - self.start:]  # the WAL after the last valid record
+        self.durable_len = len(self.wal)  # the driver truncates and fsyncs
         self.core = core
 
 

@@ -13,19 +13,23 @@ to be executed in order, each finished before the next starts:
 
 After a crash the driver rebuilds the acceptor with `Acceptor(state)` from the last
 persisted `AcceptorState` and `recover_wal(...)` with its WAL from `state.scan_lsn` to the
-end of what it finds on disk. After a `ProtocolError` from `handle()`, discard the object
-the same way (the message may have been half applied in memory, never on disk).
+end of what it finds on disk, and truncates its WAL where `recover_wal` says it ends.
+After a `ProtocolError` from `handle()`, discard the object the same way (the message may
+have been half applied in memory, never on disk).
 The protocol and its safety argument are in docs/safekeeper-protocol.md.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, replace
 
 from strata.common.errors import CorruptionError, ProtocolError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn, check_segment_size
+from strata.pg.constants import SIZE_OF_XLOG_LONG_PHD, SIZE_OF_XLOG_SHORT_PHD, XLOG_BLCKSZ
+from strata.pg.walreader import WalStreamDecoder
 from strata.safekeeper.messages import (
     AcceptorGreeting,
     AppendRequest,
@@ -42,6 +46,8 @@ from strata.safekeeper.messages import (
     log_term,
 )
 from strata.safekeeper.record_bounds import RecordBoundaryTracker
+
+log = logging.getLogger(__name__)
 
 MAX_READ_BYTES = 1 << 20  # one ReadWalRequest
 # Record boundaries remembered (one per append) as restart scan points for the control file.
@@ -79,6 +85,18 @@ class AcceptorState:
         return cls(tenant_id, timeline_id, system_id, wal_seg_size, start_lsn,
                    prev_record_lsn, term=0, voted_for=0, term_history=(),
                    commit_lsn=start_lsn, scan_lsn=start_lsn, scan_prev_lsn=prev_record_lsn)
+
+
+def _content_end(lsn: int, tot_len: int, seg_size: int) -> int:
+    """Where the bytes of the record at `lsn` end, before its MAXALIGN padding: its length
+    plus the page headers it crosses (xlog_internal.h: long header on a segment's first page).
+    """
+    pos, remaining = lsn, tot_len
+    while remaining > (page_end := (pos | (XLOG_BLCKSZ - 1)) + 1) - pos:
+        remaining -= page_end - pos
+        pos = page_end + (SIZE_OF_XLOG_LONG_PHD if page_end % seg_size == 0
+                          else SIZE_OF_XLOG_SHORT_PHD)
+    return pos + remaining
 
 
 # --- actions ----------------------------------------------------------------------------------
@@ -142,14 +160,41 @@ class Acceptor:
         self._bounds: deque[tuple[Lsn, Lsn]] = deque(maxlen=_MAX_BOUNDS)
 
     # --- restart ------------------------------------------------------------------------------
-    def recover_wal(self, data: bytes) -> None:
-        """After a restart: the WAL found on disk from `flush_lsn` on (call in pieces)."""
+    def recover_wal(self, data: bytes) -> Lsn:
+        """After a restart: the WAL found on disk from `state.scan_lsn` to its end, at once.
+
+        WAL written after the last fsync may be torn or garbage, and the record-boundary
+        tracker does not check CRCs, so the records are decoded and verified here
+        (`strata.pg.walreader`): the WAL ends after the last valid complete record. Returns
+        that end; the driver must truncate its WAL files there before serving. A partial
+        record after it is dropped too (it never counted: the quorum agrees on record ends).
+        """
+        assert self.flush_lsn == self.state.scan_lsn and self._tracker.end_lsn == \
+            self.state.scan_lsn.value, "recover_wal runs once, on a fresh Acceptor"
+        decoder = WalStreamDecoder(self.state.scan_lsn, self.state.wal_seg_size,
+                                   at_record_start=True, zero_is_end=True,
+                                   sysid=self.state.system_id)
+        decoder.feed(data)
+        base = self.state.scan_lsn.value
+        end = base
         try:
-            self._tracker.feed(data)
+            for record in decoder:
+                content_end = _content_end(record.lsn, record.tot_len, self.state.wal_seg_size)
+                padding = data[content_end - base:record.end_lsn - base]
+                if record.end_lsn - content_end < 8 and padding.strip(b"\0"):
+                    # PostgreSQL pads records with zeros; a torn write left garbage here, and
+                    # the proposer will send the padding again.
+                    end = content_end
+                    break
+                end = min(record.end_lsn, base + len(data))
+                if end < record.end_lsn:
+                    break  # the padding (or an XLOG_SWITCH's segment tail) is not all there
         except CorruptionError as err:
-            raise CorruptionError(f"timeline {self.state.timeline_id}: durable WAL after "
-                                  f"{self.flush_lsn} is damaged: {err}") from err
-        self.flush_lsn += len(data)
+            log.info("timeline %s: WAL after %s is not valid, it ends there (%s)",
+                     self.state.timeline_id, Lsn(end), err)
+        self._tracker.feed(data[:end - base])
+        self.flush_lsn = Lsn(end)
+        return self.flush_lsn
 
     # --- positions ----------------------------------------------------------------------------
     @property

@@ -123,7 +123,10 @@ class _Peer:
     start_at: Lsn | None = None  # streaming start sent in ProposerElected
     synced: bool = False  # acknowledged ProposerElected: its log is a prefix of ours
     sent_lsn: Lsn = Lsn(0)  # next byte to send
-    flush_lsn: Lsn = Lsn(0)  # acknowledged, durable
+    flush_lsn: Lsn = Lsn(0)  # highest acknowledged
+    # Flush LSN of the latest answer: lower than flush_lsn after a restart cut a partial
+    # record (or when answers are reordered); a stalled stream resumes from here.
+    reported_flush: Lsn = Lsn(0)
     record_end: Lsn = Lsn(0)  # acknowledged, durable
     durable_commit: Lsn = Lsn(0)
     sent_commit: Lsn = Lsn(0)
@@ -224,8 +227,8 @@ class Proposer:
             elif not p.synced:
                 out.append(self._send(p, self._elected_msg(p.start_at), now))
             else:
-                if p.sent_lsn > p.flush_lsn and self._retry_due(p.last_progress_s, now):
-                    p.sent_lsn = p.flush_lsn  # lost or stuck: resend from the acknowledged end
+                if p.sent_lsn > p.reported_flush and self._retry_due(p.last_progress_s, now):
+                    p.sent_lsn = p.reported_flush  # lost or stuck: resend from where it is
                 p.sent_commit = Lsn(0)  # forces a heartbeat (and commit) append
         if self.fetch is not None and self._retry_due(self.fetch.last_send_s, now):
             self.fetch.donor = None  # pick again: the donor may be down
@@ -362,7 +365,7 @@ class Proposer:
         assert fetch is not None
         if fetch.donor is None:
             donors = [p.node for p in self.peers.values()
-                      if p.synced and p.flush_lsn >= fetch.end]
+                      if p.synced and p.record_end >= fetch.end]
             if fetch.end <= self.term_start_lsn:
                 donors.append(self.donor)  # its log up to E is ours while it keeps our term
             if not donors:
@@ -386,6 +389,7 @@ class Proposer:
         if msg.flush_lsn > peer.flush_lsn or msg.last_record_end > peer.record_end:
             peer.last_progress_s = now
         peer.flush_lsn = max(peer.flush_lsn, msg.flush_lsn)
+        peer.reported_flush = msg.flush_lsn
         peer.record_end = max(peer.record_end, msg.last_record_end)
         peer.durable_commit = max(peer.durable_commit, msg.commit_lsn)
         peer.sent_lsn = max(peer.sent_lsn, peer.flush_lsn)
@@ -421,11 +425,12 @@ class Proposer:
             self.fetch = _Fetch(min(need), self.wal_start)
             out += self._fetch_next(now)
         c = self.config
+        end = self.end_lsn
         for p in self.peers.values():
             if not p.synced or p.sent_lsn < self.wal_start:
                 continue
-            while p.sent_lsn < self.end_lsn and p.sent_lsn - p.flush_lsn < c.max_inflight_bytes:
-                size = min(c.max_append_bytes, self.end_lsn - p.sent_lsn,
+            while p.sent_lsn < end and p.sent_lsn - p.flush_lsn < c.max_inflight_bytes:
+                size = min(c.max_append_bytes, end - p.sent_lsn,
                            c.max_inflight_bytes - (p.sent_lsn - p.flush_lsn))
                 off = p.sent_lsn - self.wal_start
                 data = bytes(self.wal[off:off + size])
@@ -442,7 +447,7 @@ class Proposer:
 
     def _release(self) -> None:
         """Drop committed WAL that every started acceptor has acknowledged."""
-        held = [p.flush_lsn if p.synced else (p.start_at or Lsn(0))
+        held = [p.record_end if p.synced else (p.start_at or Lsn(0))
                 for p in self.peers.values() if p.start_at is not None]
         upto = min([self.commit_lsn, *held])
         if upto - self.wal_start >= self.config.release_bytes and self.fetch is None:
@@ -455,13 +460,15 @@ class Proposer:
             return
         assert self.history[-1] == TermEntry(self.term, self.term_start_lsn,
                                              self.term_start_prev), self.history
-        assert self.timeline_start_lsn <= self.wal_start <= self.end_lsn, (
-            self.timeline_start_lsn, self.wal_start, self.end_lsn)
-        assert self.commit_lsn <= self.end_lsn, (self.commit_lsn, self.end_lsn)
+        end = self.end_lsn
+        assert self.timeline_start_lsn <= self.wal_start <= end, (
+            self.timeline_start_lsn, self.wal_start, end)
+        assert self.commit_lsn <= end, (self.commit_lsn, end)
         for p in self.peers.values():
             if p.synced:
                 assert p.start_at is not None and p.start_at <= p.flush_lsn, p
-                assert p.record_end <= p.flush_lsn <= p.sent_lsn <= self.end_lsn, p
+                assert p.record_end <= p.flush_lsn <= end, p
+                assert p.reported_flush <= p.flush_lsn and p.sent_lsn <= end, p
         if self.fetch is not None:
             assert self.fetch.start <= self.fetch.pos <= self.fetch.end == self.wal_start, \
                 self.fetch

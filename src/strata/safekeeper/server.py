@@ -268,6 +268,8 @@ class Safekeeper:
         except ProtocolError as err:
             log.info("closing proposer connection from %s: %s", session.peer, err)
             raise
+        except ConnectionError as err:
+            log.info("proposer connection from %s lost: %s", session.peer, err)
         finally:
             tl.peers.pop(conn_id, None)
 
@@ -312,6 +314,8 @@ class Safekeeper:
                     await asyncio.wait([waiter, feedback], return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
                 feedback.result()  # a broken feedback stream ends the walsender with its error
+        except ConnectionError as err:
+            log.info("walsender connection from %s lost: %s", session.peer, err)
         finally:
             feedback.cancel()
             tl.peers.pop(conn_id, None)
