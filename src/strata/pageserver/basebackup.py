@@ -25,7 +25,8 @@ shutdown at X, built from what import and ingest stored (keyspace.md):
 
 Never in the tar: postmaster.pid, pg_internal.init, statistics files, other slots.
 Mode 'lazy' is the same tar without relation segment files (a FUSE file system serves
-them, D6).
+them, D6), plus `strata_lazy_rels`: one line `spcnode dbnode relnode forknum nblocks` per
+relation fork at X, so the file system can list directories and size files without asking.
 
 `global/pg_control` is written last, as pg_basebackup does: an archive cut short
 has no control file and cannot be started by mistake.
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SLOT_NAME = "strata_walproposer"
 PG_VERSION_CONTENT = b"15\n"
 MODES = ("full", "lazy")
+LAZY_MANIFEST = "strata_lazy_rels"
 
 SLRU_DIRS: dict[SlruKind, str] = {
     SlruKind.CLOG: "pg_xact",
@@ -314,6 +316,8 @@ def write_basebackup(timeline: Timeline, lsn: Lsn, out: BinaryIO, *, mode: str =
     _write_databases(tar, timeline, lsn, with_relations=mode == "full",
                      relseg_size=control.relseg_size,
                      checksums=control.data_checksum_version != 0)
+    if mode == "lazy":
+        tar.add_file(LAZY_MANIFEST, lazy_manifest(timeline, lsn))
     for kind, directory in SLRU_DIRS.items():
         _write_slru(tar, timeline, lsn, kind, directory)
     for key, content in timeline.scan(twophase_range(), lsn):
@@ -382,6 +386,16 @@ def _write_databases(tar: _TarWriter, timeline: Timeline, lsn: Lsn, *, with_rela
             for path, nblocks, pages in relation_files(rels, timeline, lsn, relseg_size,
                                                        checksums=checksums):
                 tar.add_stream(path, nblocks * BLCKSZ, pages)
+
+
+def lazy_manifest(timeline: Timeline, lsn: Lsn) -> bytes:
+    """`spcnode dbnode relnode forknum nblocks` lines of every relation fork at `lsn`."""
+    lines = []
+    for spcnode, dbnode in sorted(timeline.list_dbs(lsn) | {(GLOBALTABLESPACE_OID, 0)}):
+        for rel in sorted(timeline.list_rels(spcnode, dbnode, lsn)):
+            lines.append(f"{rel.spcnode} {rel.dbnode} {rel.relnode} {int(rel.forknum)} "
+                         f"{timeline.rel_size(rel, lsn)}\n")
+    return "".join(lines).encode()
 
 
 def _add_dirs(tar: _TarWriter, directory: str, made: set[str]) -> None:

@@ -258,10 +258,11 @@ class PageserverClient:
             raise Unavailable(f"pageserver at {self.host}:{self.http_port}: {err}") from err
 
     def basebackup(self, tenant_id: TenantId, timeline_id: TimelineId, out: BinaryIO,
-                   lsn: Lsn | None = None, *, read_only: bool = False) -> int:
+                   lsn: Lsn | None = None, *, read_only: bool = False,
+                   mode: str = "full") -> int:
         """Write the tar stream to `out`; returns its size in bytes."""
         return asyncio.run(fetch_basebackup(self.host, self.pg_port, tenant_id, timeline_id,
-                                            out, lsn, read_only=read_only,
+                                            out, lsn, read_only=read_only, mode=mode,
                                             timeout_s=self.timeout_s))
 
 
@@ -312,13 +313,16 @@ class AsyncPageserverClient:
 
 async def fetch_basebackup(host: str, port: int, tenant_id: TenantId, timeline_id: TimelineId,
                            out: BinaryIO, lsn: Lsn | None = None, *, read_only: bool = False,
-                           timeout_s: float = 120) -> int:
-    """Run `basebackup` on the pageserver's PG port and write the tar to `out`."""
+                           mode: str = "full", timeout_s: float = 120) -> int:
+    """Run `basebackup` on the pageserver's PG port and write the tar to `out`
+    (`mode` 'lazy': without relation files, with their list, see basebackup.py)."""
     command = f"basebackup {tenant_id} {timeline_id}"
     if lsn is not None:
         command += f" {lsn}"
     if read_only:
         command += " read_only"
+    if mode == "lazy":
+        command += " lazy"
     async with asyncio.timeout(timeout_s):
         conn = await PgConnection.connect(host, port, user="strata", timeout_s=timeout_s)
         try:

@@ -340,9 +340,10 @@ class Pageserver:
 
     async def _basebackup_command(self, args: list[str]) -> Reply:
         read_only = "read_only" in args
-        args = [a for a in args if a != "read_only"]
+        mode = "lazy" if "lazy" in args else "full"
+        args = [a for a in args if a not in ("read_only", "lazy")]
         if len(args) not in (2, 3):
-            raise UserError("usage: basebackup <tenant> <timeline> [lsn] [read_only]")
+            raise UserError("usage: basebackup <tenant> <timeline> [lsn] [read_only] [lazy]")
         tenant_id = TenantId(TenantId.parse(args[0]).raw)
         timeline_id = TimelineId(TimelineId.parse(args[1]).raw)
         timeline = self.timeline(tenant_id, timeline_id)
@@ -357,7 +358,8 @@ class Pageserver:
         async def run(stream: CopyStream) -> None:
             with timeline_context(tenant_id, timeline_id):
                 sink = _StreamSink(stream, loop)
-                await asyncio.to_thread(_write_basebackup, timeline, lsn, sink, read_only)
+                await asyncio.to_thread(_write_basebackup, timeline, lsn, sink, read_only,
+                                        mode)
                 await sink.aflush()
                 log.info("sent basebackup at %s (%d bytes, read_only=%s)", lsn, sink.sent,
                          read_only)
@@ -379,10 +381,11 @@ def _logical_size(timeline: Timeline, lsn: Lsn) -> int:
     return nblocks * BLCKSZ
 
 
-def _write_basebackup(timeline: Timeline, lsn: Lsn, sink: _StreamSink, read_only: bool) -> None:
+def _write_basebackup(timeline: Timeline, lsn: Lsn, sink: _StreamSink, read_only: bool,
+                      mode: str = "full") -> None:
     from strata.pageserver.basebackup import write_basebackup
 
-    write_basebackup(timeline, lsn, sink, read_only=read_only)  # type: ignore[arg-type]  # a write()-only sink
+    write_basebackup(timeline, lsn, sink, read_only=read_only, mode=mode)  # type: ignore[arg-type]  # a write()-only sink
     sink.flush()
 
 
