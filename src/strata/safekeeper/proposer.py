@@ -392,7 +392,7 @@ class Proposer:
         peer.reported_flush = msg.flush_lsn
         peer.record_end = max(peer.record_end, msg.last_record_end)
         peer.durable_commit = max(peer.durable_commit, msg.commit_lsn)
-        peer.sent_lsn = max(peer.sent_lsn, peer.flush_lsn)
+        peer.sent_lsn = max(peer.sent_lsn, msg.flush_lsn)
         assert peer.flush_lsn <= self.end_lsn, (peer.node, peer.flush_lsn, self.end_lsn)
         return self._advance_commit() + self._pump(now)
 
