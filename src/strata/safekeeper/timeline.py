@@ -8,9 +8,9 @@ of one message run in a task that a cancelled connection cannot interrupt halfwa
 in-memory acceptor would otherwise be ahead of the disk). One `asyncio.Lock` orders
 messages from all connections and the WAL reads of walsenders.
 
-Restart (`Timeline.open`): load the control file, find the end of valid WAL after the scan
-point (records decoded with CRCs), cut a torn tail, and feed the WAL from the scan point to
-the new `Acceptor`. A damaged control file, or damaged WAL below the durable commit LSN,
+Restart (`Timeline.open`): load the control file, check all the WAL held (records decoded
+with CRCs) to find where the valid WAL ends, cut a torn tail, and feed the WAL from the scan
+point to the new `Acceptor`. A damaged control file, or damaged WAL below the durable commit LSN,
 raises `CorruptionError`: the server then refuses this timeline and serves the others.
 
 Also here: the walsender's view (the commit LSN, waiting for it to move) and the
@@ -143,7 +143,7 @@ class Timeline:
     def _recover(self) -> Acceptor:
         """A fresh acceptor from the durable state and the valid WAL after its scan point."""
         state = self.state
-        valid_end = self.wal.find_valid_end(state.scan_lsn, state.commit_lsn, state.system_id)
+        valid_end = self.wal.find_valid_end(state.commit_lsn, state.system_id)
         if valid_end < self.wal.end_lsn:
             log.info("cutting %d bytes of torn WAL after %s (the files ended at %s)",
                      self.wal.end_lsn - valid_end, valid_end, self.wal.end_lsn)

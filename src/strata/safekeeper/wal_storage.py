@@ -11,8 +11,9 @@ fsyncs every file written since the last flush and the directory when a segment 
 created; `truncate` and `remove_below` fsync before returning.
 
 After a crash the files may end anywhere after the last flush, possibly with zeros or a torn
-record; `find_valid_end` decodes the records (CRC included) from a known record end and
-returns where the valid WAL ends. Invalid WAL below the durable commit LSN is corruption
+record; `find_valid_end` decodes the records (CRC included) from the first one held and
+returns where the valid WAL ends (it checks all the WAL held, so a damaged byte anywhere in
+it is found at restart). Invalid WAL below the durable commit LSN is corruption
 (`CorruptionError` naming the segment file and offset): that WAL was fsynced and
 acknowledged, so the safekeeper must not serve or vote with it.
 
@@ -203,20 +204,20 @@ class WalStorage:
         return bytes(out)
 
     # --- recovery -------------------------------------------------------------------------
-    def find_valid_end(self, from_lsn: Lsn, durable_lsn: Lsn, system_id: int) -> Lsn:
-        """The end of the last valid record after record end `from_lsn` (a scan point).
+    def find_valid_end(self, durable_lsn: Lsn, system_id: int) -> Lsn:
+        """The end of the last valid record held (all of it is checked, from `wal_start_lsn`).
 
         Records are decoded and checked (page headers, CRC, prev-links); the first invalid
         or incomplete one ends the WAL. Ending below `durable_lsn` (the durable commit LSN,
-        whose WAL was fsynced before it was persisted) is corruption."""
-        if from_lsn < self.wal_start_lsn or from_lsn > self.end_lsn:
-            raise CorruptionError(f"WAL needed from {from_lsn} on, but this safekeeper holds "
-                                  f"{self.wal_start_lsn} to {self.end_lsn}",
-                                  path=str(self.directory))
-        decoder = WalStreamDecoder(from_lsn, self.seg_size, at_record_start=True,
+        whose WAL was fsynced before it was persisted) is corruption. After segments were
+        removed the scan starts at a segment start, where the page header says how much of
+        a record to skip."""
+        start = self.wal_start_lsn
+        decoder = WalStreamDecoder(start, self.seg_size,
+                                   at_record_start=start == self.timeline_start_lsn,
                                    zero_is_end=True, sysid=system_id)
-        valid_end = from_lsn
-        pos = from_lsn
+        valid_end = start
+        pos = start
         problem = "the WAL files end there"
         while pos < self.end_lsn:
             chunk_end = min(self.end_lsn, pos + _SCAN_CHUNK_BYTES)
@@ -226,8 +227,8 @@ class WalStorage:
                 for record in decoder:
                     valid_end = record.end
             except WalCorruption as err:
+                self._check_durable(valid_end, durable_lsn, err.message, err.lsn)
                 problem = err.message
-                self._check_durable(valid_end, durable_lsn, problem, err.lsn)
                 break
             if decoder.end_of_wal is not None:
                 problem = f"zeroed WAL at {decoder.end_of_wal}"
