@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ class Sk:
 
 
 @pytest.fixture
-def sks(test_dir: Path) -> Callable[..., list[Sk]]:
+def sks(test_dir: Path) -> Iterator[Callable[..., list[Sk]]]:
     started: list[Sk] = []
 
     def make(n: int, *extra: str) -> list[Sk]:
