@@ -217,6 +217,15 @@ class Cluster:
         for sk in self.safekeepers:
             sk.kill9()
 
+    def unexpected_log_errors(self) -> list[str]:
+        """ERROR/WARNING lines in the pageserver's and the safekeepers' logs."""
+        found = self.env.unexpected_log_errors()
+        for sk in self.safekeepers:
+            for line in sk.log_path.read_text(errors="replace").splitlines():
+                if " ERROR " in line or " WARNING " in line or "Traceback" in line:
+                    found.append(f"{sk.log_path.name}: {line}")
+        return found
+
     # --- tenants -------------------------------------------------------------------------
     def create_tenant(self) -> tuple[TenantId, TimelineId]:
         """A tenant whose main timeline lives on the safekeepers and that the pageserver

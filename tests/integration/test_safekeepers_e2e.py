@@ -61,7 +61,7 @@ def cluster(test_dir: Path, loop: LoopThread) -> Iterator[Cluster]:
     finally:
         failpoint.disable_all()
         c.stop_all()
-    unexpected = c.env.unexpected_log_errors()
+    unexpected = c.unexpected_log_errors()
     assert not unexpected, "\n".join(unexpected[:20])
 
 
@@ -288,7 +288,7 @@ def test_backpressure_with_slow_ingest(test_dir: Path, loop: LoopThread,
         assert not bank.errors and sum(bank.progress) > 20, (bank.errors, bank.progress)
     finally:
         cluster.stop_all()
-    unexpected = cluster.env.unexpected_log_errors()
+    unexpected = cluster.unexpected_log_errors()
     assert not unexpected, "\n".join(unexpected[:20])
 
 
