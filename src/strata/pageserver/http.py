@@ -398,38 +398,49 @@ def _status_for(err: StrataError) -> int:
     return 400
 
 
+def _log_id(text: str | None) -> str | None:
+    """A path id for the log context: as given if it is an id, else marked invalid (so a
+    crafted path cannot put arbitrary text into log lines)."""
+    if text is None:
+        return None
+    return text if len(text) == 32 and all(c in "0123456789abcdef" for c in text) \
+        else "(invalid)"
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     ps = request.app[_KEY]
-    route = request.match_info.route.resource.canonical \
-        if request.match_info.route.resource is not None else "unmatched"
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
     status = 500
-    try:
-        with timeline_context(request.match_info.get("tenant_id", "-"),
-                              request.match_info.get("timeline_id")):
+    with timeline_context(_log_id(request.match_info.get("tenant_id")) or "-",
+                          _log_id(request.match_info.get("timeline_id"))):
+        try:
             response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as err:
-        status = err.status
-        if err.status >= 400:
-            # aiohttp's own answers (no such route, wrong method, body too large) in the
-            # API's JSON shape.
-            return web.json_response({"error": f"{request.method} {request.path}: "
-                                               f"{err.reason}", "kind": type(err).__name__},
-                                     status=err.status, headers=_allow(err))
-        raise
-    except StrataError as err:
-        status = _status_for(err)
-        log.info("%s %s -> %d: %s", request.method, request.path, status, err)
-        return web.json_response({"error": str(err), "kind": type(err).__name__},
-                                 status=status)
-    except Exception as err:  # noqa: BLE001 - the API answers, the log has the traceback
-        log.exception("%s %s failed", request.method, request.path)
-        return web.json_response({"error": f"internal error: {type(err).__name__}: {err}",
-                                  "kind": "InternalError"}, status=500)
-    finally:
-        ps.metrics.http_requests.labels(request.method, route, str(status)).inc()
+            status = response.status
+            return response
+        except web.HTTPException as err:
+            status = err.status
+            if err.status >= 400:
+                # aiohttp's own answers (no such route, wrong method, body too large) in
+                # the API's JSON shape.
+                return web.json_response({"error": f"{request.method} {request.raw_path}: "
+                                                   f"{err.reason}",
+                                          "kind": type(err).__name__},
+                                         status=err.status, headers=_allow(err))
+            raise
+        except StrataError as err:
+            status = _status_for(err)
+            log.info("%s %s -> %d: %s", request.method, request.raw_path, status, err)
+            return web.json_response({"error": str(err), "kind": type(err).__name__},
+                                     status=status)
+        except Exception as err:  # noqa: BLE001 - the API answers, the log has the traceback
+            log.exception("%s %s failed", request.method, request.raw_path)
+            return web.json_response({"error": f"internal error: {type(err).__name__}: "
+                                               f"{err}", "kind": "InternalError"},
+                                     status=500)
+        finally:
+            ps.metrics.http_requests.labels(request.method, route, str(status)).inc()
 
 
 def _allow(err: web.HTTPException) -> dict[str, str]:
