@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from pathlib import Path
+
+import zstandard
 
 from sim.walgen import SYSID, WalGenerator
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
+from strata.pg.walreader import WalStreamDecoder
 from strata.safekeeper.acceptor import (
     Acceptor,
     AcceptorState,
@@ -64,8 +68,10 @@ def config(**kwargs: object) -> ProposerConfig:
 class Cluster:
     """Acceptor cores with memory disks behind a perfect in-order network."""
 
-    def __init__(self, n: int = 3) -> None:
-        state = AcceptorState.new_timeline(TENANT, TIMELINE, SYSID, SEG, Lsn(START), Lsn(PREV))
+    def __init__(self, n: int = 3, start: int = START, prev: int = PREV,
+                 sysid: int = SYSID) -> None:
+        self.start = start
+        state = AcceptorState.new_timeline(TENANT, TIMELINE, sysid, SEG, Lsn(start), Lsn(prev))
         self.acceptors = {i: Acceptor(state) for i in range(1, n + 1)}
         self.wal = {i: bytearray() for i in self.acceptors}
         self.durable_commit = {i: Lsn(START) for i in self.acceptors}
@@ -104,16 +110,16 @@ class Cluster:
         for action in acc.handle(msg):
             match action:
                 case WriteWal(lsn, data):
-                    assert lsn.value == START + len(wal)
+                    assert lsn.value == self.start + len(wal)
                     wal += data
                 case TruncateWal(lsn):
-                    del wal[lsn.value - START:]
+                    del wal[lsn.value - self.start:]
                 case PersistControl(state):
                     self.durable_commit[node] = state.commit_lsn
                 case FlushWal():
                     pass
                 case SendWal(term, start, end):
-                    data = bytes(wal[start.value - START:end.value - START])
+                    data = bytes(wal[start.value - self.start:end.value - self.start])
                     self.queue.append((node, 0, ReadWalResponse(term, start, data)))
                 case _:
                     self.queue.append((node, 0, action))
@@ -340,3 +346,39 @@ def test_an_acceptor_that_holds_a_term_start_claims_that_term() -> None:
     done = sync_once(cluster, 4)
     assert done.end_lsn == Lsn(end)
     assert bytes(cluster.wal[1]) == committed and bytes(cluster.wal[3]) == committed
+
+
+def test_real_postgresql_wal_commits_at_its_record_ends() -> None:
+    """Real PostgreSQL 15 WAL (the walreader fixture: records across pages and segments, an
+    XLOG_SWITCH) streamed in odd pieces: every commit LSN is a record end the reader finds,
+    and the quorum ends with the WAL byte for byte."""
+    fixture = Path(__file__).parent / "data" / "walreader_1mb.zst"
+    raw = zstandard.ZstdDecompressor().decompress(fixture.read_bytes(), max_output_size=1 << 26)
+    head, _, data = raw.partition(b"\n")
+    first, seg_text, _count = head.decode().split()
+    assert int(seg_text) == SEG
+    base = int(first[16:], 16) * SEG
+    sysid = int.from_bytes(data[24:32], "little")  # the long page header's xlp_sysid
+    decoder = WalStreamDecoder(Lsn(base), SEG, zero_is_end=True, sysid=sysid)
+    decoder.feed(data)
+    records = list(decoder)
+    ends = {r.end_lsn for r in records}
+    start, prev = records[0].end_lsn, records[0].lsn
+    stream_end = records[-1].end_lsn
+    cluster = Cluster(start=start, prev=prev, sysid=sysid)
+    p = Proposer(config(system_id=sysid, max_append_bytes=5000), random.Random(7))
+    cluster.take(p.start(0.0))
+    cluster.run(p)
+    assert elected(cluster.events).start_lsn == Lsn(start)
+    rng = random.Random(8)
+    off = start - base
+    while off < stream_end - base:
+        size = rng.choice((1, 100, 3000, 9000, 40000))
+        cluster.take(p.append_wal(cluster.now, data[off:min(off + size, stream_end - base)]))
+        cluster.run(p)
+        off += size
+    commits = [e.commit_lsn.value for e in cluster.events if isinstance(e, CommitAdvanced)]
+    assert len(commits) > 50 and set(commits) <= ends, set(commits) - ends
+    assert commits[-1] == stream_end
+    for node in (1, 2, 3):
+        assert bytes(cluster.wal[node]) == data[start - base:stream_end - base]

@@ -31,6 +31,7 @@ from strata.common.lsn import Lsn, check_segment_size
 from strata.pg.constants import SIZE_OF_XLOG_LONG_PHD, SIZE_OF_XLOG_SHORT_PHD, XLOG_BLCKSZ
 from strata.pg.walreader import WalStreamDecoder
 from strata.safekeeper.messages import (
+    MAX_READ_BYTES,
     AcceptorGreeting,
     AppendRequest,
     AppendResponse,
@@ -49,7 +50,6 @@ from strata.safekeeper.record_bounds import RecordBoundaryTracker
 
 log = logging.getLogger(__name__)
 
-MAX_READ_BYTES = 1 << 20  # one ReadWalRequest
 # Record boundaries remembered (one per append) as restart scan points for the control file.
 _MAX_BOUNDS = 256
 

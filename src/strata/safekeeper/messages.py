@@ -21,6 +21,7 @@ from strata.common.lsn import Lsn
 
 MAX_TERM_HISTORY = 10_000  # entries; one per election that changed the log, so tiny in practice
 MAX_DATA_BYTES = 16 << 20  # one message's WAL payload
+MAX_READ_BYTES = 1 << 20  # one ReadWalRequest's range
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -26,10 +26,11 @@ import random
 from dataclasses import dataclass, field
 from enum import Enum
 
-from strata.common.errors import ProtocolError
+from strata.common.errors import ProtocolError, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.safekeeper.messages import (
+    MAX_READ_BYTES,
     AcceptorGreeting,
     AcceptorMessage,
     AppendRequest,
@@ -66,8 +67,17 @@ class ProposerConfig:
     release_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
-        assert self.proposer_id > 0, self.proposer_id
-        assert len(set(self.acceptors)) == len(self.acceptors) > 0, self.acceptors
+        if not 0 < self.proposer_id < 1 << 64:
+            raise UserError(f"proposer id {self.proposer_id} must be in 1..2^64-1 (0 means "
+                            "'no proposer' in an acceptor's vote)")
+        if not self.acceptors or len(set(self.acceptors)) != len(self.acceptors):
+            raise UserError(f"acceptors {self.acceptors} must be a non-empty list of "
+                            "distinct safekeeper node ids")
+        if min(self.max_append_bytes, self.max_inflight_bytes, self.max_read_bytes) <= 0 or \
+                self.max_read_bytes > MAX_READ_BYTES or self.retry_interval_s <= 0:
+            raise UserError(f"invalid proposer limits: append {self.max_append_bytes}, "
+                            f"in flight {self.max_inflight_bytes}, read {self.max_read_bytes} "
+                            f"(at most {MAX_READ_BYTES}), retry {self.retry_interval_s} s")
 
     @property
     def quorum(self) -> int:
