@@ -1,0 +1,209 @@
+"""Safekeeper WAL storage and restart: segment files, truncation, removal, the end of valid
+WAL after a crash, damage below the commit LSN, and a `Timeline` rebuilt from its files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from sim.walgen import SYSID, WalGenerator
+from strata.common.errors import CorruptionError, NotFound
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn, segment_file_name
+from strata.safekeeper.acceptor import AcceptorState
+from strata.safekeeper.messages import (
+    AppendRequest,
+    AppendResponse,
+    ProposerElected,
+    ProposerGreeting,
+    TermEntry,
+    VoteRequest,
+    decode,
+)
+from strata.safekeeper.timeline import Timeline
+from strata.safekeeper.wal_storage import WalStorage
+
+SEG = 1 << 20
+START = Lsn(3 * SEG + 40)
+PREV = Lsn(3 * SEG - 64)
+
+
+def generate(n: int, seed: int = 0, size: int = 0) -> tuple[bytes, list[int]]:
+    """`n` records of WAL from START and their end LSNs."""
+    gen = WalGenerator(START.value, PREV.value, SEG)
+    rng = random.Random(seed)
+    out = bytearray()
+    ends = []
+    for _ in range(n):
+        _, data = gen.record(rng.randbytes(size)) if size else gen.random_record(rng)
+        out += data
+        ends.append(gen.end_lsn)
+    return bytes(out), ends
+
+
+def segments(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if len(p.name) == 24)
+
+
+def test_write_read_reopen_across_segments(tmp_path: Path) -> None:
+    """WAL lands at its offsets in PostgreSQL-named 1 MB segments (the first has a hole
+    before the timeline start); reads return it and a reopen finds the same end."""
+    wal, _ = generate(300, size=9000)
+    storage = WalStorage(tmp_path, SEG, START)
+    assert (storage.wal_start_lsn, storage.end_lsn) == (START, START)
+    pos = START
+    for i in range(0, len(wal), 70_000):
+        storage.write(pos, wal[i:i + 70_000])
+        pos += len(wal[i:i + 70_000])
+    storage.flush()
+    end = START + len(wal)
+    assert storage.end_lsn == end
+    assert segments(tmp_path) == [segment_file_name(n, 1, SEG)
+                                  for n in range(START.segno(SEG), end.segno(SEG) + 1)]
+    first = (tmp_path / segment_file_name(3, 1, SEG)).read_bytes()
+    assert first[:40] == bytes(40) and first[40:200] == wal[:160]
+    assert storage.read(START + 12345, START + 2_000_000) == wal[12345:2_000_000]
+    storage.close()
+    again = WalStorage(tmp_path, SEG, START)
+    assert (again.wal_start_lsn, again.end_lsn) == (START, end)
+    assert again.read(START, end) == wal
+    assert again.find_valid_end(START, SYSID) == end
+
+
+def test_truncate_cuts_the_segment_and_removes_later_ones(tmp_path: Path) -> None:
+    wal, ends = generate(300, size=9000)
+    storage = WalStorage(tmp_path, SEG, START)
+    storage.write(START, wal)
+    cut = Lsn(ends[120])  # in the second segment
+    assert cut.segno(SEG) == 4
+    storage.truncate(cut)
+    assert storage.end_lsn == cut
+    assert segments(tmp_path) == [segment_file_name(n, 1, SEG) for n in (3, 4)]
+    assert (tmp_path / segment_file_name(4, 1, SEG)).stat().st_size == cut.segment_offset(SEG)
+    storage.write(cut, wal[cut - START:])  # writing goes on from the cut
+    storage.flush()
+    storage.close()
+    assert WalStorage(tmp_path, SEG, START).read(START, START + len(wal)) == wal
+
+
+@pytest.mark.parametrize("tail", ["zeros", "garbage", "partial-record", "half-page-header"])
+def test_valid_end_after_a_torn_write(tmp_path: Path, tail: str) -> None:
+    """Bytes after the last complete, CRC-valid record are not WAL: a zero-filled or
+    garbage tail, a record cut short, or a page header cut short."""
+    wal, ends = generate(200, seed=1)
+    last = Lsn(ends[150])
+    nxt = Lsn(ends[151])
+    extra = {"zeros": bytes(5000), "garbage": random.Random(5).randbytes(3000),
+             "partial-record": wal[last - START:nxt - START - 1],
+             "half-page-header": b""}[tail]
+    data = wal[:last - START] + extra
+    if tail == "half-page-header":
+        page_end = (last.value | 8191) + 1
+        data = wal[:page_end - START.value + 10]
+        last = Lsn(max(e for e in ends if e <= page_end))
+    storage = WalStorage(tmp_path, SEG, START)
+    storage.write(START, data)
+    assert storage.find_valid_end(START, SYSID) == last
+
+
+def test_invalid_wal_below_the_durable_commit_is_corruption(tmp_path: Path) -> None:
+    """A damaged record below the durable commit LSN is refused naming the segment file
+    and offset; the same damage above it is only the end of the WAL."""
+    wal, ends = generate(200, seed=2)
+    damaged = bytearray(wal)
+    at = ends[100] - START.value + 30  # inside record 101
+    damaged[at] ^= 0x10
+    storage = WalStorage(tmp_path, SEG, START)
+    storage.write(START, bytes(damaged))
+    assert storage.find_valid_end(Lsn(ends[99]), SYSID) == Lsn(ends[100])
+    with pytest.raises(CorruptionError, match="below the durable commit LSN") as info:
+        storage.find_valid_end(Lsn(ends[150]), SYSID)
+    assert segment_file_name(3, 1, SEG) in str(info.value)
+    assert f"offset {Lsn(ends[100]).segment_offset(SEG)}" in str(info.value)
+
+
+def test_remove_below_keeps_the_last_segment(tmp_path: Path) -> None:
+    """Segments ending at or below the horizon go, the last one never does; reads below
+    the new start are NotFound; a reopen starts at the first kept segment and checks the
+    WAL from a segment start, mid-record."""
+    wal, _ = generate(400, seed=3, size=9000)
+    storage = WalStorage(tmp_path, SEG, START)
+    storage.write(START, wal)
+    storage.flush()
+    end = storage.end_lsn
+    assert storage.remove_below(Lsn(5 * SEG + 10)) == 2
+    assert storage.wal_start_lsn == Lsn(5 * SEG)
+    assert segments(tmp_path)[0] == segment_file_name(5, 1, SEG)
+    with pytest.raises(NotFound, match="removed"):
+        storage.read(START, START + 10)
+    assert storage.remove_below(Lsn(100 * SEG)) == end.segno(SEG) - 5  # all but the last
+    assert segments(tmp_path) == [segment_file_name(end.segno(SEG), 1, SEG)]
+    storage.close()
+    again = WalStorage(tmp_path, SEG, START)
+    assert (again.wal_start_lsn, again.end_lsn) == (end.segment_start(SEG), end)
+    assert again.find_valid_end(end.segment_start(SEG), SYSID) == end
+
+
+def test_a_missing_segment_ends_the_files(tmp_path: Path) -> None:
+    """A segment file after a missing one is beyond a torn end: the files end at the gap."""
+    wal, _ = generate(400, seed=4, size=9000)
+    storage = WalStorage(tmp_path, SEG, START)
+    storage.write(START, wal)
+    storage.flush()
+    storage.close()
+    os.unlink(tmp_path / segment_file_name(5, 1, SEG))
+    assert WalStorage(tmp_path, SEG, START).end_lsn == Lsn(5 * SEG)
+
+
+# --- a timeline rebuilt from its files ------------------------------------------------------
+def elect_and_append(tl: Timeline, wal: bytes, pieces: int) -> AppendResponse:
+    s = tl.state
+    term = 1
+
+    async def run() -> AppendResponse:
+        await tl.handle(ProposerGreeting(s.tenant_id, s.timeline_id, SYSID, SEG, 77))
+        await tl.handle(VoteRequest(term, 77))
+        await tl.handle(ProposerElected(term, START, (TermEntry(term, START, PREV),)))
+        step = len(wal) // pieces + 1
+        replies: list[bytes] = []
+        for i in range(0, len(wal), step):
+            replies = await tl.handle(AppendRequest(term, START + i, START, wal[i:i + step]))
+        last = decode(replies[-1])
+        assert isinstance(last, AppendResponse)
+        return last
+
+    return asyncio.run(run())
+
+
+def test_timeline_restart_recovers_state_and_cuts_a_torn_tail(tmp_path: Path) -> None:
+    """After the acceptor appended WAL durably, a restart finds the same term, history and
+    WAL end; bytes a crash left after the last complete record are cut from the files."""
+    wal, ends = generate(120, seed=6)
+    directory = tmp_path / "tl"
+    state = AcceptorState.new_timeline(TenantId.generate(), TimelineId.generate(), SYSID, SEG,
+                                       START, PREV)
+    tl = Timeline.create(directory, state, wal_keep_bytes=0)
+    reply = elect_and_append(tl, wal, pieces=7)
+    assert reply.flush_lsn == START + len(wal)
+    assert reply.last_record_end == Lsn(ends[-1])
+    assert tl.counters.wal_fsyncs == 7 and tl.counters.control_writes == 2
+    tl.close()
+
+    again = Timeline.open(directory, wal_keep_bytes=0)
+    assert again.state == tl.state
+    assert again.acceptor.flush_lsn == START + len(wal)
+    assert again.acceptor.last_record_end == Lsn(ends[-1])
+    assert again.acceptor.last_record_lsn == tl.acceptor.last_record_lsn
+    again.close()
+
+    seg = directory / segment_file_name(3, 1, SEG)
+    with open(seg, "ab") as f:
+        f.write(wal[ends[50] - START.value:ends[51] - START.value - 3])  # a torn record
+    third = Timeline.open(directory, wal_keep_bytes=0)
+    assert third.acceptor.flush_lsn == START + len(wal)
+    assert seg.stat().st_size == (START + len(wal)).segment_offset(SEG)
+    third.close()
