@@ -35,9 +35,8 @@ from strata.safekeeper.proposer import CommitAdvanced, Proposer, ProposerConfig,
 from strata.safekeeper.record_bounds import RecordBoundaryTracker
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests" / "sim"))
+from quorum_sim import Simulation  # noqa: E402
 from walgen import SYSID, WalGenerator  # noqa: E402
-
-from sim import Simulation  # noqa: E402
 
 _MB = 1024 * 1024
 SEG = 16 * _MB

@@ -2,11 +2,11 @@
 (of a minority or of all, keeping only durable state) and competing proposers: after every
 step one leader per term, committed WAL never changes and stays durable on a majority,
 acceptors agree up to their commit LSNs, sync results are committed record ends with their
-real previous record; and once the faults stop, a sync proposer finishes (see sim.py)."""
+real previous record; and once the faults stop, a sync proposer finishes (see quorum_sim.py)."""
 
 from __future__ import annotations
 
-from sim import Simulation
+from quorum_sim import Simulation
 
 
 def test_quorum_under_faults(seed_range: tuple[int, int]) -> None:
