@@ -60,8 +60,10 @@ from strata.pg.pgclient import CopyBothStream, PgConnection
 from strata.safekeeper.messages import (
     AcceptorGreeting,
     AcceptorMessage,
+    AppendRequest,
     AppendResponse,
     ProposerGreeting,
+    ProposerMessage,
     ReadWalResponse,
     VoteResponse,
     decode,
@@ -130,6 +132,7 @@ class QuorumConfig:
     retry_interval_s: float = 0.25
     connect_timeout_s: float = 5.0
     backoff_max_s: float = 1.0
+    commit_only_delay_s: float = 0.05  # see QuorumDriver._send
     proposer_id: int = field(default_factory=lambda: secrets.randbits(62) + 1)
 
     def __post_init__(self) -> None:
@@ -268,6 +271,9 @@ class QuorumDriver:
         self._last_heard: dict[int, float] = {}
         self._started_s = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self._sync = sync
+        # Commit-only appends waiting to go out, per node (see _send).
+        self._commit_only: dict[int, asyncio.TimerHandle] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -336,7 +342,7 @@ class QuorumDriver:
         for action in actions:
             match action:
                 case Send(node=node, msg=msg):
-                    self.links[node].send(encode(msg))
+                    self._send(node, msg)
                 case Elected():
                     self.elected = action
                     log.info("elected in term %d: the log ends at %s (previous record %s)",
@@ -352,6 +358,29 @@ class QuorumDriver:
                 case SyncDone(end_lsn=end, prev_record_lsn=prev):
                     self.sync_result = SyncResult(end, prev)
                     self.done.set()
+
+    def _send(self, node: int, msg: ProposerMessage) -> None:
+        """Send now, except a commit-only append in normal mode: each one makes every
+        safekeeper persist its control file (several fsyncs) before it handles the next
+        append, which doubles commit latency under load. It waits `commit_only_delay_s` and
+        is dropped when an append with WAL goes to that node first, since that carries a
+        commit LSN at least as new (to the Proposer a dropped message is a lost one). The
+        safekeepers' in-memory commit LSN, which their walsenders serve up to, still moves
+        with every append; sync mode sends at once, as it needs the commit durable."""
+        link = self.links[node]
+        pending = self._commit_only.pop(node, None)
+        if pending is not None:
+            pending.cancel()
+        if self._sync or not isinstance(msg, AppendRequest) or msg.data:
+            link.send(encode(msg))
+            return
+        payload = encode(msg)
+
+        def later() -> None:
+            self._commit_only.pop(node, None)
+            link.send(payload)
+        self._commit_only[node] = asyncio.get_running_loop().call_later(
+            self.config.commit_only_delay_s, later)
 
     def _fence(self, reason: str) -> None:
         if self.fenced is None:
