@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from strata.common.errors import CorruptionError, NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
@@ -429,6 +430,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                                           "kind": type(err).__name__},
                                          status=err.status, headers=_allow(err))
             raise
+        except ConnectionResetError:
+            # The body ended before its Content-Length (the client closed or half-closed
+            # the connection): its fault; answer in case it still reads.
+            status = 400
+            log.info("%s %s: the connection ended inside the request body", request.method,
+                     request.raw_path)
+            return web.json_response({"error": "the request body ended before its "
+                                               "Content-Length", "kind": "BadRequest"},
+                                     status=status)
         except StrataError as err:
             status = _status_for(err)
             log.info("%s %s -> %d: %s", request.method, request.raw_path, status, err)
@@ -481,8 +491,31 @@ def make_app(pageserver: Pageserver) -> web.Application:
     return app
 
 
+class _BadRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (bad request line, header or chunk) at ERROR
+    with a traceback, after answering it 400. Such input is the client's fault: keep one
+    INFO line saying what was wrong, so fuzzers and port scanners do not fill the log
+    with tracebacks that look like our bugs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and (exc.code or 400) < 500:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = f"{record.getMessage()}: refused malformed HTTP ({exc.code}): " \
+                f"{str(exc.message).splitlines()[0] if exc.message else type(exc).__name__}"
+            record.args = ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_bad_request_filter = _BadRequestFilter()
+
+
 async def start_http(pageserver: Pageserver, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Serve the API on host:port (0: a free port); returns the runner and the bound port."""
+    server_log = logging.getLogger("aiohttp.server")
+    if _bad_request_filter not in server_log.filters:
+        server_log.addFilter(_bad_request_filter)
     runner = web.AppRunner(make_app(pageserver), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
