@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sim.walgen import SYSID, WalGenerator
 from strata.common.ids import TenantId, TimelineId
@@ -224,6 +225,14 @@ def test_quorum_commit_and_restart_recovery(sks: Callable[..., list[Sk]]) -> Non
             assert before["term"] == term
             assert before["last_record_end"] == str(Lsn(gen.end_lsn))
             assert [p["kind"] for p in before["peers"]] == ["proposer"]
+            with urllib.request.urlopen(f"http://127.0.0.1:{nodes[1].http_port}/metrics") as r:
+                metrics = r.read().decode()
+            samples = {(s.name, s.labels.get("timeline_id")): s.value
+                       for family in text_string_to_metric_families(metrics)
+                       for s in family.samples}
+            assert samples[("safekeeper_timeline_commit_lsn", str(timeline))] == gen.end_lsn
+            assert samples[("safekeeper_timeline_term", str(timeline))] == term
+            assert samples[("safekeeper_timeline_wal_fsyncs_total", str(timeline))] > 0
             assert await asyncio.to_thread(nodes[1].stop) == 0
             await asyncio.to_thread(nodes[2].kill9)
             for sk in nodes[1:]:

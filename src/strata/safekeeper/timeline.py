@@ -45,7 +45,7 @@ from strata.safekeeper.acceptor import (
     TruncateWal,
     WriteWal,
 )
-from strata.safekeeper.messages import ProposerMessage, ReadWalResponse, encode
+from strata.safekeeper.messages import ProposerGreeting, ProposerMessage, ReadWalResponse, encode
 from strata.safekeeper.wal_storage import WalStorage
 from strata.storage.metadata import fsync_dir
 
@@ -124,6 +124,7 @@ class Timeline:
         control_file.store(temp, state)
         os.replace(temp, directory)
         fsync_dir(directory.parent)
+        fsync_dir(directory.parent.parent)  # the tenant directory may be new too
         log.info("created timeline %s/%s at %s (previous record %s, system %d)",
                  state.tenant_id, state.timeline_id, state.timeline_start_lsn,
                  state.timeline_start_prev_lsn, state.system_id)
@@ -186,6 +187,8 @@ class Timeline:
             try:
                 actions = self.acceptor.handle(msg)
             except ProtocolError:
+                if isinstance(msg, ProposerGreeting):
+                    raise  # a greeting is only checked, never applied
                 # The message may be half applied in memory, never on disk: start over.
                 try:
                     self.acceptor = await self._in_thread(self._recover)
