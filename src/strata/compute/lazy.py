@@ -1,0 +1,276 @@
+"""Start and stop a lazy compute: PostgreSQL 15 on a FUSE file system that fetches pages.
+
+Architecture D6 (lazy mode). `start_lazy_compute` does, for one compute directory ROOT:
+
+1. takes an LSN lease on the start LSN X (D5) before anything else, so GC cannot
+   remove a page this compute may still fetch; the FUSE process renews it for its life;
+2. fetches a lazy basebackup at X (no relation files, a list of them with sizes) and
+   unpacks it into ROOT/pgdata;
+3. moves `base/` and `global/` into ROOT/lazy/tree (the local store) and replaces them
+   with symlinks into the mount point ROOT/mnt;
+4. starts the FUSE server (`python -m strata.compute.lazyfs mount`), waits for the
+   mount, and starts its watchdog (`... watch`), which stops PostgreSQL at once if the
+   FUSE server dies and stops the FUSE server when PostgreSQL exits;
+5. starts PostgreSQL (`restart_after_crash = off` comes with every compute).
+
+After a crash of either process the endpoint is restarted from a fresh basebackup in a
+new directory; nothing local is reused. `LazyCompute.stop()` stops PostgreSQL, then the
+FUSE server, and detaches the mount even when a process had died.
+
+`fuse_unusable_reason()` says why lazy mode cannot run on this host (None when it can);
+the control plane falls back to full mode with that reason as its warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from strata.common.errors import Unavailable, UserError
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
+from strata.compute.compute import Compute, ComputeConfig
+from strata.compute.lazyfs.__main__ import FUSERMOUNT, TREE, detach
+from strata.compute.lazyfs.manifest import MANIFEST_NAME
+from strata.compute.pgserver import PgServer
+from strata.pageserver.client import fetch_basebackup
+from strata.pageserver.page_client import PageClientSync
+
+log = logging.getLogger(__name__)
+
+LAZY_DIRS = ("base", "global")
+
+
+@dataclass(frozen=True, slots=True)
+class LazyOptions:
+    """How the FUSE side of a lazy compute runs."""
+
+    lease_s: float = 600.0
+    """Length of the LSN lease; the FUSE process renews it every third of that."""
+    readahead_blocks: int = 128
+    """Largest readahead window for sequential reads (blocks of 8 KB)."""
+    mount_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.lease_s < 3:
+            raise UserError(f"lazy compute lease_s = {self.lease_s}: must be >= 3 seconds")
+        if not 1 <= self.readahead_blocks <= 256:
+            raise UserError(f"lazy compute readahead_blocks = {self.readahead_blocks}: "
+                            "must be 1..256 (one GetPages batch)")
+
+
+def fuse_unusable_reason() -> str | None:
+    """Why lazy mode cannot run here, or None when FUSE is usable."""
+    try:
+        if not stat.S_ISCHR(os.stat("/dev/fuse").st_mode):
+            return "/dev/fuse is not a character device"
+    except OSError as err:
+        return f"/dev/fuse is not available ({err.strerror}); install fuse3 or use full mode"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "/dev/fuse is not readable and writable by this user"
+    if shutil.which(FUSERMOUNT) is None:
+        return f"{FUSERMOUNT} is not installed (Debian package fuse3)"
+    try:
+        import mfusepy  # noqa: F401  # loads libfuse
+    except (ImportError, OSError) as err:
+        return f"the FUSE binding cannot load libfuse3 ({err}); install libfuse3-3"
+    if os.getuid() != 0:
+        try:
+            conf = Path("/etc/fuse.conf").read_text()
+        except OSError:
+            conf = ""
+        if not any(line.strip() == "user_allow_other" for line in conf.splitlines()):
+            return ("not root and /etc/fuse.conf has no user_allow_other, so PostgreSQL's "
+                    "user could not reach the mount")
+    return None
+
+
+class LazyCompute:
+    """A started lazy compute: PostgreSQL, its FUSE server and the watchdog."""
+
+    def __init__(self, root: Path, compute: Compute, fuse_proc: subprocess.Popen[bytes],
+                 watch_proc: subprocess.Popen[bytes] | None, lsn: Lsn) -> None:
+        self.root = root
+        self.compute = compute
+        self.fuse_proc = fuse_proc
+        self.watch_proc = watch_proc
+        self.lsn = lsn
+
+    @property
+    def server(self) -> PgServer:
+        return self.compute.server
+
+    @property
+    def port(self) -> int:
+        return self.compute.port
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.root / "mnt"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "lazy"
+
+    @property
+    def fuse_pid(self) -> int:
+        return self.fuse_proc.pid
+
+    @property
+    def fuse_log(self) -> Path:
+        return self.root / "lazyfs.log"
+
+    def fuse_running(self) -> bool:
+        return self.fuse_proc.poll() is None
+
+    def is_running(self) -> bool:
+        return self.compute.is_running() and self.fuse_running()
+
+    def sql(self, query: str, *params: Any, dbname: str = "postgres") -> list[tuple[Any, ...]]:
+        return self.compute.sql(query, *params, dbname=dbname)
+
+    def kill_fuse(self) -> None:
+        """SIGKILL the FUSE server (a crash); the watchdog then stops PostgreSQL."""
+        if self.fuse_proc.poll() is None:
+            self.fuse_proc.kill()
+        self.fuse_proc.wait(10)
+
+    def wait_down(self, timeout_s: float = 30) -> None:
+        """Wait until PostgreSQL, the FUSE server and the watchdog are all gone."""
+        deadline = time.monotonic() + timeout_s
+        procs = [p for p in (self.fuse_proc, self.watch_proc) if p is not None]
+        while True:
+            pg_proc = self.compute.server._proc  # noqa: SLF001 - the postmaster Popen
+            alive = [p for p in procs if p.poll() is None]
+            if pg_proc is not None and pg_proc.poll() is None:
+                alive.append(pg_proc)
+            if not alive:
+                return
+            if time.monotonic() > deadline:
+                raise Unavailable(f"lazy compute in {self.root}: processes "
+                                  f"{[p.pid for p in alive]} still running after "
+                                  f"{timeout_s}s")
+            time.sleep(0.05)
+
+    def stop(self, mode: str = "fast", *, timeout_s: float = 60) -> None:
+        """Stop PostgreSQL, then the FUSE server; unmount. Safe after either crashed."""
+        try:
+            self.compute.stop(mode, timeout_s=timeout_s)
+        finally:
+            _terminate(self.fuse_proc, 30)
+            detach(str(self.mountpoint))
+            if self.watch_proc is not None:
+                _terminate(self.watch_proc, 10)
+        log.info("lazy compute in %s stopped", self.root)
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop in %ss after SIGTERM; killing it", proc.pid,
+                        timeout_s)
+            proc.kill()
+            proc.wait(10)
+
+
+def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def start_lazy_compute(host: str, pg_port: int, tenant_id: TenantId, timeline_id: TimelineId,
+                       lsn: Lsn, root: Path, config: ComputeConfig | None = None, *,
+                       port: int | None = None, log_path: Path | None = None,
+                       options: LazyOptions | None = None) -> LazyCompute:
+    """Start a lazy compute at `lsn` of a timeline in the (absent or empty) directory `root`.
+
+    `host`/`pg_port` is the pageserver's PostgreSQL-protocol port. For a primary the caller
+    has run compute_start (which gives `lsn`) and attaches the WAL receiver afterwards,
+    exactly as for a full-mode compute; `config.read_only` starts a hot standby.
+    """
+    options = options or LazyOptions()
+    reason = fuse_unusable_reason()
+    if reason is not None:
+        raise UserError(f"lazy mode is not usable on this host: {reason}; start the "
+                        "endpoint in full mode")
+    started = time.monotonic()
+    # The lease comes first: GC must not pass `lsn` while the basebackup is fetched.
+    with PageClientSync(host, pg_port, tenant_id, timeline_id) as client:
+        client.lease(lsn, options.lease_s)
+    tar = io.BytesIO()
+    asyncio.run(fetch_basebackup(host, pg_port, tenant_id, timeline_id, tar, lsn,
+                                 read_only=config.read_only if config else False, mode="lazy"))
+    tar.seek(0)
+    root.mkdir(parents=True, exist_ok=True)
+    compute = Compute.from_basebackup(tar, root / "pgdata", config, port=port,
+                                      log_path=log_path or root / "postgres.log")
+    datadir = compute.datadir
+    user = compute.server.user
+    store, mnt = root / "lazy", root / "mnt"
+    tree = store / TREE
+    tree.mkdir(parents=True)
+    os.chmod(tree, 0o700)
+    os.chown(tree, user.uid, user.gid)
+    mnt.mkdir(mode=0o755)
+    manifest = datadir / MANIFEST_NAME
+    if not manifest.is_file():
+        raise UserError(f"the pageserver at {host}:{pg_port} sent a basebackup without "
+                        f"{MANIFEST_NAME}: it does not support lazy mode; use full mode")
+    os.rename(manifest, store / MANIFEST_NAME)
+    for name in LAZY_DIRS:
+        os.rename(datadir / name, tree / name)
+        os.symlink(mnt / name, datadir / name)
+        os.lchown(datadir / name, user.uid, user.gid)
+
+    fuse_log = root / "lazyfs.log"
+    fuse_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", "mount",
+                        "--store", str(store), "--mountpoint", str(mnt),
+                        "--pageserver", f"{host}:{pg_port}", "--tenant", str(tenant_id),
+                        "--timeline", str(timeline_id), "--lsn", str(lsn),
+                        "--lease-s", str(options.lease_s),
+                        "--readahead", str(options.readahead_blocks)], fuse_log)
+    watch_proc: subprocess.Popen[bytes] | None = None
+    lazy = LazyCompute(root, compute, fuse_proc, None, lsn)
+    try:
+        deadline = time.monotonic() + options.mount_timeout_s
+        while not os.path.ismount(mnt):
+            if fuse_proc.poll() is not None:
+                raise Unavailable(f"the lazy file system for {root} exited with "
+                                  f"{fuse_proc.returncode} before mounting:\n{_tail(fuse_log)}")
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the lazy file system for {root} did not mount within "
+                                  f"{options.mount_timeout_s}s:\n{_tail(fuse_log)}")
+            time.sleep(0.02)
+        watch_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", "watch",
+                             "--fuse-pid", str(fuse_proc.pid), "--datadir", str(datadir),
+                             "--mountpoint", str(mnt)], root / "lazyfs-watch.log")
+        lazy.watch_proc = watch_proc
+        compute.start()
+    except BaseException:
+        lazy.stop("immediate", timeout_s=20)
+        raise
+    log.info("lazy compute started in %s at %s in %.2fs", root, lsn,
+             time.monotonic() - started)
+    return lazy

@@ -1,0 +1,10 @@
+"""The lazy-mode storage layer of a compute (architecture D6): a FUSE file system.
+
+It serves `base/` and `global/` of a compute's data directory. Every file lives in a
+local, disk-backed store (`store.py`); a relation segment file that existed at the
+compute's start LSN X also has blocks that are not local yet, which are fetched from the
+pageserver with GetPage@X (`fetcher.py`, batched, with readahead) the first time they are
+read. Which blocks are local is decided by `blockstate.py` (no I/O); `manifest.py` turns
+the basebackup's relation list into segment files; `fs.py` is the file system and
+`__main__.py` the process (`python -m strata.compute.lazyfs mount|watch ...`).
+"""
