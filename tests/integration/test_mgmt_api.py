@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_env import Env, PageserverProcess
+from fixtures_env import Env, PageserverProcess, wait_until
 
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
@@ -312,6 +312,7 @@ def test_served_document_is_the_file(world: World) -> None:
 
 def test_metrics_cover_ingest_pages_and_maintenance(world: World) -> None:
     c = world.env.client
+    c.status()
     c.checkpoint(world.tenant, world.main)
     c.compact(world.tenant, world.main)
     c.gc(world.tenant)
@@ -354,3 +355,35 @@ def test_delete_timeline_refused_while_children_exist(world: World) -> None:
     c.delete_timeline(world.tenant, parent)
     ids = {t.timeline_id for t in c.list_timelines(world.tenant)}
     assert parent not in ids and child not in ids
+
+
+def test_background_compaction_and_gc_follow_the_tenant_schedule(world: World) -> None:
+    """With 1 s periods in the tenant config, compaction, GC and ticks run by themselves
+    (counted with trigger="schedule"); the default hour-long periods are restored after."""
+    c = world.env.client
+    before = c.tenant_config(world.tenant)
+
+    def runs(text: str, name: str) -> float:
+        found = re.search(rf'^strata_pageserver_{name}_runs_total\{{outcome="ok",'
+                          rf'trigger="schedule"\}} (\S+)$', text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    start = c.metrics_text()
+    c.set_tenant_config(world.tenant, {"compaction_period_s": 1.0, "gc_period_s": 1.0})
+    try:
+        def ran() -> bool:
+            text = c.metrics_text()
+            return (runs(text, "compaction") >= runs(start, "compaction") + 2
+                    and runs(text, "gc") >= runs(start, "gc") + 2)
+
+        wait_until(ran, 30, "two scheduled compaction and GC runs")
+        assert re.search(r'^strata_pageserver_timeline_ticks_total\{outcome="ok"\} [1-9]',
+                         c.metrics_text(), re.M)
+    finally:
+        c.set_tenant_config(world.tenant, {k: before[k] for k in ("compaction_period_s",
+                                                                  "gc_period_s")})
+    assert c.tenant_config(world.tenant) == before
+    # The config is persisted: it is what a restarted pageserver loads.
+    text = (world.env.pageserver.workdir / "tenants" / str(world.tenant) /
+            "tenant.toml").read_text()
+    assert f"gc_period_s = {before['gc_period_s']}" in text
