@@ -8,6 +8,8 @@ the command line they are dotted: `-c default_tenant_conf.checkpoint_distance=10
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -18,6 +20,7 @@ from strata.common.errors import UserError
 from strata.storage.tenant import TenantConfig
 
 CONFIG_FILE = "pageserver.toml"
+MAX_CONFIG_VALUE = 2**48  # bytes or seconds: far beyond any sensible setting
 
 
 def parse_addr(key: str, text: str) -> tuple[str, int]:
@@ -106,8 +109,8 @@ class PageserverConfig:
                     raise UserError("pageserver config default_tenant_conf must be a table, "
                                     f"got {value!r}")
                 try:
-                    kwargs[name] = TenantConfig.from_dict(dict(value))
-                except (UserError, TypeError) as err:
+                    kwargs[name] = tenant_config_from_json(TenantConfig(), dict(value))
+                except UserError as err:
                     raise UserError(f"pageserver config default_tenant_conf: {err}") from err
                 continue
             expected = {"str": str, "float": float, "int": int}[str(known[name].type)]
@@ -132,6 +135,33 @@ class PageserverConfig:
         for item in overrides:
             _apply_override(data, item)
         return cls.from_dict(workdir, data)
+
+
+def tenant_config_from_json(base: TenantConfig, data: dict[str, Any]) -> TenantConfig:
+    """`base` with the keys of `data` replaced; unknown keys and non-numbers are refused
+    here (TenantConfig's own checks compare before they check types)."""
+    types = {f.name: f.type for f in dataclasses.fields(TenantConfig)}
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise UserError(f"unknown tenant config keys {[_short(k) for k in unknown]}; known: "
+                        f"{sorted(types)}")
+    merged = base.to_dict()
+    for key, value in data.items():
+        integral = types[key] in ("int", int)
+        what = "an integer" if integral else "a number"
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+            raise UserError(f"tenant config {key} must be {what}, got {_short(value)}")
+        # Bounded so that time and LSN arithmetic on it stays finite (no 1e308 seconds).
+        if not (math.isfinite(value) and abs(value) <= MAX_CONFIG_VALUE):
+            raise UserError(f"tenant config {key} must be at most {MAX_CONFIG_VALUE}, got "
+                            f"{_short(value)}")
+        merged[key] = value
+    return TenantConfig.from_dict(merged)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:

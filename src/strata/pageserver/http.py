@@ -26,10 +26,8 @@ traceback and answered 500 with only its type and message.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -43,12 +41,13 @@ from strata.common.errors import CorruptionError, NotFound, StrataError, Unavail
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import timeline_context
 from strata.common.lsn import Lsn
+from strata.pageserver.config import tenant_config_from_json
 from strata.pageserver.metrics import CONTENT_TYPE
 from strata.pageserver.server import Conflict, Pageserver
 from strata.pageserver.sk_receiver import SafekeeperEndpoint
 from strata.pageserver.timeline_wal import ReceiverTarget
 from strata.storage.leases import Lease
-from strata.storage.tenant import Tenant, TenantConfig
+from strata.storage.tenant import Tenant
 from strata.storage.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _KEY = web.AppKey("pageserver", Pageserver)
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 MAX_PORT = 65535
-MAX_CONFIG_VALUE = 2**48  # bytes or seconds: far beyond any sensible setting
 
 
 def timeline_info(timeline: Timeline) -> dict[str, Any]:
@@ -123,7 +121,7 @@ def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = True
             raise UserError(f"request body lacks {name!r}")
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        if abs(value) > MAX_CONFIG_VALUE:
+        if abs(value) > 2**53:
             raise UserError(f"{name!r} is out of range: {_short(value)}")
         return float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
@@ -154,28 +152,6 @@ def parse_timestamp_us(text: str) -> int:
         raise UserError(f"invalid timestamp {_short(text)}: expected ISO 8601 such as "
                         "2026-01-02T03:04:05.123456+00:00") from err
     return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def tenant_config_from_json(base: TenantConfig, data: dict[str, Any]) -> TenantConfig:
-    """`base` with the keys of `data` replaced; unknown keys and non-numbers are refused
-    here (TenantConfig's own checks compare before they check types)."""
-    types = {f.name: f.type for f in dataclasses.fields(TenantConfig)}
-    unknown = sorted(set(data) - set(types))
-    if unknown:
-        raise UserError(f"unknown tenant config keys {[_short(k) for k in unknown]}; known: "
-                        f"{sorted(types)}")
-    merged = base.to_dict()
-    for key, value in data.items():
-        integral = types[key] in ("int", int)
-        what = "an integer" if integral else "a number"
-        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
-            raise UserError(f"tenant config {key} must be {what}, got {_short(value)}")
-        # Bounded so that time and LSN arithmetic on it stays finite (no 1e308 seconds).
-        if not (math.isfinite(value) and abs(value) <= MAX_CONFIG_VALUE):
-            raise UserError(f"tenant config {key} must be at most {MAX_CONFIG_VALUE}, got "
-                            f"{_short(value)}")
-        merged[key] = value
-    return TenantConfig.from_dict(merged)
 
 
 def _ids(request: web.Request) -> tuple[TenantId, TimelineId]:
