@@ -219,8 +219,8 @@ def test_quorum_commit_and_restart_recovery(sks: Callable[..., list[Sk]]) -> Non
             await append(driver, gen, rng, 300, 9000)  # 2.7 MB: spans 1 MB segments
             await wait_commit(driver, gen.end_lsn)
             term = driver.proposer.term
-            await wait_for(lambda: all(sk.status(tenant, timeline)["flush_lsn"]
-                                       == str(Lsn(gen.end_lsn)) for sk in nodes), "flush")
+            await wait_for(lambda: all(sk.status(tenant, timeline)["commit_lsn"]
+                                       == str(Lsn(gen.end_lsn)) for sk in nodes), "commit")
             before = nodes[1].status(tenant, timeline)
             assert before["term"] == term
             assert before["last_record_end"] == str(Lsn(gen.end_lsn))

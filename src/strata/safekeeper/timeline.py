@@ -8,9 +8,10 @@ of one message run in a task that a cancelled connection cannot interrupt halfwa
 in-memory acceptor would otherwise be ahead of the disk). One `asyncio.Lock` orders
 messages from all connections and the WAL reads of walsenders.
 
-Restart (`Timeline.open`): load the control file, check all the WAL held (records decoded
-with CRCs) to find where the valid WAL ends, cut a torn tail, and feed the WAL from the scan
-point to the new `Acceptor`. A damaged control file, or damaged WAL below the durable commit LSN,
+Restart (`Timeline.open`): load the control file, check that all the WAL held is valid
+(records decoded with CRCs) up to the durable commit LSN, give the WAL from the scan point
+to a new `Acceptor` (`recover_wal`, which finds where the valid WAL ends) and cut the files
+there. A damaged control file, or damaged WAL below the durable commit LSN,
 raises `CorruptionError`: the server then refuses this timeline and serves the others.
 
 Also here: the walsender's view (the commit LSN, waiting for it to move) and the
@@ -52,7 +53,6 @@ from strata.storage.metadata import fsync_dir
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_RECOVER_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -144,17 +144,20 @@ class Timeline:
     def _recover(self) -> Acceptor:
         """A fresh acceptor from the durable state and the valid WAL after its scan point."""
         state = self.state
-        valid_end = self.wal.find_valid_end(state.commit_lsn, state.system_id)
-        if valid_end < self.wal.end_lsn:
-            log.info("cutting %d bytes of torn WAL after %s (the files ended at %s)",
-                     self.wal.end_lsn - valid_end, valid_end, self.wal.end_lsn)
-            self.wal.truncate(valid_end)
+        # All the WAL held must be valid up to the durable commit LSN (CorruptionError if not).
+        self.wal.find_valid_end(state.commit_lsn, state.system_id)
         acceptor = Acceptor(state)
-        pos = state.scan_lsn
-        while pos < valid_end:
-            end = min(valid_end, pos + _RECOVER_CHUNK_BYTES)
-            acceptor.recover_wal(self.wal.read(pos, end))
-            pos = end
+        end = acceptor.recover_wal(self.wal.read(state.scan_lsn, self.wal.end_lsn))
+        if end < state.commit_lsn:
+            # Only a record's zero padding can cut it there: garbage in committed WAL.
+            raise CorruptionError(f"WAL ends at {end}, below the durable commit LSN "
+                                  f"{state.commit_lsn} (a record's padding is damaged); this "
+                                  "safekeeper must not serve the timeline (restore it from a "
+                                  "peer)", path=str(self.directory))
+        if end < self.wal.end_lsn:
+            log.info("cutting %d bytes of torn WAL after %s (the files ended at %s)",
+                     self.wal.end_lsn - end, end, self.wal.end_lsn)
+            self.wal.truncate(end)
         acceptor.check_invariants()
         log.info("timeline %s: term %d, WAL %s..%s, last record end %s, commit %s",
                  state.timeline_id, state.term, self.wal.wal_start_lsn, acceptor.flush_lsn,
