@@ -7,6 +7,8 @@ pglz, lz4 or zstd (`bimg_info` flags); the hole is filled with zeros.
 
 from __future__ import annotations
 
+import threading
+
 import lz4.block
 import zstandard
 
@@ -19,7 +21,16 @@ from strata.pg.constants import (
     BLCKSZ,
 )
 
-_zstd = zstandard.ZstdDecompressor()
+_tls = threading.local()
+
+
+def _zstd() -> zstandard.ZstdDecompressor:
+    # A ZstdDecompressor must not be used by two threads at once: shared, concurrent
+    # calls (basebackup, page service batches, compaction threads) return wrong bytes.
+    d: zstandard.ZstdDecompressor | None = getattr(_tls, "zstd", None)
+    if d is None:
+        d = _tls.zstd = zstandard.ZstdDecompressor()
+    return d
 
 
 def pglz_decompress(src: bytes, raw_size: int) -> bytes:
@@ -70,7 +81,7 @@ def decompress_image(bimg_info: int, data: bytes, raw_size: int) -> bytes:
         if method == 0:
             out = data
         elif method == BKPIMAGE_COMPRESS_ZSTD:
-            out = _zstd.decompress(data, max_output_size=raw_size)
+            out = _zstd().decompress(data, max_output_size=raw_size)
         elif method == BKPIMAGE_COMPRESS_LZ4:
             out = lz4.block.decompress(data, uncompressed_size=raw_size)
         elif method == BKPIMAGE_COMPRESS_PGLZ:
