@@ -12,6 +12,7 @@ import re
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,9 +132,9 @@ class BlockCounts:
     records by record end LSN, read from a compute's pg_wal with our WAL reader."""
 
     def __init__(self, pg_wal: Path, start: int, end: int) -> None:
-        self.ends: list[int] = []
-        self.blocks: list[int] = []
-        self.records: list[int] = []
+        self.ends = array("q")
+        self.blocks = array("q")
+        self.records = array("q")
         blocks = records = 0
         for record in read_wal_files(pg_wal, start=Lsn(start), end=Lsn(end)):
             blocks += len(record.blocks)
