@@ -10,12 +10,12 @@ the FUSE server and of PostgreSQL (no committed row lost), and a full local disk
 from __future__ import annotations
 
 import os
+import re
 import subprocess
-import sys
-import time
+import threading
 from collections.abc import Iterator
-from pathlib import Path
 
+import psycopg
 import pytest
 from fixtures_env import APP_NAME, COMPUTE_SETTINGS, SLOT, Env, wait_until
 from test_e2e_compute import (
@@ -112,3 +112,171 @@ def test_workload_on_lazy_computes_and_golden(env: Env, lazy: Lazy) -> None:
         if path.is_file():
             (c2.compute.datadir / path.relative_to(c2.store / "tree")).read_bytes()
     check_golden(env, tenant, timeline, c2.server)
+
+
+def test_truncate_regrowth_and_branches_lazy(env: Env, lazy: Lazy) -> None:
+    """TRUNCATE, VACUUM truncation and regrowth on a lazy compute leave no resurrected
+    rows on the next lazy compute (which truncates and regrows again itself); a lazy
+    branch at a past LSN and a lazy read-only compute there see that moment's data."""
+    tenant, main = env.client.create_tenant()
+    c1 = lazy.start(tenant, main)
+    c1.sql("create table v (id int primary key, pad text)")
+    c1.sql("insert into v select g, repeat('y', 300) from generate_series(1, 10000) g")
+    lsn1 = wait_ingested(env, tenant, main, c1.server)
+    dump1 = pg_dump(c1.server)
+    with c1.compute.connect(autocommit=False) as conn:
+        conn.execute("create table r (id int, pad text)")
+        conn.execute("insert into r select g, repeat('x', 200) from generate_series(1, 20000) g")
+        conn.execute("truncate r")
+        conn.commit()
+    c1.sql("insert into r select g, 'sparse' from generate_series(1, 20000, 997) g")
+    c1.sql("delete from v where id > 2000")
+    c1.sql("vacuum v")  # truncates the heap's empty tail
+    c1.sql("insert into v select g, 'regrown' from generate_series(2001, 2500) g")
+    expected = c1.sql("select (select count(*) from v), (select sum(id) from v), "
+                      "(select count(*) from r)")
+    c1.stop("fast")
+
+    c2 = lazy.start(tenant, main)
+    assert c2.sql("select (select count(*) from v), (select sum(id) from v), "
+                  "(select count(*) from r)") == expected
+    # Truncate on the lazy compute itself (a block past a local cut is never fetched).
+    c2.sql("delete from v where id > 1000")
+    c2.sql("vacuum v")
+    nblocks = c2.sql("select pg_relation_size('v') / 8192")[0][0]
+    c2.sql("insert into v select g, 'again' from generate_series(1001, 1100) g")
+    assert c2.sql("select count(*), count(*) filter (where pad = 'regrown') from v") == \
+        [(1100, 0)]
+    assert c2.sql("select pg_relation_size('v') / 8192")[0][0] >= nblocks
+    with c2.compute.connect() as conn:
+        conn.execute("set enable_seqscan = off; set enable_bitmapscan = off")
+        ios = conn.execute("select count(*), sum(id) from v where id > 0").fetchall()
+    assert ios == c2.sql("select count(*), sum(id) from v")
+    after2 = pg_dump(c2.server)
+    c2.stop("fast")
+    c3 = lazy.start(tenant, main)
+    assert_same_dump(after2, pg_dump(c3.server))
+
+    branch = env.client.branch(tenant, main, lsn=lsn1)
+    cb = lazy.start(tenant, branch.timeline_id)
+    assert_same_dump(dump1, pg_dump(cb.server))
+    cb.sql("insert into v values (-1, 'branch only')")
+    assert c3.sql("select count(*) from v where id < 0") == [(0,)]
+    ro = lazy.start(tenant, main, lsn1, read_only=True)
+    assert pg_dump(ro.server) == dump1
+
+
+def test_smallest_shared_buffers_and_aggressive_gc(env: Env, lazy: Lazy) -> None:
+    """With shared_buffers at PostgreSQL's minimum (16 buffers), pages are evicted and read
+    back through the file system all the time; meanwhile the pageserver checkpoints,
+    compacts and collects garbage as aggressively as it can. The compute's lease keeps
+    the GC cutoff at its start LSN, so every page it had not touched is still served:
+    pgbench balances hold and the data equals a full-mode compute's afterwards."""
+    config = {"gc_horizon": 0, "pitr_interval_s": 0, "image_creation_threshold": 1,
+              "checkpoint_distance": 1 << 20, "gc_period_s": 1, "compaction_period_s": 1}
+    tenant, timeline = env.client.create_tenant(config=config)
+    c1 = lazy.start(tenant, timeline)
+    pgbench(c1.server, "-i", "-s", "2", "-q")
+    c1.stop("fast")
+
+    c2 = lazy.start(tenant, timeline, shared_buffers="128kB")
+    assert c2.sql("show shared_buffers") == [("128kB",)]
+    start_lsn = c2.lsn
+    for _ in range(3):
+        pgbench(c2.server, "-c", "2", "-t", "150", "-n")
+        wait_ingested(env, tenant, timeline, c2.server)
+        env.client.checkpoint(tenant, timeline)
+        env.client.compact(tenant, timeline)
+        held = env.client.gc(tenant)[timeline]
+        assert Lsn.parse(held["cutoff"]) <= start_lsn, (held, start_lsn)
+    assert assert_balances(c2.server) == 900
+    # Untouched pages: a full scan of every table reads what pgbench never did.
+    counts = c2.sql("select (select count(*) from pgbench_accounts), "
+                    "(select count(*) from pgbench_branches)")
+    assert counts == [(200000, 2)]
+    dump = pg_dump(c2.server)
+    log_text = fuse_counters(c2)
+    c2.stop("fast")
+    fetched = [int(m) for m in re.findall(r"fetched (\d+) pages", log_text + fuse_counters(c2))]
+    assert fetched and fetched[-1] > 3000, fetched  # the accounts table alone is ~3300 pages
+    full = env.start_compute(tenant, timeline)
+    assert_same_dump(dump, pg_dump(full))
+
+
+def insert_until_stopped(lazy_compute: LazyCompute, committed: list[int],
+                         stop: threading.Event) -> None:
+    """Insert rows one per transaction, recording each id once its commit returned."""
+    i = 0
+    try:
+        with lazy_compute.compute.connect(autocommit=True) as conn:
+            while not stop.is_set():
+                i += 1
+                conn.execute("insert into k values (%s, repeat('z', 500))", (i,))
+                committed.append(i)
+    except Exception:  # noqa: BLE001 - the compute goes away under this writer
+        pass
+
+
+@pytest.mark.parametrize("victim", ["fuse", "postgres"])
+def test_kill9_stops_both_and_loses_no_commit(env: Env, lazy: Lazy, victim: str) -> None:
+    """kill -9 of the FUSE server stops PostgreSQL at once (the watchdog); kill -9 of
+    PostgreSQL stops the FUSE server; either way the mount is detached and a fresh lazy
+    compute has every committed row."""
+    tenant, timeline = env.client.create_tenant()
+    c1 = lazy.start(tenant, timeline)
+    c1.sql("create table k (id int primary key, pad text)")
+    c1.sql("insert into k select -g, repeat('p', 500) from generate_series(1, 5000) g")
+    c1.sql("checkpoint")
+    committed: list[int] = []
+    stop = threading.Event()
+    writer = threading.Thread(target=insert_until_stopped, args=(c1, committed, stop))
+    writer.start()
+    wait_until(lambda: len(committed) > 200, 60, "200 commits")
+    if victim == "fuse":
+        c1.kill_fuse()
+    else:
+        c1.server.kill9()
+    c1.wait_down(30)
+    stop.set()
+    writer.join(30)
+    assert not os.path.ismount(c1.mountpoint)
+    c1.stop("immediate")  # idempotent after a crash
+
+    c2 = lazy.start(tenant, timeline)
+    n, top = c2.sql("select count(*), max(id) from k where id > 0")[0]
+    assert top >= committed[-1] and n >= len(committed), (n, top, committed[-1])
+    assert c2.sql("select count(*) from k where id < 0") == [(5000,)]
+    env.allowed_log_errors.append("connection|closed|lost|gone|receiver")
+
+
+def test_full_local_disk_reports_the_error_and_loses_nothing(env: Env, lazy: Lazy) -> None:
+    """The local store on a small file system: a load that does not fit fails in
+    PostgreSQL with 'No space left on device'; the compute still answers, the rows it
+    committed before are there, and on a fresh compute too."""
+    tenant, timeline = env.client.create_tenant()
+    c0 = lazy.start(tenant, timeline)
+    c0.sql("create table keep (id int primary key, pad text)")
+    c0.sql("insert into keep select g, repeat('k', 100) from generate_series(1, 20000) g")
+    c0.stop("fast")
+
+    root = env.test_dir / "lazy2"
+    store = root / "lazy"
+    store.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(store)], check=True)
+    try:
+        c1 = lazy.start(tenant, timeline)
+        assert c1.root == root
+        c1.sql("insert into keep values (0, 'before the disk filled')")
+        with pytest.raises(psycopg.errors.DiskFull, match="No space left on device"):
+            c1.sql("create table big as select g, repeat(md5(g::text), 20) as pad "
+                   "from generate_series(1, 400000) g")
+        assert c1.is_running()
+        assert c1.sql("select count(*) from keep") == [(20001,)]
+        c1.sql("insert into keep values (-1, 'after')")
+        c1.stop("fast")
+    finally:
+        lazy.stop_all()
+        subprocess.run(["umount", "-l", str(store)], check=False)
+    c2 = lazy.start(tenant, timeline)
+    assert c2.sql("select count(*), min(id) from keep") == [(20002, -1)]
+    assert c2.sql("select count(*) from pg_class where relname = 'big'") == [(0,)]

@@ -40,6 +40,7 @@ from typing import Any
 from strata.common.errors import Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
+from strata.common.proc import chown_tree
 from strata.compute.compute import Compute, ComputeConfig
 from strata.compute.lazyfs.__main__ import FUSERMOUNT, TREE, detach
 from strata.compute.lazyfs.manifest import MANIFEST_NAME
@@ -238,11 +239,13 @@ def start_lazy_compute(host: str, pg_port: int, tenant_id: TenantId, timeline_id
     if not manifest.is_file():
         raise UserError(f"the pageserver at {host}:{pg_port} sent a basebackup without "
                         f"{MANIFEST_NAME}: it does not support lazy mode; use full mode")
-    os.rename(manifest, store / MANIFEST_NAME)
+    # The store may be another file system (a dedicated disk): move, do not rename.
+    shutil.move(manifest, store / MANIFEST_NAME)
     for name in LAZY_DIRS:
-        os.rename(datadir / name, tree / name)
+        shutil.move(datadir / name, tree / name)
         os.symlink(mnt / name, datadir / name)
         os.lchown(datadir / name, user.uid, user.gid)
+    chown_tree(tree, user)
 
     fuse_log = root / "lazyfs.log"
     fuse_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", "mount",
