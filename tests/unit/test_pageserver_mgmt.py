@@ -166,3 +166,20 @@ def _value(metrics: PageserverMetrics, name: str) -> float:
             if sample.name == name:
                 total += sample.value
     return total
+
+
+def test_a_job_waiting_on_a_deleted_tenant_does_nothing(tmp_path: Path) -> None:
+    repo, tenant, _tl = _tenant_with_data(tmp_path)
+    metrics = PageserverMetrics(lambda: [])
+
+    async def scenario() -> dict[TimelineId, object]:
+        work = BackgroundWork(lambda: dict(repo.tenants), metrics, max_jobs=1,
+                              tick_period_s=3600)
+        async with work.exclusive(tenant.tenant_id):
+            gc = asyncio.create_task(work.run_gc(tenant))
+            await asyncio.sleep(0.05)
+            repo.delete_tenant(tenant.tenant_id)
+        return dict(await gc)
+
+    assert asyncio.run(scenario()) == {}
+    assert _value(metrics, "strata_pageserver_gc_runs_total") == 0

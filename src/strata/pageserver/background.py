@@ -124,11 +124,13 @@ class BackgroundWork:
             log.debug("scheduled %s of tenant %s failed: %s", kind, tenant.tenant_id, err)
 
     @contextlib.asynccontextmanager
-    async def _job(self, kind: str, tenant: Tenant) -> AsyncIterator[None]:
+    async def _job(self, kind: str, tenant: Tenant) -> AsyncIterator[bool]:
+        """Hold the tenant's lock for `kind` and a job slot; yields False when the tenant
+        was deleted while the job waited (it must then do nothing)."""
         sched = self._schedule(tenant.tenant_id)
         async with sched.locks[kind], self._slots:
             with timeline_context(tenant.tenant_id):
-                yield
+                yield self._tenants().get(tenant.tenant_id) is tenant
 
     @contextlib.asynccontextmanager
     async def exclusive(self, tenant_id: TenantId) -> AsyncIterator[None]:
@@ -141,14 +143,18 @@ class BackgroundWork:
 
     # --- the jobs -------------------------------------------------------------------------
     async def run_ticks(self, tenant: Tenant) -> None:
-        async with self._job("tick", tenant):
+        async with self._job("tick", tenant) as live:
+            if not live:
+                return
             outcome = await asyncio.to_thread(_tick_all, tenant)
             self._metrics.ticks.labels(outcome).inc()
 
     async def run_compaction(self, tenant: Tenant, timeline_id: TimelineId | None = None, *,
                              trigger: str = "manual") -> dict[TimelineId, CompactionResult]:
         """Compact one timeline of the tenant, or all that are not broken."""
-        async with self._job("compaction", tenant):
+        async with self._job("compaction", tenant) as live:
+            if not live:
+                return {}
             started = time.monotonic()
             try:
                 results = await asyncio.to_thread(_compact, tenant, timeline_id)
@@ -166,7 +172,9 @@ class BackgroundWork:
 
     async def run_gc(self, tenant: Tenant, *,
                      trigger: str = "manual") -> dict[TimelineId, GcResult]:
-        async with self._job("gc", tenant):
+        async with self._job("gc", tenant) as live:
+            if not live:
+                return {}
             started = time.monotonic()
             try:
                 results = await asyncio.to_thread(tenant.gc)

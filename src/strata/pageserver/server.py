@@ -97,6 +97,7 @@ class Pageserver:
         self.repo = Repository(config.workdir)
         self.wals: dict[tuple[TenantId, TimelineId], TimelineWal] = {}
         self._start_lsns: dict[tuple[TenantId, TimelineId], int] = {}
+        self._logical_sizes: dict[tuple[TenantId, TimelineId], tuple[Lsn, int]] = {}
         self._create_lock = asyncio.Lock()
         self.metrics = PageserverMetrics(self._timeline_states)
         self.page_service: PageService = MeasuredPageService(
@@ -269,6 +270,7 @@ class Pageserver:
     async def _stop_wal(self, tenant_id: TenantId, timeline_id: TimelineId) -> None:
         wal = self.wals.pop((tenant_id, timeline_id), None)
         self._start_lsns.pop((tenant_id, timeline_id), None)
+        self._logical_sizes.pop((tenant_id, timeline_id), None)
         if wal is not None:
             with timeline_context(tenant_id, timeline_id):
                 await wal.stop(flush=False)
@@ -312,9 +314,19 @@ class Pageserver:
                        "or was never granted; acquire a new one (GC may have passed it)")
 
     async def logical_size(self, timeline: Timeline) -> int:
-        """Bytes of every relation fork at last_record_lsn (what `pg_database_size` sums)."""
+        """Bytes of every relation fork at last_record_lsn (what `pg_database_size` sums).
+
+        Remembered per timeline for its LSN: callers poll timeline details in loops, and
+        the sum walks every relation."""
         _check_not_broken(timeline)
-        return await asyncio.to_thread(_logical_size, timeline, timeline.last_record_lsn)
+        lsn = timeline.last_record_lsn
+        key = (timeline.tenant_id, timeline.timeline_id)
+        cached = self._logical_sizes.get(key)
+        if cached is not None and cached[0] == lsn:
+            return cached[1]
+        size = await asyncio.to_thread(_logical_size, timeline, lsn)
+        self._logical_sizes[key] = (lsn, size)
+        return size
 
     def status(self) -> dict[str, Any]:
         timelines = sum(len(t.timelines) for t in self.repo.tenants.values())
