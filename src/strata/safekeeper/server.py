@@ -141,6 +141,8 @@ class Safekeeper:
         """Open every timeline in the work directory; damaged ones are kept out of service."""
         self.tenants_dir.mkdir(parents=True, exist_ok=True)
         for tenant_dir in sorted(self.tenants_dir.iterdir()):
+            if not tenant_dir.is_dir():
+                continue
             for tl_dir in sorted(tenant_dir.iterdir()):
                 if tl_dir.name.endswith(".___temp"):
                     shutil.rmtree(tl_dir)  # a creation that crashed before its rename

@@ -180,6 +180,8 @@ class Timeline:
         Runs to completion even if the caller is cancelled."""
         self.check_usable()
         task = asyncio.create_task(self._handle_locked(msg))
+        # If the caller is cancelled the task finishes alone; its outcome is then unread.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return await asyncio.shield(task)
 
     async def _handle_locked(self, msg: ProposerMessage) -> list[bytes]:
