@@ -1,0 +1,218 @@
+"""The lazy file system's block logic (blockstate, manifest) and its operations on a
+store directory, called directly (no mount) with an in-memory page source."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import mfusepy
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from strata.common.errors import Unavailable, UserError
+from strata.common.lsn import Lsn
+from strata.compute.lazyfs.blockstate import RemoteFile
+from strata.compute.lazyfs.fetcher import PageFetcher
+from strata.compute.lazyfs.fs import LazyFs
+from strata.compute.lazyfs.manifest import SegmentFile, parse_manifest, segment_files
+from strata.pg.constants import BLCKSZ, ForkNumber
+from strata.storage.key import RelTag
+
+REL = RelTag(1663, 5, 16384, ForkNumber.MAIN)
+X = Lsn(0x1000000)
+
+
+def page(rel: RelTag, blkno: int) -> bytes:
+    return (f"{rel.relnode}.{int(rel.forknum)}:{blkno};".encode() * 1000)[:BLCKSZ]
+
+
+class Pages:
+    """The pageserver at X: every block's page is derived from its name."""
+
+    def __init__(self) -> None:
+        self.requests: list[list[tuple[RelTag, int]]] = []
+        self.fail = False
+
+    def get_pages(self, blocks: Iterable[tuple[RelTag, int]], lsn: Lsn) -> list[bytes]:
+        assert lsn == X
+        todo = list(blocks)
+        if self.fail:
+            raise Unavailable("pageserver gone")
+        self.requests.append(todo)
+        return [page(rel, b) for rel, b in todo]
+
+
+# --- blockstate ---------------------------------------------------------------------------
+def test_readahead_grows_on_sequential_misses_and_resets_on_random_ones() -> None:
+    rf = RemoteFile(REL, 0, 1000, max_window=16)
+    assert rf.plan_fetch(0, 1) == [0]
+    rf.mark_local(0, 1)
+    assert rf.plan_fetch(1, 2) == [1, 2]  # sequential: window 2
+    rf.mark_local(1, 3)
+    assert rf.plan_fetch(3, 4) == [3, 4, 5, 6]
+    rf.mark_local(3, 7)
+    assert len(rf.plan_fetch(7, 8)) == 8
+    rf.mark_local(7, 15)
+    assert len(rf.plan_fetch(15, 16)) == 16
+    rf.mark_local(15, 31)
+    assert len(rf.plan_fetch(31, 32)) == 16  # capped
+    assert rf.plan_fetch(500, 501) == [500]  # random: back to the read's size
+    assert rf.plan_fetch(995, 996) == [995]
+    assert rf.plan_fetch(996, 997) == [996, 997]
+    assert rf.plan_fetch(998, 1000) == [998, 999]  # never past the remote part
+
+
+def test_truncate_never_lets_a_cut_block_be_fetched() -> None:
+    rf = RemoteFile(REL, 0, 10)
+    rf.mark_local(2, 4)
+    rf.truncate(3 * BLCKSZ)
+    assert rf.remote_limit == 3 and rf.local_count == 1
+    assert rf.missing(0, 10) == [0, 1]
+    assert rf.is_local(5)  # past the cut: local (zeros or what the compute writes)
+    rf.truncate(10 * BLCKSZ)  # growing again does not bring the remote blocks back
+    assert rf.remote_limit == 3
+    rf.mark_local(0, 2)
+    assert rf.fully_local
+    with pytest.raises(AssertionError, match="not local"):
+        RemoteFile(REL, 0, 4).truncate(BLCKSZ + 100)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["write", "truncate", "read"]),
+                          st.integers(0, 40), st.integers(1, 6)), max_size=30))
+def test_missing_blocks_model(ops: list[tuple[str, int, int]]) -> None:
+    """Against a model: a block is missing iff below every cut so far and never made local."""
+    rf = RemoteFile(REL, 0, 32, max_window=4)
+    limit, local = 32, set[int]()
+    for op, first, count in ops:
+        if op == "write":
+            rf.mark_local(first, first + count)
+            local |= {b for b in range(first, first + count) if b < limit}
+        elif op == "truncate":
+            rf.truncate(first * BLCKSZ)
+            limit = min(limit, first)
+            local = {b for b in local if b < limit}
+        else:
+            fetched = rf.plan_fetch(first, first + count)
+            assert all(b < limit and b not in local for b in fetched)
+            rf.mark_local(first, first + count)
+            local |= {b for b in range(first, first + count) if b < limit}
+        assert rf.missing(0, 64) == [b for b in range(limit) if b not in local]
+        assert rf.local_count == len(local)
+
+
+# --- manifest -----------------------------------------------------------------------------
+def test_manifest_segments_unlogged_and_tablespaces() -> None:
+    rels = parse_manifest("1663 5 100 0 5\n1663 5 100 1 3\n1663 5 200 0 2\n"
+                          "1663 5 200 3 2\n1664 0 1262 0 1\n1663 5 300 0 0\n")
+    segs = segment_files(rels, relseg_size=2)
+    main100 = RelTag(1663, 5, 100, ForkNumber.MAIN)
+    init200 = RelTag(1663, 5, 200, ForkNumber.INIT)
+    assert [s for s in segs if s.source == main100] == [
+        SegmentFile("base/5/100", main100, 0, 2), SegmentFile("base/5/100.1", main100, 2, 2),
+        SegmentFile("base/5/100.2", main100, 4, 1)]
+    assert "base/5/100_fsm" in {s.path for s in segs}
+    # Unlogged: the main fork is a copy of the init fork, nothing else.
+    assert [(s.path, s.source) for s in segs if s.path.startswith("base/5/200")] == [
+        ("base/5/200", init200), ("base/5/200_init", init200)]
+    assert SegmentFile("global/1262", RelTag(1664, 0, 1262, ForkNumber.MAIN), 0, 1) in segs
+    assert SegmentFile("base/5/300", RelTag(1663, 5, 300, ForkNumber.MAIN), 0, 0) in segs
+    with pytest.raises(UserError, match="tablespace 16500"):
+        segment_files(parse_manifest("16500 5 100 0 1\n"), 131072)
+
+
+# --- operations on a store ----------------------------------------------------------------
+@pytest.fixture
+def fs(tmp_path: Path) -> tuple[LazyFs, Pages, Path]:
+    tree = tmp_path / "tree"
+    (tree / "base" / "5").mkdir(parents=True)
+    remote = {}
+    for name, nblocks in (("16384", 20), ("16385", 4)):
+        with open(tree / "base" / "5" / name, "wb") as f:
+            f.truncate(nblocks * BLCKSZ)
+        rel = RelTag(1663, 5, int(name), ForkNumber.MAIN)
+        remote[f"/base/5/{name}"] = RemoteFile(rel, 0, nblocks, max_window=8)
+    pages = Pages()
+    return LazyFs(str(tree), PageFetcher(pages, X), remote), pages, tree
+
+
+def test_reads_fetch_once_in_batches_then_come_from_the_store(
+        fs: tuple[LazyFs, Pages, Path]) -> None:
+    ops, pages, tree = fs
+    fh = ops.open("/base/5/16384", os.O_RDONLY)
+    assert ops.getattr("/base/5/16384")["st_size"] == 20 * BLCKSZ
+    assert ops.read("/base/5/16384", BLCKSZ, 3 * BLCKSZ, fh) == page(REL, 3)
+    assert ops.read("/base/5/16384", 2 * BLCKSZ, 4 * BLCKSZ, fh) == page(REL, 4) + page(REL, 5)
+    assert [len(r) for r in pages.requests] == [1, 2]  # sequential: readahead of 2
+    assert ops.read("/base/5/16384", BLCKSZ, 3 * BLCKSZ, fh) == page(REL, 3)
+    assert len(pages.requests) == 2  # local now
+    assert (tree / "base/5/16384").read_bytes()[3 * BLCKSZ:4 * BLCKSZ] == page(REL, 3)
+    assert ops.read("/base/5/16384", BLCKSZ, 20 * BLCKSZ, fh) == b""  # past the end
+    ops.release("/base/5/16384", fh)
+
+
+def test_writes_win_over_fetches_and_partial_writes_fetch_first(
+        fs: tuple[LazyFs, Pages, Path]) -> None:
+    ops, pages, _ = fs
+    fh = ops.open("/base/5/16384", os.O_RDWR)
+    new = b"N" * BLCKSZ
+    assert ops.write(None, new, 7 * BLCKSZ, fh) == BLCKSZ
+    assert not pages.requests  # a whole-block write needs nothing from the pageserver
+    assert ops.read(None, BLCKSZ, 7 * BLCKSZ, fh) == new
+    assert ops.read(None, BLCKSZ, 6 * BLCKSZ, fh) == page(REL, 6)
+    assert ops.read(None, 3 * BLCKSZ, 6 * BLCKSZ, fh) == page(REL, 6) + new + page(REL, 8)
+    ops.write(None, b"xy", 10 * BLCKSZ + 100, fh)  # partial: block 10 fetched first
+    expected = bytearray(page(REL, 10))
+    expected[100:102] = b"xy"
+    assert ops.read(None, BLCKSZ, 10 * BLCKSZ, fh) == bytes(expected)
+    # Sparse extension: a gap reads as zeros and is never fetched.
+    ops.write(None, new, 30 * BLCKSZ, fh)
+    assert ops.getattr(None, fh)["st_size"] == 31 * BLCKSZ
+    before = len(pages.requests)
+    assert ops.read(None, BLCKSZ, 25 * BLCKSZ, fh) == bytes(BLCKSZ)
+    assert len(pages.requests) == before
+
+
+def test_truncate_unlink_rename_and_recreate_never_fetch_cut_blocks(
+        fs: tuple[LazyFs, Pages, Path]) -> None:
+    ops, pages, tree = fs
+    ops.truncate("/base/5/16384", 5 * BLCKSZ)
+    fh = ops.open("/base/5/16384", os.O_RDWR)
+    ops.truncate(None, 12 * BLCKSZ, fh)  # regrow: blocks 5.. are zeros, not old pages
+    assert ops.read(None, BLCKSZ, 8 * BLCKSZ, fh) == bytes(BLCKSZ)
+    assert all(b < 5 for req in pages.requests for _, b in req)
+    assert ops.read(None, BLCKSZ, 4 * BLCKSZ, fh) == page(REL, 4)
+    ops.truncate(None, 2 * BLCKSZ + 10, fh)  # inside a block: fetched, then cut
+    assert ops.read(None, BLCKSZ, 2 * BLCKSZ, fh) == page(REL, 2)[:10]
+    ops.release(None, fh)
+
+    other = RelTag(1663, 5, 16385, ForkNumber.MAIN)
+    ops.rename("/base/5/16385", "/base/5/99")
+    fh = ops.open("/base/5/99", os.O_RDONLY)
+    assert ops.read(None, BLCKSZ, 0, fh) == page(other, 0)  # the remote part moved along
+    ops.release(None, fh)
+    ops.unlink("/base/5/99")
+    assert "/base/5/99" not in ops.remote and "/base/5/16385" not in ops.remote
+    assert sorted(ops.readdir("/base/5", 0)) == [".", "..", "16384"]
+    (tree / "base/5/99").write_bytes(b"")  # re-created: purely local
+    fh = ops.open("/base/5/99", os.O_RDWR)
+    ops.truncate(None, 4 * BLCKSZ, fh)
+    assert ops.read(None, BLCKSZ, 0, fh) == bytes(BLCKSZ)
+    ops.release(None, fh)
+    assert ops.statfs("/")["f_bsize"] > 0
+
+
+def test_a_failed_fetch_is_an_io_error_and_leaves_the_block_remote(
+        fs: tuple[LazyFs, Pages, Path]) -> None:
+    ops, pages, _ = fs
+    fh = ops.open("/base/5/16384", os.O_RDONLY)
+    pages.fail = True
+    with pytest.raises(mfusepy.FuseOSError) as info:
+        ops.read(None, BLCKSZ, 0, fh)
+    assert info.value.errno == errno.EIO
+    pages.fail = False
+    assert ops.read(None, BLCKSZ, 0, fh) == page(REL, 0)
