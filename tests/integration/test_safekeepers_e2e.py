@@ -180,12 +180,18 @@ def test_bank_transfers_survive_rolling_safekeeper_restarts(cluster: Cluster) ->
 
 
 def test_kill9_compute_under_load_with_partial_multipage_records(cluster: Cluster) -> None:
+    kill9_rounds(cluster, 5)
+
+
+def kill9_rounds(cluster: Cluster, rounds: int) -> int:
+    """Run the bank under load, cut a multi-page record, kill -9 the compute, start a new
+    one and check it, `rounds` times; then check the WAL chain. Returns transfers acked."""
     tenant, timeline = cluster.create_tenant()
     start_lsn = cluster.env.client.timeline(tenant, timeline).last_record_lsn
     rc = cluster.start_compute(tenant, timeline)
     Bank.create(rc.compute)
     acked: set[int] = set()
-    for round_no in range(5):
+    for round_no in range(rounds):
         bank = Bank(rc.compute, clients=3, blob_bytes=12_000)
         bank.start(first_id=round_no * 100_000_000 + 1)
         wait_until(lambda b=bank: sum(b.progress) >= 15, 30,  # type: ignore[misc]
@@ -203,6 +209,7 @@ def test_kill9_compute_under_load_with_partial_multipage_records(cluster: Cluste
     check_chain(cluster, tenant, timeline, start_lsn, rc.start.lsn)
     info = cluster.env.client.timeline(tenant, timeline)
     assert info.broken_reason is None and info.last_record_lsn >= rc.start.lsn, info
+    return len(acked)
 
 
 def check_chain(cluster: Cluster, tenant: TenantId, timeline: TimelineId, start: Lsn,
