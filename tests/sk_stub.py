@@ -39,6 +39,7 @@ class StubSafekeeper:
     server: PgProtocolServer | None = None
     port: int = 0
     acceptor: Acceptor | None = None
+    appends_with_wal: int = 0  # WriteWal actions: one fsync each in a real safekeeper
 
     @property
     def end_lsn(self) -> Lsn:
@@ -77,6 +78,7 @@ class StubSafekeeper:
                     case WriteWal(lsn=lsn, data=data):
                         assert lsn == self.end_lsn, (lsn, self.end_lsn)
                         self.wal += data
+                        self.appends_with_wal += 1
                     case FlushWal():
                         pass
                     case TruncateWal(lsn=lsn):

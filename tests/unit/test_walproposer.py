@@ -190,3 +190,24 @@ def test_sync_with_one_safekeeper_unreachable() -> None:
             for s in sks:
                 await s.stop()
     run(body)
+
+
+def test_wal_arriving_while_a_majority_is_busy_shares_one_append() -> None:
+    async def body() -> None:
+        sks = await started(3)
+        gen = WalGenerator(START.value, PREV.value, SEG)
+        driver = QuorumDriver(quorum_config(sks), SYSID, sync=False, fence_timeout_s=5)
+        driver.start()
+        try:
+            await wait_for(lambda: driver.elected is not None, 10, "election")
+            for _ in range(100):  # all before any answer: the first goes, the rest wait
+                driver.append_wal(gen.record(b"r" * 40)[1])
+            end = Lsn(gen.end_lsn)
+            assert driver.end_lsn == end
+            await wait_for(lambda: driver.commit_lsn == end, 10, "commit")
+            assert all(s.appends_with_wal <= 3 for s in sks), [s.appends_with_wal for s in sks]
+        finally:
+            await driver.stop()
+            for s in sks:
+                await s.stop()
+    run(body)

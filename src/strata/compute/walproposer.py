@@ -396,12 +396,14 @@ class QuorumDriver:
         safekeepers' in-memory commit LSN, which their walsenders serve up to, still moves
         with every append; sync mode sends at once, as it needs the commit durable."""
         link = self.links[node]
+        if self._sync or not isinstance(msg, AppendRequest):
+            link.send(encode(msg))
+            return
         pending = self._commit_only.pop(node, None)
         if pending is not None:
-            pending.cancel()
-        if self._sync or not isinstance(msg, AppendRequest) or msg.data:
-            if isinstance(msg, AppendRequest):
-                self._outstanding[node] += 1
+            pending.cancel()  # this append carries a commit LSN at least as new
+        if msg.data:
+            self._outstanding[node] += 1
             link.send(encode(msg))
             return
         payload = encode(msg)
