@@ -224,6 +224,7 @@ def start_lazy_compute(host: str, pg_port: int, tenant_id: TenantId, timeline_id
     asyncio.run(fetch_basebackup(host, pg_port, tenant_id, timeline_id, tar, lsn,
                                  read_only=config.read_only if config else False, mode="lazy"))
     tar.seek(0)
+    fetched = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
     compute = Compute.from_basebackup(tar, root / "pgdata", config, port=port,
                                       log_path=log_path or root / "postgres.log")
@@ -270,10 +271,12 @@ def start_lazy_compute(host: str, pg_port: int, tenant_id: TenantId, timeline_id
                              "--fuse-pid", str(fuse_proc.pid), "--datadir", str(datadir),
                              "--mountpoint", str(mnt)], root / "lazyfs-watch.log")
         lazy.watch_proc = watch_proc
+        mounted = time.monotonic()
         compute.start()
     except BaseException:
         lazy.stop("immediate", timeout_s=20)
         raise
-    log.info("lazy compute started in %s at %s in %.2fs", root, lsn,
-             time.monotonic() - started)
+    log.info("lazy compute started in %s at %s in %.2fs (basebackup %.2fs, mount %.2fs, "
+             "postgres %.2fs)", root, lsn, time.monotonic() - started, fetched - started,
+             mounted - fetched, time.monotonic() - mounted)
     return lazy

@@ -134,6 +134,10 @@ class LazyFs(fuse.Operations):  # type: ignore[misc]  # untyped base class
 
     # --- set-up ------------------------------------------------------------------------
     def init_with_config(self, conn_info: Any, config: Any) -> None:
+        if conn_info is not None:
+            # No kernel readahead: it would turn every random 8 KB miss into a 128 KB
+            # fetch from the pageserver. Sequential reads get ours (blockstate.py).
+            conn_info.max_readahead = 0
         if config is not None:
             # Every change goes through this mount, so the kernel may keep pages and
             # attributes across opens (each backend opens the files itself).
