@@ -262,17 +262,7 @@ class Cluster:
     def start_compute(self, tenant: TenantId, timeline: TimelineId,
                       settings: dict[str, object] | None = None) -> RunningCompute:
         start = self.sync(tenant, timeline)
-        self._seq += 1
-        name = f"compute{self._seq}"
-        tar = io.BytesIO()
-        self.env.client.basebackup(tenant, timeline, tar, start.lsn)
-        tar.seek(0)
-        config = ComputeConfig(receiver_name=DEFAULT_APPLICATION_NAME,
-                               settings={**COMPUTE_SETTINGS, **(settings or {})})
-        compute = Compute.from_basebackup(tar, self.test_dir / name, config,
-                                          log_path=self.test_dir / f"{name}.log")
-        self.env.computes.append(compute)
-        compute.start()
+        compute = self.start_postgres(tenant, timeline, start, settings)
         fenced: list[str] = []
         stop = immediate_stopper(postmaster_pid(compute.datadir))
 
@@ -288,6 +278,22 @@ class Cluster:
         rc = RunningCompute(compute, sidecar, run, start, fenced)
         self.computes.append(rc)
         return rc
+
+    def start_postgres(self, tenant: TenantId, timeline: TimelineId, start: SyncResult,
+                       settings: dict[str, object] | None = None) -> Compute:
+        """A compute from the pageserver's basebackup at `start` (no sidecar yet)."""
+        self._seq += 1
+        name = f"compute{self._seq}"
+        tar = io.BytesIO()
+        self.env.client.basebackup(tenant, timeline, tar, start.lsn)
+        tar.seek(0)
+        config = ComputeConfig(receiver_name=DEFAULT_APPLICATION_NAME,
+                               settings={**COMPUTE_SETTINGS, **(settings or {})})
+        compute = Compute.from_basebackup(tar, self.test_dir / name, config,
+                                          log_path=self.test_dir / f"{name}.log")
+        self.env.computes.append(compute)
+        compute.start()
+        return compute
 
     def sidecar_argv(self, tenant: TenantId, timeline: TimelineId, compute: Compute) -> list[str]:
         sks = ",".join(f"{sk.node_id}@127.0.0.1:{sk.pg_port}" for sk in self.safekeepers)

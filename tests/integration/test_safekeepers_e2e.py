@@ -312,3 +312,30 @@ def test_sync_command_line(cluster: Cluster) -> None:
     assert printed == {"lsn": str(info.last_record_lsn), "prev_lsn": str(info.prev_record_lsn)}
     again = cluster.sync(tenant, timeline)
     assert (str(again.lsn), str(again.prev_lsn)) == (printed["lsn"], printed["prev_lsn"])
+
+
+def test_sidecar_command_line_commits_then_is_fenced(cluster: Cluster) -> None:
+    tenant, timeline = cluster.create_tenant()
+    start = cluster.sync(tenant, timeline)
+    compute = cluster.start_postgres(tenant, timeline, start)
+    argv = cluster.sidecar_argv(tenant, timeline, compute) + ["--fence-timeout-s", "3"]
+    with open(cluster.test_dir / "sidecar.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log)
+    try:
+        compute.sql("CREATE TABLE t (i int)")
+        compute.sql("INSERT INTO t VALUES (1)")  # returns once a majority has it
+        later = cluster.sync(tenant, timeline)  # a newer proposer
+        assert later.lsn > start.lsn
+        assert proc.wait(20) == 3
+        assert proc.stdout is not None
+        assert "another proposer" in json.loads(proc.stdout.read() or b"{}")["fenced"]
+        wait_until(lambda: not compute.is_running(), 10, "the fenced compute to stop")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    # What it committed is where the next compute starts.
+    rc = cluster.start_compute(tenant, timeline)
+    assert rc.compute.sql("SELECT i FROM t") == [(1,)]
