@@ -14,6 +14,7 @@ from sim.walgen import SYSID, WalGenerator
 from strata.common.errors import CorruptionError, NotFound
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn, segment_file_name
+from strata.safekeeper import control_file
 from strata.safekeeper.acceptor import AcceptorState
 from strata.safekeeper.messages import (
     AppendRequest,
@@ -160,14 +161,19 @@ def test_a_missing_segment_ends_the_files(tmp_path: Path) -> None:
 
 
 # --- a timeline rebuilt from its files ------------------------------------------------------
-def elect_and_append(tl: Timeline, wal: bytes, pieces: int) -> AppendResponse:
+async def elect(tl: Timeline) -> None:
+    """Proposer 77 wins term 1 at the timeline start."""
     s = tl.state
+    await tl.handle(ProposerGreeting(s.tenant_id, s.timeline_id, SYSID, SEG, 77))
+    await tl.handle(VoteRequest(1, 77))
+    await tl.handle(ProposerElected(1, START, (TermEntry(1, START, PREV),)))
+
+
+def elect_and_append(tl: Timeline, wal: bytes, pieces: int) -> AppendResponse:
     term = 1
 
     async def run() -> AppendResponse:
-        await tl.handle(ProposerGreeting(s.tenant_id, s.timeline_id, SYSID, SEG, 77))
-        await tl.handle(VoteRequest(term, 77))
-        await tl.handle(ProposerElected(term, START, (TermEntry(term, START, PREV),)))
+        await elect(tl)
         step = len(wal) // pieces + 1
         replies: list[bytes] = []
         for i in range(0, len(wal), step):
@@ -207,3 +213,39 @@ def test_timeline_restart_recovers_state_and_cuts_a_torn_tail(tmp_path: Path) ->
     assert third.acceptor.flush_lsn == START + len(wal)
     assert seg.stat().st_size == (START + len(wal)).segment_offset(SEG)
     third.close()
+
+
+def test_a_batch_of_appends_is_fsynced_once_and_before_a_control_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Appends handled as one batch share one WAL fsync and their replies report all of
+    it; a control-file write inside the batch (a commit-only append persists the commit
+    LSN) finds the WAL before it already fsynced."""
+    wal, ends = generate(60, seed=7)
+    state = AcceptorState.new_timeline(TenantId.generate(), TimelineId.generate(), SYSID, SEG,
+                                       START, PREV)
+    tl = Timeline.create(tmp_path / "tl", state, wal_keep_bytes=0)
+    asyncio.run(elect(tl))
+    assert tl.counters.wal_fsyncs == 0
+    store = control_file.store
+    unsynced_at_store: list[int] = []
+
+    def checked_store(directory: Path, new_state: AcceptorState) -> None:
+        unsynced_at_store.append(len(tl.wal._dirty))
+        store(directory, new_state)
+
+    monkeypatch.setattr(control_file, "store", checked_store)
+    half = ends[30] - START.value
+    first = [AppendRequest(1, START + i, START, wal[i:min(i + 4000, half)])
+             for i in range(0, half, 4000)]
+    second = [AppendRequest(1, START + i, Lsn(ends[30]), wal[i:i + 4000])
+              for i in range(half, len(wal), 4000)]
+    commit_only = AppendRequest(1, START + len(wal), Lsn(ends[30]), b"")
+    replies = asyncio.run(tl.handle_batch([*first, commit_only, *second]))
+    assert tl.counters.wal_fsyncs == 2  # before the control write, and at the end
+    assert unsynced_at_store == [0]
+    assert tl.state.commit_lsn == Lsn(ends[30])
+    last = decode(replies[-1])
+    assert isinstance(last, AppendResponse)
+    assert last.flush_lsn == START + len(wal)
+    assert len(replies) == len(first) + len(second) + 1
+    tl.close()

@@ -56,8 +56,35 @@ log = logging.getLogger(__name__)
 LOCK_FILE = "safekeeper.lock"
 ID_FILE = "safekeeper.id"
 TENANTS_DIR = "tenants"
+_BATCH_MAX = 64  # proposer messages handled (and fsynced) together
 _PROPOSER_MESSAGES = (ProposerGreeting, VoteRequest, ProposerElected, AppendRequest,
                       ReadWalRequest)
+
+
+async def _read_proposer(stream: CopyStream,
+                         inbox: asyncio.Queue[ProposerMessage | None]) -> None:
+    """Decode a proposer's messages into `inbox`; None at the end of the stream."""
+    while (payload := await stream.read()) is not None:
+        msg = decode(payload)
+        if not isinstance(msg, _PROPOSER_MESSAGES):
+            raise ProtocolError(f"a proposer sent {type(msg).__name__}, which only a "
+                                "safekeeper sends")
+        await inbox.put(msg)
+    await inbox.put(None)
+
+
+async def _next_message(inbox: asyncio.Queue[ProposerMessage | None],
+                        reader: asyncio.Task[None]) -> ProposerMessage | None:
+    """The next message; the reader's error once the messages before it are taken."""
+    if not inbox.empty():
+        return inbox.get_nowait()
+    getter = asyncio.ensure_future(inbox.get())
+    await asyncio.wait([getter, reader], return_when=asyncio.FIRST_COMPLETED)
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    reader.result()  # raises what ended the reader
+    return inbox.get_nowait() if not inbox.empty() else None
 
 
 class WorkdirLock:
@@ -254,18 +281,25 @@ class Safekeeper:
         return self._conn_ids, peer
 
     async def _proposer(self, tl: Timeline, session: Session, stream: CopyStream) -> None:
+        """Handle a proposer's messages in order. Messages that arrived while the previous
+        ones were being made durable are handled as one batch (one WAL fsync)."""
         conn_id, peer = self._peer(tl, "proposer", session)
+        inbox: asyncio.Queue[ProposerMessage | None] = asyncio.Queue(maxsize=_BATCH_MAX)
+        reader = asyncio.create_task(_read_proposer(stream, inbox), name="proposer-reader")
         try:
             with timeline_context(tl.state.tenant_id, tl.state.timeline_id):
-                while (payload := await stream.read()) is not None:
-                    msg = decode(payload)
-                    if not isinstance(msg, _PROPOSER_MESSAGES):
-                        raise ProtocolError(f"a proposer sent {type(msg).__name__}, which "
-                                            "only a safekeeper sends")
-                    proposer_msg: ProposerMessage = msg
-                    if isinstance(msg, ProposerGreeting):
-                        peer.proposer_id = msg.proposer_id
-                    for reply in await tl.handle(proposer_msg):
+                while (first := await _next_message(inbox, reader)) is not None:
+                    batch = [first]
+                    while len(batch) < _BATCH_MAX and not inbox.empty():
+                        msg = inbox.get_nowait()
+                        if msg is None:
+                            inbox.put_nowait(None)  # the end: after this batch
+                            break
+                        batch.append(msg)
+                    for msg in batch:
+                        if isinstance(msg, ProposerGreeting):
+                            peer.proposer_id = msg.proposer_id
+                    for reply in await tl.handle_batch(batch):
                         await stream.write(reply)
         except ProtocolError as err:
             log.info("closing proposer connection from %s: %s", session.peer, err)
@@ -273,6 +307,8 @@ class Safekeeper:
         except ConnectionError as err:
             log.info("proposer connection from %s lost: %s", session.peer, err)
         finally:
+            reader.cancel()
+            await asyncio.wait([reader])
             tl.peers.pop(conn_id, None)
 
     def _check_start(self, tl: Timeline, start: Lsn) -> None:

@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,7 +46,15 @@ from strata.safekeeper.acceptor import (
     TruncateWal,
     WriteWal,
 )
-from strata.safekeeper.messages import ProposerGreeting, ProposerMessage, ReadWalResponse, encode
+from strata.safekeeper.messages import (
+    AcceptorGreeting,
+    AppendResponse,
+    ProposerGreeting,
+    ProposerMessage,
+    ReadWalResponse,
+    VoteResponse,
+    encode,
+)
 from strata.safekeeper.wal_storage import WalStorage
 from strata.storage.metadata import fsync_dir
 
@@ -94,6 +102,10 @@ class TimelineCounters:
     messages: int = 0
 
 
+def _is_reply(action: AcceptorAction) -> bool:
+    return isinstance(action, AcceptorGreeting | VoteResponse | AppendResponse | ReadWalResponse)
+
+
 class Timeline:
     """One timeline's acceptor, control file and WAL on this safekeeper."""
 
@@ -110,6 +122,7 @@ class Timeline:
         self.pageserver_feedback: Peer | None = None  # the highest feedback received
         self.counters = TimelineCounters()
         self._commit_moved = asyncio.Event()
+        self._flush_pending = False  # a FlushWal deferred within a batch (under the lock)
 
     # --- creation and restart -----------------------------------------------------------
     @classmethod
@@ -175,39 +188,62 @@ class Timeline:
                               "safekeeper")
 
     async def handle(self, msg: ProposerMessage) -> list[bytes]:
-        """Apply one proposer message durably; the encoded replies to send, in order.
+        """Apply one proposer message durably; the encoded replies to send, in order."""
+        return await self.handle_batch([msg])
 
+    async def handle_batch(self, msgs: Sequence[ProposerMessage]) -> list[bytes]:
+        """Apply proposer messages (in order, from one connection) durably; the encoded
+        replies to send, in order, all of them vouching only for durable state.
+
+        The WAL of consecutive appends is fsynced once: a `FlushWal` is deferred past later
+        `WriteWal`s (the replies wait for the batch's end), but never past any other action.
         Runs to completion even if the caller is cancelled."""
         self.check_usable()
-        task = asyncio.create_task(self._handle_locked(msg))
+        task = asyncio.create_task(self._handle_locked(msgs))
         # If the caller is cancelled the task finishes alone; its outcome is then unread.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return await asyncio.shield(task)
 
-    async def _handle_locked(self, msg: ProposerMessage) -> list[bytes]:
+    async def _handle_locked(self, msgs: Sequence[ProposerMessage]) -> list[bytes]:
         async with self.lock:
             self.check_usable()
-            self.counters.messages += 1
             commit_before = self.acceptor.commit_lsn
+            replies: list[bytes] = []
+            self._flush_pending = False
             try:
-                actions = self.acceptor.handle(msg)
-            except ProtocolError:
-                if isinstance(msg, ProposerGreeting):
-                    raise  # a greeting is only checked, never applied
-                # The message may be half applied in memory, never on disk: start over.
-                try:
-                    self.acceptor = await self._in_thread(self._recover)
-                except CorruptionError as err:
-                    self._break(err)
-                raise
-            replies = await self._apply(actions)
-            if self.acceptor.commit_lsn != commit_before:
-                self._notify_commit()
+                for msg in msgs:
+                    self.counters.messages += 1
+                    try:
+                        actions = self.acceptor.handle(msg)
+                    except ProtocolError:
+                        await self._flush_deferred()
+                        if not isinstance(msg, ProposerGreeting):  # a greeting is only checked
+                            await self._reload()
+                        raise
+                    await self._apply(actions, replies)
+                await self._flush_deferred()
+            finally:
+                if self.acceptor.commit_lsn != commit_before:
+                    self._notify_commit()
             return replies
 
-    async def _apply(self, actions: list[AcceptorAction]) -> list[bytes]:
-        replies: list[bytes] = []
+    async def _reload(self) -> None:
+        """The message may be half applied in memory, never on disk: start over from disk."""
+        try:
+            self.acceptor = await self._in_thread(self._recover)
+        except CorruptionError as err:
+            self._break(err)
+
+    async def _flush_deferred(self) -> None:
+        if self._flush_pending:
+            await self._in_thread(self.wal.flush)
+            self.counters.wal_fsyncs += 1
+            self._flush_pending = False
+
+    async def _apply(self, actions: list[AcceptorAction], replies: list[bytes]) -> None:
         for action in actions:
+            if not isinstance(action, WriteWal | FlushWal) and not _is_reply(action):
+                await self._flush_deferred()  # durable before anything that builds on it
             match action:
                 case PersistControl(state=state):
                     await self._in_thread(control_file.store, self.directory, state)
@@ -217,8 +253,7 @@ class Timeline:
                     self._guard(self.wal.write, lsn, data)  # into the page cache: quick
                     self.counters.wal_written_bytes += len(data)
                 case FlushWal():
-                    await self._in_thread(self.wal.flush)
-                    self.counters.wal_fsyncs += 1
+                    self._flush_pending = True  # done before the next other action or reply
                 case TruncateWal(lsn=lsn):
                     log.info("truncating WAL at %s for a new term (it ended at %s)", lsn,
                              self.wal.end_lsn)
@@ -232,8 +267,7 @@ class Timeline:
                                             f"{term}: {err}") from err
                     replies.append(encode(ReadWalResponse(term, start, data)))
                 case _:
-                    replies.append(encode(action))
-        return replies
+                    replies.append(encode(action))  # sent after the batch's last flush
 
     def _guard(self, fn: Callable[..., T], *args: Any) -> T:
         try:
