@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import bisect
 import io
+import os
 import re
 import sys
 import threading
 import time
+import urllib.request
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integ
 from fixtures_env import Env, PageserverProcess  # noqa: E402
 
 __all__ = ["Env", "PageserverProcess", "Sample", "LagSampler", "BlockCounts", "pgbench",
-           "tps_of", "wal_lsn", "wait_caught_up", "slope", "Counter"]
+           "tps_of", "wal_lsn", "wait_caught_up", "slope", "scrape", "load_note", "Counter"]
 
 MB = 1e6
 
@@ -157,6 +159,26 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     mx, my = sum(xs) / n, sum(ys) / n
     den = sum((x - mx) ** 2 for x in xs)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
+
+
+def load_note(when: str) -> str:
+    """The host's load averages: the figures are only as quiet as the machine was."""
+    one, five, fifteen = os.getloadavg()
+    return (f"load average {when}: {one:.2f} {five:.2f} {fifteen:.2f} "
+            f"on {os.cpu_count()} CPUs (other processes share them)")
+
+
+def scrape(client: PageserverClient) -> dict[str, float]:
+    """The pageserver's Prometheus metrics, each name summed over its label sets."""
+    url = f"http://{client.host}:{client.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        text = resp.read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? (\S+)$", line)
+        if m and not line.startswith("#"):
+            totals[m.group(1)] = totals.get(m.group(1), 0.0) + float(m.group(2))
+    return totals
 
 
 class Counter(io.RawIOBase):

@@ -11,7 +11,8 @@ bytes PostgreSQL itself would ship) in the same run.
 Live (issue 5): `basebackup_s_10mb`, `_100mb`, `_1gb`: a compute on a live pageserver
 process (dev mode) is filled with pgbench -i at scales 1, 7 and 70 (quick: 1 and 7) in
 turn; once the pageserver has ingested the WAL, the pageserver's `basebackup` command is
-timed over its PostgreSQL-protocol port (the tar is counted, not stored), right away
+timed (median of 3; 1 at 1 GB) over its PostgreSQL-protocol port (the tar is counted, not
+stored), right away
 (recent WAL still in the in-memory layer) and again after a pageserver checkpoint
 (`_flushed`: every read through layer files). Baseline in the same run: `pg_basebackup
 -Ft -X fetch --no-manifest --no-sync` from a stock PostgreSQL 15 with the same settings
@@ -22,11 +23,22 @@ from __future__ import annotations
 
 import io
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from bench._live import MB, Counter, Env, PageserverProcess, pgbench, wait_caught_up, wal_lsn
+from bench._live import (
+    MB,
+    Counter,
+    Env,
+    PageserverProcess,
+    load_note,
+    pgbench,
+    scrape,
+    wait_caught_up,
+    wal_lsn,
+)
 from bench.report import Report
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
@@ -126,6 +138,8 @@ def _in_process(report: Report, quick: bool) -> None:
 
 
 _SETTINGS: dict[str, object] = {"autovacuum": False, "max_wal_size": "4GB"}
+_JOBS = ("strata_pageserver_compaction_runs_total", "strata_pageserver_compaction_seconds_sum",
+         "strata_pageserver_image_layers_created_total", "strata_pageserver_gc_seconds_sum")
 
 
 def _cluster_mb(server: PgServer) -> float:
@@ -152,6 +166,7 @@ def _live(report: Report, quick: bool) -> None:
         root = Path(tmp)
         root.chmod(0o755)
         ensure_traversable(root)
+        report.note(load_note("at the start of the live runs"))
         stock = PgServer(root / "stock", log_path=root / "stock.log")
         stock.initdb()
         stock.start({**STRATA_WAL_SETTINGS, **_SETTINGS})
@@ -163,8 +178,12 @@ def _live(report: Report, quick: bool) -> None:
             tenant, timeline = client.create_tenant()
             compute = env.start_compute(tenant, timeline, settings=_SETTINGS)
             for scale, label in sizes:
+                repeats = 1 if scale >= 70 else 3
                 pgbench(stock, "-i", "-q", "-s", str(scale))
-                base_s, base_bytes = _pg_basebackup(stock, root / "pg_basebackup" / label)
+                base_runs = [_pg_basebackup(stock, root / "pg_basebackup" / label)
+                             for _ in range(repeats)]
+                base_s = statistics.median(t for t, _ in base_runs)
+                base_bytes = base_runs[0][1]
                 t0 = time.monotonic()
                 pgbench(compute, "-i", "-q", "-s", str(scale))
                 ingest_wait = wait_caught_up(client, tenant, timeline, wal_lsn(compute), 1800)
@@ -174,19 +193,33 @@ def _live(report: Report, quick: bool) -> None:
                 for suffix in ("", "_flushed"):
                     if suffix:
                         client.checkpoint(tenant, timeline)
-                    sink = Counter()
-                    t0 = time.monotonic()
-                    size = client.basebackup(tenant, timeline, sink, lsn)
-                    seconds = time.monotonic() - t0
-                    assert size == sink.bytes and size > db_mb * MB / 2, (size, sink.bytes, db_mb)
+                    before = scrape(client)
+                    times = []
+                    for _ in range(repeats):
+                        sink = Counter()
+                        t0 = time.monotonic()
+                        size = client.basebackup(tenant, timeline, sink, lsn)
+                        times.append(time.monotonic() - t0)
+                        assert size == sink.bytes and size > db_mb * MB / 2, \
+                            (size, sink.bytes, db_mb)
+                    after = scrape(client)
+                    seconds = statistics.median(times)
                     report.add(f"basebackup_s_{label}{suffix}", seconds, "s", base_s)
                     report.add(f"basebackup_mb_s_{label}{suffix}", size / MB / seconds, "MB/s",
                                base_bytes / MB / base_s)
-                report.note(f"{label}: pgbench -i -s {scale}, databases {db_mb:.0f} MB "
+                    overlap = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _JOBS}
+                    report.note(f"basebackup_s_{label}{suffix}: median of {repeats} "
+                                f"({', '.join(f'{t:.3f}' for t in times)} s); pageserver "
+                                f"background work meanwhile: "
+                                + ", ".join(f"{k[18:]} {v:.2f}" for k, v in overlap.items()))
+                report.note(f"{label}: pg_basebackup "
+                            f"{', '.join(f'{t:.3f}' for t, _ in base_runs)} s; "
+                            f"pgbench -i -s {scale}, databases {db_mb:.0f} MB "
                             f"(stock {_cluster_mb(stock):.0f} MB); pageserver tar "
                             f"{size / MB:.0f} MB at {lsn}, pg_basebackup tar "
                             f"{base_bytes / MB:.0f} MB; filling the compute took {fill_s:.1f}s "
                             f"of which {ingest_wait:.1f}s waiting for the pageserver to catch up")
+            report.note(load_note("at the end of the live runs"))
             problems = env.unexpected_log_errors()
             assert not problems, "pageserver logged errors:\n" + "\n".join(problems[:20])
         finally:

@@ -19,7 +19,8 @@ page versions/s and records/s on the pageserver side from the pgbench start unti
 pageserver has caught up; and the lag, compute insert LSN minus the pageserver's
 last_record_lsn (and minus disk_consistent_lsn), sampled every second: max, mean over the
 first and last quarter of the pgbench run, the least-squares slope over its second half
-(MB/s; about 0 when bounded), and the catch-up time after pgbench ends. The per-second
+(MB/s; about 0 when bounded), the catch-up time after pgbench ends, and the longest
+stall (seconds in which last_record_lsn did not move although WAL was waiting). The per-second
 series go into the JSON notes. Page versions are counted from the compute's own WAL (one
 per block reference, all of which carry images under wal_consistency_checking=all) up to
 the LSN the pageserver had reached at each sample.
@@ -42,7 +43,9 @@ from bench._live import (
     LagSampler,
     PageserverProcess,
     Sample,
+    load_note,
     pgbench,
+    scrape,
     slope,
     tps_of,
     wait_caught_up,
@@ -150,6 +153,18 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def _longest_stall(samples: list[Sample]) -> float:
+    """The longest stretch in which the pageserver applied nothing while WAL was waiting."""
+    longest, since = 0.0, None
+    for prev, s in zip(samples, samples[1:], strict=False):
+        if s.last_record_lsn == prev.last_record_lsn and prev.lag > 0:
+            since = prev.t if since is None else since
+            longest = max(longest, s.t - since)
+        else:
+            since = None
+    return longest
+
+
 def _live_run(report: Report, env: Env, mode: str, scale: int, seconds: int,
               stock: _Stock, catch_up_timeout_s: float) -> None:
     """One pgbench run on a fresh tenant's compute; `mode` is sync or async."""
@@ -162,6 +177,7 @@ def _live_run(report: Report, env: Env, mode: str, scale: int, seconds: int,
         pgbench(compute, "-i", "-q", "-s", str(scale))
         compute.sql("checkpoint")
         wait_caught_up(client, tenant, timeline, wal_lsn(compute), catch_up_timeout_s)
+        before = scrape(client)
         sampler = LagSampler(compute, client, tenant, timeline)
         with compute.connect() as conn:
             first = sampler.sample_now(conn)
@@ -175,12 +191,20 @@ def _live_run(report: Report, env: Env, mode: str, scale: int, seconds: int,
         with compute.connect() as conn:
             last = sampler.sample_now(conn)
         samples = sampler.samples
+        after = scrape(client)
     finally:
         compute.stop("immediate")
     counts = BlockCounts(compute.datadir / "pg_wal", first.last_record_lsn,
                          last.last_record_lsn)
     _figures(report, mode, samples, counts, t_end, seconds, tps, (l1 - l0) / MB / seconds,
              catch_up, stock)
+    jobs = {name: after.get(f"strata_pageserver_{name}", 0.0)
+            - before.get(f"strata_pageserver_{name}", 0.0)
+            for name in ("compaction_runs_total", "compaction_seconds_sum",
+                         "image_layers_created_total", "timeline_ticks_total",
+                         "gc_runs_total", "gc_seconds_sum")}
+    report.note(f"{mode} pageserver background work during the run (from /metrics): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in jobs.items()))
 
 
 def _figures(report: Report, mode: str, samples: list[Sample], counts: BlockCounts,
@@ -209,6 +233,7 @@ def _figures(report: Report, mode: str, samples: list[Sample], counts: BlockCoun
     report.add(f"{mode}_disk_lag_max_mb", max(disk_lag), "MB")
     report.add(f"{mode}_disk_lag_end_mb", _mean(disk_lag[-quarter:]), "MB")
     report.add(f"{mode}_catch_up_s", catch_up, "s")
+    report.add(f"{mode}_longest_stall_s", _longest_stall(samples), "s")
     series: dict[str, list[float]] = {"t": [], "lag_mb": [], "disk_lag_mb": [],
                                       "ingest_mb_s": [], "page_versions_s": []}
     for prev, s in zip(samples, samples[1:], strict=False):
@@ -233,6 +258,7 @@ def _live(report: Report, quick: bool) -> None:
         root = Path(tmp)
         root.chmod(0o755)
         ensure_traversable(root)
+        report.note(load_note("at the start of the live runs"))
         stock = _stock(report, root, scale, seconds)
         ps = PageserverProcess(root / "pageserver", root / "pageserver.log")
         ps.start()
@@ -242,6 +268,7 @@ def _live(report: Report, quick: bool) -> None:
         try:
             for mode in ("sync", "async"):
                 _live_run(report, env, mode, scale, seconds, stock, timeout)
+            report.note(load_note("at the end of the live runs"))
             problems = env.unexpected_log_errors()
             assert not problems, "pageserver logged errors:\n" + "\n".join(problems[:20])
         finally:
