@@ -7,6 +7,8 @@ walproposer's `QuorumDriver` with generated PostgreSQL 15 WAL (tests/sim/walgen.
 - `append_mb_per_s`: 8 KB records appended as fast as the proposer's window allows, until
   all of it is committed. Baseline: the same bytes written and fsynced in 128 KB pieces by
   one process (what the disk does without the protocol and the three processes).
+- `append_fsyncs_per_mb`: WAL fsyncs per MB on one safekeeper during that phase. Baseline:
+  proposer messages per MB it handled (one fsync each without batching).
 - `restart_recovery_s`: a safekeeper with that WAL stopped and started again until it
   answers (it decodes and checks all the WAL it holds).
 """
@@ -20,7 +22,10 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.report import Report
 from strata.common.ids import TenantId, TimelineId
@@ -66,6 +71,13 @@ def _disk_mb_per_s(directory: Path, total: int) -> float:
     return total / (1 << 20) / (time.perf_counter() - t0)
 
 
+def _counters(sk: Sk) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{sk.http_port}/metrics") as resp:
+        text = resp.read().decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name.endswith("_total")}
+
+
 async def _wait_commit(driver: QuorumDriver, lsn: int) -> None:
     async with asyncio.timeout(120):
         while driver.commit_lsn.value < lsn:
@@ -87,7 +99,7 @@ def run(report: Report, quick: bool) -> None:
         commits = 100 if quick else 500
         total = (8 if quick else 64) << 20
 
-        async def scenario() -> tuple[list[float], float]:
+        async def scenario() -> tuple[list[float], float, dict[str, float]]:
             driver = QuorumDriver(quorum(nodes, tenant, timeline), SYSID, sync=False,
                                   fence_timeout_s=120)
             driver.start()
@@ -102,6 +114,7 @@ def run(report: Report, quick: bool) -> None:
                     await _wait_commit(driver, gen.end_lsn)
                     latencies.append((time.perf_counter() - t0) * 1000)
                 start = gen.end_lsn
+                before = await asyncio.to_thread(_counters, nodes[0])
                 t0 = time.perf_counter()
                 while gen.end_lsn - start < total:
                     _, data = gen.record(rng.randbytes(8000))
@@ -110,17 +123,22 @@ def run(report: Report, quick: bool) -> None:
                         await asyncio.sleep(0.001)  # let the window drain
                 await _wait_commit(driver, gen.end_lsn)
                 rate = (gen.end_lsn - start) / (1 << 20) / (time.perf_counter() - t0)
-                return latencies, rate
+                after = await asyncio.to_thread(_counters, nodes[0])
+                delta = {k: after[k] - before.get(k, 0) for k in after}
+                return latencies, rate, delta
             finally:
                 await driver.stop()
 
-        latencies, rate = asyncio.run(scenario())
+        latencies, rate, delta = asyncio.run(scenario())
         latencies.sort()
         floor = _fsync_floor(base, 50)
         report.add("commit_latency_p50_ms", statistics.median(latencies), "ms", baseline=floor)
         report.add("commit_latency_p99_ms", latencies[int(len(latencies) * 0.99) - 1], "ms",
                    baseline=floor)
         report.add("append_mb_per_s", rate, "MB/s", baseline=_disk_mb_per_s(base, total))
+        mb = total / (1 << 20)
+        report.add("append_fsyncs_per_mb", delta["safekeeper_timeline_wal_fsyncs_total"] / mb,
+                   "fsyncs/MB", baseline=delta["safekeeper_timeline_messages_total"] / mb)
         nodes[0].stop()
         t0 = time.perf_counter()
         nodes[0].start()
