@@ -220,8 +220,8 @@ async def receive(stream: CopyBothStream, start: Lsn, until: Lsn | None,
 
 def test_quorum_commit_and_restart_recovery(sks: SkFactory) -> None:
     """Three safekeepers commit the WAL a proposer appends; one stopped with SIGTERM and one
-    killed with SIGKILL come back with the same term, WAL end and commit LSN, and the quorum
-    keeps committing with them."""
+    killed with SIGKILL (and garbage written after its WAL, as a torn write would) come back
+    with the same term, history and WAL end, and the quorum keeps committing with them."""
     nodes = sks(3)
     tenant, timeline = TenantId.generate(), TimelineId.generate()
     for sk in nodes:
@@ -251,6 +251,11 @@ def test_quorum_commit_and_restart_recovery(sks: SkFactory) -> None:
             assert samples[("safekeeper_timeline_wal_fsyncs_total", str(timeline))] > 0
             assert await asyncio.to_thread(nodes[1].stop) == 0
             await asyncio.to_thread(nodes[2].kill9)
+            # As if the machine had lost power mid-write: garbage after the last record.
+            last_seg = nodes[2].timeline_dir(tenant, timeline) / segment_file_name(
+                Lsn(gen.end_lsn).segno(SEG), 1, SEG)
+            with open(last_seg, "ab") as f:
+                f.write(random.Random(9).randbytes(3000))
             for sk in nodes[1:]:
                 await asyncio.to_thread(sk.start)
                 after = sk.status(tenant, timeline)
@@ -267,8 +272,9 @@ def test_quorum_commit_and_restart_recovery(sks: SkFactory) -> None:
 
     asyncio.run(scenario())
     # A stopped safekeeper answered SIGTERM with exit status 0 (checked above); the restarted
-    # ones found their WAL end by decoding the segments.
+    # ones found their WAL end by decoding the segments, and sk3 cut the garbage.
     assert "cutting" not in nodes[1].log()
+    assert "cutting 3000 bytes of torn WAL" in nodes[2].log()
 
 
 def test_walsender_serves_only_committed_wal(sks: SkFactory) -> None:
