@@ -66,6 +66,23 @@ def test_readahead_grows_on_sequential_misses_and_resets_on_random_ones() -> Non
     assert rf.plan_fetch(998, 1000) == [998, 999]  # never past the remote part
 
 
+def test_readahead_follows_a_parallel_scan_of_interleaved_chunks() -> None:
+    """Three workers take 8-block chunks in turn and read them block by block, interleaved
+    (a parallel seq scan): the fetches still grow to the largest window."""
+    rf = RemoteFile(REL, 0, 4096, max_window=128)
+    fetches = []
+    for base in range(0, 4096, 24):  # three chunks at a time
+        for i in range(8):
+            for chunk in range(3):
+                b = base + chunk * 8 + i
+                if b < 4096 and (plan := rf.plan_fetch(b, b + 1)):
+                    fetches.append(plan)
+                    rf.mark_local(plan[0], plan[-1] + 1)
+    assert rf.fully_local
+    assert len(fetches) < 60, [len(f) for f in fetches]
+    assert max(len(f) for f in fetches) == 128
+
+
 def test_truncate_never_lets_a_cut_block_be_fetched() -> None:
     rf = RemoteFile(REL, 0, 10)
     rf.mark_local(2, 4)

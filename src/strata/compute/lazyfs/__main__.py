@@ -101,6 +101,12 @@ def mount_main(args: argparse.Namespace) -> int:
         try:
             fuse.FUSE(ops, args.mountpoint, foreground=True, allow_other=True,
                       default_permissions=True, fsname="strata-lazyfs", subtype="strata")
+        except RuntimeError as err:
+            # fuse_main's loop ends with an error when the mount was detached under it
+            # (the watchdog after PostgreSQL exited): that is a normal end.
+            if os.path.ismount(args.mountpoint):
+                raise
+            log.info("%s was unmounted (fuse_main returned %s)", args.mountpoint, err)
         finally:
             stop.set()
             client.close()

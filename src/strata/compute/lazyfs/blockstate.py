@@ -8,8 +8,12 @@ is local, D6). A write makes the blocks it covers local; a truncate lowers
 (it reads as what the compute wrote since, or zeros). A re-created file has no
 `RemoteFile` at all.
 
-Readahead: a miss right after the previous miss's end is sequential and doubles the
-window (up to `max_window` blocks); any other miss restarts at the size of the read.
+Readahead: the file remembers a few streams, each the end of what its last fetch
+brought in and its window. A miss at (or a little past) a stream's end continues that
+stream and doubles its window (up to `max_window` blocks); any other miss starts a new
+stream at the size of the read. Several streams, and the slack past a stream's end,
+are for parallel sequential scans: their workers take chunks of a relation in turn
+(`table_block_parallelscan_nextpage`, tableam.c), so no single reader is sequential.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from strata.pg.constants import BLCKSZ
 from strata.storage.key import RelTag
 
 DEFAULT_MAX_WINDOW = 128  # blocks (1 MiB): a GetPages batch holds up to 256
+MAX_STREAMS = 8
+STREAM_SLACK = 16  # blocks past a stream's end that still continue it
 
 
 class RemoteFile:
@@ -36,8 +42,7 @@ class RemoteFile:
         self.present = bytearray(nblocks)
         self.local_count = 0
         self.max_window = max_window
-        self._next_sequential = -1
-        self._window = 0
+        self._streams: dict[int, int] = {}  # end of a stream's last fetch -> its window
         self.lock = threading.Lock()
 
     def is_local(self, blkno: int) -> bool:
@@ -55,12 +60,16 @@ class RemoteFile:
         wanted = self.missing(first, end)
         if not wanted:
             return []
-        if first == self._next_sequential:
-            self._window = min(max(self._window * 2, end - first), self.max_window)
-        else:
-            self._window = end - first
-        ahead_end = max(end, first + self._window)
-        self._next_sequential = ahead_end
+        window = end - first
+        for stream_end, stream_window in self._streams.items():
+            if stream_end <= first < stream_end + STREAM_SLACK:
+                del self._streams[stream_end]
+                window = min(max(stream_window * 2, window), self.max_window)
+                break
+        ahead_end = max(end, first + window)
+        self._streams[ahead_end] = window
+        if len(self._streams) > MAX_STREAMS:
+            del self._streams[next(iter(self._streams))]  # the oldest
         if ahead_end > end:
             wanted += self.missing(end, ahead_end)
         return wanted

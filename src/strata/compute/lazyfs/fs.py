@@ -45,6 +45,7 @@ _STAT_FIELDS = ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "
 _STATVFS_FIELDS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                    "f_ffree", "f_favail", "f_flag", "f_namemax")
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_FUSE_CAP_AUTO_INVAL_DATA = 1 << 12  # fuse_common.h (libfuse 3)
 
 
 @dataclass(slots=True)
@@ -138,6 +139,11 @@ class LazyFs(fuse.Operations):  # type: ignore[misc]  # untyped base class
             # No kernel readahead: it would turn every random 8 KB miss into a 128 KB
             # fetch from the pageserver. Sequential reads get ours (blockstate.py).
             conn_info.max_readahead = 0
+            # Every change comes through this mount, so a changed mtime never means
+            # that cached pages are stale: without this, each write to a relation
+            # dropped the kernel's cache of the whole file at the next attribute
+            # refresh (fuse_common.h, FUSE_CAP_AUTO_INVAL_DATA).
+            conn_info.want &= ~_FUSE_CAP_AUTO_INVAL_DATA
         if config is not None:
             # Every change goes through this mount, so the kernel may keep pages and
             # attributes across opens (each backend opens the files itself).
