@@ -281,16 +281,23 @@ def test_backpressure_with_slow_ingest(test_dir: Path, loop: LoopThread,
         bank = Bank(rc.compute, clients=4, blob_bytes=2000)
         bank.start(first_id=1)
         worst = 0
+        worst_written = 0  # all WAL the compute wrote, acknowledged or not
         deadline = time.monotonic() + 6
         try:
             while time.monotonic() < deadline:
                 reported = rc.sidecar.reported_lsn
+                written = Lsn.parse(str(rc.compute.sql("SELECT pg_current_wal_flush_lsn()")
+                                        [0][0]))
                 ingested = cluster.env.client.timeline(tenant, timeline).last_record_lsn
                 worst = max(worst, reported - ingested)
+                worst_written = max(worst_written, written - ingested)
                 time.sleep(0.05)
         finally:
             bank.stop()
         assert worst <= limit, (worst, limit)
+        # The compute's writes slowed to ingest's pace: beyond the limit only what the
+        # four clients had in flight (a transaction of a few pages each).
+        assert worst_written <= limit + (512 << 10), (worst_written, limit)
         assert rc.sidecar.held_back_s > 0.5, rc.sidecar.held_back_s
         assert not bank.errors and sum(bank.progress) > 20, (bank.errors, bank.progress)
     finally:
@@ -312,6 +319,13 @@ def test_sync_command_line(cluster: Cluster) -> None:
     assert printed == {"lsn": str(info.last_record_lsn), "prev_lsn": str(info.prev_record_lsn)}
     again = cluster.sync(tenant, timeline)
     assert (str(again.lsn), str(again.prev_lsn)) == (printed["lsn"], printed["prev_lsn"])
+    # A timeline the safekeepers do not have: exit 1 with the safekeepers' answer.
+    missing = subprocess.run(
+        [sys.executable, "-m", "strata.compute.walproposer", "--sync", "--tenant", str(tenant),
+         "--timeline", str(TimelineId.generate()), "--safekeepers", sks, "--timeout-s", "2",
+         "--system-id", str(cluster.system_ids[timeline])], capture_output=True, timeout=60)
+    assert missing.returncode == 1, missing
+    assert b"did not finish in 2.0s" in missing.stderr, missing.stderr
 
 
 def test_sidecar_command_line_commits_then_is_fenced(cluster: Cluster) -> None:
