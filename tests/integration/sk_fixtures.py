@@ -8,18 +8,15 @@ and computes started the way the control plane starts them (architecture D6/D7):
    state); `Cluster.sidecar_argv` gives the same sidecar as a command line.
 
 `SafekeeperProcess` runs `python -m strata.safekeeper` (K2) on fixed free ports, so that a
-restarted safekeeper is found at the same address; until that module exists (or with
-STRATA_SK_STUB=1) it runs `tests/sk_stub_process.py`, a stand-in with the same interface.
+restarted safekeeper is found at the same address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib.util
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -51,13 +48,6 @@ from strata.compute.walproposer import (
 from strata.pg.controlfile import ControlFileData
 
 T = TypeVar("T")
-_REAL_SAFEKEEPER = importlib.util.find_spec("strata.safekeeper.__main__") is not None
-
-
-def safekeeper_argv() -> list[str]:
-    if _REAL_SAFEKEEPER and os.environ.get("STRATA_SK_STUB") != "1":
-        return [sys.executable, "-m", "strata.safekeeper"]
-    return [sys.executable, str(Path(__file__).resolve().parents[1] / "sk_stub_process.py")]
 
 
 class LoopThread:
@@ -103,7 +93,7 @@ class SafekeeperProcess:
     def start(self, timeout_s: float = 30) -> None:
         assert self.proc is None, "already running"
         self.workdir.mkdir(parents=True, exist_ok=True)
-        argv = [*safekeeper_argv(), "--id", str(self.node_id),
+        argv = [sys.executable, "-m", "strata.safekeeper", "--id", str(self.node_id),
                 "--workdir", str(self.workdir), "--pg-port", str(self.pg_port),
                 "--http-port", str(self.http_port)]
         with open(self.log_path, "ab") as log:
