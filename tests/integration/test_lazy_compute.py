@@ -32,7 +32,13 @@ from test_e2e_compute import (
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.compute.compute import ComputeConfig
-from strata.compute.lazy import LazyCompute, LazyOptions, start_lazy_compute
+from strata.compute.lazy import (
+    LazyCompute,
+    LazyOptions,
+    cleanup_lazy_root,
+    prepare_lazy_compute,
+    start_lazy_compute,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -280,3 +286,25 @@ def test_full_local_disk_reports_the_error_and_loses_nothing(env: Env, lazy: Laz
     c2 = lazy.start(tenant, timeline)
     assert c2.sql("select count(*), min(id) from keep") == [(20002, -1)]
     assert c2.sql("select count(*) from pg_class where relname = 'big'") == [(0,)]
+
+
+def test_prepare_then_clean_up_by_pid_files(env: Env) -> None:
+    """A control plane that only has the directory (its starting process is gone): the
+    FUSE server and watchdog are found by their pid files, stopped, the mount detached
+    and the directory removed without touching anything through the mount."""
+    tenant, timeline = env.client.create_tenant()
+    lsn = env.client.timeline(tenant, timeline).last_record_lsn
+    root = env.test_dir / "prepared"
+    prepared = prepare_lazy_compute("127.0.0.1", env.pageserver.pg_port, tenant, timeline,
+                                    lsn, root, ComputeConfig(read_only=True))
+    try:
+        assert os.path.ismount(root / "mnt")
+        assert sorted(os.listdir(root / "pgdata" / "global"))[:1] == ["1213"]
+        assert (root / "pgdata" / "global" / "1262").stat().st_size > 0
+        cleanup_lazy_root(root, remove=True)
+        assert not root.exists()
+        prepared.fuse_proc.wait(10)
+        assert prepared.watch_proc is not None
+        prepared.watch_proc.wait(10)
+    finally:
+        prepared.stop("immediate")

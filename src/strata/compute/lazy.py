@@ -17,6 +17,11 @@ After a crash of either process the endpoint is restarted from a fresh basebacku
 new directory; nothing local is reused. `LazyCompute.stop()` stops PostgreSQL, then the
 FUSE server, and detaches the mount even when a process had died.
 
+`prepare_lazy_compute` does steps 1-4 and returns a `LazyCompute` whose `start()` does
+step 5, for a control plane that edits the data directory in between.
+`cleanup_lazy_root(root, remove=...)` stops what is left of a lazy compute from any
+process (by the pid files in ROOT) and detaches its mount, e.g. before deleting ROOT.
+
 `fuse_unusable_reason()` says why lazy mode cannot run on this host (None when it can);
 the control plane falls back to full mode with that reason as its warning.
 """
@@ -40,7 +45,7 @@ from typing import Any
 from strata.common.errors import Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.common.proc import chown_tree
+from strata.common.proc import RunAs, chown_tree
 from strata.compute.compute import Compute, ComputeConfig
 from strata.compute.lazyfs.__main__ import FUSERMOUNT, TREE, detach
 from strata.compute.lazyfs.manifest import MANIFEST_NAME
@@ -51,6 +56,8 @@ from strata.pageserver.page_client import PageClientSync
 log = logging.getLogger(__name__)
 
 LAZY_DIRS = ("base", "global")
+FUSE_PID_FILE = "lazyfs.pid"
+WATCH_PID_FILE = "lazyfs-watch.pid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +148,14 @@ class LazyCompute:
     def sql(self, query: str, *params: Any, dbname: str = "postgres") -> list[tuple[Any, ...]]:
         return self.compute.sql(query, *params, dbname=dbname)
 
+    def start(self, *, timeout_s: float = 60) -> None:
+        """Start PostgreSQL on the mounted file system (after `prepare_lazy_compute`)."""
+        try:
+            self.compute.start(timeout_s=timeout_s)
+        except BaseException:
+            self.stop("immediate", timeout_s=20)
+            raise
+
     def kill_fuse(self) -> None:
         """SIGKILL the FUSE server (a crash); the watchdog then stops PostgreSQL."""
         if self.fuse_proc.poll() is None:
@@ -201,16 +216,15 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def start_lazy_compute(host: str, pg_port: int, tenant_id: TenantId, timeline_id: TimelineId,
-                       lsn: Lsn, root: Path, config: ComputeConfig | None = None, *,
-                       port: int | None = None, log_path: Path | None = None,
-                       options: LazyOptions | None = None) -> LazyCompute:
-    """Start a lazy compute at `lsn` of a timeline in the (absent or empty) directory `root`.
-
-    `host`/`pg_port` is the pageserver's PostgreSQL-protocol port. For a primary the caller
-    has run compute_start (which gives `lsn`) and attaches the WAL receiver afterwards,
-    exactly as for a full-mode compute; `config.read_only` starts a hot standby.
-    """
+def prepare_lazy_compute(host: str, pg_port: int, tenant_id: TenantId,
+                         timeline_id: TimelineId, lsn: Lsn, root: Path,
+                         config: ComputeConfig | None = None, *, compute_host: str = "127.0.0.1",
+                         port: int | None = None, log_path: Path | None = None,
+                         user: RunAs | None = None,
+                         options: LazyOptions | None = None) -> LazyCompute:
+    """Everything of `start_lazy_compute` but starting PostgreSQL: lease, lazy basebackup,
+    store, mount and watchdog. The caller may change the data directory (restore saved
+    settings, set `compute.server.socket_dir`) and then calls `LazyCompute.start()`."""
     options = options or LazyOptions()
     reason = fuse_unusable_reason()
     if reason is not None:
@@ -220,21 +234,22 @@ def start_lazy_compute(host: str, pg_port: int, tenant_id: TenantId, timeline_id
     # The lease comes first: GC must not pass `lsn` while the basebackup is fetched.
     with PageClientSync(host, pg_port, tenant_id, timeline_id) as client:
         client.lease(lsn, options.lease_s)
-    tar = io.BytesIO()
+    tar = io.BytesIO()  # small: a lazy basebackup has no relation files
     asyncio.run(fetch_basebackup(host, pg_port, tenant_id, timeline_id, tar, lsn,
                                  read_only=config.read_only if config else False, mode="lazy"))
     tar.seek(0)
     fetched = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
-    compute = Compute.from_basebackup(tar, root / "pgdata", config, port=port,
-                                      log_path=log_path or root / "postgres.log")
+    compute = Compute.from_basebackup(tar, root / "pgdata", config, host=compute_host,
+                                      port=port, log_path=log_path or root / "postgres.log",
+                                      user=user)
     datadir = compute.datadir
-    user = compute.server.user
+    owner = compute.server.user
     store, mnt = root / "lazy", root / "mnt"
     tree = store / TREE
     tree.mkdir(parents=True)
     os.chmod(tree, 0o700)
-    os.chown(tree, user.uid, user.gid)
+    os.chown(tree, owner.uid, owner.gid)
     mnt.mkdir(mode=0o755)
     manifest = datadir / MANIFEST_NAME
     if not manifest.is_file():
@@ -245,8 +260,8 @@ def start_lazy_compute(host: str, pg_port: int, tenant_id: TenantId, timeline_id
     for name in LAZY_DIRS:
         shutil.move(datadir / name, tree / name)
         os.symlink(mnt / name, datadir / name)
-        os.lchown(datadir / name, user.uid, user.gid)
-    chown_tree(tree, user)
+        os.lchown(datadir / name, owner.uid, owner.gid)
+    chown_tree(tree, owner)
 
     fuse_log = root / "lazyfs.log"
     fuse_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", "mount",
@@ -255,7 +270,7 @@ def start_lazy_compute(host: str, pg_port: int, tenant_id: TenantId, timeline_id
                         "--timeline", str(timeline_id), "--lsn", str(lsn),
                         "--lease-s", str(options.lease_s),
                         "--readahead", str(options.readahead_blocks)], fuse_log)
-    watch_proc: subprocess.Popen[bytes] | None = None
+    (root / FUSE_PID_FILE).write_text(f"{fuse_proc.pid}\n")
     lazy = LazyCompute(root, compute, fuse_proc, None, lsn)
     try:
         deadline = time.monotonic() + options.mount_timeout_s
@@ -267,16 +282,77 @@ def start_lazy_compute(host: str, pg_port: int, tenant_id: TenantId, timeline_id
                 raise Unavailable(f"the lazy file system for {root} did not mount within "
                                   f"{options.mount_timeout_s}s:\n{_tail(fuse_log)}")
             time.sleep(0.02)
-        watch_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", "watch",
-                             "--fuse-pid", str(fuse_proc.pid), "--datadir", str(datadir),
-                             "--mountpoint", str(mnt)], root / "lazyfs-watch.log")
-        lazy.watch_proc = watch_proc
-        mounted = time.monotonic()
-        compute.start()
+        lazy.watch_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", "watch",
+                                  "--fuse-pid", str(fuse_proc.pid), "--datadir", str(datadir),
+                                  "--mountpoint", str(mnt)], root / "lazyfs-watch.log")
+        (root / WATCH_PID_FILE).write_text(f"{lazy.watch_proc.pid}\n")
     except BaseException:
         lazy.stop("immediate", timeout_s=20)
         raise
-    log.info("lazy compute started in %s at %s in %.2fs (basebackup %.2fs, mount %.2fs, "
-             "postgres %.2fs)", root, lsn, time.monotonic() - started, fetched - started,
-             mounted - fetched, time.monotonic() - mounted)
+    log.info("lazy file system for %s at %s ready in %.2fs (basebackup %.2fs)", root, lsn,
+             time.monotonic() - started, fetched - started)
     return lazy
+
+
+def start_lazy_compute(host: str, pg_port: int, tenant_id: TenantId, timeline_id: TimelineId,
+                       lsn: Lsn, root: Path, config: ComputeConfig | None = None, *,
+                       compute_host: str = "127.0.0.1", port: int | None = None,
+                       log_path: Path | None = None, user: RunAs | None = None,
+                       options: LazyOptions | None = None,
+                       timeout_s: float = 60) -> LazyCompute:
+    """Start a lazy compute at `lsn` of a timeline in the (absent or empty) directory `root`.
+
+    `host`/`pg_port` is the pageserver's PostgreSQL-protocol port. For a primary the caller
+    has run compute_start (which gives `lsn`) and attaches the WAL receiver afterwards,
+    exactly as for a full-mode compute; `config.read_only` starts a hot standby.
+    """
+    started = time.monotonic()
+    lazy = prepare_lazy_compute(host, pg_port, tenant_id, timeline_id, lsn, root, config,
+                                compute_host=compute_host, port=port, log_path=log_path,
+                                user=user, options=options)
+    lazy.start(timeout_s=timeout_s)
+    log.info("lazy compute started in %s at %s in %.2fs", root, lsn,
+             time.monotonic() - started)
+    return lazy
+
+
+def _pid_from(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _pid_alive(pid: int, cmdline_has: str) -> bool:
+    """Whether `pid` runs and is ours (its command line names `cmdline_has`)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return cmdline_has.encode() in cmdline
+
+
+def cleanup_lazy_root(root: Path, *, remove: bool = False, timeout_s: float = 30) -> None:
+    """After PostgreSQL of the lazy compute in `root` stopped (or crashed), from any
+    process: stop its FUSE server and watchdog if they still run, detach the mount and,
+    with `remove`, delete `root` (never descending into a live mount)."""
+    mnt = root / "mnt"
+    for name in (FUSE_PID_FILE, WATCH_PID_FILE):
+        pid = _pid_from(root / name)
+        if pid is None or not _pid_alive(pid, str(root)):
+            continue
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _pid_alive(pid, str(root)):
+            if time.monotonic() > deadline:
+                log.warning("pid %d of the lazy compute in %s did not stop in %ss after "
+                            "SIGTERM; killing it", pid, root, timeout_s)
+                os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    detach(str(mnt))
+    if remove and root.exists():
+        if os.path.ismount(mnt):
+            raise Unavailable(f"{mnt} is still mounted; refusing to delete {root}")
+        shutil.rmtree(root)
