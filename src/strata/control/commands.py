@@ -44,9 +44,14 @@ from strata.control.services import (
     pageserver_client,
     pageserver_status,
     require_pageserver,
-    safekeepers_unavailable,
+    require_safekeeper_mode,
+    safekeeper_status,
     start_pageserver,
+    start_safekeeper,
+    start_safekeepers,
     stop_pageserver,
+    stop_safekeeper,
+    stop_safekeepers,
 )
 from strata.control.supervisor import wait_for
 from strata.pageserver.client import PageserverClient, TimelineInfo
@@ -89,9 +94,10 @@ def _client_if_running(env: Environment) -> PageserverClient | None:
               help="A config TOML to start from (ports 0 or missing are allocated).")
 @click.pass_context
 def init(ctx: click.Context, config_file: Path | None) -> None:
-    """Create an environment: config, pageserver, a default tenant, branch and endpoint `main`.
+    """Create an environment: config, pageserver, three safekeepers, a default tenant,
+    branch and endpoint `main`.
 
-    The pageserver is left running; `strata start` starts the endpoint."""
+    The pageserver and safekeepers are left running; `strata start` starts the endpoint."""
     root = ctx.find_root().obj
     assert isinstance(root, Path), root
     config = EnvConfig.load(config_file) if config_file else EnvConfig()
@@ -99,6 +105,7 @@ def init(ctx: click.Context, config_file: Path | None) -> None:
     env = Environment.create(root, config)
     output.info(f"created a Strata environment in {root} (config {env.config_path})")
     try:
+        start_safekeepers(env, config)
         start_pageserver(env, config)
         client = pageserver_client(config)
         with output.step("creating the default tenant (initdb and import into the "
@@ -106,6 +113,7 @@ def init(ctx: click.Context, config_file: Path | None) -> None:
             tenant_id, timeline_id = client.create_tenant()
     except StrataError as err:
         stop_pageserver(env, immediate=True)
+        stop_safekeepers(env, config, immediate=True)
         raise UserError(f"{err}\n`strata init` did not finish; remove {root} and run it "
                         "again") from err
     with env.locked() as state:
@@ -124,9 +132,11 @@ def init(ctx: click.Context, config_file: Path | None) -> None:
 @click.command()
 @click.pass_context
 def start(ctx: click.Context) -> None:
-    """Start the pageserver and every endpoint that was running (or, first time, `main`)."""
+    """Start the safekeepers, the pageserver and every endpoint that was running (or, the
+    first time, `main`)."""
     env = _env(ctx)
     config = env.config()
+    start_safekeepers(env, config)
     start_pageserver(env, config)
     state = env.read_state()
     failed: list[str] = []
@@ -157,7 +167,7 @@ def start(ctx: click.Context) -> None:
                    "SIGKILL); settings and statistics are not saved.")
 @click.pass_context
 def stop(ctx: click.Context, immediate: bool) -> None:
-    """Stop every endpoint, then the pageserver."""
+    """Stop every endpoint, then the pageserver, then the safekeepers."""
     env = _env(ctx)
     client = _client_if_running(env)
     state = env.read_state()
@@ -165,6 +175,7 @@ def stop(ctx: click.Context, immediate: bool) -> None:
         stop_endpoint(env, ep, state.timeline_id(ep.tenant_id, ep.branch), immediate=immediate,
                       client=client)
     stop_pageserver(env, immediate=immediate)
+    stop_safekeepers(env, env.config(), immediate=immediate)
     output.result(f"stopped {env.root}")
 
 
@@ -184,9 +195,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
             infos = client.list_timelines(tenant_id_of(tid))
             timelines += [_timeline_json(tenant, info) for info in infos]
     endpoints = [endpoint_status(env, config, ep) for ep in state.endpoints.values()]
+    named = [(tid, tl, name) for tid, tenant in state.tenants.items()
+             for name, tl in tenant.branches.items()]
+    safekeepers = [safekeeper_status(env, sk, named) for sk in config.safekeepers] \
+        if config.wal_mode == "safekeepers" else []
     data: dict[str, Any] = {"wal_mode": config.wal_mode,
             "pageserver": {**ps.to_json(), "timelines": timelines},
-            "safekeepers": [], "endpoints": endpoints}
+            "safekeepers": safekeepers, "endpoints": endpoints}
     if as_json:
         output.print_json(data)
         return
@@ -194,11 +209,19 @@ def status(ctx: click.Context, as_json: bool) -> None:
                  ["process", "pid", "address", "state", "LSN"],
                  [["pageserver", ps.pid, f"pg {ps.addresses['pg']}, http {ps.addresses['http']}",
                    ps.state, None],
+                  *[[f"safekeeper {sk['id']}", sk["pid"],
+                     f"pg {sk['addresses']['pg']}, http {sk['addresses']['http']}",
+                     sk["state"], _sk_lsns(sk)] for sk in safekeepers],
                   *[[f"endpoint {e['name']}", e["pid"], e["address"], e["state"],
                      e["current_lsn"]] for e in endpoints]])
-    output.info("safekeepers: none (development mode: the pageserver receives the WAL, D7)")
+    if config.wal_mode == "pageserver":
+        output.info("safekeepers: none (development mode: the pageserver receives the WAL, "
+                    "D7)")
     for name, proc in [("pageserver", data["pageserver"]),
-                       *[(f"endpoint {e['name']}", e) for e in endpoints]]:
+                       *[(f"safekeeper {sk['id']}", sk) for sk in safekeepers],
+                       *[(f"endpoint {e['name']}", e) for e in endpoints],
+                       *[(f"walproposer of endpoint {e['name']}", e["walproposer"])
+                         for e in endpoints if e["walproposer"]]]:
         if proc["log_tail"] is not None:
             output.info(f"{name} {proc['state']}; last lines of {proc['log']}:\n"
                         f"{proc['log_tail']}")
@@ -207,6 +230,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
                      ["branch", "timeline", "last_record_lsn", "disk_consistent_lsn", "state"],
                      [[t["branch"], t["timeline_id"], t["last_record_lsn"],
                        t["disk_consistent_lsn"], t["state"]] for t in timelines])
+
+
+def _sk_lsns(sk: dict[str, Any]) -> str | None:
+    """`branch: commit LSN` of each timeline the safekeeper holds."""
+    parts = [f"{t['branch']}: commit {t.get('commit_lsn')}" for t in sk["timelines"]]
+    return ", ".join(parts) or None
 
 
 # --- tenants -----------------------------------------------------------------------------------
@@ -275,19 +304,26 @@ def tenant_list(ctx: click.Context, as_json: bool) -> None:
 
 @tenant.command("config")
 @click.argument("name", required=False, metavar="[TENANT]")
+@click.option("--set", "changes", multiple=True, metavar="KEY=VALUE",
+              help="Change a key (strata.storage.tenant.TenantConfig); repeatable.")
 @json_option
 @click.pass_context
-def tenant_config(ctx: click.Context, name: str | None, as_json: bool) -> None:
-    """Show a tenant's effective config (as the pageserver stored it)."""
-    from strata.storage.repository import TENANTS_DIR
-
+def tenant_config(ctx: click.Context, name: str | None, changes: tuple[str, ...],
+                  as_json: bool) -> None:
+    """Show a tenant's effective config, or change keys of it with --set key=value."""
     env = _env(ctx)
+    config = env.config()
     state = env.read_state()
     tid = state.tenant_id(name)
-    tenant_dir = env.pageserver_dir / TENANTS_DIR / tid
-    if not tenant_dir.is_dir():
-        raise NotFound(f"the pageserver has no directory {tenant_dir} for tenant {tid}")
-    conf = TenantConfig.load(tenant_dir).to_dict()
+    client = require_pageserver(env, config)
+    if changes:
+        updates = _parse_settings(changes)
+        with output.step(f"changing {sorted(updates)} of tenant {state.tenants[tid].name}"):
+            conf = client.set_tenant_config(tenant_id_of(tid), updates)
+        with env.locked() as new_state:
+            new_state.tenants[tid].config.update(updates)
+    else:
+        conf = client.tenant_config(tenant_id_of(tid))
     if as_json:
         output.print_json({"tenant_id": tid, "name": state.tenants[tid].name, "config": conf})
         return
@@ -451,10 +487,17 @@ def timeline_delete(ctx: click.Context, name: str, tenant: str | None) -> None:
         raise UserError(f"cannot delete branch {name}: endpoints {[e.name for e in eps]} are "
                         f"defined on it; delete them first (`strata endpoint delete "
                         f"{eps[0].name}`)")
+    with output.step(f"deleting timeline {timeline_id} on the pageserver"):
+        try:
+            client.delete_timeline(tenant_id_of(tid), timeline_id)
+        except NotFound:
+            output.info(f"note: the pageserver had no timeline {timeline_id} any more")
     with env.locked() as new_state:
         del new_state.tenants[tid].branches[name]
-    output.info(f"note: the pageserver has no timeline delete API yet: the files of timeline "
-                f"{timeline_id} stay in {env.pageserver_dir}")
+    if config.wal_mode == "safekeepers":
+        output.info(f"note: the safekeepers have no delete API; their copy of timeline "
+                    f"{timeline_id} (if a primary ever ran on it) stays until removed by hand "
+                    f"from {env.root / 'safekeepers'}")
     output.result(f"deleted branch {name} (timeline {timeline_id})")
 
 
@@ -466,7 +509,7 @@ def endpoint() -> None:
 
 def _allocate_port(config: EnvConfig, state: State) -> int:
     used = {ep.port for ep in state.endpoints.values()}
-    used |= {config.pageserver.pg_port, config.pageserver.http_port}
+    used |= config.ports()
     for _ in range(100):
         port = free_port(config.endpoint_defaults.host)
         if port not in used:
@@ -615,21 +658,56 @@ def pageserver_restart(ctx: click.Context) -> None:
 
 @click.group()
 def safekeeper() -> None:
-    """Safekeepers (not available yet: development mode, D7)."""
+    """The safekeeper processes (wal_mode = "safekeepers")."""
 
 
-def _safekeeper_command(action: str) -> click.Command:
-    @click.command(action, help=f"{action.capitalize()} safekeeper ID (all without ID): not "
-                                "available yet.")
-    @click.argument("sk_id", required=False, metavar="[ID]", type=int)
-    def command(sk_id: int | None) -> None:
-        raise safekeepers_unavailable()
-
-    return command
+def _safekeeper_ids(config: EnvConfig, sk_id: int | None) -> list[int]:
+    require_safekeeper_mode(config)
+    return [config.safekeeper(sk_id).id] if sk_id is not None else \
+        [sk.id for sk in config.safekeepers]
 
 
-for _action in ("start", "stop", "restart"):
-    safekeeper.add_command(_safekeeper_command(_action))
+sk_id_argument = click.argument("sk_id", required=False, metavar="[ID]", type=int)
+
+
+@safekeeper.command("start")
+@sk_id_argument
+@click.pass_context
+def safekeeper_start(ctx: click.Context, sk_id: int | None) -> None:
+    """Start safekeeper ID (all without ID)."""
+    env = _env(ctx)
+    config = env.config()
+    for i in _safekeeper_ids(config, sk_id):
+        pid = start_safekeeper(env, config.safekeeper(i))
+        output.result(f"safekeeper {i} running (pid {pid})")
+
+
+@safekeeper.command("stop")
+@sk_id_argument
+@click.option("--immediate", is_flag=True, help="SIGKILL instead of a clean stop.")
+@click.pass_context
+def safekeeper_stop(ctx: click.Context, sk_id: int | None, immediate: bool) -> None:
+    """Stop safekeeper ID (all without ID). Endpoints keep committing while a majority
+    of the safekeepers runs."""
+    env = _env(ctx)
+    config = env.config()
+    for i in _safekeeper_ids(config, sk_id):
+        stop_safekeeper(env, i, immediate=immediate)
+        output.result(f"safekeeper {i} stopped")
+
+
+@safekeeper.command("restart")
+@sk_id_argument
+@click.pass_context
+def safekeeper_restart(ctx: click.Context, sk_id: int | None) -> None:
+    """Restart safekeeper ID (all without ID, one after the other, so that a majority
+    stays up)."""
+    env = _env(ctx)
+    config = env.config()
+    for i in _safekeeper_ids(config, sk_id):
+        stop_safekeeper(env, i)
+        pid = start_safekeeper(env, config.safekeeper(i))
+        output.result(f"safekeeper {i} running (pid {pid})")
 
 
 def register(main: click.Group) -> None:

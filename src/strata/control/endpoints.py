@@ -5,13 +5,17 @@ read-only hot standby at a fixed LSN. `start_endpoint` is the whole start flow, 
 
 1. refuse while the endpoint's previous PostgreSQL still runs, or its port is taken;
 2. primaries: the sync step (`sync_wal`) agrees on the LSN X where the new compute
-   starts. In development mode (D7) the pageserver is the WAL receiver and
-   `compute_start` is that step; with safekeepers it will be the walproposer's one-shot
-   sync mode;
+   starts. With safekeepers (wal_mode = "safekeepers") it first creates the timeline on
+   the safekeepers if they lack it (start LSN and previous record from the pageserver,
+   the cluster's system id), points the pageserver at them, and runs the walproposer's
+   one-shot sync mode. In development mode (D7) the pageserver is the WAL receiver and
+   its `compute_start` is that step;
 3. wait (bounded, saying what for) until the pageserver has ingested the WAL up to X;
 4. build a fresh data directory from a basebackup at X, and put back the settings made
    with ALTER SYSTEM and the statistics files saved at the last clean stop on that branch;
-5. start PostgreSQL 15, then attach the WAL receiver (primaries);
+5. start PostgreSQL 15, then its synchronous standby: the walproposer sidecar, under
+   `strata.control.sidecar` (if either dies, both stop), or in development mode the
+   pageserver's WAL receiver;
 6. make sure the application role exists (D8), then close TCP logins of the superuser;
 7. return the connection string (the caller prints it as its last line).
 
@@ -23,12 +27,16 @@ connection): a superuser could turn `wal_consistency_checking` off in its sessio
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,41 +45,52 @@ from typing import Any
 
 import psycopg
 
-from strata.common.errors import StrataError, Unavailable, UserError
+from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
-from strata.common.lsn import Lsn
+from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn
 from strata.common.proc import chown_tree, service_user
 from strata.compute.compute import DEFAULT_RECEIVER_NAME, Compute, ComputeConfig
+from strata.compute.walproposer import (
+    DEFAULT_APPLICATION_NAME,
+    QuorumConfig,
+    SafekeeperAddr,
+    sync_safekeepers,
+)
 from strata.control import output
 from strata.control.env import (
-    SAFEKEEPERS_UNAVAILABLE,
     EndpointState,
     EnvConfig,
     Environment,
     tenant_id_of,
 )
-from strata.control.services import require_pageserver
+from strata.control.services import require_pageserver, safekeeper_http
 from strata.control.supervisor import (
     ProcessFiles,
     check_ports_free,
+    pid_alive,
     stop_process,
     wait_for,
 )
 from strata.pageserver.basebackup import DEFAULT_SLOT_NAME
 from strata.pageserver.client import PageserverClient
+from strata.pg.controlfile import ControlFileData
 
 APP_ROLE = "strata"
 APP_DATABASE = "strata"
 SUPERUSER = "postgres"
 STOP_TIMEOUT_S = 60.0
+SIDECAR_STOP_TIMEOUT_S = 30.0
+SIDECAR_FENCE_TIMEOUT_S = 5.0
 SAVED_FILES = ("postgresql.auto.conf",)
 SAVED_DIRS = ("pg_stat",)
 
 # pg_hba.conf once the endpoint runs: the superuser only over the unix socket, except the
-# WAL receiver's replication connection (development mode, D7); everyone else on loopback.
+# synchronous standby's replication connection (the walproposer sidecar, or the
+# pageserver's WAL receiver in development mode, D7); everyone else on loopback.
 PG_HBA_RESTRICTED = """\
 # Written by `strata endpoint start` (architecture D8): the superuser logs in over the
-# unix socket only; replication (the pageserver's WAL receiver) over loopback.
+# unix socket only; replication (the walproposer or the pageserver's WAL receiver) over
+# loopback.
 local   all             all                                     trust
 host    replication     all             127.0.0.1/32            trust
 host    replication     all             ::1/128                 trust
@@ -146,17 +165,103 @@ def connstr(config: EnvConfig, ep: EndpointState, *, user: str = APP_ROLE,
     return f"postgresql://{user}@{config.endpoint_defaults.host}:{ep.port}/{dbname}"
 
 
+def sidecar_files(env: Environment, name: str) -> ProcessFiles:
+    """The endpoint's walproposer sidecar (its supervisor, `strata.control.sidecar`)."""
+    datadir = endpoint_paths(env, name).datadir
+    return ProcessFiles(f"walproposer of endpoint {name}",
+                        env.run_dir / f"walproposer-{name}.pid",
+                        env.logs_dir / f"walproposer-{name}.log",
+                        marker=f"strata.control.sidecar --pgdata {datadir} ")
+
+
 # --- the start flow ---------------------------------------------------------------------------
-def sync_wal(config: EnvConfig, client: PageserverClient, tenant_id: TenantId,
-             timeline_id: TimelineId) -> tuple[Lsn, Lsn]:
+def system_id(env: Environment, client: PageserverClient, tenant_id: TenantId,
+              timeline_id: TimelineId) -> int:
+    """The tenant's cluster system identifier (pg_control), which the safekeepers check.
+    Kept in the state; the first time read from a basebackup of the timeline's head."""
+    known = env.read_state().tenants[str(tenant_id)].system_id
+    if known is not None:
+        return known
+    info = client.timeline(tenant_id, timeline_id)
+    with tempfile.TemporaryFile(dir=env.root) as tar:
+        client.basebackup(tenant_id, timeline_id, tar, info.last_record_lsn)
+        tar.seek(0)
+        with tarfile.open(fileobj=tar) as archive:
+            member = archive.extractfile("global/pg_control")
+            if member is None:
+                raise UserError(f"the basebackup of timeline {timeline_id} has no "
+                                "global/pg_control")
+            control = ControlFileData.from_bytes(member.read())
+    with env.locked() as state:
+        state.tenants[str(tenant_id)].system_id = control.system_identifier
+    return control.system_identifier
+
+
+def safekeeper_endpoints(config: EnvConfig) -> list[dict[str, Any]]:
+    """The safekeepers as the pageserver's follow API takes them."""
+    return [{"id": sk.id, "host": sk.host, "pg_port": sk.pg_port, "http_port": sk.http_port}
+            for sk in config.safekeepers]
+
+
+def ensure_safekeeper_timeline(env: Environment, config: EnvConfig, client: PageserverClient,
+                               tenant_id: TenantId, timeline_id: TimelineId) -> list[int]:
+    """Create the timeline on every safekeeper that lacks it, at the pageserver's head of
+    it (a new branch: its branch LSN and the record before it), then point the pageserver
+    at the safekeepers. Returns the ids of the safekeepers it was created on.
+
+    A safekeeper that does not answer is skipped: a majority is enough to sync and
+    commit; it is created there at the next start that finds it up."""
+    missing = []
+    for sk in config.safekeepers:
+        try:
+            safekeeper_http(sk, "GET", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}")
+        except NotFound:
+            missing.append(sk)
+        except Unavailable as err:
+            output.info(f"warning: {err}")
+    if missing:
+        info = client.timeline(tenant_id, timeline_id)
+        sysid = system_id(env, client, tenant_id, timeline_id)
+        body = {"timeline_id": str(timeline_id), "start_lsn": str(info.last_record_lsn),
+                "prev_lsn": str(info.prev_record_lsn), "system_id": sysid,
+                "seg_size": DEFAULT_WAL_SEGMENT_SIZE}
+        with output.step(f"creating timeline {timeline_id} on safekeepers "
+                         f"{[sk.id for sk in missing]} at {info.last_record_lsn}"):
+            for sk in missing:
+                safekeeper_http(sk, "POST", f"/v1/tenant/{tenant_id}/timeline", body)
+    # Idempotent: the pageserver persists the list and restarts its receiver from what it
+    # has ingested.
+    client.follow_safekeepers(tenant_id, timeline_id, safekeeper_endpoints(config))
+    return [sk.id for sk in missing]
+
+
+def quorum_config(config: EnvConfig, tenant_id: TenantId,
+                  timeline_id: TimelineId) -> QuorumConfig:
+    return QuorumConfig(tenant_id, timeline_id,
+                        tuple(SafekeeperAddr(sk.id, sk.host, sk.pg_port)
+                              for sk in config.safekeepers))
+
+
+def sync_wal(env: Environment, config: EnvConfig, client: PageserverClient,
+             tenant_id: TenantId, timeline_id: TimelineId) -> tuple[Lsn, Lsn]:
     """The sync step before a primary starts: (X, previous record's LSN) where it starts.
 
-    With safekeepers this will run the walproposer in its one-shot sync mode against
-    them (D7). In development mode the pageserver holds the WAL: it stops its receiver,
-    ingests its whole log and cuts off a partial record at the tail."""
-    if config.wal_mode != "pageserver":
-        raise UserError(SAFEKEEPERS_UNAVAILABLE)
-    return client.compute_start(tenant_id, timeline_id)
+    With safekeepers: the walproposer's one-shot sync mode elects a proposer, recovers
+    the log on a majority and commits its end (D7). In development mode the pageserver
+    holds the WAL: it stops its receiver, ingests its whole log and cuts off a partial
+    record at the tail."""
+    if config.wal_mode == "pageserver":
+        return client.compute_start(tenant_id, timeline_id)
+    ensure_safekeeper_timeline(env, config, client, tenant_id, timeline_id)
+    sysid = system_id(env, client, tenant_id, timeline_id)
+    timeout_s = config.endpoint_defaults.start_timeout_s
+    try:
+        result = asyncio.run(sync_safekeepers(quorum_config(config, tenant_id, timeline_id),
+                                              sysid, timeout_s=timeout_s))
+    except Unavailable as err:
+        raise Unavailable(f"{err}; see `strata status` and start them with `strata "
+                          "safekeeper start`") from err
+    return result.lsn, result.prev_lsn
 
 
 @contextlib.contextmanager
@@ -198,8 +303,11 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
         lsn = ep.read_lsn
         assert lsn is not None, ep
     else:
-        with output.step(f"syncing the WAL of {where} (dev mode: the pageserver holds it)"):
-            lsn, _prev = sync_wal(config, client, tenant_id, timeline_id)
+        _stop_stale_sidecar(env, ep.name)
+        source = ("on the safekeepers" if config.wal_mode == "safekeepers"
+                  else "(dev mode: the pageserver holds it)")
+        with output.step(f"syncing the WAL of {where} {source}"):
+            lsn, _prev = sync_wal(env, config, client, tenant_id, timeline_id)
     with output.step(f"waiting for the pageserver to have {where} up to {lsn}"):
         wait_for(lambda: client.timeline(tenant_id, timeline_id).last_record_lsn >= lsn,
                  timeout_s=defaults.start_timeout_s,
@@ -219,7 +327,12 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
             raise UserError(f"endpoint {ep.name}: PostgreSQL did not start: {err}") from err
         assert compute.pid is not None, ep.name
         files.write_pid(compute.pid)
-    if not ep.read_only:
+    if not ep.read_only and config.wal_mode == "safekeepers":
+        sidecar = sidecar_files(env, ep.name)
+        with output.step(f"starting the walproposer (the primary's synchronous standby; log "
+                         f"{sidecar.log_path})"):
+            _start_sidecar(env, config, ep, tenant_id, timeline_id, compute)
+    elif not ep.read_only:
         with output.step("attaching the pageserver's WAL receiver (the primary's synchronous "
                          "standby in dev mode)"):
             client.attach_receiver(tenant_id, timeline_id, host=defaults.host, port=ep.port,
@@ -246,8 +359,11 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
     if paths.datadir.exists():
         shutil.rmtree(paths.datadir)
     defaults = config.endpoint_defaults
+    receiver = (DEFAULT_APPLICATION_NAME if config.wal_mode == "safekeepers"
+                else DEFAULT_RECEIVER_NAME)
     compute_config = ComputeConfig(
-        read_only=ep.read_only, max_connections=defaults.max_connections,
+        read_only=ep.read_only, receiver_name=receiver,
+        max_connections=defaults.max_connections,
         shared_buffers=defaults.shared_buffers,
         settings={"synchronous_commit": "on", **defaults.settings})
     # Spool the tar to disk: a large database must not have to fit in memory.
@@ -259,6 +375,62 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
         compute.server.socket_dir = paths.socket_dir
         compute.unpack(tar)
         return compute
+
+
+def _start_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
+                   tenant_id: TenantId, timeline_id: TimelineId, compute: Compute) -> None:
+    """Start the walproposer under its supervisor and wait until PostgreSQL streams to it
+    (bounded); if it does not, stop both and say why with the sidecar's log."""
+    files = sidecar_files(env, ep.name)
+    datadir = compute.datadir
+    pg_pid = compute.pid
+    assert pg_pid is not None, ep.name
+    sks = ",".join(f"{sk.id}@{sk.host}:{sk.pg_port}" for sk in config.safekeepers)
+    ps = config.pageserver
+    walproposer = [sys.executable, "-m", "strata.compute.walproposer",
+                   "--tenant", str(tenant_id), "--timeline", str(timeline_id),
+                   "--safekeepers", sks, "--pg-host", config.endpoint_defaults.host,
+                   "--pg-port", str(ep.port), "--pgdata", str(datadir),
+                   "--fence-timeout-s", str(SIDECAR_FENCE_TIMEOUT_S),
+                   "--pageserver-http", f"{ps.host}:{ps.http_port}"]
+    argv = [sys.executable, "-m", "strata.control.sidecar", "--pgdata", str(datadir),
+            "--postmaster-pid", str(pg_pid), "--", *walproposer]
+    with open(files.log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    files.write_pid(proc.pid)
+
+    def streaming() -> bool:
+        if not pid_alive(pg_pid):
+            raise UserError(f"endpoint {ep.name}: PostgreSQL (pid {pg_pid}) exited while its "
+                            f"walproposer started; last lines of {files.log_path}:\n"
+                            f"{files.log_tail()}")
+        try:
+            with superuser_connect(env, ep) as conn:
+                row = conn.execute("select count(*) from pg_stat_replication where "
+                                   "application_name = %s and state = 'streaming'",
+                                   (DEFAULT_APPLICATION_NAME,)).fetchone()
+        except psycopg.Error:
+            return False
+        return row is not None and row[0] > 0
+
+    try:
+        wait_for(streaming, timeout_s=config.endpoint_defaults.start_timeout_s,
+                 what=f"waiting for PostgreSQL of endpoint {ep.name} to stream to its "
+                      "walproposer", files=files, pid=proc.pid)
+    except StrataError:
+        stop_process(files, signal.SIGTERM, timeout_s=SIDECAR_STOP_TIMEOUT_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pg_pid, signal.SIGQUIT)
+        raise
+
+
+def _stop_stale_sidecar(env: Environment, name: str) -> None:
+    """A sidecar supervisor left from the endpoint's last run (its PostgreSQL is gone)."""
+    files = sidecar_files(env, name)
+    if files.read_pid() is not None:
+        stop_process(files, signal.SIGTERM, timeout_s=SIDECAR_STOP_TIMEOUT_S)
+    files.clear_pid()
 
 
 def _restore_saved(paths: EndpointPaths, timeline_id: TimelineId, compute: Compute) -> None:
@@ -313,18 +485,25 @@ def stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId, 
 def _stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId,
                    immediate: bool, client: PageserverClient | None) -> bool:
     files = endpoint_files(env, ep.name)
+    sidecar = sidecar_files(env, ep.name)
     pid = running_pid(env, ep.name)
     if pid is None:
         files.clear_pid()
+        _stop_stale_sidecar(env, ep.name)
         return False
     files.write_pid(pid)
     mode = "immediate" if immediate else "fast"
     with output.step(f"stopping endpoint {ep.name} ({mode})"):
+        # PostgreSQL first: a fast shutdown sends its last WAL (the shutdown checkpoint)
+        # to the walproposer, which must still run to make it durable.
         stop_process(files, signal.SIGQUIT if immediate else signal.SIGINT,
                      timeout_s=STOP_TIMEOUT_S)
+        if sidecar.read_pid() is not None:
+            stop_process(sidecar, signal.SIGTERM, timeout_s=SIDECAR_STOP_TIMEOUT_S)
+        sidecar.clear_pid()
     if not immediate and not ep.read_only:
         _save_settings(endpoint_paths(env, ep.name), timeline_id)
-        if client is not None:
+        if client is not None and env.config().wal_mode == "pageserver":
             # The dev-mode sync step stops the receiver and forgets the compute's address
             # (else the pageserver keeps dialling a stopped compute), after ingesting all
             # the WAL it received, the shutdown checkpoint included.
@@ -361,7 +540,18 @@ def endpoint_status(env: Environment, config: EnvConfig, ep: EndpointState) -> d
         "current_lsn": None, "connstr": connstr(config, ep) if pid is not None else None,
         "socket_dir": str(endpoint_paths(env, ep.name).socket_dir),
         "log": str(files.log_path), "log_tail": files.log_tail() if died else None,
+        "walproposer": None,
     }
+    if config.wal_mode == "safekeepers" and not ep.read_only:
+        sidecar = sidecar_files(env, ep.name)
+        sc_pid = sidecar.read_pid()
+        sc_died = sc_pid is None and sidecar.died()
+        out["walproposer"] = {
+            "pid": sc_pid, "state": "died" if sc_died else "stopped" if sc_pid is None
+            else "running", "log": str(sidecar.log_path),
+            "log_tail": sidecar.log_tail() if sc_died or died else None}
+        if pid is not None and sc_pid is None:
+            out["state"] = "running without its walproposer (commits wait)"
     if pid is None:
         return out
     try:

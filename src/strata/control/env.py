@@ -6,6 +6,7 @@ another) holds:
     config.toml          what to run: ports, tenant defaults, endpoint defaults (user-editable)
     state.json           what exists: tenants, branch names -> timeline ids, endpoints
     pageserver/          the pageserver's workdir (its files, not ours)
+    safekeepers/skN/     safekeeper N's workdir (wal_mode = "safekeepers")
     endpoints/NAME/      an endpoint's data directory (rebuilt at every start) and the
                          settings and statistics saved at its last clean stop
     logs/ run/           a log file and a pid file per process
@@ -44,9 +45,11 @@ WAL_MODES = ("pageserver", "safekeepers")
 DEFAULT_BRANCH = "main"
 DEFAULT_ENDPOINT = "main"
 
-SAFEKEEPERS_UNAVAILABLE = (
-    "safekeepers are not available yet in this version; the environment runs with the "
-    "pageserver as the WAL receiver (development mode, D7)")
+DEFAULT_SAFEKEEPERS = 3
+SAFEKEEPERS_OFF = (
+    "this environment runs with wal_mode = \"pageserver\" (development mode, D7: the "
+    "pageserver is each primary's WAL receiver) and has no safekeepers; create one with "
+    "wal_mode = \"safekeepers\" to use them")
 
 
 def repo_dir_from(option: str | None) -> Path:
@@ -153,9 +156,10 @@ class EndpointDefaults:
 class EnvConfig:
     """config.toml, validated. Ports 0 are allocated (and written back) by `strata init`."""
 
-    wal_mode: str = "pageserver"
+    wal_mode: str = "safekeepers"
     pageserver: PageserverSettings = field(default_factory=PageserverSettings)
-    safekeepers: tuple[SafekeeperSettings, ...] = ()
+    safekeepers: tuple[SafekeeperSettings, ...] = tuple(
+        SafekeeperSettings(i + 1) for i in range(DEFAULT_SAFEKEEPERS))
     tenant_defaults: Mapping[str, Any] = field(default_factory=dict)
     endpoint_defaults: EndpointDefaults = field(default_factory=EndpointDefaults)
 
@@ -163,9 +167,9 @@ class EnvConfig:
         if self.wal_mode not in WAL_MODES:
             raise UserError(f"config wal_mode must be one of {list(WAL_MODES)}, got "
                             f"{self.wal_mode!r}")
-        if self.wal_mode == "safekeepers" or self.safekeepers:
-            raise UserError(f"config: {SAFEKEEPERS_UNAVAILABLE}; set wal_mode = \"pageserver\" "
-                            "and safekeepers = []")
+        if self.wal_mode == "safekeepers" and not self.safekeepers:
+            raise UserError("config wal_mode = \"safekeepers\" needs [[safekeepers]] entries "
+                            "(3 is usual: a majority of 2 keeps committing while one is down)")
         ids = [sk.id for sk in self.safekeepers]
         if len(set(ids)) != len(ids):
             raise UserError(f"config [[safekeepers]] ids must be unique, got {ids}")
@@ -176,11 +180,14 @@ class EnvConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> EnvConfig:
         _check_keys("(top level)", data, {"wal_mode", "pageserver", "safekeepers",
                                           "tenant_defaults", "endpoint_defaults"})
-        sks = data.get("safekeepers", [])
+        wal_mode = str(data.get("wal_mode", "safekeepers"))
+        # Without a list: three safekeepers in safekeeper mode, none in development mode.
+        sks = data.get("safekeepers", [{"id": i + 1} for i in range(DEFAULT_SAFEKEEPERS)]
+                       if wal_mode == "safekeepers" else [])
         if not isinstance(sks, list):
             raise UserError(f"config safekeepers must be an array of tables, got {sks!r}")
         return cls(
-            wal_mode=str(data.get("wal_mode", "pageserver")),
+            wal_mode=wal_mode,
             pageserver=PageserverSettings.from_dict(_table("[pageserver]",
                                                            data.get("pageserver", {}))),
             safekeepers=tuple(SafekeeperSettings.from_dict(_table("[[safekeepers]]", s))
@@ -219,13 +226,32 @@ class EnvConfig:
         ps = self.pageserver
         ps = replace(ps, pg_port=ps.pg_port or free_port(ps.host),
                      http_port=ps.http_port or free_port(ps.host))
-        return replace(self, pageserver=ps)
+        sks = tuple(replace(sk, pg_port=sk.pg_port or free_port(sk.host),
+                            http_port=sk.http_port or free_port(sk.host))
+                    for sk in self.safekeepers)
+        return replace(self, pageserver=ps, safekeepers=sks)
+
+    def ports(self) -> set[int]:
+        """Every port of the storage services."""
+        out = {self.pageserver.pg_port, self.pageserver.http_port}
+        for sk in self.safekeepers:
+            out |= {sk.pg_port, sk.http_port}
+        return out
+
+    def safekeeper(self, sk_id: int) -> SafekeeperSettings:
+        for sk in self.safekeepers:
+            if sk.id == sk_id:
+                return sk
+        raise NotFound(f"no safekeeper with id {sk_id}; config.toml has ids "
+                       f"{[sk.id for sk in self.safekeepers]}")
 
 
 CONFIG_HEADER = """\
 # Strata environment configuration (written by `strata init`; edit, then `strata start`).
-# wal_mode = "pageserver": development mode (architecture D7): the pageserver is each
-# primary's synchronous standby. Safekeepers are not available yet in this version.
+# wal_mode = "safekeepers": each primary's WAL is made durable on a majority of the
+# [[safekeepers]] by its walproposer sidecar; the pageserver follows the safekeepers (D7).
+# wal_mode = "pageserver": development mode (D7): the pageserver is each primary's
+# synchronous standby; [[safekeepers]] are not used.
 # [tenant_defaults]: keys of strata.storage.tenant.TenantConfig (checkpoint_distance, ...).
 # [pageserver.config]: extra pageserver.toml keys (wait_lsn_timeout_s, log_level, ...).
 # [endpoint_defaults.settings]: extra postgresql.conf entries for every endpoint.
@@ -259,6 +285,9 @@ class TenantState:
     name: str
     branches: dict[str, str] = field(default_factory=dict)  # branch name -> timeline id
     config: dict[str, Any] = field(default_factory=dict)  # overrides given at create
+    system_id: int | None = None
+    """pg_control's system identifier of the tenant's cluster (all its branches share it);
+    the safekeepers check it. Read from a basebackup the first time it is needed."""
 
 
 @dataclass
@@ -276,7 +305,8 @@ class State:
                             f"reads version {STATE_VERSION}")
         return cls(
             default_tenant=data.get("default_tenant"),
-            tenants={tid: TenantState(t["name"], dict(t["branches"]), dict(t["config"]))
+            tenants={tid: TenantState(t["name"], dict(t["branches"]), dict(t["config"]),
+                                      t.get("system_id"))
                      for tid, t in data["tenants"].items()},
             endpoints={name: EndpointState(**e) for name, e in data["endpoints"].items()})
 
@@ -346,6 +376,9 @@ class Environment:
     @property
     def run_dir(self) -> Path:
         return self.root / "run"
+
+    def safekeeper_dir(self, sk_id: int) -> Path:
+        return self.root / "safekeepers" / f"sk{sk_id}"
 
     def endpoint_dir(self, name: str) -> Path:
         return self.root / "endpoints" / name

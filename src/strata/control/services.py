@@ -1,9 +1,11 @@
-"""The environment's storage services as processes: start, stop and probe the pageserver.
+"""The environment's storage services as processes: start, stop and probe the pageserver
+and the safekeepers.
 
 The pageserver is `python -m strata.pageserver --workdir ENV/pageserver` with its ports
 and the environment's tenant defaults given as `-c key=value` overrides, so
-config.toml stays the one file the user edits. Safekeepers are not available yet: every
-safekeeper entry point raises the same honest error (architecture D7, development mode).
+config.toml stays the one file the user edits. Safekeeper N is `python -m
+strata.safekeeper --id N --workdir ENV/safekeepers/skN --pg-port P --http-port H`
+(wal_mode = "safekeepers"; in development mode none run, architecture D7).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import json
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from strata.common.errors import StrataError, Unavailable, UserError
+from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.control import output
-from strata.control.env import SAFEKEEPERS_UNAVAILABLE, EnvConfig, Environment
+from strata.control.env import SAFEKEEPERS_OFF, EnvConfig, Environment, SafekeeperSettings
 from strata.control.supervisor import ProcessFiles, check_ports_free, stop_process, wait_for
 from strata.pageserver.client import PageserverClient
 
@@ -149,5 +153,145 @@ def pageserver_status(env: Environment, config: EnvConfig) -> ServiceStatus:
                          str(files.log_path), tail)
 
 
-def safekeepers_unavailable() -> UserError:
-    return UserError(SAFEKEEPERS_UNAVAILABLE)
+# --- safekeepers ---------------------------------------------------------------------------------
+SAFEKEEPER_START_TIMEOUT_S = 30.0
+SAFEKEEPER_STOP_TIMEOUT_S = 30.0
+SAFEKEEPER_HTTP_TIMEOUT_S = 5.0
+
+
+def require_safekeeper_mode(config: EnvConfig) -> None:
+    if config.wal_mode != "safekeepers":
+        raise UserError(SAFEKEEPERS_OFF)
+
+
+def safekeeper_files(env: Environment, sk_id: int) -> ProcessFiles:
+    return ProcessFiles(f"safekeeper {sk_id}", env.run_dir / f"safekeeper-{sk_id}.pid",
+                        env.logs_dir / f"safekeeper-{sk_id}.log",
+                        marker=f"--workdir {env.safekeeper_dir(sk_id)} ")
+
+
+def safekeeper_argv(env: Environment, sk: SafekeeperSettings) -> list[str]:
+    return [sys.executable, "-m", "strata.safekeeper", "--id", str(sk.id),
+            "--workdir", str(env.safekeeper_dir(sk.id)), "--listen-host", sk.host,
+            "--pg-port", str(sk.pg_port), "--http-port", str(sk.http_port)]
+
+
+def safekeeper_http(sk: SafekeeperSettings, method: str, path: str,
+                    body: dict[str, Any] | None = None,
+                    timeout_s: float = SAFEKEEPER_HTTP_TIMEOUT_S) -> Any:
+    """One call of safekeeper `sk`'s HTTP API (docs/safekeeper.md): the decoded JSON answer;
+    NotFound for 404, UserError for another refusal, Unavailable if it does not answer."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://{sk.host}:{sk.http_port}{path}", data=data,
+                                 method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        try:
+            message = json.loads(err.read()).get("error", err.reason)
+        except (ValueError, AttributeError):
+            message = err.reason
+        cls = NotFound if err.code == 404 else UserError
+        raise cls(f"safekeeper {sk.id} ({sk.host}:{sk.http_port}) refused {method} {path}: "
+                  f"{message}") from err
+    except (urllib.error.URLError, OSError) as err:
+        raise Unavailable(f"safekeeper {sk.id} does not answer on {sk.host}:{sk.http_port}: "
+                          f"{err}") from err
+
+
+def safekeeper_responds(sk: SafekeeperSettings) -> bool:
+    try:
+        safekeeper_http(sk, "GET", "/v1/status", timeout_s=2)
+    except StrataError:
+        return False
+    return True
+
+
+def start_safekeeper(env: Environment, sk: SafekeeperSettings) -> int:
+    """Start safekeeper `sk` (if it is not running) and wait until its HTTP API answers."""
+    files = safekeeper_files(env, sk.id)
+    pid = files.read_pid()
+    if pid is not None:
+        output.info(f"safekeeper {sk.id} already running (pid {pid})")
+        return pid
+    check_ports_free(f"safekeeper {sk.id}", {"pg port": (sk.host, sk.pg_port),
+                                             "http port": (sk.host, sk.http_port)})
+    env.safekeeper_dir(sk.id).mkdir(parents=True, exist_ok=True)
+    env.logs_dir.mkdir(exist_ok=True)
+    with output.step(f"starting safekeeper {sk.id} (pg {sk.host}:{sk.pg_port}, http "
+                     f"{sk.host}:{sk.http_port}, log {files.log_path})"):
+        with open(files.log_path, "ab") as log:
+            proc = subprocess.Popen(safekeeper_argv(env, sk), stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        files.write_pid(proc.pid)
+        wait_for(lambda: safekeeper_responds(sk), timeout_s=SAFEKEEPER_START_TIMEOUT_S,
+                 what=f"waiting for safekeeper {sk.id}'s HTTP API on "
+                      f"{sk.host}:{sk.http_port}", files=files, pid=proc.pid)
+    return proc.pid
+
+
+def stop_safekeeper(env: Environment, sk_id: int, *, immediate: bool = False) -> bool:
+    """SIGTERM (it closes its timelines and exits) or, immediate, SIGKILL."""
+    files = safekeeper_files(env, sk_id)
+    if files.read_pid() is None:
+        files.clear_pid()
+        output.info(f"safekeeper {sk_id} is not running")
+        return False
+    how = (f"killing safekeeper {sk_id} (SIGKILL)" if immediate
+           else f"stopping safekeeper {sk_id}")
+    with output.step(how):
+        stop_process(files, signal.SIGKILL if immediate else signal.SIGTERM,
+                     timeout_s=SAFEKEEPER_STOP_TIMEOUT_S)
+    return True
+
+
+def start_safekeepers(env: Environment, config: EnvConfig) -> None:
+    if config.wal_mode == "safekeepers":
+        for sk in config.safekeepers:
+            start_safekeeper(env, sk)
+
+
+def stop_safekeepers(env: Environment, config: EnvConfig, *, immediate: bool = False) -> None:
+    # Also in development mode: the config may have been switched while they ran.
+    for sk in config.safekeepers:
+        if safekeeper_files(env, sk.id).read_pid() is not None:
+            stop_safekeeper(env, sk.id, immediate=immediate)
+
+
+def safekeeper_status(env: Environment, sk: SafekeeperSettings,
+                      timelines: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """Safekeeper `sk` for `status --json`: id, addresses, pid, state, and per timeline it
+    holds (of `timelines`: (tenant id, timeline id, branch name)) its term and LSNs."""
+    files = safekeeper_files(env, sk.id)
+    pid = files.read_pid()
+    if pid is None:
+        state = "died" if files.died() else "stopped"
+    elif safekeeper_responds(sk):
+        state = "running"
+    else:
+        state = "not responding"
+    out: dict[str, Any] = {
+        "id": sk.id, "pid": pid, "state": state,
+        "addresses": {"pg": f"{sk.host}:{sk.pg_port}", "http": f"{sk.host}:{sk.http_port}"},
+        "log": str(files.log_path),
+        "log_tail": files.log_tail() if state in ("died", "not responding") else None,
+        "timelines": []}
+    if state != "running":
+        return out
+    for tenant_id, timeline_id, branch in timelines:
+        try:
+            tl = safekeeper_http(sk, "GET", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}")
+        except NotFound:
+            continue  # not on the safekeepers yet: no primary ran on it
+        except StrataError as err:
+            out["timelines"].append({"tenant_id": tenant_id, "timeline_id": timeline_id,
+                                     "branch": branch, "error": str(err)})
+            continue
+        out["timelines"].append({
+            "tenant_id": tenant_id, "timeline_id": timeline_id, "branch": branch,
+            **{key: tl.get(key) for key in ("term", "flush_lsn", "commit_lsn",
+                                            "durable_commit_lsn", "timeline_start_lsn",
+                                            "removal_horizon")}})
+    return out
