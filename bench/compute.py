@@ -11,6 +11,12 @@ scales 1 and 10), a tenant is loaded through a full-mode compute, then:
   that takes is `read_all_lazy_s{N}`), and a full-mode compute; the
   baseline is stock PostgreSQL 15 on its own data directory at the same scale.
 
+* `soak_*` (not with --quick): a lazy compute with the smallest shared_buffers runs
+  pgbench TPC-B for minutes while the pageserver checkpoints, compacts and collects
+  garbage with the most aggressive settings every two seconds, with a 10-second lease
+  renewed by the FUSE process; the compute must never fail to read a page
+  (`soak_fetch_errors` 0, balances hold) and GC's cutoff never passes its start LSN.
+
 Computes run with the e2e harness's settings (dev mode: the pageserver is the
 synchronous standby). Long runs: `bench/run compute` (several minutes for 5 GB loads).
 """
@@ -20,13 +26,16 @@ from __future__ import annotations
 import re
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from bench.report import Report
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
 from strata.common.proc import ensure_traversable
 from strata.compute.compute import ComputeConfig
-from strata.compute.lazy import LazyCompute, start_lazy_compute
+from strata.compute.lazy import LazyCompute, LazyOptions, start_lazy_compute
 from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
@@ -59,12 +68,14 @@ def _read_everything(server: PgServer) -> None:
             conn.execute(f"select count(*) from pgbench_{table} where {key} > 0").fetchall()
 
 
-def _start_lazy(env: Env, tenant: object, timeline: object, name: str) -> LazyCompute:
-    lsn, _ = env.client.compute_start(tenant, timeline)  # type: ignore[arg-type]
-    config = ComputeConfig(receiver_name=APP_NAME, settings=COMPUTE_SETTINGS)
-    lazy = start_lazy_compute("127.0.0.1", env.pageserver.pg_port, tenant, timeline,  # type: ignore[arg-type]
-                              lsn, env.test_dir / name, config)
-    env.client.attach_receiver(tenant, timeline, host=lazy.server.host,  # type: ignore[arg-type]
+def _start_lazy(env: Env, tenant: TenantId, timeline: TimelineId, name: str,
+                shared_buffers: str = "32MB", options: LazyOptions | None = None) -> LazyCompute:
+    lsn, _ = env.client.compute_start(tenant, timeline)
+    config = ComputeConfig(receiver_name=APP_NAME, settings=COMPUTE_SETTINGS,
+                           shared_buffers=shared_buffers)
+    lazy = start_lazy_compute("127.0.0.1", env.pageserver.pg_port, tenant, timeline,
+                              lsn, env.test_dir / name, config, options=options)
+    env.client.attach_receiver(tenant, timeline, host=lazy.server.host,
                                port=lazy.port, slot=SLOT, application_name=APP_NAME)
     return lazy
 
@@ -73,6 +84,60 @@ def _both(server: PgServer, seconds: int, clients: str) -> tuple[float, float]:
     select = _tps(_pgbench(server, "-S", "-c", clients, "-T", str(seconds), "-n"))
     tpcb = _tps(_pgbench(server, "-c", clients, "-T", str(seconds), "-n"))
     return select, tpcb
+
+
+AGGRESSIVE_GC = {"gc_horizon": 0, "pitr_interval_s": 0, "image_creation_threshold": 1,
+                 "checkpoint_distance": 1 << 20, "gc_period_s": 1, "compaction_period_s": 1}
+
+
+def gc_soak(report: Report, base: Path, seconds: int, scale: int = 5) -> None:
+    """pgbench on a lazy compute (16 shared buffers) under the most aggressive GC."""
+    ps = PageserverProcess(base / "soak_pageserver", base / "soak_pageserver.log")
+    ps.start()
+    env = Env(base, ps)
+    lazy: LazyCompute | None = None
+    try:
+        tenant, timeline = env.client.create_tenant(config=AGGRESSIVE_GC)
+        loader = env.start_compute(tenant, timeline)
+        _pgbench(loader, "-i", "-s", str(scale), "-q")
+        loader.stop("fast")
+        env.computes.clear()
+        lazy = _start_lazy(env, tenant, timeline, "soak", shared_buffers="128kB",
+                           options=LazyOptions(lease_s=10))
+        result: dict[str, str] = {}
+        bench = threading.Thread(target=lambda: result.update(out=_pgbench(
+            lazy.server, "-c", "4", "-T", str(seconds), "-n")))
+        bench.start()
+        gc_runs, worst_cutoff, removed = 0, Lsn(0), 0
+        while bench.is_alive():
+            env.client.checkpoint(tenant, timeline)
+            env.client.compact(tenant, timeline)
+            held = env.client.gc(tenant)[timeline]
+            gc_runs += 1
+            removed += int(held.get("layers_removed", 0))
+            worst_cutoff = max(worst_cutoff, Lsn.parse(held["cutoff"]))
+            time.sleep(2)
+        bench.join()
+        tps = _tps(result["out"])
+        n = lazy.server.sql("select count(*) from pgbench_history")[0][0]
+        total = lazy.server.sql("select (select sum(abalance) from pgbench_accounts) - "
+                                "(select sum(delta) from pgbench_history)")[0][0]
+        lazy.stop("fast")
+        text = lazy.fuse_log.read_text(errors="replace")
+        fetched = [int(m) for m in re.findall(r"fetched (\d+) pages", text)]
+        report.add("soak_seconds", seconds, "s")
+        report.add("soak_tps", tps, "tps")
+        report.add("soak_transactions", n, "txn")
+        report.add("soak_gc_runs", gc_runs, "runs")
+        report.add("soak_layers_removed", removed, "layers")
+        report.add("soak_pages_fetched", fetched[-1] if fetched else 0, "pages")
+        report.add("soak_fetch_errors", text.count("could not fetch"), "errors")
+        report.add("soak_balance_mismatch", float(total or 0), "sum")
+        report.add("soak_cutoff_past_start_bytes", max(0, worst_cutoff - lazy.lsn), "bytes")
+    finally:
+        if lazy is not None:
+            lazy.stop("immediate", timeout_s=20)
+        env.stop_all()
 
 
 def run(report: Report, quick: bool) -> None:
@@ -137,3 +202,5 @@ def run(report: Report, quick: bool) -> None:
             report.add(f"tps_{kind}_lazy_warm_s{top}", warm[i], "tps", baseline=stock[i])
             report.add(f"tps_{kind}_full_s{top}", full_tps[i], "tps", baseline=stock[i])
             report.add(f"tps_{kind}_stock_s{top}", stock[i], "tps")
+        if not quick:
+            gc_soak(report, base, 600)
