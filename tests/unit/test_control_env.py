@@ -4,6 +4,7 @@ checks, without starting services."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,30 +18,44 @@ from hypothesis import strategies as st
 
 from strata.common.errors import NotFound, UserError
 from strata.control.env import (
-    SAFEKEEPERS_UNAVAILABLE,
     EndpointState,
     EnvConfig,
     Environment,
     State,
     TenantState,
 )
+from strata.control.sidecar import supervise
 from strata.control.supervisor import ProcessFiles, pid_alive, port_in_use
 
 
-def test_defaults_are_dev_mode_without_safekeepers() -> None:
+def test_defaults_are_three_safekeepers() -> None:
     config = EnvConfig.from_dict({})
-    assert config.wal_mode == "pageserver"
-    assert config.safekeepers == ()
+    assert config == EnvConfig()
+    assert config.wal_mode == "safekeepers"
+    assert [sk.id for sk in config.safekeepers] == [1, 2, 3]
     allocated = config.with_ports_allocated()
     assert allocated.pageserver.pg_port > 0 and allocated.pageserver.http_port > 0
-    assert allocated.pageserver.pg_port != allocated.pageserver.http_port
+    ports = [allocated.pageserver.pg_port, allocated.pageserver.http_port]
+    ports += [p for sk in allocated.safekeepers for p in (sk.pg_port, sk.http_port)]
+    assert 0 not in ports and len(set(ports)) == 8, ports
+    assert allocated.ports() == set(ports)
+    assert allocated.safekeeper(2) == allocated.safekeepers[1]
+    with pytest.raises(NotFound, match=r"no safekeeper with id 4; config.toml has ids"):
+        allocated.safekeeper(4)
+
+
+def test_dev_mode_has_no_safekeepers_unless_listed() -> None:
+    assert EnvConfig.from_dict({"wal_mode": "pageserver"}).safekeepers == ()
+    one = EnvConfig.from_dict({"wal_mode": "safekeepers", "safekeepers": [{"id": 7}]})
+    assert [sk.id for sk in one.safekeepers] == [7]
 
 
 @pytest.mark.parametrize("data, message", [
     ({"wal_mod": "pageserver"}, "unknown keys ['wal_mod']"),
     ({"wal_mode": "quorum"}, "wal_mode must be one of"),
-    ({"wal_mode": "safekeepers"}, SAFEKEEPERS_UNAVAILABLE),
-    ({"safekeepers": [{"id": 1}]}, SAFEKEEPERS_UNAVAILABLE),
+    ({"wal_mode": "safekeepers", "safekeepers": []}, "needs [[safekeepers]] entries"),
+    ({"safekeepers": [{"id": 1}, {"id": 1}]}, "ids must be unique, got [1, 1]"),
+    ({"safekeepers": [{"id": 0}]}, "id must be a positive integer"),
     ({"pageserver": {"pg_port": 70000}}, "[pageserver] pg_port must be a port number"),
     ({"pageserver": {"http_port": "80"}}, "[pageserver] http_port must be a port number"),
     ({"pageserver": {"config": {"listen_pg_addr": "x:1"}}}, "must not set listen_pg_addr"),
@@ -79,10 +94,11 @@ def test_state_round_trip_and_lookups(tmp_path: Path) -> None:
     env = Environment.create(tmp_path / "env", EnvConfig())
     tid, tl = "ab" * 16, "cd" * 16
     with env.locked() as state:
-        state.tenants[tid] = TenantState("default", {"main": tl})
+        state.tenants[tid] = TenantState("default", {"main": tl}, {}, 7 << 60)
         state.default_tenant = tid
         state.endpoints["ro"] = EndpointState("ro", tid, "main", 5432, "0/16B3740", False)
     state = env.read_state()
+    assert state.tenants[tid].system_id == 7 << 60
     assert state.tenant_id(None) == tid == state.tenant_id("default")
     assert str(state.timeline_id(tid, "main")) == tl
     ep = state.endpoint("ro")
@@ -144,3 +160,47 @@ def test_port_in_use() -> None:
         port = s.getsockname()[1]
         assert port_in_use("127.0.0.1", port)
     assert not port_in_use("127.0.0.1", port)
+
+
+def _stand_in_postmaster(datadir: Path) -> subprocess.Popen[bytes]:
+    """A process whose command line names `datadir`, like `postgres -D datadir`."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             str(datadir)])
+
+
+def test_sidecar_exit_stops_postgres(tmp_path: Path) -> None:
+    """The sidecar exits: the postmaster gets SIGQUIT (immediate shutdown) and the
+    supervisor returns the sidecar's exit code."""
+    pm = _stand_in_postmaster(tmp_path / "pgdata")
+    try:
+        rc = supervise(tmp_path / "pgdata", pm.pid,
+                       [sys.executable, "-c", "import sys, time; time.sleep(0.3); sys.exit(5)"])
+        assert rc == 5
+        assert pm.wait(10) == -signal.SIGQUIT
+    finally:
+        pm.kill()
+
+
+def test_postgres_exit_stops_the_sidecar(tmp_path: Path) -> None:
+    """The postmaster exits: the sidecar is stopped (SIGTERM) and the supervisor ends."""
+    pm = _stand_in_postmaster(tmp_path / "pgdata")
+    marker = tmp_path / "sidecar-started"
+    sidecar = [sys.executable, "-c",
+               f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(60)"]
+    started = time.monotonic()
+
+    def kill_postmaster_soon() -> None:
+        while not marker.exists():
+            time.sleep(0.02)
+        pm.terminate()
+        pm.wait(10)
+
+    import threading
+    killer = threading.Thread(target=kill_postmaster_soon)
+    killer.start()
+    try:
+        assert supervise(tmp_path / "pgdata", pm.pid, sidecar) == 0
+    finally:
+        killer.join(10)
+        pm.kill()
+    assert time.monotonic() - started < 10

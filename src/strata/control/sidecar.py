@@ -63,8 +63,16 @@ def supervise(pgdata: Path, postmaster_pid: int, child_argv: Sequence[str]) -> i
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stop_requested.append(signum)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _supervise(pgdata, postmaster_pid, child_argv, stop_requested)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _supervise(pgdata: Path, postmaster_pid: int, child_argv: Sequence[str],
+               stop_requested: list[int]) -> int:
     proc = subprocess.Popen(list(child_argv), stdin=subprocess.DEVNULL)
     _say(f"walproposer started (pid {proc.pid}) for postmaster {postmaster_pid} ({pgdata})")
     while True:
