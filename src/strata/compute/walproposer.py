@@ -499,7 +499,8 @@ class WalProposer:
         self.reported_lsn = Lsn(0)  # what PostgreSQL was last told (write = flush = apply)
         self.pageserver_lsns: tuple[Lsn, Lsn] | None = None  # (last_record, disk_consistent)
         self._report = asyncio.Event()
-        self.held_back_s = 0.0  # total time the report was below the commit LSN
+        self._held_s = 0.0  # closed periods with the report held below the commit LSN
+        self._held_since: float | None = None
 
     # --- public ---------------------------------------------------------------------------
     async def run(self) -> str:
@@ -643,6 +644,19 @@ class WalProposer:
                     allowed = min(allowed, base + limit)
         return max(allowed, self.reported_lsn)  # never moves back
 
+    @property
+    def held_back_s(self) -> float:
+        """How long backpressure has held the reports below the commit LSN, in total."""
+        ongoing = 0.0 if self._held_since is None else time.monotonic() - self._held_since
+        return self._held_s + ongoing
+
+    def _note_held(self, now: float, *, held: bool) -> None:
+        if held and self._held_since is None:
+            self._held_since = now
+        elif not held and self._held_since is not None:
+            self._held_s += now - self._held_since
+            self._held_since = None
+
     async def _report_loop(self, driver: QuorumDriver, stream: CopyBothStream) -> None:
         last_sent = -1.0
         while True:
@@ -654,8 +668,7 @@ class WalProposer:
                 return  # never acknowledge anything after losing the term
             lsn = self.allowed_lsn(driver.proposer.commit_lsn)
             now = time.monotonic()
-            if lsn < driver.proposer.commit_lsn and last_sent >= 0:
-                self.held_back_s += now - last_sent
+            self._note_held(now, held=lsn < driver.proposer.commit_lsn)
             if lsn != self.reported_lsn or now - last_sent >= self.config.status_interval_s:
                 self.reported_lsn = lsn
                 last_sent = now
