@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -172,6 +173,10 @@ def test_bank_transfers_survive_rolling_safekeeper_restarts(cluster: Cluster) ->
         bank.stop()
     assert rc.fenced == [], rc.fenced
     check_bank(rc.compute, bank.acked)
+    # Each safekeeper was down once, so the pageserver had to move to another at least once.
+    followed = set(re.findall(r"streaming timeline \S+ from safekeeper (\d+)",
+                              cluster.env.pageserver.log_text()))
+    assert len(followed) >= 2, followed
     stop_compute(rc)
     # A new compute: every acknowledged transfer, balances intact.
     rc2 = cluster.start_compute(tenant, timeline)
