@@ -4,8 +4,8 @@ follows the safekeepers, computes started from sync's LSN.
 
 Proves:
 - a bank-transfer workload keeps the sum of balances and every acknowledged transfer while
-  the safekeepers are restarted one by one (two of three always up), and every client keeps
-  committing through each restart;
+  the safekeepers are restarted one by one (two of three always up), every client keeps
+  committing through each restart, and the pageserver moves between safekeepers;
 - kill -9 of the compute under load, five times, each time with the head of a record that
   spans pages on the safekeepers and its tail dropped (failpoint walproposer-drop-tail): a
   new compute starts every time, every acknowledged commit is there, and the timeline's WAL
@@ -13,8 +13,11 @@ Proves:
 - two computes on one timeline: the older is stopped within the fencing timeout, only the
   newer commits, and no acknowledged commit is lost;
 - backpressure: with ingest slowed by a failpoint, acknowledged WAL stays within the write
-  lag limit of what the pageserver ingested;
-- the `--sync` command line prints the same LSNs as the library.
+  lag limit of what the pageserver ingested, and all WAL the compute wrote within that plus
+  its transactions in flight;
+- the `--sync` command line prints the same LSNs as the library (and fails with the
+  safekeepers' answer for a timeline they lack); the sidecar command line commits through
+  the quorum, and exits 3 after stopping its compute when a newer proposer appears.
 """
 
 from __future__ import annotations
