@@ -1,8 +1,10 @@
 """The `strata` CLI end to end, run as a real command in a temporary environment directory.
 
-It drives real processes: the pageserver and stock PostgreSQL 15 endpoints (development
-mode, D7: the pageserver is each primary's synchronous standby). Every test stops its
-environment at the end (`strata stop --immediate`), on failure too.
+It drives real processes: the pageserver, three safekeepers and stock PostgreSQL 15
+endpoints with their walproposer sidecars (the default, wal_mode = "safekeepers"), and
+in one test the development mode (D7: the pageserver is each primary's synchronous
+standby). Every test stops its environment at the end (`strata stop --immediate`), on
+failure too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,13 +87,19 @@ def connstr_of(line: str) -> str:
 
 
 def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
-    """init + start give a `main` endpoint for a non-superuser role; branches at the head
-    and at a past LSN each see their parent's data of that moment and keep their own
-    writes apart; a read-only endpoint at an LSN sees that moment and refuses writes;
-    running endpoints block a second start and a timeline delete; after stopping and
-    starting the whole environment every endpoint comes back with its data, its ALTER
-    SYSTEM settings and its statistics."""
+    """init + start give three safekeepers and a `main` endpoint for a non-superuser role;
+    branches at the head and at a past LSN each see their parent's data of that moment
+    and keep their own writes apart; a read-only endpoint at an LSN sees that moment and
+    refuses writes; running endpoints block a second start and a timeline delete; commits
+    go on while a safekeeper restarts, and all three hold the committed WAL; after
+    stopping and starting the whole environment every endpoint comes back with its data,
+    its ALTER SYSTEM settings and its statistics; a deleted branch is gone from the
+    pageserver."""
     assert "strata start" in cli.last_line("init")
+    config = tomllib.loads((cli.repo_dir / "config.toml").read_text())
+    assert config["wal_mode"] == "safekeepers"
+    assert [sk["id"] for sk in config["safekeepers"]] == [1, 2, 3]
+    assert all(sk["pg_port"] > 0 and sk["http_port"] > 0 for sk in config["safekeepers"])
     main = connstr_of(cli.last_line("start"))
     assert rows(main, "select current_user, rolsuper from pg_roles "
                       "where rolname = current_user") == [("strata", False)]
@@ -145,16 +154,43 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     refused = cli.run("timeline", "delete", "main", ok=False)
     assert "child branches ['head', 'past', 'when']" in refused.stderr
 
+    # A safekeeper restarts while the endpoints run: commits go on (a majority is up),
+    # and afterwards every safekeeper has main's WAL up to the last commit.
+    before = {sk["id"]: sk for sk in cli.json("status")["safekeepers"]}
+    assert set(before) == {1, 2, 3} and all(sk["state"] == "running"
+                                            for sk in before.values()), before
+    cli.run("safekeeper", "stop", "2")
+    rows(main, "insert into t values (8, 'one safekeeper down')")
+    cli.run("safekeeper", "start", "2")
+    rows(main, "insert into t values (9, 'all three up')")
+    committed = Lsn.parse(rows(main, "select pg_current_wal_flush_lsn()::text")[0][0])
+
+    def main_commit_lsns() -> dict[int, Lsn]:
+        out = {}
+        for sk in cli.json("status")["safekeepers"]:
+            tl = next((t for t in sk["timelines"] if t["branch"] == "main"), None)
+            out[sk["id"]] = Lsn.parse(tl["commit_lsn"]) if tl else Lsn(0)
+        return out
+
+    deadline = time.monotonic() + 30
+    while min(main_commit_lsns().values()) < committed:
+        assert time.monotonic() < deadline, (main_commit_lsns(), committed)
+        time.sleep(0.2)
+    status = cli.json("status")
+    main_ep = next(e for e in status["endpoints"] if e["name"] == "main")
+    assert main_ep["walproposer"]["state"] == "running"
+    rows(main, "delete from t where id in (8, 9)")
+
     with cli.superuser("main") as conn:
         conn.execute("alter system set work_mem = '7MB'")
     inserts = rows(main, "select n_tup_ins from pg_stat_user_tables where relname = 't'")
-    assert inserts == [(3,)]
+    assert inserts == [(5,)]
 
     cli.run("stop")
     status = cli.json("status")
     assert set(status) >= {"pageserver", "safekeepers", "endpoints"}
     assert status["pageserver"]["state"] == "stopped"
-    assert status["safekeepers"] == []
+    assert [sk["state"] for sk in status["safekeepers"]] == ["stopped"] * 3
     assert {e["name"]: e["state"] for e in status["endpoints"]} == {
         "main": "stopped", "head": "stopped", "past": "stopped", "ro": "stopped"}
 
@@ -171,6 +207,7 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
 
     status = cli.json("status")
     assert status["pageserver"]["state"] == "running"
+    assert [sk["state"] for sk in status["safekeepers"]] == ["running"] * 3
     by_name = {e["name"]: e for e in status["endpoints"]}
     assert all(e["state"] == "running" for e in by_name.values()), by_name
     assert by_name["ro"]["mode"] == "read-only" and by_name["ro"]["lsn"] == lsn1
@@ -180,13 +217,40 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     # A deleted branch frees its name; its endpoint had to go first.
     cli.run("endpoint", "stop", "past")
     cli.run("endpoint", "delete", "past")
+    past_id = next(t["timeline_id"] for t in cli.json("timeline", "list")
+                   if t["branch"] == "past")
     cli.run("timeline", "delete", "past")
-    assert "past" not in {t["branch"] for t in cli.json("timeline", "list")}
+    listed = cli.json("timeline", "list")
+    assert "past" not in {t["branch"] for t in listed}
+    assert past_id not in {t["timeline_id"] for t in listed}  # gone from the pageserver
+
+
+def test_walproposer_death_stops_its_endpoint(cli: Cli) -> None:
+    """The sidecar dies (kill -9): its PostgreSQL is stopped at once (no commit hangs),
+    status says the endpoint died and shows the logs; the next start brings it back with
+    every acknowledged commit."""
+    cli.run("init")
+    main = connstr_of(cli.last_line("start"))
+    rows(main, "create table t (id int primary key, v text)")
+    rows(main, "insert into t values (1, 'acked')")
+    monitor = int((cli.repo_dir / "run" / "walproposer-main.pid").read_text())
+    children = Path(f"/proc/{monitor}/task/{monitor}/children").read_text().split()
+    assert len(children) == 1, children
+    os.kill(int(children[0]), signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while (ep := cli.json("endpoint", "list")[0])["state"] != "died":
+        assert time.monotonic() < deadline, ep
+        time.sleep(0.1)
+    assert ep["walproposer"]["state"] in ("died", "stopped"), ep
+    log = (cli.repo_dir / "logs" / "walproposer-main.log").read_text()
+    assert "walproposer exited with code -9; stopping PostgreSQL" in log
+    restarted = connstr_of(cli.last_line("endpoint", "start", "main"))
+    assert values(restarted) == ["acked"]
 
 
 def test_clear_errors(cli: Cli, test_dir: Path) -> None:
-    """A missing environment, an unknown branch, a taken port, a dead process and the
-    absent safekeepers each give one clear error line (exit code 1, no traceback)."""
+    """A missing environment, an unknown branch or safekeeper, a taken port and a dead
+    process each give one clear error line (exit code 1, no traceback)."""
     missing = cli.run("status", ok=False)
     assert "no Strata environment in" in missing.stderr and "strata init" in missing.stderr
 
@@ -195,7 +259,7 @@ def test_clear_errors(cli: Cli, test_dir: Path) -> None:
     assert "no branch named 'nope'" in unknown.stderr and "branches: main" in unknown.stderr
     unknown = cli.run("timeline", "branch", "b", "--parent", "nope", ok=False)
     assert "no branch named 'nope'" in unknown.stderr
-    assert "not available yet" in cli.run("safekeeper", "start", "1", ok=False).stderr
+    assert "no safekeeper with id 9" in cli.run("safekeeper", "start", "9", ok=False).stderr
 
     # The pageserver dies: status says so and shows the tail of its log.
     pid = int((cli.repo_dir / "run" / "pageserver.pid").read_text())
@@ -222,9 +286,11 @@ def test_clear_errors(cli: Cli, test_dir: Path) -> None:
 
 
 def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
-    """`init --config` takes the user's TOML (tenant defaults reach the pageserver, ports
-    0 are allocated and written back); `tenant create` adds a tenant with its own
-    settings over those defaults and a `main` branch; a typo in the file is refused."""
+    """`init --config` takes the user's TOML (development mode: no safekeepers; tenant
+    defaults reach the pageserver, ports 0 are allocated and written back); an endpoint
+    runs with the pageserver as its WAL receiver; `tenant create` adds a tenant with its
+    own settings over those defaults and a `main` branch; `tenant config --set` changes
+    a key; a typo in the file is refused."""
     bad = test_dir / "bad.toml"
     bad.write_text("[tenant_defaults]\ncheckpoint_distanse = 1\n")
     refused = cli.run("init", "--config", str(bad), ok=False)
@@ -240,6 +306,14 @@ def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
     assert "pg_port = 0" not in written and "http_port = 0" not in written
     assert 'shared_buffers = "16MB"' in written
 
+    assert "wal_mode = \"pageserver\"" in cli.run("safekeeper", "start", ok=False).stderr
+    main = connstr_of(cli.last_line("endpoint", "start", "main"))
+    rows(main, "create table t (id int primary key, v text)")
+    rows(main, "insert into t values (1, 'dev mode')")
+    cli.run("endpoint", "stop", "main")
+    assert values(connstr_of(cli.last_line("endpoint", "start", "main"))) == ["dev mode"]
+    assert cli.json("status")["safekeepers"] == []
+
     default = cli.json("tenant", "config")
     assert default["name"] == "default"
     assert default["config"]["checkpoint_distance"] == 4194304
@@ -251,5 +325,8 @@ def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
     other = cli.json("tenant", "config", "other")["config"]
     assert other["gc_horizon"] == 1000 and other["checkpoint_distance"] == 4194304
     assert [t["branch"] for t in cli.json("timeline", "list", "--tenant", "other")] == ["main"]
+    changed = cli.json("tenant", "config", "other", "--set", "gc_horizon=2000")["config"]
+    assert changed["gc_horizon"] == 2000
+    assert cli.json("tenant", "config", "other")["config"]["gc_horizon"] == 2000
     again = cli.run("tenant", "create", "--name", "other", ok=False)
     assert "a tenant named 'other' exists already" in again.stderr
