@@ -100,6 +100,10 @@ class TimelineWal:
         # Held while a worker thread writes to the timeline: a flush must not freeze the
         # open layer between the puts of one record.
         self._apply_lock = asyncio.Lock()
+        # Writes frozen layers beside ingest, so that a flush (or a compaction holding the
+        # timeline's maintenance lock) does not stall ingest; the timeline itself makes
+        # ingest wait once too many frozen layers pile up.
+        self._flush_task: asyncio.Task[None] | None = None
 
     def _context(self) -> contextlib.AbstractContextManager[None]:
         return timeline_context(self.timeline.tenant_id, self.timeline.timeline_id)
@@ -134,6 +138,25 @@ class TimelineWal:
         if task is not None:
             task.cancel()
             await asyncio.wait([task])  # must not swallow our caller's cancellation
+        flush_task, self._flush_task = self._flush_task, None
+        if flush_task is not None:
+            await asyncio.wait([flush_task])  # in_thread: the write finishes either way
+
+    def _kick_flush(self) -> None:
+        """Start writing frozen layers in the background, unless that is under way."""
+        if self._flush_task is not None and not self._flush_task.done():
+            return
+        if self.timeline.frozen_layer_count():
+            self._flush_task = asyncio.create_task(self._flush_frozen(), name="flush")
+
+    async def _flush_frozen(self) -> None:
+        with self._context():
+            try:
+                await in_thread(self.timeline.flush_frozen)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the layers stay in memory; the next batch retries
+                log.exception("writing frozen layers failed; will retry")
 
     async def stop(self, *, flush: bool) -> None:
         """Stop receiving and ingesting; with `flush`, write the in-memory layers first."""
@@ -319,6 +342,7 @@ class TimelineWal:
                 dcl = timeline.disk_consistent_lsn
                 async with self._apply_lock:
                     await in_thread(_apply_all, decoder, applier, timeline)
+                self._kick_flush()
                 if timeline.disk_consistent_lsn.segno(wal_log.seg_size) > dcl.segno(
                         wal_log.seg_size):
                     # Segments wholly below disk_consistent_lsn are never read again.
@@ -357,7 +381,7 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 def _apply_all(decoder: WalStreamDecoder, applier: RecordApplier, timeline: Timeline) -> None:
-    """Apply every complete record the decoder holds, then write frozen layers (a thread)."""
+    """Apply every complete record the decoder holds (in a worker thread)."""
     last = timeline.last_record_lsn.value
     for record in decoder:
         if record.end_lsn <= last:
@@ -369,7 +393,6 @@ def _apply_all(decoder: WalStreamDecoder, applier: RecordApplier, timeline: Time
         assert timeline.last_record_lsn.value == record.end_lsn, \
             (timeline.last_record_lsn, Lsn(record.end_lsn))
         last = record.end_lsn
-    timeline.flush_frozen()
 
 
 def _truncate_log(wal_log: WalLog, lsn: Lsn) -> WalLog:

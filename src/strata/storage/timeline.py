@@ -641,8 +641,17 @@ class Timeline:
                 self._save_meta(disk_consistent_lsn=Lsn(last), prev_record_lsn=Lsn(prev))
                 self._disk_consistent = last
 
+    def frozen_layer_count(self) -> int:
+        """In-memory layers frozen and waiting for flush_frozen()."""
+        with self._lock:
+            return len(self._frozen)
+
     def flush_frozen(self) -> None:
         """Write each frozen layer as a delta layer file, oldest first, then the metadata."""
+        # Nothing frozen: return without the maintenance lock, which a compaction may hold
+        # for a long time; ingest calls this after every batch and must not wait for it.
+        if not self.frozen_layer_count():
+            return
         with self._flush_lock:
             while True:
                 with self._lock:
