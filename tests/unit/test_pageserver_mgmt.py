@@ -183,3 +183,37 @@ def test_a_job_waiting_on_a_deleted_tenant_does_nothing(tmp_path: Path) -> None:
 
     assert asyncio.run(scenario()) == {}
     assert _value(metrics, "strata_pageserver_gc_runs_total") == 0
+
+
+def test_read_gate_keeps_gc_apart_from_reads() -> None:
+    from strata.pageserver.background import ReadGate
+
+    async def scenario() -> list[str]:
+        gate = ReadGate()
+        events: list[str] = []
+        release = asyncio.Event()
+
+        async def long_read() -> None:
+            async with gate.shared():
+                events.append("read starts")
+                await release.wait()
+                events.append("read ends")
+
+        async def gc(timeout_s: float) -> None:
+            async with gate.exclusive(timeout_s) as alone:
+                events.append("gc runs" if alone else "gc put off")
+
+        reader = asyncio.create_task(long_read())
+        await asyncio.sleep(0.01)
+        await gc(0.05)  # the read holds the gate past the timeout
+        waiting = asyncio.create_task(gc(5))
+        await asyncio.sleep(0.01)
+        async with gate.shared():  # a GC that waits does not block new reads
+            events.append("short read")
+        release.set()
+        await reader
+        await waiting
+        return events
+
+    assert asyncio.run(scenario()) == ["read starts", "gc put off", "short read", "read ends",
+                                       "gc runs"]

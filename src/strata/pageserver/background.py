@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from strata.common.errors import StrataError, UserError
+from strata.common.errors import StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import timeline_context
 from strata.pageserver.metrics import PageserverMetrics
@@ -39,6 +39,75 @@ from strata.storage.tenant import Tenant
 log = logging.getLogger(__name__)
 
 KINDS = ("tick", "compaction", "gc")
+
+
+GC_GATE_WAIT_S = 10.0
+"""How long a GC run waits for a tenant's in-flight reads to finish before it is put off
+to its next period."""
+
+
+class ReadGate:
+    """Keeps one tenant's GC apart from its reads (asyncio; reads never wait for reads).
+
+    Why: a storage read walks layer descriptors it listed earlier and opens or uses
+    their files afterwards (Timeline.candidate_keys, and cached readers that
+    Timeline.remove_layer closes), so a layer deleted by GC in between fails the read
+    ("layer file ... does not exist"). Until the storage engine pins layers for its
+    readers, GC runs only while no read of the tenant is in flight: basebackups, page
+    service requests and logical size computations hold the gate shared, GC exclusive.
+    Readers are preferred (a page request never waits for a GC that is only waiting);
+    GC waits at most GC_GATE_WAIT_S for a moment with no reads, else it is put off.
+    """
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._writing = False
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._writing)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._readers -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, timeout_s: float) -> AsyncIterator[bool]:
+        """Yields True holding the gate alone, or False if reads kept it busy."""
+        try:
+            async with asyncio.timeout(timeout_s), self._changed:
+                await self._changed.wait_for(lambda: self._readers == 0 and not self._writing)
+                self._writing = True
+        except TimeoutError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            async with self._changed:
+                self._writing = False
+                self._changed.notify_all()
+
+
+class ReadGates:
+    """One `ReadGate` per tenant, made on first use."""
+
+    def __init__(self) -> None:
+        self._gates: dict[TenantId, ReadGate] = {}
+
+    def __call__(self, tenant_id: TenantId) -> ReadGate:
+        gate = self._gates.get(tenant_id)
+        if gate is None:
+            gate = self._gates[tenant_id] = ReadGate()
+        return gate
+
+    def forget(self, tenant_id: TenantId) -> None:
+        self._gates.pop(tenant_id, None)
 
 
 @dataclass
@@ -54,10 +123,11 @@ class BackgroundWork:
     """Schedules and runs tick, compaction and GC jobs for the tenants `tenants()` returns."""
 
     def __init__(self, tenants: Callable[[], dict[TenantId, Tenant]], metrics: PageserverMetrics,
-                 *, max_jobs: int, tick_period_s: float,
+                 *, max_jobs: int, tick_period_s: float, read_gates: ReadGates | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         assert max_jobs >= 1 and tick_period_s > 0, (max_jobs, tick_period_s)
         self._tenants = tenants
+        self.read_gates = read_gates if read_gates is not None else ReadGates()
         self._metrics = metrics
         self._tick_period_s = tick_period_s
         self._clock = clock
@@ -176,12 +246,22 @@ class BackgroundWork:
             if not live:
                 return {}
             started = time.monotonic()
-            try:
-                results = await asyncio.to_thread(tenant.gc)
-            except Exception as err:
-                self._metrics.gc_runs.labels(trigger, "error").inc()
-                _log_failure("gc", err)
-                raise
+            async with self.read_gates(tenant.tenant_id).exclusive(GC_GATE_WAIT_S) as alone:
+                if not alone:
+                    self._metrics.gc_runs.labels(trigger, "postponed").inc()
+                    if trigger != "schedule":
+                        raise Unavailable(f"GC of tenant {tenant.tenant_id} waited "
+                                          f"{GC_GATE_WAIT_S}s for its reads to pause; "
+                                          "try again")
+                    log.info("gc put off: reads kept the tenant busy for %ss",
+                             GC_GATE_WAIT_S)
+                    return {}
+                try:
+                    results = await asyncio.to_thread(tenant.gc)
+                except Exception as err:
+                    self._metrics.gc_runs.labels(trigger, "error").inc()
+                    _log_failure("gc", err)
+                    raise
             self._metrics.gc_runs.labels(trigger, "ok").inc()
             self._metrics.gc_seconds.observe(time.monotonic() - started)
             removed = sum(len(r.removed) for r in results.values())

@@ -39,7 +39,7 @@ from strata.common.lsn import Lsn
 from strata.common.pgserve import CopyOut, CopyStream, PgProtocolServer, Reply, Session
 from strata.common.proc import make_dir_for, service_user
 from strata.pageserver import pagestream as ps
-from strata.pageserver.background import BackgroundWork
+from strata.pageserver.background import BackgroundWork, ReadGates
 from strata.pageserver.config import PageserverConfig
 from strata.pageserver.metrics import PageserverMetrics, TimelineState
 from strata.pageserver.page_service import PageService, PageServiceConfig
@@ -76,15 +76,18 @@ class MeasuredPageService(PageService):
     """The page service with each request's latency and outcome in the metrics."""
 
     def __init__(self, lookup: Callable[[TenantId, TimelineId], Timeline],
-                 config: PageServiceConfig, metrics: PageserverMetrics) -> None:
+                 config: PageServiceConfig, metrics: PageserverMetrics,
+                 read_gates: ReadGates) -> None:
         super().__init__(lookup, config)
         self._metrics = metrics
+        self._read_gates = read_gates
         # Labelled children per request type, looked up once (labels() costs ~2 us).
         self._children: dict[type, tuple[Histogram, Counter, Counter]] = {}
 
     async def serve(self, timeline: Timeline, request: ps.Request) -> ps.Response:
         started = time.perf_counter()
-        response = await super().serve(timeline, request)
+        async with self._read_gates(timeline.tenant_id).shared():
+            response = await super().serve(timeline, request)
         elapsed = time.perf_counter() - started
         children = self._children.get(type(request))
         if children is None:
@@ -111,12 +114,14 @@ class Pageserver:
         self._logical_sizes: dict[tuple[TenantId, TimelineId], tuple[Lsn, int]] = {}
         self._create_lock = asyncio.Lock()
         self.metrics = PageserverMetrics(self._timeline_states)
+        self.read_gates = ReadGates()  # reads vs GC (see background.ReadGate)
         self.page_service: PageService = MeasuredPageService(
             self.timeline, PageServiceConfig(wait_lsn_timeout_s=config.wait_lsn_timeout_s),
-            self.metrics)
+            self.metrics, self.read_gates)
         self.background = BackgroundWork(lambda: dict(self.repo.tenants), self.metrics,
                                          max_jobs=config.background_jobs,
-                                         tick_period_s=config.tick_period_s)
+                                         tick_period_s=config.tick_period_s,
+                                         read_gates=self.read_gates)
 
     async def start(self) -> None:
         for tenant in self.repo.tenants.values():
@@ -261,6 +266,7 @@ class Pageserver:
             for timeline_id in tenant.list_timelines():
                 await self._stop_wal(tenant_id, timeline_id)
             await asyncio.to_thread(self.repo.delete_tenant, tenant_id)
+            self.read_gates.forget(tenant_id)
         with timeline_context(tenant_id):
             log.info("deleted tenant")
 
@@ -335,7 +341,8 @@ class Pageserver:
         cached = self._logical_sizes.get(key)
         if cached is not None and cached[0] == lsn:
             return cached[1]
-        size = await asyncio.to_thread(_logical_size, timeline, lsn)
+        async with self.read_gates(timeline.tenant_id).shared():
+            size = await asyncio.to_thread(_logical_size, timeline, lsn)
         self._logical_sizes[key] = (lsn, size)
         return size
 
@@ -379,13 +386,15 @@ class Pageserver:
         loop = asyncio.get_running_loop()
 
         async def run(stream: CopyStream) -> None:
+            # The gate: GC must not delete layer files this long read is walking.
             with timeline_context(tenant_id, timeline_id):
-                sink = _StreamSink(stream, loop)
-                await asyncio.to_thread(_write_basebackup, timeline, lsn, sink, read_only,
-                                        mode)
-                await sink.aflush()
-                log.info("sent basebackup at %s (%d bytes, read_only=%s)", lsn, sink.sent,
-                         read_only)
+                async with self.read_gates(tenant_id).shared():
+                    sink = _StreamSink(stream, loop)
+                    await asyncio.to_thread(_write_basebackup, timeline, lsn, sink,
+                                            read_only, mode)
+                    await sink.aflush()
+                    log.info("sent basebackup at %s (%d bytes, read_only=%s)", lsn,
+                             sink.sent, read_only)
 
         return CopyOut(run)
 
