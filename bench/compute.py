@@ -58,6 +58,21 @@ def _first_query(server: PgServer) -> None:
     assert server.sql("select count(*) from pgbench_branches")[0][0] > 0
 
 
+def _stop_and_wait_ingested(env: Env, loader: PgServer, tenant: TenantId,
+                            timeline: TimelineId, timeout_s: float = 3600) -> None:
+    """Stop the loading compute and wait until the pageserver ingested its WAL (a large
+    load is ingested long after pgbench returns; start times must not include that)."""
+    target = Lsn.parse(loader.sql("select pg_current_wal_insert_lsn()::text")[0][0])
+    loader.stop("fast")
+    env.computes.clear()
+    t0 = time.monotonic()
+    while env.client.timeline(tenant, timeline).last_record_lsn < target.page_start():
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"the pageserver did not ingest up to {target} in "
+                                 f"{timeout_s}s")
+        time.sleep(0.5)
+
+
 def _read_everything(server: PgServer) -> None:
     """Read every page of the pgbench tables and indexes once (warms a lazy compute)."""
     with server.connect() as conn:
@@ -100,8 +115,7 @@ def gc_soak(report: Report, base: Path, seconds: int, scale: int = 5) -> None:
         tenant, timeline = env.client.create_tenant(config=AGGRESSIVE_GC)
         loader = env.start_compute(tenant, timeline)
         _pgbench(loader, "-i", "-s", str(scale), "-q")
-        loader.stop("fast")
-        env.computes.clear()
+        _stop_and_wait_ingested(env, loader, tenant, timeline)
         lazy = _start_lazy(env, tenant, timeline, "soak", shared_buffers="128kB",
                            options=LazyOptions(lease_s=10))
         result: dict[str, str] = {}
@@ -159,8 +173,7 @@ def run(report: Report, quick: bool) -> None:
                 _pgbench(loader, "-i", "-s", str(scale), "-q")
                 size_mb = loader.sql("select pg_database_size('postgres')")[0][0] / 2**20
                 report.note(f"scale {scale}: database of {size_mb:.0f} MB")
-                loader.stop("fast")
-                env.computes.clear()
+                _stop_and_wait_ingested(env, loader, tenant, timeline)
 
                 t = time.monotonic()
                 lazy = _start_lazy(env, tenant, timeline, f"lazy_s{scale}")
