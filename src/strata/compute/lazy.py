@@ -167,16 +167,14 @@ class LazyCompute:
         deadline = time.monotonic() + timeout_s
         procs = [p for p in (self.fuse_proc, self.watch_proc) if p is not None]
         while True:
-            pg_proc = self.compute.server._proc  # noqa: SLF001 - the postmaster Popen
-            alive = [p for p in procs if p.poll() is None]
-            if pg_proc is not None and pg_proc.poll() is None:
-                alive.append(pg_proc)
+            alive = [p.pid for p in procs if p.poll() is None]
+            if self.compute.is_running():
+                alive.append(self.compute.pid or 0)
             if not alive:
                 return
             if time.monotonic() > deadline:
-                raise Unavailable(f"lazy compute in {self.root}: processes "
-                                  f"{[p.pid for p in alive]} still running after "
-                                  f"{timeout_s}s")
+                raise Unavailable(f"lazy compute in {self.root}: processes {alive} still "
+                                  f"running after {timeout_s}s")
             time.sleep(0.05)
 
     def stop(self, mode: str = "fast", *, timeout_s: float = 60) -> None:
