@@ -25,6 +25,7 @@ import psycopg
 import pytest
 
 from strata.common.lsn import Lsn
+from strata.compute.lazy import fuse_unusable_reason
 
 STRATA = str(Path(sys.executable).parent / "strata")
 
@@ -93,8 +94,8 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     refuses writes; running endpoints block a second start and a timeline delete; commits
     go on while a safekeeper restarts, and all three hold the committed WAL; after
     stopping and starting the whole environment every endpoint comes back with its data,
-    its ALTER SYSTEM settings and its statistics; a deleted branch is gone from the
-    pageserver."""
+    its ALTER SYSTEM settings and its statistics, in the compute mode (lazy or full) it
+    ran in; a deleted branch is gone from the pageserver."""
     assert "strata start" in cli.last_line("init")
     config = tomllib.loads((cli.repo_dir / "config.toml").read_text())
     assert config["wal_mode"] == "safekeepers"
@@ -131,7 +132,7 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     assert f"├─ past @ {lsn1}" in listing and "└─ head @ " in listing  # by branch LSN
 
     cli.run("endpoint", "create", "head", "--branch", "head")
-    head = connstr_of(cli.last_line("endpoint", "start", "head"))
+    head = connstr_of(cli.last_line("endpoint", "start", "head", "--mode", "full"))
     cli.run("endpoint", "create", "past", "--branch", "past")
     past = connstr_of(cli.last_line("endpoint", "start", "past"))
     cli.run("endpoint", "create", "ro", "--branch", "main", "--lsn", lsn1)
@@ -210,6 +211,10 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     assert [sk["state"] for sk in status["safekeepers"]] == ["running"] * 3
     by_name = {e["name"]: e for e in status["endpoints"]}
     assert all(e["state"] == "running" for e in by_name.values()), by_name
+    # `head` keeps the full mode it was started with; the others take the default.
+    default_mode = "lazy" if fuse_unusable_reason() is None else "full"
+    assert {name: e["compute_mode"] for name, e in by_name.items()} == {
+        "main": default_mode, "head": "full", "past": default_mode, "ro": default_mode}
     assert by_name["ro"]["mode"] == "read-only" and by_name["ro"]["lsn"] == lsn1
     main_tl = next(t for t in status["pageserver"]["timelines"] if t["branch"] == "main")
     assert Lsn.parse(main_tl["last_record_lsn"]) > Lsn.parse(lsn1)

@@ -23,6 +23,7 @@ from strata.common.lsn import Lsn
 from strata.common.proc import free_port
 from strata.control import output
 from strata.control.endpoints import (
+    COMPUTE_MODES,
     endpoint_paths,
     endpoint_status,
     head_flush_lsn,
@@ -557,17 +558,22 @@ def endpoint_create(ctx: click.Context, name: str, branch: str, lsn: str | None,
 
 @endpoint.command("start")
 @click.argument("name")
+@click.option("--mode", type=click.Choice(COMPUTE_MODES),
+              help="lazy: pages fetched on demand over FUSE (a quick start whatever the "
+                   "size); full: a whole basebackup. Default: the endpoint's last --mode, "
+                   "else lazy where FUSE is usable (else full, with a warning saying why).")
 @click.pass_context
-def endpoint_start(ctx: click.Context, name: str) -> None:
+def endpoint_start(ctx: click.Context, name: str, mode: str | None) -> None:
     """Start endpoint NAME; prints its connection string as the last line."""
     env = _env(ctx)
     config = env.config()
     state = env.read_state()
     ep = state.endpoint(name)
-    conn = start_endpoint(env, config, ep, state.timeline_id(ep.tenant_id, ep.branch))
+    conn = start_endpoint(env, config, ep, state.timeline_id(ep.tenant_id, ep.branch), mode)
     with env.locked() as new_state:
         if name in new_state.endpoints:
-            new_state.endpoints[name] = _with_autostart(new_state.endpoints[name], True)
+            new_state.endpoints[name] = replace(new_state.endpoints[name], autostart=True,
+                                                mode=mode or new_state.endpoints[name].mode)
     output.result(conn)
 
 
@@ -620,9 +626,10 @@ def endpoint_list(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         output.print_json(rows)
         return
-    output.table(None, ["endpoint", "branch", "mode", "address", "state", "connect"],
+    output.table(None, ["endpoint", "branch", "mode", "compute", "address", "state",
+                        "connect"],
                  [[r["name"], r["branch"], r["mode"] + (f" @ {r['lsn']}" if r["lsn"] else ""),
-                   r["address"], r["state"], r["connstr"]] for r in rows])
+                   r["compute_mode"], r["address"], r["state"], r["connstr"]] for r in rows])
 
 
 # --- services ----------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -75,6 +75,10 @@ from strata.pageserver.basebackup import DEFAULT_SLOT_NAME
 from strata.pageserver.client import PageserverClient
 from strata.pg.controlfile import ControlFileData
 
+if TYPE_CHECKING:
+    # Not at run time: it loads libfuse, which a host without FUSE lacks (full mode).
+    from strata.compute.lazy import LazyCompute
+
 APP_ROLE = "strata"
 APP_DATABASE = "strata"
 SUPERUSER = "postgres"
@@ -107,8 +111,18 @@ class EndpointPaths:
     socket_dir: Path
 
     @property
+    def compute_root(self) -> Path:
+        """Everything of the running compute (rebuilt at every start)."""
+        return self.root / "compute"
+
+    @property
     def datadir(self) -> Path:
-        return self.root / "pgdata"
+        return self.compute_root / "pgdata"
+
+    @property
+    def mountpoint(self) -> Path:
+        """Lazy mode: the FUSE file system that base/ and global/ point into."""
+        return self.compute_root / "mnt"
 
     def saved(self, timeline_id: TimelineId) -> Path:
         return self.root / "saved" / str(timeline_id)
@@ -277,15 +291,35 @@ def endpoint_lock(env: Environment, name: str) -> Iterator[None]:
         yield
 
 
+COMPUTE_MODES = ("lazy", "full")
+
+
+def choose_mode(requested: str | None) -> str:
+    """`requested` ("lazy", "full"), or without one lazy where FUSE is usable, else full
+    with a warning that says why."""
+    if requested is not None:
+        assert requested in COMPUTE_MODES, requested
+        return requested
+    from strata.compute.lazy import fuse_unusable_reason
+
+    reason = fuse_unusable_reason()
+    if reason is None:
+        return "lazy"
+    output.info(f"warning: starting in full mode (a whole basebackup): lazy mode is not "
+                f"usable on this host: {reason}")
+    return "full"
+
+
 def start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
-                   timeline_id: TimelineId) -> str:
-    """Start endpoint `ep` on timeline `timeline_id`; returns its connection string."""
+                   timeline_id: TimelineId, mode: str | None = None) -> str:
+    """Start endpoint `ep` on timeline `timeline_id` in compute `mode` ("lazy", "full";
+    None: `ep.mode`, else lazy where usable); returns its connection string."""
     with endpoint_lock(env, ep.name):
-        return _start_endpoint(env, config, ep, timeline_id)
+        return _start_endpoint(env, config, ep, timeline_id, mode or ep.mode)
 
 
 def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
-                    timeline_id: TimelineId) -> str:
+                    timeline_id: TimelineId, requested_mode: str | None) -> str:
     files = endpoint_files(env, ep.name)
     paths = endpoint_paths(env, ep.name)
     defaults = config.endpoint_defaults
@@ -314,15 +348,22 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
                  what=f"waiting for the pageserver to ingest {where} up to {lsn} (is the "
                       "LSN beyond the branch's end?)")
 
-    with output.step(f"building a fresh data directory at {lsn} in {paths.datadir}"):
-        compute = _fresh_datadir(env, config, ep, client, tenant_id, timeline_id, lsn)
+    mode = choose_mode(requested_mode)
+    how = ("lazy: a basebackup without relation files, pages fetched on demand over FUSE"
+           if mode == "lazy" else "full basebackup")
+    with output.step(f"building a fresh data directory at {lsn} in {paths.datadir} ({how})"):
+        compute, lazy = _fresh_datadir(env, config, ep, client, tenant_id, timeline_id, lsn,
+                                       mode)
         if not ep.read_only:
             _restore_saved(paths, timeline_id, compute)
     with output.step(f"starting PostgreSQL 15 on {defaults.host}:{ep.port} "
-                     f"({'read-only at ' + str(lsn) if ep.read_only else 'primary'}, log "
-                     f"{files.log_path})"):
+                     f"({'read-only at ' + str(lsn) if ep.read_only else 'primary'}, {mode} "
+                     f"mode, log {files.log_path})"):
         try:
-            compute.start(timeout_s=defaults.start_timeout_s)
+            if lazy is not None:
+                lazy.start(timeout_s=defaults.start_timeout_s)  # stops all on failure
+            else:
+                compute.start(timeout_s=defaults.start_timeout_s)
         except StrataError as err:
             raise UserError(f"endpoint {ep.name}: PostgreSQL did not start: {err}") from err
         assert compute.pid is not None, ep.name
@@ -352,12 +393,16 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
 
 def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
                    client: PageserverClient, tenant_id: TenantId, timeline_id: TimelineId,
-                   lsn: Lsn) -> Compute:
+                   lsn: Lsn, mode: str) -> tuple[Compute, LazyCompute | None]:
+    """A new compute directory at `lsn`: unpacked from a full basebackup, or (lazy) a
+    lazy basebackup with base/ and global/ on a mounted FUSE file system."""
+    from strata.compute.lazy import cleanup_lazy_root, prepare_lazy_compute
+
     paths = endpoint_paths(env, ep.name)
     paths.root.mkdir(parents=True, exist_ok=True)
     os.chmod(paths.root, 0o755)
-    if paths.datadir.exists():
-        shutil.rmtree(paths.datadir)
+    # Whatever the last run left (a lazy one's FUSE server, watchdog and mount too).
+    cleanup_lazy_root(paths.compute_root, remove=True)
     defaults = config.endpoint_defaults
     receiver = (DEFAULT_APPLICATION_NAME if config.wal_mode == "safekeepers"
                 else DEFAULT_RECEIVER_NAME)
@@ -366,15 +411,26 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
         max_connections=defaults.max_connections,
         shared_buffers=defaults.shared_buffers,
         settings={"synchronous_commit": "on", **defaults.settings})
+    log_path = endpoint_files(env, ep.name).log_path
+    if mode == "lazy":
+        ps = config.pageserver
+        lazy = prepare_lazy_compute(ps.host, ps.pg_port, tenant_id, timeline_id, lsn,
+                                    paths.compute_root, compute_config,
+                                    compute_host=defaults.host, port=ep.port,
+                                    log_path=log_path, user=service_user())
+        lazy.compute.server.socket_dir = paths.socket_dir
+        return lazy.compute, lazy
+    paths.compute_root.mkdir()
+    os.chmod(paths.compute_root, 0o755)
     # Spool the tar to disk: a large database must not have to fit in memory.
     with tempfile.TemporaryFile(dir=paths.root) as tar:
         client.basebackup(tenant_id, timeline_id, tar, lsn, read_only=ep.read_only)
         tar.seek(0)
         compute = Compute(paths.datadir, compute_config, host=defaults.host, port=ep.port,
-                          log_path=endpoint_files(env, ep.name).log_path, user=service_user())
+                          log_path=log_path, user=service_user())
         compute.server.socket_dir = paths.socket_dir
         compute.unpack(tar)
-        return compute
+        return compute, None
 
 
 def _start_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
@@ -490,6 +546,7 @@ def _stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId,
     if pid is None:
         files.clear_pid()
         _stop_stale_sidecar(env, ep.name)
+        _stop_lazy_side(env, ep.name)
         return False
     files.write_pid(pid)
     mode = "immediate" if immediate else "fast"
@@ -501,6 +558,7 @@ def _stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId,
         if sidecar.read_pid() is not None:
             stop_process(sidecar, signal.SIGTERM, timeout_s=SIDECAR_STOP_TIMEOUT_S)
         sidecar.clear_pid()
+    _stop_lazy_side(env, ep.name)
     if not immediate and not ep.read_only:
         _save_settings(endpoint_paths(env, ep.name), timeline_id)
         if client is not None and env.config().wal_mode == "pageserver":
@@ -510,6 +568,25 @@ def _stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId,
             with output.step(f"releasing the pageserver's WAL receiver of {ep.name}"):
                 client.compute_start(tenant_id_of(ep.tenant_id), timeline_id)
     return True
+
+
+def _stop_lazy_side(env: Environment, name: str) -> None:
+    """Lazy mode: the FUSE server and its watchdog go once PostgreSQL is down; the mount
+    is detached (the pgdata stays for the settings saved from it)."""
+    paths = endpoint_paths(env, name)
+    if not paths.mountpoint.exists():
+        return
+    from strata.compute.lazy import cleanup_lazy_root
+
+    cleanup_lazy_root(paths.compute_root)
+
+
+def compute_mode(env: Environment, name: str) -> str | None:
+    """"lazy" or "full" of the endpoint's current (or last) compute directory."""
+    paths = endpoint_paths(env, name)
+    if paths.mountpoint.exists():
+        return "lazy"
+    return "full" if paths.datadir.exists() else None
 
 
 def _save_settings(paths: EndpointPaths, timeline_id: TimelineId) -> None:
@@ -540,7 +617,7 @@ def endpoint_status(env: Environment, config: EnvConfig, ep: EndpointState) -> d
         "current_lsn": None, "connstr": connstr(config, ep) if pid is not None else None,
         "socket_dir": str(endpoint_paths(env, ep.name).socket_dir),
         "log": str(files.log_path), "log_tail": files.log_tail() if died else None,
-        "walproposer": None,
+        "walproposer": None, "compute_mode": compute_mode(env, ep.name),
     }
     if config.wal_mode == "safekeepers" and not ep.read_only:
         sidecar = sidecar_files(env, ep.name)

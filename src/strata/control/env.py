@@ -7,8 +7,9 @@ another) holds:
     state.json           what exists: tenants, branch names -> timeline ids, endpoints
     pageserver/          the pageserver's workdir (its files, not ours)
     safekeepers/skN/     safekeeper N's workdir (wal_mode = "safekeepers")
-    endpoints/NAME/      an endpoint's data directory (rebuilt at every start) and the
-                         settings and statistics saved at its last clean stop
+    endpoints/NAME/      compute/ (rebuilt at every start: pgdata/, and in lazy mode the
+                         page store lazy/ and the FUSE mount mnt/) and saved/ (settings
+                         and statistics saved at its last clean stop)
     logs/ run/           a log file and a pid file per process
 
 Branch names are labels kept here (architecture D5); the pageserver only knows ids.
@@ -270,6 +271,9 @@ class EndpointState:
     lsn: str | None = None
     autostart: bool = True
     """Started by `strata start`: set by `endpoint start`, cleared by `endpoint stop`."""
+    mode: str | None = None
+    """"lazy" or "full" as last asked with `endpoint start --mode`; None: lazy where FUSE
+    is usable, else full."""
 
     @property
     def read_only(self) -> bool:
