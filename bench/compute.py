@@ -33,7 +33,7 @@ from pathlib import Path
 from bench.report import Report
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.common.proc import ensure_traversable
+from strata.common.proc import ensure_traversable, run_as
 from strata.compute.compute import ComputeConfig
 from strata.compute.lazy import LazyCompute, LazyOptions, start_lazy_compute
 from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
@@ -43,8 +43,10 @@ from fixtures_env import APP_NAME, COMPUTE_SETTINGS, SLOT, Env, PageserverProces
 
 
 def _pgbench(server: PgServer, *args: str) -> str:
-    out = server.run_tool("pgbench", "-h", server.host, "-p", str(server.port), "-U",
-                          "postgres", *args, "postgres")
+    # Loading 5 GB takes longer than run_tool's default timeout.
+    out = run_as(server.user, [server.bindir / "pgbench", "-h", server.host, "-p",
+                               str(server.port), "-U", "postgres", *args, "postgres"],
+                 timeout=7200)
     return out.stdout.decode() + out.stderr.decode()
 
 
