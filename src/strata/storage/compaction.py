@@ -60,9 +60,14 @@ def compact(timeline: Timeline, force: bool = False) -> CompactionResult:
         lsn = timeline.disk_consistent_lsn.value
         if lsn == 0:
             return CompactionResult((), 0)
-        keys = timeline.candidate_keys(KeyRange(KEY_MIN, KEY_MAX), lsn)
-        parts = partition(keys, timeline.conf.image_layer_keys)
         threshold = timeline.conf.image_creation_threshold
+        full = KeyRange(KEY_MIN, KEY_MAX)
+        if not force and timeline.layer_map.count_deltas(full, (Lsn(0), Lsn(lsn + 1))) < threshold:
+            # No key anywhere has enough deltas stacked: skip listing every key of every
+            # layer, which costs seconds per run on a busy timeline and finds nothing.
+            return CompactionResult((), 0)
+        keys = timeline.candidate_keys(full, lsn)
+        parts = partition(keys, timeline.conf.image_layer_keys)
         created: list[LayerDesc] = []
         existing = set(timeline.layers())
         for key_range, part_keys in parts:
