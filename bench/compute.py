@@ -23,6 +23,7 @@ synchronous standby). Long runs: `bench/run compute` (several minutes for 5 GB l
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import tempfile
@@ -109,7 +110,9 @@ AGGRESSIVE_GC = {"gc_horizon": 0, "pitr_interval_s": 0, "image_creation_threshol
 
 def gc_soak(report: Report, base: Path, seconds: int, scale: int = 5) -> None:
     """pgbench on a lazy compute (16 shared buffers) under the most aggressive GC."""
-    ps = PageserverProcess(base / "soak_pageserver", base / "soak_pageserver.log")
+    base = base / "soak"
+    base.mkdir(mode=0o755)
+    ps = PageserverProcess(base / "pageserver", base / "pageserver.log")
     ps.start()
     env = Env(base, ps)
     lazy: LazyCompute | None = None
@@ -157,6 +160,10 @@ def gc_soak(report: Report, base: Path, seconds: int, scale: int = 5) -> None:
 
 
 def run(report: Report, quick: bool) -> None:
+    # The lazy start's phases (basebackup, mount, PostgreSQL) go to stderr.
+    lazy_log = logging.getLogger("strata.compute.lazy")
+    lazy_log.setLevel(logging.INFO)
+    lazy_log.addHandler(logging.StreamHandler())
     scales = [1, 10] if quick else [1, 64, 320]
     seconds = 5 if quick else 20
     clients = "4"
