@@ -9,9 +9,11 @@ server a test started is stopped when it ends, on failure and on Ctrl-C too.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,9 +34,13 @@ def pytest_configure(config: pytest.Config) -> None:
         base = Path(tempfile.gettempdir()) / f"strata-tests-{os.getuid()}"
         base.mkdir(mode=0o755, exist_ok=True)
         os.chmod(base, 0o755)
-        runs = sorted(base.glob("run-*"), key=lambda p: p.stat().st_mtime)
-        for old in runs[:-4]:
-            shutil.rmtree(old, ignore_errors=True)
+        # Only runs untouched for a day: a run still going (another engineer's, or a
+        # long one) must never lose its directory, live FUSE mounts included.
+        day_ago = time.time() - 86400
+        for old in base.glob("run-*"):
+            with contextlib.suppress(OSError):
+                if old.stat().st_mtime < day_ago:
+                    shutil.rmtree(old, ignore_errors=True)
         config.option.basetemp = str(base / f"run-{os.getpid()}")
 
 

@@ -72,6 +72,9 @@ def lay_out(store: Path, max_window: int = DEFAULT_MAX_WINDOW) -> tuple[dict[str
     return remote, control
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def _renew_lease(client: PageClientSync, lsn: Lsn, lease_s: float, stop: threading.Event) -> None:
     while not stop.wait(lease_s / 3):
         try:
@@ -89,11 +92,19 @@ def mount_main(args: argparse.Namespace) -> int:
     host, port = args.pageserver.rsplit(":", 1)
     with timeline_context(tenant, timeline):
         remote, control = lay_out(store, args.readahead)
-        client = PageClientSync(host, int(port), tenant, timeline)
-        client.lease(lsn, args.lease_s)
-        stop = threading.Event()
-        threading.Thread(target=_renew_lease, args=(client, lsn, args.lease_s, stop),
-                         daemon=True, name="lease").start()
+        # Our own threads (the page client's loop, the lease renewer) must never take
+        # SIGTERM: libfuse's handler only sets an exit flag, which ends the loop when the
+        # signal interrupts the main thread or a FUSE worker, not one of ours. Threads
+        # inherit the mask, so block the signals while they are created.
+        saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            client = PageClientSync(host, int(port), tenant, timeline)
+            client.lease(lsn, args.lease_s)
+            stop = threading.Event()
+            threading.Thread(target=_renew_lease, args=(client, lsn, args.lease_s, stop),
+                             daemon=True, name="lease").start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
         fetcher = PageFetcher(client, lsn, checksums=control.data_checksum_version != 0)
         ops = LazyFs(str(store / TREE), fetcher, remote)
         log.info("serving %s at %s: %d remote segment files at %s", store / TREE,
@@ -110,6 +121,8 @@ def mount_main(args: argparse.Namespace) -> int:
         finally:
             stop.set()
             client.close()
+            log.info("file system server exits: fetched %d pages in %d requests",
+                     fetcher.pages, fetcher.requests)
     return 0
 
 
