@@ -326,8 +326,9 @@ class WalStreamDecoder:
     header, finds the first record that begins after it, and follows `xl_prev` links back to
     the first record that begins at or after `start_lsn`; so a stream that starts exactly at a
     record start loses nothing. (Until that anchor record arrives, `poll()` returns None; a
-    caller that knows its start is a record start says so with `at_record_start`.) Records are verified as they are
-    decoded (CRC, prev-link, page headers), so a wrong guess cannot go unnoticed.
+    caller that knows its start is a record start says so with `at_record_start`.) Records
+    are verified as they are decoded (CRC, prev-link, page headers), so a wrong guess cannot
+    go unnoticed.
 
     `at_record_start`: the caller knows that `start_lsn` is where a record begins (the end of
     the previous record, as when streaming resumes at a record end; D7). The decoder then
