@@ -11,18 +11,18 @@ stays within max_write_lag_bytes of what the pageserver ingested.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import io
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import pytest
 from fixtures_env import COMPUTE_SETTINGS, Env, PageserverProcess, wait_until
+from sk_fixtures import LoopThread
 
 from sk_stub import StubSafekeeper
 from strata.common.lsn import Lsn
@@ -38,36 +38,6 @@ from strata.compute.walproposer import (
     sync_safekeepers,
 )
 from strata.pg.walreader import WalStreamDecoder
-
-T = TypeVar("T")
-
-
-class LoopThread:
-    """An event loop in a thread, for the stubs and the sidecar, while the test uses psycopg."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.closers: list[Callable[[], Awaitable[None]]] = []  # run first at close()
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def close(self) -> None:
-        async def cancel_all() -> None:
-            for closer in self.closers:
-                await closer()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.wait(tasks, timeout=5) if tasks else None
-        self.call(cancel_all())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 class Rig:
