@@ -167,6 +167,32 @@ def test_delta_iter_range_and_keys(tmp_path: Path) -> None:
     assert list(layer.iter_range(KeyRange(KEY_MIN, stored[0]), Lsn(0x9000))) == []
 
 
+def test_distinct_keys_skip_versions(tmp_path: Path) -> None:
+    """distinct_keys_raw lists each key once whether its versions fill part of an index
+    block or run over several blocks, and drops keys whose versions all come later."""
+    rnd = random.Random(4)
+    w = DeltaLayerWriter(tmp_path, FULL_KEY_RANGE, (Lsn(0x1000), Lsn(0x100000)))
+    first_lsn: dict[Key, int] = {}
+    for blk in range(60):
+        key = rel_block_key(REL, blk * 3)
+        n = rnd.choice([1, 2, 5, ENTRIES_PER_BLOCK - 1, ENTRIES_PER_BLOCK, 3 * ENTRIES_PER_BLOCK])
+        lsns = sorted(rnd.sample(range(0x1000, 0x100000), n))
+        first_lsn[key] = lsns[0]
+        for lsn in lsns:
+            w.put(key, Lsn(lsn), encode_value(Tombstone()))
+    layer = DeltaLayer.open(tmp_path / w.finish().file_name())
+    assert layer.entry_count > 20 * ENTRIES_PER_BLOCK
+    stored = sorted(first_lsn)
+    for end in (0x1000, 0x2000, 0x80000, 0x100000):
+        want = [k.to_bytes() for k in stored if first_lsn[k] < end]
+        assert list(layer.distinct_keys_raw(None, end)) == want
+        for _ in range(20):
+            a, b = sorted(rnd.sample([*stored, KEY_MIN, KEY_MAX] + [k.next() for k in stored], 2))
+            got = list(layer.distinct_keys_raw(KeyRange(a, b), end))
+            assert got == [k for k in want if a.to_bytes() <= k < b.to_bytes()], (a, b, end)
+    layer.close()
+
+
 def test_reader_shared_by_threads(tmp_path: Path) -> None:
     """One reader serves concurrent get_versions from several threads correctly."""
     path, model = _write_delta(tmp_path, 600, seed=4)

@@ -115,6 +115,9 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+_LSN_MAX_BYTES = b"\xff" * 8  # above every LSN a layer stores
+
+
 def _lsn_bytes(lsn: int) -> bytes:
     return lsn.to_bytes(8, "big")
 
@@ -458,6 +461,33 @@ class LayerFileReader:
     def iter_range(self, key_range: KeyRange, end_lsn: Lsn) -> Iterator[tuple[Key, Lsn, bytes]]:
         for k, lsn, value in self.iter_range_raw(key_range, end_lsn.value):
             yield Key.from_bytes(k), Lsn(lsn), value
+
+    def distinct_keys_raw(self, key_range: KeyRange | None, end_lsn: int) -> Iterator[bytes]:
+        """Each key (in `key_range`, or all) that has a version with lsn < end_lsn, once, in
+        key order, from the index alone. The other versions of a key are skipped with a
+        bisect, so a key with a million versions costs a few index blocks, not a million
+        entries (relation size keys get a version per extension)."""
+        start = key_range.start.to_bytes() + bytes(8) if key_range else bytes(PREFIX_SIZE)
+        end_key = key_range.end.to_bytes() if key_range else None
+        g = self._lower_bound(start)[0]
+        while g < self.entry_count:
+            b = g // ENTRIES_PER_BLOCK
+            prefixes = self._block(b)[1]
+            s = g - b * ENTRIES_PER_BLOCK
+            g = (b + 1) * ENTRIES_PER_BLOCK
+            while s < len(prefixes):
+                prefix = prefixes[s]
+                key = prefix[:KEY_SIZE]
+                if end_key is not None and key >= end_key:
+                    return
+                # Entries are in (key, lsn) order: a key's first entry is its oldest version.
+                if int.from_bytes(prefix[KEY_SIZE:], "big") < end_lsn:
+                    yield key
+                after = key + _LSN_MAX_BYTES
+                if prefixes[-1] < after:  # the key goes on in later blocks: seek past it
+                    g = self._lower_bound(after)[0]
+                    break
+                s = bisect_left(prefixes, after, s)
 
     def keys(self) -> Iterator[tuple[Key, Lsn, int]]:
         """(key, lsn, stored blob size) of every entry, from the index only (no blob reads)."""

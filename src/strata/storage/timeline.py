@@ -508,7 +508,7 @@ class Timeline:
 
     def candidate_keys(self, key_range: KeyRange, lsn: int) -> list[Key]:
         """Every key with some version at or below `lsn` in range (live or not)."""
-        keys: set[Key] = set()
+        keys: set[bytes] = set()
         tl: Timeline | None = self
         while tl is not None:
             with tl._lock:
@@ -516,20 +516,17 @@ class Timeline:
                 descs = tl._layer_map.layers_overlapping(key_range, (Lsn(0), Lsn(lsn + 1)))
             for mem in mems:
                 if mem.start_lsn <= lsn:
-                    keys.update(mem.keys_in(key_range))
+                    keys.update(k.to_bytes() for k in mem.keys_in(key_range))
             for desc in descs:
-                reader = tl._reader(desc)
-                if key_range.covers(desc.key_range):
-                    # The whole layer: its index alone lists the keys (no blob reads).
-                    keys.update(k for k, v_lsn, _ in reader.keys() if v_lsn.value <= lsn)
-                else:
-                    keys.update(Key.from_bytes(k) for k, _, _ in
-                                reader.iter_range_raw(key_range, lsn + 1))
+                # From the index alone (no blob reads), one entry per key.
+                whole = key_range.covers(desc.key_range)
+                keys.update(tl._reader(desc).distinct_keys_raw(None if whole else key_range,
+                                                               lsn + 1))
             if tl.ancestor is None:
                 break
             lsn = min(lsn, tl._ancestor_lsn)
             tl = tl.ancestor
-        return sorted(keys)
+        return [Key.from_bytes(k) for k in sorted(keys)]
 
     def materialize(self, key: Key, lsn: int) -> bytes | None:
         """The value of `key` at `lsn` as an image layer stores it (None: absent).
