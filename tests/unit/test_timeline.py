@@ -454,12 +454,16 @@ def test_background_flush_and_compaction_with_concurrent_reads(tmp_path: Path) -
     tl = new_timeline(tenant)
     errors: list[BaseException] = []
     done = threading.Event()
+    # Made up front: page() is pure Python, and a thread that never releases the GIL makes
+    # every file operation of the others wait a switch interval (the test took minutes).
+    pages = [page(k) for k in range(300)]
 
     def maintain() -> None:
         try:
             while not done.is_set():
                 tl.flush_frozen()
                 compact(tl)
+                done.wait(0.001)
         except BaseException as err:  # noqa: BLE001 - reported by the test thread
             errors.append(err)
 
@@ -472,7 +476,8 @@ def test_background_flush_and_compaction_with_concurrent_reads(tmp_path: Path) -
                 n = (last - 0x100) // 0x40  # records so far; record k wrote block k % 8
                 for k in range(max(1, n - 8), n + 1):
                     lsn = 0x100 + k * 0x40
-                    assert tl.get_rel_page(REL, k % 8, Lsn(lsn)) == page(k), k
+                    assert tl.get_rel_page(REL, k % 8, Lsn(lsn)) == pages[k], k
+                done.wait(0.001)
         except BaseException as err:  # noqa: BLE001 - reported by the test thread
             errors.append(err)
 
