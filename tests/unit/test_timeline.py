@@ -354,6 +354,27 @@ def test_compaction_creates_images_and_gc_removes_layers(tmp_path: Path) -> None
         assert tl.get_rel_page(REL, i, Lsn(0x700)) == page(100 + i)
 
 
+def test_gc_leaves_a_reader_in_use_readable(tmp_path: Path) -> None:
+    """A layer GC removes while another thread holds its reader stays readable through
+    that reader (the file is unlinked, not closed under it)."""
+    clock = Clock()
+    _, tenant = make_tenant(tmp_path, clock, image_creation_threshold=2, gc_horizon=0,
+                            pitr_interval_s=0.0)
+    tl = new_timeline(tenant)
+    for i in range(1, 5):
+        record(tl, 0x100 + i * 0x100, (0, page(i)))
+        tl.flush()
+        compact(tl)
+    held = {desc: tl._reader(desc) for desc in tl.layers()}
+    removed = tenant.gc()[tl.timeline_id].removed
+    assert removed and set(removed) <= set(held), (removed, held)
+    for desc in removed:
+        assert not (tl.dir / desc.file_name()).exists()
+        entries = list(held[desc].distinct_keys_raw(None, desc.lsn_range[1].value))
+        assert entries, desc
+        assert held[desc].get_versions_raw(entries[0], desc.lsn_range[1].value), desc
+
+
 def test_gc_keeps_branch_point(tmp_path: Path) -> None:
     _, tenant = make_tenant(tmp_path, gc_horizon=0, pitr_interval_s=0.0,
                             image_creation_threshold=1)

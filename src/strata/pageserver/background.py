@@ -49,12 +49,12 @@ to its next period."""
 class ReadGate:
     """Keeps one tenant's GC apart from its reads (asyncio; reads never wait for reads).
 
-    Why: a storage read walks layer descriptors it listed earlier and opens or uses
-    their files afterwards (Timeline.candidate_keys, and cached readers that
-    Timeline.remove_layer closes), so a layer deleted by GC in between fails the read
-    ("layer file ... does not exist"). Until the storage engine pins layers for its
-    readers, GC runs only while no read of the tenant is in flight: basebackups, page
-    service requests and logical size computations hold the gate shared, GC exclusive.
+    Why: a read that holds a layer's reader keeps reading it after GC removed it (the
+    storage engine unlinks, it does not close), but a read walks the layer map one
+    layer at a time: a read that checked its LSN against the GC cutoff just before GC
+    raised it could find, a step later, an older layer it still needs already gone. So
+    GC runs only while no read of the tenant is in flight: basebackups, page service
+    requests and logical size computations hold the gate shared, GC exclusive.
     Readers are preferred (a page request never waits for a GC that is only waiting);
     GC waits at most GC_GATE_WAIT_S for a moment with no reads, else it is put off.
     """

@@ -261,6 +261,7 @@ class LayerFileReader:
         self.path = Path(path)
         self._name = str(self.path)
         self._cache_id = next(_reader_ids)
+        self._fd = -1
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError as err:
@@ -268,7 +269,7 @@ class LayerFileReader:
         try:
             self._load_header()
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     def _corrupt(self, what: str, offset: int | None = None) -> CorruptionError:
@@ -327,6 +328,11 @@ class LayerFileReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def __del__(self) -> None:
+        # A reader GC dropped while another thread still read from it closes here, with
+        # its last reference (the file was unlinked; its descriptor kept it readable).
+        self.close()
 
     def __enter__(self) -> LayerFileReader:
         return self

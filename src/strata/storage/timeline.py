@@ -84,6 +84,8 @@ class LayerReader(Protocol):
     def iter_range_raw(self, key_range: KeyRange,
                        end_lsn: int) -> Iterator[tuple[bytes, int, bytes]]: ...
     def keys(self) -> Iterator[tuple[Key, Lsn, int]]: ...
+    def distinct_keys_raw(self, key_range: KeyRange | None,
+                          end_lsn: int) -> Iterator[bytes]: ...
     def close(self) -> None: ...
 
 
@@ -513,15 +515,15 @@ class Timeline:
         while tl is not None:
             with tl._lock:
                 mems = ([tl._open] if tl._open is not None else []) + list(tl._frozen)
-                descs = tl._layer_map.layers_overlapping(key_range, (Lsn(0), Lsn(lsn + 1)))
+                readers = [(desc, tl._reader(desc)) for desc in
+                           tl._layer_map.layers_overlapping(key_range, (Lsn(0), Lsn(lsn + 1)))]
             for mem in mems:
                 if mem.start_lsn <= lsn:
                     keys.update(k.to_bytes() for k in mem.keys_in(key_range))
-            for desc in descs:
+            for desc, reader in readers:
                 # From the index alone (no blob reads), one entry per key.
                 whole = key_range.covers(desc.key_range)
-                keys.update(tl._reader(desc).distinct_keys_raw(None if whole else key_range,
-                                                               lsn + 1))
+                keys.update(reader.distinct_keys_raw(None if whole else key_range, lsn + 1))
             if tl.ancestor is None:
                 break
             lsn = min(lsn, tl._ancestor_lsn)
@@ -721,12 +723,15 @@ class Timeline:
             self._layer_map.insert(desc)
 
     def remove_layer(self, desc: LayerDesc) -> None:
-        """Forget a layer and delete its file (GC)."""
+        """Forget a layer and delete its file (GC).
+
+        Its reader is not closed: a read on another thread may hold it, and keeps reading
+        the unlinked file through the open descriptor, which closes with the reader's
+        last reference. Reads take a layer and its reader together under the lock.
+        """
         with self._lock:
             self._layer_map.remove(desc)
-            reader = self._readers.pop(desc, None)
-        if reader is not None:
-            reader.close()
+            self._readers.pop(desc, None)
         (self.dir / desc.file_name()).unlink(missing_ok=True)
 
     def set_gc_cutoff(self, cutoff: Lsn) -> None:
