@@ -6,11 +6,16 @@
     POST /v1/tenant/{t}/timeline              create: {timeline_id, start_lsn, prev_lsn,
                                               system_id, seg_size}; 201, or 200 if it
                                               exists with the same parameters
+    DELETE /v1/tenant/{t}/timeline/{tl}       delete: end its proposer and walsender
+                                              streams, remove its WAL and control file;
+                                              200 {tenant_id, timeline_id, deleted,
+                                              connections_closed, freed_bytes}, 404 if
+                                              it is not here (so a second delete is 404)
     GET  /metrics                             Prometheus text
 
 Errors are JSON `{"error": message, "kind": class}`: 400 bad input or a conflicting
 create, 404 unknown timeline, 500 a timeline refused because its files are damaged,
-503 a timeline out of service after an I/O failure.
+503 a timeline out of service after an I/O failure (or whose deletion failed: retry it).
 """
 
 from __future__ import annotations
@@ -101,6 +106,11 @@ async def create_timeline(request: web.Request) -> web.Response:
     return web.json_response({**tl.status(), "created": created}, status=201 if created else 200)
 
 
+async def delete_timeline(request: web.Request) -> web.Response:
+    sk = request.app[_KEY]
+    return web.json_response(await sk.delete_timeline(*_ids(request)))
+
+
 class _TimelineCollector(Collector):
     """Per-timeline gauges and counters, read from the timelines at scrape time."""
 
@@ -165,6 +175,7 @@ def make_app(sk: Safekeeper) -> web.Application:
         web.get("/v1/status", status),
         web.get("/v1/tenant/{tenant}/timeline/{timeline}", timeline_status),
         web.post("/v1/tenant/{tenant}/timeline", create_timeline),
+        web.delete("/v1/tenant/{tenant}/timeline/{timeline}", delete_timeline),
         web.get("/metrics", metrics),
     ])
     return app

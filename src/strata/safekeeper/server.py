@@ -12,6 +12,12 @@ Commands on the PG port (any user; docs/safekeeper.md):
   apply = what the pageserver received / fsynced / made durable in its layers
   (disk-consistent). The apply position decides which segments can be removed.
 
+`delete_timeline` (HTTP DELETE) ends the proposer and walsender streams of that timeline
+with the NotFound error that names the deletion (the other timelines' connections are not
+touched), waits for a message being applied to finish its fsyncs, closes its files and
+removes its directory durably (timeline.py, `remove_timeline_dir`). Afterwards the timeline
+is unknown, as if never created: it may be created afresh.
+
 A timeline whose control file or durable WAL is damaged is refused with the reason (SQLSTATE
 XX001 on this port, HTTP 500) while the other timelines are served; the quorum goes on
 with the other safekeepers.
@@ -28,12 +34,20 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from strata.common.errors import CorruptionError, NotFound, ProtocolError, StrataError, UserError
+from strata.common.errors import (
+    CorruptionError,
+    NotFound,
+    ProtocolError,
+    StrataError,
+    Unavailable,
+    UserError,
+)
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import timeline_context
 from strata.common.lsn import Lsn, check_segment_size
@@ -49,7 +63,13 @@ from strata.safekeeper.messages import (
     VoteRequest,
     decode,
 )
-from strata.safekeeper.timeline import Peer, Timeline
+from strata.safekeeper.timeline import (
+    Peer,
+    Timeline,
+    directory_bytes,
+    remove_leftover,
+    remove_timeline_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +79,7 @@ TENANTS_DIR = "tenants"
 _BATCH_MAX = 64  # proposer messages handled (and fsynced) together
 _PROPOSER_MESSAGES = (ProposerGreeting, VoteRequest, ProposerElected, AppendRequest,
                       ReadWalRequest)
+_DELETE_WAIT_S = 10.0  # for the connections of a deleted timeline to end
 
 
 async def _read_proposer(stream: CopyStream,
@@ -171,8 +192,7 @@ class Safekeeper:
             if not tenant_dir.is_dir():
                 continue
             for tl_dir in sorted(tenant_dir.iterdir()):
-                if tl_dir.name.endswith(".___temp"):
-                    shutil.rmtree(tl_dir)  # a creation that crashed before its rename
+                if remove_leftover(tl_dir):  # a creation or deletion that crashed
                     continue
                 try:
                     key = (TenantId.parse(tenant_dir.name), TimelineId.parse(tl_dir.name))
@@ -257,22 +277,97 @@ class Safekeeper:
             self.timelines[key] = tl
             return tl, True
 
+    async def delete_timeline(self, tenant_id: TenantId,
+                              timeline_id: TimelineId) -> dict[str, Any]:
+        """Delete a timeline (also a refused one): end its connections, remove its files
+        durably. NotFound if it is not here (a second delete); Unavailable if removing the
+        files failed (the timeline is then refused; deleting it again retries). Runs to the
+        end even if the caller is cancelled (an HTTP client that went away)."""
+        task = asyncio.create_task(self._delete(tenant_id, timeline_id))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
+
+    async def _delete(self, tenant_id: TenantId, timeline_id: TimelineId) -> dict[str, Any]:
+        key = (tenant_id, timeline_id)
+        async with self._create_lock:
+            tl = self.timelines.get(key)
+            if tl is None and key not in self.broken:
+                raise NotFound(f"timeline {timeline_id} of tenant {tenant_id} is not on "
+                               f"safekeeper {self.node_id} (never created, or deleted "
+                               "already)")
+            with timeline_context(tenant_id, timeline_id):
+                connections = 0
+                if tl is not None:
+                    connections = await self._retire(tl)
+                directory = self.timeline_dir(tenant_id, timeline_id)
+                try:
+                    freed = await asyncio.to_thread(directory_bytes, directory)
+                    await asyncio.to_thread(remove_timeline_dir, directory)
+                except (OSError, StrataError) as err:
+                    self.timelines.pop(key, None)
+                    self.broken[key] = f"its deletion failed: {err}"
+                    log.error("deleting timeline %s/%s failed: %s", tenant_id, timeline_id, err)
+                    raise Unavailable(f"safekeeper {self.node_id} could not remove timeline "
+                                      f"{timeline_id} of tenant {tenant_id} ({directory}): "
+                                      f"{err}; fix the cause and delete it again") from err
+                self.broken.pop(key, None)
+                self.timelines.pop(key, None)
+                log.info("deleted timeline %s/%s: %d connections closed, %d bytes freed",
+                         tenant_id, timeline_id, connections, freed)
+        return {"tenant_id": str(tenant_id), "timeline_id": str(timeline_id), "deleted": True,
+                "connections_closed": connections, "freed_bytes": freed}
+
+    async def _retire(self, tl: Timeline) -> int:
+        """Take `tl` out of service for good: its connections end with NotFound, a message
+        being applied finishes, its files are closed. How many connections it had."""
+        s = tl.state
+        connections = len(tl.peers)
+        tl.mark_deleted(f"timeline {s.timeline_id} of tenant {s.tenant_id} was deleted from "
+                        f"safekeeper {self.node_id}")
+        if tl.handlers:
+            _, pending = await asyncio.wait(set(tl.handlers), timeout=_DELETE_WAIT_S)
+            assert not pending, f"{len(pending)} connections of {s.timeline_id} did not end"
+        async with tl.lock:  # a batch being applied finishes its fsyncs first
+            tl.close()
+        return connections
+
     # --- PG protocol ------------------------------------------------------------------------
     async def handle_query(self, session: Session, query: str) -> Reply:
         words = query.strip().rstrip(";").split()
         if len(words) == 3 and words[0].lower() == "proposer":
             tl = self.get(TenantId.parse(words[1]), TimelineId.parse(words[2]))
             tl.check_usable()
-            return CopyBoth(lambda stream: self._proposer(tl, session, stream))
+            return CopyBoth(lambda stream: self._until_deleted(
+                tl, self._proposer(tl, session, stream)))
         if len(words) == 5 and [w.upper() for w in words[:2]] == ["START_REPLICATION",
                                                                    "PHYSICAL"]:
             tl = self.get(TenantId.parse(words[3]), TimelineId.parse(words[4]))
             start = Lsn.parse(words[2])
             self._check_start(tl, start)
-            return CopyBoth(lambda stream: self._walsender(tl, start, session, stream))
+            return CopyBoth(lambda stream: self._until_deleted(
+                tl, self._walsender(tl, start, session, stream)))
         raise UserError(f"safekeeper {self.node_id} does not understand {query!r}; commands: "
                         "`proposer <tenant> <timeline>`, `START_REPLICATION PHYSICAL <lsn> "
                         "<tenant> <timeline>`")
+
+    @staticmethod
+    async def _until_deleted(tl: Timeline, body: Coroutine[Any, Any, None]) -> None:
+        """Run a connection's `body` until it ends or `tl` is deleted; then cancel it and
+        end the stream with the NotFound that names the deletion."""
+        work = asyncio.ensure_future(body)
+        tl.handlers.add(work)
+        gone = asyncio.ensure_future(tl.gone.wait())
+        try:
+            await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()  # deleted, or the server stops (this task is cancelled)
+                await asyncio.wait([work])
+            tl.handlers.discard(work)
+        if work.cancelled():
+            tl.check_usable()  # raises the NotFound of the deletion
+        work.result()
 
     def _peer(self, tl: Timeline, kind: str, session: Session) -> tuple[int, Peer]:
         self._conn_ids += 1

@@ -19,6 +19,12 @@ pageserver's feedback, which decides which segments can be removed: only below w
 pageserver reported as durable (`apply`, its disk-consistent LSN), below the durable scan
 point (so that a restart can still re-read from there) and below every active walsender,
 keeping `wal_keep_bytes` more for peers that may still need to recover from us.
+
+Deletion (`mark_deleted`, then `remove_timeline_dir`): the timeline refuses everything from
+then on with `NotFound` and `gone` wakes the connections serving it; the directory is
+renamed to `<timeline>.___deleted` in its tenant directory and the tenant directory fsynced
+(from here on a crash can never load it as a timeline), then removed. A restart removes
+what a crash left of such a directory (`remove_leftover`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from strata.common.errors import CorruptionError, NotFound, ProtocolError, Unavailable
+from strata.common.failpoint import failpoint
 from strata.common.lsn import Lsn
 from strata.safekeeper import control_file
 from strata.safekeeper.acceptor import (
@@ -61,6 +68,50 @@ from strata.storage.metadata import fsync_dir
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+DELETED_SUFFIX = ".___deleted"  # a timeline directory being deleted; never loaded
+
+
+def directory_bytes(directory: Path) -> int:
+    """The bytes of the regular files under `directory` (what deleting it frees)."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def remove_timeline_dir(directory: Path) -> bool:
+    """Delete a timeline directory so that a crash at any point leaves either the whole
+    timeline or nothing that loads: rename it to `<name>.___deleted` in the same tenant
+    directory, fsync that directory, then remove it. False if it did not exist.
+
+    Failpoint `sk-delete-before-rmtree` (after the durable rename)."""
+    doomed = directory.with_name(directory.name + DELETED_SUFFIX)
+    if doomed.exists():
+        shutil.rmtree(doomed)  # what an earlier failed deletion left
+    try:
+        os.rename(directory, doomed)
+    except FileNotFoundError:
+        return False
+    fsync_dir(directory.parent)
+    failpoint("sk-delete-before-rmtree")
+    shutil.rmtree(doomed)
+    return True
+
+
+def remove_leftover(path: Path) -> bool:
+    """At start: remove `path` if it is what a crashed creation (`.___temp`) or deletion
+    (`.___deleted`) left in a tenant directory; True if it was one."""
+    if not path.name.endswith((DELETED_SUFFIX, ".___temp")):
+        return False
+    log.info("removing %s, left by a %s that did not finish", path,
+             "deletion" if path.name.endswith(DELETED_SUFFIX) else "creation")
+    shutil.rmtree(path)
+    return True
 
 
 @dataclass(slots=True)
@@ -118,6 +169,9 @@ class Timeline:
         self.acceptor = self._recover()
         self.lock = asyncio.Lock()
         self.broken: str | None = None  # an I/O failure: refuse everything from now on
+        self.deleted: str | None = None  # deleted: refuse everything with this NotFound
+        self.gone = asyncio.Event()  # set once deleted: the connections serving it end
+        self.handlers: set[asyncio.Task[None]] = set()  # the connections' work (server.py)
         self.peers: dict[int, Peer] = {}
         self.pageserver_feedback: Peer | None = None  # the highest feedback received
         self.counters = TimelineCounters()
@@ -182,6 +236,8 @@ class Timeline:
 
     # --- the proposer protocol ------------------------------------------------------------
     def check_usable(self) -> None:
+        if self.deleted is not None:
+            raise NotFound(self.deleted)
         if self.broken is not None:
             raise Unavailable(f"timeline {self.state.timeline_id} is out of service on this "
                               f"safekeeper after an I/O failure: {self.broken}; restart the "
@@ -285,6 +341,13 @@ class Timeline:
             self._break(err)
             raise Unavailable(f"timeline {self.state.timeline_id}: {err}") from err
 
+    def mark_deleted(self, reason: str) -> None:
+        """Refuse everything from now on with NotFound(`reason`); wake whoever waits."""
+        assert self.deleted is None, f"timeline {self.state.timeline_id} deleted twice"
+        self.deleted = reason
+        self.gone.set()
+        self._notify_commit()
+
     def _break(self, err: BaseException) -> None:
         if self.broken is None:
             log.error("timeline %s out of service: %s", self.state.timeline_id, err)
@@ -304,7 +367,7 @@ class Timeline:
 
     async def wait_commit_above(self, lsn: Lsn, timeout_s: float) -> None:
         """Return once the commit LSN is above `lsn`, or after `timeout_s`."""
-        if self.commit_lsn > lsn or self.broken is not None:
+        if self.commit_lsn > lsn or self.broken is not None or self.deleted is not None:
             return
         event = self._commit_moved
         try:
@@ -317,6 +380,7 @@ class Timeline:
         """Committed WAL from `start` (at most `max_bytes`); empty if none is new."""
         self.check_usable()
         async with self.lock:
+            self.check_usable()  # it may have been deleted (its files closed) meanwhile
             end = min(self.commit_lsn, start + max_bytes)
             if end <= start:
                 return b""
@@ -349,9 +413,11 @@ class Timeline:
         """Delete the segments below the removal horizon; how many were removed."""
         horizon = self.removal_horizon()
         if horizon.value // self.state.wal_seg_size <= self.wal.wal_start_lsn.value // \
-                self.state.wal_seg_size or self.broken is not None:
+                self.state.wal_seg_size or self.broken is not None or self.deleted is not None:
             return 0
         async with self.lock:
+            if self.deleted is not None:
+                return 0
             removed = await self._in_thread(self.wal.remove_below, horizon)
         if removed:
             self.counters.segments_removed += removed
