@@ -56,12 +56,45 @@ def _stop_all() -> None:
 atexit.register(_stop_all)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Remember each phase's report on the item (test_dir keeps a failed test's data)."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"strata_report_{report.when}", report)
+
+
+def _keep_only_logs(directory: Path) -> None:
+    """Delete all but the *.log files under `directory` (data directories, WAL, layers)."""
+    for root, dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            if not name.endswith(".log"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(root, name))
+        for name in dirs:
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                if os.path.islink(path):
+                    os.unlink(path)
+                else:
+                    os.rmdir(path)  # only if empty: it keeps logs otherwise
+
+
 @pytest.fixture
-def test_dir(tmp_path: Path) -> Path:
-    """The test's output directory; other users can reach it."""
+def test_dir(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The test's output directory; other users can reach it.
+
+    A passed test's directory keeps only its logs (a full suite would otherwise leave
+    ~7 GB of data directories per run); a failed one keeps everything. Set
+    STRATA_KEEP_TEST_DIRS=1 to keep everything always. This fixture is set up before
+    the servers and mounts of the test, so it is torn down after them.
+    """
     os.chmod(tmp_path, 0o755)
     ensure_traversable(tmp_path)
-    return tmp_path
+    yield tmp_path
+    call = getattr(request.node, "strata_report_call", None)
+    if call is not None and call.passed and not os.environ.get("STRATA_KEEP_TEST_DIRS"):
+        _keep_only_logs(tmp_path)
 
 
 @pytest.fixture
