@@ -95,7 +95,8 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     go on while a safekeeper restarts, and all three hold the committed WAL; after
     stopping and starting the whole environment every endpoint comes back with its data,
     its ALTER SYSTEM settings and its statistics, in the compute mode (lazy or full) it
-    ran in; a deleted branch is gone from the pageserver."""
+    ran in; a deleted branch is gone from the pageserver and the safekeepers, and with a
+    safekeeper down the delete fails clearly and a re-run after starting it finishes."""
     assert "strata start" in cli.last_line("init")
     config = tomllib.loads((cli.repo_dir / "config.toml").read_text())
     assert config["wal_mode"] == "safekeepers"
@@ -224,10 +225,43 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     cli.run("endpoint", "delete", "past")
     past_id = next(t["timeline_id"] for t in cli.json("timeline", "list")
                    if t["branch"] == "past")
+    sk_root = cli.repo_dir / "safekeepers"
+
+    def sk_copies(timeline_id: str) -> list[str]:
+        """The safekeepers holding a directory of `timeline_id` (also a temporary one)."""
+        return sorted(p.parts[-4] for p in sk_root.glob(f"sk*/tenants/*/{timeline_id}*"))
+
+    assert sk_copies(past_id) == ["sk1", "sk2", "sk3"]  # a primary ran on it
     cli.run("timeline", "delete", "past")
     listed = cli.json("timeline", "list")
     assert "past" not in {t["branch"] for t in listed}
     assert past_id not in {t["timeline_id"] for t in listed}  # gone from the pageserver
+    assert sk_copies(past_id) == []  # and from every safekeeper
+
+    # With a safekeeper down the delete fails, says which one and how to finish, and keeps
+    # the branch's name; a re-run once it is back finishes (the others are done already).
+    cli.run("endpoint", "stop", "head")
+    cli.run("endpoint", "delete", "head")
+    head_id = next(t["timeline_id"] for t in cli.json("timeline", "list")
+                   if t["branch"] == "head")
+    assert sk_copies(head_id) == ["sk1", "sk2", "sk3"]
+    cli.run("safekeeper", "stop", "2")
+    failed = cli.run("timeline", "delete", "head", ok=False).stderr
+    assert "is not deleted on safekeeper(s) 2: safekeeper 2 does not answer" in failed, failed
+    assert "`strata safekeeper start 2`" in failed and "`strata timeline delete head`" in failed
+    assert sk_copies(head_id) == ["sk2"]
+
+    def branches() -> set[str]:
+        state = json.loads((cli.repo_dir / "state.json").read_text())
+        return {b for t in state["tenants"].values() for b in t["branches"]}
+
+    assert "head" in branches()
+    cli.run("safekeeper", "start", "2")
+    finished = cli.run("timeline", "delete", "head")
+    assert f"note: the pageserver had no timeline {head_id}" in finished.stderr
+    assert f"note: safekeeper 1 had no timeline {head_id}" in finished.stderr
+    assert "note: safekeeper 2 had" not in finished.stderr
+    assert sk_copies(head_id) == [] and "head" not in branches()
 
 
 def test_walproposer_death_stops_its_endpoint(cli: Cli) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from strata.common.errors import NotFound, StrataError, UserError
+from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TimelineId
 from strata.common.lsn import Lsn
 from strata.common.proc import free_port
@@ -46,6 +46,7 @@ from strata.control.services import (
     pageserver_status,
     require_pageserver,
     require_safekeeper_mode,
+    safekeeper_delete_timeline,
     safekeeper_status,
     start_pageserver,
     start_safekeeper,
@@ -465,7 +466,9 @@ def timeline_list(ctx: click.Context, tenant: str | None, as_json: bool) -> None
 @tenant_option
 @click.pass_context
 def timeline_delete(ctx: click.Context, name: str, tenant: str | None) -> None:
-    """Delete branch NAME (refused while it has children or endpoints)."""
+    """Delete branch NAME on the pageserver and on every safekeeper, then its name (refused
+    while it has children or endpoints). If a safekeeper cannot be reached the branch is
+    kept: start it and run the command again to finish."""
     env = _env(ctx)
     config = env.config()
     state = env.read_state()
@@ -493,12 +496,32 @@ def timeline_delete(ctx: click.Context, name: str, tenant: str | None) -> None:
             client.delete_timeline(tenant_id_of(tid), timeline_id)
         except NotFound:
             output.info(f"note: the pageserver had no timeline {timeline_id} any more")
-    with env.locked() as new_state:
-        del new_state.tenants[tid].branches[name]
+    # The safekeepers' copy (WAL and control file) goes too. Each one is tried; the branch's
+    # name is dropped only once all of them are done, so that a re-run finishes the job.
+    failed: list[tuple[int, str]] = []
     if config.wal_mode == "safekeepers":
-        output.info(f"note: the safekeepers have no delete API; their copy of timeline "
-                    f"{timeline_id} (if a primary ever ran on it) stays until removed by hand "
-                    f"from {env.root / 'safekeepers'}")
+        for sk in config.safekeepers:
+            try:
+                with output.step(f"deleting timeline {timeline_id} on safekeeper {sk.id}"):
+                    deleted = safekeeper_delete_timeline(sk, str(tenant_id_of(tid)),
+                                                         str(timeline_id))
+            except StrataError as err:
+                output.info(f"  failed: {err}")
+                failed.append((sk.id, str(err)))
+                continue
+            if not deleted:
+                output.info(f"note: safekeeper {sk.id} had no timeline {timeline_id} (no "
+                            "primary ran on it, or it was deleted there already)")
+    if failed:
+        ids = ", ".join(str(i) for i, _ in failed)
+        reasons = "; ".join(reason for _, reason in failed)
+        raise Unavailable(
+            f"branch {name} (timeline {timeline_id}) is not deleted on safekeeper(s) {ids}: "
+            f"{reasons}. The branch is kept: start the safekeeper (`strata safekeeper start "
+            f"{failed[0][0]}`) and run `strata timeline delete {name}"
+            f"{f' --tenant {tenant}' if tenant else ''}` again to finish")
+    with env.locked() as new_state:
+        new_state.tenants[tid].branches.pop(name, None)
     output.result(f"deleted branch {name} (timeline {timeline_id})")
 
 

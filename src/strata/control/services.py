@@ -157,6 +157,7 @@ def pageserver_status(env: Environment, config: EnvConfig) -> ServiceStatus:
 SAFEKEEPER_START_TIMEOUT_S = 30.0
 SAFEKEEPER_STOP_TIMEOUT_S = 30.0
 SAFEKEEPER_HTTP_TIMEOUT_S = 5.0
+SAFEKEEPER_DELETE_TIMEOUT_S = 60.0  # ends the timeline's connections, removes its WAL
 
 
 def require_safekeeper_mode(config: EnvConfig) -> None:
@@ -198,6 +199,18 @@ def safekeeper_http(sk: SafekeeperSettings, method: str, path: str,
     except (urllib.error.URLError, OSError) as err:
         raise Unavailable(f"safekeeper {sk.id} does not answer on {sk.host}:{sk.http_port}: "
                           f"{err}") from err
+
+
+def safekeeper_delete_timeline(sk: SafekeeperSettings, tenant_id: str, timeline_id: str) -> bool:
+    """Delete a timeline on safekeeper `sk` (its streams end, its WAL and control file are
+    removed): True if it was deleted, False if `sk` did not have it. Unavailable if `sk`
+    does not answer (or could not remove the files), UserError if it refused."""
+    try:
+        safekeeper_http(sk, "DELETE", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}",
+                        timeout_s=SAFEKEEPER_DELETE_TIMEOUT_S)
+    except NotFound:
+        return False
+    return True
 
 
 def safekeeper_responds(sk: SafekeeperSettings) -> bool:
