@@ -325,6 +325,8 @@ class Safekeeper:
         tl.mark_deleted(f"timeline {s.timeline_id} of tenant {s.tenant_id} was deleted from "
                         f"safekeeper {self.node_id}")
         if tl.handlers:
+            for work in tl.handlers:
+                work.cancel()  # `_until_deleted` then ends its stream with the NotFound
             _, pending = await asyncio.wait(set(tl.handlers), timeout=_DELETE_WAIT_S)
             assert not pending, f"{len(pending)} connections of {s.timeline_id} did not end"
         async with tl.lock:  # a batch being applied finishes its fsyncs first
