@@ -121,6 +121,10 @@ def test_delete_ends_its_streams_frees_its_disk_and_spares_the_other(sks: SkFact
             link = driver_d.links[1]
             await wait_for(lambda: not link.connected, "the proposer's link to drop")
             await conn_d.close()
+            # An ERROR ends the command, not the session: the same connection is back at
+            # the query prompt and runs the next command.
+            with pytest.raises(ServerError, match="not on safekeeper 1"):
+                await raw.start_copy_both(f"proposer {tenant} {doomed}")
             await raw.close()
             # ... and it is unknown now, as a timeline never created.
             for command in (f"START_REPLICATION PHYSICAL {START} {tenant} {doomed}",

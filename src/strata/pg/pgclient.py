@@ -9,6 +9,7 @@ results as text, and the CopyBoth stream that START_REPLICATION opens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from strata.pg import wire
 log = logging.getLogger(__name__)
 
 _READ_CHUNK_BYTES = 256 * 1024
+_READY_AFTER_ERROR_S = 5.0  # how long an ERROR in CopyBoth waits for ReadyForQuery
 
 
 class ServerError(UserError):
@@ -293,7 +295,15 @@ class CopyBothStream:
                     self._conn.parameters[name] = value
                 case wire.ErrorResponse():
                     self.server_done = True
-                    raise ServerError(msg, f"{self.command!r} on {self._conn.describe}")
+                    error = ServerError(msg, f"{self.command!r} on {self._conn.describe}")
+                    if msg.severity == "ERROR":
+                        # The command failed, not the session: the server goes back to the
+                        # query prompt, so read up to ReadyForQuery and the connection can
+                        # run another command. (FATAL closes it: nothing to wait for.)
+                        with contextlib.suppress(Unavailable, TimeoutError):
+                            async with asyncio.timeout(_READY_AFTER_ERROR_S):
+                                await self._conn._wait_ready()
+                    raise error
                 case _:
                     raise ProtocolError(f"{self._conn.describe}: unexpected "
                                         f"{type(msg).__name__} in CopyBoth mode")
