@@ -15,7 +15,8 @@ scales 1 and 10), a tenant is loaded through a full-mode compute, then:
   pgbench TPC-B for minutes while the pageserver checkpoints, compacts and collects
   garbage with the most aggressive settings every two seconds, with a 10-second lease
   renewed by the FUSE process; the compute must never fail to read a page
-  (`soak_fetch_errors` 0, balances hold) and GC's cutoff never passes its start LSN.
+  (`soak_fetch_errors` 0, balances hold) and GC's cutoff never passes its start LSN;
+  once the stopped compute's lease expired, GC moves on (`soak_*_after_lease`).
 
 Computes run with the e2e harness's settings (dev mode: the pageserver is the
 synchronous standby). Long runs: `bench/run compute` (several minutes for 5 GB loads).
@@ -104,6 +105,10 @@ def _both(server: PgServer, seconds: int, clients: str) -> tuple[float, float]:
     return select, tpcb
 
 
+def _layer_files(timeline_dir: Path) -> int:
+    return sum(1 for p in timeline_dir.iterdir() if p.suffix in (".delta", ".image"))
+
+
 AGGRESSIVE_GC = {"gc_horizon": 0, "pitr_interval_s": 0, "image_creation_threshold": 1,
                  "checkpoint_distance": 1 << 20, "gc_period_s": 1, "compaction_period_s": 1}
 
@@ -141,7 +146,15 @@ def gc_soak(report: Report, base: Path, seconds: int, scale: int = 5) -> None:
         n = lazy.server.sql("select count(*) from pgbench_history")[0][0]
         total = lazy.server.sql("select (select sum(abalance) from pgbench_accounts) - "
                                 "(select sum(delta) from pgbench_history)")[0][0]
+        layer_dir = base / "pageserver" / "tenants" / str(tenant) / "timelines" / str(timeline)
+        held_files = _layer_files(layer_dir)
         lazy.stop("fast")
+        # Leases expire rather than being released: once this one has, GC (the background
+        # one too) goes on to the last record and removes what only the start LSN needed.
+        time.sleep(11)
+        env.client.checkpoint(tenant, timeline)
+        env.client.compact(tenant, timeline)
+        after = env.client.gc(tenant)[timeline]
         text = lazy.fuse_log.read_text(errors="replace")
         fetched = [int(m) for m in re.findall(r"fetched (\d+) pages", text)]
         report.add("soak_seconds", seconds, "s")
@@ -153,6 +166,10 @@ def gc_soak(report: Report, base: Path, seconds: int, scale: int = 5) -> None:
         report.add("soak_fetch_errors", text.count("could not fetch"), "errors")
         report.add("soak_balance_mismatch", float(total or 0), "sum")
         report.add("soak_cutoff_past_start_bytes", max(0, worst_cutoff - lazy.lsn), "bytes")
+        report.add("soak_layer_files_under_lease", held_files, "files")
+        report.add("soak_layer_files_after_lease", _layer_files(layer_dir), "files")
+        report.add("soak_cutoff_after_lease_past_start_bytes",
+                   max(0, Lsn.parse(after["cutoff"]) - lazy.lsn), "bytes")
     finally:
         if lazy is not None:
             lazy.stop("immediate", timeout_s=20)
