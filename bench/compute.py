@@ -11,6 +11,9 @@ scales 1 and 10), a tenant is loaded through a full-mode compute, then:
   that takes is `read_all_lazy_s{N}`), and a full-mode compute; the
   baseline is stock PostgreSQL 15 on its own data directory at the same scale.
 
+* `start_cli_lazy_s{N}` (scales 1 and 64; --quick 1 and 10): `strata endpoint start` of
+  a `strata init` environment (three safekeepers) to the first query, median of 3;
+
 * `soak_*` (not with --quick): a lazy compute with the smallest shared_buffers runs
   pgbench TPC-B for minutes while the pageserver checkpoints, compacts and collects
   garbage with the most aggressive settings every two seconds, with a 10-second lease
@@ -25,17 +28,22 @@ synchronous standby). Long runs: `bench/run compute` (several minutes for 5 GB l
 from __future__ import annotations
 
 import logging
+import os
 import re
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import psycopg
+
 from bench.report import Report
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.common.proc import ensure_traversable, run_as
+from strata.common.proc import ensure_traversable, pg_bindir, run_as, service_user
 from strata.compute.compute import ComputeConfig
 from strata.compute.lazy import LazyCompute, LazyOptions, start_lazy_compute
 from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
@@ -176,6 +184,47 @@ def gc_soak(report: Report, base: Path, seconds: int, scale: int = 5) -> None:
         env.stop_all()
 
 
+def _strata(repo: Path, *args: str, timeout: float = 600) -> str:
+    """Run the `strata` CLI on the environment in `repo`; its stdout (errors raise)."""
+    out = subprocess.run([Path(sys.executable).parent / "strata", *args],
+                         env={**os.environ, "STRATA_REPO_DIR": str(repo)},
+                         capture_output=True, timeout=timeout, check=False)
+    if out.returncode != 0:
+        raise AssertionError(f"strata {' '.join(args)} failed ({out.returncode}):\n"
+                             f"{out.stdout.decode()}{out.stderr.decode()}")
+    return out.stdout.decode()
+
+
+def cli_starts(report: Report, base: Path, scales: list[int], tries: int = 3) -> None:
+    """`strata endpoint start` (lazy, the default) to the first query answered, as a user
+    sees it: the CLI's own start, safekeeper sync, lazy basebackup, mount, PostgreSQL and
+    the walproposer. `start_cli_lazy_s{N}` is the median of `tries` starts."""
+    repo = base / "cli"
+    _strata(repo, "init")
+    try:
+        url = _strata(repo, "endpoint", "start", "main").strip().splitlines()[-1]
+        for scale in scales:
+            with psycopg.connect(url, autocommit=True) as conn:
+                port = conn.info.port
+            run_as(service_user(), [pg_bindir() / "pgbench", "-i", "-s", str(scale), "-q",
+                    "-h", "127.0.0.1", "-p", str(port), "-U", "strata", "strata"],
+                   timeout=7200)
+            _strata(repo, "endpoint", "stop", "main")
+            times = []
+            for _ in range(tries):
+                t = time.monotonic()
+                url = _strata(repo, "endpoint", "start", "main").strip().splitlines()[-1]
+                with psycopg.connect(url, autocommit=True) as conn:
+                    assert conn.execute("select count(*) from pgbench_branches").fetchone() \
+                        == (scale,)
+                times.append(time.monotonic() - t)
+                _strata(repo, "endpoint", "stop", "main")
+            report.add(f"start_cli_lazy_s{scale}", statistics.median(times), "s")
+            url = _strata(repo, "endpoint", "start", "main").strip().splitlines()[-1]
+    finally:
+        _strata(repo, "stop")
+
+
 def run(report: Report, quick: bool) -> None:
     # The lazy start's phases (basebackup, mount, PostgreSQL) go to stderr.
     lazy_log = logging.getLogger("strata.compute.lazy")
@@ -241,5 +290,6 @@ def run(report: Report, quick: bool) -> None:
             report.add(f"tps_{kind}_lazy_warm_s{top}", warm[i], "tps", baseline=stock[i])
             report.add(f"tps_{kind}_full_s{top}", full_tps[i], "tps", baseline=stock[i])
             report.add(f"tps_{kind}_stock_s{top}", stock[i], "tps")
+        cli_starts(report, base, [1, 10] if quick else [1, 64])
         if not quick:
             gc_soak(report, base, 600)
