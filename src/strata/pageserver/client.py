@@ -18,8 +18,6 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import aiohttp
-
 from strata.common.errors import (
     CorruptionError,
     NotFound,
@@ -276,6 +274,9 @@ class AsyncPageserverClient:
         self.timeout_s = timeout_s
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        # Imported here: aiohttp takes ~0.2 s to import, and the CLI uses the sync client.
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session, session.request(
