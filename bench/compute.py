@@ -11,7 +11,7 @@ scales 1 and 10), a tenant is loaded through a full-mode compute, then:
   that takes is `read_all_lazy_s{N}`), and a full-mode compute; the
   baseline is stock PostgreSQL 15 on its own data directory at the same scale.
 
-* `start_cli_lazy_s{N}` (scales 1 and 64; --quick 1 and 10): `strata endpoint start` of
+* `start_cli_lazy_s{N}` (scales 1, 64, 320; --quick 1 and 10): `strata endpoint start` of
   a `strata init` environment (three safekeepers) to the first query, median of 3;
 
 * `soak_*` (not with --quick): a lazy compute with the smallest shared_buffers runs
@@ -290,6 +290,6 @@ def run(report: Report, quick: bool) -> None:
             report.add(f"tps_{kind}_lazy_warm_s{top}", warm[i], "tps", baseline=stock[i])
             report.add(f"tps_{kind}_full_s{top}", full_tps[i], "tps", baseline=stock[i])
             report.add(f"tps_{kind}_stock_s{top}", stock[i], "tps")
-        cli_starts(report, base, [1, 10] if quick else [1, 64])
+        cli_starts(report, base, [1, 10] if quick else [1, 64, 320])
         if not quick:
             gc_soak(report, base, 600)
