@@ -13,10 +13,10 @@ import asyncio
 import os
 import random
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import test_safekeeper
 from prometheus_client.parser import text_string_to_metric_families
 from test_safekeeper import (
     PREV,
@@ -40,15 +40,8 @@ from strata.pg import wire
 from strata.pg.pgclient import CopyBothStream, PgConnection, ServerError
 from strata.safekeeper.timeline import DELETED_SUFFIX
 
-
-@pytest.fixture
-def sks(test_dir: Path) -> Iterator[SkFactory]:
-    """As in test_safekeeper: killed at the end, and their logs free of errors."""
-    factory = SkFactory(test_dir)
-    yield factory
-    for sk in factory.started:
-        sk.kill9()
-    factory.check_logs()
+# test_safekeeper's fixture: safekeepers killed at the end, their logs checked.
+sks = test_safekeeper.sks
 
 
 def disk_bytes(directory: Path) -> int:
