@@ -1,0 +1,1 @@
+"""Remote (object) storage: the interface, its backends, and what the pageserver keeps there."""
