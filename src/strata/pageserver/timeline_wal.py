@@ -1,7 +1,9 @@
 """One timeline's WAL path in development mode: log, receiver, and the ingest task.
 
 Architecture D7 (the mode without safekeepers): a compute attached to the timeline
-streams its WAL to a `WalReceiver`, which appends it to the timeline's `WalLog`
+streams its WAL to a `WalReceiver` running in a child process (`ChildWalReceiver`,
+walreceiver_proc.py: the compute's commits wait for its replies, which must not wait
+for this process's interpreter lock), which appends it to the timeline's `WalLog`
 (`<timeline dir>/wal/`) and fsyncs it. The ingest task follows the log's
 `flush_lsn`: it feeds the bytes to a `WalStreamDecoder` and applies every complete
 record to the `Timeline` with G's `WalIngest`, in a worker thread so the event loop
@@ -44,6 +46,7 @@ from strata.common.lsn import Lsn
 from strata.pageserver.sk_receiver import SafekeeperEndpoint, SafekeeperReceiver
 from strata.pageserver.wal_log import WalLog, fsync_dir
 from strata.pageserver.walreceiver import WalReceiver, WalReceiverConfig
+from strata.pageserver.walreceiver_proc import ChildWalReceiver
 from strata.pg.walreader import DecodedRecord, WalStreamDecoder
 from strata.storage.timeline import Timeline, TimelineBroken
 
@@ -88,7 +91,7 @@ class TimelineWal:
         self._make_applier = make_applier
         self._batch_bytes = batch_bytes
         self.wal_log: WalLog | None = None
-        self.receiver: WalReceiver | None = None
+        self.receiver: WalReceiver | ChildWalReceiver | None = None
         self.target: ReceiverTarget | None = None
         self.safekeepers: tuple[SafekeeperEndpoint, ...] = ()
         self._ingest_task: asyncio.Task[None] | None = None
@@ -184,9 +187,11 @@ class TimelineWal:
         (self.dir / SAFEKEEPERS_FILE).unlink(missing_ok=True)
         self._save_target(target)
         self.target = target
-        receiver = WalReceiver(target.receiver_config(), self.wal_log,
-                               apply_lsn=lambda: self.timeline.disk_consistent_lsn,
-                               on_flush=lambda _lsn: self._wakeup.set())
+        tl = self.timeline
+        receiver = ChildWalReceiver(target.receiver_config(), self.wal_log,
+                                    log_context=(str(tl.tenant_id), str(tl.timeline_id)),
+                                    apply_lsn=lambda: tl.disk_consistent_lsn,
+                                    on_flush=lambda _lsn: self._wakeup.set())
         receiver.start()
         self.receiver = receiver
         log.info("attached WAL receiver to %s:%d slot %s at %s", target.host, target.port,

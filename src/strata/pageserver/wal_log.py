@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 from strata.common.errors import CorruptionError, UserError
@@ -65,6 +66,8 @@ class WalLog:
         self._fd: int | None = None  # the open segment, the one holding `_end`
         self._fd_segno = -1
         self._unsynced_fds: list[int] = []  # full segments closed but not yet fsynced
+        # remove_below and reload_end both list and change the segment files (threads)
+        self._files_lock = threading.Lock()
 
     # --- open ---------------------------------------------------------------------
     @classmethod
@@ -165,6 +168,24 @@ class WalLog:
         self._flush = end
         return Lsn(end)
 
+    # --- another process appends (walreceiver_proc) ------------------------------
+    def advance_to(self, lsn: Lsn) -> None:
+        """Another process appended and fsynced this log up to `lsn`; this object
+        only reads and trims it."""
+        assert self._fd is None, "this WalLog appends itself"
+        if lsn.value > self._end:
+            self._end = self._flush = lsn.value
+
+    def reload_end(self) -> Lsn:
+        """Take the end from the segment files, after the process that appended to
+        them exited (what it wrote counts as durable, as on `open`)."""
+        assert self._fd is None, "this WalLog appends itself"
+        with self._files_lock:
+            end = _find_end(self.directory, self.start_lsn, self.seg_size).value
+        assert end >= self._flush, (Lsn(end), self.flush_lsn)
+        self._end = self._flush = end
+        return Lsn(end)
+
     # --- read ---------------------------------------------------------------------
     def read(self, start_lsn: Lsn, end_lsn: Lsn) -> bytes:
         """The bytes [start_lsn, end_lsn), which must lie within the log."""
@@ -193,6 +214,10 @@ class WalLog:
     def remove_below(self, lsn: Lsn) -> int:
         """Delete whole segments that end at or below `lsn` (never the one being
         written). Returns how many were removed; `start_lsn` moves up accordingly."""
+        with self._files_lock:
+            return self._remove_below(lsn)
+
+    def _remove_below(self, lsn: Lsn) -> int:
         keep_from_segno = min(lsn.value, self._flush) // self.seg_size
         first_segno = self._start // self.seg_size
         if keep_from_segno <= first_segno:
