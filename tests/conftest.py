@@ -18,11 +18,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from strata.common.proc import ensure_traversable
 from strata.compute.pgserver import PgServer
 
 _live: list[PgServer] = []
+
+# No per-example deadline: the machine is shared and loaded, and a deadline turns a slow
+# example into a failure (test_control_env's round trip took 261 ms once); hypothesis
+# still bounds the examples' count.
+settings.register_profile("strata", deadline=None)
+settings.load_profile("strata")
 
 
 def pytest_configure(config: pytest.Config) -> None:

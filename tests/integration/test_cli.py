@@ -329,7 +329,10 @@ def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
     defaults reach the pageserver, ports 0 are allocated and written back); an endpoint
     runs with the pageserver as its WAL receiver; `tenant create` adds a tenant with its
     own settings over those defaults and a `main` branch; `tenant config --set` changes
-    a key; a typo in the file is refused."""
+    a key; a typo in the file is refused. With `--object-storage local` the tenant's
+    layers and index are uploaded to a directory of the environment; a bad URL is refused."""
+    bad_url = cli.run("init", "--object-storage", "gs://bucket", ok=False)
+    assert "remote_storage must be file:///path or s3://" in bad_url.stderr
     bad = test_dir / "bad.toml"
     bad.write_text("[tenant_defaults]\ncheckpoint_distanse = 1\n")
     refused = cli.run("init", "--config", str(bad), ok=False)
@@ -340,7 +343,7 @@ def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
     good.write_text('wal_mode = "pageserver"\n\n[pageserver]\npg_port = 0\n\n'
                     "[tenant_defaults]\ncheckpoint_distance = 4194304\n\n"
                     '[endpoint_defaults]\nshared_buffers = "16MB"\n')
-    cli.run("init", "--config", str(good))
+    cli.run("init", "--config", str(good), "--object-storage", "local")
     written = (cli.repo_dir / "config.toml").read_text()
     assert "pg_port = 0" not in written and "http_port = 0" not in written
     assert 'shared_buffers = "16MB"' in written
@@ -369,3 +372,11 @@ def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
     assert cli.json("tenant", "config", "other")["config"]["gc_horizon"] == 2000
     again = cli.run("tenant", "create", "--name", "other", ok=False)
     assert "a tenant named 'other' exists already" in again.stderr
+    def uploaded() -> list[Path]:  # uploads run in the background: poll
+        return sorted((cli.repo_dir / "remote_storage" / "tenants").glob(
+            "*/timelines/*/index_part.json-00000001"))
+
+    deadline = time.monotonic() + 60
+    while len(uploaded()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(uploaded()) == 2, uploaded()  # the main branch of each tenant

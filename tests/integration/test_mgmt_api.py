@@ -131,7 +131,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     os.chmod(test_dir, 0o755)
     ensure_traversable(test_dir)
     process = PageserverProcess(test_dir / "pageserver", test_dir / "pageserver.log",
-                                overrides=["max_tenants=3"])
+                                overrides=["max_tenants=4",
+                                           f"remote_storage=file://{test_dir / 'remote'}"])
     process.start()
     env = Env(test_dir, process)
     try:
@@ -179,6 +180,16 @@ CASES: dict[tuple[str, str, int], Callable[[World], tuple[str, Any]]] = {
         f"/v1/tenant/{w.env.client.create_tenant(config={'gc_period_s': 60})[0]}", None),
     (T, "delete", 400): lambda w: (f"/v1/tenant/{BAD_ID}", None),
     (T, "delete", 404): lambda w: (f"/v1/tenant/{rand_tenant()}", None),
+    (T + "/attach", "post", 201): lambda w: (
+        f"/v1/tenant/{_detached(w)}/attach", {"generation": 2}),
+    (T + "/attach", "post", 400): lambda w: (f"/v1/tenant/{w.tenant}/attach", {}),
+    (T + "/attach", "post", 404): lambda w: (f"/v1/tenant/{rand_tenant()}/attach",
+                                             {"generation": 1}),
+    (T + "/attach", "post", 409): lambda w: (f"/v1/tenant/{w.tenant}/attach",
+                                             {"generation": 5}),
+    (T + "/detach", "post", 200): lambda w: (f"/v1/tenant/{_created(w)}/detach", None),
+    (T + "/detach", "post", 400): lambda w: (f"/v1/tenant/{BAD_ID}/detach", None),
+    (T + "/detach", "post", 404): lambda w: (f"/v1/tenant/{rand_tenant()}/detach", None),
     (T + "/config", "get", 200): lambda w: (f"/v1/tenant/{w.tenant}/config", None),
     (T + "/config", "get", 400): lambda w: (f"/v1/tenant/{BAD_ID}/config", None),
     (T + "/config", "get", 404): lambda w: (f"/v1/tenant/{rand_tenant()}/config", None),
@@ -260,6 +271,16 @@ CASES: dict[tuple[str, str, int], Callable[[World], tuple[str, Any]]] = {
     (TL + "/lsn_lease", "get", 400): lambda w: (w.tl(suffix="/lsn_lease?lsn=nope"), None),
     (TL + "/lsn_lease", "get", 404): lambda w: (w.tl(suffix="/lsn_lease?lsn=0/1"), None),
 }
+
+
+def _created(w: World) -> TenantId:
+    return w.env.client.create_tenant(config={"gc_period_s": 60})[0]
+
+
+def _detached(w: World) -> TenantId:
+    tenant = _created(w)
+    w.env.client.request("POST", f"/v1/tenant/{tenant}/detach")
+    return tenant
 
 
 def _leased(w: World) -> Lsn:

@@ -94,8 +94,12 @@ def _client_if_running(env: Environment) -> PageserverClient | None:
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False,
                                                          path_type=Path),
               help="A config TOML to start from (ports 0 or missing are allocated).")
+@click.option("--object-storage", "object_storage", metavar="URL|local",
+              help="Upload the pageserver's layers to object storage: "
+                   "s3://bucket/prefix?endpoint=http://host:port, file:///abs/dir, or "
+                   "`local` (a directory inside the environment). Default: none.")
 @click.pass_context
-def init(ctx: click.Context, config_file: Path | None) -> None:
+def init(ctx: click.Context, config_file: Path | None, object_storage: str | None) -> None:
     """Create an environment: config, pageserver, three safekeepers, a default tenant,
     branch and endpoint `main`.
 
@@ -103,6 +107,8 @@ def init(ctx: click.Context, config_file: Path | None) -> None:
     root = ctx.find_root().obj
     assert isinstance(root, Path), root
     config = EnvConfig.load(config_file) if config_file else EnvConfig()
+    if object_storage:
+        config = _with_object_storage(config, object_storage, root)
     config = config.with_ports_allocated()
     env = Environment.create(root, config)
     output.info(f"created a Strata environment in {root} (config {env.config_path})")
@@ -129,6 +135,18 @@ def init(ctx: click.Context, config_file: Path | None) -> None:
                 f"endpoint {DEFAULT_ENDPOINT}")
     output.result(f"initialized {root}; run `strata start` to start endpoint "
                   f"{DEFAULT_ENDPOINT}")
+
+
+def _with_object_storage(config: EnvConfig, url: str, root: Path) -> EnvConfig:
+    """`config` with the pageserver's remote_storage set (checked like the pageserver does)."""
+    from strata.pageserver.config import PageserverConfig
+
+    if url == "local":
+        url = f"file://{root.resolve() / 'remote_storage'}"
+    PageserverConfig(workdir=root, remote_storage=url)  # UserError for a bad URL
+    pageserver = replace(config.pageserver,
+                         config={**config.pageserver.config, "remote_storage": url})
+    return replace(config, pageserver=pageserver)
 
 
 @click.command()

@@ -48,6 +48,8 @@ class TimelineInfo:
     children: tuple[TimelineId, ...] = ()
     logical_size: int | None = None
     """Only in a single timeline's detail (GET .../timeline/{id})."""
+    remote_consistent_lsn: Lsn | None = None
+    """Up to where the timeline is in remote storage; None without remote storage."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TimelineInfo:
@@ -65,7 +67,9 @@ class TimelineInfo:
                    state=data["state"], broken_reason=data.get("broken_reason"),
                    children=tuple(TimelineId(TimelineId.parse(c).raw)
                                   for c in data.get("children", ())),
-                   logical_size=data.get("logical_size"))
+                   logical_size=data.get("logical_size"),
+                   remote_consistent_lsn=Lsn.parse(data["remote_consistent_lsn"])
+                   if data.get("remote_consistent_lsn") else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,10 +141,13 @@ class PageserverClient:
             raise Unavailable(f"pageserver at {self.host}:{self.http_port}: {err}") from err
 
     def create_tenant(self, tenant_id: TenantId | None = None,
-                      config: dict[str, Any] | None = None) -> tuple[TenantId, TimelineId]:
+                      config: dict[str, Any] | None = None,
+                      generation: int | None = None) -> tuple[TenantId, TimelineId]:
         body: dict[str, Any] = {}
         if tenant_id is not None:
             body["tenant_id"] = str(tenant_id)
+        if generation is not None:
+            body["generation"] = generation
         if config:
             body["config"] = config
         out = self.request("POST", "/v1/tenant", body)

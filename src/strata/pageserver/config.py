@@ -61,9 +61,16 @@ class PageserverConfig:
     """Branch creation is refused beyond this many timelines in one tenant."""
     max_request_body_bytes: int = 1024 * 1024
     """HTTP request bodies above this size are refused with 413."""
+    remote_storage: str = ""
+    """Object storage URL (file:///path or s3://bucket/prefix?endpoint=...); empty: none.
+    With it every layer file and an index per timeline are uploaded (strata.remote)."""
     default_tenant_conf: TenantConfig = field(default_factory=TenantConfig)
 
     def __post_init__(self) -> None:
+        if self.remote_storage and not self.remote_storage.startswith(
+                ("file:///", "s3://", "/")):
+            raise UserError(f"pageserver config remote_storage must be file:///path or "
+                            f"s3://bucket/prefix, got {self.remote_storage!r}")
         parse_addr("listen_pg_addr", self.listen_pg_addr)
         parse_addr("listen_http_addr", self.listen_http_addr)
         if not self.wait_lsn_timeout_s > 0:

@@ -47,7 +47,7 @@ from strata.pageserver.server import Conflict, Pageserver
 from strata.pageserver.sk_receiver import SafekeeperEndpoint
 from strata.pageserver.timeline_wal import ReceiverTarget
 from strata.storage.leases import Lease
-from strata.storage.tenant import Tenant
+from strata.storage.tenant import Tenant, check_generation
 from strata.storage.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def timeline_info(timeline: Timeline) -> dict[str, Any]:
         "last_record_lsn": str(timeline.last_record_lsn),
         "prev_record_lsn": str(timeline.prev_record_lsn),
         "disk_consistent_lsn": str(timeline.disk_consistent_lsn),
+        "remote_consistent_lsn": _remote_consistent_lsn(timeline),
         "ancestor_timeline_id": str(timeline.ancestor.timeline_id)
         if timeline.ancestor is not None else None,
         "ancestor_lsn": str(timeline.ancestor_lsn) if timeline.ancestor is not None else None,
@@ -74,6 +75,12 @@ def timeline_info(timeline: Timeline) -> dict[str, Any]:
         "broken_reason": timeline.broken_reason,
         "children": sorted(str(c.timeline_id) for c in timeline.children),
     }
+
+
+def _remote_consistent_lsn(timeline: Timeline) -> str | None:
+    """Up to where the timeline is in remote storage (None: no remote storage)."""
+    lsn = getattr(timeline.remote, "remote_consistent_lsn", None)
+    return str(lsn) if lsn is not None else None
 
 
 def tenant_info(tenant: Tenant) -> dict[str, Any]:
@@ -179,10 +186,12 @@ async def create_tenant(request: web.Request) -> web.Response:
     body = await _body(request)
     tenant_text = _field(body, "tenant_id", str, required=False)
     conf_data = _field(body, "config", dict, required=False)
+    generation = _field(body, "generation", int, required=False)
     conf = tenant_config_from_json(ps.config.default_tenant_conf, conf_data) \
         if conf_data else None
     tenant, timeline = await ps.create_tenant(
-        _tenant_id(tenant_text) if tenant_text else None, conf)
+        _tenant_id(tenant_text) if tenant_text else None, conf,
+        check_generation(generation) if generation is not None else 1)
     return web.json_response({"tenant_id": str(tenant.tenant_id),
                               "timeline_id": str(timeline.timeline_id),
                               "timeline": timeline_info(timeline)}, status=201)
@@ -203,6 +212,27 @@ async def delete_tenant(request: web.Request) -> web.Response:
     tenant_id = _tenant_id(request.match_info["tenant_id"])
     await ps.delete_tenant(tenant_id)
     return web.json_response({"deleted": str(tenant_id)})
+
+
+async def attach_tenant(request: web.Request) -> web.Response:
+    ps = request.app[_KEY]
+    tenant_id = _tenant_id(request.match_info["tenant_id"])
+    body = await _body(request)
+    generation = check_generation(_field(body, "generation", int))
+    conf_data = _field(body, "config", dict, required=False)
+    conf = tenant_config_from_json(ps.config.default_tenant_conf, conf_data) \
+        if conf_data else None
+    tenant = await ps.attach_tenant(tenant_id, generation, conf)
+    return web.json_response({"tenant_id": str(tenant_id), "generation": generation,
+                              "timelines": [timeline_info(tenant.get_timeline(tid))
+                                            for tid in tenant.list_timelines()]}, status=201)
+
+
+async def detach_tenant(request: web.Request) -> web.Response:
+    ps = request.app[_KEY]
+    tenant_id = _tenant_id(request.match_info["tenant_id"])
+    await ps.detach_tenant(tenant_id)
+    return web.json_response({"detached": str(tenant_id)})
 
 
 async def get_tenant_config(request: web.Request) -> web.Response:
@@ -448,6 +478,8 @@ def make_app(pageserver: Pageserver) -> web.Application:
         web.get("/v1/tenant", list_tenants, allow_head=False),
         web.get(tn, get_tenant, allow_head=False),
         web.delete(tn, delete_tenant),
+        web.post(tn + "/attach", attach_tenant),
+        web.post(tn + "/detach", detach_tenant),
         web.get(tn + "/config", get_tenant_config, allow_head=False),
         web.put(tn + "/config", set_tenant_config),
         web.post(tn + "/gc", tenant_gc),

@@ -32,7 +32,7 @@ from typing import IO, Any
 
 from prometheus_client import Counter, Histogram
 
-from strata.common.errors import NotFound, StrataError, UserError
+from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import setup_logging, timeline_context
 from strata.common.lsn import Lsn
@@ -46,6 +46,9 @@ from strata.pageserver.page_service import PageService, PageServiceConfig
 from strata.pageserver.sk_receiver import SafekeeperEndpoint
 from strata.pageserver.timeline_wal import ReceiverTarget, RecordApplier, TimelineWal
 from strata.pg.constants import BLCKSZ
+from strata.remote.download import download_tenant, remote_tenant_indexes
+from strata.remote.storage import RemoteStorage, open_remote_storage
+from strata.remote.timeline_client import RemoteTimelineClient, latest_index
 from strata.storage.compaction import CompactionResult
 from strata.storage.gc import GcResult
 from strata.storage.leases import Lease
@@ -110,6 +113,9 @@ class Pageserver:
         self.started_at = time.time()
         self.repo = Repository(config.workdir)
         self.wals: dict[tuple[TenantId, TimelineId], TimelineWal] = {}
+        self.remote_storage: RemoteStorage | None = \
+            open_remote_storage(config.remote_storage) if config.remote_storage else None
+        self.uploads: dict[tuple[TenantId, TimelineId], RemoteTimelineClient] = {}
         self._start_lsns: dict[tuple[TenantId, TimelineId], int] = {}
         self._logical_sizes: dict[tuple[TenantId, TimelineId], tuple[Lsn, int]] = {}
         self._create_lock = asyncio.Lock()
@@ -126,8 +132,45 @@ class Pageserver:
     async def start(self) -> None:
         for tenant in self.repo.tenants.values():
             for timeline in tenant.timelines.values():
+                await self._start_remote(timeline)
                 await self._start_wal(timeline)
         self.background.start()
+
+    async def _start_remote(self, timeline: Timeline) -> None:
+        """Start uploading the timeline's files (no-op without remote storage)."""
+        storage = self.remote_storage
+        if storage is None:
+            return
+        tenant = self.tenant(timeline.tenant_id)
+        client = RemoteTimelineClient(storage, timeline.tenant_id, timeline.timeline_id,
+                                      tenant.generation, timeline.dir)
+        with timeline_context(timeline.tenant_id, timeline.timeline_id):
+            index = await asyncio.to_thread(latest_index, storage, timeline.tenant_id,
+                                            timeline.timeline_id, tenant.generation)
+            client.start(timeline.metadata, timeline.layers(), index)
+        timeline.remote = client
+        self.uploads[(timeline.tenant_id, timeline.timeline_id)] = client
+
+    async def _stop_remote(self, tenant_id: TenantId, timeline_id: TimelineId, *,
+                           delete: bool) -> None:
+        client = self.uploads.pop((tenant_id, timeline_id), None)
+        if client is None:
+            return
+        with timeline_context(tenant_id, timeline_id):
+            await asyncio.to_thread(client.stop, 30.0, discard=delete)
+            if delete:
+                await asyncio.to_thread(client.delete_all)
+
+    async def wait_uploaded(self, tenant_id: TenantId, timeline_id: TimelineId,
+                            timeout_s: float) -> None:
+        """Return once every change of the timeline so far is in remote storage."""
+        client = self.uploads.get((tenant_id, timeline_id))
+        if client is None:
+            raise UserError("this pageserver has no remote storage configured; set "
+                            "remote_storage in pageserver.toml")
+        if not await asyncio.to_thread(client.wait_idle, timeout_s):
+            raise Unavailable(f"uploads of timeline {timeline_id} not done after "
+                              f"{timeout_s}s; is remote storage reachable?")
 
     async def _start_wal(self, timeline: Timeline) -> TimelineWal:
         wal = TimelineWal(timeline, make_applier, batch_bytes=self.config.ingest_batch_bytes)
@@ -156,6 +199,8 @@ class Pageserver:
                 except StrataError as err:
                     log.error("could not flush at shutdown: %s", err)
         self.wals.clear()
+        for tenant_id, timeline_id in list(self.uploads):
+            await self._stop_remote(tenant_id, timeline_id, delete=False)
         self.repo.close()
 
     # --- lookups ----------------------------------------------------------------------
@@ -171,7 +216,8 @@ class Pageserver:
 
     # --- tenants and timelines ---------------------------------------------------------------
     async def create_tenant(self, tenant_id: TenantId | None = None,
-                            conf: TenantConfig | None = None) -> tuple[Tenant, Timeline]:
+                            conf: TenantConfig | None = None,
+                            generation: int = 1) -> tuple[Tenant, Timeline]:
         """initdb (as the service user) in a temp dir, import it as the `main` timeline."""
         async with self._create_lock:
             if tenant_id is not None and tenant_id in self.repo.tenants:
@@ -180,14 +226,77 @@ class Pageserver:
             if len(self.repo.tenants) >= self.config.max_tenants:
                 raise Conflict(f"this pageserver already holds {len(self.repo.tenants)} "
                                f"tenants, its max_tenants; delete one or raise the limit")
-            tenant = self.repo.create_tenant(tenant_id, conf or self.config.default_tenant_conf)
+            tenant = self.repo.create_tenant(tenant_id, conf or self.config.default_tenant_conf,
+                                             generation)
             with timeline_context(tenant.tenant_id):
                 timeline_id = TimelineId(TimelineId.generate().raw)
                 timeline = await asyncio.to_thread(self._initdb_and_import, tenant, timeline_id)
+                await self._start_remote(timeline)
                 await self._start_wal(timeline)
                 log.info("created tenant with timeline %s at %s", timeline_id,
                          timeline.last_record_lsn)
                 return tenant, timeline
+
+    async def attach_tenant(self, tenant_id: TenantId, generation: int,
+                            conf: TenantConfig | None = None) -> Tenant:
+        """Make the tenant local from remote storage (its latest index of each timeline
+        with a generation at most `generation`), then resume uploads under `generation`
+        and ingest from each timeline's disk_consistent_lsn."""
+        storage = self.remote_storage
+        if storage is None:
+            raise UserError("cannot attach: this pageserver has no remote storage; set "
+                            "remote_storage in pageserver.toml")
+        async with self._create_lock:
+            if tenant_id in self.repo.tenants:
+                raise Conflict(f"tenant {tenant_id} is already attached to this pageserver; "
+                               "detach it first")
+            with timeline_context(tenant_id):
+                started = time.monotonic()
+                indexes = await asyncio.to_thread(remote_tenant_indexes, storage, tenant_id,
+                                                  generation)
+                if not indexes:
+                    raise NotFound(f"tenant {tenant_id} has no timeline in remote storage "
+                                   f"{storage.description} (with a generation <= "
+                                   f"{generation}); check the tenant id and the URL")
+                tenant = await asyncio.to_thread(
+                    self.repo.create_tenant, tenant_id,
+                    conf or self.config.default_tenant_conf, generation,
+                    lambda temp: download_tenant(storage, tenant_id, indexes, temp))
+                for timeline in _ancestors_first(tenant):
+                    await self._start_remote(timeline)
+                    await self._start_wal(timeline)
+                log.info("attached tenant with generation %d from remote storage: %d "
+                         "timelines in %.2fs", generation, len(indexes),
+                         time.monotonic() - started)
+                return tenant
+
+    async def detach_tenant(self, tenant_id: TenantId) -> None:
+        """Upload what is not yet remote, then drop the tenant's local files (the remote
+        copy stays: attach it here or elsewhere with a newer generation)."""
+        tenant = self.tenant(tenant_id)
+        if self.remote_storage is None:
+            raise UserError("cannot detach: this pageserver has no remote storage, so "
+                            "detaching would lose the tenant; delete it instead")
+        async with self._create_lock, self.background.exclusive(tenant_id):
+            for timeline_id in tenant.list_timelines():
+                wal = self.wals.pop((tenant_id, timeline_id), None)
+                self._start_lsns.pop((tenant_id, timeline_id), None)
+                self._logical_sizes.pop((tenant_id, timeline_id), None)
+                if wal is not None:
+                    with timeline_context(tenant_id, timeline_id):
+                        await wal.stop(flush=True)
+            for timeline_id in tenant.list_timelines():
+                client = self.uploads.get((tenant_id, timeline_id))
+                if client is not None and not await asyncio.to_thread(client.wait_idle, 120):
+                    raise Unavailable(f"uploads of timeline {timeline_id} did not finish in "
+                                      "120s; the tenant stays attached (is remote storage "
+                                      "reachable?)")
+            for timeline_id in tenant.list_timelines():
+                await self._stop_remote(tenant_id, timeline_id, delete=False)
+            await asyncio.to_thread(self.repo.delete_tenant, tenant_id)
+            self.read_gates.forget(tenant_id)
+        with timeline_context(tenant_id):
+            log.info("detached tenant")
 
     def _initdb_and_import(self, tenant: Tenant, timeline_id: TimelineId) -> Timeline:
         from strata.compute.pgserver import PgServer
@@ -229,6 +338,7 @@ class Pageserver:
                                "timelines, the max_timelines_per_tenant limit; delete one "
                                "or raise the limit")
             timeline = await asyncio.to_thread(tenant.branch_timeline, new_id, ancestor_id, lsn)
+            await self._start_remote(timeline)
             await self._start_wal(timeline)
         with timeline_context(tenant_id, new_id):
             log.info("branched from %s at %s", ancestor_id, timeline.ancestor_lsn)
@@ -265,6 +375,7 @@ class Pageserver:
         async with self._create_lock, self.background.exclusive(tenant_id):
             for timeline_id in tenant.list_timelines():
                 await self._stop_wal(tenant_id, timeline_id)
+                await self._stop_remote(tenant_id, timeline_id, delete=True)
             await asyncio.to_thread(self.repo.delete_tenant, tenant_id)
             self.read_gates.forget(tenant_id)
         with timeline_context(tenant_id):
@@ -280,6 +391,7 @@ class Pageserver:
                                f"{sorted(str(c.timeline_id) for c in timeline.children)}; "
                                "delete them first")
             await self._stop_wal(tenant_id, timeline_id)
+            await self._stop_remote(tenant_id, timeline_id, delete=True)
             await asyncio.to_thread(tenant.delete_timeline, timeline_id)
         with timeline_context(tenant_id, timeline_id):
             log.info("deleted timeline")
@@ -397,6 +509,16 @@ class Pageserver:
                              sink.sent, read_only)
 
         return CopyOut(run)
+
+
+def _ancestors_first(tenant: Tenant) -> list[Timeline]:
+    done: list[Timeline] = []
+    pending = sorted(tenant.timelines.values(), key=lambda t: str(t.timeline_id))
+    while pending:
+        ready = [t for t in pending if t.ancestor is None or t.ancestor in done]
+        done.extend(ready)
+        pending = [t for t in pending if t not in ready]
+    return done
 
 
 def _check_not_broken(timeline: Timeline) -> None:

@@ -25,7 +25,14 @@ from pathlib import Path
 from strata.common.errors import NotFound, UserError
 from strata.common.ids import TenantId
 from strata.storage.metadata import fsync_dir
-from strata.storage.tenant import DELETING_DIR_SUFFIX, TEMP_DIR_SUFFIX, Tenant, TenantConfig
+from strata.storage.tenant import (
+    DELETING_DIR_SUFFIX,
+    TEMP_DIR_SUFFIX,
+    Tenant,
+    TenantConfig,
+    load_generation,
+    save_generation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +62,18 @@ class Repository:
                 shutil.rmtree(path)
                 continue
             tenant_id = TenantId(TenantId.parse(entry).raw)  # parse() is typed as the base
-            tenant = Tenant(tenant_id, path, TenantConfig.load(path), self.clock)
+            tenant = Tenant(tenant_id, path, TenantConfig.load(path), self.clock,
+                            load_generation(path))
             tenant.load_timelines()
             self.tenants[tenant_id] = tenant
         log.info("loaded %d tenants from %s", len(self.tenants), self.tenants_dir)
 
     def create_tenant(self, tenant_id: TenantId | None = None,
-                      conf: TenantConfig | None = None) -> Tenant:
+                      conf: TenantConfig | None = None, generation: int = 1,
+                      populate: Callable[[Path], None] | None = None) -> Tenant:
+        """A new tenant directory (config, generation, and whatever `populate` writes into
+        the temp directory, e.g. timelines downloaded for an attach), renamed into place;
+        its timelines are loaded."""
         if tenant_id is None:
             tenant_id = TenantId(TenantId.generate().raw)
         conf = conf if conf is not None else TenantConfig()
@@ -74,10 +86,14 @@ class Repository:
                 shutil.rmtree(temp)
             temp.mkdir()
             conf.save(temp)
+            save_generation(temp, generation)
             (temp / "timelines").mkdir()
+            if populate is not None:
+                populate(temp)
             os.rename(temp, final)
             fsync_dir(self.tenants_dir)
-            tenant = Tenant(tenant_id, final, conf, self.clock)
+            tenant = Tenant(tenant_id, final, conf, self.clock, generation)
+            tenant.load_timelines()
             self.tenants[tenant_id] = tenant
             return tenant
 

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TENANT_CONFIG_FILE = "tenant.toml"
+GENERATION_FILE = "generation"
+MAX_GENERATION = 2**32 - 1
 TIMELINES_DIR = "timelines"
 TEMP_DIR_SUFFIX = ".___temp"
 _fsync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
@@ -132,15 +134,47 @@ class TenantConfig:
         return cls.from_dict(data)
 
 
+def check_generation(generation: int) -> int:
+    if isinstance(generation, bool) or not isinstance(generation, int) or \
+            not 1 <= generation <= MAX_GENERATION:
+        raise UserError(f"generation must be an integer 1..{MAX_GENERATION}, got "
+                        f"{generation!r}")
+    return generation
+
+
+def save_generation(tenant_dir: Path, generation: int) -> None:
+    write_atomic(tenant_dir / GENERATION_FILE, f"{check_generation(generation)}\n".encode(),
+                 "tenant-generation")
+
+
+def load_generation(tenant_dir: Path) -> int:
+    """The generation of this pageserver's attachment of the tenant (1 if never set)."""
+    path = tenant_dir / GENERATION_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return 1
+    try:
+        return check_generation(int(text.strip()))
+    except (ValueError, UserError) as err:
+        raise CorruptionError(f"tenant generation file is damaged: {text[:40]!r}",
+                              path=str(path)) from err
+
+
 class Tenant:
-    """One tenant: its config and its timelines (a tree of branches)."""
+    """One tenant: its config and its timelines (a tree of branches).
+
+    `generation` numbers this pageserver's attachment of the tenant (given by the
+    control plane at creation or attach); remote object names carry it.
+    """
 
     def __init__(self, tenant_id: TenantId, directory: Path, conf: TenantConfig,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], generation: int = 1) -> None:
         self.tenant_id = tenant_id
         self.dir = directory
         self.conf = conf
         self.clock = clock
+        self.generation = generation
         self.timelines: dict[TimelineId, Timeline] = {}
         self._lock = threading.RLock()  # timeline tree changes vs GC
 

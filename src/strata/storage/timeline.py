@@ -89,6 +89,14 @@ class LayerReader(Protocol):
     def close(self) -> None: ...
 
 
+class RemoteSink(Protocol):
+    """Told of every durable change to the timeline's files (strata.remote uploads them)."""
+
+    def layer_added(self, desc: LayerDesc) -> None: ...
+    def metadata_saved(self, meta: TimelineMetadata) -> None: ...
+    def layer_removed(self, desc: LayerDesc) -> None: ...
+
+
 def open_layer_file(path: Path) -> LayerReader:
     return open_layer(path)
 
@@ -131,6 +139,7 @@ class Timeline:
         self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._waiters_lock = threading.Lock()
         self.broken_reason: str | None = None
+        self.remote: RemoteSink | None = None  # set by the pageserver with remote storage
 
     def __repr__(self) -> str:
         return f"Timeline({self.tenant_id}/{self.timeline_id})"
@@ -678,6 +687,8 @@ class Timeline:
                     with self._lock:
                         self._layer_map.insert(desc)
                         self._frozen.pop(0)
+                    if self.remote is not None:
+                        self.remote.layer_added(desc)
                 else:
                     with self._lock:
                         self._frozen.pop(0)
@@ -708,6 +719,8 @@ class Timeline:
         meta = self._meta.with_updates(**changes)
         save_metadata(self.dir, meta)
         self._meta = meta
+        if self.remote is not None:
+            self.remote.metadata_saved(meta)
 
     # --- layer management for compaction and GC -------------------------------------
     @property
@@ -719,8 +732,12 @@ class Timeline:
             return list(self._layer_map.all())
 
     def add_layer(self, desc: LayerDesc) -> None:
+        """A new layer file (compaction's image layer) joins the layer map."""
         with self._lock:
             self._layer_map.insert(desc)
+        if self.remote is not None:
+            self.remote.layer_added(desc)
+            self.remote.metadata_saved(self._meta)
 
     def remove_layer(self, desc: LayerDesc) -> None:
         """Forget a layer and delete its file (GC).
@@ -733,6 +750,8 @@ class Timeline:
             self._layer_map.remove(desc)
             self._readers.pop(desc, None)
         (self.dir / desc.file_name()).unlink(missing_ok=True)
+        if self.remote is not None:
+            self.remote.layer_removed(desc)
 
     def set_gc_cutoff(self, cutoff: Lsn) -> None:
         """Persist a new (higher) GC cutoff, then refuse reads below it."""

@@ -1,0 +1,79 @@
+"""The pageserver with S3 remote storage (SeaweedFS on loopback): layers and an index
+uploaded per generation, and a pageserver with an empty disk serving the tenant after an
+attach, with a compute on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fixtures_env import Env, PageserverProcess, wait_until
+from remote_fixtures import s3_url, seaweed  # noqa: F401
+from test_e2e_compute import wait_ingested
+
+from strata.common.errors import UserError
+from strata.remote.index import IndexPart, timeline_prefix
+from strata.remote.storage import open_remote_storage
+
+
+def test_upload_then_attach_on_an_empty_disk(test_dir: Path, s3_url: str) -> None:  # noqa: F811
+    """Every local layer is in S3 under generation 3 with its size, named by an index
+    whose disk_consistent_lsn is remote_consistent_lsn; a second pageserver with an empty
+    disk attaches with generation 4 and a compute on it sees every committed row."""
+    ps1 = PageserverProcess(test_dir / "ps1", test_dir / "pageserver1.log",
+                            overrides=[f"remote_storage={s3_url}"])
+    ps1.start()
+    env1 = Env(test_dir, ps1)
+    ps2 = PageserverProcess(test_dir / "ps2", test_dir / "pageserver2.log",
+                            overrides=[f"remote_storage={s3_url}"])
+    env2 = Env(test_dir, ps2, _seq=10)
+    try:
+        tenant, main = env1.client.create_tenant(generation=3)
+        c1 = env1.start_compute(tenant, main)
+        c1.sql("create table t (id int primary key, v text)")
+        c1.sql("insert into t select g, repeat('x', 100) from generate_series(1, 20000) g")
+        wait_ingested(env1, tenant, main, c1)
+        c1.stop("fast")
+        info = env1.client.checkpoint(tenant, main)
+        wait_until(lambda: env1.client.timeline(tenant, main).remote_consistent_lsn
+                   == info.disk_consistent_lsn, 120, "uploads up to disk_consistent_lsn")
+
+        storage = open_remote_storage(s3_url)
+        prefix = timeline_prefix(tenant, main)
+        index = IndexPart.decode(storage.get(prefix + "index_part.json-00000003"), "index")
+        assert index.disk_consistent_lsn == info.disk_consistent_lsn
+        local = {p.name: p.stat().st_size for p in
+                 (ps1.workdir / "tenants" / str(tenant) / "timelines" / str(main)).iterdir()
+                 if p.name.endswith((".delta", ".image"))}
+        assert {name: layer.size for name, layer in index.layers.items()} == local
+        assert all(layer.generation == 3 for layer in index.layers.values())
+        remote = set(storage.list_keys(prefix))
+        assert {prefix + f"{name}-00000003" for name in local} <= remote
+        assert ps1.stop() == 0, ps1.log_tail()
+
+        ps2.start()
+        out = env2.client.request("POST", f"/v1/tenant/{tenant}/attach", {"generation": 4})
+        assert [t["timeline_id"] for t in out["timelines"]] == [str(main)]
+        attached = env2.client.timeline(tenant, main)
+        assert attached.disk_consistent_lsn == info.disk_consistent_lsn
+        c2 = env2.start_compute(tenant, main)
+        assert c2.sql("select count(*), sum(length(v)) from t") == [(20000, 2_000_000)]
+        c2.sql("insert into t values (0, 'after attach')")
+        wait_ingested(env2, tenant, main, c2)
+        c2.stop("fast")
+        info2 = env2.client.checkpoint(tenant, main)
+        wait_until(lambda: env2.client.timeline(tenant, main).remote_consistent_lsn
+                   == info2.disk_consistent_lsn, 120, "uploads of generation 4")
+        index4 = IndexPart.decode(storage.get(prefix + "index_part.json-00000004"), "index")
+        assert index4.disk_consistent_lsn == info2.disk_consistent_lsn
+        # Layers inherited from generation 3 keep their names; new ones carry 4.
+        assert {layer.generation for layer in index4.layers.values()} == {3, 4}
+        try:
+            env2.client.request("POST", f"/v1/tenant/{tenant}/attach", {"generation": 5})
+            raise AssertionError("a second attach of an attached tenant was accepted")
+        except UserError as err:
+            assert "already attached" in str(err)
+    finally:
+        env1.stop_all()
+        env2.stop_all()
+    unexpected = env1.unexpected_log_errors()
+    assert not unexpected, "\n".join(unexpected[:20])

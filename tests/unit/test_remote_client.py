@@ -1,0 +1,158 @@
+"""The upload queue of one timeline against a real directory backend: order (layers,
+then an index naming only uploaded layers, deletions only after an index without them),
+retries after failures, and generations (a stale attachment never deletes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from strata.common.errors import Unavailable
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
+from strata.remote.index import INDEX_NAME, IndexPart, timeline_prefix
+from strata.remote.local import LocalDirStorage
+from strata.remote.storage import RemoteStorage, RetryingStorage
+from strata.remote.timeline_client import RemoteTimelineClient, latest_index
+from strata.storage.key import KEY_MAX, KEY_MIN, KeyRange
+from strata.storage.layer_name import LayerDesc
+from strata.storage.metadata import TimelineMetadata
+
+TENANT = TenantId(bytes(range(16)))
+TIMELINE = TimelineId(bytes(range(16, 32)))
+PREFIX = timeline_prefix(TENANT, TIMELINE)
+
+
+class Recording(RemoteStorage):
+    """A real backend that records each operation and can fail the next few puts."""
+
+    def __init__(self, inner: RemoteStorage) -> None:
+        self.inner = inner
+        self.ops: list[tuple[str, str, bytes]] = []
+        self.fail_puts = 0
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.fail_puts:
+            self.fail_puts -= 1
+            raise Unavailable("injected: server down")
+        self.inner.put(key, data)
+        self.ops.append(("put", key, data))
+
+    def get(self, key: str) -> bytes:
+        return self.inner.get(key)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return self.inner.list_keys(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+        self.ops.append(("delete", key, b""))
+
+
+def meta(dcl: int, gc_cutoff: int = 0) -> TimelineMetadata:
+    return TimelineMetadata(Lsn(dcl), Lsn(0), None, Lsn(0), Lsn(gc_cutoff), Lsn(0x100))
+
+
+def layer(directory: Path, start: int, end: int, size: int = 1000) -> LayerDesc:
+    desc = LayerDesc.delta(KeyRange(KEY_MIN, KEY_MAX), Lsn(start), Lsn(end))
+    (directory / desc.file_name()).write_bytes(bytes([start % 256]) * size)
+    return desc
+
+
+def check_order(ops: list[tuple[str, str, bytes]]) -> None:
+    """Every index names only objects put before it and not deleted since; nothing named
+    by the latest index of the generation is ever deleted."""
+    live: set[str] = set()
+    named: set[str] = set()
+    for op, key, data in ops:
+        if op == "put" and INDEX_NAME not in key:
+            live.add(key)
+        elif op == "put":
+            index = IndexPart.decode(data, key)
+            named = {PREFIX + entry.object_name(name) for name, entry in index.layers.items()}
+            assert named <= live, (named - live)
+        else:
+            assert key not in named, key
+            live.discard(key)
+
+
+def test_uploads_in_order_then_deletes_after_the_index(tmp_path: Path) -> None:
+    store = Recording(LocalDirStorage(tmp_path / "remote"))
+    tl_dir = tmp_path / "tl"
+    tl_dir.mkdir()
+    a, b = layer(tl_dir, 0x100, 0x200), layer(tl_dir, 0x200, 0x300)
+    client = RemoteTimelineClient(store, TENANT, TIMELINE, 5, tl_dir)
+    client.start(meta(0x2FF), [a, b], None)
+    assert client.wait_idle(30)
+    assert client.remote_consistent_lsn == Lsn(0x2FF)
+    index = latest_index(store, TENANT, TIMELINE)
+    assert index is not None and index.generation == 5
+    assert sorted(index.layers) == sorted([a.file_name(), b.file_name()])
+    assert index.layers[a.file_name()].size == 1000
+    assert store.inner.get(PREFIX + a.file_name() + "-00000005") == b"\x00" * 1000
+
+    c = layer(tl_dir, 0x300, 0x400)
+    client.layer_added(c)
+    client.metadata_saved(meta(0x3FF, gc_cutoff=0x300))
+    (tl_dir / a.file_name()).unlink()
+    client.layer_removed(a)
+    assert client.wait_idle(30)
+    client.stop()
+    index = latest_index(store, TENANT, TIMELINE)
+    assert index is not None
+    assert sorted(index.layers) == sorted([b.file_name(), c.file_name()])
+    assert index.metadata.latest_gc_cutoff == Lsn(0x300)
+    assert store.list_keys(PREFIX + a.file_name()) == []
+    check_order(store.ops)
+    doc = json.loads(store.get(PREFIX + "index_part.json-00000005"))
+    assert doc["disk_consistent_lsn"] == "0/3FF"
+
+
+def test_failed_uploads_are_retried_until_they_succeed(tmp_path: Path) -> None:
+    store = Recording(LocalDirStorage(tmp_path / "remote"))
+    store.fail_puts = 8  # more than RetryingStorage's own attempts: the queue retries too
+    retrying = RetryingStorage(store, attempts=3, base_delay_s=0.01)
+    tl_dir = tmp_path / "tl"
+    tl_dir.mkdir()
+    a = layer(tl_dir, 0x100, 0x200)
+    client = RemoteTimelineClient(retrying, TENANT, TIMELINE, 1, tl_dir, retry_pause_s=0.05)
+    client.start(meta(0x1FF), [a], None)
+    assert client.wait_idle(60)
+    assert client.remote_consistent_lsn == Lsn(0x1FF)
+    client.stop()
+    assert store.fail_puts == 0
+    check_order(store.ops)
+
+
+def test_stale_generation_never_deletes(tmp_path: Path) -> None:
+    """Two pageservers attached by mistake: generation 1 (stale) removes a layer that
+    generation 2's index still names; the object stays."""
+    store = Recording(LocalDirStorage(tmp_path / "remote"))
+    dir1, dir2 = tmp_path / "ps1", tmp_path / "ps2"
+    dir1.mkdir()
+    dir2.mkdir()
+    a1, b1 = layer(dir1, 0x100, 0x200), layer(dir1, 0x200, 0x300)
+    old = RemoteTimelineClient(store, TENANT, TIMELINE, 1, dir1)
+    old.start(meta(0x2FF), [a1, b1], None)
+    assert old.wait_idle(30)
+
+    # The new attachment resumes from generation 1's index (it downloaded the layers).
+    a2, b2 = layer(dir2, 0x100, 0x200), layer(dir2, 0x200, 0x300)
+    new = RemoteTimelineClient(store, TENANT, TIMELINE, 2, dir2)
+    new.start(meta(0x2FF), [a2, b2], latest_index(store, TENANT, TIMELINE, 2))
+    assert new.wait_idle(30)
+    inherited = latest_index(store, TENANT, TIMELINE)
+    assert inherited is not None and inherited.generation == 2
+    assert inherited.layers[a1.file_name()].generation == 1  # not uploaded again
+
+    (dir1 / a1.file_name()).unlink()
+    old.layer_removed(a1)
+    assert old.wait_idle(30)
+    assert old.stale
+    assert store.inner.get(PREFIX + a1.file_name() + "-00000001") == b"\x00" * 1000
+    assert all(op != "delete" for op, _, _ in store.ops)
+    index = latest_index(store, TENANT, TIMELINE)
+    assert index is not None and index.generation == 2
+    assert a1.file_name() in index.layers
+    old.stop()
+    new.stop()
