@@ -8,25 +8,20 @@ their result on stdout (see `output`).
 
 from __future__ import annotations
 
-import re
 import shutil
 import tomllib
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 
-from strata.common.errors import NotFound, StrataError, Unavailable, UserError
-from strata.common.ids import TimelineId
+from strata.common.errors import StrataError, UserError
 from strata.common.lsn import Lsn
-from strata.common.proc import free_port
 from strata.control import output
 from strata.control.endpoints import (
     COMPUTE_MODES,
     endpoint_paths,
     endpoint_status,
-    head_flush_lsn,
     running_pid,
     start_endpoint,
     stop_endpoint,
@@ -37,38 +32,40 @@ from strata.control.env import (
     EndpointState,
     EnvConfig,
     Environment,
-    State,
     TenantState,
     tenant_id_of,
 )
+from strata.control.operations import (
+    allocate_port,
+    check_name,
+    client_if_running,
+    create_branch,
+    create_endpoint,
+    delete_branch,
+    restore_branch,
+    start_named_endpoint,
+    stop_named_endpoint,
+    timeline_json,
+)
 from strata.control.services import (
+    console_url,
     pageserver_client,
     pageserver_status,
     require_pageserver,
     require_safekeeper_mode,
-    safekeeper_delete_timeline,
     safekeeper_status,
+    start_console,
     start_pageserver,
     start_safekeeper,
     start_safekeepers,
+    stop_console,
     stop_pageserver,
     stop_safekeeper,
     stop_safekeepers,
 )
-from strata.control.supervisor import wait_for
-from strata.pageserver.client import PageserverClient, TimelineInfo
 from strata.storage.tenant import TenantConfig
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 DEFAULT_TENANT_NAME = "default"
-INGEST_WAIT_S = 60.0
-
-
-def _check_name(kind: str, name: str) -> str:
-    if _NAME.fullmatch(name) is None:
-        raise UserError(f"invalid {kind} name {name!r}: use letters, digits, '_', '.', '-' "
-                        "(up to 63, starting with a letter or digit)")
-    return name
 
 
 def _env(ctx: click.Context) -> Environment:
@@ -80,13 +77,6 @@ def _env(ctx: click.Context) -> Environment:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
 tenant_option = click.option("--tenant", metavar="NAME|ID",
                              help="Tenant (default: the environment's default tenant).")
-
-
-def _client_if_running(env: Environment) -> PageserverClient | None:
-    try:
-        return require_pageserver(env, env.config())
-    except StrataError:
-        return None
 
 
 # --- init / start / stop / status ------------------------------------------------------------
@@ -111,6 +101,7 @@ def init(ctx: click.Context, config_file: Path | None, object_storage: str | Non
         config = _with_object_storage(config, object_storage, root)
     config = config.with_ports_allocated()
     env = Environment.create(root, config)
+    env.console_token()
     output.info(f"created a Strata environment in {root} (config {env.config_path})")
     try:
         start_safekeepers(env, config)
@@ -129,7 +120,7 @@ def init(ctx: click.Context, config_file: Path | None, object_storage: str | Non
                                                     {DEFAULT_BRANCH: str(timeline_id)})
         state.default_tenant = str(tenant_id)
         state.endpoints[DEFAULT_ENDPOINT] = EndpointState(
-            DEFAULT_ENDPOINT, str(tenant_id), DEFAULT_BRANCH, _allocate_port(config, state),
+            DEFAULT_ENDPOINT, str(tenant_id), DEFAULT_BRANCH, allocate_port(config, state),
             autostart=True)
     output.info(f"tenant {tenant_id}: branch {DEFAULT_BRANCH} (timeline {timeline_id}), "
                 f"endpoint {DEFAULT_ENDPOINT}")
@@ -158,6 +149,9 @@ def start(ctx: click.Context) -> None:
     config = env.config()
     start_safekeepers(env, config)
     start_pageserver(env, config)
+    config = start_console(env, config)
+    output.result(f"console: {console_url(config)} (log in with the token in "
+                  f"{env.console_token_path})")
     state = env.read_state()
     failed: list[str] = []
     for ep in state.endpoints.values():
@@ -189,11 +183,12 @@ def start(ctx: click.Context) -> None:
 def stop(ctx: click.Context, immediate: bool) -> None:
     """Stop every endpoint, then the pageserver, then the safekeepers."""
     env = _env(ctx)
-    client = _client_if_running(env)
+    client = client_if_running(env)
     state = env.read_state()
     for ep in state.endpoints.values():
         stop_endpoint(env, ep, state.timeline_id(ep.tenant_id, ep.branch), immediate=immediate,
                       client=client)
+    stop_console(env, immediate=immediate)
     stop_pageserver(env, immediate=immediate)
     stop_safekeepers(env, env.config(), immediate=immediate)
     output.result(f"stopped {env.root}")
@@ -213,7 +208,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         client = pageserver_client(config, timeout_s=10)
         for tid, tenant in state.tenants.items():
             infos = client.list_timelines(tenant_id_of(tid))
-            timelines += [_timeline_json(tenant, info) for info in infos]
+            timelines += [timeline_json(tenant, info) for info in infos]
     endpoints = [endpoint_status(env, config, ep) for ep in state.endpoints.values()]
     named = [(tid, tl, name) for tid, tenant in state.tenants.items()
              for name, tl in tenant.branches.items()]
@@ -287,7 +282,7 @@ def tenant_create(ctx: click.Context, name: str, settings: tuple[str, ...]) -> N
     """Create a tenant with a `main` branch."""
     env = _env(ctx)
     config = env.config()
-    _check_name("tenant", name)
+    check_name("tenant", name)
     overrides = _parse_settings(settings)
     TenantConfig.from_dict({**config.tenant_defaults, **overrides})  # refuse typos early
     if any(t.name == name for t in env.read_state().tenants.values()):
@@ -357,46 +352,6 @@ def timeline() -> None:
     """Timelines, named as branches."""
 
 
-def _names_by_id(tenant: TenantState) -> dict[str, str]:
-    return {tl: name for name, tl in tenant.branches.items()}
-
-
-def _timeline_json(tenant: TenantState, info: TimelineInfo) -> dict[str, Any]:
-    names = _names_by_id(tenant)
-    parent = info.ancestor_timeline_id
-    return {"branch": names.get(str(info.timeline_id)), "tenant_id": str(info.tenant_id),
-            "timeline_id": str(info.timeline_id),
-            "parent": names.get(str(parent)) if parent else None,
-            "parent_timeline_id": str(parent) if parent else None,
-            "branch_lsn": str(info.ancestor_lsn) if info.ancestor_lsn else None,
-            "last_record_lsn": str(info.last_record_lsn),
-            "disk_consistent_lsn": str(info.disk_consistent_lsn), "state": info.state}
-
-
-def _primary_on(state: State, tenant_id: str, branch: str) -> EndpointState | None:
-    for ep in state.endpoints.values():
-        if ep.tenant_id == tenant_id and ep.branch == branch and not ep.read_only:
-            return ep
-    return None
-
-
-def _wait_head_ingested(env: Environment, client: PageserverClient, state: State,
-                        tenant_id: str, branch: str, timeline_id: TimelineId) -> None:
-    """If a primary runs on the branch, wait until the pageserver has all it flushed, so a
-    branch at the head holds every commit made so far."""
-    ep = _primary_on(state, tenant_id, branch)
-    if ep is None or running_pid(env, ep.name) is None:
-        return
-    target = head_flush_lsn(env, ep)
-    # A flush position just past a page header: the last record ended at the page start.
-    floor = target.page_start() if target.page_offset() <= 40 else target
-    tid = tenant_id_of(tenant_id)
-    with output.step(f"waiting for the pageserver to ingest branch {branch} up to {target}"):
-        wait_for(lambda: client.timeline(tid, timeline_id).last_record_lsn >= floor,
-                 timeout_s=INGEST_WAIT_S,
-                 what=f"waiting for the pageserver to ingest branch {branch} up to {target}")
-
-
 @timeline.command("branch")
 @click.argument("name")
 @click.option("--parent", default=DEFAULT_BRANCH, show_default=True, help="Parent branch.")
@@ -410,34 +365,26 @@ def timeline_branch(ctx: click.Context, name: str, parent: str, at: str | None,
                     tenant: str | None) -> None:
     """Create branch NAME from a parent branch (O(1): no data is copied)."""
     env = _env(ctx)
-    config = env.config()
-    _check_name("branch", name)
-    state = env.read_state()
-    tid = state.tenant_id(tenant)
-    if name in state.tenants[tid].branches:
-        raise UserError(f"branch {name!r} exists already in tenant {state.tenants[tid].name}; "
-                        "see `strata timeline list`")
-    parent_id = state.timeline_id(tid, parent)
-    client = require_pageserver(env, config)
-    lsn: Lsn | None = None
-    timestamp: str | None = None
-    if at is None:
-        _wait_head_ingested(env, client, state, tid, parent, parent_id)
-    else:
-        try:
-            lsn = Lsn.parse(at)
-        except StrataError:
-            timestamp = at
-        if lsn is not None and not lsn.is_aligned(8):
-            raise UserError(f"--at {lsn} is not 8-byte aligned, so it cannot be the end of a "
-                            "WAL record; use pg_current_wal_lsn() right after a commit")
-    with output.step(f"creating branch {name} from {parent}"
-                     + (f" at {at}" if at else " at its head")):
-        info = client.branch(tenant_id_of(tid), parent_id, lsn=lsn, timestamp=timestamp)
-    with env.locked() as new_state:
-        new_state.tenants[tid].branches[name] = str(info.timeline_id)
+    info = create_branch(env, env.config(), name, parent, at, tenant)
     output.result(f"created branch {name} (timeline {info.timeline_id}) from {parent} at "
                   f"{info.ancestor_lsn}")
+
+
+@timeline.command("restore")
+@click.argument("name")
+@click.option("--at", "at", required=True, metavar="TIMESTAMP",
+              help="An ISO 8601 timestamp: the branch gets its state as of the last commit "
+                   "at or before it.")
+@tenant_option
+@click.pass_context
+def timeline_restore(ctx: click.Context, name: str, at: str, tenant: str | None) -> None:
+    """Restore branch NAME to a past moment: NAME moves to a new timeline with its state as
+    of --at; the previous timeline stays as branch NAME-before-restore-<time> (with its
+    children and read-only endpoints). A running primary on NAME is restarted on it."""
+    env = _env(ctx)
+    done = restore_branch(env, env.config(), name, at, tenant)
+    output.result(f"restored branch {name} to {done.lsn} (timeline {done.timeline_id}); "
+                  f"the previous timeline is branch {done.backup}")
 
 
 @timeline.command("list")
@@ -451,7 +398,7 @@ def timeline_list(ctx: click.Context, tenant: str | None, as_json: bool) -> None
     state = env.read_state()
     tid = state.tenant_id(tenant)
     client = require_pageserver(env, config)
-    rows = [_timeline_json(state.tenants[tid], info)
+    rows = [timeline_json(state.tenants[tid], info)
             for info in client.list_timelines(tenant_id_of(tid))]
     if as_json:
         output.print_json(rows)
@@ -488,58 +435,7 @@ def timeline_delete(ctx: click.Context, name: str, tenant: str | None) -> None:
     while it has children or endpoints). If a safekeeper cannot be reached the branch is
     kept: start it and run the command again to finish."""
     env = _env(ctx)
-    config = env.config()
-    state = env.read_state()
-    tid = state.tenant_id(tenant)
-    timeline_id = state.timeline_id(tid, name)
-    client = require_pageserver(env, config)
-    infos = client.list_timelines(tenant_id_of(tid))
-    names = _names_by_id(state.tenants[tid])
-    kids = [names.get(str(i.timeline_id), str(i.timeline_id)) for i in infos
-            if i.ancestor_timeline_id == timeline_id]
-    if kids:
-        raise UserError(f"cannot delete branch {name}: it has child branches {sorted(kids)}; "
-                        "delete them first")
-    eps = [ep for ep in state.endpoints.values() if ep.tenant_id == tid and ep.branch == name]
-    running = [ep.name for ep in eps if running_pid(env, ep.name) is not None]
-    if running:
-        raise UserError(f"cannot delete branch {name}: endpoints {running} run on it; stop "
-                        f"them first (`strata endpoint stop {running[0]}`)")
-    if eps:
-        raise UserError(f"cannot delete branch {name}: endpoints {[e.name for e in eps]} are "
-                        f"defined on it; delete them first (`strata endpoint delete "
-                        f"{eps[0].name}`)")
-    with output.step(f"deleting timeline {timeline_id} on the pageserver"):
-        try:
-            client.delete_timeline(tenant_id_of(tid), timeline_id)
-        except NotFound:
-            output.info(f"note: the pageserver had no timeline {timeline_id} any more")
-    # The safekeepers' copy (WAL and control file) goes too. Each one is tried; the branch's
-    # name is dropped only once all of them are done, so that a re-run finishes the job.
-    failed: list[tuple[int, str]] = []
-    if config.wal_mode == "safekeepers":
-        for sk in config.safekeepers:
-            try:
-                with output.step(f"deleting timeline {timeline_id} on safekeeper {sk.id}"):
-                    deleted = safekeeper_delete_timeline(sk, str(tenant_id_of(tid)),
-                                                         str(timeline_id))
-            except StrataError as err:
-                output.info(f"  failed: {err}")
-                failed.append((sk.id, str(err)))
-                continue
-            if not deleted:
-                output.info(f"note: safekeeper {sk.id} had no timeline {timeline_id} (no "
-                            "primary ran on it, or it was deleted there already)")
-    if failed:
-        ids = ", ".join(str(i) for i, _ in failed)
-        reasons = "; ".join(reason for _, reason in failed)
-        raise Unavailable(
-            f"branch {name} (timeline {timeline_id}) is not deleted on safekeeper(s) {ids}: "
-            f"{reasons}. The branch is kept: start the safekeeper (`strata safekeeper start "
-            f"{failed[0][0]}`) and run `strata timeline delete {name}"
-            f"{f' --tenant {tenant}' if tenant else ''}` again to finish")
-    with env.locked() as new_state:
-        new_state.tenants[tid].branches.pop(name, None)
+    timeline_id = delete_branch(env, env.config(), name, tenant)
     output.result(f"deleted branch {name} (timeline {timeline_id})")
 
 
@@ -547,16 +443,6 @@ def timeline_delete(ctx: click.Context, name: str, tenant: str | None) -> None:
 @click.group()
 def endpoint() -> None:
     """Endpoints: a PostgreSQL 15 compute on a branch (primary, or read-only at an LSN)."""
-
-
-def _allocate_port(config: EnvConfig, state: State) -> int:
-    used = {ep.port for ep in state.endpoints.values()}
-    used |= config.ports()
-    for _ in range(100):
-        port = free_port(config.endpoint_defaults.host)
-        if port not in used:
-            return port
-    raise UserError("could not allocate a free port for the endpoint")
 
 
 @endpoint.command("create")
@@ -571,28 +457,8 @@ def endpoint_create(ctx: click.Context, name: str, branch: str, lsn: str | None,
                     port: int | None, tenant: str | None) -> None:
     """Define endpoint NAME on a branch (start it with `strata endpoint start NAME`)."""
     env = _env(ctx)
-    config = env.config()
-    _check_name("endpoint", name)
-    read_lsn = Lsn.parse(lsn) if lsn is not None else None
-    if read_lsn is not None and not read_lsn.is_aligned(8):
-        raise UserError(f"--lsn {read_lsn} is not 8-byte aligned, so it cannot be the end of "
-                        "a WAL record; use pg_current_wal_lsn() right after a commit")
-    with env.locked() as state:
-        if name in state.endpoints:
-            raise UserError(f"endpoint {name!r} exists already; see `strata endpoint list`")
-        tid = state.tenant_id(tenant)
-        state.timeline_id(tid, branch)  # NotFound for an unknown branch
-        if read_lsn is None:
-            other = _primary_on(state, tid, branch)
-            if other is not None:
-                raise UserError(f"branch {branch} already has the primary endpoint "
-                                f"{other.name}: a branch has one writer; use it, or create "
-                                "a read-only endpoint with --lsn")
-        if port is not None and any(ep.port == port for ep in state.endpoints.values()):
-            raise UserError(f"port {port} is already assigned to another endpoint")
-        ep = EndpointState(name, tid, branch, port or _allocate_port(config, state),
-                           str(read_lsn) if read_lsn is not None else None, autostart=False)
-        state.endpoints[name] = ep
+    ep = create_endpoint(env, env.config(), name, branch, lsn, port, tenant)
+    read_lsn = ep.read_lsn
     kind = f"read-only at {read_lsn}" if read_lsn is not None else "primary"
     output.result(f"created endpoint {name} on branch {branch} ({kind}, port {ep.port})")
 
@@ -607,19 +473,7 @@ def endpoint_create(ctx: click.Context, name: str, branch: str, lsn: str | None,
 def endpoint_start(ctx: click.Context, name: str, mode: str | None) -> None:
     """Start endpoint NAME; prints its connection string as the last line."""
     env = _env(ctx)
-    config = env.config()
-    state = env.read_state()
-    ep = state.endpoint(name)
-    conn = start_endpoint(env, config, ep, state.timeline_id(ep.tenant_id, ep.branch), mode)
-    with env.locked() as new_state:
-        if name in new_state.endpoints:
-            new_state.endpoints[name] = replace(new_state.endpoints[name], autostart=True,
-                                                mode=mode or new_state.endpoints[name].mode)
-    output.result(conn)
-
-
-def _with_autostart(ep: EndpointState, value: bool) -> EndpointState:
-    return replace(ep, autostart=value)
+    output.result(start_named_endpoint(env, env.config(), name, mode))
 
 
 @endpoint.command("stop")
@@ -628,14 +482,7 @@ def _with_autostart(ep: EndpointState, value: bool) -> EndpointState:
 @click.pass_context
 def endpoint_stop(ctx: click.Context, name: str, immediate: bool) -> None:
     """Stop endpoint NAME (a clean stop saves its ALTER SYSTEM settings and statistics)."""
-    env = _env(ctx)
-    state = env.read_state()
-    ep = state.endpoint(name)
-    stopped = stop_endpoint(env, ep, state.timeline_id(ep.tenant_id, ep.branch),
-                            immediate=immediate, client=_client_if_running(env))
-    with env.locked() as new_state:
-        if name in new_state.endpoints:
-            new_state.endpoints[name] = _with_autostart(new_state.endpoints[name], False)
+    stopped = stop_named_endpoint(_env(ctx), name, immediate)
     output.result(f"stopped endpoint {name}" if stopped else f"endpoint {name} was not running")
 
 
@@ -758,7 +605,30 @@ def safekeeper_restart(ctx: click.Context, sk_id: int | None) -> None:
         output.result(f"safekeeper {i} running (pid {pid})")
 
 
+# --- the console -------------------------------------------------------------------------------
+@click.command()
+@click.pass_context
+def console(ctx: click.Context) -> None:
+    """Run the web console in the foreground (`strata start` runs it in the background):
+    the branch tree, endpoints, a SQL box and charts, on [console] host:port of config.toml.
+    Log in with the token in the environment's console.token. docs/console.md."""
+    import asyncio
+
+    from strata.common.logctx import setup_logging
+    from strata.console.server import serve
+
+    env = _env(ctx)
+    config = env.config()
+    if config.console.port == 0:
+        raise UserError("config [console] port is 0; run `strata start` once (it allocates "
+                        "one) or set it in config.toml")
+    setup_logging()
+    output.info(f"console on {console_url(config)} (token in {env.console_token_path}); "
+                "Ctrl-C stops it")
+    asyncio.run(serve(env, config.console.host, config.console.port))
+
+
 def register(main: click.Group) -> None:
     for command in (init, start, stop, status, tenant, timeline, endpoint, pageserver,
-                    safekeeper):
+                    safekeeper, console):
         main.add_command(command)

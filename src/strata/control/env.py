@@ -5,6 +5,7 @@ another) holds:
 
     config.toml          what to run: ports, tenant defaults, endpoint defaults (user-editable)
     state.json           what exists: tenants, branch names -> timeline ids, endpoints
+    console.token        the web console's login token (mode 0600, made by `strata init`)
     pageserver/          the pageserver's workdir (its files, not ours)
     safekeepers/skN/     safekeeper N's workdir (wal_mode = "safekeepers")
     endpoints/NAME/      compute/ (rebuilt at every start: pgdata/, and in lazy mode the
@@ -23,6 +24,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +43,7 @@ REPO_DIR_ENV = "STRATA_REPO_DIR"
 DEFAULT_REPO_DIR = ".strata"
 CONFIG_FILE = "config.toml"
 STATE_FILE = "state.json"
+CONSOLE_TOKEN_FILE = "console.token"
 STATE_VERSION = 1
 WAL_MODES = ("pageserver", "safekeepers")
 DEFAULT_BRANCH = "main"
@@ -154,6 +157,22 @@ class EndpointDefaults:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleSettings:
+    """The web console (`strata console`, started by `strata start`); loopback by default."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ConsoleSettings:
+        _check_keys("[console]", data, {"host", "port"})
+        host = data.get("host", "127.0.0.1")
+        if not isinstance(host, str) or not host:
+            raise UserError(f"config [console] host must be a host name, got {host!r}")
+        return cls(host, _check_port("[console] port", data.get("port", 0)))
+
+
+@dataclass(frozen=True, slots=True)
 class EnvConfig:
     """config.toml, validated. Ports 0 are allocated (and written back) by `strata init`."""
 
@@ -163,6 +182,7 @@ class EnvConfig:
         SafekeeperSettings(i + 1) for i in range(DEFAULT_SAFEKEEPERS))
     tenant_defaults: Mapping[str, Any] = field(default_factory=dict)
     endpoint_defaults: EndpointDefaults = field(default_factory=EndpointDefaults)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
 
     def __post_init__(self) -> None:
         if self.wal_mode not in WAL_MODES:
@@ -180,7 +200,8 @@ class EnvConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EnvConfig:
         _check_keys("(top level)", data, {"wal_mode", "pageserver", "safekeepers",
-                                          "tenant_defaults", "endpoint_defaults"})
+                                          "tenant_defaults", "endpoint_defaults",
+                                          "console"})
         wal_mode = str(data.get("wal_mode", "safekeepers"))
         # Without a list: three safekeepers in safekeeper mode, none in development mode.
         sks = data.get("safekeepers", [{"id": i + 1} for i in range(DEFAULT_SAFEKEEPERS)]
@@ -195,7 +216,8 @@ class EnvConfig:
                               for s in sks),
             tenant_defaults=_table("[tenant_defaults]", data.get("tenant_defaults", {})),
             endpoint_defaults=EndpointDefaults.from_dict(
-                _table("[endpoint_defaults]", data.get("endpoint_defaults", {}))))
+                _table("[endpoint_defaults]", data.get("endpoint_defaults", {}))),
+            console=ConsoleSettings.from_dict(_table("[console]", data.get("console", {}))))
 
     @classmethod
     def load(cls, path: Path) -> EnvConfig:
@@ -220,6 +242,7 @@ class EnvConfig:
             "tenant_defaults": dict(self.tenant_defaults),
             "endpoint_defaults": {**asdict(self.endpoint_defaults),
                                   "settings": dict(self.endpoint_defaults.settings)},
+            "console": asdict(self.console),
         }
 
     def with_ports_allocated(self) -> EnvConfig:
@@ -230,14 +253,16 @@ class EnvConfig:
         sks = tuple(replace(sk, pg_port=sk.pg_port or free_port(sk.host),
                             http_port=sk.http_port or free_port(sk.host))
                     for sk in self.safekeepers)
-        return replace(self, pageserver=ps, safekeepers=sks)
+        console = replace(self.console,
+                          port=self.console.port or free_port(self.console.host))
+        return replace(self, pageserver=ps, safekeepers=sks, console=console)
 
     def ports(self) -> set[int]:
-        """Every port of the storage services."""
+        """Every port of the storage services and the console."""
         out = {self.pageserver.pg_port, self.pageserver.http_port}
         for sk in self.safekeepers:
             out |= {sk.pg_port, sk.http_port}
-        return out
+        return out | {self.console.port}
 
     def safekeeper(self, sk_id: int) -> SafekeeperSettings:
         for sk in self.safekeepers:
@@ -381,6 +406,23 @@ class Environment:
     def run_dir(self) -> Path:
         return self.root / "run"
 
+    @property
+    def console_token_path(self) -> Path:
+        return self.root / CONSOLE_TOKEN_FILE
+
+    def console_token(self) -> str:
+        """The web console's login token, made (random, mode 0600) if there is none yet."""
+        try:
+            token = self.console_token_path.read_text().strip()
+        except FileNotFoundError:
+            token = ""
+        if not token:
+            token = secrets.token_urlsafe(24)
+            fd = os.open(self.console_token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+        return token
+
     def safekeeper_dir(self, sk_id: int) -> Path:
         return self.root / "safekeepers" / f"sk{sk_id}"
 
@@ -421,7 +463,7 @@ class Environment:
 
     def write_config(self, config: EnvConfig) -> None:
         text = CONFIG_HEADER + "\n" + tomli_w.dumps(config.to_dict())
-        _atomic_write(self.config_path, text.encode())
+        atomic_write(self.config_path, text.encode())
 
     def read_state(self) -> State:
         try:
@@ -432,7 +474,7 @@ class Environment:
         return State.from_json(data, self.state_path)
 
     def _write_state(self, state: State) -> None:
-        _atomic_write(self.state_path, (json.dumps(state.to_json(), indent=2) + "\n").encode())
+        atomic_write(self.state_path, (json.dumps(state.to_json(), indent=2) + "\n").encode())
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[State]:
@@ -444,7 +486,7 @@ class Environment:
             self._write_state(state)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)

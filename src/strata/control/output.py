@@ -7,10 +7,11 @@ Progress goes to stderr so that stdout holds only results: the connection string
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -22,7 +23,30 @@ if not _out.is_terminal:
     _out.width = 250  # ids are 32 hex digits: never crop them in a captured listing
 
 
+_progress: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "strata_progress", default=None)
+
+
+@contextlib.contextmanager
+def progress_to(sink: Callable[[str], None]) -> Iterator[None]:
+    """Also hand every progress line (info, step start and end) to `sink` inside the block:
+    the console shows a running operation's progress this way (a thread started with the
+    context, e.g. by asyncio.to_thread, inherits the sink)."""
+    token = _progress.set(sink)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
+def _report(line: str) -> None:
+    sink = _progress.get()
+    if sink is not None:
+        sink(line)
+
+
 def info(message: str) -> None:
+    _report(message)
     _err.print(message, markup=False)
 
 
@@ -31,6 +55,7 @@ def step(message: str) -> Iterator[None]:
     """`message ...` now, `message: done (1.2s)` when the block ends (a failure propagates;
     the caller prints the error)."""
     started = time.monotonic()
+    _report(message + " ...")
     if _err.is_terminal:
         with _err.status(message + " ..."):
             yield
@@ -38,6 +63,7 @@ def step(message: str) -> Iterator[None]:
         _err.print(message + " ...", markup=False)
         yield
     elapsed = f"{time.monotonic() - started:.1f}s"
+    _report(f"{message}: done in {elapsed}")
     _err.print(f"{message}: done ({elapsed})" if _err.is_terminal else f"  done in {elapsed}",
                markup=False)
 

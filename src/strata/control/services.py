@@ -16,10 +16,11 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
+from strata.common.proc import free_port
 from strata.control import output
 from strata.control.env import SAFEKEEPERS_OFF, EnvConfig, Environment, SafekeeperSettings
 from strata.control.supervisor import ProcessFiles, check_ports_free, stop_process, wait_for
@@ -308,3 +309,67 @@ def safekeeper_status(env: Environment, sk: SafekeeperSettings,
                                             "durable_commit_lsn", "timeline_start_lsn",
                                             "removal_horizon")}})
     return out
+
+
+# --- the console ---------------------------------------------------------------------------------
+CONSOLE_START_TIMEOUT_S = 60.0
+CONSOLE_STOP_TIMEOUT_S = 60.0  # a running job (an endpoint start) finishes first
+
+
+def console_files(env: Environment) -> ProcessFiles:
+    return ProcessFiles("console", env.run_dir / "console.pid", env.logs_dir / "console.log",
+                        marker=f"--repo-dir {env.root}")
+
+
+def console_url(config: EnvConfig) -> str:
+    return f"http://{config.console.host}:{config.console.port}/"
+
+
+def console_argv(env: Environment) -> list[str]:
+    return [sys.executable, "-m", "strata.console", "--repo-dir", str(env.root)]
+
+
+def _console_responds(config: EnvConfig) -> bool:
+    try:
+        with urllib.request.urlopen(console_url(config) + "login", timeout=5) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_console(env: Environment, config: EnvConfig) -> EnvConfig:
+    """Start the web console (if it is not running) and wait until it answers; returns the
+    config, with the console's port allocated and saved if it was 0 (an environment made
+    before the console existed)."""
+    files = console_files(env)
+    pid = files.read_pid()
+    if pid is not None:
+        output.info(f"console already running (pid {pid})")
+        return config
+    if config.console.port == 0:
+        config = replace(config, console=replace(
+            config.console, port=free_port(config.console.host)))
+        env.write_config(config)
+    env.console_token()  # made now if the environment predates the console
+    con = config.console
+    check_ports_free("the console", {"port": (con.host, con.port)})
+    with output.step(f"starting the console ({console_url(config)}, log {files.log_path})"):
+        with open(files.log_path, "ab") as log:
+            proc = subprocess.Popen(console_argv(env), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        files.write_pid(proc.pid)
+        wait_for(lambda: _console_responds(config), timeout_s=CONSOLE_START_TIMEOUT_S,
+                 what=f"waiting for the console on {console_url(config)}", files=files,
+                 pid=proc.pid)
+    return config
+
+
+def stop_console(env: Environment, *, immediate: bool = False) -> bool:
+    files = console_files(env)
+    if files.read_pid() is None:
+        files.clear_pid()
+        return False
+    with output.step("killing the console" if immediate else "stopping the console"):
+        stop_process(files, signal.SIGKILL if immediate else signal.SIGTERM,
+                     timeout_s=CONSOLE_STOP_TIMEOUT_S)
+    return True
