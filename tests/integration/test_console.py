@@ -29,7 +29,7 @@ from strata.common.lsn import Lsn
 from strata.common.proc import ensure_traversable
 from strata.console.api import Console
 from strata.console.jobs import Jobs
-from strata.console.metrics import Sampler, parse_sample
+from strata.console.metrics import Sampler
 from strata.console.server import make_app
 from strata.control.env import Environment
 
@@ -236,31 +236,6 @@ def test_metrics_sampler_fills_the_hour(console: ConsoleEnv) -> None:
     last = samples[-1]
     assert last["layers"] >= 1 and last["layer_bytes"] > 0, last
     assert last["getpage_requests"] is not None and last["commit_lag_bytes"] is not None
-
-
-def test_parse_sample_sums_timelines() -> None:
-    """parse_sample sums the pageserver's per-timeline figures and takes, per timeline, the
-    safekeepers' highest commit LSN minus the pageserver's last record LSN."""
-    ps = "\n".join([
-        '# TYPE strata_pageserver_wal_ingested_bytes counter',
-        'strata_pageserver_wal_ingested_bytes_total{tenant_id="a",timeline_id="1"} 100.0',
-        'strata_pageserver_wal_ingested_bytes_total{tenant_id="a",timeline_id="2"} 50.0',
-        '# TYPE strata_pageserver_timeline_lsn gauge',
-        'strata_pageserver_timeline_lsn{tenant_id="a",timeline_id="1",kind="last_record"} 1000',
-        'strata_pageserver_timeline_lsn{tenant_id="a",timeline_id="2",kind="last_record"} 500',
-        '# TYPE strata_pageserver_layer_count gauge',
-        'strata_pageserver_layer_count{tenant_id="a",timeline_id="1",kind="delta"} 3',
-        'strata_pageserver_layer_count{tenant_id="a",timeline_id="1",kind="image"} 1', ""])
-    sk1 = 'safekeeper_timeline_commit_lsn{tenant_id="a",timeline_id="1"} 1200\n'
-    sk2 = 'safekeeper_timeline_commit_lsn{tenant_id="a",timeline_id="1"} 1100\n' \
-          'safekeeper_timeline_commit_lsn{tenant_id="a",timeline_id="2"} 400\n'
-    sample = parse_sample(1.0, ps, [sk1, sk2], {"main": 2})
-    assert sample.wal_ingested_bytes == 150
-    assert sample.layers == 4
-    assert sample.commit_lag_bytes == 200  # timeline 2's safekeepers are behind: 0
-    assert sample.connections == {"main": 2}
-    empty = parse_sample(2.0, None, [], {})
-    assert empty.layers is None and empty.wal_ingested_bytes is None
 
 
 # --- the UI in chromium ------------------------------------------------------------------------
