@@ -1,6 +1,7 @@
 """The pageserver with S3 remote storage (SeaweedFS on loopback): layers and an index
 uploaded per generation, and a pageserver with an empty disk serving the tenant after an
-attach, with a compute on it."""
+attach, with a compute on it, downloading layers on demand and evicting them to stay
+within its local cache limit."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ from strata.remote.storage import open_remote_storage
 def test_upload_then_attach_on_an_empty_disk(test_dir: Path, s3_url: str) -> None:  # noqa: F811
     """Every local layer is in S3 under generation 3 with its size, named by an index
     whose disk_consistent_lsn is remote_consistent_lsn; a second pageserver with an empty
-    disk attaches with generation 4 and a compute on it sees every committed row."""
+    disk attaches with generation 4 (downloading no layer) and a compute on it sees
+    every committed row, its reads downloading the layers; with a 1-byte cache limit
+    every indexed layer is evicted again, and a new compute downloads them again."""
     ps1 = PageserverProcess(test_dir / "ps1", test_dir / "pageserver1.log",
                             overrides=[f"remote_storage={s3_url}"])
     ps1.start()
     env1 = Env(test_dir, ps1)
     ps2 = PageserverProcess(test_dir / "ps2", test_dir / "pageserver2.log",
-                            overrides=[f"remote_storage={s3_url}"])
+                            overrides=[f"remote_storage={s3_url}", "local_cache_bytes=1"])
     env2 = Env(test_dir, ps2, _seq=10)
     try:
         tenant, main = env1.client.create_tenant(generation=3)
@@ -55,8 +58,17 @@ def test_upload_then_attach_on_an_empty_disk(test_dir: Path, s3_url: str) -> Non
         assert [t["timeline_id"] for t in out["timelines"]] == [str(main)]
         attached = env2.client.timeline(tenant, main)
         assert attached.disk_consistent_lsn == info.disk_consistent_lsn
+        tl2 = ps2.workdir / "tenants" / str(tenant) / "timelines" / str(main)
+
+        def local_layers() -> list[str]:
+            return [p.name for p in tl2.iterdir() if p.name.endswith((".delta", ".image"))]
+
+        # Attach wrote metadata only; what is local now a read fetched (the WAL path's
+        # start reads a few keys).
+        assert len(local_layers()) <= len(index.layers)
         c2 = env2.start_compute(tenant, main)
         assert c2.sql("select count(*), sum(length(v)) from t") == [(20000, 2_000_000)]
+        assert "on demand" in ps2.log_text()
         c2.sql("insert into t values (0, 'after attach')")
         wait_ingested(env2, tenant, main, c2)
         c2.stop("fast")
@@ -67,6 +79,10 @@ def test_upload_then_attach_on_an_empty_disk(test_dir: Path, s3_url: str) -> Non
         assert index4.disk_consistent_lsn == info2.disk_consistent_lsn
         # Layers inherited from generation 3 keep their names; new ones carry 4.
         assert {layer.generation for layer in index4.layers.values()} == {3, 4}
+        wait_until(lambda: not local_layers(), 60, "eviction of every indexed layer")
+        c3 = env2.start_compute(tenant, main)
+        assert c3.sql("select count(*) from t") == [(20001,)]
+        c3.stop("fast")
         try:
             env2.client.request("POST", f"/v1/tenant/{tenant}/attach", {"generation": 5})
             raise AssertionError("a second attach of an attached tenant was accepted")

@@ -64,6 +64,9 @@ class PageserverConfig:
     remote_storage: str = ""
     """Object storage URL (file:///path or s3://bucket/prefix?endpoint=...); empty: none.
     With it every layer file and an index per timeline are uploaded (strata.remote)."""
+    local_cache_bytes: int = 0
+    """With remote storage: keep at most this many bytes of layer files on local disk,
+    evicting the least recently read layers that remote storage holds; 0: no limit."""
     default_tenant_conf: TenantConfig = field(default_factory=TenantConfig)
 
     def __post_init__(self) -> None:
@@ -71,6 +74,12 @@ class PageserverConfig:
                 ("file:///", "s3://", "/")):
             raise UserError(f"pageserver config remote_storage must be file:///path or "
                             f"s3://bucket/prefix, got {self.remote_storage!r}")
+        if self.local_cache_bytes < 0:
+            raise UserError(f"pageserver config local_cache_bytes must be >= 0, got "
+                            f"{self.local_cache_bytes!r}")
+        if self.local_cache_bytes and not self.remote_storage:
+            raise UserError("pageserver config local_cache_bytes needs remote_storage: "
+                            "without it no layer file can leave the local disk")
         parse_addr("listen_pg_addr", self.listen_pg_addr)
         parse_addr("listen_http_addr", self.listen_http_addr)
         if not self.wait_lsn_timeout_s > 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -46,7 +47,7 @@ from strata.pageserver.page_service import PageService, PageServiceConfig
 from strata.pageserver.sk_receiver import SafekeeperEndpoint
 from strata.pageserver.timeline_wal import ReceiverTarget, RecordApplier, TimelineWal
 from strata.pg.constants import BLCKSZ
-from strata.remote.download import download_tenant, remote_tenant_indexes
+from strata.remote.download import remote_tenant_indexes, write_timelines
 from strata.remote.storage import RemoteStorage, open_remote_storage
 from strata.remote.timeline_client import RemoteTimelineClient, latest_index
 from strata.storage.compaction import CompactionResult
@@ -116,6 +117,7 @@ class Pageserver:
         self.remote_storage: RemoteStorage | None = \
             open_remote_storage(config.remote_storage) if config.remote_storage else None
         self.uploads: dict[tuple[TenantId, TimelineId], RemoteTimelineClient] = {}
+        self._evictor: asyncio.Task[None] | None = None
         self._start_lsns: dict[tuple[TenantId, TimelineId], int] = {}
         self._logical_sizes: dict[tuple[TenantId, TimelineId], tuple[Lsn, int]] = {}
         self._create_lock = asyncio.Lock()
@@ -135,6 +137,8 @@ class Pageserver:
                 await self._start_remote(timeline)
                 await self._start_wal(timeline)
         self.background.start()
+        if self.config.local_cache_bytes:
+            self._evictor = asyncio.create_task(self._evict_loop(), name="layer-eviction")
 
     async def _start_remote(self, timeline: Timeline) -> None:
         """Start uploading the timeline's files (no-op without remote storage)."""
@@ -147,9 +151,44 @@ class Pageserver:
         with timeline_context(timeline.tenant_id, timeline.timeline_id):
             index = await asyncio.to_thread(latest_index, storage, timeline.tenant_id,
                                             timeline.timeline_id, tenant.generation)
+            if index is not None:
+                remote_only = timeline.add_remote_layers(index.layer_descs())
+                if remote_only:
+                    log.info("%d layers are in remote storage only (downloaded on demand)",
+                             remote_only)
             client.start(timeline.metadata, timeline.layers(), index)
         timeline.remote = client
         self.uploads[(timeline.tenant_id, timeline.timeline_id)] = client
+
+    async def _evict_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_period_s)
+            try:
+                await asyncio.to_thread(self.evict_layers)
+            except StrataError as err:
+                log.error("layer eviction failed: %s", err)
+
+    def evict_layers(self) -> int:
+        """Delete the local files of the least recently read layers (those remote storage
+        holds) until the local layer bytes are within local_cache_bytes; returns the
+        bytes freed."""
+        limit = self.config.local_cache_bytes
+        files = [(tick, size, timeline, desc)
+                 for tenant in list(self.repo.tenants.values())
+                 for timeline in list(tenant.timelines.values())
+                 for desc, size, tick in timeline.local_layer_files()]
+        total = sum(size for _, size, _, _ in files)
+        freed = evicted = 0
+        for _, size, timeline, desc in sorted(files, key=lambda f: f[0]):
+            if total - freed <= limit:
+                break
+            if timeline.evict_layer(desc):
+                freed += size
+                evicted += 1
+        if evicted:
+            log.info("evicted %d layers (%d bytes); local layer files now %d bytes, limit "
+                     "%d", evicted, freed, total - freed, limit)
+        return freed
 
     async def _stop_remote(self, tenant_id: TenantId, timeline_id: TimelineId, *,
                            delete: bool) -> None:
@@ -191,6 +230,11 @@ class Pageserver:
 
     async def stop(self) -> None:
         """Stop background work, receivers and ingest, then flush every timeline."""
+        if self._evictor is not None:
+            self._evictor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._evictor
+            self._evictor = None
         await self.background.stop()
         for (tenant_id, timeline_id), wal in self.wals.items():
             with timeline_context(tenant_id, timeline_id):
@@ -261,7 +305,7 @@ class Pageserver:
                 tenant = await asyncio.to_thread(
                     self.repo.create_tenant, tenant_id,
                     conf or self.config.default_tenant_conf, generation,
-                    lambda temp: download_tenant(storage, tenant_id, indexes, temp))
+                    lambda temp: write_timelines(indexes, temp))
                 for timeline in _ancestors_first(tenant):
                     await self._start_remote(timeline)
                     await self._start_wal(timeline)

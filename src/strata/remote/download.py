@@ -1,4 +1,4 @@
-"""Downloads from remote storage: a tenant's indexes, its timelines' metadata and layers.
+"""Downloads from remote storage: a tenant's indexes, its timelines' metadata, one layer.
 
 A layer is checked twice: the object's own CRC-32C (storage.get), and the size and
 CRC-32C the index recorded at upload, so an object replaced under the same name is
@@ -66,16 +66,19 @@ def download_layer(storage: RemoteStorage, tenant_id: TenantId, timeline_id: Tim
     return len(data)
 
 
-def download_tenant(storage: RemoteStorage, tenant_id: TenantId,
-                    indexes: dict[TimelineId, IndexPart], tenant_dir: Path) -> None:
-    """Write every timeline of `indexes` (metadata and layers) under `tenant_dir`."""
+def write_timelines(indexes: dict[TimelineId, IndexPart], tenant_dir: Path) -> None:
+    """Write the metadata of every timeline of `indexes` under `tenant_dir`. Layers are
+    not downloaded: reads fetch them on demand (Timeline._fetch)."""
     for timeline_id, index in sorted(indexes.items()):
         tl_dir = tenant_dir / "timelines" / str(timeline_id)
         tl_dir.mkdir(parents=True)
-        total = 0
-        for name, layer in sorted(index.layers.items()):
-            total += download_layer(storage, tenant_id, timeline_id, name, layer, tl_dir)
-        (tl_dir / METADATA_FILE).write_bytes(encode_metadata(index.metadata))
+        path = tl_dir / METADATA_FILE
+        with open(path, "wb") as f:
+            f.write(encode_metadata(index.metadata))
+            f.flush()
+            os.fsync(f.fileno())
         fsync_dir(tl_dir)
-        log.info("downloaded timeline %s: %d layers, %d bytes, disk_consistent_lsn %s",
-                 timeline_id, len(index.layers), total, index.disk_consistent_lsn)
+        log.info("attached timeline %s from its index of generation %d: %d layers (%d "
+                 "bytes) remote, disk_consistent_lsn %s", timeline_id, index.generation,
+                 len(index.layers), sum(layer.size for layer in index.layers.values()),
+                 index.disk_consistent_lsn)

@@ -109,6 +109,7 @@ class RemoteTimelineClient:
         self.prefix = timeline_prefix(tenant_id, timeline_id)
         self._uploaded: dict[str, RemoteLayer] = {}  # named by the next index
         self._removed: set[str] = set()  # removed locally, still named remotely
+        self._indexed: set[str] = set()  # named by the last index uploaded
         self._queue: collections.deque[Op] = collections.deque()
         self._cond = threading.Condition()
         self._busy = False
@@ -141,13 +142,23 @@ class RemoteTimelineClient:
         with self._cond:
             if remote is not None:
                 self._uploaded = dict(remote.layers)
+                self._indexed = set(remote.layers)
                 self._remote_consistent = remote.disk_consistent_lsn \
                     if remote.disk_consistent_lsn <= meta.disk_consistent_lsn else None
             for name in sorted(set(self._uploaded) - set(local)):
                 self._removed.add(name)
             for name, desc in sorted(local.items()):
                 known = self._uploaded.get(name)
-                if known is None or known.size != (self.dir / name).stat().st_size:
+                try:
+                    size = (self.dir / name).stat().st_size
+                except FileNotFoundError:
+                    # Only in remote storage (downloaded on demand), or lost: then
+                    # reads of it fail loudly, uploads cannot bring it back.
+                    if known is None:
+                        log.warning("layer %s is neither on local disk nor in the remote "
+                                    "index", name)
+                    continue
+                if known is None or known.size != size:
                     self._queue.append(UploadLayer(desc))
             self._queue.append(UploadIndex(meta))
             if self._removed:
@@ -190,6 +201,24 @@ class RemoteTimelineClient:
             if not any(isinstance(op, DeleteRemoved) for op in self._queue):
                 self._queue.append(DeleteRemoved())
             self._cond.notify_all()
+
+    def is_evictable(self, desc: LayerDesc) -> bool:
+        name = desc.file_name()
+        with self._cond:
+            return name in self._indexed and name not in self._removed
+
+    def download(self, desc: LayerDesc) -> None:
+        """Fetch a layer the remote index names into the timeline directory."""
+        from strata.remote.download import download_layer
+
+        name = desc.file_name()
+        with self._cond:
+            layer = self._uploaded.get(name)
+        if layer is None:
+            raise NotFound(f"layer {name} of timeline {self.timeline_id} is not on local "
+                           "disk and not in remote storage")
+        failpoint("remote-before-download-layer")
+        download_layer(self.storage, self.tenant_id, self.timeline_id, name, layer, self.dir)
 
     def _enqueue(self, op: Op) -> None:
         with self._cond:
@@ -267,6 +296,8 @@ class RemoteTimelineClient:
         failpoint("remote-before-upload-index")
         self.storage.put(self.prefix + with_generation(INDEX_NAME, self.generation),
                          index.encode())
+        with self._cond:
+            self._indexed = set(index.layers)
         self._last_meta = meta
         self._remote_consistent = meta.disk_consistent_lsn
         log.debug("uploaded index at %s (%d layers)", meta.disk_consistent_lsn,

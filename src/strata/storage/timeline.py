@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import logging
 import os
 import struct
@@ -71,6 +72,7 @@ EPHEMERAL_PREFIX = "ephemeral-"
 _LSN_TIME = struct.Struct("<QQ")
 _MAX_FROZEN = 2  # frozen layers waiting for flush before finish_record flushes inline
 _INF = (1 << 64) - 1
+_ACCESS_TICKS = itertools.count(1)  # orders layer reads for eviction (coldest first)
 
 
 class TimelineBroken(CorruptionError):
@@ -95,6 +97,10 @@ class RemoteSink(Protocol):
     def layer_added(self, desc: LayerDesc) -> None: ...
     def metadata_saved(self, meta: TimelineMetadata) -> None: ...
     def layer_removed(self, desc: LayerDesc) -> None: ...
+    def download(self, desc: LayerDesc) -> None:
+        """Fetch the layer file into the timeline directory (NotFound if not remote)."""
+    def is_evictable(self, desc: LayerDesc) -> bool:
+        """True if the last uploaded index names the layer (its local file may go)."""
 
 
 def open_layer_file(path: Path) -> LayerReader:
@@ -127,6 +133,8 @@ class Timeline:
         self._frozen: list[InMemoryLayer] = []
         self._layer_map = LayerMap()
         self._readers: dict[LayerDesc, LayerReader] = {}
+        self._access: dict[LayerDesc, int] = {}  # layer -> tick of its last read
+        self._download_lock = threading.Lock()  # one on-demand download at a time
         self._lock = threading.RLock()  # layer lists, layer map, readers
         self._flush_lock = threading.Lock()  # one flush / compaction / gc at a time
         self._ephemeral_seq = 0
@@ -427,7 +435,10 @@ class Timeline:
                     desc = tl._layer_map.search(key, Lsn(end))
                     if desc is None:
                         break
-                    reader = tl._reader(desc)
+                    reader = tl._local_reader(desc)
+                if reader is None:  # not on local disk: download without the lock
+                    reader = tl._fetch(desc)
+                tl._access[desc] = next(_ACCESS_TICKS)
                 read_end = min(end, desc.lsn_range[1].value)
                 if key_bytes is None:
                     key_bytes = key.to_bytes()
@@ -447,14 +458,86 @@ class Timeline:
         return out
 
     def _reader(self, desc: LayerDesc) -> LayerReader:
+        """The layer's reader, downloading the file first if it is not local. Call
+        without the timeline lock (a download must not hold it)."""
+        reader = self._local_reader(desc)
+        return reader if reader is not None else self._fetch(desc)
+
+    def _local_reader(self, desc: LayerDesc) -> LayerReader | None:
+        """The layer's reader (opened now if need be), or None if its file is not on
+        local disk (evicted, or never downloaded after an attach)."""
         reader = self._readers.get(desc)
         if reader is None:
             with self._lock:
                 reader = self._readers.get(desc)
                 if reader is None:
-                    reader = open_layer_file(self.dir / desc.file_name())
+                    try:
+                        reader = open_layer_file(self.dir / desc.file_name())
+                    except NotFound:
+                        return None
                     self._readers[desc] = reader
         return reader
+
+    def _fetch(self, desc: LayerDesc) -> LayerReader:
+        """Download the layer from remote storage and open it. Called without the
+        timeline lock: a download takes a while, and other reads go on meanwhile."""
+        remote = self.remote
+        if remote is None:
+            raise CorruptionError(f"layer file {desc.file_name()} of timeline "
+                                  f"{self.timeline_id} is missing and there is no remote "
+                                  "storage to download it from; restore the file",
+                                  path=str(self.dir / desc.file_name()))
+        with self._download_lock:
+            reader = self._local_reader(desc)  # another read may have fetched it
+            if reader is not None:
+                return reader
+            started = time.monotonic()
+            remote.download(desc)
+            reader = self._local_reader(desc)
+            if reader is None:
+                raise CorruptionError(f"layer file {desc.file_name()} vanished right after "
+                                      "its download", path=str(self.dir / desc.file_name()))
+            log.info("downloaded layer %s on demand in %.3fs", desc.file_name(),
+                     time.monotonic() - started)
+            return reader
+
+    def local_layer_files(self) -> list[tuple[LayerDesc, int, int]]:
+        """(layer, size in bytes, last read tick) of every layer file on local disk."""
+        out = []
+        for desc in self.layers():
+            try:
+                size = (self.dir / desc.file_name()).stat().st_size
+            except FileNotFoundError:
+                continue
+            out.append((desc, size, self._access.get(desc, 0)))
+        return out
+
+    def evict_layer(self, desc: LayerDesc) -> bool:
+        """Delete the local file of a layer the last uploaded index names (it stays in the
+        layer map and is downloaded again when a read needs it). A read that holds the
+        layer's reader keeps reading through its open descriptor. False if not evictable."""
+        remote = self.remote
+        if remote is None or not remote.is_evictable(desc):
+            return False
+        with self._lock:
+            if desc not in self._layer_map.all():
+                return False
+            self._readers.pop(desc, None)
+            (self.dir / desc.file_name()).unlink(missing_ok=True)
+        return True
+
+    def add_remote_layers(self, descs: list[LayerDesc]) -> int:
+        """Put layers that are only in remote storage into the layer map (attach, or a
+        start after eviction); layers above disk_consistent_lsn are not trusted."""
+        added = 0
+        with self._lock:
+            present = set(self._layer_map.all())
+            for desc in descs:
+                if desc in present or desc.lsn_range[1].value > self._disk_consistent + 1:
+                    continue
+                self._layer_map.insert(desc)
+                added += 1
+        return added
 
     def _get_value(self, key: Key, lsn: int, floor: int = 0) -> bytes | None:
         versions = self._versions(key, lsn, floor)
@@ -524,8 +607,10 @@ class Timeline:
         while tl is not None:
             with tl._lock:
                 mems = ([tl._open] if tl._open is not None else []) + list(tl._frozen)
-                readers = [(desc, tl._reader(desc)) for desc in
-                           tl._layer_map.layers_overlapping(key_range, (Lsn(0), Lsn(lsn + 1)))]
+                found = [(desc, tl._local_reader(desc)) for desc in
+                         tl._layer_map.layers_overlapping(key_range, (Lsn(0), Lsn(lsn + 1)))]
+            readers = [(desc, reader if reader is not None else tl._fetch(desc))
+                       for desc, reader in found]
             for mem in mems:
                 if mem.start_lsn <= lsn:
                     keys.update(k.to_bytes() for k in mem.keys_in(key_range))
@@ -749,6 +834,7 @@ class Timeline:
         with self._lock:
             self._layer_map.remove(desc)
             self._readers.pop(desc, None)
+            self._access.pop(desc, None)
         (self.dir / desc.file_name()).unlink(missing_ok=True)
         if self.remote is not None:
             self.remote.layer_removed(desc)
