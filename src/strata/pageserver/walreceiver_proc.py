@@ -37,7 +37,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from strata.common.errors import ProtocolError, Unavailable
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(getattr(logging, args.log_level, logging.INFO))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pageserver decides; EOF stops us
-    config = WalReceiverConfig(**json.loads(args.config))
+    config = replace(WalReceiverConfig(**json.loads(args.config)), fsync_inline=True)
     with timeline_context(args.tenant, args.timeline):
         lock_fd = _lock(args.wal_dir)
         wal_log = WalLog.open(args.wal_dir)
