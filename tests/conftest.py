@@ -18,17 +18,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 from strata.common.proc import ensure_traversable
 from strata.compute.pgserver import PgServer
 
 _live: list[PgServer] = []
 
-# No per-example deadline: the machine is shared and loaded, and a deadline turns a slow
-# example into a failure (test_control_env's round trip took 261 ms once); hypothesis
-# still bounds the examples' count.
-settings.register_profile("strata", deadline=None)
+# No per-example deadline and no too_slow health check: the machine is shared and
+# loaded, and a deadline turns a slow example into a failure (test_control_env's round
+# trip took 261 ms once), as does drawing an example slowly (test_pageserver_mgmt's
+# config fuzz under load); hypothesis still bounds the examples' count.
+settings.register_profile("strata", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("strata")
 
 

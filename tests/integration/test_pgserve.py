@@ -314,3 +314,41 @@ def test_stop_with_an_open_copy_both_stream_logs_no_error(
         asyncio.run(scenario())
     errors = [r for r in caplog.records if r.levelno >= 40]
     assert errors == [], [r.getMessage() for r in errors]
+
+
+@pytest.mark.parametrize("query", ["echo", "tar 200000"])
+def test_client_reset_mid_copy_logs_no_error(query: str,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A client killed with answers unread (its socket is reset, as when a FUSE server
+    is killed with -9 mid-scan) ends its copy with one INFO line, never an ERROR with a
+    traceback; the server goes on serving."""
+
+    async def scenario() -> None:
+        srv = PgProtocolServer(handler, host="127.0.0.1", port=0)
+        await srv.start()
+        try:
+            conn = await PgConnection.connect("127.0.0.1", srv.port, user="u")
+            if query == "echo":
+                stream = await conn.start_copy_both("echo")
+                for _ in range(2000):
+                    await stream.send(b"x" * 1000)  # the echoes pile up unread
+            else:
+                conn.send_nowait(wire.Query(query).encode())  # the chunks pile up unread
+            await asyncio.sleep(0.5)
+            conn.abort()  # unread data in the receive buffer: the kernel sends a reset
+            deadline = time.monotonic() + 30
+            while srv._tasks:  # noqa: SLF001 - the connection task ends
+                assert time.monotonic() < deadline, "the connection task never ended"
+                await asyncio.sleep(0.05)
+            other = await PgConnection.connect("127.0.0.1", srv.port, user="u")
+            assert (await other.simple_query("select 1")).rows == [("1",)]
+            await other.close()
+        finally:
+            await srv.stop(grace_s=0.1)
+
+    with caplog.at_level("DEBUG"):
+        asyncio.run(scenario())
+    problems = [r for r in caplog.records if r.levelno >= 30 or r.exc_info]
+    assert problems == [], [r.getMessage() for r in problems]
+    assert any("went away" in r.getMessage() or "lost" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

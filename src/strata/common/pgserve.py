@@ -159,8 +159,14 @@ class _Conn:
         await self.writer.drain()
 
 
+class ClientGone(ConnectionError):
+    """The client of a copy went away (a reset, a broken pipe) under a read or a write."""
+
+
 class CopyStream:
-    """A connection taken over by a CopyOut/CopyBoth handler."""
+    """A connection taken over by a CopyOut/CopyBoth handler. A client that went away
+    raises `ClientGone` from `write` and `read` (a client that closed cleanly makes `read`
+    return None); either way `client_gone` is set."""
 
     def __init__(self, conn: _Conn, *, both: bool) -> None:
         self._conn = conn
@@ -170,15 +176,25 @@ class CopyStream:
 
     async def write(self, payload: bytes) -> None:
         """Send one CopyData and wait for the socket buffer to drain (backpressure)."""
-        self._conn.write(wire.CopyData(payload))
-        await self._conn.drain()
+        try:
+            self._conn.write(wire.CopyData(payload))
+            await self._conn.drain()
+        except OSError as err:
+            raise self._gone(err) from err
+
+    def _gone(self, err: OSError) -> ClientGone:
+        self.client_done = self.client_gone = True
+        return err if isinstance(err, ClientGone) else ClientGone(f"client gone: {err}")
 
     async def read(self) -> bytes | None:
         """CopyBoth only: the client's next CopyData payload, None once it is done."""
         assert self.both, "read() on a CopyOut stream"
         if self.client_done:
             return None
-        msg = await self._conn.receive()
+        try:
+            msg = await self._conn.receive()
+        except OSError as err:
+            raise self._gone(err) from err
         match msg:
             case wire.CopyData(data=data):
                 return data
@@ -395,10 +411,13 @@ class PgProtocolServer:
         except ProtocolError:
             raise  # the client broke the sub-protocol: close this connection
         except Exception as err:
+            if stream.client_gone:
+                # Whatever the handler made of it: the client went away (e.g. killed with
+                # unread answers, so its socket was reset): not a failure of ours.
+                log.info("%s copy ended: the client went away: %s", self.name, err)
+                return False
             if not isinstance(err, StrataError | ValueError | LookupError):
                 log.exception("%s copy handler failed", self.name)
-            if stream.client_gone:
-                return False
             conn.write(error_response(err))
             return True
         if stream.client_gone:
