@@ -288,8 +288,9 @@ def test_walproposer_death_stops_its_endpoint(cli: Cli) -> None:
 
 
 def test_clear_errors(cli: Cli, test_dir: Path) -> None:
-    """A missing environment, an unknown branch or safekeeper, a taken port and a dead
-    process each give one clear error line (exit code 1, no traceback)."""
+    """A missing environment, an unknown branch or safekeeper, a bad or future `--at`, a
+    hung pageserver, a taken port and a dead process each give one clear error line (exit
+    code 1, no traceback)."""
     missing = cli.run("status", ok=False)
     assert "no Strata environment in" in missing.stderr and "strata init" in missing.stderr
 
@@ -299,6 +300,25 @@ def test_clear_errors(cli: Cli, test_dir: Path) -> None:
     unknown = cli.run("timeline", "branch", "b", "--parent", "nope", ok=False)
     assert "no branch named 'nope'" in unknown.stderr
     assert "no safekeeper with id 9" in cli.run("safekeeper", "start", "9", ok=False).stderr
+
+    # --at is checked before any request: a bad string, and a time in the future (which
+    # would otherwise branch at the head as if it were now).
+    bad = cli.run("timeline", "branch", "b", "--at", "yesterday", ok=False).stderr
+    assert bad.strip().splitlines() == [bad.strip()] and "POST" not in bad, bad
+    assert "branch point 'yesterday' is neither an LSN (X/Y) nor an ISO 8601" in bad, bad
+    future = cli.run("timeline", "branch", "b", "--at", "2999-01-01T00:00:00Z", ok=False)
+    assert "is in the future" in future.stderr, future.stderr
+    assert [t["branch"] for t in cli.json("timeline", "list")] == ["main"]
+
+    # A hung pageserver (stopped, not dead): one line saying so, no traceback.
+    pid = int((cli.repo_dir / "run" / "pageserver.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        hung = cli.run("timeline", "list", ok=False).stderr
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert hung.strip().splitlines() == [hung.strip()], hung
+    assert f"the pageserver (pid {pid}) does not answer" in hung, hung
 
     # The pageserver dies: status says so and shows the tail of its log.
     pid = int((cli.repo_dir / "run" / "pageserver.pid").read_text())

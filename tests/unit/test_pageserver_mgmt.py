@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from strata.common.errors import UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
+from strata.common.timestamp import parse_past_timestamp_us, parse_timestamp_us
 from strata.pageserver.background import BackgroundWork
 from strata.pageserver.config import PageserverConfig
-from strata.pageserver.http import parse_timestamp_us, tenant_config_from_json
+from strata.pageserver.http import tenant_config_from_json
 from strata.pageserver.metrics import PageserverMetrics, TimelineState
 from strata.storage.key import RelTag
 from strata.storage.repository import Repository
@@ -77,6 +78,13 @@ def test_parse_timestamp() -> None:
     for bad in ("yesterday", "2026-13-01", ""):
         with pytest.raises(UserError, match="timestamp"):
             parse_timestamp_us(bad)
+
+
+def test_future_timestamp_is_refused() -> None:
+    """A time after now would silently resolve to the head: refused, saying so."""
+    assert parse_past_timestamp_us("1970-01-01T00:00:02Z", now_s=2.0) == 2_000_000
+    with pytest.raises(UserError, match="in the future"):
+        parse_past_timestamp_us("1970-01-01T00:00:02.000001Z", now_s=2.0)
 
 
 # --- background work over a real repository -------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,7 @@ from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TimelineId
 from strata.common.lsn import Lsn
 from strata.common.proc import free_port
+from strata.common.timestamp import parse_past_timestamp_us, parse_timestamp_us
 from strata.control import output
 from strata.control.endpoints import (
     head_flush_lsn,
@@ -124,10 +126,12 @@ def parse_branch_point(at: str | None) -> tuple[Lsn | None, str | None]:
         lsn = Lsn.parse(at.strip())
     except StrataError:
         try:
-            datetime.fromisoformat(at.strip())
-        except ValueError:
+            parse_timestamp_us(at)
+        except UserError:
             raise UserError(f"branch point {at!r} is neither an LSN (X/Y) nor an ISO 8601 "
                             "timestamp (2026-12-06T01:02:03+00:00)") from None
+        # A time in the future would resolve to the head as if it were now: refused.
+        parse_past_timestamp_us(at, time.time())
         return None, at.strip()
     if not lsn.is_aligned(8):
         raise UserError(f"--at {lsn} is not 8-byte aligned, so it cannot be the end of a "
@@ -145,8 +149,8 @@ def create_branch(env: Environment, config: EnvConfig, name: str, parent: str,
         raise UserError(f"branch {name!r} exists already in tenant {state.tenants[tid].name}; "
                         "see `strata timeline list`")
     parent_id = state.timeline_id(tid, parent)
+    lsn, timestamp = parse_branch_point(at)  # before any request: errors are one line
     client = require_pageserver(env, config)
-    lsn, timestamp = parse_branch_point(at)
     if lsn is None and timestamp is None:
         wait_head_ingested(env, client, state, tid, parent, parent_id)
     with output.step(f"creating branch {name} from {parent}"

@@ -29,6 +29,7 @@ from strata.pageserver.client import PageserverClient
 PAGESERVER_PORTS_FILE = "pageserver.ports"  # written by the pageserver once it listens
 PAGESERVER_START_TIMEOUT_S = 60.0
 PAGESERVER_STOP_TIMEOUT_S = 60.0
+PAGESERVER_PROBE_TIMEOUT_S = 5.0  # is it up at all (a hung one must not hang the CLI)
 
 
 def pageserver_files(env: Environment) -> ProcessFiles:
@@ -117,10 +118,11 @@ def require_pageserver(env: Environment, config: EnvConfig) -> PageserverClient:
     if files.read_pid() is None:
         raise Unavailable(f"the pageserver of {env.root} is not running; run `strata start` "
                           "(or `strata pageserver start`)")
-    if not pageserver_responds(pageserver_client(config, timeout_s=5)):
+    if not pageserver_responds(pageserver_client(config, timeout_s=PAGESERVER_PROBE_TIMEOUT_S)):
         raise Unavailable(f"the pageserver (pid {files.read_pid()}) does not answer on "
-                          f"{config.pageserver.host}:{config.pageserver.http_port}; last lines "
-                          f"of {files.log_path}:\n{files.log_tail()}")
+                          f"{config.pageserver.host}:{config.pageserver.http_port} within "
+                          f"{PAGESERVER_PROBE_TIMEOUT_S:g}s; see its log {files.log_path}, or "
+                          "restart it: `strata pageserver restart`")
     return pageserver_client(config)
 
 

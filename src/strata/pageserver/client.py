@@ -11,6 +11,7 @@ message.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import urllib.error
 import urllib.parse
@@ -137,8 +138,18 @@ class PageserverClient:
         except urllib.error.HTTPError as err:
             message, kind = _error_text(err.read().decode(errors="replace"))
             raise error_for(err.code, f"{method} {path}: {message}", kind) from err
-        except urllib.error.URLError as err:
-            raise Unavailable(f"pageserver at {self.host}:{self.http_port}: {err}") from err
+        except (OSError, http.client.HTTPException) as err:
+            raise self._unavailable(method, path, err) from err
+
+    def _unavailable(self, method: str, path: str, err: BaseException) -> Unavailable:
+        """No answer: refused (URLError), hung (TimeoutError), died mid-answer
+        (RemoteDisconnected, a reset) or a garbled answer (HTTPException)."""
+        reason = err.reason if isinstance(err, urllib.error.URLError) else err
+        what = f"no answer within {self.timeout_s:g}s" \
+            if isinstance(reason, TimeoutError) else f"{type(reason).__name__}: {reason}"
+        return Unavailable(f"the pageserver at {self.host}:{self.http_port} did not answer "
+                           f"{method} {path} ({what}); check that it runs (`strata status`) "
+                           "and its log")
 
     def create_tenant(self, tenant_id: TenantId | None = None,
                       config: dict[str, Any] | None = None,
@@ -259,8 +270,8 @@ class PageserverClient:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return resp.read().decode()  # type: ignore[no-any-return]
-        except urllib.error.URLError as err:
-            raise Unavailable(f"pageserver at {self.host}:{self.http_port}: {err}") from err
+        except (OSError, http.client.HTTPException) as err:
+            raise self._unavailable("GET", "/metrics", err) from err
 
     def basebackup(self, tenant_id: TenantId, timeline_id: TimelineId, out: BinaryIO,
                    lsn: Lsn | None = None, *, read_only: bool = False,
@@ -293,7 +304,7 @@ class AsyncPageserverClient:
                     message, kind = _error_text(text)
                     raise error_for(resp.status, f"{method} {path}: {message}", kind)
                 return json.loads(text or "null")
-        except aiohttp.ClientError as err:
+        except (aiohttp.ClientError, TimeoutError) as err:
             raise Unavailable(f"pageserver at {self.host}:{self.http_port}: {err}") from err
 
     async def timeline(self, tenant_id: TenantId, timeline_id: TimelineId) -> TimelineInfo:

@@ -30,7 +30,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from strata.common.errors import CorruptionError, NotFound, StrataError, Unavail
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import timeline_context
 from strata.common.lsn import Lsn
+from strata.common.timestamp import parse_past_timestamp_us
 from strata.pageserver.config import tenant_config_from_json
 from strata.pageserver.metrics import CONTENT_TYPE
 from strata.pageserver.server import Conflict, Pageserver
@@ -146,19 +146,6 @@ def _port(body: dict[str, Any], name: str) -> int:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def parse_timestamp_us(text: str) -> int:
-    """ISO 8601 (naive means UTC) -> microseconds since the Unix epoch."""
-    try:
-        ts = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace(" ", "T", 1))
-        if ts.tzinfo is None:
-            ts = ts.replace(tzinfo=UTC)
-        delta = ts - datetime(1970, 1, 1, tzinfo=UTC)
-    except (ValueError, OverflowError) as err:
-        raise UserError(f"invalid timestamp {_short(text)}: expected ISO 8601 such as "
-                        "2026-01-02T03:04:05.123456+00:00") from err
-    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def _ids(request: web.Request) -> tuple[TenantId, TimelineId]:
@@ -276,7 +263,7 @@ async def create_timeline(request: web.Request) -> web.Response:
     new_text = _field(body, "new_timeline_id", str, required=False)
     timeline = await ps.branch(
         tenant_id, ancestor, lsn=Lsn.parse(lsn_text) if lsn_text else None,
-        timestamp_us=parse_timestamp_us(ts_text) if ts_text else None,
+        timestamp_us=parse_past_timestamp_us(ts_text, time.time()) if ts_text else None,
         timeline_id=_timeline_id(new_text) if new_text else None)
     return web.json_response(timeline_info(timeline), status=201)
 
@@ -305,7 +292,7 @@ async def get_lsn_by_timestamp(request: web.Request) -> web.Response:
     text = request.query.get("timestamp")
     if text is None:
         raise UserError("query parameter 'timestamp' (ISO 8601) is required")
-    lsn = timeline.find_lsn_for_timestamp(parse_timestamp_us(text))
+    lsn = timeline.find_lsn_for_timestamp(parse_past_timestamp_us(text, time.time()))
     return web.json_response({"lsn": str(lsn)})
 
 
