@@ -79,7 +79,8 @@ def test_parse_branch_point(text: str | None, expected: tuple[Lsn | None, str | 
 
 
 @pytest.mark.parametrize("text, message", [
-    ("yesterday", "neither an LSN"), ("0/16B3741", "not 8-byte aligned")])
+    ("yesterday", "neither an LSN"), ("0/16B3741", "not 8-byte aligned"),
+    ("2999-01-01T00:00:00Z", "in the future")])
 def test_parse_branch_point_refuses(text: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
         parse_branch_point(text)
