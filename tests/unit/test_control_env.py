@@ -63,6 +63,7 @@ def test_dev_mode_has_no_safekeepers_unless_listed() -> None:
     ({"tenant_defaults": {"gc_horizon": -1}}, "gc_horizon must be >= 0"),
     ({"tenant_defaults": {"nope": 1}}, "unknown tenant config keys ['nope']"),
     ({"endpoint_defaults": {"max_connections": 0}}, "max_connections must be an integer"),
+    ({"endpoint_defaults": {"lazy_outage_wait_s": -1}}, "lazy_outage_wait_s must be a number"),
 ])
 def test_config_errors_name_the_key(data: dict[str, Any], message: str) -> None:
     with pytest.raises(UserError) as err:

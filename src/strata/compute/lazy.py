@@ -69,8 +69,14 @@ class LazyOptions:
     readahead_blocks: int = 128
     """Largest readahead window for sequential reads (blocks of 8 KB)."""
     mount_timeout_s: float = 30.0
+    outage_wait_s: float = 60.0
+    """How long a page read waits for an unreachable pageserver to come back (reconnecting
+    with backoff) before it fails with EIO."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.outage_wait_s <= 3600:
+            raise UserError(f"lazy compute outage_wait_s = {self.outage_wait_s}: must be "
+                            "0..3600 seconds")
         if self.lease_s < 3:
             raise UserError(f"lazy compute lease_s = {self.lease_s}: must be >= 3 seconds")
         if not 1 <= self.readahead_blocks <= 256:
@@ -267,7 +273,8 @@ def prepare_lazy_compute(host: str, pg_port: int, tenant_id: TenantId,
                         "--pageserver", f"{host}:{pg_port}", "--tenant", str(tenant_id),
                         "--timeline", str(timeline_id), "--lsn", str(lsn),
                         "--lease-s", str(options.lease_s),
-                        "--readahead", str(options.readahead_blocks)], fuse_log)
+                        "--readahead", str(options.readahead_blocks),
+                        "--outage-wait-s", str(options.outage_wait_s)], fuse_log)
     (root / FUSE_PID_FILE).write_text(f"{fuse_proc.pid}\n")
     lazy = LazyCompute(root, compute, fuse_proc, None, lsn)
     try:

@@ -396,7 +396,7 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
                    lsn: Lsn, mode: str) -> tuple[Compute, LazyCompute | None]:
     """A new compute directory at `lsn`: unpacked from a full basebackup, or (lazy) a
     lazy basebackup with base/ and global/ on a mounted FUSE file system."""
-    from strata.compute.lazy import cleanup_lazy_root, prepare_lazy_compute
+    from strata.compute.lazy import LazyOptions, cleanup_lazy_root, prepare_lazy_compute
 
     paths = endpoint_paths(env, ep.name)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -417,7 +417,9 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
         lazy = prepare_lazy_compute(ps.host, ps.pg_port, tenant_id, timeline_id, lsn,
                                     paths.compute_root, compute_config,
                                     compute_host=defaults.host, port=ep.port,
-                                    log_path=log_path, user=service_user())
+                                    log_path=log_path, user=service_user(),
+                                    options=LazyOptions(
+                                        outage_wait_s=defaults.lazy_outage_wait_s))
         lazy.compute.server.socket_dir = paths.socket_dir
         return lazy.compute, lazy
     paths.compute_root.mkdir()

@@ -133,17 +133,20 @@ class EndpointDefaults:
     max_connections: int = 100
     start_timeout_s: float = 120.0
     """Bound on each wait of `endpoint start` (sync, pageserver catch-up, PostgreSQL)."""
+    lazy_outage_wait_s: float = 60.0
+    """Lazy mode: how long a page read waits for an unreachable pageserver to come back."""
     settings: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EndpointDefaults:
         _check_keys("[endpoint_defaults]", data,
                     {"host", "shared_buffers", "max_connections", "start_timeout_s",
-                     "settings"})
+                     "lazy_outage_wait_s", "settings"})
         out = cls(host=str(data.get("host", "127.0.0.1")),
                   shared_buffers=str(data.get("shared_buffers", "64MB")),
                   max_connections=data.get("max_connections", 100),
                   start_timeout_s=data.get("start_timeout_s", 120.0),
+                  lazy_outage_wait_s=data.get("lazy_outage_wait_s", 60.0),
                   settings=_table("[endpoint_defaults.settings]", data.get("settings", {})))
         if isinstance(out.max_connections, bool) or not isinstance(out.max_connections, int) \
                 or out.max_connections < 1:
@@ -153,6 +156,11 @@ class EndpointDefaults:
                 not isinstance(out.start_timeout_s, int | float) or out.start_timeout_s <= 0:
             raise UserError(f"config [endpoint_defaults] start_timeout_s must be a number > 0, "
                             f"got {out.start_timeout_s!r}")
+        wait_s = out.lazy_outage_wait_s
+        if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) \
+                or not 0 <= wait_s <= 3600:
+            raise UserError(f"config [endpoint_defaults] lazy_outage_wait_s must be a number "
+                            f"of seconds 0..3600, got {wait_s!r}")
         return out
 
 

@@ -9,8 +9,11 @@ A lost connection or a protocol violation fails every outstanding request and cl
 the client.
 
 `PageClientSync` is for threads (the FUSE process, tests, the bench): it runs its own
-event loop in a daemon thread, keeps one connection open across calls, and reconnects
-once when the connection was lost (requests are reads and leases: repeating is safe).
+event loop in a daemon thread and keeps one connection open across calls. When the
+connection is lost or cannot be opened, a call reconnects at once, then keeps trying with
+backoff for up to `outage_wait_s` (a pageserver restart: the lazy file system's reads wait
+for it instead of failing, D6), then raises Unavailable. Requests are reads and leases:
+repeating one is safe. An error the pageserver answered with is raised at once.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_REQUEST_TIMEOUT_S = 120.0  # above the pageserver's wait for an LSN (60 s)
 DEFAULT_LEASE_S = 600.0
+RECONNECT_FIRST_DELAY_S = 0.1
+RECONNECT_MAX_DELAY_S = 2.0
 
 
 class PageClient:
@@ -215,11 +220,16 @@ class PageClientSync:
 
     def __init__(self, host: str, port: int, tenant_id: TenantId, timeline_id: TimelineId,
                  *, user: str = "strata", timeout_s: float = 10.0,
-                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                 outage_wait_s: float = 0.0) -> None:
+        assert outage_wait_s >= 0, outage_wait_s
         self._args = (host, port, tenant_id, timeline_id)
         self._kwargs: dict[str, Any] = {"user": user, "timeout_s": timeout_s,
                                         "request_timeout_s": request_timeout_s}
-        self._call_timeout_s = timeout_s + request_timeout_s + 5
+        self.outage_wait_s = outage_wait_s
+        # A call: an outage (its last connect attempt may start just before the end),
+        # then a connect and a request.
+        self._call_timeout_s = outage_wait_s + 2 * timeout_s + request_timeout_s + 5
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name=f"page-client-{port}")
@@ -241,14 +251,38 @@ class PageClientSync:
             return self._client
 
     async def _call(self, op: Callable[[PageClient], Awaitable[T]]) -> T:
-        client = await self._get_client()
-        try:
-            return await op(client)
-        except StrataError:
-            if not client.closed:
-                raise  # the pageserver answered with an error: report it
-        log.info("%s: connection lost; reconnecting once", client.describe)
-        return await op(await self._get_client())
+        loop = asyncio.get_running_loop()
+        lost_at: float | None = None
+        delay_s = 0.0  # the first retry is at once: the connection may just have been stale
+        while True:
+            client: PageClient | None = None
+            try:
+                client = await self._get_client()
+                result = await op(client)
+            except StrataError as err:
+                if client is not None and not client.closed:
+                    raise  # the pageserver answered with an error: report it
+                if client is None and not isinstance(err, Unavailable):
+                    raise  # it answered the connect with a refusal (NotFound, ...)
+                now = loop.time()
+                if lost_at is None:
+                    lost_at = now
+                    log.info("%s: connection lost (%s); reconnecting for up to %gs",
+                             self.describe, err, self.outage_wait_s)
+                elif now - lost_at >= self.outage_wait_s:
+                    raise Unavailable(f"{self.describe}: the pageserver did not come back "
+                                      f"within {self.outage_wait_s:g}s: {err}") from err
+                await asyncio.sleep(min(delay_s, max(0.0, lost_at + self.outage_wait_s - now)))
+                delay_s = min(max(delay_s * 2, RECONNECT_FIRST_DELAY_S), RECONNECT_MAX_DELAY_S)
+                continue
+            if lost_at is not None:
+                log.info("%s: reconnected after %.1fs", self.describe, loop.time() - lost_at)
+            return result
+
+    @property
+    def describe(self) -> str:
+        host, port, tenant_id, timeline_id = self._args
+        return f"pagestream {tenant_id}/{timeline_id} at {host}:{port}"
 
     def get_page(self, rel: RelTag, blkno: int, lsn: Lsn) -> bytes:
         return self._run(self._call(lambda c: c.get_page(rel, blkno, lsn)))

@@ -4,7 +4,8 @@
 --tenant T --timeline TL --lsn X` lays out the segment files of `DIR/strata_lazy_rels`
 as sparse files in `DIR/tree` (which holds the basebackup's `base/` and `global/`),
 renews the compute's LSN lease on X for as long as it runs (D5), and serves `DIR/tree`
-at the mount point in the foreground until unmounted or sent SIGTERM.
+at the mount point in the foreground until unmounted or sent SIGTERM. While the
+pageserver is unreachable, a read waits for it up to `--outage-wait-s` (default 60).
 
 `python -m strata.compute.lazyfs watch --fuse-pid P --datadir D --mountpoint M` couples
 the two processes of a lazy compute (D6): when the FUSE server dies, it stops PostgreSQL
@@ -98,7 +99,8 @@ def mount_main(args: argparse.Namespace) -> int:
         # inherit the mask, so block the signals while they are created.
         saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
-            client = PageClientSync(host, int(port), tenant, timeline)
+            client = PageClientSync(host, int(port), tenant, timeline,
+                                    outage_wait_s=args.outage_wait_s)
             client.lease(lsn, args.lease_s)
             stop = threading.Event()
             threading.Thread(target=_renew_lease, args=(client, lsn, args.lease_s, stop),
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     mount.add_argument("--lease-s", type=float, default=600.0)
     mount.add_argument("--readahead", type=int, default=DEFAULT_MAX_WINDOW,
                        help="largest readahead window in blocks")
+    mount.add_argument("--outage-wait-s", type=float, default=60.0,
+                       help="how long a read waits for an unreachable pageserver")
     watch = sub.add_parser("watch", help="stop PostgreSQL and the file system together")
     watch.add_argument("--fuse-pid", type=int, required=True)
     watch.add_argument("--datadir", required=True)
