@@ -36,10 +36,11 @@ class Cli:
     def __init__(self, repo_dir: Path) -> None:
         self.repo_dir = repo_dir
 
-    def run(self, *args: str, ok: bool = True,
-            timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, ok: bool = True, timeout_s: float = 180,
+            input_text: str | None = None) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([STRATA, "--repo-dir", str(self.repo_dir), *args],
-                              capture_output=True, text=True, timeout=timeout_s, check=False)
+                              capture_output=True, text=True, timeout=timeout_s, check=False,
+                              input=input_text)
         if ok and proc.returncode != 0:
             raise AssertionError(f"strata {' '.join(args)} failed ({proc.returncode}):\n"
                                  f"{proc.stdout}\n{proc.stderr}")

@@ -48,6 +48,7 @@ from strata.control.operations import (
     stop_named_endpoint,
     timeline_json,
 )
+from strata.control.proxy import ensure_certificate, proxy_status, start_proxy, stop_proxy
 from strata.control.services import (
     console_url,
     pageserver_client,
@@ -105,6 +106,7 @@ def init(ctx: click.Context, config_file: Path | None, object_storage: str | Non
     env.console_token()
     output.info(f"created a Strata environment in {root} (config {env.config_path})")
     try:
+        ensure_certificate(env, config)
         start_safekeepers(env, config)
         start_pageserver(env, config)
         client = pageserver_client(config)
@@ -144,15 +146,19 @@ def _with_object_storage(config: EnvConfig, url: str, root: Path) -> EnvConfig:
 @click.command()
 @click.pass_context
 def start(ctx: click.Context) -> None:
-    """Start the safekeepers, the pageserver and every endpoint that was running (or, the
-    first time, `main`)."""
+    """Start the safekeepers, the pageserver, the proxy and every endpoint that was running
+    (or, the first time, `main`)."""
     env = _env(ctx)
     config = env.config()
+    if config.proxy.port == 0:  # an environment made before the proxy existed
+        config = config.with_ports_allocated()
+        env.write_config(config)
     start_safekeepers(env, config)
     start_pageserver(env, config)
     config = start_console(env, config)
     output.result(f"console: {console_url(config)} (log in with the token in "
                   f"{env.console_token_path})")
+    start_proxy(env, config)
     state = env.read_state()
     failed: list[str] = []
     for ep in state.endpoints.values():
@@ -182,8 +188,9 @@ def start(ctx: click.Context) -> None:
                    "SIGKILL); settings and statistics are not saved.")
 @click.pass_context
 def stop(ctx: click.Context, immediate: bool) -> None:
-    """Stop every endpoint, then the pageserver, then the safekeepers."""
+    """Stop the proxy, every endpoint, then the pageserver, then the safekeepers."""
     env = _env(ctx)
+    stop_proxy(env, immediate=immediate)
     client = client_if_running(env)
     state = env.read_state()
     for ep in state.endpoints.values():
@@ -210,30 +217,34 @@ def status(ctx: click.Context, as_json: bool) -> None:
         for tid, tenant in state.tenants.items():
             infos = client.list_timelines(tenant_id_of(tid))
             timelines += [timeline_json(tenant, info) for info in infos]
-    endpoints = [endpoint_status(env, config, ep) for ep in state.endpoints.values()]
+    proxy = proxy_status(env, config)
+    endpoints = [_with_proxy(endpoint_status(env, config, ep), proxy)
+                 for ep in state.endpoints.values()]
     named = [(tid, tl, name) for tid, tenant in state.tenants.items()
              for name, tl in tenant.branches.items()]
     safekeepers = [safekeeper_status(env, sk, named) for sk in config.safekeepers] \
         if config.wal_mode == "safekeepers" else []
     data: dict[str, Any] = {"wal_mode": config.wal_mode,
             "pageserver": {**ps.to_json(), "timelines": timelines},
-            "safekeepers": safekeepers, "endpoints": endpoints}
+            "safekeepers": safekeepers, "endpoints": endpoints, "proxy": proxy}
     if as_json:
         output.print_json(data)
         return
     output.table(f"Strata environment {env.root} (wal_mode {config.wal_mode})",
-                 ["process", "pid", "address", "state", "LSN"],
+                 ["process", "pid", "address", "state", "LSN", "connections"],
                  [["pageserver", ps.pid, f"pg {ps.addresses['pg']}, http {ps.addresses['http']}",
-                   ps.state, None],
+                   ps.state, None, None],
                   *[[f"safekeeper {sk['id']}", sk["pid"],
                      f"pg {sk['addresses']['pg']}, http {sk['addresses']['http']}",
-                     sk["state"], _sk_lsns(sk)] for sk in safekeepers],
+                     sk["state"], _sk_lsns(sk), None] for sk in safekeepers],
+                  ["proxy", proxy["pid"], f"{proxy['address']} (*.{proxy['domain']})",
+                   proxy["state"], None, None],
                   *[[f"endpoint {e['name']}", e["pid"], e["address"], e["state"],
-                     e["current_lsn"]] for e in endpoints]])
+                     e["current_lsn"], e["connections"]] for e in endpoints]])
     if config.wal_mode == "pageserver":
         output.info("safekeepers: none (development mode: the pageserver receives the WAL, "
                     "D7)")
-    for name, proc in [("pageserver", data["pageserver"]),
+    for name, proc in [("pageserver", data["pageserver"]), ("proxy", proxy),
                        *[(f"safekeeper {sk['id']}", sk) for sk in safekeepers],
                        *[(f"endpoint {e['name']}", e) for e in endpoints],
                        *[(f"walproposer of endpoint {e['name']}", e["walproposer"])
@@ -246,6 +257,18 @@ def status(ctx: click.Context, as_json: bool) -> None:
                      ["branch", "timeline", "last_record_lsn", "disk_consistent_lsn", "state"],
                      [[t["branch"], t["timeline_id"], t["last_record_lsn"],
                        t["disk_consistent_lsn"], t["state"]] for t in timelines])
+
+
+def _with_proxy(ep: dict[str, Any], proxy: dict[str, Any]) -> dict[str, Any]:
+    """An endpoint's status with what the proxy says: its client connections through the
+    proxy, and "suspended" for a stopped endpoint the running proxy wakes on connect."""
+    seen = proxy["endpoints"].get(ep["name"], {})
+    ep["connections"] = seen.get("connections", 0)
+    if seen.get("activity"):
+        ep["state"] = seen["activity"]  # "starting" / "stopping"
+    elif ep["state"] == "stopped" and proxy["state"] == "running":
+        ep["state"] = "suspended"
+    return ep
 
 
 def _sk_lsns(sk: dict[str, Any]) -> str | None:
@@ -452,13 +475,18 @@ def endpoint() -> None:
 @click.option("--lsn", metavar="LSN", help="Read-only at this LSN (a hot standby); "
                                            "without it, a read-write primary at the head.")
 @click.option("--port", type=click.IntRange(1, 65535), help="Port (default: allocated).")
+@click.option("--suspend-timeout-s", type=click.FloatRange(min=0), default=300.0,
+              show_default=True,
+              help="The proxy stops the endpoint after this many seconds without a client "
+                   "connection through it (0: never); a connection wakes it again.")
 @tenant_option
 @click.pass_context
 def endpoint_create(ctx: click.Context, name: str, branch: str, lsn: str | None,
-                    port: int | None, tenant: str | None) -> None:
+                    port: int | None, suspend_timeout_s: float, tenant: str | None) -> None:
     """Define endpoint NAME on a branch (start it with `strata endpoint start NAME`)."""
     env = _env(ctx)
-    ep = create_endpoint(env, env.config(), name, branch, lsn, port, tenant)
+    ep = create_endpoint(env, env.config(), name, branch, lsn, port, tenant,
+                         suspend_timeout_s=suspend_timeout_s)
     read_lsn = ep.read_lsn
     kind = f"read-only at {read_lsn}" if read_lsn is not None else "primary"
     output.result(f"created endpoint {name} on branch {branch} ({kind}, port {ep.port})")
@@ -630,6 +658,8 @@ def console(ctx: click.Context) -> None:
 
 
 def register(main: click.Group) -> None:
+    from strata.control.proxy_commands import proxy, role
+
     for command in (init, start, stop, status, tenant, timeline, endpoint, pageserver,
-                    safekeeper, console):
+                    safekeeper, console, role, proxy):
         main.add_command(command)

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg import sql
 
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
@@ -383,6 +384,10 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
         has_role = _ensure_app_role(env, ep)
         if has_role:
             _restrict_superuser(env, ep, paths)
+    branch_roles = env.read_state().tenants[ep.tenant_id].roles.get(ep.branch)
+    if branch_roles and not ep.read_only:
+        with output.step(f"setting the proxy's roles {sorted(branch_roles)}"):
+            apply_roles(env, ep, branch_roles)
     if has_role:
         return connstr(config, ep)
     output.info(f"note: role {APP_ROLE!r} does not exist at {lsn} (no primary ran on this "
@@ -520,6 +525,18 @@ def _ensure_app_role(env: Environment, ep: EndpointState) -> bool:
         if db is None:
             conn.execute(f"create database {APP_DATABASE} owner {APP_ROLE}")
     return True
+
+
+def apply_roles(env: Environment, ep: EndpointState, roles: dict[str, str]) -> None:
+    """Create each role (LOGIN) on the running primary `ep`, or set its password: the
+    SCRAM secret the proxy checks (`strata role`), so that PostgreSQL holds the same."""
+    with superuser_connect(env, ep) as conn:
+        for name, secret in roles.items():
+            exists = conn.execute("select 1 from pg_roles where rolname = %s",
+                                  (name,)).fetchone()
+            verb = sql.SQL("alter role" if exists else "create role")
+            conn.execute(sql.SQL("{} {} login password {}").format(
+                verb, sql.Identifier(name), sql.Literal(secret)))
 
 
 def _restrict_superuser(env: Environment, ep: EndpointState, paths: EndpointPaths) -> None:

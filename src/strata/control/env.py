@@ -164,6 +164,38 @@ class EndpointDefaults:
         return out
 
 
+DEFAULT_PROXY_DOMAIN = "localhost"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """The proxy (`strata.proxy`): one PostgreSQL port for every endpoint, with TLS."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    domain: str = DEFAULT_PROXY_DOMAIN
+    """Clients name endpoint E with the TLS host name `E.<domain>` (SNI)."""
+    tls_cert: str = ""
+    """PEM certificate and key files; empty: the self-signed pair `strata init` made in
+    proxy/ of the environment."""
+    tls_key: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProxySettings:
+        _check_keys("[proxy]", data, {"host", "port", "domain", "tls_cert", "tls_key"})
+        out = cls(host=str(data.get("host", "127.0.0.1")),
+                  port=_check_port("[proxy] port", data.get("port", 0)),
+                  domain=str(data.get("domain", DEFAULT_PROXY_DOMAIN)).strip("."),
+                  tls_cert=str(data.get("tls_cert", "")), tls_key=str(data.get("tls_key", "")))
+        if not out.domain:
+            raise UserError("config [proxy] domain must not be empty (endpoints are named "
+                            "<endpoint>.<domain> in TLS)")
+        if bool(out.tls_cert) != bool(out.tls_key):
+            raise UserError("config [proxy] needs both tls_cert and tls_key, or neither (the "
+                            "self-signed pair made at init)")
+        return out
+
+
 @dataclass(frozen=True, slots=True)
 class ConsoleSettings:
     """The web console (`strata console`, started by `strata start`); loopback by default."""
@@ -191,6 +223,7 @@ class EnvConfig:
     tenant_defaults: Mapping[str, Any] = field(default_factory=dict)
     endpoint_defaults: EndpointDefaults = field(default_factory=EndpointDefaults)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
 
     def __post_init__(self) -> None:
         if self.wal_mode not in WAL_MODES:
@@ -209,7 +242,7 @@ class EnvConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> EnvConfig:
         _check_keys("(top level)", data, {"wal_mode", "pageserver", "safekeepers",
                                           "tenant_defaults", "endpoint_defaults",
-                                          "console"})
+                                          "console", "proxy"})
         wal_mode = str(data.get("wal_mode", "safekeepers"))
         # Without a list: three safekeepers in safekeeper mode, none in development mode.
         sks = data.get("safekeepers", [{"id": i + 1} for i in range(DEFAULT_SAFEKEEPERS)]
@@ -225,7 +258,8 @@ class EnvConfig:
             tenant_defaults=_table("[tenant_defaults]", data.get("tenant_defaults", {})),
             endpoint_defaults=EndpointDefaults.from_dict(
                 _table("[endpoint_defaults]", data.get("endpoint_defaults", {}))),
-            console=ConsoleSettings.from_dict(_table("[console]", data.get("console", {}))))
+            console=ConsoleSettings.from_dict(_table("[console]", data.get("console", {}))),
+            proxy=ProxySettings.from_dict(_table("[proxy]", data.get("proxy", {}))))
 
     @classmethod
     def load(cls, path: Path) -> EnvConfig:
@@ -251,6 +285,7 @@ class EnvConfig:
             "endpoint_defaults": {**asdict(self.endpoint_defaults),
                                   "settings": dict(self.endpoint_defaults.settings)},
             "console": asdict(self.console),
+            "proxy": asdict(self.proxy),
         }
 
     def with_ports_allocated(self) -> EnvConfig:
@@ -263,11 +298,12 @@ class EnvConfig:
                     for sk in self.safekeepers)
         console = replace(self.console,
                           port=self.console.port or free_port(self.console.host))
-        return replace(self, pageserver=ps, safekeepers=sks, console=console)
+        proxy = replace(self.proxy, port=self.proxy.port or free_port(self.proxy.host))
+        return replace(self, pageserver=ps, safekeepers=sks, console=console, proxy=proxy)
 
     def ports(self) -> set[int]:
-        """Every port of the storage services and the console."""
-        out = {self.pageserver.pg_port, self.pageserver.http_port}
+        """Every port of the storage services, the console and the proxy."""
+        out = {self.pageserver.pg_port, self.pageserver.http_port, self.proxy.port}
         for sk in self.safekeepers:
             out |= {sk.pg_port, sk.http_port}
         return out | {self.console.port}
@@ -289,6 +325,7 @@ CONFIG_HEADER = """\
 # [tenant_defaults]: keys of strata.storage.tenant.TenantConfig (checkpoint_distance, ...).
 # [pageserver.config]: extra pageserver.toml keys (wait_lsn_timeout_s, log_level, ...).
 # [endpoint_defaults.settings]: extra postgresql.conf entries for every endpoint.
+# [proxy]: the one PostgreSQL port of every endpoint (TLS; endpoint E is E.<domain>).
 """
 
 
@@ -307,6 +344,9 @@ class EndpointState:
     mode: str | None = None
     """"lazy" or "full" as last asked with `endpoint start --mode`; None: lazy where FUSE
     is usable, else full."""
+    suspend_timeout_s: float = 300.0
+    """The proxy stops the endpoint after this long without a client connection through
+    it (0: never)."""
 
     @property
     def read_only(self) -> bool:
@@ -325,6 +365,8 @@ class TenantState:
     system_id: int | None = None
     """pg_control's system identifier of the tenant's cluster (all its branches share it);
     the safekeepers check it. Read from a basebackup the first time it is needed."""
+    roles: dict[str, dict[str, str]] = field(default_factory=dict)
+    """branch name -> role name -> SCRAM secret (`strata role`; the proxy checks them)."""
 
 
 @dataclass
@@ -343,7 +385,8 @@ class State:
         return cls(
             default_tenant=data.get("default_tenant"),
             tenants={tid: TenantState(t["name"], dict(t["branches"]), dict(t["config"]),
-                                      t.get("system_id"))
+                                      t.get("system_id"),
+                                      {b: dict(r) for b, r in t.get("roles", {}).items()})
                      for tid, t in data["tenants"].items()},
             endpoints={name: EndpointState(**e) for name, e in data["endpoints"].items()})
 
@@ -430,6 +473,11 @@ class Environment:
             with os.fdopen(fd, "w") as f:
                 f.write(token + "\n")
         return token
+
+    @property
+    def proxy_dir(self) -> Path:
+        """The proxy's self-signed TLS certificate and key (made at init)."""
+        return self.root / "proxy"
 
     def safekeeper_dir(self, sk_id: int) -> Path:
         return self.root / "safekeepers" / f"sk{sk_id}"

@@ -158,6 +158,10 @@ def create_branch(env: Environment, config: EnvConfig, name: str, parent: str,
         info = client.branch(tenant_id_of(tid), parent_id, lsn=lsn, timestamp=timestamp)
     with env.locked() as new_state:
         new_state.tenants[tid].branches[name] = str(info.timeline_id)
+        # The roles are in the branch's catalog from the parent: so are their secrets.
+        parent_roles = new_state.tenants[tid].roles.get(parent)
+        if parent_roles:
+            new_state.tenants[tid].roles[name] = dict(parent_roles)
         _record_branch_time(env, info.timeline_id, timestamp or (str(lsn) if lsn else "head"))
     return info
 
@@ -288,8 +292,10 @@ def allocate_port(config: EnvConfig, state: State) -> int:
 
 
 def create_endpoint(env: Environment, config: EnvConfig, name: str, branch: str,
-                    lsn: str | None, port: int | None, tenant: str | None) -> EndpointState:
-    """Define endpoint `name` on `branch`: a primary, or read-only at `lsn`."""
+                    lsn: str | None, port: int | None, tenant: str | None, *,
+                    suspend_timeout_s: float = 300.0) -> EndpointState:
+    """Define endpoint `name` on `branch`: a primary, or read-only at `lsn`; the proxy
+    suspends it after `suspend_timeout_s` without a client connection (0: never)."""
     check_name("endpoint", name)
     read_lsn = Lsn.parse(lsn) if lsn is not None else None
     if read_lsn is not None and not read_lsn.is_aligned(8):
@@ -309,7 +315,8 @@ def create_endpoint(env: Environment, config: EnvConfig, name: str, branch: str,
         if port is not None and any(ep.port == port for ep in state.endpoints.values()):
             raise UserError(f"port {port} is already assigned to another endpoint")
         ep = EndpointState(name, tid, branch, port or allocate_port(config, state),
-                           str(read_lsn) if read_lsn is not None else None, autostart=False)
+                           str(read_lsn) if read_lsn is not None else None, autostart=False,
+                           suspend_timeout_s=suspend_timeout_s)
         state.endpoints[name] = ep
     return ep
 

@@ -1,0 +1,221 @@
+"""Wake and suspend: the computes behind the proxy, their client connections, and the
+starts and stops the proxy makes (scale to zero).
+
+- A client connection to a stopped endpoint starts it (the control plane's own start
+  flow, `strata.control.endpoints.start_endpoint`, in a worker thread); connections that
+  arrive meanwhile wait for the same start. A failed start is an error for each of them.
+- An endpoint that the proxy served (woke, or relayed a connection to) and that has had
+  no client connection through the proxy for its `suspend_timeout_s` (0 = never) is
+  stopped cleanly, as `strata endpoint stop` would. An endpoint only ever used directly
+  is left alone.
+- `run/proxy-status.json` says, for `strata status`, each endpoint's connection count
+  and whether it is starting or stopping (rewritten atomically on every change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from strata.common.errors import StrataError, Unavailable, UserError
+from strata.control.endpoints import endpoint_paths, running_pid, start_endpoint, stop_endpoint
+from strata.control.env import Environment
+from strata.control.services import pageserver_client, pageserver_responds
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "proxy-status.json"
+SUSPEND_CHECK_INTERVAL_S = 0.5
+BUSY_WAIT_S = 120.0  # another `strata` command starting/stopping the endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeAddress:
+    """Where the proxy reaches a running compute: its unix socket (only the proxy and
+    Strata's own processes use it; the application role logs in there)."""
+
+    socket_path: str
+
+
+@dataclass
+class _Endpoint:
+    connections: int = 0
+    served: bool = False
+    idle_since: float = 0.0
+    starting: asyncio.Future[None] | None = None
+    stopping: asyncio.Future[None] | None = None
+
+
+class Computes:
+    """The endpoints of one environment as the proxy sees them (one asyncio loop)."""
+
+    def __init__(self, env: Environment) -> None:
+        self.env = env
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._status_path = env.run_dir / STATUS_FILE
+
+    def _get(self, name: str) -> _Endpoint:
+        return self._endpoints.setdefault(name, _Endpoint(idle_since=time.monotonic()))
+
+    # --- connections -------------------------------------------------------------------
+    def acquire(self, name: str) -> None:
+        """A client connection to `name` begins (before waking it: no suspend meanwhile)."""
+        ep = self._get(name)
+        ep.connections += 1
+        ep.served = True
+        self._write_status()
+
+    def release(self, name: str) -> None:
+        ep = self._get(name)
+        assert ep.connections > 0, (name, ep.connections)
+        ep.connections -= 1
+        if ep.connections == 0:
+            ep.idle_since = time.monotonic()
+        self._write_status()
+
+    def connections(self, name: str) -> int:
+        return self._get(name).connections
+
+    # --- wake ----------------------------------------------------------------------------
+    async def wake(self, name: str) -> ComputeAddress:
+        """The running compute of endpoint `name`, started if it is stopped; concurrent
+        callers share one start. (No await between looking and starting: two callers
+        never both start it.)"""
+        ep = self._get(name)
+        while ep.stopping is not None:
+            await asyncio.shield(ep.stopping)
+        if ep.starting is None:
+            address = self._address_if_running(name)
+            if address is not None:
+                return address
+            starting = asyncio.ensure_future(asyncio.to_thread(self._start, name))
+            ep.starting = starting
+            starting.add_done_callback(lambda _: self._start_done(ep))
+            self._write_status()
+        await asyncio.shield(ep.starting)
+        address = self._address_if_running(name)
+        if address is None:
+            raise Unavailable(f"endpoint {name} stopped right after it started; see its log")
+        return address
+
+    def _start_done(self, ep: _Endpoint) -> None:
+        ep.starting = None
+        self._write_status()
+
+    def _address_if_running(self, name: str) -> ComputeAddress | None:
+        if running_pid(self.env, name) is None:
+            return None
+        state = self.env.read_state()
+        ep = state.endpoint(name)
+        socket_dir = endpoint_paths(self.env, name).socket_dir
+        return ComputeAddress(str(socket_dir / f".s.PGSQL.{ep.port}"))
+
+    def _start(self, name: str) -> None:
+        """Worker thread: the control plane's start flow."""
+        started = time.monotonic()
+        state = self.env.read_state()
+        ep = state.endpoint(name)
+        log.info("waking endpoint %s (branch %s)", name, ep.branch)
+        try:
+            start_endpoint(self.env, self.env.config(), ep,
+                           state.timeline_id(ep.tenant_id, ep.branch))
+        except UserError as err:
+            if "another strata command" not in str(err):
+                raise
+            # A `strata endpoint start/stop` runs now: wait for it to finish.
+            self._wait_not_busy(name)
+            if running_pid(self.env, name) is None:
+                raise
+        log.info("woke endpoint %s in %.2fs", name, time.monotonic() - started)
+
+    def _wait_not_busy(self, name: str) -> None:
+        deadline = time.monotonic() + BUSY_WAIT_S
+        lock = self.env.run_dir / f"endpoint-{name}.lock"
+        while time.monotonic() < deadline:
+            with open(lock, "a") as f:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    time.sleep(0.1)
+                    continue
+                return
+        raise Unavailable(f"endpoint {name} was busy (another strata command) for "
+                          f"{BUSY_WAIT_S:.0f}s")
+
+    # --- suspend -------------------------------------------------------------------------
+    async def suspend_loop(self) -> None:
+        """Forever: stop endpoints idle for their suspend_timeout_s."""
+        while True:
+            await asyncio.sleep(SUSPEND_CHECK_INTERVAL_S)
+            try:
+                timeouts = {name: ep.suspend_timeout_s
+                            for name, ep in self.env.read_state().endpoints.items()}
+            except (StrataError, OSError, ValueError) as err:
+                log.warning("cannot read the environment's state: %s", err)
+                continue
+            now = time.monotonic()
+            for name, ep in list(self._endpoints.items()):
+                timeout_s = timeouts.get(name)
+                if timeout_s is None or timeout_s <= 0 or not ep.served:
+                    continue
+                if ep.connections or ep.starting or ep.stopping:
+                    continue
+                if now - ep.idle_since < timeout_s:
+                    continue
+                await self._suspend(name, ep, timeout_s)
+
+    async def _suspend(self, name: str, ep: _Endpoint, timeout_s: float) -> None:
+        ep.stopping = asyncio.ensure_future(asyncio.to_thread(self._stop, name, timeout_s))
+        self._write_status()
+        try:
+            await asyncio.shield(ep.stopping)
+        except StrataError as err:
+            log.warning("suspending endpoint %s failed: %s", name, err)
+        finally:
+            ep.stopping = None
+            ep.served = False  # until the next client connection
+            self._write_status()
+
+    def _stop(self, name: str, timeout_s: float) -> None:
+        if running_pid(self.env, name) is None:
+            return
+        state = self.env.read_state()
+        ep = state.endpoint(name)
+        log.info("suspending endpoint %s: no client connection for %ss", name, timeout_s)
+        config = self.env.config()
+        client = pageserver_client(config, timeout_s=30)
+        stop_endpoint(self.env, ep, state.timeline_id(ep.tenant_id, ep.branch),
+                      client=client if pageserver_responds(client) else None)
+        log.info("suspended endpoint %s", name)
+
+    # --- status --------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "endpoints": {
+            name: {"connections": ep.connections,
+                   "activity": "starting" if ep.starting else
+                   "stopping" if ep.stopping else None}
+            for name, ep in self._endpoints.items()}}
+
+    def _write_status(self) -> None:
+        write_status_file(self._status_path, self.status())
+
+
+def write_status_file(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def read_status_file(env: Environment) -> dict[str, Any] | None:
+    try:
+        data = json.loads((env.run_dir / STATUS_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,396 @@
+"""The proxy's asyncio driver: one PostgreSQL port in front of every endpoint.
+
+Per client connection:
+
+1. the startup phase: SSLRequest -> TLS (the SNI host name is kept), GSSENCRequest ->
+   refused ('N'), CancelRequest -> routed to the compute that owns the key, then the
+   StartupMessage (`strata.proxy.protocol` says which endpoint it names);
+2. authentication at the proxy: SCRAM-SHA-256 against the role's secret kept by the
+   control plane, or a cleartext password `endpoint=<name>;<password>` when the client
+   named no endpoint otherwise;
+3. wake: the endpoint's compute is started if it is stopped (`strata.proxy.computes`);
+4. the proxy logs in to the compute over its unix socket with the client's startup
+   parameters, forwards the compute's answer (its BackendKeyData replaced by a key of
+   the proxy's, so that a cancel request comes back here) up to ReadyForQuery,
+5. then relays bytes both ways with asyncio protocols (no coroutine per message).
+
+A malformed or unexpected message closes that one connection with an ErrorResponse;
+the server goes on. Passwords and secrets are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from strata.common.errors import NotFound, ProtocolError, StrataError
+from strata.control.env import Environment
+from strata.pg.wire import (
+    MAX_STARTUP_PACKET_BYTES,
+    CancelRequest,
+    ErrorResponse,
+    GSSENCRequest,
+    MessageReader,
+    SSLRequest,
+    StartupMessage,
+)
+from strata.proxy import protocol
+from strata.proxy.computes import Computes
+from strata.proxy.scram import AuthFailed, ScramExchange, ScramSecret
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 60.0
+"""Bound on the client's part of the startup phase (not on a wake)."""
+WAKE_TIMEOUT_S = 600.0
+AUTH_MESSAGE_MAX_BYTES = 16 * 1024
+COMPUTE_STARTUP_MESSAGE_MAX_BYTES = 1024 * 1024
+_I32 = struct.Struct("!i")
+
+
+class ClientError(Exception):
+    """Ends a client's connection with an ErrorResponse carrying this SQLSTATE."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class _CancelTarget:
+    socket_path: str
+    process_id: int
+    secret_key: int
+
+
+class ProxyServer:
+    def __init__(self, env: Environment, *, host: str, port: int, domain: str,
+                 ssl_context: ssl.SSLContext | None) -> None:
+        self.env = env
+        self.host = host
+        self.port = port
+        self.domain = domain
+        self.ssl_context = ssl_context
+        self.computes = Computes(env)
+        self._cancel_keys: dict[tuple[int, int], _CancelTarget] = {}
+        self._sni: dict[int, str] = {}
+        if ssl_context is not None:
+            ssl_context.sni_callback = self._on_sni
+
+    def _on_sni(self, ssl_object: Any, server_name: str | None,
+                _context: ssl.SSLContext) -> None:
+        if server_name:
+            self._sni[id(ssl_object)] = server_name
+
+    async def serve_forever(self) -> None:
+        server = await asyncio.start_server(self._handle, self.host, self.port,
+                                            limit=AUTH_MESSAGE_MAX_BYTES * 4)
+        log.info("proxy listening on %s:%d (endpoints as <name>.%s over TLS, or "
+                 "options=endpoint=<name>)", self.host, self.port, self.domain)
+        async with server:
+            await asyncio.gather(server.serve_forever(), self.computes.suspend_loop())
+
+    # --- one client ----------------------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            await self._serve_client(reader, writer)
+        except ClientError as err:
+            log.info("refused client %s: %s", peer, err)
+            await _send_error(writer, err.code, str(err))
+        except ProtocolError as err:
+            log.info("closed client %s: %s", peer, err)
+            await _send_error(writer, protocol.PROTOCOL_VIOLATION, str(err))
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError,
+                EOFError) as err:
+            log.info("client %s went away during startup: %s", peer,
+                     type(err).__name__)
+        except Exception:
+            log.exception("unexpected error serving client %s", peer)
+        finally:
+            if not writer.is_closing():
+                writer.close()
+
+    async def _serve_client(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        async with asyncio.timeout(STARTUP_TIMEOUT_S):
+            packet = await _read_startup(reader)
+            server_name: str | None = None
+            if isinstance(packet, GSSENCRequest):
+                writer.write(b"N")
+                packet = await _read_startup(reader)
+            if isinstance(packet, SSLRequest):
+                if self.ssl_context is None:
+                    writer.write(b"N")
+                else:
+                    writer.write(b"S")
+                    await writer.drain()
+                    await writer.start_tls(self.ssl_context)
+                    ssl_object = writer.get_extra_info("ssl_object")
+                    server_name = self._sni.pop(id(ssl_object), None)
+                packet = await _read_startup(reader)
+            if isinstance(packet, CancelRequest):
+                await self._cancel(packet)
+                return
+            if not isinstance(packet, StartupMessage):
+                raise ProtocolError(f"unexpected {type(packet).__name__} after the "
+                                    "SSL/GSS negotiation")
+            user = packet.get("user")
+            if not user:
+                raise ProtocolError("the startup message names no user")
+            choice = protocol.choose_endpoint(server_name, self.domain, packet)
+            name = choice.name
+            if name is None:
+                name = await self._cleartext_auth(reader, writer, user)
+            else:
+                await self._scram_auth(reader, writer, name, user)
+        await self._connect(reader, writer, name, packet)
+
+    def _secret(self, endpoint: str, user: str) -> ScramSecret:
+        state = self.env.read_state()
+        try:
+            ep = state.endpoint(endpoint)
+        except NotFound:
+            raise ClientError(protocol.CONNECTION_REJECTED,
+                              f"endpoint {endpoint!r} does not exist; see `strata endpoint "
+                              "list`") from None
+        roles = state.tenants[ep.tenant_id].roles.get(ep.branch, {})
+        secret = roles.get(user)
+        if secret is None:
+            # Same words as a wrong password: do not tell which roles exist.
+            raise ClientError(protocol.INVALID_PASSWORD,
+                              f"password authentication failed for user {user!r}")
+        return ScramSecret.parse(secret)
+
+    async def _scram_auth(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          endpoint: str, user: str) -> None:
+        secret = self._secret(endpoint, user)
+        writer.write(protocol.auth_sasl())
+        mechanism, client_first = protocol.decode_sasl_initial_response(
+            await _read_password_message(reader))
+        if mechanism != protocol.SCRAM_SHA_256:
+            raise ProtocolError(f"SASL mechanism {mechanism!r} was not offered")
+        exchange = ScramExchange(secret)
+        writer.write(protocol.auth_sasl_continue(exchange.first(client_first)))
+        try:
+            server_final = exchange.final(await _read_password_message(reader))
+        except AuthFailed:
+            raise ClientError(protocol.INVALID_PASSWORD,
+                              f"password authentication failed for user {user!r}") from None
+        writer.write(protocol.auth_sasl_final(server_final))
+
+    async def _cleartext_auth(self, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter, user: str) -> str:
+        """The password form `endpoint=<name>;<password>`; returns the endpoint."""
+        writer.write(b"R" + _I32.pack(8) + _I32.pack(3))  # AuthenticationCleartextPassword
+        text = protocol.decode_password(await _read_password_message(reader))
+        try:
+            name, password = protocol.split_endpoint_password(text)
+        except ProtocolError as err:
+            raise ClientError(protocol.CONNECTION_REJECTED, str(err)) from None
+        secret = self._secret(name, user)
+        if not await asyncio.to_thread(secret.matches, password):
+            raise ClientError(protocol.INVALID_PASSWORD,
+                              f"password authentication failed for user {user!r}")
+        return name
+
+    # --- compute -------------------------------------------------------------------------
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       name: str, startup: StartupMessage) -> None:
+        self.computes.acquire(name)
+        key: tuple[int, int] | None = None
+        try:
+            try:
+                async with asyncio.timeout(WAKE_TIMEOUT_S):
+                    address = await self.computes.wake(name)
+            except (StrataError, TimeoutError) as err:
+                raise ClientError(protocol.CANNOT_CONNECT_NOW,
+                                  f"endpoint {name} could not be started: "
+                                  f"{str(err).splitlines()[0] if str(err) else 'timeout'}; "
+                                  "see `strata status` and the proxy's log") from None
+            try:
+                c_reader, c_writer = await asyncio.open_unix_connection(
+                    address.socket_path, limit=COMPUTE_STARTUP_MESSAGE_MAX_BYTES)
+            except OSError as err:
+                raise ClientError(protocol.CANNOT_CONNECT_NOW,
+                                  f"endpoint {name} does not accept connections: "
+                                  f"{err.strerror}") from None
+            try:
+                c_writer.write(protocol.startup_for_compute(startup).encode())
+                key = await self._forward_compute_startup(c_reader, writer, address.socket_path)
+                if key is None:
+                    return
+                await _relay(reader, writer, c_reader, c_writer)
+            finally:
+                c_writer.close()
+        finally:
+            if key is not None:
+                self._cancel_keys.pop(key, None)
+            self.computes.release(name)
+
+    async def _forward_compute_startup(self, c_reader: asyncio.StreamReader,
+                                       writer: asyncio.StreamWriter,
+                                       socket_path: str) -> tuple[int, int] | None:
+        """Forward the compute's messages up to ReadyForQuery; returns the proxy's cancel
+        key for this connection, or None if the compute refused (its error forwarded)."""
+        key: tuple[int, int] | None = None
+        while True:
+            header = await c_reader.readexactly(5)
+            tag = header[:1]
+            length = int(_I32.unpack_from(header, 1)[0])
+            if length < 4 or length > COMPUTE_STARTUP_MESSAGE_MAX_BYTES:
+                raise ProtocolError(f"compute sent message {tag!r} of length {length}")
+            body = await c_reader.readexactly(length - 4)
+            if tag == b"R" and body[:4] != _I32.pack(0):
+                raise ClientError(protocol.INVALID_AUTHORIZATION,
+                                  "the compute asked the proxy for a password; its pg_hba.conf "
+                                  "must trust its unix socket (restart the endpoint)")
+            if tag == b"K" and len(body) == 8:
+                pid, compute_key = struct.unpack("!ii", body)
+                key = self._new_cancel_key(_CancelTarget(socket_path, pid, compute_key))
+                writer.write(b"K" + _I32.pack(12) + struct.pack("!ii", *key))
+                continue
+            writer.write(header + body)
+            if tag == b"E":
+                await writer.drain()
+                return None
+            if tag == b"Z":
+                await writer.drain()
+                return key if key is not None else (0, 0)
+
+    def _new_cancel_key(self, target: _CancelTarget) -> tuple[int, int]:
+        while True:
+            key = (secrets.randbits(31), secrets.randbits(31))
+            if key not in self._cancel_keys:
+                self._cancel_keys[key] = target
+                return key
+
+    async def _cancel(self, request: CancelRequest) -> None:
+        target = self._cancel_keys.get((request.process_id, request.secret_key))
+        if target is None:
+            log.info("cancel request with an unknown key ignored")
+            return
+        try:
+            _, c_writer = await asyncio.open_unix_connection(target.socket_path)
+        except OSError as err:
+            log.info("cancel request: compute unreachable: %s", err.strerror)
+            return
+        c_writer.write(CancelRequest(target.process_id, target.secret_key).encode())
+        await c_writer.drain()
+        c_writer.close()
+        log.info("routed a cancel request to backend %d", target.process_id)
+
+
+# --- startup-phase reads --------------------------------------------------------------------
+async def _read_startup(reader: asyncio.StreamReader) -> object:
+    head = await reader.readexactly(4)
+    length = int(_I32.unpack(head)[0])
+    if length < 8 or length > MAX_STARTUP_PACKET_BYTES:
+        raise ProtocolError(f"invalid startup packet length {length}")
+    body = await reader.readexactly(length - 4)
+    parser = MessageReader("frontend")
+    parser.feed(head + body)
+    packet = parser.next_frontend()
+    assert packet is not None, length
+    return packet
+
+
+async def _read_password_message(reader: asyncio.StreamReader) -> bytes:
+    """The body of the client's next message, which must be 'p' (password/SASL)."""
+    header = await reader.readexactly(5)
+    tag = header[:1]
+    length = int(_I32.unpack_from(header, 1)[0])
+    if tag != b"p":
+        raise ProtocolError(f"expected a password message ('p'), got {tag!r}")
+    if length < 4 or length > AUTH_MESSAGE_MAX_BYTES:
+        raise ProtocolError(f"password message has invalid length {length}")
+    return await reader.readexactly(length - 4)
+
+
+async def _send_error(writer: asyncio.StreamWriter, code: str, message: str) -> None:
+    if writer.is_closing():
+        return
+    try:
+        writer.write(ErrorResponse(severity="FATAL", code=code, message=message).encode())
+        async with asyncio.timeout(5):
+            await writer.drain()
+    except (ConnectionError, TimeoutError, ssl.SSLError, RuntimeError):
+        pass
+
+
+# --- relay ----------------------------------------------------------------------------------
+class _Forward(asyncio.Protocol):
+    """Receives on one transport and writes to its peer; back-pressure both ways."""
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.own: asyncio.Transport | None = None
+        self.peer: asyncio.Transport | None = None
+
+    def data_received(self, data: bytes) -> None:
+        assert self.peer is not None
+        self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        self._finish()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+
+    def pause_writing(self) -> None:
+        # Our own transport's send buffer is full: stop reading from the peer.
+        assert self.peer is not None
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.peer is not None
+        self.peer.resume_reading()
+
+    def _finish(self) -> None:
+        for transport in (self.own, self.peer):
+            if transport is not None and not transport.is_closing():
+                transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _take_buffered(reader: asyncio.StreamReader) -> bytes:
+    """What the StreamReader read ahead and no one consumed (its private buffer: the
+    streams API has no way to hand a transport over)."""
+    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
+    data = bytes(buffer)
+    buffer.clear()
+    return data
+
+
+async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+    """Hand both transports over to `_Forward` protocols until either side closes.
+
+    Bytes a StreamReader already buffered (it reads ahead) are forwarded first."""
+    client = writer.transport
+    compute = c_writer.transport
+    assert isinstance(client, asyncio.Transport) and isinstance(compute, asyncio.Transport)
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    up, down = _Forward(done), _Forward(done)
+    up.own, up.peer = client, compute
+    down.own, down.peer = compute, client
+    pending_up = _take_buffered(reader)
+    pending_down = _take_buffered(c_reader)
+    client.set_protocol(up)
+    compute.set_protocol(down)
+    if pending_up:
+        compute.write(pending_up)
+    if pending_down:
+        client.write(pending_down)
+    if reader.at_eof() or c_reader.at_eof():
+        up._finish()  # noqa: SLF001
+    client.resume_reading()
+    compute.resume_reading()
+    await done

@@ -1,0 +1,237 @@
+"""The proxy end to end (`strata start` runs it): real psql, psycopg and pgbench clients,
+TLS with SNI, SCRAM-SHA-256, wake on connect, suspend, cancel, and malformed input.
+
+The environment is a real one (`strata init`/`start`: pageserver, three safekeepers,
+stock PostgreSQL 15 computes), driven through the CLI as in test_cli.py.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import struct
+import subprocess
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from test_cli import Cli
+from test_cli import cli as cli  # noqa: F401, PLC0414 - the fixture `cli`
+
+PASSWORD = "correct horse"
+
+
+def proxy_port(cli: Cli) -> int:
+    return int(tomllib.loads((cli.repo_dir / "config.toml").read_text())["proxy"]["port"])
+
+
+def dsn(cli: Cli, endpoint: str, *, password: str = PASSWORD, how: str = "sni",
+        sslmode: str = "require") -> str:
+    """A libpq connection string to `endpoint` through the proxy, naming it by TLS SNI,
+    by options, or in the password."""
+    port = proxy_port(cli)
+    base = f"port={port} user=strata dbname=strata sslmode={sslmode} connect_timeout=300"
+    if how == "sni":
+        return f"host={endpoint}.localhost hostaddr=127.0.0.1 {base} password='{password}'"
+    if how == "options":
+        return f"host=127.0.0.1 {base} password='{password}' options=endpoint={endpoint}"
+    assert how == "password", how
+    return f"host=127.0.0.1 {base} password='endpoint={endpoint};{password}'"
+
+
+def query(conninfo: str, sql: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        cur = conn.execute(sql)
+        return cur.fetchall() if cur.description else []
+
+
+def endpoint_state(cli: Cli, name: str) -> dict[str, Any]:
+    return next(e for e in cli.json("status")["endpoints"] if e["name"] == name)
+
+
+def wait_state(cli: Cli, name: str, state: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (current := endpoint_state(cli, name)["state"]) != state:
+        assert time.monotonic() < deadline, (name, current, state)
+        time.sleep(0.5)
+
+
+def proxy_log(cli: Cli) -> str:
+    return (cli.repo_dir / "logs" / "proxy.log").read_text()
+
+
+@pytest.fixture
+def proxied(cli: Cli) -> Cli:  # noqa: F811 - the fixture imported above
+    """An environment with role `strata` (password PASSWORD) on branch main, and
+    endpoint main running."""
+    cli.run("init")
+    cli.run("start")
+    cli.run("role", "create", "strata", "--password-stdin", input_text=PASSWORD + "\n")
+    return cli
+
+
+def test_clients_tls_sni_scram_and_cancel(proxied: Cli) -> None:
+    """psql (TLS, SNI) and psycopg reach endpoint main through the proxy by each way of
+    naming it; a wrong password, an unknown role or endpoint, and no endpoint at all are
+    clear errors; the password never reaches the log; a cancel request through the proxy
+    cancels the right query; pgbench runs through the proxy; `strata status` counts the
+    proxied connections."""
+    cli = proxied
+    env = {**os.environ, "PGCONNECT_TIMEOUT": "300"}
+    out = subprocess.run(["psql", dsn(cli, "main"), "-Atc",
+                          "select current_user, ssl from pg_stat_ssl "
+                          "where pid = pg_backend_pid()"],
+                         capture_output=True, text=True, timeout=300, env=env, check=True)
+    assert out.stdout.strip() == "strata|f", out  # TLS ends at the proxy
+    assert query(dsn(cli, "main", how="options", sslmode="disable"), "select 1") == [(1,)]
+    assert query(dsn(cli, "main", how="password"), "select 2") == [(2,)]
+
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        query(dsn(cli, "main", password="wrong password"), "select 1")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        query(dsn(cli, "main", how="password", password="wrong password"), "select 1")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        query(dsn(cli, "main").replace("user=strata", "user=postgres"), "select 1")
+    with pytest.raises(psycopg.OperationalError, match="endpoint 'nope' does not exist"):
+        query(dsn(cli, "nope"), "select 1")
+    with pytest.raises(psycopg.OperationalError, match="no endpoint named"):
+        query(f"host=127.0.0.1 port={proxy_port(cli)} user=strata dbname=strata "
+              f"password=x sslmode=require", "select 1")
+    log = proxy_log(cli)
+    assert "wrong password" not in log and PASSWORD not in log
+
+    with psycopg.connect(dsn(cli, "main")) as conn:
+        assert endpoint_state(cli, "main")["connections"] == 1
+        result: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                conn.execute("select pg_sleep(120)")
+            except BaseException as err:  # noqa: BLE001 - handed to the test thread
+                result.append(err)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not query(dsn(cli, "main"), "select 1 from pg_stat_activity "
+                                          "where query = 'select pg_sleep(120)'"):
+            assert time.monotonic() < deadline, "the query did not start"
+            time.sleep(0.1)
+        conn.cancel_safe(timeout=60)
+        thread.join(timeout=60)
+        assert len(result) == 1 and isinstance(result[0], psycopg.errors.QueryCanceled), result
+    assert endpoint_state(cli, "main")["connections"] == 0
+
+    pgbench = dsn(cli, "main")
+    subprocess.run(["pgbench", "-i", "-s", "1", "-q", pgbench], capture_output=True,
+                   text=True, timeout=300, env=env, check=True)
+    out = subprocess.run(["pgbench", "-c", "4", "-t", "50", "-n", pgbench],
+                         capture_output=True, text=True, timeout=300, env=env, check=True)
+    assert "number of transactions actually processed: 200/200" in out.stdout, out.stdout
+
+
+def test_wake_suspend_and_concurrent_wake(proxied: Cli) -> None:
+    """An endpoint idle for its suspend_timeout_s is stopped (status: suspended); a
+    connection wakes it and its data is there; 50 concurrent connections to a suspended
+    endpoint all get answers from one start; a start that fails is a clear error."""
+    cli = proxied
+    cli.run("timeline", "branch", "dev")
+    cli.run("endpoint", "create", "dev", "--branch", "dev", "--suspend-timeout-s", "1")
+    assert [r["role"] for r in cli.json("role", "list", "--branch", "dev")] == ["strata"]
+    assert endpoint_state(cli, "dev")["state"] == "suspended"  # never started: wakes on use
+    query(dsn(cli, "dev"), "create table t as select 42 as v")
+    wait_state(cli, "dev", "suspended")
+
+    answers: list[Any] = []
+    errors: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            answers.append(query(dsn(cli, "dev"), "select v from t")[0][0])
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=connect) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors[:3]
+    assert answers == [42] * 50
+    assert proxy_log(cli).count("waking endpoint dev ") == 2  # one start per wake
+
+    # A compute that cannot start: its port is taken by someone else.
+    wait_state(cli, "dev", "suspended")
+    dev_port = next(e for e in cli.json("endpoint", "list") if e["name"] == "dev")["address"]
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", int(dev_port.rsplit(":", 1)[1])))
+        squatter.listen()
+        with pytest.raises(psycopg.OperationalError, match="endpoint dev could not be started"):
+            query(dsn(cli, "dev"), "select 1")
+
+
+def _startup_packet(params: dict[str, str], code: int = 196608) -> bytes:
+    body = struct.pack("!i", code) + b"".join(
+        k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def test_malformed_startup_packets(proxied: Cli) -> None:
+    """Random and truncated startup packets and garbage after them close only their own
+    connection: the proxy keeps serving and logs no unexpected error."""
+    cli = proxied
+    port = proxy_port(cli)
+    rng = random.Random(1234)
+    valid = _startup_packet({"user": "strata", "database": "strata",
+                             "options": "endpoint=main"})
+    cases: list[bytes] = [
+        b"", b"\0", b"\0\0\0\x08", struct.pack("!ii", 8, 80877103) + b"garbage",
+        struct.pack("!i", 2**31 - 1), struct.pack("!i", -5) + b"xxxx",
+        _startup_packet({"user": "strata"}, code=2 << 16), _startup_packet({}),
+        valid[:-3], valid + b"p\0\0\0\x03", valid + b"Q\0\0\0\x09select",
+        valid + b"p" + struct.pack("!i", 10**9),
+        valid + b"p\0\0\0\x0cSCRAM\0\xff\xff",
+        valid + b"p\0\0\0\x16SCRAM-SHA-256\0\0\0\0\x02n,",
+        struct.pack("!ii", 16, 80877102) + b"\0\0\0\x01\0\0\0\x02",
+    ]
+    for _ in range(150):
+        n = rng.randrange(0, 64)
+        blob = bytes(rng.randrange(256) for _ in range(n))
+        cases.append(blob if rng.random() < 0.5 else valid[:rng.randrange(len(valid))] + blob)
+    for case in cases:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            s.sendall(case)
+            s.shutdown(socket.SHUT_WR)
+            try:
+                while s.recv(65536):
+                    pass
+            except (ConnectionResetError, TimeoutError):
+                pass
+    assert query(dsn(cli, "main"), "select 1") == [(1,)]
+    log = proxy_log(cli)
+    assert "unexpected error" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_role_commands_refuse_bad_input(proxied: Cli, test_dir: Path) -> None:
+    """`strata role` refuses the superuser, a duplicate and an unknown role or branch with
+    one line; `role password` changes what the proxy accepts."""
+    cli = proxied
+    assert "reserved" in cli.run("role", "create", "postgres", ok=False).stderr
+    assert "exists on branch main" in cli.run("role", "create", "strata", ok=False).stderr
+    assert "no role 'x'" in cli.run("role", "password", "x", ok=False).stderr
+    assert "no branch named" in cli.run("role", "create", "y", "--branch", "nope",
+                                        ok=False).stderr
+    created = cli.run("role", "create", "app").stdout
+    password = created.split("password: ")[1].strip()
+    assert query(dsn(cli, "main", password=password).replace("user=strata", "user=app"),
+                 "select current_user") == [("app",)]
+    cli.run("role", "password", "strata", "--password", "new one")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        query(dsn(cli, "main"), "select 1")
+    assert query(dsn(cli, "main", password="new one"), "select 1") == [(1,)]
