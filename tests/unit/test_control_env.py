@@ -37,8 +37,8 @@ def test_defaults_are_three_safekeepers() -> None:
     assert allocated.pageserver.pg_port > 0 and allocated.pageserver.http_port > 0
     ports = [allocated.pageserver.pg_port, allocated.pageserver.http_port]
     ports += [p for sk in allocated.safekeepers for p in (sk.pg_port, sk.http_port)]
-    ports.append(allocated.console.port)
-    assert 0 not in ports and len(set(ports)) == 9, ports
+    ports += [allocated.console.port, allocated.proxy.port]
+    assert 0 not in ports and len(set(ports)) == 10, ports
     assert allocated.ports() == set(ports)
     assert allocated.safekeeper(2) == allocated.safekeepers[1]
     with pytest.raises(NotFound, match=r"no safekeeper with id 4; config.toml has ids"):
