@@ -12,7 +12,11 @@ scales 1 and 10), a tenant is loaded through a full-mode compute, then:
   baseline is stock PostgreSQL 15 on its own data directory at the same scale.
 
 * `start_cli_lazy_s{N}` (scales 1, 64, 320; --quick 1 and 10): `strata endpoint start` of
-  a `strata init` environment (three safekeepers) to the first query, median of 3;
+  a `strata init` environment (three safekeepers) to the first query, median of 3, against
+  stock PostgreSQL's start to its first query (`start_stock_pg`); each phase of the start
+  as `start_cli_lazy_s{N}.PHASE` (from `strata endpoint start --json`);
+* `kill9_restart_failures`: kill -9 of the endpoint's postmaster, then at once `strata
+  endpoint start`, 20 rounds (--quick 5): must be 0; `kill9_restart_s` their median;
 
 * `soak_*` (not with --quick): a lazy compute with the smallest shared_buffers runs
   pgbench TPC-B for minutes while the pageserver checkpoints, compacts and collects
@@ -27,9 +31,11 @@ synchronous standby). Long runs: `bench/run compute` (several minutes for 5 GB l
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -195,10 +201,72 @@ def _strata(repo: Path, *args: str, timeout: float = 600) -> str:
     return out.stdout.decode()
 
 
-def cli_starts(report: Report, base: Path, scales: list[int], tries: int = 3) -> None:
+def stock_start_s(base: Path, tries: int = 3) -> float:
+    """Stock PostgreSQL 15 (initdb'd, pgbench scale 1, cleanly stopped): postmaster start
+    to the first query answered, median of `tries`: the baseline of the CLI's starts."""
+    server = PgServer(base / "stock", log_path=base / "stock.log")
+    server.initdb()
+    server.start({"autovacuum": False})
+    try:
+        _pgbench(server, "-i", "-s", "1", "-q")
+        times = []
+        for _ in range(tries):
+            server.stop("fast")
+            t = time.monotonic()
+            server.start({"autovacuum": False})
+            _first_query(server)
+            times.append(time.monotonic() - t)
+    finally:
+        server.stop("immediate")
+    return statistics.median(times)
+
+
+def _cli_start(repo: Path) -> tuple[float, dict[str, float], str]:
+    """`strata endpoint start main --json` to the first query answered: (seconds, the
+    command's phases, connection string)."""
+    t = time.monotonic()
+    started = json.loads(_strata(repo, "endpoint", "start", "main", "--json"))
+    with psycopg.connect(started["connstr"], autocommit=True) as conn:
+        row = conn.execute("select count(*) from pgbench_branches").fetchone()
+    assert row is not None and row[0] > 0, row
+    elapsed = time.monotonic() - t
+    phases = dict(started["phases_s"])
+    phases["first_query"] = elapsed - float(started["total_s"])
+    return elapsed, phases, str(started["connstr"])
+
+
+def kill9_restarts(report: Report, repo: Path, rounds: int) -> None:
+    """kill -9 of the running endpoint's postmaster, then at once `strata endpoint start`:
+    `kill9_restart_failures` of `rounds` must be 0 (issue 13); each failure's error line
+    is noted."""
+    failures, times = 0, []
+    for i in range(rounds):
+        pid = int((repo / "run" / "endpoint-main.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        try:
+            elapsed, _phases, _url = _cli_start(repo)
+            times.append(elapsed)
+        except AssertionError as err:
+            failures += 1
+            report.note(f"kill -9 round {i + 1}: {str(err).splitlines()[-1][:300]}")
+            _strata(repo, "endpoint", "stop", "main", "--immediate")
+            _cli_start(repo)
+    report.add("kill9_restart_failures", failures, f"of {rounds}")
+    if times:
+        report.add("kill9_restart_s", statistics.median(times), "s")
+
+
+def cli_starts(report: Report, base: Path, scales: list[int], tries: int = 3,
+               kill9_rounds: int = 20) -> None:
     """`strata endpoint start` (lazy, the default) to the first query answered, as a user
     sees it: the CLI's own start, safekeeper sync, lazy basebackup, mount, PostgreSQL and
-    the walproposer. `start_cli_lazy_s{N}` is the median of `tries` starts."""
+    the walproposer. `start_cli_lazy_s{N}` is the median of `tries` starts against stock
+    PostgreSQL's start (`stock_start_s`) as the baseline; `start_cli_lazy_s{N}.PHASE` the
+    median of each phase of `strata endpoint start --json` (`cli`: Python and imports;
+    `first_query`: connecting and the query after the command). The kill -9 loop runs
+    after the first scale."""
+    stock = stock_start_s(base)
+    report.add("start_stock_pg", stock, "s")
     repo = base / "cli"
     _strata(repo, "init")
     try:
@@ -209,18 +277,28 @@ def cli_starts(report: Report, base: Path, scales: list[int], tries: int = 3) ->
             run_as(service_user(), [pg_bindir() / "pgbench", "-i", "-s", str(scale), "-q",
                     "-h", "127.0.0.1", "-p", str(port), "-U", "strata", "strata"],
                    timeout=7200)
+            with psycopg.connect(url, autocommit=True) as conn:
+                row = conn.execute("select pg_database_size('strata')").fetchone()
+                size_mb = (row[0] if row else 0) / 2**20
+            report.note(f"CLI scale {scale}: database of {size_mb:.0f} MB")
             _strata(repo, "endpoint", "stop", "main")
-            times = []
+            # The first start after a load waits for the pageserver to ingest its WAL.
+            _cli_start(repo)
+            _strata(repo, "endpoint", "stop", "main")
+            times, phases = [], []
             for _ in range(tries):
-                t = time.monotonic()
-                url = _strata(repo, "endpoint", "start", "main").strip().splitlines()[-1]
-                with psycopg.connect(url, autocommit=True) as conn:
-                    assert conn.execute("select count(*) from pgbench_branches").fetchone() \
-                        == (scale,)
-                times.append(time.monotonic() - t)
+                elapsed, phase, url = _cli_start(repo)
+                times.append(elapsed)
+                phases.append(phase)
                 _strata(repo, "endpoint", "stop", "main")
-            report.add(f"start_cli_lazy_s{scale}", statistics.median(times), "s")
-            url = _strata(repo, "endpoint", "start", "main").strip().splitlines()[-1]
+            report.add(f"start_cli_lazy_s{scale}", statistics.median(times), "s",
+                       baseline=stock)
+            for name in phases[-1]:
+                report.add(f"start_cli_lazy_s{scale}.{name}",
+                           statistics.median(p.get(name, 0.0) for p in phases), "s")
+            url = _cli_start(repo)[2]
+            if scale == scales[0]:  # before the long loads of the larger scales
+                kill9_restarts(report, repo, kill9_rounds)
     finally:
         _strata(repo, "stop")
 
@@ -290,6 +368,7 @@ def run(report: Report, quick: bool) -> None:
             report.add(f"tps_{kind}_lazy_warm_s{top}", warm[i], "tps", baseline=stock[i])
             report.add(f"tps_{kind}_full_s{top}", full_tps[i], "tps", baseline=stock[i])
             report.add(f"tps_{kind}_stock_s{top}", stock[i], "tps")
-        cli_starts(report, base, [1, 10] if quick else [1, 64, 320])
+        cli_starts(report, base, [1, 10] if quick else [1, 64, 320],
+                   kill9_rounds=5 if quick else 20)
         if not quick:
             gc_soak(report, base, 600)

@@ -268,7 +268,8 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
 def test_walproposer_death_stops_its_endpoint(cli: Cli) -> None:
     """The sidecar dies (kill -9): its PostgreSQL is stopped at once (no commit hangs),
     status says the endpoint died and shows the logs; the next start brings it back with
-    every acknowledged commit."""
+    every acknowledged commit. Then the postmaster is killed (kill -9) and the endpoint
+    started right after, 4 times: the same."""
     cli.run("init")
     main = connstr_of(cli.last_line("start"))
     rows(main, "create table t (id int primary key, v text)")
@@ -286,6 +287,22 @@ def test_walproposer_death_stops_its_endpoint(cli: Cli) -> None:
     assert "walproposer exited with code -9; stopping PostgreSQL" in log
     restarted = connstr_of(cli.last_line("endpoint", "start", "main"))
     assert values(restarted) == ["acked"]
+
+    # kill -9 of the postmaster, then at once `endpoint start` (the 20-round loop is in
+    # bench/compute): every start works and keeps every commit; the application role is
+    # made once per branch; `--json` reports the start's phases.
+    for i in range(4):
+        rows(restarted, f"insert into t values ({i + 2}, 'r{i}')")
+        os.kill(int((cli.repo_dir / "run" / "endpoint-main.pid").read_text()), signal.SIGKILL)
+        started = cli.json("endpoint", "start", "main")
+        restarted = started["connstr"]
+        assert values(restarted) == ["acked", *[f"r{j}" for j in range(i + 1)]]
+    assert {"cli", "checks", "sync_wal", "wait_ingest", "basebackup", "postgres",
+            "walproposer", "app_role"} <= set(started["phases_s"]), started
+    assert started["total_s"] >= sum(v for k, v in started["phases_s"].items() if "." not in k)
+    state = json.loads((cli.repo_dir / "state.json").read_text())
+    tenant = next(iter(state["tenants"].values()))
+    assert tenant["app_role_timelines"] == [tenant["branches"]["main"]]
 
 
 def test_clear_errors(cli: Cli, test_dir: Path) -> None:

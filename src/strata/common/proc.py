@@ -135,6 +135,18 @@ def popen_as(user: RunAs, argv: Sequence[str | os.PathLike[str]], *, log_path: P
         log.close()
 
 
+def pid_running(pid: int) -> bool:
+    """True while `pid` runs; a zombie (dead, not yet reaped) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # "pid (comm) S ...": the state follows the last ')' (comm may hold spaces and parens).
+    state = stat[stat.rfind(b")") + 2:][:1]
+    return state not in (b"Z", b"X", b"")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago on `host`."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -175,6 +175,14 @@ class Compute:
     # --- run -------------------------------------------------------------------
     def start(self, *, timeout_s: float = 60) -> None:
         """Write the settings (and standby.signal for read-only) and start PostgreSQL."""
+        self.launch()
+        self.server.wait_ready(timeout_s)
+        log.info("compute started on %s:%d (%s)", self.server.host, self.server.port,
+                 "read-only" if self.config.read_only else "primary")
+
+    def launch(self) -> None:
+        """`start` without waiting for PostgreSQL to accept connections
+        (`server.wait_ready` does)."""
         signal_file = self.datadir / "standby.signal"
         if self.config.read_only and not signal_file.exists():
             signal_file.write_bytes(b"")
@@ -182,9 +190,7 @@ class Compute:
         elif not self.config.read_only and signal_file.exists():
             raise UserError(f"{self.datadir} holds standby.signal (a read-only basebackup) "
                             "but the compute is configured as a primary")
-        self.server.start(self.settings(), timeout_s=timeout_s)
-        log.info("compute started on %s:%d (%s)", self.server.host, self.server.port,
-                 "read-only" if self.config.read_only else "primary")
+        self.server.launch(self.settings())
 
     def stop(self, mode: str = "fast", *, timeout_s: float = 60) -> None:
         self.server.stop(mode, timeout_s=timeout_s)

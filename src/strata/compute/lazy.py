@@ -29,6 +29,7 @@ the control plane falls back to full mode with that reason as its warning.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -120,6 +121,8 @@ class LazyCompute:
         self.fuse_proc = fuse_proc
         self.watch_proc = watch_proc
         self.lsn = lsn
+        self.phases: dict[str, float] = {}
+        """Seconds of each step of `prepare_lazy_compute` (lease, fetch, unpack, mount)."""
 
     @property
     def server(self) -> PgServer:
@@ -156,8 +159,21 @@ class LazyCompute:
 
     def start(self, *, timeout_s: float = 60) -> None:
         """Start PostgreSQL on the mounted file system (after `prepare_lazy_compute`)."""
+        self.launch()
+        self.wait_ready(timeout_s=timeout_s)
+
+    def launch(self) -> None:
+        """`start` without waiting until PostgreSQL accepts connections (`wait_ready`)."""
         try:
-            self.compute.start(timeout_s=timeout_s)
+            self.compute.launch()
+        except BaseException:
+            self.stop("immediate", timeout_s=20)
+            raise
+
+    def wait_ready(self, *, timeout_s: float = 60) -> None:
+        """Wait until PostgreSQL accepts connections; on failure stop all."""
+        try:
+            self.compute.server.wait_ready(timeout_s)
         except BaseException:
             self.stop("immediate", timeout_s=20)
             raise
@@ -207,10 +223,11 @@ def _terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
             proc.wait(10)
 
 
-def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def _spawn(argv: list[str], log_path: Path,
+           stdin: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=stdin, start_new_session=True)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -235,15 +252,79 @@ def prepare_lazy_compute(host: str, pg_port: int, tenant_id: TenantId,
         raise UserError(f"lazy mode is not usable on this host: {reason}; start the "
                         "endpoint in full mode")
     started = time.monotonic()
+    phases: dict[str, float] = {}
+    root.mkdir(parents=True, exist_ok=True)
+    # The FUSE server (a Python process) starts first and waits for a line on its stdin:
+    # its start overlaps the lease, the basebackup and the unpacking below.
+    fuse_log = root / "lazyfs.log"
+    fuse_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", "mount",
+                        "--store", str(root / "lazy"), "--mountpoint", str(root / "mnt"),
+                        "--pageserver", f"{host}:{pg_port}", "--tenant", str(tenant_id),
+                        "--timeline", str(timeline_id), "--lsn", str(lsn),
+                        "--lease-s", str(options.lease_s),
+                        "--readahead", str(options.readahead_blocks),
+                        "--outage-wait-s", str(options.outage_wait_s), "--wait-stdin"],
+                       fuse_log, stdin=subprocess.PIPE)
+    (root / FUSE_PID_FILE).write_text(f"{fuse_proc.pid}\n")
+    assert fuse_proc.stdin is not None
+    try:
+        compute = _fill_store(host, pg_port, tenant_id, timeline_id, lsn, root, config,
+                              options, phases, compute_host=compute_host, port=port,
+                              log_path=log_path, user=user)
+    except BaseException:
+        with contextlib.suppress(BrokenPipeError):
+            fuse_proc.stdin.close()  # it exits at end of file
+        _terminate(fuse_proc, 10)
+        raise
+    # If it died meanwhile, the wait for the mount below says so with its log.
+    with contextlib.suppress(BrokenPipeError):
+        fuse_proc.stdin.write(b"go\n")
+        fuse_proc.stdin.close()
+    filled = time.monotonic()
+    datadir, mnt = compute.datadir, root / "mnt"
+    lazy = LazyCompute(root, compute, fuse_proc, None, lsn)
+    try:
+        deadline = time.monotonic() + options.mount_timeout_s
+        while not os.path.ismount(mnt):
+            if fuse_proc.poll() is not None:
+                raise Unavailable(f"the lazy file system for {root} exited with "
+                                  f"{fuse_proc.returncode} before mounting:\n{_tail(fuse_log)}")
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the lazy file system for {root} did not mount within "
+                                  f"{options.mount_timeout_s}s:\n{_tail(fuse_log)}")
+            time.sleep(0.01)
+        phases["mount"] = time.monotonic() - filled
+        lazy.watch_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", "watch",
+                                  "--fuse-pid", str(fuse_proc.pid), "--datadir", str(datadir),
+                                  "--mountpoint", str(mnt)], root / "lazyfs-watch.log")
+        (root / WATCH_PID_FILE).write_text(f"{lazy.watch_proc.pid}\n")
+    except BaseException:
+        lazy.stop("immediate", timeout_s=20)
+        raise
+    lazy.phases = phases
+    log.info("lazy file system for %s at %s ready in %.2fs (%s)", root, lsn,
+             time.monotonic() - started,
+             ", ".join(f"{name} {seconds:.2f}s" for name, seconds in phases.items()))
+    return lazy
+
+
+def _fill_store(host: str, pg_port: int, tenant_id: TenantId, timeline_id: TimelineId,
+                lsn: Lsn, root: Path, config: ComputeConfig | None, options: LazyOptions,
+                phases: dict[str, float], *, compute_host: str, port: int | None,
+                log_path: Path | None, user: RunAs | None) -> Compute:
+    """Lease, lazy basebackup, data directory in `root/pgdata` with base/ and global/
+    moved into the store `root/lazy/tree` and symlinked into the mount point."""
+    started = time.monotonic()
     # The lease comes first: GC must not pass `lsn` while the basebackup is fetched.
     with PageClientSync(host, pg_port, tenant_id, timeline_id) as client:
         client.lease(lsn, options.lease_s)
+    phases["lease"] = time.monotonic() - started
     tar = io.BytesIO()  # small: a lazy basebackup has no relation files
     asyncio.run(fetch_basebackup(host, pg_port, tenant_id, timeline_id, tar, lsn,
                                  read_only=config.read_only if config else False, mode="lazy"))
     tar.seek(0)
     fetched = time.monotonic()
-    root.mkdir(parents=True, exist_ok=True)
+    phases["fetch"] = fetched - started - phases["lease"]
     compute = Compute.from_basebackup(tar, root / "pgdata", config, host=compute_host,
                                       port=port, log_path=log_path or root / "postgres.log",
                                       user=user)
@@ -266,37 +347,8 @@ def prepare_lazy_compute(host: str, pg_port: int, tenant_id: TenantId,
         os.symlink(mnt / name, datadir / name)
         os.lchown(datadir / name, owner.uid, owner.gid)
     chown_tree(tree, owner)
-
-    fuse_log = root / "lazyfs.log"
-    fuse_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", "mount",
-                        "--store", str(store), "--mountpoint", str(mnt),
-                        "--pageserver", f"{host}:{pg_port}", "--tenant", str(tenant_id),
-                        "--timeline", str(timeline_id), "--lsn", str(lsn),
-                        "--lease-s", str(options.lease_s),
-                        "--readahead", str(options.readahead_blocks),
-                        "--outage-wait-s", str(options.outage_wait_s)], fuse_log)
-    (root / FUSE_PID_FILE).write_text(f"{fuse_proc.pid}\n")
-    lazy = LazyCompute(root, compute, fuse_proc, None, lsn)
-    try:
-        deadline = time.monotonic() + options.mount_timeout_s
-        while not os.path.ismount(mnt):
-            if fuse_proc.poll() is not None:
-                raise Unavailable(f"the lazy file system for {root} exited with "
-                                  f"{fuse_proc.returncode} before mounting:\n{_tail(fuse_log)}")
-            if time.monotonic() > deadline:
-                raise Unavailable(f"the lazy file system for {root} did not mount within "
-                                  f"{options.mount_timeout_s}s:\n{_tail(fuse_log)}")
-            time.sleep(0.02)
-        lazy.watch_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", "watch",
-                                  "--fuse-pid", str(fuse_proc.pid), "--datadir", str(datadir),
-                                  "--mountpoint", str(mnt)], root / "lazyfs-watch.log")
-        (root / WATCH_PID_FILE).write_text(f"{lazy.watch_proc.pid}\n")
-    except BaseException:
-        lazy.stop("immediate", timeout_s=20)
-        raise
-    log.info("lazy file system for %s at %s ready in %.2fs (basebackup %.2fs)", root, lsn,
-             time.monotonic() - started, fetched - started)
-    return lazy
+    phases["unpack"] = time.monotonic() - fetched
+    return compute
 
 
 def start_lazy_compute(host: str, pg_port: int, tenant_id: TenantId, timeline_id: TimelineId,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -29,8 +30,44 @@ from strata.common.proc import (
     run_as,
     service_user,
 )
+from strata.compute.postmaster_files import (
+    STATUS_READY,
+    PostmasterPid,
+    clear_crashed_postmaster,
+)
 
 log = logging.getLogger(__name__)
+
+READY_POLL_S = 0.01
+# "2026-12-06 00:08:01.123 UTC [17719] FATAL:  message" (log_line_prefix '%m [%p] ').
+_SEVERE = re.compile(r"\b(FATAL|PANIC):\s+(.*)")
+_DETAIL = re.compile(r"\b(DETAIL|HINT):\s+(.*)")
+
+
+_CAUSE = re.compile(r"\b(?:LOG|WARNING):\s+((?:could not|invalid) .*)")
+
+
+def startup_failure(log_text: str) -> str | None:
+    """The first FATAL or PANIC message of a postmaster's log on one line, with the DETAIL
+    and HINT lines right after it and the first "could not ..." or "invalid ..." line
+    logged before it (the cause of "could not create any TCP/IP sockets" or "configuration
+    file contains errors"): what to show when a start failed. None if there is none."""
+    lines = log_text.splitlines()
+    for i, line in enumerate(lines):
+        severe = _SEVERE.search(line)
+        if severe is None:
+            continue
+        parts = [f"{severe.group(1)}: {severe.group(2).strip()}"]
+        for follow in lines[i + 1:i + 3]:
+            detail = _DETAIL.search(follow)
+            if detail is None:
+                break
+            parts.append(f"{detail.group(1)}: {detail.group(2).strip()}")
+        causes = [m.group(1).strip() for m in map(_CAUSE.search, lines[:i]) if m]
+        if causes:
+            parts.append(f"after: {causes[0]}")
+        return "; ".join(parts)
+    return None
 
 # Settings every Strata compute runs with (architecture D2).
 STRATA_WAL_SETTINGS: dict[str, str] = {
@@ -65,6 +102,7 @@ class PgServer:
         self.socket_dir = self.datadir.parent / f"{self.datadir.name}.sock"
         self.bindir = pg_bindir()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0  # size of the log when the last start began
 
     # --- set-up ------------------------------------------------------------
     def initdb(self, *extra_args: str) -> None:
@@ -102,32 +140,58 @@ class PgServer:
     # --- run ---------------------------------------------------------------
     def start(self, settings: Mapping[str, object] | None = None, *,
               timeout_s: float = 60) -> None:
-        """Start the postmaster and wait until it accepts connections."""
+        """Start the postmaster and wait until it accepts connections (its postmaster.pid
+        says "ready"). Lock files a crashed postmaster left are cleared first."""
+        self.launch(settings)
+        self.wait_ready(timeout_s)
+
+    def launch(self, settings: Mapping[str, object] | None = None) -> None:
+        """Start the postmaster without waiting (`wait_ready` waits): its pid is known at
+        once, so a process that needs it can start meanwhile."""
         assert self._proc is None, "already started"
         conf = self.base_settings()
         conf.update(settings or {})
         self.write_conf(conf)
+        clear_crashed_postmaster(self.datadir, self.socket_dir, self.port)
+        try:
+            self._log_start = self.log_path.stat().st_size
+        except FileNotFoundError:
+            self._log_start = 0
         log.info("starting postgres on %s:%d in %s", self.host, self.port, self.datadir)
         self._proc = popen_as(self.user, [self.bindir / "postgres", "-D", self.datadir],
                               log_path=self.log_path)
-        self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float = 60) -> None:
+        """Wait until the postmaster we started writes "ready" into its postmaster.pid
+        (as pg_ctl does: no connection attempts while it starts)."""
+        assert self._proc is not None, "not started"
         deadline = time.monotonic() + timeout_s
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
+        while True:
+            if self._proc.poll() is not None:
                 raise UserError(f"postgres exited with code {self._proc.returncode} during "
-                                f"start-up; log {self.log_path}:\n{self.log_tail()}")
-            try:
-                with self.connect(connect_timeout=2) as conn:
-                    conn.execute("select 1")
+                                f"start-up: {self.startup_error()}")
+            pm = PostmasterPid.read(self.datadir)
+            if pm is not None and pm.pid == self._proc.pid and pm.status == STATUS_READY:
                 return
-            except psycopg.OperationalError as err:
-                last = err
-                time.sleep(0.05)
-        raise Unavailable(f"postgres in {self.datadir} not ready after {timeout_s}s "
-                          f"({last}); log tail:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise Unavailable(f"postgres in {self.datadir} not ready after {timeout_s}s "
+                                  f"(status {pm.status if pm else None!r}): "
+                                  f"{self.startup_error()}")
+            time.sleep(READY_POLL_S)
+
+    def startup_error(self) -> str:
+        """The FATAL line of this start's log (else its last lines), and where the log is."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return f"no log at {self.log_path}"
+        fatal = startup_failure(text)
+        if fatal is not None:
+            return f"{fatal} (log {self.log_path})"
+        tail = "\n".join(text.splitlines()[-10:])
+        return f"no FATAL line in the log; its last lines ({self.log_path}):\n{tail}"
 
     @property
     def pid(self) -> int | None:

@@ -762,6 +762,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slot", default=DEFAULT_SLOT)
     p.add_argument("--application-name", default=DEFAULT_APPLICATION_NAME)
     p.add_argument("--fence-timeout-s", type=float, default=5.0)
+    p.add_argument("--postmaster-pid", type=int,
+                   help="the compute's postmaster (default: from PGDATA/postmaster.pid)")
+    p.add_argument("--pg-reconnect-timeout-s", type=float,
+                   default=10.0,
+                   help="give up when the compute does not accept connections for this long")
     p.add_argument("--pageserver-http", help="HOST:PORT of the pageserver (backpressure)")
     p.add_argument("--max-write-lag-bytes", type=int, default=16 << 20)
     p.add_argument("--max-flush-lag-bytes", type=int)
@@ -794,8 +799,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             fence_timeout_s=args.fence_timeout_s, pageserver_http=ps,
             max_write_lag_bytes=args.max_write_lag_bytes,
             max_flush_lag_bytes=args.max_flush_lag_bytes,
-            max_apply_lag_bytes=args.max_apply_lag_bytes)
-        stopper = immediate_stopper(postmaster_pid(args.pgdata))
+            max_apply_lag_bytes=args.max_apply_lag_bytes,
+            pg_reconnect_timeout_s=args.pg_reconnect_timeout_s)
+        stopper = immediate_stopper(args.postmaster_pid or postmaster_pid(args.pgdata))
         reason = asyncio.run(WalProposer(quorum, sidecar, on_fence=stopper).run())
         print(json.dumps({"fenced": reason}), flush=True)
         return EXIT_FENCED

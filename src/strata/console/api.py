@@ -257,7 +257,8 @@ async def start_endpoint(request: web.Request) -> web.Response:
     await _blocking(lambda: console.env.read_state().endpoint(name))  # NotFound now
 
     def work() -> dict[str, Any]:
-        conn = operations.start_named_endpoint(console.env, console.env.config(), name, mode)
+        conn = operations.start_named_endpoint(console.env, console.env.config(), name,
+                                               mode).connstr
         return {"endpoint": name, "connstr": conn}
 
     job = console.jobs.start("start", f"start endpoint {name}", work)

@@ -4,6 +4,8 @@ An endpoint is a stock PostgreSQL 15 on a branch: a primary at the branch's head
 read-only hot standby at a fixed LSN. `start_endpoint` is the whole start flow, in order:
 
 1. refuse while the endpoint's previous PostgreSQL still runs, or its port is taken;
+   after a crash, kill the old postmaster's leftover children and remove its stale lock
+   files (`strata.compute.postmaster_files`);
 2. primaries: the sync step (`sync_wal`) agrees on the LSN X where the new compute
    starts. With safekeepers (wal_mode = "safekeepers") it first creates the timeline on
    the safekeepers if they lack it (start LSN and previous record from the pageserver,
@@ -13,11 +15,14 @@ read-only hot standby at a fixed LSN. `start_endpoint` is the whole start flow, 
 3. wait (bounded, saying what for) until the pageserver has ingested the WAL up to X;
 4. build a fresh data directory from a basebackup at X, and put back the settings made
    with ALTER SYSTEM and the statistics files saved at the last clean stop on that branch;
-5. start PostgreSQL 15, then its synchronous standby: the walproposer sidecar, under
-   `strata.control.sidecar` (if either dies, both stop), or in development mode the
-   pageserver's WAL receiver;
-6. make sure the application role exists (D8), then close TCP logins of the superuser;
-7. return the connection string (the caller prints it as its last line).
+   a primary's pg_hba.conf closes TCP logins of the superuser from the start;
+5. start PostgreSQL 15 and, right after it (so their starts overlap), its synchronous
+   standby: the walproposer sidecar, under `strata.control.sidecar` (if either dies,
+   both stop), or in development mode the pageserver's WAL receiver; wait until
+   PostgreSQL is ready (its postmaster.pid) and streams to the walproposer;
+6. make sure the application role exists (D8): on a primary once per branch (remembered
+   in the state); a read-only endpoint closes TCP logins of the superuser once it has it;
+7. return the connection string and the seconds of each phase (`StartResult`).
 
 The application role `strata` (LOGIN, CREATEDB, CREATEROLE, not a superuser) owns the
 database `strata`; the connection string names both. The superuser `postgres` is kept for
@@ -38,6 +43,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +57,7 @@ from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn
 from strata.common.proc import chown_tree, service_user
 from strata.compute.compute import DEFAULT_RECEIVER_NAME, Compute, ComputeConfig
+from strata.compute.postmaster_files import clear_crashed_postmaster
 from strata.compute.walproposer import (
     DEFAULT_APPLICATION_NAME,
     QuorumConfig,
@@ -72,7 +79,6 @@ from strata.control.supervisor import (
     stop_process,
     wait_for,
 )
-from strata.pageserver.basebackup import DEFAULT_SLOT_NAME
 from strata.pageserver.client import PageserverClient
 from strata.pg.controlfile import ControlFileData
 
@@ -311,89 +317,169 @@ def choose_mode(requested: str | None) -> str:
     return "full"
 
 
+@dataclass(frozen=True, slots=True)
+class StartResult:
+    """What `start_endpoint` did: the connection string and each phase's duration."""
+
+    connstr: str
+    mode: str
+    lsn: Lsn
+    phases: dict[str, float]
+    """Seconds per phase, in the order they ran (`strata endpoint start --json`)."""
+
+
+class _Phases:
+    """Times each phase of a start (printed as a step, kept for `--json`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, key: str, message: str | None = None) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            if message is None:
+                yield
+            else:
+                with output.step(message):
+                    yield
+        finally:
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
+
+
 def start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
-                   timeline_id: TimelineId, mode: str | None = None) -> str:
+                   timeline_id: TimelineId, mode: str | None = None) -> StartResult:
     """Start endpoint `ep` on timeline `timeline_id` in compute `mode` ("lazy", "full";
-    None: `ep.mode`, else lazy where usable); returns its connection string."""
+    None: `ep.mode`, else lazy where usable)."""
     with endpoint_lock(env, ep.name):
         return _start_endpoint(env, config, ep, timeline_id, mode or ep.mode)
 
 
 def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
-                    timeline_id: TimelineId, requested_mode: str | None) -> str:
+                    timeline_id: TimelineId, requested_mode: str | None) -> StartResult:
+    phase = _Phases()
     files = endpoint_files(env, ep.name)
     paths = endpoint_paths(env, ep.name)
     defaults = config.endpoint_defaults
-    pid = running_pid(env, ep.name)
-    if pid is not None:
-        raise UserError(f"endpoint {ep.name} is still running (postgres pid {pid}); stop it "
-                        f"first with `strata endpoint stop {ep.name}`")
-    check_ports_free(f"endpoint {ep.name}", {"port": (defaults.host, ep.port)},
-                     fix="delete the endpoint and create it again (with --port)")
-    client = require_pageserver(env, config)
-    tenant_id = tenant_id_of(ep.tenant_id)
+    with phase("checks"):
+        pid = running_pid(env, ep.name)
+        if pid is not None:
+            raise UserError(f"endpoint {ep.name} is still running (postgres pid {pid}); stop "
+                            f"it first with `strata endpoint stop {ep.name}`")
+        # After a crash (kill -9): the old postmaster may not be reaped yet and its children
+        # may still run; they go before its data directory is replaced.
+        clear_crashed_postmaster(paths.datadir, paths.socket_dir, ep.port)
+        check_ports_free(f"endpoint {ep.name}", {"port": (defaults.host, ep.port)},
+                         fix="delete the endpoint and create it again (with --port)")
+        client = require_pageserver(env, config)
+        tenant_id = tenant_id_of(ep.tenant_id)
+        if not ep.read_only:
+            _stop_stale_sidecar(env, ep.name)
     where = f"branch {ep.branch} (timeline {timeline_id})"
 
     if ep.read_only:
         lsn = ep.read_lsn
         assert lsn is not None, ep
     else:
-        _stop_stale_sidecar(env, ep.name)
         source = ("on the safekeepers" if config.wal_mode == "safekeepers"
                   else "(dev mode: the pageserver holds it)")
-        with output.step(f"syncing the WAL of {where} {source}"):
+        with phase("sync_wal", f"syncing the WAL of {where} {source}"):
             lsn, _prev = sync_wal(env, config, client, tenant_id, timeline_id)
-    with output.step(f"waiting for the pageserver to have {where} up to {lsn}"):
+    with phase("wait_ingest", f"waiting for the pageserver to have {where} up to {lsn}"):
         wait_for(lambda: client.timeline(tenant_id, timeline_id).last_record_lsn >= lsn,
-                 timeout_s=defaults.start_timeout_s,
+                 timeout_s=defaults.start_timeout_s, interval_s=0.02,
                  what=f"waiting for the pageserver to ingest {where} up to {lsn} (is the "
                       "LSN beyond the branch's end?)")
 
     mode = choose_mode(requested_mode)
     how = ("lazy: a basebackup without relation files, pages fetched on demand over FUSE"
            if mode == "lazy" else "full basebackup")
-    with output.step(f"building a fresh data directory at {lsn} in {paths.datadir} ({how})"):
+    with phase("basebackup", f"building a fresh data directory at {lsn} in {paths.datadir} "
+                             f"({how})"):
         compute, lazy = _fresh_datadir(env, config, ep, client, tenant_id, timeline_id, lsn,
                                        mode)
+        if lazy is not None:
+            phase.seconds.update({f"basebackup.{k}": v for k, v in lazy.phases.items()})
         if not ep.read_only:
             _restore_saved(paths, timeline_id, compute)
-    with output.step(f"starting PostgreSQL 15 on {defaults.host}:{ep.port} "
-                     f"({'read-only at ' + str(lsn) if ep.read_only else 'primary'}, {mode} "
-                     f"mode, log {files.log_path})"):
+            # Strata's own connections use the unix socket, so the superuser's TCP logins
+            # can be closed before the start (D8); a standby decides after it (below).
+            _write_restricted_hba(paths)
+    sidecar_proc: subprocess.Popen[bytes] | None = None
+    with phase("postgres", f"starting PostgreSQL 15 on {defaults.host}:{ep.port} "
+                           f"({'read-only at ' + str(lsn) if ep.read_only else 'primary'}, "
+                           f"{mode} mode, log {files.log_path})"):
         try:
             if lazy is not None:
-                lazy.start(timeout_s=defaults.start_timeout_s)  # stops all on failure
+                lazy.launch()
             else:
-                compute.start(timeout_s=defaults.start_timeout_s)
+                compute.launch()
+            assert compute.pid is not None, ep.name
+            files.write_pid(compute.pid)
+            if not ep.read_only and config.wal_mode == "safekeepers":
+                # The walproposer's own start (a Python process) overlaps PostgreSQL's; it
+                # connects once PostgreSQL accepts connections.
+                sidecar_proc = _spawn_sidecar(env, config, ep, tenant_id, timeline_id,
+                                              compute)
+            if lazy is not None:
+                lazy.wait_ready(timeout_s=defaults.start_timeout_s)  # stops all on failure
+            else:
+                compute.server.wait_ready(timeout_s=defaults.start_timeout_s)
         except StrataError as err:
+            if sidecar_proc is not None:
+                stop_process(sidecar_files(env, ep.name), signal.SIGTERM,
+                             timeout_s=SIDECAR_STOP_TIMEOUT_S)
             raise UserError(f"endpoint {ep.name}: PostgreSQL did not start: {err}") from err
-        assert compute.pid is not None, ep.name
-        files.write_pid(compute.pid)
-    if not ep.read_only and config.wal_mode == "safekeepers":
-        sidecar = sidecar_files(env, ep.name)
-        with output.step(f"starting the walproposer (the primary's synchronous standby; log "
-                         f"{sidecar.log_path})"):
-            _start_sidecar(env, config, ep, tenant_id, timeline_id, compute)
+    if sidecar_proc is not None:
+        with phase("walproposer", f"waiting for the walproposer (the primary's synchronous "
+                                  f"standby; log {sidecar_files(env, ep.name).log_path})"):
+            _wait_streaming(env, config, ep, compute, sidecar_proc)
     elif not ep.read_only:
-        with output.step("attaching the pageserver's WAL receiver (the primary's synchronous "
-                         "standby in dev mode)"):
+        # Imported here: the basebackup module brings the storage engine along.
+        from strata.pageserver.basebackup import DEFAULT_SLOT_NAME
+
+        with phase("walproposer", "attaching the pageserver's WAL receiver (the primary's "
+                                  "synchronous standby in dev mode)"):
             client.attach_receiver(tenant_id, timeline_id, host=defaults.host, port=ep.port,
                                    slot=DEFAULT_SLOT_NAME,
                                    application_name=DEFAULT_RECEIVER_NAME)
-    with output.step(f"preparing the application role {APP_ROLE!r}"):
-        has_role = _ensure_app_role(env, ep)
-        if has_role:
-            _restrict_superuser(env, ep, paths)
-    branch_roles = env.read_state().tenants[ep.tenant_id].roles.get(ep.branch)
-    if branch_roles and not ep.read_only:
-        with output.step(f"setting the proxy's roles {sorted(branch_roles)}"):
-            apply_roles(env, ep, branch_roles)
+    with phase("app_role"):
+        has_role = _app_role(env, ep, tenant_id, timeline_id, paths)
+        branch_roles = env.read_state().tenants[ep.tenant_id].roles.get(ep.branch)
+        if branch_roles and not ep.read_only:
+            with output.step(f"setting the proxy's roles {sorted(branch_roles)}"):
+                apply_roles(env, ep, branch_roles)
     if has_role:
-        return connstr(config, ep)
+        return StartResult(connstr(config, ep), mode, lsn, phase.seconds)
     output.info(f"note: role {APP_ROLE!r} does not exist at {lsn} (no primary ran on this "
                 "data yet); this read-only endpoint hands out the superuser, which cannot "
                 "write on a hot standby")
-    return connstr(config, ep, user=SUPERUSER, dbname="postgres")
+    return StartResult(connstr(config, ep, user=SUPERUSER, dbname="postgres"), mode, lsn,
+                       phase.seconds)
+
+
+def _app_role(env: Environment, ep: EndpointState, tenant_id: TenantId,
+              timeline_id: TimelineId, paths: EndpointPaths) -> bool:
+    """Make sure the application role can log in (D8): on a primary once per timeline
+    (remembered in the state), on a standby checked at each start. True if it can."""
+    if ep.read_only:
+        with output.step(f"checking the application role {APP_ROLE!r}"):
+            has_role = _ensure_app_role(env, ep)
+            if has_role:
+                _write_restricted_hba(paths)
+                with superuser_connect(env, ep) as conn:
+                    conn.execute("select pg_reload_conf()")
+        return has_role
+    known = env.read_state().tenants[str(tenant_id)].app_role_timelines
+    if str(timeline_id) in known:
+        return True
+    with output.step(f"creating the application role {APP_ROLE!r} (once per branch)"):
+        _ensure_app_role(env, ep)
+    with env.locked() as state:
+        timelines = state.tenants[str(tenant_id)].app_role_timelines
+        if str(timeline_id) not in timelines:
+            timelines.append(str(timeline_id))
+    return True
 
 
 def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
@@ -440,12 +526,11 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
         return compute, None
 
 
-def _start_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
-                   tenant_id: TenantId, timeline_id: TimelineId, compute: Compute) -> None:
-    """Start the walproposer under its supervisor and wait until PostgreSQL streams to it
-    (bounded); if it does not, stop both and say why with the sidecar's log."""
+def _spawn_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
+                   tenant_id: TenantId, timeline_id: TimelineId,
+                   compute: Compute) -> subprocess.Popen[bytes]:
+    """Start the walproposer under its supervisor (`strata.control.sidecar`)."""
     files = sidecar_files(env, ep.name)
-    datadir = compute.datadir
     pg_pid = compute.pid
     assert pg_pid is not None, ep.name
     sks = ",".join(f"{sk.id}@{sk.host}:{sk.pg_port}" for sk in config.safekeepers)
@@ -453,15 +538,30 @@ def _start_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
     walproposer = [sys.executable, "-m", "strata.compute.walproposer",
                    "--tenant", str(tenant_id), "--timeline", str(timeline_id),
                    "--safekeepers", sks, "--pg-host", config.endpoint_defaults.host,
-                   "--pg-port", str(ep.port), "--pgdata", str(datadir),
+                   "--pg-port", str(ep.port), "--pgdata", str(compute.datadir),
                    "--fence-timeout-s", str(SIDECAR_FENCE_TIMEOUT_S),
-                   "--pageserver-http", f"{ps.host}:{ps.http_port}"]
-    argv = [sys.executable, "-m", "strata.control.sidecar", "--pgdata", str(datadir),
+                   "--pageserver-http", f"{ps.host}:{ps.http_port}",
+                   # It starts with PostgreSQL: it may have to wait for it to accept
+                   # connections, for as long as the CLI would.
+                   "--postmaster-pid", str(pg_pid), "--pg-reconnect-timeout-s",
+                   str(config.endpoint_defaults.start_timeout_s)]
+    argv = [sys.executable, "-m", "strata.control.sidecar", "--pgdata", str(compute.datadir),
             "--postmaster-pid", str(pg_pid), "--", *walproposer]
     with open(files.log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     files.write_pid(proc.pid)
+    return proc
+
+
+def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
+                    compute: Compute, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until PostgreSQL streams to its walproposer (bounded); if it does not, stop
+    both and say why with the sidecar's log."""
+    files = sidecar_files(env, ep.name)
+    pg_pid = compute.pid
+    assert pg_pid is not None, ep.name
+    conns: list[psycopg.Connection[Any]] = []
 
     def streaming() -> bool:
         if not pid_alive(pg_pid):
@@ -469,23 +569,30 @@ def _start_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
                             f"walproposer started; last lines of {files.log_path}:\n"
                             f"{files.log_tail()}")
         try:
-            with superuser_connect(env, ep) as conn:
-                row = conn.execute("select count(*) from pg_stat_replication where "
+            if not conns:
+                conns.append(superuser_connect(env, ep))
+            row = conns[0].execute("select count(*) from pg_stat_replication where "
                                    "application_name = %s and state = 'streaming'",
                                    (DEFAULT_APPLICATION_NAME,)).fetchone()
         except psycopg.Error:
+            for conn in conns:
+                conn.close()
+            conns.clear()
             return False
         return row is not None and row[0] > 0
 
     try:
         wait_for(streaming, timeout_s=config.endpoint_defaults.start_timeout_s,
                  what=f"waiting for PostgreSQL of endpoint {ep.name} to stream to its "
-                      "walproposer", files=files, pid=proc.pid)
+                      "walproposer", files=files, pid=proc.pid, interval_s=0.02)
     except StrataError:
         stop_process(files, signal.SIGTERM, timeout_s=SIDECAR_STOP_TIMEOUT_S)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pg_pid, signal.SIGQUIT)
         raise
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def _stop_stale_sidecar(env: Environment, name: str) -> None:
@@ -539,12 +646,10 @@ def apply_roles(env: Environment, ep: EndpointState, roles: dict[str, str]) -> N
                 verb, sql.Identifier(name), sql.Literal(secret)))
 
 
-def _restrict_superuser(env: Environment, ep: EndpointState, paths: EndpointPaths) -> None:
+def _write_restricted_hba(paths: EndpointPaths) -> None:
     hba = paths.datadir / "pg_hba.conf"
     hba.write_text(PG_HBA_RESTRICTED)
     chown_tree(hba, service_user())
-    with superuser_connect(env, ep) as conn:
-        conn.execute("select pg_reload_conf()")
 
 
 # --- stop -------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from strata.common.errors import NotFound, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.common.proc import ensure_traversable, free_port
-from strata.storage.tenant import TenantConfig
 
 REPO_DIR_ENV = "STRATA_REPO_DIR"
 DEFAULT_REPO_DIR = ".strata"
@@ -236,7 +235,11 @@ class EnvConfig:
         if len(set(ids)) != len(ids):
             raise UserError(f"config [[safekeepers]] ids must be unique, got {ids}")
         # Validated here so a typo is refused at init, not when the pageserver starts.
-        TenantConfig.from_dict(dict(self.tenant_defaults))
+        if self.tenant_defaults:
+            # Imported here: it brings the storage engine, which most commands never need.
+            from strata.storage.tenant import TenantConfig
+
+            TenantConfig.from_dict(dict(self.tenant_defaults))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EnvConfig:
@@ -367,6 +370,9 @@ class TenantState:
     the safekeepers check it. Read from a basebackup the first time it is needed."""
     roles: dict[str, dict[str, str]] = field(default_factory=dict)
     """branch name -> role name -> SCRAM secret (`strata role`; the proxy checks them)."""
+    app_role_timelines: list[str] = field(default_factory=list)
+    """Timelines on which a primary made the application role and database (architecture
+    D8); a later start of a primary there skips that step (the role is in its data)."""
 
 
 @dataclass
@@ -386,7 +392,8 @@ class State:
             default_tenant=data.get("default_tenant"),
             tenants={tid: TenantState(t["name"], dict(t["branches"]), dict(t["config"]),
                                       t.get("system_id"),
-                                      {b: dict(r) for b, r in t.get("roles", {}).items()})
+                                      {b: dict(r) for b, r in t.get("roles", {}).items()},
+                                      list(t.get("app_role_timelines", [])))
                      for tid, t in data["tenants"].items()},
             endpoints={name: EndpointState(**e) for name, e in data["endpoints"].items()})
 

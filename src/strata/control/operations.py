@@ -23,6 +23,7 @@ from strata.common.proc import free_port
 from strata.common.timestamp import parse_past_timestamp_us, parse_timestamp_us
 from strata.control import output
 from strata.control.endpoints import (
+    StartResult,
     head_flush_lsn,
     running_pid,
     start_endpoint,
@@ -277,6 +278,8 @@ def delete_branch(env: Environment, config: EnvConfig, name: str,
             f"{f' --tenant {tenant}' if tenant else ''}` again to finish")
     with env.locked() as new_state:
         new_state.tenants[tid].branches.pop(name, None)
+        if str(timeline_id) in new_state.tenants[tid].app_role_timelines:
+            new_state.tenants[tid].app_role_timelines.remove(str(timeline_id))
     return timeline_id
 
 
@@ -322,17 +325,18 @@ def create_endpoint(env: Environment, config: EnvConfig, name: str, branch: str,
 
 
 def start_named_endpoint(env: Environment, config: EnvConfig, name: str,
-                         mode: str | None) -> str:
+                         mode: str | None) -> StartResult:
     """Start endpoint `name` (remembering `mode` and that it runs, for `strata start`);
-    returns its connection string."""
+    returns its connection string and the seconds of each phase."""
     state = env.read_state()
     ep = state.endpoint(name)
-    conn = start_endpoint(env, config, ep, state.timeline_id(ep.tenant_id, ep.branch), mode)
+    started = start_endpoint(env, config, ep, state.timeline_id(ep.tenant_id, ep.branch),
+                             mode)
     with env.locked() as new_state:
         if name in new_state.endpoints:
             new_state.endpoints[name] = replace(new_state.endpoints[name], autostart=True,
                                                 mode=mode or new_state.endpoints[name].mode)
-    return conn
+    return started
 
 
 def stop_named_endpoint(env: Environment, name: str, immediate: bool = False) -> bool:

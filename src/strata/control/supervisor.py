@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from strata.common.errors import Unavailable, UserError
+from strata.common.proc import pid_running
 
 LOG_TAIL_LINES = 20
 
@@ -67,14 +68,7 @@ class ProcessFiles:
 
 def pid_alive(pid: int) -> bool:
     """True while `pid` runs; a zombie (dead, not yet reaped) counts as dead."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    # "pid (comm) S ...": the state follows the last ')' (comm may hold spaces and parens).
-    state = stat[stat.rfind(b")") + 2:][:1]
-    return state not in (b"Z", b"X", b"")
+    return pid_running(pid)
 
 
 def cmdline(pid: int) -> str:

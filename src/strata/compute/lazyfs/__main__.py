@@ -1,11 +1,13 @@
 """The lazy file system's processes: `mount` (the FUSE server) and `watch` (its watchdog).
 
 `python -m strata.compute.lazyfs mount --store DIR --mountpoint DIR --pageserver HOST:PORT
---tenant T --timeline TL --lsn X` lays out the segment files of `DIR/strata_lazy_rels`
-as sparse files in `DIR/tree` (which holds the basebackup's `base/` and `global/`),
-renews the compute's LSN lease on X for as long as it runs (D5), and serves `DIR/tree`
-at the mount point in the foreground until unmounted or sent SIGTERM. While the
-pageserver is unreachable, a read waits for it up to `--outage-wait-s` (default 60).
+--tenant T --timeline TL --lsn X [--wait-stdin]` (first waiting for a line on stdin, so
+that its start overlaps the starting process's basebackup) lays out the segment files
+of `DIR/strata_lazy_rels` as sparse files in `DIR/tree` (which holds the basebackup's
+`base/` and `global/`), renews the compute's LSN lease on X for as long as it runs (D5),
+and serves `DIR/tree` at the mount point in the foreground until unmounted or sent
+SIGTERM. While the pageserver is unreachable, a read waits for it up to `--outage-wait-s`
+(default 60).
 
 `python -m strata.compute.lazyfs watch --fuse-pid P --datadir D --mountpoint M` couples
 the two processes of a lazy compute (D6): when the FUSE server dies, it stops PostgreSQL
@@ -92,6 +94,9 @@ def mount_main(args: argparse.Namespace) -> int:
     lsn = Lsn.parse(args.lsn)
     host, port = args.pageserver.rsplit(":", 1)
     with timeline_context(tenant, timeline):
+        if args.wait_stdin and not sys.stdin.readline():
+            log.info("the starting process gave up before the store was ready; exiting")
+            return 1
         remote, control = lay_out(store, args.readahead)
         # Our own threads (the page client's loop, the lease renewer) must never take
         # SIGTERM: libfuse's handler only sets an exit flag, which ends the loop when the
@@ -214,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="largest readahead window in blocks")
     mount.add_argument("--outage-wait-s", type=float, default=60.0,
                        help="how long a read waits for an unreachable pageserver")
+    mount.add_argument("--wait-stdin", action="store_true",
+                       help="read a line from stdin before using the store (the starting "
+                            "process fills it meanwhile); exit at end of file")
     watch = sub.add_parser("watch", help="stop PostgreSQL and the file system together")
     watch.add_argument("--fuse-pid", type=int, required=True)
     watch.add_argument("--datadir", required=True)
