@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from fixtures_env import COMPUTE_SETTINGS, Env, PageserverProcess, wait_until
 
+from strata.common.http_auth import auth_headers
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn
 from strata.common.proc import free_port
@@ -82,10 +83,13 @@ class LoopThread:
 class SafekeeperProcess:
     """`python -m strata.safekeeper` on fixed ports under `workdir`."""
 
-    def __init__(self, node_id: int, workdir: Path, log_path: Path) -> None:
+    def __init__(self, node_id: int, workdir: Path, log_path: Path, *,
+                 extra_args: list[str] | None = None, token: str | None = None) -> None:
         self.node_id = node_id
         self.workdir = workdir
         self.log_path = log_path
+        self.extra_args = extra_args or []
+        self.token = token  # sent by http() (a safekeeper started with --auth-public-key)
         self.pg_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -95,7 +99,7 @@ class SafekeeperProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "strata.safekeeper", "--id", str(self.node_id),
                 "--workdir", str(self.workdir), "--pg-port", str(self.pg_port),
-                "--http-port", str(self.http_port)]
+                "--http-port", str(self.http_port), *self.extra_args]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
@@ -136,7 +140,8 @@ class SafekeeperProcess:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
                                      method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              **auth_headers(self.token)})
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read() or b"null")
 

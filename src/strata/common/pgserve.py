@@ -12,8 +12,11 @@ query string to a reply:
 - `CopyOut(run)` / `CopyBoth(run)`: `run` takes over the connection with a
   `CopyStream` for a tar stream or a request/response sub-protocol.
 
-Authentication is trust. SSL and GSS encryption requests are declined ('N'). A
-malformed or oversized message closes only that connection.
+Authentication is trust, or with a `TokenVerifier` a JWT sent as the cleartext password
+(strata.common.auth): a missing or invalid token gets FATAL 28P01 and the connection is
+closed; the token's scope is in `Session.scope` for the handler to check against the
+tenant a command names (`check_tenant`). SSL and GSS encryption requests are declined
+('N'). A malformed or oversized message closes only that connection.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from strata.common.auth import AuthError, Forbidden, Scope, TokenVerifier
 from strata.common.errors import (
     CorruptionError,
     NotFound,
@@ -55,6 +59,8 @@ class SqlError(StrataError):
 
 # SQLSTATEs (errcodes.txt) for Strata's error classes.
 _SQLSTATE_BY_CLASS: tuple[tuple[type[BaseException], str], ...] = (
+    (AuthError, "28P01"),        # invalid_password
+    (Forbidden, "42501"),        # insufficient_privilege
     (NotFound, "42704"),         # undefined_object
     (UserError, "22023"),        # invalid_parameter_value
     (ProtocolError, "08P01"),    # protocol_violation
@@ -116,6 +122,14 @@ class Session:
     connection_id: int
     peer: str
     parameters: dict[str, str] = field(hash=False)
+    scope: Scope | None = None
+    """The token's scope when the server checks tokens; None when it does not."""
+
+    def check_tenant(self, tenant_id: object) -> None:
+        """Forbidden unless the connection's token covers `tenant_id` (no-op without
+        authentication)."""
+        if self.scope is not None:
+            self.scope.check_tenant(str(tenant_id))
 
     @property
     def user(self) -> str:
@@ -214,8 +228,10 @@ class PgProtocolServer:
     def __init__(self, handler: QueryHandler, *, host: str = "127.0.0.1", port: int = 0,
                  server_version: str = "15.0 (strata)",
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 startup_timeout_s: float = 30, name: str = "pgserve") -> None:
+                 startup_timeout_s: float = 30, name: str = "pgserve",
+                 verifier: TokenVerifier | None = None) -> None:
         self.handler = handler
+        self.verifier = verifier
         self.host = host
         self.port = port
         self.name = name
@@ -297,11 +313,17 @@ class PgProtocolServer:
         try:
             async with asyncio.timeout(self.startup_timeout_s):
                 startup = await self._startup(conn)
+                scope = await self._authenticate(conn) \
+                    if startup is not None and self.verifier is not None else None
         except TimeoutError as err:
             raise ProtocolError(f"no startup packet within {self.startup_timeout_s}s") from err
+        except AuthError as err:
+            log.info("%s connection %d from %s refused: %s", self.name, conn_id, peer, err)
+            conn.write(wire.ErrorResponse(severity="FATAL", code="28P01", message=str(err)))
+            return
         if startup is None:
             return
-        session = Session(conn_id, peer, dict(startup.parameters))
+        session = Session(conn_id, peer, dict(startup.parameters), scope)
         log.debug("%s connection %d from %s: %s", self.name, conn_id, peer, session.parameters)
         conn.write(wire.AuthenticationOk(),
                    *(wire.ParameterStatus(k, v) for k, v in self._parameter_status(session)),
@@ -336,6 +358,20 @@ class PgProtocolServer:
                     return msg
                 case _:
                     raise ProtocolError(f"unexpected {type(msg).__name__} before start-up")
+
+    async def _authenticate(self, conn: _Conn) -> Scope:
+        """Ask for the token as a cleartext password and verify it."""
+        assert self.verifier is not None
+        conn.write(wire.AuthenticationCleartextPassword())
+        await conn.drain()
+        msg = await conn.receive()
+        match msg:
+            case wire.PasswordMessage(password=token):
+                return self.verifier.verify(token)
+            case None | wire.Terminate():
+                raise AuthError("the client left without sending a token")
+            case _:
+                raise ProtocolError(f"expected a password message, got {type(msg).__name__}")
 
     async def _query_loop(self, conn: _Conn, session: Session) -> None:
         task = asyncio.current_task()

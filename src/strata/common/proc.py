@@ -96,6 +96,8 @@ def _demote_kwargs(user: RunAs) -> dict[str, object]:
 
 def _env_for(user: RunAs, extra: dict[str, str] | None) -> dict[str, str]:
     env = dict(os.environ)
+    # PostgreSQL and its tools never need Strata's token (strata.common.auth).
+    env.pop("STRATA_AUTH_TOKEN", None)
     if not user.is_self:
         env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
     # Keep the server's messages in English: tests and logs parse them.

@@ -49,6 +49,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from strata.common.auth import default_token
 from strata.common.errors import ProtocolError, StrataError, Unavailable, UserError
 from strata.common.failpoint import FailpointHit, failpoint
 from strata.common.ids import TenantId, TimelineId
@@ -189,6 +190,7 @@ class _Link:
     async def _session(self) -> None:
         cfg = self.config
         conn = await PgConnection.connect(self.addr.host, self.addr.port, user=cfg.user,
+                                          password=default_token(),
                                           application_name=DEFAULT_APPLICATION_NAME,
                                           timeout_s=cfg.connect_timeout_s)
         writer: asyncio.Task[None] | None = None

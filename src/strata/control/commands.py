@@ -17,9 +17,11 @@ from typing import Any
 
 import click
 
+from strata.common.auth import Scope
 from strata.common.errors import StrataError, UserError
 from strata.common.lsn import Lsn
 from strata.control import output
+from strata.control.auth_setup import export_cli_token, make_keys, token_for
 from strata.control.endpoints import (
     COMPUTE_MODES,
     endpoint_paths,
@@ -73,7 +75,9 @@ DEFAULT_TENANT_NAME = "default"
 def _env(ctx: click.Context) -> Environment:
     root = ctx.find_root().obj
     assert isinstance(root, Path), root
-    return Environment.open(root)
+    env = Environment.open(root)
+    export_cli_token(env, env.config())
+    return env
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
@@ -90,10 +94,14 @@ tenant_option = click.option("--tenant", metavar="NAME|ID",
               help="Upload the pageserver's layers to object storage: "
                    "s3://bucket/prefix?endpoint=http://host:port, file:///abs/dir, or "
                    "`local` (a directory inside the environment). Default: none.")
+@click.option("--no-auth", is_flag=True,
+              help="Services accept every request (default: they require JWTs signed by "
+                   "a key pair made here; docs/auth.md).")
 @click.pass_context
-def init(ctx: click.Context, config_file: Path | None, object_storage: str | None) -> None:
-    """Create an environment: config, pageserver, three safekeepers, a default tenant,
-    branch and endpoint `main`.
+def init(ctx: click.Context, config_file: Path | None, object_storage: str | None,
+         no_auth: bool) -> None:
+    """Create an environment: config, key pair, pageserver, three safekeepers, a default
+    tenant, branch and endpoint `main`.
 
     The pageserver and safekeepers are left running; `strata start` starts the endpoint."""
     root = ctx.find_root().obj
@@ -101,10 +109,14 @@ def init(ctx: click.Context, config_file: Path | None, object_storage: str | Non
     config = EnvConfig.load(config_file) if config_file else EnvConfig()
     if object_storage:
         config = _with_object_storage(config, object_storage, root)
-    config = config.with_ports_allocated()
+    config = replace(config.with_ports_allocated(), auth=not no_auth)
     env = Environment.create(root, config)
     env.console_token()
-    output.info(f"created a Strata environment in {root} (config {env.config_path})")
+    if config.auth:
+        make_keys(env)
+    export_cli_token(env, config)
+    output.info(f"created a Strata environment in {root} (config {env.config_path}, "
+                f"auth {'on' if config.auth else 'off'})")
     try:
         ensure_certificate(env, config)
         start_safekeepers(env, config)
@@ -679,9 +691,33 @@ def console(ctx: click.Context) -> None:
     asyncio.run(serve(env, config.console.host, config.console.port))
 
 
+# --- auth ------------------------------------------------------------------------------------
+@click.group()
+def auth() -> None:
+    """JWTs for the environment's services (docs/auth.md)."""
+
+
+@auth.command("token")
+@tenant_option
+@click.option("--admin", is_flag=True, help="A token for everything (default: the tenant).")
+@click.pass_context
+def auth_token(ctx: click.Context, tenant: str | None, admin: bool) -> None:
+    """Print a token for a tenant (or --admin); use it as $STRATA_AUTH_TOKEN, as the
+    password on the pageserver's and safekeepers' pg ports, or as `Authorization: Bearer`."""
+    env = _env(ctx)
+    config = env.config()
+    if not config.auth:
+        raise UserError(f"{env.root} runs without auth (config auth = false); no token is "
+                        "needed")
+    scope = Scope() if admin else Scope(tenant_id_of(env.read_state().tenant_id(tenant)))
+    token = token_for(env, config, scope)
+    assert token is not None
+    output.result(token)
+
+
 def register(main: click.Group) -> None:
     from strata.control.proxy_commands import proxy, role
 
     for command in (init, start, stop, status, tenant, timeline, endpoint, pageserver,
-                    safekeeper, console, role, proxy):
+                    safekeeper, console, role, proxy, auth):
         main.add_command(command)

@@ -65,6 +65,7 @@ from strata.compute.walproposer import (
     sync_safekeepers,
 )
 from strata.control import output
+from strata.control.auth_setup import child_env
 from strata.control.env import (
     EndpointState,
     EnvConfig,
@@ -548,8 +549,10 @@ def _spawn_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
     argv = [sys.executable, "-m", "strata.control.sidecar", "--pgdata", str(compute.datadir),
             "--postmaster-pid", str(pg_pid), "--", *walproposer]
     with open(files.log_path, "ab") as log:
+        # Its token is good for this tenant only (strata.control.auth_setup).
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env=child_env(env, config, tenant_id))
     files.write_pid(proc.pid)
     return proc
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import tomli_w
 
+from strata.common.auth import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
 from strata.common.errors import NotFound, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
@@ -223,6 +224,9 @@ class EnvConfig:
     endpoint_defaults: EndpointDefaults = field(default_factory=EndpointDefaults)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    auth: bool = False
+    """The services require JWTs (strata.common.auth); `strata init` turns it on and makes
+    the key pair (`--no-auth`: off). An environment without the key is off."""
 
     def __post_init__(self) -> None:
         if self.wal_mode not in WAL_MODES:
@@ -245,7 +249,10 @@ class EnvConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> EnvConfig:
         _check_keys("(top level)", data, {"wal_mode", "pageserver", "safekeepers",
                                           "tenant_defaults", "endpoint_defaults",
-                                          "console", "proxy"})
+                                          "console", "proxy", "auth"})
+        auth = data.get("auth", False)
+        if not isinstance(auth, bool):
+            raise UserError(f"config auth must be true or false, got {auth!r}")
         wal_mode = str(data.get("wal_mode", "safekeepers"))
         # Without a list: three safekeepers in safekeeper mode, none in development mode.
         sks = data.get("safekeepers", [{"id": i + 1} for i in range(DEFAULT_SAFEKEEPERS)]
@@ -262,7 +269,8 @@ class EnvConfig:
             endpoint_defaults=EndpointDefaults.from_dict(
                 _table("[endpoint_defaults]", data.get("endpoint_defaults", {}))),
             console=ConsoleSettings.from_dict(_table("[console]", data.get("console", {}))),
-            proxy=ProxySettings.from_dict(_table("[proxy]", data.get("proxy", {}))))
+            proxy=ProxySettings.from_dict(_table("[proxy]", data.get("proxy", {}))),
+            auth=auth)
 
     @classmethod
     def load(cls, path: Path) -> EnvConfig:
@@ -280,6 +288,7 @@ class EnvConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "wal_mode": self.wal_mode,
+            "auth": self.auth,
             "safekeepers": [asdict(sk) for sk in self.safekeepers],
             "pageserver": {"host": self.pageserver.host, "pg_port": self.pageserver.pg_port,
                            "http_port": self.pageserver.http_port,
@@ -329,6 +338,8 @@ CONFIG_HEADER = """\
 # [pageserver.config]: extra pageserver.toml keys (wait_lsn_timeout_s, log_level, ...).
 # [endpoint_defaults.settings]: extra postgresql.conf entries for every endpoint.
 # [proxy]: the one PostgreSQL port of every endpoint (TLS; endpoint E is E.<domain>).
+# auth = true: the pageserver and safekeepers require JWTs signed by auth_private_key.pem
+# (docs/auth.md); `strata auth token` prints one.
 """
 
 
@@ -491,6 +502,14 @@ class Environment:
 
     def endpoint_dir(self, name: str) -> Path:
         return self.root / "endpoints" / name
+
+    @property
+    def auth_private_key(self) -> Path:
+        return self.root / PRIVATE_KEY_FILE
+
+    @property
+    def auth_public_key(self) -> Path:
+        return self.root / PUBLIC_KEY_FILE
 
     def exists(self) -> bool:
         return self.config_path.is_file() and self.state_path.is_file()

@@ -5,7 +5,9 @@ The pageserver is `python -m strata.pageserver --workdir ENV/pageserver` with it
 and the environment's tenant defaults given as `-c key=value` overrides, so
 config.toml stays the one file the user edits. Safekeeper N is `python -m
 strata.safekeeper --id N --workdir ENV/safekeepers/skN --pg-port P --http-port H`
-(wal_mode = "safekeepers"; in development mode none run, architecture D7).
+(wal_mode = "safekeepers"; in development mode none run, architecture D7). With
+`auth = true` both get the environment's public key and the pageserver an admin token in
+its environment (strata.control.auth_setup).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import urllib.request
 from dataclasses import dataclass, replace
 from typing import Any
 
+from strata.common.auth import AuthError, Forbidden, default_token
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
+from strata.common.http_auth import auth_headers
 from strata.common.proc import free_port
 from strata.control import output
+from strata.control.auth_setup import child_env, public_key_path
 from strata.control.env import SAFEKEEPERS_OFF, EnvConfig, Environment, SafekeeperSettings
 from strata.control.supervisor import ProcessFiles, check_ports_free, stop_process, wait_for
 from strata.pageserver.client import PageserverClient
@@ -60,12 +65,17 @@ def pageserver_argv(env: Environment, config: EnvConfig) -> list[str]:
         argv += ["-c", f"{key}={_toml_value(value)}"]
     for key, value in config.tenant_defaults.items():
         argv += ["-c", f"default_tenant_conf.{key}={_toml_value(value)}"]
+    key_path = public_key_path(env, config)
+    if key_path is not None:
+        argv += ["-c", f"auth_public_key_path={_toml_value(key_path)}"]
     return argv
 
 
 def pageserver_responds(client: PageserverClient) -> bool:
     try:
         client.list_tenants()
+    except (AuthError, Forbidden):
+        return True  # it answers; the token is the caller's problem, told by the next call
     except StrataError:
         return False
     return True
@@ -90,7 +100,7 @@ def start_pageserver(env: Environment, config: EnvConfig) -> int:
         with open(files.log_path, "ab") as log:
             proc = subprocess.Popen(pageserver_argv(env, config), stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    start_new_session=True, env=child_env(env, config))
         files.write_pid(proc.pid)
         wait_for(lambda: ports_file.exists() and pageserver_responds(client),
                  timeout_s=PAGESERVER_START_TIMEOUT_S, what="waiting for the pageserver's "
@@ -175,9 +185,13 @@ def safekeeper_files(env: Environment, sk_id: int) -> ProcessFiles:
 
 
 def safekeeper_argv(env: Environment, sk: SafekeeperSettings) -> list[str]:
-    return [sys.executable, "-m", "strata.safekeeper", "--id", str(sk.id),
+    argv = [sys.executable, "-m", "strata.safekeeper", "--id", str(sk.id),
             "--workdir", str(env.safekeeper_dir(sk.id)), "--listen-host", sk.host,
             "--pg-port", str(sk.pg_port), "--http-port", str(sk.http_port)]
+    key_path = public_key_path(env, env.config())
+    if key_path is not None:
+        argv += ["--auth-public-key", key_path]
+    return argv
 
 
 def safekeeper_http(sk: SafekeeperSettings, method: str, path: str,
@@ -187,7 +201,8 @@ def safekeeper_http(sk: SafekeeperSettings, method: str, path: str,
     NotFound for 404, UserError for another refusal, Unavailable if it does not answer."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(f"http://{sk.host}:{sk.http_port}{path}", data=data,
-                                 method=method, headers={"Content-Type": "application/json"})
+                                 method=method, headers={"Content-Type": "application/json",
+                                                         **auth_headers(default_token())})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return json.loads(resp.read() or b"null")
@@ -196,7 +211,7 @@ def safekeeper_http(sk: SafekeeperSettings, method: str, path: str,
             message = json.loads(err.read()).get("error", err.reason)
         except (ValueError, AttributeError):
             message = err.reason
-        cls = NotFound if err.code == 404 else UserError
+        cls = {404: NotFound, 401: AuthError, 403: Forbidden}.get(err.code, UserError)
         raise cls(f"safekeeper {sk.id} ({sk.host}:{sk.http_port}) refused {method} {path}: "
                   f"{message}") from err
     except (urllib.error.URLError, OSError) as err:
@@ -219,6 +234,8 @@ def safekeeper_delete_timeline(sk: SafekeeperSettings, tenant_id: str, timeline_
 def safekeeper_responds(sk: SafekeeperSettings) -> bool:
     try:
         safekeeper_http(sk, "GET", "/v1/status", timeout_s=2)
+    except (AuthError, Forbidden):
+        return True  # it answers; the token is the caller's problem, told by the next call
     except StrataError:
         return False
     return True

@@ -3,9 +3,10 @@
 `PageserverClient` is synchronous (urllib, for tests and the CLI); `AsyncPageserverClient`
 is the same API over aiohttp. `fetch_basebackup` reads the CopyOut tar stream of
 `basebackup <tenant> <timeline> [lsn]` over the PostgreSQL-protocol port with
-`strata.pg.pgclient`. An error answer becomes the Strata error of its HTTP status
-(404 NotFound, 409 CorruptionError, 503 Unavailable, else UserError) with the server's
-message.
+`strata.pg.pgclient`. With `token` (default: `$STRATA_AUTH_TOKEN`) every request carries
+it (a Bearer header on HTTP, the password on the pg port; strata.common.auth). An error
+answer becomes the Strata error of its HTTP status (404 NotFound, 409 CorruptionError,
+503 Unavailable, else UserError) with the server's message.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from strata.common.auth import AuthError, Forbidden, default_token
 from strata.common.errors import (
     CorruptionError,
     NotFound,
@@ -27,6 +29,7 @@ from strata.common.errors import (
     Unavailable,
     UserError,
 )
+from strata.common.http_auth import auth_headers
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pg import wire
@@ -88,6 +91,10 @@ class LeaseInfo:
 
 def error_for(status: int, message: str, kind: str | None = None) -> StrataError:
     """The Strata error of an HTTP error answer (`kind` is the body's error class name)."""
+    if status == 401:
+        return AuthError(f"{message}; set $STRATA_AUTH_TOKEN (`strata auth token`)")
+    if status == 403:
+        return Forbidden(message)
     if status == 404:
         return NotFound(message)
     if status == 409:
@@ -121,17 +128,20 @@ def _branch_body(ancestor: TimelineId, lsn: Lsn | None, timestamp: str | None,
 class PageserverClient:
     """Synchronous HTTP client of one pageserver."""
 
-    def __init__(self, host: str, http_port: int, pg_port: int, timeout_s: float = 120) -> None:
+    def __init__(self, host: str, http_port: int, pg_port: int, timeout_s: float = 120, *,
+                 token: str | None = None) -> None:
         self.host = host
         self.http_port = http_port
         self.pg_port = pg_port
         self.timeout_s = timeout_s
+        self.token = token if token is not None else default_token()
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"http://{self.host}:{self.http_port}{path}", data=data,
                                      method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              **auth_headers(self.token)})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read() or b"null")
@@ -266,7 +276,8 @@ class PageserverClient:
 
     def metrics_text(self) -> str:
         """The Prometheus text of GET /metrics."""
-        req = urllib.request.Request(f"http://{self.host}:{self.http_port}/metrics")
+        req = urllib.request.Request(f"http://{self.host}:{self.http_port}/metrics",
+                                     headers=auth_headers(self.token))
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return resp.read().decode()  # type: ignore[no-any-return]
@@ -279,17 +290,19 @@ class PageserverClient:
         """Write the tar stream to `out`; returns its size in bytes."""
         return asyncio.run(fetch_basebackup(self.host, self.pg_port, tenant_id, timeline_id,
                                             out, lsn, read_only=read_only, mode=mode,
-                                            timeout_s=self.timeout_s))
+                                            timeout_s=self.timeout_s, token=self.token))
 
 
 class AsyncPageserverClient:
     """The same HTTP API over aiohttp (for code already on an event loop)."""
 
-    def __init__(self, host: str, http_port: int, pg_port: int, timeout_s: float = 120) -> None:
+    def __init__(self, host: str, http_port: int, pg_port: int, timeout_s: float = 120, *,
+                 token: str | None = None) -> None:
         self.host = host
         self.http_port = http_port
         self.pg_port = pg_port
         self.timeout_s = timeout_s
+        self.token = token if token is not None else default_token()
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         # Imported here: aiohttp takes ~0.2 s to import, and the CLI uses the sync client.
@@ -298,7 +311,8 @@ class AsyncPageserverClient:
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session, session.request(
-                    method, f"http://{self.host}:{self.http_port}{path}", json=body) as resp:
+                    method, f"http://{self.host}:{self.http_port}{path}", json=body,
+                    headers=auth_headers(self.token)) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
                     message, kind = _error_text(text)
@@ -327,14 +341,17 @@ class AsyncPageserverClient:
     async def basebackup(self, tenant_id: TenantId, timeline_id: TimelineId, out: BinaryIO,
                          lsn: Lsn | None = None, *, read_only: bool = False) -> int:
         return await fetch_basebackup(self.host, self.pg_port, tenant_id, timeline_id, out,
-                                      lsn, read_only=read_only, timeout_s=self.timeout_s)
+                                      lsn, read_only=read_only, timeout_s=self.timeout_s,
+                                      token=self.token)
 
 
 async def fetch_basebackup(host: str, port: int, tenant_id: TenantId, timeline_id: TimelineId,
                            out: BinaryIO, lsn: Lsn | None = None, *, read_only: bool = False,
-                           mode: str = "full", timeout_s: float = 120) -> int:
+                           mode: str = "full", timeout_s: float = 120,
+                           token: str | None = None) -> int:
     """Run `basebackup` on the pageserver's PG port and write the tar to `out`
-    (`mode` 'lazy': without relation files, with their list, see basebackup.py)."""
+    (`mode` 'lazy': without relation files, with their list, see basebackup.py;
+    `token` None: `$STRATA_AUTH_TOKEN`)."""
     command = f"basebackup {tenant_id} {timeline_id}"
     if lsn is not None:
         command += f" {lsn}"
@@ -343,7 +360,8 @@ async def fetch_basebackup(host: str, port: int, tenant_id: TenantId, timeline_i
     if mode == "lazy":
         command += " lazy"
     async with asyncio.timeout(timeout_s):
-        conn = await PgConnection.connect(host, port, user="strata", timeout_s=timeout_s)
+        conn = await PgConnection.connect(host, port, user="strata", timeout_s=timeout_s,
+                                          password=token or default_token())
         try:
             return await _read_copy_out(conn, command, out)
         finally:

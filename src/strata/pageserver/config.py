@@ -67,6 +67,9 @@ class PageserverConfig:
     local_cache_bytes: int = 0
     """With remote storage: keep at most this many bytes of layer files on local disk,
     evicting the least recently read layers that remote storage holds; 0: no limit."""
+    auth_public_key_path: str = ""
+    """Ed25519 public key (PEM) of the JWTs the HTTP API and the pg port require
+    (strata.common.auth); relative to the workdir. Empty: no authentication."""
     default_tenant_conf: TenantConfig = field(default_factory=TenantConfig)
 
     def __post_init__(self) -> None:
@@ -101,6 +104,12 @@ class PageserverConfig:
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise UserError(f"pageserver config log_level must be DEBUG, INFO, WARNING or "
                             f"ERROR, got {self.log_level!r}")
+
+    @property
+    def auth_public_key(self) -> Path | None:
+        if not self.auth_public_key_path:
+            return None
+        return self.workdir / self.auth_public_key_path  # an absolute path stays as it is
 
     @property
     def pg_addr(self) -> tuple[str, int]:

@@ -17,6 +17,10 @@ document `openapi.json` next to this module, served at `GET /v1/openapi.json`
     POST   .../{tl}/checkpoint, compact, compute_start, wal_receiver, safekeepers
     POST   .../{tl}/lsn_lease {lsn, duration_s?}; GET .../{tl}/lsn_lease?lsn=X
 
+With `auth_public_key_path` set, every route but /metrics needs a JWT
+(`Authorization: Bearer`, strata.common.http_auth): 401 without a valid one, 403 when
+its scope does not cover the route (a route naming a tenant takes that tenant's token).
+
 Errors are JSON `{"error": message, "kind": ...}`: 400 for bad input, 404 for unknown
 ids (and unknown routes), 409 for a conflict with the current state (`kind` Conflict)
 or a broken timeline (`kind` TimelineBroken), 413 for a body over
@@ -35,8 +39,11 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Middleware
 
+from strata.common.auth import TokenVerifier
 from strata.common.errors import CorruptionError, NotFound, StrataError, Unavailable, UserError
+from strata.common.http_auth import auth_middleware
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import timeline_context
 from strata.common.lsn import Lsn
@@ -451,8 +458,12 @@ def _allow(err: web.HTTPException) -> dict[str, str]:
     return {"Allow": allow} if allow else {}
 
 
-def make_app(pageserver: Pageserver) -> web.Application:
-    app = web.Application(middlewares=[error_middleware],
+def make_app(pageserver: Pageserver, verifier: TokenVerifier | None = None) -> web.Application:
+    """The API; with a `verifier`, every route but /metrics needs a token (http_auth)."""
+    middlewares: list[Middleware] = [error_middleware]
+    if verifier is not None:
+        middlewares.append(auth_middleware(verifier))  # inside: its answers are counted
+    app = web.Application(middlewares=middlewares,
                           client_max_size=pageserver.config.max_request_body_bytes)
     app[_KEY] = pageserver
     tn = "/v1/tenant/{tenant_id}"
@@ -506,12 +517,13 @@ class _BadRequestFilter(logging.Filter):
 _bad_request_filter = _BadRequestFilter()
 
 
-async def start_http(pageserver: Pageserver, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_http(pageserver: Pageserver, host: str, port: int, *,
+                     verifier: TokenVerifier | None = None) -> tuple[web.AppRunner, int]:
     """Serve the API on host:port (0: a free port); returns the runner and the bound port."""
     server_log = logging.getLogger("aiohttp.server")
     if _bad_request_filter not in server_log.filters:
         server_log.addFilter(_bad_request_filter)
-    runner = web.AppRunner(make_app(pageserver), access_log=None)
+    runner = web.AppRunner(make_app(pageserver, verifier), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

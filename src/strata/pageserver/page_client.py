@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
+from strata.common.auth import default_token
 from strata.common.errors import NotFound, ProtocolError, StrataError, Unavailable
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
@@ -58,9 +59,13 @@ class PageClient:
     @classmethod
     async def connect(cls, host: str, port: int, tenant_id: TenantId, timeline_id: TimelineId,
                       *, user: str = "strata", timeout_s: float = 10.0,
-                      request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> PageClient:
-        """Connect and start the pagestream; NotFound if the pageserver has no such timeline."""
+                      request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                      token: str | None = None) -> PageClient:
+        """Connect and start the pagestream; NotFound if the pageserver has no such timeline.
+        `token` (None: `$STRATA_AUTH_TOKEN`) is the password when the pageserver checks
+        tokens (strata.common.auth)."""
         conn = await PgConnection.connect(host, port, user=user, timeout_s=timeout_s,
+                                          password=token or default_token(),
                                           max_message_bytes=ps.MAX_MESSAGE_BYTES + 16)
         describe = f"pagestream {tenant_id}/{timeline_id} at {host}:{port}"
         try:
@@ -221,11 +226,12 @@ class PageClientSync:
     def __init__(self, host: str, port: int, tenant_id: TenantId, timeline_id: TimelineId,
                  *, user: str = "strata", timeout_s: float = 10.0,
                  request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                 outage_wait_s: float = 0.0) -> None:
+                 outage_wait_s: float = 0.0, token: str | None = None) -> None:
         assert outage_wait_s >= 0, outage_wait_s
         self._args = (host, port, tenant_id, timeline_id)
         self._kwargs: dict[str, Any] = {"user": user, "timeout_s": timeout_s,
-                                        "request_timeout_s": request_timeout_s}
+                                        "request_timeout_s": request_timeout_s,
+                                        "token": token}
         self.outage_wait_s = outage_wait_s
         # A call: an outage (its last connect attempt may start just before the end),
         # then a connect and a request.

@@ -78,6 +78,8 @@ class PageService:
         if not words or words[0].lower() != "pagestream":
             raise UserError(f"unknown command {query!r}; this port answers `pagestream "
                             f"<tenant_id> <timeline_id>`")
+        if len(words) > 1:
+            session.check_tenant(words[1])
         return self.command(words[1:])
 
     def command(self, args: Sequence[str]) -> Reply:

@@ -33,6 +33,7 @@ from typing import IO, Any
 
 from prometheus_client import Counter, Histogram
 
+from strata.common.auth import TokenVerifier
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import setup_logging, timeline_context
@@ -517,6 +518,8 @@ class Pageserver:
         if not words:
             raise UserError("empty command; this port answers `basebackup <tenant> "
                             "<timeline> [lsn] [read_only]`")
+        if words[0].lower() in ("basebackup", "pagestream") and len(words) > 1:
+            session.check_tenant(words[1])  # the tenant's token or an admin token
         if words[0].lower() == "basebackup":
             return await self._basebackup_command(words[1:])
         if words[0].lower() == "pagestream":
@@ -639,18 +642,22 @@ async def serve(config: PageserverConfig) -> None:
     """Run until SIGTERM or SIGINT; then stop cleanly."""
     from strata.pageserver.http import start_http
 
+    key_path = config.auth_public_key
+    verifier = TokenVerifier.from_file(key_path) if key_path is not None else None
     pageserver = Pageserver(config)
     await pageserver.start()
     pg_host, pg_port = config.pg_addr
     pg_server = PgProtocolServer(pageserver.handle_query, host=pg_host, port=pg_port,
-                                 name="pageserver-pg")
+                                 name="pageserver-pg", verifier=verifier)
     await pg_server.start()
-    http_runner, http_port = await start_http(pageserver, *config.http_addr)
+    http_runner, http_port = await start_http(pageserver, *config.http_addr,
+                                              verifier=verifier)
     ports = config.workdir / PORTS_FILE
     ports.with_suffix(".tmp").write_text(f"{pg_server.port} {http_port}\n")
     os.replace(ports.with_suffix(".tmp"), ports)
-    log.info("pageserver ready: pg port %d, http port %d, workdir %s", pg_server.port,
-             http_port, config.workdir)
+    log.info("pageserver ready: pg port %d, http port %d, workdir %s, auth %s",
+             pg_server.port, http_port, config.workdir,
+             f"on ({key_path})" if key_path is not None else "off")
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -14,7 +14,9 @@ flush = fsynced and apply = `disk_consistent_lsn`, which the safekeepers use to 
 
 The safekeeper's walsender (K2, docs/safekeeper.md): a connection as user `strata` with
 `replication=true`, then `START_REPLICATION PHYSICAL <lsn> <tenant> <timeline>` (the
-command is built in one place, `start_command`).
+command is built in one place, `start_command`). When the safekeepers check tokens, the
+pageserver sends the one in its `$STRATA_AUTH_TOKEN` (an admin token; strata.common.auth)
+on both ports.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from typing import Any
 
 import aiohttp
 
+from strata.common.auth import default_token
 from strata.common.errors import Unavailable, UserError
+from strata.common.http_auth import auth_headers
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pageserver.wal_log import WalLog
@@ -73,7 +77,7 @@ async def timeline_commit_lsn(session: aiohttp.ClientSession, sk: SafekeeperEndp
     """The safekeeper's commit LSN for the timeline, or None if it cannot tell us now."""
     url = f"http://{sk.host}:{sk.http_port}/v1/tenant/{tenant_id}/timeline/{timeline_id}"
     try:
-        async with session.get(url) as resp:
+        async with session.get(url, headers=auth_headers(default_token())) as resp:
             if resp.status != 200:
                 return None
             body = await resp.json()
@@ -135,6 +139,7 @@ class SafekeeperReceiver(WalReceiver):
         self.current = target
         self.config = dataclasses.replace(self.config, host=target.host, port=target.pg_port)
         conn = await PgConnection.connect(target.host, target.pg_port, user="strata",
+                                          password=default_token(),
                                           replication="true",
                                           application_name=APPLICATION_NAME,
                                           timeout_s=self.config.connect_timeout_s)

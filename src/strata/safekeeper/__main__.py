@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, required=True)
     p.add_argument("--wal-keep-bytes", type=int, default=0,
                    help="WAL kept below what the pageserver made durable (for lagging peers)")
+    p.add_argument("--auth-public-key", type=Path, default=None,
+                   help="Ed25519 public key (PEM): both ports then require a JWT "
+                        "(strata.common.auth)")
     p.add_argument("--removal-interval", type=float, default=1.0,
                    help="seconds between WAL removal passes")
     return p
@@ -45,10 +48,11 @@ async def serve(config: SafekeeperConfig, http_port: int) -> None:
     sk = Safekeeper(config)
     await asyncio.to_thread(sk.load)
     await sk.start()
-    runner = web.AppRunner(make_app(sk), access_log=None)
+    runner = web.AppRunner(make_app(sk, sk.verifier), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, config.host, http_port).start()
-    log.info("safekeeper %d: http on %s:%d", config.node_id, config.host, http_port)
+    log.info("safekeeper %d: http on %s:%d, auth %s", config.node_id, config.host, http_port,
+             "on" if sk.verifier is not None else "off")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -68,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = SafekeeperConfig(node_id=args.id, workdir=args.workdir.resolve(),
                                   host=args.listen_host, pg_port=args.pg_port,
                                   wal_keep_bytes=args.wal_keep_bytes,
-                                  removal_interval_s=args.removal_interval)
+                                  removal_interval_s=args.removal_interval,
+                                  auth_public_key=args.auth_public_key.resolve()
+                                  if args.auth_public_key is not None else None)
         config.workdir.mkdir(parents=True, exist_ok=True)
         lock = WorkdirLock(config.workdir)
         lock.acquire()

@@ -12,6 +12,11 @@
                                               connections_closed, freed_bytes}, 404 if
                                               it is not here (so a second delete is 404)
     GET  /metrics                             Prometheus text
+    GET  /v1/openapi.json                     the OpenAPI document `openapi.json`
+
+With a public key (`--auth-public-key`), every route but /metrics needs a JWT
+(`Authorization: Bearer`, strata.common.http_auth): 401 without a valid one, 403 when its
+scope does not cover the route (a route naming a tenant takes that tenant's token).
 
 Errors are JSON `{"error": message, "kind": class}`: 400 bad input or a conflicting
 create, 404 unknown timeline, 500 a timeline refused because its files are damaged,
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -30,7 +36,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from strata.common.auth import TokenVerifier
 from strata.common.errors import CorruptionError, NotFound, StrataError, Unavailable, UserError
+from strata.common.http_auth import auth_middleware
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.safekeeper.server import Safekeeper
@@ -39,6 +47,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _KEY = web.AppKey("safekeeper", Safekeeper)
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 _STATUS = ((NotFound, 404), (UserError, 400), (CorruptionError, 500), (Unavailable, 503))
 
 
@@ -53,8 +62,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _ids(request: web.Request) -> tuple[TenantId, TimelineId]:
-    return (TenantId.parse(request.match_info["tenant"]),
-            TimelineId.parse(request.match_info["timeline"]))
+    return (TenantId.parse(request.match_info["tenant_id"]),
+            TimelineId.parse(request.match_info["timeline_id"]))
 
 
 async def status(request: web.Request) -> web.Response:
@@ -83,7 +92,7 @@ def _field(body: dict[str, Any], name: str) -> Any:
 
 async def create_timeline(request: web.Request) -> web.Response:
     sk = request.app[_KEY]
-    tenant_id = TenantId.parse(request.match_info["tenant"])
+    tenant_id = TenantId.parse(request.match_info["tenant_id"])
     try:
         body = await request.json()
     except json.JSONDecodeError as err:
@@ -165,17 +174,24 @@ async def metrics(request: web.Request) -> web.Response:
 _REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 
-def make_app(sk: Safekeeper) -> web.Application:
-    app = web.Application(middlewares=[_errors])
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
+
+
+def make_app(sk: Safekeeper, verifier: TokenVerifier | None = None) -> web.Application:
+    """The API; with a `verifier`, every route but /metrics needs a token (http_auth)."""
+    middlewares = [_errors] if verifier is None else [_errors, auth_middleware(verifier)]
+    app = web.Application(middlewares=middlewares)
     app[_KEY] = sk
     registry = CollectorRegistry()
     registry.register(_TimelineCollector(sk))
     app[_REGISTRY] = registry
     app.add_routes([
         web.get("/v1/status", status),
-        web.get("/v1/tenant/{tenant}/timeline/{timeline}", timeline_status),
-        web.post("/v1/tenant/{tenant}/timeline", create_timeline),
-        web.delete("/v1/tenant/{tenant}/timeline/{timeline}", delete_timeline),
+        web.get("/v1/tenant/{tenant_id}/timeline/{timeline_id}", timeline_status),
+        web.post("/v1/tenant/{tenant_id}/timeline", create_timeline),
+        web.delete("/v1/tenant/{tenant_id}/timeline/{timeline_id}", delete_timeline),
         web.get("/metrics", metrics),
+        web.get("/v1/openapi.json", openapi),
     ])
     return app

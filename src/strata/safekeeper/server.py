@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from strata.common.auth import TokenVerifier
 from strata.common.errors import (
     CorruptionError,
     NotFound,
@@ -160,6 +161,8 @@ class SafekeeperConfig:
     removal_interval_s: float = 1.0
     keepalive_interval_s: float = 5.0
     max_send_bytes: int = 128 << 10  # per XLogData
+    auth_public_key: Path | None = None
+    """Ed25519 public key (PEM) of the JWTs both ports require; None: no authentication."""
 
     def __post_init__(self) -> None:
         if self.node_id <= 0:
@@ -178,8 +181,10 @@ class Safekeeper:
         self.timelines: dict[tuple[TenantId, TimelineId], Timeline] = {}
         self.broken: dict[tuple[TenantId, TimelineId], str] = {}  # refused, with the reason
         self.started_at = time.time()
+        self.verifier = TokenVerifier.from_file(config.auth_public_key) \
+            if config.auth_public_key is not None else None
         self.pg = PgProtocolServer(self.handle_query, host=config.host, port=config.pg_port,
-                                   name=f"safekeeper {config.node_id}")
+                                   name=f"safekeeper {config.node_id}", verifier=self.verifier)
         self._create_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._conn_ids = 0
@@ -337,12 +342,14 @@ class Safekeeper:
     async def handle_query(self, session: Session, query: str) -> Reply:
         words = query.strip().rstrip(";").split()
         if len(words) == 3 and words[0].lower() == "proposer":
+            session.check_tenant(words[1])  # the tenant's token or an admin token
             tl = self.get(TenantId.parse(words[1]), TimelineId.parse(words[2]))
             tl.check_usable()
             return CopyBoth(lambda stream: self._until_deleted(
                 tl, self._proposer(tl, session, stream)))
         if len(words) == 5 and [w.upper() for w in words[:2]] == ["START_REPLICATION",
                                                                    "PHYSICAL"]:
+            session.check_tenant(words[3])
             tl = self.get(TenantId.parse(words[3]), TimelineId.parse(words[4]))
             start = Lsn.parse(words[2])
             self._check_start(tl, start)

@@ -1,0 +1,95 @@
+"""Tokens and scopes (strata.common.auth): what verifies, what is refused, and why."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+
+from strata.common.auth import (
+    ADMIN_SCOPE,
+    PRIVATE_KEY_FILE,
+    AuthError,
+    Forbidden,
+    Scope,
+    TokenVerifier,
+    encode_token,
+    generate_keypair,
+    token_from_key_file,
+)
+from strata.common.ids import TenantId
+
+TENANT_A = TenantId(bytes.fromhex("aa" * 16))
+TENANT_B = TenantId(bytes.fromhex("bb" * 16))
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[bytes, TokenVerifier]:
+    private, public = generate_keypair(tmp_path)
+    assert private.stat().st_mode & 0o777 == 0o600
+    return private.read_bytes(), TokenVerifier.from_file(public)
+
+
+def test_scopes_round_trip_and_cover_their_tenant(keys: tuple[bytes, TokenVerifier]) -> None:
+    private, verifier = keys
+    admin = verifier.verify(encode_token(private, ADMIN_SCOPE))
+    assert admin.is_admin and str(admin) == "admin"
+    admin.check_tenant(TENANT_A)
+    admin.check_admin("listing tenants")
+    tenant = verifier.verify(encode_token(private, Scope(TENANT_A)))
+    assert tenant == Scope(TENANT_A) and str(tenant) == f"tenant:{TENANT_A}"
+    tenant.check_tenant(TENANT_A)
+    tenant.check_tenant(str(TENANT_A).upper())  # ids in paths are compared case-blind
+    with pytest.raises(Forbidden, match=str(TENANT_B)):
+        tenant.check_tenant(TENANT_B)
+    with pytest.raises(Forbidden, match="admin"):
+        tenant.check_admin("listing tenants")
+
+
+def test_refused_tokens(keys: tuple[bytes, TokenVerifier], tmp_path: Path) -> None:
+    private, verifier = keys
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    generate_keypair(other_dir)
+    forged = token_from_key_file(other_dir / PRIVATE_KEY_FILE)
+    expired = encode_token(private, ADMIN_SCOPE, expires_at=int(time.time()) - 60)
+    valid = encode_token(private, ADMIN_SCOPE)
+    head, body, sig = valid.split(".")
+    tampered = ".".join((head, jwt.utils.base64url_encode(  # type: ignore[attr-defined]
+        b'{"scope":"tenant:' + b"bb" * 16 + b'"}').decode(), sig))
+    cases = {
+        None: "authentication required",
+        "": "authentication required",
+        "not-a-jwt": "invalid token",
+        forged: "invalid token",
+        tampered: "invalid token",
+        expired: "expired",
+        # Other algorithms are refused even when signed correctly for them.
+        jwt.encode({"scope": "admin"}, "s" * 32, algorithm="HS256"): "invalid token",
+        jwt.encode({"scope": "admin"}, None, algorithm="none"): "invalid token",
+        jwt.encode({"role": "admin"}, private, algorithm="EdDSA"): "invalid token",
+        jwt.encode({"scope": "root"}, private, algorithm="EdDSA"): "neither",
+        jwt.encode({"scope": "tenant:xyz"}, private, algorithm="EdDSA"): "bad tenant id",
+        jwt.encode({"scope": 7}, private, algorithm="EdDSA"): "not a string",
+    }
+    for token, message in cases.items():
+        with pytest.raises(AuthError, match=message):
+            verifier.verify(token)
+    # A live expiry is accepted.
+    soon = encode_token(private, ADMIN_SCOPE, expires_at=int(time.time()) + 3600)
+    assert verifier.verify(soon).is_admin
+
+
+def test_key_files_missing_or_bad_say_what_to_do(tmp_path: Path) -> None:
+    from strata.common.errors import UserError
+
+    with pytest.raises(UserError, match="strata init"):
+        TokenVerifier.from_file(tmp_path / "absent.pem")
+    (tmp_path / "bad.pem").write_text("not a key")
+    with pytest.raises(UserError, match="not a PEM public key"):
+        TokenVerifier.from_file(tmp_path / "bad.pem")
+    generate_keypair(tmp_path)
+    with pytest.raises(FileExistsError):
+        generate_keypair(tmp_path)  # never overwrites a key pair
