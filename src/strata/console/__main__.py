@@ -13,6 +13,7 @@ from pathlib import Path
 from strata.common.errors import StrataError
 from strata.common.logctx import setup_logging
 from strata.console.server import serve
+from strata.control.auth_setup import export_cli_token
 from strata.control.env import Environment
 
 
@@ -25,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         env = Environment.open(args.repo_dir.absolute())
         config = env.config()
+        export_cli_token(env, config)  # its calls to the services carry a token (auth on)
         asyncio.run(serve(env, config.console.host, config.console.port))
     except StrataError as err:
         print(f"strata console: error: {err}", file=sys.stderr)
