@@ -11,6 +11,7 @@ from pathlib import Path
 
 from strata.common.errors import StrataError
 from strata.common.logctx import setup_logging
+from strata.control.auth_setup import export_cli_token
 from strata.control.env import Environment, ProxySettings
 from strata.proxy.computes import STATUS_FILE
 from strata.proxy.server import ProxyServer
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         env = Environment.open(args.repo_dir.absolute())
+        export_cli_token(env, env.config())  # waking an endpoint calls the services (auth)
         settings = env.config().proxy
         cert, key = tls_files(env, settings)
         server = ProxyServer(env, host=settings.host, port=settings.port,
