@@ -185,7 +185,7 @@ class Cluster:
     env: Env
     safekeepers: list[SafekeeperProcess]
     loop: LoopThread
-    fence_timeout_s: float = 3.0
+    quorum_warn_s: float = 3.0
     sidecar_settings: dict[str, Any] = field(default_factory=dict)
     computes: list[RunningCompute] = field(default_factory=list)
     system_ids: dict[TimelineId, int] = field(default_factory=dict)
@@ -266,7 +266,7 @@ class Cluster:
             stop(reason)
 
         sidecar_config = SidecarConfig(pg_host="127.0.0.1", pg_port=compute.port,
-                                       fence_timeout_s=self.fence_timeout_s,
+                                       quorum_warn_s=self.quorum_warn_s,
                                        pg_reconnect_timeout_s=3, **self.sidecar_settings)
         sidecar = WalProposer(self.quorum(tenant, timeline), sidecar_config, on_fence=on_fence)
         run = self.loop.spawn(sidecar.run())

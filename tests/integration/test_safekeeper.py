@@ -151,7 +151,7 @@ def quorum(sks: list[Sk], tenant: TenantId, timeline: TimelineId) -> QuorumConfi
 
 @contextlib.asynccontextmanager
 async def proposer(config: QuorumConfig) -> AsyncIterator[QuorumDriver]:
-    driver = QuorumDriver(config, SYSID, sync=False, fence_timeout_s=60)
+    driver = QuorumDriver(config, SYSID, sync=False)
     driver.start()
     try:
         async with asyncio.timeout(20):

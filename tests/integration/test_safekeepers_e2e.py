@@ -10,8 +10,10 @@ Proves:
   spans pages on the safekeepers and its tail dropped (failpoint walproposer-drop-tail): a
   new compute starts every time, every acknowledged commit is there, and the timeline's WAL
   decodes as one chain (CRC and xl_prev) from its start to the commit LSN;
-- two computes on one timeline: the older is stopped within the fencing timeout, only the
+- two computes on one timeline: the older is stopped once it sees the newer term, only the
   newer commits, and no acknowledged commit is lost;
+- two of three safekeepers down for a minute: commits wait, reads work, the compute is not
+  stopped, and the waiting commits return once a majority is back;
 - backpressure: with ingest slowed by a failpoint, acknowledged WAL stays within the write
   lag limit of what the pageserver ingested, and all WAL the compute wrote within that plus
   its transactions in flight;
@@ -23,6 +25,7 @@ Proves:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import re
 import subprocess
@@ -261,17 +264,46 @@ def test_two_computes_older_is_fenced(cluster: Cluster) -> None:
     bank.start(first_id=1)
     wait_until(lambda: sum(bank.progress) >= 20, 30, "transfers on the old compute")
     new = cluster.start_compute(tenant, timeline)  # sync takes a higher term
-    t0 = time.monotonic()
-    wait_until(lambda: not old.compute.is_running(), cluster.fence_timeout_s + 5,
-               "the old compute to be stopped")
-    assert time.monotonic() - t0 <= cluster.fence_timeout_s + 5
+    wait_until(lambda: not old.compute.is_running(), 30, "the old compute to be stopped")
     bank.stop()
-    assert old.fenced and ("another proposer" in old.fenced[0]
-                           or "fewer than a majority" in old.fenced[0]), old.fenced
+    assert old.fenced and "another proposer" in old.fenced[0], old.fenced
     # Every transfer the old compute acknowledged is on the new one, which commits on.
     check_bank(new.compute, bank.acked)
     new.compute.sql("INSERT INTO transfers VALUES (-1, 1, 2, 0, NULL)")
     assert new.fenced == [], new.fenced
+
+
+def test_majority_lost_for_a_minute_commits_wait_then_complete(
+        cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    tenant, timeline = cluster.create_tenant()
+    rc = cluster.start_compute(tenant, timeline)
+    compute = rc.compute
+    compute.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    compute.sql("INSERT INTO t VALUES (1, 'before')")
+    for sk in cluster.safekeepers[:2]:
+        sk.kill9()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(compute.sql, "INSERT INTO t VALUES (%s, 'during')", i)
+                   for i in (2, 3)]
+        # A minute without a majority: the commits wait, reads work, nothing is stopped.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, _ = concurrent.futures.wait(pending, timeout=5)
+            assert not done, [f.result() for f in done]
+            assert compute.sql("SELECT v FROM t WHERE id = 1") == [("before",)]
+            assert compute.is_running() and rc.fenced == [], rc.fenced
+        assert "commits wait until a majority is back" in caplog.text
+        for sk in cluster.safekeepers[:2]:
+            sk.start()
+        for f in pending:
+            f.result(60)  # returns once a majority has the commit again
+    assert rc.fenced == [] and compute.is_running()
+    compute.sql("INSERT INTO t VALUES (4, 'after')")
+    assert compute.sql("SELECT id FROM t ORDER BY id") == [(1,), (2,), (3,), (4,)]
+    # Every acknowledged commit is on the quorum: a new compute sees them.
+    stop_compute(rc)
+    rc2 = cluster.start_compute(tenant, timeline)
+    assert rc2.compute.sql("SELECT count(*) FROM t") == [(4,)]
 
 
 def test_backpressure_with_slow_ingest(test_dir: Path, loop: LoopThread,
@@ -340,7 +372,7 @@ def test_sidecar_command_line_commits_then_is_fenced(cluster: Cluster) -> None:
     tenant, timeline = cluster.create_tenant()
     start = cluster.sync(tenant, timeline)
     compute = cluster.start_postgres(tenant, timeline, start)
-    argv = cluster.sidecar_argv(tenant, timeline, compute) + ["--fence-timeout-s", "3"]
+    argv = cluster.sidecar_argv(tenant, timeline, compute) + ["--quorum-warn-s", "3"]
     with open(cluster.test_dir / "sidecar.log", "wb") as log:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log)
     try:

@@ -19,10 +19,12 @@ Backpressure: with a pageserver configured, the sidecar polls the timeline's
 past the second; there is no remote-consistent LSN yet, so apply uses it too). Commits then
 wait, so a compute cannot outrun ingest without bound.
 
-Fencing: when the Proposer reports `Fenced` (a higher term exists), or fewer than a
-majority of safekeepers have answered within `fence_timeout_s`, the sidecar calls
-`on_fence`, which stops its PostgreSQL at once (the CLI sends SIGQUIT, PostgreSQL's
-immediate shutdown, to the postmaster it found at start), and stops reporting.
+Fencing: only when the Proposer reports `Fenced` (a safekeeper knows a higher term: another
+proposer took over) does the sidecar call `on_fence`, which stops its PostgreSQL at once (the
+CLI sends SIGQUIT, PostgreSQL's immediate shutdown, to the postmaster it found at start), and
+stop reporting. Losing the majority is not a reason: commits then wait in PostgreSQL's
+synchronous-replication queue (reads go on), the links keep reconnecting, a warning is logged
+every `quorum_warn_s`, and the waiting commits return as soon as a majority answers again.
 
 Safekeeper connections (K2's PG-protocol port, docs/safekeeper.md): a connection as user
 `strata`, the command `proposer <tenant> <timeline>`, then one encoded
@@ -229,10 +231,6 @@ def _decode_acceptor(payload: bytes) -> AcceptorMessage:
 
 
 # --- the driver ---------------------------------------------------------------------------
-class Fencing(StrataError):
-    """This proposer may not go on: a higher term exists, or the quorum was lost too long."""
-
-
 @dataclass(frozen=True, slots=True)
 class SyncResult:
     """The agreed end of the log after sync, and the start of the record ending there."""
@@ -252,10 +250,10 @@ class QuorumDriver:
     """
 
     def __init__(self, config: QuorumConfig, system_id: int, *, sync: bool,
-                 fence_timeout_s: float,
+                 quorum_warn_s: float = 10.0,
                  on_commit: Callable[[Lsn], None] | None = None) -> None:
         self.config = config
-        self.fence_timeout_s = fence_timeout_s
+        self.quorum_warn_s = quorum_warn_s
         pconf = ProposerConfig(
             tenant_id=config.tenant_id, timeline_id=config.timeline_id, system_id=system_id,
             wal_seg_size=config.wal_seg_size, proposer_id=config.proposer_id,
@@ -276,6 +274,7 @@ class QuorumDriver:
         self.commit_lsn = Lsn(0)
         self._last_heard: dict[int, float] = {}
         self._started_s = 0.0
+        self._warned_s: float | None = None  # the last "no majority" warning
         self._tasks: list[asyncio.Task[None]] = []
         self._sync = sync
         # Commit-only appends waiting to go out, per node (see _send).
@@ -347,19 +346,29 @@ class QuorumDriver:
                 self._fence(f"protocol error from a safekeeper: {err}")
 
     def _check_quorum(self, now: float) -> None:
+        """Warn every `quorum_warn_s` while no majority answers (commits wait meanwhile);
+        never fence for it: only a higher term does (see the module docstring)."""
         if self.fenced is not None or self.done.is_set():
             return
+        window = self.quorum_warn_s
         if self.elected is None:
-            if now - self._started_s > self.fence_timeout_s:
-                heard = sorted(self._last_heard)
-                self._fence(f"no majority elected us within {self.fence_timeout_s}s "
-                            f"(heard from safekeepers {heard}; {self._link_errors()})")
+            lacking = now - self._started_s >= window
+            what = (f"no majority has elected us in {now - self._started_s:.0f}s (heard from "
+                    f"safekeepers {sorted(self._last_heard)}")
+        else:
+            recent = sorted(n for n, t in self._last_heard.items() if now - t <= window)
+            lacking = len(recent) < self.config.quorum
+            what = (f"only safekeepers {recent} answered in the last {window:g}s, fewer than "
+                    f"a majority of {len(self.links)}")
+        if not lacking:
+            if self._warned_s is not None:
+                log.info("a majority of the safekeepers answers again; commits go on")
+                self._warned_s = None
             return
-        recent = [n for n, t in self._last_heard.items() if now - t <= self.fence_timeout_s]
-        if len(recent) < self.config.quorum:
-            self._fence(f"only safekeepers {sorted(recent)} answered in the last "
-                        f"{self.fence_timeout_s}s, fewer than a majority of "
-                        f"{len(self.links)} ({self._link_errors()})")
+        if self._warned_s is None or now - self._warned_s >= window:
+            self._warned_s = now
+            log.warning("%s; %s): commits wait until a majority is back", what,
+                        self._link_errors() or "no connection errors")
 
     def _link_errors(self) -> str:
         return "; ".join(f"sk{n}: {link.last_error}" for n, link in self.links.items()
@@ -437,7 +446,7 @@ async def sync_safekeepers(config: QuorumConfig, system_id: int,
     with timeline_context(config.tenant_id, config.timeline_id):
         while True:
             left = deadline - loop.time()
-            driver = QuorumDriver(attempt, system_id, sync=True, fence_timeout_s=left)
+            driver = QuorumDriver(attempt, system_id, sync=True, quorum_warn_s=timeout_s)
             driver.start()
             try:
                 with contextlib.suppress(TimeoutError):
@@ -467,7 +476,7 @@ class SidecarConfig:
     pg_user: str = "postgres"
     slot_name: str = DEFAULT_SLOT
     application_name: str = DEFAULT_APPLICATION_NAME
-    fence_timeout_s: float = 5.0
+    quorum_warn_s: float = 10.0  # a warning this often while no majority answers
     status_interval_s: float = 1.0
     pg_reconnect_timeout_s: float = 10.0
     pageserver_http: tuple[str, int] | None = None  # backpressure source; None: off
@@ -477,7 +486,9 @@ class SidecarConfig:
     lag_poll_interval_s: float = 0.05
 
     def __post_init__(self) -> None:
-        assert self.fence_timeout_s > 0, self.fence_timeout_s
+        if self.quorum_warn_s <= 0:
+            raise UserError(f"walproposer quorum_warn_s = {self.quorum_warn_s}: must be "
+                            "positive")
         assert self.status_interval_s > 0, self.status_interval_s
         for name in ("max_write_lag_bytes", "max_flush_lag_bytes", "max_apply_lag_bytes"):
             value = getattr(self, name)
@@ -512,7 +523,7 @@ class WalProposer:
             try:
                 system_id, slot_lsn = await self._identify(conn)
                 driver = QuorumDriver(self.quorum, system_id, sync=False,
-                                      fence_timeout_s=self.config.fence_timeout_s,
+                                      quorum_warn_s=self.config.quorum_warn_s,
                                       on_commit=lambda _lsn: self._report.set())
                 self.driver = driver
                 driver.start()
@@ -763,7 +774,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pgdata", type=Path, help="the compute's data directory (for fencing)")
     p.add_argument("--slot", default=DEFAULT_SLOT)
     p.add_argument("--application-name", default=DEFAULT_APPLICATION_NAME)
-    p.add_argument("--fence-timeout-s", type=float, default=5.0)
+    p.add_argument("--quorum-warn-s", type=float, default=10.0,
+                   help="while no majority of safekeepers answers, commits wait and a "
+                        "warning is logged this often (only a higher term stops the compute)")
     p.add_argument("--postmaster-pid", type=int,
                    help="the compute's postmaster (default: from PGDATA/postmaster.pid)")
     p.add_argument("--pg-reconnect-timeout-s", type=float,
@@ -798,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sidecar = SidecarConfig(
             pg_host=args.pg_host, pg_port=args.pg_port, pg_user=args.pg_user,
             slot_name=args.slot, application_name=args.application_name,
-            fence_timeout_s=args.fence_timeout_s, pageserver_http=ps,
+            quorum_warn_s=args.quorum_warn_s, pageserver_http=ps,
             max_write_lag_bytes=args.max_write_lag_bytes,
             max_flush_lag_bytes=args.max_flush_lag_bytes,
             max_apply_lag_bytes=args.max_apply_lag_bytes,

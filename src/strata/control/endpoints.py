@@ -92,7 +92,7 @@ APP_DATABASE = "strata"
 SUPERUSER = "postgres"
 STOP_TIMEOUT_S = 60.0
 SIDECAR_STOP_TIMEOUT_S = 30.0
-SIDECAR_FENCE_TIMEOUT_S = 5.0
+SIDECAR_QUORUM_WARN_S = 10.0  # the walproposer warns this often while it lacks a majority
 SAVED_FILES = ("postgresql.auto.conf",)
 SAVED_DIRS = ("pg_stat",)
 
@@ -540,7 +540,7 @@ def _spawn_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
                    "--tenant", str(tenant_id), "--timeline", str(timeline_id),
                    "--safekeepers", sks, "--pg-host", config.endpoint_defaults.host,
                    "--pg-port", str(ep.port), "--pgdata", str(compute.datadir),
-                   "--fence-timeout-s", str(SIDECAR_FENCE_TIMEOUT_S),
+                   "--quorum-warn-s", str(SIDECAR_QUORUM_WARN_S),
                    "--pageserver-http", f"{ps.host}:{ps.http_port}",
                    # It starts with PostgreSQL: it may have to wait for it to accept
                    # connections, for as long as the CLI would.
