@@ -144,7 +144,10 @@ def test_commit_is_capped_at_the_last_record_end_and_made_durable_when_idle() ->
     assert resp.commit_lsn == Lsn(START)  # not persisted yet: WAL is still flowing
     actions = acc.handle(AppendRequest(1, Lsn(START + len(data) - 3), Lsn(end), data[-3:]))
     assert acc.commit_lsn == Lsn(end) and reply(actions).commit_lsn == Lsn(START)
+    # A commit-only append persists nothing unless the proposer asks (sync, idle heartbeat).
     actions = acc.handle(AppendRequest(1, Lsn(end), Lsn(end), b""))
+    assert reply(actions).commit_lsn == Lsn(START) and len(actions) == 1
+    actions = acc.handle(AppendRequest(1, Lsn(end), Lsn(end), b"", persist_commit=True))
     assert isinstance(actions[0], PersistControl)
     state = actions[0].state
     assert state.commit_lsn == Lsn(end)
@@ -229,7 +232,7 @@ def test_restart_from_durable_state_finds_the_same_positions() -> None:
                if isinstance(a, PersistControl)]
     commit = acc.last_record_end
     acc.handle(AppendRequest(1, Lsn(START + half), commit, data[half:]))
-    actions = acc.handle(AppendRequest(1, Lsn(START + len(data)), commit, b""))
+    actions = acc.handle(AppendRequest(1, Lsn(START + len(data)), commit, b"", True))
     durable += [a.state for a in actions if isinstance(a, PersistControl)]
     state = durable[-1]
     # A restart re-reads only the WAL after a record end at the durable commit LSN.

@@ -84,9 +84,13 @@ def test_malformed_fields() -> None:
     with pytest.raises(ProtocolError, match="not ordered"):
         decode(encode(unordered))
     huge = bytearray(encode(AppendRequest(1, Lsn(0), Lsn(0), b"")))
-    huge[-4:] = (1 << 30).to_bytes(4, "little")
+    huge[-5:-1] = (1 << 30).to_bytes(4, "little")  # the data length (persist_commit last)
     with pytest.raises(ProtocolError, match="limit"):
         decode(bytes(huge))
+    flag = bytearray(encode(AppendRequest(1, Lsn(0), Lsn(0), b"", True)))
+    flag[-1] = 2
+    with pytest.raises(ProtocolError, match="persist_commit is 2"):
+        decode(bytes(flag))
 
 
 def test_log_term_counts_an_entry_that_starts_at_the_end() -> None:

@@ -218,8 +218,8 @@ def test_timeline_restart_recovers_state_and_cuts_a_torn_tail(tmp_path: Path) ->
 def test_a_batch_of_appends_is_fsynced_once_and_before_a_control_write(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Appends handled as one batch share one WAL fsync and their replies report all of
-    it; a control-file write inside the batch (a commit-only append persists the commit
-    LSN) finds the WAL before it already fsynced."""
+    it; a control-file write inside the batch (a commit-only append that asks to persist
+    the commit LSN) finds the WAL before it already fsynced."""
     wal, ends = generate(60, seed=7)
     state = AcceptorState.new_timeline(TenantId.generate(), TimelineId.generate(), SYSID, SEG,
                                        START, PREV)
@@ -239,7 +239,7 @@ def test_a_batch_of_appends_is_fsynced_once_and_before_a_control_write(
              for i in range(0, half, 4000)]
     second = [AppendRequest(1, START + i, Lsn(ends[30]), wal[i:i + 4000])
               for i in range(half, len(wal), 4000)]
-    commit_only = AppendRequest(1, START + len(wal), Lsn(ends[30]), b"")
+    commit_only = AppendRequest(1, START + len(wal), Lsn(ends[30]), b"", persist_commit=True)
     replies = asyncio.run(tl.handle_batch([*first, commit_only, *second]))
     assert tl.counters.wal_fsyncs == 2  # before the control write, and at the end
     assert unsynced_at_store == [0]

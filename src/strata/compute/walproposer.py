@@ -47,6 +47,7 @@ import secrets
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,7 @@ _TICK_S = 0.02
 _STAGE_MAX_BYTES = 128 * 1024  # staged WAL goes out at once beyond this (one append's worth)
 _ACCEPTOR_MESSAGES = (AcceptorGreeting, VoteResponse, AppendResponse, ReadWalResponse)
 _LINK_QUEUE_MAX = 4096  # messages; beyond this a dead link drops them (tick resends)
+_ARRIVALS_MAX = 4096  # WAL pieces timed for CommitPathStats (the oldest are forgotten)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +138,6 @@ class QuorumConfig:
     retry_interval_s: float = 0.25
     connect_timeout_s: float = 5.0
     backoff_max_s: float = 1.0
-    commit_only_delay_s: float = 0.05  # see QuorumDriver._send
     proposer_id: int = field(default_factory=lambda: secrets.randbits(62) + 1)
 
     def __post_init__(self) -> None:
@@ -149,29 +150,50 @@ class QuorumConfig:
         return len(self.safekeepers) // 2 + 1
 
 
+@dataclass(slots=True)
+class CommitPathStats:
+    """Where a commit's time goes inside the sidecar (bench/commit_path.py reads it):
+    WAL from PostgreSQL until the quorum's commit LSN covers it (appends out, safekeepers'
+    fsyncs, replies back), counted per piece of WAL received."""
+
+    wal_pieces: int = 0  # XLogData payloads given to append_wal
+    appends: int = 0  # appends with WAL sent (to all safekeepers together)
+    quorum_waits: int = 0
+    quorum_wait_s: float = 0.0  # summed over pieces: arrival -> commit LSN past their end
+
+    def to_json(self) -> dict[str, float]:
+        return {"wal_pieces": self.wal_pieces, "appends": self.appends,
+                "quorum_wait_ms_avg": 1000 * self.quorum_wait_s / max(1, self.quorum_waits)}
+
+
 # --- one safekeeper connection ------------------------------------------------------------
 class _Link:
-    """The connection to one safekeeper: (re)connects, sends queued messages, and puts every
-    message it receives on the driver's inbox as (node id, message)."""
+    """The connection to one safekeeper: (re)connects, writes messages straight into the
+    socket's buffer (no writer task between the Proposer and the wire), and hands every
+    message it receives to `on_message(node id, message)` as it is read.
+
+    While the link is down, messages wait in a bounded queue and go out after the greeting
+    of the next connection; beyond the bound they are dropped (the Proposer resends what
+    gets no answer). What is in flight is bounded by the Proposer's window, so writing
+    without waiting for the buffer to drain cannot grow it without bound."""
 
     def __init__(self, addr: SafekeeperAddr, config: QuorumConfig, greeting: bytes,
-                 inbox: asyncio.Queue[tuple[int, AcceptorMessage]],
+                 on_message: Callable[[int, AcceptorMessage], None],
                  on_connect: Callable[[int], None]) -> None:
         self.addr = addr
         self.on_connect = on_connect
+        self.on_message = on_message
         self.config = config
         self.greeting = greeting
-        self.inbox = inbox
-        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_LINK_QUEUE_MAX)
+        self.waiting: deque[bytes] = deque(maxlen=_LINK_QUEUE_MAX)
+        self.stream: CopyBothStream | None = None  # while connected and greeted
         self.connected = False
         self.connections = 0
         self.last_error: str | None = None
 
     def send(self, msg: bytes) -> None:
-        """Queue a message; when the link is down and the queue full it is dropped (the
-        Proposer resends what gets no answer)."""
-        with contextlib.suppress(asyncio.QueueFull):
-            self.outbox.put_nowait(msg)
+        if self.stream is None or not self.stream.send_nowait(msg):
+            self.waiting.append(msg)  # the oldest is dropped when full
 
     async def run(self) -> None:
         backoff = 0.05
@@ -195,7 +217,6 @@ class _Link:
                                           password=default_token(),
                                           application_name=DEFAULT_APPLICATION_NAME,
                                           timeout_s=cfg.connect_timeout_s)
-        writer: asyncio.Task[None] | None = None
         try:
             async with asyncio.timeout(cfg.connect_timeout_s):
                 stream = await conn.start_copy_both(f"proposer {cfg.tenant_id} "
@@ -204,23 +225,17 @@ class _Link:
             self.connections += 1
             self.on_connect(self.addr.node_id)
             await stream.send(self.greeting)
-            writer = asyncio.create_task(self._write(stream), name=f"sk{self.addr.node_id}-tx")
+            while self.waiting:
+                stream.send_nowait(self.waiting.popleft())
+            self.stream = stream
             while True:
                 payload = await stream.read()
                 if payload is None:
                     raise Unavailable("the safekeeper ended the proposer stream")
-                self.inbox.put_nowait((self.addr.node_id, _decode_acceptor(payload)))
-                if writer.done():
-                    writer.result()  # its error ends this session
+                self.on_message(self.addr.node_id, _decode_acceptor(payload))
         finally:
-            if writer is not None:
-                writer.cancel()
-                await asyncio.wait([writer])
+            self.stream = None
             conn.abort()
-
-    async def _write(self, stream: CopyBothStream) -> None:
-        while True:
-            await stream.send(await self.outbox.get())
 
 
 def _decode_acceptor(payload: bytes) -> AcceptorMessage:
@@ -260,10 +275,10 @@ class QuorumDriver:
             acceptors=tuple(a.node_id for a in config.safekeepers), sync=sync,
             retry_interval_s=config.retry_interval_s)
         self.proposer = Proposer(pconf, random.Random(config.proposer_id))
-        self.inbox: asyncio.Queue[tuple[int, AcceptorMessage]] = asyncio.Queue()
         greeting = encode(ProposerGreeting(config.tenant_id, config.timeline_id, system_id,
                                            config.wal_seg_size, config.proposer_id))
-        self.links = {a.node_id: _Link(a, config, greeting, self.inbox, self._on_connect)
+        self.links = {a.node_id: _Link(a, config, greeting, self._on_message,
+                                    self._on_connect)
                       for a in config.safekeepers}
         self._on_commit = on_commit
         self.elected: Elected | None = None
@@ -277,10 +292,13 @@ class QuorumDriver:
         self._warned_s: float | None = None  # the last "no majority" warning
         self._tasks: list[asyncio.Task[None]] = []
         self._sync = sync
-        # Commit-only appends waiting to go out, per node (see _send).
-        self._commit_only: dict[int, asyncio.TimerHandle] = {}
         self._staged = bytearray()  # WAL not yet given to the Proposer (append_wal)
-        self._outstanding = dict.fromkeys(self.links, 0)  # appends with WAL unanswered
+        # Per node, the ends of the appends with WAL it has not acknowledged yet, and a
+        # commit-only append held back meanwhile (see _send).
+        self._inflight: dict[int, deque[Lsn]] = {n: deque() for n in self.links}
+        self._held_commit: dict[int, bytes] = {}
+        self.stats = CommitPathStats()
+        self._arrivals: deque[tuple[Lsn, float]] = deque(maxlen=_ARRIVALS_MAX)
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -305,15 +323,18 @@ class QuorumDriver:
         during an fsync share the next one instead of queueing for one each."""
         if self.fenced is None:
             self._staged += data
+            self.stats.wal_pieces += 1
+            self._arrivals.append((self.end_lsn, time.monotonic()))
             self._flush_staged(force=False)
 
     def _flush_staged(self, *, force: bool) -> None:
         if not self._staged or self.fenced is not None:
             return
-        idle = sum(1 for n in self._outstanding.values() if n == 0)
+        idle = sum(1 for q in self._inflight.values() if not q)
         if force or idle >= self.config.quorum or len(self._staged) >= _STAGE_MAX_BYTES:
             data = bytes(self._staged)
             self._staged.clear()
+            self.stats.appends += 1
             self._apply(self.proposer.append_wal(time.monotonic(), data))
 
     @property
@@ -321,29 +342,36 @@ class QuorumDriver:
         """The end of the WAL given to us (some of it may still be staged)."""
         return self.proposer.end_lsn + len(self._staged)
 
-    # --- the loop -------------------------------------------------------------------------
+    # --- messages and the timer -----------------------------------------------------------
+    def _on_message(self, node: int, msg: AcceptorMessage) -> None:
+        """A safekeeper's message, handled as its link reads it (no queue, no task switch)."""
+        if self.done.is_set():
+            return
+        now = time.monotonic()
+        self._last_heard[node] = now
+        inflight = self._inflight[node]
+        if isinstance(msg, AppendResponse):
+            while inflight and inflight[0] <= msg.flush_lsn:
+                inflight.popleft()
+        try:
+            self._apply(self.proposer.handle(now, node, msg))
+        except ProtocolError as err:
+            # A safekeeper broke the protocol: we cannot trust our view of the quorum.
+            self._fence(f"protocol error from a safekeeper: {err}")
+            return
+        self._flush_staged(force=False)
+        if not inflight and (held := self._held_commit.pop(node, None)) is not None:
+            self.links[node].send(held)
+
     async def _loop(self) -> None:
-        next_tick = time.monotonic()
+        """The timer: retries and heartbeats (`Proposer.tick`), staged WAL that waited a
+        whole tick, and the no-majority warning. Nothing on the commit path waits for it."""
         while not self.done.is_set():
-            timeout = max(0.0, next_tick - time.monotonic())
-            try:
-                async with asyncio.timeout(timeout):
-                    node, msg = await self.inbox.get()
-                now = time.monotonic()
-                self._last_heard[node] = now
-                if isinstance(msg, AppendResponse):
-                    self._outstanding[node] = max(0, self._outstanding[node] - 1)
-                self._apply(self.proposer.handle(now, node, msg))
-                self._flush_staged(force=False)
-            except TimeoutError:
-                now = time.monotonic()
-                next_tick = now + _TICK_S
-                self._flush_staged(force=True)  # at most a tick late, whatever is lost
-                self._apply(self.proposer.tick(now))
-                self._check_quorum(now)
-            except ProtocolError as err:
-                # A safekeeper broke the protocol: we cannot trust our view of the quorum.
-                self._fence(f"protocol error from a safekeeper: {err}")
+            await asyncio.sleep(_TICK_S)
+            now = time.monotonic()
+            self._flush_staged(force=True)
+            self._apply(self.proposer.tick(now))
+            self._check_quorum(now)
 
     def _check_quorum(self, now: float) -> None:
         """Warn every `quorum_warn_s` while no majority answers (commits wait meanwhile);
@@ -386,6 +414,7 @@ class QuorumDriver:
                     self.elected_event.set()
                 case CommitAdvanced(commit_lsn=lsn):
                     self.commit_lsn = lsn
+                    self._note_committed(lsn)
                     if self._on_commit is not None:
                         self._on_commit(lsn)
                 case Fenced(term=term):
@@ -395,35 +424,35 @@ class QuorumDriver:
                     self.sync_result = SyncResult(end, prev)
                     self.done.set()
 
+    def _note_committed(self, lsn: Lsn) -> None:
+        arrivals, stats = self._arrivals, self.stats
+        if arrivals and arrivals[0][0] <= lsn:
+            now = time.monotonic()
+            while arrivals and arrivals[0][0] <= lsn:
+                stats.quorum_wait_s += now - arrivals.popleft()[1]
+                stats.quorum_waits += 1
+
     def _on_connect(self, node: int) -> None:
-        self._outstanding[node] = 0  # what the old connection carried is lost or answered
+        self._inflight[node].clear()  # what the old connection carried is lost or answered
+        self._held_commit.pop(node, None)  # the Proposer's heartbeat resends the commit
 
     def _send(self, node: int, msg: ProposerMessage) -> None:
-        """Send now, except a commit-only append in normal mode: each one makes every
-        safekeeper persist its control file (several fsyncs) before it handles the next
-        append, which doubles commit latency under load. It waits `commit_only_delay_s` and
-        is dropped when an append with WAL goes to that node first, since that carries a
-        commit LSN at least as new (to the Proposer a dropped message is a lost one). The
-        safekeepers' in-memory commit LSN, which their walsenders serve up to, still moves
-        with every append; sync mode sends at once, as it needs the commit durable."""
-        link = self.links[node]
-        if self._sync or not isinstance(msg, AppendRequest):
-            link.send(encode(msg))
-            return
-        pending = self._commit_only.pop(node, None)
-        if pending is not None:
-            pending.cancel()  # this append carries a commit LSN at least as new
-        if msg.data:
-            self._outstanding[node] += 1
-            link.send(encode(msg))
-            return
-        payload = encode(msg)
-
-        def later() -> None:
-            self._commit_only.pop(node, None)
-            link.send(payload)
-        self._commit_only[node] = asyncio.get_running_loop().call_later(
-            self.config.commit_only_delay_s, later)
+        """Send at once (into the link's socket buffer), except a commit-only append to a
+        node that still has appends with WAL to answer: it is held until that node has
+        answered them all (then sent at once, no timer), and dropped when an append with
+        WAL goes first, since that carries a commit LSN at least as new (to the Proposer a
+        dropped message is a lost one). Under load the commit LSN so rides on the next
+        append instead of costing each safekeeper one more message per commit. Commit-only
+        appends cost no control-file write (the Proposer asks for one only when the stream
+        is idle, or in sync mode, which sends everything at once)."""
+        if isinstance(msg, AppendRequest) and not self._sync:
+            if msg.data:
+                self._held_commit.pop(node, None)
+                self._inflight[node].append(msg.end_lsn)
+            elif self._inflight[node] and not msg.persist_commit:
+                self._held_commit[node] = encode(msg)
+                return
+        self.links[node].send(encode(msg))
 
     def _fence(self, reason: str) -> None:
         if self.fenced is None:
@@ -511,7 +540,9 @@ class WalProposer:
         self.driver: QuorumDriver | None = None
         self.reported_lsn = Lsn(0)  # what PostgreSQL was last told (write = flush = apply)
         self.pageserver_lsns: tuple[Lsn, Lsn] | None = None  # (last_record, disk_consistent)
-        self._report = asyncio.Event()
+        self._report = asyncio.Event()  # wakes the report loop (backpressure, keepalives)
+        self._pg_stream: CopyBothStream | None = None  # replication from PostgreSQL
+        self._last_report_s = -1.0
         self._held_s = 0.0  # closed periods with the report held below the commit LSN
         self._held_since: float | None = None
 
@@ -524,7 +555,7 @@ class WalProposer:
                 system_id, slot_lsn = await self._identify(conn)
                 driver = QuorumDriver(self.quorum, system_id, sync=False,
                                       quorum_warn_s=self.config.quorum_warn_s,
-                                      on_commit=lambda _lsn: self._report.set())
+                                      on_commit=lambda _lsn: self._report_now())
                 self.driver = driver
                 driver.start()
                 try:
@@ -605,7 +636,7 @@ class WalProposer:
                 stream = await conn.start_copy_both(
                     f"START_REPLICATION SLOT {self.config.slot_name} PHYSICAL {start}")
                 log.info("streaming from the compute at %s", start)
-                reporter = asyncio.create_task(self._report_loop(driver, stream))
+                reporter = asyncio.create_task(self._report_loop(stream))
                 try:
                     await self._read_pg(driver, stream)
                 finally:
@@ -670,24 +701,37 @@ class WalProposer:
             self._held_s += now - self._held_since
             self._held_since = None
 
-    async def _report_loop(self, driver: QuorumDriver, stream: CopyBothStream) -> None:
-        last_sent = -1.0
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.status_interval_s):
-                    await self._report.wait()
-            self._report.clear()
-            if driver.fenced is not None:
-                return  # never acknowledge anything after losing the term
-            lsn = self.allowed_lsn(driver.proposer.commit_lsn)
-            now = time.monotonic()
-            self._note_held(now, held=lsn < driver.proposer.commit_lsn)
-            if lsn != self.reported_lsn or now - last_sent >= self.config.status_interval_s:
+    def _report_now(self, *, periodic: bool = False) -> None:
+        """Tell PostgreSQL the LSN it may release commits up to, at once (called as the
+        quorum's commit LSN advances, so a commit wakes without waiting for a timer); also
+        every `status_interval_s` as a keepalive, with the LSN unchanged or not."""
+        driver, stream = self.driver, self._pg_stream
+        if driver is None or stream is None or driver.fenced is not None:
+            return  # never acknowledge anything after losing the term
+        commit = driver.proposer.commit_lsn
+        lsn = self.allowed_lsn(commit)
+        now = time.monotonic()
+        self._note_held(now, held=lsn < commit)
+        if lsn != self.reported_lsn or (periodic and now - self._last_report_s >=
+                                        self.config.status_interval_s):
+            update = wire.StandbyStatusUpdate(lsn.value, lsn.value, lsn.value,
+                                              wire.pg_timestamp(time.time()))
+            if stream.send_nowait(update.encode()):
                 self.reported_lsn = lsn
-                last_sent = now
-                update = wire.StandbyStatusUpdate(lsn.value, lsn.value, lsn.value,
-                                                  wire.pg_timestamp(time.time()))
-                await stream.send(update.encode())
+                self._last_report_s = now
+
+    async def _report_loop(self, stream: CopyBothStream) -> None:
+        """Reports not driven by a commit: backpressure moved, PostgreSQL asked, keepalive."""
+        self._pg_stream = stream
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.status_interval_s):
+                        await self._report.wait()
+                self._report.clear()
+                self._report_now(periodic=True)
+        finally:
+            self._pg_stream = None
 
     async def _poll_pageserver(self) -> None:
         from strata.pageserver.client import AsyncPageserverClient  # only when configured

@@ -324,6 +324,16 @@ class CopyBothStream:
         assert not self.client_done, "CopyData after our CopyDone"
         await self._conn._send(wire.CopyData(payload).encode())
 
+    def send_nowait(self, payload: bytes) -> bool:
+        """Queue one CopyData without waiting for the socket buffer to drain; False (and
+        nothing sent) when the connection is closing. For senders whose protocol bounds
+        what is in flight and treats a lost message as lost (the walproposer's links)."""
+        assert not self.client_done, "CopyData after our CopyDone"
+        if self._conn._writer.transport.is_closing():
+            return False
+        self._conn.send_nowait(wire.CopyData(payload).encode())
+        return True
+
     async def finish(self) -> None:
         """Send CopyDone, drain the server's remaining CopyData, and wait until the
         command completes (the connection is then usable again)."""

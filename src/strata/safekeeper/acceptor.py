@@ -145,8 +145,11 @@ AcceptorAction = PersistControl | WriteWal | FlushWal | TruncateWal | SendWal | 
 class Acceptor:
     """Acceptor side of the WAL quorum for one timeline. No I/O; the driver is K2's server.
 
-    `commit_persist_bytes`: a commit LSN that moved this far past the persisted one is
-    persisted even while WAL keeps coming (a commit-only AppendRequest always persists it).
+    The commit LSN is persisted when an AppendRequest asks (`persist_commit`: sync, or the
+    proposer's heartbeat once the stream is idle) or when it moved `commit_persist_bytes`
+    past the persisted one; never just because an append carried a newer one, so appends
+    are not held up behind control-file writes. The WAL itself is always flushed before a
+    reply reports it.
     """
 
     def __init__(self, state: AcceptorState, *, commit_persist_bytes: int = 16 << 20) -> None:
@@ -346,7 +349,7 @@ class Acceptor:
         if commit > self.commit_lsn:
             self.commit_lsn = commit
         durable = self.state.commit_lsn
-        if self.commit_lsn > durable and (not msg.data or
+        if self.commit_lsn > durable and (msg.persist_commit or
                                           self.commit_lsn - durable >= self.commit_persist_bytes):
             scan_lsn, scan_prev = self._scan_point()
             self.state = replace(self.state, commit_lsn=self.commit_lsn, scan_lsn=scan_lsn,

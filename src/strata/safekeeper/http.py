@@ -140,7 +140,10 @@ class _TimelineCollector(Collector):
                     for name, doc in (
                         ("wal_written_bytes", "WAL bytes written"),
                         ("wal_fsyncs", "WAL fsyncs"),
+                        ("wal_fsync_seconds", "time spent in WAL fsyncs"),
                         ("control_writes", "control file writes"),
+                        ("control_write_seconds", "time spent writing control files"),
+                        ("batches", "batches of proposer messages handled together"),
                         ("truncations", "WAL truncations for a new term"),
                         ("segments_removed", "WAL segments removed"),
                         ("wal_sent_bytes", "WAL bytes sent by walsenders"),

@@ -97,7 +97,9 @@ class ProposerElected:
 class AppendRequest:
     """WAL bytes [begin_lsn, begin_lsn + len(data)) of `term`'s log, and its commit LSN.
 
-    Empty `data` is a commit-only update; the acceptor then makes its commit LSN durable.
+    Empty `data` is a commit-only update. `persist_commit` asks the acceptor to make its
+    commit LSN durable (its control file) before it answers; otherwise it does so only every
+    `commit_persist_bytes` of commit progress (docs/safekeeper-protocol.md, step 7).
     """
 
     TAG: ClassVar[int] = 6
@@ -105,6 +107,7 @@ class AppendRequest:
     begin_lsn: Lsn
     commit_lsn: Lsn
     data: bytes
+    persist_commit: bool = False
 
     @property
     def end_lsn(self) -> Lsn:
@@ -198,7 +201,8 @@ _U64_MAX = (1 << 64) - 1
 
 # Field encodings by name; a field not listed is a u64.
 _KIND = {
-    "tenant_id": "id", "timeline_id": "id", "granted": "bool", "wal_seg_size": "u32",
+    "tenant_id": "id", "timeline_id": "id", "granted": "bool", "persist_commit": "bool",
+    "wal_seg_size": "u32",
     "data": "bytes", "term_history": "history",
 }
 _LSN_FIELDS = {"flush_lsn", "last_record_end", "last_record_lsn", "commit_lsn",

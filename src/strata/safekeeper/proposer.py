@@ -140,6 +140,8 @@ class _Peer:
     record_end: Lsn = Lsn(0)  # acknowledged, durable
     durable_commit: Lsn = Lsn(0)
     sent_commit: Lsn = Lsn(0)
+    persist_due: bool = False  # the next commit-only append asks for a durable commit LSN
+    last_data_s: float = float("-inf")  # the last append with WAL
     last_send_s: float = float("-inf")
     last_progress_s: float = float("-inf")
 
@@ -240,6 +242,10 @@ class Proposer:
                 if p.sent_lsn > p.reported_flush and self._retry_due(p.last_progress_s, now):
                     p.sent_lsn = p.reported_flush  # lost or stuck: resend from where it is
                 p.sent_commit = Lsn(0)  # forces a heartbeat (and commit) append
+                # Once the stream is idle, the heartbeat makes the commit LSN durable there
+                # (under load the acceptor persists it every commit_persist_bytes).
+                p.persist_due = p.durable_commit < self.commit_lsn and \
+                    now - p.last_data_s >= self.config.retry_interval_s
         if self.fetch is not None and self._retry_due(self.fetch.last_send_s, now):
             self.fetch.donor = None  # pick again: the donor may be down
             out += self._fetch_next(now)
@@ -445,13 +451,16 @@ class Proposer:
                 off = p.sent_lsn - self.wal_start
                 data = bytes(self.wal[off:off + size])
                 out.append(self._send(p, AppendRequest(self.term, p.sent_lsn, self.commit_lsn,
-                                                       data), now))
+                                                       data, c.sync), now))
                 p.sent_lsn += size
                 p.sent_commit = self.commit_lsn
+                p.last_data_s = now
             if p.sent_commit < self.commit_lsn:
+                persist = c.sync or p.persist_due
                 out.append(self._send(p, AppendRequest(self.term, p.sent_lsn, self.commit_lsn,
-                                                       b""), now))
+                                                       b"", persist), now))
                 p.sent_commit = self.commit_lsn
+                p.persist_due = False
         self._release()
         return out
 

@@ -146,7 +146,10 @@ class TimelineCounters:
 
     wal_written_bytes: int = 0
     wal_fsyncs: int = 0
+    wal_fsync_seconds: float = 0.0
     control_writes: int = 0
+    control_write_seconds: float = 0.0
+    batches: int = 0  # handle_batch calls (proposer messages handled together)
     truncations: int = 0
     segments_removed: int = 0
     wal_sent_bytes: int = 0
@@ -263,6 +266,7 @@ class Timeline:
     async def _handle_locked(self, msgs: Sequence[ProposerMessage]) -> list[bytes]:
         async with self.lock:
             self.check_usable()
+            self.counters.batches += 1
             commit_before = self.acceptor.commit_lsn
             replies: list[bytes] = []
             self._flush_pending = False
@@ -292,7 +296,9 @@ class Timeline:
 
     async def _flush_deferred(self) -> None:
         if self._flush_pending:
+            t0 = time.perf_counter()
             await self._in_thread(self.wal.flush)
+            self.counters.wal_fsync_seconds += time.perf_counter() - t0
             self.counters.wal_fsyncs += 1
             self._flush_pending = False
 
@@ -302,7 +308,9 @@ class Timeline:
                 await self._flush_deferred()  # durable before anything that builds on it
             match action:
                 case PersistControl(state=state):
+                    t0 = time.perf_counter()
                     await self._in_thread(control_file.store, self.directory, state)
+                    self.counters.control_write_seconds += time.perf_counter() - t0
                     self.state = state
                     self.counters.control_writes += 1
                 case WriteWal(lsn=lsn, data=data):

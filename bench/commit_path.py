@@ -1,0 +1,130 @@
+"""One commit's path through the safekeepers, hop by hop: a single client commits small
+transactions one after another on a Strata compute (walproposer sidecar, 3 safekeepers,
+pageserver following them) and, in the same run, on stock PostgreSQL with synchronous
+replication to one standby (the baseline).
+
+Hops (docs/walproposer.md, "Where a commit's time goes"):
+- client: the commit as the client sees it (INSERT with autocommit, psycopg);
+- quorum: inside the sidecar, from the WAL arriving from the walsender until the quorum's
+  commit LSN covers it (appends out, two safekeepers' fsyncs, replies back;
+  `QuorumDriver.stats`);
+- safekeeper fsync: the mean WAL fsync on the safekeepers (`wal_fsync_seconds` /
+  `wal_fsyncs` from their /metrics) and their control-file writes per commit;
+- the rest (client minus quorum): PostgreSQL's own work, the walsender, the status update
+  and the backend's wake-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.report import Report
+from bench.safekeepers import _stock_sync_rep
+from strata.common.proc import ensure_traversable
+from strata.compute.pgserver import PgServer
+
+_METRICS = ("wal_fsyncs", "wal_fsync_seconds", "control_writes", "control_write_seconds",
+            "batches", "messages")
+
+
+def _commit_latencies_ms(server: PgServer, seconds: float) -> list[float]:
+    """Single-row autocommit INSERTs one after another for `seconds`."""
+    out: list[float] = []
+    with server.connect() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS commit_path (id bigserial, v int)")
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            conn.execute("INSERT INTO commit_path (v) VALUES (1)")
+            out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def _sk_counters(cluster: Any) -> dict[str, float]:
+    """The safekeepers' timeline counters, summed."""
+    import urllib.request
+
+    totals = dict.fromkeys(_METRICS, 0.0)
+    for sk in cluster.safekeepers:
+        with urllib.request.urlopen(f"http://127.0.0.1:{sk.http_port}/metrics",
+                                    timeout=10) as resp:
+            text = resp.read().decode()
+        for name in _METRICS:
+            for m in re.finditer(rf"^safekeeper_timeline_{name}_total\{{[^}}]*\}} (\S+)$",
+                                 text, re.M):
+                totals[name] += float(m.group(1))
+    return totals
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(report: Report, quick: bool) -> None:
+    from sk_fixtures import Cluster, LoopThread  # on the path that bench.safekeepers set
+
+    seconds = 5.0 if quick else 20.0
+    with tempfile.TemporaryDirectory(prefix="strata-bench-cp-") as tmp, \
+            contextlib.ExitStack() as stack:
+        base = Path(tmp)
+        base.chmod(0o755)
+        ensure_traversable(base)
+        stock = _stock_sync_rep(stack, base)
+        loop = LoopThread()
+        stack.callback(loop.close)
+        cluster = Cluster.start(base / "strata", loop)
+        stack.callback(cluster.stop_all)
+        tenant, timeline = cluster.create_tenant()
+        cluster.sidecar_settings = {
+            "pageserver_http": ("127.0.0.1", cluster.env.pageserver.http_port)}
+        rc = cluster.start_compute(tenant, timeline, settings={"autovacuum": False})
+        strata = rc.compute.server
+        _commit_latencies_ms(stock, 1.0)  # warm up both
+        _commit_latencies_ms(strata, 1.0)
+
+        stock_ms = _commit_latencies_ms(stock, seconds)
+        driver = rc.sidecar.driver
+        assert driver is not None
+        before_sk = _sk_counters(cluster)
+        before: dict[str, Any] = {k: getattr(driver.stats, k) for k in
+                                  ("wal_pieces", "appends", "quorum_waits", "quorum_wait_s")}
+        strata_ms = _commit_latencies_ms(strata, seconds)
+        after_sk = _sk_counters(cluster)
+        st = driver.stats
+        commits = len(strata_ms)
+        d = {k: after_sk[k] - before_sk[k] for k in _METRICS}
+        waits = st.quorum_waits - before["quorum_waits"]
+        quorum_ms = 1000 * (st.quorum_wait_s - before["quorum_wait_s"]) / max(1, waits)
+        client_ms = statistics.mean(strata_ms)
+
+        report.add("client_commit_ms_mean", client_ms, "ms", statistics.mean(stock_ms))
+        report.add("client_commit_ms_p50", _pct(strata_ms, 0.5), "ms", _pct(stock_ms, 0.5))
+        report.add("client_commit_ms_p99", _pct(strata_ms, 0.99), "ms", _pct(stock_ms, 0.99))
+        report.add("hop_quorum_ms_mean", quorum_ms, "ms", client_ms)
+        report.add("hop_rest_ms_mean", client_ms - quorum_ms, "ms", client_ms)
+        report.add("sk_wal_fsync_ms_mean",
+                   1000 * d["wal_fsync_seconds"] / max(1, d["wal_fsyncs"]), "ms")
+        report.add("sk_control_write_ms_mean",
+                   1000 * d["control_write_seconds"] / max(1, d["control_writes"]), "ms")
+        report.add("sk_control_writes_per_commit", d["control_writes"] / 3 / commits, "writes")
+        report.add("sk_fsyncs_per_commit", d["wal_fsyncs"] / 3 / commits, "fsyncs")
+        report.add("sk_messages_per_batch", d["messages"] / max(1, d["batches"]), "messages")
+        report.add("sidecar_wal_pieces_per_commit",
+                   (st.wal_pieces - before["wal_pieces"]) / commits, "pieces")
+        report.add("sidecar_appends_per_commit", (st.appends - before["appends"]) / commits,
+                   "appends")
+        report.add("commits", commits, "commits", len(stock_ms))
+        report.note(f"one client, autocommit single-row INSERTs for {seconds:g} s on each "
+                    "setup; baseline: stock PostgreSQL with synchronous replication to one "
+                    "standby (fsync on); Strata: 3 safekeepers, 2 must fsync; hop_rest = "
+                    "PostgreSQL, walsender, status update and wake-up; load average "
+                    f"{os.getloadavg()[0]:.1f}")
+        assert rc.fenced == [], rc.fenced
