@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import Report
-from bench.safekeepers import _stock_sync_rep
+from bench.safekeepers import _stock_sync_rep, strata_compute
 from strata.common.proc import ensure_traversable
 from strata.compute.pgserver import PgServer
 
@@ -69,8 +69,6 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run(report: Report, quick: bool) -> None:
-    from sk_fixtures import Cluster, LoopThread  # on the path that bench.safekeepers set
-
     seconds = 5.0 if quick else 20.0
     with tempfile.TemporaryDirectory(prefix="strata-bench-cp-") as tmp, \
             contextlib.ExitStack() as stack:
@@ -78,14 +76,7 @@ def run(report: Report, quick: bool) -> None:
         base.chmod(0o755)
         ensure_traversable(base)
         stock = _stock_sync_rep(stack, base)
-        loop = LoopThread()
-        stack.callback(loop.close)
-        cluster = Cluster.start(base / "strata", loop)
-        stack.callback(cluster.stop_all)
-        tenant, timeline = cluster.create_tenant()
-        cluster.sidecar_settings = {
-            "pageserver_http": ("127.0.0.1", cluster.env.pageserver.http_port)}
-        rc = cluster.start_compute(tenant, timeline, settings={"autovacuum": False})
+        cluster, rc = strata_compute(stack, base)
         strata = rc.compute.server
         _commit_latencies_ms(stock, 1.0)  # warm up both
         _commit_latencies_ms(strata, 1.0)

@@ -29,7 +29,7 @@ from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from sk_fixtures import Cluster, LoopThread  # noqa: E402
+from sk_fixtures import Cluster, LoopThread, RunningCompute  # noqa: E402
 
 CLIENTS = (1, 4, 8)
 WORKLOADS: tuple[tuple[str, tuple[str, ...]], ...] = (("tpcb", ()), ("simple", ("-N",)))
@@ -115,7 +115,8 @@ def _stock_sync_rep(stack: contextlib.ExitStack, base: Path) -> PgServer:
     return primary
 
 
-def _strata(stack: contextlib.ExitStack, base: Path) -> PgServer:
+def strata_compute(stack: contextlib.ExitStack, base: Path) -> tuple[Cluster, RunningCompute]:
+    """A pageserver, 3 safekeepers and a compute with its sidecar (backpressure on)."""
     loop = LoopThread()
     stack.callback(loop.close)
     cluster = Cluster.start(base / "strata", loop)
@@ -125,7 +126,11 @@ def _strata(stack: contextlib.ExitStack, base: Path) -> PgServer:
         "pageserver_http": ("127.0.0.1", cluster.env.pageserver.http_port)}
     rc = cluster.start_compute(tenant, timeline, settings={"autovacuum": False})
     stack.callback(lambda: None if rc.fenced == [] else print("FENCED", rc.fenced))
-    server: PgServer = rc.compute.server
+    return cluster, rc
+
+
+def _strata(stack: contextlib.ExitStack, base: Path) -> PgServer:
+    server: PgServer = strata_compute(stack, base)[1].compute.server
     return server
 
 
