@@ -93,6 +93,42 @@ def test_malformed_fields() -> None:
         decode(bytes(flag))
 
 
+_HISTORY = (TermEntry(2, Lsn(0x1000), Lsn(0xFF8)), TermEntry(5, Lsn(0x2000), Lsn(0x1FE0)))
+# The wire form each message had before the fields named their wire types; peers of older
+# and newer versions must keep understanding each other.
+GOLDEN: list[tuple[Message, str]] = [
+    (ProposerGreeting(TenantId(bytes(range(16))), TimelineId(bytes(range(16, 32))),
+                      0x1122334455667788, 16 << 20, 7),
+     "01000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f887766"
+     "5544332211000000010700000000000000"),
+    (AcceptorGreeting(9), "020900000000000000"),
+    (VoteRequest(6, 7), "0306000000000000000700000000000000"),
+    (VoteResponse(5, True, Lsn(0x2100), Lsn(0x20F0), Lsn(0x20C0), Lsn(0x2080), Lsn(0x1000),
+                  _HISTORY),
+     "040500000000000000010021000000000000f020000000000000c0200000000000008020"
+     "00000000000000100000000000000200000002000000000000000010000000000000f80f"
+     "00000000000005000000000000000020000000000000e01f000000000000"),
+    (ProposerElected(6, Lsn(0x20F0), _HISTORY),
+     "050600000000000000f02000000000000002000000020000000000000000100000000000"
+     "00f80f00000000000005000000000000000020000000000000e01f000000000000"),
+    (AppendRequest(6, Lsn(0x20F0), Lsn(0x2080), b"wal!", True),
+     "060600000000000000f02000000000000080200000000000000400000077616c2101"),
+    (AppendResponse(6, 6, Lsn(0x20F4), Lsn(0x20F4), Lsn(0x2080)),
+     "0706000000000000000600000000000000f420000000000000f420000000000000802000"
+     "0000000000"),
+    (ReadWalRequest(6, Lsn(0x1000), Lsn(0x1010)),
+     "08060000000000000000100000000000001010000000000000"),
+    (ReadWalResponse(6, Lsn(0x1000), b"\x00\x01"),
+     "0906000000000000000010000000000000020000000001"),
+]
+
+
+@pytest.mark.parametrize(("msg", "wire"), GOLDEN, ids=lambda v: type(v).__name__)
+def test_golden_bytes(msg: Message, wire: str) -> None:
+    assert encode(msg).hex() == wire
+    assert decode(bytes.fromhex(wire)) == msg
+
+
 def test_log_term_counts_an_entry_that_starts_at_the_end() -> None:
     history = (TermEntry(1, Lsn(100), Lsn(50)), TermEntry(3, Lsn(200), Lsn(150)),
                TermEntry(4, Lsn(300), Lsn(250)))

@@ -1,19 +1,31 @@
 """The proposer <-> acceptor messages of the WAL quorum protocol, and their binary encoding.
 
-Every message is a frozen dataclass. `encode(msg)` gives `tag u8` followed by the fields in
-declaration order, little-endian: integers and LSNs as u64 (u32 for sizes), booleans as u8,
-ids as their 16 raw bytes, byte strings and term histories with a u32 count first. `decode()`
-checks the tag, every length and every value range, and that nothing is left over; anything
-else is a `ProtocolError` (the peer broke the protocol: close that connection). The K2/K3
-drivers carry one encoded message in each CopyData of a PostgreSQL-protocol connection. The
-protocol itself is described in docs/safekeeper-protocol.md.
+Every message is a frozen dataclass whose fields each name their wire type
+(`Annotated[int, Wire.U64]`). `encode(msg)` gives `tag u8` followed by the fields in
+declaration order, little-endian:
+
+| wire type | bytes |
+| --- | --- |
+| `U64`, `LSN` | u64 |
+| `U32` | u32 |
+| `BOOL` | u8, 0 or 1 |
+| `TENANT_ID`, `TIMELINE_ID` | the id's 16 raw bytes |
+| `BYTES` | u32 length, then the bytes (at most `MAX_DATA_BYTES`) |
+| `HISTORY` | u32 count, then (term u64, start_lsn u64, prev_record_lsn u64) per entry |
+
+`decode()` checks the tag, every length and every value range, and that nothing is left
+over; anything else is a `ProtocolError` (the peer broke the protocol: close that
+connection). The safekeeper and the walproposer carry one encoded message in each CopyData
+of a PostgreSQL-protocol connection. The protocol itself is described in
+docs/safekeeper-protocol.md.
 """
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Annotated, ClassVar, get_type_hints
 
 from strata.common.errors import ProtocolError
 from strata.common.ids import TenantId, TimelineId
@@ -22,6 +34,19 @@ from strata.common.lsn import Lsn
 MAX_TERM_HISTORY = 10_000  # entries; one per election that changed the log, so tiny in practice
 MAX_DATA_BYTES = 16 << 20  # one message's WAL payload
 MAX_READ_BYTES = 1 << 20  # one ReadWalRequest's range
+
+
+class Wire(enum.Enum):
+    """How one message field is encoded (the table in the module docstring)."""
+
+    U64 = "u64"
+    U32 = "u32"
+    LSN = "lsn"
+    BOOL = "bool"
+    TENANT_ID = "tenant_id"
+    TIMELINE_ID = "timeline_id"
+    BYTES = "bytes"
+    HISTORY = "history"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -62,11 +87,11 @@ class ProposerGreeting:
     """First message on a connection: which timeline, and who the proposer is."""
 
     TAG: ClassVar[int] = 1
-    tenant_id: TenantId
-    timeline_id: TimelineId
-    system_id: int
-    wal_seg_size: int
-    proposer_id: int
+    tenant_id: Annotated[TenantId, Wire.TENANT_ID]
+    timeline_id: Annotated[TimelineId, Wire.TIMELINE_ID]
+    system_id: Annotated[int, Wire.U64]
+    wal_seg_size: Annotated[int, Wire.U32]
+    proposer_id: Annotated[int, Wire.U64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +99,8 @@ class VoteRequest:
     """Promise `term` to `proposer_id` and tell it your log."""
 
     TAG: ClassVar[int] = 3
-    term: int
-    proposer_id: int
+    term: Annotated[int, Wire.U64]
+    proposer_id: Annotated[int, Wire.U64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +113,9 @@ class ProposerElected:
     """
 
     TAG: ClassVar[int] = 5
-    term: int
-    start_streaming_at: Lsn
-    term_history: TermHistory
+    term: Annotated[int, Wire.U64]
+    start_streaming_at: Annotated[Lsn, Wire.LSN]
+    term_history: Annotated[TermHistory, Wire.HISTORY]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +128,11 @@ class AppendRequest:
     """
 
     TAG: ClassVar[int] = 6
-    term: int
-    begin_lsn: Lsn
-    commit_lsn: Lsn
-    data: bytes
-    persist_commit: bool = False
+    term: Annotated[int, Wire.U64]
+    begin_lsn: Annotated[Lsn, Wire.LSN]
+    commit_lsn: Annotated[Lsn, Wire.LSN]
+    data: Annotated[bytes, Wire.BYTES]
+    persist_commit: Annotated[bool, Wire.BOOL] = False
 
     @property
     def end_lsn(self) -> Lsn:
@@ -119,9 +144,9 @@ class ReadWalRequest:
     """Send me your WAL [start_lsn, end_lsn) (recovery: the proposer fetches from a donor)."""
 
     TAG: ClassVar[int] = 8
-    term: int
-    start_lsn: Lsn
-    end_lsn: Lsn
+    term: Annotated[int, Wire.U64]
+    start_lsn: Annotated[Lsn, Wire.LSN]
+    end_lsn: Annotated[Lsn, Wire.LSN]
 
 
 # --- acceptor -> proposer ---------------------------------------------------------------------
@@ -130,7 +155,7 @@ class AcceptorGreeting:
     """The acceptor's promised term, so that the proposer can pick a higher one."""
 
     TAG: ClassVar[int] = 2
-    term: int
+    term: Annotated[int, Wire.U64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,14 +169,14 @@ class VoteResponse:
     """
 
     TAG: ClassVar[int] = 4
-    term: int
-    granted: bool
-    flush_lsn: Lsn
-    last_record_end: Lsn
-    last_record_lsn: Lsn
-    commit_lsn: Lsn
-    timeline_start_lsn: Lsn
-    term_history: TermHistory
+    term: Annotated[int, Wire.U64]
+    granted: Annotated[bool, Wire.BOOL]
+    flush_lsn: Annotated[Lsn, Wire.LSN]
+    last_record_end: Annotated[Lsn, Wire.LSN]
+    last_record_lsn: Annotated[Lsn, Wire.LSN]
+    commit_lsn: Annotated[Lsn, Wire.LSN]
+    timeline_start_lsn: Annotated[Lsn, Wire.LSN]
+    term_history: Annotated[TermHistory, Wire.HISTORY]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,11 +189,11 @@ class AppendResponse:
     """
 
     TAG: ClassVar[int] = 7
-    term: int
-    log_term: int
-    flush_lsn: Lsn
-    last_record_end: Lsn
-    commit_lsn: Lsn
+    term: Annotated[int, Wire.U64]
+    log_term: Annotated[int, Wire.U64]
+    flush_lsn: Annotated[Lsn, Wire.LSN]
+    last_record_end: Annotated[Lsn, Wire.LSN]
+    commit_lsn: Annotated[Lsn, Wire.LSN]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,9 +205,9 @@ class ReadWalResponse:
     """
 
     TAG: ClassVar[int] = 9
-    term: int
-    start_lsn: Lsn
-    data: bytes
+    term: Annotated[int, Wire.U64]
+    start_lsn: Annotated[Lsn, Wire.LSN]
+    data: Annotated[bytes, Wire.BYTES]
 
 
 ProposerMessage = ProposerGreeting | VoteRequest | ProposerElected | AppendRequest | ReadWalRequest
@@ -199,49 +224,48 @@ _U32 = struct.Struct("<I")
 _ENTRY = struct.Struct("<QQQ")
 _U64_MAX = (1 << 64) - 1
 
-# Field encodings by name; a field not listed is a u64.
-_KIND = {
-    "tenant_id": "id", "timeline_id": "id", "granted": "bool", "persist_commit": "bool",
-    "wal_seg_size": "u32",
-    "data": "bytes", "term_history": "history",
-}
-_LSN_FIELDS = {"flush_lsn", "last_record_end", "last_record_lsn", "commit_lsn",
-               "timeline_start_lsn", "start_streaming_at", "begin_lsn", "start_lsn", "end_lsn"}
 
 
-def _kind(name: str) -> str:
-    if name in _LSN_FIELDS:
-        return "lsn"
-    return _KIND.get(name, "u64")
+def _layout(cls: type[Message]) -> tuple[tuple[str, Wire], ...]:
+    """`cls`'s fields in order, each with the wire type its annotation names."""
+    hints = get_type_hints(cls, include_extras=True)
+    layout = []
+    for f in fields(cls):
+        wire = [m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Wire)]
+        assert len(wire) == 1, f"{cls.__name__}.{f.name} needs one Wire in its annotation"
+        layout.append((f.name, wire[0]))
+    return tuple(layout)
+
+
+_LAYOUTS = {cls: _layout(cls) for cls in _CLASSES.values()}
 
 
 def encode(msg: Message) -> bytes:
     """The wire form of `msg`: tag, then its fields in order."""
     out = bytearray([msg.TAG])
-    for f in fields(msg):
-        value = getattr(msg, f.name)
-        kind = _kind(f.name)
-        if kind == "u64":
-            assert isinstance(value, int) and 0 <= value <= _U64_MAX, (f.name, value)
-            out += _U64.pack(value)
-        elif kind == "lsn":
-            out += _U64.pack(value.value)
-        elif kind == "u32":
-            out += _U32.pack(value)
-        elif kind == "bool":
-            out.append(1 if value else 0)
-        elif kind == "id":
-            out += value.raw
-        elif kind == "bytes":
-            assert len(value) <= MAX_DATA_BYTES, (f.name, len(value))
-            out += _U32.pack(len(value))
-            out += value
-        else:
-            assert kind == "history", kind
-            assert len(value) <= MAX_TERM_HISTORY, len(value)
-            out += _U32.pack(len(value))
-            for e in value:
-                out += _ENTRY.pack(e.term, e.start_lsn.value, e.prev_record_lsn.value)
+    for name, wire in _LAYOUTS[type(msg)]:
+        value = getattr(msg, name)
+        match wire:
+            case Wire.U64:
+                assert isinstance(value, int) and 0 <= value <= _U64_MAX, (name, value)
+                out += _U64.pack(value)
+            case Wire.LSN:
+                out += _U64.pack(value.value)
+            case Wire.U32:
+                out += _U32.pack(value)
+            case Wire.BOOL:
+                out.append(1 if value else 0)
+            case Wire.TENANT_ID | Wire.TIMELINE_ID:
+                out += value.raw
+            case Wire.BYTES:
+                assert len(value) <= MAX_DATA_BYTES, (name, len(value))
+                out += _U32.pack(len(value))
+                out += value
+            case Wire.HISTORY:
+                assert len(value) <= MAX_TERM_HISTORY, len(value)
+                out += _U32.pack(len(value))
+                for e in value:
+                    out += _ENTRY.pack(e.term, e.start_lsn.value, e.prev_record_lsn.value)
     return bytes(out)
 
 
@@ -266,28 +290,30 @@ class _Reader:
         return int(_U32.unpack(self.take(4))[0])
 
 
-def _read_field(r: _Reader, name: str, kind: str) -> object:
-    if kind == "u64":
-        return r.u64()
-    if kind == "lsn":
-        return Lsn(r.u64())
-    if kind == "u32":
-        return r.u32()
-    if kind == "bool":
-        flag = r.take(1)[0]
-        if flag > 1:
-            raise ProtocolError(f"{r.what}.{name} is {flag}, expected 0 or 1")
-        return flag == 1
-    if kind == "id":
-        raw = r.take(16)
-        return TenantId(raw) if name == "tenant_id" else TimelineId(raw)
-    if kind == "bytes":
-        n = r.u32()
-        if n > MAX_DATA_BYTES:
-            raise ProtocolError(f"{r.what}.{name} has {n} bytes, limit {MAX_DATA_BYTES}")
-        return r.take(n)
-    assert kind == "history", kind
-    return _read_history(r)
+def _read_field(r: _Reader, name: str, wire: Wire) -> object:
+    match wire:
+        case Wire.U64:
+            return r.u64()
+        case Wire.LSN:
+            return Lsn(r.u64())
+        case Wire.U32:
+            return r.u32()
+        case Wire.BOOL:
+            flag = r.take(1)[0]
+            if flag > 1:
+                raise ProtocolError(f"{r.what}.{name} is {flag}, expected 0 or 1")
+            return flag == 1
+        case Wire.TENANT_ID:
+            return TenantId(r.take(16))
+        case Wire.TIMELINE_ID:
+            return TimelineId(r.take(16))
+        case Wire.BYTES:
+            n = r.u32()
+            if n > MAX_DATA_BYTES:
+                raise ProtocolError(f"{r.what}.{name} has {n} bytes, limit {MAX_DATA_BYTES}")
+            return r.take(n)
+        case Wire.HISTORY:
+            return _read_history(r)
 
 
 def _read_history(r: _Reader) -> TermHistory:
@@ -313,7 +339,7 @@ def decode(buf: bytes) -> Message:
     if cls is None:
         raise ProtocolError(f"unknown safekeeper protocol message tag {buf[0]}")
     r = _Reader(bytes(buf), cls.__name__)
-    values = {f.name: _read_field(r, f.name, _kind(f.name)) for f in fields(cls)}
+    values = {name: _read_field(r, name, wire) for name, wire in _LAYOUTS[cls]}
     if r.pos != len(buf):
         raise ProtocolError(f"{cls.__name__} message has {len(buf) - r.pos} trailing bytes")
     return cls(**values)  # type: ignore[arg-type]
