@@ -188,6 +188,10 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
         conn.execute("alter system set work_mem = '7MB'")
     inserts = rows(main, "select n_tup_ins from pg_stat_user_tables where relname = 't'")
     assert inserts == [(5,)]
+    # Sequences continue where they were after a clean stop (lazy and full computes).
+    for connstr in (main, head):
+        rows(connstr, "create sequence s")
+        assert rows(connstr, "select nextval('s') from generate_series(1, 3)")[-1] == (3,)
 
     cli.run("stop")
     status = cli.json("status")
@@ -207,6 +211,7 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     assert rows(main, "select n_tup_ins from pg_stat_user_tables where relname = 't'") \
         == inserts
     rows(main, "insert into t values (7, 'after restart')")  # still writable and durable
+    assert rows(main, "select nextval('s')") == rows(head, "select nextval('s')") == [(4,)]
 
     status = cli.json("status")
     assert status["pageserver"]["state"] == "running"
@@ -390,8 +395,13 @@ def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
     main = connstr_of(cli.last_line("endpoint", "start", "main"))
     rows(main, "create table t (id int primary key, v text)")
     rows(main, "insert into t values (1, 'dev mode')")
+    rows(main, "create table s (id serial, b bigint generated always as identity)")
+    rows(main, "insert into s default values")
     cli.run("endpoint", "stop", "main")
-    assert values(connstr_of(cli.last_line("endpoint", "start", "main"))) == ["dev mode"]
+    main = connstr_of(cli.last_line("endpoint", "start", "main"))
+    assert values(main) == ["dev mode"]
+    # A clean stop keeps sequence values (serial and identity), as stock PostgreSQL does.
+    assert rows(main, "insert into s default values returning id, b") == [(2, 2)]
     assert cli.json("status")["safekeepers"] == []
 
     default = cli.json("tenant", "config")

@@ -72,6 +72,7 @@ from strata.control.env import (
     Environment,
     tenant_id_of,
 )
+from strata.control.sequences import log_current_values
 from strata.control.services import require_pageserver, safekeeper_http
 from strata.control.supervisor import (
     ProcessFiles,
@@ -678,6 +679,9 @@ def _stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId,
     files.write_pid(pid)
     mode = "immediate" if immediate else "fast"
     with output.step(f"stopping endpoint {ep.name} ({mode})"):
+        if not immediate and not ep.read_only:
+            # A clean stop keeps sequence values, as it does on stock PostgreSQL.
+            log_current_values(lambda dbname: superuser_connect(env, ep, dbname))
         # PostgreSQL first: a fast shutdown sends its last WAL (the shutdown checkpoint)
         # to the walproposer, which must still run to make it durable.
         stop_process(files, signal.SIGQUIT if immediate else signal.SIGINT,
