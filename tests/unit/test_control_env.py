@@ -206,3 +206,15 @@ def test_postgres_exit_stops_the_sidecar(tmp_path: Path) -> None:
         killer.join(10)
         pm.kill()
     assert time.monotonic() - started < 10
+
+
+def test_allocated_ports_differ_even_when_the_os_repeats_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OS may hand out a just-closed port again: allocation retries until each port
+    differs from the others and from those configured."""
+    handed = iter([5001, 5001, 5002, 6000, 5002, 5003, 5004, 5005, 5006, 5007, 5008, 5009])
+    monkeypatch.setattr("strata.control.env.free_port", lambda host="": next(handed))
+    config = EnvConfig.from_dict({"console": {"port": 6000}})
+    allocated = config.with_ports_allocated()
+    assert allocated.console.port == 6000
+    assert allocated.ports() == {6000} | set(range(5001, 5010))

@@ -301,16 +301,26 @@ class EnvConfig:
         }
 
     def with_ports_allocated(self) -> EnvConfig:
-        """Replace every port 0 by a port that is free now (the OS picks it)."""
+        """Replace every port 0 by a port that is free now (the OS picks it), each one
+        different from the others (the OS may hand out a just-closed port again)."""
+        taken = self.ports() - {0}
+
+        def pick(port: int, host: str) -> int:
+            if port:
+                return port
+            while not port or port in taken:
+                port = free_port(host)
+            taken.add(port)
+            return port
+
         ps = self.pageserver
-        ps = replace(ps, pg_port=ps.pg_port or free_port(ps.host),
-                     http_port=ps.http_port or free_port(ps.host))
-        sks = tuple(replace(sk, pg_port=sk.pg_port or free_port(sk.host),
-                            http_port=sk.http_port or free_port(sk.host))
+        ps = replace(ps, pg_port=pick(ps.pg_port, ps.host),
+                     http_port=pick(ps.http_port, ps.host))
+        sks = tuple(replace(sk, pg_port=pick(sk.pg_port, sk.host),
+                            http_port=pick(sk.http_port, sk.host))
                     for sk in self.safekeepers)
-        console = replace(self.console,
-                          port=self.console.port or free_port(self.console.host))
-        proxy = replace(self.proxy, port=self.proxy.port or free_port(self.proxy.host))
+        console = replace(self.console, port=pick(self.console.port, self.console.host))
+        proxy = replace(self.proxy, port=pick(self.proxy.port, self.proxy.host))
         return replace(self, pageserver=ps, safekeepers=sks, console=console, proxy=proxy)
 
     def ports(self) -> set[int]:
