@@ -236,6 +236,11 @@ def test_metrics_sampler_fills_the_hour(console: ConsoleEnv) -> None:
     last = samples[-1]
     assert last["layers"] >= 1 and last["layer_bytes"] > 0, last
     assert last["getpage_requests"] is not None and last["commit_lag_bytes"] is not None
+    # A restarted console starts with the stored hour, not with empty charts.
+    restarted = Sampler(Environment(console.repo_dir))
+    assert any(s.at == last["at"] and "main" in s.connections for s in restarted.ring)
+    status = json.loads(console.strata("status", "--json"))["console"]
+    assert status["state"] == "running" and status["url"] == console.url, status
 
 
 # --- the UI in chromium ------------------------------------------------------------------------

@@ -4,14 +4,17 @@ branch point parser shared with the CLI, and the metrics arithmetic."""
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 
 import pytest
 
 from strata.common.errors import UserError
 from strata.common.lsn import Lsn
 from strata.console.jobs import Job, Jobs
-from strata.console.metrics import parse_sample
+from strata.console.metrics import Sample, Sampler, parse_sample
 from strata.control import output
+from strata.control.env import Environment
 from strata.control.operations import parse_branch_point
 
 
@@ -109,3 +112,27 @@ def test_parse_sample_sums_timelines() -> None:
     assert sample.connections == {"main": 2}
     empty = parse_sample(2.0, None, [], {})
     assert empty.layers is None and empty.wal_ingested_bytes is None
+
+
+def test_samples_survive_a_console_restart(tmp_path: Path) -> None:
+    """A new sampler (a restarted console) starts with the last hour a previous one
+    stored: older samples and a torn last line are skipped; the file is rewritten with
+    only the ring once it holds twice the window."""
+    env = Environment(tmp_path)
+    first = Sampler(env, interval_s=1800.0)  # a ring of 3 samples
+    now = time.time()
+    stored = [Sample(now - 7200, layers=1.0), Sample(now - 60, 10.0, 20.0, 0.0, 5.0, 2.0,
+                                                     4096.0, {"main": 3}),
+              Sample(now - 5, layers=3.0)]
+    for sample in stored:
+        first.ring.append(sample)
+        first._store(sample)
+    with open(first.path, "a") as f:
+        f.write('{"at": 12')  # torn by a crash
+    second = Sampler(env, interval_s=1800.0)
+    assert list(second.ring) == stored[1:]
+    for _ in range(3):  # 4 + 3 lines >= 2 * maxlen: rewritten with the ring alone
+        second.ring.append(Sample(time.time(), layers=9.0))
+        second._store(second.ring[-1])
+    assert len(second.path.read_text().splitlines()) <= 2 * 3
+    assert list(Sampler(env, interval_s=1800.0).ring) == list(second.ring)

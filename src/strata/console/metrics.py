@@ -1,5 +1,8 @@
 """The console's charts: a sampler that scrapes the services' Prometheus `/metrics` every
-few seconds and keeps the last hour in memory (a ring of samples; nothing is stored).
+few seconds and keeps the last hour: a ring of samples in memory, appended one JSON line
+each to ENV/console-metrics.jsonl so that a restarted console shows the hour before it
+(the file is rewritten with only the ring once it holds twice the window; a torn last
+line after a crash is skipped).
 
 Each sample holds, summed over the timelines of the environment:
 
@@ -18,7 +21,9 @@ Each sample holds, summed over the timelines of the environment:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 INTERVAL_S = 5.0
 WINDOW_S = 3600.0
 SCRAPE_TIMEOUT_S = 5.0
+SAMPLES_FILE = "console-metrics.jsonl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +62,17 @@ class Sample:
                 "ingest_lag_bytes": self.ingest_lag_bytes,
                 "commit_lag_bytes": self.commit_lag_bytes, "layers": self.layers,
                 "layer_bytes": self.layer_bytes, "connections": dict(self.connections)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Sample:
+        def number(key: str) -> float | None:
+            value = data.get(key)
+            return None if value is None else float(value)
+
+        return cls(float(data["at"]), number("wal_ingested_bytes"), number("getpage_requests"),
+                   number("ingest_lag_bytes"), number("commit_lag_bytes"), number("layers"),
+                   number("layer_bytes"),
+                   {str(k): int(v) for k, v in dict(data.get("connections") or {}).items()})
 
 
 def _samples(text: str) -> Iterable[tuple[str, dict[str, str], float]]:
@@ -128,6 +145,36 @@ class Sampler:
         self.env = env
         self.interval_s = interval_s
         self.ring: deque[Sample] = deque(maxlen=int(WINDOW_S / interval_s) + 1)
+        self.path = env.root / SAMPLES_FILE
+        self._lines = 0
+        self._load()
+
+    def _load(self) -> None:
+        """The samples of the last hour a previous console run stored."""
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        cutoff = time.time() - WINDOW_S
+        for line in lines:
+            try:
+                sample = Sample.from_json(json.loads(line))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a line torn by a crash, or from an older format
+            if sample.at >= cutoff:
+                self.ring.append(sample)
+        self._lines = len(lines)
+
+    def _store(self, sample: Sample) -> None:
+        if self._lines >= 2 * (self.ring.maxlen or 1):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(s.to_json()) + "\n" for s in self.ring))
+            os.replace(tmp, self.path)
+            self._lines = len(self.ring)
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(sample.to_json()) + "\n")
+        self._lines += 1
 
     def sample_now(self) -> Sample:
         """One scrape (blocking: run it in a thread)."""
@@ -139,6 +186,10 @@ class Sampler:
                     and (t := _get(f"http://{sk.host}:{sk.http_port}/metrics")) is not None]
         sample = parse_sample(time.time(), ps_text, sk_texts, _connections(self.env))
         self.ring.append(sample)
+        try:
+            self._store(sample)
+        except OSError as err:
+            log.warning("metrics: could not store a sample in %s: %s", self.path, err)
         return sample
 
     async def run(self) -> None:

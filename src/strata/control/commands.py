@@ -53,6 +53,7 @@ from strata.control.operations import (
 )
 from strata.control.proxy import ensure_certificate, proxy_status, start_proxy, stop_proxy
 from strata.control.services import (
+    console_status,
     console_url,
     pageserver_client,
     pageserver_status,
@@ -230,6 +231,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             infos = client.list_timelines(tenant_id_of(tid))
             timelines += [timeline_json(tenant, info) for info in infos]
     proxy = proxy_status(env, config)
+    console_proc = console_status(env, config)
     endpoints = [_with_proxy(endpoint_status(env, config, ep), proxy)
                  for ep in state.endpoints.values()]
     named = [(tid, tl, name) for tid, tenant in state.tenants.items()
@@ -238,7 +240,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         if config.wal_mode == "safekeepers" else []
     data: dict[str, Any] = {"wal_mode": config.wal_mode,
             "pageserver": {**ps.to_json(), "timelines": timelines},
-            "safekeepers": safekeepers, "endpoints": endpoints, "proxy": proxy}
+            "safekeepers": safekeepers, "endpoints": endpoints, "proxy": proxy,
+            "console": console_proc}
     if as_json:
         output.print_json(data)
         return
@@ -251,12 +254,15 @@ def status(ctx: click.Context, as_json: bool) -> None:
                      sk["state"], _sk_lsns(sk), None] for sk in safekeepers],
                   ["proxy", proxy["pid"], f"{proxy['address']} (*.{proxy['domain']})",
                    proxy["state"], None, None],
+                  ["console", console_proc["pid"], console_proc["url"], console_proc["state"],
+                   None, None],
                   *[[f"endpoint {e['name']}", e["pid"], e["address"], e["state"],
                      e["current_lsn"], e["connections"]] for e in endpoints]])
     if config.wal_mode == "pageserver":
         output.info("safekeepers: none (development mode: the pageserver receives the WAL, "
                     "D7)")
     for name, proc in [("pageserver", data["pageserver"]), ("proxy", proxy),
+                       ("console", console_proc),
                        *[(f"safekeeper {sk['id']}", sk) for sk in safekeepers],
                        *[(f"endpoint {e['name']}", e) for e in endpoints],
                        *[(f"walproposer of endpoint {e['name']}", e["walproposer"])

@@ -383,6 +383,16 @@ def start_console(env: Environment, config: EnvConfig) -> EnvConfig:
     return config
 
 
+def console_status(env: Environment, config: EnvConfig) -> dict[str, Any]:
+    """The console for `strata status`: pid, URL, state (and its log tail if it died)."""
+    files = console_files(env)
+    pid = files.read_pid()
+    state = "running" if pid is not None else "died" if files.died() else "stopped"
+    return {"pid": pid, "state": state, "url": console_url(config),
+            "token_file": str(env.console_token_path), "log": str(files.log_path),
+            "log_tail": files.log_tail() if state == "died" else None}
+
+
 def stop_console(env: Environment, *, immediate: bool = False) -> bool:
     files = console_files(env)
     if files.read_pid() is None:
