@@ -11,7 +11,11 @@ Hops (docs/walproposer.md, "Where a commit's time goes"):
 - safekeeper fsync: the mean WAL fsync on the safekeepers (`wal_fsync_seconds` /
   `wal_fsyncs` from their /metrics) and their control-file writes per commit;
 - the rest (client minus quorum): PostgreSQL's own work, the walsender, the status update
-  and the backend's wake-up.
+  and the backend's wake-up;
+- CPU (ms of user + system time from /proc) of the safekeepers (summed), the pageserver
+  (with its children) and the sidecar's event-loop thread: per second while idle (timers,
+  polls), and per commit beyond that: on 2 shared cores the wake-ups and per-message work
+  of these processes are what a commit waits behind.
 """
 
 from __future__ import annotations
@@ -63,6 +67,27 @@ def _sk_counters(cluster: Any) -> dict[str, float]:
     return totals
 
 
+def _cpu_s(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process (all its threads) and its children, or of one
+    thread of it."""
+    if tid is not None:
+        return _stat_cpu_s(f"/proc/{pid}/task/{tid}/stat")
+    total = _stat_cpu_s(f"/proc/{pid}/stat")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                total += _cpu_s(int(child))
+    return total
+
+
+def _stat_cpu_s(path: str) -> float:
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -87,7 +112,22 @@ def run(report: Report, quick: bool) -> None:
         before_sk = _sk_counters(cluster)
         before: dict[str, Any] = {k: getattr(driver.stats, k) for k in
                                   ("wal_pieces", "appends", "quorum_waits", "quorum_wait_s")}
+        sk_pids = [sk.proc.pid for sk in cluster.safekeepers if sk.proc is not None]
+        ps_proc = cluster.env.pageserver.proc
+        assert ps_proc is not None
+        sidecar_tid = cluster.loop.thread.native_id
+        assert sidecar_tid is not None
+
+        def cpu() -> tuple[float, float, float]:
+            return (sum(map(_cpu_s, sk_pids)), _cpu_s(ps_proc.pid),
+                    _cpu_s(os.getpid(), sidecar_tid))
+
+        idle_s = 2.0
+        idle_before = cpu()
+        time.sleep(idle_s)
+        cpu_before = cpu()
         strata_ms = _commit_latencies_ms(strata, seconds)
+        cpu_after = cpu()
         after_sk = _sk_counters(cluster)
         st = driver.stats
         commits = len(strata_ms)
@@ -107,11 +147,17 @@ def run(report: Report, quick: bool) -> None:
                    1000 * d["control_write_seconds"] / max(1, d["control_writes"]), "ms")
         report.add("sk_control_writes_per_commit", d["control_writes"] / 3 / commits, "writes")
         report.add("sk_fsyncs_per_commit", d["wal_fsyncs"] / 3 / commits, "fsyncs")
+        report.add("sk_messages_per_commit", d["messages"] / 3 / commits, "messages")
         report.add("sk_messages_per_batch", d["messages"] / max(1, d["batches"]), "messages")
         report.add("sidecar_wal_pieces_per_commit",
                    (st.wal_pieces - before["wal_pieces"]) / commits, "pieces")
         report.add("sidecar_appends_per_commit", (st.appends - before["appends"]) / commits,
                    "appends")
+        for i, name in enumerate(("safekeepers", "pageserver", "sidecar")):
+            idle = (cpu_before[i] - idle_before[i]) / idle_s  # CPU seconds per second
+            report.add(f"cpu_ms_per_s_idle_{name}", 1000 * idle, "ms")
+            report.add(f"cpu_ms_per_commit_{name}",
+                       1000 * (cpu_after[i] - cpu_before[i] - idle * seconds) / commits, "ms")
         report.add("commits", commits, "commits", len(stock_ms))
         report.note(f"one client, autocommit single-row INSERTs for {seconds:g} s on each "
                     "setup; baseline: stock PostgreSQL with synchronous replication to one "

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from fixtures_env import COMPUTE_SETTINGS, Env, PageserverProcess, wait_until
 
+from strata.common import eventloop
 from strata.common.http_auth import auth_headers
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn
@@ -55,7 +56,7 @@ class LoopThread:
     """An event loop in a thread, for sidecars, while the test thread uses psycopg."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = eventloop.new_event_loop()  # what the sidecar CLI runs on
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.closers: list[Callable[[], Awaitable[None]]] = []  # run first at close()

@@ -70,6 +70,14 @@ async def handler(session: Session, sql: str) -> Rows | Command | CopyOut | Copy
                 while (data := await stream.read()) is not None:
                     await stream.write(data.upper())
             return CopyBoth(echo)
+        case ["batches"]:
+            async def batches(stream: CopyStream) -> None:
+                while (first := await stream.read()) is not None:
+                    batch = [first]
+                    while (more := stream.next_buffered()) is not None:
+                        batch.append(more)
+                    await stream.write(*(b"%d:%s" % (len(batch), p) for p in batch))
+            return CopyBoth(batches)
     raise SqlError(f"unknown command {sql!r}", code="42601")
 
 
@@ -205,6 +213,35 @@ def test_own_client_copy_out_and_copy_both(server: ServerThread) -> None:
         assert copy == [wire.CopyOutResponse(), *(wire.CopyData(f"chunk {i}\n".encode())
                                                   for i in range(3)),
                         wire.CopyDone(), wire.CommandComplete("COPY 0"), wire.ReadyForQuery()]
+        writer.close()
+
+    server.run(scenario())
+
+
+def test_copy_both_handler_takes_what_arrived_together_as_one_batch(
+        server: ServerThread) -> None:
+    """`CopyStream.next_buffered` hands over the CopyData already read (no I/O), stops at
+    the CopyDone, which `read` then reports; `write` sends several payloads in order."""
+    async def scenario() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(wire.StartupMessage((("user", "u"),)).encode() +
+                     wire.Query("batches").encode())
+        messages = wire.MessageReader("backend")
+        got: list[Any] = []
+
+        async def until(kind: type) -> None:
+            while not got or not isinstance(got[-1], kind):
+                messages.feed(await asyncio.wait_for(reader.read(4096), 10))
+                got.extend(messages)
+
+        await until(wire.CopyBothResponse)
+        # One socket write: the handler's first read takes all of it from the socket.
+        writer.write(b"".join(wire.CopyData(p).encode() for p in (b"a", b"b", b"c")) +
+                     wire.CopyDone().encode())
+        del got[:]
+        await until(wire.ReadyForQuery)
+        data = [m.data for m in got if isinstance(m, wire.CopyData)]
+        assert data == [b"3:a", b"3:b", b"3:c"], got
         writer.close()
 
     server.run(scenario())

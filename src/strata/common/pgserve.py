@@ -187,14 +187,29 @@ class CopyStream:
         self.both = both
         self.client_done = False  # client sent CopyDone (or CopyFail, or went away)
         self.client_gone = False
+        # a message next_buffered took that is not CopyData (read() deals with it)
+        self._pending: wire.StartupPacket | wire.FrontendMessage | None = None
 
-    async def write(self, payload: bytes) -> None:
-        """Send one CopyData and wait for the socket buffer to drain (backpressure)."""
+    async def write(self, *payloads: bytes) -> None:
+        """Send CopyData (one per payload, in one socket write) and wait for the socket
+        buffer to drain (backpressure)."""
         try:
-            self._conn.write(wire.CopyData(payload))
+            self._conn.write(*(wire.CopyData(p) for p in payloads))
             await self._conn.drain()
         except OSError as err:
             raise self._gone(err) from err
+
+    def next_buffered(self) -> bytes | None:
+        """CopyBoth only: the client's next CopyData payload if it has already been read
+        from the socket, else None (no I/O). Lets a handler take a whole batch of what
+        arrived while it was busy before acting on it (one fsync for all of it)."""
+        if self.client_done or self._pending is not None:
+            return None
+        msg = self._conn.messages.next_frontend()
+        if isinstance(msg, wire.CopyData):
+            return msg.data
+        self._pending = msg  # read() deals with it next (None: nothing buffered)
+        return None
 
     def _gone(self, err: OSError) -> ClientGone:
         self.client_done = self.client_gone = True
@@ -205,8 +220,10 @@ class CopyStream:
         assert self.both, "read() on a CopyOut stream"
         if self.client_done:
             return None
+        msg, self._pending = self._pending, None
         try:
-            msg = await self._conn.receive()
+            if msg is None:
+                msg = await self._conn.receive()
         except OSError as err:
             raise self._gone(err) from err
         match msg:

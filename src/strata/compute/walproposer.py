@@ -52,6 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from strata.common import eventloop
 from strata.common.auth import default_token
 from strata.common.errors import ProtocolError, StrataError, Unavailable, UserError
 from strata.common.failpoint import FailpointHit, failpoint
@@ -360,8 +361,6 @@ class QuorumDriver:
             self._fence(f"protocol error from a safekeeper: {err}")
             return
         self._flush_staged(force=False)
-        if not inflight and (held := self._held_commit.pop(node, None)) is not None:
-            self.links[node].send(held)
 
     async def _loop(self) -> None:
         """The timer: retries and heartbeats (`Proposer.tick`), staged WAL that waited a
@@ -370,6 +369,10 @@ class QuorumDriver:
             await asyncio.sleep(_TICK_S)
             now = time.monotonic()
             self._flush_staged(force=True)
+            for node, held in list(self._held_commit.items()):
+                if not self._inflight[node]:
+                    del self._held_commit[node]
+                    self.links[node].send(held)
             self._apply(self.proposer.tick(now))
             self._check_quorum(now)
 
@@ -437,19 +440,21 @@ class QuorumDriver:
         self._held_commit.pop(node, None)  # the Proposer's heartbeat resends the commit
 
     def _send(self, node: int, msg: ProposerMessage) -> None:
-        """Send at once (into the link's socket buffer), except a commit-only append to a
-        node that still has appends with WAL to answer: it is held until that node has
-        answered them all (then sent at once, no timer), and dropped when an append with
-        WAL goes first, since that carries a commit LSN at least as new (to the Proposer a
-        dropped message is a lost one). Under load the commit LSN so rides on the next
-        append instead of costing each safekeeper one more message per commit. Commit-only
-        appends cost no control-file write (the Proposer asks for one only when the stream
-        is idle, or in sync mode, which sends everything at once)."""
+        """Send at once (into the link's socket buffer), except a commit-only append: it is
+        held until the next tick (at most `_TICK_S`; longer while that node still has
+        appends with WAL to answer), and dropped when an append with WAL goes first, since
+        that carries a commit LSN at least as new (to the Proposer a dropped message is a
+        lost one). While commits keep coming the commit LSN so rides on the next append
+        instead of costing each safekeeper one more message (and answer, and wake-up) per
+        commit; nothing waits for it but the safekeepers' walsenders (the pageserver), by
+        one tick at most once the stream is idle. Commit-only appends cost no control-file
+        write (the Proposer asks for one only when the stream is idle, and such an append
+        goes at once, as does everything in sync mode)."""
         if isinstance(msg, AppendRequest) and not self._sync:
             if msg.data:
                 self._held_commit.pop(node, None)
                 self._inflight[node].append(msg.end_lsn)
-            elif self._inflight[node] and not msg.persist_commit:
+            elif not msg.persist_commit:
                 self._held_commit[node] = encode(msg)
                 return
         self.links[node].send(encode(msg))
@@ -512,7 +517,8 @@ class SidecarConfig:
     max_write_lag_bytes: int | None = 16 << 20
     max_flush_lag_bytes: int | None = None
     max_apply_lag_bytes: int | None = None
-    lag_poll_interval_s: float = 0.05
+    lag_poll_interval_s: float = 0.05  # while ingest lags by half a limit or more
+    lag_poll_relaxed_s: float = 0.5  # while it lags less (a commit passing half wakes it)
 
     def __post_init__(self) -> None:
         if self.quorum_warn_s <= 0:
@@ -541,6 +547,7 @@ class WalProposer:
         self.reported_lsn = Lsn(0)  # what PostgreSQL was last told (write = flush = apply)
         self.pageserver_lsns: tuple[Lsn, Lsn] | None = None  # (last_record, disk_consistent)
         self._report = asyncio.Event()  # wakes the report loop (backpressure, keepalives)
+        self._poll_now = asyncio.Event()  # wakes a relaxed pageserver poll (lag past half)
         self._pg_stream: CopyBothStream | None = None  # replication from PostgreSQL
         self._last_report_s = -1.0
         self._held_s = 0.0  # closed periods with the report held below the commit LSN
@@ -688,6 +695,19 @@ class WalProposer:
                     allowed = min(allowed, base + limit)
         return max(allowed, self.reported_lsn)  # never moves back
 
+    def lag_is_small(self, commit_lsn: Lsn) -> bool:
+        """Whether the commit LSN is less than half of every limit past the pageserver's
+        last known positions: the poller may then relax (it cannot be held back soon)."""
+        cfg = self.config
+        if self.pageserver_lsns is None:
+            return False
+        ingested, durable = self.pageserver_lsns
+        return all(commit_lsn - base < limit // 2
+                   for base, limit in ((ingested, cfg.max_write_lag_bytes),
+                                       (durable, cfg.max_flush_lag_bytes),
+                                       (durable, cfg.max_apply_lag_bytes))
+                   if limit is not None)
+
     @property
     def held_back_s(self) -> float:
         """How long backpressure has held the reports below the commit LSN, in total."""
@@ -710,6 +730,9 @@ class WalProposer:
             return  # never acknowledge anything after losing the term
         commit = driver.proposer.commit_lsn
         lsn = self.allowed_lsn(commit)
+        if self.config.pageserver_http is not None and not self._poll_now.is_set() and \
+                not self.lag_is_small(commit):
+            self._poll_now.set()
         now = time.monotonic()
         self._note_held(now, held=lsn < commit)
         if lsn != self.reported_lsn or (periodic and now - self._last_report_s >=
@@ -749,7 +772,16 @@ class WalProposer:
             except StrataError as err:
                 log.info("pageserver position unknown (%s); holding reports at %s", err,
                          self.reported_lsn)
-            await asyncio.sleep(self.config.lag_poll_interval_s)
+            # Poll often only while ingest lags by half a limit or more; otherwise every
+            # lag_poll_relaxed_s, or as soon as a commit passes half (`_report_now`).
+            self._poll_now.clear()
+            driver = self.driver
+            if driver is None or not self.lag_is_small(driver.proposer.commit_lsn):
+                await asyncio.sleep(self.config.lag_poll_interval_s)
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.lag_poll_relaxed_s):
+                    await self._poll_now.wait()
 
 
 async def _first_of(*aws: object) -> None:
@@ -843,7 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sync:
             if args.system_id is None:
                 raise UserError("--sync needs --system-id (the cluster's pg_control value)")
-            result = asyncio.run(sync_safekeepers(quorum, args.system_id, args.timeout_s))
+            result = eventloop.run(sync_safekeepers(quorum, args.system_id, args.timeout_s))
             print(result.to_json(), flush=True)
             return 0
         if args.pg_port is None or args.pgdata is None:
@@ -861,7 +893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_apply_lag_bytes=args.max_apply_lag_bytes,
             pg_reconnect_timeout_s=args.pg_reconnect_timeout_s)
         stopper = immediate_stopper(args.postmaster_pid or postmaster_pid(args.pgdata))
-        reason = asyncio.run(WalProposer(quorum, sidecar, on_fence=stopper).run())
+        reason = eventloop.run(WalProposer(quorum, sidecar, on_fence=stopper).run())
         print(json.dumps({"fenced": reason}), flush=True)
         return EXIT_FENCED
     except StrataError as err:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from strata.common import eventloop
 from strata.common.errors import UserError
 from strata.common.logctx import setup_logging
 from strata.safekeeper.http import make_app
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock = WorkdirLock(config.workdir)
         lock.acquire()
         check_node_id(config.workdir, config.node_id)
-        asyncio.run(serve(config, args.http_port))
+        eventloop.run(serve(config, args.http_port))
     except UserError as err:
         log.error("%s", err)
         print(f"safekeeper: {err}", file=sys.stderr)

@@ -83,30 +83,12 @@ _PROPOSER_MESSAGES = (ProposerGreeting, VoteRequest, ProposerElected, AppendRequ
 _DELETE_WAIT_S = 10.0  # for the connections of a deleted timeline to end
 
 
-async def _read_proposer(stream: CopyStream,
-                         inbox: asyncio.Queue[ProposerMessage | None]) -> None:
-    """Decode a proposer's messages into `inbox`; None at the end of the stream."""
-    while (payload := await stream.read()) is not None:
-        msg = decode(payload)
-        if not isinstance(msg, _PROPOSER_MESSAGES):
-            raise ProtocolError(f"a proposer sent {type(msg).__name__}, which only a "
-                                "safekeeper sends")
-        await inbox.put(msg)
-    await inbox.put(None)
-
-
-async def _next_message(inbox: asyncio.Queue[ProposerMessage | None],
-                        reader: asyncio.Task[None]) -> ProposerMessage | None:
-    """The next message; the reader's error once the messages before it are taken."""
-    if not inbox.empty():
-        return inbox.get_nowait()
-    getter = asyncio.ensure_future(inbox.get())
-    await asyncio.wait([getter, reader], return_when=asyncio.FIRST_COMPLETED)
-    if getter.done():
-        return getter.result()
-    getter.cancel()
-    reader.result()  # raises what ended the reader
-    return inbox.get_nowait() if not inbox.empty() else None
+def _decode_proposer(payload: bytes) -> ProposerMessage:
+    msg = decode(payload)
+    if not isinstance(msg, _PROPOSER_MESSAGES):
+        raise ProtocolError(f"a proposer sent {type(msg).__name__}, which only a "
+                            "safekeeper sends")
+    return msg
 
 
 class WorkdirLock:
@@ -161,6 +143,9 @@ class SafekeeperConfig:
     removal_interval_s: float = 1.0
     keepalive_interval_s: float = 5.0
     max_send_bytes: int = 128 << 10  # per XLogData
+    send_gap_s: float = 0.01
+    """A walsender sends less than max_send_bytes at most this often: commits that come
+    faster go to the pageserver together (one message, fsync and status update there)."""
     auth_public_key: Path | None = None
     """Ed25519 public key (PEM) of the JWTs both ports require; None: no authentication."""
 
@@ -385,34 +370,30 @@ class Safekeeper:
         return self._conn_ids, peer
 
     async def _proposer(self, tl: Timeline, session: Session, stream: CopyStream) -> None:
-        """Handle a proposer's messages in order. Messages that arrived while the previous
-        ones were being made durable are handled as one batch (one WAL fsync)."""
+        """Handle a proposer's messages in order, read and applied in this one task (no
+        queue or task switch per message). The messages that arrived while the previous
+        batch was being made durable are handled as one batch (one WAL fsync), and its
+        replies go out in one socket write."""
         conn_id, peer = self._peer(tl, "proposer", session)
-        inbox: asyncio.Queue[ProposerMessage | None] = asyncio.Queue(maxsize=_BATCH_MAX)
-        reader = asyncio.create_task(_read_proposer(stream, inbox), name="proposer-reader")
         try:
             with timeline_context(tl.state.tenant_id, tl.state.timeline_id):
-                while (first := await _next_message(inbox, reader)) is not None:
-                    batch = [first]
-                    while len(batch) < _BATCH_MAX and not inbox.empty():
-                        msg = inbox.get_nowait()
-                        if msg is None:
-                            inbox.put_nowait(None)  # the end: after this batch
-                            break
-                        batch.append(msg)
+                while (first := await stream.read()) is not None:
+                    batch = [_decode_proposer(first)]
+                    while len(batch) < _BATCH_MAX and \
+                            (more := stream.next_buffered()) is not None:
+                        batch.append(_decode_proposer(more))
                     for msg in batch:
                         if isinstance(msg, ProposerGreeting):
                             peer.proposer_id = msg.proposer_id
-                    for reply in await tl.handle_batch(batch):
-                        await stream.write(reply)
+                    replies = await tl.handle_batch(batch)
+                    if replies:
+                        await stream.write(*replies)
         except ProtocolError as err:
             log.info("closing proposer connection from %s: %s", session.peer, err)
             raise
         except ConnectionError as err:
             log.info("proposer connection from %s lost: %s", session.peer, err)
         finally:
-            reader.cancel()
-            await asyncio.wait([reader])
             tl.peers.pop(conn_id, None)
 
     def _check_start(self, tl: Timeline, start: Lsn) -> None:
@@ -431,11 +412,15 @@ class Safekeeper:
         feedback = asyncio.create_task(self._read_feedback(tl, peer, stream))
         pos = start
         last_sent = time.monotonic()
+        last_data = 0.0
         try:
             with timeline_context(tl.state.tenant_id, tl.state.timeline_id):
                 log.info("walsender for %s (%s) from %s", session.peer,
                          peer.application_name, start)
                 while not feedback.done():
+                    gap = last_data + self.config.send_gap_s - time.monotonic()
+                    if gap > 0 and 0 < tl.commit_lsn - pos < self.config.max_send_bytes:
+                        await asyncio.sleep(gap)  # let more commits join this message
                     data = await tl.read_committed(pos, self.config.max_send_bytes)
                     now = time.monotonic()
                     if data:
@@ -444,7 +429,7 @@ class Safekeeper:
                         await stream.write(msg.encode())
                         pos += len(data)
                         peer.sent_lsn = pos
-                        last_sent = now
+                        last_sent = last_data = now
                         continue
                     if now - last_sent >= self.config.keepalive_interval_s:
                         keepalive = wire.PrimaryKeepalive(pos.value,

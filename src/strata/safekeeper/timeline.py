@@ -3,10 +3,11 @@
 The driver contract is docs/safekeeper-protocol.md ("What K2 must do"): the actions of one
 `Acceptor.handle()` run in order, each finished before the next starts; `PersistControl`
 writes the control file (temp, fsync, rename, fsync dir) and `FlushWal`/`TruncateWal`
-fsync before any later reply, so every reply vouches only for durable state. The actions
-of one message run in a task that a cancelled connection cannot interrupt halfway (the
-in-memory acceptor would otherwise be ahead of the disk). One `asyncio.Lock` orders
-messages from all connections and the WAL reads of walsenders.
+fsync before any later reply, so every reply vouches only for durable state. That I/O
+runs on the event loop's thread with nothing awaited in between, so a cancelled connection
+cannot interrupt a message halfway (the in-memory acceptor would otherwise be ahead of the
+disk). One `asyncio.Lock` orders messages from all connections and the WAL reads of
+walsenders.
 
 Restart (`Timeline.open`): load the control file, check that all the WAL held is valid
 (records decoded with CRCs) up to the durable commit LSN, give the WAL from the scan point
@@ -256,14 +257,14 @@ class Timeline:
 
         The WAL of consecutive appends is fsynced once: a `FlushWal` is deferred past later
         `WriteWal`s (the replies wait for the batch's end), but never past any other action.
-        Runs to completion even if the caller is cancelled."""
-        self.check_usable()
-        task = asyncio.create_task(self._handle_locked(msgs))
-        # If the caller is cancelled the task finishes alone; its outcome is then unread.
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return await asyncio.shield(task)
 
-    async def _handle_locked(self, msgs: Sequence[ProposerMessage]) -> list[bytes]:
+        The file I/O of messages (WAL writes and fsyncs, control-file writes, truncation)
+        runs on the event loop's thread: a commit then costs no hand-off to a worker thread
+        and back (two wake-ups on a small machine, docs/walproposer.md), and once the lock
+        is taken nothing here awaits, so a cancelled caller can never leave the in-memory
+        acceptor ahead of the disk. Only reloading after a protocol error (a scan of the WAL)
+        runs in a thread, and holds the lock until it is done."""
+        self.check_usable()
         async with self.lock:
             self.check_usable()
             self.counters.batches += 1
@@ -276,40 +277,49 @@ class Timeline:
                     try:
                         actions = self.acceptor.handle(msg)
                     except ProtocolError:
-                        await self._flush_deferred()
+                        self._flush_deferred()
                         if not isinstance(msg, ProposerGreeting):  # a greeting is only checked
                             await self._reload()
                         raise
-                    await self._apply(actions, replies)
-                await self._flush_deferred()
+                    self._apply(actions, replies)
+                self._flush_deferred()
             finally:
                 if self.acceptor.commit_lsn != commit_before:
                     self._notify_commit()
             return replies
 
     async def _reload(self) -> None:
-        """The message may be half applied in memory, never on disk: start over from disk."""
+        """The message may be half applied in memory, never on disk: start over from disk
+        (in a thread; the caller keeps the lock until it is done, even if cancelled)."""
+        work = asyncio.ensure_future(asyncio.to_thread(self._recover))
         try:
-            self.acceptor = await self._in_thread(self._recover)
+            try:
+                self.acceptor = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                self.acceptor = await work
+                raise
         except CorruptionError as err:
             self._break(err)
+        except OSError as err:
+            self._break(err)
+            raise Unavailable(f"timeline {self.state.timeline_id}: {err}") from err
 
-    async def _flush_deferred(self) -> None:
+    def _flush_deferred(self) -> None:
         if self._flush_pending:
             t0 = time.perf_counter()
-            await self._in_thread(self.wal.flush)
+            self._guard(self.wal.flush)
             self.counters.wal_fsync_seconds += time.perf_counter() - t0
             self.counters.wal_fsyncs += 1
             self._flush_pending = False
 
-    async def _apply(self, actions: list[AcceptorAction], replies: list[bytes]) -> None:
+    def _apply(self, actions: list[AcceptorAction], replies: list[bytes]) -> None:
         for action in actions:
             if not isinstance(action, WriteWal | FlushWal) and not _is_reply(action):
-                await self._flush_deferred()  # durable before anything that builds on it
+                self._flush_deferred()  # durable before anything that builds on it
             match action:
                 case PersistControl(state=state):
                     t0 = time.perf_counter()
-                    await self._in_thread(control_file.store, self.directory, state)
+                    self._guard(control_file.store, self.directory, state)
                     self.counters.control_write_seconds += time.perf_counter() - t0
                     self.state = state
                     self.counters.control_writes += 1
@@ -321,7 +331,7 @@ class Timeline:
                 case TruncateWal(lsn=lsn):
                     log.info("truncating WAL at %s for a new term (it ended at %s)", lsn,
                              self.wal.end_lsn)
-                    await self._in_thread(self.wal.truncate, lsn)
+                    self._guard(self.wal.truncate, lsn)
                     self.counters.truncations += 1
                 case SendWal(term=term, start_lsn=start, end_lsn=end):
                     try:
@@ -334,6 +344,8 @@ class Timeline:
                     replies.append(encode(action))  # sent after the batch's last flush
 
     def _guard(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run file I/O. An I/O error takes the timeline out of service: after a failed
+        fsync the page cache can no longer be trusted."""
         try:
             return fn(*args)
         except OSError as err:
