@@ -210,6 +210,15 @@ def test_errors_are_messages(console: ConsoleEnv) -> None:
     names = {b["branch"] for b in console.call(
         "GET", "api/v1/tenants/default/branches")[1]["branches"]}
     assert "parent1" not in names and "child1" not in names
+    status, body = console.call("DELETE", "api/v1/endpoints/main")
+    assert status == 409 and "endpoint main is running; stop it first" in body["error"]
+    status, body = console.call("DELETE", "api/v1/endpoints/nosuch")
+    assert status == 404 and "no endpoint named 'nosuch'" in body["error"]
+    status, body = console.call("POST", "api/v1/tenants", {"name": "bad name!"})
+    assert status == 400 and "invalid tenant name" in body["error"]
+    status, body = console.call("POST", "api/v1/tenants", {"name": "default"})
+    failed = console.wait_job(body)
+    assert failed["state"] == "failed" and "exists already" in failed["error"]
     for body_text in (b"[1]", b"{not json"):
         req = urllib.request.Request(console.url + "api/v1/endpoints", data=body_text,
                                      method="POST",
@@ -283,6 +292,12 @@ def test_browser_branch_start_query_restore(console: ConsoleEnv) -> None:
             page.fill("#token", console.token)
             page.click("#login-button")
             expect(page.locator("section[data-page=tenants]")).to_contain_text("default")
+            # prompt() asks for the new tenant's name; confirm() for an endpoint delete.
+            page.on("dialog", lambda d: d.accept("second") if d.type == "prompt"
+                    else d.accept())
+            page.click("#new-tenant")
+            expect(page.locator("#activity .job").first).to_contain_text("create tenant")
+            expect(page.locator("section[data-page=tenants] tbody")).to_contain_text("second")
             _shot(page, console, "tenants")
 
             page.click("a[data-nav=branches]")
@@ -336,6 +351,11 @@ def test_browser_branch_start_query_restore(console: ConsoleEnv) -> None:
             # The backup has a child (main), so its delete button is disabled.
             expect(backup.locator("[data-action=delete]").first).to_be_disabled()
             _shot(page, console, "restored")
+            # An endpoint is deleted once stopped (its Delete button shows only then).
+            old_ep = page.locator(".endpoint[data-endpoint=before-banana]")
+            old_ep.locator("[data-action=stop]").click()
+            old_ep.locator("[data-action=delete-endpoint]").click()
+            expect(old_ep).to_have_count(0)
 
             page.click("a[data-nav=metrics]")
             expect(page.locator("figure[data-chart='Layer files'] svg polyline")).to_have_count(1)
@@ -344,6 +364,8 @@ def test_browser_branch_start_query_restore(console: ConsoleEnv) -> None:
             browser.close()
 
     assert _rows(console.main, "select name from fruit order by name") == [("apple",)]
+    assert "second" in [t["name"] for t in console.call("GET", "api/v1/tenants")[1]]
+    assert "before-banana" not in [e["name"] for e in console.call("GET", "api/v1/endpoints")[1]]
     tree = {b["branch"]: b for b in console.call(
         "GET", "api/v1/tenants/default/branches")[1]["branches"]}
     backup_name = next(n for n in tree if n and n.startswith("main-before-restore-"))

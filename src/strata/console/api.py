@@ -119,6 +119,26 @@ async def tenants(request: web.Request) -> web.Response:
          "branches": sorted(t.branches)} for tid, t in state.tenants.items()])
 
 
+async def create_tenant(request: web.Request) -> web.Response:
+    """A tenant with a `main` branch (initdb and import on the pageserver: a job)."""
+    console = _console(request)
+    body = await _body(request)
+    name = _text(body, "name")
+    assert name is not None
+    overrides = body.get("config") or {}
+    if not isinstance(overrides, dict):
+        raise UserError("config must be an object of tenant config keys")
+    operations.check_name("tenant", name)
+
+    def work() -> dict[str, Any]:
+        tenant_id, timeline_id = operations.create_tenant(console.env, console.env.config(),
+                                                          name, overrides)
+        return {"tenant": name, "tenant_id": str(tenant_id), "timeline_id": str(timeline_id)}
+
+    job = console.jobs.start("tenant", f"create tenant {name}", work)
+    return _job_response(job.to_json())
+
+
 def branch_tree(env: Environment, tenant: str) -> dict[str, Any]:
     """The tenant's timelines with names, branch points, sizes, times and endpoints."""
     config = env.config()
@@ -245,6 +265,18 @@ async def create_endpoint(request: web.Request) -> web.Response:
                                                             lsn, None, tenant))
     return web.json_response({"name": ep.name, "branch": ep.branch, "tenant_id": ep.tenant_id,
                               "port": ep.port, "lsn": ep.lsn}, status=201)
+
+
+async def delete_endpoint(request: web.Request) -> web.Response:
+    env = _console(request).env
+    name = request.match_info["name"]
+    await _blocking(lambda: env.read_state().endpoint(name))  # NotFound first
+    if await _blocking(lambda: running_pid(env, name)) is not None:
+        return web.json_response(
+            {"error": f"endpoint {name} is running; stop it first", "kind": "Conflict"},
+            status=409)
+    await _blocking(lambda: operations.delete_endpoint(env, name))
+    return web.json_response({"deleted": name})
 
 
 async def start_endpoint(request: web.Request) -> web.Response:

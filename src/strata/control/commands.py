@@ -9,7 +9,6 @@ their result on stdout (see `output`).
 from __future__ import annotations
 
 import os
-import shutil
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +23,6 @@ from strata.control import output
 from strata.control.auth_setup import export_cli_token, make_keys, token_for
 from strata.control.endpoints import (
     COMPUTE_MODES,
-    endpoint_paths,
     endpoint_status,
     running_pid,
     start_endpoint,
@@ -41,11 +39,12 @@ from strata.control.env import (
 )
 from strata.control.operations import (
     allocate_port,
-    check_name,
     client_if_running,
     create_branch,
     create_endpoint,
+    create_tenant,
     delete_branch,
+    delete_endpoint,
     restore_branch,
     start_named_endpoint,
     stop_named_endpoint,
@@ -323,23 +322,7 @@ def _parse_settings(items: tuple[str, ...]) -> dict[str, Any]:
 def tenant_create(ctx: click.Context, name: str, settings: tuple[str, ...]) -> None:
     """Create a tenant with a `main` branch."""
     env = _env(ctx)
-    config = env.config()
-    check_name("tenant", name)
-    overrides = _parse_settings(settings)
-    from strata.storage.tenant import TenantConfig  # the storage engine: only here
-
-    TenantConfig.from_dict({**config.tenant_defaults, **overrides})  # refuse typos early
-    if any(t.name == name for t in env.read_state().tenants.values()):
-        raise UserError(f"a tenant named {name!r} exists already; see `strata tenant list`")
-    client = require_pageserver(env, config)
-    with output.step(f"creating tenant {name} (initdb and import into the pageserver)"):
-        conf = {**config.tenant_defaults, **overrides} if overrides else None
-        tenant_id, timeline_id = client.create_tenant(config=conf)
-    with env.locked() as state:
-        state.tenants[str(tenant_id)] = TenantState(name, {DEFAULT_BRANCH: str(timeline_id)},
-                                                    overrides)
-        if state.default_tenant is None:
-            state.default_tenant = str(tenant_id)
+    tenant_id, timeline_id = create_tenant(env, env.config(), name, _parse_settings(settings))
     output.result(f"created tenant {name} ({tenant_id}) with branch {DEFAULT_BRANCH} "
                   f"(timeline {timeline_id})")
 
@@ -560,15 +543,7 @@ def endpoint_stop(ctx: click.Context, name: str, immediate: bool) -> None:
 @click.pass_context
 def endpoint_delete(ctx: click.Context, name: str) -> None:
     """Delete endpoint NAME (it must be stopped), with its saved settings."""
-    env = _env(ctx)
-    with env.locked() as state:
-        state.endpoint(name)
-        pid = running_pid(env, name)
-        if pid is not None:
-            raise UserError(f"endpoint {name} is running (postgres pid {pid}); stop it first "
-                            f"with `strata endpoint stop {name}`")
-        del state.endpoints[name]
-    shutil.rmtree(endpoint_paths(env, name).root, ignore_errors=True)
+    delete_endpoint(_env(ctx), name)
     output.result(f"deleted endpoint {name}")
 
 

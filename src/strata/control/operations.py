@@ -11,25 +11,28 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
-from strata.common.ids import TimelineId
+from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.common.proc import free_port
 from strata.common.timestamp import parse_past_timestamp_us, parse_timestamp_us
 from strata.control import output
 from strata.control.endpoints import (
     StartResult,
+    endpoint_paths,
     head_flush_lsn,
     running_pid,
     start_endpoint,
     stop_endpoint,
 )
 from strata.control.env import (
+    DEFAULT_BRANCH,
     EndpointState,
     EnvConfig,
     Environment,
@@ -337,6 +340,40 @@ def start_named_endpoint(env: Environment, config: EnvConfig, name: str,
             new_state.endpoints[name] = replace(new_state.endpoints[name], autostart=True,
                                                 mode=mode or new_state.endpoints[name].mode)
     return started
+
+
+def delete_endpoint(env: Environment, name: str) -> None:
+    """Delete stopped endpoint `name` with its saved settings; refused while it runs."""
+    with env.locked() as state:
+        state.endpoint(name)  # NotFound
+        pid = running_pid(env, name)
+        if pid is not None:
+            raise UserError(f"endpoint {name} is running (postgres pid {pid}); stop it first "
+                            f"with `strata endpoint stop {name}`")
+        del state.endpoints[name]
+    shutil.rmtree(endpoint_paths(env, name).root, ignore_errors=True)
+
+
+def create_tenant(env: Environment, config: EnvConfig, name: str,
+                  overrides: dict[str, Any]) -> tuple[TenantId, TimelineId]:
+    """Create tenant `name` with a `main` branch on the pageserver (initdb and import);
+    `overrides` are tenant config keys over the environment's [tenant_defaults]."""
+    check_name("tenant", name)
+    from strata.storage.tenant import TenantConfig  # the storage engine: only here
+
+    TenantConfig.from_dict({**config.tenant_defaults, **overrides})  # refuse typos early
+    if any(t.name == name for t in env.read_state().tenants.values()):
+        raise UserError(f"a tenant named {name!r} exists already; see `strata tenant list`")
+    client = require_pageserver(env, config)
+    with output.step(f"creating tenant {name} (initdb and import into the pageserver)"):
+        conf = {**config.tenant_defaults, **overrides} if overrides else None
+        tenant_id, timeline_id = client.create_tenant(config=conf)
+    with env.locked() as state:
+        state.tenants[str(tenant_id)] = TenantState(name, {DEFAULT_BRANCH: str(timeline_id)},
+                                                    overrides)
+        if state.default_tenant is None:
+            state.default_tenant = str(tenant_id)
+    return tenant_id, timeline_id
 
 
 def stop_named_endpoint(env: Environment, name: str, immediate: bool = False) -> bool:

@@ -156,7 +156,9 @@ function refreshEvery(ms, generation, redraw) {
 async function renderTenants() {
   const tenants = await api("GET", "/tenants");
   return el("section", {"data-page": "tenants"},
-    el("h1", {}, "Tenants"),
+    el("div", {class: "page-head"},
+      el("h1", {}, "Tenants"),
+      el("button", {id: "new-tenant", onclick: createTenant}, "New tenant")),
     el("table", {class: "grid"},
       el("thead", {}, el("tr", {}, el("th", {}, "name"), el("th", {}, "tenant id"),
                                    el("th", {}, "branches"))),
@@ -165,6 +167,14 @@ async function renderTenants() {
            t.default ? el("span", {class: "badge"}, "default") : null),
         el("td", {}, el("code", {}, t.tenant_id)),
         el("td", {}, t.branches.join(", ")))))));
+}
+
+function createTenant() {
+  const name = window.prompt("Name of the new tenant (it gets a main branch):");
+  if (!name) return;
+  startJob("POST", "/tenants", {name}, () => {
+    if (currentPage() === "tenants") route();
+  });
 }
 
 // --- branches: the tree ----------------------------------------------------------------
@@ -272,7 +282,20 @@ function endpointRow(ep) {
                               {}, redrawBranches)}, "Stop") : null,
     stopped ? el("button", {class: "small", "data-action": "start",
       onclick: () => startJob("POST", "/endpoints/" + encodeURIComponent(ep.name) + "/start",
-                              {}, redrawBranches)}, "Start") : null);
+                              {}, redrawBranches)}, "Start") : null,
+    stopped ? el("button", {class: "small danger", "data-action": "delete-endpoint",
+      onclick: () => deleteEndpoint(ep.name)}, "Delete") : null);
+}
+
+async function deleteEndpoint(name) {
+  if (!window.confirm("Delete endpoint " + name + " and its saved settings?")) return;
+  try {
+    await api("DELETE", "/endpoints/" + encodeURIComponent(name));
+    showMessage("deleted endpoint " + name, "info");
+    redrawBranches();
+  } catch (err) {
+    showMessage(err.message);
+  }
 }
 
 async function copyText(text) {
