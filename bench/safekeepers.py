@@ -129,11 +129,6 @@ def strata_compute(stack: contextlib.ExitStack, base: Path) -> tuple[Cluster, Ru
     return cluster, rc
 
 
-def _strata(stack: contextlib.ExitStack, base: Path) -> PgServer:
-    server: PgServer = strata_compute(stack, base)[1].compute.server
-    return server
-
-
 def _kill9_rounds(base: Path, rounds: int) -> tuple[float, int]:
     """The e2e kill -9 scenario (bank load, a record spanning pages cut on the safekeepers,
     kill -9, new compute, every acked transfer checked), `rounds` times: seconds per round
@@ -159,9 +154,10 @@ def run(report: Report, quick: bool) -> None:
         base = Path(tmp)
         base.chmod(0o755)
         ensure_traversable(base)
+        rc = strata_compute(stack, base)[1]
         targets = [_Target("stock_alone", _stock_alone(stack, base), base / "alone-tx"),
                    _Target("stock_sync_rep", _stock_sync_rep(stack, base), base / "sync-tx"),
-                   _Target("safekeepers", _strata(stack, base), base / "strata-tx")]
+                   _Target("safekeepers", rc.compute.server, base / "strata-tx")]
         worst_tps, worst_p99 = float("inf"), 0.0
         for workload, args in WORKLOADS:
             for clients in CLIENTS:
@@ -191,6 +187,8 @@ def run(report: Report, quick: bool) -> None:
                 report.add("p99_ratio_vs_sync_rep", strata[2] / sync_rep[2], "x")
         report.add("tps_ratio_worst", worst_tps, "x")
         report.add("p99_ratio_worst", worst_p99, "x")
+        # Commits held back by backpressure (ingest lagging), over all Strata rounds.
+        report.add("backpressure_held_s", rc.sidecar.held_back_s, "s")
         stack.close()
         kill_rounds = 3 if quick else 20
         round_s, acked = _kill9_rounds(base, kill_rounds)

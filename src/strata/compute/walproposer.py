@@ -384,13 +384,9 @@ class QuorumDriver:
         window = self.quorum_warn_s
         if self.elected is None:
             lacking = now - self._started_s >= window
-            what = (f"no majority has elected us in {now - self._started_s:.0f}s (heard from "
-                    f"safekeepers {sorted(self._last_heard)}")
         else:
-            recent = sorted(n for n, t in self._last_heard.items() if now - t <= window)
-            lacking = len(recent) < self.config.quorum
-            what = (f"only safekeepers {recent} answered in the last {window:g}s, fewer than "
-                    f"a majority of {len(self.links)}")
+            heard = sum(1 for t in self._last_heard.values() if now - t <= window)
+            lacking = heard < self.config.quorum
         if not lacking:
             if self._warned_s is not None:
                 log.info("a majority of the safekeepers answers again; commits go on")
@@ -398,6 +394,13 @@ class QuorumDriver:
             return
         if self._warned_s is None or now - self._warned_s >= window:
             self._warned_s = now
+            if self.elected is None:
+                what = (f"no majority has elected us in {now - self._started_s:.0f}s (heard "
+                        f"from safekeepers {sorted(self._last_heard)}")
+            else:
+                recent = sorted(n for n, t in self._last_heard.items() if now - t <= window)
+                what = (f"only safekeepers {recent} answered in the last {window:g}s, fewer "
+                        f"than a majority of {len(self.links)}")
             log.warning("%s; %s): commits wait until a majority is back", what,
                         self._link_errors() or "no connection errors")
 
