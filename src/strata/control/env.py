@@ -34,6 +34,7 @@ from typing import Any
 import tomli_w
 
 from strata.common.auth import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
+from strata.common.durable import write_atomic
 from strata.common.errors import NotFound, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
@@ -555,7 +556,7 @@ class Environment:
 
     def write_config(self, config: EnvConfig) -> None:
         text = CONFIG_HEADER + "\n" + tomli_w.dumps(config.to_dict())
-        atomic_write(self.config_path, text.encode())
+        write_atomic(self.config_path, text.encode())
 
     def read_state(self) -> State:
         try:
@@ -566,7 +567,7 @@ class Environment:
         return State.from_json(data, self.state_path)
 
     def _write_state(self, state: State) -> None:
-        atomic_write(self.state_path, (json.dumps(state.to_json(), indent=2) + "\n").encode())
+        write_atomic(self.state_path, (json.dumps(state.to_json(), indent=2) + "\n").encode())
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[State]:
@@ -578,15 +579,3 @@ class Environment:
             self._write_state(state)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from strata.common.durable import write_atomic
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
@@ -38,7 +39,6 @@ from strata.control.env import (
     Environment,
     State,
     TenantState,
-    atomic_write,
     tenant_id_of,
 )
 from strata.control.services import require_pageserver, safekeeper_delete_timeline
@@ -95,7 +95,7 @@ def _record_branch_time(env: Environment, timeline_id: TimelineId, point: str) -
     times = branch_times(env)
     times[str(timeline_id)] = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                                "point": point}
-    atomic_write(env.root / BRANCH_TIMES_FILE, (json.dumps(times, indent=2) + "\n").encode())
+    write_atomic(env.root / BRANCH_TIMES_FILE, (json.dumps(times, indent=2) + "\n").encode())
 
 
 def primary_on(state: State, tenant_id: str, branch: str) -> EndpointState | None:

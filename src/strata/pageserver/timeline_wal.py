@@ -39,12 +39,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
+from strata.common.durable import fsync_dir, write_atomic
 from strata.common.errors import StrataError, Unavailable, UserError
 from strata.common.failpoint import failpoint
 from strata.common.logctx import timeline_context
 from strata.common.lsn import Lsn
 from strata.pageserver.sk_receiver import SafekeeperEndpoint, SafekeeperReceiver
-from strata.pageserver.wal_log import WalLog, fsync_dir
+from strata.pageserver.wal_log import WalLog
 from strata.pageserver.walreceiver import WalReceiver, WalReceiverConfig
 from strata.pageserver.walreceiver_proc import ChildWalReceiver
 from strata.pg.walreader import DecodedRecord, WalStreamDecoder
@@ -214,10 +215,8 @@ class TimelineWal:
         if not safekeepers:
             raise UserError(f"timeline {self.timeline.timeline_id}: an empty safekeeper list")
         await self.detach(forget=True)
-        tmp = self.dir / (SAFEKEEPERS_FILE + ".tmp")
-        tmp.write_text(json.dumps([s.to_json() for s in safekeepers]))
-        os.replace(tmp, self.dir / SAFEKEEPERS_FILE)
-        fsync_dir(self.dir)
+        write_atomic(self.dir / SAFEKEEPERS_FILE,
+                     json.dumps([s.to_json() for s in safekeepers]).encode())
         self.safekeepers = safekeepers
         tl = self.timeline
         receiver = SafekeeperReceiver(tl.tenant_id, tl.timeline_id, safekeepers, self.wal_log,
@@ -239,10 +238,7 @@ class TimelineWal:
             return ()
 
     def _save_target(self, target: ReceiverTarget) -> None:
-        tmp = self.dir / (RECEIVER_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(target)))
-        os.replace(tmp, self.dir / RECEIVER_FILE)
-        fsync_dir(self.dir)
+        write_atomic(self.dir / RECEIVER_FILE, json.dumps(asdict(target)).encode())
 
     def _load_target(self) -> ReceiverTarget | None:
         try:

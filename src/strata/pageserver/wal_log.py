@@ -31,6 +31,7 @@ import os
 import threading
 from pathlib import Path
 
+from strata.common.durable import fsync_dir, write_atomic
 from strata.common.errors import CorruptionError, UserError
 from strata.common.lsn import (
     DEFAULT_WAL_SEGMENT_SIZE,
@@ -44,14 +45,6 @@ log = logging.getLogger(__name__)
 
 META_FILE = "wal_log.meta"
 TIMELINE = 1  # Strata computes always run on PostgreSQL timeline 1 (architecture D5)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class WalLog:
@@ -250,13 +243,8 @@ class WalLog:
 
 
 def _write_meta(directory: Path, start_lsn: Lsn, seg_size: int) -> None:
-    tmp = directory / (META_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"start_lsn": str(start_lsn), "seg_size": seg_size}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / META_FILE)
-    fsync_dir(directory)
+    write_atomic(directory / META_FILE,
+                 json.dumps({"start_lsn": str(start_lsn), "seg_size": seg_size}).encode())
 
 
 def _find_end(directory: Path, start_lsn: Lsn, seg_size: int) -> Lsn:

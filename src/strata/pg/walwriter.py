@@ -29,6 +29,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from strata.common.durable import write_atomic
 from strata.common.errors import UserError
 from strata.common.lsn import Lsn, check_segment_size, segment_file_name
 from strata.pg.checkpoint import SIZE_OF_CHECKPOINT, CheckPoint
@@ -189,28 +190,6 @@ def synthesize_wal(next_record_lsn: Lsn, prev_lsn: Lsn, checkpoint: CheckPoint, 
                   for segno, data in sorted(segments.items())})
 
 
-def _write_file(path: Path, data: bytes, owner: os.stat_result) -> None:
-    """Write via a temporary file and rename, fsynced, owned like the data directory."""
-    tmp = path.with_name(path.name + ".strata-tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if os.getuid() == 0:
-        os.chown(tmp, owner.st_uid, owner.st_gid)
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def install_synthetic_start(datadir: Path, control: ControlFileData, wal: SyntheticWal, *,
                             time: int) -> ControlFileData:
     """Replace the WAL in `datadir/pg_wal` by `wal` and point `global/pg_control` at it.
@@ -228,7 +207,8 @@ def install_synthetic_start(datadir: Path, control: ControlFileData, wal: Synthe
     if control.xlog_seg_size != wal.seg_size:
         raise UserError(f"synthesized WAL uses {wal.seg_size}-byte segments, the cluster in "
                         f"{datadir} uses {control.xlog_seg_size}")
-    owner = os.stat(datadir)
+    stat = os.stat(datadir)
+    owner = (stat.st_uid, stat.st_gid) if os.getuid() == 0 else None  # as the server user
     pg_wal = datadir / "pg_wal"
     for entry in pg_wal.iterdir():
         if _SEGMENT_NAME.match(entry.name) and entry.is_file():
@@ -241,9 +221,8 @@ def install_synthetic_start(datadir: Path, control: ControlFileData, wal: Synthe
                 entry.unlink()
     for name, data in wal.segments.items():
         assert len(data) == wal.seg_size, (name, len(data))
-        _write_file(pg_wal / name, data, owner)
-    _fsync_dir(pg_wal)
+        write_atomic(pg_wal / name, data, mode=0o600, owner=owner)
     new_control = control.with_clean_start(wal.checkpoint, wal.record_lsn, time=time)
-    _write_file(datadir / "global" / "pg_control", new_control.to_bytes(), owner)
-    _fsync_dir(datadir / "global")
+    write_atomic(datadir / "global" / "pg_control", new_control.to_bytes(), mode=0o600,
+                 owner=owner)
     return new_control

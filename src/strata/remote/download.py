@@ -12,13 +12,14 @@ import logging
 import os
 from pathlib import Path
 
+from strata.common.durable import fsync_dir
 from strata.common.errors import CorruptionError
 from strata.common.ids import TenantId, TimelineId
 from strata.pg.crc import crc32c
 from strata.remote.index import IndexPart, RemoteLayer, timeline_prefix
 from strata.remote.storage import RemoteStorage
 from strata.remote.timeline_client import latest_index
-from strata.storage.metadata import METADATA_FILE, encode_metadata, fsync_dir
+from strata.storage.metadata import METADATA_FILE, encode_metadata
 
 log = logging.getLogger(__name__)
 

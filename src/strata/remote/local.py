@@ -12,14 +12,13 @@ import os
 import struct
 from pathlib import Path
 
+from strata.common.durable import TEMP_SUFFIX, fsync_dir
 from strata.common.errors import CorruptionError, NotFound, Unavailable
 from strata.pg.crc import crc32c
 from strata.remote.storage import RemoteStorage, check_key, verify_checksum
-from strata.storage.metadata import fsync_dir
 
 _TRAILER = struct.Struct("<I4s")
 _MAGIC = b"SCRC"
-_TEMP_SUFFIX = ".___temp"
 
 
 class LocalDirStorage(RemoteStorage):
@@ -37,7 +36,7 @@ class LocalDirStorage(RemoteStorage):
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            temp = path.with_name(path.name + _TEMP_SUFFIX)
+            temp = path.with_name(path.name + TEMP_SUFFIX)
             with open(temp, "wb") as f:
                 f.write(data)
                 f.write(_TRAILER.pack(crc32c(data), _MAGIC))
@@ -71,7 +70,7 @@ class LocalDirStorage(RemoteStorage):
         for dirpath, _, files in os.walk(top):
             rel_dir = os.path.relpath(dirpath, self.root)
             for name in files:
-                if name.endswith(_TEMP_SUFFIX):
+                if name.endswith(TEMP_SUFFIX):
                     continue
                 key = name if rel_dir == "." else f"{rel_dir}/{name}"
                 if key.startswith(prefix):

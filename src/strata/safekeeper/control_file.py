@@ -23,13 +23,13 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from strata.common.durable import write_atomic
 from strata.common.errors import CorruptionError, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn, check_segment_size
 from strata.pg.crc import crc32c
 from strata.safekeeper.acceptor import AcceptorState
 from strata.safekeeper.messages import MAX_TERM_HISTORY, TermEntry
-from strata.storage.metadata import write_atomic
 
 CONTROL_FILE_NAME = "safekeeper.control"
 MAGIC = 0x534B4346
@@ -104,7 +104,8 @@ def store(directory: Path, state: AcceptorState) -> None:
     """Make `state` the timeline's durable state: temp, fsync, rename, fsync directory.
 
     Failpoints `sk-control-before-write`, `-before-rename`, `-before-dir-fsync`."""
-    write_atomic(directory / CONTROL_FILE_NAME, encode_state(state), "sk-control")
+    write_atomic(directory / CONTROL_FILE_NAME, encode_state(state),
+                 failpoint_prefix="sk-control")
 
 
 def load(directory: Path) -> AcceptorState:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from strata.common.auth import TokenVerifier
+from strata.common.durable import write_atomic
 from strata.common.errors import (
     CorruptionError,
     NotFound,
@@ -128,9 +129,7 @@ def check_node_id(workdir: Path, node_id: int) -> None:
             raise UserError(f"safekeeper work directory {workdir} belongs to safekeeper "
                             f"{recorded}, not {node_id}; pass --id {recorded}")
         return
-    temp = path.with_name(ID_FILE + ".___temp")
-    temp.write_text(f"{node_id}\n")
-    os.replace(temp, path)
+    write_atomic(path, f"{node_id}\n".encode())
 
 
 @dataclass(frozen=True, slots=True)

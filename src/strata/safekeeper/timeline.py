@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from strata.common.durable import TEMP_SUFFIX, fsync_dir
 from strata.common.errors import CorruptionError, NotFound, ProtocolError, Unavailable
 from strata.common.failpoint import failpoint
 from strata.common.lsn import Lsn
@@ -64,7 +65,6 @@ from strata.safekeeper.messages import (
     encode,
 )
 from strata.safekeeper.wal_storage import WalStorage
-from strata.storage.metadata import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def remove_timeline_dir(directory: Path) -> bool:
 def remove_leftover(path: Path) -> bool:
     """At start: remove `path` if it is what a crashed creation (`.___temp`) or deletion
     (`.___deleted`) left in a tenant directory; True if it was one."""
-    if not path.name.endswith((DELETED_SUFFIX, ".___temp")):
+    if not path.name.endswith((DELETED_SUFFIX, TEMP_SUFFIX)):
         return False
     log.info("removing %s, left by a %s that did not finish", path,
              "deletion" if path.name.endswith(DELETED_SUFFIX) else "creation")
@@ -188,7 +188,7 @@ class Timeline:
         """Create the timeline directory with its first control file, atomically."""
         if directory.exists():
             raise FileExistsError(directory)
-        temp = directory.with_name(directory.name + ".___temp")
+        temp = directory.with_name(directory.name + TEMP_SUFFIX)
         if temp.exists():
             shutil.rmtree(temp)  # a creation that crashed halfway
         temp.mkdir(parents=True)

@@ -27,10 +27,10 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
+from strata.common.durable import fsync_dir
 from strata.common.errors import CorruptionError, NotFound
 from strata.common.lsn import Lsn, parse_segment_file_name, segment_file_name
 from strata.pg.walreader import WalCorruption, WalStreamDecoder
-from strata.storage.metadata import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ from types import TracebackType
 
 import zstandard
 
+from strata.common.durable import fsync_dir
 from strata.common.errors import CorruptionError, NotFound, UserError
 from strata.common.lsn import Lsn
 from strata.pg.constants import BKPIMAGE_COMPRESSED_MASK
@@ -120,14 +121,6 @@ _LSN_MAX_BYTES = b"\xff" * 8  # above every LSN a layer stores
 
 def _lsn_bytes(lsn: int) -> bytes:
     return lsn.to_bytes(8, "big")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LayerFileWriter:
@@ -232,7 +225,7 @@ class LayerFileWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.rename(self._temp, self._final)
-        _fsync_dir(self._dir)
+        fsync_dir(self._dir)
         self._done = True
         assert self._final.stat().st_size == file_size, (self._final, file_size)
         return self.desc

@@ -12,26 +12,24 @@ Layout (little-endian, 128 bytes):
     latest_gc_cutoff u64 | initdb_lsn u64 | pg_version u32 | ancestor_timeline 16 bytes
     zero padding | crc32c u32 of everything before it (last 4 bytes)
 
-Rewritten atomically: write `metadata.___temp`, fsync, rename over `metadata`, fsync
-the directory. A reader therefore sees the old or the new file, never a mix; a
-torn temp file is deleted on load.
+Rewritten atomically (`common.durable.write_atomic`): write `metadata.___temp`, fsync,
+rename over `metadata`, fsync the directory. A reader therefore sees the old or the new
+file, never a mix; a torn temp file is deleted on load.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from strata.common.durable import write_atomic
 from strata.common.errors import CorruptionError, NotFound
-from strata.common.failpoint import failpoint
 from strata.common.ids import TimelineId
 from strata.common.lsn import Lsn
 from strata.pg.crc import crc32c
 
 METADATA_FILE = "metadata"
-METADATA_TEMP = "metadata.___temp"
 METADATA_SIZE = 128
 _MAGIC = 0x444D5453  # b"STMD" little-endian
 _VERSION = 1
@@ -96,36 +94,9 @@ def decode_metadata(data: bytes, path: str = "<bytes>") -> TimelineMetadata:
         pg_version=pg_version)
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, failpoint_prefix: str) -> None:
-    """Write `data` to `path` via temp + fsync + rename + fsync dir.
-
-    Failpoints `<prefix>-before-write`, `-before-rename`, `-before-dir-fsync` let
-    tests crash at each step.
-    """
-    temp = path.with_name(path.name + ".___temp")
-    failpoint(f"{failpoint_prefix}-before-write")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    failpoint(f"{failpoint_prefix}-before-rename")
-    os.replace(temp, path)
-    failpoint(f"{failpoint_prefix}-before-dir-fsync")
-    fsync_dir(path.parent)
-
-
 def save_metadata(timeline_dir: Path, meta: TimelineMetadata) -> None:
-    write_atomic(timeline_dir / METADATA_FILE, encode_metadata(meta), "metadata")
+    write_atomic(timeline_dir / METADATA_FILE, encode_metadata(meta),
+                 failpoint_prefix="metadata")
 
 
 def load_metadata(timeline_dir: Path) -> TimelineMetadata:

@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from strata.common.durable import fsync_dir
 from strata.common.errors import NotFound, UserError
 from strata.common.ids import TenantId
-from strata.storage.metadata import fsync_dir
 from strata.storage.tenant import (
     DELETING_DIR_SUFFIX,
     TEMP_DIR_SUFFIX,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
+from strata.common.durable import TEMP_SUFFIX, fsync_dir, write_atomic
 from strata.common.errors import CorruptionError, NotFound, UserError
 from strata.common.failpoint import failpoint
 from strata.common.ids import TenantId, TimelineId
@@ -34,9 +35,7 @@ from strata.storage.metadata import (
     METADATA_FILE,
     TimelineMetadata,
     encode_metadata,
-    fsync_dir,
     load_metadata,
-    write_atomic,
 )
 from strata.storage.timeline import Timeline
 
@@ -50,7 +49,7 @@ TENANT_CONFIG_FILE = "tenant.toml"
 GENERATION_FILE = "generation"
 MAX_GENERATION = 2**32 - 1
 TIMELINES_DIR = "timelines"
-TEMP_DIR_SUFFIX = ".___temp"
+TEMP_DIR_SUFFIX = TEMP_SUFFIX  # a tenant or timeline directory being created
 _fsync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
 DELETING_DIR_SUFFIX = ".___deleting"
 
@@ -119,7 +118,7 @@ class TenantConfig:
 
     def save(self, tenant_dir: Path) -> None:
         write_atomic(tenant_dir / TENANT_CONFIG_FILE, tomli_w.dumps(self.to_dict()).encode(),
-                     "tenant-config")
+                     failpoint_prefix="tenant-config")
 
     @classmethod
     def load(cls, tenant_dir: Path) -> TenantConfig:
@@ -144,7 +143,7 @@ def check_generation(generation: int) -> int:
 
 def save_generation(tenant_dir: Path, generation: int) -> None:
     write_atomic(tenant_dir / GENERATION_FILE, f"{check_generation(generation)}\n".encode(),
-                 "tenant-generation")
+                 failpoint_prefix="tenant-generation")
 
 
 def load_generation(tenant_dir: Path) -> int:

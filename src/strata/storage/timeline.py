@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from strata.common.durable import TEMP_SUFFIX, fsync_dir
 from strata.common.errors import CorruptionError, NotFound, Unavailable, UserError
 from strata.common.failpoint import FailpointHit, failpoint
 from strata.common.ids import TenantId, TimelineId
@@ -49,7 +50,7 @@ from strata.storage.layer_file import open_layer
 from strata.storage.layer_map import LayerMap
 from strata.storage.layer_name import LayerDesc, is_layer_file_name, is_temp_file_name
 from strata.storage.leases import LeaseTable
-from strata.storage.metadata import TimelineMetadata, fsync_dir, save_metadata
+from strata.storage.metadata import TimelineMetadata, save_metadata
 from strata.storage.rel import SizeRecord
 from strata.storage.value import (
     Image,
@@ -165,7 +166,7 @@ class Timeline:
         for entry in sorted(os.listdir(self.dir)):
             path = self.dir / entry
             if entry.startswith(EPHEMERAL_PREFIX) or is_temp_file_name(entry) or \
-                    entry.endswith(".___temp"):
+                    entry.endswith(TEMP_SUFFIX):
                 log.info("removing leftover file %s", path)
                 path.unlink()
                 continue
