@@ -49,7 +49,7 @@ from strata.pg.checkpoint import CheckPoint
 from strata.pg.constants import BLCKSZ, GLOBALTABLESPACE_OID, ForkNumber
 from strata.pg.controlfile import ControlFileData
 from strata.pg.crc import crc32c
-from strata.pg.page import is_new
+from strata.pg.page import ZERO_PAGE, is_new
 from strata.pg.relfile import relation_path
 from strata.pg.slru import segment_file_name
 from strata.pg.walwriter import synthesize_wal
@@ -140,7 +140,6 @@ _PAGE_WORDS = struct.Struct(f"<{BLCKSZ // 4}I")
 _PD_CHECKSUM = struct.Struct("<H")
 _PD_CHECKSUM_OFFSET = 8
 
-_ZERO_PAGE = bytes(BLCKSZ)
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 
@@ -458,7 +457,7 @@ def _write_slru(tar: _TarWriter, timeline: Timeline, lsn: Lsn, kind: SlruKind,
                 raise CorruptionError(f"{kind.name} segment {key.segno()} size value is "
                                       f"{len(value)} bytes, expected 4, at {lsn}")
             segno = key.segno()
-            pages = [_ZERO_PAGE] * _U32.unpack(value)[0]
+            pages = [ZERO_PAGE] * _U32.unpack(value)[0]
             continue
         if key.segno() != segno:
             continue  # a page of a removed segment

@@ -36,6 +36,7 @@ from strata.pg.constants import (
     ForkNumber,
     RmgrId,
 )
+from strata.pg.page import ZERO_PAGE
 from strata.pg.records import decode, record_type_name
 from strata.pg.visibilitymap import (
     MAP_OFFSET,
@@ -61,7 +62,6 @@ from strata.storage.value import Image, Patch, PatchOp, PatchWrite, Tombstone, W
 log = logging.getLogger(__name__)
 
 PG_VERSION_CONTENT = f"{PG_MAJORVERSION}\n".encode()
-ZERO_PAGE = bytes(BLCKSZ)
 SEGMENT_SIZE = struct.Struct("<I")  # value of an SLRU segment-size key: pages in the file
 
 # gistxlog.h (PostgreSQL 15)

@@ -34,9 +34,10 @@ from strata.common.logctx import timeline_context
 from strata.common.pgserve import CopyBoth, CopyStream, Reply, Session
 from strata.pageserver import pagestream as ps
 from strata.pg.constants import BLCKSZ
+from strata.pg.page import ZERO_PAGE
 from strata.pg.slru import SLRU_PAGES_PER_SEGMENT
 from strata.storage.key import slru_segment_range
-from strata.storage.timeline import Timeline, TimelineBroken
+from strata.storage.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,7 @@ class PageService:
     async def serve(self, timeline: Timeline, request: ps.Request) -> ps.Response:
         """Answer one request; every failure becomes an ErrorResponse with its context."""
         try:
-            if timeline.broken_reason is not None:
-                raise TimelineBroken(f"timeline {timeline.timeline_id} of tenant "
-                                     f"{timeline.tenant_id} is broken: "
-                                     f"{timeline.broken_reason}; re-create it from a branch")
+            timeline.check_not_broken()
             if not isinstance(request, ps.LeaseRequest):
                 await timeline.wait_for_lsn(request.lsn, self.config.wait_lsn_timeout_s)
             if pages_read(request) <= self.config.inline_max_pages:
@@ -194,8 +192,7 @@ def read_slru_segment(timeline: Timeline, request: ps.GetSlruSegmentRequest) -> 
     if npages is None:
         raise NotFound(f"{request.kind.name} segment {request.segno:04X} does not exist at "
                        f"LSN {request.lsn} on timeline {timeline.timeline_id}")
-    zero = bytes(BLCKSZ)
-    data = b"".join(pages.get(blkno, zero) for blkno in range(npages))
+    data = b"".join(pages.get(blkno, ZERO_PAGE) for blkno in range(npages))
     for blkno, page in pages.items():
         if len(page) != BLCKSZ:
             raise CorruptionError(f"{request.kind.name} segment {request.segno:04X} page "

@@ -56,7 +56,7 @@ from strata.storage.gc import GcResult
 from strata.storage.leases import Lease
 from strata.storage.repository import Repository
 from strata.storage.tenant import Tenant, TenantConfig
-from strata.storage.timeline import Timeline, TimelineBroken
+from strata.storage.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +457,7 @@ class Pageserver:
     async def compact(self, tenant_id: TenantId,
                       timeline_id: TimelineId) -> dict[TimelineId, CompactionResult]:
         timeline = self.timeline(tenant_id, timeline_id)
-        _check_not_broken(timeline)
+        timeline.check_not_broken()
         return await self.background.run_compaction(self.tenant(tenant_id), timeline_id)
 
     async def gc(self, tenant_id: TenantId) -> dict[TimelineId, GcResult]:
@@ -467,7 +467,7 @@ class Pageserver:
               duration_s: float | None = None) -> tuple[Lease, bool]:
         """Acquire or renew a lease on `lsn`; returns it and whether it was a renewal."""
         timeline = self.timeline(tenant_id, timeline_id)
-        _check_not_broken(timeline)
+        timeline.check_not_broken()
         if duration_s is None:
             duration_s = timeline.conf.lease_length_s
         now = timeline.clock()
@@ -492,7 +492,7 @@ class Pageserver:
 
         Remembered per timeline for its LSN: callers poll timeline details in loops, and
         the sum walks every relation."""
-        _check_not_broken(timeline)
+        timeline.check_not_broken()
         lsn = timeline.last_record_lsn
         key = (timeline.tenant_id, timeline.timeline_id)
         cached = self._logical_sizes.get(key)
@@ -538,10 +538,8 @@ class Pageserver:
         timeline = self.timeline(tenant_id, timeline_id)
         lsn = Lsn.parse(args[2]) if len(args) == 3 else timeline.last_record_lsn
         await timeline.wait_for_lsn(lsn, self.config.wait_lsn_timeout_s)
-        if timeline.broken_reason is not None:
-            # Checked here too, so the client gets an ErrorResponse before any tar bytes.
-            raise TimelineBroken(f"timeline {timeline_id} of tenant {tenant_id} is broken: "
-                                 f"{timeline.broken_reason}; branch from an earlier LSN")
+        # Checked here too, so the client gets an ErrorResponse before any tar bytes.
+        timeline.check_not_broken()
         loop = asyncio.get_running_loop()
 
         async def run(stream: CopyStream) -> None:
@@ -566,12 +564,6 @@ def _ancestors_first(tenant: Tenant) -> list[Timeline]:
         done.extend(ready)
         pending = [t for t in pending if t not in ready]
     return done
-
-
-def _check_not_broken(timeline: Timeline) -> None:
-    if timeline.broken_reason is not None:
-        raise TimelineBroken(f"timeline {timeline.timeline_id} of tenant {timeline.tenant_id} "
-                             f"is broken: {timeline.broken_reason}; branch from an earlier LSN")
 
 
 def _logical_size(timeline: Timeline, lsn: Lsn) -> int:

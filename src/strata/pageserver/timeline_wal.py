@@ -49,7 +49,7 @@ from strata.pageserver.wal_log import WalLog
 from strata.pageserver.walreceiver import WalReceiver, WalReceiverConfig
 from strata.pageserver.walreceiver_proc import ChildWalReceiver
 from strata.pg.walreader import DecodedRecord, WalStreamDecoder
-from strata.storage.timeline import Timeline, TimelineBroken
+from strata.storage.timeline import Timeline
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -261,9 +261,9 @@ class TimelineWal:
                                 "run `python -m strata.compute.walproposer --sync` and start "
                                 "the compute at the LSN it prints")
             await self.detach()
-            self._check_not_broken()
+            self.timeline.check_not_broken(self.ingest_error)
             await self.wait_caught_up(timeout_s)
-            self._check_not_broken()
+            self.timeline.check_not_broken(self.ingest_error)
             assert self.wal_log is not None
             last = self.timeline.last_record_lsn
             if self.wal_log.end_lsn > last:
@@ -276,12 +276,6 @@ class TimelineWal:
                 self._start_ingest()
             assert self.wal_log.end_lsn == last, (self.wal_log.end_lsn, last)
             return last, self.timeline.prev_record_lsn
-
-    def _check_not_broken(self) -> None:
-        reason = self.timeline.broken_reason or self.ingest_error
-        if reason is not None:
-            raise TimelineBroken(f"timeline {self.timeline.timeline_id} is broken: {reason}; "
-                                 "branch from an earlier LSN")
 
     async def wait_caught_up(self, timeout_s: float) -> None:
         """Wait until every record wholly in the flushed log has been applied."""

@@ -31,7 +31,7 @@ from strata.common.errors import CorruptionError, NotFound, Unavailable, UserErr
 from strata.common.failpoint import FailpointHit, failpoint
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.pg.constants import BLCKSZ
+from strata.pg.page import ZERO_PAGE
 from strata.storage.delta_layer import DeltaLayerWriter
 from strata.storage.inmemory_layer import InMemoryLayer
 from strata.storage.key import (
@@ -67,7 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ZERO_PAGE = bytes(BLCKSZ)
 LSN_TIME_FILE = "lsn_time"
 EPHEMERAL_PREFIX = "ephemeral-"
 _LSN_TIME = struct.Struct("<QQ")
@@ -390,10 +389,16 @@ class Timeline:
         return None
 
     # --- reads ---------------------------------------------------------------
-    def _check_readable(self, lsn: int) -> None:
-        if self.broken_reason is not None:
+    def check_not_broken(self, pending: str | None = None) -> None:
+        """Raise TimelineBroken if the timeline is marked broken, or if `pending` names a
+        failure its owner found but has not marked yet (an ingest error)."""
+        reason = self.broken_reason or pending
+        if reason is not None:
             raise TimelineBroken(f"timeline {self.timeline_id} of tenant {self.tenant_id} is "
-                                 f"broken: {self.broken_reason}; re-create it from a branch")
+                                 f"broken: {reason}; branch from an earlier LSN")
+
+    def _check_readable(self, lsn: int) -> None:
+        self.check_not_broken()
         if lsn < self._gc_cutoff:
             raise UserError(f"read at LSN {Lsn(lsn)} on timeline {self.timeline_id} is below "
                             f"its GC cutoff {Lsn(self._gc_cutoff)}: that history was garbage "
