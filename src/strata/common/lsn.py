@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from typing import overload
 
 from strata.common.errors import UserError
+from strata.pg.constants import SIZE_OF_XLOG_LONG_PHD, SIZE_OF_XLOG_SHORT_PHD, XLOG_BLCKSZ
 
-XLOG_BLCKSZ = 8192
 DEFAULT_WAL_SEGMENT_SIZE = 16 * 1024 * 1024
-SIZE_OF_XLOG_SHORT_PHD = 24
-SIZE_OF_XLOG_LONG_PHD = 40
 _U64_MAX = (1 << 64) - 1
 
 
@@ -98,6 +96,12 @@ class Lsn:
     def segment_file_name(self, timeline: int = 1,
                           seg_size: int = DEFAULT_WAL_SEGMENT_SIZE) -> str:
         return segment_file_name(self.segno(seg_size), timeline, seg_size)
+
+
+def page_header_size(lsn: int, seg_size: int) -> int:
+    """Size of the header of the WAL page holding `lsn`: long on a segment's first page,
+    short on every other (xlog_internal.h)."""
+    return SIZE_OF_XLOG_LONG_PHD if lsn % seg_size < XLOG_BLCKSZ else SIZE_OF_XLOG_SHORT_PHD
 
 
 def segment_file_name(segno: int, timeline: int = 1,

@@ -25,7 +25,7 @@ from pathlib import Path
 import google_crc32c
 
 from strata.common.errors import CorruptionError, UserError
-from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn, check_segment_size
+from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn, check_segment_size, page_header_size
 from strata.pg.bkpimage import restore_block_image
 from strata.pg.constants import (
     BKPBLOCK_FORK_MASK,
@@ -40,7 +40,6 @@ from strata.pg.constants import (
     RMGR_NAMES,
     SIZE_OF_XLOG_LONG_PHD,
     SIZE_OF_XLOG_RECORD,
-    SIZE_OF_XLOG_SHORT_PHD,
     XLOG_BLCKSZ,
     XLOG_PAGE_MAGIC,
     XLOG_SWITCH,
@@ -415,9 +414,6 @@ class WalStreamDecoder:
         return self._read_record()
 
     # --- pages -----------------------------------------------------------------
-    def _header_size(self, page_lsn: int) -> int:
-        return SIZE_OF_XLOG_LONG_PHD if page_lsn % self.seg_size == 0 else SIZE_OF_XLOG_SHORT_PHD
-
     def _check_page(self, page_lsn: int, rem_len: int | None) -> int | None:
         """Validate the page header at `page_lsn` (it must be buffered); return xlp_rem_len.
 
@@ -484,7 +480,7 @@ class WalStreamDecoder:
         buf_end = self._buf_lsn + len(self._buf)
         page = (start + _PAGE_MASK) & ~_PAGE_MASK  # the first page header in the stream
         while True:
-            hdr = self._header_size(page)
+            hdr = page_header_size(page, self.seg_size)
             if page + hdr > buf_end:
                 return False
             rem = self._check_page(page, None)
@@ -522,7 +518,7 @@ class WalStreamDecoder:
             return int(struct.unpack_from("<Q", self._buf, off + 8)[0])
         # The header continues after the next page header (records are 8-aligned, so xl_prev
         # starts exactly on the next page).
-        at = page_end + self._header_size(page_end) - self._buf_lsn
+        at = page_end + page_header_size(page_end, self.seg_size) - self._buf_lsn
         if at + 8 > len(self._buf):
             return None
         return int(struct.unpack_from("<Q", self._buf, at)[0])
@@ -536,7 +532,7 @@ class WalStreamDecoder:
         buf_end = base + len(buf)
         if not lsn & _PAGE_MASK:
             # A record never starts at a page boundary: the page header comes first.
-            hdr = self._header_size(lsn)
+            hdr = page_header_size(lsn, self.seg_size)
             if lsn + hdr > buf_end:
                 return None
             rem = self._check_page(lsn, None)
@@ -611,7 +607,7 @@ class WalStreamDecoder:
         remaining = tot_len - (page_end - lsn)
         page = page_end
         while remaining > 0:
-            hdr = self._header_size(page)
+            hdr = page_header_size(page, self.seg_size)
             if page + hdr > buf_end:
                 return None
             self._check_page(page, remaining)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from strata.common.durable import write_atomic
 from strata.common.errors import UserError
-from strata.common.lsn import Lsn, check_segment_size, segment_file_name
+from strata.common.lsn import Lsn, check_segment_size, page_header_size, segment_file_name
 from strata.pg.checkpoint import SIZE_OF_CHECKPOINT, CheckPoint
 from strata.pg.constants import (
     SIZE_OF_XLOG_LONG_PHD,
@@ -78,11 +78,6 @@ class SyntheticWal:
     system_identifier: int
     seg_size: int
     segments: dict[str, bytes]  # segment file name -> seg_size bytes, in WAL order
-
-
-def page_header_size(lsn: int, seg_size: int) -> int:
-    """Header size of the WAL page holding `lsn`: long on a segment's first page."""
-    return SIZE_OF_XLOG_LONG_PHD if lsn % seg_size < XLOG_BLCKSZ else SIZE_OF_XLOG_SHORT_PHD
 
 
 def checkpoint_record_lsn(next_record_lsn: Lsn, seg_size: int) -> Lsn:

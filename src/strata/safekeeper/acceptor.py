@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 
 from strata.common.errors import CorruptionError, ProtocolError
 from strata.common.ids import TenantId, TimelineId
-from strata.common.lsn import Lsn, check_segment_size
-from strata.pg.constants import SIZE_OF_XLOG_LONG_PHD, SIZE_OF_XLOG_SHORT_PHD, XLOG_BLCKSZ
+from strata.common.lsn import Lsn, check_segment_size, page_header_size
+from strata.pg.constants import XLOG_BLCKSZ
 from strata.pg.walreader import WalStreamDecoder
 from strata.safekeeper.messages import (
     MAX_READ_BYTES,
@@ -94,8 +94,7 @@ def _content_end(lsn: int, tot_len: int, seg_size: int) -> int:
     pos, remaining = lsn, tot_len
     while remaining > (page_end := (pos | (XLOG_BLCKSZ - 1)) + 1) - pos:
         remaining -= page_end - pos
-        pos = page_end + (SIZE_OF_XLOG_LONG_PHD if page_end % seg_size == 0
-                          else SIZE_OF_XLOG_SHORT_PHD)
+        pos = page_end + page_header_size(page_end, seg_size)
     return pos + remaining
 
 

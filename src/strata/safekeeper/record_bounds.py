@@ -23,11 +23,9 @@ from __future__ import annotations
 import struct
 
 from strata.common.errors import CorruptionError
-from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, check_segment_size
+from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, check_segment_size, page_header_size
 from strata.pg.constants import (
-    SIZE_OF_XLOG_LONG_PHD,
     SIZE_OF_XLOG_RECORD,
-    SIZE_OF_XLOG_SHORT_PHD,
     XLOG_BLCKSZ,
     XLOG_PAGE_MAGIC,
     XLOG_SWITCH,
@@ -107,8 +105,7 @@ class RecordBoundaryTracker:
             if self._done_lsn >= 0:
                 self._settle()
             if pos & _PAGE_MASK == 0 and self._page_done != pos:
-                size = SIZE_OF_XLOG_LONG_PHD if pos % self.seg_size == 0 \
-                    else SIZE_OF_XLOG_SHORT_PHD
+                size = page_header_size(pos, self.seg_size)
                 if n - off < size:
                     return off
                 self._check_page(pos, buf, off)
