@@ -32,10 +32,10 @@ from strata.pageserver.basebackup import (
     page_checksum,
     relation_segments,
     slot_state_bytes,
-    twophase_file_bytes,
     with_checksum,
     write_basebackup,
 )
+from strata.pageserver.datadir import twophase_file_bytes
 from strata.pg.checkpoint import CheckPoint
 from strata.pg.controlfile import ControlFileData, DBState
 from strata.pg.crc import crc32c

@@ -45,23 +45,27 @@ from typing import BinaryIO, NamedTuple
 
 from strata.common.errors import CorruptionError, NotFound, UserError
 from strata.common.lsn import Lsn
+from strata.pageserver.datadir import (
+    PG_VERSION_CONTENT,
+    SLRU_DIRS,
+    read_slru_segments,
+    twophase_file_bytes,
+)
 from strata.pg.checkpoint import CheckPoint
 from strata.pg.constants import BLCKSZ, GLOBALTABLESPACE_OID, ForkNumber
 from strata.pg.controlfile import ControlFileData
 from strata.pg.crc import crc32c
-from strata.pg.page import ZERO_PAGE, is_new
+from strata.pg.page import is_new
 from strata.pg.relfile import relation_path
 from strata.pg.slru import segment_file_name
 from strata.pg.walwriter import synthesize_wal
 from strata.storage.key import (
     Key,
     RelTag,
-    SlruKind,
     checkpoint_key,
     control_file_key,
     db_dir_range,
     relmap_range,
-    slru_range,
     twophase_range,
 )
 from strata.storage.timeline import Timeline
@@ -69,15 +73,8 @@ from strata.storage.timeline import Timeline
 log = logging.getLogger(__name__)
 
 DEFAULT_SLOT_NAME = "strata_walproposer"
-PG_VERSION_CONTENT = b"15\n"
 MODES = ("full", "lazy")
 LAZY_MANIFEST = "strata_lazy_rels"
-
-SLRU_DIRS: dict[SlruKind, str] = {
-    SlruKind.CLOG: "pg_xact",
-    SlruKind.MULTIXACT_OFFSETS: "pg_multixact/offsets",
-    SlruKind.MULTIXACT_MEMBERS: "pg_multixact/members",
-}
 
 # Directories initdb creates that a started server expects (initdb.c `subdirs`), in an
 # order where parents come first. Relation, SLRU, WAL and slot files go inside them.
@@ -116,11 +113,6 @@ _SLOT_CRC_START = 8  # magic and checksum are not covered
 RS_PERSISTENT = 0  # slot.h ReplicationSlotPersistency
 _SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")  # ReplicationSlotValidateName
 
-# --- two-phase state file (twophase.c) -----------------------------------------------
-# TwoPhaseFileHeader starts with magic u32 and total_len u32; total_len counts the
-# trailing CRC-32C, which the stored content (the PREPARE record's data) lacks.
-TWOPHASE_MAGIC = 0x57F94534
-_TWOPHASE_HEAD = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 
 # --- data page checksum (checksum_impl.h) ----------------------------------------------
@@ -163,19 +155,6 @@ def slot_state_bytes(name: str, restart_lsn: Lsn) -> bytes:
     state = head + data
     assert len(state) == SLOT_STATE_SIZE, len(state)
     return state
-
-
-def twophase_file_bytes(xid: int, content: bytes) -> bytes:
-    """`pg_twophase/<xid>`: the stored state (PREPARE record data) plus its CRC-32C."""
-    if len(content) < _TWOPHASE_HEAD.size:
-        raise CorruptionError(f"two-phase state of xid {xid} is {len(content)} bytes, too "
-                              "short for its header; the stored PREPARE data is damaged")
-    magic, total_len = _TWOPHASE_HEAD.unpack_from(content)
-    if magic != TWOPHASE_MAGIC or total_len != len(content) + 4:
-        raise CorruptionError(f"two-phase state of xid {xid}: magic {magic:#x} (want "
-                              f"{TWOPHASE_MAGIC:#x}), total_len {total_len} (want "
-                              f"{len(content) + 4}); the stored PREPARE data is damaged")
-    return content + _U32.pack(crc32c(content))
 
 
 def page_checksum(page: bytes, blkno: int) -> int:
@@ -318,7 +297,8 @@ def write_basebackup(timeline: Timeline, lsn: Lsn, out: BinaryIO, *, mode: str =
     if mode == "lazy":
         tar.add_file(LAZY_MANIFEST, lazy_manifest(timeline, lsn))
     for kind, directory in SLRU_DIRS.items():
-        _write_slru(tar, timeline, lsn, kind, directory)
+        for segno, data in read_slru_segments(timeline, kind, lsn):
+            tar.add_file(f"{directory}/{segment_file_name(segno)}", data)
     for key, content in timeline.scan(twophase_range(), lsn):
         tar.add_file(f"pg_twophase/{key.xid():08X}", twophase_file_bytes(key.xid(), content))
     if read_only:
@@ -439,32 +419,3 @@ def _pages(timeline: Timeline, rel: RelTag, lsn: Lsn, first: int, count: int,
         yield with_checksum(page, blkno) if checksums else page
 
 
-def _write_slru(tar: _TarWriter, timeline: Timeline, lsn: Lsn, kind: SlruKind,
-                directory: str) -> None:
-    """Every live segment of one SLRU; a page with no stored version is zeros.
-
-    The scan is in key order: a segment's size key, then its pages, segment by segment,
-    so one segment at a time is held in memory. A segment whose size key is gone was
-    removed (truncated away) and is skipped with its pages.
-    """
-    segno: int | None = None
-    pages: list[bytes] = []
-    for key, value in timeline.scan(slru_range(kind), lsn):
-        if key.is_slru_segment_size():
-            if segno is not None:
-                tar.add_file(f"{directory}/{segment_file_name(segno)}", b"".join(pages))
-            if len(value) != 4:
-                raise CorruptionError(f"{kind.name} segment {key.segno()} size value is "
-                                      f"{len(value)} bytes, expected 4, at {lsn}")
-            segno = key.segno()
-            pages = [ZERO_PAGE] * _U32.unpack(value)[0]
-            continue
-        if key.segno() != segno:
-            continue  # a page of a removed segment
-        if len(value) != BLCKSZ or key.blkno() >= len(pages):
-            raise CorruptionError(f"{kind.name} segment {segno} page {key.blkno()} "
-                                  f"({len(value)} bytes) does not fit the segment of "
-                                  f"{len(pages)} pages at {lsn}")
-        pages[key.blkno()] = value
-    if segno is not None:
-        tar.add_file(f"{directory}/{segment_file_name(segno)}", b"".join(pages))

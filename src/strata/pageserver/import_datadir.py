@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from strata.common.errors import CorruptionError, UserError
 from strata.common.ids import TimelineId
 from strata.common.lsn import Lsn
+from strata.pageserver.datadir import (
+    RELMAP_FILE,
+    RELMAP_FILE_SIZE,
+    SLRU_DIRS,
+    put_slru_segment_size,
+    twophase_stored,
+)
 from strata.pg.checkpoint import CheckPoint
 from strata.pg.constants import BLCKSZ, RELSEG_SIZE, XLOG_CHECKPOINT_SHUTDOWN, RmgrId
 from strata.pg.controlfile import ControlFileData, DBState
-from strata.pg.crc import crc32c
 from strata.pg.relfile import parse_path
 from strata.pg.slru import SLRU_PAGES_PER_SEGMENT, parse_segment_file_name
 from strata.pg.walreader import read_wal_files
@@ -38,7 +43,6 @@ from strata.storage.key import (
     control_file_key,
     relmap_key,
     slru_block_key,
-    slru_segment_size_key,
     twophase_key,
 )
 from strata.storage.tenant import Tenant
@@ -47,11 +51,6 @@ from strata.storage.value import Image
 
 log = logging.getLogger(__name__)
 
-SLRU_DIRS = {SlruKind.CLOG: "pg_xact", SlruKind.MULTIXACT_OFFSETS: "pg_multixact/offsets",
-             SlruKind.MULTIXACT_MEMBERS: "pg_multixact/members"}
-RELMAP_FILE = "pg_filenode.map"
-RELMAP_FILE_SIZE = 512  # relmapper.c RELMAPPER_FILESIZE
-SEGMENT_SIZE = struct.Struct("<I")  # value of an SLRU segment-size key: pages in the file
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,8 +227,7 @@ def _import_slru(timeline: Timeline, kind: SlruKind, directory: Path, lsn: Lsn) 
         for blkno in range(npages):
             timeline.put(slru_block_key(kind, segno, blkno), lsn,
                          Image(data[blkno * BLCKSZ:(blkno + 1) * BLCKSZ]))
-        timeline.put(slru_segment_size_key(kind, segno), lsn,
-                     Image(SEGMENT_SIZE.pack(npages)))
+        put_slru_segment_size(timeline, kind, segno, lsn, npages)
         pages += npages
     return pages
 
@@ -242,11 +240,7 @@ def _import_twophase(timeline: Timeline, directory: Path, lsn: Lsn) -> int:
     for entry in sorted(os.listdir(directory)):
         if len(entry) != 8 or any(c not in "0123456789ABCDEF" for c in entry):
             continue
-        data = (directory / entry).read_bytes()
-        body, stored = data[:-4], data[-4:]
-        if len(data) < 4 or crc32c(body).to_bytes(4, "little") != stored:
-            raise CorruptionError("two-phase state file CRC mismatch",
-                                  path=str(directory / entry), offset=max(len(data) - 4, 0))
+        body = twophase_stored((directory / entry).read_bytes(), str(directory / entry))
         timeline.put(twophase_key(int(entry, 16)), lsn, Image(body))
         count += 1
     return count

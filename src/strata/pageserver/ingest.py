@@ -20,19 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from strata.common.errors import NotFound, UserError
 from strata.common.lsn import Lsn
+from strata.pageserver.datadir import (
+    PG_VERSION_CONTENT,
+    put_slru_segment_size,
+    remove_slru_segment,
+    slru_segment_pages,
+    slru_segments,
+)
 from strata.pg import records as rec_types
 from strata.pg import slru
 from strata.pg.checkpoint import CheckPoint
 from strata.pg.constants import (
     BLCKSZ,
     GLOBALTABLESPACE_OID,
-    PG_MAJORVERSION,
     ForkNumber,
     RmgrId,
 )
@@ -52,8 +57,6 @@ from strata.storage.key import (
     checkpoint_key,
     relmap_key,
     slru_block_key,
-    slru_range,
-    slru_segment_size_key,
     twophase_key,
 )
 from strata.storage.timeline import Timeline, TimelineBroken
@@ -61,8 +64,6 @@ from strata.storage.value import Image, Patch, PatchOp, PatchWrite, Tombstone, W
 
 log = logging.getLogger(__name__)
 
-PG_VERSION_CONTENT = f"{PG_MAJORVERSION}\n".encode()
-SEGMENT_SIZE = struct.Struct("<I")  # value of an SLRU segment-size key: pages in the file
 
 # gistxlog.h (PostgreSQL 15)
 XLOG_GIST_PAGE_UPDATE = 0x00
@@ -510,13 +511,6 @@ class WalIngest:
         self.stats.databases_copied += 1
 
     # --- SLRUs ----------------------------------------------------------------------------
-    def _segment_pages(self, kind: SlruKind, segno: int, lsn: Lsn) -> int | None:
-        try:
-            raw = self.timeline.get(slru_segment_size_key(kind, segno), lsn)
-        except NotFound:
-            return None
-        return int(SEGMENT_SIZE.unpack(raw)[0])
-
     def _zero_slru_page(self, kind: SlruKind, pageno: int, lsn: Lsn) -> None:
         _, segno, blkno = _slru_page(kind, pageno)
         self.timeline.put(slru_block_key(kind, segno, blkno), lsn, Image(ZERO_PAGE))
@@ -524,21 +518,16 @@ class WalIngest:
 
     def _extend_segment(self, kind: SlruKind, segno: int, blkno: int, lsn: Lsn) -> None:
         """The segment file holds at least blkno + 1 pages (SimpleLruWritePage extends)."""
-        pages = self._segment_pages(kind, segno, lsn)
+        pages = slru_segment_pages(self.timeline, kind, segno, lsn)
         if pages is None or pages < blkno + 1:
-            self.timeline.put(slru_segment_size_key(kind, segno), lsn,
-                              Image(SEGMENT_SIZE.pack(blkno + 1)))
-
-    def _segments(self, kind: SlruKind, lsn: Lsn) -> list[int]:
-        return [key.segno() for key, _ in self.timeline.scan(slru_range(kind), lsn)
-                if key.is_slru_segment_size()]
+            put_slru_segment_size(self.timeline, kind, segno, lsn, blkno + 1)
 
     def _remove_segments(self, kind: SlruKind, segnos: Iterable[int], lsn: Lsn) -> None:
         for segno in segnos:
-            self.timeline.put(slru_segment_size_key(kind, segno), lsn, Tombstone())
+            remove_slru_segment(self.timeline, kind, segno, lsn)
 
     def _clog_truncate(self, d: rec_types.ClogTruncate, lsn: Lsn) -> None:
-        segnos = self._segments(SlruKind.CLOG, lsn)
+        segnos = slru_segments(self.timeline, SlruKind.CLOG, lsn)
         self._remove_segments(SlruKind.CLOG, clog_segments_to_remove(d.pageno, segnos), lsn)
         if u32_follows(d.oldest_xact, self.checkpoint.oldest_xid):
             self.checkpoint = dataclasses.replace(self.checkpoint, oldest_xid=d.oldest_xact,
@@ -565,7 +554,7 @@ class WalIngest:
         for kind, start, end in (
                 (SlruKind.MULTIXACT_OFFSETS, d.start_trunc_off, d.end_trunc_off),
                 (SlruKind.MULTIXACT_MEMBERS, d.start_trunc_memb, d.end_trunc_memb)):
-            segnos = self._segments(kind, lsn)
+            segnos = slru_segments(self.timeline, kind, lsn)
             self._remove_segments(kind, multixact_segments_to_remove(kind, start, end, segnos),
                                   lsn)
         if u32_follows(d.end_trunc_off, self.checkpoint.oldest_multi):

@@ -28,15 +28,13 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from strata.common.errors import CorruptionError, NotFound, ProtocolError, StrataError, UserError
+from strata.common.errors import ProtocolError, StrataError, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import timeline_context
 from strata.common.pgserve import CopyBoth, CopyStream, Reply, Session
 from strata.pageserver import pagestream as ps
+from strata.pageserver.datadir import read_slru_segment
 from strata.pg.constants import BLCKSZ
-from strata.pg.page import ZERO_PAGE
-from strata.pg.slru import SLRU_PAGES_PER_SEGMENT
-from strata.storage.key import slru_segment_range
 from strata.storage.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -170,45 +168,11 @@ def serve_request(timeline: Timeline, request: ps.Request) -> ps.Response:
         case ps.DbSizeRequest(lsn=lsn, spcnode=spc, dbnode=db):
             nblocks = sum(timeline.rel_size(rel, lsn) for rel in timeline.list_rels(spc, db, lsn))
             return ps.DbSizeResponse(nblocks * BLCKSZ, rid)
-        case ps.GetSlruSegmentRequest():
-            return ps.GetSlruSegmentResponse(read_slru_segment(timeline, request), rid)
+        case ps.GetSlruSegmentRequest(lsn=lsn, kind=kind, segno=segno):
+            return ps.GetSlruSegmentResponse(read_slru_segment(timeline, kind, segno, lsn), rid)
         case ps.LeaseRequest(lsn=lsn, duration_s=duration_s):
             expires_at = timeline.leases.lease(lsn, duration_s, timeline.clock(),
                                                timeline.gc_cutoff)
             log.info("lease on %s until %.0f (%.0fs)", lsn, expires_at, duration_s)
             return ps.LeaseResponse(expires_at, rid)
-
-
-def read_slru_segment(timeline: Timeline, request: ps.GetSlruSegmentRequest) -> bytes:
-    """The segment file as of the request's LSN; a page with no stored version is zeros."""
-    npages: int | None = None
-    pages: dict[int, bytes] = {}
-    for key, value in timeline.scan(slru_segment_range(request.kind, request.segno),
-                                    request.lsn):
-        if key.is_slru_segment_size():
-            npages = _segment_npages(value, request)
-        else:
-            pages[key.blkno()] = value
-    if npages is None:
-        raise NotFound(f"{request.kind.name} segment {request.segno:04X} does not exist at "
-                       f"LSN {request.lsn} on timeline {timeline.timeline_id}")
-    data = b"".join(pages.get(blkno, ZERO_PAGE) for blkno in range(npages))
-    for blkno, page in pages.items():
-        if len(page) != BLCKSZ:
-            raise CorruptionError(f"{request.kind.name} segment {request.segno:04X} page "
-                                     f"{blkno} is {len(page)} bytes at LSN {request.lsn}")
-    return data
-
-
-def _segment_npages(value: bytes, request: ps.GetSlruSegmentRequest) -> int:
-    # The segment-size value is the page count as u32 little-endian (import_datadir.py).
-    if len(value) != 4:
-        raise CorruptionError(f"{request.kind.name} segment {request.segno:04X} size value "
-                                 f"is {len(value)} bytes, expected 4, at LSN {request.lsn}")
-    npages = int.from_bytes(value, "little")
-    if npages > SLRU_PAGES_PER_SEGMENT:
-        raise CorruptionError(f"{request.kind.name} segment {request.segno:04X} has "
-                                 f"{npages} pages at LSN {request.lsn}, more than "
-                                 f"{SLRU_PAGES_PER_SEGMENT}")
-    return npages
 

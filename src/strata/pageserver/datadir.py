@@ -1,0 +1,136 @@
+"""The values of the pageserver's non-block keys: how data directory files are stored.
+
+Import (`import_datadir`), ingest, basebackup and the page service all read or write
+these through this module, so each file's stored form is decided in one place
+(keyspace in `strata.storage.key`):
+
+    SLRU segment size   u32 little-endian: the pages in the segment file (at most
+                        SLRU_PAGES_PER_SEGMENT); a Tombstone when the segment is removed
+    SLRU block          the 8 KB page; a page with no stored version reads as zeros
+    two-phase state     pg_twophase/<XID> without its trailing CRC-32C (the PREPARE
+                        record's data); the file is rebuilt with the CRC
+    database dir        the PG_VERSION file's content
+    relation map        the 512-byte pg_filenode.map, as is
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+from strata.common.errors import CorruptionError, NotFound
+from strata.common.lsn import Lsn
+from strata.pg.constants import BLCKSZ, PG_MAJORVERSION
+from strata.pg.crc import crc32c
+from strata.pg.page import ZERO_PAGE
+from strata.pg.records.xact import TWOPHASE_MAGIC
+from strata.pg.slru import SLRU_PAGES_PER_SEGMENT
+from strata.storage.key import (
+    SlruKind,
+    slru_range,
+    slru_segment_range,
+    slru_segment_size_key,
+)
+from strata.storage.timeline import Timeline
+from strata.storage.value import Image, Tombstone
+
+PG_VERSION_CONTENT = f"{PG_MAJORVERSION}\n".encode()
+SLRU_DIRS: dict[SlruKind, str] = {
+    SlruKind.CLOG: "pg_xact",
+    SlruKind.MULTIXACT_OFFSETS: "pg_multixact/offsets",
+    SlruKind.MULTIXACT_MEMBERS: "pg_multixact/members",
+}
+RELMAP_FILE = "pg_filenode.map"
+RELMAP_FILE_SIZE = 512  # relmapper.c RELMAPPER_FILESIZE
+
+_U32 = struct.Struct("<I")
+# twophase.c: TwoPhaseFileHeader starts with magic u32 and total_len u32; total_len
+# counts the trailing CRC-32C, which the stored content (the PREPARE record's data) lacks.
+_TWOPHASE_HEAD = struct.Struct("<II")
+
+
+# --- SLRU segments -------------------------------------------------------------------------
+def put_slru_segment_size(timeline: Timeline, kind: SlruKind, segno: int, lsn: Lsn,
+                          npages: int) -> None:
+    assert 0 <= npages <= SLRU_PAGES_PER_SEGMENT, npages
+    timeline.put(slru_segment_size_key(kind, segno), lsn, Image(_U32.pack(npages)))
+
+
+def remove_slru_segment(timeline: Timeline, kind: SlruKind, segno: int, lsn: Lsn) -> None:
+    """The segment file is gone; its pages stay stored but are no longer read."""
+    timeline.put(slru_segment_size_key(kind, segno), lsn, Tombstone())
+
+
+def decode_slru_segment_size(value: bytes, kind: SlruKind, segno: int, lsn: Lsn) -> int:
+    if len(value) != _U32.size:
+        raise CorruptionError(f"{kind.name} segment {segno:04X} size value is {len(value)} "
+                              f"bytes, expected 4, at LSN {lsn}")
+    npages = int(_U32.unpack(value)[0])
+    if npages > SLRU_PAGES_PER_SEGMENT:
+        raise CorruptionError(f"{kind.name} segment {segno:04X} has {npages} pages at LSN "
+                              f"{lsn}, more than {SLRU_PAGES_PER_SEGMENT}")
+    return npages
+
+
+def slru_segment_pages(timeline: Timeline, kind: SlruKind, segno: int, lsn: Lsn) -> int | None:
+    """Pages in the segment file at `lsn`, or None when the segment does not exist."""
+    try:
+        value = timeline.get(slru_segment_size_key(kind, segno), lsn)
+    except NotFound:
+        return None
+    return decode_slru_segment_size(value, kind, segno, lsn)
+
+
+def slru_segments(timeline: Timeline, kind: SlruKind, lsn: Lsn) -> list[int]:
+    """The numbers of the segments that exist at `lsn`, ascending."""
+    return [key.segno() for key, _ in timeline.scan(slru_range(kind), lsn)
+            if key.is_slru_segment_size()]
+
+
+def read_slru_segment(timeline: Timeline, kind: SlruKind, segno: int, lsn: Lsn) -> bytes:
+    """The segment file at `lsn`; a page with no stored version is zeros. A stored page
+    beyond the segment's size (left from before a truncation) is not part of the file."""
+    npages: int | None = None
+    pages: dict[int, bytes] = {}
+    for key, value in timeline.scan(slru_segment_range(kind, segno), lsn):
+        if key.is_slru_segment_size():
+            npages = decode_slru_segment_size(value, kind, segno, lsn)
+        else:
+            if len(value) != BLCKSZ:
+                raise CorruptionError(f"{kind.name} segment {segno:04X} page {key.blkno()} "
+                                      f"is {len(value)} bytes at LSN {lsn}")
+            pages[key.blkno()] = value
+    if npages is None:
+        raise NotFound(f"{kind.name} segment {segno:04X} does not exist at LSN {lsn} on "
+                       f"timeline {timeline.timeline_id}")
+    return b"".join(pages.get(blkno, ZERO_PAGE) for blkno in range(npages))
+
+
+def read_slru_segments(timeline: Timeline, kind: SlruKind,
+                       lsn: Lsn) -> Iterator[tuple[int, bytes]]:
+    """(segno, segment file) for every segment of `kind` at `lsn`, one in memory at a time."""
+    for segno in slru_segments(timeline, kind, lsn):
+        yield segno, read_slru_segment(timeline, kind, segno, lsn)
+
+
+# --- two-phase state -----------------------------------------------------------------------
+def twophase_stored(data: bytes, path: str) -> bytes:
+    """What is stored for the `pg_twophase` file `data`: the file without its CRC-32C."""
+    body, stored = data[:-4], data[-4:]
+    if len(data) < 4 or crc32c(body).to_bytes(4, "little") != stored:
+        raise CorruptionError("two-phase state file CRC mismatch", path=path,
+                              offset=max(len(data) - 4, 0))
+    return body
+
+
+def twophase_file_bytes(xid: int, content: bytes) -> bytes:
+    """`pg_twophase/<xid>`: the stored state (PREPARE record data) plus its CRC-32C."""
+    if len(content) < _TWOPHASE_HEAD.size:
+        raise CorruptionError(f"two-phase state of xid {xid} is {len(content)} bytes, too "
+                              "short for its header; the stored PREPARE data is damaged")
+    magic, total_len = _TWOPHASE_HEAD.unpack_from(content)
+    if magic != TWOPHASE_MAGIC or total_len != len(content) + 4:
+        raise CorruptionError(f"two-phase state of xid {xid}: magic {magic:#x} (want "
+                              f"{TWOPHASE_MAGIC:#x}), total_len {total_len} (want "
+                              f"{len(content) + 4}); the stored PREPARE data is damaged")
+    return content + _U32.pack(crc32c(content))
