@@ -25,8 +25,9 @@ from strata.pageserver.page_client import PageClient, PageClientSync
 from strata.pageserver.page_service import PageService, PageServiceConfig
 from strata.pg import wire
 from strata.pg.pgclient import PgConnection, ServerError
+from strata.pg.slru import SlruKind
 from strata.storage.compaction import compact
-from strata.storage.key import RelTag, SlruKind, slru_block_key, slru_segment_size_key
+from strata.storage.key import RelTag, slru_block_key, slru_segment_size_key
 from strata.storage.repository import Repository
 from strata.storage.tenant import Tenant, TenantConfig
 from strata.storage.timeline import Timeline

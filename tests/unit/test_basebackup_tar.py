@@ -39,10 +39,10 @@ from strata.pageserver.datadir import twophase_file_bytes
 from strata.pg.checkpoint import CheckPoint
 from strata.pg.controlfile import ControlFileData, DBState
 from strata.pg.crc import crc32c
+from strata.pg.slru import SlruKind
 from strata.pg.walwriter import CHECKPOINT_RECORD_LEN
 from strata.storage.key import (
     RelTag,
-    SlruKind,
     checkpoint_key,
     control_file_key,
     relmap_key,

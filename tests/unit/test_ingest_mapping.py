@@ -20,14 +20,10 @@ from strata.common.lsn import Lsn
 from strata.pageserver.ingest import (
     POSTGRES_EPOCH_UNIX_US,
     WalIngest,
-    advance_next_xid,
     clog_patches,
-    clog_segments_to_remove,
     is_gist_left_child,
-    later_u32,
     merge_checkpoint,
     multixact_create_patches,
-    multixact_segments_to_remove,
     vm_clear_patches,
     vm_truncate_plan,
 )
@@ -39,14 +35,20 @@ from strata.pg.slru import (
     MULTIXACT_MEMBERS_PER_PAGE,
     MULTIXACT_OFFSETS_PER_PAGE,
     SLRU_PAGES_PER_SEGMENT,
+    SlruKind,
     XidStatus,
     clog_get_status,
+)
+from strata.pg.transam import (
+    advance_next_xid,
+    clog_segments_to_remove,
+    later_u32,
+    multixact_segments_to_remove,
 )
 from strata.pg.visibilitymap import HEAPBLOCKS_PER_PAGE, MAP_OFFSET, get_bits
 from strata.pg.walreader import BlockRef, DecodedRecord
 from strata.storage.key import (
     RelTag,
-    SlruKind,
     checkpoint_key,
     slru_block_key,
     slru_segment_size_key,

@@ -3,6 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from strata.pg.slru import SlruKind
 from strata.storage.key import (
     KEY_MAX,
     KEY_MIN,
@@ -10,7 +11,6 @@ from strata.storage.key import (
     Key,
     KeyRange,
     RelTag,
-    SlruKind,
     checkpoint_key,
     control_file_key,
     db_dir_key,

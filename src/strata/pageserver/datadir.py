@@ -24,13 +24,8 @@ from strata.pg.constants import BLCKSZ, PG_MAJORVERSION
 from strata.pg.crc import crc32c
 from strata.pg.page import ZERO_PAGE
 from strata.pg.records.xact import TWOPHASE_MAGIC
-from strata.pg.slru import SLRU_PAGES_PER_SEGMENT
-from strata.storage.key import (
-    SlruKind,
-    slru_range,
-    slru_segment_range,
-    slru_segment_size_key,
-)
+from strata.pg.slru import SLRU_PAGES_PER_SEGMENT, SlruKind
+from strata.storage.key import slru_range, slru_segment_range, slru_segment_size_key
 from strata.storage.timeline import Timeline
 from strata.storage.value import Image, Tombstone
 

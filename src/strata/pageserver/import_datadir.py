@@ -34,11 +34,10 @@ from strata.pg.checkpoint import CheckPoint
 from strata.pg.constants import BLCKSZ, RELSEG_SIZE, XLOG_CHECKPOINT_SHUTDOWN, RmgrId
 from strata.pg.controlfile import ControlFileData, DBState
 from strata.pg.relfile import parse_path
-from strata.pg.slru import SLRU_PAGES_PER_SEGMENT, parse_segment_file_name
+from strata.pg.slru import SLRU_PAGES_PER_SEGMENT, SlruKind, parse_segment_file_name
 from strata.pg.walreader import read_wal_files
 from strata.storage.key import (
     RelTag,
-    SlruKind,
     checkpoint_key,
     control_file_key,
     relmap_key,

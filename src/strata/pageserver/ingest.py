@@ -12,8 +12,10 @@ in /work/briefs/keyspace.md; docs/ingest.md says what each record type becomes.
   by heap records, pg_xact status bits, pg_multixact pages, relation create/truncate/
   drop, databases, relation maps, two-phase state, and the checkpoint counters.
 
-The pure pieces (xid arithmetic, patches, truncation plans) are module functions on
-plain ints so that unit tests can check them against PostgreSQL's rules directly.
+The pure pieces (patches, VM truncation plans) are module functions on plain ints so
+that unit tests can check them against PostgreSQL's rules directly; the xid rules
+(wrapping order, nextXid epochs, which SLRU segments a truncation removes) are
+`strata.pg.transam`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,16 @@ from strata.pg.constants import (
 )
 from strata.pg.page import ZERO_PAGE
 from strata.pg.records import decode, record_type_name
+from strata.pg.slru import SlruKind
+from strata.pg.transam import (
+    FIRST_MULTIXACT_ID,
+    U32_MASK,
+    advance_next_xid,
+    clog_segments_to_remove,
+    later_u32,
+    multixact_segments_to_remove,
+    u32_follows,
+)
 from strata.pg.visibilitymap import (
     MAP_OFFSET,
     clear_bits,
@@ -51,14 +63,7 @@ from strata.pg.visibilitymap import (
     vm_page_offset,
 )
 from strata.pg.walreader import DecodedRecord
-from strata.storage.key import (
-    RelTag,
-    SlruKind,
-    checkpoint_key,
-    relmap_key,
-    slru_block_key,
-    twophase_key,
-)
+from strata.storage.key import RelTag, checkpoint_key, relmap_key, slru_block_key, twophase_key
 from strata.storage.timeline import Timeline, TimelineBroken
 from strata.storage.value import Image, Patch, PatchOp, PatchWrite, Tombstone, WalImage
 
@@ -69,54 +74,12 @@ log = logging.getLogger(__name__)
 XLOG_GIST_PAGE_UPDATE = 0x00
 XLOG_GIST_PAGE_SPLIT = 0x30
 
-# transam.h
-FIRST_NORMAL_TRANSACTION_ID = 3
-# multixact.h / multixact.c
-FIRST_MULTIXACT_ID = 1
-MAX_MULTIXACT_OFFSET = 0xFFFFFFFF
 # pg_time.h: TimestampTz counts microseconds from 2000-01-01 00:00 UTC.
 POSTGRES_EPOCH_UNIX_US = 946_684_800 * 1_000_000
 
-_U32 = 0xFFFFFFFF
 
 
 # --- counters (D6) ------------------------------------------------------------------
-
-def xid_precedes(a: int, b: int) -> bool:
-    """TransactionIdPrecedes for two normal xids (modulo-2^32 comparison, transam.c)."""
-    return ((a - b) & _U32) >= 0x8000_0000
-
-
-def u32_follows(a: int, b: int) -> bool:
-    """a is after b in modulo-2^32 order (MultiXactIdPrecedes(b, a) and alike)."""
-    return a != b and not xid_precedes(a, b)
-
-
-def advance_next_xid(next_full_xid: int, xid: int) -> int:
-    """nextXid after seeing 32-bit `xid` used: AdvanceNextFullTransactionIdPastXid (varsup.c).
-
-    Special xids (< 3) never move it; an xid that does not follow-or-equal the current
-    32-bit nextXid is old; otherwise the next xid after it (skipping the special ones on
-    wraparound), in the epoch of nextXid or the next one when the 32-bit value wrapped.
-    """
-    if xid < FIRST_NORMAL_TRANSACTION_ID:
-        return next_full_xid
-    next_xid = next_full_xid & _U32
-    if xid != next_xid and xid_precedes(xid, next_xid):
-        return next_full_xid
-    following = (xid + 1) & _U32
-    if following < FIRST_NORMAL_TRANSACTION_ID:
-        following = FIRST_NORMAL_TRANSACTION_ID
-    epoch = next_full_xid >> 32
-    if following < next_xid:
-        epoch += 1
-    return (epoch << 32) | following
-
-
-def later_u32(current: int, candidate: int) -> int:
-    """The later of two wrapping 32-bit counters (nextOid, nextMulti, nextMultiOffset)."""
-    return candidate if u32_follows(candidate, current) else current
-
 
 def merge_checkpoint(current: CheckPoint, seen: CheckPoint) -> CheckPoint:
     """Counters after a checkpoint record: maxima for the next* counters, its horizons.
@@ -179,65 +142,18 @@ def multixact_create_patches(mid: int, moff: int,
     """
     ops: dict[SlruPage, list[PatchOp | PatchWrite]] = {}
     members = tuple(members)
-    next_mid = (mid + 1) & _U32 or FIRST_MULTIXACT_ID
-    for multi, offset in ((mid, moff), (next_mid, (moff + len(members)) & _U32)):
+    next_mid = (mid + 1) & U32_MASK or FIRST_MULTIXACT_ID
+    for multi, offset in ((mid, moff), (next_mid, (moff + len(members)) & U32_MASK)):
         off = slru.multixact_set_offset(multi, offset)
         ops.setdefault(_slru_page(SlruKind.MULTIXACT_OFFSETS, off.page), []).append(
             PatchWrite(off.offset, off.data))
     for i, (xid, status) in enumerate(members):
-        xid_patch, flag_patch = slru.member_set((moff + i) & _U32, xid,
+        xid_patch, flag_patch = slru.member_set((moff + i) & U32_MASK, xid,
                                                 slru.MultiXactStatus(status))
         page_ops = ops.setdefault(_slru_page(SlruKind.MULTIXACT_MEMBERS, xid_patch.page), [])
         page_ops.append(PatchWrite(xid_patch.offset, xid_patch.data))
         page_ops.append(PatchOp(flag_patch.offset, flag_patch.clear_mask, flag_patch.set_mask))
     return {page: Patch(tuple(page_ops)) for page, page_ops in ops.items()}
-
-
-def clog_page_precedes(page1: int, page2: int) -> bool:
-    """CLOGPagePrecedes (clog.c): compare pages through xids on them, modulo 2^32."""
-    xid1 = (page1 * slru.CLOG_XACTS_PER_PAGE + FIRST_NORMAL_TRANSACTION_ID + 1) & _U32
-    xid2 = (page2 * slru.CLOG_XACTS_PER_PAGE + FIRST_NORMAL_TRANSACTION_ID + 1) & _U32
-    return (xid_precedes(xid1, xid2)
-            and xid_precedes(xid1, (xid2 + slru.CLOG_XACTS_PER_PAGE - 1) & _U32))
-
-
-def clog_segments_to_remove(cutoff_page: int, segnos: Iterable[int]) -> list[int]:
-    """SimpleLruTruncate for pg_xact (slru.c): segments wholly before the cutoff's segment."""
-    cutoff = cutoff_page - cutoff_page % slru.SLRU_PAGES_PER_SEGMENT
-    doomed = []
-    for segno in segnos:
-        first = segno * slru.SLRU_PAGES_PER_SEGMENT
-        last = first + slru.SLRU_PAGES_PER_SEGMENT - 1
-        if clog_page_precedes(first, cutoff) and clog_page_precedes(last, cutoff):
-            doomed.append(segno)
-    return doomed
-
-
-def multixact_segments_to_remove(kind: SlruKind, start: int, end: int,
-                                 segnos: Iterable[int]) -> list[int]:
-    """Segments of pg_multixact/offsets (entries are multis) or /members (entries are
-    member offsets) removed by a TRUNCATE_ID for entries [start, end).
-
-    PerformMembersTruncation removes member segments from the one holding `start` up to,
-    not including, the one holding `end`, wrapping around; offsets truncation keeps the
-    segment holding the last multi before `end` (SimpleLruTruncate at
-    PreviousMultiXactId(end)). Both reduce to: segments in [seg(start), seg(keep)) in
-    wrapping order, among those that exist.
-    """
-    if kind == SlruKind.MULTIXACT_MEMBERS:
-        per_page = slru.MULTIXACT_MEMBERS_PER_PAGE
-        keep = end
-        nsegs = MAX_MULTIXACT_OFFSET // per_page // slru.SLRU_PAGES_PER_SEGMENT + 1
-    else:
-        assert kind == SlruKind.MULTIXACT_OFFSETS, kind
-        per_page = slru.MULTIXACT_OFFSETS_PER_PAGE
-        keep = (end - 1) & _U32 or _U32  # PreviousMultiXactId skips 0
-        nsegs = _U32 // per_page // slru.SLRU_PAGES_PER_SEGMENT + 1
-    first = start // per_page // slru.SLRU_PAGES_PER_SEGMENT
-    stop = keep // per_page // slru.SLRU_PAGES_PER_SEGMENT
-    span = (stop - first) % nsegs
-    doomed = {(first + i) % nsegs for i in range(span)} if span < nsegs else set()
-    return sorted(s for s in segnos if s in doomed)
 
 
 # --- visibility map -------------------------------------------------------------------
@@ -541,8 +457,8 @@ class WalIngest:
             # then creates it (RecordNewMultiXact in recovery), and so do we.
             self._extend_segment(kind, segno, blkno, lsn)
         self.stats.multixacts += 1
-        next_multi = (d.mid + 1) & _U32 or FIRST_MULTIXACT_ID
-        next_offset = (d.moff + d.nmembers) & _U32
+        next_multi = (d.mid + 1) & U32_MASK or FIRST_MULTIXACT_ID
+        next_offset = (d.moff + d.nmembers) & U32_MASK
         cp = self.checkpoint
         self.checkpoint = dataclasses.replace(
             cp, next_multi=later_u32(cp.next_multi, next_multi),

@@ -46,6 +46,14 @@ assert MULTIXACT_MEMBERS_PER_PAGE == 1636, MULTIXACT_MEMBERS_PER_PAGE
 _U32_MAX = 0xFFFFFFFF
 
 
+class SlruKind(IntEnum):
+    """The SLRUs the pageserver stores (pg_xact, pg_multixact/offsets, /members)."""
+
+    CLOG = 0
+    MULTIXACT_OFFSETS = 1
+    MULTIXACT_MEMBERS = 2
+
+
 class XidStatus(IntEnum):
     """clog.h `XidStatus` values, two bits per transaction."""
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from enum import IntEnum
+
+from strata.pg.slru import SlruKind
 
 KEY_SIZE = 18
 _KEY = struct.Struct(">BIIIBI")
@@ -45,14 +46,6 @@ SPACE_CONTROL_FILE = 0x07
 
 _SLRU_SEGMENT_SIZE = 0  # field5 of an SLRU segment-size key
 _SLRU_BLOCK = 1  # field5 of an SLRU block key
-
-
-class SlruKind(IntEnum):
-    """The SLRUs the pageserver stores (pg_xact, pg_multixact/offsets, /members)."""
-
-    CLOG = 0
-    MULTIXACT_OFFSETS = 1
-    MULTIXACT_MEMBERS = 2
 
 
 @dataclass(frozen=True, slots=True, order=True)
