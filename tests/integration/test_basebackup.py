@@ -30,9 +30,10 @@ from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.compute.compute import Compute, ComputeConfig
 from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
-from strata.pageserver.basebackup import BasebackupLsns, with_checksum, write_basebackup
+from strata.pageserver.basebackup import BasebackupLsns, write_basebackup
 from strata.pageserver.import_datadir import import_new_timeline
 from strata.pageserver.ingest import WalIngest
+from strata.pg.checksum import with_checksum
 from strata.pg.page import is_new
 from strata.pg.relfile import parse_path
 from strata.pg.walreader import read_wal_files

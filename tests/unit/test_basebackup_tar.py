@@ -29,16 +29,15 @@ from strata.common.lsn import Lsn
 from strata.compute.compute import Compute, ComputeConfig, compute_settings
 from strata.pageserver.basebackup import (
     BasebackupLsns,
-    page_checksum,
-    relation_segments,
     slot_state_bytes,
-    with_checksum,
     write_basebackup,
 )
 from strata.pageserver.datadir import twophase_file_bytes
 from strata.pg.checkpoint import CheckPoint
+from strata.pg.checksum import page_checksum, with_checksum
 from strata.pg.controlfile import ControlFileData, DBState
 from strata.pg.crc import crc32c
+from strata.pg.relfile import relation_segments
 from strata.pg.slru import SlruKind
 from strata.pg.walwriter import CHECKPOINT_RECORD_LEN
 from strata.storage.key import (

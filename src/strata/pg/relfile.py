@@ -122,3 +122,17 @@ def block_file_offset(blkno: int) -> int:
 def segment_first_block(segno: int) -> int:
     assert segno >= 0, segno
     return segno * RELSEG_SIZE
+
+
+def relation_segments(nblocks: int, relseg_size: int) -> list[tuple[int, int, int]]:
+    """(segno, first block, block count) of each segment file of an `nblocks`-block fork.
+
+    An empty fork is one empty file. A fork whose size is a multiple of `relseg_size`
+    has no trailing empty segment: md.c `mdnblocks` stops at a missing next segment.
+    """
+    assert nblocks >= 0, nblocks
+    assert relseg_size > 0, relseg_size
+    if nblocks == 0:
+        return [(0, 0, 0)]
+    return [(segno, segno * relseg_size, min(relseg_size, nblocks - segno * relseg_size))
+            for segno in range((nblocks + relseg_size - 1) // relseg_size)]

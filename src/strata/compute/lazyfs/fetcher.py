@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from strata.common.lsn import Lsn
-from strata.pageserver.basebackup import with_checksum
+from strata.pg.checksum import with_checksum
 from strata.pg.constants import BLCKSZ
 from strata.storage.key import RelTag
 

@@ -3,7 +3,7 @@
 The pageserver writes `strata_lazy_rels` into a lazy basebackup (basebackup.py): one
 line `spcnode dbnode relnode forknum nblocks` per relation fork at X. Each fork becomes
 segment files of `relseg_size` blocks exactly as a full basebackup lays them out
-(`basebackup.relation_segments`: `N`, `N.1`, ...; an empty fork is one empty file).
+(`strata.pg.relfile.relation_segments`: `N`, `N.1`, ...; an empty fork is one empty file).
 An unlogged relation (one with an init fork) gets its main fork as a copy of its init
 fork and no other fork, as `ResetUnloggedRelations`
 (reinit.c) leaves it after a crash. Relations outside the default and global
@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from strata.common.errors import CorruptionError, UserError
-from strata.pageserver.basebackup import relation_segments
 from strata.pg.constants import DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID, ForkNumber
-from strata.pg.relfile import relation_path
+from strata.pg.relfile import relation_path, relation_segments
 from strata.storage.key import RelTag
 
 MANIFEST_NAME = "strata_lazy_rels"
