@@ -88,6 +88,7 @@ def connstr_of(line: str) -> str:
     return line[start:].split()[0]
 
 
+@pytest.mark.timeout(1200)  # the longest story in the suite: ~3 min quiet, 10 under load
 def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     """init + start give three safekeepers and a `main` endpoint for a non-superuser role;
     branches at the head and at a past LSN each see their parent's data of that moment
