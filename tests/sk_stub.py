@@ -20,7 +20,7 @@ from strata.safekeeper.acceptor import (
     TruncateWal,
     WriteWal,
 )
-from strata.safekeeper.messages import ReadWalResponse, decode, encode
+from strata.safekeeper.messages import AppendRequest, ReadWalResponse, decode, encode
 
 
 @dataclass
@@ -40,6 +40,7 @@ class StubSafekeeper:
     port: int = 0
     acceptor: Acceptor | None = None
     appends_with_wal: int = 0  # WriteWal actions: one fsync each in a real safekeeper
+    commit_only_appends: int = 0  # AppendRequests without WAL received
 
     @property
     def end_lsn(self) -> Lsn:
@@ -71,7 +72,10 @@ class StubSafekeeper:
         while (payload := await stream.read()) is not None:
             acceptor = self.acceptor
             assert acceptor is not None
-            for action in acceptor.handle(decode(payload)):  # type: ignore[arg-type]
+            msg = decode(payload)
+            if isinstance(msg, AppendRequest) and not msg.data:
+                self.commit_only_appends += 1
+            for action in acceptor.handle(msg):  # type: ignore[arg-type]
                 match action:
                     case PersistControl(state=state):
                         self.state = state

@@ -114,6 +114,49 @@ def test_commit_with_one_down_restart_catches_up_then_sync_finds_the_end() -> No
     run(body)
 
 
+def test_back_to_back_commits_send_no_commit_only_appends() -> None:
+    """The commit LSN rides on the next append while commits keep coming: a commit-only
+    append waits for the tick and is dropped when WAL goes first (one message per commit
+    per safekeeper, not two); once the stream is idle the last commit LSN still reaches
+    every safekeeper."""
+    async def body() -> None:
+        sks = await started(3)
+        gen = WalGenerator(START.value, PREV.value, SEG)
+        commits = 60
+        driver: QuorumDriver | None = None
+
+        def append() -> None:
+            assert driver is not None
+            driver.append_wal(gen.record(b"c" * 40)[1])
+
+        def next_commit(lsn: Lsn) -> None:  # the next WAL right after the last commits
+            assert driver is not None
+            if lsn == driver.end_lsn and gen.end_lsn < START.value + commits * 100:
+                asyncio.get_running_loop().call_soon(append)
+
+        driver = QuorumDriver(quorum_config(sks), SYSID, sync=False, on_commit=next_commit)
+        driver.start()
+        try:
+            await wait_for(lambda: driver.elected is not None, 10, "election")
+            before = [s.commit_only_appends for s in sks]
+            append()
+            end = START.value + commits * 100
+            await wait_for(lambda: gen.end_lsn >= end and driver.commit_lsn == Lsn(gen.end_lsn),
+                           30, "the commits")
+            appended = sum(s.appends_with_wal for s in sks)
+            commit_only = sum(s.commit_only_appends - b for s, b in zip(sks, before, strict=True))
+            assert appended >= 2 * (gen.end_lsn - START.value) // 100, appended
+            assert commit_only <= appended // 4, (commit_only, appended)
+            last = Lsn(gen.end_lsn)  # idle now: the commit LSN reaches all three
+            await wait_for(lambda: all(s.acceptor is not None and s.acceptor.commit_lsn == last
+                                       for s in sks), 10, "the last commit LSN")
+        finally:
+            await driver.stop()
+            for s in sks:
+                await s.stop()
+    run(body)
+
+
 def test_partial_record_is_truncated_by_sync() -> None:
     async def body() -> None:
         sks = await started(3)
