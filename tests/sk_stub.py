@@ -1,4 +1,4 @@
-"""A minimal in-process safekeeper for walproposer tests: K1's `Acceptor` behind a
+"""A minimal in-process safekeeper for walproposer tests: the real `Acceptor` behind a
 PG-protocol port (`proposer <tenant> <timeline>`, one encoded message per CopyData), with
 its "durable" state in memory, so that `stop()` + `start()` is a restart that keeps exactly
 what the acceptor's actions made durable. The real process is `strata.safekeeper`.

@@ -1,3 +1,3 @@
-"""Strata: serverless PostgreSQL in Python (see docs/ and ../shared/docs/architecture.md)."""
+"""Strata: serverless PostgreSQL in Python (see README.md and docs/)."""
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Import + WAL ingest against a real PostgreSQL 15 (architecture D2, D6; keyspace.md).
+"""Import + WAL ingest against a real PostgreSQL 15 (architecture D2, D6; docs/storage.md).
 
 A freshly initdb'ed data directory is copied (never started) and imported into a new
 timeline; PostgreSQL then runs the shared workload plus extras (GiST page splits, VACUUM

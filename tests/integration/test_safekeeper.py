@@ -2,7 +2,7 @@
 WAL removal, damaged files and the work-directory lock.
 
 The safekeepers are real processes on loopback. They are driven by the walproposer's
-`QuorumDriver` (K1's `Proposer` over real sockets) appending well-formed PostgreSQL 15 WAL
+`QuorumDriver` (the `Proposer` over real sockets) appending well-formed PostgreSQL 15 WAL
 from `tests/sim/walgen.py` (XLOG_NOOP records with real page headers and CRCs, spanning
 pages and 1 MB segments), and read by a walsender client built on `strata.pg.pgclient`.
 """

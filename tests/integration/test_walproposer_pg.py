@@ -1,5 +1,5 @@
 """The walproposer sidecar against a real PostgreSQL 15 compute (started from a pageserver
-basebackup, so its slot begins at X) and three in-process stub safekeepers (K1's Acceptor).
+basebackup, so its slot begins at X) and three in-process stub safekeepers (the real Acceptor).
 
 Proves, on the PostgreSQL side: the sidecar streams from exactly X, PostgreSQL sees it as its
 synchronous standby, and a commit returns only once a majority holds the commit record; with

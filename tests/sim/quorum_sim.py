@@ -423,7 +423,7 @@ class Simulation:
             if self.final is not None and self.final.core.phase.value == "done":
                 break
             if self.final is not None and not self.final.alive:
-                # Fenced by a term it did not see in its greetings: retry, as K3 would.
+                # Fenced by a term it did not see in its greetings: retry, as the walproposer would.
                 self.final = self.spawn_proposer(sync=True)
         assert self.final is not None, self.seed
         assert self.final.core.phase.value == "done", \

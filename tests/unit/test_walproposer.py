@@ -1,4 +1,4 @@
-"""The walproposer's quorum driver over real loopback sockets, against K1's `Acceptor` served
+"""The walproposer's quorum driver over real loopback sockets, against the `Acceptor` served
 in-process by a minimal PG-protocol safekeeper (durable state kept in memory, so a "restart"
 keeps exactly what the acceptor's actions made durable).
 

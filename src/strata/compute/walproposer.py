@@ -26,7 +26,7 @@ stop reporting. Losing the majority is not a reason: commits then wait in Postgr
 synchronous-replication queue (reads go on), the links keep reconnecting, a warning is logged
 every `quorum_warn_s`, and the waiting commits return as soon as a majority answers again.
 
-Safekeeper connections (K2's PG-protocol port, docs/safekeeper.md): a connection as user
+Safekeeper connections (the safekeeper's PG-protocol port, docs/safekeeper.md): a connection as user
 `strata`, the command `proposer <tenant> <timeline>`, then one encoded
 `strata.safekeeper.messages` message per CopyData in each direction. Every connection
 starts with our greeting; a dropped connection is re-established with backoff, and the

@@ -1,7 +1,7 @@
 """Basebackup: a tar stream of a data directory at LSN X on which stock PostgreSQL 15 starts clean.
 
 Architecture D6. The tar holds everything PostgreSQL needs to start as after a clean
-shutdown at X, built from what import and ingest stored (keyspace.md):
+shutdown at X, built from what import and ingest stored (docs/storage.md, key space):
 
 * `global/pg_control`: the imported template with a shutdown checkpoint at X
   (`ControlFileData.with_clean_start`), the counters from the checkpoint key;

@@ -5,7 +5,7 @@ base image: every page of every relation file (all forks, all segments) as an `I
 the SLRU segments (pg_xact, pg_multixact/offsets and /members), each pg_filenode.map,
 PG_VERSION per database, any pg_twophase files, the pg_control file as a template, and
 the checkpoint counters, all at X0 = the end of initdb's shutdown-checkpoint record C
-(the key contract is /work/briefs/keyspace.md). Then `finish_record(X0, C)`, so that the
+(the key space is in docs/storage.md). Then `finish_record(X0, C)`, so that the
 first WAL record the compute writes lands right after the imported state.
 
 The data directory is only read. It must be the result of initdb that was never started
@@ -232,7 +232,7 @@ def _import_slru(timeline: Timeline, kind: SlruKind, directory: Path, lsn: Lsn) 
 
 
 def _import_twophase(timeline: Timeline, directory: Path, lsn: Lsn) -> int:
-    """pg_twophase/<XID> files: stored without their trailing CRC-32C (keyspace.md)."""
+    """pg_twophase/<XID> files: stored without their trailing CRC-32C (docs/storage.md)."""
     count = 0
     if not directory.exists():
         return 0

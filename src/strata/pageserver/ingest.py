@@ -2,8 +2,8 @@
 
 `WalIngest(timeline)` holds the per-timeline decoding state (the checkpoint counters of
 D6) and `ingest(record)` turns one `strata.pg.walreader.DecodedRecord` into puts at the
-record's end LSN, then `finish_record(end, start)`. Keys and values follow the contract
-in /work/briefs/keyspace.md; docs/ingest.md says what each record type becomes.
+record's end LSN, then `finish_record(end, start)`. Keys and values follow the key space
+in docs/storage.md; docs/ingest.md says what each record type becomes.
 
 - Every block reference carries a page image (wal_consistency_checking = all); it is
   stored as a `WalImage` exactly as the WAL has it. A block reference without an image

@@ -12,7 +12,7 @@ The streaming itself is the development-mode receiver's (`WalReceiver._stream`):
 appended to the log and fsynced per batch, and each status update reports write = received,
 flush = fsynced and apply = `disk_consistent_lsn`, which the safekeepers use to drop WAL.
 
-The safekeeper's walsender (K2, docs/safekeeper.md): a connection as user `strata` with
+The safekeeper's walsender (docs/safekeeper.md): a connection as user `strata` with
 `replication=true`, then `START_REPLICATION PHYSICAL <lsn> <tenant> <timeline>` (the
 command is built in one place, `start_command`). When the safekeepers check tokens, the
 pageserver sends the one in its `$STRATA_AUTH_TOKEN` (an admin token; strata.common.auth)

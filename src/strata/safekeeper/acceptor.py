@@ -1,7 +1,7 @@
 """`Acceptor`: the safekeeper side of the WAL quorum for one timeline. No I/O.
 
-`handle(msg)` takes a proposer message and returns a list of actions for the driver (K2),
-to be executed in order, each finished before the next starts:
+`handle(msg)` takes a proposer message and returns a list of actions for the driver
+(safekeeper/timeline.py), to be executed in order, each finished before the next starts:
 
 - `PersistControl(state)`: write the control file durably (temp, fsync, rename, fsync dir);
 - `WriteWal(lsn, data)`: write WAL bytes (no fsync yet);
@@ -142,7 +142,7 @@ AcceptorAction = PersistControl | WriteWal | FlushWal | TruncateWal | SendWal | 
 
 
 class Acceptor:
-    """Acceptor side of the WAL quorum for one timeline. No I/O; the driver is K2's server.
+    """Acceptor side of the WAL quorum for one timeline. No I/O; safekeeper/timeline.py drives it.
 
     The commit LSN is persisted when an AppendRequest asks (`persist_commit`: sync, or the
     proposer's heartbeat once the stream is idle) or when it moved `commit_persist_bytes`

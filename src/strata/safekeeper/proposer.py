@@ -1,6 +1,6 @@
 """`Proposer`: the walproposer side of the WAL quorum for one timeline. No I/O.
 
-The driver (K3's walproposer, or the control plane's one-shot sync) calls `start(now)`,
+The driver (the walproposer, or the control plane's one-shot sync) calls `start(now)`,
 `handle(now, node, msg)` for every acceptor message, `tick(now)` on a timer, and in normal
 mode `append_wal(now, data)` with the WAL PostgreSQL streams from the `Elected` position.
 Each returns actions, executed in order:
@@ -12,7 +12,7 @@ Each returns actions, executed in order:
 - `CommitAdvanced(commit_lsn)`: WAL below it is on a majority in this term, at a record end:
   report it to PostgreSQL as written/flushed/applied;
 - `Fenced(term)`: an acceptor knows a higher term (or granted ours to another proposer):
-  stop at once (K3 stops its PostgreSQL);
+  stop at once (the walproposer stops its PostgreSQL);
 - `SyncDone(end_lsn, prev_record_lsn)`: sync mode only: the commit LSN is durably `end_lsn` on
   a majority; start the compute there.
 
@@ -162,7 +162,7 @@ class _Fetch:
 
 
 class Proposer:
-    """Proposer side of the WAL quorum. No I/O; the drivers are K3's."""
+    """Proposer side of the WAL quorum. No I/O; the drivers are in compute/walproposer.py."""
 
     def __init__(self, config: ProposerConfig, rng: random.Random) -> None:
         self.config = config

@@ -1,13 +1,13 @@
-"""`Timeline`: one timeline on a safekeeper: K1's `Acceptor` driven durably against its files.
+"""`Timeline`: one timeline on a safekeeper: the `Acceptor` driven durably against its files.
 
-The driver contract is docs/safekeeper-protocol.md ("What K2 must do"): the actions of one
-`Acceptor.handle()` run in order, each finished before the next starts; `PersistControl`
-writes the control file (temp, fsync, rename, fsync dir) and `FlushWal`/`TruncateWal`
-fsync before any later reply, so every reply vouches only for durable state. That I/O
-runs on the event loop's thread with nothing awaited in between, so a cancelled connection
-cannot interrupt a message halfway (the in-memory acceptor would otherwise be ahead of the
-disk). One `asyncio.Lock` orders messages from all connections and the WAL reads of
-walsenders.
+The driver contract is docs/safekeeper-protocol.md ("What the safekeeper must do"): the
+actions of one `Acceptor.handle()` run in order, each finished before the next starts;
+`PersistControl` writes the control file (temp, fsync, rename, fsync dir) and
+`FlushWal`/`TruncateWal` fsync before any later reply, so every reply vouches only for
+durable state. That I/O runs on the event loop's thread with nothing awaited in between,
+so a cancelled connection cannot interrupt a message halfway (the in-memory acceptor
+would otherwise be ahead of the disk). One `asyncio.Lock` orders messages from all
+connections and the WAL reads of walsenders.
 
 Restart (`Timeline.open`): load the control file, check that all the WAL held is valid
 (records decoded with CRCs) up to the durable commit LSN, give the WAL from the scan point

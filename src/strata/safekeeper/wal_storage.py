@@ -6,8 +6,8 @@ Segment `N` is the file `segment_file_name(N)` (timeline 1) and holds the WAL by
 how far it has been written. The bytes of the timeline's first segment before the timeline
 start LSN are a hole (never written, read as zeros and never served).
 
-Durability (docs/safekeeper-protocol.md, "What K2 must do"): `write` only writes; `flush`
-fsyncs every file written since the last flush and the directory when a segment was
+Durability (docs/safekeeper-protocol.md, "What the safekeeper must do"): `write` only
+writes; `flush` fsyncs every file written since the last flush and the directory when a segment was
 created; `truncate` and `remove_below` fsync before returning.
 
 After a crash the files may end anywhere after the last flush, possibly with zeros or a torn

@@ -80,7 +80,7 @@ class TimelineBroken(CorruptionError):
 
 
 class LayerReader(Protocol):
-    """What the timeline needs from S1's delta and image layer readers."""
+    """What the timeline needs from the delta and image layer readers."""
 
     def get_versions_raw(self, key: bytes, end_lsn: int) -> list[tuple[int, bytes]]: ...
     def iter_range_raw(self, key_range: KeyRange,

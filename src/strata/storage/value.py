@@ -18,8 +18,8 @@ is BLCKSZ zero bytes (a page PostgreSQL extended without WAL reads as zeros, D5)
 GiST page opaque layout (gist.h GISTPageOpaqueData, at pd_special): `nsn`
 PageXLogRecPtr (two u32 halves, xlogid then xrecoff, each native little-endian,
 exactly like pd_lsn; NOT one little-endian u64) @+0, `rightlink` u32 @+8,
-`flags` u16 @+12, `gist_page_id` u16 @+14. The storage-interface brief said flags
-are at +8; gist.h puts them at +12 (the rightlink comes first).
+`flags` u16 @+12, `gist_page_id` u16 @+14 (the rightlink comes first, so the flags are
+at +12, not +8).
 
 Encoding (little-endian; first byte is the tag, 0 is never valid):
 
