@@ -29,6 +29,7 @@ from strata.pageserver.client import PageserverClient
 from strata.pg.walreader import read_wal_files
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fixtures_env import Env, PageserverProcess  # noqa: E402
 
 __all__ = ["Env", "PageserverProcess", "Sample", "LagSampler", "BlockCounts", "pgbench",

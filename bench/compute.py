@@ -55,6 +55,7 @@ from strata.compute.lazy import LazyCompute, LazyOptions, start_lazy_compute
 from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fixtures_env import APP_NAME, COMPUTE_SETTINGS, SLOT, Env, PageserverProcess  # noqa: E402
 
 

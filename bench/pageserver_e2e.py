@@ -21,6 +21,7 @@ from strata.common.proc import ensure_traversable
 from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fixtures_env import Env, PageserverProcess  # noqa: E402
 
 

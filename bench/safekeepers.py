@@ -29,7 +29,7 @@ from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from sk_fixtures import Cluster, LoopThread, RunningCompute  # noqa: E402
+from fixtures_env import Cluster, LoopThread, RunningCompute  # noqa: E402
 
 CLIENTS = (1, 4, 8)
 WORKLOADS: tuple[tuple[str, tuple[str, ...]], ...] = (("tpcb", ()), ("simple", ("-N",)))

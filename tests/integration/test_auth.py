@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_env import PageserverProcess
-from sk_fixtures import SafekeeperProcess
+from fixtures_env import PageserverProcess, SafekeeperProcess
 
 from strata.common.auth import (
     ADMIN_SCOPE,

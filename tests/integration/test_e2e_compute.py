@@ -23,8 +23,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from fixtures_env import Env, PageserverProcess, wait_until
+from fixtures_env import Env, PageserverProcess
 
+from polling import wait_until
 from strata.common.errors import CorruptionError, StrataError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from fixtures_env import APP_NAME, COMPUTE_SETTINGS, SLOT, Env, wait_until
+from fixtures_env import APP_NAME, COMPUTE_SETTINGS, SLOT, Env
 from test_e2e_compute import (
     assert_balances,
     assert_same_dump,
@@ -29,6 +29,7 @@ from test_e2e_compute import (
     wait_ingested,
 )
 
+from polling import wait_until
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.compute.compute import ComputeConfig

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_env import Env, PageserverProcess, wait_until
+from fixtures_env import Env, PageserverProcess
 
+from polling import wait_until
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.common.proc import ensure_traversable

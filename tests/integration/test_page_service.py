@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from polling import wait_until
 from strata.common.errors import CorruptionError, NotFound, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
@@ -503,9 +504,7 @@ def test_a_client_vanishing_mid_stream_is_no_error(served: Served,
     def gone() -> bool:
         return any("pagestream client gone" in r.getMessage() for r in caplog.records)
 
-    deadline = time.monotonic() + 10
-    while not gone() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(gone, 10, "the 'pagestream client gone' line")
     assert gone(), [r.getMessage() for r in caplog.records]
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from polling import wait_until
 from strata.common.errors import UserError
 from strata.compute.pgserver import PgServer
 from strata.compute.postmaster_files import leftover_processes
@@ -39,10 +39,9 @@ def test_start_after_kill9_of_an_unreaped_postmaster(
     assert children  # checkpointer, background writer, ...
     os.kill(old, signal.SIGKILL)
     try:
-        deadline = time.monotonic() + 30
-        while _state(old) != "Z":  # dead, and not reaped: we are its parent
-            assert time.monotonic() < deadline, _state(old)
-            time.sleep(0.01)
+        # dead, and not reaped: we are its parent
+        wait_until(lambda: _state(old) == "Z", 30, f"the killed postmaster {old} to be a "
+                   "zombie", interval_s=0.01)
         second = pg_factory("pg2")
         second.datadir, second.port = first.datadir, first.port
         second.socket_dir, second.log_path = first.socket_dir, first.log_path

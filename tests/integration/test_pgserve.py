@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from polling import wait_until_async
 from strata.common.errors import NotFound
 from strata.common.pgserve import (
     Command,
@@ -373,10 +374,8 @@ def test_client_reset_mid_copy_logs_no_error(query: str,
                 conn.send_nowait(wire.Query(query).encode())  # the chunks pile up unread
             await asyncio.sleep(0.5)
             conn.abort()  # unread data in the receive buffer: the kernel sends a reset
-            deadline = time.monotonic() + 30
-            while srv._tasks:  # noqa: SLF001 - the connection task ends
-                assert time.monotonic() < deadline, "the connection task never ended"
-                await asyncio.sleep(0.05)
+            await wait_until_async(lambda: not srv._tasks, 30,  # noqa: SLF001
+                                   "the connection task to end")
             other = await PgConnection.connect("127.0.0.1", srv.port, user="u")
             assert (await other.simple_query("select 1")).rows == [("1",)]
             await other.close()

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fixtures_env import Env, PageserverProcess, wait_until
+from fixtures_env import Env, PageserverProcess
 from remote_fixtures import s3_url, seaweed  # noqa: F401
 from test_e2e_compute import wait_ingested
 
+from polling import wait_until
 from strata.common.errors import UserError
 from strata.remote.index import IndexPart, timeline_prefix
 from strata.remote.storage import open_remote_storage

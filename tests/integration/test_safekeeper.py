@@ -13,23 +13,22 @@ import asyncio
 import contextlib
 import json
 import random
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures_env import SafekeeperProcess
 from prometheus_client.parser import text_string_to_metric_families
 
+from polling import wait_until_async
 from sim.walgen import SYSID, WalGenerator
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn, segment_file_name
-from strata.common.proc import free_port
 from strata.compute.walproposer import QuorumConfig, QuorumDriver, SafekeeperAddr
 from strata.pg import wire
 from strata.pg.pgclient import CopyBothStream, PgConnection, ServerError
@@ -39,57 +38,12 @@ START = Lsn(16 * SEG + 40)  # just after a segment's long page header, as after 
 PREV = Lsn(16 * SEG - 64)
 
 
-class Sk:
-    """One safekeeper process on fixed ports (a restart keeps its address)."""
+class Sk(SafekeeperProcess):
+    """One safekeeper process on fixed ports (a restart keeps its address), its log next to
+    its directory, with this file's timeline (START, PREV, SYSID, SEG)."""
 
     def __init__(self, node_id: int, workdir: Path, *extra: str) -> None:
-        self.node_id = node_id
-        self.workdir = workdir
-        self.log_path = workdir.with_suffix(".log")
-        self.pg_port = free_port()
-        self.http_port = free_port()
-        self.extra = list(extra)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def argv(self) -> list[str]:
-        return [sys.executable, "-m", "strata.safekeeper", "--id", str(self.node_id),
-                "--workdir", str(self.workdir), "--pg-port", str(self.pg_port),
-                "--http-port", str(self.http_port), *self.extra]
-
-    def start(self) -> None:
-        assert self.proc is None
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.proc.poll() is None, f"safekeeper exited:\n{self.log()}"
-            with contextlib.suppress(OSError):
-                self.http("GET", "/v1/status")
-                return
-            assert time.monotonic() < deadline, f"safekeeper did not start:\n{self.log()}"
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        proc, self.proc = self.proc, None
-        assert proc is not None
-        proc.send_signal(signal.SIGTERM)
-        return proc.wait(30)
-
-    def kill9(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            proc.kill()
-            proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def http(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
-                                     method=method, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())
+        super().__init__(node_id, workdir, workdir.with_suffix(".log"), extra_args=list(extra))
 
     def http_error(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
         with pytest.raises(urllib.error.HTTPError) as info:
@@ -102,8 +56,7 @@ class Sk:
                           "prev_lsn": str(PREV), "system_id": SYSID, "seg_size": SEG})
 
     def status(self, tenant: TenantId, timeline: TimelineId) -> dict[str, Any]:
-        out: dict[str, Any] = self.http("GET", f"/v1/tenant/{tenant}/timeline/{timeline}")
-        return out
+        return self.timeline_status(tenant, timeline)
 
     def timeline_dir(self, tenant: TenantId, timeline: TimelineId) -> Path:
         return self.workdir / "tenants" / str(tenant) / str(timeline)
@@ -127,8 +80,8 @@ class SkFactory:
 
     def check_logs(self) -> None:
         for sk in self.started:
-            for line in sk.log().splitlines():
-                assert "Traceback" not in line, sk.log()
+            for line in sk.log_text().splitlines():
+                assert "Traceback" not in line, sk.log_text()
                 if " ERROR " in line or " WARNING " in line:
                     assert any(e in line for e in self.expected_errors), line
 
@@ -177,13 +130,6 @@ async def wait_commit(driver: QuorumDriver, lsn: int, timeout_s: float = 20) -> 
         while driver.commit_lsn.value < lsn:
             assert driver.fenced is None, driver.fenced
             await asyncio.sleep(0.02)
-
-
-async def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def walsender(sk: Sk, tenant: TenantId, timeline: TimelineId,
@@ -235,8 +181,9 @@ def test_quorum_commit_and_restart_recovery(sks: SkFactory) -> None:
             await append(driver, gen, rng, 300, 9000)  # 2.7 MB: spans 1 MB segments
             await wait_commit(driver, gen.end_lsn)
             term = driver.proposer.term
-            await wait_for(lambda: all(sk.status(tenant, timeline)["commit_lsn"]
-                                       == str(Lsn(gen.end_lsn)) for sk in nodes), "commit")
+            await wait_until_async(lambda: all(sk.status(tenant, timeline)["commit_lsn"]
+                                               == str(Lsn(gen.end_lsn)) for sk in nodes),
+                                   20, "commit")
             before = nodes[1].status(tenant, timeline)
             assert before["term"] == term
             assert before["last_record_end"] == str(Lsn(gen.end_lsn))
@@ -273,8 +220,8 @@ def test_quorum_commit_and_restart_recovery(sks: SkFactory) -> None:
     asyncio.run(scenario())
     # A stopped safekeeper answered SIGTERM with exit status 0 (checked above); the restarted
     # ones found their WAL end by decoding the segments, and sk3 cut the garbage.
-    assert "cutting" not in nodes[1].log()
-    assert "cutting 3000 bytes of torn WAL" in nodes[2].log()
+    assert "cutting" not in nodes[1].log_text()
+    assert "cutting 3000 bytes of torn WAL" in nodes[2].log_text()
 
 
 def test_walsender_serves_only_committed_wal(sks: SkFactory) -> None:
@@ -293,13 +240,13 @@ def test_walsender_serves_only_committed_wal(sks: SkFactory) -> None:
             committed = await append(driver, gen, rng, 40)
             await wait_commit(driver, gen.end_lsn)
             commit_a = Lsn(gen.end_lsn)
-            await wait_for(lambda: nodes[0].status(tenant, timeline)["commit_lsn"]
-                           == str(commit_a), "commit on sk1")
+            await wait_until_async(lambda: nodes[0].status(tenant, timeline)["commit_lsn"]
+                                   == str(commit_a), 20, "commit on sk1")
             for sk in nodes[1:]:
                 await asyncio.to_thread(sk.stop)
             tail = await append(driver, gen, rng, 40)  # only sk1 gets it: not committed
-            await wait_for(lambda: nodes[0].status(tenant, timeline)["flush_lsn"]
-                           == str(Lsn(gen.end_lsn)), "flush of the uncommitted tail")
+            await wait_until_async(lambda: nodes[0].status(tenant, timeline)["flush_lsn"]
+                                   == str(Lsn(gen.end_lsn)), 20, "flush of the uncommitted tail")
             assert driver.commit_lsn == commit_a
 
             conn, stream = await walsender(nodes[0], tenant, timeline, START)
@@ -310,8 +257,9 @@ def test_walsender_serves_only_committed_wal(sks: SkFactory) -> None:
             update = wire.StandbyStatusUpdate(commit_a.value, commit_a.value,
                                               START.value + 8192, wire.pg_timestamp(time.time()))
             await stream.send(update.encode())
-            await wait_for(lambda: (nodes[0].status(tenant, timeline)["pageserver_feedback"]
-                                    or {}).get("apply_lsn") == str(START + 8192), "feedback")
+            await wait_until_async(
+                lambda: (nodes[0].status(tenant, timeline)["pageserver_feedback"]
+                         or {}).get("apply_lsn") == str(START + 8192), 20, "feedback")
             peers = nodes[0].status(tenant, timeline)["peers"]
             assert {p["kind"] for p in peers} == {"proposer", "walsender"}
 
@@ -345,8 +293,8 @@ def test_wal_removal_follows_pageserver_feedback(sks: SkFactory) -> None:
             await wait_commit(driver, gen.end_lsn)
             end = Lsn(gen.end_lsn)
             assert end.segno(SEG) >= START.segno(SEG) + 3, end
-            await wait_for(lambda: sk.status(tenant, timeline)["durable_commit_lsn"]
-                           == str(end), "durable commit")
+            await wait_until_async(lambda: sk.status(tenant, timeline)["durable_commit_lsn"]
+                                   == str(end), 20, "durable commit")
             all_segments = segments()
             await asyncio.sleep(0.5)
             assert segments() == all_segments  # no feedback yet: nothing removed
@@ -359,7 +307,7 @@ def test_wal_removal_follows_pageserver_feedback(sks: SkFactory) -> None:
             await stream.send(update.encode())
             expected = [segment_file_name(n, 1, SEG)
                         for n in range(horizon.segno(SEG), end.segno(SEG) + 1)]
-            await wait_for(lambda: segments() == expected, f"segments {expected}")
+            await wait_until_async(lambda: segments() == expected, 20, f"segments {expected}")
             await asyncio.sleep(0.3)
             assert segments() == expected
             status = sk.status(tenant, timeline)
@@ -399,8 +347,8 @@ def test_damaged_files_refuse_the_timeline_and_the_quorum_goes_on(
             for drv, tl in ((drv_a, tl_a), (drv_b, tl_b)):
                 await append(drv, gens[tl], rng, 60)
                 await wait_commit(drv, gens[tl].end_lsn)
-            await wait_for(lambda: nodes[0].status(tenant, tl_a)["durable_commit_lsn"]
-                           == str(Lsn(gens[tl_a].end_lsn)), "durable commit on sk1")
+            await wait_until_async(lambda: nodes[0].status(tenant, tl_a)["durable_commit_lsn"]
+                                   == str(Lsn(gens[tl_a].end_lsn)), 20, "durable commit on sk1")
             for sk in nodes[:2]:
                 await asyncio.to_thread(sk.stop)
             # A flipped byte in a record in the middle of sk1's committed WAL of A ...
@@ -437,8 +385,8 @@ def test_damaged_files_refuse_the_timeline_and_the_quorum_goes_on(
                 assert drv.fenced is None
 
     asyncio.run(scenario())
-    assert "WAL is damaged below the durable commit LSN" in nodes[0].log()
-    assert "checksum" in nodes[1].log()
+    assert "WAL is damaged below the durable commit LSN" in nodes[0].log_text()
+    assert "checksum" in nodes[1].log_text()
 
 
 def test_two_processes_never_share_a_directory(sks: SkFactory) -> None:
@@ -487,8 +435,8 @@ def test_kill9_during_appends_then_catch_up(sks: SkFactory) -> None:
             await streaming
             await wait_commit(driver, gen.end_lsn, timeout_s=60)
             end = Lsn(gen.end_lsn)
-            await wait_for(lambda: all(sk.status(tenant, timeline)["commit_lsn"] == str(end)
-                                       for sk in nodes), "all safekeepers to catch up", 60)
+            await wait_until_async(lambda: all(sk.status(tenant, timeline)["commit_lsn"] == str(end)
+                                               for sk in nodes), 60, "all safekeepers to catch up")
             assert driver.fenced is None
             for sk in nodes:
                 conn, wal_stream = await walsender(sk, tenant, timeline, START)
@@ -499,3 +447,4 @@ def test_kill9_during_appends_then_catch_up(sks: SkFactory) -> None:
 
     sent = asyncio.run(scenario())
     assert len(sent) > 1 << 20
+

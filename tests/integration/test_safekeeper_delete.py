@@ -29,10 +29,10 @@ from test_safekeeper import (
     quorum,
     receive,
     wait_commit,
-    wait_for,
     walsender,
 )
 
+from polling import wait_until_async
 from sim.walgen import WalGenerator
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
@@ -84,8 +84,8 @@ def test_delete_ends_its_streams_frees_its_disk_and_spares_the_other(sks: SkFact
             kept_wal = await append(driver_k, gen_k, rng, 30)
             await wait_commit(driver_d, gen_d.end_lsn)
             await wait_commit(driver_k, gen_k.end_lsn)
-            await wait_for(lambda: sk.status(tenant, doomed)["commit_lsn"]
-                           == str(Lsn(gen_d.end_lsn)), "commit on the safekeeper")
+            await wait_until_async(lambda: sk.status(tenant, doomed)["commit_lsn"]
+                                   == str(Lsn(gen_d.end_lsn)), 20, "commit on the safekeeper")
             conn_d, stream_d = await walsender(sk, tenant, doomed, START)
             await receive(stream_d, START, Lsn(gen_d.end_lsn), idle_s=10)
             conn_k, stream_k = await walsender(sk, tenant, kept, START)
@@ -94,7 +94,8 @@ def test_delete_ends_its_streams_frees_its_disk_and_spares_the_other(sks: SkFact
             # A second, idle proposer connection, as a walproposer between messages.
             raw = await PgConnection.connect("127.0.0.1", sk.pg_port, user="strata")
             raw_stream = await raw.start_copy_both(f"proposer {tenant} {doomed}")
-            await wait_for(lambda: len(sk.status(tenant, doomed)["peers"]) == 3, "3 peers")
+            await wait_until_async(lambda: len(sk.status(tenant, doomed)["peers"]) == 3, 20,
+                                   "3 peers")
             held = disk_bytes(directory)
             assert held > SEG
 
@@ -112,7 +113,7 @@ def test_delete_ends_its_streams_frees_its_disk_and_spares_the_other(sks: SkFact
                 assert f"timeline {doomed} of tenant {tenant} was deleted from safekeeper 1" \
                     in str(err)
             link = driver_d.links[1]
-            await wait_for(lambda: not link.connected, "the proposer's link to drop")
+            await wait_until_async(lambda: not link.connected, 20, "the proposer's link to drop")
             await conn_d.close()
             # An ERROR ends the command, not the session: the same connection is back at
             # the query prompt and runs the next command.
@@ -150,7 +151,7 @@ def test_delete_ends_its_streams_frees_its_disk_and_spares_the_other(sks: SkFact
     status = sk.http("GET", "/v1/status")
     assert status["timelines"] == [{"tenant_id": str(tenant), "timeline_id": str(kept)}]
     assert metric_timelines(sk) == {str(kept)}
-    assert f"deleted timeline {tenant}/{doomed}: 3 connections closed" in sk.log()
+    assert f"deleted timeline {tenant}/{doomed}: 3 connections closed" in sk.log_text()
 
     # A restart does not bring it back; the same id can then be created afresh.
     assert sk.stop() == 0
@@ -177,4 +178,4 @@ def test_a_crashed_deletion_is_finished_at_start(sks: SkFactory) -> None:
     assert sk.http("GET", "/v1/status")["timelines"] == []
     assert sk.http("GET", "/v1/status")["refused"] == []
     assert sk.http_error("GET", f"/v1/tenant/{tenant}/timeline/{timeline}")[0] == 404
-    assert f"removing {leftover}, left by a deletion that did not finish" in sk.log()
+    assert f"removing {leftover}, left by a deletion that did not finish" in sk.log_text()

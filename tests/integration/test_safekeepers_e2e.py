@@ -37,9 +37,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from fixtures_env import wait_until
-from sk_fixtures import Cluster, LoopThread, RunningCompute
+from fixtures_env import Cluster, LoopThread, RunningCompute
 
+from polling import wait_until
 from strata.common import failpoint
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn

@@ -9,8 +9,9 @@ checkpoint.
 
 from __future__ import annotations
 
-from fixtures_env import APP_NAME, Env, wait_until
+from fixtures_env import APP_NAME, Env
 
+from polling import wait_until
 from strata.common.lsn import Lsn
 from strata.compute.pgserver import PgServer
 

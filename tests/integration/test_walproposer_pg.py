@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_env import COMPUTE_SETTINGS, Env, PageserverProcess, wait_until
-from sk_fixtures import LoopThread
+from fixtures_env import COMPUTE_SETTINGS, Env, LoopThread, PageserverProcess
 
+from polling import wait_until
 from sk_stub import StubSafekeeper
 from strata.common.lsn import Lsn
 from strata.compute.compute import Compute, ComputeConfig

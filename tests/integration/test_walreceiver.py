@@ -10,13 +10,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from polling import wait_until
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn, segment_file_name
 from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
 from strata.pageserver.wal_log import WalLog
@@ -26,14 +26,6 @@ APP_NAME = "strata_test_ps"
 SLOT = "strata_ps"
 SETTINGS = {**STRATA_WAL_SETTINGS, "synchronous_standby_names": APP_NAME,
             "synchronous_commit": "on", "wal_sender_timeout": "10s"}
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.02)
 
 
 class ReceiverThread:

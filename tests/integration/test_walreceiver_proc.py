@@ -8,8 +8,9 @@ import os
 import signal
 from pathlib import Path
 
-from fixtures_env import Env, wait_until
+from fixtures_env import Env
 
+from polling import wait_until
 from strata.common.lsn import Lsn
 
 

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from polling import wait_until
 from strata.common.errors import NotFound, UserError
 from strata.control.env import (
     EndpointState,
@@ -142,10 +143,9 @@ def test_pid_files_trust_only_the_live_process_they_name(tmp_path: Path) -> None
         other = ProcessFiles("other", tmp_path / "p.pid", tmp_path / "p.log", "marker-999")
         assert other.read_pid() is None  # a reused pid is not ours
         child.kill()
-        deadline = time.monotonic() + 10
-        while pid_alive(child.pid):  # killed, not reaped: a zombie counts as dead
-            assert time.monotonic() < deadline, "a killed zombie still counts as alive"
-            time.sleep(0.01)
+        # killed, not reaped: a zombie counts as dead
+        wait_until(lambda: not pid_alive(child.pid), 10, "a killed zombie to count as dead",
+                   interval_s=0.01)
         stat = Path(f"/proc/{child.pid}/stat").read_text()
         assert stat[stat.rfind(")") + 2] == "Z", stat  # still there, as a zombie
         assert files.read_pid() is None and files.died()

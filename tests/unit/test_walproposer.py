@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import pytest
 
+from polling import wait_until_async
 from sim.walgen import SYSID, WalGenerator
 from sk_stub import StubSafekeeper
 from strata.common.ids import TenantId, TimelineId
@@ -51,12 +52,6 @@ async def started(n: int) -> list[StubSafekeeper]:
     return sks
 
 
-async def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.01)
-
-
 def run(coro: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(asyncio.wait_for(coro(), 60))
 
@@ -88,20 +83,20 @@ def test_commit_with_one_down_restart_catches_up_then_sync_finds_the_end() -> No
         driver = QuorumDriver(quorum_config(sks), SYSID, sync=False)
         driver.start()
         try:
-            await wait_for(lambda: driver.elected is not None, 10, "election")
+            await wait_until_async(lambda: driver.elected is not None, 10, "election")
             assert driver.elected is not None and driver.elected.start_lsn == START
             for _ in range(30):
                 driver.append_wal(gen.random_record(rng)[1])
             end = Lsn(gen.end_lsn)
-            await wait_for(lambda: driver.commit_lsn == end, 10, "commit")
+            await wait_until_async(lambda: driver.commit_lsn == end, 10, "commit")
             await sks[2].stop()  # one of three down: commits go on
             for _ in range(30):
                 driver.append_wal(gen.random_record(rng)[1])
             end = Lsn(gen.end_lsn)
-            await wait_for(lambda: driver.commit_lsn == end, 10, "commit with 2 of 3")
+            await wait_until_async(lambda: driver.commit_lsn == end, 10, "commit with 2 of 3")
             assert len(sks[2].wal) < end - START
             await sks[2].start()  # restarted on the same port: catches up
-            await wait_for(lambda: START + len(sks[2].wal) == end, 10, "catch-up")
+            await wait_until_async(lambda: START + len(sks[2].wal) == end, 10, "catch-up")
             assert bytes(sks[2].wal) == bytes(sks[0].wal)
             assert driver.fenced is None
         finally:
@@ -164,13 +159,13 @@ def test_partial_record_is_truncated_by_sync() -> None:
         driver = QuorumDriver(quorum_config(sks), SYSID, sync=False)
         driver.start()
         try:
-            await wait_for(lambda: driver.elected is not None, 10, "election")
+            await wait_until_async(lambda: driver.elected is not None, 10, "election")
             driver.append_wal(gen.record(b"x" * 100)[1])
             complete_end, complete_prev = Lsn(gen.end_lsn), Lsn(gen.prev_lsn)
             _, spanning = gen.record(bytes(20000))  # spans pages
             driver.append_wal(spanning[:9000])  # the compute died mid-record
-            await wait_for(lambda: all(START + len(s.wal) == complete_end + 9000 for s in sks),
-                           10, "partial tail on all")
+            await wait_until_async(lambda: all(START + len(s.wal) == complete_end + 9000
+                                               for s in sks), 10, "partial tail on all")
         finally:
             await driver.stop()
         result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
@@ -190,25 +185,25 @@ def test_majority_loss_waits_with_warnings_then_commits_resume(
         driver = QuorumDriver(quorum_config(sks), SYSID, sync=False, quorum_warn_s=0.2)
         driver.start()
         try:
-            await wait_for(lambda: driver.elected is not None, 10, "election")
+            await wait_until_async(lambda: driver.elected is not None, 10, "election")
             driver.append_wal(gen.record(b"a" * 100)[1])
             before = Lsn(gen.end_lsn)
-            await wait_for(lambda: driver.commit_lsn == before, 10, "commit")
+            await wait_until_async(lambda: driver.commit_lsn == before, 10, "commit")
             await sks[0].stop()
             await sks[1].stop()
             driver.append_wal(gen.record(b"b" * 100)[1])
             end = Lsn(gen.end_lsn)
-            await wait_for(lambda: "commits wait until a majority is back" in caplog.text,
-                           10, "the no-majority warning")
+            await wait_until_async(lambda: "commits wait until a majority is back" in caplog.text,
+                                   10, "the no-majority warning")
             await asyncio.sleep(0.5)  # a while without a majority: waiting, not fenced
             assert driver.fenced is None and not driver.done.is_set()
             assert driver.commit_lsn == before
             await sks[0].start()  # restarted on the same port
             await sks[1].start()
-            await wait_for(lambda: driver.commit_lsn == end, 20, "commit after the majority "
-                           "came back")
+            await wait_until_async(lambda: driver.commit_lsn == end, 20,
+                                   "commit after the majority came back")
             assert driver.fenced is None
-            await wait_for(lambda: "answers again" in caplog.text, 10, "the recovery line")
+            await wait_until_async(lambda: "answers again" in caplog.text, 10, "the recovery line")
         finally:
             await driver.stop()
             for s in sks:
@@ -223,15 +218,15 @@ def test_newer_proposer_fences_the_older() -> None:
         old = QuorumDriver(quorum_config(sks), SYSID, sync=False)
         old.start()
         try:
-            await wait_for(lambda: old.elected is not None, 10, "election")
+            await wait_until_async(lambda: old.elected is not None, 10, "election")
             old.append_wal(gen.record(b"a" * 50)[1])
             end = Lsn(gen.end_lsn)
-            await wait_for(lambda: old.commit_lsn == end, 10, "commit")
+            await wait_until_async(lambda: old.commit_lsn == end, 10, "commit")
             result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
             assert result.lsn == end
             # The old proposer learns the higher term at its next heartbeat or append.
             old.append_wal(gen.record(b"b" * 50)[1])
-            await wait_for(lambda: old.fenced is not None, 5, "fencing")
+            await wait_until_async(lambda: old.fenced is not None, 5, "fencing")
             assert old.commit_lsn == end
         finally:
             await old.stop()
@@ -260,12 +255,12 @@ def test_wal_arriving_while_a_majority_is_busy_shares_one_append() -> None:
         driver = QuorumDriver(quorum_config(sks), SYSID, sync=False)
         driver.start()
         try:
-            await wait_for(lambda: driver.elected is not None, 10, "election")
+            await wait_until_async(lambda: driver.elected is not None, 10, "election")
             for _ in range(100):  # all before any answer: the first goes, the rest wait
                 driver.append_wal(gen.record(b"r" * 40)[1])
             end = Lsn(gen.end_lsn)
             assert driver.end_lsn == end
-            await wait_for(lambda: driver.commit_lsn == end, 10, "commit")
+            await wait_until_async(lambda: driver.commit_lsn == end, 10, "commit")
             assert all(s.appends_with_wal <= 3 for s in sks), [s.appends_with_wal for s in sks]
         finally:
             await driver.stop()
