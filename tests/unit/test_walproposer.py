@@ -132,19 +132,21 @@ def test_back_to_back_commits_send_no_commit_only_appends() -> None:
         driver = QuorumDriver(quorum_config(sks), SYSID, sync=False, on_commit=next_commit)
         driver.start()
         try:
-            await wait_for(lambda: driver.elected is not None, 10, "election")
+            await wait_until_async(lambda: driver.elected is not None, 10, "election")
             before = [s.commit_only_appends for s in sks]
             append()
             end = START.value + commits * 100
-            await wait_for(lambda: gen.end_lsn >= end and driver.commit_lsn == Lsn(gen.end_lsn),
-                           30, "the commits")
+            await wait_until_async(
+                lambda: gen.end_lsn >= end and driver.commit_lsn == Lsn(gen.end_lsn), 30,
+                "the commits")
             appended = sum(s.appends_with_wal for s in sks)
             commit_only = sum(s.commit_only_appends - b for s, b in zip(sks, before, strict=True))
             assert appended >= 2 * (gen.end_lsn - START.value) // 100, appended
             assert commit_only <= appended // 4, (commit_only, appended)
             last = Lsn(gen.end_lsn)  # idle now: the commit LSN reaches all three
-            await wait_for(lambda: all(s.acceptor is not None and s.acceptor.commit_lsn == last
-                                       for s in sks), 10, "the last commit LSN")
+            await wait_until_async(
+                lambda: all(s.acceptor is not None and s.acceptor.commit_lsn == last
+                            for s in sks), 10, "the last commit LSN")
         finally:
             await driver.stop()
             for s in sks:
