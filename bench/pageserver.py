@@ -39,10 +39,10 @@ from bench.report import Report
 from bench.storage import rels_for, wal_image, wal_images
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.common.pgserve import PgProtocolServer
 from strata.pageserver.page_client import PageClient
 from strata.pageserver.page_service import PageService, PageServiceConfig
 from strata.pageserver.pagestream import MAX_BATCH_PAGES
+from strata.pg.pgserve import PgProtocolServer
 from strata.storage.compaction import compact
 from strata.storage.key import RelTag
 from strata.storage.repository import Repository

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.common.pgserve import CopyBoth, CopyStream, PgProtocolServer, Reply, Session
+from strata.pg.pgserve import CopyBoth, CopyStream, PgProtocolServer, Reply, Session
 from strata.safekeeper.acceptor import (
     Acceptor,
     AcceptorState,

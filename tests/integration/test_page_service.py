@@ -20,12 +20,12 @@ from polling import wait_until
 from strata.common.errors import CorruptionError, NotFound, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.common.pgserve import PgProtocolServer
 from strata.pageserver import pagestream as ps
 from strata.pageserver.page_client import PageClient, PageClientSync
 from strata.pageserver.page_service import PageService, PageServiceConfig
 from strata.pg import wire
 from strata.pg.pgclient import PgConnection, ServerError
+from strata.pg.pgserve import PgProtocolServer
 from strata.pg.slru import SlruKind
 from strata.storage.compaction import compact
 from strata.storage.key import RelTag, slru_block_key, slru_segment_size_key

@@ -15,7 +15,11 @@ import pytest
 
 from polling import wait_until_async
 from strata.common.errors import NotFound
-from strata.common.pgserve import (
+from strata.common.proc import pg_bindir
+from strata.compute.pgserver import PgServer
+from strata.pg import wire
+from strata.pg.pgclient import PgConnection, ServerError
+from strata.pg.pgserve import (
     Command,
     CopyBoth,
     CopyOut,
@@ -25,10 +29,6 @@ from strata.common.pgserve import (
     Session,
     SqlError,
 )
-from strata.common.proc import pg_bindir
-from strata.compute.pgserver import PgServer
-from strata.pg import wire
-from strata.pg.pgclient import PgConnection, ServerError
 
 SLEEPING = threading.Event()  # a `sleep` query has reached the handler
 

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from strata.common.errors import ProtocolError, StrataError, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import timeline_context
-from strata.common.pgserve import CopyBoth, CopyStream, Reply, Session
 from strata.pageserver import pagestream as ps
 from strata.pageserver.datadir import read_slru_segment
 from strata.pg.constants import BLCKSZ
+from strata.pg.pgserve import CopyBoth, CopyStream, Reply, Session
 from strata.storage.timeline import Timeline
 
 log = logging.getLogger(__name__)

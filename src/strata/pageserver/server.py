@@ -38,7 +38,6 @@ from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import setup_logging, timeline_context
 from strata.common.lsn import Lsn
-from strata.common.pgserve import CopyOut, CopyStream, PgProtocolServer, Reply, Session
 from strata.common.proc import make_dir_for, service_user
 from strata.pageserver import pagestream as ps
 from strata.pageserver.background import BackgroundWork, ReadGates
@@ -48,6 +47,7 @@ from strata.pageserver.page_service import PageService, PageServiceConfig
 from strata.pageserver.sk_receiver import SafekeeperEndpoint
 from strata.pageserver.timeline_wal import ReceiverTarget, RecordApplier, TimelineWal
 from strata.pg.constants import BLCKSZ
+from strata.pg.pgserve import CopyOut, CopyStream, PgProtocolServer, Reply, Session
 from strata.remote.download import remote_tenant_indexes, write_timelines
 from strata.remote.storage import RemoteStorage, open_remote_storage
 from strata.remote.timeline_client import RemoteTimelineClient, latest_index

@@ -53,8 +53,8 @@ from strata.common.errors import (
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import timeline_context
 from strata.common.lsn import Lsn, check_segment_size
-from strata.common.pgserve import CopyBoth, CopyStream, PgProtocolServer, Reply, Session
 from strata.pg import wire
+from strata.pg.pgserve import CopyBoth, CopyStream, PgProtocolServer, Reply, Session
 from strata.safekeeper.acceptor import AcceptorState
 from strata.safekeeper.messages import (
     AppendRequest,
