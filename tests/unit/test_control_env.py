@@ -97,11 +97,13 @@ def test_state_round_trip_and_lookups(tmp_path: Path) -> None:
     env = Environment.create(tmp_path / "env", EnvConfig())
     tid, tl = "ab" * 16, "cd" * 16
     with env.locked() as state:
-        state.tenants[tid] = TenantState("default", {"main": tl}, {}, 7 << 60)
+        state.tenants[tid] = TenantState("default", {"main": tl}, {}, 7 << 60,
+                                         generation=5, attached=False)
         state.default_tenant = tid
         state.endpoints["ro"] = EndpointState("ro", tid, "main", 5432, "0/16B3740", False)
     state = env.read_state()
     assert state.tenants[tid].system_id == 7 << 60
+    assert (state.tenants[tid].generation, state.tenants[tid].attached) == (5, False)
     assert state.tenant_id(None) == tid == state.tenant_id("default")
     assert str(state.timeline_id(tid, "main")) == tl
     ep = state.endpoint("ro")

@@ -20,6 +20,12 @@ from strata.common.auth import Scope
 from strata.common.errors import StrataError, UserError
 from strata.common.lsn import Lsn
 from strata.control import output
+from strata.control.attachments import (
+    attach_tenant,
+    detach_tenant,
+    reattach_lost_tenants,
+    require_object_storage,
+)
 from strata.control.auth_setup import export_cli_token, make_keys, token_for
 from strata.control.endpoints import (
     COMPUTE_MODES,
@@ -167,6 +173,7 @@ def start(ctx: click.Context) -> None:
         env.write_config(config)
     start_safekeepers(env, config)
     start_pageserver(env, config)
+    reattach_lost_tenants(env, config, pageserver_client(config))
     config = start_console(env, config)
     output.result(f"console: {console_url(config)} (log in with the token in "
                   f"{env.console_token_path})")
@@ -175,6 +182,9 @@ def start(ctx: click.Context) -> None:
     failed: list[str] = []
     for ep in state.endpoints.values():
         if not ep.autostart:
+            continue
+        if not state.tenants[ep.tenant_id].attached:
+            output.info(f"endpoint {ep.name} not started: its tenant is detached")
             continue
         if running_pid(env, ep.name) is not None:
             output.info(f"endpoint {ep.name} already running")
@@ -227,6 +237,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if ps.state == "running":
         client = pageserver_client(config, timeout_s=10)
         for tid, tenant in state.tenants.items():
+            if not tenant.attached:
+                continue  # only in object storage (`strata tenant attach`)
             infos = client.list_timelines(tenant_id_of(tid))
             timelines += [timeline_json(tenant, info) for info in infos]
     proxy = proxy_status(env, config)
@@ -335,13 +347,15 @@ def tenant_list(ctx: click.Context, as_json: bool) -> None:
     state = _env(ctx).read_state()
     rows: list[dict[str, Any]] = [
         {"tenant_id": tid, "name": t.name, "default": tid == state.default_tenant,
-             "branches": sorted(t.branches)} for tid, t in state.tenants.items()]
+         "branches": sorted(t.branches), "attached": t.attached, "generation": t.generation}
+        for tid, t in state.tenants.items()]
     if as_json:
         output.print_json(rows)
         return
-    output.table(None, ["name", "tenant", "default", "branches"],
+    output.table(None, ["name", "tenant", "default", "branches", "attached", "generation"],
                  [[r["name"], r["tenant_id"], "yes" if r["default"] else "",
-                   ", ".join(r["branches"])] for r in rows])
+                   ", ".join(r["branches"]), "yes" if r["attached"] else "no",
+                   r["generation"]] for r in rows])
 
 
 @tenant.command("config")
@@ -371,6 +385,39 @@ def tenant_config(ctx: click.Context, name: str | None, changes: tuple[str, ...]
         return
     output.table(f"tenant {state.tenants[tid].name} ({tid})", ["key", "value"],
                  [[k, v] for k, v in conf.items()])
+
+
+@tenant.command("detach")
+@click.argument("name", metavar="TENANT")
+@click.pass_context
+def tenant_detach(ctx: click.Context, name: str) -> None:
+    """Detach TENANT from the pageserver: upload what object storage lacks, then drop its
+    local files (its endpoints must be stopped). `strata tenant attach` brings it back."""
+    env = _env(ctx)
+    config = env.config()
+    require_object_storage(config)
+    tid = env.read_state().tenant_id(name)
+    detach_tenant(env, config, require_pageserver(env, config), tid)
+    output.result(f"detached tenant {name} ({tid}); it is in object storage only")
+
+
+@tenant.command("attach")
+@click.argument("name", metavar="TENANT")
+@click.pass_context
+def tenant_attach(ctx: click.Context, name: str) -> None:
+    """Attach a detached TENANT from object storage with a new generation (layers are
+    downloaded when reads need them)."""
+    env = _env(ctx)
+    config = env.config()
+    require_object_storage(config)
+    state = env.read_state()
+    tid = state.tenant_id(name)
+    client = require_pageserver(env, config)
+    if state.tenants[tid].attached and tid in {str(t) for t in client.list_tenants()}:
+        raise UserError(f"tenant {name} is attached already; detach it first "
+                        f"(`strata tenant detach {name}`)")
+    generation = attach_tenant(env, config, client, tid)
+    output.result(f"attached tenant {name} ({tid}) with generation {generation}")
 
 
 # --- timelines ---------------------------------------------------------------------------------
@@ -570,11 +617,20 @@ def pageserver() -> None:
     """The pageserver process."""
 
 
+def _start_pageserver(env: Environment) -> int:
+    """Start the pageserver and attach from object storage every tenant it lost."""
+    config = env.config()
+    pid = start_pageserver(env, config)
+    reattach_lost_tenants(env, config, pageserver_client(config))
+    return pid
+
+
 @pageserver.command("start")
 @click.pass_context
 def pageserver_start(ctx: click.Context) -> None:
-    env = _env(ctx)
-    pid = start_pageserver(env, env.config())
+    """Start the pageserver. A tenant it does not hold any more (its data directory was
+    lost) is attached from object storage with a new generation."""
+    pid = _start_pageserver(_env(ctx))
     output.result(f"pageserver running (pid {pid})")
 
 
@@ -589,9 +645,10 @@ def pageserver_stop(ctx: click.Context, immediate: bool) -> None:
 @pageserver.command("restart")
 @click.pass_context
 def pageserver_restart(ctx: click.Context) -> None:
+    """Stop the pageserver cleanly and start it again (re-attaching lost tenants)."""
     env = _env(ctx)
     stop_pageserver(env)
-    pid = start_pageserver(env, env.config())
+    pid = _start_pageserver(env)
     output.result(f"pageserver running (pid {pid})")
 
 

@@ -395,6 +395,11 @@ class TenantState:
     app_role_timelines: list[str] = field(default_factory=list)
     """Timelines on which a primary made the application role and database (architecture
     D8); a later start of a primary there skips that step (the role is in its data)."""
+    generation: int = 1
+    """The generation of the tenant's current attachment to the pageserver (D9): every
+    attach from object storage takes the next one, recorded here before the attach."""
+    attached: bool = True
+    """On the pageserver; false after `strata tenant detach` (only in object storage)."""
 
 
 @dataclass
@@ -415,7 +420,9 @@ class State:
             tenants={tid: TenantState(t["name"], dict(t["branches"]), dict(t["config"]),
                                       t.get("system_id"),
                                       {b: dict(r) for b, r in t.get("roles", {}).items()},
-                                      list(t.get("app_role_timelines", [])))
+                                      list(t.get("app_role_timelines", [])),
+                                      int(t.get("generation", 1)),
+                                      bool(t.get("attached", True)))
                      for tid, t in data["tenants"].items()},
             endpoints={name: EndpointState(**e) for name, e in data["endpoints"].items()})
 

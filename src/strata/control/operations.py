@@ -327,12 +327,20 @@ def create_endpoint(env: Environment, config: EnvConfig, name: str, branch: str,
     return ep
 
 
+def check_attached(state: State, tenant_id: str) -> None:
+    tenant = state.tenants[tenant_id]
+    if not tenant.attached:
+        raise UserError(f"tenant {tenant.name} is detached (it is only in object storage); "
+                        f"attach it first: `strata tenant attach {tenant.name}`")
+
+
 def start_named_endpoint(env: Environment, config: EnvConfig, name: str,
                          mode: str | None) -> StartResult:
     """Start endpoint `name` (remembering `mode` and that it runs, for `strata start`);
     returns its connection string and the seconds of each phase."""
     state = env.read_state()
     ep = state.endpoint(name)
+    check_attached(state, ep.tenant_id)
     started = start_endpoint(env, config, ep, state.timeline_id(ep.tenant_id, ep.branch),
                              mode)
     with env.locked() as new_state:

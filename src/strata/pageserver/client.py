@@ -231,6 +231,20 @@ class PageserverClient:
     def delete_tenant(self, tenant_id: TenantId) -> None:
         self.request("DELETE", f"/v1/tenant/{tenant_id}")
 
+    def attach_tenant(self, tenant_id: TenantId, generation: int,
+                      config: dict[str, Any] | None = None) -> list[TimelineInfo]:
+        """Make the tenant local from remote storage under `generation` (greater than any
+        it was attached with before); returns its timelines."""
+        body: dict[str, Any] = {"generation": generation}
+        if config:
+            body["config"] = config
+        out = self.request("POST", f"/v1/tenant/{tenant_id}/attach", body)
+        return [TimelineInfo.from_json(t) for t in out["timelines"]]
+
+    def detach_tenant(self, tenant_id: TenantId) -> None:
+        """Upload what is not remote yet, then drop the tenant's local files."""
+        self.request("POST", f"/v1/tenant/{tenant_id}/detach", {})
+
     def tenant_config(self, tenant_id: TenantId) -> dict[str, Any]:
         out: dict[str, Any] = self.request("GET", f"/v1/tenant/{tenant_id}/config")
         return out

@@ -86,7 +86,7 @@ def timeline_info(timeline: Timeline) -> dict[str, Any]:
 
 def _remote_consistent_lsn(timeline: Timeline) -> str | None:
     """Up to where the timeline is in remote storage (None: no remote storage)."""
-    lsn = getattr(timeline.remote, "remote_consistent_lsn", None)
+    lsn = timeline.remote.remote_consistent_lsn if timeline.remote is not None else None
     return str(lsn) if lsn is not None else None
 
 

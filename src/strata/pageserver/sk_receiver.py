@@ -10,7 +10,8 @@ last commit LSN, or lags by more than `switch_lag_bytes`) for `switch_after_s`.
 
 The streaming itself is the development-mode receiver's (`WalReceiver._stream`): XLogData is
 appended to the log and fsynced per batch, and each status update reports write = received,
-flush = fsynced and apply = `disk_consistent_lsn`, which the safekeepers use to drop WAL.
+flush = fsynced and apply = `Timeline.wal_durable_lsn` (`disk_consistent_lsn`, or with
+remote storage `remote_consistent_lsn`), which the safekeepers use to drop WAL.
 
 The safekeeper's walsender (docs/safekeeper.md): a connection as user `strata` with
 `replication=true`, then `START_REPLICATION PHYSICAL <lsn> <tenant> <timeline>` (the

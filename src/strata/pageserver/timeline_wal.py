@@ -9,7 +9,8 @@ for this process's interpreter lock), which appends it to the timeline's `WalLog
 record to the `Timeline` with G's `WalIngest`, in a worker thread so the event loop
 keeps serving. It flushes frozen in-memory layers as they appear, and the whole
 open layer after `checkpoint_timeout_s` of quiet. The receiver reports
-`disk_consistent_lsn` as its apply LSN.
+`Timeline.wal_durable_lsn` as its apply LSN (`disk_consistent_lsn`, or with remote
+storage the `remote_consistent_lsn`: WAL a pageserver that lost its disk would re-read).
 
 The decoder always starts at `last_record_lsn`, a record end (after a restart that
 is `disk_consistent_lsn`: the log is re-read from there; D4). A receiver's address is
@@ -191,7 +192,7 @@ class TimelineWal:
         tl = self.timeline
         receiver = ChildWalReceiver(target.receiver_config(), self.wal_log,
                                     log_context=(str(tl.tenant_id), str(tl.timeline_id)),
-                                    apply_lsn=lambda: tl.disk_consistent_lsn,
+                                    apply_lsn=lambda: tl.wal_durable_lsn,
                                     on_flush=lambda _lsn: self._wakeup.set())
         receiver.start()
         self.receiver = receiver
@@ -220,7 +221,7 @@ class TimelineWal:
         self.safekeepers = safekeepers
         tl = self.timeline
         receiver = SafekeeperReceiver(tl.tenant_id, tl.timeline_id, safekeepers, self.wal_log,
-                                      apply_lsn=lambda: tl.disk_consistent_lsn,
+                                      apply_lsn=lambda: tl.wal_durable_lsn,
                                       on_flush=lambda _lsn: self._wakeup.set())
         receiver.start()
         self.receiver = receiver

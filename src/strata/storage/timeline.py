@@ -101,6 +101,9 @@ class RemoteSink(Protocol):
         """Fetch the layer file into the timeline directory (NotFound if not remote)."""
     def is_evictable(self, desc: LayerDesc) -> bool:
         """True if the last uploaded index names the layer (its local file may go)."""
+    @property
+    def remote_consistent_lsn(self) -> Lsn | None:
+        """The disk_consistent_lsn of the last uploaded index (None: none uploaded yet)."""
 
 
 def open_layer_file(path: Path) -> LayerReader:
@@ -213,6 +216,16 @@ class Timeline:
     @property
     def disk_consistent_lsn(self) -> Lsn:
         return Lsn(self._disk_consistent)
+
+    @property
+    def wal_durable_lsn(self) -> Lsn:
+        """WAL below this is never needed again, even if this pageserver loses its disk:
+        disk_consistent_lsn, or with remote storage the remote_consistent_lsn (0 before
+        the first index is uploaded). The WAL source may drop what lies below it."""
+        if self.remote is None:
+            return self.disk_consistent_lsn
+        remote = self.remote.remote_consistent_lsn
+        return Lsn(0) if remote is None else min(remote, self.disk_consistent_lsn)
 
     @property
     def ancestor_lsn(self) -> Lsn:

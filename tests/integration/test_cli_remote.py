@@ -1,0 +1,111 @@
+"""The `strata` CLI with object storage (docs/remote-storage.md): a pageserver that lost its
+whole data directory gets its tenants back from object storage with a new generation, and
+`strata tenant detach/attach` move a tenant out of and back onto the pageserver.
+
+Real processes throughout (pageserver, three safekeepers, PostgreSQL 15 endpoints and
+their walproposers); object storage is a directory of the environment (`local`), the S3
+backend is covered by test_remote_pageserver.py.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from test_cli import Cli, cli, connstr_of, rows  # noqa: F401 (fixture)
+
+CONFIG = ("[tenant_defaults]\ncheckpoint_distance = 4194304\n\n"
+          # A lazy compute's reads wait this long for the pageserver to come back.
+          "[endpoint_defaults]\nlazy_outage_wait_s = 600\n")
+
+
+def _init(cli: Cli, test_dir: Path) -> str:
+    config = test_dir / "strata.toml"
+    config.write_text(CONFIG)
+    cli.run("init", "--config", str(config), "--object-storage", "local")
+    return connstr_of(cli.last_line("endpoint", "start", "main"))
+
+
+def _known_rows(connstr: str, first: int, last: int) -> None:
+    rows(connstr, f"insert into known select g, md5(g::text) from generate_series({first}, "
+                  f"{last}) g")
+
+
+def _check_known(connstr: str, last: int) -> None:
+    count, total = rows(connstr, "select count(*), sum(id) from known "
+                                 "where v = md5(id::text)")[0]
+    assert (count, total) == (last, last * (last + 1) // 2)
+
+
+def _pgbench(connstr: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["pgbench", *args, connstr], capture_output=True, text=True,
+                          timeout=900, check=True)
+
+
+def _wait(condition: object, what: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out {what}"
+        time.sleep(0.2)
+
+
+def _tenants(cli: Cli) -> list[tuple[str, bool, int]]:
+    return [(t["name"], t["attached"], t["generation"]) for t in cli.json("tenant", "list")]
+
+
+def test_pageserver_restart_with_an_empty_disk_loses_nothing(cli: Cli, test_dir: Path) -> None:
+    """pgbench runs on a lazy compute while the pageserver is killed, its data directory
+    deleted and `strata pageserver start`ed again: the CLI attaches the tenant from object
+    storage with generation 2, the compute carries on, and every transaction pgbench
+    reported (and every row of a table written before and after) is there. Then `tenant
+    detach` (refused while an endpoint runs) and `tenant attach` (generation 3): a new
+    compute sees it all again."""
+    main = _init(cli, test_dir)
+    rows(main, "create table known (id int primary key, v text)")
+    _known_rows(main, 1, 5000)
+    _pgbench(main, "-i", "-s", "1", "-q")
+    with subprocess.Popen(["pgbench", "-n", "-c", "2", "-t", "200", main],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as bench:
+        _wait(lambda: rows(main, "select count(*) from pgbench_history")[0][0] >= 50,
+              "for pgbench to commit 50 transactions")
+        cli.run("pageserver", "stop", "--immediate")
+        shutil.rmtree(cli.repo_dir / "pageserver")
+        started = cli.run("pageserver", "start")
+        out, err = bench.communicate(timeout=900)
+    assert bench.returncode == 0, (out, err)
+    assert "with generation 2" in started.stderr, started.stderr
+    processed = int(re.search(r"number of transactions actually processed: (\d+)",
+                              out).group(1))  # type: ignore[union-attr]
+    assert processed == 400, out
+    _known_rows(main, 5001, 6000)
+
+    def check(connstr: str) -> None:
+        _check_known(connstr, 6000)
+        history, deltas, accounts = rows(
+            connstr, "select count(*), coalesce(sum(delta), 0), "
+                     "(select sum(abalance) from pgbench_accounts) from pgbench_history")[0]
+        assert history == processed and deltas == accounts, (history, deltas, accounts)
+
+    check(main)
+    assert _tenants(cli) == [("default", True, 2)]
+
+    # Detach (refused while the endpoint runs), then attach: a fresh compute reads
+    # everything from the re-attached tenant.
+    busy = cli.run("tenant", "detach", "default", ok=False)
+    assert "endpoints ['main'] of tenant default are running" in busy.stderr
+    cli.run("endpoint", "stop", "main")
+    cli.run("tenant", "detach", "default")
+    assert _tenants(cli) == [("default", False, 2)]
+    assert not list((cli.repo_dir / "pageserver").glob("tenants/*/timelines"))
+    refused = cli.run("endpoint", "start", "main", ok=False)
+    assert "tenant default is detached" in refused.stderr
+    assert "attached tenant default" in cli.run("tenant", "attach", "default").stdout
+    assert _tenants(cli) == [("default", True, 3)]
+    again = cli.run("tenant", "attach", "default", ok=False)
+    assert "tenant default is attached already" in again.stderr
+    check(connstr_of(cli.last_line("endpoint", "start", "main")))
+    log = (cli.repo_dir / "logs" / "pageserver.log").read_text()
+    assert "Traceback" not in log
