@@ -15,7 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from test_cli import Cli, cli, connstr_of, rows  # noqa: F401 (fixture)
+from test_cli import Cli, connstr_of, rows
+from test_cli import cli as _cli  # noqa: F401 (the fixture `cli`)
 
 CONFIG = ("[tenant_defaults]\ncheckpoint_distance = 4194304\n\n"
           # A lazy compute's reads wait this long for the pageserver to come back.
