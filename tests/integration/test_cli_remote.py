@@ -15,8 +15,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import test_cli
 from test_cli import Cli, connstr_of, rows
-from test_cli import cli as _cli  # noqa: F401 (the fixture `cli`)
+
+cli = test_cli.cli  # the fixture: an environment directory, stopped at the end
 
 CONFIG = ("[tenant_defaults]\ncheckpoint_distance = 4194304\n\n"
           # A lazy compute's reads wait this long for the pageserver to come back.
