@@ -19,9 +19,10 @@ import zstandard
 from bench.report import Report
 from strata.common.lsn import Lsn
 from strata.pg.constants import BKPIMAGE_APPLY, BKPIMAGE_COMPRESS_ZSTD, BKPIMAGE_HAS_HOLE, BLCKSZ
+from strata.pg.relfile import RelTag
 from strata.storage.delta_layer import DeltaLayerWriter
 from strata.storage.image_layer import ImageLayerWriter
-from strata.storage.key import FULL_KEY_RANGE, KeyRange, RelTag, rel_block_key
+from strata.storage.key import FULL_KEY_RANGE, KeyRange, rel_block_key
 from strata.storage.layer_file import LayerFileReader, open_layer
 from strata.storage.layer_map import LayerMap
 from strata.storage.value import (

@@ -43,8 +43,8 @@ from strata.pageserver.page_client import PageClient
 from strata.pageserver.page_service import PageService, PageServiceConfig
 from strata.pageserver.pagestream import MAX_BATCH_PAGES
 from strata.pg.pgserve import PgProtocolServer
+from strata.pg.relfile import RelTag
 from strata.storage.compaction import compact
-from strata.storage.key import RelTag
 from strata.storage.repository import Repository
 from strata.storage.tenant import TenantConfig
 

@@ -28,11 +28,11 @@ from bench.report import Report
 from bench.storage import load, rels_for, wal_images
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
+from strata.pg.relfile import RelTag
 from strata.remote.download import write_timelines
 from strata.remote.seaweed import SeaweedServer
 from strata.remote.storage import RemoteStorage, open_remote_storage
 from strata.remote.timeline_client import RemoteTimelineClient, latest_index
-from strata.storage.key import RelTag
 from strata.storage.repository import Repository
 from strata.storage.tenant import TenantConfig
 from strata.storage.timeline import Timeline

@@ -28,8 +28,8 @@ from bench.report import Report
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pg.constants import BKPIMAGE_COMPRESS_ZSTD, BKPIMAGE_HAS_HOLE
+from strata.pg.relfile import RelTag
 from strata.storage.compaction import compact
-from strata.storage.key import RelTag
 from strata.storage.repository import Repository
 from strata.storage.tenant import Tenant, TenantConfig
 from strata.storage.timeline import Timeline

@@ -34,8 +34,8 @@ from strata.compute.pgserver import PgServer
 from strata.pageserver.wal_log import WalLog
 from strata.pg import records
 from strata.pg.records.xact import XactCommit
+from strata.pg.relfile import RelTag
 from strata.pg.walreader import WalStreamDecoder
-from strata.storage.key import RelTag
 from strata.storage.repository import Repository
 
 sys.path.insert(0, str(Path(__file__).parent.parent))

@@ -36,7 +36,7 @@ from strata.pageserver import pagestream as ps
 from strata.pageserver.http import OPENAPI_PATH
 from strata.pageserver.page_client import PageClientSync
 from strata.pg import wire
-from strata.storage.key import RelTag
+from strata.pg.relfile import RelTag
 
 DOC: dict[str, Any] = json.loads(OPENAPI_PATH.read_text())
 ROUTES = sorted((path, method) for path, item in DOC["paths"].items() for method in item)

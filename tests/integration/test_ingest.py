@@ -33,11 +33,10 @@ from strata.pg.checkpoint import CheckPoint
 from strata.pg.constants import BLCKSZ, RELSEG_SIZE, ForkNumber
 from strata.pg.controlfile import ControlFileData
 from strata.pg.crc import crc32c
-from strata.pg.relfile import parse_path, relation_path
+from strata.pg.relfile import RelTag, parse_path, relation_path
 from strata.pg.slru import SlruKind, clog_get_status, clog_page, page_in_segment, segment_of_page
 from strata.pg.walreader import read_wal_files
 from strata.storage.key import (
-    RelTag,
     checkpoint_key,
     relmap_key,
     slru_block_key,

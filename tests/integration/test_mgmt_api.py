@@ -356,7 +356,7 @@ def test_metrics_cover_ingest_pages_and_maintenance(world: World) -> None:
     # Page requests: a compute reading through the page service is someone else's test;
     # here one GetPage-class request of each kind we can make cheaply.
     from strata.pageserver.page_client import PageClientSync
-    from strata.storage.key import RelTag
+    from strata.pg.relfile import RelTag
 
     lsn = c.timeline(world.tenant, world.main).last_record_lsn
     with PageClientSync("127.0.0.1", world.env.pageserver.pg_port, world.tenant,

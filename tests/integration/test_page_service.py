@@ -26,9 +26,10 @@ from strata.pageserver.page_service import PageService, PageServiceConfig
 from strata.pg import wire
 from strata.pg.pgclient import PgConnection, ServerError
 from strata.pg.pgserve import PgProtocolServer
+from strata.pg.relfile import RelTag
 from strata.pg.slru import SlruKind
 from strata.storage.compaction import compact
-from strata.storage.key import RelTag, slru_block_key, slru_segment_size_key
+from strata.storage.key import slru_block_key, slru_segment_size_key
 from strata.storage.repository import Repository
 from strata.storage.tenant import Tenant, TenantConfig
 from strata.storage.timeline import Timeline

@@ -34,8 +34,8 @@ from strata.pg.records import (
     MultiXactCreate,
     MultiXactZeroMemPage,
     MultiXactZeroOffPage,
+    RelFileNode,
     RelmapUpdate,
-    RelTag,
     RunningXacts,
     SmgrCreate,
     SmgrTruncate,
@@ -113,7 +113,7 @@ def _extras(pg: PgServer) -> None:
                      " insert into target values (12); release b; prepare transaction 'p_keep'")
 
 
-def _relpath(rel: RelTag, forknum: int = 0) -> str:
+def _relpath(rel: RelFileNode, forknum: int = 0) -> str:
     """relpathperm as pg_waldump prints it (relpath.c)."""
     spc, db, relnode = rel
     suffix = FORK_SUFFIX[ForkNumber(forknum)]
@@ -289,7 +289,7 @@ def _check_xlog(rec: DecodedRecord, d: object, desc: str) -> str | None:
     return None
 
 
-def _block_ids(rec: DecodedRecord) -> dict[int, tuple[RelTag, int]]:
+def _block_ids(rec: DecodedRecord) -> dict[int, tuple[RelFileNode, int]]:
     return {b.block_id: ((b.spcnode, b.dbnode, b.relnode), b.blkno) for b in rec.blocks}
 
 
@@ -303,7 +303,7 @@ def _check_heap(rec: DecodedRecord, d: object, desc: str) -> str | None:
         blocks = _block_ids(rec)
         return None if (d.vm_block, d.heap_block) == (blocks[0], blocks[1]) else str(d)
     blocks = _block_ids(rec)
-    want: list[tuple[RelTag, int]] = []
+    want: list[tuple[RelFileNode, int]] = []
     bits = VISIBILITYMAP_VALID_BITS
     if isinstance(d, HeapUpdate):
         if d.flags & 2:

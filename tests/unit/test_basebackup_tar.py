@@ -37,11 +37,10 @@ from strata.pg.checkpoint import CheckPoint
 from strata.pg.checksum import page_checksum, with_checksum
 from strata.pg.controlfile import ControlFileData, DBState
 from strata.pg.crc import crc32c
-from strata.pg.relfile import relation_segments
+from strata.pg.relfile import RelTag, relation_segments
 from strata.pg.slru import SlruKind
 from strata.pg.walwriter import CHECKPOINT_RECORD_LEN
 from strata.storage.key import (
-    RelTag,
     checkpoint_key,
     control_file_key,
     relmap_key,

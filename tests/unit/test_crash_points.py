@@ -21,9 +21,9 @@ from strata.common.errors import UserError
 from strata.common.failpoint import FailpointHit
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
+from strata.pg.relfile import RelTag
 from strata.storage.compaction import compact
 from strata.storage.gc import gc_timeline
-from strata.storage.key import RelTag
 from strata.storage.metadata import load_metadata
 from strata.storage.repository import Repository
 from strata.storage.tenant import TenantConfig

@@ -30,6 +30,7 @@ from strata.pageserver.ingest import (
 from strata.pg.checkpoint import CheckPoint
 from strata.pg.constants import BLCKSZ, RmgrId
 from strata.pg.page import page_lsn
+from strata.pg.relfile import RelTag
 from strata.pg.slru import (
     CLOG_XACTS_PER_PAGE,
     MULTIXACT_MEMBERS_PER_PAGE,
@@ -48,7 +49,6 @@ from strata.pg.transam import (
 from strata.pg.visibilitymap import HEAPBLOCKS_PER_PAGE, MAP_OFFSET, get_bits
 from strata.pg.walreader import BlockRef, DecodedRecord
 from strata.storage.key import (
-    RelTag,
     checkpoint_key,
     slru_block_key,
     slru_segment_size_key,

@@ -3,6 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from strata.pg.relfile import RelTag
 from strata.pg.slru import SlruKind
 from strata.storage.key import (
     KEY_MAX,
@@ -10,7 +11,6 @@ from strata.storage.key import (
     KEY_SIZE,
     Key,
     KeyRange,
-    RelTag,
     checkpoint_key,
     control_file_key,
     db_dir_key,

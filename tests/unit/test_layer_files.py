@@ -13,17 +13,10 @@ from hypothesis import strategies as st
 from strata.common.errors import CorruptionError, UserError
 from strata.common.lsn import Lsn
 from strata.pg.constants import BKPIMAGE_COMPRESS_ZSTD, BLCKSZ
+from strata.pg.relfile import RelTag
 from strata.storage.delta_layer import DeltaLayer, DeltaLayerWriter
 from strata.storage.image_layer import ImageLayer, ImageLayerWriter
-from strata.storage.key import (
-    FULL_KEY_RANGE,
-    KEY_MAX,
-    KEY_MIN,
-    Key,
-    KeyRange,
-    RelTag,
-    rel_block_key,
-)
+from strata.storage.key import FULL_KEY_RANGE, KEY_MAX, KEY_MIN, Key, KeyRange, rel_block_key
 from strata.storage.layer_file import (
     ENTRIES_PER_BLOCK,
     HEADER_SIZE,

@@ -20,7 +20,7 @@ from strata.compute.lazyfs.fetcher import PageFetcher
 from strata.compute.lazyfs.fs import LazyFs
 from strata.compute.lazyfs.manifest import SegmentFile, parse_manifest, segment_files
 from strata.pg.constants import BLCKSZ, ForkNumber
-from strata.storage.key import RelTag
+from strata.pg.relfile import RelTag
 
 REL = RelTag(1663, 5, 16384, ForkNumber.MAIN)
 X = Lsn(0x1000000)

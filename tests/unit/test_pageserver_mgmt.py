@@ -21,7 +21,7 @@ from strata.pageserver.background import BackgroundWork
 from strata.pageserver.config import PageserverConfig
 from strata.pageserver.http import tenant_config_from_json
 from strata.pageserver.metrics import PageserverMetrics, TimelineState
-from strata.storage.key import RelTag
+from strata.pg.relfile import RelTag
 from strata.storage.repository import Repository
 from strata.storage.tenant import Tenant, TenantConfig
 from strata.storage.timeline import Timeline

@@ -20,8 +20,8 @@ from strata.common.errors import (
 )
 from strata.common.lsn import Lsn
 from strata.pageserver import pagestream as ps
+from strata.pg.relfile import RelTag
 from strata.pg.slru import SlruKind
-from strata.storage.key import RelTag
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROUND = settings(max_examples=150, deadline=None)

@@ -15,8 +15,9 @@ from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pg.constants import BKPIMAGE_COMPRESS_ZSTD
 from strata.pg.page import page_lsn
+from strata.pg.relfile import RelTag
 from strata.storage.compaction import compact
-from strata.storage.key import RelTag, checkpoint_key, twophase_key, twophase_range
+from strata.storage.key import checkpoint_key, twophase_key, twophase_range
 from strata.storage.repository import Repository
 from strata.storage.tenant import Tenant, TenantConfig
 from strata.storage.timeline import Timeline, TimelineBroken

@@ -56,12 +56,11 @@ from strata.pg.checksum import with_checksum
 from strata.pg.constants import BLCKSZ, GLOBALTABLESPACE_OID, ForkNumber
 from strata.pg.controlfile import ControlFileData
 from strata.pg.crc import crc32c
-from strata.pg.relfile import relation_path, relation_segments
+from strata.pg.relfile import RelTag, relation_path, relation_segments
 from strata.pg.slru import segment_file_name
 from strata.pg.walwriter import synthesize_wal
 from strata.storage.key import (
     Key,
-    RelTag,
     checkpoint_key,
     control_file_key,
     db_dir_range,

@@ -33,11 +33,10 @@ from strata.pageserver.datadir import (
 from strata.pg.checkpoint import CheckPoint
 from strata.pg.constants import BLCKSZ, RELSEG_SIZE, XLOG_CHECKPOINT_SHUTDOWN, RmgrId
 from strata.pg.controlfile import ControlFileData, DBState
-from strata.pg.relfile import parse_path
+from strata.pg.relfile import RelTag, parse_path
 from strata.pg.slru import SLRU_PAGES_PER_SEGMENT, SlruKind, parse_segment_file_name
 from strata.pg.walreader import read_wal_files
 from strata.storage.key import (
-    RelTag,
     checkpoint_key,
     control_file_key,
     relmap_key,

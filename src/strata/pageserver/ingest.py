@@ -45,6 +45,7 @@ from strata.pg.constants import (
 )
 from strata.pg.page import ZERO_PAGE
 from strata.pg.records import decode, record_type_name
+from strata.pg.relfile import RelTag
 from strata.pg.slru import SlruKind
 from strata.pg.transam import (
     FIRST_MULTIXACT_ID,
@@ -63,7 +64,7 @@ from strata.pg.visibilitymap import (
     vm_page_offset,
 )
 from strata.pg.walreader import DecodedRecord
-from strata.storage.key import RelTag, checkpoint_key, relmap_key, slru_block_key, twophase_key
+from strata.storage.key import checkpoint_key, relmap_key, slru_block_key, twophase_key
 from strata.storage.timeline import Timeline, TimelineBroken
 from strata.storage.value import Image, Patch, PatchOp, PatchWrite, Tombstone, WalImage
 

@@ -31,8 +31,8 @@ from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pageserver import pagestream as ps
 from strata.pg.pgclient import CopyBothStream, PgConnection, ServerError
+from strata.pg.relfile import RelTag
 from strata.pg.slru import SlruKind
-from strata.storage.key import RelTag
 
 log = logging.getLogger(__name__)
 

@@ -52,8 +52,8 @@ from strata.common.errors import (
 )
 from strata.common.lsn import Lsn
 from strata.pg.constants import BLCKSZ, ForkNumber
+from strata.pg.relfile import RelTag
 from strata.pg.slru import SLRU_PAGES_PER_SEGMENT, SlruKind
-from strata.storage.key import RelTag
 
 MAX_BATCH_PAGES = 256
 """Blocks in one GetPages request (the response is 2 MB + 11 bytes at most)."""

@@ -36,6 +36,19 @@ _FILE = re.compile(rf"^({_OID})(_fsm|_vm|_init)?(?:\.({_OID}))?$")
 
 
 @dataclass(frozen=True, slots=True, order=True)
+class RelTag:
+    """One fork of one relation (relfilenode.h RelFileNode + ForkNumber)."""
+
+    spcnode: int
+    dbnode: int
+    relnode: int
+    forknum: int
+
+    def __str__(self) -> str:
+        return f"rel {self.spcnode}/{self.dbnode}/{self.relnode} fork {self.forknum}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
 class RelFileLocation:
     """One segment file of one fork of a relation."""
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from strata.pg.relfile import RelTag
 from strata.pg.slru import SlruKind
 
 KEY_SIZE = 18
@@ -46,19 +47,6 @@ SPACE_CONTROL_FILE = 0x07
 
 _SLRU_SEGMENT_SIZE = 0  # field5 of an SLRU segment-size key
 _SLRU_BLOCK = 1  # field5 of an SLRU block key
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class RelTag:
-    """One fork of one relation (relfilenode.h RelFileNode + ForkNumber)."""
-
-    spcnode: int
-    dbnode: int
-    relnode: int
-    forknum: int
-
-    def __str__(self) -> str:
-        return f"rel {self.spcnode}/{self.dbnode}/{self.relnode} fork {self.forknum}"
 
 
 @dataclass(frozen=True, slots=True, order=True)

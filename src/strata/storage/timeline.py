@@ -32,13 +32,13 @@ from strata.common.failpoint import FailpointHit, failpoint
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pg.page import ZERO_PAGE
+from strata.pg.relfile import RelTag
 from strata.storage.delta_layer import DeltaLayerWriter
 from strata.storage.inmemory_layer import InMemoryLayer
 from strata.storage.key import (
     FULL_KEY_RANGE,
     Key,
     KeyRange,
-    RelTag,
     db_dir_key,
     db_dir_range,
     rel_block_key,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 
 from strata.pg.constants import BLCKSZ
-from strata.storage.key import RelTag
+from strata.pg.relfile import RelTag
 
 DEFAULT_MAX_WINDOW = 128  # blocks (1 MiB): a GetPages batch holds up to 256
 MAX_STREAMS = 8

@@ -16,7 +16,7 @@ from typing import Protocol
 from strata.common.lsn import Lsn
 from strata.pg.checksum import with_checksum
 from strata.pg.constants import BLCKSZ
-from strata.storage.key import RelTag
+from strata.pg.relfile import RelTag
 
 
 class PageSource(Protocol):

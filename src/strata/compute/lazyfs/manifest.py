@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 from strata.common.errors import CorruptionError, UserError
 from strata.pg.constants import DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID, ForkNumber
-from strata.pg.relfile import relation_path, relation_segments
-from strata.storage.key import RelTag
+from strata.pg.relfile import RelTag, relation_path, relation_segments
 
 MANIFEST_NAME = "strata_lazy_rels"
 

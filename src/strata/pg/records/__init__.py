@@ -27,7 +27,7 @@ from strata.pg.records import (
     xact,
     xlog,
 )
-from strata.pg.records._cursor import BlockLike, Cursor, RelTag
+from strata.pg.records._cursor import BlockLike, Cursor, RelFileNode
 from strata.pg.records.clog import ClogTruncate, ClogZeroPage
 from strata.pg.records.dbase import DbaseCreateFileCopy, DbaseCreateWalLog, DbaseDrop
 from strata.pg.records.heap import (
@@ -78,7 +78,7 @@ __all__ = [
     "DbaseDrop", "DecodedRecordLike", "HeapDelete", "HeapInsert", "HeapLock",
     "HeapMultiInsert", "HeapUpdate", "HeapVisible", "LogicalMessage", "MultiXactCreate",
     "MultiXactTruncate", "MultiXactZeroMemPage", "MultiXactZeroOffPage", "Record",
-    "RelTag", "RelmapUpdate", "RunningXacts", "SmgrCreate", "SmgrTruncate", "VmClear",
+    "RelFileNode", "RelmapUpdate", "RunningXacts", "SmgrCreate", "SmgrTruncate", "VmClear",
     "XactAbort", "XactAssignment", "XactCommit", "XactInvalidations", "XactOrigin",
     "XactPrepare", "XlogBackupEnd", "XlogCheckpoint", "XlogEndOfRecovery", "XlogFpi",
     "XlogFpwChange", "XlogNextOid", "XlogNoop", "XlogOverwriteContrecord",

@@ -17,7 +17,7 @@ from strata.common.errors import CorruptionError
 from strata.common.lsn import Lsn
 
 # (spcnode, dbnode, relnode): a RelFileNode (relfilenode.h), the same for every fork.
-RelTag = tuple[int, int, int]
+RelFileNode = tuple[int, int, int]  # spcNode, dbNode, relNode (relfilenode.h), no fork
 
 U8 = struct.Struct("<B")
 U16 = struct.Struct("<H")
@@ -113,7 +113,7 @@ class Cursor:
         st = struct.Struct(f"<{n}{fmt_char}")
         return self.unpack(st, field)
 
-    def rels(self, n: int, field: str) -> tuple[RelTag, ...]:
+    def rels(self, n: int, field: str) -> tuple[RelFileNode, ...]:
         flat = self.array("I", 3 * n, field)
         return tuple((flat[i], flat[i + 1], flat[i + 2]) for i in range(0, 3 * n, 3))
 
@@ -159,5 +159,5 @@ def need_block(cur: Cursor, blocks: Sequence[BlockLike], block_id: int) -> Block
     return block
 
 
-def rel_of(block: BlockLike) -> RelTag:
+def rel_of(block: BlockLike) -> RelFileNode:
     return (block.spcnode, block.dbnode, block.relnode)

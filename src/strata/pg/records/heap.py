@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from strata.pg.constants import ForkNumber
-from strata.pg.records._cursor import BlockLike, Cursor, RelTag, need_block, rel_of
+from strata.pg.records._cursor import BlockLike, Cursor, RelFileNode, need_block, rel_of
 from strata.pg.visibilitymap import (
     VISIBILITYMAP_ALL_FROZEN,
     VISIBILITYMAP_VALID_BITS,
@@ -86,10 +86,10 @@ class VmClear:
     that relation's visibility-map fork (`strata.pg.visibilitymap.clear_bits`).
     """
 
-    heap_blocks: tuple[tuple[RelTag, int], ...]
+    heap_blocks: tuple[tuple[RelFileNode, int], ...]
     flags: int
 
-    def vm_patches(self) -> tuple[tuple[RelTag, VmPagePatch], ...]:
+    def vm_patches(self) -> tuple[tuple[RelFileNode, VmPagePatch], ...]:
         """For each heap block: its relation and the patch to its VM page (which names
         the VM block number, the byte offset in that page and the bits to clear)."""
         return tuple((rel, clear_bits(blkno, self.flags)) for rel, blkno in self.heap_blocks)
@@ -157,11 +157,11 @@ class HeapVisible:
 
     cutoff_xid: int
     flags: int
-    vm_block: tuple[RelTag, int]
-    heap_block: tuple[RelTag, int]
+    vm_block: tuple[RelFileNode, int]
+    heap_block: tuple[RelFileNode, int]
 
 
-def _heap_block(cur: Cursor, blocks: Sequence[BlockLike], block_id: int) -> tuple[RelTag, int]:
+def _heap_block(cur: Cursor, blocks: Sequence[BlockLike], block_id: int) -> tuple[RelFileNode, int]:
     block = need_block(cur, blocks, block_id)
     if block.forknum != ForkNumber.MAIN:
         raise cur.error(f"heap block reference {block_id} is in fork {block.forknum}, "
@@ -173,7 +173,7 @@ def _clear(cur: Cursor, blocks: Sequence[BlockLike], block_ids: Sequence[int],
            flags: int) -> VmClear | None:
     if not block_ids:
         return None
-    heap_blocks: list[tuple[RelTag, int]] = []
+    heap_blocks: list[tuple[RelFileNode, int]] = []
     for block_id in block_ids:
         where = _heap_block(cur, blocks, block_id)
         if where not in heap_blocks:

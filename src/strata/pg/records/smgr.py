@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from strata.pg.records._cursor import Cursor, RelTag
+from strata.pg.records._cursor import Cursor, RelFileNode
 
 XLOG_SMGR_CREATE = 0x10
 XLOG_SMGR_TRUNCATE = 0x20
@@ -30,7 +30,7 @@ _TRUNCATE = struct.Struct("<IIIIi")
 class SmgrCreate:
     """Create an empty fork `forknum` of `rel`."""
 
-    rel: RelTag
+    rel: RelFileNode
     forknum: int
 
 
@@ -41,7 +41,7 @@ class SmgrTruncate:
     The VM and FSM are cut to cover `blkno` heap blocks (smgr_redo in storage.c).
     """
 
-    rel: RelTag
+    rel: RelFileNode
     blkno: int
     flags: int
 

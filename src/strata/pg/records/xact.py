@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 
 from strata.pg.crc import crc32c
-from strata.pg.records._cursor import Cursor, RelTag
+from strata.pg.records._cursor import Cursor, RelFileNode
 
 # xl_info bits (xact.h)
 XLOG_XACT_COMMIT = 0x00
@@ -92,7 +92,7 @@ class XactCommit:
     db_id: int | None
     ts_id: int | None
     subxacts: tuple[int, ...]
-    dropped_rels: tuple[RelTag, ...]
+    dropped_rels: tuple[RelFileNode, ...]
     dropped_stats: tuple[tuple[int, int, int], ...]
     invals: bytes
     gid: str | None
@@ -114,7 +114,7 @@ class XactAbort:
     db_id: int | None
     ts_id: int | None
     subxacts: tuple[int, ...]
-    dropped_rels: tuple[RelTag, ...]
+    dropped_rels: tuple[RelFileNode, ...]
     dropped_stats: tuple[tuple[int, int, int], ...]
     gid: str | None
     origin: XactOrigin | None
@@ -130,8 +130,8 @@ class XactPrepare:
     prepared_at: int
     owner: int
     subxacts: tuple[int, ...]
-    commit_rels: tuple[RelTag, ...]
-    abort_rels: tuple[RelTag, ...]
+    commit_rels: tuple[RelFileNode, ...]
+    abort_rels: tuple[RelFileNode, ...]
     ncommitstats: int
     nabortstats: int
     ninvalmsgs: int
@@ -177,7 +177,7 @@ class _Parsed:
     db_id: int | None = None
     ts_id: int | None = None
     subxacts: tuple[int, ...] = ()
-    rels: tuple[RelTag, ...] = ()
+    rels: tuple[RelFileNode, ...] = ()
     stats: tuple[tuple[int, int, int], ...] = ()
     invals: bytes = b""
     twophase_xid: int | None = None
