@@ -59,6 +59,7 @@ from strata.common.failpoint import FailpointHit, failpoint
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import setup_logging, timeline_context
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn, check_segment_size
+from strata.pageserver.client import DEFAULT_SLOT_NAME
 from strata.pg import wire
 from strata.pg.constants import SIZE_OF_XLOG_LONG_PHD, XLOG_BLCKSZ
 from strata.pg.pgclient import CopyBothStream, PgConnection
@@ -87,7 +88,6 @@ from strata.safekeeper.proposer import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SLOT = "strata_walproposer"
 DEFAULT_APPLICATION_NAME = "strata_walproposer"
 EXIT_FENCED = 3  # the CLI's exit code when the sidecar was fenced
 _TICK_S = 0.02
@@ -511,7 +511,7 @@ class SidecarConfig:
     pg_host: str
     pg_port: int
     pg_user: str = "postgres"
-    slot_name: str = DEFAULT_SLOT
+    slot_name: str = DEFAULT_SLOT_NAME
     application_name: str = DEFAULT_APPLICATION_NAME
     quorum_warn_s: float = 10.0  # a warning this often while no majority answers
     status_interval_s: float = 1.0
@@ -851,7 +851,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pg-port", type=int)
     p.add_argument("--pg-user", default="postgres")
     p.add_argument("--pgdata", type=Path, help="the compute's data directory (for fencing)")
-    p.add_argument("--slot", default=DEFAULT_SLOT)
+    p.add_argument("--slot", default=DEFAULT_SLOT_NAME)
     p.add_argument("--application-name", default=DEFAULT_APPLICATION_NAME)
     p.add_argument("--quorum-warn-s", type=float, default=10.0,
                    help="while no majority of safekeepers answers, commits wait and a "

@@ -81,7 +81,7 @@ from strata.control.supervisor import (
     stop_process,
     wait_for,
 )
-from strata.pageserver.client import PageserverClient
+from strata.pageserver.client import DEFAULT_SLOT_NAME, PageserverClient
 from strata.pg.controlfile import ControlFileData
 
 if TYPE_CHECKING:
@@ -437,9 +437,6 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
                                   f"standby; log {sidecar_files(env, ep.name).log_path})"):
             _wait_streaming(env, config, ep, compute, sidecar_proc)
     elif not ep.read_only:
-        # Imported here: the basebackup module brings the storage engine along.
-        from strata.pageserver.basebackup import DEFAULT_SLOT_NAME
-
         with phase("walproposer", "attaching the pageserver's WAL receiver (the primary's "
                                   "synchronous standby in dev mode)"):
             client.attach_receiver(tenant_id, timeline_id, host=defaults.host, port=ep.port,

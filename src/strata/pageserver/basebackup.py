@@ -45,6 +45,7 @@ from typing import BinaryIO, NamedTuple
 
 from strata.common.errors import CorruptionError, NotFound, UserError
 from strata.common.lsn import Lsn
+from strata.pageserver.client import DEFAULT_SLOT_NAME
 from strata.pageserver.datadir import (
     PG_VERSION_CONTENT,
     SLRU_DIRS,
@@ -71,7 +72,6 @@ from strata.storage.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SLOT_NAME = "strata_walproposer"
 MODES = ("full", "lazy")
 LAZY_MANIFEST = "strata_lazy_rels"
 

@@ -35,6 +35,10 @@ from strata.common.lsn import Lsn
 from strata.pg import wire
 from strata.pg.pgclient import PgConnection, ServerError
 
+# The physical slot a primary's basebackup creates (restart_lsn = the basebackup LSN) and
+# the WAL consumer streams from: the walproposer, or the pageserver's receiver in dev mode.
+DEFAULT_SLOT_NAME = "strata_walproposer"
+
 
 @dataclass(frozen=True, slots=True)
 class TimelineInfo:
