@@ -227,13 +227,13 @@ def _cli_start(repo: Path) -> tuple[float, dict[str, float], str]:
     command's phases, connection string)."""
     t = time.monotonic()
     started = json.loads(_strata(repo, "endpoint", "start", "main", "--json"))
-    with psycopg.connect(started["connstr"], autocommit=True) as conn:
+    with psycopg.connect(started["local_connstr"], autocommit=True) as conn:
         row = conn.execute("select count(*) from pgbench_branches").fetchone()
     assert row is not None and row[0] > 0, row
     elapsed = time.monotonic() - t
     phases = dict(started["phases_s"])
     phases["first_query"] = elapsed - float(started["total_s"])
-    return elapsed, phases, str(started["connstr"])
+    return elapsed, phases, str(started["local_connstr"])
 
 
 def kill9_restarts(report: Report, repo: Path, rounds: int) -> None:
@@ -271,12 +271,13 @@ def cli_starts(report: Report, base: Path, scales: list[int], tries: int = 3,
     repo = base / "cli"
     _strata(repo, "init")
     try:
-        url = _strata(repo, "endpoint", "start", "main").strip().splitlines()[-1]
+        # Strata's own way in: the unix socket (TCP asks for a password).
+        url = json.loads(_strata(repo, "endpoint", "start", "main", "--json"))["local_connstr"]
         for scale in scales:
             with psycopg.connect(url, autocommit=True) as conn:
-                port = conn.info.port
+                port, socket_dir = conn.info.port, conn.info.host
             run_as(service_user(), [pg_bindir() / "pgbench", "-i", "-s", str(scale), "-q",
-                    "-h", "127.0.0.1", "-p", str(port), "-U", "strata", "strata"],
+                    "-h", socket_dir, "-p", str(port), "-U", "strata", "strata"],
                    timeout=7200)
             with psycopg.connect(url, autocommit=True) as conn:
                 row = conn.execute("select pg_database_size('strata')").fetchone()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -55,6 +56,12 @@ class Cli:
     def json(self, *args: str) -> Any:
         return json.loads(self.run(*args, "--json").stdout)
 
+    def local(self, endpoint: str) -> str:
+        """Strata's own connection string of an endpoint: the application role over the
+        unix socket (TCP asks for a password)."""
+        ep = next(e for e in self.json("endpoint", "list") if e["name"] == endpoint)
+        return str(ep["local_connstr"])
+
     def superuser(self, endpoint: str) -> psycopg.Connection[Any]:
         """Strata's own way in: the superuser over the endpoint's unix socket."""
         ep = next(e for e in self.json("endpoint", "list") if e["name"] == endpoint)
@@ -83,11 +90,6 @@ def values(connstr: str) -> list[str]:
     return [r[0] for r in rows(connstr, "select v from t order by id")]
 
 
-def connstr_of(line: str) -> str:
-    start = line.index("postgresql://")
-    return line[start:].split()[0]
-
-
 @pytest.mark.timeout(1200)  # the longest story in the suite: ~3 min quiet, 10 under load
 def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     """init + start give three safekeepers and a `main` endpoint for a non-superuser role;
@@ -104,13 +106,28 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     assert config["wal_mode"] == "safekeepers"
     assert [sk["id"] for sk in config["safekeepers"]] == [1, 2, 3]
     assert all(sk["pg_port"] > 0 and sk["http_port"] > 0 for sk in config["safekeepers"])
-    main = connstr_of(cli.last_line("start"))
+    # While the proxy runs, the connection string handed out is the proxy's.
+    assert f"main.localhost:{config['proxy']['port']}/strata" in cli.last_line("start")
+    main = cli.local("main")
     assert rows(main, "select current_user, rolsuper from pg_roles "
                       "where rolname = current_user") == [("strata", False)]
-    # The superuser is not reachable over TCP, only over the unix socket (D8).
-    port = main.rsplit(":", 1)[1].split("/")[0]
+    # Computes accept connections from the proxy only (issue 16): over TCP the superuser
+    # and replication are refused, and every other role needs its password; the trusted
+    # unix socket is in a directory only its owner (PostgreSQL's user) and root reach.
+    ep = cli.json("endpoint", "list")[0]
+    port = ep["address"].rsplit(":", 1)[1]
     with pytest.raises(psycopg.OperationalError, match="pg_hba.conf rejects"):
         rows(f"postgresql://postgres@127.0.0.1:{port}/postgres", "select 1")
+    with pytest.raises(psycopg.OperationalError, match="pg_hba.conf rejects replication"):
+        rows(f"postgresql://postgres@127.0.0.1:{port}/postgres?replication=true", "select 1")
+    with pytest.raises(psycopg.OperationalError, match="no password supplied"):
+        rows(f"postgresql://strata@127.0.0.1:{port}/strata", "select 1")
+    with pytest.raises(psycopg.OperationalError,
+                       match='password authentication failed for user "strata"'):
+        rows(f"postgresql://strata:guess@127.0.0.1:{port}/strata", "select 1")
+    socket_dir = os.stat(ep["socket_dir"])
+    assert socket_dir.st_mode & 0o777 == 0o700, oct(socket_dir.st_mode)
+    assert socket_dir.st_uid == pwd.getpwnam("postgres").pw_uid
 
     rows(main, "create table t (id int primary key, v text)")
     rows(main, "insert into t values (1, 'one')")
@@ -135,11 +152,14 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     assert f"├─ past @ {lsn1}" in listing and "└─ head @ " in listing  # by branch LSN
 
     cli.run("endpoint", "create", "head", "--branch", "head")
-    head = connstr_of(cli.last_line("endpoint", "start", "head", "--mode", "full"))
+    cli.run("endpoint", "start", "head", "--mode", "full")
+    head = cli.local("head")
     cli.run("endpoint", "create", "past", "--branch", "past")
-    past = connstr_of(cli.last_line("endpoint", "start", "past"))
+    cli.run("endpoint", "start", "past")
+    past = cli.local("past")
     cli.run("endpoint", "create", "ro", "--branch", "main", "--lsn", lsn1)
-    ro = connstr_of(cli.last_line("endpoint", "start", "ro"))
+    cli.run("endpoint", "start", "ro")
+    ro = cli.local("ro")
 
     rows(main, "insert into t values (3, 'main only')")
     rows(head, "insert into t values (4, 'head only')")
@@ -277,7 +297,8 @@ def test_walproposer_death_stops_its_endpoint(cli: Cli) -> None:
     every acknowledged commit. Then the postmaster is killed (kill -9) and the endpoint
     started right after, 4 times: the same."""
     cli.run("init")
-    main = connstr_of(cli.last_line("start"))
+    cli.run("start")
+    main = cli.local("main")
     rows(main, "create table t (id int primary key, v text)")
     rows(main, "insert into t values (1, 'acked')")
     monitor = int((cli.repo_dir / "run" / "walproposer-main.pid").read_text())
@@ -291,7 +312,8 @@ def test_walproposer_death_stops_its_endpoint(cli: Cli) -> None:
     assert ep["walproposer"]["state"] in ("died", "stopped"), ep
     log = (cli.repo_dir / "logs" / "walproposer-main.log").read_text()
     assert "walproposer exited with code -9; stopping PostgreSQL" in log
-    restarted = connstr_of(cli.last_line("endpoint", "start", "main"))
+    cli.run("endpoint", "start", "main")
+    restarted = cli.local("main")
     assert values(restarted) == ["acked"]
 
     # kill -9 of the postmaster, then at once `endpoint start` (the 20-round loop is in
@@ -301,7 +323,7 @@ def test_walproposer_death_stops_its_endpoint(cli: Cli) -> None:
         rows(restarted, f"insert into t values ({i + 2}, 'r{i}')")
         os.kill(int((cli.repo_dir / "run" / "endpoint-main.pid").read_text()), signal.SIGKILL)
         started = cli.json("endpoint", "start", "main")
-        restarted = started["connstr"]
+        restarted = started["local_connstr"]
         assert values(restarted) == ["acked", *[f"r{j}" for j in range(i + 1)]]
     assert {"cli", "checks", "sync_wal", "wait_ingest", "basebackup", "postgres",
             "walproposer", "app_role"} <= set(started["phases_s"]), started
@@ -393,13 +415,15 @@ def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
     assert 'shared_buffers = "16MB"' in written
 
     assert "wal_mode = \"pageserver\"" in cli.run("safekeeper", "start", ok=False).stderr
-    main = connstr_of(cli.last_line("endpoint", "start", "main"))
+    # Without the proxy the connection string is the compute's own (TCP, a password).
+    assert cli.last_line("endpoint", "start", "main").startswith("postgresql://strata@")
+    main = cli.local("main")
     rows(main, "create table t (id int primary key, v text)")
     rows(main, "insert into t values (1, 'dev mode')")
     rows(main, "create table s (id serial, b bigint generated always as identity)")
     rows(main, "insert into s default values")
     cli.run("endpoint", "stop", "main")
-    main = connstr_of(cli.last_line("endpoint", "start", "main"))
+    cli.run("endpoint", "start", "main")
     assert values(main) == ["dev mode"]
     # A clean stop keeps sequence values (serial and identity), as stock PostgreSQL does.
     assert rows(main, "insert into s default values returning id, b") == [(2, 2)]

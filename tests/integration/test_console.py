@@ -102,7 +102,11 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleEnv]:
         env.url = url.group(1)
         env.token = (repo / "console.token").read_text().strip()
         assert (repo / "console.token").stat().st_mode & 0o077 == 0  # 0600
-        env.main = started.strip().splitlines()[-1].split(": ", 1)[1]
+        # The printed connection string is the proxy's; the test's own is the socket.
+        assert "postgresql://strata@main." in started.strip().splitlines()[-1], started
+        main = next(e for e in json.loads(env.strata("endpoint", "list", "--json"))
+                    if e["name"] == "main")
+        env.main = main["local_connstr"]
         yield env
     finally:
         subprocess.run([STRATA, "--repo-dir", str(repo), "stop", "--immediate"],

@@ -124,7 +124,9 @@ class PgServer:
             main.write_text(text + line)
 
     def base_settings(self) -> dict[str, object]:
-        make_dir_for(self.socket_dir, self.user, 0o755)
+        # Private: its socket is trusted (pg_hba `local`), so only the user PostgreSQL runs
+        # as and root may reach it (issue 16: the proxy and Strata's own tools).
+        make_dir_for(self.socket_dir, self.user, 0o700)
         return {
             "listen_addresses": self.host,
             "port": self.port,

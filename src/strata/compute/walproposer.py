@@ -847,7 +847,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--system-id", type=int, help="the cluster's system id (required by --sync)")
     p.add_argument("--wal-seg-size", type=int, default=DEFAULT_WAL_SEGMENT_SIZE)
     p.add_argument("--timeout-s", type=float, default=30.0, help="sync: give up after this")
-    p.add_argument("--pg-host", default="127.0.0.1")
+    p.add_argument("--pg-host", default="127.0.0.1",
+                   help="the compute's address, or its unix socket directory (a path)")
     p.add_argument("--pg-port", type=int)
     p.add_argument("--pg-user", default="postgres")
     p.add_argument("--pgdata", type=Path, help="the compute's data directory (for fencing)")

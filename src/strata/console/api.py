@@ -21,7 +21,7 @@ from strata.console.jobs import Jobs
 from strata.console.metrics import WINDOW_S, Sampler
 from strata.console.sql import ROW_LIMIT, run_read_only
 from strata.control import operations
-from strata.control.endpoints import connstr, endpoint_status, running_pid
+from strata.control.endpoints import endpoint_status, local_connstr, running_pid
 from strata.control.env import Environment, tenant_id_of
 from strata.control.services import pageserver_status, require_pageserver
 
@@ -322,11 +322,11 @@ async def run_sql(request: web.Request) -> web.Response:
         raise UserError(f"field 'limit' must be an integer 1..{ROW_LIMIT}")
 
     def run() -> dict[str, Any]:
-        config = env.config()
         ep = env.read_state().endpoint(name)
         if running_pid(env, name) is None:
             raise UserError(f"endpoint {name} is not running; start it first")
-        return run_read_only(connstr(config, ep), query, limit).to_json()
+        # As the application role, over the unix socket (TCP asks for its password).
+        return run_read_only(local_connstr(env, ep), query, limit).to_json()
 
     return web.json_response(await _blocking(run))
 

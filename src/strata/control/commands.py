@@ -28,6 +28,7 @@ from strata.control.attachments import (
 )
 from strata.control.auth_setup import export_cli_token, make_keys, token_for
 from strata.control.endpoints import (
+    APP_ROLE,
     COMPUTE_MODES,
     endpoint_status,
     running_pid,
@@ -199,6 +200,7 @@ def start(ctx: click.Context) -> None:
                 failed.append(ep.name)
                 continue
         output.info(f"connect to endpoint {ep.name} with: psql '{conn}'")
+        _password_note(env, ep)
         output.result(f"endpoint {ep.name} ({ep.branch}): {conn}")
     if failed:
         raise UserError(f"endpoints {failed} did not start (see above); the rest run")
@@ -558,12 +560,24 @@ def endpoint_start(ctx: click.Context, name: str, mode: str | None, as_json: boo
     started = start_named_endpoint(env, env.config(), name, mode)
     if as_json:
         phases = {"cli": cli_s, **started.phases}
-        output.print_json({"name": name, "connstr": started.connstr, "mode": started.mode,
+        output.print_json({"name": name, "connstr": started.connstr,
+                           "local_connstr": started.local_connstr, "mode": started.mode,
                            "lsn": str(started.lsn),
                            "phases_s": {k: round(v, 4) for k, v in phases.items()},
                            "total_s": round(_process_age_s(), 4)})
     else:
+        _password_note(env, env.read_state().endpoint(name))
         output.result(started.connstr)
+
+
+def _password_note(env: Environment, ep: EndpointState) -> None:
+    """Say how to give the application role a password if it has none: every TCP login
+    (through the proxy or directly) needs one."""
+    roles = env.read_state().tenants[ep.tenant_id].roles.get(ep.branch) or {}
+    if APP_ROLE not in roles:
+        output.info(f"note: role {APP_ROLE!r} has no password on branch {ep.branch}; set "
+                    f"one with `strata role create {APP_ROLE} --branch {ep.branch}` to "
+                    "connect")
 
 
 def _process_age_s() -> float:

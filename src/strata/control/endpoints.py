@@ -15,19 +15,27 @@ read-only hot standby at a fixed LSN. `start_endpoint` is the whole start flow, 
 3. wait (bounded, saying what for) until the pageserver has ingested the WAL up to X;
 4. build a fresh data directory from a basebackup at X, and put back the settings made
    with ALTER SYSTEM and the statistics files saved at the last clean stop on that branch;
-   a primary's pg_hba.conf closes TCP logins of the superuser from the start;
+   its pg_hba.conf (`PG_HBA_RESTRICTED`) asks TCP clients for a password;
 5. start PostgreSQL 15 and, right after it (so their starts overlap), its synchronous
    standby: the walproposer sidecar, under `strata.control.sidecar` (if either dies,
    both stop), or in development mode the pageserver's WAL receiver; wait until
    PostgreSQL is ready (its postmaster.pid) and streams to the walproposer;
 6. make sure the application role exists (D8): on a primary once per branch (remembered
-   in the state); a read-only endpoint closes TCP logins of the superuser once it has it;
+   in the state);
 7. return the connection string and the seconds of each phase (`StartResult`).
+
+Who gets in (issue 16: computes accept connections from the proxy only): over TCP every
+role needs its password (SCRAM-SHA-256; the secret `strata role` keeps, which the control
+plane sets on the compute), the superuser not at all, replication not at all. The unix
+socket is trusted, and its directory is private (0700, owned by the user PostgreSQL runs
+as), so only that user and root reach it: the proxy, the CLI, the console, the
+walproposer and the pageserver's WAL receiver. The connection string handed to users is
+the proxy's while the proxy runs (`connstr`); Strata's own clients use `local_connstr`.
 
 The application role `strata` (LOGIN, CREATEDB, CREATEROLE, not a superuser) owns the
 database `strata`; the connection string names both. The superuser `postgres` is kept for
-Strata's own use over the endpoint's unix socket (and the WAL receiver's replication
-connection): a superuser could turn `wal_consistency_checking` off in its session (D2).
+Strata's own use over the endpoint's unix socket: a superuser could turn
+`wal_consistency_checking` off in its session (D2).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
@@ -97,20 +106,22 @@ SIDECAR_QUORUM_WARN_S = 10.0  # the walproposer warns this often while it lacks 
 SAVED_FILES = ("postgresql.auto.conf",)
 SAVED_DIRS = ("pg_stat",)
 
-# pg_hba.conf once the endpoint runs: the superuser only over the unix socket, except the
-# synchronous standby's replication connection (the walproposer sidecar, or the
-# pageserver's WAL receiver in development mode, D7); everyone else on loopback.
+# pg_hba.conf of an endpoint: the unix socket (a private directory) is trusted: the proxy
+# and Strata's own clients, the synchronous standby's replication connection (the
+# walproposer sidecar, or the pageserver's WAL receiver in development mode, D7) included.
+# Over TCP: no superuser, no replication, every other role with its password (issue 16).
 PG_HBA_RESTRICTED = """\
-# Written by `strata endpoint start` (architecture D8): the superuser logs in over the
-# unix socket only; replication (the walproposer or the pageserver's WAL receiver) over
-# loopback.
+# Written by `strata endpoint start` (architecture D8, issue 16): the unix socket, whose
+# directory only the proxy and Strata's own tools reach, is trusted; over TCP the
+# superuser and replication are refused and every other role needs its password.
 local   all             all                                     trust
-host    replication     all             127.0.0.1/32            trust
-host    replication     all             ::1/128                 trust
+local   replication     all                                     trust
 host    all             postgres        127.0.0.1/32            reject
 host    all             postgres        ::1/128                 reject
-host    all             all             127.0.0.1/32            trust
-host    all             all             ::1/128                 trust
+host    replication     all             127.0.0.1/32            reject
+host    replication     all             ::1/128                 reject
+host    all             all             127.0.0.1/32            scram-sha-256
+host    all             all             ::1/128                 scram-sha-256
 """
 
 
@@ -183,9 +194,32 @@ def superuser_connect(env: Environment, ep: EndpointState,
                            user=SUPERUSER, dbname=dbname, autocommit=True, connect_timeout=5)
 
 
-def connstr(config: EnvConfig, ep: EndpointState, *, user: str = APP_ROLE,
-            dbname: str = APP_DATABASE) -> str:
-    return f"postgresql://{user}@{config.endpoint_defaults.host}:{ep.port}/{dbname}"
+def connstr(env: Environment, config: EnvConfig, ep: EndpointState, *,
+            user: str = APP_ROLE, dbname: str = APP_DATABASE) -> str:
+    """The connection string for users: through the proxy while it runs (TLS, the
+    endpoint named by SNI), else the compute's own TCP address. Either way the role needs
+    a password (`strata role password`)."""
+    if not proxy_runs(env):
+        return f"postgresql://{user}@{config.endpoint_defaults.host}:{ep.port}/{dbname}"
+    proxy = config.proxy
+    address = proxy.host if proxy.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return (f"postgresql://{user}@{ep.name}.{proxy.domain}:{proxy.port}/{dbname}"
+            f"?hostaddr={address}&sslmode=require")
+
+
+def proxy_runs(env: Environment) -> bool:
+    # Imported here: strata.control.proxy imports the proxy, which imports this module.
+    from strata.control.proxy import proxy_files
+
+    return proxy_files(env).read_pid() is not None
+
+
+def local_connstr(env: Environment, ep: EndpointState, *, user: str = APP_ROLE,
+                  dbname: str = APP_DATABASE) -> str:
+    """Strata's own way in (CLI, console, tests): the endpoint's unix socket, which only
+    root and the user PostgreSQL runs as can reach; no password."""
+    return make_conninfo(host=str(endpoint_paths(env, ep.name).socket_dir), port=ep.port,
+                         user=user, dbname=dbname)
 
 
 def sidecar_files(env: Environment, name: str) -> ProcessFiles:
@@ -324,6 +358,8 @@ class StartResult:
     """What `start_endpoint` did: the connection string and each phase's duration."""
 
     connstr: str
+    local_connstr: str
+    """Strata's own (the unix socket), for tools and tests."""
     mode: str
     lsn: Lsn
     phases: dict[str, float]
@@ -404,9 +440,9 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
             phase.seconds.update({f"basebackup.{k}": v for k, v in lazy.phases.items()})
         if not ep.read_only:
             _restore_saved(paths, timeline_id, compute)
-            # Strata's own connections use the unix socket, so the superuser's TCP logins
-            # can be closed before the start (D8); a standby decides after it (below).
-            _write_restricted_hba(paths)
+        # Strata's own connections use the unix socket: TCP asks for passwords from the
+        # start (D8, issue 16).
+        _write_restricted_hba(paths)
     sidecar_proc: subprocess.Popen[bytes] | None = None
     with phase("postgres", f"starting PostgreSQL 15 on {defaults.host}:{ep.port} "
                            f"({'read-only at ' + str(lsn) if ep.read_only else 'primary'}, "
@@ -439,36 +475,34 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
     elif not ep.read_only:
         with phase("walproposer", "attaching the pageserver's WAL receiver (the primary's "
                                   "synchronous standby in dev mode)"):
-            client.attach_receiver(tenant_id, timeline_id, host=defaults.host, port=ep.port,
+            client.attach_receiver(tenant_id, timeline_id, host=str(paths.socket_dir),
+                                   port=ep.port,
                                    slot=DEFAULT_SLOT_NAME,
                                    application_name=DEFAULT_RECEIVER_NAME)
     with phase("app_role"):
-        has_role = _app_role(env, ep, tenant_id, timeline_id, paths)
+        has_role = _app_role(env, ep, tenant_id, timeline_id)
         branch_roles = env.read_state().tenants[ep.tenant_id].roles.get(ep.branch)
         if branch_roles and not ep.read_only:
             with output.step(f"setting the proxy's roles {sorted(branch_roles)}"):
                 apply_roles(env, ep, branch_roles)
     if has_role:
-        return StartResult(connstr(config, ep), mode, lsn, phase.seconds)
+        return StartResult(connstr(env, config, ep), local_connstr(env, ep), mode, lsn,
+                           phase.seconds)
     output.info(f"note: role {APP_ROLE!r} does not exist at {lsn} (no primary ran on this "
-                "data yet); this read-only endpoint hands out the superuser, which cannot "
-                "write on a hot standby")
-    return StartResult(connstr(config, ep, user=SUPERUSER, dbname="postgres"), mode, lsn,
-                       phase.seconds)
+                "data yet); this read-only endpoint is reachable as the superuser over its "
+                "unix socket only (Strata's own tools)")
+    return StartResult(connstr(env, config, ep), local_connstr(env, ep, user=SUPERUSER,
+                                                               dbname="postgres"),
+                       mode, lsn, phase.seconds)
 
 
 def _app_role(env: Environment, ep: EndpointState, tenant_id: TenantId,
-              timeline_id: TimelineId, paths: EndpointPaths) -> bool:
+              timeline_id: TimelineId) -> bool:
     """Make sure the application role can log in (D8): on a primary once per timeline
     (remembered in the state), on a standby checked at each start. True if it can."""
     if ep.read_only:
         with output.step(f"checking the application role {APP_ROLE!r}"):
-            has_role = _ensure_app_role(env, ep)
-            if has_role:
-                _write_restricted_hba(paths)
-                with superuser_connect(env, ep) as conn:
-                    conn.execute("select pg_reload_conf()")
-        return has_role
+            return _ensure_app_role(env, ep)
     known = env.read_state().tenants[str(tenant_id)].app_role_timelines
     if str(timeline_id) in known:
         return True
@@ -536,7 +570,8 @@ def _spawn_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
     ps = config.pageserver
     walproposer = [sys.executable, "-m", "strata.compute.walproposer",
                    "--tenant", str(tenant_id), "--timeline", str(timeline_id),
-                   "--safekeepers", sks, "--pg-host", config.endpoint_defaults.host,
+                   # The unix socket: replication is refused over TCP (PG_HBA_RESTRICTED).
+                   "--safekeepers", sks, "--pg-host", str(endpoint_paths(env, ep.name).socket_dir),
                    "--pg-port", str(ep.port), "--pgdata", str(compute.datadir),
                    "--quorum-warn-s", str(SIDECAR_QUORUM_WARN_S),
                    "--pageserver-http", f"{ps.host}:{ps.http_port}",
@@ -737,12 +772,16 @@ def endpoint_status(env: Environment, config: EnvConfig, ep: EndpointState) -> d
     pid = running_pid(env, ep.name)
     files = endpoint_files(env, ep.name)
     died = pid is None and files.died()
+    # A suspended endpoint is reachable through the proxy (a connection wakes it).
+    reachable = pid is not None or proxy_runs(env)
     out: dict[str, Any] = {
         "name": ep.name, "tenant_id": ep.tenant_id, "branch": ep.branch,
         "mode": "read-only" if ep.read_only else "primary", "lsn": ep.lsn,
         "address": f"{config.endpoint_defaults.host}:{ep.port}", "pid": pid,
         "state": "died" if died else "stopped" if pid is None else "running",
-        "current_lsn": None, "connstr": connstr(config, ep) if pid is not None else None,
+        "current_lsn": None,
+        "connstr": connstr(env, config, ep) if reachable else None,
+        "local_connstr": local_connstr(env, ep),
         "socket_dir": str(endpoint_paths(env, ep.name).socket_dir),
         "log": str(files.log_path), "log_tail": files.log_tail() if died else None,
         "walproposer": None, "compute_mode": compute_mode(env, ep.name),

@@ -78,12 +78,17 @@ class PgConnection:
                       password: str | None = None, timeout_s: float = 10,
                       max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES) -> PgConnection:
         """Open a connection and authenticate. `replication="true"` asks for a physical
-        walsender, `"database"` for a logical one. Raises Unavailable if the server
-        cannot be reached, ServerError if it refuses us."""
+        walsender, `"database"` for a logical one. A `host` that starts with "/" is a
+        unix socket directory (as in libpq: the socket is `host/.s.PGSQL.port`). Raises
+        Unavailable if the server cannot be reached, ServerError if it refuses us."""
         describe = f"postgres at {host}:{port} as {user}"
         try:
             async with asyncio.timeout(timeout_s):
-                reader, writer = await asyncio.open_connection(host, port)
+                if host.startswith("/"):
+                    reader, writer = await asyncio.open_unix_connection(
+                        f"{host}/.s.PGSQL.{port}")
+                else:
+                    reader, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError) as err:
             raise Unavailable(f"cannot connect to {describe}: {err}; is it running?") from err
         conn = cls(reader, writer, max_message_bytes=max_message_bytes, describe=describe)
