@@ -1,4 +1,5 @@
-"""The event loop of Strata's commit-path processes (the safekeeper, the walproposer sidecar).
+"""The event loop of Strata's commit-path processes (the safekeeper, the walproposer sidecar)
+and of the proxy (half the CPU per relayed TLS transaction, docs/proxy.md).
 
 uvloop (libuv) instead of asyncio's pure-Python selector loop: every commit wakes these
 processes several times (a CopyData in, a few out, an fsync), and on a small machine the

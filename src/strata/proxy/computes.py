@@ -123,9 +123,12 @@ class Computes:
         state = self.env.read_state()
         ep = state.endpoint(name)
         log.info("waking endpoint %s (branch %s)", name, ep.branch)
+        phases = ""
         try:
-            start_endpoint(self.env, self.env.config(), ep,
-                           state.timeline_id(ep.tenant_id, ep.branch))
+            result = start_endpoint(self.env, self.env.config(), ep,
+                                    state.timeline_id(ep.tenant_id, ep.branch))
+            phases = ", ".join(f"{k} {v:.2f}s" for k, v in result.phases.items()
+                               if "." not in k)
         except UserError as err:
             if "another strata command" not in str(err):
                 raise
@@ -133,7 +136,8 @@ class Computes:
             self._wait_not_busy(name)
             if running_pid(self.env, name) is None:
                 raise
-        log.info("woke endpoint %s in %.2fs", name, time.monotonic() - started)
+        log.info("woke endpoint %s in %.2fs (%s)", name, time.monotonic() - started,
+                 phases or "started by another strata command")
 
     def _wait_not_busy(self, name: str) -> None:
         deadline = time.monotonic() + BUSY_WAIT_S

@@ -26,7 +26,7 @@ import secrets
 import ssl
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from strata.common.errors import NotFound, ProtocolError, StrataError
 from strata.control.env import Environment
@@ -374,9 +374,9 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     """Hand both transports over to `_Forward` protocols until either side closes.
 
     Bytes a StreamReader already buffered (it reads ahead) are forwarded first."""
-    client = writer.transport
-    compute = c_writer.transport
-    assert isinstance(client, asyncio.Transport) and isinstance(compute, asyncio.Transport)
+    # uvloop's transports have asyncio.Transport's methods without subclassing it.
+    client = cast(asyncio.Transport, writer.transport)
+    compute = cast(asyncio.Transport, c_writer.transport)
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     up, down = _Forward(done), _Forward(done)
     up.own, up.peer = client, compute
