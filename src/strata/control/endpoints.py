@@ -483,7 +483,7 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
         has_role = _app_role(env, ep, tenant_id, timeline_id)
         branch_roles = env.read_state().tenants[ep.tenant_id].roles.get(ep.branch)
         if branch_roles and not ep.read_only:
-            with output.step(f"setting the proxy's roles {sorted(branch_roles)}"):
+            with output.step(f"checking the proxy's roles {sorted(branch_roles)}"):
                 apply_roles(env, ep, branch_roles)
     if has_role:
         return StartResult(connstr(env, config, ep), local_connstr(env, ep), mode, lsn,
@@ -672,12 +672,17 @@ def _ensure_app_role(env: Environment, ep: EndpointState) -> bool:
 
 def apply_roles(env: Environment, ep: EndpointState, roles: dict[str, str]) -> None:
     """Create each role (LOGIN) on the running primary `ep`, or set its password: the
-    SCRAM secret the proxy checks (`strata role`), so that PostgreSQL holds the same."""
+    SCRAM secret the proxy checks (`strata role`), so that PostgreSQL holds the same.
+    Roles that already hold their secret are left alone: at a start (a wake) that is
+    all of them, and a read costs no commit."""
     with superuser_connect(env, ep) as conn:
+        held = {name: (password, login) for name, password, login in conn.execute(
+            "select rolname, rolpassword, rolcanlogin from pg_authid where rolname = any(%s)",
+            (list(roles),)).fetchall()}
         for name, secret in roles.items():
-            exists = conn.execute("select 1 from pg_roles where rolname = %s",
-                                  (name,)).fetchone()
-            verb = sql.SQL("alter role" if exists else "create role")
+            if held.get(name) == (secret, True):
+                continue
+            verb = sql.SQL("alter role" if name in held else "create role")
             conn.execute(sql.SQL("{} {} login password {}").format(
                 verb, sql.Identifier(name), sql.Literal(secret)))
 
