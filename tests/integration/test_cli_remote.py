@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import test_cli
-from test_cli import Cli, connstr_of, rows
+from test_cli import Cli, rows
 
 cli = test_cli.cli  # the fixture: an environment directory, stopped at the end
 
@@ -29,7 +29,8 @@ def _init(cli: Cli, test_dir: Path) -> str:
     config = test_dir / "strata.toml"
     config.write_text(CONFIG)
     cli.run("init", "--config", str(config), "--object-storage", "local")
-    return connstr_of(cli.last_line("endpoint", "start", "main"))
+    cli.run("endpoint", "start", "main")
+    return cli.local("main")  # Strata's own way in: the unix socket
 
 
 def _known_rows(connstr: str, first: int, last: int) -> None:
@@ -109,6 +110,7 @@ def test_pageserver_restart_with_an_empty_disk_loses_nothing(cli: Cli, test_dir:
     assert _tenants(cli) == [("default", True, 3)]
     again = cli.run("tenant", "attach", "default", ok=False)
     assert "tenant default is attached already" in again.stderr
-    check(connstr_of(cli.last_line("endpoint", "start", "main")))
+    cli.run("endpoint", "start", "main")
+    check(cli.local("main"))
     log = (cli.repo_dir / "logs" / "pageserver.log").read_text()
     assert "Traceback" not in log
