@@ -61,6 +61,7 @@ from strata.compute.walproposer import (
 )
 from strata.pageserver.client import PageserverClient
 from strata.pg.controlfile import ControlFileData
+from strata.safekeeper.client import SafekeeperClient
 
 __all__ = ["APP_NAME", "COMPUTE_SETTINGS", "SLOT", "Cluster", "Env", "LoopThread",
            "PageserverProcess", "RunningCompute", "SafekeeperProcess", "ServiceProcess"]
@@ -214,13 +215,16 @@ class SafekeeperProcess(ServiceProcess):
                 "--http-port", str(self.http_port), *self.extra_args]
 
     def ready(self) -> bool:
-        try:
-            self.http("GET", "/v1/status")
-            return True
-        except OSError:
-            return False
+        return self.client.responds()
+
+    @property
+    def client(self) -> SafekeeperClient:
+        """The typed client (what the control plane uses), with this process's token."""
+        return SafekeeperClient("127.0.0.1", self.http_port, node_id=self.node_id,
+                                timeout_s=10, token=self.token or "")
 
     def http(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """A raw call, for tests of the API itself (HTTP errors raise HTTPError)."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
                                      method=method,
@@ -230,14 +234,12 @@ class SafekeeperProcess(ServiceProcess):
             return json.loads(resp.read() or b"null")
 
     def timeline_status(self, tenant: TenantId, timeline: TimelineId) -> dict[str, Any]:
-        status: dict[str, Any] = self.http("GET", f"/v1/tenant/{tenant}/timeline/{timeline}")
-        return status
+        return self.client.timeline_json(tenant, timeline)
 
     def create_timeline(self, tenant: TenantId, timeline: TimelineId, start_lsn: Lsn,
                         prev_lsn: Lsn, system_id: int, seg_size: int) -> None:
-        self.http("POST", f"/v1/tenant/{tenant}/timeline",
-                  {"timeline_id": str(timeline), "start_lsn": str(start_lsn),
-                   "prev_lsn": str(prev_lsn), "system_id": system_id, "seg_size": seg_size})
+        self.client.create_timeline(tenant, timeline, start_lsn=start_lsn, prev_lsn=prev_lsn,
+                                    system_id=system_id, seg_size=seg_size)
 
     def endpoint_json(self) -> dict[str, Any]:
         return {"id": self.node_id, "host": "127.0.0.1", "pg_port": self.pg_port,

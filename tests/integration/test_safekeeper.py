@@ -27,11 +27,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from polling import wait_until_async
 from sim.walgen import SYSID, WalGenerator
+from strata.common.errors import NotFound, Unavailable
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn, segment_file_name
 from strata.compute.walproposer import QuorumConfig, QuorumDriver, SafekeeperAddr
 from strata.pg import wire
 from strata.pg.pgclient import CopyBothStream, PgConnection, ServerError
+from strata.safekeeper.client import SafekeeperClient
 
 SEG = 1 << 20
 START = Lsn(16 * SEG + 40)  # just after a segment's long page header, as after initdb
@@ -448,3 +450,26 @@ def test_kill9_during_appends_then_catch_up(sks: SkFactory) -> None:
     sent = asyncio.run(scenario())
     assert len(sent) > 1 << 20
 
+
+def test_typed_client(sks: SkFactory) -> None:
+    """`SafekeeperClient` (what the control plane uses): create (idempotent), read,
+    delete, and errors that name the safekeeper: 404 NotFound, no answer Unavailable."""
+    sk = sks(1)[0]
+    client = SafekeeperClient("127.0.0.1", sk.http_port, node_id=1)
+    tenant, timeline = TenantId.generate(), TimelineId.generate()
+    assert client.responds() and client.status()["id"] == 1
+    for created in (True, False):
+        assert client.create_timeline(tenant, timeline, start_lsn=START, prev_lsn=PREV,
+                                      system_id=SYSID, seg_size=SEG) is created
+    info = client.timeline(tenant, timeline)
+    assert (info.tenant_id, info.timeline_id, info.term) == (tenant, timeline, 0)
+    assert info.timeline_start_lsn == START and info.flush_lsn == START
+    assert client.timeline_json(tenant, timeline)["commit_lsn"] == str(info.commit_lsn)
+    assert client.delete_timeline(tenant, timeline) is True
+    assert client.delete_timeline(tenant, timeline) is False
+    with pytest.raises(NotFound, match=r"safekeeper 1 \(127.0.0.1:\d+\) refused GET"):
+        client.timeline(tenant, timeline)
+    assert sk.stop() == 0
+    with pytest.raises(Unavailable, match="safekeeper 1 does not answer on 127.0.0.1:"):
+        client.status()
+    assert not client.responds()

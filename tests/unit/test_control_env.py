@@ -3,6 +3,7 @@ checks, without starting services."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,11 +20,13 @@ from hypothesis import strategies as st
 from polling import wait_until
 from strata.common.errors import NotFound, UserError
 from strata.control.env import (
+    ComputeMode,
     EndpointState,
     EnvConfig,
     Environment,
     State,
     TenantState,
+    WalMode,
 )
 from strata.control.sidecar import supervise
 from strata.control.supervisor import ProcessFiles, pid_alive, port_in_use
@@ -220,3 +223,36 @@ def test_allocated_ports_differ_even_when_the_os_repeats_one(
     allocated = config.with_ports_allocated()
     assert allocated.console.port == 6000
     assert allocated.ports() == {6000} | set(range(5001, 5010))
+
+
+def test_modes_are_parsed_once_and_state_files_stay_compatible(tmp_path: Path) -> None:
+    """wal_mode and an endpoint's compute mode are enums in memory; config.toml and
+    state.json keep the plain strings, so files written before still load, unchanged."""
+    config = EnvConfig.from_dict({"wal_mode": "pageserver"})
+    assert config.wal_mode is WalMode.PAGESERVER
+    assert config.to_dict()["wal_mode"] == "pageserver"
+    env = Environment.create(tmp_path / "env", config)
+    assert env.config().wal_mode is WalMode.PAGESERVER
+    assert 'wal_mode = "pageserver"' in env.config_path.read_text()
+    tid = "ab" * 16
+    old = {"version": 1, "default_tenant": tid,
+           "tenants": {tid: {"name": "default", "branches": {"main": "cd" * 16},
+                             "config": {}}},
+           "endpoints": {
+               "a": {"name": "a", "tenant_id": tid, "branch": "main", "port": 5432,
+                     "lsn": None, "autostart": True, "mode": "lazy"},
+               "b": {"name": "b", "tenant_id": tid, "branch": "main", "port": 5433,
+                     "lsn": "0/16B3740", "autostart": False}}}
+    env.state_path.write_text(json.dumps(old))
+    state = env.read_state()
+    assert state.endpoint("a").mode is ComputeMode.LAZY
+    assert state.endpoint("b").mode is None
+    written = state.to_json()
+    assert written["endpoints"]["a"]["mode"] == "lazy"
+    assert written["endpoints"]["b"]["mode"] is None
+    assert json.loads(json.dumps(written))["endpoints"]["a"] == \
+        {**old["endpoints"]["a"], "suspend_timeout_s": 300.0}
+    old["endpoints"]["a"]["mode"] = "turbo"
+    env.state_path.write_text(json.dumps(old))
+    with pytest.raises(UserError, match=r"mode must be one of \['lazy', 'full'\], got 'turbo'"):
+        env.read_state()

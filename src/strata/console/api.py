@@ -22,7 +22,7 @@ from strata.console.metrics import WINDOW_S, Sampler
 from strata.console.sql import ROW_LIMIT, run_read_only
 from strata.control import operations
 from strata.control.endpoints import endpoint_status, local_connstr, running_pid
-from strata.control.env import Environment, tenant_id_of
+from strata.control.env import ComputeMode, Environment, tenant_id_of
 from strata.control.services import pageserver_status, require_pageserver
 
 T = TypeVar("T")
@@ -283,9 +283,8 @@ async def start_endpoint(request: web.Request) -> web.Response:
     console = _console(request)
     name = request.match_info["name"]
     body = await _body(request)
-    mode = _text(body, "mode", required=False)
-    if mode is not None and mode not in ("lazy", "full"):
-        raise UserError(f"mode must be 'lazy' or 'full', got {mode!r}")
+    text = _text(body, "mode", required=False)
+    mode = None if text is None else ComputeMode.parse(text, "mode")
     await _blocking(lambda: console.env.read_state().endpoint(name))  # NotFound now
 
     def work() -> dict[str, Any]:

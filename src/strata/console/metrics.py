@@ -36,7 +36,7 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from strata.control.endpoints import running_pid, superuser_connect
-from strata.control.env import Environment
+from strata.control.env import Environment, WalMode
 
 log = logging.getLogger(__name__)
 INTERVAL_S = 5.0
@@ -182,7 +182,7 @@ class Sampler:
         ps = config.pageserver
         ps_text = _get(f"http://{ps.host}:{ps.http_port}/metrics")
         sk_texts = [t for sk in config.safekeepers
-                    if config.wal_mode == "safekeepers"
+                    if config.wal_mode is WalMode.SAFEKEEPERS
                     and (t := _get(f"http://{sk.host}:{sk.http_port}/metrics")) is not None]
         sample = parse_sample(time.time(), ps_text, sk_texts, _connections(self.env))
         self.ring.append(sample)

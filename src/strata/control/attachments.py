@@ -18,11 +18,11 @@ passes it, so nothing committed is lost).
 from __future__ import annotations
 
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
-from strata.common.ids import TenantId
+from strata.common.ids import TenantId, TimelineId
 from strata.control import output
 from strata.control.endpoints import running_pid, safekeeper_endpoints
-from strata.control.env import EnvConfig, Environment, tenant_id_of
-from strata.control.services import safekeeper_http
+from strata.control.env import EnvConfig, Environment, WalMode, tenant_id_of
+from strata.control.services import safekeeper_client
 from strata.pageserver.client import PageserverClient, TimelineInfo
 
 NO_OBJECT_STORAGE = (
@@ -55,7 +55,7 @@ def attach_tenant(env: Environment, config: EnvConfig, client: PageserverClient,
     with output.step(f"attaching tenant {tenant.name} ({tenant_id}) from object storage "
                      f"with generation {generation}"):
         timelines = client.attach_tenant(tenant_id_of(tenant_id), generation, conf or None)
-    if config.wal_mode == "safekeepers":
+    if config.wal_mode is WalMode.SAFEKEEPERS:
         follow_safekeepers(config, client, tenant_id_of(tenant_id), timelines)
     else:
         output.info(f"warning: tenant {tenant.name} resumes at what object storage held; "
@@ -72,14 +72,14 @@ def follow_safekeepers(config: EnvConfig, client: PageserverClient, tenant_id: T
     """Each timeline that the safekeepers hold takes its WAL from them again (the others
     get it when a primary first starts on them)."""
     for info in timelines:
-        if _on_safekeeper(config, tenant_id, str(info.timeline_id)):
+        if _on_safekeeper(config, tenant_id, info.timeline_id):
             client.follow_safekeepers(tenant_id, info.timeline_id, safekeeper_endpoints(config))
 
 
-def _on_safekeeper(config: EnvConfig, tenant_id: TenantId, timeline_id: str) -> bool:
+def _on_safekeeper(config: EnvConfig, tenant_id: TenantId, timeline_id: TimelineId) -> bool:
     for sk in config.safekeepers:
         try:
-            safekeeper_http(sk, "GET", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}")
+            safekeeper_client(sk).timeline(tenant_id, timeline_id)
         except NotFound:
             continue
         except Unavailable:

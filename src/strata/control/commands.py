@@ -38,10 +38,12 @@ from strata.control.endpoints import (
 from strata.control.env import (
     DEFAULT_BRANCH,
     DEFAULT_ENDPOINT,
+    ComputeMode,
     EndpointState,
     EnvConfig,
     Environment,
     TenantState,
+    WalMode,
     tenant_id_of,
 )
 from strata.control.operations import (
@@ -250,7 +252,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     named = [(tid, tl, name) for tid, tenant in state.tenants.items()
              for name, tl in tenant.branches.items()]
     safekeepers = [safekeeper_status(env, sk, named) for sk in config.safekeepers] \
-        if config.wal_mode == "safekeepers" else []
+        if config.wal_mode is WalMode.SAFEKEEPERS else []
     data: dict[str, Any] = {"wal_mode": config.wal_mode,
             "pageserver": {**ps.to_json(), "timelines": timelines},
             "safekeepers": safekeepers, "endpoints": endpoints, "proxy": proxy,
@@ -271,7 +273,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
                    None, None],
                   *[[f"endpoint {e['name']}", e["pid"], e["address"], e["state"],
                      e["current_lsn"], e["connections"]] for e in endpoints]])
-    if config.wal_mode == "pageserver":
+    if config.wal_mode is WalMode.PAGESERVER:
         output.info("safekeepers: none (development mode: the pageserver receives the WAL, "
                     "D7)")
     for name, proc in [("pageserver", data["pageserver"]), ("proxy", proxy),
@@ -557,7 +559,8 @@ def endpoint_start(ctx: click.Context, name: str, mode: str | None, as_json: boo
     the connection string, mode, LSN and the seconds each phase of the start took)."""
     cli_s = _process_age_s()
     env = _env(ctx)
-    started = start_named_endpoint(env, env.config(), name, mode)
+    started = start_named_endpoint(env, env.config(), name,
+                                   None if mode is None else ComputeMode.parse(mode, "--mode"))
     if as_json:
         phases = {"cli": cli_s, **started.phases}
         output.print_json({"name": name, "connstr": started.connstr,

@@ -76,13 +76,15 @@ from strata.compute.walproposer import (
 from strata.control import output
 from strata.control.auth_setup import child_env
 from strata.control.env import (
+    ComputeMode,
     EndpointState,
     EnvConfig,
     Environment,
+    WalMode,
     tenant_id_of,
 )
 from strata.control.sequences import log_current_values
-from strata.control.services import require_pageserver, safekeeper_http
+from strata.control.services import require_pageserver, safekeeper_client
 from strata.control.supervisor import (
     ProcessFiles,
     check_ports_free,
@@ -271,7 +273,7 @@ def ensure_safekeeper_timeline(env: Environment, config: EnvConfig, client: Page
     missing = []
     for sk in config.safekeepers:
         try:
-            safekeeper_http(sk, "GET", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}")
+            safekeeper_client(sk).timeline(tenant_id, timeline_id)
         except NotFound:
             missing.append(sk)
         except Unavailable as err:
@@ -279,13 +281,13 @@ def ensure_safekeeper_timeline(env: Environment, config: EnvConfig, client: Page
     if missing:
         info = client.timeline(tenant_id, timeline_id)
         sysid = system_id(env, client, tenant_id, timeline_id)
-        body = {"timeline_id": str(timeline_id), "start_lsn": str(info.last_record_lsn),
-                "prev_lsn": str(info.prev_record_lsn), "system_id": sysid,
-                "seg_size": DEFAULT_WAL_SEGMENT_SIZE}
         with output.step(f"creating timeline {timeline_id} on safekeepers "
                          f"{[sk.id for sk in missing]} at {info.last_record_lsn}"):
             for sk in missing:
-                safekeeper_http(sk, "POST", f"/v1/tenant/{tenant_id}/timeline", body)
+                safekeeper_client(sk).create_timeline(
+                    tenant_id, timeline_id, start_lsn=info.last_record_lsn,
+                    prev_lsn=info.prev_record_lsn, system_id=sysid,
+                    seg_size=DEFAULT_WAL_SEGMENT_SIZE)
     # Idempotent: the pageserver persists the list and restarts its receiver from what it
     # has ingested.
     client.follow_safekeepers(tenant_id, timeline_id, safekeeper_endpoints(config))
@@ -307,7 +309,7 @@ def sync_wal(env: Environment, config: EnvConfig, client: PageserverClient,
     the log on a majority and commits its end (D7). In development mode the pageserver
     holds the WAL: it stops its receiver, ingests its whole log and cuts off a partial
     record at the tail."""
-    if config.wal_mode == "pageserver":
+    if config.wal_mode is WalMode.PAGESERVER:
         return client.compute_start(tenant_id, timeline_id)
     ensure_safekeeper_timeline(env, config, client, tenant_id, timeline_id)
     sysid = system_id(env, client, tenant_id, timeline_id)
@@ -334,23 +336,22 @@ def endpoint_lock(env: Environment, name: str) -> Iterator[None]:
         yield
 
 
-COMPUTE_MODES = ("lazy", "full")
+COMPUTE_MODES = tuple(m.value for m in ComputeMode)
 
 
-def choose_mode(requested: str | None) -> str:
-    """`requested` ("lazy", "full"), or without one lazy where FUSE is usable, else full
-    with a warning that says why."""
+def choose_mode(requested: ComputeMode | None) -> ComputeMode:
+    """`requested`, or without one lazy where FUSE is usable, else full with a warning
+    that says why."""
     if requested is not None:
-        assert requested in COMPUTE_MODES, requested
         return requested
     from strata.compute.lazy import fuse_unusable_reason
 
     reason = fuse_unusable_reason()
     if reason is None:
-        return "lazy"
+        return ComputeMode.LAZY
     output.info(f"warning: starting in full mode (a whole basebackup): lazy mode is not "
                 f"usable on this host: {reason}")
-    return "full"
+    return ComputeMode.FULL
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,7 +361,7 @@ class StartResult:
     connstr: str
     local_connstr: str
     """Strata's own (the unix socket), for tools and tests."""
-    mode: str
+    mode: ComputeMode
     lsn: Lsn
     phases: dict[str, float]
     """Seconds per phase, in the order they ran (`strata endpoint start --json`)."""
@@ -386,15 +387,16 @@ class _Phases:
 
 
 def start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
-                   timeline_id: TimelineId, mode: str | None = None) -> StartResult:
-    """Start endpoint `ep` on timeline `timeline_id` in compute `mode` ("lazy", "full";
-    None: `ep.mode`, else lazy where usable)."""
+                   timeline_id: TimelineId, mode: ComputeMode | None = None) -> StartResult:
+    """Start endpoint `ep` on timeline `timeline_id` in compute `mode` (None: `ep.mode`,
+    else lazy where usable)."""
     with endpoint_lock(env, ep.name):
         return _start_endpoint(env, config, ep, timeline_id, mode or ep.mode)
 
 
 def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
-                    timeline_id: TimelineId, requested_mode: str | None) -> StartResult:
+                    timeline_id: TimelineId,
+                    requested_mode: ComputeMode | None) -> StartResult:
     phase = _Phases()
     files = endpoint_files(env, ep.name)
     paths = endpoint_paths(env, ep.name)
@@ -419,7 +421,7 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
         lsn = ep.read_lsn
         assert lsn is not None, ep
     else:
-        source = ("on the safekeepers" if config.wal_mode == "safekeepers"
+        source = ("on the safekeepers" if config.wal_mode is WalMode.SAFEKEEPERS
                   else "(dev mode: the pageserver holds it)")
         with phase("sync_wal", f"syncing the WAL of {where} {source}"):
             lsn, _prev = sync_wal(env, config, client, tenant_id, timeline_id)
@@ -431,7 +433,7 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
 
     mode = choose_mode(requested_mode)
     how = ("lazy: a basebackup without relation files, pages fetched on demand over FUSE"
-           if mode == "lazy" else "full basebackup")
+           if mode is ComputeMode.LAZY else "full basebackup")
     with phase("basebackup", f"building a fresh data directory at {lsn} in {paths.datadir} "
                              f"({how})"):
         compute, lazy = _fresh_datadir(env, config, ep, client, tenant_id, timeline_id, lsn,
@@ -454,7 +456,7 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
                 compute.launch()
             assert compute.pid is not None, ep.name
             files.write_pid(compute.pid)
-            if not ep.read_only and config.wal_mode == "safekeepers":
+            if not ep.read_only and config.wal_mode is WalMode.SAFEKEEPERS:
                 # The walproposer's own start (a Python process) overlaps PostgreSQL's; it
                 # connects once PostgreSQL accepts connections.
                 sidecar_proc = _spawn_sidecar(env, config, ep, tenant_id, timeline_id,
@@ -517,7 +519,7 @@ def _app_role(env: Environment, ep: EndpointState, tenant_id: TenantId,
 
 def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
                    client: PageserverClient, tenant_id: TenantId, timeline_id: TimelineId,
-                   lsn: Lsn, mode: str) -> tuple[Compute, LazyCompute | None]:
+                   lsn: Lsn, mode: ComputeMode) -> tuple[Compute, LazyCompute | None]:
     """A new compute directory at `lsn`: unpacked from a full basebackup, or (lazy) a
     lazy basebackup with base/ and global/ on a mounted FUSE file system."""
     from strata.compute.lazy import LazyOptions, cleanup_lazy_root, prepare_lazy_compute
@@ -528,7 +530,7 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
     # Whatever the last run left (a lazy one's FUSE server, watchdog and mount too).
     cleanup_lazy_root(paths.compute_root, remove=True)
     defaults = config.endpoint_defaults
-    receiver = (DEFAULT_APPLICATION_NAME if config.wal_mode == "safekeepers"
+    receiver = (DEFAULT_APPLICATION_NAME if config.wal_mode is WalMode.SAFEKEEPERS
                 else DEFAULT_RECEIVER_NAME)
     compute_config = ComputeConfig(
         read_only=ep.read_only, receiver_name=receiver,
@@ -536,7 +538,7 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
         shared_buffers=defaults.shared_buffers,
         settings={"synchronous_commit": "on", **defaults.settings})
     log_path = endpoint_files(env, ep.name).log_path
-    if mode == "lazy":
+    if mode is ComputeMode.LAZY:
         ps = config.pageserver
         lazy = prepare_lazy_compute(ps.host, ps.pg_port, tenant_id, timeline_id, lsn,
                                     paths.compute_root, compute_config,
@@ -729,7 +731,7 @@ def _stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId,
     _stop_lazy_side(env, ep.name)
     if not immediate and not ep.read_only:
         _save_settings(endpoint_paths(env, ep.name), timeline_id)
-        if client is not None and env.config().wal_mode == "pageserver":
+        if client is not None and env.config().wal_mode is WalMode.PAGESERVER:
             # The dev-mode sync step stops the receiver and forgets the compute's address
             # (else the pageserver keeps dialling a stopped compute), after ingesting all
             # the WAL it received, the shutdown checkpoint included.
@@ -749,12 +751,12 @@ def _stop_lazy_side(env: Environment, name: str) -> None:
     cleanup_lazy_root(paths.compute_root)
 
 
-def compute_mode(env: Environment, name: str) -> str | None:
-    """"lazy" or "full" of the endpoint's current (or last) compute directory."""
+def compute_mode(env: Environment, name: str) -> ComputeMode | None:
+    """The mode of the endpoint's current (or last) compute directory."""
     paths = endpoint_paths(env, name)
     if paths.mountpoint.exists():
-        return "lazy"
-    return "full" if paths.datadir.exists() else None
+        return ComputeMode.LAZY
+    return ComputeMode.FULL if paths.datadir.exists() else None
 
 
 def _save_settings(paths: EndpointPaths, timeline_id: TimelineId) -> None:
@@ -791,7 +793,7 @@ def endpoint_status(env: Environment, config: EnvConfig, ep: EndpointState) -> d
         "log": str(files.log_path), "log_tail": files.log_tail() if died else None,
         "walproposer": None, "compute_mode": compute_mode(env, ep.name),
     }
-    if config.wal_mode == "safekeepers" and not ep.read_only:
+    if config.wal_mode is WalMode.SAFEKEEPERS and not ep.read_only:
         sidecar = sidecar_files(env, ep.name)
         sc_pid = sidecar.read_pid()
         sc_died = sc_pid is None and sidecar.died()

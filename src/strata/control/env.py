@@ -21,6 +21,7 @@ two `strata` commands never lose each other's changes.
 from __future__ import annotations
 
 import contextlib
+import enum
 import fcntl
 import json
 import os
@@ -29,7 +30,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import tomli_w
 
@@ -46,7 +47,6 @@ CONFIG_FILE = "config.toml"
 STATE_FILE = "state.json"
 CONSOLE_TOKEN_FILE = "console.token"
 STATE_VERSION = 1
-WAL_MODES = ("pageserver", "safekeepers")
 DEFAULT_BRANCH = "main"
 DEFAULT_ENDPOINT = "main"
 
@@ -55,6 +55,36 @@ SAFEKEEPERS_OFF = (
     "this environment runs with wal_mode = \"pageserver\" (development mode, D7: the "
     "pageserver is each primary's WAL receiver) and has no safekeepers; create one with "
     "wal_mode = \"safekeepers\" to use them")
+
+
+class _Choice(enum.StrEnum):
+    """A setting with a few string values, parsed once where it is read."""
+
+    @classmethod
+    def parse(cls, value: object, what: str) -> Self:
+        """The member whose value is `value`; a UserError naming `what` otherwise."""
+        for member in cls:
+            if member.value == value:
+                return member
+        raise UserError(f"{what} must be one of {[m.value for m in cls]}, got {value!r}")
+
+
+class WalMode(_Choice):
+    """Where a primary's WAL is made durable (config.toml `wal_mode`, architecture D7)."""
+
+    SAFEKEEPERS = "safekeepers"
+    """A majority of the safekeepers, through the walproposer sidecar."""
+    PAGESERVER = "pageserver"
+    """Development mode: the pageserver is the primary's synchronous standby."""
+
+
+class ComputeMode(_Choice):
+    """How an endpoint's data directory is built (`endpoint start --mode`)."""
+
+    LAZY = "lazy"
+    """A basebackup without relation files; pages fetched on demand over FUSE."""
+    FULL = "full"
+    """A whole basebackup."""
 
 
 def repo_dir_from(option: str | None) -> Path:
@@ -217,7 +247,7 @@ class ConsoleSettings:
 class EnvConfig:
     """config.toml, validated. Ports 0 are allocated (and written back) by `strata init`."""
 
-    wal_mode: str = "safekeepers"
+    wal_mode: WalMode = WalMode.SAFEKEEPERS
     pageserver: PageserverSettings = field(default_factory=PageserverSettings)
     safekeepers: tuple[SafekeeperSettings, ...] = tuple(
         SafekeeperSettings(i + 1) for i in range(DEFAULT_SAFEKEEPERS))
@@ -230,10 +260,8 @@ class EnvConfig:
     the key pair (`--no-auth`: off). An environment without the key is off."""
 
     def __post_init__(self) -> None:
-        if self.wal_mode not in WAL_MODES:
-            raise UserError(f"config wal_mode must be one of {list(WAL_MODES)}, got "
-                            f"{self.wal_mode!r}")
-        if self.wal_mode == "safekeepers" and not self.safekeepers:
+        assert isinstance(self.wal_mode, WalMode), self.wal_mode
+        if self.wal_mode is WalMode.SAFEKEEPERS and not self.safekeepers:
             raise UserError("config wal_mode = \"safekeepers\" needs [[safekeepers]] entries "
                             "(3 is usual: a majority of 2 keeps committing while one is down)")
         ids = [sk.id for sk in self.safekeepers]
@@ -254,10 +282,11 @@ class EnvConfig:
         auth = data.get("auth", False)
         if not isinstance(auth, bool):
             raise UserError(f"config auth must be true or false, got {auth!r}")
-        wal_mode = str(data.get("wal_mode", "safekeepers"))
+        wal_mode = WalMode.parse(data.get("wal_mode", WalMode.SAFEKEEPERS.value),
+                                 "config wal_mode")
         # Without a list: three safekeepers in safekeeper mode, none in development mode.
         sks = data.get("safekeepers", [{"id": i + 1} for i in range(DEFAULT_SAFEKEEPERS)]
-                       if wal_mode == "safekeepers" else [])
+                       if wal_mode is WalMode.SAFEKEEPERS else [])
         if not isinstance(sks, list):
             raise UserError(f"config safekeepers must be an array of tables, got {sks!r}")
         return cls(
@@ -288,7 +317,7 @@ class EnvConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "wal_mode": self.wal_mode,
+            "wal_mode": self.wal_mode.value,
             "auth": self.auth,
             "safekeepers": [asdict(sk) for sk in self.safekeepers],
             "pageserver": {"host": self.pageserver.host, "pg_port": self.pageserver.pg_port,
@@ -366,12 +395,21 @@ class EndpointState:
     lsn: str | None = None
     autostart: bool = True
     """Started by `strata start`: set by `endpoint start`, cleared by `endpoint stop`."""
-    mode: str | None = None
-    """"lazy" or "full" as last asked with `endpoint start --mode`; None: lazy where FUSE
-    is usable, else full."""
+    mode: ComputeMode | None = None
+    """As last asked with `endpoint start --mode`; None: lazy where FUSE is usable, else
+    full."""
     suspend_timeout_s: float = 300.0
     """The proxy stops the endpoint after this long without a client connection through
     it (0: never)."""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EndpointState:
+        mode = data.get("mode")
+        return cls(**{**data,
+                      "mode": None if mode is None else ComputeMode.parse(mode, "mode")})
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "mode": None if self.mode is None else self.mode.value}
 
     @property
     def read_only(self) -> bool:
@@ -424,12 +462,12 @@ class State:
                                       int(t.get("generation", 1)),
                                       bool(t.get("attached", True)))
                      for tid, t in data["tenants"].items()},
-            endpoints={name: EndpointState(**e) for name, e in data["endpoints"].items()})
+            endpoints={name: EndpointState.from_json(e) for name, e in data["endpoints"].items()})
 
     def to_json(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "default_tenant": self.default_tenant,
                 "tenants": {tid: asdict(t) for tid, t in self.tenants.items()},
-                "endpoints": {name: asdict(e) for name, e in self.endpoints.items()}}
+                "endpoints": {name: e.to_json() for name, e in self.endpoints.items()}}
 
     # --- lookups with errors that say what to do ----------------------------------------------
     def tenant_id(self, name_or_id: str | None) -> str:

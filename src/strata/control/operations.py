@@ -34,14 +34,16 @@ from strata.control.endpoints import (
 )
 from strata.control.env import (
     DEFAULT_BRANCH,
+    ComputeMode,
     EndpointState,
     EnvConfig,
     Environment,
     State,
     TenantState,
+    WalMode,
     tenant_id_of,
 )
-from strata.control.services import require_pageserver, safekeeper_delete_timeline
+from strata.control.services import require_pageserver, safekeeper_client
 from strata.control.supervisor import wait_for
 from strata.pageserver.client import PageserverClient, TimelineInfo
 
@@ -258,12 +260,12 @@ def delete_branch(env: Environment, config: EnvConfig, name: str,
     # The safekeepers' copy (WAL and control file) goes too. Each one is tried; the branch's
     # name is dropped only once all of them are done, so that a re-run finishes the job.
     failed: list[tuple[int, str]] = []
-    if config.wal_mode == "safekeepers":
+    if config.wal_mode is WalMode.SAFEKEEPERS:
         for sk in config.safekeepers:
             try:
                 with output.step(f"deleting timeline {timeline_id} on safekeeper {sk.id}"):
-                    deleted = safekeeper_delete_timeline(sk, str(tenant_id_of(tid)),
-                                                         str(timeline_id))
+                    deleted = safekeeper_client(sk).delete_timeline(tenant_id_of(tid),
+                                                                    timeline_id)
             except StrataError as err:
                 output.info(f"  failed: {err}")
                 failed.append((sk.id, str(err)))
@@ -335,7 +337,7 @@ def check_attached(state: State, tenant_id: str) -> None:
 
 
 def start_named_endpoint(env: Environment, config: EnvConfig, name: str,
-                         mode: str | None) -> StartResult:
+                         mode: ComputeMode | None) -> StartResult:
     """Start endpoint `name` (remembering `mode` and that it runs, for `strata start`);
     returns its connection string and the seconds of each phase."""
     state = env.read_state()

@@ -21,15 +21,22 @@ import urllib.request
 from dataclasses import dataclass, replace
 from typing import Any
 
-from strata.common.auth import AuthError, Forbidden, default_token
+from strata.common.auth import AuthError, Forbidden
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
-from strata.common.http_auth import auth_headers
+from strata.common.ids import TenantId, TimelineId
 from strata.common.proc import free_port
 from strata.control import output
 from strata.control.auth_setup import child_env, public_key_path
-from strata.control.env import SAFEKEEPERS_OFF, EnvConfig, Environment, SafekeeperSettings
+from strata.control.env import (
+    SAFEKEEPERS_OFF,
+    EnvConfig,
+    Environment,
+    SafekeeperSettings,
+    WalMode,
+)
 from strata.control.supervisor import ProcessFiles, check_ports_free, stop_process, wait_for
 from strata.pageserver.client import PageserverClient
+from strata.safekeeper.client import SafekeeperClient
 
 PAGESERVER_PORTS_FILE = "pageserver.ports"  # written by the pageserver once it listens
 PAGESERVER_START_TIMEOUT_S = 60.0
@@ -170,11 +177,10 @@ def pageserver_status(env: Environment, config: EnvConfig) -> ServiceStatus:
 SAFEKEEPER_START_TIMEOUT_S = 30.0
 SAFEKEEPER_STOP_TIMEOUT_S = 30.0
 SAFEKEEPER_HTTP_TIMEOUT_S = 5.0
-SAFEKEEPER_DELETE_TIMEOUT_S = 60.0  # ends the timeline's connections, removes its WAL
 
 
 def require_safekeeper_mode(config: EnvConfig) -> None:
-    if config.wal_mode != "safekeepers":
+    if config.wal_mode is not WalMode.SAFEKEEPERS:
         raise UserError(SAFEKEEPERS_OFF)
 
 
@@ -194,51 +200,10 @@ def safekeeper_argv(env: Environment, sk: SafekeeperSettings) -> list[str]:
     return argv
 
 
-def safekeeper_http(sk: SafekeeperSettings, method: str, path: str,
-                    body: dict[str, Any] | None = None,
-                    timeout_s: float = SAFEKEEPER_HTTP_TIMEOUT_S) -> Any:
-    """One call of safekeeper `sk`'s HTTP API (docs/safekeeper.md): the decoded JSON answer;
-    NotFound for 404, UserError for another refusal, Unavailable if it does not answer."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://{sk.host}:{sk.http_port}{path}", data=data,
-                                 method=method, headers={"Content-Type": "application/json",
-                                                         **auth_headers(default_token())})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as err:
-        try:
-            message = json.loads(err.read()).get("error", err.reason)
-        except (ValueError, AttributeError):
-            message = err.reason
-        cls = {404: NotFound, 401: AuthError, 403: Forbidden}.get(err.code, UserError)
-        raise cls(f"safekeeper {sk.id} ({sk.host}:{sk.http_port}) refused {method} {path}: "
-                  f"{message}") from err
-    except (urllib.error.URLError, OSError) as err:
-        raise Unavailable(f"safekeeper {sk.id} does not answer on {sk.host}:{sk.http_port}: "
-                          f"{err}") from err
-
-
-def safekeeper_delete_timeline(sk: SafekeeperSettings, tenant_id: str, timeline_id: str) -> bool:
-    """Delete a timeline on safekeeper `sk` (its streams end, its WAL and control file are
-    removed): True if it was deleted, False if `sk` did not have it. Unavailable if `sk`
-    does not answer (or could not remove the files), UserError if it refused."""
-    try:
-        safekeeper_http(sk, "DELETE", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}",
-                        timeout_s=SAFEKEEPER_DELETE_TIMEOUT_S)
-    except NotFound:
-        return False
-    return True
-
-
-def safekeeper_responds(sk: SafekeeperSettings) -> bool:
-    try:
-        safekeeper_http(sk, "GET", "/v1/status", timeout_s=2)
-    except (AuthError, Forbidden):
-        return True  # it answers; the token is the caller's problem, told by the next call
-    except StrataError:
-        return False
-    return True
+def safekeeper_client(sk: SafekeeperSettings) -> SafekeeperClient:
+    """A client of safekeeper `sk`'s HTTP API, with the environment's token."""
+    return SafekeeperClient(sk.host, sk.http_port, node_id=sk.id,
+                            timeout_s=SAFEKEEPER_HTTP_TIMEOUT_S)
 
 
 def start_safekeeper(env: Environment, sk: SafekeeperSettings) -> int:
@@ -259,7 +224,8 @@ def start_safekeeper(env: Environment, sk: SafekeeperSettings) -> int:
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         files.write_pid(proc.pid)
-        wait_for(lambda: safekeeper_responds(sk), timeout_s=SAFEKEEPER_START_TIMEOUT_S,
+        client = safekeeper_client(sk)
+        wait_for(client.responds, timeout_s=SAFEKEEPER_START_TIMEOUT_S,
                  what=f"waiting for safekeeper {sk.id}'s HTTP API on "
                       f"{sk.host}:{sk.http_port}", files=files, pid=proc.pid)
     return proc.pid
@@ -281,7 +247,7 @@ def stop_safekeeper(env: Environment, sk_id: int, *, immediate: bool = False) ->
 
 
 def start_safekeepers(env: Environment, config: EnvConfig) -> None:
-    if config.wal_mode == "safekeepers":
+    if config.wal_mode is WalMode.SAFEKEEPERS:
         for sk in config.safekeepers:
             start_safekeeper(env, sk)
 
@@ -298,10 +264,11 @@ def safekeeper_status(env: Environment, sk: SafekeeperSettings,
     """Safekeeper `sk` for `status --json`: id, addresses, pid, state, and per timeline it
     holds (of `timelines`: (tenant id, timeline id, branch name)) its term and LSNs."""
     files = safekeeper_files(env, sk.id)
+    client = safekeeper_client(sk)
     pid = files.read_pid()
     if pid is None:
         state = "died" if files.died() else "stopped"
-    elif safekeeper_responds(sk):
+    elif client.responds():
         state = "running"
     else:
         state = "not responding"
@@ -315,7 +282,7 @@ def safekeeper_status(env: Environment, sk: SafekeeperSettings,
         return out
     for tenant_id, timeline_id, branch in timelines:
         try:
-            tl = safekeeper_http(sk, "GET", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}")
+            tl = client.timeline_json(TenantId.parse(tenant_id), TimelineId.parse(timeline_id))
         except NotFound:
             continue  # not on the safekeepers yet: no primary ran on it
         except StrataError as err:
