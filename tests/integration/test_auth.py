@@ -12,6 +12,7 @@ refused at start-up (28P01), another tenant's token at the command (42501). At t
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from fixtures_env import PageserverProcess, SafekeeperProcess
 
@@ -278,6 +280,19 @@ def test_cli_environment_with_auth(test_dir: Path) -> None:
         last = refused.splitlines()[-1]
         assert last.startswith("strata: error:") and "needs an admin token" in last, refused
         strata("status")  # its own admin token
+        # A lazy compute's FUSE process reads pages with a token for its tenant only.
+        strata("endpoint", "start", "main")
+        ep = json.loads(strata("endpoint", "list", "--json").stdout)[0]
+        assert ep["compute_mode"] == "lazy", ep
+        fuse_pid = (repo / "endpoints" / "main" / "compute" / "lazyfs.pid").read_text()
+        environ = Path(f"/proc/{int(fuse_pid)}/environ").read_bytes().split(b"\0")
+        fuse_token = next(v for k, _, v in (e.partition(b"=") for e in environ)
+                          if k == b"STRATA_AUTH_TOKEN").decode()
+        payload = fuse_token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        assert claims["scope"] == f"tenant:{tenant}", claims
+        with psycopg.connect(ep["local_connstr"], autocommit=True) as conn:  # pages read
+            assert conn.execute("select count(*) > 0 from pg_class").fetchone() == (True,)
     finally:
         if (repo / "state.json").exists():
             subprocess.run([STRATA, "--repo-dir", str(repo), "stop", "--immediate"],

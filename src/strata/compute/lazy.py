@@ -39,10 +39,11 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from strata.common.auth import TOKEN_ENV
 from strata.common.errors import Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
@@ -73,6 +74,9 @@ class LazyOptions:
     outage_wait_s: float = 60.0
     """How long a page read waits for an unreachable pageserver to come back (reconnecting
     with backoff) before it fails with EIO."""
+    token: str | None = field(default=None, repr=False)
+    """The FUSE process's token for the pageserver (one scoped to the compute's tenant);
+    None: it inherits this process's `$STRATA_AUTH_TOKEN`, if any."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.outage_wait_s <= 3600:
@@ -223,11 +227,19 @@ def _terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
             proc.wait(10)
 
 
-def _spawn(argv: list[str], log_path: Path,
-           stdin: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+def _spawn(argv: list[str], log_path: Path, stdin: int = subprocess.DEVNULL,
+           env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=stdin, start_new_session=True)
+                                stdin=stdin, start_new_session=True, env=env)
+
+
+def _env_with_token(token: str | None) -> dict[str, str] | None:
+    """This process's environment with `$STRATA_AUTH_TOKEN` = `token` (None: as it is);
+    the watchdog, which calls no service, gets none."""
+    if token is None:
+        return None
+    return {**os.environ, TOKEN_ENV: token}
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -264,7 +276,7 @@ def prepare_lazy_compute(host: str, pg_port: int, tenant_id: TenantId,
                         "--lease-s", str(options.lease_s),
                         "--readahead", str(options.readahead_blocks),
                         "--outage-wait-s", str(options.outage_wait_s), "--wait-stdin"],
-                       fuse_log, stdin=subprocess.PIPE)
+                       fuse_log, stdin=subprocess.PIPE, env=_env_with_token(options.token))
     (root / FUSE_PID_FILE).write_text(f"{fuse_proc.pid}\n")
     assert fuse_proc.stdin is not None
     try:
@@ -296,7 +308,8 @@ def prepare_lazy_compute(host: str, pg_port: int, tenant_id: TenantId,
         phases["mount"] = time.monotonic() - filled
         lazy.watch_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", "watch",
                                   "--fuse-pid", str(fuse_proc.pid), "--datadir", str(datadir),
-                                  "--mountpoint", str(mnt)], root / "lazyfs-watch.log")
+                                  "--mountpoint", str(mnt)], root / "lazyfs-watch.log",
+                                 env={k: v for k, v in os.environ.items() if k != TOKEN_ENV})
         (root / WATCH_PID_FILE).write_text(f"{lazy.watch_proc.pid}\n")
     except BaseException:
         lazy.stop("immediate", timeout_s=20)

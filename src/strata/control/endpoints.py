@@ -61,6 +61,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from strata.common.auth import Scope
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn
@@ -74,7 +75,7 @@ from strata.compute.walproposer import (
     sync_safekeepers,
 )
 from strata.control import output
-from strata.control.auth_setup import child_env
+from strata.control.auth_setup import child_env, token_for
 from strata.control.env import (
     ComputeMode,
     EndpointState,
@@ -545,7 +546,9 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
                                     compute_host=defaults.host, port=ep.port,
                                     log_path=log_path, user=service_user(),
                                     options=LazyOptions(
-                                        outage_wait_s=defaults.lazy_outage_wait_s))
+                                        outage_wait_s=defaults.lazy_outage_wait_s,
+                                        # Its page reads are this tenant's only.
+                                        token=token_for(env, config, Scope(tenant_id))))
         lazy.compute.server.socket_dir = paths.socket_dir
         return lazy.compute, lazy
     paths.compute_root.mkdir()
