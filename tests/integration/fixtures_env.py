@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 from polling import wait_until
 from strata.common import eventloop
-from strata.common.http_auth import auth_headers
+from strata.common.auth import auth_headers
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn
 from strata.common.proc import free_port

@@ -28,7 +28,7 @@ from strata.control.env import (
     TenantState,
     WalMode,
 )
-from strata.control.sidecar import supervise
+from strata.control.sidecar import fork_walproposer, supervise
 from strata.control.supervisor import ProcessFiles, pid_alive, port_in_use
 
 
@@ -184,6 +184,59 @@ def test_sidecar_exit_stops_postgres(tmp_path: Path) -> None:
                        [sys.executable, "-c", "import sys, time; time.sleep(0.3); sys.exit(5)"])
         assert rc == 5
         assert pm.wait(10) == -signal.SIGQUIT
+    finally:
+        pm.kill()
+
+
+def test_sidecar_waits_for_the_postmaster_pid_on_stdin(tmp_path: Path) -> None:
+    """`--wait-stdin`: the supervisor (started before PostgreSQL) takes the postmaster's
+    pid from stdin and then supervises as usual; at end of input without one (a failed
+    start) it exits with 0 and starts nothing."""
+    marker = tmp_path / "child-started"
+    child = [sys.executable, "-c",
+             f"import pathlib, sys; pathlib.Path({str(marker)!r}).touch(); sys.exit(5)"]
+    argv = [sys.executable, "-m", "strata.control.sidecar", "--pgdata",
+            str(tmp_path / "pgdata"), "--wait-stdin", "--", *child]
+    abandoned = subprocess.run(argv, input=b"", capture_output=True, timeout=60, check=False)
+    assert abandoned.returncode == 0, abandoned
+    assert not marker.exists()
+
+    pm = _stand_in_postmaster(tmp_path / "pgdata")
+    try:
+        run = subprocess.run(argv, input=f"{pm.pid}\n".encode(), capture_output=True,
+                             timeout=60, check=False)
+        assert run.returncode == 5, run
+        assert marker.exists()
+        assert pm.wait(10) == -signal.SIGQUIT  # its sidecar exited: PostgreSQL goes
+    finally:
+        pm.kill()
+    bad = subprocess.run(argv, input=b"nope\n", capture_output=True, timeout=60, check=False)
+    assert bad.returncode != 0 and b"expected the postmaster's pid" in bad.stderr, bad
+
+
+def test_forked_walproposer_exit_codes(tmp_path: Path) -> None:
+    """The walproposer forked from the supervisor: its exit code as Popen would give it
+    (a usage error 2; killed by signal N: -N), SIGTERM with its default action."""
+    assert fork_walproposer(["--no-such-flag"]).wait(60) == 2
+    # A walproposer that waits for a PostgreSQL that never comes (a closed port).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    pm = _stand_in_postmaster(tmp_path / "pgdata")
+    args = ["--tenant", "0" * 32, "--timeline", "0" * 32, "--safekeepers",
+            f"1@127.0.0.1:{closed_port}", "--pg-port", str(closed_port), "--pgdata",
+            str(tmp_path / "pgdata"), "--postmaster-pid", str(pm.pid),
+            "--pg-reconnect-timeout-s", "600", "--log-file", str(tmp_path / "wp.log")]
+    try:
+        for sig in (signal.SIGKILL, signal.SIGTERM):
+            child = fork_walproposer(args)
+            assert child.poll() is None
+            time.sleep(0.2)
+            child.send_signal(sig)
+            assert child.wait(60) == -sig
+            assert child.poll() == -sig
+            child.send_signal(signal.SIGKILL)  # a no-op once it is reaped
+        assert pm.poll() is None  # nothing was sent to its postmaster
     finally:
         pm.kill()
 

@@ -162,3 +162,9 @@ class TokenVerifier:
 def default_token() -> str | None:
     """The token in `$STRATA_AUTH_TOKEN`, or None."""
     return os.environ.get(TOKEN_ENV) or None
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The HTTP request headers that carry `token` (none without one). Here rather than
+    in `strata.common.http_auth` so that clients do not import aiohttp."""
+    return {"Authorization": f"Bearer {token}"} if token else {}

@@ -56,8 +56,3 @@ def auth_middleware(verifier: TokenVerifier, *, tenant_param: str = "tenant_id")
         return await handler(request)
 
     return check_auth
-
-
-def auth_headers(token: str | None) -> dict[str, str]:
-    """The request headers that carry `token` (none without one)."""
-    return {"Authorization": f"Bearer {token}"} if token else {}

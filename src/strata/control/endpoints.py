@@ -16,10 +16,13 @@ read-only hot standby at a fixed LSN. `start_endpoint` is the whole start flow, 
 4. build a fresh data directory from a basebackup at X, and put back the settings made
    with ALTER SYSTEM and the statistics files saved at the last clean stop on that branch;
    its pg_hba.conf (`PG_HBA_RESTRICTED`) asks TCP clients for a password;
-5. start PostgreSQL 15 and, right after it (so their starts overlap), its synchronous
-   standby: the walproposer sidecar, under `strata.control.sidecar` (if either dies,
-   both stop), or in development mode the pageserver's WAL receiver; wait until
-   PostgreSQL is ready (its postmaster.pid) and streams to the walproposer;
+5. start PostgreSQL 15 and its synchronous standby: the walproposer sidecar, under
+   `strata.control.sidecar` (if either dies, both stop), or in development mode the
+   pageserver's WAL receiver. The sidecar is started before step 4 (its Python start
+   and imports overlap the basebackup) and gets the postmaster's pid on its stdin right
+   after PostgreSQL starts. Wait until PostgreSQL is ready (its postmaster.pid) and
+   streams to the walproposer, meanwhile warming the application database's catalogs
+   with one connection;
 6. make sure the application role exists (D8): on a primary once per branch (remembered
    in the state);
 7. return the connection string and the seconds of each phase (`StartResult`).
@@ -51,6 +54,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -105,6 +109,7 @@ APP_DATABASE = "strata"
 SUPERUSER = "postgres"
 STOP_TIMEOUT_S = 60.0
 SIDECAR_STOP_TIMEOUT_S = 30.0
+WARM_UP_TIMEOUT_S = 10.0  # the longest a start waits for its warm-up connection
 SIDECAR_QUORUM_WARN_S = 10.0  # the walproposer warns this often while it lacks a majority
 SAVED_FILES = ("postgresql.auto.conf",)
 SAVED_DIRS = ("pg_stat",)
@@ -399,7 +404,6 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
                     timeline_id: TimelineId,
                     requested_mode: ComputeMode | None) -> StartResult:
     phase = _Phases()
-    files = endpoint_files(env, ep.name)
     paths = endpoint_paths(env, ep.name)
     defaults = config.endpoint_defaults
     with phase("checks"):
@@ -433,48 +437,23 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
                       "LSN beyond the branch's end?)")
 
     mode = choose_mode(requested_mode)
-    how = ("lazy: a basebackup without relation files, pages fetched on demand over FUSE"
-           if mode is ComputeMode.LAZY else "full basebackup")
-    with phase("basebackup", f"building a fresh data directory at {lsn} in {paths.datadir} "
-                             f"({how})"):
-        compute, lazy = _fresh_datadir(env, config, ep, client, tenant_id, timeline_id, lsn,
-                                       mode)
-        if lazy is not None:
-            phase.seconds.update({f"basebackup.{k}": v for k, v in lazy.phases.items()})
-        if not ep.read_only:
-            _restore_saved(paths, timeline_id, compute)
-        # Strata's own connections use the unix socket: TCP asks for passwords from the
-        # start (D8, issue 16).
-        _write_restricted_hba(paths)
     sidecar_proc: subprocess.Popen[bytes] | None = None
-    with phase("postgres", f"starting PostgreSQL 15 on {defaults.host}:{ep.port} "
-                           f"({'read-only at ' + str(lsn) if ep.read_only else 'primary'}, "
-                           f"{mode} mode, log {files.log_path})"):
-        try:
-            if lazy is not None:
-                lazy.launch()
-            else:
-                compute.launch()
-            assert compute.pid is not None, ep.name
-            files.write_pid(compute.pid)
-            if not ep.read_only and config.wal_mode is WalMode.SAFEKEEPERS:
-                # The walproposer's own start (a Python process) overlaps PostgreSQL's; it
-                # connects once PostgreSQL accepts connections.
-                sidecar_proc = _spawn_sidecar(env, config, ep, tenant_id, timeline_id,
-                                              compute)
-            if lazy is not None:
-                lazy.wait_ready(timeout_s=defaults.start_timeout_s)  # stops all on failure
-            else:
-                compute.server.wait_ready(timeout_s=defaults.start_timeout_s)
-        except StrataError as err:
-            if sidecar_proc is not None:
-                stop_process(sidecar_files(env, ep.name), signal.SIGTERM,
-                             timeout_s=SIDECAR_STOP_TIMEOUT_S)
-            raise UserError(f"endpoint {ep.name}: PostgreSQL did not start: {err}") from err
+    if not ep.read_only and config.wal_mode is WalMode.SAFEKEEPERS:
+        # Its Python start (and the walproposer's imports) overlap the basebackup.
+        sidecar_proc = _spawn_sidecar(env, config, ep, tenant_id, timeline_id,
+                                      paths.datadir)
+    try:
+        compute = _build_and_launch(env, config, ep, client, tenant_id, timeline_id, lsn,
+                                    mode, phase, sidecar_proc)
+    except BaseException:
+        if sidecar_proc is not None:
+            _abandon_sidecar(env, ep.name, sidecar_proc)
+        raise
     if sidecar_proc is not None:
         with phase("walproposer", f"waiting for the walproposer (the primary's synchronous "
                                   f"standby; log {sidecar_files(env, ep.name).log_path})"):
-            _wait_streaming(env, config, ep, compute, sidecar_proc)
+            _wait_streaming(env, config, ep, compute, sidecar_proc,
+                            warm_db=_app_role_known(env, ep, tenant_id, timeline_id))
     elif not ep.read_only:
         with phase("walproposer", "attaching the pageserver's WAL receiver (the primary's "
                                   "synchronous standby in dev mode)"):
@@ -499,6 +478,50 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
                        mode, lsn, phase.seconds)
 
 
+def _build_and_launch(env: Environment, config: EnvConfig, ep: EndpointState,
+                      client: PageserverClient, tenant_id: TenantId, timeline_id: TimelineId,
+                      lsn: Lsn, mode: ComputeMode, phase: _Phases,
+                      sidecar_proc: subprocess.Popen[bytes] | None) -> Compute:
+    """Steps 4 and 5 of the start up to PostgreSQL being ready: the data directory, then
+    PostgreSQL, whose pid goes to the waiting walproposer sidecar at once."""
+    files = endpoint_files(env, ep.name)
+    paths = endpoint_paths(env, ep.name)
+    defaults = config.endpoint_defaults
+    how = ("lazy: a basebackup without relation files, pages fetched on demand over FUSE"
+           if mode is ComputeMode.LAZY else "full basebackup")
+    with phase("basebackup", f"building a fresh data directory at {lsn} in {paths.datadir} "
+                             f"({how})"):
+        compute, lazy = _fresh_datadir(env, config, ep, client, tenant_id, timeline_id, lsn,
+                                       mode)
+        if lazy is not None:
+            phase.seconds.update({f"basebackup.{k}": v for k, v in lazy.phases.items()})
+        if not ep.read_only:
+            _restore_saved(paths, timeline_id, compute)
+        # Strata's own connections use the unix socket: TCP asks for passwords from the
+        # start (D8, issue 16).
+        _write_restricted_hba(paths)
+    with phase("postgres", f"starting PostgreSQL 15 on {defaults.host}:{ep.port} "
+                           f"({'read-only at ' + str(lsn) if ep.read_only else 'primary'}, "
+                           f"{mode} mode, log {files.log_path})"):
+        try:
+            if lazy is not None:
+                lazy.launch()
+            else:
+                compute.launch()
+            assert compute.pid is not None, ep.name
+            files.write_pid(compute.pid)
+            if sidecar_proc is not None:
+                # It connects once PostgreSQL accepts connections.
+                _hand_postmaster(sidecar_proc, compute.pid)
+            if lazy is not None:
+                lazy.wait_ready(timeout_s=defaults.start_timeout_s)  # stops all on failure
+            else:
+                compute.server.wait_ready(timeout_s=defaults.start_timeout_s)
+        except StrataError as err:
+            raise UserError(f"endpoint {ep.name}: PostgreSQL did not start: {err}") from err
+    return compute
+
+
 def _app_role(env: Environment, ep: EndpointState, tenant_id: TenantId,
               timeline_id: TimelineId) -> bool:
     """Make sure the application role can log in (D8): on a primary once per timeline
@@ -506,8 +529,7 @@ def _app_role(env: Environment, ep: EndpointState, tenant_id: TenantId,
     if ep.read_only:
         with output.step(f"checking the application role {APP_ROLE!r}"):
             return _ensure_app_role(env, ep)
-    known = env.read_state().tenants[str(tenant_id)].app_role_timelines
-    if str(timeline_id) in known:
+    if _app_role_known(env, ep, tenant_id, timeline_id):
         return True
     with output.step(f"creating the application role {APP_ROLE!r} (once per branch)"):
         _ensure_app_role(env, ep)
@@ -516,6 +538,13 @@ def _app_role(env: Environment, ep: EndpointState, tenant_id: TenantId,
         if str(timeline_id) not in timelines:
             timelines.append(str(timeline_id))
     return True
+
+
+def _app_role_known(env: Environment, ep: EndpointState, tenant_id: TenantId,
+                    timeline_id: TimelineId) -> bool:
+    """A primary on a branch whose application role and database were made already."""
+    known = env.read_state().tenants[str(tenant_id)].app_role_timelines
+    return not ep.read_only and str(timeline_id) in known
 
 
 def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
@@ -566,43 +595,68 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
 
 def _spawn_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
                    tenant_id: TenantId, timeline_id: TimelineId,
-                   compute: Compute) -> subprocess.Popen[bytes]:
-    """Start the walproposer under its supervisor (`strata.control.sidecar`)."""
+                   datadir: Path) -> subprocess.Popen[bytes]:
+    """Start the walproposer under its supervisor (`strata.control.sidecar`) before
+    PostgreSQL: it imports the walproposer while the basebackup is built, then waits for
+    the postmaster's pid on its stdin (`_hand_postmaster`; end of input: it exits)."""
     files = sidecar_files(env, ep.name)
-    pg_pid = compute.pid
-    assert pg_pid is not None, ep.name
     sks = ",".join(f"{sk.id}@{sk.host}:{sk.pg_port}" for sk in config.safekeepers)
     ps = config.pageserver
-    walproposer = [sys.executable, "-m", "strata.compute.walproposer",
-                   "--tenant", str(tenant_id), "--timeline", str(timeline_id),
+    walproposer = ["--tenant", str(tenant_id), "--timeline", str(timeline_id),
                    # The unix socket: replication is refused over TCP (PG_HBA_RESTRICTED).
                    "--safekeepers", sks, "--pg-host", str(endpoint_paths(env, ep.name).socket_dir),
-                   "--pg-port", str(ep.port), "--pgdata", str(compute.datadir),
+                   "--pg-port", str(ep.port), "--pgdata", str(datadir),
                    "--quorum-warn-s", str(SIDECAR_QUORUM_WARN_S),
                    "--pageserver-http", f"{ps.host}:{ps.http_port}",
                    # It starts with PostgreSQL: it may have to wait for it to accept
                    # connections, for as long as the CLI would.
-                   "--postmaster-pid", str(pg_pid), "--pg-reconnect-timeout-s",
-                   str(config.endpoint_defaults.start_timeout_s)]
-    argv = [sys.executable, "-m", "strata.control.sidecar", "--pgdata", str(compute.datadir),
-            "--postmaster-pid", str(pg_pid), "--", *walproposer]
+                   "--pg-reconnect-timeout-s", str(config.endpoint_defaults.start_timeout_s)]
+    argv = [sys.executable, "-m", "strata.control.sidecar", "--pgdata", str(datadir),
+            "--wait-stdin", "--walproposer", "--", *walproposer]
     with open(files.log_path, "ab") as log:
         # Its token is good for this tenant only (strata.control.auth_setup).
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                stdin=subprocess.PIPE, start_new_session=True,
                                 env=child_env(env, config, tenant_id))
     files.write_pid(proc.pid)
     return proc
 
 
+def _hand_postmaster(proc: subprocess.Popen[bytes], postmaster_pid: int) -> None:
+    """Tell the waiting sidecar which postmaster it belongs to. If it died meanwhile,
+    the wait for streaming says so with its log."""
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.write(f"{postmaster_pid}\n".encode())
+        proc.stdin.close()
+
+
+def _abandon_sidecar(env: Environment, name: str, proc: subprocess.Popen[bytes]) -> None:
+    """A start that failed: the sidecar goes (a waiting one at the end of its input)."""
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.close()
+    stop_process(sidecar_files(env, name), signal.SIGTERM, timeout_s=SIDECAR_STOP_TIMEOUT_S)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(SIDECAR_STOP_TIMEOUT_S)
+
+
 def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
-                    compute: Compute, proc: subprocess.Popen[bytes]) -> None:
+                    compute: Compute, proc: subprocess.Popen[bytes], *, warm_db: bool) -> None:
     """Wait until PostgreSQL streams to its walproposer (bounded); if it does not, stop
-    both and say why with the sidecar's log."""
+    both and say why with the sidecar's log.
+
+    With `warm_db` (the application database exists) a connection to that database is
+    made meanwhile: its backend reads the catalogs a first connection needs (in lazy mode
+    over FUSE) and writes the relation cache's init file while the walproposer is still
+    starting, so that the user's first connection finds them."""
     files = sidecar_files(env, ep.name)
     pg_pid = compute.pid
     assert pg_pid is not None, ep.name
     conns: list[psycopg.Connection[Any]] = []
+    warm = threading.Thread(target=_warm_app_database, args=(env, ep), daemon=True)
+    if warm_db:
+        warm.start()
 
     def streaming() -> bool:
         if not pid_alive(pg_pid):
@@ -634,6 +688,16 @@ def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
     finally:
         for conn in conns:
             conn.close()
+        if warm.is_alive():
+            warm.join(WARM_UP_TIMEOUT_S)
+
+
+def _warm_app_database(env: Environment, ep: EndpointState) -> None:
+    """One connection to the application database (see `_wait_streaming`); a failure is
+    left to the user's own connection to report."""
+    with contextlib.suppress(psycopg.Error):
+        with superuser_connect(env, ep, APP_DATABASE) as conn:
+            conn.execute("select 1")
 
 
 def _stop_stale_sidecar(env: Environment, name: str) -> None:

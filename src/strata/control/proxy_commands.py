@@ -20,7 +20,6 @@ from strata.control import output
 from strata.control.endpoints import apply_roles, running_pid
 from strata.control.env import DEFAULT_BRANCH, Environment
 from strata.control.proxy import start_proxy, stop_proxy
-from strata.proxy.scram import ScramSecret
 
 RESERVED_ROLES = ("postgres",)
 
@@ -81,6 +80,10 @@ def _set_role(ctx: click.Context, name: str, branch: str, tenant: str | None,
     env = _env(ctx)
     _check_role_name(name)
     text, generated = _read_password(password, password_stdin)
+    # Imported here: scramp (and its asn1crypto) is slow to import, and every command
+    # (`endpoint start` included) loads this module.
+    from strata.proxy.scram import ScramSecret
+
     secret = str(ScramSecret.from_password(text))
     with env.locked() as state:
         tid = state.tenant_id(tenant)

@@ -1,7 +1,8 @@
 """Supervision of an endpoint's walproposer sidecar beside its PostgreSQL: if either dies,
 both stop (architecture D7).
 
-    python -m strata.control.sidecar --pgdata DIR --postmaster-pid PID -- WALPROPOSER ARGV...
+    python -m strata.control.sidecar --pgdata DIR --postmaster-pid PID -- CHILD ARGV...
+    python -m strata.control.sidecar --pgdata DIR --wait-stdin --walproposer -- ARGS...
 
 The endpoint's PostgreSQL waits for its synchronous standby, the walproposer, at every
 commit. A compute whose sidecar died would hang every commit forever, so when the
@@ -10,6 +11,14 @@ shutdown: no commit waiting for the sidecar returns success). When PostgreSQL ex
 clean stop, a crash, or the sidecar's own fencing), the sidecar is stopped too, rather
 than retrying a connection to a compute that is gone. `strata endpoint stop` stops
 PostgreSQL first and then this process (SIGTERM), which stops the sidecar.
+
+With `--walproposer` the arguments after `--` are the walproposer's (`python -m
+strata.compute.walproposer ARGS`): this process imports it once and forks the child
+from there, so a compute start pays for one Python interpreter instead of two. With
+`--wait-stdin` the postmaster's pid comes as the first line on stdin (and is passed to
+the walproposer as `--postmaster-pid`): `strata endpoint start` starts this process
+before PostgreSQL, so that its Python start overlaps the basebackup; at end of input
+without a pid (the start failed) it exits with code 0 at once.
 
 The process runs in its own session (started by the CLI, which exits); its output and
 the sidecar's go to the endpoint's walproposer log.
@@ -23,9 +32,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from strata.control.supervisor import cmdline, pid_alive
 
@@ -43,7 +54,83 @@ def _postmaster_alive(pid: int, pgdata: Path) -> bool:
     return pid_alive(pid) and str(pgdata) in cmdline(pid)
 
 
-def _stop_child(proc: subprocess.Popen[bytes]) -> int:
+class Child(Protocol):
+    """The part of `subprocess.Popen` the supervision uses."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class ForkedChild:
+    """A child forked from this process (`fork_walproposer`), waited for by pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                # -N for a child killed by signal N, as Popen.returncode
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (rc := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
+            time.sleep(0.01)
+        return rc
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def fork_walproposer(args: Sequence[str]) -> ForkedChild:
+    """Run `strata.compute.walproposer.main(args)` in a forked child of this process (its
+    modules are imported here once, before the fork; a fresh interpreter would import
+    them all again). SIGTERM and SIGINT are blocked around the fork, so the child gets
+    the default handlers, not this process's."""
+    from strata.compute import walproposer
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    stops = {signal.SIGTERM, signal.SIGINT}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    pid = os.fork()
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return ForkedChild(pid)
+    code = 1
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        code = walproposer.main(list(args))
+    except SystemExit as exit_:  # argparse's usage errors
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException:  # noqa: BLE001 - the child must never return into the parent's code
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _stop_child(proc: Child) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -55,9 +142,11 @@ def _stop_child(proc: subprocess.Popen[bytes]) -> int:
     return proc.wait()
 
 
-def supervise(pgdata: Path, postmaster_pid: int, child_argv: Sequence[str]) -> int:
-    """Run the sidecar until it or the postmaster exits (or SIGTERM); returns the exit
-    code: the sidecar's if it ended first, else 0."""
+def supervise(pgdata: Path, postmaster_pid: int,
+              child: Sequence[str] | Callable[[], Child]) -> int:
+    """Run the sidecar (`child`: its command line, or a function that starts it) until it
+    or the postmaster exits (or SIGTERM); returns the exit code: the sidecar's if it ended
+    first, else 0."""
     stop_requested: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -65,15 +154,16 @@ def supervise(pgdata: Path, postmaster_pid: int, child_argv: Sequence[str]) -> i
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _supervise(pgdata, postmaster_pid, child_argv, stop_requested)
+        return _supervise(pgdata, postmaster_pid, child, stop_requested)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _supervise(pgdata: Path, postmaster_pid: int, child_argv: Sequence[str],
+def _supervise(pgdata: Path, postmaster_pid: int, child: Sequence[str] | Callable[[], Child],
                stop_requested: list[int]) -> int:
-    proc = subprocess.Popen(list(child_argv), stdin=subprocess.DEVNULL)
+    proc: Child = (child() if callable(child)
+                   else subprocess.Popen(list(child), stdin=subprocess.DEVNULL))
     _say(f"walproposer started (pid {proc.pid}) for postmaster {postmaster_pid} ({pgdata})")
     while True:
         rc = proc.poll()
@@ -100,21 +190,51 @@ def _supervise(pgdata: Path, postmaster_pid: int, child_argv: Sequence[str],
         time.sleep(POLL_INTERVAL_S)
 
 
+def _read_postmaster_pid() -> int | None:
+    """The pid on the first line of stdin; None at end of input (the start failed)."""
+    line = sys.stdin.readline().strip()
+    if not line:
+        return None
+    try:
+        return int(line)
+    except ValueError:
+        raise SystemExit(f"sidecar: expected the postmaster's pid on stdin, got {line!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    usage = ("usage: python -m strata.control.sidecar --pgdata DIR (--postmaster-pid PID | "
+             "--wait-stdin) [--walproposer] -- ARGV...")
     if "--" not in args:
-        print("usage: python -m strata.control.sidecar --pgdata DIR --postmaster-pid PID "
-              "-- WALPROPOSER ARGV...", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     split = args.index("--")
-    parser = argparse.ArgumentParser(prog="python -m strata.control.sidecar")
+    parser = argparse.ArgumentParser(prog="python -m strata.control.sidecar", usage=usage)
     parser.add_argument("--pgdata", type=Path, required=True)
-    parser.add_argument("--postmaster-pid", type=int, required=True)
+    parser.add_argument("--postmaster-pid", type=int)
+    parser.add_argument("--wait-stdin", action="store_true",
+                        help="read the postmaster's pid from the first line of stdin")
+    parser.add_argument("--walproposer", action="store_true",
+                        help="the arguments after -- are the walproposer's; run it in a "
+                             "child forked from this process")
     opts = parser.parse_args(args[:split])
-    child = args[split + 1:]
-    if not child:
-        parser.error("no walproposer command after --")
-    return supervise(opts.pgdata, opts.postmaster_pid, child)
+    child_args = args[split + 1:]
+    if (opts.postmaster_pid is None) == (not opts.wait_stdin):
+        parser.error("give exactly one of --postmaster-pid and --wait-stdin")
+    if not child_args and not opts.walproposer:
+        parser.error("no sidecar command after --")
+    if opts.walproposer:
+        from strata.compute import walproposer  # noqa: F401 - imported before the wait
+    pid = opts.postmaster_pid
+    if opts.wait_stdin:
+        pid = _read_postmaster_pid()
+        if pid is None:
+            return 0
+    assert pid is not None
+    if not opts.walproposer:
+        return supervise(opts.pgdata, pid, child_args)
+    wp_args = [*child_args, "--postmaster-pid", str(pid)] if opts.wait_stdin else child_args
+    return supervise(opts.pgdata, pid, lambda: fork_walproposer(wp_args))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from strata.common.auth import AuthError, Forbidden, default_token
+from strata.common.auth import AuthError, Forbidden, auth_headers, default_token
 from strata.common.errors import (
     CorruptionError,
     NotFound,
@@ -29,7 +29,6 @@ from strata.common.errors import (
     Unavailable,
     UserError,
 )
-from strata.common.http_auth import auth_headers
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pg import wire

@@ -31,9 +31,8 @@ from typing import Any
 
 import aiohttp
 
-from strata.common.auth import default_token
+from strata.common.auth import auth_headers, default_token
 from strata.common.errors import Unavailable, UserError
-from strata.common.http_auth import auth_headers
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pageserver.wal_log import WalLog

@@ -16,9 +16,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from strata.common.auth import AuthError, Forbidden, default_token
+from strata.common.auth import AuthError, Forbidden, auth_headers, default_token
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
-from strata.common.http_auth import auth_headers
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 
