@@ -24,14 +24,15 @@ import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, BinaryIO
-
-import psycopg
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from strata.common.errors import CorruptionError, UserError
 from strata.common.proc import RunAs, chown_tree, make_dir_for, service_user
 from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
 from strata.pg.controlfile import ControlFileData
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,7 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import psycopg
+from typing import TYPE_CHECKING, Any
 
 from strata.common.errors import Unavailable, UserError
 from strata.common.proc import (
@@ -35,6 +33,9 @@ from strata.compute.postmaster_files import (
     PostmasterPid,
     clear_crashed_postmaster,
 )
+
+if TYPE_CHECKING:
+    import psycopg  # imported where used: `strata endpoint start` does not need it
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,8 @@ class PgServer:
 
     def connect(self, dbname: str = "postgres", *, autocommit: bool = True,
                 **kwargs: Any) -> psycopg.Connection[Any]:
+        import psycopg
+
         return psycopg.connect(self.connstr(dbname), autocommit=autocommit, **kwargs)
 
     def sql(self, query: str, *params: Any, dbname: str = "postgres") -> list[tuple[Any, ...]]:

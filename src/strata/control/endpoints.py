@@ -99,6 +99,7 @@ from strata.control.supervisor import (
 )
 from strata.pageserver.client import DEFAULT_SLOT_NAME, PageserverClient
 from strata.pg.controlfile import ControlFileData
+from strata.pg.pgclient import PgConnection
 
 if TYPE_CHECKING:
     # Not at run time: it loads libfuse, which a host without FUSE lacks (full mode).
@@ -641,6 +642,10 @@ def _abandon_sidecar(env: Environment, name: str, proc: subprocess.Popen[bytes])
         proc.wait(SIDECAR_STOP_TIMEOUT_S)
 
 
+_STREAMING_SQL = ("select count(*) from pg_stat_replication where application_name = "
+                  f"'{DEFAULT_APPLICATION_NAME}' and state = 'streaming'")
+
+
 def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
                     compute: Compute, proc: subprocess.Popen[bytes], *, warm_db: bool) -> None:
     """Wait until PostgreSQL streams to its walproposer (bounded); if it does not, stop
@@ -649,55 +654,64 @@ def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
     With `warm_db` (the application database exists) a connection to that database is
     made meanwhile: its backend reads the catalogs a first connection needs (in lazy mode
     over FUSE) and writes the relation cache's init file while the walproposer is still
-    starting, so that the user's first connection finds them."""
+    starting, so that the user's first connection finds them. Both connections use
+    Strata's own client over the unix socket."""
     files = sidecar_files(env, ep.name)
     pg_pid = compute.pid
     assert pg_pid is not None, ep.name
-    conns: list[psycopg.Connection[Any]] = []
-    warm = threading.Thread(target=_warm_app_database, args=(env, ep), daemon=True)
+    socket_dir = str(endpoint_paths(env, ep.name).socket_dir)
+    conns: list[PgConnection] = []
+    warm = threading.Thread(target=lambda: asyncio.run(_warm_app_database(socket_dir, ep.port)),
+                            daemon=True)
     if warm_db:
         warm.start()
 
-    def streaming() -> bool:
-        if not pid_alive(pg_pid):
-            raise UserError(f"endpoint {ep.name}: PostgreSQL (pid {pg_pid}) exited while its "
-                            f"walproposer started; last lines of {files.log_path}:\n"
-                            f"{files.log_tail()}")
+    with asyncio.Runner() as runner:
+        def streaming() -> bool:
+            if not pid_alive(pg_pid):
+                raise UserError(f"endpoint {ep.name}: PostgreSQL (pid {pg_pid}) exited while "
+                                f"its walproposer started; last lines of {files.log_path}:\n"
+                                f"{files.log_tail()}")
+            return runner.run(_streaming_now(conns, socket_dir, ep.port))
+
         try:
-            if not conns:
-                conns.append(superuser_connect(env, ep))
-            row = conns[0].execute("select count(*) from pg_stat_replication where "
-                                   "application_name = %s and state = 'streaming'",
-                                   (DEFAULT_APPLICATION_NAME,)).fetchone()
-        except psycopg.Error:
+            wait_for(streaming, timeout_s=config.endpoint_defaults.start_timeout_s,
+                     what=f"waiting for PostgreSQL of endpoint {ep.name} to stream to its "
+                          "walproposer", files=files, pid=proc.pid, interval_s=0.02)
+        except StrataError:
+            stop_process(files, signal.SIGTERM, timeout_s=SIDECAR_STOP_TIMEOUT_S)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pg_pid, signal.SIGQUIT)
+            raise
+        finally:
             for conn in conns:
-                conn.close()
-            conns.clear()
-            return False
-        return row is not None and row[0] > 0
+                runner.run(conn.close())
+            if warm.is_alive():
+                warm.join(WARM_UP_TIMEOUT_S)
 
+
+async def _streaming_now(conns: list[PgConnection], socket_dir: str, port: int) -> bool:
+    """One check of pg_stat_replication over the connection kept in `conns`."""
     try:
-        wait_for(streaming, timeout_s=config.endpoint_defaults.start_timeout_s,
-                 what=f"waiting for PostgreSQL of endpoint {ep.name} to stream to its "
-                      "walproposer", files=files, pid=proc.pid, interval_s=0.02)
-    except StrataError:
-        stop_process(files, signal.SIGTERM, timeout_s=SIDECAR_STOP_TIMEOUT_S)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pg_pid, signal.SIGQUIT)
-        raise
-    finally:
+        if not conns:
+            conns.append(await PgConnection.connect(socket_dir, port, user=SUPERUSER,
+                                                    database="postgres", timeout_s=5))
+        result = await conns[0].simple_query(_STREAMING_SQL)
+    except StrataError:  # not accepting connections yet, or the connection broke
         for conn in conns:
-            conn.close()
-        if warm.is_alive():
-            warm.join(WARM_UP_TIMEOUT_S)
+            conn.abort()
+        conns.clear()
+        return False
+    return bool(result.rows) and int(result.rows[0][0] or 0) > 0
 
 
-def _warm_app_database(env: Environment, ep: EndpointState) -> None:
+async def _warm_app_database(socket_dir: str, port: int) -> None:
     """One connection to the application database (see `_wait_streaming`); a failure is
     left to the user's own connection to report."""
-    with contextlib.suppress(psycopg.Error):
-        with superuser_connect(env, ep, APP_DATABASE) as conn:
-            conn.execute("select 1")
+    with contextlib.suppress(StrataError):
+        async with await PgConnection.connect(socket_dir, port, user=SUPERUSER,
+                                              database=APP_DATABASE, timeout_s=5) as conn:
+            await conn.simple_query("select 1")
 
 
 def _stop_stale_sidecar(env: Environment, name: str) -> None:

@@ -2,25 +2,52 @@
 
 Progress goes to stderr so that stdout holds only results: the connection string that
 `endpoint start` prints last, or a listing's `--json`, can be captured by a script.
+`rich` (a spinner for steps on a terminal, tables) is imported only when it is used: a
+script's `endpoint start` gets plain lines and does not pay for importing it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console
 
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
-_out = Console(highlight=False, soft_wrap=True)
-if not _out.is_terminal:
-    _out.width = 250  # ids are 32 hex digits: never crop them in a captured listing
+
+@functools.cache
+def _err() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@functools.cache
+def _out() -> Console:
+    from rich.console import Console
+
+    out = Console(highlight=False, soft_wrap=True)
+    if not out.is_terminal:
+        out.width = 250  # ids are 32 hex digits: never crop them in a captured listing
+    return out
+
+
+def _err_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def _err_line(message: str) -> None:
+    if _err_is_terminal():
+        _err().print(message, markup=False)
+    else:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
 
 
 _progress: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
@@ -47,7 +74,7 @@ def _report(line: str) -> None:
 
 def info(message: str) -> None:
     _report(message)
-    _err.print(message, markup=False)
+    _err_line(message)
 
 
 @contextlib.contextmanager
@@ -56,16 +83,16 @@ def step(message: str) -> Iterator[None]:
     the caller prints the error)."""
     started = time.monotonic()
     _report(message + " ...")
-    if _err.is_terminal:
-        with _err.status(message + " ..."):
+    terminal = _err_is_terminal()
+    if terminal:
+        with _err().status(message + " ..."):
             yield
     else:
-        _err.print(message + " ...", markup=False)
+        _err_line(message + " ...")
         yield
     elapsed = f"{time.monotonic() - started:.1f}s"
     _report(f"{message}: done in {elapsed}")
-    _err.print(f"{message}: done ({elapsed})" if _err.is_terminal else f"  done in {elapsed}",
-               markup=False)
+    _err_line(f"{message}: done ({elapsed})" if terminal else f"  done in {elapsed}")
 
 
 def result(line: str) -> None:
@@ -79,9 +106,11 @@ def print_json(data: Any) -> None:
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    from rich.table import Table
+
     out = Table(title=title, title_justify="left", box=None, pad_edge=False)
     for column in columns:
         out.add_column(column, no_wrap=True)
     for row in rows:
         out.add_row(*("-" if cell is None else str(cell) for cell in row))
-    _out.print(out)
+    _out().print(out)
