@@ -39,7 +39,7 @@ from strata.pg.controlfile import ControlFileData, DBState
 from strata.pg.crc import crc32c
 from strata.pg.relfile import RelTag, relation_segments
 from strata.pg.slru import SlruKind
-from strata.pg.walwriter import CHECKPOINT_RECORD_LEN
+from strata.pg.walwriter import CHECKPOINT_RECORD_LEN, FULL_SIZE_PAX_HEADER
 from strata.storage.key import (
     checkpoint_key,
     control_file_key,
@@ -258,6 +258,39 @@ def test_read_only_and_lazy(timeline: Timeline) -> None:
     assert files["base/5/pg_filenode.map"] == bytes([5]) * 512
     assert "pg_replslot/other_slot/state" in files
     assert infos["base/5"].isdir()
+
+
+def test_lazy_wal_segment_has_an_implied_zero_tail(timeline: Timeline, tmp_path: Path) -> None:
+    """A lazy basebackup sends its WAL segment only up to the last written page; unpacked,
+    the segment is byte for byte the full mode's, its zero tail a hole in the file."""
+    name = "pg_wal/" + Lsn(X0).segment_file_name(1, SEG)
+    _, full, _ = backup(timeline, X0)
+    _, lazy, infos = backup(timeline, X0, mode="lazy")
+    assert 0 < len(lazy[name]) < SEG and len(lazy[name]) % 8192 == 0
+    assert infos[name].pax_headers[FULL_SIZE_PAX_HEADER] == str(SEG)
+    assert full[name] == lazy[name] + bytes(SEG - len(lazy[name]))
+    assert FULL_SIZE_PAX_HEADER not in infos["global/pg_control"].pax_headers
+
+    out = io.BytesIO()
+    write_basebackup(timeline, Lsn(X0), out, mode="lazy", now=1_800_000_000)
+    out.seek(0)
+    compute = Compute(tmp_path / "lazy")
+    compute.unpack(out)
+    unpacked = compute.datadir / name
+    assert unpacked.read_bytes() == full[name]
+    assert unpacked.stat().st_blocks * 512 < SEG  # sparse
+
+    # A size smaller than the content, or not a number, is refused.
+    for i, bad in enumerate((str(len(lazy[name]) - 1), "lots")):
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo("pg_wal/000000010000000000000001")
+            info.size = 8192
+            info.pax_headers = {FULL_SIZE_PAX_HEADER: bad}
+            tar.addfile(info, io.BytesIO(bytes(8192)))
+        out.seek(0)
+        with pytest.raises(CorruptionError, match="refusing to unpack"):
+            Compute(tmp_path / f"bad{i}").unpack(out)
 
 
 @pytest.mark.parametrize(("lsn", "message"), [

@@ -30,11 +30,14 @@ from strata.common.errors import CorruptionError, UserError
 from strata.common.proc import RunAs, chown_tree, make_dir_for, service_user
 from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
 from strata.pg.controlfile import ControlFileData
+from strata.pg.walwriter import FULL_SIZE_PAX_HEADER
 
 if TYPE_CHECKING:
     import psycopg
 
 log = logging.getLogger(__name__)
+
+_MAX_FULL_SIZE = 1 << 30  # PostgreSQL's largest WAL segment
 
 # The dev-mode WAL receiver's default application name (WalReceiverConfig).
 DEFAULT_RECEIVER_NAME = "strata_pageserver"
@@ -155,6 +158,9 @@ class Compute:
                     source = archive.extractfile(member)
                     assert source is not None, member.name
                     _write_stream(target, source)
+                    full_size = _full_size(member)
+                    if full_size is not None:
+                        os.truncate(target, full_size)  # the zero tail, sparse
                     count += 1
                 else:
                     raise CorruptionError(f"basebackup entry {member.name!r} is neither a file "
@@ -220,6 +226,19 @@ def _safe_member_path(name: str) -> PurePosixPath:
         raise CorruptionError(f"basebackup entry {name!r} points outside the data directory; "
                               "refusing to unpack it")
     return path
+
+
+def _full_size(member: tarfile.TarInfo) -> int | None:
+    """The file's size when its tar member holds only the start of it (a lazy basebackup's
+    WAL segment, `FULL_SIZE_PAX_HEADER`): the rest is zeros. None for a whole file."""
+    text = member.pax_headers.get(FULL_SIZE_PAX_HEADER)
+    if text is None:
+        return None
+    if not text.isdigit() or not member.size <= int(text) <= _MAX_FULL_SIZE:
+        raise CorruptionError(f"basebackup entry {member.name!r}: {FULL_SIZE_PAX_HEADER} "
+                              f"{text!r} is not a size from {member.size} (its content) to "
+                              f"{_MAX_FULL_SIZE} bytes; refusing to unpack it")
+    return int(text)
 
 
 def _write_stream(target: Path, source: IO[bytes]) -> None:

@@ -80,6 +80,20 @@ class SyntheticWal:
     segments: dict[str, bytes]  # segment file name -> seg_size bytes, in WAL order
 
 
+# A lazy basebackup carries each synthesized segment only up to its last written page
+# (`written_pages`); this pax header of the tar member gives the file's full size, the
+# rest being zeros, which `Compute.unpack` restores as a sparse tail (16 MB fewer to
+# send, receive and write at every start).
+FULL_SIZE_PAX_HEADER = "STRATA.full_size"
+
+
+def written_pages(segment: bytes) -> bytes:
+    """`segment` up to the end of its last page that is not all zeros (at least a page)."""
+    used = len(segment.rstrip(b"\0"))
+    end = max(XLOG_BLCKSZ, -(-used // XLOG_BLCKSZ) * XLOG_BLCKSZ)
+    return segment[:end]
+
+
 def checkpoint_record_lsn(next_record_lsn: Lsn, seg_size: int) -> Lsn:
     """Where a record written at `next_record_lsn` (an EndRecPtr) actually starts.
 
