@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 LAZY_DIRS = ("base", "global")
 FUSE_PID_FILE = "lazyfs.pid"
 WATCH_PID_FILE = "lazyfs-watch.pid"
+WATCHDOG_GRACE_S = 10.0
+"""How long a stop lets the watchdog stop the FUSE server (it does once PostgreSQL is gone)
+before signalling it too: a second SIGTERM that lands while libfuse tears down (its
+handlers already removed) kills the server before it unmounts and logs its counters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +131,8 @@ class LazyCompute:
         self.lsn = lsn
         self.phases: dict[str, float] = {}
         """Seconds of each step of `prepare_lazy_compute` (lease, fetch, unpack, mount)."""
+        self.was_ready = False
+        """PostgreSQL became ready (so the watchdog stops the FUSE server once it is gone)."""
 
     @property
     def server(self) -> PgServer:
@@ -178,6 +184,7 @@ class LazyCompute:
         """Wait until PostgreSQL accepts connections; on failure stop all."""
         try:
             self.compute.server.wait_ready(timeout_s)
+            self.was_ready = True
         except BaseException:
             self.stop("immediate", timeout_s=20)
             raise
@@ -208,6 +215,10 @@ class LazyCompute:
         try:
             self.compute.stop(mode, timeout_s=timeout_s)
         finally:
+            if (self.was_ready and self.watch_proc is not None
+                    and self.watch_proc.poll() is None and not self.compute.is_running()):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.fuse_proc.wait(WATCHDOG_GRACE_S)
             _terminate(self.fuse_proc, 30)
             detach(str(self.mountpoint))
             if self.watch_proc is not None:

@@ -224,7 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not child_args and not opts.walproposer:
         parser.error("no sidecar command after --")
     if opts.walproposer:
-        from strata.compute import walproposer  # noqa: F401 - imported before the wait
+        # Imported before the wait, while the basebackup is built: the walproposer and
+        # what its pageserver polling imports on first use (the client, aiohttp). On its
+        # event loop those imports would stall the replication start as long as they take.
+        import aiohttp  # noqa: F401
+
+        import strata.pageserver.client  # noqa: F401
+        from strata.compute import walproposer  # noqa: F401
     pid = opts.postmaster_pid
     if opts.wait_stdin:
         pid = _read_postmaster_pid()
