@@ -26,7 +26,7 @@ import pytest
 from strata.common.errors import CorruptionError, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.compute.compute import Compute, ComputeConfig, compute_settings
+from strata.compute.compute import Compute, ComputeConfig, _write_sparse, compute_settings
 from strata.pageserver.basebackup import (
     BasebackupLsns,
     slot_state_bytes,
@@ -39,7 +39,14 @@ from strata.pg.controlfile import ControlFileData, DBState
 from strata.pg.crc import crc32c
 from strata.pg.relfile import RelTag, relation_segments
 from strata.pg.slru import SlruKind
-from strata.pg.walwriter import CHECKPOINT_RECORD_LEN, FULL_SIZE_PAX_HEADER
+from strata.pg.walwriter import (
+    CHECKPOINT_RECORD_LEN,
+    DATA_MAP_PAX_HEADER,
+    FULL_SIZE_PAX_HEADER,
+    format_data_map,
+    parse_data_map,
+    written_runs,
+)
 from strata.storage.key import (
     checkpoint_key,
     control_file_key,
@@ -260,15 +267,20 @@ def test_read_only_and_lazy(timeline: Timeline) -> None:
     assert infos["base/5"].isdir()
 
 
-def test_lazy_wal_segment_has_an_implied_zero_tail(timeline: Timeline, tmp_path: Path) -> None:
-    """A lazy basebackup sends its WAL segment only up to the last written page; unpacked,
-    the segment is byte for byte the full mode's, its zero tail a hole in the file."""
+def test_lazy_wal_segment_sends_only_its_written_pages(timeline: Timeline,
+                                                       tmp_path: Path) -> None:
+    """A lazy basebackup sends only the WAL segment's pages that are not all zeros (the
+    long header, the checkpoint record); unpacked, the segment is byte for byte the full
+    mode's, its zeros holes in the file."""
     name = "pg_wal/" + Lsn(X0).segment_file_name(1, SEG)
     _, full, _ = backup(timeline, X0)
     _, lazy, infos = backup(timeline, X0, mode="lazy")
-    assert 0 < len(lazy[name]) < SEG and len(lazy[name]) % 8192 == 0
+    runs_int = [(int(o), int(n)) for o, n in (
+        item.split(":") for item in infos[name].pax_headers[DATA_MAP_PAX_HEADER].split(","))]
     assert infos[name].pax_headers[FULL_SIZE_PAX_HEADER] == str(SEG)
-    assert full[name] == lazy[name] + bytes(SEG - len(lazy[name]))
+    assert len(lazy[name]) == sum(n for _, n in runs_int) < SEG
+    assert b"".join(full[name][o:o + n] for o, n in runs_int) == lazy[name]
+    assert all(n % 8192 == 0 for _, n in runs_int) and runs_int[0][0] == 0
     assert FULL_SIZE_PAX_HEADER not in infos["global/pg_control"].pax_headers
 
     out = io.BytesIO()
@@ -280,14 +292,27 @@ def test_lazy_wal_segment_has_an_implied_zero_tail(timeline: Timeline, tmp_path:
     assert unpacked.read_bytes() == full[name]
     assert unpacked.stat().st_blocks * 512 < SEG  # sparse
 
-    # A size smaller than the content, or not a number, is refused.
-    for i, bad in enumerate((str(len(lazy[name]) - 1), "lots")):
+    # Runs with zeros between them (a record further into the segment) and after them.
+    segment = bytearray(65536)
+    segment[:8192] = b"\1" * 8192
+    segment[40960:57344] = b"\2" * 16384
+    runs = written_runs(bytes(segment))
+    assert runs == [(0, 8192), (40960, 16384)]
+    content = b"".join(bytes(segment[o:o + n]) for o, n in runs)
+    assert parse_data_map(format_data_map(runs), len(content), 65536) == runs
+    _write_sparse(tmp_path / "gaps", io.BytesIO(content), 65536, runs)
+    assert (tmp_path / "gaps").read_bytes() == bytes(segment)
+
+    # A map that does not fit the content or the size, or is not a map, is refused.
+    for i, (size, data_map) in enumerate((("16384", "0:8192"), ("8192", "4096:8192"),
+                                          ("lots", "0:8192"), ("16384", "0:8192,0:0"),
+                                          ("16384", "nope"))):
         out = io.BytesIO()
         with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
             info = tarfile.TarInfo("pg_wal/000000010000000000000001")
-            info.size = 8192
-            info.pax_headers = {FULL_SIZE_PAX_HEADER: bad}
-            tar.addfile(info, io.BytesIO(bytes(8192)))
+            info.size = 16384 if i == 0 else 8192
+            info.pax_headers = {FULL_SIZE_PAX_HEADER: size, DATA_MAP_PAX_HEADER: data_map}
+            tar.addfile(info, io.BytesIO(bytes(info.size)))
         out.seek(0)
         with pytest.raises(CorruptionError, match="refusing to unpack"):
             Compute(tmp_path / f"bad{i}").unpack(out)

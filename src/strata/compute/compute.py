@@ -30,7 +30,7 @@ from strata.common.errors import CorruptionError, UserError
 from strata.common.proc import RunAs, chown_tree, make_dir_for, service_user
 from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
 from strata.pg.controlfile import ControlFileData
-from strata.pg.walwriter import FULL_SIZE_PAX_HEADER
+from strata.pg.walwriter import DATA_MAP_PAX_HEADER, FULL_SIZE_PAX_HEADER, parse_data_map
 
 if TYPE_CHECKING:
     import psycopg
@@ -157,10 +157,11 @@ class Compute:
                     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                     source = archive.extractfile(member)
                     assert source is not None, member.name
-                    _write_stream(target, source)
-                    full_size = _full_size(member)
-                    if full_size is not None:
-                        os.truncate(target, full_size)  # the zero tail, sparse
+                    sparse = _sparse_layout(member)
+                    if sparse is None:
+                        _write_stream(target, source)
+                    else:
+                        _write_sparse(target, source, *sparse)
                     count += 1
                 else:
                     raise CorruptionError(f"basebackup entry {member.name!r} is neither a file "
@@ -228,17 +229,38 @@ def _safe_member_path(name: str) -> PurePosixPath:
     return path
 
 
-def _full_size(member: tarfile.TarInfo) -> int | None:
-    """The file's size when its tar member holds only the start of it (a lazy basebackup's
-    WAL segment, `FULL_SIZE_PAX_HEADER`): the rest is zeros. None for a whole file."""
-    text = member.pax_headers.get(FULL_SIZE_PAX_HEADER)
-    if text is None:
+def _sparse_layout(member: tarfile.TarInfo) -> tuple[int, list[tuple[int, int]]] | None:
+    """(full size, runs) of a member that holds only some pages of its file (a lazy
+    basebackup's WAL segment, `FULL_SIZE_PAX_HEADER` and `DATA_MAP_PAX_HEADER`): the rest
+    of the file is zeros. None for a whole file."""
+    size_text = member.pax_headers.get(FULL_SIZE_PAX_HEADER)
+    if size_text is None:
         return None
-    if not text.isdigit() or not member.size <= int(text) <= _MAX_FULL_SIZE:
-        raise CorruptionError(f"basebackup entry {member.name!r}: {FULL_SIZE_PAX_HEADER} "
-                              f"{text!r} is not a size from {member.size} (its content) to "
-                              f"{_MAX_FULL_SIZE} bytes; refusing to unpack it")
-    return int(text)
+    try:
+        if not size_text.isdigit() or int(size_text) > _MAX_FULL_SIZE:
+            raise UserError(f"{FULL_SIZE_PAX_HEADER} {size_text!r} is not a size up to "
+                            f"{_MAX_FULL_SIZE} bytes")
+        runs = parse_data_map(member.pax_headers.get(DATA_MAP_PAX_HEADER, ""), member.size,
+                              int(size_text))
+    except UserError as err:
+        raise CorruptionError(f"basebackup entry {member.name!r}: {err}; refusing to unpack "
+                              "it") from err
+    return int(size_text), runs
+
+
+def _write_sparse(target: Path, source: IO[bytes], full_size: int,
+                  runs: list[tuple[int, int]]) -> None:
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for offset, length in runs:
+            data = source.read(length)
+            if len(data) != length:
+                raise CorruptionError(f"basebackup entry {target.name!r} ends inside its "
+                                      "data; the stream was cut short")
+            os.pwrite(fd, data, offset)
+        os.ftruncate(fd, full_size)  # the zeros in between and after: holes
+    finally:
+        os.close(fd)
 
 
 def _write_stream(target: Path, source: IO[bytes]) -> None:

@@ -27,9 +27,10 @@ Never in the tar: postmaster.pid, pg_internal.init, statistics files, other slot
 Mode 'lazy' is the same tar without relation segment files (a FUSE file system serves
 them, D6), plus `strata_lazy_rels`: one line `spcnode dbnode relnode forknum nblocks` per
 relation fork at X, so the file system can list directories and size files without asking.
-Its WAL segments end after their last written page; the pax header
-`FULL_SIZE_PAX_HEADER` of each gives the segment's size, and the unpacking side
-(`Compute.unpack`) fills the rest with zeros (sparse): 16 MB less per start.
+Its WAL segments hold only their pages that are not all zeros; the pax headers
+`FULL_SIZE_PAX_HEADER` and `DATA_MAP_PAX_HEADER` of each give the segment's size and
+where those pages go, and the unpacking side (`Compute.unpack`) leaves the rest as holes
+(zeros): up to 16 MB less per start.
 
 `global/pg_control` is written last, as pg_basebackup does: an archive cut short
 has no control file and cannot be started by mistake.
@@ -62,7 +63,13 @@ from strata.pg.controlfile import ControlFileData
 from strata.pg.crc import crc32c
 from strata.pg.relfile import RelTag, relation_path, relation_segments
 from strata.pg.slru import segment_file_name
-from strata.pg.walwriter import FULL_SIZE_PAX_HEADER, synthesize_wal, written_pages
+from strata.pg.walwriter import (
+    DATA_MAP_PAX_HEADER,
+    FULL_SIZE_PAX_HEADER,
+    format_data_map,
+    synthesize_wal,
+    written_runs,
+)
 from strata.storage.key import (
     Key,
     checkpoint_key,
@@ -182,18 +189,24 @@ class _TarWriter:
     def add_dir(self, path: str) -> None:
         self.tar.addfile(self._info(path, tarfile.DIRTYPE, _DIR_MODE, 0))
 
-    def add_file(self, path: str, data: bytes, *, full_size: int | None = None) -> None:
-        """A file holding `data`; with `full_size`, the file is that long, the rest zeros
-        (`FULL_SIZE_PAX_HEADER`)."""
-        self.add_stream(path, len(data), iter((data,)), full_size=full_size)
+    def add_file(self, path: str, data: bytes) -> None:
+        self.add_stream(path, len(data), iter((data,)))
 
-    def add_stream(self, path: str, size: int, chunks: Iterator[bytes], *,
-                   full_size: int | None = None) -> None:
+    def add_sparse_file(self, path: str, data: bytes) -> None:
+        """`data` as only its pages that are not all zeros, with the pax headers that say
+        where they go (`DATA_MAP_PAX_HEADER`) and how long the file is."""
+        runs = written_runs(data)
+        info = self._info(path, tarfile.REGTYPE, _FILE_MODE, sum(n for _, n in runs))
+        info.pax_headers = {FULL_SIZE_PAX_HEADER: str(len(data)),
+                            DATA_MAP_PAX_HEADER: format_data_map(runs)}
+        chunks = iter([data[offset:offset + length] for offset, length in runs])
+        self.tar.addfile(info, _PageReader(chunks) if runs else None)
+        self.files += 1
+        self.bytes += info.size
+
+    def add_stream(self, path: str, size: int, chunks: Iterator[bytes]) -> None:
         """A file of exactly `size` bytes whose content is produced while it is written."""
         info = self._info(path, tarfile.REGTYPE, _FILE_MODE, size)
-        if full_size is not None:
-            assert full_size >= size, (path, size, full_size)
-            info.pax_headers = {FULL_SIZE_PAX_HEADER: str(full_size)}
         self.tar.addfile(info, _PageReader(chunks) if size else None)
         self.files += 1
         self.bytes += size
@@ -258,8 +271,8 @@ def write_basebackup(timeline: Timeline, lsn: Lsn, out: BinaryIO, *, mode: str =
         tar.add_dir(f"pg_replslot/{slot_name}")
         tar.add_file(f"pg_replslot/{slot_name}/state", slot_state)
     for name, data in wal.segments.items():
-        if mode == "lazy":  # a format for Strata's lazy computes only: the tail is implied
-            tar.add_file(f"pg_wal/{name}", written_pages(data), full_size=len(data))
+        if mode == "lazy":  # a format for Strata's lazy computes only: zeros are implied
+            tar.add_sparse_file(f"pg_wal/{name}", data)
         else:
             tar.add_file(f"pg_wal/{name}", data)
     tar.add_file("global/pg_control", new_control.to_bytes())
