@@ -180,6 +180,9 @@ CASES: dict[tuple[str, str, int], Callable[[World], tuple[str, Any]]] = {
     (T, "get", 200): lambda w: (f"/v1/tenant/{w.tenant}", None),
     (T, "get", 400): lambda w: (f"/v1/tenant/{BAD_ID}", None),
     (T, "get", 404): lambda w: (f"/v1/tenant/{rand_tenant()}", None),
+    (T + "/size", "get", 200): lambda w: (f"/v1/tenant/{w.tenant}/size", None),
+    (T + "/size", "get", 400): lambda w: (f"/v1/tenant/{BAD_ID}/size", None),
+    (T + "/size", "get", 404): lambda w: (f"/v1/tenant/{rand_tenant()}/size", None),
     (T, "delete", 200): lambda w: (
         f"/v1/tenant/{w.env.client.create_tenant(config={'gc_period_s': 60})[0]}", None),
     (T, "delete", 400): lambda w: (f"/v1/tenant/{BAD_ID}", None),

@@ -309,3 +309,17 @@ def test_modes_are_parsed_once_and_state_files_stay_compatible(tmp_path: Path) -
     env.state_path.write_text(json.dumps(old))
     with pytest.raises(UserError, match=r"mode must be one of \['lazy', 'full'\], got 'turbo'"):
         env.read_state()
+
+
+def test_seaweedfs_ports_round_trip_and_checks(tmp_path: Path) -> None:
+    ports = {"s3.port": 8333, "master.port": 9333}
+    config = EnvConfig.from_dict({"seaweedfs": {"ports": ports}})
+    env = Environment.create(tmp_path / "env", config)
+    assert env.config().seaweedfs == ports and {8333, 9333} <= config.ports()
+    assert Environment.create(tmp_path / "none", EnvConfig()).config().seaweedfs is None
+    with pytest.raises(UserError, match='must name "s3.port"'):
+        EnvConfig.from_dict({"seaweedfs": {"ports": {"master.port": 9333}}})
+    with pytest.raises(UserError, match="unknown keys"):
+        EnvConfig.from_dict({"seaweedfs": {"bucket": "x"}})
+    with pytest.raises(UserError, match="port number"):
+        EnvConfig.from_dict({"seaweedfs": {"ports": {"s3.port": 70000}}})

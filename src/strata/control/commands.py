@@ -46,8 +46,16 @@ from strata.control.env import (
     WalMode,
     tenant_id_of,
 )
+from strata.control.object_storage import (
+    allocate_seaweed_ports,
+    object_storage_status,
+    seaweed_url,
+    start_seaweed,
+    stop_seaweed,
+)
 from strata.control.operations import (
     allocate_port,
+    check_attached,
     client_if_running,
     create_branch,
     create_endpoint,
@@ -99,10 +107,12 @@ tenant_option = click.option("--tenant", metavar="NAME|ID",
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False,
                                                          path_type=Path),
               help="A config TOML to start from (ports 0 or missing are allocated).")
-@click.option("--object-storage", "object_storage", metavar="URL|local",
+@click.option("--object-storage", "object_storage", metavar="URL|local|seaweedfs",
               help="Upload the pageserver's layers to object storage: "
-                   "s3://bucket/prefix?endpoint=http://host:port, file:///abs/dir, or "
-                   "`local` (a directory inside the environment). Default: none.")
+                   "s3://bucket/prefix?endpoint=http://host:port, file:///abs/dir, "
+                   "`local` (a directory inside the environment), or `seaweedfs` (a "
+                   "SeaweedFS S3 server on loopback, run by `strata start/stop`). "
+                   "Default: none.")
 @click.option("--no-auth", is_flag=True,
               help="Services accept every request (default: they require JWTs signed by "
                    "a key pair made here; docs/auth.md).")
@@ -128,6 +138,7 @@ def init(ctx: click.Context, config_file: Path | None, object_storage: str | Non
                 f"auth {'on' if config.auth else 'off'})")
     try:
         ensure_certificate(env, config)
+        start_seaweed(env, config)
         start_safekeepers(env, config)
         start_pageserver(env, config)
         client = pageserver_client(config)
@@ -137,6 +148,7 @@ def init(ctx: click.Context, config_file: Path | None, object_storage: str | Non
     except StrataError as err:
         stop_pageserver(env, immediate=True)
         stop_safekeepers(env, config, immediate=True)
+        stop_seaweed(env, config, immediate=True)
         raise UserError(f"{err}\n`strata init` did not finish; remove {root} and run it "
                         "again") from err
     with env.locked() as state:
@@ -156,7 +168,11 @@ def _with_object_storage(config: EnvConfig, url: str, root: Path) -> EnvConfig:
     """`config` with the pageserver's remote_storage set (checked like the pageserver does)."""
     from strata.pageserver.config import PageserverConfig
 
-    if url == "local":
+    if url == "seaweedfs":
+        ports = allocate_seaweed_ports()
+        config = replace(config, seaweedfs=ports)
+        url = seaweed_url(ports)
+    elif url == "local":
         url = f"file://{root.resolve() / 'remote_storage'}"
     PageserverConfig(workdir=root, remote_storage=url)  # UserError for a bad URL
     pageserver = replace(config.pageserver,
@@ -167,13 +183,15 @@ def _with_object_storage(config: EnvConfig, url: str, root: Path) -> EnvConfig:
 @click.command()
 @click.pass_context
 def start(ctx: click.Context) -> None:
-    """Start the safekeepers, the pageserver, the proxy and every endpoint that was running
-    (or, the first time, `main`)."""
+    """Start SeaweedFS (if the environment runs one), the safekeepers, the pageserver
+    (attaching from object storage the tenants it lost), the console, the proxy and every
+    endpoint that was running (or, the first time, `main`)."""
     env = _env(ctx)
     config = env.config()
     if config.proxy.port == 0:  # an environment made before the proxy existed
         config = config.with_ports_allocated()
         env.write_config(config)
+    start_seaweed(env, config)
     start_safekeepers(env, config)
     start_pageserver(env, config)
     reattach_lost_tenants(env, config, pageserver_client(config))
@@ -214,7 +232,8 @@ def start(ctx: click.Context) -> None:
                    "SIGKILL); settings and statistics are not saved.")
 @click.pass_context
 def stop(ctx: click.Context, immediate: bool) -> None:
-    """Stop the proxy, every endpoint, then the pageserver, then the safekeepers."""
+    """Stop the proxy, every endpoint, then the pageserver, the safekeepers and SeaweedFS
+    (if the environment runs one)."""
     env = _env(ctx)
     stop_proxy(env, immediate=immediate)
     client = client_if_running(env)
@@ -225,6 +244,7 @@ def stop(ctx: click.Context, immediate: bool) -> None:
     stop_console(env, immediate=immediate)
     stop_pageserver(env, immediate=immediate)
     stop_safekeepers(env, env.config(), immediate=immediate)
+    stop_seaweed(env, env.config(), immediate=immediate)
     output.result(f"stopped {env.root}")
 
 
@@ -253,10 +273,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
              for name, tl in tenant.branches.items()]
     safekeepers = [safekeeper_status(env, sk, named) for sk in config.safekeepers] \
         if config.wal_mode is WalMode.SAFEKEEPERS else []
+    storage = object_storage_status(env, config)
+    seaweed = storage["seaweedfs"] if storage is not None else None
     data: dict[str, Any] = {"wal_mode": config.wal_mode,
             "pageserver": {**ps.to_json(), "timelines": timelines},
             "safekeepers": safekeepers, "endpoints": endpoints, "proxy": proxy,
-            "console": console_proc}
+            "console": console_proc, "object_storage": storage}
     if as_json:
         output.print_json(data)
         return
@@ -271,13 +293,18 @@ def status(ctx: click.Context, as_json: bool) -> None:
                    proxy["state"], None, None],
                   ["console", console_proc["pid"], console_proc["url"], console_proc["state"],
                    None, None],
+                  *([["SeaweedFS", seaweed["pid"], f"s3 {seaweed['address']}",
+                      seaweed["state"], None, None]] if seaweed is not None else []),
                   *[[f"endpoint {e['name']}", e["pid"], e["address"], e["state"],
                      e["current_lsn"], e["connections"]] for e in endpoints]])
+    output.info(f"object storage: {storage['url']}" if storage is not None
+                else "object storage: none")
     if config.wal_mode is WalMode.PAGESERVER:
         output.info("safekeepers: none (development mode: the pageserver receives the WAL, "
                     "D7)")
     for name, proc in [("pageserver", data["pageserver"]), ("proxy", proxy),
                        ("console", console_proc),
+                       *([("SeaweedFS", seaweed)] if seaweed is not None else []),
                        *[(f"safekeeper {sk['id']}", sk) for sk in safekeepers],
                        *[(f"endpoint {e['name']}", e) for e in endpoints],
                        *[(f"walproposer of endpoint {e['name']}", e["walproposer"])
@@ -389,6 +416,51 @@ def tenant_config(ctx: click.Context, name: str | None, changes: tuple[str, ...]
         return
     output.table(f"tenant {state.tenants[tid].name} ({tid})", ["key", "value"],
                  [[k, v] for k, v in conf.items()])
+
+
+@tenant.command("size")
+@click.argument("name", required=False, metavar="[TENANT]")
+@json_option
+@click.pass_context
+def tenant_size(ctx: click.Context, name: str | None, as_json: bool) -> None:
+    """Bytes of TENANT's layer files on the pageserver's disk (local) and in the last
+    uploaded indexes in object storage (remote), per branch and in all."""
+    env = _env(ctx)
+    config = env.config()
+    state = env.read_state()
+    tid = state.tenant_id(name)
+    tenant = state.tenants[tid]
+    check_attached(state, tid)
+    sizes = require_pageserver(env, config).tenant_size(tenant_id_of(tid))
+    names = {tl: branch for branch, tl in tenant.branches.items()}
+    rows = [{"branch": names.get(t["timeline_id"]), **t} for t in sizes["timelines"]]
+    if as_json:
+        output.print_json({"tenant_id": tid, "name": tenant.name,
+                           "local_bytes": sizes["local_bytes"],
+                           "remote_bytes": sizes["remote_bytes"], "timelines": rows})
+        return
+    output.table(f"tenant {tenant.name} ({tid})", ["branch", "timeline", "local", "remote"],
+                 [*[[r["branch"], r["timeline_id"], r["local_bytes"], r["remote_bytes"]]
+                    for r in rows],
+                  ["(all)", None, sizes["local_bytes"], sizes["remote_bytes"]]])
+
+
+MULTI_PAGESERVER = (
+    "not supported yet: an environment runs one pageserver (several pageservers and "
+    "relocation between them are not built; docs/remote-storage.md). To move a tenant's "
+    "data off this pageserver use `strata tenant detach`; `strata tenant attach` brings it "
+    "back")
+
+
+@tenant.command("relocate")
+@click.argument("name", metavar="TENANT")
+@click.option("--to", "target", required=True, metavar="PAGESERVER",
+              help="The pageserver to move the tenant to.")
+@click.pass_context
+def tenant_relocate(ctx: click.Context, name: str, target: str) -> None:
+    """Not supported yet (an environment runs one pageserver): move TENANT to another
+    pageserver."""
+    raise UserError(MULTI_PAGESERVER)
 
 
 @tenant.command("detach")
@@ -649,6 +721,13 @@ def pageserver_start(ctx: click.Context) -> None:
     lost) is attached from object storage with a new generation."""
     pid = _start_pageserver(_env(ctx))
     output.result(f"pageserver running (pid {pid})")
+
+
+@pageserver.command("add")
+@click.pass_context
+def pageserver_add(ctx: click.Context) -> None:
+    """Not supported yet (an environment runs one pageserver): add a second pageserver."""
+    raise UserError(MULTI_PAGESERVER)
 
 
 @pageserver.command("stop")

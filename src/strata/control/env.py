@@ -243,6 +243,21 @@ class ConsoleSettings:
         return cls(host, _check_port("[console] port", data.get("port", 0)))
 
 
+def _seaweed_ports(value: object) -> dict[str, int] | None:
+    """[seaweedfs] ports = {"s3.port" = N, ...}: every port SeaweedFS listens on."""
+    if value is None:
+        return None
+    data = _table("[seaweedfs]", value)
+    _check_keys("[seaweedfs]", data, {"ports"})
+    ports = _table("[seaweedfs] ports", data.get("ports", {}))
+    if "s3.port" not in ports:
+        raise UserError('config [seaweedfs] ports must name "s3.port" (and the other ports '
+                        "SeaweedFS listens on); `strata init --object-storage seaweedfs` "
+                        "writes them")
+    return {name: _check_port(f"[seaweedfs] ports.{name}", port)
+            for name, port in ports.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class EnvConfig:
     """config.toml, validated. Ports 0 are allocated (and written back) by `strata init`."""
@@ -258,6 +273,9 @@ class EnvConfig:
     auth: bool = False
     """The services require JWTs (strata.common.auth); `strata init` turns it on and makes
     the key pair (`--no-auth`: off). An environment without the key is off."""
+    seaweedfs: Mapping[str, int] | None = None
+    """The ports of the environment's own SeaweedFS S3 server (`strata init
+    --object-storage seaweedfs`; strata.control.object_storage), or None."""
 
     def __post_init__(self) -> None:
         assert isinstance(self.wal_mode, WalMode), self.wal_mode
@@ -278,7 +296,7 @@ class EnvConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> EnvConfig:
         _check_keys("(top level)", data, {"wal_mode", "pageserver", "safekeepers",
                                           "tenant_defaults", "endpoint_defaults",
-                                          "console", "proxy", "auth"})
+                                          "console", "proxy", "auth", "seaweedfs"})
         auth = data.get("auth", False)
         if not isinstance(auth, bool):
             raise UserError(f"config auth must be true or false, got {auth!r}")
@@ -300,7 +318,7 @@ class EnvConfig:
                 _table("[endpoint_defaults]", data.get("endpoint_defaults", {}))),
             console=ConsoleSettings.from_dict(_table("[console]", data.get("console", {}))),
             proxy=ProxySettings.from_dict(_table("[proxy]", data.get("proxy", {}))),
-            auth=auth)
+            auth=auth, seaweedfs=_seaweed_ports(data.get("seaweedfs")))
 
     @classmethod
     def load(cls, path: Path) -> EnvConfig:
@@ -328,6 +346,7 @@ class EnvConfig:
                                   "settings": dict(self.endpoint_defaults.settings)},
             "console": asdict(self.console),
             "proxy": asdict(self.proxy),
+            **({"seaweedfs": {"ports": dict(self.seaweedfs)}} if self.seaweedfs else {}),
         }
 
     def with_ports_allocated(self) -> EnvConfig:
@@ -355,7 +374,8 @@ class EnvConfig:
 
     def ports(self) -> set[int]:
         """Every port of the storage services, the console and the proxy."""
-        out = {self.pageserver.pg_port, self.pageserver.http_port, self.proxy.port}
+        out = {self.pageserver.pg_port, self.pageserver.http_port, self.proxy.port,
+               *(self.seaweedfs or {}).values()}
         for sk in self.safekeepers:
             out |= {sk.pg_port, sk.http_port}
         return out | {self.console.port}
@@ -380,6 +400,7 @@ CONFIG_HEADER = """\
 # [proxy]: the one PostgreSQL port of every endpoint (TLS; endpoint E is E.<domain>).
 # auth = true: the pageserver and safekeepers require JWTs signed by auth_private_key.pem
 # (docs/auth.md); `strata auth token` prints one.
+# [seaweedfs]: the ports of the environment's own S3 server (init --object-storage seaweedfs).
 """
 
 

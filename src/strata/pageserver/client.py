@@ -244,6 +244,12 @@ class PageserverClient:
         out = self.request("POST", f"/v1/tenant/{tenant_id}/attach", body)
         return [TimelineInfo.from_json(t) for t in out["timelines"]]
 
+    def tenant_size(self, tenant_id: TenantId) -> dict[str, Any]:
+        """{tenant_id, local_bytes, remote_bytes (None without remote storage), timelines:
+        [{timeline_id, local_bytes, remote_bytes}]}."""
+        out: dict[str, Any] = self.request("GET", f"/v1/tenant/{tenant_id}/size")
+        return out
+
     def detach_tenant(self, tenant_id: TenantId) -> None:
         """Upload what is not remote yet, then drop the tenant's local files."""
         self.request("POST", f"/v1/tenant/{tenant_id}/detach", {})

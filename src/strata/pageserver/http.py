@@ -8,6 +8,7 @@ document `openapi.json` next to this module, served at `GET /v1/openapi.json`
     POST   /v1/tenant                          create (initdb + import as `main`)
     GET    /v1/tenant                          list
     GET    /v1/tenant/{t}                      detail;  DELETE: delete
+    GET    /v1/tenant/{t}/size                 layer bytes: local and remote
     GET    /v1/tenant/{t}/config               PUT: set (partial, merged; validated)
     POST   /v1/tenant/{t}/gc                   GC now
     GET    /v1/tenant/{t}/timeline             list;  POST: branch at an LSN or timestamp
@@ -30,6 +31,7 @@ traceback and answered 500 with only its type and message.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -227,6 +229,12 @@ async def detach_tenant(request: web.Request) -> web.Response:
     tenant_id = _tenant_id(request.match_info["tenant_id"])
     await ps.detach_tenant(tenant_id)
     return web.json_response({"detached": str(tenant_id)})
+
+
+async def tenant_size(request: web.Request) -> web.Response:
+    ps = request.app[_KEY]
+    tenant_id = _tenant_id(request.match_info["tenant_id"])
+    return web.json_response(await asyncio.to_thread(ps.tenant_size, tenant_id))
 
 
 async def get_tenant_config(request: web.Request) -> web.Response:
@@ -478,6 +486,7 @@ def make_app(pageserver: Pageserver, verifier: TokenVerifier | None = None) -> w
         web.delete(tn, delete_tenant),
         web.post(tn + "/attach", attach_tenant),
         web.post(tn + "/detach", detach_tenant),
+        web.get(tn + "/size", tenant_size, allow_head=False),
         web.get(tn + "/config", get_tenant_config, allow_head=False),
         web.put(tn + "/config", set_tenant_config),
         web.post(tn + "/gc", tenant_gc),

@@ -191,6 +191,25 @@ class Pageserver:
                      "%d", evicted, freed, total - freed, limit)
         return freed
 
+    def tenant_size(self, tenant_id: TenantId) -> dict[str, Any]:
+        """Bytes of the tenant's layer files on local disk and uploaded to remote storage
+        (None without remote storage), in all and per timeline. Stats files: a thread."""
+        tenant = self.tenant(tenant_id)
+        timelines = []
+        for timeline_id in tenant.list_timelines():
+            local = sum(size for _, size, _ in
+                        tenant.get_timeline(timeline_id).local_layer_files())
+            client = self.uploads.get((tenant_id, timeline_id))
+            remote = client.remote_size_bytes() if client is not None else None
+            timelines.append({"timeline_id": str(timeline_id), "local_bytes": local,
+                              "remote_bytes": remote})
+        has_remote = self.remote_storage is not None
+        return {"tenant_id": str(tenant_id),
+                "local_bytes": sum(t["local_bytes"] for t in timelines),
+                "remote_bytes": sum(t["remote_bytes"] or 0 for t in timelines)
+                if has_remote else None,
+                "timelines": timelines}
+
     async def _stop_remote(self, tenant_id: TenantId, timeline_id: TimelineId, *,
                            delete: bool) -> None:
         client = self.uploads.pop((tenant_id, timeline_id), None)

@@ -22,7 +22,7 @@ from pathlib import Path
 from strata.common.errors import Unavailable, UserError
 from strata.common.proc import free_port
 
-_PORT_NAMES = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+PORT_NAMES = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")
 
 
@@ -40,11 +40,12 @@ def weed_binary() -> str:
 class SeaweedServer:
     """One `weed server` with S3 on loopback, its data under `directory`."""
 
-    def __init__(self, directory: Path, log_path: Path) -> None:
+    def __init__(self, directory: Path, log_path: Path,
+                 ports: dict[str, int] | None = None) -> None:
         self.directory = directory
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
-        self.ports: dict[str, int] = {}
+        self.ports: dict[str, int] = dict(ports or {})
 
     @property
     def endpoint(self) -> str:
@@ -55,19 +56,31 @@ class SeaweedServer:
         path = f"/{prefix.strip('/')}" if prefix.strip("/") else ""
         return f"s3://{bucket}{path}?endpoint={self.endpoint}"
 
-    def start(self, timeout_s: float = 120.0) -> None:
-        assert self.proc is None, "already running"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if not self.ports:
-            self.ports = {name: free_port() for name in _PORT_NAMES}
+    @property
+    def marker(self) -> str:
+        """A string of its command line that names this server (its data directory)."""
+        return f"-dir={self.directory} "
+
+    def argv(self) -> list[str]:
         argv = [weed_binary(), "server", f"-dir={self.directory}", "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1", "-filer", "-s3", "-iam=false", "-s3.port.iceberg=0",
                 "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=0",
                 "-metricsPort=0"]
-        argv += [f"-{name}={port}" for name, port in self.ports.items()]
+        return argv + [f"-{name}={port}" for name, port in self.ports.items()]
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start the process (in a session of its own) without waiting for it."""
+        assert self.proc is None, "already running"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.ports:
+            self.ports = {name: free_port() for name in PORT_NAMES}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
+        return self.proc
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        self.spawn()
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
