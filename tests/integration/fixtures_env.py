@@ -24,6 +24,7 @@ The fixtures that use these are in conftest.py (`pageserver`, `env`) and in the 
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import io
@@ -87,7 +88,7 @@ def unexpected_lines(path: Path, allowed: list[str]) -> list[str]:
     return found
 
 
-class ServiceProcess:
+class ServiceProcess(abc.ABC):
     """A Strata service (`python -m strata.NAME`) as a child process; its output is
     appended to `log_path`. A subclass gives its command line and its readiness check."""
 
@@ -98,12 +99,13 @@ class ServiceProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @abc.abstractmethod
     def argv(self) -> list[str]:
-        raise NotImplementedError
+        """The service's command line."""
 
+    @abc.abstractmethod
     def ready(self) -> bool:
         """True once the started process serves (called until it is, while it runs)."""
-        raise NotImplementedError
 
     def start(self, timeout_s: float = 60) -> None:
         assert self.proc is None, "already running"
@@ -122,7 +124,7 @@ class ServiceProcess:
 
         wait_until(ready, timeout_s, f"{self.what} to listen")
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - a hook: most services need nothing
         """Runs before each start."""
 
     def stop(self, timeout_s: float = 60) -> int:
