@@ -28,6 +28,7 @@ from strata.common.errors import StrataError, Unavailable, UserError
 from strata.control.endpoints import endpoint_paths, running_pid, start_endpoint, stop_endpoint
 from strata.control.env import Environment
 from strata.control.services import pageserver_client, pageserver_responds
+from strata.proxy.state_cache import StateCache
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Computes:
 
     def __init__(self, env: Environment) -> None:
         self.env = env
+        self.state = StateCache(env)
         self._endpoints: dict[str, _Endpoint] = {}
         self._status_path = env.run_dir / STATUS_FILE
 
@@ -112,8 +114,7 @@ class Computes:
     def _address_if_running(self, name: str) -> ComputeAddress | None:
         if running_pid(self.env, name) is None:
             return None
-        state = self.env.read_state()
-        ep = state.endpoint(name)
+        ep = self.state.get().endpoint(name)
         socket_dir = endpoint_paths(self.env, name).socket_dir
         return ComputeAddress(str(socket_dir / f".s.PGSQL.{ep.port}"))
 
@@ -160,7 +161,7 @@ class Computes:
             await asyncio.sleep(SUSPEND_CHECK_INTERVAL_S)
             try:
                 timeouts = {name: ep.suspend_timeout_s
-                            for name, ep in self.env.read_state().endpoints.items()}
+                            for name, ep in self.state.get().endpoints.items()}
             except (StrataError, OSError, ValueError) as err:
                 log.warning("cannot read the environment's state: %s", err)
                 continue

@@ -152,7 +152,7 @@ class ProxyServer:
         await self._connect(reader, writer, name, packet)
 
     def _secret(self, endpoint: str, user: str) -> ScramSecret:
-        state = self.env.read_state()
+        state = self.computes.state.get()
         try:
             ep = state.endpoint(endpoint)
         except NotFound:
