@@ -10,16 +10,16 @@ ancestor timeline at the branch LSN, until an image is reached.
 Relation semantics (sizes, cuts, zero pages) follow `rel.py`: a block read ignores
 versions older than the block's cut. Reads below the GC cutoff raise UserError; a
 broken timeline refuses reads with its reason.
+
+Requests waiting for WAL up to an LSN wait in `lsn_waiters.LsnWaiters`; commit times
+for point-in-time reads are in `lsn_time.LsnTimeIndex` (the timeline walks ancestors).
 """
 
 from __future__ import annotations
 
-import asyncio
-import bisect
 import itertools
 import logging
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +50,8 @@ from strata.storage.layer_file import open_layer
 from strata.storage.layer_map import LayerMap
 from strata.storage.layer_name import LayerDesc, is_layer_file_name, is_temp_file_name
 from strata.storage.leases import LeaseTable
+from strata.storage.lsn_time import LsnTimeIndex
+from strata.storage.lsn_waiters import LsnWaiters
 from strata.storage.metadata import TimelineMetadata, save_metadata
 from strata.storage.rel import SizeRecord
 from strata.storage.value import (
@@ -67,9 +69,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LSN_TIME_FILE = "lsn_time"
 EPHEMERAL_PREFIX = "ephemeral-"
-_LSN_TIME = struct.Struct("<QQ")
 _MAX_FROZEN = 2  # frozen layers waiting for flush before finish_record flushes inline
 _INF = (1 << 64) - 1
 _ACCESS_TICKS = itertools.count(1)  # orders layer reads for eviction (coldest first)
@@ -144,11 +144,8 @@ class Timeline:
         self._rel_cache: dict[RelTag, tuple[int, SizeRecord | None]] = {}
         self._size_lock = threading.Lock()
         self._size_gen = 0  # bumped by every size write (see _size_record)
-        self._lsn_times: list[tuple[int, int]] = []  # (lsn, ts_us), lsn increasing
-        self._ts_prefix_max: list[int] = []
-        self._persisted_times = 0
-        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._waiters_lock = threading.Lock()
+        self._lsn_times = LsnTimeIndex(directory)
+        self._lsn_waiters = LsnWaiters(self._last_record)
         self.broken_reason: str | None = None
         self.remote: RemoteSink | None = None  # set by the pageserver with remote storage
 
@@ -182,27 +179,7 @@ class Timeline:
                 continue
             self._layer_map.insert(desc)
         fsync_dir(self.dir)
-        self._load_lsn_times()
-
-    def _load_lsn_times(self) -> None:
-        path = self.dir / LSN_TIME_FILE
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return
-        keep = 0
-        for off in range(0, len(data) - len(data) % _LSN_TIME.size, _LSN_TIME.size):
-            lsn, ts = _LSN_TIME.unpack_from(data, off)
-            if lsn > self._disk_consistent:
-                break
-            self._append_time(lsn, ts)
-            keep = off + _LSN_TIME.size
-        if keep != len(data):
-            # A torn append, or entries above disk_consistent_lsn (re-fed by ingest).
-            with open(path, "r+b") as f:
-                f.truncate(keep)
-                os.fsync(f.fileno())
-        self._persisted_times = len(self._lsn_times)
+        self._lsn_times.load(self._disk_consistent)
 
     # --- LSNs --------------------------------------------------------------
     @property
@@ -282,7 +259,7 @@ class Timeline:
         assert layer is None or layer.max_lsn <= end_lsn.value, (layer.max_lsn, end_lsn)
         self._last_record = end_lsn.value
         self._prev_record = prev_lsn.value
-        self._wake_waiters()
+        self._lsn_waiters.advance(end_lsn.value)
         if layer is not None and (
                 end_lsn.value - layer.start_lsn >= self.conf.checkpoint_distance
                 or self.clock() - layer.created_at >= self.conf.checkpoint_timeout_s):
@@ -375,14 +352,7 @@ class Timeline:
     # --- LSN <-> time ----------------------------------------------------------
     def put_lsn_time(self, lsn: Lsn, ts_us: int) -> None:
         """Record that the commit ending at `lsn` has timestamp `ts_us` (for PITR)."""
-        if self._lsn_times and lsn.value <= self._lsn_times[-1][0]:
-            return  # re-fed WAL after a restart, or a duplicate
-        self._append_time(lsn.value, ts_us)
-
-    def _append_time(self, lsn: int, ts_us: int) -> None:
-        prev_max = self._ts_prefix_max[-1] if self._ts_prefix_max else 0
-        self._lsn_times.append((lsn, ts_us))
-        self._ts_prefix_max.append(max(prev_max, ts_us))
+        self._lsn_times.put(lsn.value, ts_us)
 
     def find_lsn_for_timestamp(self, ts_us: int) -> Lsn:
         """End LSN of the last commit at or before `ts_us` (commit times taken as ordered)."""
@@ -393,13 +363,10 @@ class Timeline:
         return Lsn(found)
 
     def _find_lsn_for_timestamp(self, ts_us: int, max_lsn: int) -> int | None:
-        limit = bisect.bisect_right(self._lsn_times, (max_lsn, _INF))
-        i = bisect.bisect_right(self._ts_prefix_max, ts_us, 0, limit) - 1
-        if i >= 0:
-            return self._lsn_times[i][0]
-        if self.ancestor is not None:
+        found = self._lsn_times.find(ts_us, max_lsn)
+        if found is None and self.ancestor is not None:
             return self.ancestor._find_lsn_for_timestamp(ts_us, self._ancestor_lsn)
-        return None
+        return found
 
     # --- reads ---------------------------------------------------------------
     def check_not_broken(self, pending: str | None = None) -> None:
@@ -661,40 +628,12 @@ class Timeline:
 
     async def wait_for_lsn(self, lsn: Lsn, timeout_s: float) -> None:
         """Return once last_record_lsn >= lsn; Unavailable after `timeout_s`."""
-        if self._last_record >= lsn.value:
-            return
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        entry = (lsn.value, loop, fut)
-        with self._waiters_lock:
-            self._waiters.append(entry)
-        if self._last_record >= lsn.value:  # raced with finish_record
-            self._remove_waiter(entry)
-            return
         try:
-            async with asyncio.timeout(timeout_s):
-                await fut
+            await self._lsn_waiters.wait(lsn.value, timeout_s)
         except TimeoutError as err:
             raise Unavailable(f"timed out after {timeout_s}s waiting for WAL up to {lsn} on "
                               f"timeline {self.timeline_id}; last_record_lsn is "
                               f"{self.last_record_lsn}") from err
-        finally:
-            self._remove_waiter(entry)
-
-    def _remove_waiter(self, entry: tuple[int, asyncio.AbstractEventLoop,
-                                          asyncio.Future[None]]) -> None:
-        with self._waiters_lock:
-            if entry in self._waiters:
-                self._waiters.remove(entry)
-
-    def _wake_waiters(self) -> None:
-        if not self._waiters:
-            return
-        with self._waiters_lock:
-            ready = [w for w in self._waiters if w[0] <= self._last_record]
-            self._waiters = [w for w in self._waiters if w[0] > self._last_record]
-        for _, loop, fut in ready:
-            loop.call_soon_threadsafe(_resolve, fut)
 
     # --- freeze and flush --------------------------------------------------------
     def freeze(self) -> None:
@@ -749,7 +688,7 @@ class Timeline:
         if idle and last > self._disk_consistent:
             # WAL with no puts since the last layer: nothing to write but the LSN.
             with self._flush_lock:
-                self._persist_times(last)
+                self._lsn_times.persist(last)
                 self._save_meta(disk_consistent_lsn=Lsn(last), prev_record_lsn=Lsn(prev))
                 self._disk_consistent = last
 
@@ -797,7 +736,7 @@ class Timeline:
                     with self._lock:
                         self._frozen.pop(0)
                 dcl = layer.end_lsn - 1
-                self._persist_times(dcl)
+                self._lsn_times.persist(dcl)
                 failpoint("flush-before-metadata")
                 self._save_meta(disk_consistent_lsn=Lsn(dcl),
                                 prev_record_lsn=Lsn(layer.prev_record_lsn_at_end))
@@ -805,19 +744,6 @@ class Timeline:
                 failpoint("flush-after-metadata")
                 layer.close(delete=True)
                 log.info("flushed layer %s; disk_consistent_lsn %s", desc, Lsn(dcl))
-
-    def _persist_times(self, upto: int) -> None:
-        """Append the LSN-time entries at or below `upto` to the lsn_time file."""
-        start = self._persisted_times
-        end = bisect.bisect_right(self._lsn_times, (upto, _INF), lo=start)
-        if end == start:
-            return
-        data = b"".join(_LSN_TIME.pack(lsn, ts) for lsn, ts in self._lsn_times[start:end])
-        with open(self.dir / LSN_TIME_FILE, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        self._persisted_times = end
 
     def _save_meta(self, **changes: Any) -> None:
         meta = self._meta.with_updates(**changes)
@@ -884,7 +810,3 @@ class Timeline:
                 reader.close()
             self._readers.clear()
 
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
