@@ -293,6 +293,26 @@ def test_cli_environment_with_auth(test_dir: Path) -> None:
         assert claims["scope"] == f"tenant:{tenant}", claims
         with psycopg.connect(ep["local_connstr"], autocommit=True) as conn:  # pages read
             assert conn.execute("select count(*) > 0 from pg_class").fetchone() == (True,)
+        # Key rotation: the running pageserver takes the new key set without a restart.
+        # The services hold tokens of the first key, so that one stays; the second goes.
+        first_kid = json.loads(strata("auth", "keys", "--json").stdout)[0]["key_id"]
+        second_kid = strata("auth", "rotate").stdout.strip()
+        second = strata("auth", "token", "--admin").stdout.strip()
+        assert call(http_port, "get", "/v1/tenant", second)[0] == 200
+        assert call(http_port, "get", f"/v1/tenant/{tenant}/timeline", token)[0] == 200
+        third_kid = strata("auth", "rotate").stdout.strip()
+        third = strata("auth", "token", "--admin").stdout.strip()
+        assert "signs the environment's tokens" in strata("auth", "retire", third_kid,
+                                                          ok=False).stderr
+        strata("auth", "retire", second_kid)
+        status, body, _ = call(http_port, "get", "/v1/tenant", second)
+        assert status == 401 and "retired" in str(body), body
+        assert call(http_port, "get", "/v1/tenant", third)[0] == 200
+        assert call(http_port, "get", f"/v1/tenant/{tenant}/timeline", token)[0] == 200
+        keys = json.loads(strata("auth", "keys", "--json").stdout)
+        assert keys == [{"key_id": first_kid, "signing": False},
+                        {"key_id": third_kid, "signing": True}], keys
+        strata("status")
     finally:
         if (repo / "state.json").exists():
             subprocess.run([STRATA, "--repo-dir", str(repo), "stop", "--immediate"],

@@ -93,3 +93,40 @@ def test_key_files_missing_or_bad_say_what_to_do(tmp_path: Path) -> None:
     generate_keypair(tmp_path)
     with pytest.raises(FileExistsError):
         generate_keypair(tmp_path)  # never overwrites a key pair
+
+
+def test_rotation_and_retirement_without_restarting_the_verifier(tmp_path: Path) -> None:
+    """A verifier made from the key set file (as a service holds it) follows `rotate` and
+    `retire`: old tokens work until their key is retired, new ones from the rotation on."""
+    from strata.common.auth import PUBLIC_KEY_FILE, retire_key, rotate_keys, signing_key_id
+    from strata.common.errors import UserError
+
+    private_path, _ = generate_keypair(tmp_path)
+    verifier = TokenVerifier.from_file(tmp_path / PUBLIC_KEY_FILE)
+    old_kid = signing_key_id(private_path.read_bytes())
+    old = token_from_key_file(private_path, Scope(TENANT_A))
+    assert jwt.get_unverified_header(old)["kid"] == old_kid
+    legacy = jwt.encode({"scope": "admin"}, private_path.read_bytes(), algorithm="EdDSA")
+
+    new_kid = rotate_keys(tmp_path)
+    assert new_kid != old_kid and verifier.key_ids == [old_kid, new_kid]
+    assert private_path.stat().st_mode & 0o777 == 0o600
+    new = token_from_key_file(private_path)
+    assert jwt.get_unverified_header(new)["kid"] == new_kid
+    assert verifier.verify(old) == Scope(TENANT_A)
+    assert verifier.verify(legacy).is_admin  # no kid: tried against every key
+    assert verifier.verify(new).is_admin
+
+    with pytest.raises(UserError, match="signs the environment's tokens"):
+        retire_key(tmp_path, new_kid)
+    with pytest.raises(UserError, match="no key 0123"):
+        retire_key(tmp_path, "0123456789abcdef")
+    retire_key(tmp_path, old_kid)
+    assert verifier.key_ids == [new_kid]
+    with pytest.raises(AuthError, match=f"signed with key {old_kid}, which is unknown or retired"):
+        verifier.verify(old)
+    with pytest.raises(AuthError, match="invalid token"):
+        verifier.verify(legacy)
+    assert verifier.verify(new).is_admin
+    # A restarted service reads the same set.
+    assert TokenVerifier.from_file(tmp_path / PUBLIC_KEY_FILE).verify(new).is_admin

@@ -15,11 +15,14 @@ their token as an argument or from `$STRATA_AUTH_TOKEN` (`default_token()`).
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from strata.common.durable import write_atomic
 from strata.common.errors import StrataError, UserError
 from strata.common.ids import TenantId
 
@@ -32,6 +35,8 @@ TOKEN_ENV = "STRATA_AUTH_TOKEN"
 ALGORITHM = "EdDSA"
 ADMIN = "admin"
 TENANT_PREFIX = "tenant:"
+
+log = logging.getLogger(__name__)
 
 
 class AuthError(StrataError):
@@ -80,9 +85,17 @@ class Scope:
 ADMIN_SCOPE = Scope()
 
 
-def generate_keypair(directory: Path) -> tuple[Path, Path]:
-    """Write a new Ed25519 key pair into `directory` (private key mode 0600);
-    returns (private_path, public_path)."""
+def key_id(public_key: Any) -> str:
+    """A public key's id, the `kid` of the tokens it verifies: the first 16 hex digits of
+    the SHA-256 of its raw 32 bytes."""
+    from cryptography.hazmat.primitives import serialization
+
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _new_key() -> tuple[bytes, bytes]:
+    """A new Ed25519 key: (private PEM, public PEM)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -92,6 +105,13 @@ def generate_keypair(directory: Path) -> tuple[Path, Path]:
                                     serialization.NoEncryption())
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private_pem, public_pem
+
+
+def generate_keypair(directory: Path) -> tuple[Path, Path]:
+    """Write a new Ed25519 key pair into `directory` (private key mode 0600); the public
+    key file is a key set of one. Returns (private_path, public_path)."""
+    private_pem, public_pem = _new_key()
     private_path = directory / PRIVATE_KEY_FILE
     public_path = directory / PUBLIC_KEY_FILE
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -99,6 +119,64 @@ def generate_keypair(directory: Path) -> tuple[Path, Path]:
         f.write(private_pem)
     public_path.write_bytes(public_pem)
     return private_path, public_path
+
+
+def _pem_blocks(text: bytes) -> list[bytes]:
+    marker = b"-----BEGIN "
+    return [marker + part.strip() + b"\n" for part in text.split(marker)[1:]]
+
+
+def load_key_set(public_keys_pem: bytes) -> dict[str, Any]:
+    """The public keys of a key set file (PEM blocks, one per key) by key id."""
+    from cryptography.hazmat.primitives import serialization
+
+    keys: dict[str, Any] = {}
+    for block in _pem_blocks(public_keys_pem):
+        try:
+            key = serialization.load_pem_public_key(block)
+        except ValueError as err:
+            raise UserError(f"the auth public key is not a PEM public key: {err}") from err
+        keys[key_id(key)] = key
+    if not keys:
+        raise UserError("the auth public key is not a PEM public key: the file holds no "
+                        "PEM block")
+    return keys
+
+
+def signing_key_id(private_key_pem: bytes) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(private_key_pem, password=None)
+    return key_id(key.public_key())
+
+
+def rotate_keys(directory: Path) -> str:
+    """Make a new signing key: its public key joins the key set first (services accept
+    it before any token carries it), then it replaces the private key. Tokens of the old
+    keys stay valid until `retire_key`. Returns the new key id."""
+    private_path = directory / PRIVATE_KEY_FILE
+    public_path = directory / PUBLIC_KEY_FILE
+    current = _read_key(public_path, "public")
+    private_pem, public_pem = _new_key()
+    write_atomic(public_path, current.rstrip(b"\n") + b"\n" + public_pem)
+    write_atomic(private_path, private_pem, mode=0o600)
+    return signing_key_id(private_pem)
+
+
+def retire_key(directory: Path, kid: str) -> None:
+    """Remove key `kid` from the key set: tokens it signed are refused from then on. The
+    key that signs new tokens cannot be retired (rotate first)."""
+    from cryptography.hazmat.primitives import serialization
+
+    public_path = directory / PUBLIC_KEY_FILE
+    if kid == signing_key_id(_read_key(directory / PRIVATE_KEY_FILE, "private")):
+        raise UserError(f"key {kid} signs the environment's tokens; `strata auth rotate` "
+                        "first, then retire it")
+    blocks = _pem_blocks(_read_key(public_path, "public"))
+    kept = [b for b in blocks if key_id(serialization.load_pem_public_key(b)) != kid]
+    if len(kept) == len(blocks):
+        raise UserError(f"no key {kid} in {public_path}; `strata auth keys` lists them")
+    write_atomic(public_path, b"".join(kept))
 
 
 def _read_key(path: Path, what: str) -> bytes:
@@ -110,49 +188,98 @@ def _read_key(path: Path, what: str) -> bytes:
 
 
 def encode_token(private_key_pem: bytes, scope: Scope, *, expires_at: int | None = None) -> str:
-    """A signed token for `scope` (no expiry unless `expires_at`, Unix seconds)."""
+    """A signed token for `scope` (no expiry unless `expires_at`, Unix seconds); its
+    header names the signing key (`kid`)."""
     import jwt
 
     claims: dict[str, Any] = {"scope": str(scope)}
     if expires_at is not None:
         claims["exp"] = expires_at
-    return jwt.encode(claims, private_key_pem, algorithm=ALGORITHM)
+    return jwt.encode(claims, private_key_pem, algorithm=ALGORITHM,
+                      headers={"kid": signing_key_id(private_key_pem)})
 
 
 def token_from_key_file(private_key_path: Path, scope: Scope = ADMIN_SCOPE) -> str:
     return encode_token(_read_key(private_key_path, "private"), scope)
 
 
+def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
 class TokenVerifier:
-    """Checks tokens against one public key (what a service holds)."""
+    """Checks tokens against a key set (what a service holds). Made `from_file`, it reads
+    the file again when it changed (`strata auth rotate` / `retire`): no restart needed.
+    A file that became unreadable or invalid keeps the last good set (logged once)."""
 
-    def __init__(self, public_key_pem: bytes) -> None:
-        from cryptography.hazmat.primitives import serialization
-
-        try:
-            self._key = serialization.load_pem_public_key(public_key_pem)
-        except ValueError as err:
-            raise UserError(f"the auth public key is not a PEM public key: {err}") from err
+    def __init__(self, public_keys_pem: bytes, path: Path | None = None) -> None:
+        self._keys = load_key_set(public_keys_pem)
+        self._path = path
+        self._identity = _file_identity(path) if path is not None else None
 
     @classmethod
     def from_file(cls, path: Path) -> TokenVerifier:
-        return cls(_read_key(path, "public"))
+        identity = _file_identity(path)
+        verifier = cls(_read_key(path, "public"), path)
+        verifier._identity = identity  # the stat before the read: a change in between is read again
+        return verifier
+
+    @property
+    def key_ids(self) -> list[str]:
+        self._reload_if_changed()
+        return list(self._keys)
+
+    def _reload_if_changed(self) -> None:
+        if self._path is None:
+            return
+        identity = _file_identity(self._path)
+        if identity == self._identity:
+            return
+        self._identity = identity
+        try:
+            self._keys = load_key_set(_read_key(self._path, "public"))
+        except UserError as err:
+            log.warning("keeping the previous auth keys: %s", err)
 
     def verify(self, token: str | None) -> Scope:
-        """The token's scope; AuthError if it is missing, malformed, forged or expired."""
+        """The token's scope; AuthError if it is missing, malformed, forged, expired or
+        signed with a key not in the set."""
         import jwt
 
         if not token:
             raise AuthError("authentication required: send a token (Authorization: Bearer "
                             f"<token> on HTTP, the password on pg ports; ${TOKEN_ENV})")
+        self._reload_if_changed()
         try:
-            claims = jwt.decode(token, self._key, algorithms=[ALGORITHM],  # type: ignore[arg-type]
-                                options={"require": ["scope"]})
-        except jwt.ExpiredSignatureError as err:
-            raise AuthError("the token has expired; make a new one with `strata auth "
-                            "token`") from err
+            kid = jwt.get_unverified_header(token).get("kid")
         except jwt.InvalidTokenError as err:
             raise AuthError(f"invalid token: {err}") from err
+        if kid is None:
+            candidates = list(self._keys.values())  # a token made before key ids
+        elif kid in self._keys:
+            candidates = [self._keys[kid]]
+        else:
+            raise AuthError(f"invalid token: signed with key {kid!s:.16}, which is unknown or "
+                            "retired here; make a new one with `strata auth token`")
+        claims: dict[str, Any] | None = None
+        for key in candidates:
+            try:
+                claims = jwt.decode(token, key, algorithms=[ALGORITHM],
+                                    options={"require": ["scope"]})
+                break
+            except jwt.InvalidSignatureError as err:
+                if key is candidates[-1]:
+                    raise AuthError(f"invalid token: {err}") from err
+            except jwt.ExpiredSignatureError as err:
+                raise AuthError("the token has expired; make a new one with `strata auth "
+                                "token`") from err
+            except jwt.InvalidTokenError as err:
+                raise AuthError(f"invalid token: {err}") from err
+        assert claims is not None
         scope = claims.get("scope")
         if not isinstance(scope, str):
             raise AuthError("invalid token: its 'scope' claim is not a string")

@@ -849,6 +849,61 @@ def auth_token(ctx: click.Context, tenant: str | None, admin: bool) -> None:
     output.result(token)
 
 
+
+def _auth_env(ctx: click.Context) -> Environment:
+    env = _env(ctx)
+    if not env.config().auth:
+        raise UserError(f"{env.root} runs without auth (config auth = false); it has no keys")
+    return env
+
+
+@auth.command("keys")
+@json_option
+@click.pass_context
+def auth_keys(ctx: click.Context, as_json: bool) -> None:
+    """List the key ids the services accept; `signing` marks the one new tokens carry."""
+    from strata.common.auth import load_key_set, signing_key_id
+
+    env = _auth_env(ctx)
+    signing = signing_key_id(env.auth_private_key.read_bytes())
+    rows = [{"key_id": kid, "signing": kid == signing}
+            for kid in load_key_set(env.auth_public_key.read_bytes())]
+    if as_json:
+        output.print_json(rows)
+    else:
+        output.table(None, ["KEY ID", "SIGNING"],
+                     [[r["key_id"], "yes" if r["signing"] else ""] for r in rows])
+
+
+@auth.command("rotate")
+@click.pass_context
+def auth_rotate(ctx: click.Context) -> None:
+    """Make a new signing key. The services accept it at once (they re-read the key set),
+    tokens of the old keys keep working until `strata auth retire`."""
+    from strata.common.auth import rotate_keys
+
+    env = _auth_env(ctx)
+    with env.locked():
+        kid = rotate_keys(env.root)
+    output.info("processes started before now (services, walproposers, proxy, console) "
+                "hold tokens of the old key: restart them (`strata stop` then `strata "
+                "start`) before retiring it")
+    output.result(kid)
+
+
+@auth.command("retire")
+@click.argument("key_id")
+@click.pass_context
+def auth_retire(ctx: click.Context, key_id: str) -> None:
+    """Remove KEY_ID from the key set: the services refuse its tokens from then on."""
+    from strata.common.auth import retire_key
+
+    env = _auth_env(ctx)
+    with env.locked():
+        retire_key(env.root, key_id)
+    output.result(f"retired key {key_id}")
+
+
 def register(main: click.Group) -> None:
     from strata.control.proxy_commands import proxy, role
 
