@@ -1,10 +1,12 @@
 """The proxy against direct connections, same run, same environment (`strata init`):
 
 - `connect_ms_{tls_sni,plain_options}`: connect + `select 1` + close through the proxy
-  to a running endpoint (median), baseline: the same directly to the compute;
+  to a running endpoint (median), baseline: the same directly to the compute over its
+  unix socket (trusted: no SCRAM; computes do not listen on TCP while the proxy runs);
 - `wake_s{N}`: connect to a suspended endpoint until the first query answers, at pgbench
   scale N (scale 1 ~ 15 MB; 340 ~ 5 GB, not in --quick);
-- `tps_select_only_{plain,tls}`: pgbench -S through the proxy, baseline: direct;
+- `tps_select_only_{plain,tls}`: pgbench -S through the proxy, baseline: direct (the
+  unix socket);
 - `proxy_cpu_us_per_tx_{plain,tls}`: the proxy process's CPU time per transaction of
   those runs (independent of the machine's load, unlike the TPS ratio).
 """
@@ -93,11 +95,14 @@ def run(report: Report, quick: bool) -> None:
         try:
             _strata(repo, "start")
             _strata(repo, "role", "create", "strata", "--password-stdin", stdin=PASSWORD + "\n")
-            # The compute's own TCP port (which asks for the password, as the proxy does).
+            # The compute's unix socket: with the proxy running a compute does not listen
+            # on TCP (issue 16), and its socket is trusted (no SCRAM, unlike the proxy).
             main = next(e for e in json.loads(_strata(repo, "endpoint", "list", "--json"))
                         if e["name"] == "main")
-            direct = (f"host=127.0.0.1 port={main['address'].rsplit(':', 1)[1]} user=strata "
-                      f"dbname=strata password={PASSWORD} sslmode=disable")
+            direct = (f"host={main['socket_dir']} port={main['address'].rsplit(':', 1)[1]} "
+                      "user=strata dbname=strata")
+            report.note("baseline 'direct': the compute's unix socket, trusted (no TLS, no "
+                        "SCRAM); the proxy's figures include SCRAM and, for tls, TLS")
             dsns = _dsns(repo, "main")
             n = 20 if quick else 100
             base = _connect_ms(direct, n)

@@ -111,19 +111,12 @@ def test_environment_branches_endpoints_and_restart(cli: Cli) -> None:
     main = cli.local("main")
     assert rows(main, "select current_user, rolsuper from pg_roles "
                       "where rolname = current_user") == [("strata", False)]
-    # Computes accept connections from the proxy only (issue 16): over TCP the superuser
-    # and replication are refused, and every other role needs its password; the trusted
-    # unix socket is in a directory only its owner (PostgreSQL's user) and root reach.
+    # Computes accept connections from the proxy only (issue 16): started while the proxy
+    # runs, a compute does not listen on TCP; the trusted unix socket is in a directory
+    # only its owner (PostgreSQL's user) and root reach.
     ep = cli.json("endpoint", "list")[0]
     port = ep["address"].rsplit(":", 1)[1]
-    with pytest.raises(psycopg.OperationalError, match="pg_hba.conf rejects"):
-        rows(f"postgresql://postgres@127.0.0.1:{port}/postgres", "select 1")
-    with pytest.raises(psycopg.OperationalError, match="pg_hba.conf rejects replication"):
-        rows(f"postgresql://postgres@127.0.0.1:{port}/postgres?replication=true", "select 1")
-    with pytest.raises(psycopg.OperationalError, match="no password supplied"):
-        rows(f"postgresql://strata@127.0.0.1:{port}/strata", "select 1")
-    with pytest.raises(psycopg.OperationalError,
-                       match='password authentication failed for user "strata"'):
+    with pytest.raises(psycopg.OperationalError, match="Connection refused"):
         rows(f"postgresql://strata:guess@127.0.0.1:{port}/strata", "select 1")
     socket_dir = os.stat(ep["socket_dir"])
     assert socket_dir.st_mode & 0o777 == 0o700, oct(socket_dir.st_mode)
@@ -418,6 +411,18 @@ def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
     # Without the proxy the connection string is the compute's own (TCP, a password).
     assert cli.last_line("endpoint", "start", "main").startswith("postgresql://strata@")
     main = cli.local("main")
+    # There, over TCP the superuser and replication are refused, and every other role
+    # needs its password.
+    port = cli.json("endpoint", "list")[0]["address"].rsplit(":", 1)[1]
+    with pytest.raises(psycopg.OperationalError, match="pg_hba.conf rejects"):
+        rows(f"postgresql://postgres@127.0.0.1:{port}/postgres", "select 1")
+    with pytest.raises(psycopg.OperationalError, match="pg_hba.conf rejects replication"):
+        rows(f"postgresql://postgres@127.0.0.1:{port}/postgres?replication=true", "select 1")
+    with pytest.raises(psycopg.OperationalError, match="no password supplied"):
+        rows(f"postgresql://strata@127.0.0.1:{port}/strata", "select 1")
+    with pytest.raises(psycopg.OperationalError,
+                       match='password authentication failed for user "strata"'):
+        rows(f"postgresql://strata:guess@127.0.0.1:{port}/strata", "select 1")
     rows(main, "create table t (id int primary key, v text)")
     rows(main, "insert into t values (1, 'dev mode')")
     rows(main, "create table s (id serial, b bigint generated always as identity)")

@@ -90,6 +90,12 @@ def test_clients_tls_sni_scram_and_cancel(proxied: Cli) -> None:
     assert out.stdout.strip() == "strata|f", out  # TLS ends at the proxy
     assert query(dsn(cli, "main", how="options", sslmode="disable"), "select 1") == [(1,)]
     assert query(dsn(cli, "main", how="password"), "select 2") == [(2,)]
+    # The compute itself does not listen on TCP: its valid password does not get a client
+    # past the proxy (and its wake/suspend accounting).
+    compute_port = cli.json("endpoint", "list")[0]["address"].rsplit(":", 1)[1]
+    with pytest.raises(psycopg.OperationalError, match="Connection refused"):
+        query(f"host=127.0.0.1 port={compute_port} user=strata dbname=strata "
+              f"password='{PASSWORD}' sslmode=disable", "select 1")
 
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         query(dsn(cli, "main", password="wrong password"), "select 1")

@@ -27,9 +27,12 @@ read-only hot standby at a fixed LSN. `start_endpoint` is the whole start flow, 
    in the state);
 7. return the connection string and the seconds of each phase (`StartResult`).
 
-Who gets in (issue 16: computes accept connections from the proxy only): over TCP every
-role needs its password (SCRAM-SHA-256; the secret `strata role` keeps, which the control
-plane sets on the compute), the superuser not at all, replication not at all. The unix
+Who gets in (issue 16: computes accept connections from the proxy only): a compute
+started while the proxy runs (`strata start` starts the proxy before the endpoints; the
+proxy's wakes) does not listen on TCP at all (`listen_addresses = ''`). Without the proxy
+it listens on TCP, where every role needs its password (SCRAM-SHA-256; the secret
+`strata role` keeps, which the control plane sets on the compute), the superuser not at
+all, replication not at all. The unix
 socket is trusted, and its directory is private (0700, owned by the user PostgreSQL runs
 as), so only that user and root reach it: the proxy, the CLI, the console, the
 walproposer and the pageserver's WAL receiver. The connection string handed to users is
@@ -563,11 +566,15 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
     defaults = config.endpoint_defaults
     receiver = (DEFAULT_APPLICATION_NAME if config.wal_mode is WalMode.SAFEKEEPERS
                 else DEFAULT_RECEIVER_NAME)
+    settings: dict[str, object] = {"synchronous_commit": "on", **defaults.settings}
+    if proxy_runs(env):
+        # Clients come through the proxy, which uses the unix socket: no TCP port that a
+        # client knowing a password could use to bypass it (and wake/suspend).
+        settings["listen_addresses"] = ""
     compute_config = ComputeConfig(
         read_only=ep.read_only, receiver_name=receiver,
         max_connections=defaults.max_connections,
-        shared_buffers=defaults.shared_buffers,
-        settings={"synchronous_commit": "on", **defaults.settings})
+        shared_buffers=defaults.shared_buffers, settings=settings)
     log_path = endpoint_files(env, ep.name).log_path
     if mode is ComputeMode.LAZY:
         ps = config.pageserver
