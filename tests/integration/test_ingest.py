@@ -27,6 +27,7 @@ from strata.common.ids import TimelineId
 from strata.common.lsn import Lsn
 from strata.compute import golden
 from strata.compute.pgserver import STRATA_WAL_SETTINGS, PgServer
+from strata.pageserver.datadir import list_databases
 from strata.pageserver.import_datadir import import_new_timeline, read_initdb_point
 from strata.pageserver.ingest import WalIngest
 from strata.pg.checkpoint import CheckPoint
@@ -237,7 +238,7 @@ def _check_sizes(timeline: Timeline, datadir: Path, lsn: Lsn,
                 f"{rel}: block {blkno} past the timeline's size {size} is not all zeros"
         checked += 1
     assert checked > 500, checked
-    stored = {rel for db in timeline.list_dbs(lsn)
+    stored = {rel for db in list_databases(timeline, lsn)
               for rel in timeline.list_rels(*db, lsn)} | timeline.list_rels(1664, 0, lsn)
     files = set(_files(datadir))
     extra = {rel for rel in stored - files if rel.forknum != ForkNumber.FSM}
@@ -277,7 +278,7 @@ def _check_multixact(timeline: Timeline, datadir: Path, lsn: Lsn) -> None:
 def _check_relmaps(timeline: Timeline, datadir: Path, lsn: Lsn) -> None:
     assert timeline.get(relmap_key(1664, 0), lsn) == \
         (datadir / "global" / "pg_filenode.map").read_bytes()
-    dbs = timeline.list_dbs(lsn)
+    dbs = list_databases(timeline, lsn)
     on_disk = {(1663, int(d)) for d in os.listdir(datadir / "base") if d.isdigit()}
     assert dbs == on_disk, (dbs, on_disk)
     for spc, db in dbs:

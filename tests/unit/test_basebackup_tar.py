@@ -32,7 +32,7 @@ from strata.pageserver.basebackup import (
     slot_state_bytes,
     write_basebackup,
 )
-from strata.pageserver.datadir import twophase_file_bytes
+from strata.pageserver.datadir import put_database, twophase_file_bytes
 from strata.pg.checkpoint import CheckPoint
 from strata.pg.checksum import page_checksum, with_checksum
 from strata.pg.controlfile import ControlFileData, DBState
@@ -117,8 +117,8 @@ def timeline(tmp_path: Path) -> Timeline:
     at = Lsn(X0)
     tl.put(control_file_key(), at, Image(control_template().to_bytes()))
     tl.put(checkpoint_key(), at, Image(control_template().checkpoint_copy.to_bytes()))
-    tl.put_db_dir(1663, 1, at, b"15\n")
-    tl.put_db_dir(1663, 5, at, b"15\n")
+    put_database(tl, 1663, 1, at, b"15\n")
+    put_database(tl, 1663, 5, at, b"15\n")
     for spc, db in ((1664, 0), (1663, 1), (1663, 5)):
         tl.put(relmap_key(spc, db), at, Image(bytes([db]) * 512))
     for blkno in range(7):

@@ -13,6 +13,7 @@ import zstandard
 from strata.common.errors import CorruptionError, NotFound, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
+from strata.pageserver.datadir import drop_database, list_databases, put_database
 from strata.pg.constants import BKPIMAGE_COMPRESS_ZSTD
 from strata.pg.page import page_lsn
 from strata.pg.relfile import RelTag
@@ -168,18 +169,18 @@ def test_drop_and_recreate_forgets_old_blocks(tmp_path: Path) -> None:
 def test_list_rels_dbs_and_drop_db(tmp_path: Path) -> None:
     _, tenant = make_tenant(tmp_path)
     tl = new_timeline(tenant)
-    tl.put_db_dir(1663, 5, Lsn(0x200), b"15\n")
-    tl.put_db_dir(1663, 6, Lsn(0x200), b"15\n")
+    put_database(tl, 1663, 5, Lsn(0x200), b"15\n")
+    put_database(tl, 1663, 6, Lsn(0x200), b"15\n")
     tl.create_rel(REL, Lsn(0x200))
     tl.put_rel_page(REL2, 0, Lsn(0x200), Image(page(1)))
     tl.create_rel(RelTag(1663, 6, 1, 0), Lsn(0x200))
     tl.finish_record(Lsn(0x200), Lsn(0x100))
-    assert tl.list_dbs(Lsn(0x200)) == {(1663, 5), (1663, 6)}
+    assert list_databases(tl, Lsn(0x200)) == {(1663, 5), (1663, 6)}
     assert tl.list_rels(1663, 5, Lsn(0x200)) == {REL, REL2}
     tl.flush()
-    tl.drop_db(1663, 5, Lsn(0x300))
+    drop_database(tl, 1663, 5, Lsn(0x300))
     tl.finish_record(Lsn(0x300), Lsn(0x200))
-    assert tl.list_dbs(Lsn(0x300)) == {(1663, 6)}
+    assert list_databases(tl, Lsn(0x300)) == {(1663, 6)}
     assert tl.list_rels(1663, 5, Lsn(0x300)) == set()
     assert tl.list_rels(1663, 6, Lsn(0x300)) == {RelTag(1663, 6, 1, 0)}
     assert tl.list_rels(1663, 5, Lsn(0x200)) == {REL, REL2}

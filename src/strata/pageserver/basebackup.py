@@ -44,22 +44,26 @@ import re
 import struct
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
-from typing import BinaryIO, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO, NamedTuple, TypeVar
 
 from strata.common.errors import CorruptionError, NotFound, UserError
 from strata.common.lsn import Lsn
 from strata.pageserver.client import DEFAULT_SLOT_NAME
 from strata.pageserver.datadir import (
     PG_VERSION_CONTENT,
+    RELMAP_FILE,
     SLRU_DIRS,
+    databases,
+    get_checkpoint,
+    get_control_file,
+    list_databases,
     read_slru_segments,
-    twophase_file_bytes,
+    relmaps,
+    twophase_files,
 )
-from strata.pg.checkpoint import CheckPoint
 from strata.pg.checksum import with_checksum
 from strata.pg.constants import BLCKSZ, GLOBALTABLESPACE_OID, ForkNumber
-from strata.pg.controlfile import ControlFileData
 from strata.pg.crc import crc32c
 from strata.pg.relfile import RelTag, relation_path, relation_segments
 from strata.pg.slru import segment_file_name
@@ -70,17 +74,10 @@ from strata.pg.walwriter import (
     synthesize_wal,
     written_runs,
 )
-from strata.storage.key import (
-    Key,
-    checkpoint_key,
-    control_file_key,
-    db_dir_range,
-    relmap_range,
-    twophase_range,
-)
 from strata.storage.timeline import Timeline
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MODES = ("full", "lazy")
 LAZY_MANIFEST = "strata_lazy_rels"
@@ -235,12 +232,11 @@ def write_basebackup(timeline: Timeline, lsn: Lsn, out: BinaryIO, *, mode: str =
         timeline.prev_record_lsn if lsn == timeline.last_record_lsn else Lsn(0))
     now = int(time.time()) if now is None else now
 
-    control = ControlFileData.from_bytes(_get_meta(timeline, control_file_key(), lsn,
-                                                   "pg_control template"))
+    control = _get_meta(get_control_file, timeline, lsn, "pg_control template")
     if control.blcksz != BLCKSZ:
         raise CorruptionError(f"pg_control template says BLCKSZ {control.blcksz}, Strata "
                               f"supports {BLCKSZ}", path="global/pg_control", offset=216)
-    stored = CheckPoint.from_bytes(_get_meta(timeline, checkpoint_key(), lsn, "checkpoint"))
+    stored = _get_meta(get_checkpoint, timeline, lsn, "checkpoint")
     # A shutdown checkpoint has no running transactions (CreateCheckPoint).
     checkpoint = dataclasses.replace(stored, time=now, full_page_writes=True,
                                      oldest_active_xid=0)
@@ -263,8 +259,8 @@ def write_basebackup(timeline: Timeline, lsn: Lsn, out: BinaryIO, *, mode: str =
     for kind, directory in SLRU_DIRS.items():
         for segno, data in read_slru_segments(timeline, kind, lsn):
             tar.add_file(f"{directory}/{segment_file_name(segno)}", data)
-    for key, content in timeline.scan(twophase_range(), lsn):
-        tar.add_file(f"pg_twophase/{key.xid():08X}", twophase_file_bytes(key.xid(), content))
+    for xid, data in twophase_files(timeline, lsn):
+        tar.add_file(f"pg_twophase/{xid:08X}", data)
     if read_only:
         tar.add_file("standby.signal", b"")
     else:
@@ -301,9 +297,10 @@ def check_basebackup_lsn(timeline: Timeline, lsn: Lsn) -> None:
                         f"of {where}: that history was garbage collected; pick a later LSN")
 
 
-def _get_meta(timeline: Timeline, key: Key, lsn: Lsn, what: str) -> bytes:
+def _get_meta(read: Callable[[Timeline, Lsn], T], timeline: Timeline, lsn: Lsn,
+              what: str) -> T:
     try:
-        return timeline.get(key, lsn)
+        return read(timeline, lsn)
     except NotFound as err:
         raise CorruptionError(f"timeline {timeline.timeline_id} has no {what} at {lsn}; "
                               "was it imported from an initdb'ed data directory?") from err
@@ -317,16 +314,16 @@ def _db_dir(spcnode: int, dbnode: int) -> str:
 def _write_databases(tar: _TarWriter, timeline: Timeline, lsn: Lsn, *, with_relations: bool,
                      relseg_size: int, checksums: bool) -> None:
     """Database directories with PG_VERSION, relation maps and (full mode) relation files."""
-    dbs = {key.db(): value for key, value in timeline.scan(db_dir_range(), lsn)}
-    relmaps = {key.db(): value for key, value in timeline.scan(relmap_range(), lsn)}
+    dbs = databases(timeline, lsn)
+    maps = relmaps(timeline, lsn)
     made: set[str] = set(EMPTY_DIRS)
     for spcnode, dbnode in sorted(set(dbs) | {(GLOBALTABLESPACE_OID, 0)}):
         directory = _db_dir(spcnode, dbnode)
         _add_dirs(tar, directory, made)
         if (spcnode, dbnode) in dbs and spcnode != GLOBALTABLESPACE_OID:
             tar.add_file(f"{directory}/PG_VERSION", dbs[(spcnode, dbnode)])
-        if (spcnode, dbnode) in relmaps:
-            tar.add_file(f"{directory}/pg_filenode.map", relmaps[(spcnode, dbnode)])
+        if (spcnode, dbnode) in maps:
+            tar.add_file(f"{directory}/{RELMAP_FILE}", maps[(spcnode, dbnode)])
         if with_relations:
             rels = timeline.list_rels(spcnode, dbnode, lsn)
             for path, nblocks, pages in relation_files(rels, timeline, lsn, relseg_size,
@@ -337,7 +334,7 @@ def _write_databases(tar: _TarWriter, timeline: Timeline, lsn: Lsn, *, with_rela
 def lazy_manifest(timeline: Timeline, lsn: Lsn) -> bytes:
     """`spcnode dbnode relnode forknum nblocks` lines of every relation fork at `lsn`."""
     lines = []
-    for spcnode, dbnode in sorted(timeline.list_dbs(lsn) | {(GLOBALTABLESPACE_OID, 0)}):
+    for spcnode, dbnode in sorted(list_databases(timeline, lsn) | {(GLOBALTABLESPACE_OID, 0)}):
         for rel in sorted(timeline.list_rels(spcnode, dbnode, lsn)):
             lines.append(f"{rel.spcnode} {rel.dbnode} {rel.relnode} {int(rel.forknum)} "
                          f"{timeline.rel_size(rel, lsn)}\n")

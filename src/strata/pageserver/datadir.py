@@ -9,8 +9,16 @@ these through this module, so each file's stored form is decided in one place
     SLRU block          the 8 KB page; a page with no stored version reads as zeros
     two-phase state     pg_twophase/<XID> without its trailing CRC-32C (the PREPARE
                         record's data); the file is rebuilt with the CRC
-    database dir        the PG_VERSION file's content
-    relation map        the 512-byte pg_filenode.map, as is
+    database dir        the PG_VERSION file's content; a Tombstone when the database
+                        is dropped
+    relation map        the 512-byte pg_filenode.map, as is (the global one is the
+                        database (GLOBALTABLESPACE_OID, 0)); a Tombstone on drop
+    checkpoint          the 88-byte `CheckPoint` struct: the counters ingest keeps (D6)
+    control file        the imported pg_control, as is: the basebackup's template
+
+Relation sizes and their cuts are the storage layer's own values (`strata.storage.rel`,
+through Timeline.create_rel / truncate_rel / drop_rel / rel_size): a block read depends
+on them, so the timeline decodes them itself.
 """
 
 from __future__ import annotations
@@ -20,12 +28,27 @@ from collections.abc import Iterator
 
 from strata.common.errors import CorruptionError, NotFound
 from strata.common.lsn import Lsn
-from strata.pg.constants import BLCKSZ, PG_MAJORVERSION
+from strata.pg.checkpoint import CheckPoint
+from strata.pg.constants import BLCKSZ, GLOBALTABLESPACE_OID, PG_MAJORVERSION
+from strata.pg.controlfile import ControlFileData
 from strata.pg.crc import crc32c
 from strata.pg.page import ZERO_PAGE
 from strata.pg.records.xact import TWOPHASE_MAGIC
 from strata.pg.slru import SLRU_PAGES_PER_SEGMENT, SlruKind
-from strata.storage.key import slru_range, slru_segment_range, slru_segment_size_key
+from strata.storage.key import (
+    Key,
+    checkpoint_key,
+    control_file_key,
+    db_dir_key,
+    db_dir_range,
+    relmap_key,
+    relmap_range,
+    slru_range,
+    slru_segment_range,
+    slru_segment_size_key,
+    twophase_key,
+    twophase_range,
+)
 from strata.storage.timeline import Timeline
 from strata.storage.value import Image, Tombstone
 
@@ -118,6 +141,22 @@ def twophase_stored(data: bytes, path: str) -> bytes:
     return body
 
 
+def put_twophase(timeline: Timeline, xid: int, lsn: Lsn, content: bytes) -> None:
+    """Transaction `xid` is prepared from `lsn` on; `content` is its PREPARE record's data."""
+    timeline.put(twophase_key(xid), lsn, Image(content))
+
+
+def remove_twophase(timeline: Timeline, xid: int, lsn: Lsn) -> None:
+    """The prepared transaction `xid` is committed or rolled back at `lsn`."""
+    timeline.put(twophase_key(xid), lsn, Tombstone())
+
+
+def twophase_files(timeline: Timeline, lsn: Lsn) -> Iterator[tuple[int, bytes]]:
+    """(xid, pg_twophase file) of every transaction still prepared at `lsn`."""
+    for key, content in timeline.scan(twophase_range(), lsn):
+        yield key.xid(), twophase_file_bytes(key.xid(), content)
+
+
 def twophase_file_bytes(xid: int, content: bytes) -> bytes:
     """`pg_twophase/<xid>`: the stored state (PREPARE record data) plus its CRC-32C."""
     if len(content) < _TWOPHASE_HEAD.size:
@@ -129,3 +168,83 @@ def twophase_file_bytes(xid: int, content: bytes) -> bytes:
                               f"{TWOPHASE_MAGIC:#x}), total_len {total_len} (want "
                               f"{len(content) + 4}); the stored PREPARE data is damaged")
     return content + _U32.pack(crc32c(content))
+
+
+# --- databases and relation maps -------------------------------------------------------------
+def put_database(timeline: Timeline, spcnode: int, dbnode: int, lsn: Lsn,
+                 pg_version: bytes = PG_VERSION_CONTENT) -> None:
+    """The database directory exists from `lsn` on, with this PG_VERSION content."""
+    timeline.put(db_dir_key(spcnode, dbnode), lsn, Image(pg_version))
+
+
+def databases(timeline: Timeline, lsn: Lsn) -> dict[tuple[int, int], bytes]:
+    """(spcnode, dbnode) -> PG_VERSION content of every database directory at `lsn`."""
+    return {key.db(): value for key, value in timeline.scan(db_dir_range(), lsn)}
+
+
+def list_databases(timeline: Timeline, lsn: Lsn) -> set[tuple[int, int]]:
+    return set(databases(timeline, lsn))
+
+
+def drop_database(timeline: Timeline, spcnode: int, dbnode: int, lsn: Lsn) -> None:
+    """Drop every fork of a database, its directory marker and its relation map."""
+    for rel in sorted(timeline.list_rels(spcnode, dbnode, lsn)):
+        timeline.drop_rel(rel, lsn)
+    for key in (db_dir_key(spcnode, dbnode), relmap_key(spcnode, dbnode)):
+        if _exists(timeline, key, lsn):
+            timeline.put(key, lsn, Tombstone())
+
+
+def _exists(timeline: Timeline, key: Key, lsn: Lsn) -> bool:
+    try:
+        timeline.get(key, lsn)
+    except NotFound:
+        return False
+    return True
+
+
+def relmap_db(spcnode: int, dbnode: int) -> tuple[int, int]:
+    """The (spcnode, dbnode) a relation map is stored under: a shared map (dbnode 0)
+    is the global tablespace's whatever tablespace its record names."""
+    return (GLOBALTABLESPACE_OID, 0) if dbnode == 0 else (spcnode, dbnode)
+
+
+def check_relmap(data: bytes, where: str) -> bytes:
+    if len(data) != RELMAP_FILE_SIZE:
+        raise CorruptionError(f"relation map is {len(data)} bytes, expected "
+                              f"{RELMAP_FILE_SIZE}", path=where, offset=0)
+    return data
+
+
+def put_relmap(timeline: Timeline, spcnode: int, dbnode: int, lsn: Lsn, data: bytes) -> None:
+    """The pg_filenode.map of database (spcnode, dbnode) is `data` from `lsn` on."""
+    timeline.put(relmap_key(*relmap_db(spcnode, dbnode)), lsn, Image(data))
+
+
+def get_relmap(timeline: Timeline, spcnode: int, dbnode: int, lsn: Lsn) -> bytes:
+    """The pg_filenode.map of a database at `lsn` (NotFound if it has none)."""
+    return timeline.get(relmap_key(*relmap_db(spcnode, dbnode)), lsn)
+
+
+def relmaps(timeline: Timeline, lsn: Lsn) -> dict[tuple[int, int], bytes]:
+    """(spcnode, dbnode) -> pg_filenode.map of every relation map at `lsn`."""
+    return {key.db(): value for key, value in timeline.scan(relmap_range(), lsn)}
+
+
+# --- checkpoint counters and the control file ---------------------------------------------
+def put_checkpoint(timeline: Timeline, lsn: Lsn, checkpoint: CheckPoint) -> None:
+    timeline.put(checkpoint_key(), lsn, Image(checkpoint.to_bytes()))
+
+
+def get_checkpoint(timeline: Timeline, lsn: Lsn) -> CheckPoint:
+    """The checkpoint counters at `lsn` (NotFound before the import)."""
+    return CheckPoint.from_bytes(timeline.get(checkpoint_key(), lsn))
+
+
+def put_control_file(timeline: Timeline, lsn: Lsn, control_bytes: bytes) -> None:
+    timeline.put(control_file_key(), lsn, Image(control_bytes))
+
+
+def get_control_file(timeline: Timeline, lsn: Lsn) -> ControlFileData:
+    """The imported pg_control template (NotFound before the import)."""
+    return ControlFileData.from_bytes(timeline.get(control_file_key(), lsn))

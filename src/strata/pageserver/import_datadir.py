@@ -25,24 +25,29 @@ from strata.common.ids import TimelineId
 from strata.common.lsn import Lsn
 from strata.pageserver.datadir import (
     RELMAP_FILE,
-    RELMAP_FILE_SIZE,
     SLRU_DIRS,
+    check_relmap,
+    put_checkpoint,
+    put_control_file,
+    put_database,
+    put_relmap,
     put_slru_segment_size,
+    put_twophase,
     twophase_stored,
 )
 from strata.pg.checkpoint import CheckPoint
-from strata.pg.constants import BLCKSZ, RELSEG_SIZE, XLOG_CHECKPOINT_SHUTDOWN, RmgrId
+from strata.pg.constants import (
+    BLCKSZ,
+    GLOBALTABLESPACE_OID,
+    RELSEG_SIZE,
+    XLOG_CHECKPOINT_SHUTDOWN,
+    RmgrId,
+)
 from strata.pg.controlfile import ControlFileData, DBState
 from strata.pg.relfile import RelTag, parse_path
 from strata.pg.slru import SLRU_PAGES_PER_SEGMENT, SlruKind, parse_segment_file_name
 from strata.pg.walreader import read_wal_files
-from strata.storage.key import (
-    checkpoint_key,
-    control_file_key,
-    relmap_key,
-    slru_block_key,
-    twophase_key,
-)
+from strata.storage.key import slru_block_key
 from strata.storage.tenant import Tenant
 from strata.storage.timeline import Timeline
 from strata.storage.value import Image
@@ -134,15 +139,15 @@ def import_datadir(timeline: Timeline, datadir: Path,
     for db_dir in _database_dirs(datadir):
         spcnode, dbnode = db_dir
         path = datadir / "base" / str(dbnode)
-        timeline.put_db_dir(spcnode, dbnode, x0, (path / "PG_VERSION").read_bytes())
-        timeline.put(relmap_key(spcnode, dbnode), x0, Image(_relmap(path / RELMAP_FILE)))
+        put_database(timeline, spcnode, dbnode, x0, (path / "PG_VERSION").read_bytes())
+        put_relmap(timeline, spcnode, dbnode, x0, _relmap(path / RELMAP_FILE))
         databases += 1
-    timeline.put(relmap_key(1664, 0), x0, Image(_relmap(datadir / "global" / RELMAP_FILE)))
+    put_relmap(timeline, GLOBALTABLESPACE_OID, 0, x0, _relmap(datadir / "global" / RELMAP_FILE))
     slru_pages = sum(_import_slru(timeline, kind, datadir / sub, x0)
                      for kind, sub in SLRU_DIRS.items())
     twophase = _import_twophase(timeline, datadir / "pg_twophase", x0)
-    timeline.put(control_file_key(), x0, Image(point.control_bytes))
-    timeline.put(checkpoint_key(), x0, Image(point.checkpoint.to_bytes()))
+    put_control_file(timeline, x0, point.control_bytes)
+    put_checkpoint(timeline, x0, point.checkpoint)
     timeline.finish_record(x0, point.checkpoint_lsn)
     stats = ImportStats(forks, pages, slru_pages, databases, twophase)
     log.info("imported %s at %s into timeline %s: %s", datadir, x0, timeline.timeline_id, stats)
@@ -203,11 +208,7 @@ def _import_fork(timeline: Timeline, rel: RelTag, paths: list[tuple[int, Path]],
 
 
 def _relmap(path: Path) -> bytes:
-    data = path.read_bytes()
-    if len(data) != RELMAP_FILE_SIZE:
-        raise CorruptionError(f"relation map is {len(data)} bytes, expected {RELMAP_FILE_SIZE}",
-                              path=str(path), offset=0)
-    return data
+    return check_relmap(path.read_bytes(), str(path))
 
 
 def _import_slru(timeline: Timeline, kind: SlruKind, directory: Path, lsn: Lsn) -> int:
@@ -239,6 +240,6 @@ def _import_twophase(timeline: Timeline, directory: Path, lsn: Lsn) -> int:
         if len(entry) != 8 or any(c not in "0123456789ABCDEF" for c in entry):
             continue
         body = twophase_stored((directory / entry).read_bytes(), str(directory / entry))
-        timeline.put(twophase_key(int(entry, 16)), lsn, Image(body))
+        put_twophase(timeline, int(entry, 16), lsn, body)
         count += 1
     return count

@@ -28,21 +28,23 @@ from dataclasses import dataclass
 from strata.common.errors import NotFound, UserError
 from strata.common.lsn import Lsn
 from strata.pageserver.datadir import (
-    PG_VERSION_CONTENT,
+    drop_database,
+    get_checkpoint,
+    get_relmap,
+    put_checkpoint,
+    put_database,
+    put_relmap,
     put_slru_segment_size,
+    put_twophase,
     remove_slru_segment,
+    remove_twophase,
     slru_segment_pages,
     slru_segments,
 )
 from strata.pg import records as rec_types
 from strata.pg import slru
 from strata.pg.checkpoint import CheckPoint
-from strata.pg.constants import (
-    BLCKSZ,
-    GLOBALTABLESPACE_OID,
-    ForkNumber,
-    RmgrId,
-)
+from strata.pg.constants import BLCKSZ, ForkNumber, RmgrId
 from strata.pg.page import ZERO_PAGE
 from strata.pg.records import decode, record_type_name
 from strata.pg.relfile import RelTag
@@ -64,9 +66,9 @@ from strata.pg.visibilitymap import (
     vm_page_offset,
 )
 from strata.pg.walreader import DecodedRecord
-from strata.storage.key import checkpoint_key, relmap_key, slru_block_key, twophase_key
+from strata.storage.key import slru_block_key
 from strata.storage.timeline import Timeline, TimelineBroken
-from strata.storage.value import Image, Patch, PatchOp, PatchWrite, Tombstone, WalImage
+from strata.storage.value import Image, Patch, PatchOp, PatchWrite, WalImage
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +239,10 @@ class WalIngest:
         self.timeline = timeline
         lsn = timeline.last_record_lsn
         try:
-            raw = timeline.get(checkpoint_key(), lsn)
+            self.checkpoint = get_checkpoint(timeline, lsn)
         except NotFound as err:
             raise NotFound(f"timeline {timeline.timeline_id} has no checkpoint at {lsn}: "
                            f"import a data directory into it before ingesting WAL") from err
-        self.checkpoint = CheckPoint.from_bytes(raw)
         self.stats = IngestStats()
 
     # --- entry point ----------------------------------------------------------------
@@ -266,7 +267,7 @@ class WalIngest:
             if decoded is not None:
                 self._apply(decoded, lsn)
             if self.checkpoint != before:
-                tl.put(checkpoint_key(), lsn, Image(self.checkpoint.to_bytes()))
+                put_checkpoint(tl, lsn, self.checkpoint)
         except Exception as err:
             # Part of the record is stored and the rest cannot be: never serve that.
             tl.mark_broken(f"applying the {record_type_name(record.rmid, record.info)} "
@@ -319,7 +320,7 @@ class WalIngest:
             case rec_types.XactPrepare():
                 for xid in (d.xid, *d.subxacts):
                     self._advance_xid(xid)
-                self.timeline.put(twophase_key(d.xid), lsn, Image(d.state_data))
+                put_twophase(self.timeline, d.xid, lsn, d.state_data)
                 self.stats.prepares += 1
             case rec_types.XactAssignment():
                 for xid in (d.xtop, *d.subxacts):
@@ -329,15 +330,14 @@ class WalIngest:
             case rec_types.SmgrTruncate():
                 self._smgr_truncate(d, lsn)
             case rec_types.DbaseCreateWalLog():
-                self.timeline.put_db_dir(d.tablespace_id, d.db_id, lsn, PG_VERSION_CONTENT)
+                put_database(self.timeline, d.tablespace_id, d.db_id, lsn)
             case rec_types.DbaseCreateFileCopy():
                 self._create_db_file_copy(d, lsn)
             case rec_types.DbaseDrop():
                 for spcnode in d.tablespace_ids:
-                    self.timeline.drop_db(spcnode, d.db_id, lsn)
+                    drop_database(self.timeline, spcnode, d.db_id, lsn)
             case rec_types.RelmapUpdate():
-                spcnode = GLOBALTABLESPACE_OID if d.dbid == 0 else d.tsid
-                self.timeline.put(relmap_key(spcnode, d.dbid), lsn, Image(d.data))
+                put_relmap(self.timeline, d.tsid, d.dbid, lsn, d.data)
             case rec_types.ClogZeroPage():
                 self._zero_slru_page(SlruKind.CLOG, d.pageno, lsn)
             case rec_types.ClogTruncate():
@@ -392,7 +392,7 @@ class WalIngest:
         if isinstance(d, rec_types.XactCommit):
             self.timeline.put_lsn_time(lsn, d.commit_time + POSTGRES_EPOCH_UNIX_US)
         if d.is_prepared:
-            self.timeline.put(twophase_key(d.xid), lsn, Tombstone())
+            remove_twophase(self.timeline, d.xid, lsn)
 
     def _smgr_truncate(self, d: rec_types.SmgrTruncate, lsn: Lsn) -> None:
         tl = self.timeline
@@ -422,9 +422,8 @@ class WalIngest:
             tl.create_rel(dst, lsn)
             for blkno in range(tl.rel_size(src, lsn)):
                 tl.put_rel_page(dst, blkno, lsn, Image(tl.get_rel_page(src, blkno, lsn)))
-        tl.put(relmap_key(d.tablespace_id, d.db_id), lsn,
-               Image(tl.get(relmap_key(src_spc, src_db), lsn)))
-        tl.put_db_dir(d.tablespace_id, d.db_id, lsn, PG_VERSION_CONTENT)
+        put_relmap(tl, d.tablespace_id, d.db_id, lsn, get_relmap(tl, src_spc, src_db, lsn))
+        put_database(tl, d.tablespace_id, d.db_id, lsn)
         self.stats.databases_copied += 1
 
     # --- SLRUs ----------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from strata.common.proc import make_dir_for, service_user
 from strata.pageserver import pagestream as ps
 from strata.pageserver.background import BackgroundWork, ReadGates
 from strata.pageserver.config import PageserverConfig
+from strata.pageserver.datadir import list_databases
 from strata.pageserver.metrics import PageserverMetrics, TimelineState
 from strata.pageserver.page_service import PageService, PageServiceConfig
 from strata.pageserver.sk_receiver import SafekeeperEndpoint
@@ -587,7 +588,7 @@ def _ancestors_first(tenant: Tenant) -> list[Timeline]:
 
 def _logical_size(timeline: Timeline, lsn: Lsn) -> int:
     nblocks = 0
-    for spcnode, dbnode in sorted(timeline.list_dbs(lsn)):
+    for spcnode, dbnode in sorted(list_databases(timeline, lsn)):
         nblocks += sum(timeline.rel_size(rel, lsn)
                        for rel in timeline.list_rels(spcnode, dbnode, lsn))
     return nblocks * BLCKSZ

@@ -39,12 +39,9 @@ from strata.storage.key import (
     FULL_KEY_RANGE,
     Key,
     KeyRange,
-    db_dir_key,
-    db_dir_range,
     rel_block_key,
     rel_size_key,
     rel_size_range,
-    relmap_key,
 )
 from strata.storage.layer_file import open_layer
 from strata.storage.layer_map import LayerMap
@@ -293,17 +290,6 @@ class Timeline:
     def drop_rel(self, rel: RelTag, lsn: Lsn) -> None:
         if self._current_size(rel) is not None:
             self._write_size(rel, lsn, None)
-
-    def drop_db(self, spcnode: int, dbnode: int, lsn: Lsn) -> None:
-        """Drop every fork of a database, its directory marker and its relation map."""
-        for rel in sorted(self.list_rels(spcnode, dbnode, lsn)):
-            self.drop_rel(rel, lsn)
-        for key in (db_dir_key(spcnode, dbnode), relmap_key(spcnode, dbnode)):
-            if self._get_value(key, lsn.value) is not None:
-                self.put(key, lsn, Tombstone())
-
-    def put_db_dir(self, spcnode: int, dbnode: int, lsn: Lsn, pg_version: bytes) -> None:
-        self.put(db_dir_key(spcnode, dbnode), lsn, Image(pg_version))
 
     def _write_size(self, rel: RelTag, lsn: Lsn, rec: SizeRecord | None) -> None:
         value: Value = Tombstone() if rec is None else Image(rec.encode())
@@ -574,9 +560,6 @@ class Timeline:
 
     def list_rels(self, spcnode: int, dbnode: int, lsn: Lsn) -> set[RelTag]:
         return {key.rel_tag() for key, _ in self.scan(rel_size_range(spcnode, dbnode), lsn)}
-
-    def list_dbs(self, lsn: Lsn) -> set[tuple[int, int]]:
-        return {key.db() for key, _ in self.scan(db_dir_range(), lsn)}
 
     def scan(self, key_range: KeyRange, lsn: Lsn) -> Iterator[tuple[Key, bytes]]:
         """Live keys in `key_range` as of `lsn`, in key order, with their values."""
