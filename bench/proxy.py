@@ -4,7 +4,8 @@
   to a running endpoint (median), baseline: the same directly to the compute over its
   unix socket (trusted: no SCRAM; computes do not listen on TCP while the proxy runs);
 - `wake_s{N}`: connect to a suspended endpoint until the first query answers, at pgbench
-  scale N (scale 1 ~ 15 MB; 340 ~ 5 GB, not in --quick);
+  scale N (scale 1 ~ 15 MB; 340 ~ 5 GB, not in --quick); a note gives the start's phases
+  from the proxy's log;
 - `tps_select_only_{plain,tls}`: pgbench -S through the proxy, baseline: direct (the
   unix socket);
 - `proxy_cpu_us_per_tx_{plain,tls}`: the proxy process's CPU time per transaction of
@@ -122,6 +123,10 @@ def run(report: Report, quick: bool) -> None:
                 with psycopg.connect(dsn, autocommit=True) as conn:
                     conn.execute("select count(*) from pgbench_branches").fetchone()
                 report.add(f"wake_s{scale}", time.monotonic() - t, "s")
+                woke = [line for line in (repo / "logs" / "proxy.log").read_text().splitlines()
+                        if f"woke endpoint s{scale} in" in line]
+                if woke:  # the start's phases, as the proxy logged them
+                    report.note(woke[-1].split("woke ", 1)[1])
             subprocess.run(["pgbench", "-i", "-q", "-s", "1", direct], capture_output=True,
                            timeout=3600, check=True)
             proxy_pid = int((repo / "run" / "proxy.pid").read_text())
