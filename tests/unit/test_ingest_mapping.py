@@ -18,11 +18,9 @@ from strata.common.errors import UserError
 from strata.common.ids import TimelineId
 from strata.common.lsn import Lsn
 from strata.pageserver.ingest import (
-    POSTGRES_EPOCH_UNIX_US,
     WalIngest,
     clog_patches,
     is_gist_left_child,
-    merge_checkpoint,
     multixact_create_patches,
     vm_clear_patches,
     vm_truncate_plan,
@@ -44,10 +42,12 @@ from strata.pg.transam import (
     advance_next_xid,
     clog_segments_to_remove,
     later_u32,
+    merge_checkpoint,
     multixact_segments_to_remove,
 )
 from strata.pg.visibilitymap import HEAPBLOCKS_PER_PAGE, MAP_OFFSET, get_bits
 from strata.pg.walreader import BlockRef, DecodedRecord
+from strata.pg.wire import POSTGRES_EPOCH_UNIX_US
 from strata.storage.key import (
     checkpoint_key,
     slru_block_key,

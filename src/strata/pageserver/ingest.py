@@ -14,8 +14,10 @@ in docs/storage.md; docs/ingest.md says what each record type becomes.
 
 The pure pieces (patches, VM truncation plans) are module functions on plain ints so
 that unit tests can check them against PostgreSQL's rules directly; the xid rules
-(wrapping order, nextXid epochs, which SLRU segments a truncation removes) are
-`strata.pg.transam`.
+(wrapping order, nextXid epochs, multixact id and offset wraparound, which SLRU
+segments a truncation removes, how a checkpoint record moves the counters) are
+`strata.pg.transam`; the stored form of every non-block value is
+`strata.pageserver.datadir`.
 """
 
 from __future__ import annotations
@@ -43,19 +45,25 @@ from strata.pageserver.datadir import (
 )
 from strata.pg import records as rec_types
 from strata.pg import slru
-from strata.pg.checkpoint import CheckPoint
-from strata.pg.constants import BLCKSZ, ForkNumber, RmgrId
+from strata.pg.constants import (
+    BLCKSZ,
+    XLOG_GIST_PAGE_SPLIT,
+    XLOG_GIST_PAGE_UPDATE,
+    ForkNumber,
+    RmgrId,
+)
 from strata.pg.page import ZERO_PAGE
 from strata.pg.records import decode, record_type_name
 from strata.pg.relfile import RelTag
 from strata.pg.slru import SlruKind
 from strata.pg.transam import (
-    FIRST_MULTIXACT_ID,
-    U32_MASK,
+    add_member_offset,
     advance_next_xid,
     clog_segments_to_remove,
     later_u32,
+    merge_checkpoint,
     multixact_segments_to_remove,
+    next_multixact_id,
     u32_follows,
 )
 from strata.pg.visibilitymap import (
@@ -66,6 +74,7 @@ from strata.pg.visibilitymap import (
     vm_page_offset,
 )
 from strata.pg.walreader import DecodedRecord
+from strata.pg.wire import POSTGRES_EPOCH_UNIX_US
 from strata.storage.key import slru_block_key
 from strata.storage.timeline import Timeline, TimelineBroken
 from strata.storage.value import Image, Patch, PatchOp, PatchWrite, WalImage
@@ -73,41 +82,6 @@ from strata.storage.value import Image, Patch, PatchOp, PatchWrite, WalImage
 log = logging.getLogger(__name__)
 
 
-# gistxlog.h (PostgreSQL 15)
-XLOG_GIST_PAGE_UPDATE = 0x00
-XLOG_GIST_PAGE_SPLIT = 0x30
-
-# pg_time.h: TimestampTz counts microseconds from 2000-01-01 00:00 UTC.
-POSTGRES_EPOCH_UNIX_US = 946_684_800 * 1_000_000
-
-
-
-# --- counters (D6) ------------------------------------------------------------------
-
-def merge_checkpoint(current: CheckPoint, seen: CheckPoint) -> CheckPoint:
-    """Counters after a checkpoint record: maxima for the next* counters, its horizons.
-
-    nextXid is compared as the full 64-bit value; the 32-bit counters in wrapping order.
-    oldestXid and oldestMulti (with their databases) are the record's unless a CLOG or
-    MultiXact truncation already moved them further: an online checkpoint computes them
-    at its start, and a truncation during the checkpoint must not be undone. The other
-    fields (oldestActiveXid, commit-ts xids, time, redo) are the record's.
-    """
-    oldest_xid, oldest_xid_db = seen.oldest_xid, seen.oldest_xid_db
-    if u32_follows(current.oldest_xid, seen.oldest_xid):
-        oldest_xid, oldest_xid_db = current.oldest_xid, current.oldest_xid_db
-    oldest_multi, oldest_multi_db = seen.oldest_multi, seen.oldest_multi_db
-    if u32_follows(current.oldest_multi, seen.oldest_multi):
-        oldest_multi, oldest_multi_db = current.oldest_multi, current.oldest_multi_db
-    return dataclasses.replace(
-        seen,
-        next_xid=max(current.next_xid, seen.next_xid),
-        next_oid=later_u32(current.next_oid, seen.next_oid),
-        next_multi=later_u32(current.next_multi, seen.next_multi),
-        next_multi_offset=later_u32(current.next_multi_offset, seen.next_multi_offset),
-        oldest_xid=oldest_xid, oldest_xid_db=oldest_xid_db,
-        oldest_multi=oldest_multi, oldest_multi_db=oldest_multi_db,
-    )
 
 
 # --- pg_xact and pg_multixact patches ----------------------------------------------------
@@ -145,13 +119,13 @@ def multixact_create_patches(mid: int, moff: int,
     """
     ops: dict[SlruPage, list[PatchOp | PatchWrite]] = {}
     members = tuple(members)
-    next_mid = (mid + 1) & U32_MASK or FIRST_MULTIXACT_ID
-    for multi, offset in ((mid, moff), (next_mid, (moff + len(members)) & U32_MASK)):
+    next_mid = next_multixact_id(mid)
+    for multi, offset in ((mid, moff), (next_mid, add_member_offset(moff, len(members)))):
         off = slru.multixact_set_offset(multi, offset)
         ops.setdefault(_slru_page(SlruKind.MULTIXACT_OFFSETS, off.page), []).append(
             PatchWrite(off.offset, off.data))
     for i, (xid, status) in enumerate(members):
-        xid_patch, flag_patch = slru.member_set((moff + i) & U32_MASK, xid,
+        xid_patch, flag_patch = slru.member_set(add_member_offset(moff, i), xid,
                                                 slru.MultiXactStatus(status))
         page_ops = ops.setdefault(_slru_page(SlruKind.MULTIXACT_MEMBERS, xid_patch.page), [])
         page_ops.append(PatchWrite(xid_patch.offset, xid_patch.data))
@@ -457,8 +431,8 @@ class WalIngest:
             # then creates it (RecordNewMultiXact in recovery), and so do we.
             self._extend_segment(kind, segno, blkno, lsn)
         self.stats.multixacts += 1
-        next_multi = (d.mid + 1) & U32_MASK or FIRST_MULTIXACT_ID
-        next_offset = (d.moff + d.nmembers) & U32_MASK
+        next_multi = next_multixact_id(d.mid)
+        next_offset = add_member_offset(d.moff, d.nmembers)
         cp = self.checkpoint
         self.checkpoint = dataclasses.replace(
             cp, next_multi=later_u32(cp.next_multi, next_multi),

@@ -122,3 +122,7 @@ XLOG_END_OF_RECOVERY = 0x90
 XLOG_FPI_FOR_HINT = 0xA0
 XLOG_FPI = 0xB0
 XLOG_OVERWRITE_CONTRECORD = 0xD0
+
+# gistxlog.h: the GiST record kinds whose left child gistplacetopage changes after XLogInsert
+XLOG_GIST_PAGE_UPDATE = 0x00
+XLOG_GIST_PAGE_SPLIT = 0x30

@@ -1,4 +1,5 @@
-"""PostgreSQL 15's transaction-id rules: wrapping order, nextXid epochs, SLRU truncation.
+"""PostgreSQL 15's transaction-id rules: wrapping order, nextXid epochs, SLRU truncation,
+and how the checkpoint counters move.
 
 Xids, multixact ids and member offsets are 32-bit counters that wrap; PostgreSQL
 compares them modulo 2^32 (transam.c, multixact.c) and counts wraparounds of nextXid in
@@ -9,9 +10,11 @@ no I/O: WAL ingest applies these to what it stores.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 from strata.pg import slru
+from strata.pg.checkpoint import CheckPoint
 
 # transam.h
 FIRST_NORMAL_TRANSACTION_ID = 3
@@ -35,6 +38,43 @@ def u32_follows(a: int, b: int) -> bool:
 def later_u32(current: int, candidate: int) -> int:
     """The later of two wrapping 32-bit counters (nextOid, nextMulti, nextMultiOffset)."""
     return candidate if u32_follows(candidate, current) else current
+
+
+def next_multixact_id(mid: int) -> int:
+    """The multixact id after `mid`: wraps past 2^32 - 1 to FirstMultiXactId, skipping
+    InvalidMultiXactId 0 (GetNewMultiXactId, multixact.c)."""
+    return (mid + 1) & U32_MASK or FIRST_MULTIXACT_ID
+
+
+def add_member_offset(offset: int, count: int) -> int:
+    """The member offset `count` entries after `offset` (MultiXactOffset wraps at 2^32)."""
+    return (offset + count) & U32_MASK
+
+
+def merge_checkpoint(current: CheckPoint, seen: CheckPoint) -> CheckPoint:
+    """Counters after a checkpoint record: maxima for the next* counters, its horizons.
+
+    nextXid is compared as the full 64-bit value; the 32-bit counters in wrapping order.
+    oldestXid and oldestMulti (with their databases) are the record's unless a CLOG or
+    MultiXact truncation already moved them further: an online checkpoint computes them
+    at its start, and a truncation during the checkpoint must not be undone. The other
+    fields (oldestActiveXid, commit-ts xids, time, redo) are the record's.
+    """
+    oldest_xid, oldest_xid_db = seen.oldest_xid, seen.oldest_xid_db
+    if u32_follows(current.oldest_xid, seen.oldest_xid):
+        oldest_xid, oldest_xid_db = current.oldest_xid, current.oldest_xid_db
+    oldest_multi, oldest_multi_db = seen.oldest_multi, seen.oldest_multi_db
+    if u32_follows(current.oldest_multi, seen.oldest_multi):
+        oldest_multi, oldest_multi_db = current.oldest_multi, current.oldest_multi_db
+    return dataclasses.replace(
+        seen,
+        next_xid=max(current.next_xid, seen.next_xid),
+        next_oid=later_u32(current.next_oid, seen.next_oid),
+        next_multi=later_u32(current.next_multi, seen.next_multi),
+        next_multi_offset=later_u32(current.next_multi_offset, seen.next_multi_offset),
+        oldest_xid=oldest_xid, oldest_xid_db=oldest_xid_db,
+        oldest_multi=oldest_multi, oldest_multi_db=oldest_multi_db,
+    )
 
 
 def advance_next_xid(next_full_xid: int, xid: int) -> int:

@@ -29,6 +29,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Seconds from the Unix epoch to the PostgreSQL epoch, 2000-01-01 00:00:00 UTC.
 PG_EPOCH_OFFSET_S = 946_684_800
+# TimestampTz (pg_time.h) counts microseconds from that epoch: add this for Unix-epoch us.
+POSTGRES_EPOCH_UNIX_US = PG_EPOCH_OFFSET_S * 1_000_000
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
