@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Annotated, ClassVar, get_type_hints
+from typing import Annotated, Any, ClassVar, NoReturn, get_type_hints
 
 from strata.common.errors import ProtocolError
 from strata.common.ids import TenantId, TimelineId
@@ -219,11 +220,13 @@ _CLASSES: dict[int, type[Message]] = {
                              ProposerElected, AppendRequest, AppendResponse, ReadWalRequest,
                              ReadWalResponse)
 }
-_U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _ENTRY = struct.Struct("<QQQ")
 _U64_MAX = (1 << 64) - 1
-
+# The fixed-size wire types, as struct format codes: a run of them is packed and unpacked
+# by one precompiled struct (`_Codec`).
+_FIXED_FORMAT = {Wire.U64: "Q", Wire.LSN: "Q", Wire.U32: "I", Wire.BOOL: "B",
+                 Wire.TENANT_ID: "16s", Wire.TIMELINE_ID: "16s"}
 
 
 def _layout(cls: type[Message]) -> tuple[tuple[str, Wire], ...]:
@@ -237,109 +240,163 @@ def _layout(cls: type[Message]) -> tuple[tuple[str, Wire], ...]:
     return tuple(layout)
 
 
-_LAYOUTS = {cls: _layout(cls) for cls in _CLASSES.values()}
+def _bool(raw: int) -> bool:
+    if raw > 1:
+        raise ValueError(raw)
+    return raw == 1
 
 
-def encode(msg: Message) -> bytes:
-    """The wire form of `msg`: tag, then its fields in order."""
-    out = bytearray([msg.TAG])
-    for name, wire in _LAYOUTS[type(msg)]:
-        value = getattr(msg, name)
-        match wire:
-            case Wire.U64:
-                assert isinstance(value, int) and 0 <= value <= _U64_MAX, (name, value)
-                out += _U64.pack(value)
-            case Wire.LSN:
-                out += _U64.pack(value.value)
-            case Wire.U32:
-                out += _U32.pack(value)
-            case Wire.BOOL:
-                out.append(1 if value else 0)
-            case Wire.TENANT_ID | Wire.TIMELINE_ID:
-                out += value.raw
-            case Wire.BYTES:
+# How a fixed-size field's unpacked value becomes the field's value (None: as it is).
+_FROM_WIRE: dict[Wire, Callable[[Any], object] | None] = {
+    Wire.U64: None, Wire.U32: None, Wire.LSN: Lsn, Wire.BOOL: _bool,
+    Wire.TENANT_ID: TenantId, Wire.TIMELINE_ID: TimelineId}
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """Consecutive fixed-size fields of one message class, coded by one struct."""
+
+    codec: struct.Struct
+    fields: tuple[tuple[str, Wire], ...]
+    from_wire: tuple[Callable[[Any], object] | None, ...]
+
+
+class _Codec:
+    """One message class's encoder and decoder, worked out once from its layout.
+
+    Consecutive fixed-size fields form a `_Run` (one `struct` call each way); `BYTES` and
+    `HISTORY` fields stand alone (name, is_bytes). Per message, only the values are
+    converted: no per-field dispatch on the wire type when decoding.
+    """
+
+    def __init__(self, cls: type[Message]) -> None:
+        self.cls = cls
+        self.name = cls.__name__
+        self.steps: list[_Run | tuple[str, bool]] = []
+        run: list[tuple[str, Wire]] = []
+        for name, wire in _layout(cls):
+            if wire in _FIXED_FORMAT:
+                run.append((name, wire))
+                continue
+            self._end_run(run)
+            run = []
+            self.steps.append((name, wire is Wire.BYTES))
+        self._end_run(run)
+
+    def _end_run(self, run: list[tuple[str, Wire]]) -> None:
+        if run:
+            fmt = "<" + "".join(_FIXED_FORMAT[wire] for _, wire in run)
+            self.steps.append(_Run(struct.Struct(fmt), tuple(run),
+                                   tuple(_FROM_WIRE[wire] for _, wire in run)))
+
+    def encode(self, msg: Message) -> bytes:
+        out = bytearray((self.cls.TAG,))
+        for step in self.steps:
+            if isinstance(step, _Run):
+                out += step.codec.pack(*[_to_wire(name, wire, getattr(msg, name))
+                                         for name, wire in step.fields])
+                continue
+            name, is_bytes = step
+            value = getattr(msg, name)
+            if is_bytes:
                 assert len(value) <= MAX_DATA_BYTES, (name, len(value))
                 out += _U32.pack(len(value))
                 out += value
-            case Wire.HISTORY:
+            else:
                 assert len(value) <= MAX_TERM_HISTORY, len(value)
                 out += _U32.pack(len(value))
                 for e in value:
                     out += _ENTRY.pack(e.term, e.start_lsn.value, e.prev_record_lsn.value)
-    return bytes(out)
+        return bytes(out)
+
+    def decode(self, buf: bytes) -> Message:
+        pos = 1
+        size = len(buf)
+        values: list[object] = []
+        for step in self.steps:
+            if isinstance(step, _Run):
+                end = pos + step.codec.size
+                if end > size:
+                    self._truncated(buf, end)
+                raw = step.codec.unpack_from(buf, pos)
+                pos = end
+                for i, convert in enumerate(step.from_wire):
+                    if convert is None:
+                        values.append(raw[i])
+                        continue
+                    try:
+                        values.append(convert(raw[i]))
+                    except ValueError:  # only _bool raises
+                        raise ProtocolError(f"{self.name}.{step.fields[i][0]} is {raw[i]}, "
+                                            "expected 0 or 1") from None
+                continue
+            name, is_bytes = step
+            if pos + 4 > size:
+                self._truncated(buf, pos + 4)
+            (n,) = _U32.unpack_from(buf, pos)
+            pos += 4
+            if is_bytes:
+                if n > MAX_DATA_BYTES:
+                    raise ProtocolError(f"{self.name}.{name} has {n} bytes, "
+                                        f"limit {MAX_DATA_BYTES}")
+                if pos + n > size:
+                    self._truncated(buf, pos + n)
+                values.append(buf[pos:pos + n])
+                pos += n
+            else:
+                values.append(self._read_history(buf, pos, n))
+                pos += n * _ENTRY.size
+        if pos != size:
+            raise ProtocolError(f"{self.name} message has {size - pos} trailing bytes")
+        return self.cls(*values)  # type: ignore[arg-type]
+
+    def _truncated(self, buf: bytes, end: int) -> NoReturn:
+        raise ProtocolError(f"{self.name} message truncated: needs {end} bytes, "
+                            f"got {len(buf)}")
+
+    def _read_history(self, buf: bytes, pos: int, n: int) -> TermHistory:
+        if n > MAX_TERM_HISTORY:
+            raise ProtocolError(f"{self.name} term history has {n} entries, "
+                                f"limit {MAX_TERM_HISTORY}")
+        end = pos + n * _ENTRY.size
+        if end > len(buf):
+            self._truncated(buf, end)
+        entries = [TermEntry(term, Lsn(start), Lsn(prev))
+                   for term, start, prev in _ENTRY.iter_unpack(buf[pos:end])]
+        for a, b in zip(entries, entries[1:], strict=False):
+            if b.term <= a.term or b.start_lsn < a.start_lsn:
+                raise ProtocolError(f"{self.name} term history is not ordered: ({a.term}, "
+                                    f"{a.start_lsn}) then ({b.term}, {b.start_lsn})")
+        return tuple(entries)
 
 
-class _Reader:
-    def __init__(self, buf: bytes, what: str) -> None:
-        self.buf = buf
-        self.pos = 1
-        self.what = what
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.buf):
-            raise ProtocolError(f"{self.what} message truncated: needs {self.pos + n} bytes, "
-                                f"got {len(self.buf)}")
-        out = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def u64(self) -> int:
-        return int(_U64.unpack(self.take(8))[0])
-
-    def u32(self) -> int:
-        return int(_U32.unpack(self.take(4))[0])
+def _to_wire(name: str, wire: Wire, value: Any) -> object:
+    """A fixed-size field's value as its struct code takes it."""
+    if wire is Wire.LSN:
+        return value.value
+    if wire is Wire.U64:
+        assert isinstance(value, int) and 0 <= value <= _U64_MAX, (name, value)
+        return value
+    if wire is Wire.BOOL:
+        return 1 if value else 0
+    if wire is Wire.U32:
+        return value
+    return value.raw
 
 
-def _read_field(r: _Reader, name: str, wire: Wire) -> object:
-    match wire:
-        case Wire.U64:
-            return r.u64()
-        case Wire.LSN:
-            return Lsn(r.u64())
-        case Wire.U32:
-            return r.u32()
-        case Wire.BOOL:
-            flag = r.take(1)[0]
-            if flag > 1:
-                raise ProtocolError(f"{r.what}.{name} is {flag}, expected 0 or 1")
-            return flag == 1
-        case Wire.TENANT_ID:
-            return TenantId(r.take(16))
-        case Wire.TIMELINE_ID:
-            return TimelineId(r.take(16))
-        case Wire.BYTES:
-            n = r.u32()
-            if n > MAX_DATA_BYTES:
-                raise ProtocolError(f"{r.what}.{name} has {n} bytes, limit {MAX_DATA_BYTES}")
-            return r.take(n)
-        case Wire.HISTORY:
-            return _read_history(r)
+_CODECS = {tag: _Codec(cls) for tag, cls in _CLASSES.items()}
 
 
-def _read_history(r: _Reader) -> TermHistory:
-    n = r.u32()
-    if n > MAX_TERM_HISTORY:
-        raise ProtocolError(f"{r.what} term history has {n} entries, limit {MAX_TERM_HISTORY}")
-    entries = []
-    for _ in range(n):
-        term, start, prev = _ENTRY.unpack(r.take(_ENTRY.size))
-        entries.append(TermEntry(term, Lsn(start), Lsn(prev)))
-    for a, b in zip(entries, entries[1:], strict=False):
-        if b.term <= a.term or b.start_lsn < a.start_lsn:
-            raise ProtocolError(f"{r.what} term history is not ordered: ({a.term}, "
-                                f"{a.start_lsn}) then ({b.term}, {b.start_lsn})")
-    return tuple(entries)
+def encode(msg: Message) -> bytes:
+    """The wire form of `msg`: tag, then its fields in order."""
+    return _CODECS[msg.TAG].encode(msg)
 
 
 def decode(buf: bytes) -> Message:
     """Parse one message; `ProtocolError` says what is wrong with it."""
     if not buf:
         raise ProtocolError("empty safekeeper protocol message")
-    cls = _CLASSES.get(buf[0])
-    if cls is None:
+    codec = _CODECS.get(buf[0])
+    if codec is None:
         raise ProtocolError(f"unknown safekeeper protocol message tag {buf[0]}")
-    r = _Reader(bytes(buf), cls.__name__)
-    values = {name: _read_field(r, name, wire) for name, wire in _LAYOUTS[cls]}
-    if r.pos != len(buf):
-        raise ProtocolError(f"{cls.__name__} message has {len(buf) - r.pos} trailing bytes")
-    return cls(**values)  # type: ignore[arg-type]
+    return codec.decode(bytes(buf))
