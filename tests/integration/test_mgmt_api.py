@@ -415,3 +415,15 @@ def test_background_compaction_and_gc_follow_the_tenant_schedule(world: World) -
     text = (world.env.pageserver.workdir / "tenants" / str(world.tenant) /
             "tenant.toml").read_text()
     assert f"gc_period_s = {before['gc_period_s']}" in text
+
+
+def test_timeline_detail_without_logical_size(world: World) -> None:
+    """The sidecar's backpressure poll asks for the LSNs only: `?logical_size=false` leaves
+    the size (a sum over every relation) out; anything but true/false is a 400."""
+    status, _, full = world.call("get", world.tl())
+    assert status == 200 and full["logical_size"] > 0
+    status, _, lean = world.call("get", world.tl(suffix="?logical_size=false"))
+    assert status == 200 and lean["logical_size"] is None
+    assert lean["timeline_id"] == full["timeline_id"] and lean["last_record_lsn"]
+    status, _, err = world.call("get", world.tl(suffix="?logical_size=no"))
+    assert status == 400 and "logical_size" in err["error"]

@@ -767,7 +767,8 @@ class WalProposer:
         client = AsyncPageserverClient(host, port, 0, timeout_s=5)
         while True:
             try:
-                info = await client.timeline(self.quorum.tenant_id, self.quorum.timeline_id)
+                info = await client.timeline(self.quorum.tenant_id, self.quorum.timeline_id,
+                                             logical_size=False)
                 lsns = (info.last_record_lsn, info.disk_consistent_lsn)
                 if lsns != self.pageserver_lsns:
                     self.pageserver_lsns = lsns

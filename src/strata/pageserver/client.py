@@ -344,9 +344,13 @@ class AsyncPageserverClient:
         except (aiohttp.ClientError, TimeoutError) as err:
             raise Unavailable(f"pageserver at {self.host}:{self.http_port}: {err}") from err
 
-    async def timeline(self, tenant_id: TenantId, timeline_id: TimelineId) -> TimelineInfo:
+    async def timeline(self, tenant_id: TenantId, timeline_id: TimelineId, *,
+                       logical_size: bool = True) -> TimelineInfo:
+        """The timeline's detail; `logical_size=False` skips its size (a sum over every
+        relation) for callers that want the LSNs only."""
+        query = "" if logical_size else "?logical_size=false"
         return TimelineInfo.from_json(
-            await self.request("GET", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}"))
+            await self.request("GET", f"/v1/tenant/{tenant_id}/timeline/{timeline_id}{query}"))
 
     async def compute_start(self, tenant_id: TenantId,
                             timeline_id: TimelineId) -> tuple[Lsn, Lsn]:

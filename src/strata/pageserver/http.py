@@ -287,8 +287,13 @@ async def get_timeline(request: web.Request) -> web.Response:
     ps = request.app[_KEY]
     timeline = ps.timeline(*_ids(request))
     info = timeline_info(timeline)
+    # ?logical_size=false: skip the sum over every relation (the walproposer sidecar polls
+    # this for the LSNs only, up to every 50 ms while ingest lags).
+    wanted = request.query.get("logical_size", "true")
+    if wanted not in ("true", "false"):
+        raise UserError(f"query parameter 'logical_size' is {wanted!r}: use true or false")
     info["logical_size"] = await ps.logical_size(timeline) \
-        if timeline.broken_reason is None else None
+        if wanted == "true" and timeline.broken_reason is None else None
     now = timeline.clock()
     info["leases"] = [lease_info(lease, now) for lease in timeline.leases.live(now)]
     return web.json_response(info)
