@@ -64,10 +64,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
-
 from strata.common.auth import Scope
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
@@ -91,7 +87,6 @@ from strata.control.env import (
     WalMode,
     tenant_id_of,
 )
-from strata.control.sequences import log_current_values
 from strata.control.services import require_pageserver, safekeeper_client
 from strata.control.supervisor import (
     ProcessFiles,
@@ -105,6 +100,10 @@ from strata.pg.controlfile import ControlFileData
 from strata.pg.pgclient import PgConnection
 
 if TYPE_CHECKING:
+    # psycopg is imported where it is used: `endpoint start` (and the proxy's wake) run
+    # without it unless the branch has proxy roles to check.
+    import psycopg
+
     # Not at run time: it loads libfuse, which a host without FUSE lacks (full mode).
     from strata.compute.lazy import LazyCompute
 
@@ -202,6 +201,8 @@ def running_pid(env: Environment, name: str) -> int | None:
 def superuser_connect(env: Environment, ep: EndpointState,
                       dbname: str = "postgres") -> psycopg.Connection[Any]:
     """Strata's own connection to a running endpoint: the superuser over the unix socket."""
+    import psycopg
+
     return psycopg.connect(host=str(endpoint_paths(env, ep.name).socket_dir), port=ep.port,
                            user=SUPERUSER, dbname=dbname, autocommit=True, connect_timeout=5)
 
@@ -230,8 +231,21 @@ def local_connstr(env: Environment, ep: EndpointState, *, user: str = APP_ROLE,
                   dbname: str = APP_DATABASE) -> str:
     """Strata's own way in (CLI, console, tests): the endpoint's unix socket, which only
     root and the user PostgreSQL runs as can reach; no password."""
-    return make_conninfo(host=str(endpoint_paths(env, ep.name).socket_dir), port=ep.port,
-                         user=user, dbname=dbname)
+    return conninfo(host=str(endpoint_paths(env, ep.name).socket_dir), port=str(ep.port),
+                    user=user, dbname=dbname)
+
+
+def conninfo(**params: str) -> str:
+    """A libpq key=value connection string. A value that is empty or holds a space or a
+    quote is quoted; backslashes and single quotes in it are escaped."""
+    return " ".join(f"{key}={_conninfo_value(value)}" for key, value in params.items())
+
+
+def _conninfo_value(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    if value and escaped == value and not any(c.isspace() for c in value):
+        return value
+    return f"'{escaped}'"
 
 
 def sidecar_files(env: Environment, name: str) -> ProcessFiles:
@@ -765,6 +779,8 @@ def apply_roles(env: Environment, ep: EndpointState, roles: dict[str, str]) -> N
     SCRAM secret the proxy checks (`strata role`), so that PostgreSQL holds the same.
     Roles that already hold their secret are left alone: at a start (a wake) that is
     all of them, and a read costs no commit."""
+    from psycopg import sql
+
     with superuser_connect(env, ep) as conn:
         held = {name: (password, login) for name, password, login in conn.execute(
             "select rolname, rolpassword, rolcanlogin from pg_authid where rolname = any(%s)",
@@ -808,6 +824,8 @@ def _stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId,
     with output.step(f"stopping endpoint {ep.name} ({mode})"):
         if not immediate and not ep.read_only:
             # A clean stop keeps sequence values, as it does on stock PostgreSQL.
+            from strata.control.sequences import log_current_values
+
             log_current_values(lambda dbname: superuser_connect(env, ep, dbname))
         # PostgreSQL first: a fast shutdown sends its last WAL (the shutdown checkpoint)
         # to the walproposer, which must still run to make it durable.
@@ -893,6 +911,8 @@ def endpoint_status(env: Environment, config: EnvConfig, ep: EndpointState) -> d
             out["state"] = "running without its walproposer (commits wait)"
     if pid is None:
         return out
+    import psycopg
+
     try:
         with superuser_connect(env, ep) as conn:
             query = ("select pg_last_wal_replay_lsn()::text" if ep.read_only
@@ -906,6 +926,8 @@ def endpoint_status(env: Environment, config: EnvConfig, ep: EndpointState) -> d
 
 def head_flush_lsn(env: Environment, ep: EndpointState) -> Lsn:
     """What a running primary has flushed (and so its synchronous standby has too)."""
+    import psycopg
+
     try:
         with superuser_connect(env, ep) as conn:
             row = conn.execute("select pg_current_wal_flush_lsn()::text").fetchone()
