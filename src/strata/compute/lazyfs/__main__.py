@@ -94,10 +94,8 @@ def mount_main(args: argparse.Namespace) -> int:
     lsn = Lsn.parse(args.lsn)
     host, port = args.pageserver.rsplit(":", 1)
     with timeline_context(tenant, timeline):
-        if args.wait_stdin and not sys.stdin.readline():
-            log.info("the starting process gave up before the store was ready; exiting")
-            return 1
-        remote, control = lay_out(store, args.readahead)
+        # The connection and the lease come before the store is ready (with --wait-stdin
+        # while the starting process fills it): they are off the start's path.
         # Our own threads (the page client's loop, the lease renewer) must never take
         # SIGTERM: libfuse's handler only sets an exit flag, which ends the loop when the
         # signal interrupts the main thread or a FUSE worker, not one of ours. Threads
@@ -112,6 +110,12 @@ def mount_main(args: argparse.Namespace) -> int:
                              daemon=True, name="lease").start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
+        if args.wait_stdin and not sys.stdin.readline():
+            log.info("the starting process gave up before the store was ready; exiting")
+            stop.set()
+            client.close()
+            return 1
+        remote, control = lay_out(store, args.readahead)
         fetcher = PageFetcher(client, lsn, checksums=control.data_checksum_version != 0)
         ops = LazyFs(str(store / TREE), fetcher, remote)
         log.info("serving %s at %s: %d remote segment files at %s", store / TREE,
