@@ -3,9 +3,6 @@ prints without importing psycopg; libpq (through psycopg) must read back what it
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
@@ -22,10 +19,3 @@ def test_conninfo_round_trips_through_libpq(value: str) -> None:
 def test_plain_values_are_not_quoted() -> None:
     assert conninfo(host="/run/s", port="5432") == "host=/run/s port=5432"
 
-
-def test_cli_import_leaves_psycopg_out() -> None:
-    """`strata endpoint start` (and the proxy's wake) do not pay psycopg's import."""
-    code = "import sys, strata.control.cli; print('psycopg' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True).stdout
-    assert out.strip() == "False"
