@@ -14,10 +14,12 @@ from strata.common.lsn import Lsn
 from strata.pageserver.datadir import (
     RELMAP_FILE_SIZE,
     check_relmap,
+    database_size,
     databases,
     drop_database,
     get_checkpoint,
     get_relmap,
+    logical_size,
     put_checkpoint,
     put_database,
     put_relmap,
@@ -35,6 +37,7 @@ from strata.pg.relfile import RelTag
 from strata.storage.repository import Repository
 from strata.storage.tenant import TenantConfig
 from strata.storage.timeline import Timeline
+from strata.storage.value import Image
 
 CHECKPOINT = CheckPoint(redo=Lsn(0x100), this_timeline_id=1, prev_timeline_id=1,
                         full_page_writes=True, next_xid=(1 << 32) | 740, next_oid=16384,
@@ -107,3 +110,19 @@ def test_twophase_files_until_the_transaction_ends(tmp_path: Path) -> None:
     tl.finish_record(Lsn(0x300), Lsn(0x200))
     assert list(twophase_files(tl, Lsn(0x200))) == [(742, twophase_file_bytes(742, body))]
     assert list(twophase_files(tl, Lsn(0x300))) == []
+
+
+def test_database_and_logical_sizes_count_relation_forks(tmp_path: Path) -> None:
+    tl = new_timeline(tmp_path)
+    at = Lsn(0x200)
+    put_database(tl, 1663, 5, at)
+    put_database(tl, 1663, 6, at)
+    for blkno in range(3):
+        tl.put_rel_page(RelTag(1663, 5, 1, 0), blkno, at, Image(bytes(8192)))
+    tl.put_rel_page(RelTag(1663, 5, 1, 1), 0, at, Image(bytes(8192)))
+    tl.put_rel_page(RelTag(1663, 6, 2, 0), 1, at, Image(bytes(8192)))
+    tl.put_rel_page(RelTag(GLOBALTABLESPACE_OID, 0, 3, 0), 0, at, Image(bytes(8192)))
+    tl.finish_record(at, Lsn(0x100))
+    assert database_size(tl, 1663, 5, at) == 4 * 8192
+    assert database_size(tl, 1663, 6, at) == 2 * 8192
+    assert logical_size(tl, at) == 6 * 8192  # shared catalogs are not in any database

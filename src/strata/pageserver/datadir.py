@@ -186,6 +186,19 @@ def list_databases(timeline: Timeline, lsn: Lsn) -> set[tuple[int, int]]:
     return set(databases(timeline, lsn))
 
 
+def database_size(timeline: Timeline, spcnode: int, dbnode: int, lsn: Lsn) -> int:
+    """Bytes of every relation fork of a database at `lsn` (what pg_database_size counts
+    of the relation files)."""
+    return BLCKSZ * sum(timeline.rel_size(rel, lsn)
+                        for rel in timeline.list_rels(spcnode, dbnode, lsn))
+
+
+def logical_size(timeline: Timeline, lsn: Lsn) -> int:
+    """Bytes of the relation forks of every database at `lsn` (shared catalogs not counted)."""
+    return sum(database_size(timeline, spcnode, dbnode, lsn)
+               for spcnode, dbnode in sorted(list_databases(timeline, lsn)))
+
+
 def drop_database(timeline: Timeline, spcnode: int, dbnode: int, lsn: Lsn) -> None:
     """Drop every fork of a database, its directory marker and its relation map."""
     for rel in sorted(timeline.list_rels(spcnode, dbnode, lsn)):

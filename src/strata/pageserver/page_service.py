@@ -32,8 +32,7 @@ from strata.common.errors import ProtocolError, StrataError, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import timeline_context
 from strata.pageserver import pagestream as ps
-from strata.pageserver.datadir import read_slru_segment
-from strata.pg.constants import BLCKSZ
+from strata.pageserver.datadir import database_size, read_slru_segment
 from strata.pg.pgserve import CopyBoth, CopyStream, Reply, Session
 from strata.storage.timeline import Timeline
 
@@ -166,8 +165,7 @@ def serve_request(timeline: Timeline, request: ps.Request) -> ps.Response:
         case ps.ExistsRequest(lsn=lsn, rel=rel):
             return ps.ExistsResponse(timeline.rel_exists(rel, lsn), rid)
         case ps.DbSizeRequest(lsn=lsn, spcnode=spc, dbnode=db):
-            nblocks = sum(timeline.rel_size(rel, lsn) for rel in timeline.list_rels(spc, db, lsn))
-            return ps.DbSizeResponse(nblocks * BLCKSZ, rid)
+            return ps.DbSizeResponse(database_size(timeline, spc, db, lsn), rid)
         case ps.GetSlruSegmentRequest(lsn=lsn, kind=kind, segno=segno):
             return ps.GetSlruSegmentResponse(read_slru_segment(timeline, kind, segno, lsn), rid)
         case ps.LeaseRequest(lsn=lsn, duration_s=duration_s):

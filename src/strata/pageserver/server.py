@@ -42,12 +42,11 @@ from strata.common.proc import make_dir_for, service_user
 from strata.pageserver import pagestream as ps
 from strata.pageserver.background import BackgroundWork, ReadGates
 from strata.pageserver.config import PageserverConfig
-from strata.pageserver.datadir import list_databases
+from strata.pageserver.datadir import logical_size
 from strata.pageserver.metrics import PageserverMetrics, TimelineState
 from strata.pageserver.page_service import PageService, PageServiceConfig
 from strata.pageserver.sk_receiver import SafekeeperEndpoint
 from strata.pageserver.timeline_wal import ReceiverTarget, RecordApplier, TimelineWal
-from strata.pg.constants import BLCKSZ
 from strata.pg.pgserve import CopyOut, CopyStream, PgProtocolServer, Reply, Session
 from strata.remote.download import remote_tenant_indexes, write_timelines
 from strata.remote.storage import RemoteStorage, open_remote_storage
@@ -519,7 +518,7 @@ class Pageserver:
         if cached is not None and cached[0] == lsn:
             return cached[1]
         async with self.read_gates(timeline.tenant_id).shared():
-            size = await asyncio.to_thread(_logical_size, timeline, lsn)
+            size = await asyncio.to_thread(logical_size, timeline, lsn)
         self._logical_sizes[key] = (lsn, size)
         return size
 
@@ -584,14 +583,6 @@ def _ancestors_first(tenant: Tenant) -> list[Timeline]:
         done.extend(ready)
         pending = [t for t in pending if t not in ready]
     return done
-
-
-def _logical_size(timeline: Timeline, lsn: Lsn) -> int:
-    nblocks = 0
-    for spcnode, dbnode in sorted(list_databases(timeline, lsn)):
-        nblocks += sum(timeline.rel_size(rel, lsn)
-                       for rel in timeline.list_rels(spcnode, dbnode, lsn))
-    return nblocks * BLCKSZ
 
 
 def _write_basebackup(timeline: Timeline, lsn: Lsn, sink: _StreamSink, read_only: bool,
