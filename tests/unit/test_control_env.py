@@ -29,7 +29,15 @@ from strata.control.env import (
     WalMode,
 )
 from strata.control.sidecar import fork_walproposer, supervise
-from strata.control.supervisor import ProcessFiles, pid_alive, port_in_use
+from strata.control.supervisor import (
+    ProcessFiles,
+    ServiceSpec,
+    pid_alive,
+    port_in_use,
+    process_state,
+    start_service,
+    stop_service,
+)
 
 
 def test_defaults_are_three_safekeepers() -> None:
@@ -167,6 +175,70 @@ def test_port_in_use() -> None:
         port = s.getsockname()[1]
         assert port_in_use("127.0.0.1", port)
     assert not port_in_use("127.0.0.1", port)
+
+
+def _listener_spec(tmp_path: Path, port: int, script: str | None = None) -> ServiceSpec:
+    """A service that listens on `port` (or runs `script`), with its own pid and log."""
+    code = script or ("import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET,"
+                      f" socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', {port})); s.listen(); "
+                      "print('listening', flush=True); time.sleep(120)")
+    files = ProcessFiles("listener", tmp_path / "run" / "l.pid", tmp_path / "logs" / "l.log",
+                         marker=f"marker-{tmp_path.name}")
+
+    def accepts() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return True
+        except OSError:
+            return False
+
+    return ServiceSpec(files, "the listener", {"port": ("127.0.0.1", port)},
+                       [sys.executable, "-c", code, files.marker], ready=accepts,
+                       waiting_for=f"the listener on port {port}", start_timeout_s=60)
+
+
+def test_services_start_stop_and_state(tmp_path: Path) -> None:
+    from strata.common.proc import free_port
+
+    port = free_port("127.0.0.1")
+    spec = _listener_spec(tmp_path, port)
+    assert process_state(spec.files).state == "stopped"
+    assert stop_service(spec.files, spec.owner, timeout_s=30) is False
+    pid = start_service(spec)
+    try:
+        assert start_service(spec) == pid  # already running: the same process
+        state = process_state(spec.files, spec.ready)
+        assert (state.pid, state.state, state.log_tail) == (pid, "running", None)
+        assert process_state(spec.files, lambda: False).state == "not responding"
+        assert "listening" in spec.files.log_path.read_text()
+        other = _listener_spec(tmp_path / "other", port)
+        with pytest.raises(UserError, match=f"its port 127.0.0.1:{port} is taken"):
+            start_service(other)
+        assert stop_service(spec.files, spec.owner, timeout_s=30) is True
+        assert not pid_alive(pid) and not spec.files.pid_path.exists()
+        assert process_state(spec.files).state == "stopped"
+        pid = start_service(spec)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(pid), 30, "the killed listener to be gone")
+        died = process_state(spec.files, spec.ready)
+        assert died.state == "died" and died.pid is None and "listening" in str(died.log_tail)
+        # a stale pid file is removed by the next stop or start
+        assert stop_service(spec.files, spec.owner, timeout_s=30) is False
+        assert not spec.files.pid_path.exists()
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_service_dying_at_start_shows_its_log(tmp_path: Path) -> None:
+    from strata.common.proc import free_port
+
+    spec = _listener_spec(tmp_path, free_port("127.0.0.1"),
+                          script="import sys; print('bad setting: x', flush=True); sys.exit(3)")
+    with pytest.raises(UserError, match=r"(?s)listener \(pid \d+\) exited while waiting "
+                                        r"for the listener.*bad setting: x"):
+        start_service(spec)
+    assert process_state(spec.files).state == "died"
 
 
 def _stand_in_postmaster(datadir: Path) -> subprocess.Popen[bytes]:

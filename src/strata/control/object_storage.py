@@ -10,13 +10,17 @@ bucket `strata`.
 
 from __future__ import annotations
 
-import signal
 from typing import Any
 
 from strata.common.errors import Unavailable
-from strata.control import output
 from strata.control.env import EnvConfig, Environment
-from strata.control.supervisor import ProcessFiles, check_ports_free, stop_process, wait_for
+from strata.control.supervisor import (
+    ProcessFiles,
+    ServiceSpec,
+    process_state,
+    start_service,
+    stop_service,
+)
 from strata.remote.seaweed import PORT_NAMES, SeaweedServer
 
 SEAWEED_BUCKET = "strata"
@@ -59,35 +63,22 @@ def start_seaweed(env: Environment, config: EnvConfig) -> int | None:
     if config.seaweedfs is None:
         return None
     server = seaweed_server(env, dict(config.seaweedfs))
-    files = seaweed_files(env, server)
-    pid = files.read_pid()
-    if pid is not None:
-        output.info(f"SeaweedFS already running (pid {pid})")
-        return pid
-    check_ports_free("SeaweedFS", {name: (SEAWEED_HOST, port)
-                                   for name, port in config.seaweedfs.items()})
-    env.logs_dir.mkdir(exist_ok=True)
-    with output.step(f"starting SeaweedFS (S3 {server.endpoint}, log {files.log_path})"):
-        proc = server.spawn()
-        files.write_pid(proc.pid)
-        wait_for(lambda: _ready(server), timeout_s=SEAWEED_START_TIMEOUT_S,
-                 what=f"waiting for SeaweedFS's S3 API on {server.endpoint}", files=files,
-                 pid=proc.pid, interval_s=0.3)
-    return proc.pid
+    return start_service(ServiceSpec(
+        seaweed_files(env, server), "SeaweedFS",
+        {name: (SEAWEED_HOST, port) for name, port in config.seaweedfs.items()},
+        server.argv(), ready=lambda: _ready(server),
+        waiting_for=f"SeaweedFS's S3 API on {server.endpoint}",
+        start_timeout_s=SEAWEED_START_TIMEOUT_S, describe=f"S3 {server.endpoint}",
+        prepare=lambda: server.directory.mkdir(parents=True, exist_ok=True),
+        ready_interval_s=0.3))
 
 
 def stop_seaweed(env: Environment, config: EnvConfig, *, immediate: bool = False) -> bool:
     """SIGTERM (SIGKILL after SEAWEED_STOP_TIMEOUT_S) or, immediate, SIGKILL."""
     if config.seaweedfs is None:
         return False
-    files = seaweed_files(env, seaweed_server(env, dict(config.seaweedfs)))
-    if files.read_pid() is None:
-        files.clear_pid()
-        return False
-    with output.step("killing SeaweedFS (SIGKILL)" if immediate else "stopping SeaweedFS"):
-        stop_process(files, signal.SIGKILL if immediate else signal.SIGTERM,
-                     timeout_s=SEAWEED_STOP_TIMEOUT_S)
-    return True
+    return stop_service(seaweed_files(env, seaweed_server(env, dict(config.seaweedfs))),
+                        "SeaweedFS", timeout_s=SEAWEED_STOP_TIMEOUT_S, immediate=immediate)
 
 
 def object_storage_status(env: Environment, config: EnvConfig) -> dict[str, Any] | None:
@@ -101,13 +92,7 @@ def object_storage_status(env: Environment, config: EnvConfig) -> dict[str, Any]
         return out
     server = seaweed_server(env, dict(config.seaweedfs))
     files = seaweed_files(env, server)
-    pid = files.read_pid()
-    if pid is None:
-        state = "died" if files.died() else "stopped"
-    else:
-        state = "running" if _ready(server) else "not responding"
-    out["seaweedfs"] = {"pid": pid, "state": state, "address": server.endpoint,
-                        "log": str(files.log_path),
-                        "log_tail": files.log_tail() if state in ("died", "not responding")
-                        else None}
+    proc = process_state(files, lambda: _ready(server))
+    out["seaweedfs"] = {"pid": proc.pid, "state": proc.state, "address": server.endpoint,
+                        "log": str(files.log_path), "log_tail": proc.log_tail}
     return out

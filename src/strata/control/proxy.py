@@ -3,15 +3,18 @@ is `python -m strata.proxy --repo-dir ENV`, `strata.proxy`)."""
 
 from __future__ import annotations
 
-import signal
 import socket
-import subprocess
 import sys
 from typing import Any
 
-from strata.control import output
 from strata.control.env import EnvConfig, Environment
-from strata.control.supervisor import ProcessFiles, check_ports_free, stop_process, wait_for
+from strata.control.supervisor import (
+    ProcessFiles,
+    ServiceSpec,
+    process_state,
+    start_service,
+    stop_service,
+)
 from strata.proxy.computes import read_status_file
 from strata.proxy.tls import make_self_signed
 
@@ -42,52 +45,33 @@ def _accepts(host: str, port: int) -> bool:
 
 def start_proxy(env: Environment, config: EnvConfig) -> int:
     """Start the proxy (if it is not running) and wait until it accepts connections."""
-    files = proxy_files(env)
-    pid = files.read_pid()
-    if pid is not None:
-        output.info(f"proxy already running (pid {pid})")
-        return pid
     settings = config.proxy
-    check_ports_free("the proxy", {"port": (settings.host, settings.port)})
-    ensure_certificate(env, config)
-    with output.step(f"starting the proxy ({settings.host}:{settings.port}, log "
-                     f"{files.log_path})"):
-        with open(files.log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "strata.proxy", "--repo-dir",
-                                     str(env.root)], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        files.write_pid(proc.pid)
-        wait_for(lambda: _accepts(settings.host, settings.port),
-                 timeout_s=PROXY_START_TIMEOUT_S,
-                 what=f"waiting for the proxy on {settings.host}:{settings.port}",
-                 files=files, pid=proc.pid)
-    return proc.pid
+    return start_service(ServiceSpec(
+        proxy_files(env), "the proxy", {"port": (settings.host, settings.port)},
+        [sys.executable, "-m", "strata.proxy", "--repo-dir", str(env.root)],
+        ready=lambda: _accepts(settings.host, settings.port),
+        waiting_for=f"the proxy on {settings.host}:{settings.port}",
+        start_timeout_s=PROXY_START_TIMEOUT_S, describe=f"{settings.host}:{settings.port}",
+        prepare=lambda: ensure_certificate(env, config)))
 
 
 def stop_proxy(env: Environment, *, immediate: bool = False) -> bool:
-    files = proxy_files(env)
-    if files.read_pid() is None:
-        files.clear_pid()
-        return False
-    with output.step("stopping the proxy"):
-        stop_process(files, signal.SIGKILL if immediate else signal.SIGTERM,
-                     timeout_s=PROXY_STOP_TIMEOUT_S)
-    return True
+    return stop_service(proxy_files(env), "the proxy", timeout_s=PROXY_STOP_TIMEOUT_S,
+                        immediate=immediate)
 
 
 def proxy_status(env: Environment, config: EnvConfig) -> dict[str, Any]:
     """The proxy for `strata status`: pid, address, state, and per endpoint the client
     connections it relays and whether it is waking or suspending it."""
     files = proxy_files(env)
-    pid = files.read_pid()
+    proc = process_state(files)
+    pid = proc.pid
     settings = config.proxy
-    state = "running" if pid is not None else "died" if files.died() else "stopped"
     endpoints: dict[str, Any] = {}
     if pid is not None:
         data = read_status_file(env)
         if data is not None and data.get("pid") == pid:
             endpoints = data.get("endpoints", {})
-    return {"pid": pid, "state": state, "address": f"{settings.host}:{settings.port}",
-            "domain": settings.domain, "log": str(files.log_path),
-            "log_tail": files.log_tail() if state == "died" else None,
+    return {"pid": pid, "state": proc.state, "address": f"{settings.host}:{settings.port}",
+            "domain": settings.domain, "log": str(files.log_path), "log_tail": proc.log_tail,
             "endpoints": endpoints}

@@ -13,8 +13,6 @@ its environment (strata.control.auth_setup).
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -34,7 +32,13 @@ from strata.control.env import (
     SafekeeperSettings,
     WalMode,
 )
-from strata.control.supervisor import ProcessFiles, check_ports_free, stop_process, wait_for
+from strata.control.supervisor import (
+    ProcessFiles,
+    ServiceSpec,
+    process_state,
+    start_service,
+    stop_service,
+)
 from strata.pageserver.client import PageserverClient
 from strata.safekeeper.client import SafekeeperClient
 
@@ -90,43 +94,28 @@ def pageserver_responds(client: PageserverClient) -> bool:
 
 def start_pageserver(env: Environment, config: EnvConfig) -> int:
     """Start the pageserver (if it is not running) and wait until its API answers."""
-    files = pageserver_files(env)
-    pid = files.read_pid()
-    if pid is not None:
-        output.info(f"pageserver already running (pid {pid})")
-        return pid
     ps = config.pageserver
-    check_ports_free("the pageserver", {"pg port": (ps.host, ps.pg_port),
-                                        "http port": (ps.host, ps.http_port)})
-    env.pageserver_dir.mkdir(exist_ok=True)
     ports_file = env.pageserver_dir / PAGESERVER_PORTS_FILE
-    ports_file.unlink(missing_ok=True)
     client = pageserver_client(config, timeout_s=5)
-    with output.step(f"starting the pageserver (http {ps.host}:{ps.http_port}, log "
-                     f"{files.log_path})"):
-        with open(files.log_path, "ab") as log:
-            proc = subprocess.Popen(pageserver_argv(env, config), stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, env=child_env(env, config))
-        files.write_pid(proc.pid)
-        wait_for(lambda: ports_file.exists() and pageserver_responds(client),
-                 timeout_s=PAGESERVER_START_TIMEOUT_S, what="waiting for the pageserver's "
-                 f"HTTP API on {ps.host}:{ps.http_port}", files=files, pid=proc.pid)
-    return proc.pid
+
+    def prepare() -> None:
+        env.pageserver_dir.mkdir(exist_ok=True)
+        ports_file.unlink(missing_ok=True)
+
+    return start_service(ServiceSpec(
+        pageserver_files(env), "the pageserver",
+        {"pg port": (ps.host, ps.pg_port), "http port": (ps.host, ps.http_port)},
+        pageserver_argv(env, config), env=child_env(env, config), prepare=prepare,
+        ready=lambda: ports_file.exists() and pageserver_responds(client),
+        waiting_for=f"the pageserver's HTTP API on {ps.host}:{ps.http_port}",
+        start_timeout_s=PAGESERVER_START_TIMEOUT_S, describe=f"http {ps.host}:{ps.http_port}"))
 
 
 def stop_pageserver(env: Environment, *, immediate: bool = False) -> bool:
     """SIGTERM (it flushes every timeline and exits) or, immediate, SIGKILL."""
-    files = pageserver_files(env)
-    if files.read_pid() is None:
-        files.clear_pid()
-        output.info("pageserver is not running")
-        return False
-    how = "killing the pageserver (SIGKILL)" if immediate else "stopping the pageserver"
-    with output.step(how):
-        stop_process(files, signal.SIGKILL if immediate else signal.SIGTERM,
-                     timeout_s=PAGESERVER_STOP_TIMEOUT_S)
-    return True
+    return stop_service(pageserver_files(env), "the pageserver",
+                        timeout_s=PAGESERVER_STOP_TIMEOUT_S, immediate=immediate,
+                        quiet_when_stopped=False)
 
 
 def require_pageserver(env: Environment, config: EnvConfig) -> PageserverClient:
@@ -160,17 +149,11 @@ class ServiceStatus:
 def pageserver_status(env: Environment, config: EnvConfig) -> ServiceStatus:
     ps = config.pageserver
     files = pageserver_files(env)
-    pid = files.read_pid()
-    if pid is None:
-        state = "died" if files.died() else "stopped"
-    elif pageserver_responds(pageserver_client(config, timeout_s=5)):
-        state = "running"
-    else:
-        state = "not responding"
-    tail = files.log_tail() if state in ("died", "not responding") else None
-    return ServiceStatus("pageserver", pid, {"pg": f"{ps.host}:{ps.pg_port}",
-                                             "http": f"{ps.host}:{ps.http_port}"}, state,
-                         str(files.log_path), tail)
+    proc = process_state(files, lambda: pageserver_responds(pageserver_client(config,
+                                                                              timeout_s=5)))
+    return ServiceStatus("pageserver", proc.pid, {"pg": f"{ps.host}:{ps.pg_port}",
+                                                  "http": f"{ps.host}:{ps.http_port}"},
+                         proc.state, str(files.log_path), proc.log_tail)
 
 
 # --- safekeepers ---------------------------------------------------------------------------------
@@ -208,42 +191,21 @@ def safekeeper_client(sk: SafekeeperSettings) -> SafekeeperClient:
 
 def start_safekeeper(env: Environment, sk: SafekeeperSettings) -> int:
     """Start safekeeper `sk` (if it is not running) and wait until its HTTP API answers."""
-    files = safekeeper_files(env, sk.id)
-    pid = files.read_pid()
-    if pid is not None:
-        output.info(f"safekeeper {sk.id} already running (pid {pid})")
-        return pid
-    check_ports_free(f"safekeeper {sk.id}", {"pg port": (sk.host, sk.pg_port),
-                                             "http port": (sk.host, sk.http_port)})
-    env.safekeeper_dir(sk.id).mkdir(parents=True, exist_ok=True)
-    env.logs_dir.mkdir(exist_ok=True)
-    with output.step(f"starting safekeeper {sk.id} (pg {sk.host}:{sk.pg_port}, http "
-                     f"{sk.host}:{sk.http_port}, log {files.log_path})"):
-        with open(files.log_path, "ab") as log:
-            proc = subprocess.Popen(safekeeper_argv(env, sk), stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-        files.write_pid(proc.pid)
-        client = safekeeper_client(sk)
-        wait_for(client.responds, timeout_s=SAFEKEEPER_START_TIMEOUT_S,
-                 what=f"waiting for safekeeper {sk.id}'s HTTP API on "
-                      f"{sk.host}:{sk.http_port}", files=files, pid=proc.pid)
-    return proc.pid
+    return start_service(ServiceSpec(
+        safekeeper_files(env, sk.id), f"safekeeper {sk.id}",
+        {"pg port": (sk.host, sk.pg_port), "http port": (sk.host, sk.http_port)},
+        safekeeper_argv(env, sk), ready=safekeeper_client(sk).responds,
+        prepare=lambda: env.safekeeper_dir(sk.id).mkdir(parents=True, exist_ok=True),
+        waiting_for=f"safekeeper {sk.id}'s HTTP API on {sk.host}:{sk.http_port}",
+        start_timeout_s=SAFEKEEPER_START_TIMEOUT_S,
+        describe=f"pg {sk.host}:{sk.pg_port}, http {sk.host}:{sk.http_port}"))
 
 
 def stop_safekeeper(env: Environment, sk_id: int, *, immediate: bool = False) -> bool:
     """SIGTERM (it closes its timelines and exits) or, immediate, SIGKILL."""
-    files = safekeeper_files(env, sk_id)
-    if files.read_pid() is None:
-        files.clear_pid()
-        output.info(f"safekeeper {sk_id} is not running")
-        return False
-    how = (f"killing safekeeper {sk_id} (SIGKILL)" if immediate
-           else f"stopping safekeeper {sk_id}")
-    with output.step(how):
-        stop_process(files, signal.SIGKILL if immediate else signal.SIGTERM,
-                     timeout_s=SAFEKEEPER_STOP_TIMEOUT_S)
-    return True
+    return stop_service(safekeeper_files(env, sk_id), f"safekeeper {sk_id}",
+                        timeout_s=SAFEKEEPER_STOP_TIMEOUT_S, immediate=immediate,
+                        quiet_when_stopped=False)
 
 
 def start_safekeepers(env: Environment, config: EnvConfig) -> None:
@@ -265,20 +227,12 @@ def safekeeper_status(env: Environment, sk: SafekeeperSettings,
     holds (of `timelines`: (tenant id, timeline id, branch name)) its term and LSNs."""
     files = safekeeper_files(env, sk.id)
     client = safekeeper_client(sk)
-    pid = files.read_pid()
-    if pid is None:
-        state = "died" if files.died() else "stopped"
-    elif client.responds():
-        state = "running"
-    else:
-        state = "not responding"
+    proc = process_state(files, client.responds)
     out: dict[str, Any] = {
-        "id": sk.id, "pid": pid, "state": state,
+        "id": sk.id, "pid": proc.pid, "state": proc.state,
         "addresses": {"pg": f"{sk.host}:{sk.pg_port}", "http": f"{sk.host}:{sk.http_port}"},
-        "log": str(files.log_path),
-        "log_tail": files.log_tail() if state in ("died", "not responding") else None,
-        "timelines": []}
-    if state != "running":
+        "log": str(files.log_path), "log_tail": proc.log_tail, "timelines": []}
+    if proc.state != "running":
         return out
     for tenant_id, timeline_id, branch in timelines:
         try:
@@ -315,9 +269,9 @@ def console_argv(env: Environment) -> list[str]:
     return [sys.executable, "-m", "strata.console", "--repo-dir", str(env.root)]
 
 
-def _console_responds(config: EnvConfig) -> bool:
+def _console_responds(url: str) -> bool:
     try:
-        with urllib.request.urlopen(console_url(config) + "login", timeout=5) as resp:
+        with urllib.request.urlopen(url + "login", timeout=5) as resp:
             return bool(resp.status == 200)
     except (urllib.error.URLError, OSError):
         return False
@@ -338,34 +292,23 @@ def start_console(env: Environment, config: EnvConfig) -> EnvConfig:
         env.write_config(config)
     env.console_token()  # made now if the environment predates the console
     con = config.console
-    check_ports_free("the console", {"port": (con.host, con.port)})
-    with output.step(f"starting the console ({console_url(config)}, log {files.log_path})"):
-        with open(files.log_path, "ab") as log:
-            proc = subprocess.Popen(console_argv(env), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        files.write_pid(proc.pid)
-        wait_for(lambda: _console_responds(config), timeout_s=CONSOLE_START_TIMEOUT_S,
-                 what=f"waiting for the console on {console_url(config)}", files=files,
-                 pid=proc.pid)
+    url = console_url(config)
+    start_service(ServiceSpec(
+        files, "the console", {"port": (con.host, con.port)}, console_argv(env),
+        ready=lambda: _console_responds(url), waiting_for=f"the console on {url}",
+        start_timeout_s=CONSOLE_START_TIMEOUT_S, describe=url))
     return config
 
 
 def console_status(env: Environment, config: EnvConfig) -> dict[str, Any]:
     """The console for `strata status`: pid, URL, state (and its log tail if it died)."""
     files = console_files(env)
-    pid = files.read_pid()
-    state = "running" if pid is not None else "died" if files.died() else "stopped"
-    return {"pid": pid, "state": state, "url": console_url(config),
+    proc = process_state(files)
+    return {"pid": proc.pid, "state": proc.state, "url": console_url(config),
             "token_file": str(env.console_token_path), "log": str(files.log_path),
-            "log_tail": files.log_tail() if state == "died" else None}
+            "log_tail": proc.log_tail}
 
 
 def stop_console(env: Environment, *, immediate: bool = False) -> bool:
-    files = console_files(env)
-    if files.read_pid() is None:
-        files.clear_pid()
-        return False
-    with output.step("killing the console" if immediate else "stopping the console"):
-        stop_process(files, signal.SIGKILL if immediate else signal.SIGTERM,
-                     timeout_s=CONSOLE_STOP_TIMEOUT_S)
-    return True
+    return stop_service(console_files(env), "the console", timeout_s=CONSOLE_STOP_TIMEOUT_S,
+                        immediate=immediate)

@@ -17,6 +17,7 @@ import errno
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from strata.common.errors import Unavailable, UserError
 from strata.common.proc import pid_running
+from strata.control import output
 
 LOG_TAIL_LINES = 20
 
@@ -159,3 +161,94 @@ def _wait_gone(pid: int, timeout_s: float) -> None:
         time.sleep(0.05)
     if pid_alive(pid):
         raise Unavailable(f"process {pid} is still alive after SIGKILL")
+
+
+# --- one shape for every service: start, stop, state ---------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """How to run one of the environment's long-running processes (the proxy, the console,
+    SeaweedFS, the pageserver, a safekeeper) under `start_service` / `stop_service`."""
+
+    files: ProcessFiles
+    owner: str
+    """How messages name it: "the pageserver", "safekeeper 1"."""
+    ports: dict[str, tuple[str, int]]
+    """The addresses it listens on, checked free before it starts ({'pg port': (h, p)})."""
+    argv: list[str]
+    ready: Callable[[], bool]
+    """True once it serves; polled after the spawn."""
+    waiting_for: str
+    """What the start waits for, for the timeout message ("the proxy on HOST:PORT")."""
+    start_timeout_s: float
+    describe: str = ""
+    """Shown in the start step, e.g. "http 127.0.0.1:9898"; the log path is added."""
+    env: dict[str, str] | None = None
+    """The child's environment (None: ours)."""
+    prepare: Callable[[], None] | None = None
+    """Runs after the port check, before the spawn (directories, certificates)."""
+    ready_interval_s: float = 0.1
+
+
+def start_service(spec: ServiceSpec) -> int:
+    """Start the service unless its pid file names a live process, and wait until it is
+    ready; its pid. A taken port, or the process dying or timing out while starting,
+    raises an error carrying the tail of its log."""
+    files = spec.files
+    pid = files.read_pid()
+    if pid is not None:
+        output.info(f"{files.name} already running (pid {pid})")
+        return pid
+    check_ports_free(spec.owner, spec.ports)
+    if spec.prepare is not None:
+        spec.prepare()
+    files.log_path.parent.mkdir(parents=True, exist_ok=True)
+    detail = f"{spec.describe}, " if spec.describe else ""
+    with output.step(f"starting {spec.owner} ({detail}log {files.log_path})"):
+        with open(files.log_path, "ab") as log:
+            proc = subprocess.Popen(spec.argv, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env=spec.env)
+        files.write_pid(proc.pid)
+        wait_for(spec.ready, timeout_s=spec.start_timeout_s,
+                 what=f"waiting for {spec.waiting_for}", files=files, pid=proc.pid,
+                 interval_s=spec.ready_interval_s)
+    return proc.pid
+
+
+def stop_service(files: ProcessFiles, owner: str, *, timeout_s: float, immediate: bool = False,
+                 quiet_when_stopped: bool = True) -> bool:
+    """SIGTERM (SIGKILL after `timeout_s`) or, immediate, SIGKILL the recorded process.
+    False if it was not running (a stale pid file is removed)."""
+    if files.read_pid() is None:
+        files.clear_pid()
+        if not quiet_when_stopped:
+            output.info(f"{files.name} is not running")
+        return False
+    with output.step(f"killing {owner} (SIGKILL)" if immediate else f"stopping {owner}"):
+        stop_process(files, signal.SIGKILL if immediate else signal.SIGTERM,
+                     timeout_s=timeout_s)
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessState:
+    """A service for `strata status`: its pid, its state ("running", "stopped", "died",
+    "not responding") and, when it died or does not respond, the tail of its log."""
+
+    pid: int | None
+    state: str
+    log_tail: str | None
+
+
+def process_state(files: ProcessFiles, responds: Callable[[], bool] | None = None
+                  ) -> ProcessState:
+    """Running (and, given `responds`, answering), stopped cleanly, or died."""
+    pid = files.read_pid()
+    if pid is None:
+        state = "died" if files.died() else "stopped"
+    elif responds is None or responds():
+        state = "running"
+    else:
+        state = "not responding"
+    tail = files.log_tail() if state in ("died", "not responding") else None
+    return ProcessState(pid, state, tail)
