@@ -2,6 +2,7 @@
 
     StrataError
     ├── UserError        bad input or a request that cannot be honoured; say what to do
+    │   └── Conflict     refused in the current state (it runs, it has children): change it first
     ├── NotFound         a tenant, timeline, key, file ... that does not exist
     ├── ProtocolError    the peer broke a protocol (close that connection, not the server)
     ├── CorruptionError  bytes on disk or on the wire fail a check (carries path/offset)
@@ -19,6 +20,11 @@ class StrataError(Exception):
 
 class UserError(StrataError):
     """The request is wrong or cannot be honoured; the message says what to do."""
+
+
+class Conflict(UserError):
+    """The request is valid but the current state refuses it (an endpoint runs, a branch
+    has children); the message says what to change first. HTTP APIs answer 409."""
 
 
 class NotFound(StrataError):

@@ -218,20 +218,9 @@ async def delete_branch(request: web.Request) -> web.Response:
     tenant = request.match_info["tenant"]
     branch = request.match_info["branch"]
 
-    def children() -> list[str]:
-        tree = branch_tree(console.env, tenant)
-        rows = tree["branches"]
-        me = next((r for r in rows if r["branch"] == branch), None)
-        if me is None:
-            raise NotFound(f"no branch named {branch!r} in tenant {tree['name']}")
-        return [r["branch"] or r["timeline_id"] for r in rows
-                if r["parent_timeline_id"] == me["timeline_id"]]
-
-    kids = await _blocking(children)
-    if kids:
-        return web.json_response(
-            {"error": f"cannot delete branch {branch}: it has child branches {sorted(kids)}; "
-                      "delete them first", "kind": "Conflict"}, status=409)
+    # Refused at once (409), not as a failed job; delete_branch checks again.
+    await _blocking(lambda: operations.check_branch_deletable(console.env, console.env.config(),
+                                                              branch, tenant))
 
     def work() -> dict[str, Any]:
         timeline_id = operations.delete_branch(console.env, console.env.config(), branch,
@@ -270,11 +259,6 @@ async def create_endpoint(request: web.Request) -> web.Response:
 async def delete_endpoint(request: web.Request) -> web.Response:
     env = _console(request).env
     name = request.match_info["name"]
-    await _blocking(lambda: env.read_state().endpoint(name))  # NotFound first
-    if await _blocking(lambda: running_pid(env, name)) is not None:
-        return web.json_response(
-            {"error": f"endpoint {name} is running; stop it first", "kind": "Conflict"},
-            status=409)
     await _blocking(lambda: operations.delete_endpoint(env, name))
     return web.json_response({"deleted": name})
 

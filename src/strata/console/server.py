@@ -24,7 +24,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from strata.common.errors import NotFound, StrataError, Unavailable
+from strata.common.errors import Conflict, NotFound, StrataError, Unavailable
 from strata.console import api, auth
 from strata.console.api import CONSOLE, Console
 from strata.console.jobs import Jobs
@@ -39,6 +39,8 @@ URL_FILE = "console.url"  # written once the console listens: its address
 def _status_for(err: StrataError) -> int:
     if isinstance(err, NotFound):
         return 404
+    if isinstance(err, Conflict):
+        return 409
     if isinstance(err, Unavailable):
         return 503
     return 400

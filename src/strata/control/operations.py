@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from strata.common.durable import write_atomic
-from strata.common.errors import NotFound, StrataError, Unavailable, UserError
+from strata.common.errors import Conflict, NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.common.proc import free_port
@@ -227,11 +227,19 @@ def restore_branch(env: Environment, config: EnvConfig, name: str, timestamp: st
     return Restored(name, info.timeline_id, info.ancestor_lsn, backup, restarted)
 
 
-def delete_branch(env: Environment, config: EnvConfig, name: str,
-                  tenant: str | None) -> TimelineId:
-    """Delete branch `name` on the pageserver and every safekeeper, then its name (refused
-    while it has children or endpoints). If a safekeeper cannot be reached the branch is
-    kept, so that a re-run finishes the job."""
+@dataclass(frozen=True, slots=True)
+class DeletableBranch:
+    """A branch `check_branch_deletable` found free to delete."""
+
+    tenant_id: str
+    timeline_id: TimelineId
+    client: PageserverClient
+
+
+def check_branch_deletable(env: Environment, config: EnvConfig, name: str,
+                           tenant: str | None) -> DeletableBranch:
+    """Branch `name`, or Conflict while it has child branches or endpoints (running or
+    not); NotFound without it, Unavailable without the pageserver."""
     state = env.read_state()
     tid = state.tenant_id(tenant)
     timeline_id = state.timeline_id(tid, name)
@@ -241,17 +249,27 @@ def delete_branch(env: Environment, config: EnvConfig, name: str,
     kids = [names.get(str(i.timeline_id), str(i.timeline_id)) for i in infos
             if i.ancestor_timeline_id == timeline_id]
     if kids:
-        raise UserError(f"cannot delete branch {name}: it has child branches {sorted(kids)}; "
-                        "delete them first")
+        raise Conflict(f"cannot delete branch {name}: it has child branches {sorted(kids)}; "
+                       "delete them first")
     eps = [ep for ep in state.endpoints.values() if ep.tenant_id == tid and ep.branch == name]
     running = [ep.name for ep in eps if running_pid(env, ep.name) is not None]
     if running:
-        raise UserError(f"cannot delete branch {name}: endpoints {running} run on it; stop "
-                        f"them first (`strata endpoint stop {running[0]}`)")
+        raise Conflict(f"cannot delete branch {name}: endpoints {running} run on it; stop "
+                       f"them first (`strata endpoint stop {running[0]}`)")
     if eps:
-        raise UserError(f"cannot delete branch {name}: endpoints {[e.name for e in eps]} are "
-                        f"defined on it; delete them first (`strata endpoint delete "
-                        f"{eps[0].name}`)")
+        raise Conflict(f"cannot delete branch {name}: endpoints {[e.name for e in eps]} are "
+                       f"defined on it; delete them first (`strata endpoint delete "
+                       f"{eps[0].name}`)")
+    return DeletableBranch(tid, timeline_id, client)
+
+
+def delete_branch(env: Environment, config: EnvConfig, name: str,
+                  tenant: str | None) -> TimelineId:
+    """Delete branch `name` on the pageserver and every safekeeper, then its name (refused
+    while it has children or endpoints). If a safekeeper cannot be reached the branch is
+    kept, so that a re-run finishes the job."""
+    branch = check_branch_deletable(env, config, name, tenant)
+    tid, timeline_id, client = branch.tenant_id, branch.timeline_id, branch.client
     with output.step(f"deleting timeline {timeline_id} on the pageserver"):
         try:
             client.delete_timeline(tenant_id_of(tid), timeline_id)
@@ -358,8 +376,8 @@ def delete_endpoint(env: Environment, name: str) -> None:
         state.endpoint(name)  # NotFound
         pid = running_pid(env, name)
         if pid is not None:
-            raise UserError(f"endpoint {name} is running (postgres pid {pid}); stop it first "
-                            f"with `strata endpoint stop {name}`")
+            raise Conflict(f"endpoint {name} is running; stop it first with `strata "
+                           f"endpoint stop {name}` (postgres pid {pid})")
         del state.endpoints[name]
     shutil.rmtree(endpoint_paths(env, name).root, ignore_errors=True)
 
