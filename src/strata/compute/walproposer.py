@@ -59,7 +59,7 @@ from strata.common.failpoint import FailpointHit, failpoint
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import setup_logging, timeline_context
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn, check_segment_size
-from strata.pageserver.client import DEFAULT_SLOT_NAME
+from strata.pageserver.api import DEFAULT_SLOT_NAME
 from strata.pg import wire
 from strata.pg.constants import SIZE_OF_XLOG_LONG_PHD, XLOG_BLCKSZ
 from strata.pg.pgclient import CopyBothStream, PgConnection

@@ -23,7 +23,8 @@ from strata.control import output
 from strata.control.endpoints import running_pid, safekeeper_endpoints
 from strata.control.env import EnvConfig, Environment, WalMode, tenant_id_of
 from strata.control.services import safekeeper_client
-from strata.pageserver.client import PageserverClient, TimelineInfo
+from strata.pageserver.api import TimelineInfo
+from strata.pageserver.client import PageserverClient
 
 NO_OBJECT_STORAGE = (
     "this environment has no object storage (config [pageserver.config] remote_storage); "

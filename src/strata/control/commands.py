@@ -85,6 +85,7 @@ from strata.control.services import (
     stop_safekeeper,
     stop_safekeepers,
 )
+from strata.pageserver.api import check_remote_storage_url
 
 DEFAULT_TENANT_NAME = "default"
 
@@ -166,15 +167,13 @@ def init(ctx: click.Context, config_file: Path | None, object_storage: str | Non
 
 def _with_object_storage(config: EnvConfig, url: str, root: Path) -> EnvConfig:
     """`config` with the pageserver's remote_storage set (checked like the pageserver does)."""
-    from strata.pageserver.config import PageserverConfig
-
     if url == "seaweedfs":
         ports = allocate_seaweed_ports()
         config = replace(config, seaweedfs=ports)
         url = seaweed_url(ports)
     elif url == "local":
         url = f"file://{root.resolve() / 'remote_storage'}"
-    PageserverConfig(workdir=root, remote_storage=url)  # UserError for a bad URL
+    check_remote_storage_url(url)  # UserError for a bad URL, as the pageserver would
     pageserver = replace(config.pageserver,
                          config={**config.pageserver.config, "remote_storage": url})
     return replace(config, pageserver=pageserver)
@@ -359,7 +358,7 @@ def _parse_settings(items: tuple[str, ...]) -> dict[str, Any]:
 @tenant.command("create")
 @click.option("--name", required=True, help="A name for the tenant.")
 @click.option("-c", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Tenant config (strata.storage.tenant.TenantConfig keys), over the "
+              help="Tenant config (strata.pageserver.api.TenantConfig keys), over the "
                    "environment's [tenant_defaults].")
 @click.pass_context
 def tenant_create(ctx: click.Context, name: str, settings: tuple[str, ...]) -> None:
@@ -392,7 +391,7 @@ def tenant_list(ctx: click.Context, as_json: bool) -> None:
 @tenant.command("config")
 @click.argument("name", required=False, metavar="[TENANT]")
 @click.option("--set", "changes", multiple=True, metavar="KEY=VALUE",
-              help="Change a key (strata.storage.tenant.TenantConfig); repeatable.")
+              help="Change a key (strata.pageserver.api.TenantConfig); repeatable.")
 @json_option
 @click.pass_context
 def tenant_config(ctx: click.Context, name: str | None, changes: tuple[str, ...],

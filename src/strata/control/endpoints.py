@@ -95,7 +95,8 @@ from strata.control.supervisor import (
     stop_process,
     wait_for,
 )
-from strata.pageserver.client import DEFAULT_SLOT_NAME, PageserverClient
+from strata.pageserver.api import DEFAULT_SLOT_NAME
+from strata.pageserver.client import PageserverClient
 from strata.pg.controlfile import ControlFileData
 from strata.pg.pgclient import PgConnection
 

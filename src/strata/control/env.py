@@ -40,6 +40,7 @@ from strata.common.errors import NotFound, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.common.proc import ensure_traversable, free_port
+from strata.pageserver.api import TenantConfig
 
 REPO_DIR_ENV = "STRATA_REPO_DIR"
 DEFAULT_REPO_DIR = ".strata"
@@ -287,9 +288,6 @@ class EnvConfig:
             raise UserError(f"config [[safekeepers]] ids must be unique, got {ids}")
         # Validated here so a typo is refused at init, not when the pageserver starts.
         if self.tenant_defaults:
-            # Imported here: it brings the storage engine, which most commands never need.
-            from strata.storage.tenant import TenantConfig
-
             TenantConfig.from_dict(dict(self.tenant_defaults))
 
     @classmethod

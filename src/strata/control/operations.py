@@ -45,7 +45,8 @@ from strata.control.env import (
 )
 from strata.control.services import require_pageserver, safekeeper_client
 from strata.control.supervisor import wait_for
-from strata.pageserver.client import PageserverClient, TimelineInfo
+from strata.pageserver.api import TenantConfig, TimelineInfo
+from strata.pageserver.client import PageserverClient
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 INGEST_WAIT_S = 60.0
@@ -387,8 +388,6 @@ def create_tenant(env: Environment, config: EnvConfig, name: str,
     """Create tenant `name` with a `main` branch on the pageserver (initdb and import);
     `overrides` are tenant config keys over the environment's [tenant_defaults]."""
     check_name("tenant", name)
-    from strata.storage.tenant import TenantConfig  # the storage engine: only here
-
     TenantConfig.from_dict({**config.tenant_defaults, **overrides})  # refuse typos early
     if any(t.name == name for t in env.read_state().tenants.values()):
         raise UserError(f"a tenant named {name!r} exists already; see `strata tenant list`")

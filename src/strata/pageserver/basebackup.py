@@ -49,7 +49,7 @@ from typing import BinaryIO, NamedTuple, TypeVar
 
 from strata.common.errors import CorruptionError, NotFound, UserError
 from strata.common.lsn import Lsn
-from strata.pageserver.client import DEFAULT_SLOT_NAME
+from strata.pageserver.api import DEFAULT_SLOT_NAME
 from strata.pageserver.datadir import (
     PG_VERSION_CONTENT,
     RELMAP_FILE,

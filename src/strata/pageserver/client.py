@@ -17,7 +17,6 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from strata.common.auth import AuthError, Forbidden, auth_headers, default_token
@@ -31,65 +30,9 @@ from strata.common.errors import (
 )
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
+from strata.pageserver.api import LeaseInfo, TimelineInfo
 from strata.pg import wire
 from strata.pg.pgclient import PgConnection, ServerError
-
-# The physical slot a primary's basebackup creates (restart_lsn = the basebackup LSN) and
-# the WAL consumer streams from: the walproposer, or the pageserver's receiver in dev mode.
-DEFAULT_SLOT_NAME = "strata_walproposer"
-
-
-@dataclass(frozen=True, slots=True)
-class TimelineInfo:
-    tenant_id: TenantId
-    timeline_id: TimelineId
-    last_record_lsn: Lsn
-    prev_record_lsn: Lsn
-    disk_consistent_lsn: Lsn
-    ancestor_timeline_id: TimelineId | None
-    ancestor_lsn: Lsn | None
-    gc_cutoff: Lsn
-    initdb_lsn: Lsn
-    state: str
-    broken_reason: str | None
-    children: tuple[TimelineId, ...] = ()
-    logical_size: int | None = None
-    """Only in a single timeline's detail (GET .../timeline/{id})."""
-    remote_consistent_lsn: Lsn | None = None
-    """Up to where the timeline is in remote storage; None without remote storage."""
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TimelineInfo:
-        anc = data.get("ancestor_timeline_id")
-        anc_lsn = data.get("ancestor_lsn")
-        return cls(tenant_id=TenantId(TenantId.parse(data["tenant_id"]).raw),
-                   timeline_id=TimelineId(TimelineId.parse(data["timeline_id"]).raw),
-                   last_record_lsn=Lsn.parse(data["last_record_lsn"]),
-                   prev_record_lsn=Lsn.parse(data["prev_record_lsn"]),
-                   disk_consistent_lsn=Lsn.parse(data["disk_consistent_lsn"]),
-                   ancestor_timeline_id=TimelineId(TimelineId.parse(anc).raw) if anc else None,
-                   ancestor_lsn=Lsn.parse(anc_lsn) if anc_lsn else None,
-                   gc_cutoff=Lsn.parse(data["gc_cutoff"]),
-                   initdb_lsn=Lsn.parse(data["initdb_lsn"]),
-                   state=data["state"], broken_reason=data.get("broken_reason"),
-                   children=tuple(TimelineId(TimelineId.parse(c).raw)
-                                  for c in data.get("children", ())),
-                   logical_size=data.get("logical_size"),
-                   remote_consistent_lsn=Lsn.parse(data["remote_consistent_lsn"])
-                   if data.get("remote_consistent_lsn") else None)
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseInfo:
-    lsn: Lsn
-    expires_at: float
-    """Seconds since the Unix epoch, on the pageserver's clock."""
-    renewed: bool = False
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LeaseInfo:
-        return cls(Lsn.parse(data["lsn"]), float(data["expires_at"]),
-                   bool(data.get("renewed", False)))
 
 
 def error_for(status: int, message: str, kind: str | None = None) -> StrataError:

@@ -2,7 +2,7 @@
 
 A frozen dataclass, validated once at start; every error names the key at fault, so a
 typo is refused instead of silently falling back to a default. Tenant defaults are the
-`[default_tenant_conf]` table (the keys of `strata.storage.tenant.TenantConfig`); on
+`[default_tenant_conf]` table (the keys of `strata.pageserver.api.TenantConfig`); on
 the command line they are dotted: `-c default_tenant_conf.checkpoint_distance=1048576`.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from strata.common.errors import UserError
-from strata.storage.tenant import TenantConfig
+from strata.pageserver.api import TenantConfig, check_remote_storage_url
 
 CONFIG_FILE = "pageserver.toml"
 MAX_CONFIG_VALUE = 2**48  # bytes or seconds: far beyond any sensible setting
@@ -73,10 +73,7 @@ class PageserverConfig:
     default_tenant_conf: TenantConfig = field(default_factory=TenantConfig)
 
     def __post_init__(self) -> None:
-        if self.remote_storage and not self.remote_storage.startswith(
-                ("file:///", "s3://", "/")):
-            raise UserError(f"pageserver config remote_storage must be file:///path or "
-                            f"s3://bucket/prefix, got {self.remote_storage!r}")
+        check_remote_storage_url(self.remote_storage)
         if self.local_cache_bytes < 0:
             raise UserError(f"pageserver config local_cache_bytes must be >= 0, got "
                             f"{self.local_cache_bytes!r}")
