@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from polling import wait_until
 from strata.common.errors import NotFound, UserError
+from strata.common.lsn import Lsn
 from strata.control.env import (
     ComputeMode,
     EndpointState,
@@ -111,7 +112,8 @@ def test_state_round_trip_and_lookups(tmp_path: Path) -> None:
         state.tenants[tid] = TenantState("default", {"main": tl}, {}, 7 << 60,
                                          generation=5, attached=False)
         state.default_tenant = tid
-        state.endpoints["ro"] = EndpointState("ro", tid, "main", 5432, "0/16B3740", False)
+        state.endpoints["ro"] = EndpointState("ro", tid, "main", 5432, Lsn.parse("0/16B3740"),
+                                                 False)
     state = env.read_state()
     assert state.tenants[tid].system_id == 7 << 60
     assert (state.tenants[tid].generation, state.tenants[tid].attached) == (5, False)
@@ -377,6 +379,10 @@ def test_modes_are_parsed_once_and_state_files_stay_compatible(tmp_path: Path) -
     assert written["endpoints"]["b"]["mode"] is None
     assert json.loads(json.dumps(written))["endpoints"]["a"] == \
         {**old["endpoints"]["a"], "suspend_timeout_s": 300.0}
+    # an endpoint's LSN is an Lsn in memory and the same "X/Y" text in the file
+    assert state.endpoint("b").lsn == Lsn.parse("0/16B3740") and state.endpoint("a").lsn is None
+    assert json.loads(json.dumps(written))["endpoints"]["b"] == \
+        {**old["endpoints"]["b"], "mode": None, "suspend_timeout_s": 300.0}
     old["endpoints"]["a"]["mode"] = "turbo"
     env.state_path.write_text(json.dumps(old))
     with pytest.raises(UserError, match=r"mode must be one of \['lazy', 'full'\], got 'turbo'"):

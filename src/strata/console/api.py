@@ -253,7 +253,8 @@ async def create_endpoint(request: web.Request) -> web.Response:
     ep = await _blocking(lambda: operations.create_endpoint(env, env.config(), name, branch,
                                                             lsn, None, tenant))
     return web.json_response({"name": ep.name, "branch": ep.branch, "tenant_id": ep.tenant_id,
-                              "port": ep.port, "lsn": ep.lsn}, status=201)
+                              "port": ep.port,
+                              "lsn": None if ep.lsn is None else str(ep.lsn)}, status=201)
 
 
 async def delete_endpoint(request: web.Request) -> web.Response:

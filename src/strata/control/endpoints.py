@@ -890,7 +890,8 @@ def endpoint_status(env: Environment, config: EnvConfig, ep: EndpointState) -> d
     reachable = pid is not None or proxy_runs(env)
     out: dict[str, Any] = {
         "name": ep.name, "tenant_id": ep.tenant_id, "branch": ep.branch,
-        "mode": "read-only" if ep.read_only else "primary", "lsn": ep.lsn,
+        "mode": "read-only" if ep.read_only else "primary",
+        "lsn": None if ep.lsn is None else str(ep.lsn),
         "address": f"{config.endpoint_defaults.host}:{ep.port}", "pid": pid,
         "state": "died" if died else "stopped" if pid is None else "running",
         "current_lsn": None,

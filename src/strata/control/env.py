@@ -392,7 +392,7 @@ CONFIG_HEADER = """\
 # [[safekeepers]] by its walproposer sidecar; the pageserver follows the safekeepers (D7).
 # wal_mode = "pageserver": development mode (D7): the pageserver is each primary's
 # synchronous standby; [[safekeepers]] are not used.
-# [tenant_defaults]: keys of strata.storage.tenant.TenantConfig (checkpoint_distance, ...).
+# [tenant_defaults]: keys of strata.pageserver.api.TenantConfig (checkpoint_distance, ...).
 # [pageserver.config]: extra pageserver.toml keys (wait_lsn_timeout_s, log_level, ...).
 # [endpoint_defaults.settings]: extra postgresql.conf entries for every endpoint.
 # [proxy]: the one PostgreSQL port of every endpoint (TLS; endpoint E is E.<domain>).
@@ -411,7 +411,8 @@ class EndpointState:
     tenant_id: str
     branch: str
     port: int
-    lsn: str | None = None
+    lsn: Lsn | None = None
+    """Where a read-only endpoint reads; None for a primary."""
     autostart: bool = True
     """Started by `strata start`: set by `endpoint start`, cleared by `endpoint stop`."""
     mode: ComputeMode | None = None
@@ -423,12 +424,13 @@ class EndpointState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EndpointState:
-        mode = data.get("mode")
-        return cls(**{**data,
+        mode, lsn = data.get("mode"), data.get("lsn")
+        return cls(**{**data, "lsn": None if lsn is None else Lsn.parse(lsn),
                       "mode": None if mode is None else ComputeMode.parse(mode, "mode")})
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "mode": None if self.mode is None else self.mode.value}
+        return {**asdict(self), "lsn": None if self.lsn is None else str(self.lsn),
+                "mode": None if self.mode is None else self.mode.value}
 
     @property
     def read_only(self) -> bool:
@@ -436,7 +438,7 @@ class EndpointState:
 
     @property
     def read_lsn(self) -> Lsn | None:
-        return Lsn.parse(self.lsn) if self.lsn is not None else None
+        return self.lsn
 
 
 @dataclass

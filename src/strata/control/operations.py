@@ -342,7 +342,7 @@ def create_endpoint(env: Environment, config: EnvConfig, name: str, branch: str,
         if port is not None and any(ep.port == port for ep in state.endpoints.values()):
             raise UserError(f"port {port} is already assigned to another endpoint")
         ep = EndpointState(name, tid, branch, port or allocate_port(config, state),
-                           str(read_lsn) if read_lsn is not None else None, autostart=False,
+                           read_lsn, autostart=False,
                            suspend_timeout_s=suspend_timeout_s)
         state.endpoints[name] = ep
     return ep
