@@ -32,7 +32,8 @@ def states(draw: st.DrawFn) -> AcceptorState:
         TenantId(draw(st.binary(min_size=16, max_size=16))),
         TimelineId(draw(st.binary(min_size=16, max_size=16))),
         draw(U64), 1 << draw(st.integers(20, 30)), Lsn(start), Lsn(draw(U64)), draw(U64),
-        draw(U64), history, Lsn(commit), Lsn(scan), Lsn(draw(U64)))
+        draw(U64), history, Lsn(commit), Lsn(scan), Lsn(draw(U64)),
+        Lsn(draw(st.integers(0, commit))))
 
 
 def sample() -> AcceptorState:
@@ -42,7 +43,7 @@ def sample() -> AcceptorState:
                TermEntry(5, Lsn(0x1200000), Lsn(0x11FFF80)))
     return AcceptorState(state.tenant_id, state.timeline_id, 42, 16 << 20, Lsn(0x1000028),
                          Lsn(0x1000000), 6, 99, history, Lsn(0x1300000), Lsn(0x12FFFF8),
-                         Lsn(0x12FFF00))
+                         Lsn(0x12FFF00), Lsn(0x1000000))
 
 
 @settings(max_examples=200)
@@ -102,3 +103,24 @@ def test_crash_before_rename_keeps_the_old_state(tmp_path: Path) -> None:
     assert control_file.load(tmp_path) == old
     control_file.store(tmp_path, new)
     assert control_file.load(tmp_path).term == 7
+
+
+def test_version_1_reads_with_nothing_uploaded() -> None:
+    """A control file written before WAL offload (version 1, no backup_lsn) still loads."""
+    import struct
+
+    from strata.pg.crc import crc32c
+
+    state = sample()
+    v2 = control_file.encode_state(state)
+    body = bytearray(v2[12:-4])
+    del body[100:108]  # backup_lsn: after scan_prev_lsn in the fixed part
+    head = struct.pack("<III", control_file.MAGIC, 1, len(body)) + bytes(body)
+    v1 = head + struct.pack("<I", crc32c(head))
+    assert control_file.decode_state(v1) == replace(state, backup_lsn=Lsn(0))
+
+
+def test_upload_position_above_commit_is_refused() -> None:
+    state = replace(sample(), backup_lsn=Lsn(0x1400000))
+    with pytest.raises(CorruptionError, match="upload position"):
+        control_file.decode_state(control_file.encode_state(state))

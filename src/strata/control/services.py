@@ -177,9 +177,13 @@ def safekeeper_argv(env: Environment, sk: SafekeeperSettings) -> list[str]:
     argv = [sys.executable, "-m", "strata.safekeeper", "--id", str(sk.id),
             "--workdir", str(env.safekeeper_dir(sk.id)), "--listen-host", sk.host,
             "--pg-port", str(sk.pg_port), "--http-port", str(sk.http_port)]
-    key_path = public_key_path(env, env.config())
+    config = env.config()
+    key_path = public_key_path(env, config)
     if key_path is not None:
         argv += ["--auth-public-key", key_path]
+    remote = config.pageserver.config.get("remote_storage")
+    if remote:  # the pageserver's object storage also keeps the WAL (safekeeper/wal_backup.py)
+        argv += ["--remote-storage", str(remote)]
     return argv
 
 

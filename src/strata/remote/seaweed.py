@@ -79,9 +79,25 @@ class SeaweedServer:
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         return self.proc
 
-    def start(self, timeout_s: float = 120.0) -> None:
-        self.spawn()
-        self.wait_ready(timeout_s)
+    def start(self, timeout_s: float = 120.0, *, attempts: int = 3) -> None:
+        """Spawn and wait until ready. With ports picked here (none given), a port another
+        process took between the pick and the bind is retried with new ports."""
+        chosen_here = not self.ports
+        for attempt in range(1, attempts + 1):
+            log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self.spawn()
+            try:
+                self.wait_ready(timeout_s)
+                return
+            except Unavailable:
+                exited = self.proc is not None and self.proc.poll() is not None
+                with open(self.log_path, "rb") as log:
+                    log.seek(log_start)
+                    port_taken = b"address already in use" in log.read()
+                if not (chosen_here and exited and port_taken and attempt < attempts):
+                    raise
+                self.proc = None
+                self.ports = {}
 
     def wait_ready(self, timeout_s: float) -> None:
         """Poll until the S3 port answers and a bucket can be created."""

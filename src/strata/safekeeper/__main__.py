@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-public-key", type=Path, default=None,
                    help="Ed25519 public key (PEM): both ports then require a JWT "
                         "(strata.common.auth)")
+    p.add_argument("--remote-storage", default=None, metavar="URL",
+                   help="object storage for WAL offload (file:///path or "
+                        "s3://bucket/prefix?endpoint=...): complete committed segments are "
+                        "uploaded and removed locally only once uploaded")
+    p.add_argument("--backup-interval", type=float, default=1.0,
+                   help="seconds between WAL upload passes (with --remote-storage)")
     p.add_argument("--removal-interval", type=float, default=1.0,
                    help="seconds between WAL removal passes")
     return p
@@ -74,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   host=args.listen_host, pg_port=args.pg_port,
                                   wal_keep_bytes=args.wal_keep_bytes,
                                   removal_interval_s=args.removal_interval,
+                                  remote_storage=args.remote_storage,
+                                  backup_interval_s=args.backup_interval,
                                   auth_public_key=args.auth_public_key.resolve()
                                   if args.auth_public_key is not None else None)
         config.workdir.mkdir(parents=True, exist_ok=True)

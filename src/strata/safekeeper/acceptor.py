@@ -76,6 +76,9 @@ class AcceptorState:
     commit_lsn: Lsn
     scan_lsn: Lsn
     scan_prev_lsn: Lsn
+    backup_lsn: Lsn = Lsn(0)
+    """End of the WAL uploaded to object storage (wal_backup.py); 0: nothing yet. The
+    acceptor only carries it along; the safekeeper's upload loop moves it."""
 
     @classmethod
     def new_timeline(cls, tenant_id: TenantId, timeline_id: TimelineId, system_id: int,

@@ -134,6 +134,7 @@ class _TimelineCollector(Collector):
                       ("flush_lsn", "end of the WAL held"),
                       ("commit_lsn", "commit LSN (what walsenders may serve)"),
                       ("wal_start_lsn", "first WAL byte still held"),
+                      ("backup_lsn", "end of the WAL uploaded to object storage"),
                       ("pageserver_apply_lsn", "what the pageserver made durable"),
                       ("peers", "open proposer and walsender connections"))}
         counters = {name: CounterMetricFamily(f"safekeeper_timeline_{name}", doc, labels=labels)
@@ -146,6 +147,8 @@ class _TimelineCollector(Collector):
                         ("batches", "batches of proposer messages handled together"),
                         ("truncations", "WAL truncations for a new term"),
                         ("segments_removed", "WAL segments removed"),
+                        ("segments_uploaded", "WAL segments uploaded to object storage"),
+                        ("segments_downloaded", "WAL segments downloaded to serve removed WAL"),
                         ("wal_sent_bytes", "WAL bytes sent by walsenders"),
                         ("messages", "proposer messages handled"))}
         for (tenant, timeline), tl in list(self.sk.timelines.items()):
@@ -154,6 +157,7 @@ class _TimelineCollector(Collector):
             for name, value in (("term", tl.state.term), ("flush_lsn", tl.acceptor.flush_lsn.value),
                                 ("commit_lsn", tl.commit_lsn.value),
                                 ("wal_start_lsn", tl.wal.wal_start_lsn.value),
+                                ("backup_lsn", tl.state.backup_lsn.value),
                                 ("pageserver_apply_lsn",
                                  feedback.apply_lsn.value if feedback else 0),
                                 ("peers", len(tl.peers))):

@@ -55,6 +55,8 @@ from strata.common.logctx import timeline_context
 from strata.common.lsn import Lsn, check_segment_size
 from strata.pg import wire
 from strata.pg.pgserve import CopyBoth, CopyStream, PgProtocolServer, Reply, Session
+from strata.remote.storage import open_remote_storage
+from strata.safekeeper import wal_backup
 from strata.safekeeper.acceptor import AcceptorState
 from strata.safekeeper.messages import (
     AppendRequest,
@@ -147,6 +149,10 @@ class SafekeeperConfig:
     faster go to the pageserver together (one message, fsync and status update there)."""
     auth_public_key: Path | None = None
     """Ed25519 public key (PEM) of the JWTs both ports require; None: no authentication."""
+    remote_storage: str | None = None
+    """Object storage URL (strata.remote.storage) for WAL offload (wal_backup.py); None:
+    WAL is kept locally until the pageserver made it durable."""
+    backup_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.node_id <= 0:
@@ -169,6 +175,8 @@ class Safekeeper:
             if config.auth_public_key is not None else None
         self.pg = PgProtocolServer(self.handle_query, host=config.host, port=config.pg_port,
                                    name=f"safekeeper {config.node_id}", verifier=self.verifier)
+        self.remote = open_remote_storage(config.remote_storage) \
+            if config.remote_storage is not None else None
         self._create_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._conn_ids = 0
@@ -193,8 +201,9 @@ class Safekeeper:
 
     def _open(self, key: tuple[TenantId, TimelineId], directory: Path) -> None:
         try:
-            self.timelines[key] = Timeline.open(directory,
-                                                wal_keep_bytes=self.config.wal_keep_bytes)
+            tl = Timeline.open(directory, wal_keep_bytes=self.config.wal_keep_bytes)
+            tl.remote = self.remote
+            self.timelines[key] = tl
         except (CorruptionError, OSError) as err:
             log.error("timeline %s/%s will not be served: %s", key[0], key[1], err)
             self.broken[key] = str(err)
@@ -202,6 +211,8 @@ class Safekeeper:
     async def start(self) -> None:
         await self.pg.start()
         self._tasks.append(asyncio.create_task(self._removal_loop(), name="wal-removal"))
+        if self.remote is not None:
+            self._tasks.append(asyncio.create_task(self._backup_loop(), name="wal-backup"))
         log.info("safekeeper %d serving %d timelines (%d refused) on port %d", self.node_id,
                  len(self.timelines), len(self.broken), self.pg.port)
 
@@ -215,6 +226,8 @@ class Safekeeper:
         for tl in self.timelines.values():
             async with tl.lock:  # let a message being applied finish its fsyncs
                 tl.close()
+        if self.remote is not None:
+            self.remote.close()
 
     # --- timelines --------------------------------------------------------------------------
     def timeline_dir(self, tenant_id: TenantId, timeline_id: TimelineId) -> Path:
@@ -263,6 +276,7 @@ class Safekeeper:
             with timeline_context(tenant_id, timeline_id):
                 tl = await asyncio.to_thread(Timeline.create, directory, state,
                                              wal_keep_bytes=self.config.wal_keep_bytes)
+            tl.remote = self.remote
             self.timelines[key] = tl
             return tl, True
 
@@ -290,6 +304,8 @@ class Safekeeper:
                     connections = await self._retire(tl)
                 directory = self.timeline_dir(tenant_id, timeline_id)
                 try:
+                    if self.remote is not None:
+                        await self._delete_remote_wal(tl, tenant_id, timeline_id)
                     freed = await asyncio.to_thread(directory_bytes, directory)
                     await asyncio.to_thread(remove_timeline_dir, directory)
                 except (OSError, StrataError) as err:
@@ -305,6 +321,22 @@ class Safekeeper:
                          tenant_id, timeline_id, connections, freed)
         return {"tenant_id": str(tenant_id), "timeline_id": str(timeline_id), "deleted": True,
                 "connections_closed": connections, "freed_bytes": freed}
+
+    async def _delete_remote_wal(self, tl: Timeline | None, tenant_id: TenantId,
+                                 timeline_id: TimelineId) -> None:
+        """Delete the timeline's offloaded WAL (after an upload in flight finished)."""
+        assert self.remote is not None
+        remote = self.remote
+        prefix = wal_backup.timeline_prefix(tenant_id, timeline_id)
+
+        def delete_all() -> int:
+            keys = remote.list_keys(prefix)
+            remote.delete_many(keys)
+            return len(keys)
+
+        async with tl.backup_lock if tl is not None else contextlib.nullcontext():
+            deleted = await asyncio.to_thread(delete_all)
+        log.info("deleted %d offloaded WAL segments of %s/%s", deleted, tenant_id, timeline_id)
 
     async def _retire(self, tl: Timeline) -> int:
         """Take `tl` out of service for good: its connections end with NotFound, a message
@@ -399,7 +431,7 @@ class Safekeeper:
         if start < tl.state.timeline_start_lsn:
             raise UserError(f"timeline {tl.state.timeline_id} starts at "
                             f"{tl.state.timeline_start_lsn}; cannot stream from {start}")
-        if start < tl.wal.wal_start_lsn:
+        if start < tl.wal.wal_start_lsn and tl.remote is None:  # else: download (offload)
             raise NotFound(f"WAL from {start} was removed from safekeeper {self.node_id} "
                            f"(it holds WAL from {tl.wal.wal_start_lsn}); the pageserver "
                            "reported it durable already")
@@ -468,3 +500,16 @@ class Safekeeper:
                         await tl.remove_old_wal()
                 except StrataError as err:
                     log.error("WAL removal failed: %s", err)
+
+    async def _backup_loop(self) -> None:
+        """Upload complete committed WAL segments of every timeline (wal_backup.py)."""
+        while True:
+            await asyncio.sleep(self.config.backup_interval_s)
+            for tl in list(self.timelines.values()):
+                try:
+                    with timeline_context(tl.state.tenant_id, tl.state.timeline_id):
+                        await tl.backup_wal()
+                except Unavailable as err:
+                    log.warning("WAL upload failed, retrying in the next pass: %s", err)
+                except (StrataError, OSError) as err:
+                    log.error("WAL upload failed: %s", err)

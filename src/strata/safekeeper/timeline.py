@@ -36,15 +36,15 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from strata.common.durable import TEMP_SUFFIX, fsync_dir
 from strata.common.errors import CorruptionError, NotFound, ProtocolError, Unavailable
 from strata.common.failpoint import failpoint
 from strata.common.lsn import Lsn
-from strata.safekeeper import control_file
+from strata.safekeeper import control_file, wal_backup
 from strata.safekeeper.acceptor import (
     Acceptor,
     AcceptorAction,
@@ -65,6 +65,9 @@ from strata.safekeeper.messages import (
     encode,
 )
 from strata.safekeeper.wal_storage import WalStorage
+
+if TYPE_CHECKING:
+    from strata.remote.storage import RemoteStorage
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +156,8 @@ class TimelineCounters:
     batches: int = 0  # handle_batch calls (proposer messages handled together)
     truncations: int = 0
     segments_removed: int = 0
+    segments_uploaded: int = 0
+    segments_downloaded: int = 0
     wal_sent_bytes: int = 0
     messages: int = 0
 
@@ -181,6 +186,9 @@ class Timeline:
         self.counters = TimelineCounters()
         self._commit_moved = asyncio.Event()
         self._flush_pending = False  # a FlushWal deferred within a batch (under the lock)
+        self.remote: RemoteStorage | None = None  # object storage for WAL offload (server.py)
+        self.backup_lock = asyncio.Lock()  # one upload pass at a time; deletion waits on it
+        self._downloaded: tuple[int, bytes] | None = None  # the last segment downloaded
 
     # --- creation and restart -----------------------------------------------------------
     @classmethod
@@ -404,7 +412,11 @@ class Timeline:
             end = min(self.commit_lsn, start + max_bytes)
             if end <= start:
                 return b""
-            data = self.wal.read(start, end)
+            local = self.remote is None or start >= self.wal.wal_start_lsn
+            if local:
+                data = self.wal.read(start, end)
+        if not local:
+            data = await self._read_remote(start, end)
         self.counters.wal_sent_bytes += len(data)
         return data
 
@@ -417,17 +429,12 @@ class Timeline:
                                             peer.write_lsn, peer.flush_lsn, peer.apply_lsn)
 
     def removal_horizon(self) -> Lsn:
-        """WAL below this may be removed (see the module docstring)."""
+        """WAL below this may be removed (see the module docstring and wal_backup.py)."""
         feedback = self.pageserver_feedback
-        if feedback is None:
-            return Lsn(0)
-        horizon = min(feedback.apply_lsn, self.state.scan_lsn)
-        for peer in self.peers.values():
-            if peer.kind == "walsender":
-                horizon = min(horizon, peer.sent_lsn)
-        if horizon.value <= self.wal_keep_bytes:
-            return Lsn(0)
-        return horizon - self.wal_keep_bytes
+        return wal_backup.removal_horizon(
+            None if feedback is None else feedback.apply_lsn, self.state.scan_lsn,
+            [p.sent_lsn for p in self.peers.values() if p.kind == "walsender"],
+            self.wal_keep_bytes, None if self.remote is None else self.state.backup_lsn)
 
     async def remove_old_wal(self) -> int:
         """Delete the segments below the removal horizon; how many were removed."""
@@ -444,6 +451,85 @@ class Timeline:
             log.info("removed %d WAL segments below %s; WAL now starts at %s", removed,
                      horizon, self.wal.wal_start_lsn)
         return removed
+
+    # --- WAL offload (wal_backup.py) ----------------------------------------------------
+    async def backup_wal(self) -> int:
+        """Upload the complete committed segments not uploaded yet, in order, moving
+        `backup_lsn` (durably) after each; how many this safekeeper uploaded (a segment
+        another safekeeper uploaded already is skipped)."""
+        remote = self.remote
+        assert remote is not None
+        async with self.backup_lock:
+            s = self.state
+            seg = s.wal_seg_size
+            # Segments removed before object storage was configured cannot be uploaded.
+            todo = wal_backup.segments_to_upload(max(s.backup_lsn, self.wal.wal_start_lsn),
+                                                 self.commit_lsn, s.timeline_start_lsn, seg)
+            if not todo or self.broken is not None or self.deleted is not None:
+                return 0
+            prefix = wal_backup.timeline_prefix(s.tenant_id, s.timeline_id)
+            present = set(await asyncio.to_thread(remote.list_keys, prefix))
+            uploaded = 0
+            for segno in todo:
+                if self.broken is not None or self.deleted is not None:
+                    break
+                key = wal_backup.segment_key(s.tenant_id, s.timeline_id, segno, seg)
+                if key not in present:
+                    data = await asyncio.to_thread(self._read_segment_file, segno)
+                    await asyncio.to_thread(remote.put, key, data)
+                    uploaded += 1
+                    self.counters.segments_uploaded += 1
+                await self._set_backup_lsn(wal_backup.backup_lsn_after(segno, seg))
+        if uploaded:
+            log.info("uploaded %d WAL segments; backup_lsn now %s", uploaded,
+                     self.state.backup_lsn)
+        return uploaded
+
+    def _read_segment_file(self, segno: int) -> bytes:
+        """A whole segment file, read through a descriptor of its own (off the loop)."""
+        path = self.wal.segment_path(segno)
+        with open(path, "rb") as f:
+            data = f.read(self.state.wal_seg_size + 1)
+        if len(data) != self.state.wal_seg_size:
+            raise CorruptionError(f"WAL segment is {len(data)} bytes, not the segment size "
+                                  f"{self.state.wal_seg_size}; it cannot be uploaded",
+                                  path=str(path))
+        return data
+
+    async def _set_backup_lsn(self, lsn: Lsn) -> None:
+        async with self.lock:
+            if self.deleted is not None or lsn <= self.state.backup_lsn:
+                return
+            state = replace(self.state, backup_lsn=lsn)
+            self._guard(control_file.store, self.directory, state)
+            self.counters.control_writes += 1
+            self.state = state
+            # The acceptor's next PersistControl must carry the new position along.
+            self.acceptor.state = replace(self.acceptor.state, backup_lsn=lsn)
+
+    async def _read_remote(self, start: Lsn, end: Lsn) -> bytes:
+        """Committed WAL from `start` (up to `end`, at most to its segment's end) that this
+        safekeeper removed locally: from the segment's object (CRC-checked by `get`)."""
+        assert self.remote is not None
+        s = self.state
+        seg = s.wal_seg_size
+        segno = start.value // seg
+        cached = self._downloaded
+        if cached is None or cached[0] != segno:
+            key = wal_backup.segment_key(s.tenant_id, s.timeline_id, segno, seg)
+            try:
+                data = await asyncio.to_thread(self.remote.get, key)
+            except NotFound as err:
+                raise NotFound(f"WAL from {start} was removed from this safekeeper and its "
+                               f"segment is not in object storage ({err})") from err
+            if len(data) != seg:
+                raise CorruptionError(f"remote WAL segment {key} is {len(data)} bytes, not "
+                                      f"the segment size {seg}", path=key)
+            self._downloaded = cached = (segno, data)
+            self.counters.segments_downloaded += 1
+            log.info("downloaded WAL segment %s to serve WAL from %s", key, start)
+        base = segno * seg
+        return cached[1][start.value - base:min(end.value, base + seg) - base]
 
     # --- status -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -468,6 +554,7 @@ class Timeline:
                 "write_lsn": str(feedback.write_lsn), "flush_lsn": str(feedback.flush_lsn),
                 "apply_lsn": str(feedback.apply_lsn)},
             "removal_horizon": str(self.removal_horizon()),
+            "backup_lsn": str(s.backup_lsn),
             "peers": [p.to_json() for p in self.peers.values()],
             "broken": self.broken,
         }
