@@ -106,8 +106,9 @@ def test_wal_offload_upload_remove_serve_corrupt_delete(sks: SkFactory,  # noqa:
             obstore.put(raw, f"{store.prefix}/{first}", b"\xff" + good[1:],
                         attributes={"crc32c": "00000000"})
             conn, stream = await walsender(nodes[0], tenant, timeline, START)
-            with pytest.raises(ServerError, match="fails its CRC-32C"):
+            with pytest.raises(ServerError, match="fails its CRC-32C") as info:
                 await receive(stream, START, end, idle_s=20)
+            assert info.value.code == "XX001"
             conn.close_nowait()
 
     asyncio.run(scenario())

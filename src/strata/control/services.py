@@ -7,7 +7,8 @@ config.toml stays the one file the user edits. Safekeeper N is `python -m
 strata.safekeeper --id N --workdir ENV/safekeepers/skN --pg-port P --http-port H`
 (wal_mode = "safekeepers"; in development mode none run, architecture D7). With
 `auth = true` both get the environment's public key and the pageserver an admin token in
-its environment (strata.control.auth_setup).
+its environment (strata.control.auth_setup). With object storage configured, the
+safekeepers get the pageserver's `remote_storage` URL as `--remote-storage` (WAL offload).
 """
 
 from __future__ import annotations
