@@ -134,6 +134,10 @@ def test_init_runs_seaweedfs_and_tenant_size(cli: Cli, test_dir: Path) -> None:
     assert status["seaweedfs"]["state"] == "running", status
     assert "SeaweedFS" in cli.run("status").stdout
     cli.run("endpoint", "start", "main")
+    # The safekeepers offload WAL to the same object storage (docs/safekeeper.md).
+    sk_pid = int((cli.repo_dir / "run" / "safekeeper-1.pid").read_text())
+    argv = Path(f"/proc/{sk_pid}/cmdline").read_bytes().decode().split("\0")
+    assert argv[argv.index("--remote-storage") + 1] == status["url"], argv
     main = cli.local("main")
     rows(main, "create table known (id int primary key, v text)")
     _known_rows(main, 1, 10000)
