@@ -35,7 +35,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -492,24 +492,25 @@ class Safekeeper:
 
     # --- background -------------------------------------------------------------------------
     async def _removal_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.removal_interval_s)
-            for tl in list(self.timelines.values()):
-                try:
-                    with timeline_context(tl.state.tenant_id, tl.state.timeline_id):
-                        await tl.remove_old_wal()
-                except StrataError as err:
-                    log.error("WAL removal failed: %s", err)
+        await self._every_timeline(self.config.removal_interval_s, Timeline.remove_old_wal,
+                                   "WAL removal")
 
     async def _backup_loop(self) -> None:
         """Upload complete committed WAL segments of every timeline (wal_backup.py)."""
+        await self._every_timeline(self.config.backup_interval_s, Timeline.backup_wal,
+                                   "WAL upload")
+
+    async def _every_timeline(self, interval_s: float,
+                              work: Callable[[Timeline], Awaitable[int]], what: str) -> None:
+        """Run `work` on every timeline every `interval_s` seconds; a failure is logged
+        and the next pass tries again."""
         while True:
-            await asyncio.sleep(self.config.backup_interval_s)
+            await asyncio.sleep(interval_s)
             for tl in list(self.timelines.values()):
                 try:
                     with timeline_context(tl.state.tenant_id, tl.state.timeline_id):
-                        await tl.backup_wal()
+                        await work(tl)
                 except Unavailable as err:
-                    log.warning("WAL upload failed, retrying in the next pass: %s", err)
+                    log.warning("%s failed: %s", what, err)  # passes go on
                 except (StrataError, OSError) as err:
-                    log.error("WAL upload failed: %s", err)
+                    log.error("%s failed: %s", what, err)
