@@ -7,6 +7,7 @@ stock PostgreSQL 15 computes), driven through the CLI as in test_cli.py.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import socket
@@ -139,6 +140,30 @@ def test_clients_tls_sni_scram_and_cancel(proxied: Cli) -> None:
     out = subprocess.run(["pgbench", "-c", "4", "-t", "50", "-n", pgbench],
                          capture_output=True, text=True, timeout=300, env=env, check=True)
     assert "number of transactions actually processed: 200/200" in out.stdout, out.stdout
+
+    # Plain connections are relayed by a thread per direction (strata.proxy.relay):
+    # pgbench, results and COPY data larger than a pipe or a socket buffer both ways,
+    # and the connection count back at 0 once the clients are gone.
+    plain = dsn(cli, "main", how="options", sslmode="disable")
+    out = subprocess.run(["pgbench", "-c", "4", "-t", "50", "-n", "-S", plain],
+                         capture_output=True, text=True, timeout=300, env=env, check=True)
+    assert "number of transactions actually processed: 200/200" in out.stdout, out.stdout
+    with psycopg.connect(plain, autocommit=True) as conn:
+        assert conn.execute("select length(repeat('x', 5000000) || 'y')").fetchone() == (
+            5000001,)
+        assert conn.execute("select md5(repeat('ab', 3000000))").fetchone() == (
+            hashlib.md5(b"ab" * 3000000).hexdigest(),)
+        conn.execute("create temp table big (t text)")
+        with conn.cursor().copy("copy big from stdin") as copy:
+            for i in range(2000):
+                copy.write(f"{i}-{'z' * 1000}\n")
+        assert conn.execute("select count(*), sum(length(t)) from big").fetchone() == (
+            2000, sum(len(f"{i}-") + 1000 for i in range(2000)))
+        assert endpoint_state(cli, "main")["connections"] == 1
+    deadline = time.monotonic() + 60
+    while endpoint_state(cli, "main")["connections"] != 0:
+        assert time.monotonic() < deadline, endpoint_state(cli, "main")
+        time.sleep(0.1)
 
 
 def test_wake_suspend_and_concurrent_wake(proxied: Cli) -> None:
