@@ -17,6 +17,8 @@ Proves:
 - backpressure: with ingest slowed by a failpoint, acknowledged WAL stays within the write
   lag limit of what the pageserver ingested, and all WAL the compute wrote within that plus
   its transactions in flight;
+- kill -9 of the pageserver with its WAL log's unsynced tail zeroed: it cuts the tail and
+  streams it again from the safekeepers, and no acknowledged commit is lost;
 - the `--sync` command line prints the same LSNs as the library (and fails with the
   safekeepers' answer for a timeline they lack); the sidecar command line commits through
   the quorum, and exits 3 after stopping its compute when a newer proposer appears.
@@ -254,6 +256,51 @@ def check_chain(cluster: Cluster, tenant: TenantId, timeline: TimelineId, start:
         last_end = record.end_lsn
         count += 1
     assert last_end == end.value, (Lsn(last_end), end, count)
+
+
+def test_pageserver_kill9_with_a_torn_wal_log_tail(cluster: Cluster) -> None:
+    """The pageserver does not fsync the WAL it takes from the safekeepers: after a crash
+    it cuts its log back to disk_consistent_lsn and streams the rest again. Here the log's
+    whole tail above disk_consistent_lsn is zeroed while it is down (what a machine crash
+    may leave of unsynced bytes); every acknowledged commit is still there afterwards."""
+    tenant, timeline = cluster.create_tenant()
+    rc = cluster.start_compute(tenant, timeline)
+    Bank.create(rc.compute)
+    bank = Bank(rc.compute, clients=2)
+    bank.start(first_id=1)
+    try:
+        wait_until(lambda: sum(bank.progress) >= 30, 30, "transfers before the crash")
+        ps = cluster.env.pageserver
+        info = ps.client.timeline(tenant, timeline)
+        ps.kill9()
+        wal_dirs = [p.parent for p in ps.workdir.rglob("wal_log.meta")
+                    if str(timeline) in str(p)]
+        assert len(wal_dirs) == 1, wal_dirs
+        seg = 16 << 20
+        zeroed = 0
+        for path in wal_dirs[0].iterdir():
+            if len(path.name) != 24:
+                continue
+            base = int(path.name[8:16], 16) * 0x1_0000_0000 + int(path.name[16:], 16) * seg
+            size = path.stat().st_size
+            cut = max(info.disk_consistent_lsn.value - base, 0)
+            if cut < size:
+                with open(path, "r+b") as f:
+                    f.seek(cut)
+                    f.write(bytes(size - cut))
+                zeroed += size - cut
+        assert zeroed > 0, (info, sorted(p.name for p in wal_dirs[0].iterdir()))
+        ps.start()
+        wait_until(lambda: sum(bank.progress) >= 60, 30, "transfers after the restart")
+    finally:
+        bank.stop()
+    assert not bank.errors, bank.errors
+    assert "cutting the unsynced WAL log tail" in cluster.env.pageserver.log_text()
+    stop_compute(rc)
+    rc2 = cluster.start_compute(tenant, timeline)  # its basebackup waits for ingest
+    check_bank(rc2.compute, bank.acked)
+    info = cluster.env.client.timeline(tenant, timeline)
+    assert info.broken_reason is None and info.last_record_lsn >= rc2.start.lsn, info
 
 
 def test_two_computes_older_is_fenced(cluster: Cluster) -> None:

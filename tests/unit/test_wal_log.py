@@ -131,3 +131,23 @@ def test_short_middle_segment_is_corruption(tmp_path: Path) -> None:
 def test_bad_segment_size_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="power of two"):
         WalLog.create(tmp_path, Lsn(0), seg_size=3 << 20)
+
+
+def test_publish_moves_flush_without_fsync_and_sync_all(tmp_path: Path) -> None:
+    start = Lsn(2 * SEG - 50)
+    wal = WalLog.create(tmp_path, start, seg_size=SEG)
+    data = payload(start.value, SEG + 200)  # from segment 1 across 2 into 3
+    fds_before = len(os.listdir("/proc/self/fd"))
+    wal.append(start, data)
+    assert wal.flush_lsn == start
+    assert wal.publish() == start + len(data)
+    assert wal.flush_lsn == wal.end_lsn == start + len(data)
+    # The finished segments' descriptors are closed; only the open one is left.
+    assert len(os.listdir("/proc/self/fd")) == fds_before + 1
+    assert wal.read(start, wal.end_lsn) == data
+    assert wal.sync_all() == start + len(data)
+    wal.close()
+    reopened = WalLog.open(tmp_path)
+    assert reopened.end_lsn == start + len(data)
+    assert reopened.read(start, reopened.end_lsn) == data
+    reopened.close()

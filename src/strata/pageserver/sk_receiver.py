@@ -9,9 +9,13 @@ its connection ends, or when a peer has committed WAL that it cannot give (it mi
 last commit LSN, or lags by more than `switch_lag_bytes`) for `switch_after_s`.
 
 The streaming itself is the development-mode receiver's (`WalReceiver._stream`): XLogData is
-appended to the log and fsynced per batch, and each status update reports write = received,
-flush = fsynced and apply = `Timeline.wal_durable_lsn` (`disk_consistent_lsn`, or with
-remote storage `remote_consistent_lsn`), which the safekeepers use to drop WAL.
+appended to the log, and each status update reports write = flush = received and apply =
+`Timeline.wal_durable_lsn` (`disk_consistent_lsn`, or with remote storage
+`remote_consistent_lsn`), which the safekeepers use to drop WAL. The log is not fsynced
+(`WalReceiverConfig.fsync_wal=False`): the safekeepers keep every byte above the apply
+LSN, so after a crash the pageserver cuts its log back to `last_record_lsn` (which is then
+`disk_consistent_lsn`) and streams the rest again (`TimelineWal.start`); an fsync per
+batch bought nothing but a fifth fsync per commit on the commit path's disk.
 
 The safekeeper's walsender (docs/safekeeper.md): a connection as user `strata` with
 `replication=true`, then `START_REPLICATION PHYSICAL <lsn> <tenant> <timeline>` (the
@@ -102,7 +106,7 @@ class SafekeeperReceiver(WalReceiver):
         # streamed from at the moment (see _session).
         config = WalReceiverConfig(host=first.host, port=first.pg_port, slot_name="unused",
                                    user="strata", application_name=APPLICATION_NAME,
-                                   backoff_max_s=1.0)
+                                   backoff_max_s=1.0, fsync_wal=False)
         super().__init__(config, wal_log, apply_lsn=apply_lsn, on_flush=on_flush)
         self.tenant_id = tenant_id
         self.timeline_id = timeline_id

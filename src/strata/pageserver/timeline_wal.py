@@ -19,7 +19,9 @@ to a running compute by itself (the compute waits for its synchronous standby).
 
 With safekeepers (the normal mode, D7), `follow_safekeepers` replaces that receiver with a
 `SafekeeperReceiver` (sk_receiver.py) that streams committed WAL from the most advanced
-safekeeper; the list is kept in `safekeepers.json` and followed again after a restart. A
+safekeeper; the list is kept in `safekeepers.json` and followed again after a restart.
+That receiver does not fsync the log (the safekeepers keep the WAL until our durable LSN
+passes it), so `start` cuts the log back to `last_record_lsn` before it follows them again. A
 compute is then started at the LSN that the walproposer's sync printed (the basebackup
 waits until ingest reaches it); `prepare_compute_start` is only for development mode.
 
@@ -123,9 +125,16 @@ class TimelineWal:
             if self.wal_log.start_lsn > start:
                 raise UserError(f"the WAL log in {self.dir} starts at {self.wal_log.start_lsn}, "
                                 f"after the timeline's last_record_lsn {start}: WAL is missing")
-            self._start_ingest()
             safekeepers = self._load_safekeepers()
             target = self._load_target()
+            if safekeepers and self.wal_log.end_lsn > start:
+                # Following safekeepers, the log is not fsynced (sk_receiver.py): after a
+                # machine crash its tail may be short or zero-filled. The safekeepers keep
+                # WAL above our durable LSN (<= start), so take it from them again.
+                log.info("cutting the unsynced WAL log tail %s..%s; the safekeepers give it "
+                         "again", start, self.wal_log.end_lsn)
+                self.wal_log = await in_thread(_truncate_log, self.wal_log, start)
+            self._start_ingest()
             if safekeepers:
                 log.info("following safekeepers %s again", [s.node_id for s in safekeepers])
                 await self.follow_safekeepers(safekeepers)
@@ -185,6 +194,10 @@ class TimelineWal:
         """Stream from a running compute (replacing any previous receiver)."""
         assert self.wal_log is not None, "start() first"
         await self.detach(forget=False)
+        if self.safekeepers:
+            # From now on what the log holds counts as durable (development mode: the
+            # compute's slot moves on with our flush LSN), so make the unsynced bytes so.
+            await in_thread(self.wal_log.sync_all)
         self.safekeepers = ()  # development mode: the compute itself is the WAL source
         (self.dir / SAFEKEEPERS_FILE).unlink(missing_ok=True)
         self._save_target(target)

@@ -15,7 +15,8 @@ Layout of the directory:
   of the log on reopen is therefore the size of the highest segment.
 
 Durability: `fsync()` makes everything appended so far durable and moves
-`flush_lsn`. After a process crash the bytes written before it survive even if
+`flush_lsn` (`publish()` moves it without an fsync, for a log whose tail can be fetched
+again, see there). After a process crash the bytes written before it survive even if
 not fsynced; they are bytes the compute sent, so keeping them is correct (they
 are not reported as flushed until the next `fsync()`). After a machine crash a
 file system may leave the unfsynced tail of the last segment short or
@@ -160,6 +161,31 @@ class WalLog:
         assert end >= self._flush, (end, self._flush)
         self._flush = end
         return Lsn(end)
+
+    def publish(self) -> Lsn:
+        """Move `flush_lsn` to the end without any fsync: for a log whose bytes past the
+        consumer's durable point can be fetched again (the pageserver following the
+        safekeepers: they keep WAL until the pageserver's durable LSN passes it). Finished
+        segments are closed unsynced. Such a log's tail is not trusted after a restart: its
+        owner cuts it back to where ingest resumes (`TimelineWal.start`)."""
+        for fd in self._unsynced_fds:
+            os.close(fd)
+        self._unsynced_fds.clear()
+        self._flush = self._end
+        return Lsn(self._end)
+
+    def sync_all(self) -> Lsn:
+        """fsync every segment file of the log (after `publish()` left them unsynced)."""
+        self.fsync()  # closes the finished segments' descriptors
+        if self._end == self._start:
+            return self.flush_lsn
+        for segno in range(self._start // self.seg_size, (self._end - 1) // self.seg_size + 1):
+            fd = os.open(self.segment_path(segno), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return self.flush_lsn
 
     # --- another process appends (walreceiver_proc) ------------------------------
     def advance_to(self, lsn: Lsn) -> None:

@@ -50,6 +50,9 @@ class WalReceiverConfig:
     # fsync on the event loop's own thread: for a process that does nothing else (the
     # dev-mode receiver's child process), it saves a thread hand-off per commit batch.
     fsync_inline: bool = False
+    # False: appended WAL counts as flushed without an fsync (`WalLog.publish`), for a
+    # source that keeps it until our apply LSN passes it (the safekeepers, sk_receiver.py).
+    fsync_wal: bool = True
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9_]{1,63}", self.slot_name):
@@ -227,6 +230,8 @@ class WalReceiver:
                 await self._send_status(stream, received, False)
 
     async def _fsync(self) -> Lsn:
+        if not self.config.fsync_wal:
+            return self.wal_log.publish()
         if self.config.fsync_inline:
             return self.wal_log.fsync()
         # In a worker thread, so the event loop keeps serving; but a cancelled receiver
