@@ -226,3 +226,13 @@ def test_failpoint_callback_sees_consistent_reads(tmp_path: Path) -> None:
         tl.flush()
     assert seen == [1]
     assert load_metadata(tl.dir).disk_consistent_lsn == Lsn(LAST)
+
+
+def test_is_armed_follows_enable_and_disable() -> None:
+    assert not fp.is_armed("test-is-armed")
+    fp.enable("test-is-armed")
+    try:
+        assert fp.is_armed("test-is-armed") and not fp.is_armed("test-is-armed-other")
+    finally:
+        fp.disable("test-is-armed")
+    assert not fp.is_armed("test-is-armed")

@@ -73,6 +73,11 @@ def disable_all() -> None:
         _armed.clear()
 
 
+def is_armed(name: str) -> bool:
+    """Whether a test armed `name` (code may then take its slow, observable path)."""
+    return bool(_armed) and name in _armed
+
+
 def hits(name: str) -> int:
     """How often an armed failpoint was reached (0 if not armed)."""
     with _lock:

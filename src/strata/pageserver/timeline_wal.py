@@ -7,8 +7,10 @@ for this process's interpreter lock), which appends it to the timeline's `WalLog
 (`<timeline dir>/wal/`) and fsyncs it. The ingest task follows the log's
 `flush_lsn`: it feeds the bytes to a `WalStreamDecoder` and applies every complete
 record to the `Timeline` with G's `WalIngest`, in a worker thread so the event loop
-keeps serving. It flushes frozen in-memory layers as they appear, and the whole
-open layer after `checkpoint_timeout_s` of quiet. The receiver reports
+keeps serving (a batch of at most 64 KB, with no frozen layer waiting, on the loop's own
+thread: the thread hops cost more than such a batch). It flushes frozen in-memory
+layers as they appear, and the whole open layer after `checkpoint_timeout_s` of quiet.
+The receiver reports
 `Timeline.wal_durable_lsn` as its apply LSN (`disk_consistent_lsn`, or with remote
 storage the `remote_consistent_lsn`: WAL a pageserver that lost its disk would re-read).
 
@@ -45,6 +47,7 @@ from typing import Any, Protocol, TypeVar
 from strata.common.durable import fsync_dir, write_atomic
 from strata.common.errors import StrataError, Unavailable, UserError
 from strata.common.failpoint import failpoint
+from strata.common.failpoint import is_armed as failpoint_armed
 from strata.common.logctx import timeline_context
 from strata.common.lsn import Lsn
 from strata.pageserver.sk_receiver import SafekeeperEndpoint, SafekeeperReceiver
@@ -61,6 +64,9 @@ WAL_DIR = "wal"
 RECEIVER_FILE = "walreceiver.json"
 SAFEKEEPERS_FILE = "safekeepers.json"
 _IDLE_CHECK_S = 0.5  # how often a quiet ingest task looks at checkpoint_timeout_s
+# Batches up to this size are read and applied on the event loop's thread (see _ingest);
+# at most half the checkpoint_distance too, so such a batch freezes at most one layer.
+_INLINE_BATCH_BYTES = 64 * 1024
 
 
 class RecordApplier(Protocol):
@@ -344,13 +350,26 @@ class TimelineWal:
             flush = wal_log.flush_lsn.value
             if self._fed < flush:
                 end = min(flush, self._fed + self._batch_bytes)
-                data = await in_thread(wal_log.read, Lsn(self._fed), Lsn(end))
+                # A small batch (a few commits) is read and applied on the loop's thread:
+                # two worker-thread hops cost more than the work. Not when frozen layers
+                # wait (a record could then write one inline) or a test slows ingest down.
+                inline = (end - self._fed <= min(_INLINE_BATCH_BYTES,
+                                                 timeline.conf.checkpoint_distance // 2)
+                          and timeline.frozen_layer_count() == 0
+                          and not failpoint_armed("ingest-apply-record"))
+                if inline:
+                    data = wal_log.read(Lsn(self._fed), Lsn(end))
+                else:
+                    data = await in_thread(wal_log.read, Lsn(self._fed), Lsn(end))
                 decoder.feed(data)
                 self._caught_up = False  # until these bytes have been applied
                 self._fed = end
                 dcl = timeline.disk_consistent_lsn
                 async with self._apply_lock:
-                    await in_thread(_apply_all, decoder, applier, timeline)
+                    if inline:
+                        _apply_all(decoder, applier, timeline)
+                    else:
+                        await in_thread(_apply_all, decoder, applier, timeline)
                 self._kick_flush()
                 if timeline.disk_consistent_lsn.segno(wal_log.seg_size) > dcl.segno(
                         wal_log.seg_size):
