@@ -1,5 +1,6 @@
 """A bare relay for bench/proxy_relay.py: TCP on 127.0.0.1:PORT to a PostgreSQL unix
-socket, no startup handling or authentication, one of `strata.proxy.relay`'s ways."""
+socket, one of `strata.proxy.relay`'s ways; no startup handling or authentication beyond
+answering an SSLRequest with TLS (the proxy's context, --tls-dir holds its pair)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import argparse
 import asyncio
 import os
 import socket
+import struct
+from pathlib import Path
 
 from strata.common import eventloop
 from strata.proxy import relay
+from strata.proxy.tls import server_context
 
 
 def _copy_loop(src: int, dst: int) -> None:
@@ -29,14 +33,33 @@ def _copy_loop(src: int, dst: int) -> None:
         d.close()
 
 
-async def main(mode: str, port: int, socket_path: str) -> None:
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+
+
+async def main(mode: str, port: int, socket_path: str, tls_dir: Path) -> None:
     if mode == "threads-copy":
         relay._splice_loop = _copy_loop
-    how = relay.relay_protocols if mode == "protocols" else relay.relay_threads
+    context = server_context(tls_dir / "server.crt", tls_dir / "server.key")
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            first = await reader.readexactly(8)
+        except asyncio.IncompleteReadError:
+            return  # bench/proxy_relay.py's check that the relay listens
+        raw = None
+        if first == SSL_REQUEST:
+            writer.write(b"S")
+            await writer.drain()
+            raw = writer.transport
+            await writer.start_tls(context)
+            first = b""
         c_reader, c_writer = await asyncio.open_unix_connection(socket_path)
-        await how(reader, writer, c_reader, c_writer)
+        c_writer.write(first)
+        await relay.wait_writes_flushed(writer, c_writer, raw=raw)
+        if mode == "protocols":
+            await relay.relay_protocols(reader, writer, c_reader, c_writer)
+        else:
+            await relay.relay_threads(reader, writer, c_reader, c_writer, raw)
 
     server = await asyncio.start_server(handle, "127.0.0.1", port)
     async with server:
@@ -48,5 +71,6 @@ if __name__ == "__main__":
     parser.add_argument("--mode", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--socket", required=True)
+    parser.add_argument("--tls-dir", required=True, type=Path)
     args = parser.parse_args()
-    eventloop.run(main(args.mode, args.port, args.socket))
+    eventloop.run(main(args.mode, args.port, args.socket, args.tls_dir))

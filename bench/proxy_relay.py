@@ -7,7 +7,10 @@ drifts over all of them alike; baseline: pgbench directly on the unix socket.
 - `relay_cpu_us_per_tx_<mode>`: the relay process's CPU (/proc/PID/stat) per transaction.
 
 Modes: `protocols` (asyncio protocols on uvloop), `threads` (a thread per direction,
-os.splice through a pipe), `threads-copy` (a thread per direction, recv/send).
+os.splice through a pipe), `threads-copy` (a thread per direction, recv/send); each
+plain and over TLS (`-tls`: sslmode=require, TLS ended at the relay; threads: the TLS
+session taken over from the event loop). Environment: RELAY_MODES (comma-separated,
+default all), RELAY_CLIENTS (default 4).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from pathlib import Path
 from bench.report import Report
 from strata.common.proc import free_port
 from strata.compute.pgserver import PgServer
+from strata.proxy.tls import make_self_signed
 
-MODES = ("protocols", "threads", "threads-copy")
+MODES = ("protocols", "threads", "threads-copy", "protocols-tls", "threads-tls")
 
 
 def _cpu_s(pid: int) -> float:
@@ -55,17 +59,19 @@ def _wait_listening(port: int) -> None:
             time.sleep(0.05)
 
 
-def _through_relay(mode: str, socket_path: str, seconds: int,
+def _through_relay(mode: str, socket_path: str, tls_dir: Path, seconds: int,
                    clients: int) -> tuple[float, float]:
     port = free_port("127.0.0.1")
-    relay = subprocess.Popen([sys.executable, "-m", "bench._relay_server", "--mode", mode,
-                              "--port", str(port), "--socket", socket_path],
+    relay = subprocess.Popen([sys.executable, "-m", "bench._relay_server", "--mode",
+                              mode.removesuffix("-tls"), "--port", str(port),
+                              "--socket", socket_path, "--tls-dir", str(tls_dir)],
                              cwd=Path(__file__).parent.parent)
+    sslmode = "require" if mode.endswith("-tls") else "disable"
     try:
         _wait_listening(port)
         cpu = _cpu_s(relay.pid)
         tps, n = _pgbench(f"host=127.0.0.1 port={port} user=postgres dbname=postgres "
-                          "sslmode=disable", seconds, clients)
+                          f"sslmode={sslmode}", seconds, clients)
         return tps, (_cpu_s(relay.pid) - cpu) * 1e6 / max(1, n)
     finally:
         relay.terminate()
@@ -75,7 +81,10 @@ def _through_relay(mode: str, socket_path: str, seconds: int,
 def run(report: Report, quick: bool) -> None:
     seconds, rounds = (5, 3) if quick else (10, 5)
     clients = int(os.environ.get("RELAY_CLIENTS", "4"))
+    modes = os.environ.get("RELAY_MODES", ",".join(MODES)).split(",")
     with tempfile.TemporaryDirectory(prefix="strata-bench-relay-") as tmp:
+        tls_dir = Path(tmp) / "tls"
+        make_self_signed(tls_dir, "localhost")
         pg = PgServer(Path(tmp) / "pgdata")
         pg.initdb()
         pg.start({"max_connections": 50})
@@ -84,18 +93,18 @@ def run(report: Report, quick: bool) -> None:
             direct = f"host={pg.socket_dir} port={pg.port} user=postgres dbname=postgres"
             subprocess.run(["pgbench", "-i", "-q", "-s", "1", direct], capture_output=True,
                            timeout=600, check=True)
-            tps: dict[str, list[float]] = {m: [] for m in ("direct", *MODES)}
-            cpu: dict[str, list[float]] = {m: [] for m in MODES}
+            tps: dict[str, list[float]] = {m: [] for m in ("direct", *modes)}
+            cpu: dict[str, list[float]] = {m: [] for m in modes}
             for _ in range(rounds):
                 tps["direct"].append(_pgbench(direct, seconds, clients)[0])
-                for mode in MODES:
-                    t, c = _through_relay(mode, socket_path, seconds, clients)
+                for mode in modes:
+                    t, c = _through_relay(mode, socket_path, tls_dir, seconds, clients)
                     tps[mode].append(t)
                     cpu[mode].append(c)
             report.note(f"pgbench -S -c {clients} -j 2 -T {seconds}, {rounds} rounds; load "
                         f"average {os.getloadavg()[0]:.1f}")
             base = statistics.median(tps["direct"])
-            for mode in MODES:
+            for mode in modes:
                 report.add(f"relay_tps_{mode}", statistics.median(tps[mode]), "tps",
                            baseline=base)
                 report.add(f"relay_cpu_us_per_tx_{mode}", statistics.median(cpu[mode]), "us")

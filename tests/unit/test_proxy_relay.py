@@ -1,26 +1,38 @@
-"""strata.proxy.relay over real sockets (TCP client side, unix socket compute side, as in
-the proxy): both ways relay every byte in order, with more in flight than a pipe or a
-socket buffer holds; bytes the stream readers read ahead go first; either side's close
-ends the relay, closes the other side and leaves no thread behind."""
+"""strata.proxy.relay over real sockets (TCP client side, plain or TLS, unix socket compute
+side, as in the proxy): both ways relay every byte in order, with more in flight than a
+pipe or a socket buffer holds; bytes the stream readers read ahead go first; the TLS
+session the event loop negotiated goes on in the relay threads; either side's close ends
+the relay, closes the other side and leaves no thread behind."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import os
+import random
 import socket
+import ssl
 import threading
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from strata.common import eventloop
 from strata.proxy import relay
+from strata.proxy.tls import make_self_signed, server_context
 
-Relay = Callable[[asyncio.StreamReader, asyncio.StreamWriter, asyncio.StreamReader,
-                  asyncio.StreamWriter], Awaitable[None]]
-WAYS: dict[str, Relay] = {"threads": relay.relay_threads, "protocols": relay.relay_protocols}
+WAYS = ("threads", "threads-tls", "protocols")
+
+
+@pytest.fixture(scope="module")
+def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(the proxy's server context, as strata.proxy.tls makes it; a client context that
+    does not check the self-signed certificate)."""
+    cert, key = make_self_signed(tmp_path_factory.mktemp("tls"), "localhost")
+    client = ssl.create_default_context()
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    return server_context(cert, key), client
 
 
 class _EchoCompute:
@@ -45,17 +57,58 @@ class _EchoCompute:
         writer.close()
 
 
-async def _proxy_once(listener: socket.socket, compute_path: str, how: Relay) -> None:
-    """Accept one client, forward its first line to the compute and the compute's first
-    line back (as the proxy does the startup), then relay."""
-    loop = asyncio.get_running_loop()
-    conn, _ = await loop.sock_accept(listener)
-    reader, writer = await asyncio.open_connection(sock=conn)
-    c_reader, c_writer = await asyncio.open_unix_connection(compute_path)
-    c_writer.write(await reader.readline())
-    writer.write(await c_reader.readline())
-    await relay.wait_writes_flushed(writer, c_writer)
-    await how(reader, writer, c_reader, c_writer)
+async def _proxy_once(listener: socket.socket, compute_path: str, way: str,
+                      tls: ssl.SSLContext | None) -> None:
+    """Accept one client (TLS from its first byte if `tls`), forward its first line to
+    the compute and the compute's first line back (as the proxy does the startup), then
+    relay."""
+    served: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            raw = None
+            if tls is not None:  # as after an SSLRequest: 'S', then the client's hello
+                writer.write(b"S")
+                await writer.drain()
+                raw = writer.transport
+                await writer.start_tls(tls)
+            c_reader, c_writer = await asyncio.open_unix_connection(compute_path)
+            c_writer.write(await reader.readline())
+            writer.write(await c_reader.readline())
+            await relay.wait_writes_flushed(writer, c_writer, raw=raw)
+            if way == "protocols":
+                await relay.relay_protocols(reader, writer, c_reader, c_writer)
+            else:
+                await relay.relay_threads(reader, writer, c_reader, c_writer, raw)
+            served.set_result(None)
+        except BaseException as err:
+            served.set_exception(err)
+
+    server = await asyncio.start_server(serve, sock=listener)
+    async with server:
+        await served
+
+
+def _tls_client(port: int, payload: bytes, context: ssl.SSLContext) -> bytes:
+    """As `_client` over TLS, in lockstep (an SSLSocket is not for two threads): chunks
+    of up to 100 kB, each echoed before the next; the first line and bytes in one record."""
+    rng = random.Random(7)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as tcp:
+        assert tcp.recv(1) == b"S"
+        s = context.wrap_socket(tcp, server_hostname="x.localhost")
+        s.sendall(b"hello\n" + payload[:1000])
+        received = bytearray()
+        sent = 1000
+        while len(received) < 6 + len(payload):
+            if len(received) >= 6 + sent and sent < len(payload):
+                n = rng.randrange(1, 100_000)
+                s.sendall(payload[sent:sent + n])
+                sent += n
+            chunk = s.recv(1 << 20)
+            assert chunk, len(received)
+            received += chunk
+    assert received[:6] == b"ready\n", bytes(received[:20])
+    return bytes(received[6:])
 
 
 def _client(port: int, payload: bytes) -> bytes:
@@ -76,12 +129,14 @@ def _client(port: int, payload: bytes) -> bytes:
     return bytes(received[6:])
 
 
-@pytest.mark.parametrize("way", sorted(WAYS))
-def test_relay_both_ways_in_order(way: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("way", WAYS)
+def test_relay_both_ways_in_order(way: str, tmp_path: Path,
+                                  tls_pair: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
     """20 MB each way through the relay arrive whole and in order, with the bytes read
     ahead during the 'startup'; the client's close ends the relay, closes the compute's
     side, and the relay's threads are gone."""
-    payload = os.urandom(20 * 1024 * 1024)
+    tls = way.endswith("-tls")
+    payload = os.urandom((5 if tls else 20) * 1024 * 1024)
     compute_path = str(tmp_path / "compute.sock")
     threads_before = threading.active_count()
 
@@ -93,8 +148,12 @@ def test_relay_both_ways_in_order(way: str, tmp_path: Path) -> None:
         listener.setblocking(False)
         port = listener.getsockname()[1]
         async with compute:
-            proxy = asyncio.ensure_future(_proxy_once(listener, compute_path, WAYS[way]))
-            result = await asyncio.to_thread(_client, port, payload)
+            proxy = asyncio.ensure_future(_proxy_once(
+                listener, compute_path, way, tls_pair[0] if tls else None))
+            if tls:
+                result = await asyncio.to_thread(_tls_client, port, payload, tls_pair[1])
+            else:
+                result = await asyncio.to_thread(_client, port, payload)
             await asyncio.wait_for(proxy, 60)
             while not echo_compute.digests:  # the compute sees its side closed
                 await asyncio.sleep(0.01)
@@ -107,9 +166,12 @@ def test_relay_both_ways_in_order(way: str, tmp_path: Path) -> None:
     assert threading.active_count() == threads_before, threading.enumerate()
 
 
-@pytest.mark.parametrize("way", sorted(WAYS))
-def test_compute_close_closes_client(way: str, tmp_path: Path) -> None:
-    """The compute going away (a FATAL, a crash) closes the client's connection."""
+@pytest.mark.parametrize("way", WAYS)
+def test_compute_close_closes_client(way: str, tmp_path: Path,
+                                     tls_pair: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """The compute going away (a FATAL, a crash) closes the client's connection (over
+    TLS with a close_notify: the client reads a clean end)."""
+    tls = way.endswith("-tls")
     compute_path = str(tmp_path / "compute.sock")
 
     async def closing_compute(reader: asyncio.StreamReader,
@@ -126,7 +188,10 @@ def test_compute_close_closes_client(way: str, tmp_path: Path) -> None:
         port = listener.getsockname()[1]
 
         def client() -> bytes:
-            with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as tcp:
+                assert not tls or tcp.recv(1) == b"S"
+                s = tls_pair[1].wrap_socket(tcp, server_hostname="x.localhost",
+                                            suppress_ragged_eofs=False) if tls else tcp
                 s.sendall(b"hello\n")
                 got = b""
                 while chunk := s.recv(100):
@@ -134,7 +199,8 @@ def test_compute_close_closes_client(way: str, tmp_path: Path) -> None:
                 return got
 
         async with compute:
-            proxy = asyncio.ensure_future(_proxy_once(listener, compute_path, WAYS[way]))
+            proxy = asyncio.ensure_future(_proxy_once(
+                listener, compute_path, way, tls_pair[0] if tls else None))
             got = await asyncio.to_thread(client)
             await asyncio.wait_for(proxy, 60)
         listener.close()

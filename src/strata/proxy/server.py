@@ -12,8 +12,8 @@ Per client connection:
 4. the proxy logs in to the compute over its unix socket with the client's startup
    parameters, forwards the compute's answer (its BackendKeyData replaced by a key of
    the proxy's, so that a cancel request comes back here) up to ReadyForQuery,
-5. then relays bytes both ways (`strata.proxy.relay`: a thread per direction for a plain
-   connection, asyncio protocols for TLS).
+5. then relays bytes both ways (`strata.proxy.relay`: a thread per direction, the TLS
+   session taken over from the event loop's transport).
 
 A malformed or unexpected message closes that one connection with an ErrorResponse;
 the server goes on. Passwords and secrets are never logged.
@@ -125,12 +125,14 @@ class ProxyServer:
             if isinstance(packet, GSSENCRequest):
                 writer.write(b"N")
                 packet = await _read_startup(reader)
+            raw: asyncio.BaseTransport | None = None  # TCP under TLS
             if isinstance(packet, SSLRequest):
                 if self.ssl_context is None:
                     writer.write(b"N")
                 else:
                     writer.write(b"S")
                     await writer.drain()
+                    raw = writer.transport
                     await writer.start_tls(self.ssl_context)
                     ssl_object = writer.get_extra_info("ssl_object")
                     server_name = self._sni.pop(id(ssl_object), None)
@@ -150,7 +152,7 @@ class ProxyServer:
                 name = await self._cleartext_auth(reader, writer, user)
             else:
                 await self._scram_auth(reader, writer, name, user)
-        await self._connect(reader, writer, name, packet)
+        await self._connect(reader, writer, name, packet, raw)
 
     def _secret(self, endpoint: str, user: str) -> ScramSecret:
         state = self.computes.state.get()
@@ -202,7 +204,8 @@ class ProxyServer:
 
     # --- compute -------------------------------------------------------------------------
     async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       name: str, startup: StartupMessage) -> None:
+                       name: str, startup: StartupMessage,
+                       raw: asyncio.BaseTransport | None) -> None:
         self.computes.acquire(name)
         key: tuple[int, int] | None = None
         try:
@@ -226,13 +229,9 @@ class ProxyServer:
                 key = await self._forward_compute_startup(c_reader, writer, address.socket_path)
                 if key is None:
                     return
-                if writer.get_extra_info("ssl_object") is None:
-                    # Plain: a thread per direction, the bytes stay in the kernel (about
-                    # 1.5x the transactions per second of the protocols, docs/proxy.md).
-                    await relay.wait_writes_flushed(writer, c_writer)
-                    await relay.relay_threads(reader, writer, c_reader, c_writer)
-                else:
-                    await relay.relay_protocols(reader, writer, c_reader, c_writer)
+                # A thread per direction, out of the event loop (docs/proxy.md, "Relay").
+                await relay.wait_writes_flushed(writer, c_writer, raw=raw)
+                await relay.relay_threads(reader, writer, c_reader, c_writer, raw)
             finally:
                 c_writer.close()
         finally:
