@@ -123,10 +123,14 @@ def run(report: Report, quick: bool) -> None:
                 with psycopg.connect(dsn, autocommit=True) as conn:
                     conn.execute("select count(*) from pgbench_branches").fetchone()
                 report.add(f"wake_s{scale}", time.monotonic() - t, "s")
-                woke = [line for line in (repo / "logs" / "proxy.log").read_text().splitlines()
-                        if f"woke endpoint s{scale} in" in line]
+                log = (repo / "logs" / "proxy.log").read_text().splitlines()
+                woke = [line for line in log if f"woke endpoint s{scale} in" in line]
                 if woke:  # the start's phases, as the proxy logged them
                     report.note(woke[-1].split("woke ", 1)[1])
+                own = [line for line in log
+                       if f"connection to endpoint s{scale} after its wake" in line]
+                if own:  # the proxy's own share: the client's side and the compute login
+                    report.note(own[-1].split("after its wake: ", 1)[1])
             subprocess.run(["pgbench", "-i", "-q", "-s", "1", direct], capture_output=True,
                            timeout=3600, check=True)
             proxy_pid = int((repo / "run" / "proxy.pid").read_text())

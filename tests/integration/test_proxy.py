@@ -195,6 +195,8 @@ def test_wake_suspend_and_concurrent_wake(proxied: Cli) -> None:
     assert not errors, errors[:3]
     assert answers == [42] * 50
     assert proxy_log(cli).count("waking endpoint dev ") == 2  # one start per wake
+    # The proxy's own share of each wake is logged, for the connections that waited.
+    assert proxy_log(cli).count("connection to endpoint dev after its wake") >= 2
 
     # A compute that cannot start: its port is taken by someone else.
     wait_state(cli, "dev", "suspended")

@@ -86,17 +86,17 @@ class Computes:
         return self._get(name).connections
 
     # --- wake ----------------------------------------------------------------------------
-    async def wake(self, name: str) -> ComputeAddress:
-        """The running compute of endpoint `name`, started if it is stopped; concurrent
-        callers share one start. (No await between looking and starting: two callers
-        never both start it.)"""
+    async def wake(self, name: str) -> tuple[ComputeAddress, bool]:
+        """The running compute of endpoint `name`, started if it is stopped, and whether
+        this caller waited for a start; concurrent callers share one start. (No await
+        between looking and starting: two callers never both start it.)"""
         ep = self._get(name)
         while ep.stopping is not None:
             await asyncio.shield(ep.stopping)
         if ep.starting is None:
             address = self._address_if_running(name)
             if address is not None:
-                return address
+                return address, False
             starting = asyncio.ensure_future(asyncio.to_thread(self._start, name))
             ep.starting = starting
             starting.add_done_callback(lambda _: self._start_done(ep))
@@ -105,7 +105,7 @@ class Computes:
         address = self._address_if_running(name)
         if address is None:
             raise Unavailable(f"endpoint {name} stopped right after it started; see its log")
-        return address
+        return address, True
 
     def _start_done(self, ep: _Endpoint) -> None:
         ep.starting = None

@@ -26,6 +26,7 @@ import logging
 import secrets
 import ssl
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,7 @@ class ProxyServer:
 
     async def _serve_client(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
+        accepted = time.monotonic()
         async with asyncio.timeout(STARTUP_TIMEOUT_S):
             packet = await _read_startup(reader)
             server_name: str | None = None
@@ -152,7 +154,8 @@ class ProxyServer:
                 name = await self._cleartext_auth(reader, writer, user)
             else:
                 await self._scram_auth(reader, writer, name, user)
-        await self._connect(reader, writer, name, packet, raw)
+        await self._connect(reader, writer, name, packet, raw,
+                            auth_s=time.monotonic() - accepted)
 
     def _secret(self, endpoint: str, user: str) -> ScramSecret:
         state = self.computes.state.get()
@@ -205,13 +208,15 @@ class ProxyServer:
     # --- compute -------------------------------------------------------------------------
     async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        name: str, startup: StartupMessage,
-                       raw: asyncio.BaseTransport | None) -> None:
+                       raw: asyncio.BaseTransport | None, *, auth_s: float) -> None:
         self.computes.acquire(name)
         key: tuple[int, int] | None = None
         try:
             try:
+                wake_started = time.monotonic()
                 async with asyncio.timeout(WAKE_TIMEOUT_S):
-                    address = await self.computes.wake(name)
+                    address, woke = await self.computes.wake(name)
+                wake_s = time.monotonic() - wake_started
             except (StrataError, TimeoutError) as err:
                 raise ClientError(protocol.CANNOT_CONNECT_NOW,
                                   f"endpoint {name} could not be started: "
@@ -226,9 +231,15 @@ class ProxyServer:
                                   f"{err.strerror}") from None
             try:
                 c_writer.write(protocol.startup_for_compute(startup).encode())
+                login_started = time.monotonic()
                 key = await self._forward_compute_startup(c_reader, writer, address.socket_path)
                 if key is None:
                     return
+                if woke:  # the proxy's own share of a wake, next to the start's
+                    log.info("connection to endpoint %s after its wake: client startup and "
+                             "authentication %.3fs, wait for the start %.2fs, login to the "
+                             "compute %.3fs", name, auth_s, wake_s,
+                             time.monotonic() - login_started)
                 # A thread per direction, out of the event loop (docs/proxy.md, "Relay").
                 await relay.wait_writes_flushed(writer, c_writer, raw=raw)
                 await relay.relay_threads(reader, writer, c_reader, c_writer, raw)
