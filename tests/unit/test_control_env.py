@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from polling import wait_until
 from strata.common.errors import NotFound, UserError
+from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.control.env import (
     ComputeMode,
@@ -107,7 +108,7 @@ def test_config_round_trips_through_the_file(tmp_path_factory: pytest.TempPathFa
 
 def test_state_round_trip_and_lookups(tmp_path: Path) -> None:
     env = Environment.create(tmp_path / "env", EnvConfig())
-    tid, tl = "ab" * 16, "cd" * 16
+    tid, tl = TenantId.parse("ab" * 16), TimelineId.parse("cd" * 16)
     with env.locked() as state:
         state.tenants[tid] = TenantState("default", {"main": tl}, {}, 7 << 60,
                                          generation=5, attached=False)
@@ -118,7 +119,8 @@ def test_state_round_trip_and_lookups(tmp_path: Path) -> None:
     assert state.tenants[tid].system_id == 7 << 60
     assert (state.tenants[tid].generation, state.tenants[tid].attached) == (5, False)
     assert state.tenant_id(None) == tid == state.tenant_id("default")
-    assert str(state.timeline_id(tid, "main")) == tl
+    assert state.timeline_id(tid, "main") == tl
+    assert state.tenant_id("ab" * 16) == tid
     ep = state.endpoint("ro")
     assert ep.read_only and str(ep.read_lsn) == "0/16B3740" and not ep.autostart
     with pytest.raises(NotFound, match="no branch named 'dev'.*branches: main"):
@@ -142,7 +144,7 @@ def test_missing_and_existing_environment(tmp_path: Path) -> None:
 def test_state_write_failure_keeps_the_old_state(tmp_path: Path) -> None:
     env = Environment.create(tmp_path / "env", EnvConfig())
     with pytest.raises(RuntimeError), env.locked() as state:
-        state.default_tenant = "x"
+        state.default_tenant = TenantId.parse("ee" * 16)
         raise RuntimeError("a command failed half way")
     assert env.read_state().default_tenant is None
 
@@ -386,6 +388,47 @@ def test_modes_are_parsed_once_and_state_files_stay_compatible(tmp_path: Path) -
     old["endpoints"]["a"]["mode"] = "turbo"
     env.state_path.write_text(json.dumps(old))
     with pytest.raises(UserError, match=r"mode must be one of \['lazy', 'full'\], got 'turbo'"):
+        env.read_state()
+
+
+def test_ids_are_parsed_once_and_state_files_write_back_identical(tmp_path: Path) -> None:
+    """Tenant and timeline ids are TenantId/TimelineId in memory and the same 32 hex digits
+    in state.json: a file of the current format loads and writes back byte for byte; an
+    older one (without the later keys) loads with typed ids too."""
+    env = Environment.create(tmp_path / "env", EnvConfig())
+    tid, main, dev = "ab" * 16, "cd" * 16, "ef" * 16
+    current = {"version": 1, "default_tenant": tid,
+               "tenants": {tid: {"name": "default", "branches": {"main": main, "dev": dev},
+                                 "config": {"checkpoint_distance": 1 << 20},
+                                 "system_id": 7 << 60,
+                                 "roles": {"main": {"app": "SCRAM-SHA-256$4096:x"}},
+                                 "app_role_timelines": [main], "generation": 3,
+                                 "attached": True}},
+               "endpoints": {"ro": {"name": "ro", "tenant_id": tid, "branch": "dev",
+                                    "port": 5433, "lsn": "0/16B3740", "autostart": False,
+                                    "mode": "full", "suspend_timeout_s": 60.0}}}
+    text = json.dumps(current, indent=2) + "\n"
+    env.state_path.write_text(text)
+    with env.locked() as state:
+        assert state.default_tenant == TenantId.parse(tid)
+        tenant = state.tenants[TenantId.parse(tid)]
+        assert tenant.branches == {"main": TimelineId.parse(main), "dev": TimelineId.parse(dev)}
+        assert tenant.app_role_timelines == [TimelineId.parse(main)]
+        assert state.endpoint("ro").tenant_id == TenantId.parse(tid)
+        assert state.timeline_id(state.tenant_id(tid), "dev") == TimelineId.parse(dev)
+    assert env.state_path.read_text() == text
+    old: dict[str, Any] = {
+        "version": 1, "default_tenant": tid,
+        "tenants": {tid: {"name": "default", "branches": {"main": main}, "config": {}}},
+        "endpoints": {}}
+    env.state_path.write_text(json.dumps(old))
+    state = env.read_state()
+    assert list(state.tenants) == [TenantId.parse(tid)]
+    assert state.tenants[TenantId.parse(tid)].app_role_timelines == []
+    assert state.to_json()["tenants"][tid]["branches"] == {"main": main}
+    old["tenants"][tid]["branches"]["main"] = "not-an-id"
+    env.state_path.write_text(json.dumps(old))
+    with pytest.raises(UserError, match="invalid TimelineId 'not-an-id'"):
         env.read_state()
 
 

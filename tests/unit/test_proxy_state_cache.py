@@ -6,10 +6,11 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from strata.common.ids import TenantId, TimelineId
 from strata.control.env import EndpointState, EnvConfig, Environment, TenantState
 from strata.proxy.state_cache import StateCache
 
-TENANT = "11" * 16
+TENANT = TenantId.parse("11" * 16)
 
 
 def test_reads_once_per_change_and_sees_every_change(tmp_path: Path) -> None:
@@ -20,7 +21,7 @@ def test_reads_once_per_change_and_sees_every_change(tmp_path: Path) -> None:
     assert cache.reads == 1
 
     with env.locked() as state:
-        state.tenants[TENANT] = TenantState("default", {"main": "22" * 16},
+        state.tenants[TENANT] = TenantState("default", {"main": TimelineId.parse("22" * 16)},
                                             roles={"main": {"app": "secret-1"}})
         state.endpoints["main"] = EndpointState("main", TENANT, "main", 5432)
     assert cache.get().endpoint("main").port == 5432

@@ -22,7 +22,7 @@ from strata.console.metrics import WINDOW_S, Sampler
 from strata.console.sql import ROW_LIMIT, run_read_only
 from strata.control import operations
 from strata.control.endpoints import endpoint_status, local_connstr, running_pid
-from strata.control.env import ComputeMode, Environment, tenant_id_of
+from strata.control.env import ComputeMode, Environment
 from strata.control.services import pageserver_status, require_pageserver
 
 T = TypeVar("T")
@@ -115,7 +115,7 @@ async def status(request: web.Request) -> web.Response:
 async def tenants(request: web.Request) -> web.Response:
     state = await _blocking(_console(request).env.read_state)
     return web.json_response([
-        {"tenant_id": tid, "name": t.name, "default": tid == state.default_tenant,
+        {"tenant_id": str(tid), "name": t.name, "default": tid == state.default_tenant,
          "branches": sorted(t.branches)} for tid, t in state.tenants.items()])
 
 
@@ -149,11 +149,10 @@ def branch_tree(env: Environment, tenant: str) -> dict[str, Any]:
     endpoints = [endpoint_status(env, config, ep) for ep in state.endpoints.values()
                  if ep.tenant_id == tid]
     rows = []
-    for info in client.list_timelines(tenant_id_of(tid)):
+    for info in client.list_timelines(tid):
         row = operations.timeline_json(state.tenants[tid], info)
         try:
-            row["logical_size"] = client.timeline(tenant_id_of(tid),
-                                                  info.timeline_id).logical_size
+            row["logical_size"] = client.timeline(tid, info.timeline_id).logical_size
         except StrataError:
             row["logical_size"] = None  # deleted meanwhile, or broken
         made = times.get(row["timeline_id"], {})
@@ -163,7 +162,7 @@ def branch_tree(env: Environment, tenant: str) -> dict[str, Any]:
         row["endpoints"] = [e for e in endpoints if e["branch"] == row["branch"]
                             and row["branch"] is not None]
         rows.append(row)
-    return {"tenant_id": tid, "name": state.tenants[tid].name, "branches": rows}
+    return {"tenant_id": str(tid), "name": state.tenants[tid].name, "branches": rows}
 
 
 async def branches(request: web.Request) -> web.Response:
@@ -252,7 +251,8 @@ async def create_endpoint(request: web.Request) -> web.Response:
     assert name is not None and branch is not None
     ep = await _blocking(lambda: operations.create_endpoint(env, env.config(), name, branch,
                                                             lsn, None, tenant))
-    return web.json_response({"name": ep.name, "branch": ep.branch, "tenant_id": ep.tenant_id,
+    return web.json_response({"name": ep.name, "branch": ep.branch,
+                              "tenant_id": str(ep.tenant_id),
                               "port": ep.port,
                               "lsn": None if ep.lsn is None else str(ep.lsn)}, status=201)
 

@@ -21,7 +21,7 @@ from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.control import output
 from strata.control.endpoints import running_pid, safekeeper_endpoints
-from strata.control.env import EnvConfig, Environment, WalMode, tenant_id_of
+from strata.control.env import EnvConfig, Environment, WalMode
 from strata.control.services import safekeeper_client
 from strata.pageserver.api import TimelineInfo
 from strata.pageserver.client import PageserverClient
@@ -44,7 +44,7 @@ def require_object_storage(config: EnvConfig) -> str:
 
 
 def attach_tenant(env: Environment, config: EnvConfig, client: PageserverClient,
-                  tenant_id: str) -> int:
+                  tenant_id: TenantId) -> int:
     """Attach the tenant from object storage with its next generation (recorded first),
     point its timelines at the safekeepers, and mark it attached; returns the generation."""
     require_object_storage(config)
@@ -55,9 +55,9 @@ def attach_tenant(env: Environment, config: EnvConfig, client: PageserverClient,
     conf = {**config.tenant_defaults, **tenant.config}
     with output.step(f"attaching tenant {tenant.name} ({tenant_id}) from object storage "
                      f"with generation {generation}"):
-        timelines = client.attach_tenant(tenant_id_of(tenant_id), generation, conf or None)
+        timelines = client.attach_tenant(tenant_id, generation, conf or None)
     if config.wal_mode is WalMode.SAFEKEEPERS:
-        follow_safekeepers(config, client, tenant_id_of(tenant_id), timelines)
+        follow_safekeepers(config, client, tenant_id, timelines)
     else:
         output.info(f"warning: tenant {tenant.name} resumes at what object storage held; "
                     "in development mode (wal_mode = \"pageserver\") the WAL after that was "
@@ -90,7 +90,7 @@ def _on_safekeeper(config: EnvConfig, tenant_id: TenantId, timeline_id: Timeline
 
 
 def detach_tenant(env: Environment, config: EnvConfig, client: PageserverClient,
-                  tenant_id: str) -> None:
+                  tenant_id: TenantId) -> None:
     """Upload what is not in object storage yet, then drop the tenant from the pageserver
     (refused while an endpoint of it runs)."""
     require_object_storage(config)
@@ -103,18 +103,18 @@ def detach_tenant(env: Environment, config: EnvConfig, client: PageserverClient,
                         "first (`strata endpoint stop NAME`)")
     with output.step(f"detaching tenant {tenant.name} ({tenant_id}): uploading what is not "
                      "in object storage yet"):
-        client.detach_tenant(tenant_id_of(tenant_id))
+        client.detach_tenant(tenant_id)
     with env.locked() as state:
         state.tenants[tenant_id].attached = False
 
 
 def reattach_lost_tenants(env: Environment, config: EnvConfig,
-                          client: PageserverClient) -> list[str]:
+                          client: PageserverClient) -> list[TenantId]:
     """Attach (with a new generation) every tenant the state says is attached but the
     pageserver does not hold; returns their ids. Without object storage such a tenant is
     lost: one warning says so."""
     state = env.read_state()
-    held = {str(t) for t in client.list_tenants()}
+    held = set(client.list_tenants())
     lost = [tid for tid, t in state.tenants.items() if t.attached and tid not in held]
     if not lost:
         return []

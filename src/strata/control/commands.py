@@ -18,6 +18,7 @@ import click
 
 from strata.common.auth import Scope
 from strata.common.errors import StrataError, UserError
+from strata.common.ids import TimelineId
 from strata.common.lsn import Lsn
 from strata.control import output
 from strata.control.attachments import (
@@ -44,7 +45,6 @@ from strata.control.env import (
     Environment,
     TenantState,
     WalMode,
-    tenant_id_of,
 )
 from strata.control.object_storage import (
     allocate_seaweed_ports,
@@ -62,6 +62,7 @@ from strata.control.operations import (
     create_tenant,
     delete_branch,
     delete_endpoint,
+    names_by_id,
     restore_branch,
     start_named_endpoint,
     stop_named_endpoint,
@@ -153,11 +154,11 @@ def init(ctx: click.Context, config_file: Path | None, object_storage: str | Non
         raise UserError(f"{err}\n`strata init` did not finish; remove {root} and run it "
                         "again") from err
     with env.locked() as state:
-        state.tenants[str(tenant_id)] = TenantState(DEFAULT_TENANT_NAME,
-                                                    {DEFAULT_BRANCH: str(timeline_id)})
-        state.default_tenant = str(tenant_id)
+        state.tenants[tenant_id] = TenantState(DEFAULT_TENANT_NAME,
+                                               {DEFAULT_BRANCH: timeline_id})
+        state.default_tenant = tenant_id
         state.endpoints[DEFAULT_ENDPOINT] = EndpointState(
-            DEFAULT_ENDPOINT, str(tenant_id), DEFAULT_BRANCH, allocate_port(config, state),
+            DEFAULT_ENDPOINT, tenant_id, DEFAULT_BRANCH, allocate_port(config, state),
             autostart=True)
     output.info(f"tenant {tenant_id}: branch {DEFAULT_BRANCH} (timeline {timeline_id}), "
                 f"endpoint {DEFAULT_ENDPOINT}")
@@ -262,7 +263,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         for tid, tenant in state.tenants.items():
             if not tenant.attached:
                 continue  # only in object storage (`strata tenant attach`)
-            infos = client.list_timelines(tenant_id_of(tid))
+            infos = client.list_timelines(tid)
             timelines += [timeline_json(tenant, info) for info in infos]
     proxy = proxy_status(env, config)
     console_proc = console_status(env, config)
@@ -376,7 +377,7 @@ def tenant_list(ctx: click.Context, as_json: bool) -> None:
     """The environment's tenants."""
     state = _env(ctx).read_state()
     rows: list[dict[str, Any]] = [
-        {"tenant_id": tid, "name": t.name, "default": tid == state.default_tenant,
+        {"tenant_id": str(tid), "name": t.name, "default": tid == state.default_tenant,
          "branches": sorted(t.branches), "attached": t.attached, "generation": t.generation}
         for tid, t in state.tenants.items()]
     if as_json:
@@ -405,13 +406,14 @@ def tenant_config(ctx: click.Context, name: str | None, changes: tuple[str, ...]
     if changes:
         updates = _parse_settings(changes)
         with output.step(f"changing {sorted(updates)} of tenant {state.tenants[tid].name}"):
-            conf = client.set_tenant_config(tenant_id_of(tid), updates)
+            conf = client.set_tenant_config(tid, updates)
         with env.locked() as new_state:
             new_state.tenants[tid].config.update(updates)
     else:
-        conf = client.tenant_config(tenant_id_of(tid))
+        conf = client.tenant_config(tid)
     if as_json:
-        output.print_json({"tenant_id": tid, "name": state.tenants[tid].name, "config": conf})
+        output.print_json({"tenant_id": str(tid), "name": state.tenants[tid].name,
+                           "config": conf})
         return
     output.table(f"tenant {state.tenants[tid].name} ({tid})", ["key", "value"],
                  [[k, v] for k, v in conf.items()])
@@ -430,11 +432,12 @@ def tenant_size(ctx: click.Context, name: str | None, as_json: bool) -> None:
     tid = state.tenant_id(name)
     tenant = state.tenants[tid]
     check_attached(state, tid)
-    sizes = require_pageserver(env, config).tenant_size(tenant_id_of(tid))
-    names = {tl: branch for branch, tl in tenant.branches.items()}
-    rows = [{"branch": names.get(t["timeline_id"]), **t} for t in sizes["timelines"]]
+    sizes = require_pageserver(env, config).tenant_size(tid)
+    names = names_by_id(tenant)
+    rows = [{"branch": names.get(TimelineId.parse(t["timeline_id"])), **t}
+            for t in sizes["timelines"]]
     if as_json:
-        output.print_json({"tenant_id": tid, "name": tenant.name,
+        output.print_json({"tenant_id": str(tid), "name": tenant.name,
                            "local_bytes": sizes["local_bytes"],
                            "remote_bytes": sizes["remote_bytes"], "timelines": rows})
         return
@@ -488,7 +491,7 @@ def tenant_attach(ctx: click.Context, name: str) -> None:
     state = env.read_state()
     tid = state.tenant_id(name)
     client = require_pageserver(env, config)
-    if state.tenants[tid].attached and tid in {str(t) for t in client.list_tenants()}:
+    if state.tenants[tid].attached and tid in client.list_tenants():
         raise UserError(f"tenant {name} is attached already; detach it first "
                         f"(`strata tenant detach {name}`)")
     generation = attach_tenant(env, config, client, tid)
@@ -548,7 +551,7 @@ def timeline_list(ctx: click.Context, tenant: str | None, as_json: bool) -> None
     tid = state.tenant_id(tenant)
     client = require_pageserver(env, config)
     rows = [timeline_json(state.tenants[tid], info)
-            for info in client.list_timelines(tenant_id_of(tid))]
+            for info in client.list_timelines(tid)]
     if as_json:
         output.print_json(rows)
         return
@@ -842,7 +845,7 @@ def auth_token(ctx: click.Context, tenant: str | None, admin: bool) -> None:
     if not config.auth:
         raise UserError(f"{env.root} runs without auth (config auth = false); no token is "
                         "needed")
-    scope = Scope() if admin else Scope(tenant_id_of(env.read_state().tenant_id(tenant)))
+    scope = Scope() if admin else Scope(env.read_state().tenant_id(tenant))
     token = token_for(env, config, scope)
     assert token is not None
     output.result(token)

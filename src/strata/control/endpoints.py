@@ -85,7 +85,6 @@ from strata.control.env import (
     EnvConfig,
     Environment,
     WalMode,
-    tenant_id_of,
 )
 from strata.control.services import require_pageserver, safekeeper_client
 from strata.control.supervisor import (
@@ -263,7 +262,7 @@ def system_id(env: Environment, client: PageserverClient, tenant_id: TenantId,
               timeline_id: TimelineId) -> int:
     """The tenant's cluster system identifier (pg_control), which the safekeepers check.
     Kept in the state; the first time read from a basebackup of the timeline's head."""
-    known = env.read_state().tenants[str(tenant_id)].system_id
+    known = env.read_state().tenants[tenant_id].system_id
     if known is not None:
         return known
     info = client.timeline(tenant_id, timeline_id)
@@ -277,7 +276,7 @@ def system_id(env: Environment, client: PageserverClient, tenant_id: TenantId,
                                 "global/pg_control")
             control = ControlFileData.from_bytes(member.read())
     with env.locked() as state:
-        state.tenants[str(tenant_id)].system_id = control.system_identifier
+        state.tenants[tenant_id].system_id = control.system_identifier
     return control.system_identifier
 
 
@@ -436,7 +435,7 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
         check_ports_free(f"endpoint {ep.name}", {"port": (defaults.host, ep.port)},
                          fix="delete the endpoint and create it again (with --port)")
         client = require_pageserver(env, config)
-        tenant_id = tenant_id_of(ep.tenant_id)
+        tenant_id = ep.tenant_id
         if not ep.read_only:
             _stop_stale_sidecar(env, ep.name)
     where = f"branch {ep.branch} (timeline {timeline_id})"
@@ -553,17 +552,17 @@ def _app_role(env: Environment, ep: EndpointState, tenant_id: TenantId,
     with output.step(f"creating the application role {APP_ROLE!r} (once per branch)"):
         _ensure_app_role(env, ep)
     with env.locked() as state:
-        timelines = state.tenants[str(tenant_id)].app_role_timelines
-        if str(timeline_id) not in timelines:
-            timelines.append(str(timeline_id))
+        timelines = state.tenants[tenant_id].app_role_timelines
+        if timeline_id not in timelines:
+            timelines.append(timeline_id)
     return True
 
 
 def _app_role_known(env: Environment, ep: EndpointState, tenant_id: TenantId,
                     timeline_id: TimelineId) -> bool:
     """A primary on a branch whose application role and database were made already."""
-    known = env.read_state().tenants[str(tenant_id)].app_role_timelines
-    return not ep.read_only and str(timeline_id) in known
+    known = env.read_state().tenants[tenant_id].app_role_timelines
+    return not ep.read_only and timeline_id in known
 
 
 def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
@@ -843,7 +842,7 @@ def _stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId,
             # (else the pageserver keeps dialling a stopped compute), after ingesting all
             # the WAL it received, the shutdown checkpoint included.
             with output.step(f"releasing the pageserver's WAL receiver of {ep.name}"):
-                client.compute_start(tenant_id_of(ep.tenant_id), timeline_id)
+                client.compute_start(ep.tenant_id, timeline_id)
     return True
 
 
@@ -889,7 +888,7 @@ def endpoint_status(env: Environment, config: EnvConfig, ep: EndpointState) -> d
     # A suspended endpoint is reachable through the proxy (a connection wakes it).
     reachable = pid is not None or proxy_runs(env)
     out: dict[str, Any] = {
-        "name": ep.name, "tenant_id": ep.tenant_id, "branch": ep.branch,
+        "name": ep.name, "tenant_id": str(ep.tenant_id), "branch": ep.branch,
         "mode": "read-only" if ep.read_only else "primary",
         "lsn": None if ep.lsn is None else str(ep.lsn),
         "address": f"{config.endpoint_defaults.host}:{ep.port}", "pid": pid,

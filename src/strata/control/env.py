@@ -408,7 +408,7 @@ class EndpointState:
     """One endpoint: a compute on a branch; primary at its head, or read-only at `lsn`."""
 
     name: str
-    tenant_id: str
+    tenant_id: TenantId
     branch: str
     port: int
     lsn: Lsn | None = None
@@ -425,11 +425,13 @@ class EndpointState:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EndpointState:
         mode, lsn = data.get("mode"), data.get("lsn")
-        return cls(**{**data, "lsn": None if lsn is None else Lsn.parse(lsn),
+        return cls(**{**data, "tenant_id": TenantId.parse(data["tenant_id"]),
+                      "lsn": None if lsn is None else Lsn.parse(lsn),
                       "mode": None if mode is None else ComputeMode.parse(mode, "mode")})
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "lsn": None if self.lsn is None else str(self.lsn),
+        return {**asdict(self), "tenant_id": str(self.tenant_id),
+                "lsn": None if self.lsn is None else str(self.lsn),
                 "mode": None if self.mode is None else self.mode.value}
 
     @property
@@ -444,14 +446,14 @@ class EndpointState:
 @dataclass
 class TenantState:
     name: str
-    branches: dict[str, str] = field(default_factory=dict)  # branch name -> timeline id
+    branches: dict[str, TimelineId] = field(default_factory=dict)  # branch name -> timeline
     config: dict[str, Any] = field(default_factory=dict)  # overrides given at create
     system_id: int | None = None
     """pg_control's system identifier of the tenant's cluster (all its branches share it);
     the safekeepers check it. Read from a basebackup the first time it is needed."""
     roles: dict[str, dict[str, str]] = field(default_factory=dict)
     """branch name -> role name -> SCRAM secret (`strata role`; the proxy checks them)."""
-    app_role_timelines: list[str] = field(default_factory=list)
+    app_role_timelines: list[TimelineId] = field(default_factory=list)
     """Timelines on which a primary made the application role and database (architecture
     D8); a later start of a primary there skips that step (the role is in its data)."""
     generation: int = 1
@@ -460,13 +462,27 @@ class TenantState:
     attached: bool = True
     """On the pageserver; false after `strata tenant detach` (only in object storage)."""
 
+    @classmethod
+    def from_json(cls, t: dict[str, Any]) -> TenantState:
+        """A tenant of state.json, its timeline ids parsed (older files lack the later keys)."""
+        return cls(t["name"], {b: TimelineId.parse(tl) for b, tl in t["branches"].items()},
+                   dict(t["config"]), t.get("system_id"),
+                   {b: dict(r) for b, r in t.get("roles", {}).items()},
+                   [TimelineId.parse(tl) for tl in t.get("app_role_timelines", [])],
+                   int(t.get("generation", 1)), bool(t.get("attached", True)))
+
+    def to_json(self) -> dict[str, Any]:
+        """The ids as the file has them: 32 hex digits."""
+        return {**asdict(self), "branches": {b: str(tl) for b, tl in self.branches.items()},
+                "app_role_timelines": [str(tl) for tl in self.app_role_timelines]}
+
 
 @dataclass
 class State:
     """state.json: the control plane's names for what the pageserver holds."""
 
-    default_tenant: str | None = None
-    tenants: dict[str, TenantState] = field(default_factory=dict)  # tenant id -> state
+    default_tenant: TenantId | None = None
+    tenants: dict[TenantId, TenantState] = field(default_factory=dict)
     endpoints: dict[str, EndpointState] = field(default_factory=dict)
 
     @classmethod
@@ -474,44 +490,42 @@ class State:
         if data.get("version") != STATE_VERSION:
             raise UserError(f"{path} has state version {data.get('version')!r}; this strata "
                             f"reads version {STATE_VERSION}")
+        default = data.get("default_tenant")
         return cls(
-            default_tenant=data.get("default_tenant"),
-            tenants={tid: TenantState(t["name"], dict(t["branches"]), dict(t["config"]),
-                                      t.get("system_id"),
-                                      {b: dict(r) for b, r in t.get("roles", {}).items()},
-                                      list(t.get("app_role_timelines", [])),
-                                      int(t.get("generation", 1)),
-                                      bool(t.get("attached", True)))
+            default_tenant=None if default is None else TenantId.parse(default),
+            tenants={TenantId.parse(tid): TenantState.from_json(t)
                      for tid, t in data["tenants"].items()},
             endpoints={name: EndpointState.from_json(e) for name, e in data["endpoints"].items()})
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "default_tenant": self.default_tenant,
-                "tenants": {tid: asdict(t) for tid, t in self.tenants.items()},
+        default = None if self.default_tenant is None else str(self.default_tenant)
+        return {"version": STATE_VERSION, "default_tenant": default,
+                "tenants": {str(tid): t.to_json() for tid, t in self.tenants.items()},
                 "endpoints": {name: e.to_json() for name, e in self.endpoints.items()}}
 
     # --- lookups with errors that say what to do ----------------------------------------------
-    def tenant_id(self, name_or_id: str | None) -> str:
-        """A tenant by name or id; None is the default tenant."""
+    def tenant_id(self, name_or_id: str | None) -> TenantId:
+        """A tenant by name or id (32 hex digits); None is the default tenant."""
         if name_or_id is None:
             if self.default_tenant is None:
                 raise NotFound("the environment has no tenant; run `strata tenant create`")
             return self.default_tenant
-        if name_or_id in self.tenants:
-            return name_or_id
+        with contextlib.suppress(UserError):
+            if (parsed := TenantId.parse(name_or_id)) in self.tenants:
+                return parsed
         for tid, tenant in self.tenants.items():
             if tenant.name == name_or_id:
                 return tid
         raise NotFound(f"no tenant named {name_or_id!r}; see `strata tenant list`")
 
-    def timeline_id(self, tenant_id: str, branch: str) -> TimelineId:
+    def timeline_id(self, tenant_id: TenantId, branch: str) -> TimelineId:
         branches = self.tenants[tenant_id].branches
         if branch not in branches:
             known = ", ".join(sorted(branches)) or "none"
             raise NotFound(f"no branch named {branch!r} in tenant "
                            f"{self.tenants[tenant_id].name} ({tenant_id}); branches: {known}; "
                            "see `strata timeline list`")
-        return TimelineId(TimelineId.parse(branches[branch]).raw)
+        return branches[branch]
 
     def endpoint(self, name: str) -> EndpointState:
         if name not in self.endpoints:
@@ -519,10 +533,6 @@ class State:
             raise NotFound(f"no endpoint named {name!r}; endpoints: {known}; see "
                            "`strata endpoint list`")
         return self.endpoints[name]
-
-
-def tenant_id_of(text: str) -> TenantId:
-    return TenantId(TenantId.parse(text).raw)
 
 
 # --- the directory -----------------------------------------------------------------------------

@@ -41,7 +41,6 @@ from strata.control.env import (
     State,
     TenantState,
     WalMode,
-    tenant_id_of,
 )
 from strata.control.services import require_pageserver, safekeeper_client
 from strata.control.supervisor import wait_for
@@ -69,16 +68,16 @@ def client_if_running(env: Environment) -> PageserverClient | None:
 
 
 # --- the branch tree ---------------------------------------------------------------------------
-def names_by_id(tenant: TenantState) -> dict[str, str]:
+def names_by_id(tenant: TenantState) -> dict[TimelineId, str]:
     return {tl: name for name, tl in tenant.branches.items()}
 
 
 def timeline_json(tenant: TenantState, info: TimelineInfo) -> dict[str, Any]:
     names = names_by_id(tenant)
     parent = info.ancestor_timeline_id
-    return {"branch": names.get(str(info.timeline_id)), "tenant_id": str(info.tenant_id),
+    return {"branch": names.get(info.timeline_id), "tenant_id": str(info.tenant_id),
             "timeline_id": str(info.timeline_id),
-            "parent": names.get(str(parent)) if parent else None,
+            "parent": names.get(parent) if parent else None,
             "parent_timeline_id": str(parent) if parent else None,
             "branch_lsn": str(info.ancestor_lsn) if info.ancestor_lsn else None,
             "last_record_lsn": str(info.last_record_lsn),
@@ -101,7 +100,7 @@ def _record_branch_time(env: Environment, timeline_id: TimelineId, point: str) -
     write_atomic(env.root / BRANCH_TIMES_FILE, (json.dumps(times, indent=2) + "\n").encode())
 
 
-def primary_on(state: State, tenant_id: str, branch: str) -> EndpointState | None:
+def primary_on(state: State, tenant_id: TenantId, branch: str) -> EndpointState | None:
     for ep in state.endpoints.values():
         if ep.tenant_id == tenant_id and ep.branch == branch and not ep.read_only:
             return ep
@@ -109,7 +108,7 @@ def primary_on(state: State, tenant_id: str, branch: str) -> EndpointState | Non
 
 
 def wait_head_ingested(env: Environment, client: PageserverClient, state: State,
-                       tenant_id: str, branch: str, timeline_id: TimelineId) -> None:
+                       tenant_id: TenantId, branch: str, timeline_id: TimelineId) -> None:
     """If a primary runs on the branch, wait until the pageserver has all it flushed, so a
     branch at the head holds every commit made so far."""
     ep = primary_on(state, tenant_id, branch)
@@ -118,9 +117,8 @@ def wait_head_ingested(env: Environment, client: PageserverClient, state: State,
     target = head_flush_lsn(env, ep)
     # A flush position just past a page header: the last record ended at the page start.
     floor = target.page_start() if target.page_offset() <= 40 else target
-    tid = tenant_id_of(tenant_id)
     with output.step(f"waiting for the pageserver to ingest branch {branch} up to {target}"):
-        wait_for(lambda: client.timeline(tid, timeline_id).last_record_lsn >= floor,
+        wait_for(lambda: client.timeline(tenant_id, timeline_id).last_record_lsn >= floor,
                  timeout_s=INGEST_WAIT_S,
                  what=f"waiting for the pageserver to ingest branch {branch} up to {target}")
 
@@ -162,9 +160,9 @@ def create_branch(env: Environment, config: EnvConfig, name: str, parent: str,
         wait_head_ingested(env, client, state, tid, parent, parent_id)
     with output.step(f"creating branch {name} from {parent}"
                      + (f" at {at}" if lsn or timestamp else " at its head")):
-        info = client.branch(tenant_id_of(tid), parent_id, lsn=lsn, timestamp=timestamp)
+        info = client.branch(tid, parent_id, lsn=lsn, timestamp=timestamp)
     with env.locked() as new_state:
-        new_state.tenants[tid].branches[name] = str(info.timeline_id)
+        new_state.tenants[tid].branches[name] = info.timeline_id
         # The roles are in the branch's catalog from the parent: so are their secrets.
         parent_roles = new_state.tenants[tid].roles.get(parent)
         if parent_roles:
@@ -204,7 +202,7 @@ def restore_branch(env: Environment, config: EnvConfig, name: str, timestamp: st
         wait_head_ingested(env, client, state, tid, name, old_id)
         stop_endpoint(env, primary, old_id, client=client)
     with output.step(f"creating the timeline of branch {name} as of {parsed}"):
-        info = client.branch(tenant_id_of(tid), old_id, timestamp=parsed)
+        info = client.branch(tid, old_id, timestamp=parsed)
     assert info.ancestor_lsn is not None, info
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     backup = f"{name[:40]}-before-restore-{stamp}"
@@ -212,8 +210,8 @@ def restore_branch(env: Environment, config: EnvConfig, name: str, timestamp: st
         branches = new_state.tenants[tid].branches
         if backup in branches:
             raise UserError(f"branch {backup} exists already; wait a second and retry")
-        branches[backup] = str(old_id)
-        branches[name] = str(info.timeline_id)
+        branches[backup] = old_id
+        branches[name] = info.timeline_id
         for ep_name, ep in list(new_state.endpoints.items()):
             if ep.tenant_id == tid and ep.branch == name and ep.read_only:
                 new_state.endpoints[ep_name] = replace(ep, branch=backup)
@@ -232,7 +230,7 @@ def restore_branch(env: Environment, config: EnvConfig, name: str, timestamp: st
 class DeletableBranch:
     """A branch `check_branch_deletable` found free to delete."""
 
-    tenant_id: str
+    tenant_id: TenantId
     timeline_id: TimelineId
     client: PageserverClient
 
@@ -245,9 +243,9 @@ def check_branch_deletable(env: Environment, config: EnvConfig, name: str,
     tid = state.tenant_id(tenant)
     timeline_id = state.timeline_id(tid, name)
     client = require_pageserver(env, config)
-    infos = client.list_timelines(tenant_id_of(tid))
+    infos = client.list_timelines(tid)
     names = names_by_id(state.tenants[tid])
-    kids = [names.get(str(i.timeline_id), str(i.timeline_id)) for i in infos
+    kids = [names.get(i.timeline_id, str(i.timeline_id)) for i in infos
             if i.ancestor_timeline_id == timeline_id]
     if kids:
         raise Conflict(f"cannot delete branch {name}: it has child branches {sorted(kids)}; "
@@ -273,7 +271,7 @@ def delete_branch(env: Environment, config: EnvConfig, name: str,
     tid, timeline_id, client = branch.tenant_id, branch.timeline_id, branch.client
     with output.step(f"deleting timeline {timeline_id} on the pageserver"):
         try:
-            client.delete_timeline(tenant_id_of(tid), timeline_id)
+            client.delete_timeline(tid, timeline_id)
         except NotFound:
             output.info(f"note: the pageserver had no timeline {timeline_id} any more")
     # The safekeepers' copy (WAL and control file) goes too. Each one is tried; the branch's
@@ -283,8 +281,7 @@ def delete_branch(env: Environment, config: EnvConfig, name: str,
         for sk in config.safekeepers:
             try:
                 with output.step(f"deleting timeline {timeline_id} on safekeeper {sk.id}"):
-                    deleted = safekeeper_client(sk).delete_timeline(tenant_id_of(tid),
-                                                                    timeline_id)
+                    deleted = safekeeper_client(sk).delete_timeline(tid, timeline_id)
             except StrataError as err:
                 output.info(f"  failed: {err}")
                 failed.append((sk.id, str(err)))
@@ -302,8 +299,8 @@ def delete_branch(env: Environment, config: EnvConfig, name: str,
             f"{f' --tenant {tenant}' if tenant else ''}` again to finish")
     with env.locked() as new_state:
         new_state.tenants[tid].branches.pop(name, None)
-        if str(timeline_id) in new_state.tenants[tid].app_role_timelines:
-            new_state.tenants[tid].app_role_timelines.remove(str(timeline_id))
+        if timeline_id in new_state.tenants[tid].app_role_timelines:
+            new_state.tenants[tid].app_role_timelines.remove(timeline_id)
     return timeline_id
 
 
@@ -348,7 +345,7 @@ def create_endpoint(env: Environment, config: EnvConfig, name: str, branch: str,
     return ep
 
 
-def check_attached(state: State, tenant_id: str) -> None:
+def check_attached(state: State, tenant_id: TenantId) -> None:
     tenant = state.tenants[tenant_id]
     if not tenant.attached:
         raise UserError(f"tenant {tenant.name} is detached (it is only in object storage); "
@@ -396,10 +393,9 @@ def create_tenant(env: Environment, config: EnvConfig, name: str,
         conf = {**config.tenant_defaults, **overrides} if overrides else None
         tenant_id, timeline_id = client.create_tenant(config=conf)
     with env.locked() as state:
-        state.tenants[str(tenant_id)] = TenantState(name, {DEFAULT_BRANCH: str(timeline_id)},
-                                                    overrides)
+        state.tenants[tenant_id] = TenantState(name, {DEFAULT_BRANCH: timeline_id}, overrides)
         if state.default_tenant is None:
-            state.default_tenant = str(tenant_id)
+            state.default_tenant = tenant_id
     return tenant_id, timeline_id
 
 

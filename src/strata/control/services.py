@@ -227,7 +227,7 @@ def stop_safekeepers(env: Environment, config: EnvConfig, *, immediate: bool = F
 
 
 def safekeeper_status(env: Environment, sk: SafekeeperSettings,
-                      timelines: list[tuple[str, str, str]]) -> dict[str, Any]:
+                      timelines: list[tuple[TenantId, TimelineId, str]]) -> dict[str, Any]:
     """Safekeeper `sk` for `status --json`: id, addresses, pid, state, and per timeline it
     holds (of `timelines`: (tenant id, timeline id, branch name)) its term and LSNs."""
     files = safekeeper_files(env, sk.id)
@@ -240,16 +240,16 @@ def safekeeper_status(env: Environment, sk: SafekeeperSettings,
     if proc.state != "running":
         return out
     for tenant_id, timeline_id, branch in timelines:
+        ids = {"tenant_id": str(tenant_id), "timeline_id": str(timeline_id), "branch": branch}
         try:
-            tl = client.timeline_json(TenantId.parse(tenant_id), TimelineId.parse(timeline_id))
+            tl = client.timeline_json(tenant_id, timeline_id)
         except NotFound:
             continue  # not on the safekeepers yet: no primary ran on it
         except StrataError as err:
-            out["timelines"].append({"tenant_id": tenant_id, "timeline_id": timeline_id,
-                                     "branch": branch, "error": str(err)})
+            out["timelines"].append({**ids, "error": str(err)})
             continue
         out["timelines"].append({
-            "tenant_id": tenant_id, "timeline_id": timeline_id, "branch": branch,
+            **ids,
             **{key: tl.get(key) for key in ("term", "flush_lsn", "commit_lsn",
                                             "durable_commit_lsn", "timeline_start_lsn",
                                             "removal_horizon")}})
