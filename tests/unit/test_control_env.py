@@ -320,10 +320,17 @@ def test_forked_walproposer_exit_codes(tmp_path: Path) -> None:
 def test_postgres_exit_stops_the_sidecar(tmp_path: Path) -> None:
     """The postmaster exits: the sidecar is stopped (SIGTERM) and the supervisor ends."""
     pm = _stand_in_postmaster(tmp_path / "pgdata")
-    marker = tmp_path / "sidecar-started"
+    marker, stopped = tmp_path / "sidecar-started", tmp_path / "sidecar-got-sigterm"
+    # Stopped by SIGTERM it exits 0 and says so; left alone it would exit 3 after 60 s.
     sidecar = [sys.executable, "-c",
-               f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(60)"]
-    started = time.monotonic()
+               "import pathlib, signal, sys, time\n"
+               "def stop(*_):\n"
+               f"    pathlib.Path({str(stopped)!r}).touch()\n"
+               "    sys.exit(0)\n"
+               "signal.signal(signal.SIGTERM, stop)\n"
+               f"pathlib.Path({str(marker)!r}).touch()\n"
+               "time.sleep(60)\n"
+               "sys.exit(3)\n"]
 
     def kill_postmaster_soon() -> None:
         while not marker.exists():
@@ -339,7 +346,7 @@ def test_postgres_exit_stops_the_sidecar(tmp_path: Path) -> None:
     finally:
         killer.join(10)
         pm.kill()
-    assert time.monotonic() - started < 10
+    assert stopped.exists()
 
 
 def test_allocated_ports_differ_even_when_the_os_repeats_one(
