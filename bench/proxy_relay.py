@@ -25,17 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.proxy import _cpu_s
 from bench.report import Report
 from strata.common.proc import free_port
 from strata.compute.pgserver import PgServer
 from strata.proxy.tls import make_self_signed
 
 MODES = ("protocols", "threads", "threads-copy", "protocols-tls", "threads-tls")
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pgbench(dsn: str, seconds: int, clients: int) -> tuple[float, int]:
