@@ -3,7 +3,8 @@ relay process (`bench/_relay_server.py`, TCP in, PostgreSQL's unix socket out), 
 `strata.proxy.relay`'s ways, runs interleaved (A B C A B C) so that the machine's load
 drifts over all of them alike; baseline: pgbench directly on the unix socket.
 
-- `relay_tps_<mode>`: median TPS over the rounds (ratio: to direct in the same rounds);
+- `relay_tps_<mode>`: median TPS over the rounds (ratio: to direct in the same rounds;
+  a note gives each round's own ratio, the steadier figure on a loaded machine);
 - `relay_cpu_us_per_tx_<mode>`: the relay process's CPU (/proc/PID/stat) per transaction.
 
 Modes: `protocols` (asyncio protocols on uvloop), `threads` (a thread per direction,
@@ -91,9 +92,9 @@ def run(report: Report, quick: bool) -> None:
                            timeout=600, check=True)
             tps: dict[str, list[float]] = {m: [] for m in ("direct", *modes)}
             cpu: dict[str, list[float]] = {m: [] for m in modes}
-            for _ in range(rounds):
+            for i in range(rounds):
                 tps["direct"].append(_pgbench(direct, seconds, clients)[0])
-                for mode in modes:
+                for mode in modes[i % len(modes):] + modes[:i % len(modes)]:  # rotated
                     t, c = _through_relay(mode, socket_path, tls_dir, seconds, clients)
                     tps[mode].append(t)
                     cpu[mode].append(c)
@@ -101,6 +102,12 @@ def run(report: Report, quick: bool) -> None:
                         f"average {os.getloadavg()[0]:.1f}")
             base = statistics.median(tps["direct"])
             for mode in modes:
+                # Each round's ratio to that round's direct run: steadier than the ratio
+                # of medians when the load drifts between rounds.
+                paired = [t / d for t, d in zip(tps[mode], tps["direct"], strict=True)]
+                report.note(f"{mode}: per-round TPS ratios to direct "
+                            + " ".join(f"{r:.2f}" for r in paired)
+                            + f" (median {statistics.median(paired):.2f})")
                 report.add(f"relay_tps_{mode}", statistics.median(tps[mode]), "tps",
                            baseline=base)
                 report.add(f"relay_cpu_us_per_tx_{mode}", statistics.median(cpu[mode]), "us")
