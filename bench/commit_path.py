@@ -12,6 +12,8 @@ Hops (docs/walproposer.md, "Where a commit's time goes"):
   `wal_fsyncs` from their /metrics) and their control-file writes per commit;
 - the rest (client minus quorum): PostgreSQL's own work, the walsender, the status update
   and the backend's wake-up;
+- wake-ups: voluntary context switches (from /proc) per commit beyond the idle rate, of
+  the same three (a thread hand-off, a blocking read, an fsync each count one);
 - CPU (ms of user + system time from /proc) of the safekeepers (summed), the pageserver
   (with its children) and the sidecar's event-loop thread: per second while idle (timers,
   polls), and per commit beyond that: on 2 shared cores the wake-ups and per-message work
@@ -80,6 +82,29 @@ def _cpu_s(pid: int, tid: int | None = None) -> float:
     return total
 
 
+def _wakeups(pid: int, tid: int | None = None) -> int:
+    """Voluntary context switches (blocking waits: a socket read, a thread hand-off, an
+    fsync) of a process's live threads and its children, or of one thread of it."""
+    if tid is not None:
+        return _status_wakeups(f"/proc/{pid}/task/{tid}/status")
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        total += _status_wakeups(str(task / "status"))
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                total += _wakeups(int(child))
+    return total
+
+
+def _status_wakeups(path: str) -> int:
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return 0
+    m = re.search(r"^voluntary_ctxt_switches:\s+(\d+)$", text, re.M)
+    return int(m.group(1)) if m else 0
+
+
 def _stat_cpu_s(path: str) -> float:
     try:
         fields = Path(path).read_text().rsplit(")", 1)[1].split()
@@ -122,12 +147,16 @@ def run(report: Report, quick: bool) -> None:
             return (sum(map(_cpu_s, sk_pids)), _cpu_s(ps_proc.pid),
                     _cpu_s(os.getpid(), sidecar_tid))
 
+        def wakeups() -> tuple[int, int, int]:
+            return (sum(map(_wakeups, sk_pids)), _wakeups(ps_proc.pid),
+                    _wakeups(os.getpid(), sidecar_tid))
+
         idle_s = 2.0
-        idle_before = cpu()
+        idle_before, wake_idle_before = cpu(), wakeups()
         time.sleep(idle_s)
-        cpu_before = cpu()
+        cpu_before, wake_before = cpu(), wakeups()
         strata_ms = _commit_latencies_ms(strata, seconds)
-        cpu_after = cpu()
+        cpu_after, wake_after = cpu(), wakeups()
         after_sk = _sk_counters(cluster)
         st = driver.stats
         commits = len(strata_ms)
@@ -158,6 +187,10 @@ def run(report: Report, quick: bool) -> None:
             report.add(f"cpu_ms_per_s_idle_{name}", 1000 * idle, "ms")
             report.add(f"cpu_ms_per_commit_{name}",
                        1000 * (cpu_after[i] - cpu_before[i] - idle * seconds) / commits, "ms")
+            idle_wakes = (wake_before[i] - wake_idle_before[i]) / idle_s
+            report.add(f"wakeups_per_commit_{name}",
+                       (wake_after[i] - wake_before[i] - idle_wakes * seconds) / commits,
+                       "switches")
         report.add("commits", commits, "commits", len(stock_ms))
         report.note(f"one client, autocommit single-row INSERTs for {seconds:g} s on each "
                     "setup; baseline: stock PostgreSQL with synchronous replication to one "
