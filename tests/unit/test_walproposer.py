@@ -14,7 +14,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -52,6 +52,23 @@ async def started(n: int) -> list[StubSafekeeper]:
     return sks
 
 
+async def elected(sks: list[StubSafekeeper], **kwargs: Any) -> QuorumDriver:
+    """A walproposer (not a sync) over `sks`, started, once it has won an election."""
+    driver = QuorumDriver(quorum_config(sks), SYSID, sync=False, **kwargs)
+    driver.start()
+    try:
+        await wait_until_async(lambda: driver.elected is not None, 10, "election")
+    except BaseException:
+        await driver.stop()
+        raise
+    return driver
+
+
+async def stop_all(sks: list[StubSafekeeper]) -> None:
+    for s in sks:
+        await s.stop()
+
+
 def run(coro: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(asyncio.wait_for(coro(), 60))
 
@@ -70,8 +87,7 @@ def test_sync_on_new_timeline_returns_its_start() -> None:
             durable = [s.state.commit_lsn for s in sks if s.state is not None]
             assert sum(c == START for c in durable) >= 2, durable
         finally:
-            for s in sks:
-                await s.stop()
+            await stop_all(sks)
     run(body)
 
 
@@ -80,10 +96,8 @@ def test_commit_with_one_down_restart_catches_up_then_sync_finds_the_end() -> No
         sks = await started(3)
         gen = WalGenerator(START.value, PREV.value, SEG)
         rng = random.Random(7)
-        driver = QuorumDriver(quorum_config(sks), SYSID, sync=False)
-        driver.start()
+        driver = await elected(sks)
         try:
-            await wait_until_async(lambda: driver.elected is not None, 10, "election")
             assert driver.elected is not None and driver.elected.start_lsn == START
             for _ in range(30):
                 driver.append_wal(gen.random_record(rng)[1])
@@ -104,8 +118,7 @@ def test_commit_with_one_down_restart_catches_up_then_sync_finds_the_end() -> No
         prev = Lsn(gen.prev_lsn)
         result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
         assert (result.lsn, result.prev_lsn) == (end, prev)
-        for s in sks:
-            await s.stop()
+        await stop_all(sks)
     run(body)
 
 
@@ -129,10 +142,8 @@ def test_back_to_back_commits_send_no_commit_only_appends() -> None:
             if lsn == driver.end_lsn and gen.end_lsn < START.value + commits * 100:
                 asyncio.get_running_loop().call_soon(append)
 
-        driver = QuorumDriver(quorum_config(sks), SYSID, sync=False, on_commit=next_commit)
-        driver.start()
+        driver = await elected(sks, on_commit=next_commit)
         try:
-            await wait_until_async(lambda: driver.elected is not None, 10, "election")
             before = [s.commit_only_appends for s in sks]
             append()
             end = START.value + commits * 100
@@ -149,8 +160,7 @@ def test_back_to_back_commits_send_no_commit_only_appends() -> None:
                             for s in sks), 10, "the last commit LSN")
         finally:
             await driver.stop()
-            for s in sks:
-                await s.stop()
+            await stop_all(sks)
     run(body)
 
 
@@ -158,10 +168,8 @@ def test_partial_record_is_truncated_by_sync() -> None:
     async def body() -> None:
         sks = await started(3)
         gen = WalGenerator(START.value, PREV.value, SEG)
-        driver = QuorumDriver(quorum_config(sks), SYSID, sync=False)
-        driver.start()
+        driver = await elected(sks)
         try:
-            await wait_until_async(lambda: driver.elected is not None, 10, "election")
             driver.append_wal(gen.record(b"x" * 100)[1])
             complete_end, complete_prev = Lsn(gen.end_lsn), Lsn(gen.prev_lsn)
             _, spanning = gen.record(bytes(20000))  # spans pages
@@ -172,8 +180,7 @@ def test_partial_record_is_truncated_by_sync() -> None:
             await driver.stop()
         result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
         assert (result.lsn, result.prev_lsn) == (complete_end, complete_prev)
-        for s in sks:
-            await s.stop()
+        await stop_all(sks)
     run(body)
 
 
@@ -184,10 +191,8 @@ def test_majority_loss_waits_with_warnings_then_commits_resume(
     async def body() -> None:
         sks = await started(3)
         gen = WalGenerator(START.value, PREV.value, SEG)
-        driver = QuorumDriver(quorum_config(sks), SYSID, sync=False, quorum_warn_s=0.2)
-        driver.start()
+        driver = await elected(sks, quorum_warn_s=0.2)
         try:
-            await wait_until_async(lambda: driver.elected is not None, 10, "election")
             driver.append_wal(gen.record(b"a" * 100)[1])
             before = Lsn(gen.end_lsn)
             await wait_until_async(lambda: driver.commit_lsn == before, 10, "commit")
@@ -208,8 +213,7 @@ def test_majority_loss_waits_with_warnings_then_commits_resume(
             await wait_until_async(lambda: "answers again" in caplog.text, 10, "the recovery line")
         finally:
             await driver.stop()
-            for s in sks:
-                await s.stop()
+            await stop_all(sks)
     run(body)
 
 
@@ -217,10 +221,8 @@ def test_newer_proposer_fences_the_older() -> None:
     async def body() -> None:
         sks = await started(3)
         gen = WalGenerator(START.value, PREV.value, SEG)
-        old = QuorumDriver(quorum_config(sks), SYSID, sync=False)
-        old.start()
+        old = await elected(sks)
         try:
-            await wait_until_async(lambda: old.elected is not None, 10, "election")
             old.append_wal(gen.record(b"a" * 50)[1])
             end = Lsn(gen.end_lsn)
             await wait_until_async(lambda: old.commit_lsn == end, 10, "commit")
@@ -232,8 +234,7 @@ def test_newer_proposer_fences_the_older() -> None:
             assert old.commit_lsn == end
         finally:
             await old.stop()
-            for s in sks:
-                await s.stop()
+            await stop_all(sks)
     run(body)
 
 
@@ -245,8 +246,7 @@ def test_sync_with_one_safekeeper_unreachable() -> None:
             result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
             assert result.lsn == START
         finally:
-            for s in sks:
-                await s.stop()
+            await stop_all(sks)
     run(body)
 
 
@@ -254,10 +254,8 @@ def test_wal_arriving_while_a_majority_is_busy_shares_one_append() -> None:
     async def body() -> None:
         sks = await started(3)
         gen = WalGenerator(START.value, PREV.value, SEG)
-        driver = QuorumDriver(quorum_config(sks), SYSID, sync=False)
-        driver.start()
+        driver = await elected(sks)
         try:
-            await wait_until_async(lambda: driver.elected is not None, 10, "election")
             for _ in range(100):  # all before any answer: the first goes, the rest wait
                 driver.append_wal(gen.record(b"r" * 40)[1])
             end = Lsn(gen.end_lsn)
@@ -266,6 +264,5 @@ def test_wal_arriving_while_a_majority_is_busy_shares_one_append() -> None:
             assert all(s.appends_with_wal <= 3 for s in sks), [s.appends_with_wal for s in sks]
         finally:
             await driver.stop()
-            for s in sks:
-                await s.stop()
+            await stop_all(sks)
     run(body)
