@@ -71,8 +71,8 @@ def _branch_body(ancestor: TimelineId, lsn: Lsn | None, timestamp: str | None,
     return body
 
 
-class PageserverClient:
-    """Synchronous HTTP client of one pageserver."""
+class _Client:
+    """Where one pageserver answers, and with which token."""
 
     def __init__(self, host: str, http_port: int, pg_port: int, timeout_s: float = 120, *,
                  token: str | None = None) -> None:
@@ -81,6 +81,10 @@ class PageserverClient:
         self.pg_port = pg_port
         self.timeout_s = timeout_s
         self.token = token if token is not None else default_token()
+
+
+class PageserverClient(_Client):
+    """Synchronous HTTP client of one pageserver."""
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -259,16 +263,8 @@ class PageserverClient:
                                             timeout_s=self.timeout_s, token=self.token))
 
 
-class AsyncPageserverClient:
+class AsyncPageserverClient(_Client):
     """The same HTTP API over aiohttp (for code already on an event loop)."""
-
-    def __init__(self, host: str, http_port: int, pg_port: int, timeout_s: float = 120, *,
-                 token: str | None = None) -> None:
-        self.host = host
-        self.http_port = http_port
-        self.pg_port = pg_port
-        self.timeout_s = timeout_s
-        self.token = token if token is not None else default_token()
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         # Imported here: aiohttp takes ~0.2 s to import, and the CLI uses the sync client.
