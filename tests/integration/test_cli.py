@@ -339,6 +339,8 @@ def test_clear_errors(cli: Cli, test_dir: Path) -> None:
     unknown = cli.run("timeline", "branch", "b", "--parent", "nope", ok=False)
     assert "no branch named 'nope'" in unknown.stderr
     assert "no safekeeper with id 9" in cli.run("safekeeper", "start", "9", ok=False).stderr
+    nowhere = cli.run("tenant", "relocate", "default", "--to", "2", ok=False).stderr
+    assert "has no object storage" in nowhere and "--object-storage" in nowhere, nowhere
 
     # --at is checked before any request: a bad string, and a time in the future (which
     # would otherwise branch at the head as if it were now).

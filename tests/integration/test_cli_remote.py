@@ -14,10 +14,13 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import psycopg
 import test_cli
+from remote_fixtures import s3_url, seaweed  # noqa: F401
 from test_cli import Cli, rows
 
 cli = test_cli.cli  # the fixture: an environment directory, stopped at the end
@@ -124,8 +127,8 @@ def test_init_runs_seaweedfs_and_tenant_size(cli: Cli, test_dir: Path) -> None:
     there: `tenant size` reports local and remote bytes, and a pageserver that lost its
     data directory gets the tenant back from it. SeaweedFS killed (SIGKILL) while the
     pageserver uploads: the uploads retry once it runs again and nothing is lost (every
-    row is read back after the attach, so the index named no missing object). Relocation
-    is refused as not built."""
+    row is read back after the attach, so the index named no missing object). Then
+    `pageserver add` and `tenant relocate --to 2` with the endpoint stopped."""
     config = test_dir / "strata.toml"
     config.write_text(CONFIG)
     cli.run("init", "--config", str(config), "--object-storage", "seaweedfs")
@@ -175,6 +178,131 @@ def test_init_runs_seaweedfs_and_tenant_size(cli: Cli, test_dir: Path) -> None:
     cli.run("endpoint", "start", "main")
     _check_known(cli.local("main"), last)
 
-    for args in (("pageserver", "add"), ("tenant", "relocate", "default", "--to", "2")):
-        refused = cli.run(*args, ok=False)
-        assert "not supported yet" in refused.stderr, refused.stderr
+
+    # A second pageserver, and the tenant moved to it (endpoint stopped): attached there
+    # with generation 3, detached from pageserver 1; a compute on it reads every row.
+    assert "added pageserver 2" in cli.run("pageserver", "add").stdout
+    assert [p["state"] for p in cli.json("status")["pageservers"]] == ["running", "running"]
+    cli.run("endpoint", "stop", "main")
+    assert "no pageserver with id 3" in \
+        cli.run("tenant", "relocate", "default", "--to", "3", ok=False).stderr
+    moved = cli.run("tenant", "relocate", "default", "--to", "2")
+    assert "relocated tenant default" in moved.stdout and "generation 3" in moved.stdout
+    assert [(t["pageserver"], t["generation"]) for t in cli.json("tenant", "list")] == \
+        [(2, 3)]
+    assert not list((cli.repo_dir / "pageserver").glob("tenants/*/timelines"))
+    assert list((cli.repo_dir / "pageserver-2").glob("tenants/*/timelines"))
+    assert "on pageserver 2 already" in \
+        cli.run("tenant", "relocate", "default", "--to", "2", ok=False).stderr
+    # Restarting pageserver 1 does not bring the tenant back there.
+    assert "generation" not in cli.run("pageserver", "restart", "--id", "1").stderr
+    cli.run("endpoint", "start", "main")
+    _check_known(cli.local("main"), last)
+    _known_rows(cli.local("main"), last + 1, last + 1000)
+    _check_known(cli.local("main"), last + 1000)
+    assert "Traceback" not in (cli.repo_dir / "logs" / "pageserver-2.log").read_text()
+    # `stop` stops both pageservers, `start` starts both.
+    cli.run("stop")
+    assert [p["state"] for p in cli.json("status")["pageservers"]] == ["stopped", "stopped"]
+
+
+def test_relocate_with_a_running_lazy_compute(cli: Cli, test_dir: Path,
+                                              s3_url: str) -> None:  # noqa: F811
+    """`strata tenant relocate --to 2` while a lazy compute (started afresh, so its pages
+    are still on the pageserver) commits rows one by one and reads table blocks it has not
+    read yet: the compute never stops, every read completes, every acknowledged row is
+    there afterwards, for it and for a new compute; pageserver 1 no longer holds the
+    tenant, and the FUSE server and the walproposer went to pageserver 2 without a
+    restart. Object storage: S3 on the SeaweedFS harness."""
+    config = test_dir / "strata.toml"
+    config.write_text(CONFIG)
+    cli.run("init", "--config", str(config), "--object-storage", s3_url)
+    cli.run("endpoint", "start", "main", "--mode", "lazy")
+    main = cli.local("main")
+    rows(main, "create table counter (id int primary key)")
+    for table in ("cold", "colder"):  # colder: first read once the relocation is done
+        rows(main, f"create table {table} (id int, pad text)")
+        rows(main, f"insert into {table} select g, repeat('x', 400) "
+                   "from generate_series(1, 40000) g")
+        rows(main, f"create index on {table} (id)")
+    # A fresh compute: every page of `cold` is read from the pageserver on first use.
+    cli.run("endpoint", "stop", "main")
+    cli.run("endpoint", "start", "main", "--mode", "lazy")
+    main = cli.local("main")
+    pid = next(e for e in cli.json("endpoint", "list") if e["name"] == "main")["pid"]
+    assert "added pageserver 2" in cli.run("pageserver", "add").stdout
+
+    stop = threading.Event()
+    acked: list[int] = []
+    reads: list[int] = []
+    errors: list[BaseException] = []
+
+    def commit() -> None:
+        try:
+            with psycopg.connect(main, autocommit=True) as conn:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    conn.execute("insert into counter values (%s)", (n,))
+                    acked.append(n)
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            errors.append(err)
+
+    def read() -> None:
+        try:
+            with psycopg.connect(main, autocommit=True) as conn:
+                chunk = 0
+                while not stop.is_set():  # 500 rows (~30 blocks) of 80 chunks, shuffled
+                    first = (chunk * 37) % 80 * 500 + 1
+                    got = conn.execute("select count(*) from cold where id between %s and %s",
+                                       (first, first + 499)).fetchone()
+                    reads.append(got[0] if got else -1)
+                    chunk += 1
+                    stop.wait(0.2)
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            errors.append(err)
+
+    workers = [threading.Thread(target=commit), threading.Thread(target=read)]
+    for w in workers:
+        w.start()
+    try:
+        _wait(lambda: len(acked) >= 50 and len(reads) >= 5, "for the workload to start",
+              timeout_s=120)
+        moved = cli.run("tenant", "relocate", "default", "--to", "2")
+        at_move = len(acked), len(reads)
+        _wait(lambda: len(acked) >= at_move[0] + 50 and len(reads) >= at_move[1] + 5,
+              "for the workload to go on after the relocation", timeout_s=120)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(120)
+    assert not errors, errors
+    assert "relocated tenant default" in moved.stdout, moved
+    assert "endpoint main now reads from pageserver 2" in moved.stderr, moved.stderr
+    assert set(reads) == {500}, sorted(set(reads))
+    # Pages never read before, read after the move: from pageserver 2.
+    assert rows(main, "select count(*), sum(id) from colder")[0] == (40000, 40000 * 40001 // 2)
+    assert [(t["pageserver"], t["generation"]) for t in cli.json("tenant", "list")] == \
+        [(2, 2)]
+    assert not list((cli.repo_dir / "pageserver").glob("tenants/*/timelines"))
+    # The same compute throughout, now on pageserver 2 for its reads and its backpressure.
+    assert next(e for e in cli.json("endpoint", "list") if e["name"] == "main")["pid"] == pid
+    lazyfs = (cli.repo_dir / "endpoints" / "main" / "compute" / "lazyfs.log").read_text()
+    assert "the pageserver moved" in lazyfs, lazyfs[-2000:]
+    walproposer = (cli.repo_dir / "logs" / "walproposer-main.log").read_text()
+    assert "the pageserver moved to" in walproposer, walproposer[-2000:]
+
+    def check(connstr: str) -> None:
+        count, top = rows(connstr, "select count(*), max(id) from counter")[0]
+        assert count == top and top >= acked[-1], (count, top, acked[-1])
+        assert rows(connstr, "select count(*) from cold")[0][0] == 40000
+        assert rows(connstr, "select count(*) from colder")[0][0] == 40000
+
+    check(main)
+    # A new compute on the branch (read-only at the head), started from pageserver 2.
+    lsn = rows(main, "select pg_current_wal_lsn()")[0][0]
+    cli.run("endpoint", "create", "again", "--branch", "main", "--lsn", str(lsn))
+    cli.run("endpoint", "start", "again")
+    check(cli.local("again"))
+    for log in ("pageserver.log", "pageserver-2.log"):
+        assert "Traceback" not in (cli.repo_dir / "logs" / log).read_text(), log

@@ -410,7 +410,7 @@ def test_ids_are_parsed_once_and_state_files_write_back_identical(tmp_path: Path
                                  "system_id": 7 << 60,
                                  "roles": {"main": {"app": "SCRAM-SHA-256$4096:x"}},
                                  "app_role_timelines": [main], "generation": 3,
-                                 "attached": True}},
+                                 "attached": True, "pageserver": 2}},
                "endpoints": {"ro": {"name": "ro", "tenant_id": tid, "branch": "dev",
                                     "port": 5433, "lsn": "0/16B3740", "autostart": False,
                                     "mode": "full", "suspend_timeout_s": 60.0}}}
@@ -451,3 +451,59 @@ def test_seaweedfs_ports_round_trip_and_checks(tmp_path: Path) -> None:
         EnvConfig.from_dict({"seaweedfs": {"bucket": "x"}})
     with pytest.raises(UserError, match="port number"):
         EnvConfig.from_dict({"seaweedfs": {"ports": {"s3.port": 70000}}})
+
+
+def test_several_pageservers_round_trip_and_old_files_load(tmp_path: Path) -> None:
+    """[[pageservers]] (ids 2 and up, with [pageserver.config]) round-trip through
+    config.toml; a config and a state written before there were several load as
+    pageserver 1 only, every tenant on it."""
+    config = EnvConfig.from_dict({
+        "pageserver": {"pg_port": 6400, "http_port": 9898,
+                       "config": {"remote_storage": "file:///r"}},
+        "pageservers": [{"id": 2}]}).with_ports_allocated()
+    second = config.pageserver_by_id(2)
+    assert second.config == {"remote_storage": "file:///r"} and second.pg_port > 0
+    assert {second.pg_port, second.http_port, 6400, 9898} <= config.ports()
+    assert [ps.id for ps in config.pageservers] == [1, 2]
+    env = Environment.create(tmp_path / "env", config)
+    assert env.config() == config
+    assert "[[pageservers]]" in env.config_path.read_text()
+    assert env.pageserver_workdir(1) == env.root / "pageserver"
+    assert env.pageserver_workdir(2) == env.root / "pageserver-2"
+    with pytest.raises(NotFound, match=r"no pageserver with id 3; config.toml has ids \[1, 2\]"):
+        config.pageserver_by_id(3)
+    for bad, message in [([{"id": 1}], "id must be an integer >= 2"),
+                         ([{"id": 2}, {"id": 2}], "ids must be unique"),
+                         ([{"id": 2, "config": {}}], "unknown keys")]:
+        with pytest.raises(UserError, match=message):
+            EnvConfig.from_dict({"pageservers": bad})
+    assert EnvConfig.from_dict({}).more_pageservers == ()
+    assert "pageservers" not in EnvConfig().to_dict()
+    tid = "ab" * 16
+    env.state_path.write_text(json.dumps({
+        "version": 1, "default_tenant": tid, "endpoints": {},
+        "tenants": {tid: {"name": "default", "branches": {}, "config": {}}}}))
+    assert env.read_state().tenants[TenantId.parse(tid)].pageserver == 1
+    with env.locked() as state:
+        state.tenants[TenantId.parse(tid)].pageserver = 2
+    assert env.read_state().tenants[TenantId.parse(tid)].pageserver == 2
+
+
+def test_pageserver_address_file_is_reread_when_it_changes(tmp_path: Path) -> None:
+    """A running compute's pageserver file: read at open, re-read after a rewrite (a
+    relocation), the last address kept while it is missing or unreadable."""
+    from strata.compute.pageserver_address import AddressFile, write_address
+
+    path = tmp_path / "pageserver.json"
+    with pytest.raises(UserError, match="no pageserver address"):
+        AddressFile(path)
+    write_address(path, "127.0.0.1", 6400, 9898)
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+    address = AddressFile(path)
+    assert (address.pg(), address.http()) == (("127.0.0.1", 6400), ("127.0.0.1", 9898))
+    write_address(path, "127.0.0.2", 6401, 9899)
+    assert (address.pg(), address.http()) == (("127.0.0.2", 6401), ("127.0.0.2", 9899))
+    path.write_text("{not json")
+    assert address.pg() == ("127.0.0.2", 6401)
+    path.unlink()
+    assert address.http() == ("127.0.0.2", 9899)

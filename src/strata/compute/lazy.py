@@ -81,6 +81,9 @@ class LazyOptions:
     token: str | None = field(default=None, repr=False)
     """The FUSE process's token for the pageserver (one scoped to the compute's tenant);
     None: it inherits this process's `$STRATA_AUTH_TOKEN`, if any."""
+    pageserver_file: Path | None = None
+    """A file with the pageserver's address (strata.compute.pageserver_address) that the
+    FUSE process re-reads when it changes (a relocation); None: the address given."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.outage_wait_s <= 3600:
@@ -286,7 +289,9 @@ def prepare_lazy_compute(host: str, pg_port: int, tenant_id: TenantId,
                         "--timeline", str(timeline_id), "--lsn", str(lsn),
                         "--lease-s", str(options.lease_s),
                         "--readahead", str(options.readahead_blocks),
-                        "--outage-wait-s", str(options.outage_wait_s), "--wait-stdin"],
+                        "--outage-wait-s", str(options.outage_wait_s), "--wait-stdin",
+                        *(["--pageserver-file", str(options.pageserver_file)]
+                          if options.pageserver_file is not None else [])],
                        fuse_log, stdin=subprocess.PIPE, env=_env_with_token(options.token))
     (root / FUSE_PID_FILE).write_text(f"{fuse_proc.pid}\n")
     assert fuse_proc.stdin is not None

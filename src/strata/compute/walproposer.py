@@ -517,6 +517,9 @@ class SidecarConfig:
     status_interval_s: float = 1.0
     pg_reconnect_timeout_s: float = 10.0
     pageserver_http: tuple[str, int] | None = None  # backpressure source; None: off
+    pageserver_file: str | None = None
+    """A file with the pageserver's address (strata.compute.pageserver_address), re-read
+    when it changes (a relocation): it overrides `pageserver_http` from then on."""
     max_write_lag_bytes: int | None = 16 << 20
     max_flush_lag_bytes: int | None = None
     max_apply_lag_bytes: int | None = None
@@ -765,7 +768,15 @@ class WalProposer:
         assert self.config.pageserver_http is not None
         host, port = self.config.pageserver_http
         client = AsyncPageserverClient(host, port, 0, timeout_s=5)
+        address = None
+        if self.config.pageserver_file is not None:
+            from strata.compute.pageserver_address import AddressFile
+
+            address = AddressFile(self.config.pageserver_file)
         while True:
+            if address is not None and address.http() != (client.host, client.http_port):
+                log.info("the pageserver moved to %s:%d: polling it", *address.http())
+                client = AsyncPageserverClient(*address.http(), 0, timeout_s=5)
             try:
                 info = await client.timeline(self.quorum.tenant_id, self.quorum.timeline_id,
                                              logical_size=False)
@@ -864,6 +875,9 @@ def _parser() -> argparse.ArgumentParser:
                    default=10.0,
                    help="give up when the compute does not accept connections for this long")
     p.add_argument("--pageserver-http", help="HOST:PORT of the pageserver (backpressure)")
+    p.add_argument("--pageserver-file",
+                   help="a JSON file with the pageserver's address, re-read when it changes "
+                        "(a relocation; strata.compute.pageserver_address)")
     p.add_argument("--max-write-lag-bytes", type=int, default=16 << 20)
     p.add_argument("--max-flush-lag-bytes", type=int)
     p.add_argument("--max-apply-lag-bytes", type=int)
@@ -893,6 +907,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pg_host=args.pg_host, pg_port=args.pg_port, pg_user=args.pg_user,
             slot_name=args.slot, application_name=args.application_name,
             quorum_warn_s=args.quorum_warn_s, pageserver_http=ps,
+            pageserver_file=args.pageserver_file,
             max_write_lag_bytes=args.max_write_lag_bytes,
             max_flush_lag_bytes=args.max_flush_lag_bytes,
             max_apply_lag_bytes=args.max_apply_lag_bytes,

@@ -23,7 +23,7 @@ from strata.console.sql import ROW_LIMIT, run_read_only
 from strata.control import operations
 from strata.control.endpoints import endpoint_status, local_connstr, running_pid
 from strata.control.env import ComputeMode, Environment
-from strata.control.services import pageserver_status, require_pageserver
+from strata.control.services import pageserver_status, tenant_pageserver
 
 T = TypeVar("T")
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
@@ -144,7 +144,7 @@ def branch_tree(env: Environment, tenant: str) -> dict[str, Any]:
     config = env.config()
     state = env.read_state()
     tid = state.tenant_id(tenant)
-    client = require_pageserver(env, config)
+    client = tenant_pageserver(env, config, tid)
     times = operations.branch_times(env)
     endpoints = [endpoint_status(env, config, ep) for ep in state.endpoints.values()
                  if ep.tenant_id == tid]

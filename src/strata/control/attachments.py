@@ -13,6 +13,11 @@ does not hold (its data directory was deleted, or the disk lost) is attached fro
 storage with a new generation, and its timelines follow the safekeepers again, from the
 index's `disk_consistent_lsn` (the safekeepers keep WAL until `remote_consistent_lsn`
 passes it, so nothing committed is lost).
+
+`relocate_tenant` moves a tenant to another pageserver of the environment (`strata
+tenant relocate --to N`): the source uploads what it has, the destination attaches it
+with the next generation and follows the safekeepers until it has what the source had,
+state.json switches the tenant over, then the source detaches it.
 """
 
 from __future__ import annotations
@@ -20,12 +25,19 @@ from __future__ import annotations
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.control import output
-from strata.control.endpoints import running_pid, safekeeper_endpoints
+from strata.control.endpoints import (
+    endpoint_paths,
+    point_at_pageserver,
+    running_pid,
+    safekeeper_endpoints,
+)
 from strata.control.env import EnvConfig, Environment, WalMode
-from strata.control.services import safekeeper_client
+from strata.control.services import require_pageserver, safekeeper_client
+from strata.control.supervisor import wait_for
 from strata.pageserver.api import TimelineInfo
 from strata.pageserver.client import PageserverClient
 
+RELOCATE_TIMEOUT_S = 300.0  # each wait of a relocation (uploads, catching up)
 NO_OBJECT_STORAGE = (
     "this environment has no object storage (config [pageserver.config] remote_storage); "
     "create one with `strata init --object-storage URL|local`")
@@ -109,13 +121,14 @@ def detach_tenant(env: Environment, config: EnvConfig, client: PageserverClient,
 
 
 def reattach_lost_tenants(env: Environment, config: EnvConfig,
-                          client: PageserverClient) -> list[TenantId]:
-    """Attach (with a new generation) every tenant the state says is attached but the
-    pageserver does not hold; returns their ids. Without object storage such a tenant is
-    lost: one warning says so."""
+                          client: PageserverClient, ps_id: int = 1) -> list[TenantId]:
+    """Attach (with a new generation) every tenant the state says is attached to pageserver
+    `ps_id` but that it does not hold; returns their ids. Without object storage such a
+    tenant is lost: one warning says so."""
     state = env.read_state()
     held = set(client.list_tenants())
-    lost = [tid for tid, t in state.tenants.items() if t.attached and tid not in held]
+    lost = [tid for tid, t in state.tenants.items()
+            if t.attached and t.pageserver == ps_id and tid not in held]
     if not lost:
         return []
     names = [state.tenants[tid].name for tid in lost]
@@ -133,3 +146,88 @@ def reattach_lost_tenants(env: Environment, config: EnvConfig,
             continue
         done.append(tid)
     return done
+
+
+def _running_endpoints(env: Environment, tenant_id: TenantId) -> list[str]:
+    state = env.read_state()
+    return sorted(ep.name for ep in state.endpoints.values()
+                  if ep.tenant_id == tenant_id and running_pid(env, ep.name) is not None)
+
+
+def relocate_tenant(env: Environment, config: EnvConfig, tenant_id: TenantId,
+                    to_id: int) -> int:
+    """Move the tenant to pageserver `to_id`; returns the new generation.
+
+    1. The source checkpoints each timeline and uploads it (so the destination's attach
+       finds every timeline, at most a few seconds behind);
+    2. the destination attaches it with the next generation (state.json first) and
+       follows the safekeepers;
+    3. wait until the destination has ingested, on every timeline, as far as the source
+       had when it attached;
+    4. state.json names the destination (endpoints started from now on use it) and the
+       running endpoints' pageserver files are rewritten: their FUSE servers and
+       walproposers go to the destination at their next read or poll;
+    5. the source detaches the tenant (its uploads under the older generation never
+       overwrite or delete what the destination relies on). A read that the source
+       answers with an error from then on is retried at the destination.
+
+    Running endpoints read at their start LSN (a primary's later pages are its own) or
+    their read-only LSN, both at most what the source had when the destination attached,
+    so the destination serves them before the source goes."""
+    require_object_storage(config)
+    config.pageserver_by_id(to_id)  # NotFound naming the ids there are
+    state = env.read_state()
+    tenant = state.tenants[tenant_id]
+    if not tenant.attached:
+        raise UserError(f"tenant {tenant.name} is detached; attach it first (`strata tenant "
+                        "attach`)")
+    from_id = tenant.pageserver
+    if from_id == to_id:
+        raise UserError(f"tenant {tenant.name} is on pageserver {to_id} already")
+    running = _running_endpoints(env, tenant_id)
+    if running and config.wal_mode is not WalMode.SAFEKEEPERS:
+        raise UserError(f"endpoints {running} of tenant {tenant.name} are running and in "
+                        "development mode (wal_mode = \"pageserver\") the pageserver is their "
+                        "WAL receiver; stop them first (`strata endpoint stop NAME`)")
+    unmovable = [n for n in running if not endpoint_paths(env, n).pageserver_file.exists()]
+    if unmovable:
+        raise UserError(f"endpoints {unmovable} of tenant {tenant.name} were started by an "
+                        "older strata and cannot follow a relocation; restart them first "
+                        "(`strata endpoint stop NAME` and `start`)")
+    source = require_pageserver(env, config, from_id)
+    dest = require_pageserver(env, config, to_id)
+    tid = tenant_id
+    if tid in dest.list_tenants():
+        # Left by an interrupted relocation: that attachment goes; the new one supersedes it.
+        with output.step(f"pageserver {to_id} holds tenant {tenant.name} from an interrupted "
+                         "relocation: detaching it there first"):
+            dest.detach_tenant(tid)
+    with output.step(f"pageserver {from_id}: checkpointing and uploading tenant "
+                     f"{tenant.name} ({tenant_id})"):
+        for info in source.list_timelines(tid):
+            flushed = source.checkpoint(tid, info.timeline_id).disk_consistent_lsn
+
+            def uploaded(tl: TimelineId = info.timeline_id, lsn: object = flushed) -> bool:
+                remote = source.timeline(tid, tl).remote_consistent_lsn
+                return remote is not None and remote >= lsn  # type: ignore[operator]
+
+            wait_for(uploaded, timeout_s=RELOCATE_TIMEOUT_S, interval_s=0.2,
+                     what=f"waiting for pageserver {from_id} to upload timeline "
+                          f"{info.timeline_id} up to {flushed}")
+    generation = attach_tenant(env, config, dest, tenant_id)
+    with output.step(f"waiting for pageserver {to_id} to catch up with pageserver {from_id}"):
+        for info in source.list_timelines(tid):
+            target = info.last_record_lsn
+            wait_for(lambda tl=info.timeline_id, lsn=target:  # type: ignore[misc]
+                     dest.timeline(tid, tl).last_record_lsn >= lsn,
+                     timeout_s=RELOCATE_TIMEOUT_S, interval_s=0.1,
+                     what=f"waiting for pageserver {to_id} to ingest timeline "
+                          f"{info.timeline_id} up to {target}")
+    with env.locked() as state:
+        state.tenants[tenant_id].pageserver = to_id
+    for name in _running_endpoints(env, tenant_id):
+        point_at_pageserver(env, config, name, to_id)
+        output.info(f"endpoint {name} now reads from pageserver {to_id}")
+    with output.step(f"detaching tenant {tenant.name} from pageserver {from_id}"):
+        source.detach_tenant(tid)
+    return generation

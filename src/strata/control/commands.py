@@ -25,6 +25,7 @@ from strata.control.attachments import (
     attach_tenant,
     detach_tenant,
     reattach_lost_tenants,
+    relocate_tenant,
     require_object_storage,
 )
 from strata.control.auth_setup import export_cli_token, make_keys, token_for
@@ -74,7 +75,6 @@ from strata.control.services import (
     console_url,
     pageserver_client,
     pageserver_status,
-    require_pageserver,
     require_safekeeper_mode,
     safekeeper_status,
     start_console,
@@ -83,8 +83,10 @@ from strata.control.services import (
     start_safekeepers,
     stop_console,
     stop_pageserver,
+    stop_pageservers,
     stop_safekeeper,
     stop_safekeepers,
+    tenant_pageserver,
 )
 from strata.pageserver.api import check_remote_storage_url
 
@@ -193,8 +195,7 @@ def start(ctx: click.Context) -> None:
         env.write_config(config)
     start_seaweed(env, config)
     start_safekeepers(env, config)
-    start_pageserver(env, config)
-    reattach_lost_tenants(env, config, pageserver_client(config))
+    _start_pageservers(env, config, None)
     config = start_console(env, config)
     output.result(f"console: {console_url(config)} (log in with the token in "
                   f"{env.console_token_path})")
@@ -236,13 +237,13 @@ def stop(ctx: click.Context, immediate: bool) -> None:
     (if the environment runs one)."""
     env = _env(ctx)
     stop_proxy(env, immediate=immediate)
-    client = client_if_running(env)
     state = env.read_state()
     for ep in state.endpoints.values():
         stop_endpoint(env, ep, state.timeline_id(ep.tenant_id, ep.branch), immediate=immediate,
-                      client=client)
+                      client=client_if_running(env, ep.tenant_id)
+                      if running_pid(env, ep.name) is not None else None)
     stop_console(env, immediate=immediate)
-    stop_pageserver(env, immediate=immediate)
+    stop_pageservers(env, env.config(), immediate=immediate)
     stop_safekeepers(env, env.config(), immediate=immediate)
     stop_seaweed(env, env.config(), immediate=immediate)
     output.result(f"stopped {env.root}")
@@ -256,15 +257,19 @@ def status(ctx: click.Context, as_json: bool) -> None:
     env = _env(ctx)
     config = env.config()
     state = env.read_state()
-    ps = pageserver_status(env, config)
+    pageservers = [pageserver_status(env, config, p.id) for p in config.pageservers]
+    ps = pageservers[0]
     timelines: list[dict[str, Any]] = []
-    if ps.state == "running":
-        client = pageserver_client(config, timeout_s=10)
+    for p, p_status in zip(config.pageservers, pageservers, strict=True):
+        if p_status.state != "running":
+            continue
+        client = pageserver_client(config, timeout_s=10, ps_id=p.id)
         for tid, tenant in state.tenants.items():
-            if not tenant.attached:
-                continue  # only in object storage (`strata tenant attach`)
+            if not tenant.attached or tenant.pageserver != p.id:
+                continue  # only in object storage (`strata tenant attach`), or elsewhere
             infos = client.list_timelines(tid)
-            timelines += [timeline_json(tenant, info) for info in infos]
+            timelines += [{**timeline_json(tenant, info), "pageserver": p.id}
+                          for info in infos]
     proxy = proxy_status(env, config)
     console_proc = console_status(env, config)
     endpoints = [_with_proxy(endpoint_status(env, config, ep), proxy)
@@ -277,6 +282,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     seaweed = storage["seaweedfs"] if storage is not None else None
     data: dict[str, Any] = {"wal_mode": config.wal_mode,
             "pageserver": {**ps.to_json(), "timelines": timelines},
+            "pageservers": [{"id": p.id, **s.to_json()}
+                            for p, s in zip(config.pageservers, pageservers, strict=True)],
             "safekeepers": safekeepers, "endpoints": endpoints, "proxy": proxy,
             "console": console_proc, "object_storage": storage}
     if as_json:
@@ -284,8 +291,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         return
     output.table(f"Strata environment {env.root} (wal_mode {config.wal_mode})",
                  ["process", "pid", "address", "state", "LSN", "connections"],
-                 [["pageserver", ps.pid, f"pg {ps.addresses['pg']}, http {ps.addresses['http']}",
-                   ps.state, None, None],
+                 [*[[p.name, p.pid, f"pg {p.addresses['pg']}, http {p.addresses['http']}",
+                     p.state, None, None] for p in pageservers],
                   *[[f"safekeeper {sk['id']}", sk["pid"],
                      f"pg {sk['addresses']['pg']}, http {sk['addresses']['http']}",
                      sk["state"], _sk_lsns(sk), None] for sk in safekeepers],
@@ -302,7 +309,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if config.wal_mode is WalMode.PAGESERVER:
         output.info("safekeepers: none (development mode: the pageserver receives the WAL, "
                     "D7)")
-    for name, proc in [("pageserver", data["pageserver"]), ("proxy", proxy),
+    for name, proc in [*[(p.name, p.to_json()) for p in pageservers], ("proxy", proxy),
                        ("console", console_proc),
                        *([("SeaweedFS", seaweed)] if seaweed is not None else []),
                        *[(f"safekeeper {sk['id']}", sk) for sk in safekeepers],
@@ -378,15 +385,17 @@ def tenant_list(ctx: click.Context, as_json: bool) -> None:
     state = _env(ctx).read_state()
     rows: list[dict[str, Any]] = [
         {"tenant_id": str(tid), "name": t.name, "default": tid == state.default_tenant,
-         "branches": sorted(t.branches), "attached": t.attached, "generation": t.generation}
+         "branches": sorted(t.branches), "attached": t.attached, "generation": t.generation,
+         "pageserver": t.pageserver}
         for tid, t in state.tenants.items()]
     if as_json:
         output.print_json(rows)
         return
-    output.table(None, ["name", "tenant", "default", "branches", "attached", "generation"],
+    output.table(None, ["name", "tenant", "default", "branches", "attached", "generation",
+                        "pageserver"],
                  [[r["name"], r["tenant_id"], "yes" if r["default"] else "",
                    ", ".join(r["branches"]), "yes" if r["attached"] else "no",
-                   r["generation"]] for r in rows])
+                   r["generation"], r["pageserver"]] for r in rows])
 
 
 @tenant.command("config")
@@ -402,7 +411,7 @@ def tenant_config(ctx: click.Context, name: str | None, changes: tuple[str, ...]
     config = env.config()
     state = env.read_state()
     tid = state.tenant_id(name)
-    client = require_pageserver(env, config)
+    client = tenant_pageserver(env, config, tid)
     if changes:
         updates = _parse_settings(changes)
         with output.step(f"changing {sorted(updates)} of tenant {state.tenants[tid].name}"):
@@ -432,7 +441,7 @@ def tenant_size(ctx: click.Context, name: str | None, as_json: bool) -> None:
     tid = state.tenant_id(name)
     tenant = state.tenants[tid]
     check_attached(state, tid)
-    sizes = require_pageserver(env, config).tenant_size(tid)
+    sizes = tenant_pageserver(env, config, tid).tenant_size(tid)
     names = names_by_id(tenant)
     rows = [{"branch": names.get(TimelineId.parse(t["timeline_id"])), **t}
             for t in sizes["timelines"]]
@@ -447,22 +456,21 @@ def tenant_size(ctx: click.Context, name: str | None, as_json: bool) -> None:
                   ["(all)", None, sizes["local_bytes"], sizes["remote_bytes"]]])
 
 
-MULTI_PAGESERVER = (
-    "not supported yet: an environment runs one pageserver (several pageservers and "
-    "relocation between them are not built; docs/remote-storage.md). To move a tenant's "
-    "data off this pageserver use `strata tenant detach`; `strata tenant attach` brings it "
-    "back")
-
-
 @tenant.command("relocate")
 @click.argument("name", metavar="TENANT")
-@click.option("--to", "target", required=True, metavar="PAGESERVER",
-              help="The pageserver to move the tenant to.")
+@click.option("--to", "target", required=True, type=int, metavar="PAGESERVER",
+              help="The id of the pageserver to move the tenant to (`strata status`).")
 @click.pass_context
-def tenant_relocate(ctx: click.Context, name: str, target: str) -> None:
-    """Not supported yet (an environment runs one pageserver): move TENANT to another
-    pageserver."""
-    raise UserError(MULTI_PAGESERVER)
+def tenant_relocate(ctx: click.Context, name: str, target: int) -> None:
+    """Move TENANT to pageserver PAGESERVER (needs object storage; its endpoints must be
+    stopped): attached there with a new generation, caught up with the safekeepers, then
+    detached from its current pageserver."""
+    env = _env(ctx)
+    config = env.config()
+    tid = env.read_state().tenant_id(name)
+    generation = relocate_tenant(env, config, tid, target)
+    output.result(f"relocated tenant {name} ({tid}) to pageserver {target} (generation "
+                  f"{generation})")
 
 
 @tenant.command("detach")
@@ -475,7 +483,7 @@ def tenant_detach(ctx: click.Context, name: str) -> None:
     config = env.config()
     require_object_storage(config)
     tid = env.read_state().tenant_id(name)
-    detach_tenant(env, config, require_pageserver(env, config), tid)
+    detach_tenant(env, config, tenant_pageserver(env, config, tid), tid)
     output.result(f"detached tenant {name} ({tid}); it is in object storage only")
 
 
@@ -490,7 +498,7 @@ def tenant_attach(ctx: click.Context, name: str) -> None:
     require_object_storage(config)
     state = env.read_state()
     tid = state.tenant_id(name)
-    client = require_pageserver(env, config)
+    client = tenant_pageserver(env, config, tid)
     if state.tenants[tid].attached and tid in client.list_tenants():
         raise UserError(f"tenant {name} is attached already; detach it first "
                         f"(`strata tenant detach {name}`)")
@@ -549,7 +557,7 @@ def timeline_list(ctx: click.Context, tenant: str | None, as_json: bool) -> None
     config = env.config()
     state = env.read_state()
     tid = state.tenant_id(tenant)
-    client = require_pageserver(env, config)
+    client = tenant_pageserver(env, config, tid)
     rows = [timeline_json(state.tenants[tid], info)
             for info in client.list_timelines(tid)]
     if as_json:
@@ -708,46 +716,91 @@ def pageserver() -> None:
     """The pageserver process."""
 
 
-def _start_pageserver(env: Environment) -> int:
-    """Start the pageserver and attach from object storage every tenant it lost."""
-    config = env.config()
-    pid = start_pageserver(env, config)
-    reattach_lost_tenants(env, config, pageserver_client(config))
-    return pid
+def _start_pageservers(env: Environment, config: EnvConfig, ps_id: int | None) -> list[int]:
+    """Start pageserver `ps_id` (None: every one) and attach from object storage every
+    tenant it lost; their pids."""
+    pids = []
+    for ps in config.pageservers if ps_id is None else [config.pageserver_by_id(ps_id)]:
+        pids.append(start_pageserver(env, config, ps.id))
+        reattach_lost_tenants(env, config, pageserver_client(config, ps_id=ps.id), ps.id)
+    return pids
+
+
+ps_id_option = click.option("--id", "ps_id", type=int, metavar="N",
+                            help="Pageserver N only (default: every pageserver).")
+
+
+def _ps_label(ps_id: int) -> str:
+    return "pageserver" if ps_id == 1 else f"pageserver {ps_id}"
 
 
 @pageserver.command("start")
+@ps_id_option
 @click.pass_context
-def pageserver_start(ctx: click.Context) -> None:
-    """Start the pageserver. A tenant it does not hold any more (its data directory was
-    lost) is attached from object storage with a new generation."""
-    pid = _start_pageserver(_env(ctx))
-    output.result(f"pageserver running (pid {pid})")
+def pageserver_start(ctx: click.Context, ps_id: int | None) -> None:
+    """Start the pageservers (and the environment's SeaweedFS, if it has one, which they
+    need). A tenant a pageserver does not hold any more (its data directory was lost) is
+    attached from object storage with a new generation."""
+    env = _env(ctx)
+    config = env.config()
+    start_seaweed(env, config)
+    ids = [ps.id for ps in config.pageservers] if ps_id is None else [ps_id]
+    for i, pid in zip(ids, _start_pageservers(env, config, ps_id), strict=True):
+        output.result(f"{_ps_label(i)} running (pid {pid})")
 
 
 @pageserver.command("add")
 @click.pass_context
 def pageserver_add(ctx: click.Context) -> None:
-    """Not supported yet (an environment runs one pageserver): add a second pageserver."""
-    raise UserError(MULTI_PAGESERVER)
+    """Add a pageserver to the environment (ports allocated, data in ENV/pageserver-N) and
+    start it; move tenants to it with `strata tenant relocate TENANT --to N`."""
+    env = _env(ctx)
+    with env.locked():  # one add at a time: the id and ports are picked here
+        config = env.config()
+        new_id = max(ps.id for ps in config.pageservers) + 1
+        added = replace(config.pageserver, pg_port=0, http_port=0, id=new_id)
+        config = replace(config, more_pageservers=(*config.more_pageservers, added))
+        config = config.with_ports_allocated()
+        env.write_config(config)
+    start_seaweed(env, config)
+    pid = start_pageserver(env, config, new_id)
+    ps = config.pageserver_by_id(new_id)
+    output.result(f"added pageserver {new_id} (pid {pid}; pg {ps.host}:{ps.pg_port}, http "
+                  f"{ps.host}:{ps.http_port})")
 
 
 @pageserver.command("stop")
+@ps_id_option
 @click.option("--immediate", is_flag=True, help="SIGKILL instead of a clean stop.")
 @click.pass_context
-def pageserver_stop(ctx: click.Context, immediate: bool) -> None:
-    stop_pageserver(_env(ctx), immediate=immediate)
-    output.result("pageserver stopped")
+def pageserver_stop(ctx: click.Context, ps_id: int | None, immediate: bool) -> None:
+    """Stop the pageservers (or pageserver N)."""
+    env = _env(ctx)
+    config = env.config()
+    if ps_id is None:
+        stop_pageservers(env, config, immediate=immediate)
+        output.result("pageservers stopped" if config.more_pageservers
+                      else "pageserver stopped")
+        return
+    config.pageserver_by_id(ps_id)
+    stop_pageserver(env, immediate=immediate, ps_id=ps_id)
+    output.result(f"{_ps_label(ps_id)} stopped")
 
 
 @pageserver.command("restart")
+@ps_id_option
 @click.pass_context
-def pageserver_restart(ctx: click.Context) -> None:
-    """Stop the pageserver cleanly and start it again (re-attaching lost tenants)."""
+def pageserver_restart(ctx: click.Context, ps_id: int | None) -> None:
+    """Stop the pageservers (or pageserver N) cleanly and start them again (re-attaching
+    lost tenants)."""
     env = _env(ctx)
-    stop_pageserver(env)
-    pid = _start_pageserver(env)
-    output.result(f"pageserver running (pid {pid})")
+    config = env.config()
+    ids = [ps.id for ps in config.pageservers] if ps_id is None else \
+        [config.pageserver_by_id(ps_id).id]
+    for i in ids:
+        stop_pageserver(env, ps_id=i)
+        pid = _start_pageservers(env, config, i)[0]
+        output.result(f"{_ps_label(i)} running (pid {pid})")
 
 
 @click.group()

@@ -70,6 +70,8 @@ from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn
 from strata.common.proc import chown_tree, service_user
 from strata.compute.compute import DEFAULT_RECEIVER_NAME, Compute, ComputeConfig
+from strata.compute.pageserver_address import FILE_NAME as PAGESERVER_FILE
+from strata.compute.pageserver_address import write_address
 from strata.compute.postmaster_files import clear_crashed_postmaster
 from strata.compute.walproposer import (
     DEFAULT_APPLICATION_NAME,
@@ -86,7 +88,7 @@ from strata.control.env import (
     Environment,
     WalMode,
 )
-from strata.control.services import require_pageserver, safekeeper_client
+from strata.control.services import require_pageserver, safekeeper_client, tenant_pageserver_id
 from strata.control.supervisor import (
     ProcessFiles,
     check_ports_free,
@@ -157,6 +159,21 @@ class EndpointPaths:
 
     def saved(self, timeline_id: TimelineId) -> Path:
         return self.root / "saved" / str(timeline_id)
+
+    @property
+    def pageserver_file(self) -> Path:
+        """The address of the tenant's pageserver, which the running compute's FUSE server
+        and walproposer re-read when `strata tenant relocate` rewrites it."""
+        return self.root / PAGESERVER_FILE
+
+
+def point_at_pageserver(env: Environment, config: EnvConfig, name: str, ps_id: int) -> Path:
+    """Write endpoint `name`'s pageserver file: pageserver `ps_id`'s address."""
+    path = endpoint_paths(env, name).pageserver_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ps = config.pageserver_by_id(ps_id)
+    write_address(path, ps.host, ps.pg_port, ps.http_port)
+    return path
 
 
 # sockaddr_un.sun_path holds 108 bytes with the terminating NUL (unix(7)); PostgreSQL
@@ -434,7 +451,9 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
         clear_crashed_postmaster(paths.datadir, paths.socket_dir, ep.port)
         check_ports_free(f"endpoint {ep.name}", {"port": (defaults.host, ep.port)},
                          fix="delete the endpoint and create it again (with --port)")
-        client = require_pageserver(env, config)
+        ps_id = tenant_pageserver_id(env, ep.tenant_id)
+        client = require_pageserver(env, config, ps_id)
+        point_at_pageserver(env, config, ep.name, ps_id)
         tenant_id = ep.tenant_id
         if not ep.read_only:
             _stop_stale_sidecar(env, ep.name)
@@ -591,7 +610,7 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
         shared_buffers=defaults.shared_buffers, settings=settings)
     log_path = endpoint_files(env, ep.name).log_path
     if mode is ComputeMode.LAZY:
-        ps = config.pageserver
+        ps = config.pageserver_by_id(tenant_pageserver_id(env, ep.tenant_id))
         lazy = prepare_lazy_compute(ps.host, ps.pg_port, tenant_id, timeline_id, lsn,
                                     paths.compute_root, compute_config,
                                     compute_host=defaults.host, port=ep.port,
@@ -599,7 +618,8 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
                                     options=LazyOptions(
                                         outage_wait_s=defaults.lazy_outage_wait_s,
                                         # Its page reads are this tenant's only.
-                                        token=token_for(env, config, Scope(tenant_id))))
+                                        token=token_for(env, config, Scope(tenant_id)),
+                                        pageserver_file=paths.pageserver_file))
         lazy.compute.server.socket_dir = paths.socket_dir
         return lazy.compute, lazy
     paths.compute_root.mkdir()
@@ -623,13 +643,14 @@ def _spawn_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
     the postmaster's pid on its stdin (`_hand_postmaster`; end of input: it exits)."""
     files = sidecar_files(env, ep.name)
     sks = ",".join(f"{sk.id}@{sk.host}:{sk.pg_port}" for sk in config.safekeepers)
-    ps = config.pageserver
+    ps = config.pageserver_by_id(tenant_pageserver_id(env, ep.tenant_id))
     walproposer = ["--tenant", str(tenant_id), "--timeline", str(timeline_id),
                    # The unix socket: replication is refused over TCP (PG_HBA_RESTRICTED).
                    "--safekeepers", sks, "--pg-host", str(endpoint_paths(env, ep.name).socket_dir),
                    "--pg-port", str(ep.port), "--pgdata", str(datadir),
                    "--quorum-warn-s", str(SIDECAR_QUORUM_WARN_S),
                    "--pageserver-http", f"{ps.host}:{ps.http_port}",
+                   "--pageserver-file", str(endpoint_paths(env, ep.name).pageserver_file),
                    # It starts with PostgreSQL: it may have to wait for it to accept
                    # connections, for as long as the CLI would.
                    "--pg-reconnect-timeout-s", str(config.endpoint_defaults.start_timeout_s)]

@@ -6,7 +6,8 @@ another) holds:
     config.toml          what to run: ports, tenant defaults, endpoint defaults (user-editable)
     state.json           what exists: tenants, branch names -> timeline ids, endpoints
     console.token        the web console's login token (mode 0600, made by `strata init`)
-    pageserver/          the pageserver's workdir (its files, not ours)
+    pageserver/          the pageserver's workdir (its files, not ours); pageserver-N/
+                         that of pageserver N (`strata pageserver add`)
     safekeepers/skN/     safekeeper N's workdir (wal_mode = "safekeepers")
     endpoints/NAME/      compute/ (rebuilt at every start: pgdata/, and in lazy mode the
                          page store lazy/ and the FUSE mount mnt/) and saved/ (settings
@@ -120,7 +121,10 @@ class PageserverSettings:
     pg_port: int = 0
     http_port: int = 0
     config: Mapping[str, Any] = field(default_factory=dict)
-    """Extra pageserver.toml keys (strata.pageserver.config), passed as -c overrides."""
+    """Extra pageserver.toml keys (strata.pageserver.config), passed as -c overrides.
+    Every pageserver of the environment has those of [pageserver.config]."""
+    id: int = 1
+    """1 for [pageserver]; the others ([[pageservers]], `strata pageserver add`) 2, 3..."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PageserverSettings:
@@ -135,6 +139,22 @@ class PageserverSettings:
                                 "[pageserver] host, pg_port and http_port instead")
         return cls(host, _check_port("[pageserver] pg_port", data.get("pg_port", 0)),
                    _check_port("[pageserver] http_port", data.get("http_port", 0)), extra)
+
+    @classmethod
+    def more_from_dict(cls, data: Mapping[str, Any],
+                       config: Mapping[str, Any]) -> PageserverSettings:
+        """An entry of [[pageservers]] (id 2 and up), with [pageserver.config]."""
+        _check_keys("[[pageservers]]", data, {"id", "host", "pg_port", "http_port"})
+        ps_id = data.get("id")
+        if not isinstance(ps_id, int) or isinstance(ps_id, bool) or ps_id < 2:
+            raise UserError(f"config [[pageservers]] id must be an integer >= 2 (1 is "
+                            f"[pageserver]), got {ps_id!r}")
+        host = data.get("host", "127.0.0.1")
+        if not isinstance(host, str) or not host:
+            raise UserError(f"config [[pageservers]] host must be a host name, got {host!r}")
+        return cls(host, _check_port("[[pageservers]] pg_port", data.get("pg_port", 0)),
+                   _check_port("[[pageservers]] http_port", data.get("http_port", 0)),
+                   config, ps_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +297,9 @@ class EnvConfig:
     seaweedfs: Mapping[str, int] | None = None
     """The ports of the environment's own SeaweedFS S3 server (`strata init
     --object-storage seaweedfs`; strata.control.object_storage), or None."""
+    more_pageservers: tuple[PageserverSettings, ...] = ()
+    """[[pageservers]]: pageservers 2, 3... (`strata pageserver add`); tenants move
+    between them with `strata tenant relocate`."""
 
     def __post_init__(self) -> None:
         assert isinstance(self.wal_mode, WalMode), self.wal_mode
@@ -286,6 +309,9 @@ class EnvConfig:
         ids = [sk.id for sk in self.safekeepers]
         if len(set(ids)) != len(ids):
             raise UserError(f"config [[safekeepers]] ids must be unique, got {ids}")
+        ps_ids = [ps.id for ps in self.pageservers]
+        if len(set(ps_ids)) != len(ps_ids):
+            raise UserError(f"config [[pageservers]] ids must be unique, got {ps_ids[1:]}")
         # Validated here so a typo is refused at init, not when the pageserver starts.
         if self.tenant_defaults:
             TenantConfig.from_dict(dict(self.tenant_defaults))
@@ -294,7 +320,8 @@ class EnvConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> EnvConfig:
         _check_keys("(top level)", data, {"wal_mode", "pageserver", "safekeepers",
                                           "tenant_defaults", "endpoint_defaults",
-                                          "console", "proxy", "auth", "seaweedfs"})
+                                          "console", "proxy", "auth", "seaweedfs",
+                                          "pageservers"})
         auth = data.get("auth", False)
         if not isinstance(auth, bool):
             raise UserError(f"config auth must be true or false, got {auth!r}")
@@ -305,10 +332,16 @@ class EnvConfig:
                        if wal_mode is WalMode.SAFEKEEPERS else [])
         if not isinstance(sks, list):
             raise UserError(f"config safekeepers must be an array of tables, got {sks!r}")
+        more = data.get("pageservers", [])
+        if not isinstance(more, list):
+            raise UserError(f"config pageservers must be an array of tables, got {more!r}")
+        first = PageserverSettings.from_dict(_table("[pageserver]", data.get("pageserver", {})))
         return cls(
             wal_mode=wal_mode,
-            pageserver=PageserverSettings.from_dict(_table("[pageserver]",
-                                                           data.get("pageserver", {}))),
+            pageserver=first,
+            more_pageservers=tuple(
+                PageserverSettings.more_from_dict(_table("[[pageservers]]", ps), first.config)
+                for ps in more),
             safekeepers=tuple(SafekeeperSettings.from_dict(_table("[[safekeepers]]", s))
                               for s in sks),
             tenant_defaults=_table("[tenant_defaults]", data.get("tenant_defaults", {})),
@@ -345,6 +378,9 @@ class EnvConfig:
             "console": asdict(self.console),
             "proxy": asdict(self.proxy),
             **({"seaweedfs": {"ports": dict(self.seaweedfs)}} if self.seaweedfs else {}),
+            **({"pageservers": [{"id": ps.id, "host": ps.host, "pg_port": ps.pg_port,
+                                 "http_port": ps.http_port} for ps in self.more_pageservers]}
+               if self.more_pageservers else {}),
         }
 
     def with_ports_allocated(self) -> EnvConfig:
@@ -363,20 +399,38 @@ class EnvConfig:
         ps = self.pageserver
         ps = replace(ps, pg_port=pick(ps.pg_port, ps.host),
                      http_port=pick(ps.http_port, ps.host))
+        more = tuple(replace(p, pg_port=pick(p.pg_port, p.host),
+                             http_port=pick(p.http_port, p.host))
+                     for p in self.more_pageservers)
         sks = tuple(replace(sk, pg_port=pick(sk.pg_port, sk.host),
                             http_port=pick(sk.http_port, sk.host))
                     for sk in self.safekeepers)
         console = replace(self.console, port=pick(self.console.port, self.console.host))
         proxy = replace(self.proxy, port=pick(self.proxy.port, self.proxy.host))
-        return replace(self, pageserver=ps, safekeepers=sks, console=console, proxy=proxy)
+        return replace(self, pageserver=ps, safekeepers=sks, console=console, proxy=proxy,
+                       more_pageservers=more)
 
     def ports(self) -> set[int]:
         """Every port of the storage services, the console and the proxy."""
-        out = {self.pageserver.pg_port, self.pageserver.http_port, self.proxy.port,
-               *(self.seaweedfs or {}).values()}
+        out = {self.proxy.port, *(self.seaweedfs or {}).values()}
+        for ps in self.pageservers:
+            out |= {ps.pg_port, ps.http_port}
         for sk in self.safekeepers:
             out |= {sk.pg_port, sk.http_port}
         return out | {self.console.port}
+
+    @property
+    def pageservers(self) -> tuple[PageserverSettings, ...]:
+        """Every pageserver: [pageserver] (id 1), then [[pageservers]]."""
+        return (self.pageserver, *self.more_pageservers)
+
+    def pageserver_by_id(self, ps_id: int) -> PageserverSettings:
+        for ps in self.pageservers:
+            if ps.id == ps_id:
+                return ps
+        raise NotFound(f"no pageserver with id {ps_id}; config.toml has ids "
+                       f"{[ps.id for ps in self.pageservers]} (`strata pageserver add` adds "
+                       "one)")
 
     def safekeeper(self, sk_id: int) -> SafekeeperSettings:
         for sk in self.safekeepers:
@@ -399,6 +453,7 @@ CONFIG_HEADER = """\
 # auth = true: the pageserver and safekeepers require JWTs signed by auth_private_key.pem
 # (docs/auth.md); `strata auth token` prints one.
 # [seaweedfs]: the ports of the environment's own S3 server (init --object-storage seaweedfs).
+# [[pageservers]]: pageservers 2, 3... (`strata pageserver add`), with [pageserver.config].
 """
 
 
@@ -461,6 +516,8 @@ class TenantState:
     attach from object storage takes the next one, recorded here before the attach."""
     attached: bool = True
     """On the pageserver; false after `strata tenant detach` (only in object storage)."""
+    pageserver: int = 1
+    """The id of the pageserver it is attached to (`strata tenant relocate` moves it)."""
 
     @classmethod
     def from_json(cls, t: dict[str, Any]) -> TenantState:
@@ -469,7 +526,8 @@ class TenantState:
                    dict(t["config"]), t.get("system_id"),
                    {b: dict(r) for b, r in t.get("roles", {}).items()},
                    [TimelineId.parse(tl) for tl in t.get("app_role_timelines", [])],
-                   int(t.get("generation", 1)), bool(t.get("attached", True)))
+                   int(t.get("generation", 1)), bool(t.get("attached", True)),
+                   int(t.get("pageserver", 1)))
 
     def to_json(self) -> dict[str, Any]:
         """The ids as the file has them: 32 hex digits."""
@@ -553,6 +611,10 @@ class Environment:
     @property
     def pageserver_dir(self) -> Path:
         return self.root / "pageserver"
+
+    def pageserver_workdir(self, ps_id: int) -> Path:
+        """Pageserver 1's is pageserver/ (as before there were several), N's pageserver-N/."""
+        return self.pageserver_dir if ps_id == 1 else self.root / f"pageserver-{ps_id}"
 
     @property
     def logs_dir(self) -> Path:

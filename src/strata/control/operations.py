@@ -42,7 +42,7 @@ from strata.control.env import (
     TenantState,
     WalMode,
 )
-from strata.control.services import require_pageserver, safekeeper_client
+from strata.control.services import require_pageserver, safekeeper_client, tenant_pageserver
 from strata.control.supervisor import wait_for
 from strata.pageserver.api import TenantConfig, TimelineInfo
 from strata.pageserver.client import PageserverClient
@@ -60,9 +60,13 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
-def client_if_running(env: Environment) -> PageserverClient | None:
+def client_if_running(env: Environment,
+                      tenant_id: TenantId | None = None) -> PageserverClient | None:
+    """The client of the tenant's pageserver (None: pageserver 1) if it runs."""
     try:
-        return require_pageserver(env, env.config())
+        if tenant_id is None:
+            return require_pageserver(env, env.config())
+        return tenant_pageserver(env, env.config(), tenant_id)
     except StrataError:
         return None
 
@@ -155,7 +159,7 @@ def create_branch(env: Environment, config: EnvConfig, name: str, parent: str,
                         "see `strata timeline list`")
     parent_id = state.timeline_id(tid, parent)
     lsn, timestamp = parse_branch_point(at)  # before any request: errors are one line
-    client = require_pageserver(env, config)
+    client = tenant_pageserver(env, config, tid)
     if lsn is None and timestamp is None:
         wait_head_ingested(env, client, state, tid, parent, parent_id)
     with output.step(f"creating branch {name} from {parent}"
@@ -194,7 +198,7 @@ def restore_branch(env: Environment, config: EnvConfig, name: str, timestamp: st
     state = env.read_state()
     tid = state.tenant_id(tenant)
     old_id = state.timeline_id(tid, name)
-    client = require_pageserver(env, config)
+    client = tenant_pageserver(env, config, tid)
     primary = primary_on(state, tid, name)
     running = primary is not None and running_pid(env, primary.name) is not None
     if running:
@@ -242,7 +246,7 @@ def check_branch_deletable(env: Environment, config: EnvConfig, name: str,
     state = env.read_state()
     tid = state.tenant_id(tenant)
     timeline_id = state.timeline_id(tid, name)
-    client = require_pageserver(env, config)
+    client = tenant_pageserver(env, config, tid)
     infos = client.list_timelines(tid)
     names = names_by_id(state.tenants[tid])
     kids = [names.get(i.timeline_id, str(i.timeline_id)) for i in infos
@@ -404,7 +408,7 @@ def stop_named_endpoint(env: Environment, name: str, immediate: bool = False) ->
     state = env.read_state()
     ep = state.endpoint(name)
     stopped = stop_endpoint(env, ep, state.timeline_id(ep.tenant_id, ep.branch),
-                            immediate=immediate, client=client_if_running(env))
+                            immediate=immediate, client=client_if_running(env, ep.tenant_id))
     with env.locked() as new_state:
         if name in new_state.endpoints:
             new_state.endpoints[name] = replace(new_state.endpoints[name], autostart=False)

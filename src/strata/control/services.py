@@ -2,7 +2,9 @@
 and the safekeepers.
 
 The pageserver is `python -m strata.pageserver --workdir ENV/pageserver` with its ports
-and the environment's tenant defaults given as `-c key=value` overrides, so
+and the environment's tenant defaults given as `-c key=value` overrides (pageserver N,
+added by `strata pageserver add`: `--workdir ENV/pageserver-N`, log and pid file
+`pageserver-N`; each tenant is on one of them, `TenantState.pageserver`), so
 config.toml stays the one file the user edits. Safekeeper N is `python -m
 strata.safekeeper --id N --workdir ENV/safekeepers/skN --pg-port P --http-port H`
 (wal_mode = "safekeepers"; in development mode none run, architecture D7). With
@@ -49,14 +51,21 @@ PAGESERVER_STOP_TIMEOUT_S = 60.0
 PAGESERVER_PROBE_TIMEOUT_S = 5.0  # is it up at all (a hung one must not hang the CLI)
 
 
-def pageserver_files(env: Environment) -> ProcessFiles:
-    return ProcessFiles("pageserver", env.run_dir / "pageserver.pid",
-                        env.logs_dir / "pageserver.log",
-                        marker=f"--workdir {env.pageserver_dir}")
+def _ps_name(ps_id: int) -> str:
+    return "the pageserver" if ps_id == 1 else f"pageserver {ps_id}"
 
 
-def pageserver_client(config: EnvConfig, timeout_s: float = 120) -> PageserverClient:
-    ps = config.pageserver
+def pageserver_files(env: Environment, ps_id: int = 1) -> ProcessFiles:
+    suffix = "" if ps_id == 1 else f"-{ps_id}"
+    return ProcessFiles(f"pageserver{'' if ps_id == 1 else ' ' + str(ps_id)}",
+                        env.run_dir / f"pageserver{suffix}.pid",
+                        env.logs_dir / f"pageserver{suffix}.log",
+                        marker=f"--workdir {env.pageserver_workdir(ps_id)} -c ")
+
+
+def pageserver_client(config: EnvConfig, timeout_s: float = 120,
+                      ps_id: int = 1) -> PageserverClient:
+    ps = config.pageserver_by_id(ps_id)
     return PageserverClient(ps.host, ps.http_port, ps.pg_port, timeout_s=timeout_s)
 
 
@@ -68,9 +77,10 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))  # a TOML basic string
 
 
-def pageserver_argv(env: Environment, config: EnvConfig) -> list[str]:
-    ps = config.pageserver
-    argv = [sys.executable, "-m", "strata.pageserver", "--workdir", str(env.pageserver_dir),
+def pageserver_argv(env: Environment, config: EnvConfig, ps_id: int = 1) -> list[str]:
+    ps = config.pageserver_by_id(ps_id)
+    argv = [sys.executable, "-m", "strata.pageserver", "--workdir",
+            str(env.pageserver_workdir(ps_id)),
             "-c", f"listen_pg_addr={ps.host}:{ps.pg_port}",
             "-c", f"listen_http_addr={ps.host}:{ps.http_port}"]
     for key, value in ps.config.items():
@@ -93,44 +103,71 @@ def pageserver_responds(client: PageserverClient) -> bool:
     return True
 
 
-def start_pageserver(env: Environment, config: EnvConfig) -> int:
-    """Start the pageserver (if it is not running) and wait until its API answers."""
-    ps = config.pageserver
-    ports_file = env.pageserver_dir / PAGESERVER_PORTS_FILE
-    client = pageserver_client(config, timeout_s=5)
+def start_pageserver(env: Environment, config: EnvConfig, ps_id: int = 1) -> int:
+    """Start pageserver `ps_id` (if it is not running) and wait until its API answers."""
+    ps = config.pageserver_by_id(ps_id)
+    workdir = env.pageserver_workdir(ps_id)
+    ports_file = workdir / PAGESERVER_PORTS_FILE
+    client = pageserver_client(config, timeout_s=5, ps_id=ps_id)
 
     def prepare() -> None:
-        env.pageserver_dir.mkdir(exist_ok=True)
+        workdir.mkdir(exist_ok=True)
         ports_file.unlink(missing_ok=True)
 
     return start_service(ServiceSpec(
-        pageserver_files(env), "the pageserver",
+        pageserver_files(env, ps_id), _ps_name(ps_id),
         {"pg port": (ps.host, ps.pg_port), "http port": (ps.host, ps.http_port)},
-        pageserver_argv(env, config), env=child_env(env, config), prepare=prepare,
+        pageserver_argv(env, config, ps_id), env=child_env(env, config), prepare=prepare,
         ready=lambda: ports_file.exists() and pageserver_responds(client),
-        waiting_for=f"the pageserver's HTTP API on {ps.host}:{ps.http_port}",
+        waiting_for=f"{_ps_name(ps_id)}'s HTTP API on {ps.host}:{ps.http_port}",
         start_timeout_s=PAGESERVER_START_TIMEOUT_S, describe=f"http {ps.host}:{ps.http_port}"))
 
 
-def stop_pageserver(env: Environment, *, immediate: bool = False) -> bool:
+def stop_pageserver(env: Environment, *, immediate: bool = False, ps_id: int = 1) -> bool:
     """SIGTERM (it flushes every timeline and exits) or, immediate, SIGKILL."""
-    return stop_service(pageserver_files(env), "the pageserver",
+    return stop_service(pageserver_files(env, ps_id), _ps_name(ps_id),
                         timeout_s=PAGESERVER_STOP_TIMEOUT_S, immediate=immediate,
                         quiet_when_stopped=False)
 
 
-def require_pageserver(env: Environment, config: EnvConfig) -> PageserverClient:
-    """The pageserver's client, or Unavailable saying how to start it."""
-    files = pageserver_files(env)
+def stop_pageservers(env: Environment, config: EnvConfig, *, immediate: bool = False) -> None:
+    """Every pageserver (the others first, quietly when they are not running)."""
+    for ps in config.more_pageservers:
+        if pageserver_files(env, ps.id).read_pid() is not None:
+            stop_pageserver(env, immediate=immediate, ps_id=ps.id)
+    stop_pageserver(env, immediate=immediate)
+
+
+def require_pageserver(env: Environment, config: EnvConfig,
+                       ps_id: int = 1) -> PageserverClient:
+    """Pageserver `ps_id`'s client, or Unavailable saying how to start it."""
+    files = pageserver_files(env, ps_id)
+    name = _ps_name(ps_id)
+    start = "`strata start` (or `strata pageserver start" + \
+        ("" if ps_id == 1 else f" --id {ps_id}") + "`)"
     if files.read_pid() is None:
-        raise Unavailable(f"the pageserver of {env.root} is not running; run `strata start` "
-                          "(or `strata pageserver start`)")
-    if not pageserver_responds(pageserver_client(config, timeout_s=PAGESERVER_PROBE_TIMEOUT_S)):
-        raise Unavailable(f"the pageserver (pid {files.read_pid()}) does not answer on "
-                          f"{config.pageserver.host}:{config.pageserver.http_port} within "
+        raise Unavailable(f"{name} of {env.root} is not running; run {start}")
+    client = pageserver_client(config, timeout_s=PAGESERVER_PROBE_TIMEOUT_S, ps_id=ps_id)
+    if not pageserver_responds(client):
+        ps = config.pageserver_by_id(ps_id)
+        raise Unavailable(f"{name} (pid {files.read_pid()}) does not answer on "
+                          f"{ps.host}:{ps.http_port} within "
                           f"{PAGESERVER_PROBE_TIMEOUT_S:g}s; see its log {files.log_path}, or "
-                          "restart it: `strata pageserver restart`")
-    return pageserver_client(config)
+                          "restart it: `strata pageserver restart" +
+                          ("" if ps_id == 1 else f" --id {ps_id}") + "`")
+    return pageserver_client(config, ps_id=ps_id)
+
+
+def tenant_pageserver_id(env: Environment, tenant_id: TenantId) -> int:
+    """The id of the pageserver the tenant is attached to (state.json)."""
+    tenant = env.read_state().tenants.get(tenant_id)
+    return 1 if tenant is None else tenant.pageserver
+
+
+def tenant_pageserver(env: Environment, config: EnvConfig,
+                      tenant_id: TenantId) -> PageserverClient:
+    """The client of the tenant's pageserver, or Unavailable saying how to start it."""
+    return require_pageserver(env, config, tenant_pageserver_id(env, tenant_id))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,13 +184,13 @@ class ServiceStatus:
                 "state": self.state, "log": self.log, "log_tail": self.log_tail}
 
 
-def pageserver_status(env: Environment, config: EnvConfig) -> ServiceStatus:
-    ps = config.pageserver
-    files = pageserver_files(env)
-    proc = process_state(files, lambda: pageserver_responds(pageserver_client(config,
-                                                                              timeout_s=5)))
-    return ServiceStatus("pageserver", proc.pid, {"pg": f"{ps.host}:{ps.pg_port}",
-                                                  "http": f"{ps.host}:{ps.http_port}"},
+def pageserver_status(env: Environment, config: EnvConfig, ps_id: int = 1) -> ServiceStatus:
+    ps = config.pageserver_by_id(ps_id)
+    files = pageserver_files(env, ps_id)
+    proc = process_state(files, lambda: pageserver_responds(
+        pageserver_client(config, timeout_s=5, ps_id=ps_id)))
+    return ServiceStatus("pageserver" if ps_id == 1 else f"pageserver {ps_id}", proc.pid,
+                         {"pg": f"{ps.host}:{ps.pg_port}", "http": f"{ps.host}:{ps.http_port}"},
                          proc.state, str(files.log_path), proc.log_tail)
 
 

@@ -14,6 +14,12 @@ connection is lost or cannot be opened, a call reconnects at once, then keeps tr
 backoff for up to `outage_wait_s` (a pageserver restart: the lazy file system's reads wait
 for it instead of failing, D6), then raises Unavailable. Requests are reads and leases:
 repeating one is safe. An error the pageserver answered with is raised at once.
+
+With `address` (a callable giving the pageserver's (host, pg port) now: the lazy file
+system reads it from the file `strata tenant relocate` rewrites), every call first asks
+it; when it changed, the connection to the old pageserver is closed and the call goes to
+the new one, which also gets the last lease again. An error answered by the old
+pageserver after the address changed (it detached the tenant) is retried at the new one.
 """
 
 from __future__ import annotations
@@ -227,9 +233,13 @@ class PageClientSync:
     def __init__(self, host: str, port: int, tenant_id: TenantId, timeline_id: TimelineId,
                  *, user: str = "strata", timeout_s: float = 10.0,
                  request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                 outage_wait_s: float = 0.0, token: str | None = None) -> None:
+                 outage_wait_s: float = 0.0, token: str | None = None,
+                 address: Callable[[], tuple[str, int]] | None = None) -> None:
         assert outage_wait_s >= 0, outage_wait_s
         self._args = (host, port, tenant_id, timeline_id)
+        self._address = address
+        self._lease: tuple[Lsn, float] | None = None  # the last one taken: moved along
+        self._leased_at: tuple[str, int] | None = None  # the pageserver that has it
         self._kwargs: dict[str, Any] = {"user": user, "timeout_s": timeout_s,
                                         "request_timeout_s": request_timeout_s,
                                         "token": token}
@@ -248,13 +258,38 @@ class PageClientSync:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(self._call_timeout_s)
 
+    async def _moved(self) -> bool:
+        """Whether `address` names another pageserver now; if so the old connection is
+        closed and the next connect goes to the new one."""
+        if self._address is None:
+            return False
+        host, port = self._address()
+        if (host, port) == self._args[:2]:
+            return False
+        log.info("%s: the pageserver moved to %s:%d", self.describe, host, port)
+        self._args = (host, port, *self._args[2:])
+        old, self._client = self._client, None
+        if old is not None:
+            await old.close()
+        return True
+
     async def _get_client(self) -> PageClient:
         if self._connect_lock is None:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
+            await self._moved()
             if self._client is None or self._client.closed:
-                self._client = await PageClient.connect(*self._args, **self._kwargs)
+                client = await PageClient.connect(*self._args, **self._kwargs)
                 self.connects += 1
+                if self._lease is not None and self._leased_at != self._args[:2]:
+                    # The new pageserver keeps the compute's LSN from GC as the old did.
+                    try:
+                        await client.lease(*self._lease)
+                        self._leased_at = (self._args[0], self._args[1])
+                    except StrataError as err:
+                        log.warning("%s: could not move the lease on %s: %s (the renewal "
+                                    "retries)", self.describe, self._lease[0], err)
+                self._client = client
             return self._client
 
     async def _call(self, op: Callable[[PageClient], Awaitable[T]]) -> T:
@@ -268,7 +303,10 @@ class PageClientSync:
                 result = await op(client)
             except StrataError as err:
                 if client is not None and not client.closed:
-                    raise  # the pageserver answered with an error: report it
+                    if self._address is None or client is self._client and \
+                            self._address()[:2] == self._args[:2]:
+                        raise  # the pageserver answered with an error: report it
+                    # The old pageserver (the tenant moved away): ask the new one.
                 if client is None and not isinstance(err, Unavailable):
                     raise  # it answered the connect with a refusal (NotFound, ...)
                 now = loop.time()
@@ -314,6 +352,7 @@ class PageClientSync:
         return self._run(self._call(lambda c: c.slru_segment(kind, segno, lsn)))
 
     def lease(self, lsn: Lsn, duration_s: float = DEFAULT_LEASE_S) -> float:
+        self._lease, self._leased_at = (lsn, duration_s), (self._args[0], self._args[1])
         return self._run(self._call(lambda c: c.lease(lsn, duration_s)))
 
     def close(self) -> None:

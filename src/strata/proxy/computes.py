@@ -27,7 +27,11 @@ from typing import Any
 from strata.common.errors import StrataError, Unavailable, UserError
 from strata.control.endpoints import endpoint_paths, running_pid, start_endpoint, stop_endpoint
 from strata.control.env import Environment
-from strata.control.services import pageserver_client, pageserver_responds
+from strata.control.services import (
+    pageserver_client,
+    pageserver_responds,
+    tenant_pageserver_id,
+)
 from strata.proxy.state_cache import StateCache
 
 log = logging.getLogger(__name__)
@@ -195,7 +199,8 @@ class Computes:
         ep = state.endpoint(name)
         log.info("suspending endpoint %s: no client connection for %ss", name, timeout_s)
         config = self.env.config()
-        client = pageserver_client(config, timeout_s=30)
+        ps_id = tenant_pageserver_id(self.env, ep.tenant_id)
+        client = pageserver_client(config, timeout_s=30, ps_id=ps_id)
         stop_endpoint(self.env, ep, state.timeline_id(ep.tenant_id, ep.branch),
                       client=client if pageserver_responds(client) else None)
         log.info("suspended endpoint %s", name)

@@ -7,7 +7,8 @@ of `DIR/strata_lazy_rels` as sparse files in `DIR/tree` (which holds the basebac
 `base/` and `global/`), renews the compute's LSN lease on X for as long as it runs (D5),
 and serves `DIR/tree` at the mount point in the foreground until unmounted or sent
 SIGTERM. While the pageserver is unreachable, a read waits for it up to `--outage-wait-s`
-(default 60).
+(default 60). With `--pageserver-file F` the address is F's (re-read when F changes:
+`strata tenant relocate` moves running computes to another pageserver).
 
 `python -m strata.compute.lazyfs watch --fuse-pid P --datadir D --mountpoint M` couples
 the two processes of a lazy compute (D6): when the FUSE server dies, it stops PostgreSQL
@@ -38,6 +39,7 @@ from strata.compute.lazyfs.blockstate import DEFAULT_MAX_WINDOW, RemoteFile
 from strata.compute.lazyfs.fetcher import PageFetcher
 from strata.compute.lazyfs.fs import LazyFs
 from strata.compute.lazyfs.manifest import MANIFEST_NAME, parse_manifest, segment_files
+from strata.compute.pageserver_address import AddressFile
 from strata.pageserver.page_client import PageClientSync
 from strata.pg.constants import BLCKSZ
 from strata.pg.controlfile import ControlFileData
@@ -102,8 +104,11 @@ def mount_main(args: argparse.Namespace) -> int:
         # inherit the mask, so block the signals while they are created.
         saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
+            address = None
+            if args.pageserver_file:
+                address = AddressFile(args.pageserver_file).pg
             client = PageClientSync(host, int(port), tenant, timeline,
-                                    outage_wait_s=args.outage_wait_s)
+                                    outage_wait_s=args.outage_wait_s, address=address)
             client.lease(lsn, args.lease_s)
             stop = threading.Event()
             threading.Thread(target=_renew_lease, args=(client, lsn, args.lease_s, stop),
@@ -223,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="largest readahead window in blocks")
     mount.add_argument("--outage-wait-s", type=float, default=60.0,
                        help="how long a read waits for an unreachable pageserver")
+    mount.add_argument("--pageserver-file",
+                       help="a JSON file with the pageserver's address, re-read when it "
+                            "changes (strata.compute.pageserver_address): reads follow a "
+                            "relocation of the tenant"),
     mount.add_argument("--wait-stdin", action="store_true",
                        help="read a line from stdin before using the store (the starting "
                             "process fills it meanwhile); exit at end of file")
