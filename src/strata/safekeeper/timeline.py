@@ -44,6 +44,7 @@ from strata.common.durable import TEMP_SUFFIX, fsync_dir
 from strata.common.errors import CorruptionError, NotFound, ProtocolError, Unavailable
 from strata.common.failpoint import failpoint
 from strata.common.lsn import Lsn
+from strata.remote.timeline_client import latest_index
 from strata.safekeeper import control_file, wal_backup
 from strata.safekeeper.acceptor import (
     Acceptor,
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
     from strata.remote.storage import RemoteStorage
 
 log = logging.getLogger(__name__)
+INDEX_READ_INTERVAL_S = 10.0  # how often read_pageserver_index may read the index
 
 T = TypeVar("T")
 
@@ -183,6 +185,10 @@ class Timeline:
         self.handlers: set[asyncio.Task[None]] = set()  # the connections' work (server.py)
         self.peers: dict[int, Peer] = {}
         self.pageserver_feedback: Peer | None = None  # the highest feedback received
+        # The pageserver's durable LSN read from its index in object storage (for a
+        # safekeeper it does not stream from: read_pageserver_index).
+        self.pageserver_index_lsn = Lsn(0)
+        self._index_read_at: float | None = None
         self.counters = TimelineCounters()
         self._commit_moved = asyncio.Event()
         self._flush_pending = False  # a FlushWal deferred within a batch (under the lock)
@@ -428,16 +434,47 @@ class Timeline:
                                             peer.connected_at, 0, peer.sent_lsn,
                                             peer.write_lsn, peer.flush_lsn, peer.apply_lsn)
 
+    def pageserver_lsn(self) -> Lsn | None:
+        """What the pageserver made durable, as far as this safekeeper knows: its feedback
+        here, or its index in object storage (None: neither yet)."""
+        feedback = self.pageserver_feedback
+        known = [lsn for lsn in (None if feedback is None else feedback.apply_lsn,
+                                 self.pageserver_index_lsn) if lsn is not None and lsn.value]
+        return max(known, default=None)
+
     def removal_horizon(self) -> Lsn:
         """WAL below this may be removed (see the module docstring and wal_backup.py)."""
-        feedback = self.pageserver_feedback
         return wal_backup.removal_horizon(
-            None if feedback is None else feedback.apply_lsn, self.state.scan_lsn,
+            self.pageserver_lsn(), self.state.scan_lsn,
             [p.sent_lsn for p in self.peers.values() if p.kind == "walsender"],
             self.wal_keep_bytes, None if self.remote is None else self.state.backup_lsn)
 
+    async def read_pageserver_index(self) -> None:
+        """Learn the pageserver's durable LSN from object storage when its feedback here
+        does not cover the uploaded WAL (it streams from another safekeeper, which alone
+        hears its feedback): the disk_consistent_lsn of the timeline's index of the highest
+        generation, where every later attachment resumes (wal_backup.py). At most once per
+        `INDEX_READ_INTERVAL_S`, and only while that could let a segment go."""
+        remote = self.remote
+        seg = self.state.wal_seg_size
+        known = max(self.pageserver_lsn() or Lsn(0), self.wal.wal_start_lsn)
+        if remote is None or self.state.backup_lsn.value // seg <= known.value // seg:
+            return
+        now = time.monotonic()
+        if self._index_read_at is not None and now - self._index_read_at < INDEX_READ_INTERVAL_S:
+            return
+        self._index_read_at = now
+        index = await asyncio.to_thread(latest_index, remote, self.state.tenant_id,
+                                        self.state.timeline_id)
+        if index is not None and index.disk_consistent_lsn > self.pageserver_index_lsn:
+            self.pageserver_index_lsn = index.disk_consistent_lsn
+            log.info("the pageserver's index (generation %d) is durable up to %s",
+                     index.generation, index.disk_consistent_lsn)
+
     async def remove_old_wal(self) -> int:
         """Delete the segments below the removal horizon; how many were removed."""
+        if self.broken is None and self.deleted is None:
+            await self.read_pageserver_index()
         horizon = self.removal_horizon()
         if horizon.value // self.state.wal_seg_size <= self.wal.wal_start_lsn.value // \
                 self.state.wal_seg_size or self.broken is not None or self.deleted is not None:
@@ -554,6 +591,7 @@ class Timeline:
                 "write_lsn": str(feedback.write_lsn), "flush_lsn": str(feedback.flush_lsn),
                 "apply_lsn": str(feedback.apply_lsn)},
             "removal_horizon": str(self.removal_horizon()),
+            "pageserver_index_lsn": str(self.pageserver_index_lsn),
             "backup_lsn": str(s.backup_lsn),
             "peers": [p.to_json() for p in self.peers.values()],
             "broken": self.broken,

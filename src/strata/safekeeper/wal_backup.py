@@ -18,8 +18,13 @@ The rules (pure; `timeline.py` does the I/O, `server.py` runs the loop):
   end of the uploaded prefix: every complete segment below it is in object storage. It
   only moves forward, one segment boundary at a time, after the upload succeeded.
 - **Removal.** With object storage configured, a segment is removed locally only if it is
-  below BOTH `backup_lsn` and what the pageserver reported durable (its
-  `remote_consistent_lsn`), and below the other horizons (`removal_horizon`).
+  below BOTH `backup_lsn` and what the pageserver made durable in object storage, and below
+  the other horizons (`removal_horizon`). The pageserver reports that (its
+  `remote_consistent_lsn`) only to the safekeeper it streams from; the others read it
+  from the pageserver's index of the highest generation in the same object storage
+  (`tenants/<t>/timelines/<tl>/index_part.json-<gen>`, its `disk_consistent_lsn`: where
+  every later attachment resumes), at most every 10 s and only while that could let a
+  segment go (`Timeline.read_pageserver_index`).
 - **Reading removed WAL.** A walsender asked for WAL below what the safekeeper still holds
   downloads that segment (the pageserver keeps talking to the safekeeper; it never reads
   the safekeepers' objects itself).
