@@ -21,7 +21,7 @@ from strata.common import eventloop
 from strata.proxy import relay
 from strata.proxy.tls import make_self_signed, server_context
 
-WAYS = ("threads", "threads-tls", "protocols")
+WAYS = ("threads", "protocols", "protocols-tls")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ async def _proxy_once(listener: socket.socket, compute_path: str, way: str,
             c_writer.write(await reader.readline())
             writer.write(await c_reader.readline())
             await relay.wait_writes_flushed(writer, c_writer, raw=raw)
-            if way == "protocols":
+            if way.startswith("protocols"):
                 await relay.relay_protocols(reader, writer, c_reader, c_writer)
             else:
                 await relay.relay_threads(reader, writer, c_reader, c_writer, raw)

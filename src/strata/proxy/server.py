@@ -240,9 +240,13 @@ class ProxyServer:
                              "authentication %.3fs, wait for the start %.2fs, login to the "
                              "compute %.3fs", name, auth_s, wake_s,
                              time.monotonic() - login_started)
-                # A thread per direction, out of the event loop (docs/proxy.md, "Relay").
+                # Plain: a thread per direction, out of the event loop; TLS: the event
+                # loop's protocols (docs/proxy.md, "Relay").
                 await relay.wait_writes_flushed(writer, c_writer, raw=raw)
-                await relay.relay_threads(reader, writer, c_reader, c_writer, raw)
+                if raw is None:
+                    await relay.relay_threads(reader, writer, c_reader, c_writer)
+                else:
+                    await relay.relay_protocols(reader, writer, c_reader, c_writer)
             finally:
                 c_writer.close()
         finally:
