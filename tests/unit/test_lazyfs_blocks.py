@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from strata.common.lsn import Lsn
 from strata.compute.lazyfs.blockstate import RemoteFile
 from strata.compute.lazyfs.fetcher import PageFetcher
 from strata.compute.lazyfs.fs import LazyFs
+from strata.compute.lazyfs.layout import Layout
 from strata.compute.lazyfs.manifest import SegmentFile, parse_manifest, segment_files
 from strata.pg.constants import BLCKSZ, ForkNumber
 from strata.pg.relfile import RelTag
@@ -233,3 +235,79 @@ def test_a_failed_fetch_is_an_io_error_and_leaves_the_block_remote(
     assert info.value.errno == errno.EIO
     pages.fail = False
     assert ops.read(None, BLCKSZ, 0, fh) == page(REL, 0)
+
+
+# --- segment files created on first use (layout.py) ---------------------------------------
+@pytest.fixture
+def pending_fs(tmp_path: Path) -> tuple[LazyFs, Pages, Path]:
+    """A store whose segment files are all still pending, beside one local file."""
+    tree = tmp_path / "tree"
+    (tree / "base" / "5").mkdir(parents=True)
+    (tree / "base" / "5" / "PG_VERSION").write_text("15\n")
+    files, remote = {}, {}
+    for name, nblocks in (("16384", 20), ("16385", 4), ("16386", 0)):
+        files[f"/base/5/{name}"] = nblocks * BLCKSZ
+        if nblocks:
+            rel = RelTag(1663, 5, int(name), ForkNumber.MAIN)
+            remote[f"/base/5/{name}"] = RemoteFile(rel, 0, nblocks, max_window=8)
+    layout = Layout(str(tree), files, os.getuid(), os.getgid())
+    pages = Pages()
+    return LazyFs(str(tree), PageFetcher(pages, X), remote, layout), pages, tree
+
+
+def test_pending_segment_files_look_created_to_every_operation(
+        pending_fs: tuple[LazyFs, Pages, Path]) -> None:
+    ops, pages, tree = pending_fs
+    names = [".", "..", "PG_VERSION", "16384", "16385", "16386"]
+    assert sorted(ops.readdir("/base/5", 0)) == sorted(names)
+    assert sorted(os.listdir(tree / "base/5")) == ["PG_VERSION"]  # listing creates nothing
+    assert ops.getattr("/base/5/16384")["st_size"] == 20 * BLCKSZ
+    assert (tree / "base/5/16384").stat().st_size == 20 * BLCKSZ  # created on first use
+    fh = ops.open("/base/5/16385", os.O_RDONLY)
+    assert ops.read(None, BLCKSZ, 0, fh) == page(RelTag(1663, 5, 16385, ForkNumber.MAIN), 0)
+    ops.release(None, fh)
+    with pytest.raises(FileExistsError):
+        ops.create("/base/5/16386", 0o600, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with pytest.raises(FileExistsError):
+        ops.mkdir("/base/5/16386", 0o700)
+    ops.unlink("/base/5/16386")
+    assert "16386" not in ops.readdir("/base/5", 0)
+    assert ops.layout.complete
+    assert sorted(ops.readdir("/base/5", 0)) == sorted(n for n in names if n != "16386")
+
+
+def test_pending_files_count_in_rmdir_and_move_with_rename(
+        pending_fs: tuple[LazyFs, Pages, Path]) -> None:
+    ops, pages, tree = pending_fs
+    with pytest.raises(OSError) as info:
+        ops.rmdir("/base/5")
+    assert info.value.errno == errno.ENOTEMPTY
+    assert ops.layout.complete  # rmdir created what was pending under base/5
+    ops.rename("/base/5", "/base/7")
+    fh = ops.open("/base/7/16384", os.O_RDONLY)
+    assert ops.read(None, BLCKSZ, 19 * BLCKSZ, fh) == page(REL, 19)  # remote part moved
+    ops.release(None, fh)
+    assert (tree / "base/7/16384").stat().st_size == 20 * BLCKSZ
+
+
+def test_concurrent_first_uses_create_each_file_once(
+        pending_fs: tuple[LazyFs, Pages, Path]) -> None:
+    ops, pages, tree = pending_fs
+    names = ["16384", "16385", "16386"] * 50
+    sizes: list[dict[str, int]] = [{}, {}, {}, {}]
+
+    def look(out: dict[str, int]) -> None:
+        for name in names:
+            out[name] = ops.getattr(f"/base/5/{name}")["st_size"]
+
+    threads = [threading.Thread(target=look, args=(out,)) for out in sizes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert ops.layout.complete
+    assert sizes == [{"16384": 20 * BLCKSZ, "16385": 4 * BLCKSZ, "16386": 0}] * 4
+    for name, size in sizes[0].items():
+        st = (tree / "base/5" / name).stat()
+        assert (st.st_size, st.st_mode & 0o777, st.st_uid) == (size, 0o600, os.getuid())
+    assert not pages.requests  # creating a file fetches nothing

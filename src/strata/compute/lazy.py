@@ -49,8 +49,9 @@ from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.common.proc import RunAs, chown_tree
 from strata.compute.compute import Compute, ComputeConfig
-from strata.compute.lazyfs.__main__ import FUSERMOUNT, TREE, detach
+from strata.compute.lazyfs.layout import TREE
 from strata.compute.lazyfs.manifest import MANIFEST_NAME
+from strata.compute.lazyfs.watch import FUSERMOUNT, detach
 from strata.compute.pgserver import PgServer
 from strata.pageserver.client import fetch_basebackup
 from strata.pageserver.page_client import PageClientSync
@@ -322,7 +323,7 @@ def prepare_lazy_compute(host: str, pg_port: int, tenant_id: TenantId,
                                   f"{options.mount_timeout_s}s:\n{_tail(fuse_log)}")
             time.sleep(0.01)
         phases["mount"] = time.monotonic() - filled
-        lazy.watch_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", "watch",
+        lazy.watch_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs.watch",
                                   "--fuse-pid", str(fuse_proc.pid), "--datadir", str(datadir),
                                   "--mountpoint", str(mnt)], root / "lazyfs-watch.log",
                                  env={k: v for k, v in os.environ.items() if k != TOKEN_ENV})

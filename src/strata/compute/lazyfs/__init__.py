@@ -5,6 +5,8 @@ local, disk-backed store (`store.py`); a relation segment file that existed at t
 compute's start LSN X also has blocks that are not local yet, which are fetched from the
 pageserver with GetPage@X (`fetcher.py`, batched, with readahead) the first time they are
 read. Which blocks are local is decided by `blockstate.py` (no I/O); `manifest.py` turns
-the basebackup's relation list into segment files; `fs.py` is the file system and
-`__main__.py` the process (`python -m strata.compute.lazyfs mount|watch ...`).
+the basebackup's relation list into segment files, which `layout.py` creates in the
+store on first use; `fs.py` is the file system and
+`__main__.py` the FUSE server's process (`python -m strata.compute.lazyfs mount ...`) and
+`watch.py` its watchdog's (`python -m strata.compute.lazyfs.watch ...`).
 """

@@ -16,6 +16,10 @@ Invariants, each kept under the file's `RemoteFile.lock`:
 * a partial write or a truncate inside a remote block fetches that block first;
 * a file created, or renamed over, by the compute has no remote part.
 
+The segment files themselves do not exist in the store until first used: each operation
+on a path creates its file first (`layout.py`, `Layout.ready`), and a listing shows those
+not created yet, so every operation sees the full layout.
+
 PostgreSQL reads and writes whole 8 KB blocks (md.c); anything else works too, only
 slower. Operations PostgreSQL never uses on these directories (symlinks, hard links,
 extended attributes, locks) are refused with EPERM/ENOTSUP by the binding's defaults.
@@ -36,6 +40,7 @@ import mfusepy as fuse
 from strata.common.errors import StrataError
 from strata.compute.lazyfs.blockstate import RemoteFile
 from strata.compute.lazyfs.fetcher import PageFetcher
+from strata.compute.lazyfs.layout import Layout
 from strata.pg.constants import BLCKSZ
 
 log = logging.getLogger(__name__)
@@ -64,10 +69,11 @@ class LazyFs(fuse.Operations):  # type: ignore[misc]  # untyped base class
     use_ns = True
 
     def __init__(self, tree: str, fetcher: PageFetcher | None,
-                 remote: dict[str, RemoteFile]) -> None:
+                 remote: dict[str, RemoteFile], layout: Layout | None = None) -> None:
         self.tree = tree.rstrip("/")
         self.fetcher = fetcher
         self.remote = remote
+        self.layout = layout or Layout(tree, {}, os.getuid(), os.getgid())
         self._lock = threading.Lock()  # guards self.remote (the dict) and self._open
         self._open: dict[int, OpenFile] = {}
         self._fh = itertools.count(1)
@@ -75,7 +81,9 @@ class LazyFs(fuse.Operations):  # type: ignore[misc]  # untyped base class
 
     # --- helpers -----------------------------------------------------------------------
     def _real(self, path: str) -> str:
+        """The store path of `path`, whose file now exists if the layout lists it."""
         assert path.startswith("/"), path
+        self.layout.ready(path)
         return self.tree + path if path != "/" else self.tree
 
     def _file(self, fh: int) -> OpenFile:
@@ -207,7 +215,7 @@ class LazyFs(fuse.Operations):  # type: ignore[misc]  # untyped base class
 
     # --- directories -------------------------------------------------------------------
     def readdir(self, path: str, fh: int) -> list[str]:
-        return [".", "..", *os.listdir(self._real(path))]
+        return [".", "..", *self.layout.names(path)]
 
     def mkdir(self, path: str, mode: int) -> int:
         real = self._real(path)
@@ -216,6 +224,7 @@ class LazyFs(fuse.Operations):  # type: ignore[misc]  # untyped base class
         return 0
 
     def rmdir(self, path: str) -> int:
+        self.layout.ready_under(path)  # a directory with pending files is not empty
         os.rmdir(self._real(path))
         self._forget_under(path)
         return 0
@@ -242,6 +251,8 @@ class LazyFs(fuse.Operations):  # type: ignore[misc]  # untyped base class
         return 0
 
     def rename(self, old: str, new: str) -> int:
+        self.layout.ready_under(old)
+        self.layout.ready_under(new)
         os.rename(self._real(old), self._real(new))
         with self._lock:
             self.remote.pop(new, None)  # the file renamed over is gone
