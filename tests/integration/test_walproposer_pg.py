@@ -24,6 +24,7 @@ from fixtures_env import COMPUTE_SETTINGS, Env, LoopThread, PageserverProcess
 
 from polling import wait_until
 from sk_stub import StubSafekeeper
+from strata.common.errors import UserError
 from strata.common.lsn import Lsn
 from strata.compute.compute import Compute, ComputeConfig
 from strata.compute.walproposer import (
@@ -42,7 +43,7 @@ from strata.pg.walreader import WalStreamDecoder
 class Rig:
     """A compute at X from the pageserver, three stub safekeepers at X, and a sidecar."""
 
-    def __init__(self, env: Env, loop: LoopThread, name: str) -> None:
+    def __init__(self, env: Env, loop: LoopThread, name: str, *, start: bool = True) -> None:
         self.env = env
         self.loop = loop
         client = env.client
@@ -56,7 +57,8 @@ class Rig:
         self.compute = Compute.from_basebackup(tar, env.test_dir / name, config,
                                                log_path=env.test_dir / f"{name}.log")
         env.computes.append(self.compute)
-        self.compute.start()
+        if start:
+            self.compute.start()
         self.system_id = self.compute.control().system_identifier
         self.sks = [StubSafekeeper(i + 1, self.tenant, self.timeline, self.system_id,
                                    16 << 20, self.x, self.prev) for i in range(3)]
@@ -142,6 +144,38 @@ def test_commits_wait_for_a_majority_also_after_losing_it(
         pending.result(60)
     assert compute.sql("SELECT v FROM t WHERE id = 1000") == [("waits",)]
     assert rig.fenced == [] and compute.is_running()
+
+
+def test_a_sidecar_told_the_system_id_is_elected_before_postgresql_starts(
+        env: Env, loop: LoopThread) -> None:
+    """Given the cluster's system id (as `strata endpoint start` gives it), the sidecar
+    takes its term while PostgreSQL is not up yet, then streams from X once PostgreSQL
+    accepts connections, and commits return; told a wrong system id, it refuses the
+    compute."""
+    rig = Rig(env, loop, "early", start=False)
+    fenced: list[str] = []
+    sidecar = WalProposer(rig.quorum(), SidecarConfig(
+        pg_host="127.0.0.1", pg_port=rig.compute.port, system_id=rig.system_id,
+        pg_reconnect_timeout_s=60), on_fence=fenced.append)
+    run = loop.spawn(sidecar.run())
+
+    async def cancel() -> None:
+        run.cancel()
+    loop.closers.insert(0, cancel)
+    wait_until(lambda: sidecar.driver is not None and sidecar.driver.elected is not None,
+               30, "the sidecar's election")
+    assert not rig.compute.is_running() and not run.done()
+    rig.compute.start()
+    rig.compute.sql("CREATE TABLE t (id int)")  # returns once a majority has its commit
+    rows = rig.compute.sql("SELECT application_name, sync_state FROM pg_stat_replication")
+    assert rows == [(DEFAULT_APPLICATION_NAME, "sync")], rows
+    assert fenced == [] and not run.done()
+
+    wrong = WalProposer(rig.quorum(), SidecarConfig(
+        pg_host="127.0.0.1", pg_port=rig.compute.port, system_id=rig.system_id + 1),
+        on_fence=fenced.append)
+    with pytest.raises(UserError, match="system id"):
+        loop.call(wrong.run())
 
 
 def test_newer_proposer_stops_the_compute(env: Env, loop: LoopThread) -> None:

@@ -525,6 +525,12 @@ class SidecarConfig:
     max_apply_lag_bytes: int | None = None
     lag_poll_interval_s: float = 0.05  # while ingest lags by half a limit or more
     lag_poll_relaxed_s: float = 0.5  # while it lags less (a commit passing half wakes it)
+    system_id: int | None = None
+    """The cluster's system id, if known: the election then runs while PostgreSQL starts
+    (its IDENTIFY_SYSTEM must agree); None: it waits for PostgreSQL to tell it."""
+    pg_connect_retry_s: float = 0.02
+    """Between attempts to connect to a PostgreSQL that does not accept connections yet
+    (it is started right before the sidecar: each attempt is one local connect)."""
 
     def __post_init__(self) -> None:
         if self.quorum_warn_s <= 0:
@@ -563,20 +569,33 @@ class WalProposer:
     async def run(self) -> str:
         """Serve until fenced; returns the reason."""
         with timeline_context(self.quorum.tenant_id, self.quorum.timeline_id):
-            conn = await self._connect_pg()
+            known = self.config.system_id
+            # With the system id known, the election overlaps PostgreSQL's start.
+            driver = self._start_driver(known) if known is not None else None
             try:
-                system_id, slot_lsn = await self._identify(conn)
-                driver = QuorumDriver(self.quorum, system_id, sync=False,
-                                      quorum_warn_s=self.config.quorum_warn_s,
-                                      on_commit=lambda _lsn: self._report_now())
-                self.driver = driver
-                driver.start()
+                conn = await self._connect_pg()
                 try:
+                    system_id, slot_lsn = await self._identify(conn)
+                    if driver is None:
+                        driver = self._start_driver(system_id)
+                    elif system_id != known:
+                        raise UserError(f"the compute at {self.config.pg_host}:"
+                                        f"{self.config.pg_port} has system id {system_id}, "
+                                        f"not {known} as the sidecar was told")
                     return await self._serve(driver, conn, slot_lsn)
                 finally:
-                    await driver.stop()
+                    conn.abort()
             finally:
-                conn.abort()
+                if driver is not None:
+                    await driver.stop()
+
+    def _start_driver(self, system_id: int) -> QuorumDriver:
+        driver = QuorumDriver(self.quorum, system_id, sync=False,
+                              quorum_warn_s=self.config.quorum_warn_s,
+                              on_commit=lambda _lsn: self._report_now())
+        self.driver = driver
+        driver.start()
+        return driver
 
     # --- PostgreSQL side ------------------------------------------------------------------
     async def _connect_pg(self) -> PgConnection:
@@ -592,7 +611,7 @@ class WalProposer:
                     raise Unavailable(f"the compute at {cfg.pg_host}:{cfg.pg_port} is "
                                       f"unreachable for {cfg.pg_reconnect_timeout_s}s: "
                                       f"{err}") from err
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(cfg.pg_connect_retry_s)
 
     async def _identify(self, conn: PgConnection) -> tuple[int, Lsn]:
         """The compute's system id and its slot's restart_lsn (where it started, D6)."""
@@ -856,7 +875,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline", required=True)
     p.add_argument("--safekeepers", required=True, help="ID@HOST:PORT,... (PG ports)")
     p.add_argument("--sync", action="store_true", help="one-shot sync; print the start LSN")
-    p.add_argument("--system-id", type=int, help="the cluster's system id (required by --sync)")
+    p.add_argument("--system-id", type=int,
+                   help="the cluster's system id (required by --sync; a sidecar given it "
+                        "elects itself while PostgreSQL starts)")
     p.add_argument("--wal-seg-size", type=int, default=DEFAULT_WAL_SEGMENT_SIZE)
     p.add_argument("--timeout-s", type=float, default=30.0, help="sync: give up after this")
     p.add_argument("--pg-host", default="127.0.0.1",
@@ -911,7 +932,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_write_lag_bytes=args.max_write_lag_bytes,
             max_flush_lag_bytes=args.max_flush_lag_bytes,
             max_apply_lag_bytes=args.max_apply_lag_bytes,
-            pg_reconnect_timeout_s=args.pg_reconnect_timeout_s)
+            pg_reconnect_timeout_s=args.pg_reconnect_timeout_s, system_id=args.system_id)
         stopper = immediate_stopper(args.postmaster_pid or postmaster_pid(args.pgdata))
         reason = eventloop.run(WalProposer(quorum, sidecar, on_fence=stopper).run())
         print(json.dumps({"fenced": reason}), flush=True)

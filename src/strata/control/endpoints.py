@@ -478,7 +478,8 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
     if not ep.read_only and config.wal_mode is WalMode.SAFEKEEPERS:
         # Its Python start (and the walproposer's imports) overlap the basebackup.
         sidecar_proc = _spawn_sidecar(env, config, ep, tenant_id, timeline_id,
-                                      paths.datadir)
+                                      paths.datadir,
+                                      system_id(env, client, tenant_id, timeline_id))
     try:
         compute = _build_and_launch(env, config, ep, client, tenant_id, timeline_id, lsn,
                                     mode, phase, sidecar_proc)
@@ -637,10 +638,11 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
 
 def _spawn_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
                    tenant_id: TenantId, timeline_id: TimelineId,
-                   datadir: Path) -> subprocess.Popen[bytes]:
+                   datadir: Path, sysid: int) -> subprocess.Popen[bytes]:
     """Start the walproposer under its supervisor (`strata.control.sidecar`) before
     PostgreSQL: it imports the walproposer while the basebackup is built, then waits for
-    the postmaster's pid on its stdin (`_hand_postmaster`; end of input: it exits)."""
+    the postmaster's pid on its stdin (`_hand_postmaster`; end of input: it exits). With
+    the cluster's system id it elects itself while PostgreSQL starts."""
     files = sidecar_files(env, ep.name)
     sks = ",".join(f"{sk.id}@{sk.host}:{sk.pg_port}" for sk in config.safekeepers)
     ps = config.pageserver_by_id(tenant_pageserver_id(env, ep.tenant_id))
@@ -648,6 +650,7 @@ def _spawn_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
                    # The unix socket: replication is refused over TCP (PG_HBA_RESTRICTED).
                    "--safekeepers", sks, "--pg-host", str(endpoint_paths(env, ep.name).socket_dir),
                    "--pg-port", str(ep.port), "--pgdata", str(datadir),
+                   "--system-id", str(sysid),
                    "--quorum-warn-s", str(SIDECAR_QUORUM_WARN_S),
                    "--pageserver-http", f"{ps.host}:{ps.http_port}",
                    "--pageserver-file", str(endpoint_paths(env, ep.name).pageserver_file),
