@@ -156,3 +156,38 @@ def test_stale_generation_never_deletes(tmp_path: Path) -> None:
     assert a1.file_name() in index.layers
     old.stop()
     new.stop()
+
+
+def test_eviction_skips_a_layer_a_read_just_downloaded(tmp_path: Path) -> None:
+    """local_cache_bytes=1 race: the evictor runs between a read's download of a layer and
+    its open. The read holds (pins) the layer, so the eviction is refused and the read
+    gets its page; once the read has the file open the layer is evictable again."""
+    from strata.common.failpoint import armed
+    from strata.pg.relfile import RelTag
+    from strata.storage.repository import Repository
+    from strata.storage.tenant import TenantConfig
+    from strata.storage.value import Image
+
+    rel, image = RelTag(1663, 5, 16384, 0), bytes(range(256)) * 32
+    repo = Repository(tmp_path / "repo")
+    tl = repo.create_tenant(TENANT, TenantConfig()).create_timeline(TIMELINE, Lsn(0x100))
+    tl.put_rel_page(rel, 0, Lsn(0x200), Image(image))
+    tl.finish_record(Lsn(0x200), Lsn(0x1F8))
+    tl.freeze()
+    tl.flush_frozen()
+    [desc] = tl.layers()
+    client = RemoteTimelineClient(LocalDirStorage(tmp_path / "remote"), TENANT, TIMELINE, 1,
+                                  tl.dir)
+    client.start(tl.metadata, tl.layers(), None)
+    assert client.wait_idle(30)
+    tl.remote = client
+    assert tl.evict_layer(desc)  # only in remote storage now
+    assert not (tl.dir / desc.file_name()).exists()
+
+    evicted: list[bool] = []
+    with armed("timeline-after-download-layer", lambda: evicted.append(tl.evict_layer(desc))):
+        assert tl.get_rel_page(rel, 0, Lsn(0x200)) == image
+    assert evicted == [False]  # the evictor ran right after the download and was refused
+    assert tl.evict_layer(desc)  # the read no longer pins it
+    assert tl.get_rel_page(rel, 0, Lsn(0x200)) == image  # its open reader, or a new download
+    client.stop()

@@ -135,6 +135,7 @@ class Timeline:
         self._readers: dict[LayerDesc, LayerReader] = {}
         self._access: dict[LayerDesc, int] = {}  # layer -> tick of its last read
         self._download_lock = threading.Lock()  # one on-demand download at a time
+        self._pinned: set[LayerDesc] = set()  # downloaded, not yet opened: not evictable
         self._lock = threading.RLock()  # layer lists, layer map, readers
         self._flush_lock = threading.Lock()  # one flush / compaction / gc at a time
         self._ephemeral_seq = 0
@@ -464,8 +465,17 @@ class Timeline:
             if reader is not None:
                 return reader
             started = time.monotonic()
-            remote.download(desc)
-            reader = self._local_reader(desc)
+            # Pinned from the download until the reader holds the file open: eviction
+            # skips it, so the file the read just fetched is there when it opens it.
+            with self._lock:
+                self._pinned.add(desc)
+            try:
+                remote.download(desc)
+                failpoint("timeline-after-download-layer")
+                reader = self._local_reader(desc)
+            finally:
+                with self._lock:
+                    self._pinned.discard(desc)
             if reader is None:
                 raise CorruptionError(f"layer file {desc.file_name()} vanished right after "
                                       "its download", path=str(self.dir / desc.file_name()))
@@ -487,12 +497,13 @@ class Timeline:
     def evict_layer(self, desc: LayerDesc) -> bool:
         """Delete the local file of a layer the last uploaded index names (it stays in the
         layer map and is downloaded again when a read needs it). A read that holds the
-        layer's reader keeps reading through its open descriptor. False if not evictable."""
+        layer's reader keeps reading through its open descriptor. False if not evictable,
+        or if a read has just downloaded it and not yet opened it (pinned)."""
         remote = self.remote
         if remote is None or not remote.is_evictable(desc):
             return False
         with self._lock:
-            if desc not in self._layer_map.all():
+            if desc not in self._layer_map.all() or desc in self._pinned:
                 return False
             self._readers.pop(desc, None)
             (self.dir / desc.file_name()).unlink(missing_ok=True)
