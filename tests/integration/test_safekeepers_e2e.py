@@ -150,6 +150,18 @@ def check_bank(compute: Compute, acked: set[int]) -> None:
     assert not missing, f"{len(missing)} acknowledged transfers lost, e.g. {sorted(missing)[:5]}"
 
 
+def start_bank(cluster: Cluster, clients: int, blob_bytes: int = 0) -> tuple[
+        TenantId, TimelineId, RunningCompute, Bank]:
+    """A new tenant, a compute on it with the bank's tables, and `clients` clients
+    transferring (ids from 1)."""
+    tenant, timeline = cluster.create_tenant()
+    rc = cluster.start_compute(tenant, timeline)
+    Bank.create(rc.compute)
+    bank = Bank(rc.compute, clients=clients, blob_bytes=blob_bytes)
+    bank.start(first_id=1)
+    return tenant, timeline, rc, bank
+
+
 def stop_compute(rc: RunningCompute) -> None:
     rc.run.cancel()
     if rc.compute.is_running():
@@ -158,11 +170,7 @@ def stop_compute(rc: RunningCompute) -> None:
 
 # --- tests ------------------------------------------------------------------------------------
 def test_bank_transfers_survive_rolling_safekeeper_restarts(cluster: Cluster) -> None:
-    tenant, timeline = cluster.create_tenant()
-    rc = cluster.start_compute(tenant, timeline)
-    Bank.create(rc.compute)
-    bank = Bank(rc.compute, clients=4)
-    bank.start(first_id=1)
+    tenant, timeline, rc, bank = start_bank(cluster, clients=4)
     try:
         for sk in cluster.safekeepers:
             before = list(bank.progress)
@@ -263,11 +271,7 @@ def test_pageserver_kill9_with_a_torn_wal_log_tail(cluster: Cluster) -> None:
     it cuts its log back to disk_consistent_lsn and streams the rest again. Here the log's
     whole tail above disk_consistent_lsn is zeroed while it is down (what a machine crash
     may leave of unsynced bytes); every acknowledged commit is still there afterwards."""
-    tenant, timeline = cluster.create_tenant()
-    rc = cluster.start_compute(tenant, timeline)
-    Bank.create(rc.compute)
-    bank = Bank(rc.compute, clients=2)
-    bank.start(first_id=1)
+    tenant, timeline, rc, bank = start_bank(cluster, clients=2)
     try:
         wait_until(lambda: sum(bank.progress) >= 30, 30, "transfers before the crash")
         ps = cluster.env.pageserver
@@ -304,11 +308,7 @@ def test_pageserver_kill9_with_a_torn_wal_log_tail(cluster: Cluster) -> None:
 
 
 def test_two_computes_older_is_fenced(cluster: Cluster) -> None:
-    tenant, timeline = cluster.create_tenant()
-    old = cluster.start_compute(tenant, timeline)
-    Bank.create(old.compute)
-    bank = Bank(old.compute, clients=2)
-    bank.start(first_id=1)
+    tenant, timeline, old, bank = start_bank(cluster, clients=2)
     wait_until(lambda: sum(bank.progress) >= 20, 30, "transfers on the old compute")
     new = cluster.start_compute(tenant, timeline)  # sync takes a higher term
     wait_until(lambda: not old.compute.is_running(), 30, "the old compute to be stopped")
@@ -359,14 +359,10 @@ def test_backpressure_with_slow_ingest(test_dir: Path, loop: LoopThread,
     cluster = Cluster.start(test_dir, loop)
     limit = 512 << 10
     try:
-        tenant, timeline = cluster.create_tenant()
         cluster.sidecar_settings = {
             "pageserver_http": ("127.0.0.1", cluster.env.pageserver.http_port),
             "max_write_lag_bytes": limit}
-        rc = cluster.start_compute(tenant, timeline)
-        Bank.create(rc.compute)
-        bank = Bank(rc.compute, clients=4, blob_bytes=2000)
-        bank.start(first_id=1)
+        tenant, timeline, rc, bank = start_bank(cluster, clients=4, blob_bytes=2000)
         worst = 0
         worst_written = 0  # all WAL the compute wrote, acknowledged or not
         deadline = time.monotonic() + 6
