@@ -499,7 +499,7 @@ def test_pageserver_address_file_is_reread_when_it_changes(tmp_path: Path) -> No
         AddressFile(path)
     write_address(path, "127.0.0.1", 6400, 9898)
     assert oct(path.stat().st_mode & 0o777) == "0o644"
-    address = AddressFile(path)
+    address = AddressFile(path, check_interval_s=0)  # stat'ed at every call
     assert (address.pg(), address.http()) == (("127.0.0.1", 6400), ("127.0.0.1", 9898))
     write_address(path, "127.0.0.2", 6401, 9899)
     assert (address.pg(), address.http()) == (("127.0.0.2", 6401), ("127.0.0.2", 9899))
@@ -507,3 +507,27 @@ def test_pageserver_address_file_is_reread_when_it_changes(tmp_path: Path) -> No
     assert address.pg() == ("127.0.0.2", 6401)
     path.unlink()
     assert address.http() == ("127.0.0.2", 9899)
+
+
+def test_pageserver_address_file_is_stated_at_most_every_interval(tmp_path: Path) -> None:
+    """Page reads and polls ask the address often: the file is stat'ed at most once per
+    check interval (a change shows after it), at once when asked fresh (after an error)."""
+    from strata.compute.pageserver_address import AddressFile, write_address
+
+    now = [100.0]
+    path = tmp_path / "pageserver.json"
+    write_address(path, "127.0.0.1", 6400, 9898)
+    address = AddressFile(path, check_interval_s=0.2, clock=lambda: now[0])
+    stats = address.stats
+    for _ in range(1000):
+        assert address.pg() == ("127.0.0.1", 6400)
+    assert address.stats == stats  # no stat within the interval
+    write_address(path, "127.0.0.2", 6401, 9899)
+    assert address.pg() == ("127.0.0.1", 6400)  # not looked at yet
+    assert address.pg(fresh=True) == ("127.0.0.2", 6401)  # after an error: looked at now
+    assert address.stats == stats + 1
+    write_address(path, "127.0.0.3", 6402, 9900)
+    now[0] += 0.2
+    assert address.http() == ("127.0.0.3", 9900)  # the interval passed: stat'ed again
+    assert address.stats == stats + 2
+

@@ -519,7 +519,8 @@ class SidecarConfig:
     pageserver_http: tuple[str, int] | None = None  # backpressure source; None: off
     pageserver_file: str | None = None
     """A file with the pageserver's address (strata.compute.pageserver_address), re-read
-    when it changes (a relocation): it overrides `pageserver_http` from then on."""
+    when it changes (a relocation; stat'ed at most every 0.2 s, and at once after a failed
+    poll): it overrides `pageserver_http` from then on."""
     max_write_lag_bytes: int | None = 16 << 20
     max_flush_lag_bytes: int | None = None
     max_apply_lag_bytes: int | None = None
@@ -792,10 +793,13 @@ class WalProposer:
             from strata.compute.pageserver_address import AddressFile
 
             address = AddressFile(self.config.pageserver_file)
+        failed = False  # the last poll failed: look at the address file now
         while True:
-            if address is not None and address.http() != (client.host, client.http_port):
+            if address is not None and address.http(failed) != (client.host,
+                                                                client.http_port):
                 log.info("the pageserver moved to %s:%d: polling it", *address.http())
                 client = AsyncPageserverClient(*address.http(), 0, timeout_s=5)
+            failed = False
             try:
                 info = await client.timeline(self.quorum.tenant_id, self.quorum.timeline_id,
                                              logical_size=False)
@@ -804,6 +808,7 @@ class WalProposer:
                     self.pageserver_lsns = lsns
                     self._report.set()
             except StrataError as err:
+                failed = True
                 log.info("pageserver position unknown (%s); holding reports at %s", err,
                          self.reported_lsn)
             # Poll often only while ingest lags by half a limit or more; otherwise every

@@ -15,11 +15,13 @@ backoff for up to `outage_wait_s` (a pageserver restart: the lazy file system's 
 for it instead of failing, D6), then raises Unavailable. Requests are reads and leases:
 repeating one is safe. An error the pageserver answered with is raised at once.
 
-With `address` (a callable giving the pageserver's (host, pg port) now: the lazy file
-system reads it from the file `strata tenant relocate` rewrites), every call first asks
-it; when it changed, the connection to the old pageserver is closed and the call goes to
-the new one, which also gets the last lease again. An error answered by the old
-pageserver after the address changed (it detached the tenant) is retried at the new one.
+With `address` (a callable giving the pageserver's (host, pg port); `address(fresh=True)`
+looks again now: the lazy file system reads it from the file `strata tenant relocate`
+rewrites, stat'ed at most every 0.2 s), every call first asks it; when it changed, the
+connection to the old pageserver is closed and the call goes to the new one, which also
+gets the last lease again. After an error or a lost connection the address is asked
+fresh: an error answered by the old pageserver after the address changed (it detached
+the tenant) is retried at the new one.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from strata.common.auth import default_token
 from strata.common.errors import NotFound, ProtocolError, StrataError, Unavailable
@@ -227,6 +229,12 @@ class PageClient:
         await self.close()
 
 
+class AddressSource(Protocol):
+    """The pageserver's (host, pg port) now; `fresh`: no cached answer (after an error)."""
+
+    def __call__(self, fresh: bool = False) -> tuple[str, int]: ...
+
+
 class PageClientSync:
     """Blocking pagestream client for threads; one connection, reused and re-opened."""
 
@@ -234,7 +242,7 @@ class PageClientSync:
                  *, user: str = "strata", timeout_s: float = 10.0,
                  request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
                  outage_wait_s: float = 0.0, token: str | None = None,
-                 address: Callable[[], tuple[str, int]] | None = None) -> None:
+                 address: AddressSource | None = None) -> None:
         assert outage_wait_s >= 0, outage_wait_s
         self._args = (host, port, tenant_id, timeline_id)
         self._address = address
@@ -258,12 +266,12 @@ class PageClientSync:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(self._call_timeout_s)
 
-    async def _moved(self) -> bool:
+    async def _moved(self, fresh: bool = False) -> bool:
         """Whether `address` names another pageserver now; if so the old connection is
         closed and the next connect goes to the new one."""
         if self._address is None:
             return False
-        host, port = self._address()
+        host, port = self._address(fresh)
         if (host, port) == self._args[:2]:
             return False
         log.info("%s: the pageserver moved to %s:%d", self.describe, host, port)
@@ -273,11 +281,11 @@ class PageClientSync:
             await old.close()
         return True
 
-    async def _get_client(self) -> PageClient:
+    async def _get_client(self, fresh: bool = False) -> PageClient:
         if self._connect_lock is None:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
-            await self._moved()
+            await self._moved(fresh)
             if self._client is None or self._client.closed:
                 client = await PageClient.connect(*self._args, **self._kwargs)
                 self.connects += 1
@@ -299,12 +307,12 @@ class PageClientSync:
         while True:
             client: PageClient | None = None
             try:
-                client = await self._get_client()
+                client = await self._get_client(fresh=lost_at is not None)
                 result = await op(client)
             except StrataError as err:
                 if client is not None and not client.closed:
                     if self._address is None or client is self._client and \
-                            self._address()[:2] == self._args[:2]:
+                            self._address(True)[:2] == self._args[:2]:
                         raise  # the pageserver answered with an error: report it
                     # The old pageserver (the tenant moved away): ask the new one.
                 if client is None and not isinstance(err, Unavailable):
