@@ -47,6 +47,10 @@ async def main(mode: str, port: int, socket_path: str, tls_dir: Path) -> None:
         except asyncio.IncompleteReadError:
             return  # bench/proxy_relay.py's check that the relay listens
         raw = None
+        if first == SSL_REQUEST and mode != "protocols":
+            writer.write(b"N")  # TLS is relayed by the protocols only (docs/proxy.md)
+            writer.close()
+            return
         if first == SSL_REQUEST:
             writer.write(b"S")
             await writer.drain()
@@ -59,7 +63,7 @@ async def main(mode: str, port: int, socket_path: str, tls_dir: Path) -> None:
         if mode == "protocols":
             await relay.relay_protocols(reader, writer, c_reader, c_writer)
         else:
-            await relay.relay_threads(reader, writer, c_reader, c_writer, raw)
+            await relay.relay_threads(reader, writer, c_reader, c_writer)
 
     server = await asyncio.start_server(handle, "127.0.0.1", port)
     async with server:
@@ -68,7 +72,8 @@ async def main(mode: str, port: int, socket_path: str, tls_dir: Path) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", required=True)
+    parser.add_argument("--mode", required=True,
+                        choices=("protocols", "threads", "threads-copy"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--socket", required=True)
     parser.add_argument("--tls-dir", required=True, type=Path)

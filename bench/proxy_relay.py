@@ -9,8 +9,8 @@ drifts over all of them alike; baseline: pgbench directly on the unix socket.
 
 Modes: `protocols` (asyncio protocols on uvloop), `threads` (a thread per direction,
 os.splice through a pipe), `threads-copy` (a thread per direction, recv/send); each
-plain and over TLS (`-tls`: sslmode=require, TLS ended at the relay; threads: the TLS
-session taken over from the event loop). Environment: RELAY_MODES (comma-separated,
+plain, and `protocols-tls` (sslmode=require, TLS ended at the relay, as the proxy
+does). Environment: RELAY_MODES (comma-separated,
 default all), RELAY_CLIENTS (default 4).
 """
 
@@ -32,7 +32,7 @@ from strata.common.proc import free_port
 from strata.compute.pgserver import PgServer
 from strata.proxy.tls import make_self_signed
 
-MODES = ("protocols", "threads", "threads-copy", "protocols-tls", "threads-tls")
+MODES = ("protocols", "threads", "threads-copy", "protocols-tls")
 
 
 def _pgbench(dsn: str, seconds: int, clients: int) -> tuple[float, int]:

@@ -1,8 +1,7 @@
 """strata.proxy.relay over real sockets (TCP client side, plain or TLS, unix socket compute
 side, as in the proxy): both ways relay every byte in order, with more in flight than a
-pipe or a socket buffer holds; bytes the stream readers read ahead go first; the TLS
-session the event loop negotiated goes on in the relay threads; either side's close ends
-the relay, closes the other side and leaves no thread behind."""
+pipe or a socket buffer holds; bytes the stream readers read ahead go first; either
+side's close ends the relay, closes the other side and leaves no thread behind."""
 
 from __future__ import annotations
 
@@ -79,7 +78,7 @@ async def _proxy_once(listener: socket.socket, compute_path: str, way: str,
             if way.startswith("protocols"):
                 await relay.relay_protocols(reader, writer, c_reader, c_writer)
             else:
-                await relay.relay_threads(reader, writer, c_reader, c_writer, raw)
+                await relay.relay_threads(reader, writer, c_reader, c_writer)
             served.set_result(None)
         except BaseException as err:
             served.set_exception(err)

@@ -6,10 +6,9 @@ Two ways:
 - `relay_threads` (the proxy's for plain connections): both sockets leave the event
   loop; a thread per direction blocks in the kernel and wakes only for its own socket,
   the GIL released while it waits: `os.splice` through a pipe (the bytes never enter
-  Python). Its TLS mode (the session the event loop's transport negotiated, kept by
-  `TlsSessionObject`, goes on in the threads under one lock) is for bench/run
-  proxy_relay only: a record came out corrupt about 1 run in 10 of the unit test
-  (docs/proxy.md, "Relay"), so the proxy does not use it;
+  Python). Plain only: a TLS session stays with the event loop's transport (a mode
+  that took the session over to the threads corrupted a record about 1 run in 10 and
+  was removed, docs/proxy.md "Relay");
 - `relay_protocols` (the proxy's for TLS): asyncio protocols write what one side
   receives to the other (no coroutine per message), with back-pressure (a full send
   buffer pauses reading from the other side).
@@ -23,32 +22,13 @@ import asyncio
 import contextlib
 import os
 import socket
-import ssl
 import threading
-from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 PIPE_BYTES = 64 * 1024
 """What one splice moves at most (a pipe's default capacity on Linux)."""
 THREAD_STACK_BYTES = 256 * 1024
 """A relay thread's stack: it runs one small loop, not 8 MB of it (the default)."""
-
-
-class TlsSessionObject(ssl.SSLObject):
-    """An SSLObject that keeps its memory BIOs (`SSLContext.sslobject_class`): the event
-    loop's TLS transport makes one at the handshake, and the relay threads go on with it
-    (with what it has received and not yet decrypted)."""
-
-    incoming: ssl.MemoryBIO
-    outgoing: ssl.MemoryBIO
-
-    @classmethod
-    def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
-                *args: Any, **kwargs: Any) -> TlsSessionObject:
-        self = cast(TlsSessionObject,
-                    super()._create(incoming, outgoing, *args, **kwargs))  # type: ignore[misc]
-        self.incoming, self.outgoing = incoming, outgoing
-        return self
 
 
 # --- thread pair ----------------------------------------------------------------------------
@@ -89,111 +69,6 @@ class _Pair:
                 self.loop.call_soon_threadsafe(_set_done, self.done)
 
 
-class _TlsPair(_Pair):
-    """A client's TLS session continued by the relay threads: the up thread decrypts
-    (and sends the client what the session answers itself, e.g. a TLS 1.3 key update),
-    the down thread encrypts. `_tls` guards the session; records are sent to the client
-    in the order they were made (`_send` is taken before `_tls` is let go)."""
-
-    def __init__(self, client: socket.socket, compute: socket.socket,
-                 loop: asyncio.AbstractEventLoop, done: asyncio.Future[None],
-                 session: TlsSessionObject) -> None:
-        super().__init__(client, compute, loop, done)
-        self.session = session
-        self._tls = threading.Lock()
-        self._send = threading.Lock()
-
-    def up(self, pending: bytes) -> None:
-        try:
-            if pending:
-                self.compute.sendall(pending)
-            received = b""  # first: what the session holds already
-            while True:
-                with self._tls:
-                    if received:
-                        self.session.incoming.write(received)
-                    plain, closed = _decrypt_all(self.session)
-                    out = self._take_outgoing()
-                self._send_to_client(out)
-                if plain:
-                    self.compute.sendall(plain)
-                if closed:
-                    return
-                received = self.client.recv(PIPE_BYTES)
-                if not received:
-                    return
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            self._end()
-
-    def down(self, pending: bytes) -> None:
-        try:
-            data = pending
-            while True:
-                if data:
-                    with self._tls:
-                        view = memoryview(data)
-                        while view:
-                            view = view[self.session.write(view):]
-                        out = self._take_outgoing()
-                    self._send_to_client(out)
-                data = self.compute.recv(PIPE_BYTES)
-                if not data:
-                    self._close_notify()
-                    return
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            self._end()
-
-    def _take_outgoing(self) -> bytes:
-        """Called holding `_tls`: the records made so far; `_send` is held on return if
-        there are any (released by `_send_to_client`)."""
-        if not self.session.outgoing.pending:
-            return b""
-        out = self.session.outgoing.read()
-        self._send.acquire()
-        return out
-
-    def _send_to_client(self, out: bytes) -> None:
-        if not out:
-            return
-        try:
-            self.client.sendall(out)
-        finally:
-            self._send.release()
-
-    def _close_notify(self) -> None:
-        """The compute closed: tell the client as a TLS server does (best effort)."""
-        with self._tls:
-            try:
-                self.session.unwrap()
-            except ssl.SSLError:
-                pass  # SSLWantReadError: the client's close_notify is not awaited
-            out = self._take_outgoing()
-        self._send_to_client(out)
-
-
-def _decrypt_all(session: TlsSessionObject) -> tuple[bytes, bool]:
-    """What the session can decrypt now, and whether the client closed its side. (Reads
-    again only while bytes are left: the usual message is one whole record, and
-    SSLWantReadError, raised when a read finds nothing, costs microseconds.)"""
-    chunks: list[bytes] = []
-    while True:
-        try:
-            chunk = session.read(PIPE_BYTES)
-        except ssl.SSLWantReadError:
-            return b"".join(chunks), False
-        except ssl.SSLZeroReturnError:
-            return b"".join(chunks), True
-        if not chunk:
-            return b"".join(chunks), True
-        chunks.append(chunk)
-        if not session.incoming.pending and not session.pending():
-            return b"".join(chunks) if len(chunks) > 1 else chunk, False
-
-
 def _set_done(done: asyncio.Future[None]) -> None:
     if not done.done():
         done.set_result(None)
@@ -226,50 +101,37 @@ def _detach(transport: asyncio.Transport) -> socket.socket:
 
 
 async def relay_threads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter,
-                        raw: asyncio.BaseTransport | None = None) -> None:
-    """Relay with a thread per direction until either side closes. For TLS, `raw` is the
-    client's TCP transport under the TLS one (`StreamWriter.start_tls` replaced it) and
-    the session must be a `TlsSessionObject`. The writers' buffers must be empty (see
-    `wait_writes_flushed`); bytes the readers read ahead go first."""
+                        c_reader: asyncio.StreamReader,
+                        c_writer: asyncio.StreamWriter) -> None:
+    """Relay a plain (not TLS) client with a thread per direction until either side
+    closes. The writers' buffers must be empty (see `wait_writes_flushed`); bytes the
+    readers read ahead go first."""
+    assert writer.get_extra_info("ssl_object") is None, "relay_threads is for plain clients"
     # uvloop's transports have asyncio.Transport's methods without subclassing it.
     client_t = cast(asyncio.Transport, writer.transport)
     compute_t = cast(asyncio.Transport, c_writer.transport)
-    session = writer.get_extra_info("ssl_object")
-    assert (session is None) == (raw is None), (session, raw)
-    assert session is None or isinstance(session, TlsSessionObject), session
-    for transport in (client_t, compute_t, raw):
-        if transport is not None:
-            cast(asyncio.Transport, transport).pause_reading()
+    for transport in (client_t, compute_t):
+        transport.pause_reading()
     # No await from here on: nothing can arrive in the readers' buffers meanwhile.
-    for transport in (client_t, compute_t, raw):
-        if transport is not None:
-            size = cast(asyncio.Transport, transport).get_write_buffer_size()
-            assert size == 0, (transport, size)
+    for transport in (client_t, compute_t):
+        size = transport.get_write_buffer_size()
+        assert size == 0, (transport, size)
     pending_up, pending_down = take_buffered(reader), take_buffered(c_reader)
     at_eof = reader.at_eof() or c_reader.at_eof()
-    client = _detach(cast(asyncio.Transport, raw) if raw is not None else client_t)
-    if raw is not None:
-        client_t.abort()  # the TLS transport: no close_notify, the session goes on
+    client = _detach(client_t)
     compute = _detach(compute_t)
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
-    ways: list[tuple[Callable[..., None], tuple[Any, ...]]]
-    if session is None:
-        pair = _Pair(client, compute, loop, done)
-        ways = [(pair.pump, (client, compute, pending_up)),
-                (pair.pump, (compute, client, pending_down))]
-    else:
-        pair = tls = _TlsPair(client, compute, loop, done, session)
-        ways = [(tls.up, (pending_up,)), (tls.down, (pending_down,))]
+    pair = _Pair(client, compute, loop, done)
     if at_eof:
         pair._running = 1  # noqa: SLF001
         pair._end()  # noqa: SLF001
     else:
         old_stack = threading.stack_size(THREAD_STACK_BYTES)
         try:
-            for target, args in ways:
-                threading.Thread(target=target, args=args, daemon=True,
+            for src, dst, pending in ((client, compute, pending_up),
+                                      (compute, client, pending_down)):
+                threading.Thread(target=pair.pump, args=(src, dst, pending), daemon=True,
                                  name="relay").start()
         finally:
             threading.stack_size(old_stack)

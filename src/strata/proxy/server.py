@@ -12,8 +12,8 @@ Per client connection:
 4. the proxy logs in to the compute over its unix socket with the client's startup
    parameters, forwards the compute's answer (its BackendKeyData replaced by a key of
    the proxy's, so that a cancel request comes back here) up to ReadyForQuery,
-5. then relays bytes both ways (`strata.proxy.relay`: a thread per direction, the TLS
-   session taken over from the event loop's transport).
+5. then relays bytes both ways (`strata.proxy.relay`: plain, a thread per direction
+   with os.splice; TLS, the event loop's protocols).
 
 A malformed or unexpected message closes that one connection with an ErrorResponse;
 the server goes on. Passwords and secrets are never logged.

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from strata.common.errors import UserError
 from strata.common.proc import which_or_fail
-from strata.proxy.relay import TlsSessionObject
 
 CERT_FILE = "server.crt"
 KEY_FILE = "server.key"
@@ -36,8 +35,6 @@ def make_self_signed(directory: Path, domain: str) -> tuple[Path, Path]:
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    # Sessions the relay threads can take over from the event loop (strata.proxy.relay).
-    context.sslobject_class = TlsSessionObject
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as err:
