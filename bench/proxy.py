@@ -1,15 +1,26 @@
-"""The proxy against direct connections, same run, same environment (`strata init`):
+"""The proxy against direct connections, same run, same environment (`strata init`).
 
-- `connect_ms_{tls_sni,plain_options}`: connect + `select 1` + close through the proxy
-  to a running endpoint (median), baseline: the same directly to the compute over its
-  unix socket (trusted: no SCRAM; computes do not listen on TCP while the proxy runs);
+Two direct baselines: `unix`, the compute's unix socket (trusted: no TLS, no SCRAM; what
+Strata's own tools use), and `tcp`, the compute's TCP port with SCRAM-SHA-256 (no TLS),
+what a client that is not on the compute's machine would have without the proxy. A
+compute started while the proxy runs does not listen on TCP, so the bench restarts
+`main` once with the proxy stopped, which makes it listen on both.
+
+- `connect_ms_{direct_tcp,tls_sni,plain_options}`: connect + `select 1` + close
+  (median), baseline: the same over the unix socket (a note gives the ratios to tcp);
+- `tps_{select_only,tpcb}_{direct_tcp,plain,tls}`: pgbench -c 4 -j 2, `-S` (tiny
+  read-only transactions, the proxy's worst case) and the default TPC-B-like script
+  (whose commits go through the safekeepers), at scale 4; the ways interleaved over the
+  rounds; baseline: the unix socket (median TPS; a note gives each round's own ratios
+  to unix and to tcp); `tps_{select_only,tpcb}_{plain,tls}_vs_tcp`: the same against
+  the TCP baseline;
+- `proxy_cpu_us_per_tx_{select_only,tpcb}_{plain,tls}`: the proxy process's CPU time
+  per transaction (independent of the machine's load, unlike the TPS ratio);
 - `wake_s{N}`: connect to a suspended endpoint until the first query answers, at pgbench
-  scale N (scale 1 ~ 15 MB; 340 ~ 5 GB, not in --quick); a note gives the start's phases
-  from the proxy's log;
-- `tps_select_only_{plain,tls}`: pgbench -S through the proxy, baseline: direct (the
-  unix socket);
-- `proxy_cpu_us_per_tx_{plain,tls}`: the proxy process's CPU time per transaction of
-  those runs (independent of the machine's load, unlike the TPS ratio).
+  scale N (scale 1 ~ 15 MB; 320 ~ 5 GB), after `load_s{N}` seconds of `pgbench -i`
+  (server-side data generation) through the proxy; notes give the start's phases and the
+  proxy's own share from its log. Scales: env PROXY_WAKE_SCALES (comma-separated,
+  default 1; `1,320` for the 5 GB point, which loads ~5 GB through the safekeepers).
 """
 
 from __future__ import annotations
@@ -66,10 +77,13 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _pgbench(dsn: str, seconds: int, proxy_pid: int) -> tuple[float, float]:
-    """pgbench -S: (tps, the proxy's CPU microseconds per transaction)."""
+WORKLOADS = {"select_only": ["-S"], "tpcb": []}
+
+
+def _pgbench(dsn: str, args: list[str], seconds: int, proxy_pid: int) -> tuple[float, float]:
+    """pgbench -c 4 -j 2 `args`: (tps, the proxy's CPU microseconds per transaction)."""
     cpu = _cpu_s(proxy_pid)
-    out = subprocess.run(["pgbench", "-n", "-S", "-c", "4", "-j", "2", "-T", str(seconds),
+    out = subprocess.run(["pgbench", "-n", *args, "-c", "4", "-j", "2", "-T", str(seconds),
                           dsn], capture_output=True, text=True, timeout=seconds + 300,
                          check=True)
     cpu = _cpu_s(proxy_pid) - cpu
@@ -89,57 +103,109 @@ def _wait_suspended(repo: Path, name: str) -> None:
         time.sleep(0.5)
 
 
+def _endpoint(repo: Path, name: str) -> dict[str, str]:
+    return next(e for e in json.loads(_strata(repo, "endpoint", "list", "--json"))
+                if e["name"] == name)
+
+
+def _throughput(report: Report, repo: Path, targets: dict[str, str], quick: bool) -> None:
+    """pgbench through each target, interleaved (rotated order per round) so that the
+    machine's load drifts over all of them alike."""
+    seconds, rounds = (5, 2) if quick else (15, 3)
+    proxy_pid = int((repo / "run" / "proxy.pid").read_text())
+    ways = list(targets)
+    for workload, args in WORKLOADS.items():
+        tps: dict[str, list[float]] = {w: [] for w in ways}
+        cpu: dict[str, list[float]] = {w: [] for w in ways}
+        for i in range(rounds):
+            for way in ways[i % len(ways):] + ways[:i % len(ways)]:
+                t, c = _pgbench(targets[way], args, seconds, proxy_pid)
+                tps[way].append(t)
+                cpu[way].append(c)
+        report.note(f"pgbench {' '.join(args) or '(TPC-B)'} -c 4 -j 2 -T {seconds}, "
+                    f"{rounds} rounds; load average {os.getloadavg()[0]:.1f}")
+        unix, tcp = statistics.median(tps["unix"]), statistics.median(tps["tcp"])
+        report.add(f"tps_{workload}_direct_tcp", tcp, "tps", baseline=unix)
+        for way in ("plain", "tls"):
+            to_unix = [t / d for t, d in zip(tps[way], tps["unix"], strict=True)]
+            to_tcp = [t / d for t, d in zip(tps[way], tps["tcp"], strict=True)]
+            report.note(f"{workload} {way}: per-round TPS ratios to unix "
+                        + " ".join(f"{r:.2f}" for r in to_unix) + ", to tcp "
+                        + " ".join(f"{r:.2f}" for r in to_tcp))
+            median = statistics.median(tps[way])
+            report.add(f"tps_{workload}_{way}", median, "tps", baseline=unix)
+            report.add(f"tps_{workload}_{way}_vs_tcp", median, "tps", baseline=tcp)
+            # Load-independent: what relaying costs (on a shared machine the TPS ratio
+            # mostly measures how long each hop waits for a core).
+            report.add(f"proxy_cpu_us_per_tx_{workload}_{way}", statistics.median(cpu[way]),
+                       "us")
+
+
+def _wake(report: Report, repo: Path, scale: int) -> None:
+    name = f"s{scale}"
+    _strata(repo, "timeline", "branch", name)
+    _strata(repo, "endpoint", "create", name, "--branch", name, "--suspend-timeout-s", "2")
+    dsn = _dsns(repo, name)["tls_sni"]
+    t = time.monotonic()
+    # G: the rows are made by the server (generate_series), not sent by pgbench.
+    subprocess.run(["pgbench", "-i", "-q", "-I", "dtGvp", "-s", str(scale), dsn],
+                   capture_output=True, timeout=4 * 3600, check=True)
+    report.add(f"load_s{scale}", time.monotonic() - t, "s")
+    _wait_suspended(repo, name)
+    t = time.monotonic()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("select count(*) from pgbench_branches").fetchone()
+        wake_s = time.monotonic() - t
+        row = conn.execute("select pg_database_size(current_database())").fetchone()
+    assert row is not None
+    report.add(f"wake_s{scale}", wake_s, "s")
+    report.add(f"db_mb_s{scale}", row[0] / 1e6, "MB")
+    log = (repo / "logs" / "proxy.log").read_text().splitlines()
+    woke = [line for line in log if f"woke endpoint {name} in" in line]
+    if woke:  # the start's phases, as the proxy logged them
+        report.note(woke[-1].split("woke ", 1)[1])
+    own = [line for line in log if f"connection to endpoint {name} after its wake" in line]
+    if own:  # the proxy's own share: the client's side and the compute login
+        report.note(own[-1].split("after its wake: ", 1)[1])
+
+
 def run(report: Report, quick: bool) -> None:
+    scales = [int(s) for s in os.environ.get("PROXY_WAKE_SCALES", "1").split(",") if s]
     with tempfile.TemporaryDirectory(prefix="strata-bench-proxy-") as tmp:
         repo = Path(tmp) / "env"
         _strata(repo, "init")
         try:
             _strata(repo, "start")
             _strata(repo, "role", "create", "strata", "--password-stdin", stdin=PASSWORD + "\n")
-            # The compute's unix socket: with the proxy running a compute does not listen
-            # on TCP (issue 16), and its socket is trusted (no SCRAM, unlike the proxy).
-            main = next(e for e in json.loads(_strata(repo, "endpoint", "list", "--json"))
-                        if e["name"] == "main")
-            direct = (f"host={main['socket_dir']} port={main['address'].rsplit(':', 1)[1]} "
-                      "user=strata dbname=strata")
-            report.note("baseline 'direct': the compute's unix socket, trusted (no TLS, no "
-                        "SCRAM); the proxy's figures include SCRAM and, for tls, TLS")
+            # With the proxy running a compute does not listen on TCP (issue 16): restart
+            # main with the proxy stopped for the TCP baseline, then start the proxy.
+            _strata(repo, "proxy", "stop")
+            _strata(repo, "endpoint", "stop", "main")
+            _strata(repo, "endpoint", "start", "main")
+            _strata(repo, "proxy", "start")
+            main = _endpoint(repo, "main")
+            host, port = main["address"].rsplit(":", 1)
+            unix = f"host={main['socket_dir']} port={port} user=strata dbname=strata"
+            tcp = (f"host={host} port={port} user=strata dbname=strata password={PASSWORD} "
+                   "sslmode=disable")
+            report.note("baselines: 'unix', the compute's unix socket, trusted (no TLS, no "
+                        "SCRAM); 'tcp', its TCP port with SCRAM (no TLS); the proxy's figures "
+                        "include SCRAM and, for tls, TLS")
             dsns = _dsns(repo, "main")
             n = 20 if quick else 100
-            base = _connect_ms(direct, n)
+            base = _connect_ms(unix, n)
+            base_tcp = _connect_ms(tcp, n)
+            report.add("connect_ms_direct_tcp", base_tcp, "ms", baseline=base)
             for how, dsn in dsns.items():
-                report.add(f"connect_ms_{how}", _connect_ms(dsn, n), "ms", baseline=base)
-            scales = [1] if quick else [1, 340]
-            seconds = 5 if quick else 30
-            for scale in scales:
-                _strata(repo, "timeline", "branch", f"s{scale}")
-                _strata(repo, "endpoint", "create", f"s{scale}", "--branch", f"s{scale}",
-                        "--suspend-timeout-s", "2")
-                dsn = _dsns(repo, f"s{scale}")["tls_sni"]
-                subprocess.run(["pgbench", "-i", "-q", "-s", str(scale), dsn],
-                               capture_output=True, timeout=7200, check=True)
-                _wait_suspended(repo, f"s{scale}")
-                t = time.monotonic()
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute("select count(*) from pgbench_branches").fetchone()
-                report.add(f"wake_s{scale}", time.monotonic() - t, "s")
-                log = (repo / "logs" / "proxy.log").read_text().splitlines()
-                woke = [line for line in log if f"woke endpoint s{scale} in" in line]
-                if woke:  # the start's phases, as the proxy logged them
-                    report.note(woke[-1].split("woke ", 1)[1])
-                own = [line for line in log
-                       if f"connection to endpoint s{scale} after its wake" in line]
-                if own:  # the proxy's own share: the client's side and the compute login
-                    report.note(own[-1].split("after its wake: ", 1)[1])
-            subprocess.run(["pgbench", "-i", "-q", "-s", "1", direct], capture_output=True,
+                ms = _connect_ms(dsn, n)
+                report.add(f"connect_ms_{how}", ms, "ms", baseline=base)
+                report.note(f"connect_ms_{how}: {ms / base_tcp:.2f}x the tcp baseline")
+            subprocess.run(["pgbench", "-i", "-q", "-s", "4", unix], capture_output=True,
                            timeout=3600, check=True)
-            proxy_pid = int((repo / "run" / "proxy.pid").read_text())
-            base_tps, _ = _pgbench(direct, seconds, proxy_pid)
-            for how, dsn in (("plain", dsns["plain_options"]), ("tls", dsns["tls_sni"])):
-                tps, cpu_us = _pgbench(dsn, seconds, proxy_pid)
-                report.add(f"tps_select_only_{how}", tps, "tps", baseline=base_tps)
-                # Load-independent: what relaying costs (on a shared machine the TPS ratio
-                # mostly measures how long each hop waits for a core).
-                report.add(f"proxy_cpu_us_per_tx_{how}", cpu_us, "us")
+            _throughput(report, repo, {"unix": unix, "tcp": tcp,
+                                       "plain": dsns["plain_options"],
+                                       "tls": dsns["tls_sni"]}, quick)
+            for scale in scales:
+                _wake(report, repo, scale)
         finally:
             _strata(repo, "stop", "--immediate")
