@@ -46,7 +46,6 @@ from strata.common import eventloop
 from strata.common.auth import auth_headers
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn
-from strata.common.proc import free_port
 from strata.compute.compute import Compute, ComputeConfig
 from strata.compute.pgserver import PgServer
 from strata.compute.walproposer import (
@@ -199,7 +198,9 @@ class PageserverProcess(ServiceProcess):
 
 
 class SafekeeperProcess(ServiceProcess):
-    """`python -m strata.safekeeper` on fixed ports under `workdir`."""
+    """`python -m strata.safekeeper` under `workdir`: on ports the OS picks at its first
+    start (read from its safekeeper.ports: no other process can take them between a pick
+    and the bind), the same ones at each restart (the computes know them)."""
 
     def __init__(self, node_id: int, workdir: Path, log_path: Path, *,
                  extra_args: list[str] | None = None, token: str | None = None) -> None:
@@ -208,8 +209,15 @@ class SafekeeperProcess(ServiceProcess):
         self.what = f"safekeeper {node_id}"
         self.extra_args = extra_args or []
         self.token = token  # sent by http() (a safekeeper started with --auth-public-key)
-        self.pg_port = free_port()
-        self.http_port = free_port()
+        self.pg_port = 0  # until the first start
+        self.http_port = 0
+
+    @property
+    def ports_file(self) -> Path:
+        return self.workdir / "safekeeper.ports"
+
+    def prepare(self) -> None:
+        self.ports_file.unlink(missing_ok=True)
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "strata.safekeeper", "--id", str(self.node_id),
@@ -217,6 +225,10 @@ class SafekeeperProcess(ServiceProcess):
                 "--http-port", str(self.http_port), *self.extra_args]
 
     def ready(self) -> bool:
+        if not self.ports_file.exists():
+            return False
+        pg_port, http_port = self.ports_file.read_text().split()
+        self.pg_port, self.http_port = int(pg_port), int(http_port)
         return self.client.responds()
 
     @property

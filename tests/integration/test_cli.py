@@ -329,7 +329,7 @@ def test_walproposer_death_stops_its_endpoint(cli: Cli) -> None:
 def test_clear_errors(cli: Cli, test_dir: Path) -> None:
     """A missing environment, an unknown branch or safekeeper, a bad or future `--at`, a
     hung pageserver, a taken port and a dead process each give one clear error line (exit
-    code 1, no traceback)."""
+    code 1, no traceback); a taken port strata picked itself is picked again."""
     missing = cli.run("status", ok=False)
     assert "no Strata environment in" in missing.stderr and "strata init" in missing.stderr
 
@@ -383,6 +383,20 @@ def test_clear_errors(cli: Cli, test_dir: Path) -> None:
         taken = cli.run("start", ok=False)
     assert f"127.0.0.1:{http_port} is taken by another process" in taken.stderr
     cli.run("start")
+
+    # A port strata picked itself (the proxy's, at init) and another process took: the
+    # start picks another and saves it; the other process keeps its port.
+    cli.run("proxy", "stop")
+    proxy_port = tomllib.loads(config.read_text())["proxy"]["port"]
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", proxy_port))
+        moved = cli.run("proxy", "start")
+        saved = tomllib.loads(config.read_text())
+        assert saved["proxy"]["port"] != proxy_port, moved.stderr
+        assert saved["picked_ports"]["proxy.port"] == saved["proxy"]["port"]
+        assert f"port {proxy_port} -> {saved['proxy']['port']}" in moved.stderr, moved.stderr
+        assert squatter.getsockname()[1] == proxy_port
+    assert cli.json("status")["proxy"]["address"] == f"127.0.0.1:{saved['proxy']['port']}"
 
 
 def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:

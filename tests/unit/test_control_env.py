@@ -3,6 +3,7 @@ checks, without starting services."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -531,3 +532,73 @@ def test_pageserver_address_file_is_stated_at_most_every_interval(tmp_path: Path
     assert address.http() == ("127.0.0.3", 9900)  # the interval passed: stat'ed again
     assert address.stats == stats + 2
 
+
+def test_only_ports_strata_picked_are_picked_again() -> None:
+    """[picked_ports] names what `with_ports_allocated` chose; `repick` changes only those,
+    and not one the user edited since; the table survives config.toml."""
+    config = EnvConfig.from_dict({"pageserver": {"pg_port": 7000}}).with_ports_allocated()
+    assert "pageserver.1.pg_port" not in config.picked_ports  # the user's
+    http = config.pageserver.http_port
+    assert config.picked_ports["pageserver.1.http_port"] == http
+    assert EnvConfig.from_dict(config.to_dict()) == config
+    assert config.repick(["pageserver.1.pg_port"]) is None
+    again = config.repick(["pageserver.1.http_port", "proxy.port"])
+    assert again is not None
+    assert again.pageserver.pg_port == 7000 and again.pageserver.http_port != http
+    assert again.proxy.port != config.proxy.port
+    assert again.ports() - {again.pageserver.http_port, again.proxy.port} == \
+        config.ports() - {http, config.proxy.port}
+    assert again.picked_ports["pageserver.1.http_port"] == again.pageserver.http_port
+    assert len(again.ports()) == len(config.ports())  # still all different
+    edited = EnvConfig.from_dict({**again.to_dict(), "proxy": {"port": 7001}})
+    assert edited.repick(["proxy.port"]) is None  # edited by the user: theirs now
+
+
+def _occupy(port: int) -> socket.socket:
+    """Hold 127.0.0.1:port as another process would (bound, not accepting: a readiness
+    probe cannot mistake it for the service)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", port))
+    return s
+
+
+def test_service_start_picks_another_port_when_one_is_taken(tmp_path: Path) -> None:
+    """A port another process took, before the start or between the start's check and
+    the service's bind (the service then exits with EADDRINUSE): with `repick`, the
+    start goes on with a new port; without it, the error names the taken port."""
+    from strata.common.proc import free_port
+
+    picks: list[list[str]] = []
+
+    def repick(taken: list[str]) -> ServiceSpec | None:
+        picks.append(taken)
+        return _listener_spec(tmp_path, free_port("127.0.0.1"))
+
+    port = free_port("127.0.0.1")
+    with _occupy(port):
+        with pytest.raises(UserError, match=f"its port 127.0.0.1:{port} is taken"):
+            start_service(_listener_spec(tmp_path, port))
+        pid = start_service(_listener_spec(tmp_path, port), repick)
+    try:
+        assert picks == [["port"]]
+        assert "listening" in (tmp_path / "logs" / "l.log").read_text()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(pid), 30, "the listener to be gone")
+
+    # Taken after the check, before the service binds: it dies, the start tries again.
+    held: list[socket.socket] = []
+    port = free_port("127.0.0.1")
+    late = dataclasses.replace(_listener_spec(tmp_path, port),
+                               prepare=lambda: held.append(_occupy(port)))
+    picks.clear()
+    try:
+        pid = start_service(late, repick)
+        assert picks == [["port"]] and held
+        assert pid_alive(pid) and process_state(late.files).state == "running"
+        log = (tmp_path / "logs" / "l.log").read_text()
+        assert "Address already in use" in log, log
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        for s in held:
+            s.close()

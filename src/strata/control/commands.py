@@ -143,8 +143,10 @@ def init(ctx: click.Context, config_file: Path | None, object_storage: str | Non
     try:
         ensure_certificate(env, config)
         start_seaweed(env, config)
-        start_safekeepers(env, config)
-        start_pageserver(env, config)
+        # A port picked above and taken meanwhile by another process is picked again.
+        start_safekeepers(env, config, repick_ports=True)
+        start_pageserver(env, config, repick_ports=True)
+        config = env.config()
         client = pageserver_client(config)
         with output.step("creating the default tenant (initdb and import into the "
                          "pageserver)"):
@@ -200,6 +202,7 @@ def start(ctx: click.Context) -> None:
     output.result(f"console: {console_url(config)} (log in with the token in "
                   f"{env.console_token_path})")
     start_proxy(env, config)
+    config = env.config()  # the proxy's port, if it was picked again
     state = env.read_state()
     failed: list[str] = []
     for ep in state.endpoints.values():
@@ -763,8 +766,8 @@ def pageserver_add(ctx: click.Context) -> None:
         config = config.with_ports_allocated()
         env.write_config(config)
     start_seaweed(env, config)
-    pid = start_pageserver(env, config, new_id)
-    ps = config.pageserver_by_id(new_id)
+    pid = start_pageserver(env, config, new_id, repick_ports=True)
+    ps = env.config().pageserver_by_id(new_id)
     output.result(f"added pageserver {new_id} (pid {pid}; pg {ps.host}:{ps.pg_port}, http "
                   f"{ps.host}:{ps.http_port})")
 

@@ -31,7 +31,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import tomli_w
 
@@ -300,6 +300,12 @@ class EnvConfig:
     more_pageservers: tuple[PageserverSettings, ...] = ()
     """[[pageservers]]: pageservers 2, 3... (`strata pageserver add`); tenants move
     between them with `strata tenant relocate`."""
+    picked_ports: Mapping[str, int] = field(default_factory=dict)
+    """[picked_ports]: the ports strata picked itself (a port 0 at `strata init`, `strata
+    pageserver add`), by slot ("pageserver.1.pg_port", "safekeeper.2.http_port",
+    "console.port", "proxy.port"). A port still at its picked value is strata's to change:
+    a start that finds it taken picks another and records it (`repick`); a port the user
+    set (or edited) is never changed."""
 
     def __post_init__(self) -> None:
         assert isinstance(self.wal_mode, WalMode), self.wal_mode
@@ -321,7 +327,7 @@ class EnvConfig:
         _check_keys("(top level)", data, {"wal_mode", "pageserver", "safekeepers",
                                           "tenant_defaults", "endpoint_defaults",
                                           "console", "proxy", "auth", "seaweedfs",
-                                          "pageservers"})
+                                          "pageservers", "picked_ports"})
         auth = data.get("auth", False)
         if not isinstance(auth, bool):
             raise UserError(f"config auth must be true or false, got {auth!r}")
@@ -349,7 +355,9 @@ class EnvConfig:
                 _table("[endpoint_defaults]", data.get("endpoint_defaults", {}))),
             console=ConsoleSettings.from_dict(_table("[console]", data.get("console", {}))),
             proxy=ProxySettings.from_dict(_table("[proxy]", data.get("proxy", {}))),
-            auth=auth, seaweedfs=_seaweed_ports(data.get("seaweedfs")))
+            auth=auth, seaweedfs=_seaweed_ports(data.get("seaweedfs")),
+            picked_ports={name: _check_port(f"[picked_ports] {name}", port) for name, port
+                          in _table("[picked_ports]", data.get("picked_ports", {})).items()})
 
     @classmethod
     def load(cls, path: Path) -> EnvConfig:
@@ -381,6 +389,7 @@ class EnvConfig:
             **({"pageservers": [{"id": ps.id, "host": ps.host, "pg_port": ps.pg_port,
                                  "http_port": ps.http_port} for ps in self.more_pageservers]}
                if self.more_pageservers else {}),
+            **({"picked_ports": dict(self.picked_ports)} if self.picked_ports else {}),
         }
 
     def with_ports_allocated(self) -> EnvConfig:
@@ -407,8 +416,70 @@ class EnvConfig:
                     for sk in self.safekeepers)
         console = replace(self.console, port=pick(self.console.port, self.console.host))
         proxy = replace(self.proxy, port=pick(self.proxy.port, self.proxy.host))
-        return replace(self, pageserver=ps, safekeepers=sks, console=console, proxy=proxy,
-                       more_pageservers=more)
+        out = replace(self, pageserver=ps, safekeepers=sks, console=console, proxy=proxy,
+                      more_pageservers=more)
+        before = self.port_slots()
+        picked = {name: port for name, port in out.port_slots().items()
+                  if before[name] == 0}
+        return replace(out, picked_ports={**self.picked_ports, **picked})
+
+    def port_slots(self) -> dict[str, int]:
+        """The ports of strata's own services by slot name (see `picked_ports`)."""
+        out = {}
+        for ps in self.pageservers:
+            out[f"pageserver.{ps.id}.pg_port"] = ps.pg_port
+            out[f"pageserver.{ps.id}.http_port"] = ps.http_port
+        for sk in self.safekeepers:
+            out[f"safekeeper.{sk.id}.pg_port"] = sk.pg_port
+            out[f"safekeeper.{sk.id}.http_port"] = sk.http_port
+        out["console.port"] = self.console.port
+        out["proxy.port"] = self.proxy.port
+        return out
+
+    def repick(self, slots: list[str]) -> EnvConfig | None:
+        """A new free port for each slot (taken by another process), or None when one of
+        them is not strata's to change (the user set it: not at its picked value)."""
+        current = self.port_slots()
+        if not slots or any(self.picked_ports.get(slot) != current[slot] or not current[slot]
+                            for slot in slots):
+            return None
+        out, taken = self, self.ports() - {0}
+        for slot in slots:
+            host = self._slot_host(slot)
+            port = 0
+            while not port or port in taken:
+                port = free_port(host)
+            taken.add(port)
+            out = out._with_slot(slot, port)
+        return replace(out, picked_ports={**out.picked_ports,
+                                          **{slot: out.port_slots()[slot] for slot in slots}})
+
+    def _slot_host(self, slot: str) -> str:
+        kind, *rest = slot.split(".")
+        if kind == "pageserver":
+            return self.pageserver_by_id(int(rest[0])).host
+        if kind == "safekeeper":
+            return self.safekeeper(int(rest[0])).host
+        return self.console.host if kind == "console" else self.proxy.host
+
+    def _with_slot(self, slot: str, port: int) -> EnvConfig:
+        kind, *rest = slot.split(".")
+        if kind == "pageserver":
+            ps_id, attr = int(rest[0]), rest[1]
+            if ps_id == self.pageserver.id:
+                return replace(self, pageserver=_with_port(self.pageserver, attr, port))
+            return replace(self, more_pageservers=tuple(
+                _with_port(ps, attr, port) if ps.id == ps_id else ps
+                for ps in self.more_pageservers))
+        if kind == "safekeeper":
+            sk_id, attr = int(rest[0]), rest[1]
+            return replace(self, safekeepers=tuple(
+                _with_port(sk, attr, port) if sk.id == sk_id else sk
+                for sk in self.safekeepers))
+        if kind == "console":
+            return replace(self, console=replace(self.console, port=port))
+        assert kind == "proxy", slot
+        return replace(self, proxy=replace(self.proxy, port=port))
 
     def ports(self) -> set[int]:
         """Every port of the storage services, the console and the proxy."""
@@ -440,6 +511,15 @@ class EnvConfig:
                        f"{[sk.id for sk in self.safekeepers]}")
 
 
+_Ports = TypeVar("_Ports", "PageserverSettings", "SafekeeperSettings")
+
+
+def _with_port(settings: _Ports, attr: str, port: int) -> _Ports:
+    assert attr in ("pg_port", "http_port"), attr
+    return replace(settings, pg_port=port) if attr == "pg_port" else \
+        replace(settings, http_port=port)
+
+
 CONFIG_HEADER = """\
 # Strata environment configuration (written by `strata init`; edit, then `strata start`).
 # wal_mode = "safekeepers": each primary's WAL is made durable on a majority of the
@@ -454,6 +534,8 @@ CONFIG_HEADER = """\
 # (docs/auth.md); `strata auth token` prints one.
 # [seaweedfs]: the ports of the environment's own S3 server (init --object-storage seaweedfs).
 # [[pageservers]]: pageservers 2, 3... (`strata pageserver add`), with [pageserver.config].
+# [picked_ports]: ports strata picked; one found taken at a start is picked again (and
+# changed here and above); a port you set yourself (or edit) is never changed.
 """
 
 

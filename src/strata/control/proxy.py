@@ -12,6 +12,7 @@ from strata.control.supervisor import (
     ProcessFiles,
     ServiceSpec,
     process_state,
+    repicker,
     start_service,
     stop_service,
 )
@@ -44,15 +45,19 @@ def _accepts(host: str, port: int) -> bool:
 
 
 def start_proxy(env: Environment, config: EnvConfig) -> int:
-    """Start the proxy (if it is not running) and wait until it accepts connections."""
-    settings = config.proxy
-    return start_service(ServiceSpec(
-        proxy_files(env), "the proxy", {"port": (settings.host, settings.port)},
-        [sys.executable, "-m", "strata.proxy", "--repo-dir", str(env.root)],
-        ready=lambda: _accepts(settings.host, settings.port),
-        waiting_for=f"the proxy on {settings.host}:{settings.port}",
-        start_timeout_s=PROXY_START_TIMEOUT_S, describe=f"{settings.host}:{settings.port}",
-        prepare=lambda: ensure_certificate(env, config)))
+    """Start the proxy (if it is not running) and wait until it accepts connections. Its
+    port, if strata picked it and finds it taken, is picked again (config.toml)."""
+    def build(config: EnvConfig) -> ServiceSpec:
+        settings = config.proxy
+        return ServiceSpec(
+            proxy_files(env), "the proxy", {"port": (settings.host, settings.port)},
+            [sys.executable, "-m", "strata.proxy", "--repo-dir", str(env.root)],
+            ready=lambda: _accepts(settings.host, settings.port),
+            waiting_for=f"the proxy on {settings.host}:{settings.port}",
+            start_timeout_s=PROXY_START_TIMEOUT_S, describe=f"{settings.host}:{settings.port}",
+            prepare=lambda: ensure_certificate(env, config))
+
+    return start_service(build(config), repicker(env, {"port": "proxy.port"}, build))
 
 
 def stop_proxy(env: Environment, *, immediate: bool = False) -> bool:

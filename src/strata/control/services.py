@@ -19,13 +19,12 @@ import json
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from strata.common.auth import AuthError, Forbidden
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
-from strata.common.proc import free_port
 from strata.control import output
 from strata.control.auth_setup import child_env, public_key_path
 from strata.control.env import (
@@ -39,6 +38,7 @@ from strata.control.supervisor import (
     ProcessFiles,
     ServiceSpec,
     process_state,
+    repicker,
     start_service,
     stop_service,
 )
@@ -103,24 +103,34 @@ def pageserver_responds(client: PageserverClient) -> bool:
     return True
 
 
-def start_pageserver(env: Environment, config: EnvConfig, ps_id: int = 1) -> int:
-    """Start pageserver `ps_id` (if it is not running) and wait until its API answers."""
-    ps = config.pageserver_by_id(ps_id)
+def start_pageserver(env: Environment, config: EnvConfig, ps_id: int = 1, *,
+                     repick_ports: bool = False) -> int:
+    """Start pageserver `ps_id` (if it is not running) and wait until its API answers.
+    `repick_ports` (its first start, before anything knows its address: `strata init`,
+    `pageserver add`): a port strata picked and finds taken is picked again and saved in
+    config.toml, so the caller reads the config again after the start."""
     workdir = env.pageserver_workdir(ps_id)
     ports_file = workdir / PAGESERVER_PORTS_FILE
-    client = pageserver_client(config, timeout_s=5, ps_id=ps_id)
 
     def prepare() -> None:
         workdir.mkdir(exist_ok=True)
         ports_file.unlink(missing_ok=True)
 
-    return start_service(ServiceSpec(
-        pageserver_files(env, ps_id), _ps_name(ps_id),
-        {"pg port": (ps.host, ps.pg_port), "http port": (ps.host, ps.http_port)},
-        pageserver_argv(env, config, ps_id), env=child_env(env, config), prepare=prepare,
-        ready=lambda: ports_file.exists() and pageserver_responds(client),
-        waiting_for=f"{_ps_name(ps_id)}'s HTTP API on {ps.host}:{ps.http_port}",
-        start_timeout_s=PAGESERVER_START_TIMEOUT_S, describe=f"http {ps.host}:{ps.http_port}"))
+    def build(config: EnvConfig) -> ServiceSpec:
+        ps = config.pageserver_by_id(ps_id)
+        client = pageserver_client(config, timeout_s=5, ps_id=ps_id)
+        return ServiceSpec(
+            pageserver_files(env, ps_id), _ps_name(ps_id),
+            {"pg port": (ps.host, ps.pg_port), "http port": (ps.host, ps.http_port)},
+            pageserver_argv(env, config, ps_id), env=child_env(env, config), prepare=prepare,
+            ready=lambda: ports_file.exists() and pageserver_responds(client),
+            waiting_for=f"{_ps_name(ps_id)}'s HTTP API on {ps.host}:{ps.http_port}",
+            start_timeout_s=PAGESERVER_START_TIMEOUT_S,
+            describe=f"http {ps.host}:{ps.http_port}")
+
+    return start_service(build(config), repicker(
+        env, {"pg port": f"pageserver.{ps_id}.pg_port",
+              "http port": f"pageserver.{ps_id}.http_port"}, build) if repick_ports else None)
 
 
 def stop_pageserver(env: Environment, *, immediate: bool = False, ps_id: int = 1) -> bool:
@@ -231,16 +241,25 @@ def safekeeper_client(sk: SafekeeperSettings) -> SafekeeperClient:
                             timeout_s=SAFEKEEPER_HTTP_TIMEOUT_S)
 
 
-def start_safekeeper(env: Environment, sk: SafekeeperSettings) -> int:
-    """Start safekeeper `sk` (if it is not running) and wait until its HTTP API answers."""
-    return start_service(ServiceSpec(
-        safekeeper_files(env, sk.id), f"safekeeper {sk.id}",
-        {"pg port": (sk.host, sk.pg_port), "http port": (sk.host, sk.http_port)},
-        safekeeper_argv(env, sk), ready=safekeeper_client(sk).responds,
-        prepare=lambda: env.safekeeper_dir(sk.id).mkdir(parents=True, exist_ok=True),
-        waiting_for=f"safekeeper {sk.id}'s HTTP API on {sk.host}:{sk.http_port}",
-        start_timeout_s=SAFEKEEPER_START_TIMEOUT_S,
-        describe=f"pg {sk.host}:{sk.pg_port}, http {sk.host}:{sk.http_port}"))
+def start_safekeeper(env: Environment, sk: SafekeeperSettings, *,
+                     repick_ports: bool = False) -> int:
+    """Start safekeeper `sk` (if it is not running) and wait until its HTTP API answers.
+    `repick_ports` as for `start_pageserver` (`strata init`): later starts keep the ports
+    the computes and the pageserver were given."""
+    def build(sk: SafekeeperSettings) -> ServiceSpec:
+        return ServiceSpec(
+            safekeeper_files(env, sk.id), f"safekeeper {sk.id}",
+            {"pg port": (sk.host, sk.pg_port), "http port": (sk.host, sk.http_port)},
+            safekeeper_argv(env, sk), ready=safekeeper_client(sk).responds,
+            prepare=lambda: env.safekeeper_dir(sk.id).mkdir(parents=True, exist_ok=True),
+            waiting_for=f"safekeeper {sk.id}'s HTTP API on {sk.host}:{sk.http_port}",
+            start_timeout_s=SAFEKEEPER_START_TIMEOUT_S,
+            describe=f"pg {sk.host}:{sk.pg_port}, http {sk.host}:{sk.http_port}")
+
+    return start_service(build(sk), repicker(
+        env, {"pg port": f"safekeeper.{sk.id}.pg_port",
+              "http port": f"safekeeper.{sk.id}.http_port"},
+        lambda config: build(config.safekeeper(sk.id))) if repick_ports else None)
 
 
 def stop_safekeeper(env: Environment, sk_id: int, *, immediate: bool = False) -> bool:
@@ -250,10 +269,11 @@ def stop_safekeeper(env: Environment, sk_id: int, *, immediate: bool = False) ->
                         quiet_when_stopped=False)
 
 
-def start_safekeepers(env: Environment, config: EnvConfig) -> None:
+def start_safekeepers(env: Environment, config: EnvConfig, *,
+                      repick_ports: bool = False) -> None:
     if config.wal_mode is WalMode.SAFEKEEPERS:
         for sk in config.safekeepers:
-            start_safekeeper(env, sk)
+            start_safekeeper(env, sk, repick_ports=repick_ports)
 
 
 def stop_safekeepers(env: Environment, config: EnvConfig, *, immediate: bool = False) -> None:
@@ -329,17 +349,20 @@ def start_console(env: Environment, config: EnvConfig) -> EnvConfig:
         output.info(f"console already running (pid {pid})")
         return config
     if config.console.port == 0:
-        config = replace(config, console=replace(
-            config.console, port=free_port(config.console.host)))
+        config = config.with_ports_allocated()
         env.write_config(config)
     env.console_token()  # made now if the environment predates the console
-    con = config.console
-    url = console_url(config)
-    start_service(ServiceSpec(
-        files, "the console", {"port": (con.host, con.port)}, console_argv(env),
-        ready=lambda: _console_responds(url), waiting_for=f"the console on {url}",
-        start_timeout_s=CONSOLE_START_TIMEOUT_S, describe=url))
-    return config
+
+    def build(config: EnvConfig) -> ServiceSpec:
+        con = config.console
+        url = console_url(config)
+        return ServiceSpec(
+            files, "the console", {"port": (con.host, con.port)}, console_argv(env),
+            ready=lambda: _console_responds(url), waiting_for=f"the console on {url}",
+            start_timeout_s=CONSOLE_START_TIMEOUT_S, describe=url)
+
+    start_service(build(config), repicker(env, {"port": "console.port"}, build))
+    return env.config()
 
 
 def console_status(env: Environment, config: EnvConfig) -> dict[str, Any]:

@@ -22,10 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from strata.common.errors import Unavailable, UserError
 from strata.common.proc import pid_running
 from strata.control import output
+
+if TYPE_CHECKING:
+    from strata.control.env import EnvConfig, Environment
 
 LOG_TAIL_LINES = 20
 
@@ -103,14 +107,19 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def taken_ports(ports: dict[str, tuple[str, int]]) -> list[str]:
+    """The names of the ports another process holds, e.g. ['pg port']."""
+    return [what for what, (host, port) in ports.items() if port_in_use(host, port)]
+
+
 def check_ports_free(owner: str, ports: dict[str, tuple[str, int]], *,
                      fix: str = "change the port in config.toml") -> None:
     """UserError naming the first taken port, e.g. {'pg port': ('127.0.0.1', 64000)}."""
-    for what, (host, port) in ports.items():
-        if port_in_use(host, port):
-            raise UserError(f"cannot start {owner}: its {what} {host}:{port} is taken by "
-                            f"another process (see `ss -ltnp 'sport = :{port}'`); stop that "
-                            f"process, or {fix}")
+    for what in taken_ports(ports)[:1]:
+        host, port = ports[what]
+        raise UserError(f"cannot start {owner}: its {what} {host}:{port} is taken by "
+                        f"another process (see `ss -ltnp 'sport = :{port}'`); stop that "
+                        f"process, or {fix}")
 
 
 def wait_for(ready: Callable[[], bool], *, timeout_s: float, what: str,
@@ -189,30 +198,90 @@ class ServiceSpec:
     ready_interval_s: float = 0.1
 
 
-def start_service(spec: ServiceSpec) -> int:
+PORT_ATTEMPTS = 4  # starts of one service, each after another process took a port of it
+
+Repick = Callable[[list[str]], ServiceSpec | None]
+"""Given the names of a service's ports another process holds, the spec with new ports
+(recorded where they are configured), or None when they are not strata's to change."""
+
+
+def start_service(spec: ServiceSpec, repick: Repick | None = None) -> int:
     """Start the service unless its pid file names a live process, and wait until it is
     ready; its pid. A taken port, or the process dying or timing out while starting,
-    raises an error carrying the tail of its log."""
+    raises an error carrying the tail of its log.
+
+    With `repick`, a port another process holds (found before the start, or after the
+    process died while starting: taken between the check and its bind) is replaced by a
+    new one and the start is tried again, up to PORT_ATTEMPTS starts."""
     files = spec.files
     pid = files.read_pid()
     if pid is not None:
         output.info(f"{files.name} already running (pid {pid})")
         return pid
-    check_ports_free(spec.owner, spec.ports)
-    if spec.prepare is not None:
-        spec.prepare()
-    files.log_path.parent.mkdir(parents=True, exist_ok=True)
-    detail = f"{spec.describe}, " if spec.describe else ""
-    with output.step(f"starting {spec.owner} ({detail}log {files.log_path})"):
-        with open(files.log_path, "ab") as log:
-            proc = subprocess.Popen(spec.argv, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                    env=spec.env)
-        files.write_pid(proc.pid)
-        wait_for(spec.ready, timeout_s=spec.start_timeout_s,
-                 what=f"waiting for {spec.waiting_for}", files=files, pid=proc.pid,
-                 interval_s=spec.ready_interval_s)
-    return proc.pid
+    attempt = 0
+    while True:
+        attempt += 1
+        taken = taken_ports(spec.ports)
+        if taken:
+            spec = _repicked(spec, taken, repick, attempt)
+            continue
+        if spec.prepare is not None:
+            spec.prepare()
+        files.log_path.parent.mkdir(parents=True, exist_ok=True)
+        detail = f"{spec.describe}, " if spec.describe else ""
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            with output.step(f"starting {spec.owner} ({detail}log {files.log_path})"):
+                with open(files.log_path, "ab") as log:
+                    proc = subprocess.Popen(spec.argv, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            env=spec.env)
+                files.write_pid(proc.pid)
+                wait_for(spec.ready, timeout_s=spec.start_timeout_s,
+                         what=f"waiting for {spec.waiting_for}", files=files, pid=proc.pid,
+                         interval_s=spec.ready_interval_s)
+            return proc.pid
+        except UserError:  # it exited: if another process holds a port of it, try again
+            if proc is None or pid_alive(proc.pid) or repick is None or \
+                    attempt >= PORT_ATTEMPTS:
+                raise
+            taken = taken_ports(spec.ports)
+            if not taken:
+                raise
+            proc.wait()
+            files.clear_pid()
+        spec = _repicked(spec, taken, repick, attempt)
+
+
+def repicker(env: Environment, slots: dict[str, str],
+             build: Callable[[EnvConfig], ServiceSpec]) -> Repick:
+    """For `start_service`: new ports for the taken ones (port name -> config slot, e.g.
+    {"pg port": "pageserver.1.pg_port"}) when strata picked them (EnvConfig.repick),
+    saved in config.toml; the service's spec built anew from that config."""
+    def repick(taken: list[str]) -> ServiceSpec | None:
+        config = env.config().repick([slots[what] for what in taken])
+        if config is None:
+            return None
+        env.write_config(config)
+        return build(config)
+    return repick
+
+
+def _repicked(spec: ServiceSpec, taken: list[str], repick: Repick | None,
+              attempt: int) -> ServiceSpec:
+    """The spec with new ports for the `taken` ones, or the UserError naming the first."""
+    new = repick(taken) if repick is not None and attempt < PORT_ATTEMPTS else None
+    if new is None:
+        check_ports_free(spec.owner, {what: spec.ports[what] for what in taken})
+        # Free again by now: the error names it as it was.
+        host, port = spec.ports[taken[0]]
+        raise UserError(f"cannot start {spec.owner}: its {taken[0]} {host}:{port} was taken "
+                        "by another process")
+    moved = ", ".join(f"{what} {spec.ports[what][1]} -> {new.ports[what][1]}"
+                      for what in taken)
+    output.info(f"{spec.owner}: another process took its port(s); picked new ones "
+                f"({moved}, saved in config.toml)")
+    return new
 
 
 def stop_service(files: ProcessFiles, owner: str, *, timeout_s: float, immediate: bool = False,

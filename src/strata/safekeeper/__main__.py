@@ -1,7 +1,8 @@
 """Run a safekeeper: `python -m strata.safekeeper --id N --workdir DIR --pg-port P --http-port H`.
 
 Takes the work directory's lock (a second safekeeper on it exits with status 1 and says who
-holds it), opens its timelines, serves the PG-protocol and HTTP ports until SIGTERM or
+holds it), opens its timelines, serves the PG-protocol and HTTP ports (a port 0: one the OS
+picks; both are written to DIR/safekeeper.ports once they listen) until SIGTERM or
 SIGINT, then stops: no new connections, a message being applied finishes its fsyncs, and the
 process exits 0. Failpoints are armed from $STRATA_FAILPOINTS (strata.common.failpoint).
 """
@@ -19,12 +20,15 @@ from pathlib import Path
 from aiohttp import web
 
 from strata.common import eventloop
+from strata.common.durable import write_atomic
 from strata.common.errors import UserError
 from strata.common.logctx import setup_logging
 from strata.safekeeper.http import make_app
 from strata.safekeeper.server import Safekeeper, SafekeeperConfig, WorkdirLock, check_node_id
 
 log = logging.getLogger("strata.safekeeper")
+
+PORTS_FILE = "safekeeper.ports"  # "pg_port http_port", written once both listen
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +62,8 @@ async def serve(config: SafekeeperConfig, http_port: int) -> None:
     runner = web.AppRunner(make_app(sk, sk.verifier), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, config.host, http_port).start()
+    http_port = runner.addresses[0][1]  # the port the OS picked, given 0
+    write_atomic(config.workdir / PORTS_FILE, f"{sk.pg.port} {http_port}\n".encode())
     log.info("safekeeper %d: http on %s:%d, auth %s", config.node_id, config.host, http_port,
              "on" if sk.verifier is not None else "off")
     stop = asyncio.Event()
