@@ -252,6 +252,33 @@ def test_streaming_commits_with_a_majority_only() -> None:
     assert cluster.wal[3] == cluster.wal[1]
 
 
+def test_a_deferred_acceptor_gets_wal_only_from_the_tick() -> None:
+    """The acceptor the driver defers gets WAL and commit LSNs only from `tick`; the other
+    two commit every record meanwhile. While fewer than a majority of the others are synced
+    the deferred one is not skipped (commits would wait for the tick)."""
+    cluster = Cluster()
+    p = Proposer(config(), random.Random(6))
+    cluster.take(p.start(0.0))
+    cluster.run(p)
+    p.deferred = 3
+    end = stream(cluster, p, 20)
+    assert p.commit_lsn == Lsn(end)
+    assert len(cluster.wal[1]) == len(cluster.wal[2]) == end - START
+    assert len(cluster.wal[3]) == 0
+    cluster.tick(p, 0.02)
+    assert cluster.wal[3] == cluster.wal[1]
+    assert cluster.acceptors[3].commit_lsn == Lsn(end)
+
+    cluster = Cluster()
+    cluster.down = {2}  # never synced
+    p = Proposer(config(), random.Random(7))
+    cluster.take(p.start(0.0))
+    cluster.run(p)
+    p.deferred = 3
+    end = stream(cluster, p, 5)
+    assert p.commit_lsn == Lsn(end) and len(cluster.wal[3]) == end - START
+
+
 def test_late_acceptor_gets_released_wal_from_a_peer() -> None:
     cluster = Cluster()
     cluster.down = {3}

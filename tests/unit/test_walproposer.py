@@ -164,6 +164,51 @@ def test_back_to_back_commits_send_no_commit_only_appends() -> None:
     run(body)
 
 
+def test_a_deferred_safekeeper_takes_over_when_another_stops_answering() -> None:
+    """One of three safekeepers is deferred (WAL only at the tick); when one of the two
+    others goes down, the deferred one is given WAL at once and commits go on; the one that
+    stopped answering becomes the deferred one."""
+    async def body() -> None:
+        sks = await started(3)
+        gen = WalGenerator(START.value, PREV.value, SEG)
+        rng = random.Random(11)
+        driver = await elected(sks)
+        try:
+            for _ in range(10):
+                driver.append_wal(gen.random_record(rng)[1])
+            end = Lsn(gen.end_lsn)
+            await wait_until_async(lambda: driver.commit_lsn == end, 10, "commit")
+            deferred = driver.proposer.deferred
+            assert deferred in (1, 2, 3)
+            eager = next(s for s in sks if s.node_id != deferred)
+            await eager.stop()
+            for _ in range(10):
+                driver.append_wal(gen.random_record(rng)[1])
+            end = Lsn(gen.end_lsn)
+            await wait_until_async(lambda: driver.commit_lsn == end, 10,
+                                   "commit without an eager safekeeper")
+            await wait_until_async(lambda: driver.proposer.deferred == eager.node_id, 10,
+                                   "the stopped safekeeper deferred")
+            assert driver.fenced is None
+        finally:
+            await driver.stop()
+            await stop_all(sks)
+    run(body)
+
+
+def test_sync_and_two_safekeepers_defer_none() -> None:
+    async def body() -> None:
+        sks = await started(2)
+        driver = await elected(sks)
+        try:
+            await asyncio.sleep(0.1)  # a few ticks
+            assert driver.proposer.deferred is None  # both are needed for a majority
+        finally:
+            await driver.stop()
+            await stop_all(sks)
+    run(body)
+
+
 def test_partial_record_is_truncated_by_sync() -> None:
     async def body() -> None:
         sks = await started(3)

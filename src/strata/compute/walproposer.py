@@ -92,6 +92,7 @@ DEFAULT_APPLICATION_NAME = "strata_walproposer"
 EXIT_FENCED = 3  # the CLI's exit code when the sidecar was fenced
 _TICK_S = 0.02
 _STAGE_MAX_BYTES = 128 * 1024  # staged WAL goes out at once beyond this (one append's worth)
+_COMMIT_ONLY_IDLE_S = 0.1  # held commit-only appends go once no WAL came for this long
 _ACCEPTOR_MESSAGES = (AcceptorGreeting, VoteResponse, AppendResponse, ReadWalResponse)
 _LINK_QUEUE_MAX = 4096  # messages; beyond this a dead link drops them (tick resends)
 _ARRIVALS_MAX = 4096  # WAL pieces timed for CommitPathStats (the oldest are forgotten)
@@ -139,6 +140,9 @@ class QuorumConfig:
     retry_interval_s: float = 0.25
     connect_timeout_s: float = 5.0
     backoff_max_s: float = 1.0
+    defer_slowest: bool = True
+    """With more safekeepers than a majority, the one heard from least recently gets WAL
+    only at the driver's tick (`QuorumDriver._pick_deferred`)."""
     proposer_id: int = field(default_factory=lambda: secrets.randbits(62) + 1)
 
     def __post_init__(self) -> None:
@@ -298,6 +302,9 @@ class QuorumDriver:
         # commit-only append held back meanwhile (see _send).
         self._inflight: dict[int, deque[Lsn]] = {n: deque() for n in self.links}
         self._held_commit: dict[int, bytes] = {}
+        self._last_wal_s = float("-inf")  # when append_wal was last given WAL
+        # The last message encoded and its bytes: the same append goes to every node.
+        self._encoded: tuple[ProposerMessage | None, bytes] = (None, b"")
         self.stats = CommitPathStats()
         self._arrivals: deque[tuple[Lsn, float]] = deque(maxlen=_ARRIVALS_MAX)
 
@@ -325,13 +332,16 @@ class QuorumDriver:
         if self.fenced is None:
             self._staged += data
             self.stats.wal_pieces += 1
-            self._arrivals.append((self.end_lsn, time.monotonic()))
+            now = time.monotonic()
+            self._last_wal_s = now
+            self._arrivals.append((self.end_lsn, now))
             self._flush_staged(force=False)
 
     def _flush_staged(self, *, force: bool) -> None:
         if not self._staged or self.fenced is not None:
             return
-        idle = sum(1 for q in self._inflight.values() if not q)
+        deferred = self.proposer.deferred
+        idle = sum(1 for n, q in self._inflight.items() if not q and n != deferred)
         if force or idle >= self.config.quorum or len(self._staged) >= _STAGE_MAX_BYTES:
             data = bytes(self._staged)
             self._staged.clear()
@@ -369,12 +379,29 @@ class QuorumDriver:
             await asyncio.sleep(_TICK_S)
             now = time.monotonic()
             self._flush_staged(force=True)
-            for node, held in list(self._held_commit.items()):
-                if not self._inflight[node]:
-                    del self._held_commit[node]
-                    self.links[node].send(held)
+            # Held commit-only appends go once the stream is idle: while commits keep
+            # coming (one client's too) the next append carries the commit LSN anyway.
+            if now - self._last_wal_s >= _COMMIT_ONLY_IDLE_S:
+                for node, held in list(self._held_commit.items()):
+                    if not self._inflight[node]:
+                        del self._held_commit[node]
+                        self.links[node].send(held)
+            self._pick_deferred()
             self._apply(self.proposer.tick(now))
             self._check_quorum(now)
+
+    def _pick_deferred(self) -> None:
+        """The safekeeper heard from least recently gets WAL only at the tick (see
+        `Proposer.deferred`): with three, commits wait for the two quicker ones' fsyncs,
+        and the third one's fsyncs (once per tick, not per commit) leave the shared disk
+        to theirs. A safekeeper that stops answering so becomes the deferred one a tick
+        later, and the others carry the commits."""
+        if self._sync or not self.config.defer_slowest or \
+                len(self.links) <= self.config.quorum:
+            self.proposer.deferred = None
+            return
+        heard = self._last_heard
+        self.proposer.deferred = min(self.links, key=lambda n: heard.get(n, float("-inf")))
 
     def _check_quorum(self, now: float) -> None:
         """Warn every `quorum_warn_s` while no majority answers (commits wait meanwhile);
@@ -458,9 +485,17 @@ class QuorumDriver:
                 self._held_commit.pop(node, None)
                 self._inflight[node].append(msg.end_lsn)
             elif not msg.persist_commit:
-                self._held_commit[node] = encode(msg)
+                self._held_commit[node] = self._encode(msg)
                 return
-        self.links[node].send(encode(msg))
+        self.links[node].send(self._encode(msg))
+
+    def _encode(self, msg: ProposerMessage) -> bytes:
+        """`encode(msg)`, once for the copies of one message that go to every node."""
+        last, data = self._encoded
+        if last is None or last != msg:
+            data = encode(msg)
+            self._encoded = (msg, data)
+        return data
 
     def _fence(self, reason: str) -> None:
         if self.fenced is None:

@@ -179,6 +179,11 @@ class Proposer:
         self.wal_start = Lsn(0)  # self.wal holds our log [wal_start, end_lsn)
         self.wal = bytearray()
         self.fetch: _Fetch | None = None
+        # An acceptor that gets WAL and commit LSNs only from `tick` (the driver picks the
+        # slowest): the others are a majority, so commits need not wait for it, and it
+        # fsyncs once per tick instead of once per commit. Ignored while the others that
+        # are synced are fewer than a majority.
+        self.deferred: int | None = None
 
     @property
     def end_lsn(self) -> Lsn:
@@ -249,7 +254,7 @@ class Proposer:
         if self.fetch is not None and self._retry_due(self.fetch.last_send_s, now):
             self.fetch.donor = None  # pick again: the donor may be down
             out += self._fetch_next(now)
-        return out + self._pump(now)
+        return out + self._pump(now, everyone=True)
 
     # --- greeting and votes -------------------------------------------------------------------
     def _greeting(self) -> ProposerGreeting:
@@ -430,10 +435,15 @@ class Proposer:
                 out.append(SyncDone(self.term_start_lsn, self.term_start_prev))
         return out
 
-    def _pump(self, now: float) -> list[ProposerAction]:
-        """Send each synced acceptor the WAL and commit LSN it lacks, within its window."""
+    def _pump(self, now: float, *, everyone: bool = False) -> list[ProposerAction]:
+        """Send each synced acceptor the WAL and commit LSN it lacks, within its window
+        (the `deferred` one only when `everyone`)."""
         if self.phase is not Phase.ELECTED:
             return []
+        skip = None if everyone else self.deferred
+        if skip is not None and sum(1 for p in self.peers.values()
+                                    if p.synced and p.node != skip) < self.config.quorum:
+            skip = None
         out: list[ProposerAction] = []
         need = [p.sent_lsn for p in self.peers.values()
                 if p.start_at is not None and p.sent_lsn < self.wal_start]
@@ -442,14 +452,17 @@ class Proposer:
             out += self._fetch_next(now)
         c = self.config
         end = self.end_lsn
+        pieces: dict[tuple[int, int], bytes] = {}  # one copy of a piece for every peer
         for p in self.peers.values():
-            if not p.synced or p.sent_lsn < self.wal_start:
+            if not p.synced or p.sent_lsn < self.wal_start or p.node == skip:
                 continue
             while p.sent_lsn < end and p.sent_lsn - p.flush_lsn < c.max_inflight_bytes:
                 size = min(c.max_append_bytes, end - p.sent_lsn,
                            c.max_inflight_bytes - (p.sent_lsn - p.flush_lsn))
                 off = p.sent_lsn - self.wal_start
-                data = bytes(self.wal[off:off + size])
+                data = pieces.get((off, size))
+                if data is None:
+                    data = pieces[(off, size)] = bytes(self.wal[off:off + size])
                 out.append(self._send(p, AppendRequest(self.term, p.sent_lsn, self.commit_lsn,
                                                        data, c.sync), now))
                 p.sent_lsn += size
