@@ -303,6 +303,10 @@ class QuorumDriver:
         self._inflight: dict[int, deque[Lsn]] = {n: deque() for n in self.links}
         self._held_commit: dict[int, bytes] = {}
         self._last_wal_s = float("-inf")  # when append_wal was last given WAL
+        # How the driver spares the safekeepers (attributes, so bench/commit_ab.py can
+        # compare with and without on one running cluster).
+        self.defer_slowest = config.defer_slowest
+        self.commit_only_idle_s = _COMMIT_ONLY_IDLE_S
         # The last message encoded and its bytes: the same append goes to every node.
         self._encoded: tuple[ProposerMessage | None, bytes] = (None, b"")
         self.stats = CommitPathStats()
@@ -381,7 +385,7 @@ class QuorumDriver:
             self._flush_staged(force=True)
             # Held commit-only appends go once the stream is idle: while commits keep
             # coming (one client's too) the next append carries the commit LSN anyway.
-            if now - self._last_wal_s >= _COMMIT_ONLY_IDLE_S:
+            if now - self._last_wal_s >= self.commit_only_idle_s:
                 for node, held in list(self._held_commit.items()):
                     if not self._inflight[node]:
                         del self._held_commit[node]
@@ -396,7 +400,7 @@ class QuorumDriver:
         and the third one's fsyncs (once per tick, not per commit) leave the shared disk
         to theirs. A safekeeper that stops answering so becomes the deferred one a tick
         later, and the others carry the commits."""
-        if self._sync or not self.config.defer_slowest or \
+        if self._sync or not self.defer_slowest or \
                 len(self.links) <= self.config.quorum:
             self.proposer.deferred = None
             return
