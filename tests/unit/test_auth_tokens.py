@@ -130,3 +130,28 @@ def test_rotation_and_retirement_without_restarting_the_verifier(tmp_path: Path)
     assert verifier.verify(new).is_admin
     # A restarted service reads the same set.
     assert TokenVerifier.from_file(tmp_path / PUBLIC_KEY_FILE).verify(new).is_admin
+
+
+def test_cached_token_is_the_signed_one_and_follows_a_rotation(tmp_path: Path) -> None:
+    """`cached_token` gives what `token_from_key_file` signs, from its 0600 file once
+    made; a damaged file is a miss, a rotated key signs anew."""
+    from strata.common.auth import PUBLIC_KEY_FILE, cached_token, rotate_keys
+
+    private_path, _ = generate_keypair(tmp_path)
+    verifier = TokenVerifier.from_file(tmp_path / PUBLIC_KEY_FILE)
+    cache = tmp_path / "cache.json"
+    admin = cached_token(private_path, ADMIN_SCOPE, cache)
+    assert admin == token_from_key_file(private_path)  # EdDSA: deterministic
+    assert cache.stat().st_mode & 0o777 == 0o600
+    tenant = cached_token(private_path, Scope(TENANT_A), cache)
+    assert verifier.verify(tenant) == Scope(TENANT_A)
+    # Served from the file: a token put there is what comes back.
+    cache.write_text(cache.read_text().replace(admin, "from-the-cache"))
+    assert cached_token(private_path, ADMIN_SCOPE, cache) == "from-the-cache"
+    cache.write_text("{not json")
+    assert cached_token(private_path, ADMIN_SCOPE, cache) == admin
+    new_kid = rotate_keys(tmp_path)
+    rotated = cached_token(private_path, ADMIN_SCOPE, cache)
+    assert jwt.get_unverified_header(rotated)["kid"] == new_kid
+    assert verifier.verify(rotated).is_admin and rotated != admin
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []

@@ -15,7 +15,9 @@ their token as an argument or from `$STRATA_AUTH_TOKEN` (`default_token()`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from strata.common.ids import TenantId
 
 PRIVATE_KEY_FILE = "auth_private_key.pem"
 PUBLIC_KEY_FILE = "auth_public_key.pem"
+TOKEN_CACHE_FILE = "auth_token_cache.json"
 TOKEN_ENV = "STRATA_AUTH_TOKEN"
 ALGORITHM = "EdDSA"
 ADMIN = "admin"
@@ -201,6 +204,42 @@ def encode_token(private_key_pem: bytes, scope: Scope, *, expires_at: int | None
 
 def token_from_key_file(private_key_path: Path, scope: Scope = ADMIN_SCOPE) -> str:
     return encode_token(_read_key(private_key_path, "private"), scope)
+
+
+def cached_token(private_key_path: Path, scope: Scope, cache_path: Path) -> str:
+    """`token_from_key_file`'s token, kept in `cache_path` (mode 0600, beside the key).
+
+    A token without expiry of one key and scope never changes (EdDSA signatures are
+    deterministic, the claims and header are fixed), so it is signed once per key and
+    scope: signing imports PyJWT and cryptography, ~0.15 s of CPU that every `strata`
+    command (an endpoint start among them) paid before. Entries are kept under the
+    SHA-256 of the private key file: a rotated key signs anew. A cache that cannot be
+    read or written is only a miss."""
+    private_pem = _read_key(private_key_path, "private")
+    digest = hashlib.sha256(private_pem).hexdigest()
+    tokens: dict[str, str] = {}
+    try:
+        cache = json.loads(cache_path.read_bytes())
+        if cache["key_sha256"] == digest:
+            tokens = {str(k): str(v) for k, v in cache["tokens"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    token = tokens.get(str(scope))
+    if token is not None:
+        return token
+    token = encode_token(private_pem, scope)
+    tokens[str(scope)] = token
+    temp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
+    try:  # not fsynced: a cache lost in a crash is signed again
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps({"key_sha256": digest, "tokens": tokens}).encode())
+        os.replace(temp, cache_path)
+    except OSError as err:
+        log.debug("token cache %s not written: %s", cache_path, err)
+        with contextlib.suppress(OSError):
+            temp.unlink()
+    return token
 
 
 def _file_identity(path: Path) -> tuple[int, int, int, int] | None:

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import os
 
-from strata.common.auth import ADMIN_SCOPE, TOKEN_ENV, Scope, generate_keypair, token_from_key_file
+from strata.common.auth import (
+    ADMIN_SCOPE,
+    TOKEN_CACHE_FILE,
+    TOKEN_ENV,
+    Scope,
+    cached_token,
+    generate_keypair,
+)
 from strata.common.errors import UserError
 from strata.common.ids import TenantId
 from strata.control.env import EnvConfig, Environment
@@ -30,7 +37,7 @@ def token_for(env: Environment, config: EnvConfig, scope: Scope = ADMIN_SCOPE) -
     if not env.auth_private_key.is_file():
         raise UserError(f"config auth = true but {env.auth_private_key} is missing; restore "
                         "it, or set auth = false in the config (docs/auth.md)")
-    return token_from_key_file(env.auth_private_key, scope)
+    return cached_token(env.auth_private_key, scope, env.root / TOKEN_CACHE_FILE)
 
 
 def export_cli_token(env: Environment, config: EnvConfig) -> None:
