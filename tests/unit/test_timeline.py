@@ -184,6 +184,11 @@ def test_list_rels_dbs_and_drop_db(tmp_path: Path) -> None:
     assert tl.list_rels(1663, 5, Lsn(0x300)) == set()
     assert tl.list_rels(1663, 6, Lsn(0x300)) == {RelTag(1663, 6, 1, 0)}
     assert tl.list_rels(1663, 5, Lsn(0x200)) == {REL, REL2}
+    # rel_sizes is list_rels with rel_size, at every LSN (the dropped database too).
+    assert tl.rel_sizes(1663, 5, Lsn(0x200)) == {REL: 0, REL2: 1}
+    assert tl.rel_sizes(1663, 5, Lsn(0x300)) == {}
+    assert tl.rel_sizes(1663, 6, Lsn(0x300)) == {RelTag(1663, 6, 1, 0): 0}
+    assert tl.rel_sizes(1663, 5, Lsn(0x200)) == {REL: 0, REL2: 1}
 
 
 def test_generic_keys_scan_and_tombstones(tmp_path: Path) -> None:

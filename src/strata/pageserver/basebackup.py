@@ -335,9 +335,10 @@ def lazy_manifest(timeline: Timeline, lsn: Lsn) -> bytes:
     """`spcnode dbnode relnode forknum nblocks` lines of every relation fork at `lsn`."""
     lines = []
     for spcnode, dbnode in sorted(list_databases(timeline, lsn) | {(GLOBALTABLESPACE_OID, 0)}):
-        for rel in sorted(timeline.list_rels(spcnode, dbnode, lsn)):
+        sizes = timeline.rel_sizes(spcnode, dbnode, lsn)
+        for rel in sorted(sizes):
             lines.append(f"{rel.spcnode} {rel.dbnode} {rel.relnode} {int(rel.forknum)} "
-                         f"{timeline.rel_size(rel, lsn)}\n")
+                         f"{sizes[rel]}\n")
     return "".join(lines).encode()
 
 
