@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import importlib.util
 import io
 import logging
 import os
@@ -39,6 +41,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,6 @@ from strata.compute.lazyfs.manifest import MANIFEST_NAME
 from strata.compute.lazyfs.watch import FUSERMOUNT, detach
 from strata.compute.pgserver import PgServer
 from strata.pageserver.client import fetch_basebackup
-from strata.pageserver.page_client import PageClientSync
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,17 @@ class LazyOptions:
                             "must be 1..256 (one GetPages batch)")
 
 
+LIBFUSE = "libfuse3.so.3"
+"""The libfuse the FUSE server loads (mfusepy's `$FUSE_LIBRARY_PATH`, which overrides it)."""
+
+
+def _libfuse() -> str:
+    return os.environ.get(FUSE_LIBRARY_ENV) or LIBFUSE
+
+
+FUSE_LIBRARY_ENV = "FUSE_LIBRARY_PATH"
+
+
 def fuse_unusable_reason() -> str | None:
     """Why lazy mode cannot run here, or None when FUSE is usable."""
     try:
@@ -108,10 +121,19 @@ def fuse_unusable_reason() -> str | None:
         return "/dev/fuse is not readable and writable by this user"
     if shutil.which(FUSERMOUNT) is None:
         return f"{FUSERMOUNT} is not installed (Debian package fuse3)"
+    # Not `import mfusepy` here: it looks libfuse up with ctypes.util.find_library
+    # (`ldconfig -p` in a subprocess: 0.1-0.3 s of every start); the FUSE server gets the
+    # library checked here instead (`_fuse_env`).
+    if importlib.util.find_spec("mfusepy") is None:
+        return "the FUSE binding mfusepy is not installed (scripts/setup installs it)"
     try:
-        import mfusepy  # noqa: F401  # loads libfuse
-    except (ImportError, OSError) as err:
-        return f"the FUSE binding cannot load libfuse3 ({err}); install libfuse3-3"
+        version = ctypes.CDLL(_libfuse()).fuse_version()
+    except (OSError, AttributeError) as err:
+        return f"cannot load libfuse3 ({err}); install libfuse3-3"
+    # FUSE_MAKE_VERSION: 3.9 is 39, 3.14 is 314.
+    major = version // 10 if version < 100 else version // 100
+    if major != 3:
+        return f"{_libfuse()} is libfuse {major} (fuse_version() {version}), not 3"
     if os.getuid() != 0:
         try:
             conf = Path("/etc/fuse.conf").read_text()
@@ -249,12 +271,14 @@ def _spawn(argv: list[str], log_path: Path, stdin: int = subprocess.DEVNULL,
                                 stdin=stdin, start_new_session=True, env=env)
 
 
-def _env_with_token(token: str | None) -> dict[str, str] | None:
-    """This process's environment with `$STRATA_AUTH_TOKEN` = `token` (None: as it is);
-    the watchdog, which calls no service, gets none."""
-    if token is None:
-        return None
-    return {**os.environ, TOKEN_ENV: token}
+def _fuse_env(token: str | None) -> dict[str, str]:
+    """The FUSE server's environment: this process's, with `$STRATA_AUTH_TOKEN` = `token`
+    (None: as it is) and the libfuse that `fuse_unusable_reason` loaded, so that mfusepy
+    does not search for one (the watchdog, which calls no service, gets no token)."""
+    env = {**os.environ, FUSE_LIBRARY_ENV: _libfuse()}
+    if token is not None:
+        env[TOKEN_ENV] = token
+    return env
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -269,10 +293,13 @@ def prepare_lazy_compute(host: str, pg_port: int, tenant_id: TenantId,
                          config: ComputeConfig | None = None, *, compute_host: str = "127.0.0.1",
                          port: int | None = None, log_path: Path | None = None,
                          user: RunAs | None = None,
-                         options: LazyOptions | None = None) -> LazyCompute:
+                         options: LazyOptions | None = None,
+                         take_lease: Callable[[Lsn, float], object] | None = None) -> LazyCompute:
     """Everything of `start_lazy_compute` but starting PostgreSQL: lease, lazy basebackup,
     store, mount and watchdog. The caller may change the data directory (restore saved
-    settings, set `compute.server.socket_dir`) and then calls `LazyCompute.start()`."""
+    settings, set `compute.server.socket_dir`) and then calls `LazyCompute.start()`.
+    `take_lease(lsn, seconds)` takes the first lease (the control plane's HTTP client
+    does: no page client to import and run); None: a pagestream connection does."""
     options = options or LazyOptions()
     reason = fuse_unusable_reason()
     if reason is not None:
@@ -293,13 +320,13 @@ def prepare_lazy_compute(host: str, pg_port: int, tenant_id: TenantId,
                         "--outage-wait-s", str(options.outage_wait_s), "--wait-stdin",
                         *(["--pageserver-file", str(options.pageserver_file)]
                           if options.pageserver_file is not None else [])],
-                       fuse_log, stdin=subprocess.PIPE, env=_env_with_token(options.token))
+                       fuse_log, stdin=subprocess.PIPE, env=_fuse_env(options.token))
     (root / FUSE_PID_FILE).write_text(f"{fuse_proc.pid}\n")
     assert fuse_proc.stdin is not None
     try:
         compute = _fill_store(host, pg_port, tenant_id, timeline_id, lsn, root, config,
                               options, phases, compute_host=compute_host, port=port,
-                              log_path=log_path, user=user)
+                              log_path=log_path, user=user, take_lease=take_lease)
     except BaseException:
         with contextlib.suppress(BrokenPipeError):
             fuse_proc.stdin.close()  # it exits at end of file
@@ -341,13 +368,19 @@ def prepare_lazy_compute(host: str, pg_port: int, tenant_id: TenantId,
 def _fill_store(host: str, pg_port: int, tenant_id: TenantId, timeline_id: TimelineId,
                 lsn: Lsn, root: Path, config: ComputeConfig | None, options: LazyOptions,
                 phases: dict[str, float], *, compute_host: str, port: int | None,
-                log_path: Path | None, user: RunAs | None) -> Compute:
+                log_path: Path | None, user: RunAs | None,
+                take_lease: Callable[[Lsn, float], object] | None = None) -> Compute:
     """Lease, lazy basebackup, data directory in `root/pgdata` with base/ and global/
     moved into the store `root/lazy/tree` and symlinked into the mount point."""
     started = time.monotonic()
     # The lease comes first: GC must not pass `lsn` while the basebackup is fetched.
-    with PageClientSync(host, pg_port, tenant_id, timeline_id) as client:
-        client.lease(lsn, options.lease_s)
+    if take_lease is not None:
+        take_lease(lsn, options.lease_s)
+    else:
+        from strata.pageserver.page_client import PageClientSync
+
+        with PageClientSync(host, pg_port, tenant_id, timeline_id) as client:
+            client.lease(lsn, options.lease_s)
     phases["lease"] = time.monotonic() - started
     tar = io.BytesIO()  # small: a lazy basebackup has no relation files
     asyncio.run(fetch_basebackup(host, pg_port, tenant_id, timeline_id, tar, lsn,

@@ -9,6 +9,7 @@ their result on stdout (see `output`).
 from __future__ import annotations
 
 import os
+import time
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -643,11 +644,14 @@ def endpoint_start(ctx: click.Context, name: str, mode: str | None, as_json: boo
     """Start endpoint NAME; prints its connection string as the last line (with --json:
     the connection string, mode, LSN and the seconds each phase of the start took)."""
     cli_s = _process_age_s()
+    env_started = time.perf_counter()
     env = _env(ctx)
-    started = start_named_endpoint(env, env.config(), name,
+    config = env.config()
+    env_s = time.perf_counter() - env_started
+    started = start_named_endpoint(env, config, name,
                                    None if mode is None else ComputeMode.parse(mode, "--mode"))
     if as_json:
-        phases = {"cli": cli_s, **started.phases}
+        phases = {"cli": cli_s, "env": env_s, **started.phases}
         output.print_json({"name": name, "connstr": started.connstr,
                            "local_connstr": started.local_connstr, "mode": started.mode,
                            "lsn": str(started.lsn),

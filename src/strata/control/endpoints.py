@@ -491,7 +491,8 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
         with phase("walproposer", f"waiting for the walproposer (the primary's synchronous "
                                   f"standby; log {sidecar_files(env, ep.name).log_path})"):
             _wait_streaming(env, config, ep, compute, sidecar_proc,
-                            warm_db=_app_role_known(env, ep, tenant_id, timeline_id))
+                            warm_db=_app_role_known(env, ep, tenant_id, timeline_id),
+                            seconds=phase.seconds)
     elif not ep.read_only:
         with phase("walproposer", "attaching the pageserver's WAL receiver (the primary's "
                                   "synchronous standby in dev mode)"):
@@ -620,7 +621,9 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
                                         outage_wait_s=defaults.lazy_outage_wait_s,
                                         # Its page reads are this tenant's only.
                                         token=token_for(env, config, Scope(tenant_id)),
-                                        pageserver_file=paths.pageserver_file))
+                                        pageserver_file=paths.pageserver_file),
+                                    take_lease=lambda at, seconds: client.lease(
+                                        tenant_id, timeline_id, at, seconds))
         lazy.compute.server.socket_dir = paths.socket_dir
         return lazy.compute, lazy
     paths.compute_root.mkdir()
@@ -692,7 +695,8 @@ _STREAMING_SQL = ("select count(*) from pg_stat_replication where application_na
 
 
 def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
-                    compute: Compute, proc: subprocess.Popen[bytes], *, warm_db: bool) -> None:
+                    compute: Compute, proc: subprocess.Popen[bytes], *, warm_db: bool,
+                    seconds: dict[str, float] | None = None) -> None:
     """Wait until PostgreSQL streams to its walproposer (bounded); if it does not, stop
     both and say why with the sidecar's log.
 
@@ -700,14 +704,22 @@ def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
     made meanwhile: its backend reads the catalogs a first connection needs (in lazy mode
     over FUSE) and writes the relation cache's init file while the walproposer is still
     starting, so that the user's first connection finds them. Both connections use
-    Strata's own client over the unix socket."""
+    Strata's own client over the unix socket. `seconds` gets `walproposer.streaming`
+    (until streaming was seen) and `walproposer.warm` (until the warm-up connection was
+    done) from the call on."""
+    started = time.perf_counter()
     files = sidecar_files(env, ep.name)
     pg_pid = compute.pid
     assert pg_pid is not None, ep.name
     socket_dir = str(endpoint_paths(env, ep.name).socket_dir)
     conns: list[PgConnection] = []
-    warm = threading.Thread(target=lambda: asyncio.run(_warm_app_database(socket_dir, ep.port)),
-                            daemon=True)
+    timings = seconds if seconds is not None else {}
+
+    def warm_up() -> None:
+        asyncio.run(_warm_app_database(socket_dir, ep.port))
+        timings["walproposer.warm"] = time.perf_counter() - started
+
+    warm = threading.Thread(target=warm_up, daemon=True)
     if warm_db:
         warm.start()
 
@@ -723,6 +735,7 @@ def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
             wait_for(streaming, timeout_s=config.endpoint_defaults.start_timeout_s,
                      what=f"waiting for PostgreSQL of endpoint {ep.name} to stream to its "
                           "walproposer", files=files, pid=proc.pid, interval_s=0.02)
+            timings["walproposer.streaming"] = time.perf_counter() - started
         except StrataError:
             stop_process(files, signal.SIGTERM, timeout_s=SIDECAR_STOP_TIMEOUT_S)
             with contextlib.suppress(ProcessLookupError):
