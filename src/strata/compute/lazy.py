@@ -101,13 +101,11 @@ class LazyOptions:
 
 LIBFUSE = "libfuse3.so.3"
 """The libfuse the FUSE server loads (mfusepy's `$FUSE_LIBRARY_PATH`, which overrides it)."""
+FUSE_LIBRARY_ENV = "FUSE_LIBRARY_PATH"
 
 
 def _libfuse() -> str:
     return os.environ.get(FUSE_LIBRARY_ENV) or LIBFUSE
-
-
-FUSE_LIBRARY_ENV = "FUSE_LIBRARY_PATH"
 
 
 def fuse_unusable_reason() -> str | None:
@@ -122,7 +120,7 @@ def fuse_unusable_reason() -> str | None:
     if shutil.which(FUSERMOUNT) is None:
         return f"{FUSERMOUNT} is not installed (Debian package fuse3)"
     # Not `import mfusepy` here: it looks libfuse up with ctypes.util.find_library
-    # (`ldconfig -p` in a subprocess: 0.1-0.3 s of every start); the FUSE server gets the
+    # (`ldconfig -p` in a subprocess: 0.1-0.5 s of every start); the FUSE server gets the
     # library checked here instead (`_fuse_env`).
     if importlib.util.find_spec("mfusepy") is None:
         return "the FUSE binding mfusepy is not installed (scripts/setup installs it)"

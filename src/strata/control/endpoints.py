@@ -714,10 +714,11 @@ def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
     socket_dir = str(endpoint_paths(env, ep.name).socket_dir)
     conns: list[PgConnection] = []
     timings = seconds if seconds is not None else {}
+    warmed: list[float] = []  # set by the warm-up thread, read here once it is joined
 
     def warm_up() -> None:
         asyncio.run(_warm_app_database(socket_dir, ep.port))
-        timings["walproposer.warm"] = time.perf_counter() - started
+        warmed.append(time.perf_counter() - started)
 
     warm = threading.Thread(target=warm_up, daemon=True)
     if warm_db:
@@ -746,6 +747,8 @@ def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
                 runner.run(conn.close())
             if warm.is_alive():
                 warm.join(WARM_UP_TIMEOUT_S)
+            if warmed:
+                timings["walproposer.warm"] = warmed[0]
 
 
 async def _streaming_now(conns: list[PgConnection], socket_dir: str, port: int) -> bool:
