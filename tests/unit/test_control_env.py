@@ -247,9 +247,12 @@ def test_service_dying_at_start_shows_its_log(tmp_path: Path) -> None:
 
 
 def _stand_in_postmaster(datadir: Path) -> subprocess.Popen[bytes]:
-    """A process whose command line names `datadir`, like `postgres -D datadir`."""
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                             str(datadir)])
+    """A process whose command line names `datadir`, like `postgres -D datadir`. It
+    restores SIGQUIT's default action, as PostgreSQL sets its own handler: a test run as
+    a background job of a non-interactive shell inherits SIGQUIT ignored."""
+    code = ("import signal, time; signal.signal(signal.SIGQUIT, signal.SIG_DFL); "
+            "time.sleep(60)")
+    return subprocess.Popen([sys.executable, "-c", code, str(datadir)])
 
 
 def test_sidecar_exit_stops_postgres(tmp_path: Path) -> None:
