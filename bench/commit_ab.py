@@ -5,8 +5,9 @@ round"), so that the shared machine's load and disk hit both alike:
 
 - `old`: no deferred safekeeper (WAL to all three at once), commit-only appends at the
   first tick with nothing in flight;
-- `new` (the default): the safekeeper heard from least recently deferred to the tick,
-  commit-only appends only after 100 ms without WAL.
+- `new`: the safekeeper heard from least recently deferred to the tick (off by default:
+  `QuorumConfig.defer_slowest`), commit-only appends only after 100 ms without WAL (the
+  default).
 
 Per setting and load (TPC-B and -N, 1, 4 and 8 clients): median tps (the `new` figure's
 baseline is `old`'s), the safekeepers' WAL fsyncs per transaction (three summed), their

@@ -173,6 +173,7 @@ def test_a_deferred_safekeeper_takes_over_when_another_stops_answering() -> None
         gen = WalGenerator(START.value, PREV.value, SEG)
         rng = random.Random(11)
         driver = await elected(sks)
+        driver.defer_slowest = True  # off by default
         try:
             for _ in range(10):
                 driver.append_wal(gen.random_record(rng)[1])
@@ -200,6 +201,7 @@ def test_sync_and_two_safekeepers_defer_none() -> None:
     async def body() -> None:
         sks = await started(2)
         driver = await elected(sks)
+        driver.defer_slowest = True
         try:
             await asyncio.sleep(0.1)  # a few ticks
             assert driver.proposer.deferred is None  # both are needed for a majority

@@ -140,9 +140,10 @@ class QuorumConfig:
     retry_interval_s: float = 0.25
     connect_timeout_s: float = 5.0
     backoff_max_s: float = 1.0
-    defer_slowest: bool = True
+    defer_slowest: bool = False
     """With more safekeepers than a majority, the one heard from least recently gets WAL
-    only at the driver's tick (`QuorumDriver._pick_deferred`)."""
+    only at the driver's tick (`QuorumDriver._pick_deferred`). Off: in the fifth round's
+    A/B (docs/walproposer.md) it saved fsyncs but the worst-load figures were worse."""
     proposer_id: int = field(default_factory=lambda: secrets.randbits(62) + 1)
 
     def __post_init__(self) -> None:
