@@ -372,11 +372,19 @@ def _parse_settings(items: tuple[str, ...]) -> dict[str, Any]:
 @click.option("-c", "settings", multiple=True, metavar="KEY=VALUE",
               help="Tenant config (strata.pageserver.api.TenantConfig keys), over the "
                    "environment's [tenant_defaults].")
+@click.option("--import-datadir", "import_datadir", metavar="PATH",
+              type=click.Path(path_type=Path),
+              help="Start `main` from this cleanly shut down (`pg_ctl stop -m fast`) stock "
+                   "PostgreSQL 15 data directory instead of a fresh initdb. The pageserver "
+                   "reads PATH itself (it must run on this machine and its user must be "
+                   "able to read PATH); PATH is not changed.")
 @click.pass_context
-def tenant_create(ctx: click.Context, name: str, settings: tuple[str, ...]) -> None:
+def tenant_create(ctx: click.Context, name: str, settings: tuple[str, ...],
+                  import_datadir: Path | None) -> None:
     """Create a tenant with a `main` branch."""
     env = _env(ctx)
-    tenant_id, timeline_id = create_tenant(env, env.config(), name, _parse_settings(settings))
+    tenant_id, timeline_id = create_tenant(env, env.config(), name, _parse_settings(settings),
+                                           import_datadir)
     output.result(f"created tenant {name} ({tenant_id}) with branch {DEFAULT_BRANCH} "
                   f"(timeline {timeline_id})")
 

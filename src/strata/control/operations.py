@@ -10,11 +10,13 @@ result: the caller does.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from strata.common.durable import write_atomic
@@ -385,22 +387,50 @@ def delete_endpoint(env: Environment, name: str) -> None:
 
 
 def create_tenant(env: Environment, config: EnvConfig, name: str,
-                  overrides: dict[str, Any]) -> tuple[TenantId, TimelineId]:
-    """Create tenant `name` with a `main` branch on the pageserver (initdb and import);
-    `overrides` are tenant config keys over the environment's [tenant_defaults]."""
+                  overrides: dict[str, Any],
+                  import_datadir: Path | None = None) -> tuple[TenantId, TimelineId]:
+    """Create tenant `name` with a `main` branch on the pageserver (initdb and import, or
+    the import of `import_datadir`: a cleanly shut down PostgreSQL 15 data directory the
+    pageserver reads, so on its machine); `overrides` are tenant config keys over the
+    environment's [tenant_defaults]."""
     check_name("tenant", name)
     TenantConfig.from_dict({**config.tenant_defaults, **overrides})  # refuse typos early
     if any(t.name == name for t in env.read_state().tenants.values()):
         raise UserError(f"a tenant named {name!r} exists already; see `strata tenant list`")
     client = require_pageserver(env, config)
-    with output.step(f"creating tenant {name} (initdb and import into the pageserver)"):
-        conf = {**config.tenant_defaults, **overrides} if overrides else None
-        tenant_id, timeline_id = client.create_tenant(config=conf)
+    conf = {**config.tenant_defaults, **overrides} if overrides else None
+    if import_datadir is None:
+        with output.step(f"creating tenant {name} (initdb and import into the pageserver)"):
+            tenant_id, timeline_id = client.create_tenant(config=conf)
+    else:
+        datadir = import_datadir.absolute()
+        size_mb = _tree_mb(datadir)
+        client.timeout_s = IMPORT_TIMEOUT_S
+        with output.step(f"creating tenant {name}: importing {datadir} "
+                         f"({size_mb:.0f} MB) into the pageserver"):
+            tenant_id, timeline_id = client.create_tenant(config=conf,
+                                                          import_datadir=str(datadir))
     with env.locked() as state:
         state.tenants[tenant_id] = TenantState(name, {DEFAULT_BRANCH: timeline_id}, overrides)
         if state.default_tenant is None:
             state.default_tenant = tenant_id
     return tenant_id, timeline_id
+
+
+IMPORT_TIMEOUT_S = 6 * 3600.0  # the pageserver reads the whole data directory
+
+
+def _tree_mb(root: Path) -> float:
+    """Bytes under `root` in MB, for the progress line (0 if we cannot read it: the
+    pageserver says why)."""
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total / 1e6
 
 
 def stop_named_endpoint(env: Environment, name: str, immediate: bool = False) -> bool:

@@ -113,8 +113,11 @@ class PageserverClient(_Client):
 
     def create_tenant(self, tenant_id: TenantId | None = None,
                       config: dict[str, Any] | None = None,
-                      generation: int | None = None) -> tuple[TenantId, TimelineId]:
+                      generation: int | None = None,
+                      import_datadir: str | None = None) -> tuple[TenantId, TimelineId]:
         body: dict[str, Any] = {}
+        if import_datadir is not None:
+            body["import_datadir"] = import_datadir
         if tenant_id is not None:
             body["tenant_id"] = str(tenant_id)
         if generation is not None:

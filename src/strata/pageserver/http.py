@@ -5,7 +5,7 @@ document `openapi.json` next to this module, served at `GET /v1/openapi.json`
 (tests/integration/test_mgmt_api.py checks the two against each other). In short:
 
     GET    /v1/status, /metrics (Prometheus text), /v1/openapi.json
-    POST   /v1/tenant                          create (initdb + import as `main`)
+    POST   /v1/tenant                          create (initdb, or import_datadir, as `main`)
     GET    /v1/tenant                          list
     GET    /v1/tenant/{t}                      detail;  DELETE: delete
     GET    /v1/tenant/{t}/size                 layer bytes: local and remote
@@ -183,11 +183,13 @@ async def create_tenant(request: web.Request) -> web.Response:
     tenant_text = _field(body, "tenant_id", str, required=False)
     conf_data = _field(body, "config", dict, required=False)
     generation = _field(body, "generation", int, required=False)
+    import_text = _field(body, "import_datadir", str, required=False)
     conf = tenant_config_from_json(ps.config.default_tenant_conf, conf_data) \
         if conf_data else None
     tenant, timeline = await ps.create_tenant(
         _tenant_id(tenant_text) if tenant_text else None, conf,
-        check_generation(generation) if generation is not None else 1)
+        check_generation(generation) if generation is not None else 1,
+        import_datadir=Path(import_text) if import_text else None)
     return web.json_response({"tenant_id": str(tenant.tenant_id),
                               "timeline_id": str(timeline.timeline_id),
                               "timeline": timeline_info(timeline)}, status=201)

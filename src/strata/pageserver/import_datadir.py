@@ -8,9 +8,11 @@ the checkpoint counters, all at X0 = the end of initdb's shutdown-checkpoint rec
 (the key space is in docs/storage.md). Then `finish_record(X0, C)`, so that the
 first WAL record the compute writes lands right after the imported state.
 
-The data directory is only read. It must be the result of initdb that was never started
-(state "shut down", the latest checkpoint a shutdown checkpoint whose record is in pg_wal):
-a started server has WAL after C that the import would silently miss.
+The data directory is only read. It must have been cleanly shut down (state "shut
+down", the latest checkpoint a shutdown checkpoint whose record is in pg_wal and the last
+record there): a fresh initdb, or a stock PostgreSQL 15 server stopped with `pg_ctl stop
+-m fast` (`strata tenant create --import-datadir`). A crashed or running server has WAL
+after C that the import would silently miss.
 """
 
 from __future__ import annotations
@@ -76,6 +78,34 @@ class ImportStats:
     twophase_files: int
 
 
+STOP_HINT = "stop it with `pg_ctl stop -m fast` (after a crash: start and stop it again)"
+
+
+def check_datadir(datadir: Path) -> None:
+    """One-line UserErrors for what is plainly not importable: not a directory,
+    unreadable, not PostgreSQL 15."""
+    if not datadir.is_absolute():
+        raise UserError(f"{datadir}: give the data directory as an absolute path")
+    try:
+        if not datadir.is_dir():
+            raise UserError(f"{datadir} is not a directory")
+        version_file = datadir / "PG_VERSION"
+        if not version_file.exists():
+            raise UserError(f"{datadir} is not a PostgreSQL data directory (no PG_VERSION)")
+        version = version_file.read_text().strip()
+    except PermissionError as err:
+        raise UserError(f"{datadir} is not readable by the pageserver's user "
+                        f"(uid {os.getuid()}): {err.strerror}") from err
+    if version != "15":
+        raise UserError(f"{datadir} is a PostgreSQL {version} data directory; Strata imports "
+                        f"PostgreSQL 15 only")
+    for sub in ("global", "base", "pg_wal", "pg_xact", "pg_multixact/offsets",
+                "pg_multixact/members"):
+        if not os.access(datadir / sub, os.R_OK | os.X_OK):
+            raise UserError(f"{datadir / sub} is missing or not readable by the pageserver's "
+                            f"user (uid {os.getuid()})")
+
+
 def read_initdb_point(datadir: Path) -> InitdbPoint:
     """Validate `datadir` as a cleanly shut down data directory and find C and X0."""
     control_path = datadir / "global" / "pg_control"
@@ -84,10 +114,15 @@ def read_initdb_point(datadir: Path) -> InitdbPoint:
     except FileNotFoundError as err:
         raise UserError(f"{datadir} is not a PostgreSQL data directory (no global/pg_control)"
                         ) from err
+    except PermissionError as err:
+        raise UserError(f"{control_path} is not readable by the pageserver's user "
+                        f"(uid {os.getuid()})") from err
     control = ControlFileData.from_bytes(control_bytes, path=str(control_path))
     if control.state != DBState.SHUTDOWNED:
+        state = DBState(control.state).name.lower().replace("_", " ") \
+            if control.state in DBState._value2member_map_ else str(control.state)
         raise UserError(f"{datadir} was not shut down cleanly (pg_control state "
-                        f"{control.state}); import only a freshly initdb'ed data directory")
+                        f"{state!r}: is it running?); {STOP_HINT}")
     if control.data_checksum_version != 0:
         # Stored images carry a stale pd_checksum and nothing recomputes it (D2).
         raise UserError(f"{datadir} has data checksums enabled; Strata computes run "
@@ -100,12 +135,12 @@ def read_initdb_point(datadir: Path) -> InitdbPoint:
                               f"pg_wal", path=str(datadir / "pg_wal"))
     if first.rmid != RmgrId.XLOG or first.info & 0xF0 != XLOG_CHECKPOINT_SHUTDOWN:
         raise UserError(f"the latest checkpoint of {datadir} at {c} is not a shutdown "
-                        f"checkpoint ({first.rmgr_name} info {first.info:#04x})")
+                        f"checkpoint ({first.rmgr_name} info {first.info:#04x}); {STOP_HINT}")
     following = next(records, None)
     if following is not None:
         raise UserError(f"{datadir} has WAL after its shutdown checkpoint (a record at "
-                        f"{Lsn(following.lsn)}): it was started after initdb; import only a "
-                        f"freshly initdb'ed, never started data directory")
+                        f"{Lsn(following.lsn)}): it was started again (is it running?); "
+                        f"{STOP_HINT}")
     checkpoint = CheckPoint.from_bytes(first.main_data)
     assert checkpoint == control.checkpoint_copy, (checkpoint, control.checkpoint_copy)
     return InitdbPoint(c, Lsn(first.end_lsn), checkpoint, control, control_bytes)
@@ -170,8 +205,9 @@ def _relation_files(datadir: Path) -> dict[RelTag, list[tuple[int, Path]]]:
 def _walk_relation_dirs(datadir: Path) -> list[str]:
     subs = ["global"] + [f"base/{dbnode}" for _, dbnode in _database_dirs(datadir)]
     if any((datadir / "pg_tblspc").iterdir()):
-        raise UserError(f"{datadir} has tablespaces in pg_tblspc; a freshly initdb'ed data "
-                        f"directory has none")
+        raise UserError(f"{datadir} has tablespaces in pg_tblspc; Strata imports only "
+                        f"the default ones (move the tables with ALTER TABLE SET TABLESPACE "
+                        f"pg_default)")
     return subs
 
 

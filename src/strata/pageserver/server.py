@@ -281,8 +281,15 @@ class Pageserver:
     # --- tenants and timelines ---------------------------------------------------------------
     async def create_tenant(self, tenant_id: TenantId | None = None,
                             conf: TenantConfig | None = None,
-                            generation: int = 1) -> tuple[Tenant, Timeline]:
-        """initdb (as the service user) in a temp dir, import it as the `main` timeline."""
+                            generation: int = 1,
+                            import_datadir: Path | None = None) -> tuple[Tenant, Timeline]:
+        """initdb (as the service user) in a temp dir, import it as the `main` timeline;
+        or import `import_datadir` (a cleanly shut down PostgreSQL 15 data directory on this
+        machine, only read) instead. A failed import leaves no tenant behind."""
+        if import_datadir is not None:
+            from strata.pageserver.import_datadir import check_datadir, read_initdb_point
+            await asyncio.to_thread(check_datadir, import_datadir)
+            await asyncio.to_thread(read_initdb_point, import_datadir)  # refuse before creating
         async with self._create_lock:
             if tenant_id is not None and tenant_id in self.repo.tenants:
                 raise Conflict(f"tenant {tenant_id} already exists; pick another id or "
@@ -294,7 +301,16 @@ class Pageserver:
                                              generation)
             with timeline_context(tenant.tenant_id):
                 timeline_id = TimelineId(TimelineId.generate().raw)
-                timeline = await asyncio.to_thread(self._initdb_and_import, tenant, timeline_id)
+                if import_datadir is None:
+                    timeline = await asyncio.to_thread(self._initdb_and_import, tenant,
+                                                       timeline_id)
+                else:
+                    try:
+                        timeline = await asyncio.to_thread(self._import, tenant, timeline_id,
+                                                           import_datadir)
+                    except BaseException:
+                        await asyncio.to_thread(self.repo.delete_tenant, tenant.tenant_id)
+                        raise
                 await self._start_remote(timeline)
                 await self._start_wal(timeline)
                 log.info("created tenant with timeline %s at %s", timeline_id,
@@ -361,6 +377,15 @@ class Pageserver:
             self.read_gates.forget(tenant_id)
         with timeline_context(tenant_id):
             log.info("detached tenant")
+
+    def _import(self, tenant: Tenant, timeline_id: TimelineId, datadir: Path) -> Timeline:
+        from strata.pageserver.import_datadir import import_new_timeline
+
+        started = time.monotonic()
+        timeline = import_new_timeline(tenant, timeline_id, datadir)
+        timeline.flush()  # not in any WAL: durable before anyone builds on it
+        log.info("imported %s in %.1fs", datadir, time.monotonic() - started)
+        return timeline
 
     def _initdb_and_import(self, tenant: Tenant, timeline_id: TimelineId) -> Timeline:
         from strata.compute.pgserver import PgServer
