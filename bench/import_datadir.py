@@ -1,0 +1,74 @@
+"""`strata tenant create --import-datadir` (docs/pageserver.md): the import of a stock
+PostgreSQL 15 data directory that stock pgbench filled, against that load.
+
+Stock PostgreSQL makes the pgbench database (`pgbench -i -I dtGvp -s SCALE`, timed: the
+baseline `stock_load_s`), stops it cleanly; `import_s` is `strata tenant create
+--import-datadir` on it, `import_mb_per_s` its rate over the directory's size without pg_wal, and
+`first_start_s` the first `strata endpoint start` on the imported tenant to a query that
+checks the row count. Scale `BENCH_IMPORT_SCALE` (default 10, ~150 MB; --quick 2).
+This is the cheap way to the 5 GB point of issues 13 and 16 (scale 320).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+from bench.compute import _pgbench, _strata
+from bench.report import Report
+from strata.common.proc import ensure_traversable
+from strata.compute.pgserver import PgServer
+
+
+def _imported_mb(root: Path) -> float:
+    """What the import reads: the data directory without pg_wal (only its last record is
+    read)."""
+    return sum(p.stat().st_size for p in root.rglob("*")
+               if p.is_file() and "pg_wal" not in p.relative_to(root).parts) / 1e6
+
+
+def run(report: Report, quick: bool) -> None:
+    scale = int(os.environ.get("BENCH_IMPORT_SCALE", "2" if quick else "10"))
+    with tempfile.TemporaryDirectory(prefix="strata-bench-import-") as tmp:
+        base = Path(tmp)
+        base.chmod(0o755)
+        ensure_traversable(base)
+        stock = PgServer(base / "stock", log_path=base / "stock.log")
+        stock.initdb()
+        stock.start({"autovacuum": False})
+        try:
+            t = time.monotonic()
+            _pgbench(stock, "-i", "-I", "dtGvp", "-s", str(scale), "-q")
+            load_s = time.monotonic() - t
+        finally:
+            stock.stop("fast")
+        size_mb = _imported_mb(stock.datadir)
+        report.add("stock_load_s", load_s, "s")
+        report.note(f"scale {scale}: data directory of {size_mb:.0f} MB without pg_wal")
+        repo = base / "cli"
+        _strata(repo, "init")
+        try:
+            t = time.monotonic()
+            _strata(repo, "tenant", "create", "--name", "imp", "--import-datadir",
+                    str(stock.datadir), timeout=7200)
+            import_s = time.monotonic() - t
+            report.add("import_s", import_s, "s", baseline=load_s)
+            report.add("import_mb_per_s", size_mb / import_s, "MB/s")
+            _strata(repo, "endpoint", "create", "imp", "--branch", "main", "--tenant", "imp")
+            t = time.monotonic()
+            _strata(repo, "endpoint", "start", "imp")
+            ep = next(e for e in json.loads(_strata(repo, "endpoint", "list", "--json"))
+                      if e["name"] == "imp")
+            # The tables are the superuser's, in `postgres`: Strata's own way in.
+            with psycopg.connect(host=ep["socket_dir"], port=ep["address"].rsplit(":", 1)[1],
+                                 user="postgres", dbname="postgres", autocommit=True) as conn:
+                row = conn.execute("select count(*) from pgbench_accounts").fetchone()
+            report.add("first_start_s", time.monotonic() - t, "s")
+            assert row is not None and row[0] == scale * 100000, row
+        finally:
+            _strata(repo, "stop")
