@@ -7,9 +7,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from strata.common.errors import Unavailable
+import pytest
+
+from strata.common import failpoint
+from strata.common.errors import CorruptionError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
+from strata.pg.crc import crc32c
+from strata.remote.generations import (
+    DeletionVerdict,
+    deletion_verdict,
+    marker_key,
+    read_generation,
+    record_generation,
+)
 from strata.remote.index import INDEX_NAME, IndexPart, timeline_prefix
 from strata.remote.local import LocalDirStorage
 from strata.remote.storage import RemoteStorage, RetryingStorage
@@ -191,3 +202,109 @@ def test_eviction_skips_a_layer_a_read_just_downloaded(tmp_path: Path) -> None:
     assert tl.evict_layer(desc)  # the read no longer pins it
     assert tl.get_rel_page(rel, 0, Lsn(0x200)) == image  # its open reader, or a new download
     client.stop()
+
+
+# --- the generation marker: deletions validated against the control plane's record ------
+
+def test_deletion_verdict_rule() -> None:
+    """Pure rule: delete only when neither the marker nor an index names a newer
+    generation; a missing marker leaves the listing check alone."""
+    assert deletion_verdict(3, None, 0).allowed
+    assert deletion_verdict(3, 3, 3).allowed
+    assert deletion_verdict(3, 2, 1).allowed  # older records: this one is the newest
+    assert deletion_verdict(3, 4, 3) == DeletionVerdict(False, 4, "generation marker")
+    assert deletion_verdict(3, None, 4) == DeletionVerdict(False, 4, "index")
+    assert deletion_verdict(3, 3, 5) == DeletionVerdict(False, 5, "index")
+
+
+def test_generation_marker_only_rises(tmp_path: Path) -> None:
+    store = LocalDirStorage(tmp_path / "remote")
+    assert read_generation(store, TENANT) is None
+    record_generation(store, TENANT, 2)
+    record_generation(store, TENANT, 2)  # a retried attach of the same number
+    record_generation(store, TENANT, 5)
+    assert read_generation(store, TENANT) == 5
+    with pytest.raises(UserError, match="records generation 5 for tenant"):
+        record_generation(store, TENANT, 4)
+    assert read_generation(store, TENANT) == 5
+    store.put(marker_key(TENANT), b'{"gen": 1}')
+    with pytest.raises(CorruptionError, match="generation marker is malformed"):
+        read_generation(store, TENANT)
+
+
+# Where, among the stale attachment's deletion steps, the control plane hands out
+# generation 2 and the new attachment reads its index (before it uploaded one of its own:
+# the window the listing check alone left open).
+STEPS = ("remote-before-upload-index", "remote-before-validate-generation",
+         "remote-before-delete-layers")
+
+
+@pytest.mark.parametrize("step", [*STEPS, "after"])
+def test_new_attachment_never_loses_an_object_it_read(tmp_path: Path, step: str) -> None:
+    """Generation 1 removes layer `a` while the control plane records generation 2 and
+    the new attachment reads the newest index, at each point of generation 1's deletion
+    (before its index without `a`, before its validation, before the delete, after).
+    Whatever the interleaving, every object the index read by the new attachment names
+    exists at the end, with its checksum; generation 1 deletes only when its validation
+    came before the record."""
+    store = Recording(LocalDirStorage(tmp_path / "remote"))
+    dir1, dir2 = tmp_path / "ps1", tmp_path / "ps2"
+    dir1.mkdir()
+    dir2.mkdir()
+    a, b = layer(dir1, 0x100, 0x200), layer(dir1, 0x200, 0x300)
+    record_generation(store, TENANT, 1)
+    old = RemoteTimelineClient(store, TENANT, TIMELINE, 1, dir1)
+    old.start(meta(0x2FF), [a, b], None)
+    assert old.wait_idle(30)
+    seen: list[IndexPart | None] = []
+
+    def attach_new() -> None:  # the control plane, then the new pageserver's attach
+        if not seen:
+            record_generation(store, TENANT, 2)
+            seen.append(latest_index(store, TENANT, TIMELINE, 2))
+
+    (dir1 / a.file_name()).unlink()
+    if step == "after":
+        old.layer_removed(a)
+        assert old.wait_idle(30)
+        attach_new()
+    else:
+        with failpoint.armed(step, attach_new):
+            old.layer_removed(a)
+            assert old.wait_idle(30)
+    old.stop()
+    index = seen[0]
+    assert index is not None and index.generation == 1
+    for name, entry in index.layers.items():
+        data = store.get(PREFIX + entry.object_name(name))  # NotFound if deleted
+        assert (len(data), crc32c(data)) == (entry.size, entry.crc32c), name
+    deleted = [key for op, key, _ in store.ops if op == "delete"]
+    validated_first = step in ("remote-before-delete-layers", "after")
+    assert deleted == ([PREFIX + a.file_name() + "-00000001"] if validated_first else [])
+    assert old.stale is not validated_first
+    # The new attachment read the index without `a` unless it attached before that
+    # index was uploaded; then `a` stays.
+    assert (a.file_name() in index.layers) is (step == "remote-before-upload-index")
+    check_order(store.ops)
+
+
+def test_listing_check_still_guards_without_a_marker(tmp_path: Path) -> None:
+    """A tenant without a marker (attached through the HTTP API, no control plane): an
+    index of a newer generation still stops the stale attachment's deletions."""
+    store = Recording(LocalDirStorage(tmp_path / "remote"))
+    dir1 = tmp_path / "ps1"
+    dir1.mkdir()
+    a, b = layer(dir1, 0x100, 0x200), layer(dir1, 0x200, 0x300)
+    old = RemoteTimelineClient(store, TENANT, TIMELINE, 1, dir1)
+    old.start(meta(0x2FF), [a, b], None)
+    assert old.wait_idle(30)
+    inherited = latest_index(store, TENANT, TIMELINE)
+    assert inherited is not None
+    store.put(PREFIX + "index_part.json-00000002",
+              IndexPart(2, inherited.metadata, inherited.layers).encode())
+    (dir1 / a.file_name()).unlink()
+    old.layer_removed(a)
+    assert old.wait_idle(30)
+    old.stop()
+    assert old.stale
+    assert all(op != "delete" for op, _, _ in store.ops)

@@ -4,8 +4,10 @@ storage, detach it, and re-attach what a pageserver lost (architecture D9).
 The control plane owns generations: `TenantState.generation` is the generation of the
 tenant's current attachment. Every attach takes the next number, written to state.json
 *before* the pageserver is asked, so a crash between the two never hands out one
-generation twice; an attachment with a stale generation can never delete what a newer
-one relies on (docs/remote-storage.md).
+generation twice. It is also written, still before the attach, to the tenant's
+generation marker in object storage (`tenants/<t>/generation.json`), which every
+pageserver checks before deleting objects: an attachment with a stale generation can
+never delete what a newer one relies on (remote/generations.py, docs/remote-storage.md).
 
 `reattach_lost_tenants` runs after every pageserver start (`strata start`, `strata
 pageserver start|restart`): a tenant that state.json says is attached but the pageserver
@@ -36,6 +38,8 @@ from strata.control.services import require_pageserver, safekeeper_client
 from strata.control.supervisor import wait_for
 from strata.pageserver.api import TimelineInfo
 from strata.pageserver.client import PageserverClient
+from strata.remote.generations import record_generation
+from strata.remote.storage import open_remote_storage
 
 RELOCATE_TIMEOUT_S = 300.0  # each wait of a relocation (uploads, catching up)
 NO_OBJECT_STORAGE = (
@@ -59,11 +63,14 @@ def attach_tenant(env: Environment, config: EnvConfig, client: PageserverClient,
                   tenant_id: TenantId) -> int:
     """Attach the tenant from object storage with its next generation (recorded first),
     point its timelines at the safekeepers, and mark it attached; returns the generation."""
-    require_object_storage(config)
+    url = require_object_storage(config)
     with env.locked() as state:
         tenant = state.tenants[tenant_id]
         tenant.generation += 1
         generation = tenant.generation
+        # Under the state lock, so markers are written in the order numbers are handed
+        # out; before the attach, so a stale attachment's deletions see it first.
+        record_generation_marker(url, tenant_id, generation)
     conf = {**config.tenant_defaults, **tenant.config}
     with output.step(f"attaching tenant {tenant.name} ({tenant_id}) from object storage "
                      f"with generation {generation}"):
@@ -78,6 +85,16 @@ def attach_tenant(env: Environment, config: EnvConfig, client: PageserverClient,
     with env.locked() as state:
         state.tenants[tenant_id].attached = True
     return generation
+
+
+def record_generation_marker(url: str, tenant_id: TenantId, generation: int) -> None:
+    """Record `generation` as the tenant's newest in object storage (remote/generations.py):
+    every pageserver checks it before deleting objects."""
+    storage = open_remote_storage(url)
+    try:
+        record_generation(storage, tenant_id, generation)
+    finally:
+        storage.close()
 
 
 def follow_safekeepers(config: EnvConfig, client: PageserverClient, tenant_id: TenantId,

@@ -9,9 +9,10 @@ into storage operations, strictly in the order they were reported:
   not been removed. Queued after the layer uploads it depends on, so an index never
   names a missing object. On success `remote_consistent_lsn` = `meta.disk_consistent_lsn`;
 - `DeleteRemoved`: an index without the layers removed so far, then (only once that
-  index is durable) deletion of their objects. Skipped while a newer generation's
-  index exists: a pageserver attached by mistake with a stale generation never deletes
-  what the newer attachment may rely on.
+  index is durable) the generation check, then deletion of their objects. Skipped when
+  the tenant's generation marker or an index names a newer generation: a pageserver
+  attached by mistake with a stale generation never deletes what the newer attachment
+  may rely on (remote/generations.py).
 
 A failed operation (after RetryingStorage's own retries) is logged once as a warning
 and retried until it succeeds or the client stops: an upload is never dropped.
@@ -31,6 +32,7 @@ from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import timeline_context
 from strata.common.lsn import Lsn
 from strata.pg.crc import crc32c
+from strata.remote.generations import deletion_verdict, read_generation
 from strata.remote.index import (
     INDEX_NAME,
     IndexPart,
@@ -304,25 +306,32 @@ class RemoteTimelineClient:
                   len(index.layers))
 
     def _delete_removed(self) -> None:
+        """An index without the removed layers, then (once it is durable) validation of
+        this attachment's generation against the marker and the indexes, then deletion
+        (remote/generations.py says why this order is safe)."""
         with self._cond:
             doomed = sorted(self._removed)
         if not doomed:
             return
-        newest = newest_generation(self.storage, self.tenant_id, self.timeline_id)
-        if newest > self.generation:
+        meta = self._last_meta
+        if meta is not None:
+            self._upload_index(meta)  # the index without them is durable first
+        failpoint("remote-before-validate-generation")
+        verdict = deletion_verdict(
+            self.generation, read_generation(self.storage, self.tenant_id),
+            newest_generation(self.storage, self.tenant_id, self.timeline_id))
+        if not verdict.allowed:
             if not self.stale:
-                log.warning("generation %d of this attachment is stale (an index of "
-                            "generation %d exists): remote deletions are off; detach the "
-                            "tenant here", self.generation, newest)
+                log.warning("generation %d of this attachment is stale (the %s names "
+                            "generation %d): remote deletions are off; detach the tenant "
+                            "here", self.generation, verdict.where, verdict.newer)
                 self.stale = True
             with self._cond:
                 self._removed.difference_update(doomed)
                 for name in doomed:
                     self._uploaded.pop(name, None)
+            log.info("kept %d remote layers a newer generation may rely on", len(doomed))
             return
-        meta = self._last_meta
-        if meta is not None:
-            self._upload_index(meta)  # the index without them is durable first
         failpoint("remote-before-delete-layers")
         for name in doomed:
             layer = self._uploaded.get(name)

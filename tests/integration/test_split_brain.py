@@ -1,0 +1,169 @@
+"""Split brain (issue 15): two real pageservers attached to the same tenant at once, by
+mistake, both ingesting from the safekeepers and uploading to S3 (the SeaweedFS harness),
+GC on the stale one producing deletions. Generations keep the newer attachment whole
+(docs/remote-storage.md, "Generations").
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from remote_fixtures import s3_url, seaweed  # noqa: F401
+from test_cli import Cli, cli, rows  # noqa: F401
+from test_cli_remote import _check_known, _known_rows, _wait
+
+from strata.common.failpoint import ENV_VAR
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
+from strata.control.attachments import attach_tenant
+from strata.control.env import Environment
+from strata.control.services import require_pageserver
+from strata.pageserver.client import PageserverClient
+from strata.pg.crc import crc32c
+from strata.remote.index import INDEX_NAME, IndexPart, split_generation, timeline_prefix
+from strata.remote.storage import RemoteStorage, open_remote_storage
+from strata.remote.timeline_client import latest_index
+
+CONFIG = ("[tenant_defaults]\ncheckpoint_distance = 1048576\ngc_horizon = 0\n"
+          "pitr_interval_s = 0\nimage_creation_threshold = 1\ngc_period_s = 3600\n"
+          "compaction_period_s = 3600\n")
+
+
+def _check_index(storage: RemoteStorage, prefix: str, index: IndexPart) -> None:
+    """Every object the index names exists with the size and CRC-32C it recorded."""
+    for name, layer in index.layers.items():
+        data = storage.get(prefix + layer.object_name(name))  # its own CRC-32C checked
+        assert len(data) == layer.size, (name, len(data), layer.size)
+        assert crc32c(data) == layer.crc32c, name
+
+
+@pytest.mark.timeout(1500)
+def test_two_pageservers_attached_to_one_tenant(cli: Cli, test_dir: Path,  # noqa: F811
+                                                s3_url: str,  # noqa: F811
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pageserver 1 holds the tenant with generation 1; the control plane hands
+    generation 2 to pageserver 2 as well (the mistake), whose index uploads fail at
+    first, so only the generation marker tells pageserver 1 it is stale. Both ingest what
+    the compute commits; GC on pageserver 1 removes layers, and it deletes none of their
+    objects. Every object the newest index names exists with its checksum; a compute on
+    pageserver 2 reads every acknowledged row, and so does one on a fresh pageserver 3
+    attached after pageserver 2 crashed."""
+    config = test_dir / "strata.toml"
+    config.write_text(CONFIG)
+    cli.run("init", "--config", str(config), "--object-storage", s3_url)
+    cli.run("endpoint", "start", "main", "--mode", "full")
+    main = cli.local("main")
+    rows(main, "create table known (id int primary key, v text)")
+    last = 0
+    for _ in range(3):
+        _known_rows(main, last + 1, last + 10000)
+        last += 10000
+    # This process drives the pageservers' APIs as the control plane does.
+    monkeypatch.setenv("STRATA_AUTH_TOKEN", cli.last_line("auth", "token", "--admin"))
+    env = Environment(cli.repo_dir)
+    conf = env.config()
+    ps1 = require_pageserver(env, conf, 1)
+    tid = TenantId(TenantId.parse(cli.json("tenant", "list")[0]["tenant_id"]).raw)
+    (tl,) = [info.timeline_id for info in ps1.list_timelines(tid)]
+    flushed = ps1.checkpoint(tid, tl).disk_consistent_lsn
+    _wait(lambda: _uploaded(ps1, tid, tl, flushed), "for pageserver 1 to upload")
+    storage = open_remote_storage(s3_url)
+    prefix = timeline_prefix(tid, tl)
+    before = latest_index(storage, tid, tl)
+    assert before is not None and before.generation == 1 and before.layers
+
+    # Pageserver 2 cannot upload an index at first: the listing check (a newer index
+    # exists) would not stop pageserver 1; only the marker does.
+    monkeypatch.setenv(ENV_VAR, "remote-before-upload-index=raise")
+    assert "added pageserver 2" in cli.run("pageserver", "add").stdout
+    monkeypatch.delenv(ENV_VAR)
+    conf = env.config()
+    ps2 = require_pageserver(env, conf, 2)
+    assert attach_tenant(env, conf, ps2, tid) == 2  # the mistake: pageserver 1 keeps it
+    assert [t["generation"] for t in cli.json("tenant", "list")] == [2]
+
+    for _ in range(3):
+        _known_rows(main, last + 1, last + 10000)
+        last += 10000
+    _wait(lambda: ps2.timeline(tid, tl).last_record_lsn
+          >= ps1.timeline(tid, tl).last_record_lsn, "for pageserver 2 to ingest")
+    ps1.checkpoint(tid, tl)
+    assert ps1.compact(tid, tl) > 0
+    removed = ps1.gc(tid)[tl]["layers_removed"]
+    assert removed > 0, removed
+    log1 = cli.repo_dir / "logs" / "pageserver.log"
+    _wait(lambda: _remote_lines(log1), "for pageserver 1 to act on the removed layers")
+    assert newest_index_generation(storage, prefix) == 1  # pageserver 2 had none yet
+    assert _remote_lines(log1)[0].startswith("kept "), _remote_lines(log1)
+    _check_index(storage, prefix, before)  # what pageserver 2 attached from
+    assert "the generation marker names generation 2" in log1.read_text()
+
+    # Pageserver 2 uploads again (restarted without the failpoint); both keep ingesting.
+    cli.run("pageserver", "stop", "--id", "2", "--immediate")
+    cli.run("pageserver", "start", "--id", "2")
+    ps2 = require_pageserver(env, env.config(), 2)
+    _wait(lambda: newest_index_generation(storage, prefix) == 2,
+          "for pageserver 2 to upload an index")
+    _known_rows(main, last + 1, last + 10)
+    last += 10
+    _wait(lambda: ps2.timeline(tid, tl).last_record_lsn
+          >= ps1.timeline(tid, tl).last_record_lsn, "for pageserver 2 to follow again")
+    for _ in range(3):
+        _known_rows(main, last + 1, last + 10000)
+        last += 10000
+    for ps in (ps1, ps2):
+        lsn = ps.checkpoint(tid, tl).disk_consistent_lsn
+        ps.compact(tid, tl)
+        ps.gc(tid)
+    # Pageserver 2's own GC deletes what only it names (its marker is its generation).
+    _wait(lambda: _uploaded(ps2, tid, tl, lsn), "for pageserver 2 to upload")
+    assert "Traceback" not in log1.read_text()
+
+    newest = latest_index(storage, tid, tl)
+    assert newest is not None and newest.generation == 2
+    _check_index(storage, prefix, newest)
+    gens = {split[1] for key in storage.list_keys(prefix)
+            if (split := split_generation(key)) is not None}
+    assert gens <= {1, 2}, gens
+
+    # A compute on the newer attachment reads every acknowledged row.
+    cli.run("endpoint", "stop", "main")
+    ps1.detach_tenant(tid)  # the mistake undone (its uploads stay under generation 1)
+    with env.locked() as state:
+        state.tenants[tid].pageserver = 2
+    cli.run("endpoint", "start", "main", "--mode", "full")
+    _check_known(cli.local("main"), last)
+    _known_rows(cli.local("main"), last + 1, last + 1000)
+    last += 1000
+    cli.run("endpoint", "stop", "main")
+
+    # Pageserver 2 crashes; a fresh pageserver 3 attaches (generation 3) from what is in
+    # object storage and the safekeepers, and serves every row.
+    assert "added pageserver 3" in cli.run("pageserver", "add").stdout
+    cli.run("pageserver", "stop", "--id", "2", "--immediate")
+    with env.locked() as state:
+        state.tenants[tid].pageserver = 3
+    started = cli.run("pageserver", "restart", "--id", "3")
+    assert "with generation 3" in started.stderr, started.stderr
+    cli.run("endpoint", "start", "main", "--mode", "full")
+    _check_known(cli.local("main"), last)
+    for log in ("pageserver.log", "pageserver-2.log", "pageserver-3.log"):
+        assert "Traceback" not in (cli.repo_dir / "logs" / log).read_text(), log
+
+
+def newest_index_generation(storage: RemoteStorage, prefix: str) -> int:
+    gens = [split[1] for key in storage.list_keys(prefix + INDEX_NAME + "-")
+            if (split := split_generation(key)) is not None]
+    return max(gens, default=0)
+
+
+def _remote_lines(log: Path) -> list[str]:
+    """What the pageserver did with removed layers: 'kept N' or 'deleted N', in order."""
+    return re.findall(r"(?:kept|deleted) \d+ (?=remote layers)", log.read_text())
+
+
+def _uploaded(ps: PageserverClient, tid: TenantId, tl: TimelineId, lsn: Lsn) -> bool:
+    remote = ps.timeline(tid, tl).remote_consistent_lsn
+    return remote is not None and remote >= lsn
