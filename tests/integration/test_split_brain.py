@@ -1,17 +1,20 @@
 """Split brain (issue 15): two real pageservers attached to the same tenant at once, by
 mistake, both ingesting from the safekeepers and uploading to S3 (the SeaweedFS harness),
 GC on the stale one producing deletions. Generations keep the newer attachment whole
-(docs/remote-storage.md, "Generations").
+(docs/remote-storage.md, "Generations"). And an endpoint start during a relocation waits
+for it (the tenant lock), so it never starts from the pageserver being left.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 from remote_fixtures import s3_url, seaweed  # noqa: F401
-from test_cli import Cli, cli, rows  # noqa: F401
+from test_cli import STRATA, Cli, cli, rows  # noqa: F401
 from test_cli_remote import _check_known, _known_rows, _wait
 
 from strata.common.failpoint import ENV_VAR
@@ -167,3 +170,43 @@ def _remote_lines(log: Path) -> list[str]:
 def _uploaded(ps: PageserverClient, tid: TenantId, tl: TimelineId, lsn: Lsn) -> bool:
     remote = ps.timeline(tid, tl).remote_consistent_lsn
     return remote is not None and remote >= lsn
+
+
+def test_endpoint_start_waits_for_a_relocation(cli: Cli, test_dir: Path,  # noqa: F811
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`endpoint start` while `tenant relocate --to 2` runs (held after the attach on
+    pageserver 2, before the switch, by a failpoint): the start waits for the
+    relocation's tenant lock, then starts from pageserver 2, not from pageserver 1 that
+    the relocation detaches; the endpoint reads and writes every row."""
+    config = test_dir / "strata.toml"
+    config.write_text("[tenant_defaults]\ncheckpoint_distance = 4194304\n")
+    cli.run("init", "--config", str(config), "--object-storage", "local")
+    cli.run("endpoint", "start", "main", "--mode", "full")
+    main = cli.local("main")
+    rows(main, "create table known (id int primary key, v text)")
+    _known_rows(main, 1, 5000)
+    cli.run("endpoint", "stop", "main")
+    assert "added pageserver 2" in cli.run("pageserver", "add").stdout
+    monkeypatch.setenv(ENV_VAR, "relocate-before-switch=sleep(45)")
+    with subprocess.Popen([STRATA, "--repo-dir", str(cli.repo_dir), "tenant", "relocate",
+                           "default", "--to", "2"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as relocate:
+        monkeypatch.delenv(ENV_VAR)
+        _wait(lambda: list((cli.repo_dir / "pageserver-2").glob("tenants/*/timelines/*")),
+              "for pageserver 2 to attach the tenant")
+        started = cli.run("endpoint", "start", "main", "--mode", "full", timeout_s=600)
+        out, err = relocate.communicate(timeout=600)
+    assert relocate.returncode == 0, (out, err)
+    assert "relocated tenant default" in out, out
+    assert "waiting: a relocation or detach of the tenant of endpoint main" in started.stderr, \
+        started.stderr
+    ps2 = Environment(cli.repo_dir).config().pageserver_by_id(2)
+    address = json.loads((cli.repo_dir / "endpoints" / "main" / "pageserver.json").read_text())
+    assert address["pg"].endswith(f":{ps2.pg_port}"), address
+    assert not list((cli.repo_dir / "pageserver").glob("tenants/*/timelines"))
+    main = cli.local("main")
+    _check_known(main, 5000)
+    _known_rows(main, 5001, 6000)
+    _check_known(main, 6000)
+    # A detach waits for nothing here and refuses: the endpoint runs.
+    assert "are running" in cli.run("tenant", "detach", "default", ok=False).stderr

@@ -25,6 +25,7 @@ state.json switches the tenant over, then the source detaches it.
 from __future__ import annotations
 
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
+from strata.common.failpoint import failpoint
 from strata.common.ids import TenantId, TimelineId
 from strata.control import output
 from strata.control.endpoints import (
@@ -32,6 +33,7 @@ from strata.control.endpoints import (
     point_at_pageserver,
     running_pid,
     safekeeper_endpoints,
+    tenant_lock,
 )
 from strata.control.env import EnvConfig, Environment, WalMode
 from strata.control.services import require_pageserver, safekeeper_client
@@ -121,8 +123,14 @@ def _on_safekeeper(config: EnvConfig, tenant_id: TenantId, timeline_id: Timeline
 def detach_tenant(env: Environment, config: EnvConfig, client: PageserverClient,
                   tenant_id: TenantId) -> None:
     """Upload what is not in object storage yet, then drop the tenant from the pageserver
-    (refused while an endpoint of it runs)."""
+    (refused while an endpoint of it runs; an endpoint start waits for it)."""
     require_object_storage(config)
+    with tenant_lock(env, tenant_id, exclusive=True,
+                     waiting="an endpoint of the tenant is starting; detaching once it is up"):
+        _detach_tenant(env, client, tenant_id)
+
+
+def _detach_tenant(env: Environment, client: PageserverClient, tenant_id: TenantId) -> None:
     state = env.read_state()
     tenant = state.tenants[tenant_id]
     running = sorted(ep.name for ep in state.endpoints.values()
@@ -190,8 +198,19 @@ def relocate_tenant(env: Environment, config: EnvConfig, tenant_id: TenantId,
 
     Running endpoints read at their start LSN (a primary's later pages are its own) or
     their read-only LSN, both at most what the source had when the destination attached,
-    so the destination serves them before the source goes."""
+    so the destination serves them before the source goes.
+
+    The whole relocation holds the tenant's placement lock (`endpoints.tenant_lock`): an
+    endpoint start waits for it, so none starts from the source and loses it at step 5."""
     require_object_storage(config)
+    with tenant_lock(env, tenant_id, exclusive=True,
+                     waiting="an endpoint of the tenant is starting; relocating once it is "
+                             "up"):
+        return _relocate_tenant(env, config, tenant_id, to_id)
+
+
+def _relocate_tenant(env: Environment, config: EnvConfig, tenant_id: TenantId,
+                     to_id: int) -> int:
     config.pageserver_by_id(to_id)  # NotFound naming the ids there are
     state = env.read_state()
     tenant = state.tenants[tenant_id]
@@ -240,6 +259,7 @@ def relocate_tenant(env: Environment, config: EnvConfig, tenant_id: TenantId,
                      timeout_s=RELOCATE_TIMEOUT_S, interval_s=0.1,
                      what=f"waiting for pageserver {to_id} to ingest timeline "
                           f"{info.timeline_id} up to {target}")
+    failpoint("relocate-before-switch")
     with env.locked() as state:
         state.tenants[tenant_id].pageserver = to_id
     for name in _running_endpoints(env, tenant_id):

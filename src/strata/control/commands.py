@@ -474,9 +474,9 @@ def tenant_size(ctx: click.Context, name: str | None, as_json: bool) -> None:
               help="The id of the pageserver to move the tenant to (`strata status`).")
 @click.pass_context
 def tenant_relocate(ctx: click.Context, name: str, target: int) -> None:
-    """Move TENANT to pageserver PAGESERVER (needs object storage; its endpoints must be
-    stopped): attached there with a new generation, caught up with the safekeepers, then
-    detached from its current pageserver."""
+    """Move TENANT to pageserver PAGESERVER (needs object storage): attached there with a
+    new generation, caught up with the safekeepers, then detached from its current
+    pageserver. Running endpoints follow; endpoint starts wait until it is done."""
     env = _env(ctx)
     config = env.config()
     tid = env.read_state().tenant_id(name)

@@ -377,6 +377,27 @@ def endpoint_lock(env: Environment, name: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def tenant_lock(env: Environment, tenant_id: TenantId, *, exclusive: bool,
+                waiting: str) -> Iterator[None]:
+    """The tenant's placement lock (flock on run/tenant-<id>.lock): `strata tenant
+    relocate` and `detach` hold it exclusively for their whole run, every endpoint start
+    shared, from reading the tenant's pageserver until PostgreSQL is up (its pid file and
+    pageserver file written). So an endpoint never starts from a pageserver that a
+    relocation is about to detach: it starts before the relocation (which then sees it
+    running and points it at the destination) or after it. Blocks; `waiting` is printed
+    once when it has to wait."""
+    env.run_dir.mkdir(exist_ok=True)
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    with open(env.run_dir / f"tenant-{tenant_id}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock.fileno(), mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            output.info(f"waiting: {waiting}")
+            fcntl.flock(lock.fileno(), mode)
+        yield
+
+
 COMPUTE_MODES = tuple(m.value for m in ComputeMode)
 
 
@@ -431,7 +452,15 @@ def start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
                    timeline_id: TimelineId, mode: ComputeMode | None = None) -> StartResult:
     """Start endpoint `ep` on timeline `timeline_id` in compute `mode` (None: `ep.mode`,
     else lazy where usable)."""
-    with endpoint_lock(env, ep.name):
+    with endpoint_lock(env, ep.name), \
+            tenant_lock(env, ep.tenant_id, exclusive=False,
+                        waiting=f"a relocation or detach of the tenant of endpoint {ep.name} "
+                                "is running (another strata command); starting once it is "
+                                "done"):
+        tenant = env.read_state().tenants.get(ep.tenant_id)
+        if tenant is not None and not tenant.attached:  # detached while we waited
+            raise UserError(f"tenant {tenant.name} is detached (it is only in object "
+                            f"storage); attach it first: `strata tenant attach {tenant.name}`")
         return _start_endpoint(env, config, ep, timeline_id, mode or ep.mode)
 
 
