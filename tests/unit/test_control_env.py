@@ -605,3 +605,31 @@ def test_service_start_picks_another_port_when_one_is_taken(tmp_path: Path) -> N
     finally:
         for s in held:
             s.close()
+
+
+def test_tenant_lock_shared_by_starts_exclusive_for_a_relocation(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Endpoint starts share the tenant lock; a relocation waits for them (saying so once)
+    and they wait for it: each lock is a flock of its own open file, as in two processes."""
+    import threading
+
+    from strata.control.endpoints import tenant_lock
+
+    env = Environment(tmp_path)
+    tid = TenantId(bytes(range(16)))
+    order: list[str] = []
+    with tenant_lock(env, tid, exclusive=False, waiting="-"), \
+            tenant_lock(env, tid, exclusive=False, waiting="second start"):
+        assert "waiting" not in capsys.readouterr().err  # shared: no wait
+
+        def relocate() -> None:
+            with tenant_lock(env, tid, exclusive=True, waiting="starts running"):
+                order.append("relocated")
+
+        mover = threading.Thread(target=relocate)
+        mover.start()
+        wait_until(lambda: "waiting: starts running" in capsys.readouterr().err, 30,
+                   "the relocation to wait")
+        order.append("starts done")
+    mover.join(30)
+    assert order == ["starts done", "relocated"]
