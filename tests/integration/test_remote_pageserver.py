@@ -1,7 +1,8 @@
 """The pageserver with S3 remote storage (SeaweedFS on loopback): layers and an index
 uploaded per generation, and a pageserver with an empty disk serving the tenant after an
-attach, with a compute on it, downloading layers on demand and evicting them to stay
-within its local cache limit."""
+attach, with a compute on it, reading layers on demand (ranged reads, then whole layers
+in the background) and evicting them to stay within its local cache limit; and one
+serving a compute by ranged reads alone, without downloading any whole layer."""
 
 from __future__ import annotations
 
@@ -94,3 +95,71 @@ def test_upload_then_attach_on_an_empty_disk(test_dir: Path, s3_url: str) -> Non
         env2.stop_all()
     unexpected = env1.unexpected_log_errors()
     assert not unexpected, "\n".join(unexpected[:20])
+
+
+def _remote_reads(env: Env) -> dict[str, float]:
+    """strata_pageserver_remote_reads_total by kind, summed over timelines."""
+    out: dict[str, float] = {}
+    for line in env.client.metrics_text().splitlines():
+        if line.startswith("strata_pageserver_remote_reads_total{"):
+            labels, value = line.rsplit(" ", 1)
+            kind = labels.split('kind="', 1)[1].split('"', 1)[0]
+            out[kind] = out.get(kind, 0.0) + float(value)
+    return out
+
+
+def test_empty_disk_serves_a_compute_by_ranged_reads(test_dir: Path, s3_url: str) -> None:  # noqa: F811
+    """A pageserver with an empty disk, attached to a tenant in S3 and told to download
+    no whole layer (ranged_reads_before_download huge), serves a compute's basebackup and
+    every page of a table by ranged GETs: every row is read back, no layer was
+    downloaded, no layer of the index is on its disk, and the GETs moved far fewer bytes
+    than the layers hold."""
+    ps1 = PageserverProcess(test_dir / "ps1", test_dir / "pageserver1.log",
+                            overrides=[f"remote_storage={s3_url}"])
+    ps1.start()
+    env1 = Env(test_dir, ps1)
+    ps2 = PageserverProcess(test_dir / "ps2", test_dir / "pageserver2.log",
+                            overrides=[f"remote_storage={s3_url}",
+                                       "ranged_reads_before_download=1000000000"])
+    env2 = Env(test_dir, ps2, _seq=10)
+    # c1 stops before ps1, whose WAL receiver then retries it until ps1 stops.
+    env1.allowed_log_errors.append(r"walreceiver: connection to \S+ ended")
+    try:
+        tenant, main = env1.client.create_tenant(generation=3)
+        c1 = env1.start_compute(tenant, main)
+        c1.sql("create table t (id int primary key, v text)")
+        c1.sql("insert into t select g, md5(g::text) from generate_series(1, 20000) g")
+        expect = c1.sql("select count(*), sum(hashtext(v)) from t")
+        wait_ingested(env1, tenant, main, c1)
+        c1.stop("fast")
+        info = env1.client.checkpoint(tenant, main)
+        wait_until(lambda: env1.client.timeline(tenant, main).remote_consistent_lsn
+                   == info.disk_consistent_lsn, 120, "uploads up to disk_consistent_lsn")
+        assert ps1.stop() == 0, ps1.log_tail()
+        index = IndexPart.decode(open_remote_storage(s3_url).get(
+            timeline_prefix(tenant, main) + "index_part.json-00000003"), "index")
+
+        ps2.start()
+        env2.client.request("POST", f"/v1/tenant/{tenant}/attach", {"generation": 4})
+        c2 = env2.start_compute(tenant, main)
+        assert c2.sql("select count(*), sum(hashtext(v)) from t") == expect
+        assert c2.sql("select v from t where id = 12345") == [(_md5("12345"),)]
+        reads = _remote_reads(env2)
+        assert reads["layer_downloads"] == 0, reads
+        assert reads["ranged_opens"] >= 1 and reads["ranged_gets"] > reads["ranged_opens"]
+        assert reads["ranged_bytes"] < sum(layer.size for layer in index.layers.values())
+        tl2 = ps2.workdir / "tenants" / str(tenant) / "timelines" / str(main)
+        assert not {p.name for p in tl2.iterdir()} & set(index.layers)
+        assert "for ranged reads" in ps2.log_text()
+        c2.stop("fast")
+    finally:
+        env1.stop_all()
+        env2.stop_all()
+    unexpected = env1.unexpected_log_errors()
+    assert not unexpected, "\n".join(unexpected[:20])
+
+
+def _md5(text: str) -> str:
+    import hashlib
+
+    return hashlib.md5(text.encode()).hexdigest()

@@ -52,6 +52,9 @@ class Recording(RemoteStorage):
     def get(self, key: str) -> bytes:
         return self.inner.get(key)
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        return self.inner.get_range(key, start, length)
+
     def list_keys(self, prefix: str) -> list[str]:
         return self.inner.list_keys(prefix)
 

@@ -67,6 +67,11 @@ class PageserverConfig:
     local_cache_bytes: int = 0
     """With remote storage: keep at most this many bytes of layer files on local disk,
     evicting the least recently read layers that remote storage holds; 0: no limit."""
+    ranged_reads_before_download: int = 1
+    """With remote storage: a read of a layer not on local disk fetches only the layer's
+    index and the blocks it needs (ranged GETs); after this many such reads of one layer
+    the whole layer is downloaded in the background. 0: a read downloads the whole layer
+    first (no ranged reads)."""
     auth_public_key_path: str = ""
     """Ed25519 public key (PEM) of the JWTs the HTTP API and the pg port require
     (strata.common.auth); relative to the workdir. Empty: no authentication."""
@@ -77,6 +82,9 @@ class PageserverConfig:
         if self.local_cache_bytes < 0:
             raise UserError(f"pageserver config local_cache_bytes must be >= 0, got "
                             f"{self.local_cache_bytes!r}")
+        if self.ranged_reads_before_download < 0:
+            raise UserError(f"pageserver config ranged_reads_before_download must be >= 0, "
+                            f"got {self.ranged_reads_before_download!r}")
         if self.local_cache_bytes and not self.remote_storage:
             raise UserError("pageserver config local_cache_bytes needs remote_storage: "
                             "without it no layer file can leave the local disk")

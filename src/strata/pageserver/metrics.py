@@ -71,6 +71,11 @@ class TimelineCollector(Collector):
                                         labels=[*labels, "kind"])
         leases = GaugeMetricFamily("strata_pageserver_live_leases",
                                    "Live LSN leases of the timeline", labels=labels)
+        remote_reads = CounterMetricFamily(
+            "strata_pageserver_remote_reads",
+            "Reads of layers not on local disk since the timeline's remote client started: "
+            "ranged GETs and their bytes, layers opened for ranged reads, whole layers "
+            "downloaded and their bytes", labels=[*labels, "kind"])
         broken = GaugeMetricFamily("strata_pageserver_timeline_broken",
                                    "1 if the timeline is broken (reads refused)",
                                    labels=labels)
@@ -96,7 +101,12 @@ class TimelineCollector(Collector):
                 layer_bytes.add_metric([*ids, kind], sizes[kind])
             leases.add_metric(ids, len(tl.leases.live(tl.clock())))
             broken.add_metric(ids, 1 if tl.broken_reason is not None else 0)
-        yield from (ingested, lag, lsns, layers, layer_bytes, leases, broken)
+            stats = getattr(tl.remote, "read_stats", None)
+            if stats is not None:
+                for kind in ("ranged_gets", "ranged_bytes", "ranged_opens", "layer_downloads",
+                             "layer_download_bytes"):
+                    remote_reads.add_metric([*ids, kind], getattr(stats, kind))
+        yield from (ingested, lag, lsns, layers, layer_bytes, leases, broken, remote_reads)
 
 
 def _file_size(timeline: Timeline, name: str) -> int:

@@ -147,15 +147,16 @@ class Pageserver:
         if storage is None:
             return
         tenant = self.tenant(timeline.tenant_id)
-        client = RemoteTimelineClient(storage, timeline.tenant_id, timeline.timeline_id,
-                                      tenant.generation, timeline.dir)
+        client = RemoteTimelineClient(
+            storage, timeline.tenant_id, timeline.timeline_id, tenant.generation, timeline.dir,
+            ranged_reads_before_download=self.config.ranged_reads_before_download)
         with timeline_context(timeline.tenant_id, timeline.timeline_id):
             index = await asyncio.to_thread(latest_index, storage, timeline.tenant_id,
                                             timeline.timeline_id, tenant.generation)
             if index is not None:
                 remote_only = timeline.add_remote_layers(index.layer_descs())
                 if remote_only:
-                    log.info("%d layers are in remote storage only (downloaded on demand)",
+                    log.info("%d layers are in remote storage only (read on demand)",
                              remote_only)
             client.start(timeline.metadata, timeline.layers(), index)
         timeline.remote = client

@@ -62,6 +62,19 @@ class LocalDirStorage(RemoteStorage):
         data = raw[:-_TRAILER.size]
         return verify_checksum(key, data, stored if magic == _MAGIC else None)
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        assert start >= 0 and length > 0, (start, length)
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size - _TRAILER.size
+                data = os.pread(f.fileno(), max(0, min(length, size - start)), start)
+        except FileNotFoundError as err:
+            raise NotFound(f"remote object {key} does not exist in {self.root}") from err
+        except OSError as err:
+            raise Unavailable(f"could not read {path}: {err}") from err
+        return data
+
     def list_keys(self, prefix: str) -> list[str]:
         # Walk the deepest directory the prefix names, then filter by the full prefix.
         base = prefix.rpartition("/")[0]

@@ -103,6 +103,17 @@ class S3Storage(RemoteStorage):
             crc = None
         return verify_checksum(key, data, crc)
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        assert start >= 0 and length > 0, (start, length)
+        full = self._full(key)
+        try:
+            return bytes(obstore.get_range(self._store, full, start=start, length=length))
+        except (obx.NotFoundError, FileNotFoundError) as err:
+            raise NotFound(f"remote object {key} does not exist in {self.description}") from err
+        except (obx.BaseError, OSError) as err:
+            raise self._translate(f"download of {key} bytes {start}..{start + length}",
+                                  err) from err
+
     def list_keys(self, prefix: str) -> list[str]:
         # obstore lists whole path segments: list the prefix's directory, then filter.
         directory = prefix.rpartition("/")[0]

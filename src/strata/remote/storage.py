@@ -70,6 +70,12 @@ class RemoteStorage(abc.ABC):
         """The object's bytes, checksum verified (CorruptionError otherwise)."""
 
     @abc.abstractmethod
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes of the object from `start` (fewer only at its end), NOT checksum
+        verified: the object's CRC-32C covers it whole. The caller verifies the bytes with
+        checksums of its own (a layer's per-block CRCs)."""
+
+    @abc.abstractmethod
     def list_keys(self, prefix: str) -> list[str]:
         """Every key under `prefix` (a plain string prefix), sorted."""
 
@@ -118,6 +124,10 @@ class RetryingStorage(RemoteStorage):
 
     def get(self, key: str) -> bytes:
         return self._retry(f"download of {key}", lambda: self.inner.get(key))
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        return self._retry(f"download of {key} bytes {start}..{start + length}",
+                           lambda: self.inner.get_range(key, start, length))
 
     def list_keys(self, prefix: str) -> list[str]:
         return self._retry(f"listing of {prefix}", lambda: self.inner.list_keys(prefix))

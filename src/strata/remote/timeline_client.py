@@ -42,12 +42,25 @@ from strata.remote.index import (
     with_generation,
 )
 from strata.remote.storage import RemoteStorage
+from strata.storage.layer_file import RangedLayerReader
 from strata.storage.layer_name import LayerDesc
 from strata.storage.metadata import TimelineMetadata
 
 log = logging.getLogger(__name__)
 
 RETRY_PAUSE_S = 2.0
+RANGED_READS_BEFORE_DOWNLOAD = 1
+
+
+@dataclass(slots=True)
+class RemoteReadStats:
+    """What reads of layers not on local disk fetched, since the client started."""
+
+    ranged_gets: int = 0
+    ranged_bytes: int = 0
+    ranged_opens: int = 0  # layers opened for ranged reads (their index fetched)
+    layer_downloads: int = 0  # whole layers downloaded
+    layer_download_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +113,17 @@ class RemoteTimelineClient:
 
     def __init__(self, storage: RemoteStorage, tenant_id: TenantId, timeline_id: TimelineId,
                  generation: int, timeline_dir: Path, *,
-                 retry_pause_s: float = RETRY_PAUSE_S) -> None:
+                 retry_pause_s: float = RETRY_PAUSE_S,
+                 ranged_reads_before_download: int = RANGED_READS_BEFORE_DOWNLOAD) -> None:
         assert generation >= 1, generation
+        assert ranged_reads_before_download >= 0, ranged_reads_before_download
         self.retry_pause_s = retry_pause_s
+        # A read of a layer not on local disk fetches only what it needs by ranged
+        # reads; after this many such reads of one layer the whole layer is downloaded in
+        # the background. 0: every such read downloads the whole layer first.
+        self.ranged_reads_before_download = ranged_reads_before_download
+        self.read_stats = RemoteReadStats()
+        self._stats_lock = threading.Lock()
         self.storage = storage
         self.tenant_id = tenant_id
         self.timeline_id = timeline_id
@@ -220,7 +241,35 @@ class RemoteTimelineClient:
             raise NotFound(f"layer {name} of timeline {self.timeline_id} is not on local "
                            "disk and not in remote storage")
         failpoint("remote-before-download-layer")
-        download_layer(self.storage, self.tenant_id, self.timeline_id, name, layer, self.dir)
+        size = download_layer(self.storage, self.tenant_id, self.timeline_id, name, layer,
+                              self.dir)
+        with self._stats_lock:
+            self.read_stats.layer_downloads += 1
+            self.read_stats.layer_download_bytes += size
+
+    def open_ranged(self, desc: LayerDesc) -> RangedLayerReader:
+        """A reader of a layer the remote index names that fetches by ranged reads (its
+        index now, then the blobs each lookup needs), every byte checked by the layer
+        format's checksums (RangedLayerReader)."""
+        name = desc.file_name()
+        with self._cond:
+            layer = self._uploaded.get(name)
+        if layer is None:
+            raise NotFound(f"layer {name} of timeline {self.timeline_id} is not on local "
+                           "disk and not in remote storage")
+        key = self.prefix + layer.object_name(name)
+
+        def fetch(offset: int, length: int) -> bytes:
+            data = self.storage.get_range(key, offset, length)
+            with self._stats_lock:
+                self.read_stats.ranged_gets += 1
+                self.read_stats.ranged_bytes += len(data)
+            return data
+
+        reader = RangedLayerReader(name, layer.size, fetch, label=key)
+        with self._stats_lock:
+            self.read_stats.ranged_opens += 1
+        return reader
 
     def _enqueue(self, op: Op) -> None:
         with self._cond:

@@ -30,7 +30,7 @@ import struct
 import threading
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -269,9 +269,20 @@ class LayerFileReader:
         return CorruptionError(f"layer file is corrupt: {what}; remove or re-download the "
                                f"layer", path=self._name, offset=offset)
 
+    def _pread(self, length: int, offset: int) -> bytes:
+        """`length` bytes at `offset` (fewer at the end of the file)."""
+        return os.pread(self._fd, length, offset)
+
+    def _actual_size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def _prefetch_tail(self, index_offset: int) -> None:
+        """Called once the header is read, before its checksum is verified: the index
+        blocks and the sparse index are from `index_offset` to the end."""
+
     def _load_header(self) -> None:
-        actual_size = os.fstat(self._fd).st_size
-        header = os.pread(self._fd, HEADER_SIZE, 0)
+        actual_size = self._actual_size()
+        header = self._pread(HEADER_SIZE, 0)
         if len(header) < HEADER_SIZE:
             raise self._corrupt(f"{actual_size} bytes, shorter than the header", 0)
         (magic, version, kind, _flags, key_start, key_end, lsn_start, lsn_end, count,
@@ -286,7 +297,8 @@ class LayerFileReader:
         if not (0 <= sparse_size == nblocks * PREFIX_SIZE):
             raise self._corrupt(f"sparse index at {sparse_offset} does not match "
                                 f"{nblocks} blocks", 0)
-        sparse = os.pread(self._fd, sparse_size, sparse_offset)
+        self._prefetch_tail(index_offset)
+        sparse = self._pread(sparse_size, sparse_offset)
         stored_crc = _U32.unpack_from(header, _HEADER_CRC_OFFSET)[0]
         crc = crc32c(sparse, crc32c(header[:_HEADER_CRC_OFFSET]))
         if crc != stored_crc or len(sparse) != sparse_size:
@@ -342,7 +354,7 @@ class LayerFileReader:
             return cached
         assert 0 <= b < self._nblocks, (b, self._nblocks)
         offset = self._index_offset + b * INDEX_BLOCK_SIZE
-        data = os.pread(self._fd, INDEX_BLOCK_SIZE, offset)
+        data = self._pread(INDEX_BLOCK_SIZE, offset)
         if len(data) != INDEX_BLOCK_SIZE:
             raise self._corrupt(f"index block {b} is short", offset)
         crc, n, _ = _BLOCK_HDR.unpack_from(data)
@@ -379,7 +391,7 @@ class LayerFileReader:
     def _read_span(self, start: int, end: int) -> bytes:
         if not (HEADER_SIZE <= start <= end <= self._index_offset):
             raise self._corrupt(f"blob span {start}..{end} outside the blob region", start)
-        data = os.pread(self._fd, end - start, start)
+        data = self._pread(end - start, start)
         if len(data) != end - start:
             raise self._corrupt("blob region is short", start)
         return data
@@ -493,6 +505,62 @@ class LayerFileReader:
         for _, entries in self._entries_from(b""):
             for k, lsn, _, length, _ in entries:
                 yield Key.from_bytes(k), Lsn(lsn), length
+
+
+RangeFetch = Callable[[int, int], bytes]
+"""(offset, length) -> the bytes of the remote object in that range (fewer at its end)."""
+
+
+class RangedLayerReader(LayerFileReader):
+    """Reads a layer that is not on local disk by ranged reads of its remote object.
+
+    Opening it costs two reads: the header, then everything from the first index block
+    to the end (index blocks and sparse index, about 0.5% of the layer), which it keeps
+    in memory. Each lookup then reads only the blobs it needs, one ranged read per key
+    (a key's versions are contiguous). The layer format's own checksums verify every
+    byte before use, exactly as for a local file: the header CRC covers the header and
+    the sparse index, each index block and each blob has its CRC; and the header's file
+    size must equal the size the remote index recorded. The whole-object CRC-32C is not
+    checked (it cannot be, without the whole object). Safe to share between threads.
+    """
+
+    def __init__(self, name: str, size: int, fetch: RangeFetch, *, label: str) -> None:
+        self.path = Path(name)  # the layer file name, checked against the header
+        self._name = label  # the remote key, for errors
+        self._cache_id = next(_reader_ids)
+        self._fd = -1
+        self._size = size
+        self._fetch = fetch
+        self._tail_offset = size
+        self._tail = b""
+        self._load_header()
+
+    def _corrupt(self, what: str, offset: int | None = None) -> CorruptionError:
+        return CorruptionError(f"remote layer object is corrupt: {what}; the object was "
+                               "damaged or replaced: restore it or re-upload it from a "
+                               "pageserver that has the file", path=self._name, offset=offset)
+
+    def _actual_size(self) -> int:
+        return self._size
+
+    def _prefetch_tail(self, index_offset: int) -> None:
+        if not HEADER_SIZE <= index_offset <= self._size:
+            raise self._corrupt(f"index offset {index_offset} outside the object", 0)
+        self._tail = self._fetch(index_offset, self._size - index_offset)
+        self._tail_offset = index_offset
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        if offset >= self._tail_offset:
+            rel = offset - self._tail_offset
+            return self._tail[rel:rel + length]
+        if length == 0:
+            return b""
+        return self._fetch(offset, length)
+
+    @property
+    def summary_bytes(self) -> int:
+        """Bytes of the layer's index kept in memory."""
+        return len(self._tail) + HEADER_SIZE
 
 
 def open_layer(path: Path) -> LayerFileReader:

@@ -96,6 +96,12 @@ class RemoteSink(Protocol):
     def layer_removed(self, desc: LayerDesc) -> None: ...
     def download(self, desc: LayerDesc) -> None:
         """Fetch the layer file into the timeline directory (NotFound if not remote)."""
+    def open_ranged(self, desc: LayerDesc) -> LayerReader:
+        """A reader of the remote layer by ranged reads (NotFound if not remote)."""
+    @property
+    def ranged_reads_before_download(self) -> int:
+        """Ranged reads of a layer before it is downloaded whole in the background (0:
+        no ranged reads, a read downloads the whole layer first)."""
     def is_evictable(self, desc: LayerDesc) -> bool:
         """True if the last uploaded index names the layer (its local file may go)."""
     @property
@@ -134,8 +140,16 @@ class Timeline:
         self._layer_map = LayerMap()
         self._readers: dict[LayerDesc, LayerReader] = {}
         self._access: dict[LayerDesc, int] = {}  # layer -> tick of its last read
-        self._download_lock = threading.Lock()  # one on-demand download at a time
+        self._download_lock = threading.Lock()  # one whole-layer download at a time
         self._pinned: set[LayerDesc] = set()  # downloaded, not yet opened: not evictable
+        # Layers not on local disk read by ranged reads of their remote object: their
+        # readers, how many reads used each, and those being downloaded in the background.
+        self._ranged: dict[LayerDesc, LayerReader] = {}
+        self._ranged_reads: dict[LayerDesc, int] = {}
+        self._downloading: set[LayerDesc] = set()
+        self._ranged_lock = threading.Lock()  # opens ranged readers, starts downloads
+        self._downloads_idle = threading.Condition(threading.Lock())
+        self._closed = False
         self._lock = threading.RLock()  # layer lists, layer map, readers
         self._flush_lock = threading.Lock()  # one flush / compaction / gc at a time
         self._ephemeral_seq = 0
@@ -452,14 +466,46 @@ class Timeline:
         return reader
 
     def _fetch(self, desc: LayerDesc) -> LayerReader:
-        """Download the layer from remote storage and open it. Called without the
-        timeline lock: a download takes a while, and other reads go on meanwhile."""
+        """A reader of a layer whose file is not on local disk. Called without the
+        timeline lock: remote reads take a while, and other reads go on meanwhile.
+
+        With ranged reads on (the remote's `ranged_reads_before_download` > 0) it is a
+        reader that fetches only the index and the blobs a read needs, and after that
+        many reads of the layer the whole file is downloaded in the background (the
+        local file then replaces the ranged reader). Otherwise the whole layer is
+        downloaded before the read."""
         remote = self.remote
         if remote is None:
             raise CorruptionError(f"layer file {desc.file_name()} of timeline "
                                   f"{self.timeline_id} is missing and there is no remote "
                                   "storage to download it from; restore the file",
                                   path=str(self.dir / desc.file_name()))
+        after = remote.ranged_reads_before_download
+        if after <= 0:
+            return self._download(remote, desc)
+        with self._ranged_lock:
+            reader = self._local_reader(desc)  # a background download may have finished
+            if reader is not None:
+                return reader
+            reader = self._ranged.get(desc)
+            if reader is None:
+                started = time.monotonic()
+                reader = remote.open_ranged(desc)
+                with self._lock:
+                    self._ranged[desc] = reader
+                log.info("opened layer %s on demand for ranged reads in %.3fs",
+                         desc.file_name(), time.monotonic() - started)
+            reads = self._ranged_reads.get(desc, 0) + 1
+            self._ranged_reads[desc] = reads
+            if reads >= after and desc not in self._downloading and not self._closed:
+                with self._downloads_idle:
+                    self._downloading.add(desc)
+                threading.Thread(target=self._background_download, args=(remote, desc),
+                                 daemon=True, name=f"download-{self.timeline_id}").start()
+        return reader
+
+    def _download(self, remote: RemoteSink, desc: LayerDesc) -> LayerReader:
+        """Download the whole layer file (one at a time per timeline) and open it."""
         with self._download_lock:
             reader = self._local_reader(desc)  # another read may have fetched it
             if reader is not None:
@@ -481,7 +527,31 @@ class Timeline:
                                       "its download", path=str(self.dir / desc.file_name()))
             log.info("downloaded layer %s on demand in %.3fs", desc.file_name(),
                      time.monotonic() - started)
-            return reader
+        with self._lock:  # the local file serves the next reads
+            self._ranged.pop(desc, None)
+            self._ranged_reads.pop(desc, None)
+        return reader
+
+    def _background_download(self, remote: RemoteSink, desc: LayerDesc) -> None:
+        try:
+            with self._lock:
+                wanted = not self._closed and desc in self._layer_map.all()
+            if wanted:
+                self._download(remote, desc)
+        except Exception as err:  # noqa: BLE001 - reads go on with ranged reads
+            log.warning("background download of layer %s failed, reads of it go on with "
+                        "ranged reads: %s", desc.file_name(), err)
+            with self._ranged_lock:
+                self._ranged_reads[desc] = 0  # tried again after as many reads
+        finally:
+            with self._downloads_idle:
+                self._downloading.discard(desc)
+                self._downloads_idle.notify_all()
+
+    def wait_background_downloads(self, timeout_s: float) -> bool:
+        """True once no background layer download runs (False on timeout)."""
+        with self._downloads_idle:
+            return self._downloads_idle.wait_for(lambda: not self._downloading, timeout_s)
 
     def local_layer_files(self) -> list[tuple[LayerDesc, int, int]]:
         """(layer, size in bytes, last read tick) of every layer file on local disk."""
@@ -506,6 +576,8 @@ class Timeline:
             if desc not in self._layer_map.all() or desc in self._pinned:
                 return False
             self._readers.pop(desc, None)
+            self._ranged.pop(desc, None)
+            self._ranged_reads.pop(desc, None)
             (self.dir / desc.file_name()).unlink(missing_ok=True)
         return True
 
@@ -786,6 +858,8 @@ class Timeline:
         with self._lock:
             self._layer_map.remove(desc)
             self._readers.pop(desc, None)
+            self._ranged.pop(desc, None)
+            self._ranged_reads.pop(desc, None)
             self._access.pop(desc, None)
         (self.dir / desc.file_name()).unlink(missing_ok=True)
         if self.remote is not None:
@@ -813,7 +887,10 @@ class Timeline:
                 mem.close(delete=True)
             self._open = None
             self._frozen = []
+            self._closed = True
             for reader in self._readers.values():
                 reader.close()
             self._readers.clear()
+            self._ranged.clear()
+            self._ranged_reads.clear()
 
