@@ -7,8 +7,12 @@ SeaweedFS (`weed server -s3`) and, as the same-run baseline, a local directory:
 - upload_mb_per_s: a RemoteTimelineClient uploads every layer and the index (start to
   wait_idle);
 - warm reads: random GetPage@LSN with every layer on local disk (get_p50/p99);
-- cold reads: every layer evicted before each read, so each read downloads its layer
-  (whole-layer download: the latency grows with the layer size), baseline = warm;
+- cold reads: every layer evicted before each read, three ways alternating per read:
+  the whole layer downloaded first (`whole`, ranged_reads_before_download = 0: the
+  latency grows with the layer size, baseline = warm), ranged GETs of the layer's index
+  and the read's blobs then the whole layer in the background (`cold_get`, the default;
+  baseline = whole), ranged GETs only (`cold_ranged_only_get`); and how long after the
+  read's start its layer was local (`cold_layer_local_after`);
 - first_read_after_attach_ms: a fresh Repository holding only the metadata and the
   remote layer list (an attach onto an empty disk), its first read.
 
@@ -76,22 +80,49 @@ def _upload(storage: RemoteStorage, tl: Timeline) -> tuple[RemoteTimelineClient,
     return client, elapsed
 
 
-def _gets(tl: Timeline, keys: list[tuple[RelTag, int]], lsn: Lsn, cold: bool) -> list[float]:
+def _gets(tl: Timeline, keys: list[tuple[RelTag, int]], lsn: Lsn) -> list[float]:
     lat = []
     for rel, blkno in keys:
-        if cold:
-            for desc in tl.layers():
-                tl.evict_layer(desc)
         t0 = time.perf_counter()
         tl.get_rel_page(rel, blkno, lsn)
         lat.append(time.perf_counter() - t0)
     return lat
 
 
+# How a read of a layer not on local disk is served, per pageserver setting
+# ranged_reads_before_download: the whole layer downloaded first (0, the old way), ranged
+# GETs then the whole layer in the background (1, the default), ranged GETs only.
+COLD_VARIANTS = {"whole": 0, "ranged": 1, "ranged_only": 1 << 40}
+
+
+def _cold_gets(tl: Timeline, client: RemoteTimelineClient, keys: list[tuple[RelTag, int]],
+               lsn: Lsn) -> tuple[dict[str, list[float]], list[float]]:
+    """Cold GetPage latencies per variant (every layer evicted, and no background download
+    running, before each read), the variants alternating in a rotating order per key; and
+    for "ranged", the time from the read's start until its layer was local."""
+    lat: dict[str, list[float]] = {name: [] for name in COLD_VARIANTS}
+    local_after = []
+    names = list(COLD_VARIANTS)
+    for i, (rel, blkno) in enumerate(keys):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            assert tl.wait_background_downloads(600), "background download stuck"
+            for desc in tl.layers():
+                tl.evict_layer(desc)
+            client.ranged_reads_before_download = COLD_VARIANTS[name]
+            t0 = time.perf_counter()
+            tl.get_rel_page(rel, blkno, lsn)
+            lat[name].append(time.perf_counter() - t0)
+            if name == "ranged":
+                assert tl.wait_background_downloads(600), "background download stuck"
+                local_after.append(time.perf_counter() - t0)
+    client.ranged_reads_before_download = COLD_VARIANTS["ranged"]
+    return lat, local_after
+
+
 def _ranged_gets(s3: S3Storage, index: IndexPart, rng: random.Random, n: int) -> list[float]:
     """Latencies of GETs of one 8 KiB range of the largest layer object (obstore.get_range,
-    no checksum): the floor of a cold read that fetched only its blocks, which is not
-    built (it would also need the layer's index, and per-block checksums)."""
+    no checksum): the floor of a cold read that fetches only its blocks (a ranged cold
+    read does two more GETs to open the layer: its header and its index)."""
     name, layer = max(index.layers.items(), key=lambda item: item[1].size)
     key = f"{s3.prefix}/" if s3.prefix else ""
     key += timeline_prefix(TENANT, TIMELINE) + with_generation(name, layer.generation)
@@ -132,14 +163,24 @@ def _one_size(report: Report, size_mb: int, seaweed: SeaweedServer, work: Path) 
 
     keys = [(rel, rng.randrange(n)) for rel, n in blocks for _ in range(50)]
     rng.shuffle(keys)
-    warm = _gets(tl, keys[:200], Lsn(lsn), cold=False)
-    cold = _gets(tl, keys[:10], Lsn(lsn), cold=True)
+    warm = _gets(tl, keys[:200], Lsn(lsn))
+    cold, local_after = _cold_gets(tl, client, keys[:20], Lsn(lsn))
+    whole = cold["whole"]
     report.add(f"warm_get_p50_ms_{size_mb}mb", _pct(warm, 0.5), "ms")
     report.add(f"warm_get_p99_ms_{size_mb}mb", _pct(warm, 0.99), "ms")
-    report.add(f"cold_get_p50_ms_{size_mb}mb", _pct(cold, 0.5), "ms",
+    report.add(f"cold_whole_get_p50_ms_{size_mb}mb", _pct(whole, 0.5), "ms",
                baseline=_pct(warm, 0.5))
-    report.add(f"cold_get_p99_ms_{size_mb}mb", _pct(cold, 0.99), "ms",
+    report.add(f"cold_whole_get_p99_ms_{size_mb}mb", _pct(whole, 0.99), "ms",
                baseline=_pct(warm, 0.99))
+    for name, label in (("ranged", "cold_get"), ("ranged_only", "cold_ranged_only_get")):
+        report.add(f"{label}_p50_ms_{size_mb}mb", _pct(cold[name], 0.5), "ms",
+                   baseline=_pct(whole, 0.5))
+        report.add(f"{label}_p99_ms_{size_mb}mb", _pct(cold[name], 0.99), "ms",
+                   baseline=_pct(whole, 0.99))
+    report.add(f"cold_get_vs_warm_p50_{size_mb}mb", _pct(cold["ranged"], 0.5), "ms",
+               baseline=_pct(warm, 0.5))
+    report.add(f"cold_layer_local_after_p50_ms_{size_mb}mb", _pct(local_after, 0.5), "ms",
+               baseline=_pct(whole, 0.5))
     client.stop()
     index = latest_index(s3, TENANT, TIMELINE)
     assert index is not None
@@ -147,7 +188,7 @@ def _one_size(report: Report, size_mb: int, seaweed: SeaweedServer, work: Path) 
     assert isinstance(inner, S3Storage)
     ranged = _ranged_gets(inner, index, rng, 20)
     report.add(f"ranged_8k_get_p50_ms_{size_mb}mb", _pct(ranged, 0.5), "ms",
-               baseline=_pct(cold, 0.5))
+               baseline=_pct(cold["ranged"], 0.5))
 
     # An attach onto an empty disk: metadata only, then the first read.
     t0 = time.perf_counter()

@@ -6,6 +6,7 @@ background."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -16,12 +17,15 @@ from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pg.relfile import RelTag
 from strata.remote.download import write_timelines
+from strata.remote.index import IndexPart, RemoteLayer
 from strata.remote.local import LocalDirStorage
 from strata.remote.storage import RetryingStorage
 from strata.remote.timeline_client import RemoteTimelineClient, latest_index
 from strata.storage.delta_layer import DeltaLayer, DeltaLayerWriter
 from strata.storage.key import KEY_MAX, KEY_MIN, KeyRange, rel_block_key
-from strata.storage.layer_file import HEADER_SIZE, RangedLayerReader
+from strata.storage.layer_file import HEADER_SIZE, RangedLayerReader, index_offset
+from strata.storage.layer_name import LayerDesc
+from strata.storage.metadata import TimelineMetadata
 from strata.storage.repository import Repository
 from strata.storage.tenant import TenantConfig
 from strata.storage.timeline import Timeline
@@ -98,6 +102,44 @@ def test_ranged_reader_answers_like_the_local_file_with_one_read_per_lookup(
     assert list(ranged.iter_range_raw(some, 0x10000)) == list(local.iter_range_raw(some, 0x10000))
     assert sum(length for _, length in remote.reads) < path.stat().st_size // 4
     local.close()
+
+
+def test_a_known_index_offset_opens_with_one_parallel_fetch_and_a_wrong_one_is_harmless(
+        uploaded: tuple[Path, LocalDirStorage, Counting, dict[int, bytes]]) -> None:
+    path, storage, remote, _ = uploaded
+    data = path.read_bytes()
+    offset = index_offset(data)
+    assert HEADER_SIZE < offset < len(data)
+    batches: list[list[tuple[int, int]]] = []
+
+    def fetch_many(ranges: list[tuple[int, int]]) -> list[bytes]:
+        batches.append(ranges)
+        return storage.get_ranges(OBJECT, ranges)
+
+    key = rel_block_key(REL, 42).to_bytes()
+    with DeltaLayer.open(path) as local:
+        expect = local.get_versions_raw(key, 0x10000)
+    for hint, opens in ((offset, [[(0, HEADER_SIZE), (offset, len(data) - offset)]]),
+                        (offset + 4096, [[(0, HEADER_SIZE), (offset + 4096,
+                                                             len(data) - offset - 4096)]])):
+        batches.clear()
+        remote.reads.clear()
+        ranged = RangedLayerReader(path.name, len(data), remote.fetch, label=OBJECT,
+                                   index_offset=hint, fetch_many=fetch_many)
+        assert batches == opens
+        # The right hint: nothing more to open; a wrong one: the index again, per header.
+        assert remote.reads == ([] if hint == offset else [(offset, len(data) - offset)])
+        assert ranged.get_versions_raw(key, 0x10000) == expect
+
+
+def test_the_remote_index_keeps_index_offsets_and_reads_old_entries_without() -> None:
+    meta = TimelineMetadata(Lsn(0x200), Lsn(0), None, Lsn(0), Lsn(0), Lsn(0x100))
+    name = LayerDesc.delta(KeyRange(KEY_MIN, KEY_MAX), Lsn(0x100), Lsn(0x200)).file_name()
+    index = IndexPart(3, meta, {name: RemoteLayer(5000, 0xABCD, 3, 4321)})
+    assert IndexPart.decode(index.encode(), "x") == index
+    old = json.loads(index.encode())
+    del old["layers"][name]["index_offset"]
+    assert IndexPart.decode(json.dumps(old).encode(), "x").layers[name].index_offset == 0
 
 
 def _corrupt(storage: LocalDirStorage, offset: int) -> None:
@@ -204,6 +246,7 @@ def test_attached_timeline_reads_by_ranged_gets_without_downloading(tmp_path: Pa
         stats = client.read_stats
         assert stats.layer_downloads == 0
         assert stats.ranged_opens == 3 and stats.ranged_gets > 0
+        assert all(layer.index_offset > 0 for layer in client.remote_layers().values())
         assert [d for d, _, _ in tl.local_layer_files()] == []  # nothing whole on disk
         sizes = sum(layer.size for layer in client.remote_layers().values())
         assert stats.ranged_bytes < sizes // 2

@@ -58,6 +58,10 @@ class RemoteLayer:
     size: int
     crc32c: int
     generation: int
+    index_offset: int = 0
+    """Where the layer file's index blocks start (its header says so too): a ranged
+    reader fetches the header and the index in parallel. 0: not recorded (an index
+    written before it was), the reader reads the header first."""
 
     def object_name(self, file_name: str) -> str:
         return with_generation(file_name, self.generation)
@@ -93,6 +97,7 @@ class IndexPart:
             "pg_version": meta.pg_version,
             "layers": {name: {"size": layer.size, "crc32c": f"{layer.crc32c:08x}",
                               "generation": layer.generation}
+                       | ({"index_offset": layer.index_offset} if layer.index_offset else {})
                        for name, layer in sorted(self.layers.items())},
         }
         return json.dumps(doc, indent=1).encode()
@@ -118,7 +123,8 @@ class IndexPart:
             for name, entry in doc["layers"].items():
                 LayerDesc.parse_file_name(name)  # refuses anything that is not a layer
                 layers[name] = RemoteLayer(int(entry["size"]), int(entry["crc32c"], 16),
-                                           int(entry["generation"]))
+                                           int(entry["generation"]),
+                                           int(entry.get("index_offset", 0)))
             return cls(int(doc["generation"]), meta, layers)
         except CorruptionError:
             raise

@@ -75,6 +75,10 @@ class RemoteStorage(abc.ABC):
         verified: the object's CRC-32C covers it whole. The caller verifies the bytes with
         checksums of its own (a layer's per-block CRCs)."""
 
+    def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """get_range of each (start, length), in parallel where the backend can."""
+        return [self.get_range(key, start, length) for start, length in ranges]
+
     @abc.abstractmethod
     def list_keys(self, prefix: str) -> list[str]:
         """Every key under `prefix` (a plain string prefix), sorted."""
@@ -128,6 +132,10 @@ class RetryingStorage(RemoteStorage):
     def get_range(self, key: str, start: int, length: int) -> bytes:
         return self._retry(f"download of {key} bytes {start}..{start + length}",
                            lambda: self.inner.get_range(key, start, length))
+
+    def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        return self._retry(f"download of {len(ranges)} ranges of {key}",
+                           lambda: self.inner.get_ranges(key, ranges))
 
     def list_keys(self, prefix: str) -> list[str]:
         return self._retry(f"listing of {prefix}", lambda: self.inner.list_keys(prefix))

@@ -42,7 +42,7 @@ from strata.remote.index import (
     with_generation,
 )
 from strata.remote.storage import RemoteStorage
-from strata.storage.layer_file import RangedLayerReader
+from strata.storage.layer_file import RangedLayerReader, index_offset
 from strata.storage.layer_name import LayerDesc
 from strata.storage.metadata import TimelineMetadata
 
@@ -259,14 +259,16 @@ class RemoteTimelineClient:
                            "disk and not in remote storage")
         key = self.prefix + layer.object_name(name)
 
-        def fetch(offset: int, length: int) -> bytes:
-            data = self.storage.get_range(key, offset, length)
+        def fetch_many(ranges: list[tuple[int, int]]) -> list[bytes]:
+            parts = self.storage.get_ranges(key, ranges)
             with self._stats_lock:
-                self.read_stats.ranged_gets += 1
-                self.read_stats.ranged_bytes += len(data)
-            return data
+                self.read_stats.ranged_gets += len(parts)
+                self.read_stats.ranged_bytes += sum(len(part) for part in parts)
+            return parts
 
-        reader = RangedLayerReader(name, layer.size, fetch, label=key)
+        reader = RangedLayerReader(name, layer.size, lambda start, length: fetch_many(
+            [(start, length)])[0], label=key, index_offset=layer.index_offset,
+            fetch_many=fetch_many)
         with self._stats_lock:
             self.read_stats.ranged_opens += 1
         return reader
@@ -330,7 +332,7 @@ class RemoteTimelineClient:
             log.info("layer %s was removed before its upload", name)
             return
         failpoint("remote-before-upload-layer")
-        layer = RemoteLayer(len(data), crc32c(data), self.generation)
+        layer = RemoteLayer(len(data), crc32c(data), self.generation, index_offset(data))
         self.storage.put(self.prefix + layer.object_name(name), data)
         with self._cond:
             self._uploaded[name] = layer

@@ -509,22 +509,34 @@ class LayerFileReader:
 
 RangeFetch = Callable[[int, int], bytes]
 """(offset, length) -> the bytes of the remote object in that range (fewer at its end)."""
+RangesFetch = Callable[[list[tuple[int, int]]], list[bytes]]
+"""Several (offset, length) ranges at once (in parallel) -> their bytes."""
+
+
+def index_offset(data: bytes) -> int:
+    """Where the index blocks of the layer file `data` start, from its header (0 if it
+    is not a layer file); not verified: a reader checks it against the header."""
+    if len(data) < HEADER_SIZE or data[:8] != MAGIC:
+        return 0
+    return int(_HEADER.unpack_from(data)[10])
 
 
 class RangedLayerReader(LayerFileReader):
     """Reads a layer that is not on local disk by ranged reads of its remote object.
 
     Opening it costs two reads: the header, then everything from the first index block
-    to the end (index blocks and sparse index, about 0.5% of the layer), which it keeps
-    in memory. Each lookup then reads only the blobs it needs, one ranged read per key
-    (a key's versions are contiguous). The layer format's own checksums verify every
-    byte before use, exactly as for a local file: the header CRC covers the header and
-    the sparse index, each index block and each blob has its CRC; and the header's file
-    size must equal the size the remote index recorded. The whole-object CRC-32C is not
-    checked (it cannot be, without the whole object). Safe to share between threads.
+    to the end (index blocks and sparse index, 40 bytes per stored value), which it
+    keeps in memory; both at once (`fetch_many`) when `index_offset` is known. Each
+    lookup then reads only the blobs it needs, one ranged read per key (a key's versions
+    are contiguous). The layer format's own checksums verify every byte before use,
+    exactly as for a local file: the header CRC covers the header and the sparse index,
+    each index block and each blob has its CRC; and the header's file size must equal
+    the size the remote index recorded. The whole-object CRC-32C is not checked (it
+    cannot be, without the whole object). Safe to share between threads.
     """
 
-    def __init__(self, name: str, size: int, fetch: RangeFetch, *, label: str) -> None:
+    def __init__(self, name: str, size: int, fetch: RangeFetch, *, label: str,
+                 index_offset: int = 0, fetch_many: RangesFetch | None = None) -> None:
         self.path = Path(name)  # the layer file name, checked against the header
         self._name = label  # the remote key, for errors
         self._cache_id = next(_reader_ids)
@@ -533,6 +545,13 @@ class RangedLayerReader(LayerFileReader):
         self._fetch = fetch
         self._tail_offset = size
         self._tail = b""
+        self._head: bytes | None = None
+        if fetch_many is not None and HEADER_SIZE <= index_offset < size:
+            # Where the index starts is known (the remote index recorded it): fetch the
+            # header and the index at once. The header, verified, must agree.
+            self._head, self._tail = fetch_many([(0, HEADER_SIZE),
+                                                 (index_offset, size - index_offset)])
+            self._tail_offset = index_offset
         self._load_header()
 
     def _corrupt(self, what: str, offset: int | None = None) -> CorruptionError:
@@ -544,12 +563,16 @@ class RangedLayerReader(LayerFileReader):
         return self._size
 
     def _prefetch_tail(self, index_offset: int) -> None:
+        if index_offset == self._tail_offset and self._head is not None:
+            return  # fetched with the header
         if not HEADER_SIZE <= index_offset <= self._size:
             raise self._corrupt(f"index offset {index_offset} outside the object", 0)
         self._tail = self._fetch(index_offset, self._size - index_offset)
         self._tail_offset = index_offset
 
     def _pread(self, length: int, offset: int) -> bytes:
+        if offset == 0 and self._head is not None and length <= len(self._head):
+            return self._head[:length]
         if offset >= self._tail_offset:
             rel = offset - self._tail_offset
             return self._tail[rel:rel + length]
