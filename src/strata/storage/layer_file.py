@@ -546,6 +546,8 @@ class RangedLayerReader(LayerFileReader):
         self._tail_offset = size
         self._tail = b""
         self._head: bytes | None = None
+        self._blob_reads = 0  # blob spans fetched so far (see wait_blob_read)
+        self._blob_cond = threading.Condition(threading.Lock())
         if fetch_many is not None and HEADER_SIZE <= index_offset < size:
             # Where the index starts is known (the remote index recorded it): fetch the
             # header and the index at once. The header, verified, must agree.
@@ -578,7 +580,23 @@ class RangedLayerReader(LayerFileReader):
             return self._tail[rel:rel + length]
         if length == 0:
             return b""
-        return self._fetch(offset, length)
+        try:
+            return self._fetch(offset, length)
+        finally:
+            with self._blob_cond:
+                self._blob_reads += 1
+                self._blob_cond.notify_all()
+
+    @property
+    def blob_reads(self) -> int:
+        return self._blob_reads
+
+    def wait_blob_read(self, seen: int, timeout_s: float) -> None:
+        """Wait until more than `seen` blob spans were fetched, at most `timeout_s`: the
+        background download of the whole layer waits for the read that started it, so
+        the two do not compete for the network."""
+        with self._blob_cond:
+            self._blob_cond.wait_for(lambda: self._blob_reads > seen, timeout_s)
 
     @property
     def summary_bytes(self) -> int:

@@ -70,6 +70,7 @@ EPHEMERAL_PREFIX = "ephemeral-"
 _MAX_FROZEN = 2  # frozen layers waiting for flush before finish_record flushes inline
 _INF = (1 << 64) - 1
 _ACCESS_TICKS = itertools.count(1)  # orders layer reads for eviction (coldest first)
+BACKGROUND_DOWNLOAD_DELAY_S = 0.5  # at most, after the ranged read that started it
 
 
 class TimelineBroken(CorruptionError):
@@ -500,8 +501,9 @@ class Timeline:
             if reads >= after and desc not in self._downloading and not self._closed:
                 with self._downloads_idle:
                     self._downloading.add(desc)
-                threading.Thread(target=self._background_download, args=(remote, desc),
-                                 daemon=True, name=f"download-{self.timeline_id}").start()
+                threading.Thread(target=self._background_download, daemon=True,
+                                 args=(remote, desc, reader, getattr(reader, "blob_reads", 0)),
+                                 name=f"download-{self.timeline_id}").start()
         return reader
 
     def _download(self, remote: RemoteSink, desc: LayerDesc) -> LayerReader:
@@ -532,8 +534,14 @@ class Timeline:
             self._ranged_reads.pop(desc, None)
         return reader
 
-    def _background_download(self, remote: RemoteSink, desc: LayerDesc) -> None:
+    def _background_download(self, remote: RemoteSink, desc: LayerDesc, reader: LayerReader,
+                             blob_reads: int) -> None:
         try:
+            # Let the read that started this fetch its blobs first (an index-only read,
+            # a key listing, fetches none: then start after a short while anyway).
+            wait = getattr(reader, "wait_blob_read", None)
+            if wait is not None:
+                wait(blob_reads, BACKGROUND_DOWNLOAD_DELAY_S)
             with self._lock:
                 wanted = not self._closed and desc in self._layer_map.all()
             if wanted:
