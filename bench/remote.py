@@ -24,7 +24,9 @@ are written and uploaded during the run), a pgbench database of about the same s
   pageserver had ingested an LSN until an index with it was in object storage),
   uploaded_mb_per_s during the run (baseline: the WAL rate the compute produced);
 - the pageserver restarted (`pageserver stop --immediate`, `start`) with its disk, the
-  baseline, and with its data directory deleted (attached from object storage): the
+  baseline, and with its data directory deleted (attached from object storage; alternating
+  ranged_reads_before_download 0, whole layers, and 1, the default: the `ranged_vs_whole`
+  figures; one round quick, two full): the
   `pageserver start` and `endpoint start` commands, the new compute's first query (one
   row of pgbench_accounts), their sum, and a full scan of pgbench_accounts afterwards.
 """
@@ -274,6 +276,15 @@ def _restart_first_query(env: _Env, empty_disk: bool) -> list[float]:
     return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
 
+def _set_pageserver_config(env: _Env, key: str, value: int) -> None:
+    """Set `key = value` in the environment's [pageserver.config] (read at every start)."""
+    path = env.root / "config.toml"
+    lines = [line for line in path.read_text().splitlines()
+             if not line.startswith(f"{key} ")]
+    at = lines.index("[pageserver.config]") + 1
+    path.write_text("\n".join([*lines[:at], f"{key} = {value}", *lines[at:]]) + "\n")
+
+
 def _live(report: Report, size_mb: int, work: Path, quick: bool) -> None:
     env = _Env(work / f"env-{size_mb}")
     config = work / f"strata-{size_mb}.toml"
@@ -340,13 +351,22 @@ def _live(report: Report, size_mb: int, work: Path, quick: bool) -> None:
         report.add(f"live_flush_to_upload_max_s_{size_mb}mb", max(flushed_lags), "s")
 
     warm = _restart_first_query(env, False)
-    cold = _restart_first_query(env, True)
-    for name, value, base in (("pageserver_start", cold[0], warm[0]),
-                              ("endpoint_start", cold[1], warm[1]),
-                              ("first_query", cold[2], warm[2]),
-                              ("start_to_first_row", sum(cold[:3]), sum(warm[:3])),
-                              ("full_scan", cold[3], warm[3])):
+    # Empty-disk restarts, alternating: reads download whole layers (before ranged reads)
+    # and reads by ranged GETs (the default); the figures are the mean of the rounds.
+    runs: dict[int, list[list[float]]] = {0: [], 1: []}
+    for _ in range(1 if quick else 2):
+        for setting in (0, 1):
+            _set_pageserver_config(env, "ranged_reads_before_download", setting)
+            runs[setting].append(_restart_first_query(env, True))
+    whole, cold = ([sum(col) / len(col) for col in zip(*runs[s], strict=True)] for s in (0, 1))
+    for name, value, base, before in (
+            ("pageserver_start", cold[0], warm[0], whole[0]),
+            ("endpoint_start", cold[1], warm[1], whole[1]),
+            ("first_query", cold[2], warm[2], whole[2]),
+            ("start_to_first_row", sum(cold[:3]), sum(warm[:3]), sum(whole[:3])),
+            ("full_scan", cold[3], warm[3], whole[3])):
         report.add(f"live_{name}_after_empty_restart_s_{size_mb}mb", value, "s", baseline=base)
+        report.add(f"live_{name}_ranged_vs_whole_s_{size_mb}mb", value, "s", baseline=before)
     env.run("stop", "--immediate")
 
 
