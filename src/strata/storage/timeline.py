@@ -547,8 +547,9 @@ class Timeline:
             if wanted:
                 self._download(remote, desc)
         except Exception as err:  # noqa: BLE001 - reads go on with ranged reads
-            log.warning("background download of layer %s failed, reads of it go on with "
-                        "ranged reads: %s", desc.file_name(), err)
+            log.log(logging.INFO if self._closed else logging.WARNING,
+                    "background download of layer %s failed, reads of it go on with "
+                    "ranged reads: %s", desc.file_name(), err)
             with self._ranged_lock:
                 self._ranged_reads[desc] = 0  # tried again after as many reads
         finally:
@@ -890,6 +891,10 @@ class Timeline:
 
     def close(self) -> None:
         """Drop in-memory state without flushing (the WAL is re-fed after a restart)."""
+        self._closed = True  # no background download starts now; let running ones end,
+        if not self.wait_background_downloads(60):  # so none writes into a removed dir
+            log.warning("closing timeline %s with a layer download still running",
+                        self.timeline_id)
         with self._lock:
             for mem in ([self._open] if self._open else []) + self._frozen:
                 mem.close(delete=True)
