@@ -190,8 +190,9 @@ def test_eviction_skips_a_layer_a_read_just_downloaded(tmp_path: Path) -> None:
     tl.freeze()
     tl.flush_frozen()
     [desc] = tl.layers()
+    # Whole-layer downloads by the read itself (no ranged reads), where the pin matters.
     client = RemoteTimelineClient(LocalDirStorage(tmp_path / "remote"), TENANT, TIMELINE, 1,
-                                  tl.dir)
+                                  tl.dir, ranged_reads_before_download=0)
     client.start(tl.metadata, tl.layers(), None)
     assert client.wait_idle(30)
     tl.remote = client
