@@ -507,6 +507,10 @@ class LayerFileReader:
                 yield Key.from_bytes(k), Lsn(lsn), length
 
 
+READ_AHEAD_MIN = 64 << 10  # ranged reader: first read-ahead of a forward run of reads
+READ_AHEAD_MAX = 1 << 20  # its largest
+READ_AHEAD_GAP = 64 << 10  # a read at most this far past the last one goes forward
+READ_AHEAD_SPANS = 4  # spans read ahead kept per reader
 RangeFetch = Callable[[int, int], bytes]
 """(offset, length) -> the bytes of the remote object in that range (fewer at its end)."""
 RangesFetch = Callable[[list[tuple[int, int]]], list[bytes]]
@@ -528,11 +532,13 @@ class RangedLayerReader(LayerFileReader):
     to the end (index blocks and sparse index, 40 bytes per stored value), which it
     keeps in memory; both at once (`fetch_many`) when `index_offset` is known. Each
     lookup then reads only the blobs it needs, one ranged read per key (a key's versions
-    are contiguous). The layer format's own checksums verify every byte before use,
-    exactly as for a local file: the header CRC covers the header and the sparse index,
-    each index block and each blob has its CRC; and the header's file size must equal
-    the size the remote index recorded. The whole-object CRC-32C is not checked (it
-    cannot be, without the whole object). Safe to share between threads.
+    are contiguous); reads that go forward through the file read ahead (64 KiB, doubling
+    to 1 MiB), so a scan costs a GET per window, not per key. The layer format's own
+    checksums verify every byte before use, exactly as for a local file: the header CRC
+    covers the header and the sparse index, each index block and each blob has its CRC;
+    and the header's file size must equal the size the remote index recorded. The
+    whole-object CRC-32C is not checked (it cannot be, without the whole object). Safe
+    to share between threads.
     """
 
     def __init__(self, name: str, size: int, fetch: RangeFetch, *, label: str,
@@ -547,7 +553,10 @@ class RangedLayerReader(LayerFileReader):
         self._tail = b""
         self._head: bytes | None = None
         self._blob_reads = 0  # blob spans fetched so far (see wait_blob_read)
-        self._blob_cond = threading.Condition(threading.Lock())
+        self._blob_cond = threading.Condition(threading.Lock())  # and the read-ahead:
+        self._spans: list[tuple[int, bytes]] = []  # the last spans read ahead
+        self._last_end = -1 - READ_AHEAD_GAP  # where the last blob read ended
+        self._window = 0
         if fetch_many is not None and HEADER_SIZE <= index_offset < size:
             # Where the index starts is known (the remote index recorded it): fetch the
             # header and the index at once. The header, verified, must agree.
@@ -580,12 +589,29 @@ class RangedLayerReader(LayerFileReader):
             return self._tail[rel:rel + length]
         if length == 0:
             return b""
+        with self._blob_cond:
+            forward = 0 <= offset - self._last_end <= READ_AHEAD_GAP
+            self._last_end = offset + length
+            for start, data in self._spans:
+                if start <= offset and offset + length <= start + len(data):
+                    return data[offset - start:offset - start + length]
+            # Read ahead when reads go forward through the file (a scan, a basebackup):
+            # the window doubles while they do, and a read elsewhere drops it.
+            self._window = min(max(2 * self._window, READ_AHEAD_MIN), READ_AHEAD_MAX) \
+                if forward else 0
+            ahead = self._window
+        want = max(length, min(ahead, self._tail_offset - offset))
         try:
-            return self._fetch(offset, length)
+            data = self._fetch(offset, want)
         finally:
             with self._blob_cond:
                 self._blob_reads += 1
                 self._blob_cond.notify_all()
+        if want > length:
+            with self._blob_cond:
+                self._spans.append((offset, data))
+                del self._spans[:-READ_AHEAD_SPANS]
+        return data[:length]
 
     @property
     def blob_reads(self) -> int:
