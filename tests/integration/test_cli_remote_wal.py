@@ -22,6 +22,7 @@ from pathlib import Path
 import test_cli
 from test_cli import Cli, rows
 
+from strata.common.durable import TEMP_SUFFIX
 from strata.common.lsn import Lsn
 
 cli = test_cli.cli  # the fixture: an environment directory, stopped at the end
@@ -93,9 +94,11 @@ def test_pageserver_needs_removed_wal_only_after_a_rollback(cli: Cli, test_dir: 
     snapshot = test_dir / "snapshot"
     snapshot.mkdir()
     for index in tl_remote.glob("index_part.json-*"):
-        shutil.copy2(index, snapshot / index.name)
+        if not index.name.endswith(TEMP_SUFFIX):  # an index being written (temp, rename)
+            shutil.copy2(index, snapshot / index.name)
     for obj in tl_remote.iterdir():
-        if obj.name.startswith("index_part.json-") or (snapshot / obj.name).exists():
+        if obj.name.startswith("index_part.json-") or (snapshot / obj.name).exists() \
+                or obj.name.endswith(TEMP_SUFFIX):
             continue
         try:  # a file being written (temp, then renamed) may be gone already
             shutil.copy2(obj, snapshot / obj.name)
