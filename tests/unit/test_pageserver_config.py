@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,8 @@ def test_file_then_overrides(tmp_path: Path) -> None:
     ("wait_lsn_timeout_s=true", "wait_lsn_timeout_s"),
     ("ingest_batch_bytes=1.5", "ingest_batch_bytes"),
     ("log_level=LOUD", "log_level"),
+    ("nice=20", "nice"),
+    ("nice=-1", "nice"),
     ("default_tenant_conf.checkpoint_distance=-1", "checkpoint_distance"),
     ("default_tenant_conf.bogus=1", "bogus"),
     ("novalue", "key=value"),
@@ -59,3 +64,24 @@ def test_parse_addr() -> None:
     assert parse_addr("k", "[::1]:5") == ("[::1]", 5)
     with pytest.raises(UserError, match="not a number"):
         parse_addr("k", "h:x")
+
+
+def test_nice_is_applied_to_the_process_and_inherited(tmp_path: Path) -> None:
+    """`nice` raises the pageserver's nice value before any thread starts (so threads and
+    children get it), and never lowers one that is already higher. In a child process:
+    a nice value cannot be lowered again without privileges."""
+    conf = PageserverConfig.load(tmp_path, ["nice=7"])
+    assert conf.nice == 7
+    script = (
+        "import os, threading\n"
+        "from strata.pageserver.server import lower_priority\n"
+        "lower_priority(7)\n"
+        "seen = []\n"
+        "t = threading.Thread(target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, 0)))\n"
+        "t.start(); t.join()\n"
+        "lower_priority(3)\n"
+        "print(os.getpriority(os.PRIO_PROCESS, 0), seen[0])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=60)
+    expected = str(max(7, os.getpriority(os.PRIO_PROCESS, 0)))  # a niced test run
+    assert out.stdout.split() == [expected, expected], out.stderr

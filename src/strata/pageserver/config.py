@@ -75,9 +75,17 @@ class PageserverConfig:
     auth_public_key_path: str = ""
     """Ed25519 public key (PEM) of the JWTs the HTTP API and the pg port require
     (strata.common.auth); relative to the workdir. Empty: no authentication."""
+    nice: int = 0
+    """The pageserver process's nice value (0-19) when it shares cores with the commit
+    path (safekeepers, the walproposer sidecar, computes): its WAL ingest is off that path
+    and then yields the core to it (docs/walproposer.md, "Cheap changes"). Its threads
+    and children get it too: in development mode (no safekeepers) that includes the WAL
+    receiver the compute's commits wait for, so leave it 0 there."""
     default_tenant_conf: TenantConfig = field(default_factory=TenantConfig)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.nice <= 19:
+            raise UserError(f"pageserver config nice must be 0..19, got {self.nice!r}")
         check_remote_storage_url(self.remote_storage)
         if self.local_cache_bytes < 0:
             raise UserError(f"pageserver config local_cache_bytes must be >= 0, got "

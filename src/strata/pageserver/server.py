@@ -700,6 +700,13 @@ async def serve(config: PageserverConfig) -> None:
     log.info("pageserver stopped")
 
 
+def lower_priority(nice: int) -> None:
+    """Raise this thread's nice value to `nice` (never lower it: that needs privileges).
+    Called before any other thread starts, so every thread and child inherits it."""
+    if nice > os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m strata.pageserver")
     parser.add_argument("--workdir", required=True, type=Path)
@@ -709,6 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = PageserverConfig.load(args.workdir.resolve(), args.overrides)
         setup_logging(getattr(logging, config.log_level))
+        lower_priority(config.nice)
         lock = take_lock(config.workdir)
     except StrataError as err:
         print(f"pageserver: {err}", flush=True)
