@@ -9,7 +9,9 @@ compute's LSN lease on X for as long as it runs (D5),
 and serves `DIR/tree` at the mount point in the foreground until unmounted or sent
 SIGTERM. While the pageserver is unreachable, a read waits for it up to `--outage-wait-s`
 (default 60). With `--pageserver-file F` the address is F's (re-read when F changes:
-`strata tenant relocate` moves running computes to another pageserver).
+`strata tenant relocate` moves running computes to another pageserver). As it exits it
+logs the pages it fetched, its CPU time and the FUSE operations it answered by kind, with
+their count, seconds and errors (`opstats.py`; `bench/run regress` reads that line).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from strata.compute.lazyfs.blockstate import DEFAULT_MAX_WINDOW
 from strata.compute.lazyfs.fetcher import PageFetcher
 from strata.compute.lazyfs.fs import LazyFs
 from strata.compute.lazyfs.layout import TREE, plan_layout
+from strata.compute.lazyfs.opstats import Counted, OpStats
 from strata.compute.lazyfs.watch import FUSERMOUNT, detach
 from strata.compute.pageserver_address import AddressFile
 from strata.pageserver.page_client import PageClientSync
@@ -88,10 +91,11 @@ def mount_main(args: argparse.Namespace) -> int:
         fetcher = PageFetcher(client, lsn, checksums=control.data_checksum_version != 0)
         # The segment files are created on first use (layout.py).
         ops = LazyFs(str(store / TREE), fetcher, remote, layout)
+        stats = OpStats()
         log.info("serving %s at %s: %d remote segment files at %s", store / TREE,
                  args.mountpoint, len(remote), lsn)
         try:
-            fuse.FUSE(ops, args.mountpoint, foreground=True, allow_other=True,
+            fuse.FUSE(Counted(ops, stats), args.mountpoint, foreground=True, allow_other=True,
                       default_permissions=True, fsname="strata-lazyfs", subtype="strata")
         except RuntimeError as err:
             # fuse_main's loop ends with an error when the mount was detached under it
@@ -102,8 +106,11 @@ def mount_main(args: argparse.Namespace) -> int:
         finally:
             stop.set()
             client.close()
-            log.info("file system server exits: fetched %d pages in %d requests",
-                     fetcher.pages, fetcher.requests)
+            cpu = os.times()
+            log.info("file system server exits: fetched %d pages in %d requests; "
+                     "%.1f s of CPU (user %.1f, system %.1f); ops: %s", fetcher.pages,
+                     fetcher.requests, cpu.user + cpu.system, cpu.user, cpu.system,
+                     stats.summary())
     return 0
 
 
