@@ -22,8 +22,17 @@ groups, 36 tests; full: the whole parallel_schedule):
   - each Strata target again with `synchronous_commit=off` (PGOPTIONS), which leaves
     out the waits for commits: the difference is the time commits waited.
 Page fetches: the pageserver's page service requests and the seconds it spent
-answering them (Prometheus counters, before/after each run). Failed tests are counted
-(the same failures on stock are the suite's own reaction to the environment).
+answering them (Prometheus counters, before/after each run). The lazy targets also note
+what the lazy file system server logged as it exited: pages fetched, its CPU time, and
+its FUSE operations by kind with their count, seconds and errors (lazyfs/opstats.py).
+
+The suite's own failures: each target's failed tests are a figure (`NAME failed tests`)
+and a note; the differences pg_regress wrote are kept in bench/results/regress-NAME.diffs
+(the run's directory is deleted); a pg_regress exit code that is not 0 although no test
+failed is a note; the last note sums the failures up: "suite failures: none", "only
+tests failing on stock too" (the suite's reaction to the environment, not Strata's
+doing), or "SUITE FAILURES" with each target's tests that passed on stock.
+A pg_regress that ran no test at all stops the run with its output.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ _DEB_SRC = ("deb-src http://deb.debian.org/debian bookworm main\n"
             "deb-src http://deb.debian.org/debian bookworm-updates main\n"
             "deb-src http://deb.debian.org/debian-security bookworm-security main\n")
 _MODULES = ("src/test/regress/regress.c", "contrib/spi/autoinc.c", "contrib/spi/refint.c")
+RESULTS = Path(__file__).parent / "results"  # where the failed tests' diffs are kept
 
 
 # --- getting the suite ---------------------------------------------------------------------
@@ -144,8 +154,11 @@ class Outcome:
     seconds: float
     tests: int
     failed: list[str]
+    exit_code: int
+    diffs: Path | None  # pg_regress's regression.diffs, when a test failed
     page_requests: float | None = None
     page_seconds: float | None = None
+    fuse: str | None = None  # the lazy file system's exit line (lazyfs/opstats.py)
 
 
 def run_suite(suite: Suite, schedule: Path, host: str, port: int, outdir: Path,
@@ -165,7 +178,9 @@ def run_suite(suite: Suite, schedule: Path, host: str, port: int, outdir: Path,
     if not names:
         raise AssertionError(f"pg_regress ran no test (exit {out.returncode}):\n{text[-3000:]}"
                              f"{out.stderr.decode(errors='replace')[-2000:]}")
-    return Outcome(seconds, len(names), [n for n, status in names if status != "ok"])
+    diffs = outdir / "regression.diffs"
+    return Outcome(seconds, len(names), [n for n, status in names if status != "ok"],
+                   out.returncode, diffs if diffs.exists() and diffs.stat().st_size else None)
 
 
 def _metric_sums(http: str) -> tuple[float, float]:
@@ -223,9 +238,39 @@ def _on_strata(suite: Suite, schedule: Path, root: Path, wal_mode: str, mode: st
         after = _metric_sums(http)
         outcome.page_requests = after[0] - before[0]
         outcome.page_seconds = after[1] - before[1]
-        return outcome
     finally:
         _strata(repo, "stop")
+    if mode == "lazy":
+        outcome.fuse = _fuse_exit_line(repo)
+    return outcome
+
+
+def _fuse_exit_line(repo: Path) -> str:
+    """What the lazy file system server logged as it exited (pages fetched, its CPU time,
+    its operations by kind: lazyfs/opstats.py)."""
+    lines = [line for log in sorted(repo.rglob("lazyfs.log"))
+             for line in log.read_text(errors="replace").splitlines()
+             if "file system server exits:" in line]
+    if not lines:
+        return "no exit line in lazyfs.log"
+    return lines[-1].split("file system server exits:", 1)[1].strip()
+
+
+def failure_summary(results: dict[str, Outcome]) -> str:
+    """One line on the suite's own failures: none; only tests that fail on stock
+    PostgreSQL too (the suite's reaction to the environment, not Strata's doing); or, in
+    capitals, per target the tests that failed there but not on stock."""
+    if not any(o.failed for o in results.values()):
+        return "suite failures: none (every test passed on every target)"
+    on_stock = sorted(results["stock"].failed) if "stock" in results else []
+    new = {name: [t for t in o.failed if t not in on_stock] for name, o in results.items()}
+    also = (f"failing on stock too (the suite's reaction to this environment): {on_stock}"
+            if on_stock else "")
+    if not any(new.values()):
+        return f"suite failures: only tests {also}"
+    return ("SUITE FAILURES, tests that did not fail on stock: "
+            + "; ".join(f"{name} {tests[:12]}" for name, tests in new.items() if tests)
+            + (f"; {also}" if also else ""))
 
 
 def run(report: Report, quick: bool) -> None:
@@ -249,8 +294,19 @@ def run(report: Report, quick: bool) -> None:
             if outcome.page_requests is not None:
                 extra = (f"; page service: {outcome.page_requests:.0f} requests, "
                          f"{outcome.page_seconds:.1f} s answering")
+            report.add(f"{name} failed tests", len(outcome.failed), "tests")
             report.note(f"{name}: {outcome.tests} tests, {len(outcome.failed)} failed "
                         f"{outcome.failed[:12]}{extra}")
+            if outcome.fuse is not None:
+                report.note(f"{name}: lazy file system: {outcome.fuse}")
+            if outcome.diffs is not None:
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                kept = RESULTS / f"regress-{name}.diffs"
+                shutil.copyfile(outcome.diffs, kept)
+                report.note(f"{name}: the failed tests' differences are in {kept}")
+            if outcome.exit_code != 0 and not outcome.failed:
+                report.note(f"{name}: pg_regress exited with {outcome.exit_code} although "
+                            "no test failed")
 
         record("stock", _stock(suite, schedule, root / "stock", {}))
         record("stock_d2wal", _stock(suite, schedule, root / "stock_d2wal",
@@ -263,6 +319,7 @@ def run(report: Report, quick: bool) -> None:
                                                 wal_mode, mode,
                                                 "-c synchronous_commit=off"))
             report.note(load_note(f"after {name}"))
+        report.note(failure_summary(results))
     what = "quick schedule (test_setup + 4 groups)" if quick else "full parallel_schedule"
     report.note(f"installcheck-parallel, {what}, pg_regress of Debian's postgresql-15; "
                 "ratios are against `stock` of the same run")
