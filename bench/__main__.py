@@ -23,7 +23,10 @@ def main() -> int:
         description="Run one named benchmark; figures are printed and written to "
                     "bench/results/NAME.json, each with its same-run baseline and ratio.")
     parser.add_argument("name", help=f"one of: {', '.join(available())}")
-    parser.add_argument("--quick", action="store_true", help="a small run, under a minute")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller run (fewer sizes, rounds or tests: each benchmark's "
+                             "docstring says which), from under a minute to several "
+                             "minutes (regress) on a loaded machine")
     args = parser.parse_args()
     if args.name not in available():
         parser.error(f"unknown benchmark {args.name!r}; choose from {', '.join(available())}")
