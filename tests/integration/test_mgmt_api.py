@@ -372,6 +372,35 @@ def test_metrics_cover_ingest_pages_and_maintenance(world: World) -> None:
     assert 'strata_pageserver_page_requests_total{outcome="ok",request="Lease"}' in text
 
 
+def test_generation_markers_through_the_api_alone(world: World) -> None:
+    """No control plane: a tenant created with generation 2 has its marker; an attach
+    with an older generation than the marker is refused (409) and writes nothing, a newer
+    one raises it; GET says current; a delete removes the markers after everything
+    else."""
+    from strata.remote.generations import marker_keys, read_generation
+    from strata.remote.local import LocalDirStorage
+
+    c = world.env.client
+    store = LocalDirStorage(world.env.test_dir / "remote")
+    tenant = TenantId(bytes.fromhex(rand_tenant()))
+    c.create_tenant(tenant, generation=2)
+    assert read_generation(store, tenant) == 2
+    assert c.tenant(tenant)["generation"] == 2
+    c.request("POST", f"/v1/tenant/{tenant}/detach")
+    status, _, body = world.call("post", f"/v1/tenant/{tenant}/attach", {"generation": 1})
+    assert status == 409 and "generation 1 of tenant" in body["error"], body
+    assert "records generation 2" in body["error"], body
+    assert read_generation(store, tenant) == 2
+    c.request("POST", f"/v1/tenant/{tenant}/attach", {"generation": 5})
+    assert read_generation(store, tenant) == 5
+    info = c.tenant(tenant)
+    assert (info["generation"], info["generation_state"], info["newer_generation"]) == \
+        (5, "current", None)
+    assert len(marker_keys(store, tenant)) == 2
+    c.delete_tenant(tenant)
+    assert store.list_keys(f"tenants/{tenant}/") == []
+
+
 def test_delete_timeline_refused_while_children_exist(world: World) -> None:
     c = world.env.client
     parent = world.scratch_timeline()

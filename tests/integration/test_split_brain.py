@@ -48,11 +48,13 @@ def test_two_pageservers_attached_to_one_tenant(cli: Cli, test_dir: Path,  # noq
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Pageserver 1 holds the tenant with generation 1; the control plane hands
     generation 2 to pageserver 2 as well (the mistake), whose index uploads fail at
-    first, so only the generation marker tells pageserver 1 it is stale. Both ingest what
-    the compute commits; GC on pageserver 1 removes layers, and it deletes none of their
-    objects. Every object the newest index names exists with its checksum; a compute on
-    pageserver 2 reads every acknowledged row, and so does one on a fresh pageserver 3
-    attached after pageserver 2 crashed."""
+    first, so only the generation marker tells pageserver 1 it is stale. Pageserver 1
+    finds out by its periodic marker check: its API says stale, one log line says so,
+    and it uploads and deletes nothing from then on (GC on it removes layers: their
+    objects stay), while it keeps serving reads (a lazy compute on it reads every row).
+    Both ingest what the compute commits. Every object the newest index names exists
+    with its checksum; a compute on pageserver 2 reads every acknowledged row, and so
+    does one on a fresh pageserver 3 attached after pageserver 2 crashed."""
     config = test_dir / "strata.toml"
     config.write_text(CONFIG)
     cli.run("init", "--config", str(config), "--object-storage", s3_url)
@@ -86,22 +88,37 @@ def test_two_pageservers_attached_to_one_tenant(cli: Cli, test_dir: Path,  # noq
     ps2 = require_pageserver(env, conf, 2)
     assert attach_tenant(env, conf, ps2, tid) == 2  # the mistake: pageserver 1 keeps it
     assert [t["generation"] for t in cli.json("tenant", "list")] == [2]
+    _wait(lambda: ps1.tenant(tid)["generation_state"] == "stale",
+          "for pageserver 1 to find itself stale")
+    assert ps1.tenant(tid)["newer_generation"] == 2
+    assert (ps2.tenant(tid)["generation_state"], ps2.tenant(tid)["generation"]) == \
+        ("current", 2)
 
     for _ in range(3):
         _known_rows(main, last + 1, last + 10000)
         last += 10000
     _wait(lambda: ps2.timeline(tid, tl).last_record_lsn
           >= ps1.timeline(tid, tl).last_record_lsn, "for pageserver 2 to ingest")
+    stale_objects = _objects_of(storage, tid, 1)  # uploads in flight are done by now
     ps1.checkpoint(tid, tl)
     assert ps1.compact(tid, tl) > 0
     removed = ps1.gc(tid)[tl]["layers_removed"]
     assert removed > 0, removed
     log1 = cli.repo_dir / "logs" / "pageserver.log"
-    _wait(lambda: _remote_lines(log1), "for pageserver 1 to act on the removed layers")
     assert newest_index_generation(storage, prefix) == 1  # pageserver 2 had none yet
-    assert _remote_lines(log1)[0].startswith("kept "), _remote_lines(log1)
     _check_index(storage, prefix, before)  # what pageserver 2 attached from
-    assert "the generation marker names generation 2" in log1.read_text()
+    stale_lines = [line for line in log1.read_text().splitlines()
+                   if "of this attachment is stale" in line]
+    assert len(stale_lines) == 1, stale_lines
+    assert "the generation marker names generation 2" in stale_lines[0]
+    assert str(tid) in stale_lines[0], stale_lines[0]  # the tenant's context
+    # It still serves reads: a lazy compute on pageserver 1 reads every row.
+    cli.run("endpoint", "stop", "main")
+    cli.run("endpoint", "start", "main", "--mode", "lazy")
+    _check_known(cli.local("main"), last)
+    cli.run("endpoint", "stop", "main")
+    cli.run("endpoint", "start", "main", "--mode", "full")
+    main = cli.local("main")
 
     # Pageserver 2 uploads again (restarted without the failpoint); both keep ingesting.
     cli.run("pageserver", "stop", "--id", "2", "--immediate")
@@ -123,6 +140,9 @@ def test_two_pageservers_attached_to_one_tenant(cli: Cli, test_dir: Path,  # noq
     # Pageserver 2's own GC deletes what only it names (its marker is its generation).
     _wait(lambda: _uploaded(ps2, tid, tl, lsn), "for pageserver 2 to upload")
     assert "Traceback" not in log1.read_text()
+    assert not _remote_lines(log1)  # pageserver 1 never got as far as a deletion
+    # Nor uploaded anything (pageserver 2's GC deleted some it inherited: its right).
+    assert _objects_of(storage, tid, 1) <= stale_objects
 
     newest = latest_index(storage, tid, tl)
     assert newest is not None and newest.generation == 2
@@ -160,6 +180,12 @@ def newest_index_generation(storage: RemoteStorage, prefix: str) -> int:
     gens = [split[1] for key in storage.list_keys(prefix + INDEX_NAME + "-")
             if (split := split_generation(key)) is not None]
     return max(gens, default=0)
+
+
+def _objects_of(storage: RemoteStorage, tid: TenantId, generation: int) -> set[str]:
+    """The tenant's objects written under `generation` (layers and indexes)."""
+    return {key for key in storage.list_keys(f"tenants/{tid}/timelines/")
+            if (split := split_generation(key)) is not None and split[1] == generation}
 
 
 def _remote_lines(log: Path) -> list[str]:

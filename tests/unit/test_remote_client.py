@@ -16,6 +16,8 @@ from strata.common.lsn import Lsn
 from strata.pg.crc import crc32c
 from strata.remote.generations import (
     DeletionVerdict,
+    claim_generation,
+    delete_markers,
     deletion_verdict,
     marker_key,
     read_generation,
@@ -312,3 +314,145 @@ def test_listing_check_still_guards_without_a_marker(tmp_path: Path) -> None:
     old.stop()
     assert old.stale
     assert all(op != "delete" for op, _, _ in store.ops)
+
+
+# --- markers the pageserver writes itself (an attach through the HTTP API) ----------------
+
+def test_pageserver_claim_raises_the_marker_and_reports_a_newer_one(tmp_path: Path) -> None:
+    store = Recording(LocalDirStorage(tmp_path / "remote"))
+    assert claim_generation(store, TENANT, 2) is None  # no marker: writes 2
+    assert read_generation(store, TENANT) == 2
+    puts = len(store.ops)
+    assert claim_generation(store, TENANT, 2) is None  # already 2: no write
+    assert len(store.ops) == puts
+    record_generation(store, TENANT, 5)  # the control plane hands out 5
+    assert claim_generation(store, TENANT, 4) == 5  # stale: nothing written
+    assert read_generation(store, TENANT) == 5
+    assert claim_generation(store, TENANT, 6) is None
+    assert read_generation(store, TENANT) == 6
+    # The single object earlier versions rewrote in place is still read.
+    store.put(marker_key(TENANT), json.dumps({"generation": 9}).encode())
+    assert read_generation(store, TENANT) == 9
+    assert claim_generation(store, TENANT, 7) == 9
+    assert delete_markers(store, TENANT) == 4  # 2, 5, 6 and the old single object
+    assert read_generation(store, TENANT) is None
+    assert store.list_keys(f"tenants/{TENANT}/") == []
+
+
+def test_racing_claims_never_lower_the_marker(tmp_path: Path) -> None:
+    """Attaches of generations 3 and 4 race: 3 reads the marker (1), then 4 is claimed
+    and its attachment reads the index, then 3 writes its marker. Rewriting one object in
+    place would now say 3 under an attachment of 4; the marker is the highest object, so
+    it stays 4, and a client of generation 3 deletes nothing."""
+    store = Recording(LocalDirStorage(tmp_path / "remote"))
+    dir3 = tmp_path / "ps3"
+    dir3.mkdir()
+    a, b = layer(dir3, 0x100, 0x200), layer(dir3, 0x200, 0x300)
+    record_generation(store, TENANT, 1)
+    seed = RemoteTimelineClient(store, TENANT, TIMELINE, 1, dir3)
+    seed.start(meta(0x2FF), [a, b], None)
+    assert seed.wait_idle(30)
+    seed.stop()
+    seen: list[IndexPart | None] = []
+    claimed: list[int] = []
+
+    def claim_4() -> None:  # the failpoint stays armed: only the first hit acts
+        if not claimed:
+            claimed.append(4)
+            assert claim_generation(store, TENANT, 4) is None
+            seen.append(latest_index(store, TENANT, TIMELINE, 4))
+
+    with failpoint.armed("generation-before-put-marker", claim_4):
+        assert claim_generation(store, TENANT, 3) is None  # read 1, wrote 3 after 4
+    assert read_generation(store, TENANT) == 4
+    stale_calls: list[tuple[int, str]] = []
+    old = RemoteTimelineClient(store, TENANT, TIMELINE, 3, dir3,
+                               on_stale=lambda newer, where: stale_calls.append((newer, where)))
+    old.start(meta(0x2FF), [a, b], latest_index(store, TENANT, TIMELINE, 3))
+    assert old.wait_idle(30)
+    (dir3 / a.file_name()).unlink()
+    old.layer_removed(a)
+    assert old.wait_idle(30)
+    old.stop()
+    assert stale_calls == [(4, "generation marker")]
+    assert all(op != "delete" for op, _, _ in store.ops)
+    index = seen[0]
+    assert index is not None and a.file_name() in index.layers
+    for name, entry in index.layers.items():
+        data = store.get(PREFIX + entry.object_name(name))
+        assert (len(data), crc32c(data)) == (entry.size, entry.crc32c), name
+
+
+@pytest.mark.parametrize("step", [*STEPS, "after"])
+def test_attach_through_the_api_never_loses_an_object_it_read(tmp_path: Path,
+                                                              step: str) -> None:
+    """As test_new_attachment_never_loses_an_object_it_read, with no control plane: each
+    pageserver claims its generation itself (the stale one when it loaded the tenant, the
+    new one in its attach, before reading the index)."""
+    store = Recording(LocalDirStorage(tmp_path / "remote"))
+    dir1 = tmp_path / "ps1"
+    dir1.mkdir()
+    a, b = layer(dir1, 0x100, 0x200), layer(dir1, 0x200, 0x300)
+    assert claim_generation(store, TENANT, 1) is None
+    old = RemoteTimelineClient(store, TENANT, TIMELINE, 1, dir1)
+    old.start(meta(0x2FF), [a, b], None)
+    assert old.wait_idle(30)
+    seen: list[IndexPart | None] = []
+
+    def attach_new() -> None:
+        if not seen:
+            assert claim_generation(store, TENANT, 2) is None
+            seen.append(latest_index(store, TENANT, TIMELINE, 2))
+
+    (dir1 / a.file_name()).unlink()
+    if step == "after":
+        old.layer_removed(a)
+        assert old.wait_idle(30)
+        attach_new()
+    else:
+        with failpoint.armed(step, attach_new):
+            old.layer_removed(a)
+            assert old.wait_idle(30)
+    old.stop()
+    index = seen[0]
+    assert index is not None
+    for name, entry in index.layers.items():
+        data = store.get(PREFIX + entry.object_name(name))
+        assert (len(data), crc32c(data)) == (entry.size, entry.crc32c), name
+    validated_first = step in ("remote-before-delete-layers", "after")
+    deleted = [key for op, key, _ in store.ops if op == "delete"]
+    assert deleted == ([PREFIX + a.file_name() + "-00000001"] if validated_first else [])
+    assert old.stale is not validated_first
+    check_order(store.ops)
+
+
+def test_a_stale_client_stops_uploading_and_keeps_its_layers(tmp_path: Path) -> None:
+    """Told it is stale (the pageserver's periodic marker check), a client drops what is
+    queued and every later change: no put, no delete; nothing is evictable any more;
+    waiting for it returns at once (a detach does not hang); downloads still work."""
+    store = Recording(LocalDirStorage(tmp_path / "remote"))
+    tl_dir = tmp_path / "tl"
+    tl_dir.mkdir()
+    a, b = layer(tl_dir, 0x100, 0x200), layer(tl_dir, 0x200, 0x300)
+    client = RemoteTimelineClient(store, TENANT, TIMELINE, 1, tl_dir)
+    client.start(meta(0x2FF), [a, b], None)
+    assert client.wait_idle(30)
+    assert client.is_evictable(a)
+    ops = len(store.ops)
+    store.fail_puts = 1000  # what was queued when it learned it is stale never lands
+    client.layer_added(layer(tl_dir, 0x300, 0x400))
+    client.metadata_saved(meta(0x3FF))
+    assert client.mark_stale()
+    assert not client.mark_stale()  # once
+    store.fail_puts = 0
+    client.layer_added(layer(tl_dir, 0x400, 0x500))
+    client.metadata_saved(meta(0x4FF))
+    (tl_dir / b.file_name()).unlink()
+    client.layer_removed(b)
+    assert client.wait_idle(5)
+    assert not client.is_evictable(a)
+    client.download(b)  # reads still fetch what the index names
+    assert (tl_dir / b.file_name()).stat().st_size == 1000
+    client.stop()
+    assert len(store.ops) == ops, store.ops[ops:]
+    assert client.remote_consistent_lsn == Lsn(0x2FF)

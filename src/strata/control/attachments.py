@@ -5,7 +5,7 @@ The control plane owns generations: `TenantState.generation` is the generation o
 tenant's current attachment. Every attach takes the next number, written to state.json
 *before* the pageserver is asked, so a crash between the two never hands out one
 generation twice. It is also written, still before the attach, to the tenant's
-generation marker in object storage (`tenants/<t>/generation.json`), which every
+generation marker in object storage (`tenants/<t>/generation.json-<N>`), which every
 pageserver checks before deleting objects: an attachment with a stale generation can
 never delete what a newer one relies on (remote/generations.py, docs/remote-storage.md).
 

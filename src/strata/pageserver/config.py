@@ -72,6 +72,11 @@ class PageserverConfig:
     index and the blocks it needs (ranged GETs); after this many such reads of one layer
     the whole layer is downloaded in the background. 0: a read downloads the whole layer
     first (no ranged reads)."""
+    generation_check_period_s: float = 10.0
+    """With remote storage: how often each tenant's generation marker is read; a tenant
+    whose marker names a newer generation than its attachment stops uploading and
+    deleting (a newer attachment elsewhere holds it) and serves reads from what it has.
+    0: only the check before each deletion."""
     auth_public_key_path: str = ""
     """Ed25519 public key (PEM) of the JWTs the HTTP API and the pg port require
     (strata.common.auth); relative to the workdir. Empty: no authentication."""
@@ -93,6 +98,9 @@ class PageserverConfig:
         if self.ranged_reads_before_download < 0:
             raise UserError(f"pageserver config ranged_reads_before_download must be >= 0, "
                             f"got {self.ranged_reads_before_download!r}")
+        if self.generation_check_period_s < 0:
+            raise UserError(f"pageserver config generation_check_period_s must be >= 0, "
+                            f"got {self.generation_check_period_s!r}")
         if self.local_cache_bytes and not self.remote_storage:
             raise UserError("pageserver config local_cache_bytes needs remote_storage: "
                             "without it no layer file can leave the local disk")

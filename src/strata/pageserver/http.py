@@ -52,7 +52,7 @@ from strata.common.lsn import Lsn
 from strata.common.timestamp import parse_past_timestamp_us
 from strata.pageserver.config import tenant_config_from_json
 from strata.pageserver.metrics import CONTENT_TYPE
-from strata.pageserver.server import Conflict, Pageserver
+from strata.pageserver.server import Conflict, Pageserver, StaleAttachment
 from strata.pageserver.sk_receiver import SafekeeperEndpoint
 from strata.pageserver.timeline_wal import ReceiverTarget
 from strata.storage.leases import Lease
@@ -92,9 +92,11 @@ def _remote_consistent_lsn(timeline: Timeline) -> str | None:
     return str(lsn) if lsn is not None else None
 
 
-def tenant_info(tenant: Tenant) -> dict[str, Any]:
+def tenant_info(tenant: Tenant, stale: StaleAttachment | None = None) -> dict[str, Any]:
     return {"tenant_id": str(tenant.tenant_id), "timelines": len(tenant.timelines),
-            "config": tenant.conf.to_dict()}
+            "config": tenant.conf.to_dict(), "generation": tenant.generation,
+            "generation_state": "stale" if stale is not None else "current",
+            "newer_generation": stale.newer if stale is not None else None}
 
 
 def lease_info(lease: Lease, now: float) -> dict[str, Any]:
@@ -202,7 +204,8 @@ async def list_tenants(request: web.Request) -> web.Response:
 
 async def get_tenant(request: web.Request) -> web.Response:
     ps = request.app[_KEY]
-    return web.json_response(tenant_info(ps.tenant(_tenant_id(request.match_info["tenant_id"]))))
+    tenant = ps.tenant(_tenant_id(request.match_info["tenant_id"]))
+    return web.json_response(tenant_info(tenant, ps.stale.get(tenant.tenant_id)))
 
 
 async def delete_tenant(request: web.Request) -> web.Response:

@@ -26,8 +26,10 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,8 +51,9 @@ from strata.pageserver.sk_receiver import SafekeeperEndpoint
 from strata.pageserver.timeline_wal import ReceiverTarget, RecordApplier, TimelineWal
 from strata.pg.pgserve import CopyOut, CopyStream, PgProtocolServer, Reply, Session
 from strata.remote.download import remote_tenant_indexes, write_timelines
+from strata.remote.generations import claim_generation, delete_markers, read_generation
 from strata.remote.storage import RemoteStorage, open_remote_storage
-from strata.remote.timeline_client import RemoteTimelineClient, latest_index
+from strata.remote.timeline_client import RemoteTimelineClient, latest_index, stale_message
 from strata.storage.compaction import CompactionResult
 from strata.storage.gc import GcResult
 from strata.storage.leases import Lease
@@ -75,6 +78,22 @@ def make_applier(timeline: Timeline) -> RecordApplier:
 class Conflict(UserError):
     """The request contradicts the current state (answered with HTTP 409): an existing
     id, a timeline that still has branches, a limit reached."""
+
+
+def stale_attach(tenant_id: TenantId, generation: int, newer: int) -> str:
+    return (f"generation {generation} of tenant {tenant_id} is stale: object storage "
+            f"records generation {newer}; attach with a newer one")
+
+
+@dataclass(frozen=True, slots=True)
+class StaleAttachment:
+    """This pageserver's attachment of a tenant was superseded by a newer generation:
+    it uploads and deletes nothing more, and serves reads from what it has."""
+
+    generation: int  # this attachment's
+    newer: int  # the newer generation found
+    where: str  # "generation marker" or "index"
+    since: float  # time.time()
 
 
 class MeasuredPageService(PageService):
@@ -119,6 +138,9 @@ class Pageserver:
             open_remote_storage(config.remote_storage) if config.remote_storage else None
         self.uploads: dict[tuple[TenantId, TimelineId], RemoteTimelineClient] = {}
         self._evictor: asyncio.Task[None] | None = None
+        self._generation_checker: asyncio.Task[None] | None = None
+        self.stale: dict[TenantId, StaleAttachment] = {}
+        self._stale_lock = threading.Lock()  # marked from upload worker threads too
         self._start_lsns: dict[tuple[TenantId, TimelineId], int] = {}
         self._logical_sizes: dict[tuple[TenantId, TimelineId], tuple[Lsn, int]] = {}
         self._create_lock = asyncio.Lock()
@@ -134,12 +156,81 @@ class Pageserver:
 
     async def start(self) -> None:
         for tenant in self.repo.tenants.values():
+            newer = await self._claim_generation(tenant.tenant_id, tenant.generation)
             for timeline in tenant.timelines.values():
                 await self._start_remote(timeline)
                 await self._start_wal(timeline)
+            if newer is not None:
+                self.mark_stale(tenant.tenant_id, newer, "generation marker")
         self.background.start()
         if self.config.local_cache_bytes:
             self._evictor = asyncio.create_task(self._evict_loop(), name="layer-eviction")
+        if self.remote_storage is not None and self.config.generation_check_period_s:
+            self._generation_checker = asyncio.create_task(self._generation_loop(),
+                                                           name="generation-check")
+
+    # --- generations ---------------------------------------------------------------------
+    async def _claim_generation(self, tenant_id: TenantId, generation: int) -> int | None:
+        """Raise the tenant's generation marker to `generation` before its indexes are
+        read (remote/generations.py); the newer generation it names instead, if any."""
+        storage = self.remote_storage
+        if storage is None:
+            return None
+        with timeline_context(tenant_id):
+            return await asyncio.to_thread(claim_generation, storage, tenant_id, generation)
+
+    def mark_stale(self, tenant_id: TenantId, newer: int, where: str) -> None:
+        """A newer generation holds the tenant: stop its uploads and deletions (every
+        timeline), say so once. Any thread."""
+        tenant = self.repo.tenants.get(tenant_id)
+        if tenant is None:
+            return
+        with self._stale_lock:
+            if tenant_id in self.stale:
+                return
+            self.stale[tenant_id] = StaleAttachment(tenant.generation, newer, where,
+                                                    time.time())
+        for (tid, _), client in list(self.uploads.items()):
+            if tid == tenant_id:
+                client.mark_stale()
+        with timeline_context(tenant_id):
+            log.warning(stale_message(tenant.generation, newer, where))
+
+    async def _generation_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.generation_check_period_s)
+            try:
+                await asyncio.to_thread(self.check_generations)
+            except StrataError as err:
+                log.warning("generation check failed: %s", err)
+
+    def check_generations(self) -> None:
+        """Read the marker of every tenant not known to be stale yet (a thread)."""
+        storage = self.remote_storage
+        assert storage is not None
+        for tenant_id, tenant in list(self.repo.tenants.items()):
+            if tenant_id in self.stale:
+                continue
+            with timeline_context(tenant_id):
+                marker = read_generation(storage, tenant_id)
+            if marker is not None and marker > tenant.generation:
+                self.mark_stale(tenant_id, marker, "generation marker")
+
+    def _check_not_stale(self, tenant_id: TenantId, what: str) -> None:
+        """Refuse to delete remote objects for an attachment a newer one superseded."""
+        storage = self.remote_storage
+        if storage is None:
+            return
+        stale = self.stale.get(tenant_id)
+        newer = stale.newer if stale is not None else None
+        if newer is None:
+            marker = read_generation(storage, tenant_id)
+            generation = self.tenant(tenant_id).generation
+            newer = marker if marker is not None and marker > generation else None
+        if newer is not None:
+            raise Conflict(f"cannot delete {what}: generation {newer} of tenant {tenant_id} "
+                           "was attached elsewhere, so its objects in remote storage are no "
+                           "longer this pageserver's; detach the tenant here instead")
 
     async def _start_remote(self, timeline: Timeline) -> None:
         """Start uploading the timeline's files (no-op without remote storage)."""
@@ -147,9 +238,13 @@ class Pageserver:
         if storage is None:
             return
         tenant = self.tenant(timeline.tenant_id)
+        tenant_id = timeline.tenant_id
         client = RemoteTimelineClient(
             storage, timeline.tenant_id, timeline.timeline_id, tenant.generation, timeline.dir,
-            ranged_reads_before_download=self.config.ranged_reads_before_download)
+            ranged_reads_before_download=self.config.ranged_reads_before_download,
+            on_stale=lambda newer, where: self.mark_stale(tenant_id, newer, where))
+        if tenant_id in self.stale:
+            client.mark_stale()
         with timeline_context(timeline.tenant_id, timeline.timeline_id):
             index = await asyncio.to_thread(latest_index, storage, timeline.tenant_id,
                                             timeline.timeline_id, tenant.generation)
@@ -251,11 +346,12 @@ class Pageserver:
 
     async def stop(self) -> None:
         """Stop background work, receivers and ingest, then flush every timeline."""
-        if self._evictor is not None:
-            self._evictor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._evictor
-            self._evictor = None
+        for task in (self._evictor, self._generation_checker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._evictor = self._generation_checker = None
         await self.background.stop()
         for (tenant_id, timeline_id), wal in self.wals.items():
             with timeline_context(tenant_id, timeline_id):
@@ -298,9 +394,17 @@ class Pageserver:
             if len(self.repo.tenants) >= self.config.max_tenants:
                 raise Conflict(f"this pageserver already holds {len(self.repo.tenants)} "
                                f"tenants, its max_tenants; delete one or raise the limit")
+            if tenant_id is not None:
+                await self._refuse_stale(tenant_id, generation)
             tenant = self.repo.create_tenant(tenant_id, conf or self.config.default_tenant_conf,
                                              generation)
             with timeline_context(tenant.tenant_id):
+                if tenant_id is None:  # a new random id: only writes the marker
+                    try:
+                        await self._refuse_stale(tenant.tenant_id, generation)
+                    except BaseException:
+                        await asyncio.to_thread(self.repo.delete_tenant, tenant.tenant_id)
+                        raise
                 timeline_id = TimelineId(TimelineId.generate().raw)
                 if import_datadir is None:
                     timeline = await asyncio.to_thread(self._initdb_and_import, tenant,
@@ -333,12 +437,19 @@ class Pageserver:
                                "detach it first")
             with timeline_context(tenant_id):
                 started = time.monotonic()
-                indexes = await asyncio.to_thread(remote_tenant_indexes, storage, tenant_id,
-                                                  generation)
-                if not indexes:
+                marker = await asyncio.to_thread(read_generation, storage, tenant_id)
+                if marker is not None and marker > generation:
+                    raise Conflict(stale_attach(tenant_id, generation, marker))
+                if not await asyncio.to_thread(remote_tenant_indexes, storage, tenant_id,
+                                               generation):
                     raise NotFound(f"tenant {tenant_id} has no timeline in remote storage "
                                    f"{storage.description} (with a generation <= "
                                    f"{generation}); check the tenant id and the URL")
+                # The marker first, then the indexes this attachment resumes from (read
+                # again: only those read after the marker are safe to rely on).
+                await self._refuse_stale(tenant_id, generation)
+                indexes = await asyncio.to_thread(remote_tenant_indexes, storage, tenant_id,
+                                                  generation)
                 tenant = await asyncio.to_thread(
                     self.repo.create_tenant, tenant_id,
                     conf or self.config.default_tenant_conf, generation,
@@ -350,6 +461,11 @@ class Pageserver:
                          "timelines in %.2fs", generation, len(indexes),
                          time.monotonic() - started)
                 return tenant
+
+    async def _refuse_stale(self, tenant_id: TenantId, generation: int) -> None:
+        newer = await self._claim_generation(tenant_id, generation)
+        if newer is not None:
+            raise Conflict(stale_attach(tenant_id, generation, newer))
 
     async def detach_tenant(self, tenant_id: TenantId) -> None:
         """Upload what is not yet remote, then drop the tenant's local files (the remote
@@ -376,6 +492,7 @@ class Pageserver:
                 await self._stop_remote(tenant_id, timeline_id, delete=False)
             await asyncio.to_thread(self.repo.delete_tenant, tenant_id)
             self.read_gates.forget(tenant_id)
+            self.stale.pop(tenant_id, None)
         with timeline_context(tenant_id):
             log.info("detached tenant")
 
@@ -463,11 +580,15 @@ class Pageserver:
         """Stop every timeline's WAL path and background job, then remove the tenant."""
         tenant = self.tenant(tenant_id)
         async with self._create_lock, self.background.exclusive(tenant_id):
+            await asyncio.to_thread(self._check_not_stale, tenant_id, "the tenant")
             for timeline_id in tenant.list_timelines():
                 await self._stop_wal(tenant_id, timeline_id)
                 await self._stop_remote(tenant_id, timeline_id, delete=True)
             await asyncio.to_thread(self.repo.delete_tenant, tenant_id)
             self.read_gates.forget(tenant_id)
+            if self.remote_storage is not None:
+                # Last: until every other object is gone, the markers still guard them.
+                await asyncio.to_thread(delete_markers, self.remote_storage, tenant_id)
         with timeline_context(tenant_id):
             log.info("deleted tenant")
 
@@ -480,6 +601,8 @@ class Pageserver:
                 raise Conflict(f"timeline {timeline_id} of tenant {tenant_id} has branches "
                                f"{sorted(str(c.timeline_id) for c in timeline.children)}; "
                                "delete them first")
+            await asyncio.to_thread(self._check_not_stale, tenant_id,
+                                    f"timeline {timeline_id}")
             await self._stop_wal(tenant_id, timeline_id)
             await self._stop_remote(tenant_id, timeline_id, delete=True)
             await asyncio.to_thread(tenant.delete_timeline, timeline_id)

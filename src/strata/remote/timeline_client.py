@@ -14,6 +14,12 @@ into storage operations, strictly in the order they were reported:
   attached by mistake with a stale generation never deletes what the newer attachment
   may rely on (remote/generations.py).
 
+Once the attachment is known to be stale (that check, or `mark_stale` from the
+pageserver's periodic marker check) the client stops: queued and later operations are
+dropped (a newer generation owns the tenant's objects now), layers are no longer
+evictable (a read could not trust their objects to stay), downloads and ranged reads
+go on.
+
 A failed operation (after RetryingStorage's own retries) is logged once as a warning
 and retried until it succeeds or the client stops: an upload is never dropped.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,13 +115,20 @@ def newest_generation(storage: RemoteStorage, tenant_id: TenantId,
     return max(gens, default=0)
 
 
+def stale_message(own: int, newer: int, where: str) -> str:
+    return (f"generation {own} of this attachment is stale (the {where} names generation "
+            f"{newer}): uploads and remote deletions stopped, reads are served from what "
+            "this pageserver has; detach the tenant here")
+
+
 class RemoteTimelineClient:
     """The upload queue of one timeline (see module doc). Thread-safe."""
 
     def __init__(self, storage: RemoteStorage, tenant_id: TenantId, timeline_id: TimelineId,
                  generation: int, timeline_dir: Path, *,
                  retry_pause_s: float = RETRY_PAUSE_S,
-                 ranged_reads_before_download: int = RANGED_READS_BEFORE_DOWNLOAD) -> None:
+                 ranged_reads_before_download: int = RANGED_READS_BEFORE_DOWNLOAD,
+                 on_stale: Callable[[int, str], None] | None = None) -> None:
         assert generation >= 1, generation
         assert ranged_reads_before_download >= 0, ranged_reads_before_download
         self.retry_pause_s = retry_pause_s
@@ -140,7 +154,10 @@ class RemoteTimelineClient:
         self._remote_consistent: Lsn | None = None
         self._thread: threading.Thread | None = None
         self._last_meta: TimelineMetadata | None = None  # of the last index uploaded
-        self.stale = False  # a newer generation exists: deletions are off
+        self.stale = False  # a newer generation exists: uploads and deletions are off
+        # Told (newer generation, where it was found) when this client finds itself
+        # stale; without it the client logs the warning itself.
+        self.on_stale = on_stale
 
     # --- state ---------------------------------------------------------------------
     @property
@@ -220,6 +237,8 @@ class RemoteTimelineClient:
 
     def layer_removed(self, desc: LayerDesc) -> None:
         with self._cond:
+            if self.stale:
+                return
             self._removed.add(desc.file_name())
             if not any(isinstance(op, DeleteRemoved) for op in self._queue):
                 self._queue.append(DeleteRemoved())
@@ -228,7 +247,19 @@ class RemoteTimelineClient:
     def is_evictable(self, desc: LayerDesc) -> bool:
         name = desc.file_name()
         with self._cond:
-            return name in self._indexed and name not in self._removed
+            return not self.stale and name in self._indexed and name not in self._removed
+
+    def mark_stale(self) -> bool:
+        """A newer generation holds the tenant: drop every queued and later operation
+        (uploads, indexes, deletions). True if the client was not stale before."""
+        with self._cond:
+            if self.stale:
+                return False
+            self.stale = True
+            self._queue.clear()
+            self._removed.clear()
+            self._cond.notify_all()
+            return True
 
     def download(self, desc: LayerDesc) -> None:
         """Fetch a layer the remote index names into the timeline directory."""
@@ -275,6 +306,8 @@ class RemoteTimelineClient:
 
     def _enqueue(self, op: Op) -> None:
         with self._cond:
+            if self.stale:
+                return
             if isinstance(op, UploadIndex) and self._queue and \
                     isinstance(self._queue[-1], UploadIndex):
                 self._queue[-1] = op  # a newer index replaces one not yet uploaded
@@ -310,7 +343,8 @@ class RemoteTimelineClient:
                     log.info("remote storage operations resumed")
                     warned = False
                 with self._cond:
-                    self._queue.popleft()
+                    if self._queue and self._queue[0] is op:  # not dropped by mark_stale
+                        self._queue.popleft()
                     self._busy = False
                     self._cond.notify_all()
 
@@ -372,16 +406,17 @@ class RemoteTimelineClient:
             self.generation, read_generation(self.storage, self.tenant_id),
             newest_generation(self.storage, self.tenant_id, self.timeline_id))
         if not verdict.allowed:
-            if not self.stale:
-                log.warning("generation %d of this attachment is stale (the %s names "
-                            "generation %d): remote deletions are off; detach the tenant "
-                            "here", self.generation, verdict.where, verdict.newer)
-                self.stale = True
             with self._cond:
                 self._removed.difference_update(doomed)
                 for name in doomed:
                     self._uploaded.pop(name, None)
             log.info("kept %d remote layers a newer generation may rely on", len(doomed))
+            if self.mark_stale():
+                if self.on_stale is not None:
+                    self.on_stale(verdict.newer, verdict.where)
+                else:
+                    log.warning(stale_message(self.generation, verdict.newer,
+                                              verdict.where))
             return
         failpoint("remote-before-delete-layers")
         for name in doomed:
