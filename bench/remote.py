@@ -25,8 +25,10 @@ are written and uploaded during the run), a pgbench database of about the same s
   uploaded_mb_per_s during the run (baseline: the WAL rate the compute produced);
 - the pageserver restarted (`pageserver stop --immediate`, `start`) with its disk, the
   baseline, and with its data directory deleted (attached from object storage; alternating
-  ranged_reads_before_download 0, whole layers, and 1, the default: the `ranged_vs_whole`
-  figures; one round quick, two full): the
+  whole layers (ranged_reads_before_download 0), ranged reads that never wait for a
+  running download (download_wait_s 0) and the default (ranged reads; a read of a layer
+  whose download should finish within download_wait_s waits for it): the `ranged_vs_whole`
+  and `wait_vs_nowait` figures; one round quick, two full, BENCH_REMOTE_ROUNDS=N): the
   `pageserver start` and `endpoint start` commands, the new compute's first query (one
   row of pgbench_accounts), their sum, and a full scan of pgbench_accounts afterwards.
 """
@@ -276,7 +278,7 @@ def _restart_first_query(env: _Env, empty_disk: bool) -> list[float]:
     return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
 
-def _set_pageserver_config(env: _Env, key: str, value: int) -> None:
+def _set_pageserver_config(env: _Env, key: str, value: float) -> None:
     """Set `key = value` in the environment's [pageserver.config] (read at every start)."""
     path = env.root / "config.toml"
     lines = [line for line in path.read_text().splitlines()
@@ -351,22 +353,31 @@ def _live(report: Report, size_mb: int, work: Path, quick: bool) -> None:
         report.add(f"live_flush_to_upload_max_s_{size_mb}mb", max(flushed_lags), "s")
 
     warm = _restart_first_query(env, False)
-    # Empty-disk restarts, alternating: reads download whole layers (before ranged reads)
-    # and reads by ranged GETs (the default); the figures are the mean of the rounds.
-    runs: dict[int, list[list[float]]] = {0: [], 1: []}
-    for _ in range(1 if quick else 2):
-        for setting in (0, 1):
-            _set_pageserver_config(env, "ranged_reads_before_download", setting)
-            runs[setting].append(_restart_first_query(env, True))
-    whole, cold = ([sum(col) / len(col) for col in zip(*runs[s], strict=True)] for s in (0, 1))
-    for name, value, base, before in (
-            ("pageserver_start", cold[0], warm[0], whole[0]),
-            ("endpoint_start", cold[1], warm[1], whole[1]),
-            ("first_query", cold[2], warm[2], whole[2]),
-            ("start_to_first_row", sum(cold[:3]), sum(warm[:3]), sum(whole[:3])),
-            ("full_scan", cold[3], warm[3], whole[3])):
+    # Empty-disk restarts, alternating: reads download whole layers (before ranged reads),
+    # reads by ranged GETs that never wait for a running download (download_wait_s = 0,
+    # before it existed), and the default (ranged GETs, but a read of a layer whose
+    # download should be done within download_wait_s waits for it); the figures are the
+    # mean of the rounds (BENCH_REMOTE_ROUNDS, default 1 quick, 2 full).
+    settings = {"whole": (0, 0.0), "nowait": (1, 0.0), "default": (1, 0.5)}
+    runs: dict[str, list[list[float]]] = {name: [] for name in settings}
+    rounds = int(os.environ.get("BENCH_REMOTE_ROUNDS", "1" if quick else "2"))
+    for _ in range(rounds):
+        for name, (ranged, wait_s) in settings.items():
+            _set_pageserver_config(env, "ranged_reads_before_download", ranged)
+            _set_pageserver_config(env, "download_wait_s", wait_s)
+            runs[name].append(_restart_first_query(env, True))
+    whole, nowait, cold = ([sum(col) / len(col) for col in zip(*runs[name], strict=True)]
+                           for name in settings)
+    for name, value, base, before, unwaited in (
+            ("pageserver_start", cold[0], warm[0], whole[0], nowait[0]),
+            ("endpoint_start", cold[1], warm[1], whole[1], nowait[1]),
+            ("first_query", cold[2], warm[2], whole[2], nowait[2]),
+            ("start_to_first_row", sum(cold[:3]), sum(warm[:3]), sum(whole[:3]),
+             sum(nowait[:3])),
+            ("full_scan", cold[3], warm[3], whole[3], nowait[3])):
         report.add(f"live_{name}_after_empty_restart_s_{size_mb}mb", value, "s", baseline=base)
         report.add(f"live_{name}_ranged_vs_whole_s_{size_mb}mb", value, "s", baseline=before)
+        report.add(f"live_{name}_wait_vs_nowait_s_{size_mb}mb", value, "s", baseline=unwaited)
     env.run("stop", "--immediate")
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
 
+from strata.common import failpoint
 from strata.common.errors import CorruptionError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
@@ -213,7 +215,8 @@ TENANT = TenantId(bytes(16))
 TIMELINE = TimelineId(bytes(15) + b"\x01")
 
 
-def _attached(tmp_path: Path, ranged_reads_before_download: int) -> tuple[
+def _attached(tmp_path: Path, ranged_reads_before_download: int,
+              download_wait_s: float = 0.5) -> tuple[
         Timeline, RemoteTimelineClient, dict[tuple[RelTag, int], bytes], Lsn, Repository]:
     """A timeline of 3 relations (3 layers) uploaded, then attached by a fresh repository
     onto an empty disk; returns (timeline, its client, expected pages, lsn, repository)."""
@@ -245,7 +248,8 @@ def _attached(tmp_path: Path, ranged_reads_before_download: int) -> tuple[
                                  lambda temp: write_timelines({TIMELINE: index}, temp))
     atl = tenant.get_timeline(TIMELINE)
     aclient = RemoteTimelineClient(storage, TENANT, TIMELINE, 2, atl.dir,
-                                   ranged_reads_before_download=ranged_reads_before_download)
+                                   ranged_reads_before_download=ranged_reads_before_download,
+                                   download_wait_s=download_wait_s)
     atl.add_remote_layers(index.layer_descs())
     aclient.start(atl.metadata, atl.layers(), index)
     atl.remote = aclient
@@ -297,6 +301,35 @@ def test_after_n_ranged_reads_the_layer_is_downloaded_in_the_background(
         assert tl.evict_layer(local[0])  # evicted: ranged reads again, its index again
         assert tl.get_rel_page(rel, 5, lsn) == expect[(rel, 5)]
         assert client.read_stats.ranged_opens == 4
+    finally:
+        client.stop()
+        repo.close()
+
+
+@pytest.mark.parametrize("download_wait_s", [5.0, 0.0])
+def test_a_read_waits_for_its_layers_running_download(tmp_path: Path,
+                                                      download_wait_s: float) -> None:
+    """The first read starts the whole download of the layers it touched (slowed by a
+    failpoint); the next read of the same layer, expected to finish within
+    download_wait_s (the estimate is set to 4 s), waits for it and reads the local file
+    instead of a ranged GET. With download_wait_s = 0 it does a ranged GET at once."""
+    tl, client, expect, lsn, repo = _attached(tmp_path, 1, download_wait_s)
+    client.download_bytes_per_s = max(layer.size for layer in
+                                      client.remote_layers().values()) / 4.0
+    rel = RelTag(1663, 5, 16384, 0)
+    try:
+        with failpoint.armed("remote-before-download-layer", lambda: time.sleep(1.0)):
+            assert tl.get_rel_page(rel, 0, lsn) == expect[(rel, 0)]
+            gets = client.read_stats.ranged_gets
+            assert tl.get_rel_page(rel, 1, lsn) == expect[(rel, 1)]
+            if download_wait_s:
+                assert tl.download_waits == 1
+                assert client.read_stats.ranged_gets == gets  # served by the local file
+            else:
+                assert tl.download_waits == 0
+                assert client.read_stats.ranged_gets > gets
+            assert tl.wait_background_downloads(60)
+        assert client.read_stats.layer_downloads == 3
     finally:
         client.stop()
         repo.close()

@@ -72,6 +72,10 @@ class PageserverConfig:
     index and the blocks it needs (ranged GETs); after this many such reads of one layer
     the whole layer is downloaded in the background. 0: a read downloads the whole layer
     first (no ranged reads)."""
+    download_wait_s: float = 0.5
+    """With remote storage and ranged reads: a read of a layer whose whole download runs
+    in the background waits for it, instead of a ranged GET, when it should be done within
+    this many seconds (by the measured download speed). 0: never wait."""
     generation_check_period_s: float = 10.0
     """With remote storage: how often each tenant's generation marker is read; a tenant
     whose marker names a newer generation than its attachment stops uploading and
@@ -98,6 +102,9 @@ class PageserverConfig:
         if self.ranged_reads_before_download < 0:
             raise UserError(f"pageserver config ranged_reads_before_download must be >= 0, "
                             f"got {self.ranged_reads_before_download!r}")
+        if self.download_wait_s < 0:
+            raise UserError(f"pageserver config download_wait_s must be >= 0, got "
+                            f"{self.download_wait_s!r}")
         if self.generation_check_period_s < 0:
             raise UserError(f"pageserver config generation_check_period_s must be >= 0, "
                             f"got {self.generation_check_period_s!r}")

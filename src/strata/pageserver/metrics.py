@@ -75,7 +75,8 @@ class TimelineCollector(Collector):
             "strata_pageserver_remote_reads",
             "Reads of layers not on local disk since the timeline's remote client started: "
             "ranged GETs and their bytes, layers opened for ranged reads, whole layers "
-            "downloaded and their bytes", labels=[*labels, "kind"])
+            "downloaded and their bytes, reads that waited for a running whole download",
+            labels=[*labels, "kind"])
         broken = GaugeMetricFamily("strata_pageserver_timeline_broken",
                                    "1 if the timeline is broken (reads refused)",
                                    labels=labels)
@@ -106,6 +107,7 @@ class TimelineCollector(Collector):
                 for kind in ("ranged_gets", "ranged_bytes", "ranged_opens", "layer_downloads",
                              "layer_download_bytes"):
                     remote_reads.add_metric([*ids, kind], getattr(stats, kind))
+                remote_reads.add_metric([*ids, "download_waits"], tl.download_waits)
         yield from (ingested, lag, lsns, layers, layer_bytes, leases, broken, remote_reads)
 
 

@@ -103,6 +103,12 @@ class RemoteSink(Protocol):
     def ranged_reads_before_download(self) -> int:
         """Ranged reads of a layer before it is downloaded whole in the background (0:
         no ranged reads, a read downloads the whole layer first)."""
+    def download_estimate_s(self, desc: LayerDesc) -> float | None:
+        """How long a whole download of the layer is expected to take (None: unknown)."""
+    @property
+    def download_wait_s(self) -> float:
+        """A read of a layer whose whole download runs waits for it, instead of fetching
+        by ranged reads, if it is expected to finish within this many seconds (0: never)."""
     def is_evictable(self, desc: LayerDesc) -> bool:
         """True if the last uploaded index names the layer (its local file may go)."""
     @property
@@ -148,6 +154,8 @@ class Timeline:
         self._ranged: dict[LayerDesc, LayerReader] = {}
         self._ranged_reads: dict[LayerDesc, int] = {}
         self._downloading: set[LayerDesc] = set()
+        self._download_began: dict[LayerDesc, float] = {}  # monotonic, once its GET starts
+        self.download_waits = 0  # reads served by waiting for a running whole download
         self._ranged_lock = threading.Lock()  # opens ranged readers, starts downloads
         self._downloads_idle = threading.Condition(threading.Lock())
         self._closed = False
@@ -488,6 +496,15 @@ class Timeline:
             reader = self._local_reader(desc)  # a background download may have finished
             if reader is not None:
                 return reader
+            wait_s = self._download_wait(remote, desc)
+        if wait_s is not None:
+            reader = self._wait_download(desc, wait_s)
+            if reader is not None:
+                return reader
+        with self._ranged_lock:
+            reader = self._local_reader(desc)
+            if reader is not None:
+                return reader
             reader = self._ranged.get(desc)
             if reader is None:
                 started = time.monotonic()
@@ -506,6 +523,34 @@ class Timeline:
                                  name=f"download-{self.timeline_id}").start()
         return reader
 
+    def _download_wait(self, remote: RemoteSink, desc: LayerDesc) -> float | None:
+        """How long a read of `desc` should wait for its running whole download rather
+        than fetch by ranged reads: its expected remaining time, if within the remote's
+        `download_wait_s`; None if no download runs or it is not expected that soon.
+        Under `_ranged_lock`."""
+        limit = remote.download_wait_s
+        if limit <= 0 or desc not in self._downloading:
+            return None
+        estimate = remote.download_estimate_s(desc)
+        if estimate is None:
+            return None
+        began = self._download_began.get(desc)
+        # Not begun yet: it waits (at most BACKGROUND_DOWNLOAD_DELAY_S) for the read that
+        # started it to fetch its blobs, then the whole estimate is still ahead.
+        remaining = estimate - (time.monotonic() - began if began is not None else 0.0)
+        return max(remaining, 0.0) if remaining <= limit else None
+
+    def _wait_download(self, desc: LayerDesc, remaining_s: float) -> LayerReader | None:
+        """Wait for the running download of `desc` (twice its expected remaining time,
+        at least 0.1 s); its local reader, or None if it is not done by then."""
+        with self._downloads_idle:
+            self._downloads_idle.wait_for(lambda: desc not in self._downloading,
+                                          max(2 * remaining_s, 0.1))
+        reader = self._local_reader(desc)
+        if reader is not None:
+            self.download_waits += 1
+        return reader
+
     def _download(self, remote: RemoteSink, desc: LayerDesc) -> LayerReader:
         """Download the whole layer file (one at a time per timeline) and open it."""
         with self._download_lock:
@@ -517,6 +562,7 @@ class Timeline:
             # skips it, so the file the read just fetched is there when it opens it.
             with self._lock:
                 self._pinned.add(desc)
+                self._download_began[desc] = time.monotonic()
             try:
                 remote.download(desc)
                 failpoint("timeline-after-download-layer")
@@ -524,6 +570,7 @@ class Timeline:
             finally:
                 with self._lock:
                     self._pinned.discard(desc)
+                    self._download_began.pop(desc, None)
             if reader is None:
                 raise CorruptionError(f"layer file {desc.file_name()} vanished right after "
                                       "its download", path=str(self.dir / desc.file_name()))
