@@ -115,11 +115,14 @@ def _stock_sync_rep(stack: contextlib.ExitStack, base: Path) -> PgServer:
     return primary
 
 
-def strata_compute(stack: contextlib.ExitStack, base: Path) -> tuple[Cluster, RunningCompute]:
-    """A pageserver, 3 safekeepers and a compute with its sidecar (backpressure on)."""
+def strata_compute(stack: contextlib.ExitStack, base: Path, name: str = "strata",
+                   pageserver_overrides: list[str] | None = None,
+                   ) -> tuple[Cluster, RunningCompute]:
+    """A pageserver, 3 safekeepers and a compute with its sidecar (backpressure on), under
+    base/name."""
     loop = LoopThread()
     stack.callback(loop.close)
-    cluster = Cluster.start(base / "strata", loop)
+    cluster = Cluster.start(base / name, loop, pageserver_overrides=pageserver_overrides)
     stack.callback(cluster.stop_all)
     tenant, timeline = cluster.create_tenant()
     cluster.sidecar_settings = {
