@@ -13,6 +13,7 @@ from pathlib import Path
 
 from strata.common import eventloop
 from strata.proxy import relay
+from strata.proxy.sockmap import Sockmap
 from strata.proxy.tls import server_context
 
 
@@ -40,6 +41,7 @@ async def main(mode: str, port: int, socket_path: str, tls_dir: Path) -> None:
     if mode == "threads-copy":
         relay._splice_loop = _copy_loop
     context = server_context(tls_dir / "server.crt", tls_dir / "server.key")
+    kernel = Sockmap.open() if mode == "sockmap" else None
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -59,8 +61,22 @@ async def main(mode: str, port: int, socket_path: str, tls_dir: Path) -> None:
             first = b""
         c_reader, c_writer = await asyncio.open_unix_connection(socket_path)
         c_writer.write(first)
+        ready = b""
+        if kernel is not None:  # as the proxy: the startup, ReadyForQuery held back
+            length = struct.unpack("!i", first[:4])[0]
+            c_writer.write(await reader.readexactly(length - 8))
+            while True:
+                header = await c_reader.readexactly(5)
+                body = await c_reader.readexactly(struct.unpack("!i", header[1:])[0] - 4)
+                if header[:1] == b"Z":
+                    ready = header + body
+                    break
+                writer.write(header + body)
         await relay.wait_writes_flushed(writer, c_writer, raw=raw)
-        if mode == "protocols":
+        if kernel is not None:
+            await relay.relay_threads(reader, writer, c_reader, c_writer, ready=ready,
+                                      kernel=kernel)
+        elif mode == "protocols":
             await relay.relay_protocols(reader, writer, c_reader, c_writer)
         else:
             await relay.relay_threads(reader, writer, c_reader, c_writer)
@@ -73,7 +89,7 @@ async def main(mode: str, port: int, socket_path: str, tls_dir: Path) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", required=True,
-                        choices=("protocols", "threads", "threads-copy"))
+                        choices=("protocols", "threads", "threads-copy", "sockmap"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--socket", required=True)
     parser.add_argument("--tls-dir", required=True, type=Path)

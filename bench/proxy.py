@@ -2,9 +2,11 @@
 
 Two direct baselines: `unix`, the compute's unix socket (trusted: no TLS, no SCRAM; what
 Strata's own tools use), and `tcp`, the compute's TCP port with SCRAM-SHA-256 (no TLS),
-what a client that is not on the compute's machine would have without the proxy. A
-compute started while the proxy runs does not listen on TCP, so the bench restarts
-`main` once with the proxy stopped, which makes it listen on both.
+what a client that is not on the compute's machine would have without the proxy; and
+`tls_direct`, the same TCP port with TLS (the bench turns `ssl` on in the compute with
+the proxy's certificate), what a remote client would have, to compare TLS through the
+proxy with. A compute started while the proxy runs does not listen on TCP, so the bench
+restarts `main` once with the proxy stopped, which makes it listen on both.
 
 - `connect_ms_{direct_tcp,tls_sni,plain_options}`: connect + `select 1` + close
   (median), baseline: the same over the unix socket (a note gives the ratios to tcp);
@@ -13,7 +15,8 @@ compute started while the proxy runs does not listen on TCP, so the bench restar
   (whose commits go through the safekeepers), at scale 4; the ways interleaved over the
   rounds; baseline: the unix socket (median TPS; a note gives each round's own ratios
   to unix and to tcp); `tps_{select_only,tpcb}_{plain,tls}_vs_tcp`: the same against
-  the TCP baseline;
+  the TCP baseline; `tps_{select_only,tpcb}_tls_vs_tls_direct`: TLS through the proxy
+  against TLS direct;
 - `proxy_cpu_us_per_tx_{select_only,tpcb}_{plain,tls}`: the proxy process's CPU time
   per transaction (independent of the machine's load, unlike the TPS ratio);
 - `wake_s{N}`: connect to a suspended endpoint until the first query answers, at pgbench
@@ -126,6 +129,10 @@ def _throughput(report: Report, repo: Path, targets: dict[str, str], quick: bool
                     f"{rounds} rounds; load average {os.getloadavg()[0]:.1f}")
         unix, tcp = statistics.median(tps["unix"]), statistics.median(tps["tcp"])
         report.add(f"tps_{workload}_direct_tcp", tcp, "tps", baseline=unix)
+        tls_direct = statistics.median(tps["tls_direct"])
+        report.add(f"tps_{workload}_direct_tls", tls_direct, "tps", baseline=unix)
+        report.add(f"tps_{workload}_tls_vs_tls_direct", statistics.median(tps["tls"]), "tps",
+                   baseline=tls_direct)
         for way in ("plain", "tls"):
             to_unix = [t / d for t, d in zip(tps[way], tps["unix"], strict=True)]
             to_tcp = [t / d for t, d in zip(tps[way], tps["tcp"], strict=True)]
@@ -139,6 +146,24 @@ def _throughput(report: Report, repo: Path, targets: dict[str, str], quick: bool
             # mostly measures how long each hop waits for a core).
             report.add(f"proxy_cpu_us_per_tx_{workload}_{way}", statistics.median(cpu[way]),
                        "us")
+
+
+def _direct_tls(repo: Path, main: dict[str, str], tmp: Path) -> None:
+    """Turn TLS on in `main` (its own TCP port; pg_hba's `host` lines take TLS too), with
+    the proxy's certificate, readable by the user PostgreSQL runs as."""
+    owner = os.stat(main["socket_dir"]).st_uid
+    for name in ("server.crt", "server.key"):
+        copy = tmp / f"compute-{name}"
+        copy.write_bytes((repo / "proxy" / name).read_bytes())
+        os.chown(copy, owner, -1)
+        copy.chmod(0o600)
+    _, port = main["address"].rsplit(":", 1)
+    with psycopg.connect(f"host={main['socket_dir']} port={port} user=postgres "
+                         "dbname=postgres", autocommit=True) as conn:
+        conn.execute(f"alter system set ssl_cert_file = '{tmp / 'compute-server.crt'}'")
+        conn.execute(f"alter system set ssl_key_file = '{tmp / 'compute-server.key'}'")
+        conn.execute("alter system set ssl = on")
+        conn.execute("select pg_reload_conf()")
 
 
 def _wake(report: Report, repo: Path, scale: int) -> None:
@@ -188,21 +213,25 @@ def run(report: Report, quick: bool) -> None:
             unix = f"host={main['socket_dir']} port={port} user=strata dbname=strata"
             tcp = (f"host={host} port={port} user=strata dbname=strata password={PASSWORD} "
                    "sslmode=disable")
+            _direct_tls(repo, main, Path(tmp))
+            tls_direct = tcp.replace("sslmode=disable", "sslmode=require")
             report.note("baselines: 'unix', the compute's unix socket, trusted (no TLS, no "
-                        "SCRAM); 'tcp', its TCP port with SCRAM (no TLS); the proxy's figures "
-                        "include SCRAM and, for tls, TLS")
+                        "SCRAM); 'tcp', its TCP port with SCRAM (no TLS); 'tls_direct', that "
+                        "port with TLS and SCRAM; the proxy's figures include SCRAM and, for "
+                        "tls, TLS")
             dsns = _dsns(repo, "main")
             n = 20 if quick else 100
             base = _connect_ms(unix, n)
             base_tcp = _connect_ms(tcp, n)
             report.add("connect_ms_direct_tcp", base_tcp, "ms", baseline=base)
+            report.add("connect_ms_direct_tls", _connect_ms(tls_direct, n), "ms", baseline=base)
             for how, dsn in dsns.items():
                 ms = _connect_ms(dsn, n)
                 report.add(f"connect_ms_{how}", ms, "ms", baseline=base)
                 report.note(f"connect_ms_{how}: {ms / base_tcp:.2f}x the tcp baseline")
             subprocess.run(["pgbench", "-i", "-q", "-s", "4", unix], capture_output=True,
                            timeout=3600, check=True)
-            _throughput(report, repo, {"unix": unix, "tcp": tcp,
+            _throughput(report, repo, {"unix": unix, "tcp": tcp, "tls_direct": tls_direct,
                                        "plain": dsns["plain_options"],
                                        "tls": dsns["tls_sni"]}, quick)
             for scale in scales:

@@ -8,7 +8,8 @@ drifts over all of them alike; baseline: pgbench directly on the unix socket.
 - `relay_cpu_us_per_tx_<mode>`: the relay process's CPU (/proc/PID/stat) per transaction.
 
 Modes: `protocols` (asyncio protocols on uvloop), `threads` (a thread per direction,
-os.splice through a pipe), `threads-copy` (a thread per direction, recv/send); each
+os.splice through a pipe), `threads-copy` (a thread per direction, recv/send),
+`sockmap` (the kernel forwards, a BPF sockmap, `strata.proxy.sockmap`; needs root); each
 plain, and `protocols-tls` (sslmode=require, TLS ended at the relay, as the proxy
 does). Environment: RELAY_MODES (comma-separated,
 default all), RELAY_CLIENTS (default 4).
@@ -32,7 +33,7 @@ from strata.common.proc import free_port
 from strata.compute.pgserver import PgServer
 from strata.proxy.tls import make_self_signed
 
-MODES = ("protocols", "threads", "threads-copy", "protocols-tls")
+MODES = ("protocols", "threads", "threads-copy", "sockmap", "protocols-tls")
 
 
 def _pgbench(dsn: str, seconds: int, clients: int) -> tuple[float, int]:

@@ -166,6 +166,86 @@ def test_clients_tls_sni_scram_and_cancel(proxied: Cli) -> None:
         time.sleep(0.1)
 
 
+def test_plain_relay_in_kernel(proxied: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain connections with the compute's bytes forwarded by the kernel (a BPF
+    sockmap, STRATA_PROXY_SOCKMAP=1; the proxy logs whether it may use one): 50
+    concurrent pgbench connections, a result and COPY data both ways larger than the
+    socket buffers, a cancel, the compute closing first (the client reads its FATAL),
+    the client closing first (its backend ends), and the connection count back at 0."""
+    cli = proxied
+    cli.run("proxy", "stop")
+    monkeypatch.setenv("STRATA_PROXY_SOCKMAP", "1")
+    cli.run("proxy", "start")
+    env = {**os.environ, "PGCONNECT_TIMEOUT": "300"}
+    plain = dsn(cli, "main", how="options", sslmode="disable")
+    assert query(plain, "select 1") == [(1,)]
+    if "forwarded by the kernel (BPF sockmap)" not in proxy_log(cli):
+        pytest.skip("the proxy may not use a BPF sockmap here: "
+                    + next(line for line in proxy_log(cli).splitlines()
+                           if "sockmap" in line))
+    subprocess.run(["pgbench", "-i", "-s", "1", "-q", plain], capture_output=True,
+                   text=True, timeout=300, env=env, check=True)
+    out = subprocess.run(["pgbench", "-c", "50", "-j", "2", "-t", "20", "-n", "-S", plain],
+                         capture_output=True, text=True, timeout=600, env=env, check=True)
+    assert "number of transactions actually processed: 1000/1000" in out.stdout, out.stdout
+    out = subprocess.run(["pgbench", "-c", "4", "-t", "30", "-n", plain],
+                         capture_output=True, text=True, timeout=600, env=env, check=True)
+    assert "number of transactions actually processed: 120/120" in out.stdout, out.stdout
+
+    with psycopg.connect(plain, autocommit=True) as conn:
+        assert conn.execute("select md5(repeat('ab', 3000000))").fetchone() == (
+            hashlib.md5(b"ab" * 3000000).hexdigest(),)
+        conn.execute("create temp table big (t text)")
+        with conn.cursor().copy("copy big from stdin") as copy:
+            for i in range(5000):
+                copy.write(f"{i}-{'z' * 1000}\n")
+        out_bytes = bytearray()
+        with conn.cursor().copy("copy big to stdout") as copy:
+            for block in copy:
+                out_bytes += block
+        assert hashlib.md5(out_bytes).hexdigest() == hashlib.md5(
+            "".join(f"{i}-{'z' * 1000}\n" for i in range(5000)).encode()).hexdigest()
+
+        result: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                conn.execute("select pg_sleep(120)")
+            except BaseException as err:  # noqa: BLE001 - handed to the test thread
+                result.append(err)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not query(plain, "select 1 from pg_stat_activity "
+                               "where query = 'select pg_sleep(120)'"):
+            assert time.monotonic() < deadline, "the query did not start"
+            time.sleep(0.1)
+        conn.cancel_safe(timeout=60)
+        thread.join(timeout=60)
+        assert len(result) == 1 and isinstance(result[0], psycopg.errors.QueryCanceled), result
+
+    # The compute closes first: the client reads the FATAL before the end.
+    with psycopg.connect(plain, autocommit=True) as victim:
+        row = victim.execute("select pg_backend_pid()").fetchone()
+        assert row is not None
+        assert query(plain, f"select pg_terminate_backend({row[0]})") == [(True,)]
+        with pytest.raises(psycopg.errors.AdminShutdown, match="administrator command"):
+            victim.execute("select 1")
+    # The client closes first: its backend ends.
+    with psycopg.connect(plain, autocommit=True) as leaver:
+        row = leaver.execute("select pg_backend_pid()").fetchone()
+        assert row is not None
+    deadline = time.monotonic() + 60
+    while query(plain, f"select 1 from pg_stat_activity where pid = {row[0]}"):
+        assert time.monotonic() < deadline, "the backend outlived its client"
+        time.sleep(0.1)
+    deadline = time.monotonic() + 60
+    while endpoint_state(cli, "main")["connections"] != 0:
+        assert time.monotonic() < deadline, endpoint_state(cli, "main")
+        time.sleep(0.1)
+
+
 def test_wake_suspend_and_concurrent_wake(proxied: Cli) -> None:
     """An endpoint idle for its suspend_timeout_s is stopped (status: suspended); a
     connection wakes it and its data is there; 50 concurrent connections to a suspended

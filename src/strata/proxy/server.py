@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import ssl
 import struct
@@ -44,6 +45,7 @@ from strata.pg.wire import (
 from strata.proxy import protocol, relay
 from strata.proxy.computes import Computes
 from strata.proxy.scram import AuthFailed, ScramExchange, ScramSecret
+from strata.proxy.sockmap import Sockmap, SockmapUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class ProxyServer:
         self.computes = Computes(env)
         self._cancel_keys: dict[tuple[int, int], _CancelTarget] = {}
         self._sni: dict[int, str] = {}
+        self.sockmap = _open_sockmap()
         if ssl_context is not None:
             ssl_context.sni_callback = self._on_sni
 
@@ -232,19 +235,26 @@ class ProxyServer:
             try:
                 c_writer.write(protocol.startup_for_compute(startup).encode())
                 login_started = time.monotonic()
-                key = await self._forward_compute_startup(c_reader, writer, address.socket_path)
-                if key is None:
+                # Plain: ReadyForQuery is held back and sent by the relay once the sockets
+                # are in the sockmap, so that the client's first query finds them there.
+                hold = raw is None and self.sockmap is not None
+                started = await self._forward_compute_startup(c_reader, writer,
+                                                              address.socket_path,
+                                                              hold_ready=hold)
+                if started is None:
                     return
+                key, ready = started
                 if woke:  # the proxy's own share of a wake, next to the start's
                     log.info("connection to endpoint %s after its wake: client startup and "
                              "authentication %.3fs, wait for the start %.2fs, login to the "
                              "compute %.3fs", name, auth_s, wake_s,
                              time.monotonic() - login_started)
-                # Plain: a thread per direction, out of the event loop; TLS: the event
-                # loop's protocols (docs/proxy.md, "Relay").
+                # Plain: the kernel (BPF sockmap) or a thread per direction, out of the
+                # event loop; TLS: the event loop's protocols (docs/proxy.md, "Relay").
                 await relay.wait_writes_flushed(writer, c_writer, raw=raw)
                 if raw is None:
-                    await relay.relay_threads(reader, writer, c_reader, c_writer)
+                    await relay.relay_threads(reader, writer, c_reader, c_writer,
+                                              ready=ready, kernel=self.sockmap)
                 else:
                     await relay.relay_protocols(reader, writer, c_reader, c_writer)
             finally:
@@ -254,11 +264,12 @@ class ProxyServer:
                 self._cancel_keys.pop(key, None)
             self.computes.release(name)
 
-    async def _forward_compute_startup(self, c_reader: asyncio.StreamReader,
-                                       writer: asyncio.StreamWriter,
-                                       socket_path: str) -> tuple[int, int] | None:
-        """Forward the compute's messages up to ReadyForQuery; returns the proxy's cancel
-        key for this connection, or None if the compute refused (its error forwarded)."""
+    async def _forward_compute_startup(
+            self, c_reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+            socket_path: str, *, hold_ready: bool) -> tuple[tuple[int, int], bytes] | None:
+        """Forward the compute's messages up to ReadyForQuery (kept back and returned with
+        `hold_ready`, else b""); returns the proxy's cancel key for this connection and
+        that, or None if the compute refused (its error forwarded)."""
         key: tuple[int, int] | None = None
         while True:
             header = await c_reader.readexactly(5)
@@ -276,13 +287,16 @@ class ProxyServer:
                 key = self._new_cancel_key(_CancelTarget(socket_path, pid, compute_key))
                 writer.write(b"K" + _I32.pack(12) + struct.pack("!ii", *key))
                 continue
+            if tag == b"Z" and hold_ready:
+                await writer.drain()
+                return (key if key is not None else (0, 0)), header + body
             writer.write(header + body)
             if tag == b"E":
                 await writer.drain()
                 return None
             if tag == b"Z":
                 await writer.drain()
-                return key if key is not None else (0, 0)
+                return (key if key is not None else (0, 0)), b""
 
     def _new_cancel_key(self, target: _CancelTarget) -> tuple[int, int]:
         while True:
@@ -305,6 +319,24 @@ class ProxyServer:
         await c_writer.drain()
         c_writer.close()
         log.info("routed a cancel request to backend %d", target.process_id)
+
+
+def _open_sockmap() -> Sockmap | None:
+    """The kernel forwarding of plain connections' compute-to-client bytes when asked for
+    (STRATA_PROXY_SOCKMAP=1 in the proxy's environment; off by default: slower than the
+    threads on the loaded 2-core machine, docs/proxy.md "Relay"), or None (one log line,
+    also where BPF is not permitted): then threads relay them."""
+    if os.environ.get("STRATA_PROXY_SOCKMAP", "0") != "1":
+        return None
+    try:
+        sockmap = Sockmap.open()
+    except SockmapUnavailable as err:
+        log.info("sockmap forwarding unavailable (%s): plain connections are relayed by "
+                 "splice threads only", err)
+        return None
+    log.info("plain connections: the compute's bytes are forwarded by the kernel (BPF "
+             "sockmap), the client's by a splice thread")
+    return sockmap
 
 
 # --- startup-phase reads --------------------------------------------------------------------
