@@ -477,12 +477,7 @@ class Pageserver:
                             "detaching would lose the tenant; delete it instead")
         async with self._create_lock, self.background.exclusive(tenant_id):
             for timeline_id in tenant.list_timelines():
-                wal = self.wals.pop((tenant_id, timeline_id), None)
-                self._start_lsns.pop((tenant_id, timeline_id), None)
-                self._logical_sizes.pop((tenant_id, timeline_id), None)
-                if wal is not None:
-                    with timeline_context(tenant_id, timeline_id):
-                        await wal.stop(flush=True)
+                await self._stop_wal(tenant_id, timeline_id, flush=True)
             for timeline_id in tenant.list_timelines():
                 client = self.uploads.get((tenant_id, timeline_id))
                 if client is not None and not await asyncio.to_thread(client.wait_idle, 120):
@@ -610,13 +605,16 @@ class Pageserver:
         with timeline_context(tenant_id, timeline_id):
             log.info("deleted timeline")
 
-    async def _stop_wal(self, tenant_id: TenantId, timeline_id: TimelineId) -> None:
+    async def _stop_wal(self, tenant_id: TenantId, timeline_id: TimelineId,
+                        *, flush: bool = False) -> None:
+        """Stop the timeline's WAL ingest (with `flush`, its in-memory layers are written
+        to disk first) and forget what was kept for it."""
         wal = self.wals.pop((tenant_id, timeline_id), None)
         self._start_lsns.pop((tenant_id, timeline_id), None)
         self._logical_sizes.pop((tenant_id, timeline_id), None)
         if wal is not None:
             with timeline_context(tenant_id, timeline_id):
-                await wal.stop(flush=False)
+                await wal.stop(flush=flush)
 
     def set_tenant_config(self, tenant_id: TenantId, conf: TenantConfig) -> None:
         self.repo.set_tenant_config(tenant_id, conf)

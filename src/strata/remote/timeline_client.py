@@ -271,16 +271,22 @@ class RemoteTimelineClient:
             self._cond.notify_all()
             return True
 
-    def download(self, desc: LayerDesc) -> None:
-        """Fetch a layer the remote index names into the timeline directory."""
-        from strata.remote.download import download_layer
-
+    def _uploaded_layer(self, desc: LayerDesc) -> tuple[str, RemoteLayer]:
+        """The file name of `desc` and its uploaded object; NotFound if the remote index
+        does not name it."""
         name = desc.file_name()
         with self._cond:
             layer = self._uploaded.get(name)
         if layer is None:
             raise NotFound(f"layer {name} of timeline {self.timeline_id} is not on local "
                            "disk and not in remote storage")
+        return name, layer
+
+    def download(self, desc: LayerDesc) -> None:
+        """Fetch a layer the remote index names into the timeline directory."""
+        from strata.remote.download import download_layer
+
+        name, layer = self._uploaded_layer(desc)
         failpoint("remote-before-download-layer")
         started = time.monotonic()
         size = download_layer(self.storage, self.tenant_id, self.timeline_id, name, layer,
@@ -302,12 +308,7 @@ class RemoteTimelineClient:
         """A reader of a layer the remote index names that fetches by ranged reads (its
         index now, then the blobs each lookup needs), every byte checked by the layer
         format's checksums (RangedLayerReader)."""
-        name = desc.file_name()
-        with self._cond:
-            layer = self._uploaded.get(name)
-        if layer is None:
-            raise NotFound(f"layer {name} of timeline {self.timeline_id} is not on local "
-                           "disk and not in remote storage")
+        name, layer = self._uploaded_layer(desc)
         key = self.prefix + layer.object_name(name)
 
         def fetch_many(ranges: list[tuple[int, int]]) -> list[bytes]:
