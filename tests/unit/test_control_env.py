@@ -157,6 +157,9 @@ def test_pid_files_trust_only_the_live_process_they_name(tmp_path: Path) -> None
         files = ProcessFiles("sleeper", tmp_path / "p.pid", tmp_path / "p.log", "marker-123")
         assert files.read_pid() is None and not files.died()
         files.write_pid(child.pid)
+        # At once after Popen: the child may still be in exec with an empty command line
+        # (often so on a loaded machine); read_pid waits for it rather than call it a
+        # stranger.
         assert files.read_pid() == child.pid
         other = ProcessFiles("other", tmp_path / "p.pid", tmp_path / "p.log", "marker-999")
         assert other.read_pid() is None  # a reused pid is not ours

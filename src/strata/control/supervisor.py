@@ -77,12 +77,24 @@ def pid_alive(pid: int) -> bool:
     return pid_running(pid)
 
 
+CMDLINE_SETTLE_S = 2.0  # how long a live process may show an empty command line
+
+
 def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
+    """The command line of `pid` ("" once it is gone). A process being exec'd shows an
+    empty one for a moment, even after the Popen that started it returned (the kernel
+    lets the parent go before it sets up the new program's arguments; on a loaded machine
+    the moment is long): a live process is read again until it shows one (bounded)."""
+    deadline = time.monotonic() + CMDLINE_SETTLE_S
+    while True:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                text = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            return ""
+        if text or not pid_alive(pid) or time.monotonic() > deadline:
+            return text.replace(b"\0", b" ").decode(errors="replace")
+        time.sleep(0.002)
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
