@@ -166,14 +166,19 @@ def stop_process(files: ProcessFiles, sig: signal.Signals, *, timeout_s: float) 
     deadline = time.monotonic() + timeout_s
     while pid_alive(pid):
         if time.monotonic() > deadline:
+            output.info(f"{files.name} (pid {pid}) did not exit within {timeout_s:g}s of "
+                        f"{sig.name}; killing it (SIGKILL); its log: {files.log_path}")
             # Children of a PostgreSQL postmaster share its process group (own session).
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            _wait_gone(pid, 10)
+            _wait_gone(pid, KILL_WAIT_S)
             break
         time.sleep(0.05)
     files.clear_pid()
     return True
+
+
+KILL_WAIT_S = 30.0  # for a SIGKILLed process to go (a large one takes a while, loaded)
 
 
 def _wait_gone(pid: int, timeout_s: float) -> None:
