@@ -329,7 +329,8 @@ def test_walproposer_death_stops_its_endpoint(cli: Cli) -> None:
 def test_clear_errors(cli: Cli, test_dir: Path) -> None:
     """A missing environment, an unknown branch or safekeeper, a bad or future `--at`, a
     hung pageserver, a taken port and a dead process each give one clear error line (exit
-    code 1, no traceback); a taken port strata picked itself is picked again."""
+    code 1, no traceback); a taken port strata picked itself (the proxy's, an endpoint's)
+    is picked again."""
     missing = cli.run("status", ok=False)
     assert "no Strata environment in" in missing.stderr and "strata init" in missing.stderr
 
@@ -397,6 +398,60 @@ def test_clear_errors(cli: Cli, test_dir: Path) -> None:
         assert f"port {proxy_port} -> {saved['proxy']['port']}" in moved.stderr, moved.stderr
         assert squatter.getsockname()[1] == proxy_port
     assert cli.json("status")["proxy"]["address"] == f"127.0.0.1:{saved['proxy']['port']}"
+
+    # The endpoint's port (strata picked it at init) taken by another process: before the
+    # start (the check sees it), and between the check and PostgreSQL's bind (PostgreSQL
+    # exits with "could not bind"): each start picks another, saves it and goes on.
+    cli.run("proxy", "stop")  # without the proxy, PostgreSQL listens on TCP
+    cli.run("endpoint", "stop", "main")
+
+    def endpoint_port() -> int:
+        ep = next(e for e in cli.json("endpoint", "list") if e["name"] == "main")
+        return int(ep["address"].rsplit(":", 1)[1])
+
+    port = endpoint_port()
+    with _occupy(port):
+        moved = cli.run("endpoint", "start", "main")
+        assert f"port {port} -> {endpoint_port()}" in moved.stderr, moved.stderr
+    assert rows(cli.local("main"), "select 1") == [(1,)]
+    cli.run("endpoint", "stop", "main")
+    for delay_s in (5, 30):  # the test binds the port while the start sleeps before launch
+        port = endpoint_port()
+        proc = subprocess.Popen(
+            [STRATA, "--repo-dir", str(cli.repo_dir), "endpoint", "start", "main"],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+            env={**os.environ,
+                 "STRATA_FAILPOINTS": f"endpoint-before-postgres-launch=sleep({delay_s})"})
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith(f"starting PostgreSQL 15 on 127.0.0.1:{port} "):
+                break
+        try:
+            squatter = _occupy(port)
+        except OSError:  # PostgreSQL bound it first: the test was late; again, slower
+            assert proc.wait(180) == 0, seen
+            cli.run("endpoint", "stop", "main")
+            continue
+        with squatter:
+            rest = proc.stderr.read()
+            assert proc.wait(180) == 0, (seen, rest)
+        assert f"port {port} -> {endpoint_port()}" in rest, rest
+        break
+    else:
+        raise AssertionError("the test never bound the port before PostgreSQL did")
+    assert rows(cli.local("main"), "select 1") == [(1,)]
+
+
+def _occupy(port: int) -> socket.socket:
+    """Hold 127.0.0.1:port as another server would (listening; SO_REUSEADDR as servers
+    do, so connections of a stopped one in TIME_WAIT do not keep it from binding)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen()
+    return s
 
 
 def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:

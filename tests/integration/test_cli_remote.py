@@ -127,8 +127,9 @@ def test_init_runs_seaweedfs_and_tenant_size(cli: Cli, test_dir: Path) -> None:
     there: `tenant size` reports local and remote bytes, and a pageserver that lost its
     data directory gets the tenant back from it. SeaweedFS killed (SIGKILL) while the
     pageserver uploads: the uploads retry once it runs again and nothing is lost (every
-    row is read back after the attach, so the index named no missing object). Then
-    `pageserver add` and `tenant relocate --to 2` with the endpoint stopped."""
+    row is read back after the attach, so the index named no missing object). Its S3
+    port taken while the environment is stopped: `start` moves it. Then `pageserver add`
+    and `tenant relocate --to 2` with the endpoint stopped."""
     config = test_dir / "strata.toml"
     config.write_text(CONFIG)
     cli.run("init", "--config", str(config), "--object-storage", "seaweedfs")
@@ -173,8 +174,18 @@ def test_init_runs_seaweedfs_and_tenant_size(cli: Cli, test_dir: Path) -> None:
     cli.run("stop", "--immediate")
     assert cli.json("status")["object_storage"]["seaweedfs"]["state"] == "stopped"
     shutil.rmtree(cli.repo_dir / "pageserver")
-    started = cli.run("start")
+    # SeaweedFS's S3 port (strata picked it at init) taken by another process while
+    # nothing runs: `start` picks another and the URL the pageserver and the safekeepers
+    # get names it.
+    s3_port = int(status["url"].rsplit(":", 1)[1])
+    with test_cli._occupy(s3_port):
+        started = cli.run("start")
     assert "starting SeaweedFS" in started.stderr and "with generation 2" in started.stderr
+    url = cli.json("status")["object_storage"]["url"]
+    assert f"s3.port {s3_port} -> {url.rsplit(':', 1)[1]}" in started.stderr, started.stderr
+    sk_pid = int((cli.repo_dir / "run" / "safekeeper-1.pid").read_text())
+    argv = Path(f"/proc/{sk_pid}/cmdline").read_bytes().decode().split("\0")
+    assert argv[argv.index("--remote-storage") + 1] == url, argv
     cli.run("endpoint", "start", "main")
     _check_known(cli.local("main"), last)
 

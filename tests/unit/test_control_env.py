@@ -394,11 +394,12 @@ def test_modes_are_parsed_once_and_state_files_stay_compatible(tmp_path: Path) -
     assert written["endpoints"]["a"]["mode"] == "lazy"
     assert written["endpoints"]["b"]["mode"] is None
     assert json.loads(json.dumps(written))["endpoints"]["a"] == \
-        {**old["endpoints"]["a"], "suspend_timeout_s": 300.0}
+        {**old["endpoints"]["a"], "suspend_timeout_s": 300.0, "port_picked": False}
     # an endpoint's LSN is an Lsn in memory and the same "X/Y" text in the file
     assert state.endpoint("b").lsn == Lsn.parse("0/16B3740") and state.endpoint("a").lsn is None
     assert json.loads(json.dumps(written))["endpoints"]["b"] == \
-        {**old["endpoints"]["b"], "mode": None, "suspend_timeout_s": 300.0}
+        {**old["endpoints"]["b"], "mode": None, "suspend_timeout_s": 300.0,
+         "port_picked": False}
     old["endpoints"]["a"]["mode"] = "turbo"
     env.state_path.write_text(json.dumps(old))
     with pytest.raises(UserError, match=r"mode must be one of \['lazy', 'full'\], got 'turbo'"):
@@ -420,7 +421,8 @@ def test_ids_are_parsed_once_and_state_files_write_back_identical(tmp_path: Path
                                  "attached": True, "pageserver": 2}},
                "endpoints": {"ro": {"name": "ro", "tenant_id": tid, "branch": "dev",
                                     "port": 5433, "lsn": "0/16B3740", "autostart": False,
-                                    "mode": "full", "suspend_timeout_s": 60.0}}}
+                                    "mode": "full", "suspend_timeout_s": 60.0,
+                                    "port_picked": True}}}
     text = json.dumps(current, indent=2) + "\n"
     env.state_path.write_text(text)
     with env.locked() as state:
@@ -558,6 +560,31 @@ def test_only_ports_strata_picked_are_picked_again() -> None:
     assert len(again.ports()) == len(config.ports())  # still all different
     edited = EnvConfig.from_dict({**again.to_dict(), "proxy": {"port": 7001}})
     assert edited.repick(["proxy.port"]) is None  # edited by the user: theirs now
+
+
+def test_seaweedfs_ports_picked_again_move_the_s3_url() -> None:
+    """SeaweedFS's ports picked at `init --object-storage seaweedfs` are strata's: picked
+    again, a new S3 port moves the remote_storage URL that names it (and only that one);
+    another of its ports leaves the URL alone."""
+    ports = {"s3.port": 40001, "filer.port": 40002}
+    url = "s3://strata?endpoint=http://127.0.0.1:40001"
+    config = EnvConfig.from_dict({
+        "pageserver": {"config": {"remote_storage": url}},
+        "seaweedfs": {"ports": ports},
+        "picked_ports": {f"seaweedfs.{name}": port for name, port in ports.items()},
+    }).with_ports_allocated()
+    assert EnvConfig.from_dict(config.to_dict()) == config
+    moved = config.repick(["seaweedfs.s3.port"])
+    assert moved is not None and moved.seaweedfs is not None
+    s3 = moved.seaweedfs["s3.port"]
+    assert s3 != 40001 and moved.seaweedfs["filer.port"] == 40002
+    assert moved.pageserver.config["remote_storage"] == \
+        f"s3://strata?endpoint=http://127.0.0.1:{s3}"
+    assert moved.picked_ports["seaweedfs.s3.port"] == s3
+    filer = config.repick(["seaweedfs.filer.port"])
+    assert filer is not None and filer.pageserver.config["remote_storage"] == url
+    user_set = EnvConfig.from_dict({**config.to_dict(), "picked_ports": {}})
+    assert user_set.repick(["seaweedfs.s3.port"]) is None
 
 
 def _occupy(port: int) -> socket.socket:

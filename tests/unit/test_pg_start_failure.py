@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from strata.compute.pgserver import startup_failure
+from strata.compute.pgserver import port_taken, startup_failure
 from strata.compute.postmaster_files import PostmasterPid
 
 DATA = Path(__file__).parent / "data" / "pg_start_failures"
@@ -25,6 +25,14 @@ DATA = Path(__file__).parent / "data" / "pg_start_failures"
 ])
 def test_startup_failure_is_the_fatal_line(name: str, expected: str) -> None:
     assert startup_failure((DATA / f"{name}.log").read_text()) == expected
+
+
+@pytest.mark.parametrize(("name", "taken"), [("port_taken", True), ("lock_exists", False),
+                                             ("bad_setting", False)])
+def test_port_taken_only_for_a_bind_failure(name: str, taken: bool) -> None:
+    """A start that failed because its TCP port was held (an endpoint start then picks
+    another port) and only that: a stale socket lock or a bad setting is not retried."""
+    assert port_taken((DATA / f"{name}.log").read_text()) is taken
 
 
 def test_startup_failure_without_fatal() -> None:

@@ -46,6 +46,14 @@ _DETAIL = re.compile(r"\b(DETAIL|HINT):\s+(.*)")
 
 
 _CAUSE = re.compile(r"\b(?:LOG|WARNING):\s+((?:could not|invalid) .*)")
+# "LOG:  could not bind IPv4 address "127.0.0.1": Address already in use"
+_PORT_TAKEN = re.compile(r"\bLOG:\s+could not bind .*: Address already in use")
+
+
+def port_taken(log_text: str) -> bool:
+    """Whether a postmaster's log says another process held its TCP port (it then exits
+    with "could not create any TCP/IP sockets"), so a start on another port may work."""
+    return _PORT_TAKEN.search(log_text) is not None
 
 
 def startup_failure(log_text: str) -> str | None:

@@ -47,6 +47,7 @@ from strata.control.env import (
     Environment,
     TenantState,
     WalMode,
+    allocate_port,
 )
 from strata.control.object_storage import (
     allocate_seaweed_ports,
@@ -56,7 +57,6 @@ from strata.control.object_storage import (
     stop_seaweed,
 )
 from strata.control.operations import (
-    allocate_port,
     check_attached,
     client_if_running,
     create_branch,
@@ -144,6 +144,7 @@ def init(ctx: click.Context, config_file: Path | None, object_storage: str | Non
     try:
         ensure_certificate(env, config)
         start_seaweed(env, config)
+        config = env.config()  # SeaweedFS's ports, if another process took one
         # A port picked above and taken meanwhile by another process is picked again.
         start_safekeepers(env, config, repick_ports=True)
         start_pageserver(env, config, repick_ports=True)
@@ -164,7 +165,7 @@ def init(ctx: click.Context, config_file: Path | None, object_storage: str | Non
         state.default_tenant = tenant_id
         state.endpoints[DEFAULT_ENDPOINT] = EndpointState(
             DEFAULT_ENDPOINT, tenant_id, DEFAULT_BRANCH, allocate_port(config, state),
-            autostart=True)
+            autostart=True, port_picked=True)
     output.info(f"tenant {tenant_id}: branch {DEFAULT_BRANCH} (timeline {timeline_id}), "
                 f"endpoint {DEFAULT_ENDPOINT}")
     output.result(f"initialized {root}; run `strata start` to start endpoint "
@@ -175,7 +176,8 @@ def _with_object_storage(config: EnvConfig, url: str, root: Path) -> EnvConfig:
     """`config` with the pageserver's remote_storage set (checked like the pageserver does)."""
     if url == "seaweedfs":
         ports = allocate_seaweed_ports()
-        config = replace(config, seaweedfs=ports)
+        config = replace(config, seaweedfs=ports, picked_ports={
+            **config.picked_ports, **{f"seaweedfs.{name}": p for name, p in ports.items()}})
         url = seaweed_url(ports)
     elif url == "local":
         url = f"file://{root.resolve() / 'remote_storage'}"
@@ -197,6 +199,7 @@ def start(ctx: click.Context) -> None:
         config = config.with_ports_allocated()
         env.write_config(config)
     start_seaweed(env, config)
+    config = env.config()  # SeaweedFS's ports, if another process took one
     start_safekeepers(env, config)
     _start_pageservers(env, config, None)
     config = start_console(env, config)
@@ -757,8 +760,8 @@ def pageserver_start(ctx: click.Context, ps_id: int | None) -> None:
     need). A tenant a pageserver does not hold any more (its data directory was lost) is
     attached from object storage with a new generation."""
     env = _env(ctx)
-    config = env.config()
-    start_seaweed(env, config)
+    start_seaweed(env, env.config())
+    config = env.config()  # SeaweedFS's ports, if another process took one
     ids = [ps.id for ps in config.pageservers] if ps_id is None else [ps_id]
     for i, pid in zip(ids, _start_pageservers(env, config, ps_id), strict=True):
         output.result(f"{_ps_label(i)} running (pid {pid})")
@@ -778,6 +781,7 @@ def pageserver_add(ctx: click.Context) -> None:
         config = config.with_ports_allocated()
         env.write_config(config)
     start_seaweed(env, config)
+    config = env.config()  # SeaweedFS's ports, if another process took one
     pid = start_pageserver(env, config, new_id, repick_ports=True)
     ps = env.config().pageserver_by_id(new_id)
     output.result(f"added pageserver {new_id} (pid {pid}; pg {ps.host}:{ps.pg_port}, http "

@@ -60,18 +60,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from strata.common.auth import Scope
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
+from strata.common.failpoint import failpoint
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn
 from strata.common.proc import chown_tree, service_user
 from strata.compute.compute import DEFAULT_RECEIVER_NAME, Compute, ComputeConfig
 from strata.compute.pageserver_address import FILE_NAME as PAGESERVER_FILE
 from strata.compute.pageserver_address import write_address
+from strata.compute.pgserver import port_taken
 from strata.compute.postmaster_files import clear_crashed_postmaster
 from strata.compute.walproposer import (
     DEFAULT_APPLICATION_NAME,
@@ -87,12 +89,14 @@ from strata.control.env import (
     EnvConfig,
     Environment,
     WalMode,
+    allocate_port,
 )
 from strata.control.services import require_pageserver, safekeeper_client, tenant_pageserver_id
 from strata.control.supervisor import (
     ProcessFiles,
     check_ports_free,
     pid_alive,
+    port_in_use,
     stop_process,
     wait_for,
 )
@@ -480,8 +484,11 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
         # After a crash (kill -9): the old postmaster may not be reaped yet and its children
         # may still run; they go before its data directory is replaced.
         clear_crashed_postmaster(paths.datadir, paths.socket_dir, ep.port)
-        check_ports_free(f"endpoint {ep.name}", {"port": (defaults.host, ep.port)},
-                         fix="delete the endpoint and create it again (with --port)")
+        if port_in_use(defaults.host, ep.port):
+            # Taken by another process: a port strata picked is picked again.
+            ep = _repick_port(env, config, ep) or ep
+            check_ports_free(f"endpoint {ep.name}", {"port": (defaults.host, ep.port)},
+                             fix="delete the endpoint and create it again (with --port)")
         ps_id = tenant_pageserver_id(env, ep.tenant_id)
         client = require_pageserver(env, config, ps_id)
         point_at_pageserver(env, config, ep.name, ps_id)
@@ -505,19 +512,31 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
                       "LSN beyond the branch's end?)")
 
     mode = choose_mode(requested_mode)
-    sidecar_proc: subprocess.Popen[bytes] | None = None
-    if not ep.read_only and config.wal_mode is WalMode.SAFEKEEPERS:
-        # Its Python start (and the walproposer's imports) overlap the basebackup.
-        sidecar_proc = _spawn_sidecar(env, config, ep, tenant_id, timeline_id,
-                                      paths.datadir,
-                                      system_id(env, client, tenant_id, timeline_id))
-    try:
-        compute = _build_and_launch(env, config, ep, client, tenant_id, timeline_id, lsn,
-                                    mode, phase, sidecar_proc)
-    except BaseException:
-        if sidecar_proc is not None:
-            _abandon_sidecar(env, ep.name, sidecar_proc)
-        raise
+    sysid = None
+    attempt = 0
+    while True:
+        attempt += 1
+        sidecar_proc: subprocess.Popen[bytes] | None = None
+        if not ep.read_only and config.wal_mode is WalMode.SAFEKEEPERS:
+            # Its Python start (and the walproposer's imports) overlap the basebackup.
+            if sysid is None:
+                sysid = system_id(env, client, tenant_id, timeline_id)
+            sidecar_proc = _spawn_sidecar(env, config, ep, tenant_id, timeline_id,
+                                          paths.datadir, sysid)
+        log_start = _log_size(endpoint_files(env, ep.name).log_path)
+        try:
+            compute = _build_and_launch(env, config, ep, client, tenant_id, timeline_id,
+                                        lsn, mode, phase, sidecar_proc)
+            break
+        except BaseException as err:
+            if sidecar_proc is not None:
+                _abandon_sidecar(env, ep.name, sidecar_proc)
+            # Another process bound the port between the check and PostgreSQL's bind.
+            moved = _repick_port(env, config, ep) if isinstance(err, UserError) and \
+                attempt < PORT_ATTEMPTS and _port_taken_since(env, ep, log_start) else None
+            if moved is None:
+                raise
+            ep = moved
     if sidecar_proc is not None:
         with phase("walproposer", f"waiting for the walproposer (the primary's synchronous "
                                   f"standby; log {sidecar_files(env, ep.name).log_path})"):
@@ -548,6 +567,44 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
                        mode, lsn, phase.seconds)
 
 
+PORT_ATTEMPTS = 4  # starts of one endpoint, each after another process took its port
+
+
+def _repick_port(env: Environment, config: EnvConfig,
+                 ep: EndpointState) -> EndpointState | None:
+    """`ep` with a new port, saved in state.json, when strata picked its port (another
+    process holds it now); None for a port the user gave (`endpoint create --port`)."""
+    if not ep.port_picked:
+        return None
+    with env.locked() as state:
+        current = state.endpoints.get(ep.name)
+        if current is None or not current.port_picked:
+            return None
+        moved = replace(current, port=allocate_port(config, state))
+        state.endpoints[ep.name] = moved
+    output.info(f"endpoint {ep.name}: another process took its port; picked a new one "
+                f"(port {ep.port} -> {moved.port}, saved in state.json)")
+    return replace(ep, port=moved.port)
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _port_taken_since(env: Environment, ep: EndpointState, offset: int) -> bool:
+    """Whether PostgreSQL logged, after `offset` of the endpoint's log, that its TCP port
+    was taken ("could not bind ...: Address already in use")."""
+    try:
+        with open(endpoint_files(env, ep.name).log_path, "rb") as f:
+            f.seek(offset)
+            return port_taken(f.read().decode(errors="replace"))
+    except FileNotFoundError:
+        return False
+
+
 def _build_and_launch(env: Environment, config: EnvConfig, ep: EndpointState,
                       client: PageserverClient, tenant_id: TenantId, timeline_id: TimelineId,
                       lsn: Lsn, mode: ComputeMode, phase: _Phases,
@@ -574,6 +631,7 @@ def _build_and_launch(env: Environment, config: EnvConfig, ep: EndpointState,
                            f"({'read-only at ' + str(lsn) if ep.read_only else 'primary'}, "
                            f"{mode} mode, log {files.log_path})"):
         try:
+            failpoint("endpoint-before-postgres-launch")  # tests: another process binds
             if lazy is not None:
                 lazy.launch()
             else:

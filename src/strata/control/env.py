@@ -51,6 +51,7 @@ CONSOLE_TOKEN_FILE = "console.token"
 STATE_VERSION = 1
 DEFAULT_BRANCH = "main"
 DEFAULT_ENDPOINT = "main"
+SEAWEED_HOST = "127.0.0.1"  # the environment's own SeaweedFS listens on loopback only
 
 DEFAULT_SAFEKEEPERS = 3
 SAFEKEEPERS_OFF = (
@@ -302,8 +303,9 @@ class EnvConfig:
     between them with `strata tenant relocate`."""
     picked_ports: Mapping[str, int] = field(default_factory=dict)
     """[picked_ports]: the ports strata picked itself (a port 0 at `strata init`, `strata
-    pageserver add`), by slot ("pageserver.1.pg_port", "safekeeper.2.http_port",
-    "console.port", "proxy.port"). A port still at its picked value is strata's to change:
+    pageserver add`, and SeaweedFS's at `strata init --object-storage seaweedfs`), by slot
+    ("pageserver.1.pg_port", "safekeeper.2.http_port", "console.port", "proxy.port",
+    "seaweedfs.s3.port"). A port still at its picked value is strata's to change:
     a start that finds it taken picks another and records it (`repick`); a port the user
     set (or edited) is never changed."""
 
@@ -434,6 +436,8 @@ class EnvConfig:
             out[f"safekeeper.{sk.id}.http_port"] = sk.http_port
         out["console.port"] = self.console.port
         out["proxy.port"] = self.proxy.port
+        for name, port in (self.seaweedfs or {}).items():
+            out[f"seaweedfs.{name}"] = port
         return out
 
     def repick(self, slots: list[str]) -> EnvConfig | None:
@@ -460,6 +464,8 @@ class EnvConfig:
             return self.pageserver_by_id(int(rest[0])).host
         if kind == "safekeeper":
             return self.safekeeper(int(rest[0])).host
+        if kind == "seaweedfs":
+            return SEAWEED_HOST
         return self.console.host if kind == "console" else self.proxy.host
 
     def _with_slot(self, slot: str, port: int) -> EnvConfig:
@@ -478,8 +484,29 @@ class EnvConfig:
                 for sk in self.safekeepers))
         if kind == "console":
             return replace(self, console=replace(self.console, port=port))
+        if kind == "seaweedfs":
+            return self._with_seaweed_port(".".join(rest), port)
         assert kind == "proxy", slot
         return replace(self, proxy=replace(self.proxy, port=port))
+
+    def _with_seaweed_port(self, name: str, port: int) -> EnvConfig:
+        """SeaweedFS's port `name` changed; for its S3 port, also the remote_storage URL
+        that names it (the pageservers', which the safekeepers get too)."""
+        assert self.seaweedfs is not None and name in self.seaweedfs, name
+        out = replace(self, seaweedfs={**self.seaweedfs, name: port})
+        if name != "s3.port":
+            return out
+        old = f"?endpoint=http://{SEAWEED_HOST}:{self.seaweedfs[name]}"
+
+        def moved(ps: PageserverSettings) -> PageserverSettings:
+            url = ps.config.get("remote_storage")
+            if not isinstance(url, str) or not url.endswith(old):
+                return ps
+            new_url = url[:-len(old)] + f"?endpoint=http://{SEAWEED_HOST}:{port}"
+            return replace(ps, config={**ps.config, "remote_storage": new_url})
+
+        return replace(out, pageserver=moved(out.pageserver),
+                       more_pageservers=tuple(map(moved, out.more_pageservers)))
 
     def ports(self) -> set[int]:
         """Every port of the storage services, the console and the proxy."""
@@ -558,6 +585,9 @@ class EndpointState:
     suspend_timeout_s: float = 300.0
     """The proxy stops the endpoint after this long without a client connection through
     it (0: never)."""
+    port_picked: bool = False
+    """strata picked `port` (no --port): a start that finds it taken by another process
+    picks another and saves it here. A port the user gave is never changed."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EndpointState:
@@ -673,6 +703,17 @@ class State:
             raise NotFound(f"no endpoint named {name!r}; endpoints: {known}; see "
                            "`strata endpoint list`")
         return self.endpoints[name]
+
+
+def allocate_port(config: EnvConfig, state: State) -> int:
+    """A free port for an endpoint, none of the services' nor another endpoint's."""
+    used = {ep.port for ep in state.endpoints.values()}
+    used |= config.ports()
+    for _ in range(100):
+        port = free_port(config.endpoint_defaults.host)
+        if port not in used:
+            return port
+    raise UserError("could not allocate a free port for the endpoint")
 
 
 # --- the directory -----------------------------------------------------------------------------

@@ -13,20 +13,21 @@ from __future__ import annotations
 from typing import Any
 
 from strata.common.errors import Unavailable
-from strata.control.env import EnvConfig, Environment
+from strata.control.env import SEAWEED_HOST, EnvConfig, Environment
+from strata.control.services import pageserver_files, safekeeper_files
 from strata.control.supervisor import (
     ProcessFiles,
     ServiceSpec,
     process_state,
+    repicker,
     start_service,
     stop_service,
 )
 from strata.remote.seaweed import PORT_NAMES, SeaweedServer
 
 SEAWEED_BUCKET = "strata"
-SEAWEED_HOST = "127.0.0.1"
 SEAWEED_START_TIMEOUT_S = 120.0
-SEAWEED_STOP_TIMEOUT_S = 60.0  # a clean stop takes ~25 s; SIGKILL after this
+SEAWEED_STOP_TIMEOUT_S = 60.0  # a clean stop takes ~15 s; SIGKILL after this
 
 
 def seaweed_server(env: Environment, ports: dict[str, int]) -> SeaweedServer:
@@ -59,18 +60,32 @@ def _ready(server: SeaweedServer) -> bool:
 
 def start_seaweed(env: Environment, config: EnvConfig) -> int | None:
     """Start the environment's SeaweedFS (if it has one and it is not running), wait until
-    its bucket exists; its pid, or None without one."""
+    its bucket exists; its pid, or None without one. While no pageserver or safekeeper
+    runs (none holds the S3 URL yet), a port strata picked and finds taken is picked again
+    and saved in config.toml, with the remote_storage URL that names it: the caller reads
+    the config again after the start."""
     if config.seaweedfs is None:
         return None
-    server = seaweed_server(env, dict(config.seaweedfs))
-    return start_service(ServiceSpec(
-        seaweed_files(env, server), "SeaweedFS",
-        {name: (SEAWEED_HOST, port) for name, port in config.seaweedfs.items()},
-        server.argv(), ready=lambda: _ready(server),
-        waiting_for=f"SeaweedFS's S3 API on {server.endpoint}",
-        start_timeout_s=SEAWEED_START_TIMEOUT_S, describe=f"S3 {server.endpoint}",
-        prepare=lambda: server.directory.mkdir(parents=True, exist_ok=True),
-        ready_interval_s=0.3))
+    repick_ports = not any(pageserver_files(env, ps.id).read_pid() is not None
+                           for ps in config.pageservers) and \
+        not any(safekeeper_files(env, sk.id).read_pid() is not None
+                for sk in config.safekeepers)
+
+    def build(config: EnvConfig) -> ServiceSpec:
+        assert config.seaweedfs is not None
+        server = seaweed_server(env, dict(config.seaweedfs))
+        return ServiceSpec(
+            seaweed_files(env, server), "SeaweedFS",
+            {name: (SEAWEED_HOST, port) for name, port in config.seaweedfs.items()},
+            server.argv(), ready=lambda: _ready(server),
+            waiting_for=f"SeaweedFS's S3 API on {server.endpoint}",
+            start_timeout_s=SEAWEED_START_TIMEOUT_S, describe=f"S3 {server.endpoint}",
+            prepare=lambda: server.directory.mkdir(parents=True, exist_ok=True),
+            ready_interval_s=0.3)
+
+    return start_service(build(config), repicker(
+        env, {name: f"seaweedfs.{name}" for name in config.seaweedfs}, build)
+        if repick_ports else None)
 
 
 def stop_seaweed(env: Environment, config: EnvConfig, *, immediate: bool = False) -> bool:

@@ -23,7 +23,6 @@ from strata.common.durable import write_atomic
 from strata.common.errors import Conflict, NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.common.proc import free_port
 from strata.common.timestamp import parse_past_timestamp_us, parse_timestamp_us
 from strata.control import output
 from strata.control.endpoints import (
@@ -43,6 +42,7 @@ from strata.control.env import (
     State,
     TenantState,
     WalMode,
+    allocate_port,
 )
 from strata.control.services import require_pageserver, safekeeper_client, tenant_pageserver
 from strata.control.supervisor import wait_for
@@ -311,16 +311,6 @@ def delete_branch(env: Environment, config: EnvConfig, name: str,
 
 
 # --- endpoints ---------------------------------------------------------------------------------
-def allocate_port(config: EnvConfig, state: State) -> int:
-    used = {ep.port for ep in state.endpoints.values()}
-    used |= config.ports()
-    for _ in range(100):
-        port = free_port(config.endpoint_defaults.host)
-        if port not in used:
-            return port
-    raise UserError("could not allocate a free port for the endpoint")
-
-
 def create_endpoint(env: Environment, config: EnvConfig, name: str, branch: str,
                     lsn: str | None, port: int | None, tenant: str | None, *,
                     suspend_timeout_s: float = 300.0) -> EndpointState:
@@ -346,7 +336,7 @@ def create_endpoint(env: Environment, config: EnvConfig, name: str, branch: str,
             raise UserError(f"port {port} is already assigned to another endpoint")
         ep = EndpointState(name, tid, branch, port or allocate_port(config, state),
                            read_lsn, autostart=False,
-                           suspend_timeout_s=suspend_timeout_s)
+                           suspend_timeout_s=suspend_timeout_s, port_picked=port is None)
         state.endpoints[name] = ep
     return ep
 
