@@ -13,7 +13,6 @@ import os
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,7 +72,8 @@ def kernel() -> Iterator[sockmap.Sockmap]:
 
 
 async def _proxy_once(listener: socket.socket, compute_path: str,
-                      kernel: sockmap.Sockmap, relay_threads: list[int]) -> None:
+                      kernel: sockmap.Sockmap, relay_threads: list[int],
+                      sampled: threading.Event) -> None:
     """Accept one client, forward its first line to the compute, hold the compute's
     first line back as the proxy holds ReadyForQuery, and relay through the sockmap."""
     served: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -88,6 +88,7 @@ async def _proxy_once(listener: socket.socket, compute_path: str,
                 reader, writer, c_reader, c_writer, ready=ready, kernel=kernel))
             await asyncio.sleep(0.2)
             relay_threads.append(sum(t.name == "relay" for t in threading.enumerate()))
+            sampled.set()  # the client may close now
             await task
             served.set_result(None)
         except BaseException as err:
@@ -99,7 +100,9 @@ async def _proxy_once(listener: socket.socket, compute_path: str,
 
 
 def _run(compute_serve: object, client: object, kernel: sockmap.Sockmap,
-         tmp_path: Path) -> tuple[object, list[int]]:
+         tmp_path: Path, sampled: threading.Event) -> tuple[object, list[int]]:
+    """Serve one client; `sampled` is set once the proxy has counted its relay threads
+    (the clients keep their connection open, and the compute quiet, until then)."""
     compute_path = str(tmp_path / "compute.sock")
     relay_threads: list[int] = []
 
@@ -109,7 +112,7 @@ def _run(compute_serve: object, client: object, kernel: sockmap.Sockmap,
         listener.setblocking(False)
         async with compute:
             proxy = asyncio.ensure_future(_proxy_once(listener, compute_path, kernel,
-                                                      relay_threads))
+                                                      relay_threads, sampled))
             result = await asyncio.to_thread(client, listener.getsockname()[1])  # type: ignore[arg-type]
             await asyncio.wait_for(proxy, 60)
         listener.close()
@@ -147,9 +150,11 @@ def test_sockmap_relays_both_ways(kernel: sockmap.Sockmap, tmp_path: Path) -> No
                 assert chunk, len(received)
                 received += chunk
             sender.join(60)
+            assert sampled.wait(60)
             return bytes(received)
 
-    got, relay_threads = _run(echo, client, kernel, tmp_path)
+    sampled = threading.Event()
+    got, relay_threads = _run(echo, client, kernel, tmp_path, sampled)
     assert got == payload
     assert digests == [hashlib.sha256(payload).digest()]
     assert relay_threads == [1]  # the client's bytes; the compute's go in the kernel
@@ -173,14 +178,15 @@ def test_sockmap_compute_close_delivers_last_bytes(kernel: sockmap.Sockmap,
         with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
             s.sendall(b"hello\n")
             assert s.recv(6) == b"ready\n"
-            time.sleep(0.5)  # while the proxy counts its relay threads
+            assert sampled.wait(60)  # the compute closes only after "go!"
             s.sendall(b"go!")
             got = bytearray()
             while chunk := s.recv(1 << 20):
                 got += chunk
             return bytes(got)
 
-    got, relay_threads = _run(closing, client, kernel, tmp_path)
+    sampled = threading.Event()
+    got, relay_threads = _run(closing, client, kernel, tmp_path, sampled)
     assert got == tail
     assert relay_threads == [1]
 
@@ -202,10 +208,11 @@ def test_sockmap_early_client(kernel: sockmap.Sockmap, tmp_path: Path) -> None:
             got = bytearray()
             while len(got) < 11:
                 got += s.recv(100)
-            time.sleep(0.5)  # open while the proxy counts its relay threads
+            assert sampled.wait(60)  # open while the proxy counts its relay threads
             return bytes(got)
 
-    got, relay_threads = _run(echo, client, kernel, tmp_path)
+    sampled = threading.Event()
+    got, relay_threads = _run(echo, client, kernel, tmp_path, sampled)
     assert got == b"ready\nearly"
     assert relay_threads == [1]
 
@@ -231,9 +238,10 @@ def test_sockmap_busy_compute_falls_back_to_threads(kernel: sockmap.Sockmap,
             s.sendall(b"echo")
             while len(got) < 17:
                 got += s.recv(100)
-            time.sleep(0.5)  # open while the proxy counts its relay threads
+            assert sampled.wait(60)  # open while the proxy counts its relay threads
             return bytes(got)
 
-    got, relay_threads = _run(chatty, client, kernel, tmp_path)
+    sampled = threading.Event()
+    got, relay_threads = _run(chatty, client, kernel, tmp_path, sampled)
     assert got == b"ready\nnotice\necho"
     assert relay_threads == [2]
