@@ -529,3 +529,53 @@ def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
     while len(uploaded()) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(uploaded()) == 2, uploaded()  # the main branch of each tenant
+
+
+def test_start_does_not_wait_for_the_walproposer(cli: Cli,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`endpoint start` returns once PostgreSQL accepts connections and its walproposer
+    sidecar runs, not once it streams: with the sidecar held for 10 s before it connects
+    (failpoint), the started endpoint answers reads, its status says the walproposer does
+    not stream yet, and a commit waits for it and then succeeds. A sidecar that fails
+    right after the start stops its PostgreSQL: the start says so, or (when it failed
+    after the command returned) `endpoint list` shows the endpoint and its walproposer
+    as died, with the sidecar's log; the next start works and keeps every commit."""
+    cli.run("init")
+    cli.run("start")
+    main = cli.local("main")
+    rows(main, "create table t (id int primary key, v text)")
+    rows(main, "insert into t values (1, 'acked')")
+    assert cli.json("endpoint", "list")[0]["walproposer"]["streaming"] is True
+    cli.run("endpoint", "stop", "main")
+
+    monkeypatch.setenv("STRATA_FAILPOINTS", "walproposer-connect-pg=sleep(10)")
+    started = cli.json("endpoint", "start", "main")
+    monkeypatch.delenv("STRATA_FAILPOINTS")
+    assert values(started["local_connstr"]) == ["acked"]  # reads at once
+    ep = cli.json("endpoint", "list")[0]
+    assert ep["state"] == "running" and ep["walproposer"]["state"] == "running", ep
+    assert ep["walproposer"]["streaming"] is False, ep
+    rows(started["local_connstr"], "insert into t values (2, 'waited')")  # waits, then ok
+    assert cli.json("endpoint", "list")[0]["walproposer"]["streaming"] is True
+    cli.run("endpoint", "stop", "main")
+
+    monkeypatch.setenv("STRATA_FAILPOINTS", "walproposer-connect-pg=raise")
+    failed = subprocess.run([STRATA, "--repo-dir", str(cli.repo_dir), "endpoint", "start",
+                             "main"], capture_output=True, text=True, timeout=180,
+                            check=False)
+    monkeypatch.delenv("STRATA_FAILPOINTS")
+    assert "Traceback" not in failed.stderr, failed.stderr
+    if failed.returncode != 0:
+        assert "its walproposer sidecar exited" in failed.stderr, failed.stderr
+        assert "failpoint 'walproposer-connect-pg' fired" in failed.stderr, failed.stderr
+    deadline = time.monotonic() + 30
+    while (ep := cli.json("endpoint", "list")[0])["state"] != "died":
+        assert time.monotonic() < deadline, ep
+        time.sleep(0.1)
+    assert ep["walproposer"]["state"] == "died", ep
+    assert "failpoint 'walproposer-connect-pg' fired" in ep["walproposer"]["log_tail"], ep
+    listed = cli.run("endpoint", "list").stdout + cli.run("endpoint", "list").stderr
+    assert "died" in listed, listed
+    restarted = cli.json("endpoint", "start", "main")["local_connstr"]
+    rows(restarted, "insert into t values (3, 'after')")
+    assert values(restarted) == ["acked", "waited", "after"]

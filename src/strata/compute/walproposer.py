@@ -614,6 +614,7 @@ class WalProposer:
             # With the system id known, the election overlaps PostgreSQL's start.
             driver = self._start_driver(known) if known is not None else None
             try:
+                failpoint("walproposer-connect-pg")  # tests: a sidecar slow or failing to start
                 conn = await self._connect_pg()
                 try:
                     system_id, slot_lsn = await self._identify(conn)

@@ -21,10 +21,12 @@ read-only hot standby at a fixed LSN. `start_endpoint` is the whole start flow, 
    pageserver's WAL receiver. The sidecar is started before step 4 (its Python start
    and imports overlap the basebackup) and gets the postmaster's pid on its stdin right
    after PostgreSQL starts. Wait until PostgreSQL is ready (its postmaster.pid) and
-   streams to the walproposer, meanwhile warming the application database's catalogs
-   with one connection;
+   check that the sidecar still runs; its streaming is not waited for: reads work at
+   once, and PostgreSQL's synchronous_standby_names makes the first commit wait for it
+   (if the sidecar dies, its supervisor stops PostgreSQL, and `endpoint list` shows
+   both as died with their logs);
 6. make sure the application role exists (D8): on a primary once per branch (remembered
-   in the state);
+   in the state; this commit first waits, bounded, for the walproposer to stream);
 7. return the connection string and the seconds of each phase (`StartResult`).
 
 Who gets in (issue 16: computes accept connections from the proxy only): a compute
@@ -57,9 +59,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,7 +119,6 @@ APP_DATABASE = "strata"
 SUPERUSER = "postgres"
 STOP_TIMEOUT_S = 60.0
 SIDECAR_STOP_TIMEOUT_S = 30.0
-WARM_UP_TIMEOUT_S = 10.0  # the longest a start waits for its warm-up connection
 SIDECAR_QUORUM_WARN_S = 10.0  # the walproposer warns this often while it lacks a majority
 SAVED_FILES = ("postgresql.auto.conf",)
 SAVED_DIRS = ("pg_stat",)
@@ -537,12 +537,14 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
             if moved is None:
                 raise
             ep = moved
+    streaming = _StreamingWait(env, config, ep, compute, sidecar_proc, phase)
     if sidecar_proc is not None:
-        with phase("walproposer", f"waiting for the walproposer (the primary's synchronous "
-                                  f"standby; log {sidecar_files(env, ep.name).log_path})"):
-            _wait_streaming(env, config, ep, compute, sidecar_proc,
-                            warm_db=_app_role_known(env, ep, tenant_id, timeline_id),
-                            seconds=phase.seconds)
+        # Not waited for: reads work at once, and PostgreSQL's synchronous_standby_names
+        # makes every commit wait until the walproposer streams (and a majority has it).
+        with phase("walproposer", f"checking the walproposer sidecar (the primary's "
+                                  f"synchronous standby; log "
+                                  f"{sidecar_files(env, ep.name).log_path})"):
+            _check_sidecar_alive(env, ep, compute, sidecar_proc)
     elif not ep.read_only:
         with phase("walproposer", "attaching the pageserver's WAL receiver (the primary's "
                                   "synchronous standby in dev mode)"):
@@ -551,11 +553,11 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
                                    slot=DEFAULT_SLOT_NAME,
                                    application_name=DEFAULT_RECEIVER_NAME)
     with phase("app_role"):
-        has_role = _app_role(env, ep, tenant_id, timeline_id)
+        has_role = _app_role(env, ep, tenant_id, timeline_id, streaming)
         branch_roles = env.read_state().tenants[ep.tenant_id].roles.get(ep.branch)
         if branch_roles and not ep.read_only:
             with output.step(f"checking the proxy's roles {sorted(branch_roles)}"):
-                apply_roles(env, ep, branch_roles)
+                apply_roles(env, ep, branch_roles, before_write=streaming)
     if has_role:
         return StartResult(connstr(env, config, ep), local_connstr(env, ep), mode, lsn,
                            phase.seconds)
@@ -651,14 +653,16 @@ def _build_and_launch(env: Environment, config: EnvConfig, ep: EndpointState,
 
 
 def _app_role(env: Environment, ep: EndpointState, tenant_id: TenantId,
-              timeline_id: TimelineId) -> bool:
+              timeline_id: TimelineId, before_write: Callable[[], None]) -> bool:
     """Make sure the application role can log in (D8): on a primary once per timeline
-    (remembered in the state), on a standby checked at each start. True if it can."""
+    (remembered in the state), on a standby checked at each start. True if it can.
+    `before_write` runs before the primary's commits (the wait for the walproposer)."""
     if ep.read_only:
         with output.step(f"checking the application role {APP_ROLE!r}"):
             return _ensure_app_role(env, ep)
     if _app_role_known(env, ep, tenant_id, timeline_id):
         return True
+    before_write()
     with output.step(f"creating the application role {APP_ROLE!r} (once per branch)"):
         _ensure_app_role(env, ep)
     with env.locked() as state:
@@ -783,36 +787,56 @@ _STREAMING_SQL = ("select count(*) from pg_stat_replication where application_na
                   f"'{DEFAULT_APPLICATION_NAME}' and state = 'streaming'")
 
 
-def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
-                    compute: Compute, proc: subprocess.Popen[bytes], *, warm_db: bool,
-                    seconds: dict[str, float] | None = None) -> None:
-    """Wait until PostgreSQL streams to its walproposer (bounded); if it does not, stop
-    both and say why with the sidecar's log.
+def _check_sidecar_alive(env: Environment, ep: EndpointState, compute: Compute,
+                         proc: subprocess.Popen[bytes]) -> None:
+    """What the start waits for of the walproposer: that its sidecar still runs once
+    PostgreSQL accepts connections (it streams later; the first commit waits for it).
+    If it already exited, PostgreSQL goes too and the error shows the sidecar's log;
+    if it dies later, its supervisor stops PostgreSQL and `strata endpoint list` shows
+    the endpoint and its walproposer as died, with their logs."""
+    if proc.poll() is None:
+        return
+    files = sidecar_files(env, ep.name)
+    if compute.pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(compute.pid, signal.SIGQUIT)
+    raise UserError(f"endpoint {ep.name}: its walproposer sidecar exited (code "
+                    f"{proc.returncode}) while PostgreSQL started; PostgreSQL was stopped; "
+                    f"last lines of {files.log_path}:\n{files.log_tail()}")
 
-    With `warm_db` (the application database exists) a connection to that database is
-    made meanwhile: its backend reads the catalogs a first connection needs (in lazy mode
-    over FUSE) and writes the relation cache's init file while the walproposer is still
-    starting, so that the user's first connection finds them. Both connections use
-    Strata's own client over the unix socket. `seconds` gets `walproposer.streaming`
-    (until streaming was seen) and `walproposer.warm` (until the warm-up connection was
-    done) from the call on."""
-    started = time.perf_counter()
+
+class _StreamingWait:
+    """The wait for the walproposer to stream, done at most once and only when the start
+    itself commits (the application role on a branch's first start, a proxy role's new
+    password): such a commit waits for the synchronous standby anyway, but a bounded wait
+    says why when it does not come. Its seconds go to phase `app_role.walproposer`."""
+
+    def __init__(self, env: Environment, config: EnvConfig, ep: EndpointState,
+                 compute: Compute, proc: subprocess.Popen[bytes] | None,
+                 phase: _Phases) -> None:
+        self.env, self.config, self.ep, self.compute, self.proc = env, config, ep, compute, proc
+        self.phase = phase
+        self.done = proc is None
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        assert self.proc is not None
+        with self.phase("app_role.walproposer", "waiting for the walproposer to stream (the "
+                                                "start commits)"):
+            _wait_streaming(self.env, self.config, self.ep, self.compute, self.proc)
+        self.done = True
+
+
+def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
+                    compute: Compute, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until PostgreSQL streams to its walproposer (bounded); if it does not, stop
+    both and say why with the sidecar's log. Strata's own client over the unix socket."""
     files = sidecar_files(env, ep.name)
     pg_pid = compute.pid
     assert pg_pid is not None, ep.name
     socket_dir = str(endpoint_paths(env, ep.name).socket_dir)
     conns: list[PgConnection] = []
-    timings = seconds if seconds is not None else {}
-    warmed: list[float] = []  # set by the warm-up thread, read here once it is joined
-
-    def warm_up() -> None:
-        asyncio.run(_warm_app_database(socket_dir, ep.port))
-        warmed.append(time.perf_counter() - started)
-
-    warm = threading.Thread(target=warm_up, daemon=True)
-    if warm_db:
-        warm.start()
-
     with asyncio.Runner() as runner:
         def streaming() -> bool:
             if not pid_alive(pg_pid):
@@ -825,7 +849,6 @@ def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
             wait_for(streaming, timeout_s=config.endpoint_defaults.start_timeout_s,
                      what=f"waiting for PostgreSQL of endpoint {ep.name} to stream to its "
                           "walproposer", files=files, pid=proc.pid, interval_s=0.02)
-            timings["walproposer.streaming"] = time.perf_counter() - started
         except StrataError:
             stop_process(files, signal.SIGTERM, timeout_s=SIDECAR_STOP_TIMEOUT_S)
             with contextlib.suppress(ProcessLookupError):
@@ -834,10 +857,6 @@ def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
         finally:
             for conn in conns:
                 runner.run(conn.close())
-            if warm.is_alive():
-                warm.join(WARM_UP_TIMEOUT_S)
-            if warmed:
-                timings["walproposer.warm"] = warmed[0]
 
 
 async def _streaming_now(conns: list[PgConnection], socket_dir: str, port: int) -> bool:
@@ -853,15 +872,6 @@ async def _streaming_now(conns: list[PgConnection], socket_dir: str, port: int) 
         conns.clear()
         return False
     return bool(result.rows) and int(result.rows[0][0] or 0) > 0
-
-
-async def _warm_app_database(socket_dir: str, port: int) -> None:
-    """One connection to the application database (see `_wait_streaming`); a failure is
-    left to the user's own connection to report."""
-    with contextlib.suppress(StrataError):
-        async with await PgConnection.connect(socket_dir, port, user=SUPERUSER,
-                                              database=APP_DATABASE, timeout_s=5) as conn:
-            await conn.simple_query("select 1")
 
 
 def _stop_stale_sidecar(env: Environment, name: str) -> None:
@@ -903,11 +913,13 @@ def _ensure_app_role(env: Environment, ep: EndpointState) -> bool:
     return True
 
 
-def apply_roles(env: Environment, ep: EndpointState, roles: dict[str, str]) -> None:
+def apply_roles(env: Environment, ep: EndpointState, roles: dict[str, str], *,
+                before_write: Callable[[], None] | None = None) -> None:
     """Create each role (LOGIN) on the running primary `ep`, or set its password: the
     SCRAM secret the proxy checks (`strata role`), so that PostgreSQL holds the same.
     Roles that already hold their secret are left alone: at a start (a wake) that is
-    all of them, and a read costs no commit."""
+    all of them, and a read costs no commit. `before_write` runs once before the first
+    change (at a start: the wait for the walproposer, which the commit needs)."""
     from psycopg import sql
 
     with superuser_connect(env, ep) as conn:
@@ -917,6 +929,9 @@ def apply_roles(env: Environment, ep: EndpointState, roles: dict[str, str]) -> N
         for name, secret in roles.items():
             if held.get(name) == (secret, True):
                 continue
+            if before_write is not None:
+                before_write()
+                before_write = None
             verb = sql.SQL("alter role" if name in held else "create role")
             conn.execute(sql.SQL("{} {} login password {}").format(
                 verb, sql.Identifier(name), sql.Literal(secret)))
@@ -1036,7 +1051,8 @@ def endpoint_status(env: Environment, config: EnvConfig, ep: EndpointState) -> d
         out["walproposer"] = {
             "pid": sc_pid, "state": "died" if sc_died else "stopped" if sc_pid is None
             else "running", "log": str(sidecar.log_path),
-            "log_tail": sidecar.log_tail() if sc_died or died else None}
+            "log_tail": sidecar.log_tail() if sc_died or died else None,
+            "streaming": None}
         if pid is not None and sc_pid is None:
             out["state"] = "running without its walproposer (commits wait)"
     if pid is None:
@@ -1049,6 +1065,10 @@ def endpoint_status(env: Environment, config: EnvConfig, ep: EndpointState) -> d
                      else "select pg_current_wal_flush_lsn()::text")
             row = conn.execute(query).fetchone()
             out["current_lsn"] = row[0] if row else None
+            if out["walproposer"] is not None:
+                # `endpoint start` does not wait for it: until it streams, commits wait.
+                row = conn.execute(_STREAMING_SQL).fetchone()
+                out["walproposer"]["streaming"] = bool(row and row[0])
     except psycopg.Error as err:
         out["state"] = f"not responding ({str(err).strip().splitlines()[0]})"
     return out
