@@ -225,9 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("no sidecar command after --")
     if opts.walproposer:
         # Imported before the wait, while the basebackup is built: the walproposer and
-        # what its pageserver polling imports on first use (the client, aiohttp). On its
+        # what its pageserver polling imports on first use (the client, aiohttp), and its
+        # event loop (uvloop). On its
         # event loop those imports would stall the replication start as long as they take.
         import aiohttp  # noqa: F401
+        import uvloop  # noqa: F401
 
         import strata.pageserver.client  # noqa: F401
         from strata.compute import walproposer  # noqa: F401
