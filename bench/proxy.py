@@ -23,7 +23,12 @@ restarts `main` once with the proxy stopped, which makes it listen on both.
   scale N (scale 1 ~ 15 MB; 320 ~ 5 GB), after `load_s{N}` seconds of `pgbench -i`
   (server-side data generation) through the proxy; notes give the start's phases and the
   proxy's own share from its log. Scales: env PROXY_WAKE_SCALES (comma-separated,
-  default 1; `1,320` for the 5 GB point, which loads ~5 GB through the safekeepers).
+  default 1; a large scale loads through the safekeepers: hours at 320 here);
+- `wake_import_s{N}`: the same wake (TLS, SNI, SCRAM, to the first row), median of 3,
+  of an endpoint on a tenant imported from stock PostgreSQL's pgbench database at scale
+  N (bench/_stockdb.py: built once, cached under /var/tmp; `strata tenant create
+  --import-datadir`), the cheap way to the 5 GB point. Scales: env
+  PROXY_WAKE_IMPORT_SCALES (default 320; --quick none).
 """
 
 from __future__ import annotations
@@ -194,8 +199,45 @@ def _wake(report: Report, repo: Path, scale: int) -> None:
         report.note(own[-1].split("after its wake: ", 1)[1])
 
 
+def _wake_imported(report: Report, repo: Path, scale: int, tries: int = 3) -> None:
+    from bench._stockdb import import_tenant, stock_pgbench_datadir
+
+    db = stock_pgbench_datadir(scale)
+    name = f"imp{scale}"
+    import_s = import_tenant(repo, name, db, "--suspend-timeout-s", "2")
+    report.note(f"import scale {scale}: {db.size_mb:.0f} MB imported in {import_s:.1f} s")
+    _strata(repo, "role", "create", "strata", "--tenant", name, "--branch", "main",
+            "--password-stdin", stdin=PASSWORD + "\n")
+    # The imported tables are the superuser's: the role may read them (granted over the
+    # unix socket, Strata's own way in); the first start after the import is not timed.
+    _strata(repo, "endpoint", "start", name)
+    ep = _endpoint(repo, name)
+    with psycopg.connect(host=ep["socket_dir"], port=ep["address"].rsplit(":", 1)[1],
+                         user="postgres", dbname="postgres", autocommit=True) as conn:
+        conn.execute("grant select on all tables in schema public to strata")
+    _strata(repo, "endpoint", "stop", name)
+    dsn = _dsns(repo, name)["tls_sni"].replace("dbname=strata", "dbname=postgres")
+    wakes = []
+    for _ in range(tries):
+        _wait_suspended(repo, name)  # the proxy suspends it 2 s after its last client
+        t = time.monotonic()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("select count(*) from pgbench_branches").fetchone()
+            wakes.append(time.monotonic() - t)
+        assert row is not None and row[0] == scale, row
+    report.add(f"wake_import_s{scale}", statistics.median(wakes), "s")
+    report.note(f"wake_import_s{scale}: " + " ".join(f"{w:.2f}" for w in wakes)
+                + f" s; load average {os.getloadavg()[0]:.1f}")
+    log = (repo / "logs" / "proxy.log").read_text().splitlines()
+    woke = [line for line in log if f"woke endpoint {name} in" in line]
+    if woke:
+        report.note(woke[-1].split("woke ", 1)[1])
+
+
 def run(report: Report, quick: bool) -> None:
     scales = [int(s) for s in os.environ.get("PROXY_WAKE_SCALES", "1").split(",") if s]
+    imported = [int(s) for s in os.environ.get("PROXY_WAKE_IMPORT_SCALES",
+                                               "" if quick else "320").split(",") if s]
     with tempfile.TemporaryDirectory(prefix="strata-bench-proxy-") as tmp:
         repo = Path(tmp) / "env"
         _strata(repo, "init")
@@ -236,5 +278,7 @@ def run(report: Report, quick: bool) -> None:
                                        "tls": dsns["tls_sni"]}, quick)
             for scale in scales:
                 _wake(report, repo, scale)
+            for scale in imported:
+                _wake_imported(report, repo, scale)
         finally:
             _strata(repo, "stop", "--immediate")
