@@ -918,23 +918,41 @@ def apply_roles(env: Environment, ep: EndpointState, roles: dict[str, str], *,
     """Create each role (LOGIN) on the running primary `ep`, or set its password: the
     SCRAM secret the proxy checks (`strata role`), so that PostgreSQL holds the same.
     Roles that already hold their secret are left alone: at a start (a wake) that is
-    all of them, and a read costs no commit. `before_write` runs once before the first
-    change (at a start: the wait for the walproposer, which the commit needs)."""
+    all of them, and the read (Strata's own client: no psycopg import on a wake) costs
+    no commit. `before_write` runs once before the first change (at a start: the wait
+    for the walproposer, which the commit needs)."""
+    held = asyncio.run(_held_roles(str(endpoint_paths(env, ep.name).socket_dir), ep.port,
+                                   list(roles)))
+    changes = {name: secret for name, secret in roles.items()
+               if held.get(name) != (secret, True)}
+    if not changes:
+        return
+    if before_write is not None:
+        before_write()
     from psycopg import sql
 
     with superuser_connect(env, ep) as conn:
-        held = {name: (password, login) for name, password, login in conn.execute(
-            "select rolname, rolpassword, rolcanlogin from pg_authid where rolname = any(%s)",
-            (list(roles),)).fetchall()}
-        for name, secret in roles.items():
-            if held.get(name) == (secret, True):
-                continue
-            if before_write is not None:
-                before_write()
-                before_write = None
+        for name, secret in changes.items():
             verb = sql.SQL("alter role" if name in held else "create role")
             conn.execute(sql.SQL("{} {} login password {}").format(
                 verb, sql.Identifier(name), sql.Literal(secret)))
+
+
+def _sql_literal(text: str) -> str:
+    """A standard SQL string literal (standard_conforming_strings is on in PostgreSQL 15)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+async def _held_roles(socket_dir: str, port: int,
+                      names: list[str]) -> dict[str, tuple[str | None, bool]]:
+    """rolname -> (rolpassword, rolcanlogin) of those of `names` that exist."""
+    listed = ", ".join(_sql_literal(name) for name in names)
+    async with await PgConnection.connect(socket_dir, port, user=SUPERUSER,
+                                          database="postgres", timeout_s=5) as conn:
+        result = await conn.simple_query(
+            "select rolname, rolpassword, rolcanlogin from pg_authid "
+            f"where rolname in ({listed})")
+    return {str(name): (password, login == "t") for name, password, login in result.rows}
 
 
 def _write_restricted_hba(paths: EndpointPaths) -> None:
