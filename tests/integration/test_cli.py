@@ -534,7 +534,7 @@ def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
 def test_start_does_not_wait_for_the_walproposer(cli: Cli,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """`endpoint start` returns once PostgreSQL accepts connections and its walproposer
-    sidecar runs, not once it streams: with the sidecar held for 20 s before it connects
+    sidecar runs, not once it streams: with the sidecar held for 45 s before it connects
     (failpoint), the started endpoint answers reads, its status says the walproposer does
     not stream yet, and a commit waits for it and then succeeds. A sidecar that fails
     right after the start stops its PostgreSQL: the start says so, or (when it failed
@@ -548,7 +548,7 @@ def test_start_does_not_wait_for_the_walproposer(cli: Cli,
     assert cli.json("endpoint", "list")[0]["walproposer"]["streaming"] is True
     cli.run("endpoint", "stop", "main")
 
-    monkeypatch.setenv("STRATA_FAILPOINTS", "walproposer-connect-pg=sleep(20)")
+    monkeypatch.setenv("STRATA_FAILPOINTS", "walproposer-connect-pg=sleep(45)")
     started = cli.json("endpoint", "start", "main")
     monkeypatch.delenv("STRATA_FAILPOINTS")
     assert values(started["local_connstr"]) == ["acked"]  # reads at once
