@@ -35,6 +35,19 @@ def test_values_survive_a_crash_after_logging(pg_factory: Callable[..., PgServer
     assert pg.sql("select nextval('s2')", dbname="other") == [(6,)]
 
 
+def test_a_held_catalog_lock_does_not_hold_up_the_stop(
+        pg_factory: Callable[..., PgServer]) -> None:
+    """Another session holds pg_database locked: the databases query is cancelled after
+    the budget (a log line, nothing logged) instead of waiting for good."""
+    pg = pg_factory("pg")
+    pg.initdb()
+    pg.start(STRATA_WAL_SETTINGS)
+    with pg.connect(autocommit=False) as holder:
+        holder.execute("lock table pg_database in access exclusive mode")
+        assert log_current_values(pg.connect, budget_s=1.0) == 0
+    assert pg.sql("select 1") == [(1,)]
+
+
 def test_without_logging_a_crash_jumps(pg_factory: Callable[..., PgServer]) -> None:
     """The control: without it, the same crash skips values (PostgreSQL logs 32 ahead),
     so the test above shows what the function did."""

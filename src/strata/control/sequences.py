@@ -48,18 +48,31 @@ def log_current_values(connect: Callable[[str], psycopg.Connection[Any]], *,
                        budget_s: float = BUDGET_S) -> int:
     """WAL-log the current value of every permanent sequence of every database that
     accepts connections. `connect(dbname)` opens a superuser connection in autocommit
-    mode. Returns how many sequences were logged; stops early after `budget_s`."""
+    mode. Returns how many sequences were logged; stops early after `budget_s` (each
+statement is cancelled after `budget_s` too)."""
     deadline = time.monotonic() + budget_s
     logged = 0
+
+    def bounded(dbname: str) -> psycopg.Connection[Any]:
+        # No statement may wait past the budget (a catalog lock held by another session
+        # would otherwise hold up the stop for good).
+        conn = connect(dbname)
+        try:
+            conn.execute(f"set statement_timeout = {max(1, int(budget_s * 1000))}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     try:
-        with connect("postgres") as conn:
+        with bounded("postgres") as conn:
             databases = [row[0] for row in conn.execute(DATABASES_SQL).fetchall()]
         for dbname in databases:
             if time.monotonic() > deadline:
                 log.warning("sequences: %.0f s budget spent; the rest may jump by up to 32 "
                             "at the next start", budget_s)
                 break
-            with connect(dbname) as conn:
+            with bounded(dbname) as conn:
                 logged += _log_database(conn, dbname, deadline)
     except psycopg.Error as e:
         log.warning("sequences: could not log current values (%s); they may jump by up "
