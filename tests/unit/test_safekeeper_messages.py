@@ -3,6 +3,8 @@ ProtocolError that says what is wrong, never another exception."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +19,7 @@ from strata.safekeeper.messages import (
     Message,
     ProposerElected,
     ProposerGreeting,
+    PullFrom,
     ReadWalRequest,
     ReadWalResponse,
     TermEntry,
@@ -30,6 +33,8 @@ from strata.safekeeper.messages import (
 
 u64 = st.integers(0, (1 << 64) - 1)
 lsns = st.builds(Lsn, u64)
+hosts = st.text(st.characters(exclude_characters="\0"), min_size=1, max_size=60)
+slot_names = st.text("abcdefghijklmnopqrstuvwxyz0123456789_", min_size=1, max_size=63)
 
 
 @st.composite
@@ -52,6 +57,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(AppendResponse, u64, u64, lsns, lsns, lsns),
     st.builds(ReadWalRequest, u64, lsns, lsns),
     st.builds(ReadWalResponse, u64, lsns, st.binary(max_size=300)),
+    st.builds(PullFrom, u64, hosts, st.integers(1, 65535), slot_names, lsns),
 )
 
 
@@ -93,6 +99,36 @@ def test_malformed_fields() -> None:
         decode(bytes(flag))
 
 
+def test_pull_from_is_checked_when_built_and_when_decoded() -> None:
+    good = PullFrom(3, "compute-1.local", 55432, "sk1", Lsn(0x1000))
+    wire = encode(good)
+    # Each bad value, put on the wire by hand (encode() takes only valid messages).
+    host_at = 1 + 8 + 4  # tag, term, host length
+    for field, bad in (("host", b""), ("host", b"a\0b"), ("host", b"\xff\xfe"),
+                       ("slot_name", b"SK1"), ("slot_name", b"sk-1"), ("slot_name", b"s" * 64),
+                       ("slot_name", b"")):
+        host, slot = (bad, b"sk1") if field == "host" else (b"compute-1.local", bad)
+        raw = (wire[:host_at - 4] + len(host).to_bytes(4, "little") + host
+               + (55432).to_bytes(2, "little") + len(slot).to_bytes(4, "little") + slot
+               + (0x1000).to_bytes(8, "little"))
+        with pytest.raises(ProtocolError, match=f"PullFrom.*({field}|host|slot name)"):
+            decode(raw)
+    assert decode(wire[:host_at - 4] + (15).to_bytes(4, "little") + b"compute-1.local"
+                  + (55432).to_bytes(2, "little") + (3).to_bytes(4, "little") + b"sk1"
+                  + (0x1000).to_bytes(8, "little")) == good
+    zero_port = bytearray(wire)
+    zero_port[host_at + 15:host_at + 17] = b"\0\0"
+    with pytest.raises(ProtocolError, match="port 0 is not in 1..65535"):
+        decode(bytes(zero_port))
+    too_long = bytearray(wire)
+    too_long[host_at - 4:host_at] = (256).to_bytes(4, "little")
+    with pytest.raises(ProtocolError, match="host has 256 bytes, limit 255"):
+        decode(bytes(too_long))
+    for kwargs in ({"host": ""}, {"port": 70000}, {"slot_name": "Sk1"}):
+        with pytest.raises(ValueError):
+            replace(good, **kwargs)
+
+
 _HISTORY = (TermEntry(2, Lsn(0x1000), Lsn(0xFF8)), TermEntry(5, Lsn(0x2000), Lsn(0x1FE0)))
 # The wire form each message had before the fields named their wire types; peers of older
 # and newer versions must keep understanding each other.
@@ -120,6 +156,8 @@ GOLDEN: list[tuple[Message, str]] = [
      "08060000000000000000100000000000001010000000000000"),
     (ReadWalResponse(6, Lsn(0x1000), b"\x00\x01"),
      "0906000000000000000010000000000000020000000001"),
+    (PullFrom(6, "pg", 5432, "sk2", Lsn(0x20F0)),
+     "0a0600000000000000020000007067381503000000736b32f020000000000000"),
 ]
 
 

@@ -8,16 +8,18 @@ declaration order, little-endian:
 | --- | --- |
 | `U64`, `LSN` | u64 |
 | `U32` | u32 |
+| `U16` | u16 |
 | `BOOL` | u8, 0 or 1 |
 | `TENANT_ID`, `TIMELINE_ID` | the id's 16 raw bytes |
 | `BYTES` | u32 length, then the bytes (at most `MAX_DATA_BYTES`) |
 | `HISTORY` | u32 count, then (term u64, start_lsn u64, prev_record_lsn u64) per entry |
+| `TEXT` | u32 length, then that many bytes of UTF-8 without NUL (at most `MAX_TEXT_BYTES`) |
 
-`decode()` checks the tag, every length and every value range, and that nothing is left
-over; anything else is a `ProtocolError` (the peer broke the protocol: close that
-connection). The safekeeper and the walproposer carry one encoded message in each CopyData
-of a PostgreSQL-protocol connection. The protocol itself is described in
-docs/safekeeper-protocol.md.
+`decode()` checks the tag, every length and every value range (a message's own rules, its
+`__post_init__`, included), and that nothing is left over; anything else is a
+`ProtocolError` (the peer broke the protocol: close that connection). The safekeeper and
+the walproposer carry one encoded message in each CopyData of a PostgreSQL-protocol
+connection. The protocol itself is described in docs/safekeeper-protocol.md.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from strata.common.lsn import Lsn
 MAX_TERM_HISTORY = 10_000  # entries; one per election that changed the log, so tiny in practice
 MAX_DATA_BYTES = 16 << 20  # one message's WAL payload
 MAX_READ_BYTES = 1 << 20  # one ReadWalRequest's range
+MAX_TEXT_BYTES = 255  # one TEXT field (a host name: RFC 1035's limit)
+NAMEDATALEN = 64  # PostgreSQL's name length, its terminating NUL included
 
 
 class Wire(enum.Enum):
@@ -42,12 +46,14 @@ class Wire(enum.Enum):
 
     U64 = "u64"
     U32 = "u32"
+    U16 = "u16"
     LSN = "lsn"
     BOOL = "bool"
     TENANT_ID = "tenant_id"
     TIMELINE_ID = "timeline_id"
     BYTES = "bytes"
     HISTORY = "history"
+    TEXT = "text"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -211,21 +217,52 @@ class ReadWalResponse:
     data: Annotated[bytes, Wire.BYTES]
 
 
-ProposerMessage = ProposerGreeting | VoteRequest | ProposerElected | AppendRequest | ReadWalRequest
+@dataclass(frozen=True, slots=True)
+class PullFrom:
+    """Pull mode (in progress; docs/safekeeper-protocol.md): stream `term`'s WAL yourself.
+
+    Sent by the proposer of `term` once this acceptor adopted its election and holds the log
+    up to `start_lsn` (the term's start E): replicate from the compute at `host`:`port` on
+    the physical replication slot `slot_name` (also the application name the compute's
+    `synchronous_standby_names` counts) and treat every byte as an AppendRequest of `term`.
+    """
+
+    TAG: ClassVar[int] = 10
+    term: Annotated[int, Wire.U64]
+    host: Annotated[str, Wire.TEXT]
+    port: Annotated[int, Wire.U16]
+    slot_name: Annotated[str, Wire.TEXT]
+    start_lsn: Annotated[Lsn, Wire.LSN]
+
+    def __post_init__(self) -> None:
+        if not self.host or len(self.host.encode()) > MAX_TEXT_BYTES or "\0" in self.host:
+            raise ValueError(f"host {self.host!r} must be 1-{MAX_TEXT_BYTES} bytes without NUL")
+        if not 0 < self.port < 1 << 16:
+            raise ValueError(f"port {self.port} is not in 1..65535")
+        name = self.slot_name
+        if not (0 < len(name) < NAMEDATALEN and name.isascii()
+                and all(c.islower() or c.isdigit() or c == "_" for c in name)):
+            # PostgreSQL's rule for replication slot names (slot.c).
+            raise ValueError(f"slot name {name!r} must be 1-{NAMEDATALEN - 1} characters of "
+                             "a-z, 0-9 and _")
+
+
+ProposerMessage = (ProposerGreeting | VoteRequest | ProposerElected | AppendRequest
+                   | ReadWalRequest | PullFrom)
 AcceptorMessage = AcceptorGreeting | VoteResponse | AppendResponse | ReadWalResponse
 Message = ProposerMessage | AcceptorMessage
 
 _CLASSES: dict[int, type[Message]] = {
     cls.TAG: cls for cls in (ProposerGreeting, AcceptorGreeting, VoteRequest, VoteResponse,
                              ProposerElected, AppendRequest, AppendResponse, ReadWalRequest,
-                             ReadWalResponse)
+                             ReadWalResponse, PullFrom)
 }
 _U32 = struct.Struct("<I")
 _ENTRY = struct.Struct("<QQQ")
 _U64_MAX = (1 << 64) - 1
 # The fixed-size wire types, as struct format codes: a run of them is packed and unpacked
 # by one precompiled struct (`_Codec`).
-_FIXED_FORMAT = {Wire.U64: "Q", Wire.LSN: "Q", Wire.U32: "I", Wire.BOOL: "B",
+_FIXED_FORMAT = {Wire.U64: "Q", Wire.LSN: "Q", Wire.U32: "I", Wire.U16: "H", Wire.BOOL: "B",
                  Wire.TENANT_ID: "16s", Wire.TIMELINE_ID: "16s"}
 
 
@@ -248,7 +285,7 @@ def _bool(raw: int) -> bool:
 
 # How a fixed-size field's unpacked value becomes the field's value (None: as it is).
 _FROM_WIRE: dict[Wire, Callable[[Any], object] | None] = {
-    Wire.U64: None, Wire.U32: None, Wire.LSN: Lsn, Wire.BOOL: _bool,
+    Wire.U64: None, Wire.U32: None, Wire.U16: None, Wire.LSN: Lsn, Wire.BOOL: _bool,
     Wire.TENANT_ID: TenantId, Wire.TIMELINE_ID: TimelineId}
 
 
@@ -264,15 +301,15 @@ class _Run:
 class _Codec:
     """One message class's encoder and decoder, worked out once from its layout.
 
-    Consecutive fixed-size fields form a `_Run` (one `struct` call each way); `BYTES` and
-    `HISTORY` fields stand alone (name, is_bytes). Per message, only the values are
-    converted: no per-field dispatch on the wire type when decoding.
+    Consecutive fixed-size fields form a `_Run` (one `struct` call each way); `BYTES`,
+    `TEXT` and `HISTORY` fields stand alone (name, wire type). Per message, only the values
+    are converted: no per-field dispatch on the wire type when decoding.
     """
 
     def __init__(self, cls: type[Message]) -> None:
         self.cls = cls
         self.name = cls.__name__
-        self.steps: list[_Run | tuple[str, bool]] = []
+        self.steps: list[_Run | tuple[str, Wire]] = []
         run: list[tuple[str, Wire]] = []
         for name, wire in _layout(cls):
             if wire in _FIXED_FORMAT:
@@ -280,7 +317,7 @@ class _Codec:
                 continue
             self._end_run(run)
             run = []
-            self.steps.append((name, wire is Wire.BYTES))
+            self.steps.append((name, wire))
         self._end_run(run)
 
     def _end_run(self, run: list[tuple[str, Wire]]) -> None:
@@ -296,12 +333,17 @@ class _Codec:
                 out += step.codec.pack(*[_to_wire(name, wire, getattr(msg, name))
                                          for name, wire in step.fields])
                 continue
-            name, is_bytes = step
+            name, wire = step
             value = getattr(msg, name)
-            if is_bytes:
+            if wire is Wire.BYTES:
                 assert len(value) <= MAX_DATA_BYTES, (name, len(value))
                 out += _U32.pack(len(value))
                 out += value
+            elif wire is Wire.TEXT:
+                raw = value.encode()
+                assert len(raw) <= MAX_TEXT_BYTES, (name, len(raw))
+                out += _U32.pack(len(raw))
+                out += raw
             else:
                 assert len(value) <= MAX_TERM_HISTORY, len(value)
                 out += _U32.pack(len(value))
@@ -330,12 +372,15 @@ class _Codec:
                         raise ProtocolError(f"{self.name}.{step.fields[i][0]} is {raw[i]}, "
                                             "expected 0 or 1") from None
                 continue
-            name, is_bytes = step
+            name, wire = step
             if pos + 4 > size:
                 self._truncated(buf, pos + 4)
             (n,) = _U32.unpack_from(buf, pos)
             pos += 4
-            if is_bytes:
+            if wire is Wire.TEXT:
+                values.append(self._read_text(buf, pos, n, name))
+                pos += n
+            elif wire is Wire.BYTES:
                 if n > MAX_DATA_BYTES:
                     raise ProtocolError(f"{self.name}.{name} has {n} bytes, "
                                         f"limit {MAX_DATA_BYTES}")
@@ -348,11 +393,27 @@ class _Codec:
                 pos += n * _ENTRY.size
         if pos != size:
             raise ProtocolError(f"{self.name} message has {size - pos} trailing bytes")
-        return self.cls(*values)  # type: ignore[arg-type]
+        try:
+            return self.cls(*values)  # type: ignore[arg-type]
+        except ValueError as err:  # the message's own checks (__post_init__)
+            raise ProtocolError(f"{self.name}: {err}") from None
 
     def _truncated(self, buf: bytes, end: int) -> NoReturn:
         raise ProtocolError(f"{self.name} message truncated: needs {end} bytes, "
                             f"got {len(buf)}")
+
+    def _read_text(self, buf: bytes, pos: int, n: int, name: str) -> str:
+        if n > MAX_TEXT_BYTES:
+            raise ProtocolError(f"{self.name}.{name} has {n} bytes, limit {MAX_TEXT_BYTES}")
+        if pos + n > len(buf):
+            self._truncated(buf, pos + n)
+        raw = buf[pos:pos + n]
+        if b"\0" in raw:
+            raise ProtocolError(f"{self.name}.{name} contains a NUL byte")
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError(f"{self.name}.{name} is not valid UTF-8") from None
 
     def _read_history(self, buf: bytes, pos: int, n: int) -> TermHistory:
         if n > MAX_TERM_HISTORY:
@@ -379,7 +440,7 @@ def _to_wire(name: str, wire: Wire, value: Any) -> object:
         return value
     if wire is Wire.BOOL:
         return 1 if value else 0
-    if wire is Wire.U32:
+    if wire is Wire.U32 or wire is Wire.U16:
         return value
     return value.raw
 
