@@ -2,7 +2,9 @@
 term once, truncates a divergent tail durably before adopting a new history and never again
 in the same term, writes only WAL that connects at its end, tracks record ends, caps its
 commit LSN at them and makes it durable on a commit-only append, serves WAL only in its
-term, and a restart from its durable state finds the same positions."""
+term, and a restart from its durable state finds the same positions. Pull mode (in
+progress): PullFrom is taken only in the promised, adopted term and at or below the flush
+LSN, pulled WAL is an append of that term, and a higher promise closes the pull first."""
 
 from __future__ import annotations
 
@@ -18,9 +20,13 @@ from strata.safekeeper.acceptor import (
     Acceptor,
     AcceptorAction,
     AcceptorState,
+    ClosePull,
     FlushWal,
     PersistControl,
+    PullFeedback,
+    PullSource,
     SendWal,
+    StartPull,
     TruncateWal,
     WriteWal,
 )
@@ -30,6 +36,7 @@ from strata.safekeeper.messages import (
     AppendResponse,
     ProposerElected,
     ProposerGreeting,
+    PullFrom,
     ReadWalRequest,
     ReadWalResponse,
     TermEntry,
@@ -44,9 +51,9 @@ START = 2 * SEG - 8192 + 400  # a record end mid-page, one page before a segment
 PREV = START - 80
 
 
-def new_acceptor(**kwargs: int) -> Acceptor:
+def new_acceptor(*, commit_persist_bytes: int = 16 << 20, allow_pull: bool = False) -> Acceptor:
     state = AcceptorState.new_timeline(TENANT, TIMELINE, SYSID, SEG, Lsn(START), Lsn(PREV))
-    return Acceptor(state, **kwargs)
+    return Acceptor(state, commit_persist_bytes=commit_persist_bytes, allow_pull=allow_pull)
 
 
 def wal(n: int, seed: int = 0, start: int = START, prev: int = PREV) -> tuple[bytes, list[int]]:
@@ -269,3 +276,124 @@ def test_restart_cuts_a_torn_tail_at_the_last_valid_record() -> None:
     # Intact WAL is kept whole, a partial record at its end is not.
     acc = Acceptor(state)
     assert acc.recover_wal(data[:-3]) == Lsn(starts[-1])
+
+
+# --- pull mode (in progress) --------------------------------------------------------------------
+def pull_from(term: int, start: int = START, slot: str = "sk1") -> PullFrom:
+    return PullFrom(term, "compute", 5432, slot, Lsn(start))
+
+
+def test_pull_is_refused_unless_the_acceptor_allows_it() -> None:
+    acc = new_acceptor()
+    elect(acc, 1)
+    with pytest.raises(ProtocolError, match="does not pull WAL yet"):
+        acc.handle(pull_from(1))
+
+
+def test_pull_from_only_in_the_promised_adopted_term_at_or_below_the_flush_lsn() -> None:
+    acc = new_acceptor(allow_pull=True)
+    acc.handle(VoteRequest(2, 20))
+    # Promised but not adopted (no ProposerElected yet): refused like an append.
+    assert acc.handle(pull_from(2)) == [acc._append_response()]
+    assert acc.pull_source is None
+    elect(acc, 2)
+    data, _ = wal(4)
+    acc.handle(AppendRequest(2, Lsn(START), Lsn(0), data))  # recovery from the proposer
+    resp = acc._append_response()
+    # A stale term, a start past what it holds: refused; the reply says where it is.
+    for msg in (pull_from(1), pull_from(2, START + len(data) + 8)):
+        assert acc.handle(msg) == [resp]
+        assert acc.pull_source is None
+    with pytest.raises(ProtocolError, match="before the term's start"):
+        acc.handle(pull_from(2, START - 8))
+    actions = acc.handle(pull_from(2))
+    source = PullSource(2, "compute", 5432, "sk1")
+    # The stream continues at the end of its WAL (all of it this term's), not at `start`.
+    assert actions == [StartPull(source, Lsn(START + len(data))), resp]
+    assert acc.pull_source == source
+    acc.check_invariants()
+    assert acc.handle(pull_from(2)) == [resp]  # a repeat starts nothing
+    with pytest.raises(ProtocolError, match="already pulls from compute:5432 slot sk1"):
+        acc.handle(pull_from(2, slot="sk2"))
+
+
+def test_pulled_wal_is_an_append_of_the_pulled_term() -> None:
+    acc = new_acceptor(allow_pull=True)
+    elect(acc, 1)
+    assert acc.pulled_wal(1, Lsn(START), b"x") == []  # no PullFrom yet
+    acc.handle(pull_from(1))
+    data, starts = wal(20)
+    cut = len(data) - 5
+    actions = acc.pulled_wal(1, Lsn(START), data[:cut])
+    assert actions == [WriteWal(Lsn(START), data[:cut]), FlushWal(Lsn(START + cut)),
+                       PullFeedback(1, Lsn(START + cut))]
+    assert acc.last_record_end == Lsn(starts[-1])
+    # An overlap adds only the new bytes; a gap writes nothing and reports where it is.
+    actions = acc.pulled_wal(1, Lsn(START + 8), data[8:])
+    assert actions[0] == WriteWal(Lsn(START + cut), data[cut:])
+    assert actions[-1] == PullFeedback(1, Lsn(START + len(data)))
+    more, _ = wal(3, seed=1, start=START + len(data), prev=starts[-1])
+    assert acc.pulled_wal(1, Lsn(START + len(data) + 8), more[8:]) == \
+        [PullFeedback(1, Lsn(START + len(data)))]
+    # Pulled WAL carries no commit LSN (learning it is not built yet).
+    assert acc.commit_lsn == Lsn(START)
+    # Another term's bytes, even while pulling: nothing.
+    assert acc.pulled_wal(2, Lsn(START + len(data)), more) == []
+    with pytest.raises(ProtocolError, match="term 1 sent damaged WAL"):
+        acc.pulled_wal(1, Lsn(START + len(data)), b"\xff" * 64)
+
+
+def test_a_higher_promise_closes_the_pull_before_it_is_persisted() -> None:
+    acc = new_acceptor(allow_pull=True)
+    elect(acc, 1)
+    acc.handle(pull_from(1))
+    data, starts = wal(6)
+    acc.pulled_wal(1, Lsn(START), data[:100])
+    # A lower or equal term's vote request changes nothing.
+    for term, pid in ((1, 99), (0, 5)):
+        (refusal,) = acc.handle(VoteRequest(term, pid))
+        assert isinstance(refusal, VoteResponse) and not refusal.granted
+    assert acc.pull_source is not None
+    actions = acc.handle(VoteRequest(2, 20))
+    assert actions[0] == ClosePull(1)
+    assert isinstance(actions[1], PersistControl) and actions[1].state.term == 2
+    assert acc.pull_source is None
+    acc.check_invariants()
+    # The old term's bytes that were still on their way are refused: not written, not acked.
+    assert acc.pulled_wal(1, Lsn(START + 100), data[100:]) == []
+    assert acc.flush_lsn == Lsn(START + 100)
+    # The vote reported the log it had when it promised, and that is all it ever acked in 1.
+    vote = actions[-1]
+    assert isinstance(vote, VoteResponse) and vote.flush_lsn == Lsn(START + 100)
+
+
+def test_a_higher_election_closes_the_pull_before_truncating() -> None:
+    acc = new_acceptor(allow_pull=True)
+    elect(acc, 1)
+    acc.handle(pull_from(1))
+    data, starts = wal(6)
+    acc.pulled_wal(1, Lsn(START), data)
+    # Term 3's ProposerElected arrives without our vote (it learned the term otherwise).
+    actions = acc.handle(ProposerElected(3, Lsn(starts[2]), (
+        TermEntry(1, Lsn(START), Lsn(PREV)), TermEntry(3, Lsn(starts[2]), Lsn(starts[1])))))
+    assert actions[:3] == [ClosePull(1), TruncateWal(Lsn(starts[2])), PersistControl(acc.state)]
+    assert acc.pulled_wal(1, Lsn(starts[2]), data[starts[2] - START:]) == []
+    # Term 3 may pull now, from its start.
+    assert acc.handle(pull_from(3, starts[2]))[0] == \
+        StartPull(PullSource(3, "compute", 5432, "sk1"), Lsn(starts[2]))
+    acc.check_invariants()
+
+
+def test_a_restarted_acceptor_pulls_only_when_told_again() -> None:
+    acc = new_acceptor(allow_pull=True)
+    elect(acc, 1)
+    acc.handle(pull_from(1))
+    data, _ = wal(5)
+    acc.pulled_wal(1, Lsn(START), data)
+    again = Acceptor(acc.state, allow_pull=True)
+    again.recover_wal(data)
+    assert again.pull_source is None
+    assert again.pulled_wal(1, Lsn(START + len(data)), b"") == []
+    assert again.handle(pull_from(1))[0] == \
+        StartPull(PullSource(1, "compute", 5432, "sk1"), Lsn(START + len(data)))
+    again.check_invariants()

@@ -8,6 +8,8 @@
 - `FlushWal(upto)`: fsync the WAL written so far (everything below `upto` is durable);
 - `TruncateWal(lsn)`: cut the WAL at `lsn`, durably, before anything else happens;
 - `SendWal(term, start, end)`: read WAL [start, end) and send `ReadWalResponse(term, start, data)`;
+- pull mode (in progress, not driven by any process yet; `allow_pull=True`): `StartPull`,
+  `ClosePull`, `PullFeedback` (below), and the input `pulled_wal(term, begin, data)`;
 - a reply message (`AcceptorGreeting`, `VoteResponse`, `AppendResponse`, `ReadWalResponse`):
   send it. Every position in a reply is durable by then, because the actions before it are.
 
@@ -38,6 +40,7 @@ from strata.safekeeper.messages import (
     ProposerElected,
     ProposerGreeting,
     ProposerMessage,
+    PullFrom,
     ReadWalRequest,
     ReadWalResponse,
     TermHistory,
@@ -140,8 +143,48 @@ class SendWal:
     end_lsn: Lsn
 
 
+@dataclass(frozen=True, slots=True)
+class PullSource:
+    """Where the proposer of `term` told this acceptor to pull its WAL from (`PullFrom`)."""
+
+    term: int
+    host: str
+    port: int
+    slot_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartPull:
+    """Pull mode: replicate from `source` (`START_REPLICATION SLOT <slot_name> PHYSICAL
+    <start_lsn>`, application name `slot_name`) and pass every XLogData to
+    `pulled_wal(source.term, ...)`. Reconnecting the same source is the driver's business;
+    the acceptor asks once per term."""
+
+    source: PullSource
+    start_lsn: Lsn
+
+
+@dataclass(frozen=True, slots=True)
+class ClosePull:
+    """Pull mode: close the replication connection of `term` before any later action runs
+    (it comes before the PersistControl of a higher term's promise); whatever it still had
+    buffered is not delivered (the acceptor would refuse it anyway)."""
+
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class PullFeedback:
+    """Pull mode: send a standby status update on `term`'s replication connection with
+    write = flush = apply = `flush_lsn` (durable by then: the actions before it are done)."""
+
+    term: int
+    flush_lsn: Lsn
+
+
 AcceptorReply = AcceptorGreeting | VoteResponse | AppendResponse | ReadWalResponse
-AcceptorAction = PersistControl | WriteWal | FlushWal | TruncateWal | SendWal | AcceptorReply
+AcceptorAction = (PersistControl | WriteWal | FlushWal | TruncateWal | SendWal | StartPull
+                  | ClosePull | PullFeedback | AcceptorReply)
 
 
 class Acceptor:
@@ -152,11 +195,18 @@ class Acceptor:
     past the persisted one; never just because an append carried a newer one, so appends
     are not held up behind control-file writes. The WAL itself is always flushed before a
     reply reports it.
+
+    Pull mode (docs/safekeeper-protocol.md, "Pull mode (in progress)") is refused with a
+    `ProtocolError` unless `allow_pull`: no safekeeper process drives it yet. The pull
+    source is kept in memory only; after a restart the proposer must send `PullFrom` again.
     """
 
-    def __init__(self, state: AcceptorState, *, commit_persist_bytes: int = 16 << 20) -> None:
+    def __init__(self, state: AcceptorState, *, commit_persist_bytes: int = 16 << 20,
+                 allow_pull: bool = False) -> None:
         self.state = state  # as last persisted (or to be persisted by the last action)
         self.commit_persist_bytes = commit_persist_bytes
+        self.allow_pull = allow_pull
+        self.pull_source: PullSource | None = None  # only in the promised, adopted term
         self.flush_lsn = state.scan_lsn  # end of the WAL it holds (durable once replied)
         self.commit_lsn = state.commit_lsn  # in memory; state.commit_lsn is the durable one
         self._tracker = RecordBoundaryTracker(state.scan_lsn.value, state.scan_prev_lsn.value,
@@ -241,6 +291,8 @@ class Acceptor:
                 return self._on_append(msg)
             case ReadWalRequest():
                 return self._on_read_wal(msg)
+            case PullFrom():
+                return self._on_pull_from(msg)
         raise ProtocolError(f"an acceptor does not handle {type(msg).__name__}")
 
     def _on_greeting(self, msg: ProposerGreeting) -> list[AcceptorAction]:
@@ -257,6 +309,8 @@ class Acceptor:
     def _on_vote_request(self, msg: VoteRequest) -> list[AcceptorAction]:
         actions: list[AcceptorAction] = []
         if msg.term > self.state.term:
+            # Fencing: no acknowledgement of the old term may follow the promise.
+            self._close_pull(actions)
             # Persist before voting: a vote forgotten in a crash lets two proposers win it.
             self.state = replace(self.state, term=msg.term, voted_for=msg.proposer_id)
             actions.append(PersistControl(self.state))
@@ -277,6 +331,7 @@ class Acceptor:
         self._check_elected(msg)
         prev = self._prev_record_at(start, msg.term_history)
         actions: list[AcceptorAction] = []
+        self._close_pull(actions)  # a pull is of the adopted term, and msg.term is higher
         if self.flush_lsn > start:
             # Durable before the new history is: a crash in between leaves the old history
             # with a shorter log, which is still a prefix of that history's log.
@@ -325,24 +380,30 @@ class Acceptor:
             # A stale term, or our term before its ProposerElected arrived: refuse.
             return [self._append_response()]
         actions: list[AcceptorAction] = []
-        if msg.begin_lsn <= self.flush_lsn < msg.end_lsn:
+        self._write(msg.term, msg.begin_lsn, msg.data, actions)
+        self._advance_commit(msg, actions)
+        actions.append(self._append_response())
+        return actions
+
+    def _write(self, term: int, begin_lsn: Lsn, data: bytes,
+               actions: list[AcceptorAction]) -> None:
+        """WAL [begin_lsn, begin_lsn + len(data)) of `term`, the acceptor's adopted term."""
+        end_lsn = begin_lsn + len(data)
+        if begin_lsn <= self.flush_lsn < end_lsn:
             # Bytes below flush_lsn are this term's too (it truncated us at its start), so a
             # repeated or overlapping request only adds the new part.
-            piece = msg.data[self.flush_lsn - msg.begin_lsn:]
+            piece = data[self.flush_lsn - begin_lsn:]
             try:
                 self._tracker.feed(piece)
             except CorruptionError as err:
-                raise ProtocolError(f"term {msg.term} sent damaged WAL at {self.flush_lsn}: "
+                raise ProtocolError(f"term {term} sent damaged WAL at {self.flush_lsn}: "
                                     f"{err}") from err
             actions.append(WriteWal(self.flush_lsn, piece))
             if not self._bounds or self._bounds[-1][0] < self.last_record_end:
                 self._bounds.append((self.last_record_end, self.last_record_lsn))
-            self.flush_lsn = msg.end_lsn
+            self.flush_lsn = end_lsn
             actions.append(FlushWal(self.flush_lsn))
         # A gap (begin_lsn > flush_lsn) writes nothing; the reply tells where to resume.
-        self._advance_commit(msg, actions)
-        actions.append(self._append_response())
-        return actions
 
     def _advance_commit(self, msg: AppendRequest, actions: list[AcceptorAction]) -> None:
         # Our log is a prefix of the proposer's, so any of our record ends below its commit
@@ -381,6 +442,57 @@ class Acceptor:
                                 f"the limit is {MAX_READ_BYTES}")
         return [SendWal(msg.term, msg.start_lsn, msg.end_lsn)]
 
+    # --- pull mode (in progress) --------------------------------------------------------------
+    def _on_pull_from(self, msg: PullFrom) -> list[AcceptorAction]:
+        if not self.allow_pull:
+            raise ProtocolError(f"PullFrom for term {msg.term}: this safekeeper does not pull "
+                                "WAL yet (pull mode is in progress)")
+        if msg.term != self.state.term or self._elected_term() != msg.term:
+            # Like an AppendRequest: a stale term, or ours before its ProposerElected.
+            return [self._append_response()]
+        term_start = self.state.term_history[-1].start_lsn
+        if msg.start_lsn < term_start:
+            raise ProtocolError(f"PullFrom for term {msg.term} starts at {msg.start_lsn}, "
+                                f"before the term's start {term_start}")
+        if msg.start_lsn > self.flush_lsn:
+            # Not brought up to the term start yet: the reply says where it is.
+            return [self._append_response()]
+        source = PullSource(msg.term, msg.host, msg.port, msg.slot_name)
+        if self.pull_source == source:
+            return [self._append_response()]  # a repeat (the proposer reconnected)
+        if self.pull_source is not None:
+            raise ProtocolError(f"PullFrom for term {msg.term} names {msg.host}:{msg.port} "
+                                f"slot {msg.slot_name}; this term already pulls from "
+                                f"{self.pull_source.host}:{self.pull_source.port} slot "
+                                f"{self.pull_source.slot_name}")
+        self.pull_source = source
+        # The acceptor's WAL past the divergence point is all this term's (step 4), so the
+        # stream continues at its end, wherever that is at or past the term start.
+        return [StartPull(source, self.flush_lsn), self._append_response()]
+
+    def pulled_wal(self, term: int, begin_lsn: Lsn, data: bytes) -> list[AcceptorAction]:
+        """WAL that the pull stream of `term` brought: [begin_lsn, begin_lsn + len(data)).
+
+        Handled as an AppendRequest of `term` without a commit LSN, answered by a
+        `PullFeedback` instead of a reply. Refused (no action at all) unless `term` is the
+        term this acceptor promised last, adopted, and pulls in: in particular after the
+        promise of a higher term closed the stream.
+        """
+        source = self.pull_source
+        if source is None or source.term != term:
+            return []
+        assert term == self.state.term == self._elected_term(), (term, self.state)
+        actions: list[AcceptorAction] = []
+        self._write(term, begin_lsn, data, actions)
+        actions.append(PullFeedback(term, self.flush_lsn))
+        return actions
+
+    def _close_pull(self, actions: list[AcceptorAction]) -> None:
+        """Before the acceptor moves to a higher term: stop pulling the old one."""
+        if self.pull_source is not None:
+            actions.append(ClosePull(self.pull_source.term))
+            self.pull_source = None
+
     # --- checks -------------------------------------------------------------------------------
     def check_invariants(self) -> None:
         s = self.state
@@ -402,3 +514,9 @@ class Acceptor:
             assert a.start_lsn <= b.start_lsn, history
         assert not history or history[-1].term <= s.term, (history, s.term)
         assert not history or history[0].start_lsn >= s.timeline_start_lsn, history
+        source = self.pull_source
+        if source is not None:
+            # Pulled WAL is acknowledged only in the promised term whose election it adopted.
+            assert self.allow_pull
+            assert source.term == s.term == self._elected_term(), (source, s.term, history)
+            assert history[-1].start_lsn <= self.flush_lsn, (history, self.flush_lsn)

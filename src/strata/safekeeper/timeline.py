@@ -50,9 +50,12 @@ from strata.safekeeper.acceptor import (
     Acceptor,
     AcceptorAction,
     AcceptorState,
+    ClosePull,
     FlushWal,
     PersistControl,
+    PullFeedback,
     SendWal,
+    StartPull,
     TruncateWal,
     WriteWal,
 )
@@ -354,6 +357,9 @@ class Timeline:
                         raise ProtocolError(f"cannot send WAL [{start}, {end}) for term "
                                             f"{term}: {err}") from err
                     replies.append(encode(ReadWalResponse(term, start, data)))
+                case StartPull() | ClosePull() | PullFeedback():
+                    # Its Acceptor is built without allow_pull: PullFrom is a ProtocolError.
+                    raise AssertionError(f"pull mode is not driven yet: {action}")
                 case _:
                     replies.append(encode(action))  # sent after the batch's last flush
 
