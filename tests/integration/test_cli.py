@@ -513,6 +513,9 @@ def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
     tenants = {t["name"]: t for t in cli.json("tenant", "list")}
     assert set(tenants) == {"default", "other"}
     assert tenants["other"]["branches"] == ["main"] and not tenants["other"]["default"]
+    assert tenants["other"]["attachments"] == [{"pageserver": 1, "generation": 1,
+                                                "generation_state": "current",
+                                                "newer_generation": None}]
     other = cli.json("tenant", "config", "other")["config"]
     assert other["gc_horizon"] == 1000 and other["checkpoint_distance"] == 4194304
     assert [t["branch"] for t in cli.json("timeline", "list", "--tenant", "other")] == ["main"]

@@ -93,6 +93,19 @@ def test_two_pageservers_attached_to_one_tenant(cli: Cli, test_dir: Path,  # noq
     assert ps1.tenant(tid)["newer_generation"] == 2
     assert (ps2.tenant(tid)["generation_state"], ps2.tenant(tid)["generation"]) == \
         ("current", 2)
+    # The CLI shows the stale attachment, and what to do about it.
+    listed = cli.json("tenant", "list")[0]["attachments"]
+    assert sorted((a["pageserver"], a["generation_state"], a["generation"],
+                   a["newer_generation"]) for a in listed) == \
+        [(1, "stale", 1, 2), (2, "current", 2, None)], listed
+    advice = ("pageserver 1: stale (generation 1 < 2): detach it (`strata tenant detach "
+              "default --pageserver 1`)")
+    assert advice in cli.run("tenant", "list").stderr
+    assert [(a["pageserver"], a["generation"]) for a in
+            cli.json("status")["stale_attachments"]] == [(1, 1)]
+    assert advice in cli.run("status").stderr
+    refused = cli.run("tenant", "detach", "default", "--pageserver", "2", ok=False).stderr
+    assert "on pageserver 2 is not stale" in refused, refused
 
     for _ in range(3):
         _known_rows(main, last + 1, last + 10000)
@@ -153,7 +166,10 @@ def test_two_pageservers_attached_to_one_tenant(cli: Cli, test_dir: Path,  # noq
 
     # A compute on the newer attachment reads every acknowledged row.
     cli.run("endpoint", "stop", "main")
-    ps1.detach_tenant(tid)  # the mistake undone (its uploads stay under generation 1)
+    # The mistake undone (its uploads stay under generation 1).
+    cli.run("tenant", "detach", "default", "--pageserver", "1")
+    assert tid not in ps1.list_tenants()
+    assert cli.json("status")["stale_attachments"] == []
     with env.locked() as state:
         state.tenants[tid].pageserver = 2
     cli.run("endpoint", "start", "main", "--mode", "full")

@@ -24,6 +24,9 @@ state.json switches the tenant over, then the source detaches it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.failpoint import failpoint
 from strata.common.ids import TenantId, TimelineId
@@ -35,8 +38,14 @@ from strata.control.endpoints import (
     safekeeper_endpoints,
     tenant_lock,
 )
-from strata.control.env import EnvConfig, Environment, WalMode
-from strata.control.services import require_pageserver, safekeeper_client
+from strata.control.env import EnvConfig, Environment, State, WalMode
+from strata.control.services import (
+    PAGESERVER_PROBE_TIMEOUT_S,
+    pageserver_client,
+    pageserver_files,
+    require_pageserver,
+    safekeeper_client,
+)
 from strata.control.supervisor import wait_for
 from strata.pageserver.api import TimelineInfo
 from strata.pageserver.client import PageserverClient
@@ -268,3 +277,76 @@ def _relocate_tenant(env: Environment, config: EnvConfig, tenant_id: TenantId,
     with output.step(f"detaching tenant {tenant.name} from pageserver {from_id}"):
         source.detach_tenant(tid)
     return generation
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """One pageserver's attachment of a tenant, as its API reports it (`GET /v1/tenant/{t}`)."""
+
+    pageserver: int
+    generation: int
+    stale: bool
+    """The pageserver found a newer generation marker, or the control plane (state.json)
+    has handed out a newer generation than this attachment's."""
+    newer_generation: int | None
+
+    def describe(self, tenant_name: str) -> str:
+        """e.g. 'pageserver 1: current (generation 2)', or for a stale one what to do."""
+        if not self.stale:
+            return f"pageserver {self.pageserver}: current (generation {self.generation})"
+        return (f"pageserver {self.pageserver}: stale (generation {self.generation} < "
+                f"{self.newer_generation}): detach it (`strata tenant detach {tenant_name} "
+                f"--pageserver {self.pageserver}`)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pageserver": self.pageserver, "generation": self.generation,
+                "generation_state": "stale" if self.stale else "current",
+                "newer_generation": self.newer_generation}
+
+
+def tenant_attachments(env: Environment, config: EnvConfig,
+                       state: State) -> dict[TenantId, list[Attachment]]:
+    """Every running pageserver's attachments of the environment's tenants (a pageserver
+    that is not running or does not answer within the probe timeout is left out)."""
+    out: dict[TenantId, list[Attachment]] = {tid: [] for tid in state.tenants}
+    for ps in config.pageservers:
+        if pageserver_files(env, ps.id).read_pid() is None:
+            continue
+        client = pageserver_client(config, timeout_s=PAGESERVER_PROBE_TIMEOUT_S, ps_id=ps.id)
+        try:
+            held = [tid for tid in client.list_tenants() if tid in state.tenants]
+            infos = [(tid, client.tenant(tid)) for tid in held]
+        except StrataError:
+            continue  # `strata status` says what is wrong with it
+        for tid, info in infos:
+            generation = int(info.get("generation", 1))
+            known = state.tenants[tid].generation
+            reported = info.get("newer_generation")
+            newer = max(int(reported) if reported is not None else 0, known)
+            stale = info.get("generation_state") == "stale" or generation < known
+            out[tid].append(Attachment(ps.id, generation, stale,
+                                       newer if stale else None))
+    return out
+
+
+def detach_stale_attachment(env: Environment, config: EnvConfig, state: State,
+                            tenant_id: TenantId, ps_id: int) -> None:
+    """Detach the tenant from pageserver `ps_id`, which is not its current one: only a
+    stale attachment (an older generation than the tenant's newest) is detached so."""
+    tenant = state.tenants[tenant_id]
+    client = require_pageserver(env, config, ps_id)
+    if tenant_id not in client.list_tenants():
+        raise UserError(f"pageserver {ps_id} does not hold tenant {tenant.name}")
+    found = next((a for a in tenant_attachments(env, config, state)[tenant_id]
+                  if a.pageserver == ps_id), None)
+    if found is None or not found.stale:
+        raise UserError(f"the attachment of tenant {tenant.name} on pageserver {ps_id} is "
+                        "not stale; `strata tenant relocate` moves a tenant")
+    running = sorted(ep.name for ep in state.endpoints.values()
+                     if ep.tenant_id == tenant_id and running_pid(env, ep.name) is not None)
+    if running and tenant.pageserver == ps_id:
+        raise UserError(f"endpoints {running} of tenant {tenant.name} are running on "
+                        f"pageserver {ps_id}; stop them first (`strata endpoint stop NAME`)")
+    with output.step(f"detaching the stale attachment (generation {found.generation}) of "
+                     f"tenant {tenant.name} ({tenant_id}) from pageserver {ps_id}"):
+        client.detach_tenant(tenant_id)

@@ -24,10 +24,12 @@ from strata.common.lsn import Lsn
 from strata.control import output
 from strata.control.attachments import (
     attach_tenant,
+    detach_stale_attachment,
     detach_tenant,
     reattach_lost_tenants,
     relocate_tenant,
     require_object_storage,
+    tenant_attachments,
 )
 from strata.control.auth_setup import export_cli_token, make_keys, token_for
 from strata.control.endpoints import (
@@ -277,6 +279,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
             infos = client.list_timelines(tid)
             timelines += [{**timeline_json(tenant, info), "pageserver": p.id}
                           for info in infos]
+    stale = [(tid, a) for tid, found in tenant_attachments(env, config, state).items()
+             for a in found if a.stale]
     proxy = proxy_status(env, config)
     console_proc = console_status(env, config)
     endpoints = [_with_proxy(endpoint_status(env, config, ep), proxy)
@@ -292,7 +296,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
             "pageservers": [{"id": p.id, **s.to_json()}
                             for p, s in zip(config.pageservers, pageservers, strict=True)],
             "safekeepers": safekeepers, "endpoints": endpoints, "proxy": proxy,
-            "console": console_proc, "object_storage": storage}
+            "console": console_proc, "object_storage": storage,
+            "stale_attachments": [{"tenant_id": str(tid), "name": state.tenants[tid].name,
+                                   **a.to_json()} for tid, a in stale]}
     if as_json:
         output.print_json(data)
         return
@@ -326,6 +332,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         if proc["log_tail"] is not None:
             output.info(f"{name} {proc['state']}; last lines of {proc['log']}:\n"
                         f"{proc['log_tail']}")
+    for tid, a in stale:
+        name = state.tenants[tid].name
+        output.info(f"warning: tenant {name} ({tid}) on {a.describe(name)}")
     if timelines:
         output.table("Timelines on the pageserver",
                      ["branch", "timeline", "last_record_lsn", "disk_consistent_lsn", "state"],
@@ -396,21 +405,32 @@ def tenant_create(ctx: click.Context, name: str, settings: tuple[str, ...],
 @json_option
 @click.pass_context
 def tenant_list(ctx: click.Context, as_json: bool) -> None:
-    """The environment's tenants."""
-    state = _env(ctx).read_state()
+    """The environment's tenants, with every running pageserver's attachment of each: a
+    stale one (an older generation than the tenant's newest) should be detached."""
+    env = _env(ctx)
+    state = env.read_state()
+    attachments = tenant_attachments(env, env.config(), state)
     rows: list[dict[str, Any]] = [
         {"tenant_id": str(tid), "name": t.name, "default": tid == state.default_tenant,
          "branches": sorted(t.branches), "attached": t.attached, "generation": t.generation,
-         "pageserver": t.pageserver}
+         "pageserver": t.pageserver,
+         "attachments": [a.to_json() for a in attachments[tid]]}
         for tid, t in state.tenants.items()]
     if as_json:
         output.print_json(rows)
         return
     output.table(None, ["name", "tenant", "default", "branches", "attached", "generation",
-                        "pageserver"],
+                        "pageserver", "attachments"],
                  [[r["name"], r["tenant_id"], "yes" if r["default"] else "",
                    ", ".join(r["branches"]), "yes" if r["attached"] else "no",
-                   r["generation"], r["pageserver"]] for r in rows])
+                   r["generation"], r["pageserver"],
+                   ", ".join(f"{a['pageserver']}: {a['generation_state']} (generation "
+                             f"{a['generation']})" for a in r["attachments"])]
+                  for r in rows])
+    for tid, t in state.tenants.items():
+        for a in attachments[tid]:
+            if a.stale:
+                output.info(f"warning: tenant {t.name} ({tid}) on {a.describe(t.name)}")
 
 
 @tenant.command("config")
@@ -490,14 +510,23 @@ def tenant_relocate(ctx: click.Context, name: str, target: int) -> None:
 
 @tenant.command("detach")
 @click.argument("name", metavar="TENANT")
+@click.option("--pageserver", "ps_id", type=int, metavar="ID",
+              help="Detach only the stale attachment (`strata tenant list`) on pageserver "
+                   "ID; the tenant's current attachment stays.")
 @click.pass_context
-def tenant_detach(ctx: click.Context, name: str) -> None:
+def tenant_detach(ctx: click.Context, name: str, ps_id: int | None) -> None:
     """Detach TENANT from the pageserver: upload what object storage lacks, then drop its
     local files (its endpoints must be stopped). `strata tenant attach` brings it back."""
     env = _env(ctx)
     config = env.config()
     require_object_storage(config)
-    tid = env.read_state().tenant_id(name)
+    state = env.read_state()
+    tid = state.tenant_id(name)
+    if ps_id is not None:
+        detach_stale_attachment(env, config, state, tid, ps_id)
+        output.result(f"detached the stale attachment of tenant {name} ({tid}) from "
+                      f"pageserver {ps_id}")
+        return
     detach_tenant(env, config, tenant_pageserver(env, config, tid), tid)
     output.result(f"detached tenant {name} ({tid}); it is in object storage only")
 
