@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -216,7 +217,7 @@ TIMELINE = TimelineId(bytes(15) + b"\x01")
 
 
 def _attached(tmp_path: Path, ranged_reads_before_download: int,
-              download_wait_s: float = 0.5) -> tuple[
+              download_wait_s: float = 0.5, concurrent_downloads: int = 4) -> tuple[
         Timeline, RemoteTimelineClient, dict[tuple[RelTag, int], bytes], Lsn, Repository]:
     """A timeline of 3 relations (3 layers) uploaded, then attached by a fresh repository
     onto an empty disk; returns (timeline, its client, expected pages, lsn, repository)."""
@@ -249,7 +250,8 @@ def _attached(tmp_path: Path, ranged_reads_before_download: int,
     atl = tenant.get_timeline(TIMELINE)
     aclient = RemoteTimelineClient(storage, TENANT, TIMELINE, 2, atl.dir,
                                    ranged_reads_before_download=ranged_reads_before_download,
-                                   download_wait_s=download_wait_s)
+                                   download_wait_s=download_wait_s,
+                                   concurrent_downloads=concurrent_downloads)
     atl.add_remote_layers(index.layer_descs())
     aclient.start(atl.metadata, atl.layers(), index)
     atl.remote = aclient
@@ -330,6 +332,62 @@ def test_a_read_waits_for_its_layers_running_download(tmp_path: Path,
                 assert client.read_stats.ranged_gets > gets
             assert tl.wait_background_downloads(60)
         assert client.read_stats.layer_downloads == 3
+    finally:
+        client.stop()
+        repo.close()
+
+
+@pytest.mark.parametrize("bound", [1, 2])
+def test_whole_layer_downloads_run_concurrently_up_to_the_bound(tmp_path: Path,
+                                                                bound: int) -> None:
+    """Six reads at once, two per layer, on an empty disk without ranged reads: `bound`
+    downloads run at the same time (the first `bound` meet at a barrier inside the GET,
+    which would time out if they ran one after the other), never more, and each layer
+    is downloaded once (the second read of a layer waits for the first's download)."""
+    tl, client, expect, lsn, repo = _attached(tmp_path, 0, concurrent_downloads=bound)
+    barrier = threading.Barrier(bound, timeout=60)
+    arrived = []
+    lock = threading.Lock()
+
+    def in_the_get() -> None:
+        with lock:
+            arrived.append(1)
+            first = len(arrived) <= bound
+        if first:
+            barrier.wait()  # BrokenBarrierError (the read fails) if they cannot overlap
+        time.sleep(0.3)  # room for one more to start, were the bound not kept
+
+    # Each relation's pages are in their own layer; the first read of each looks up the
+    # relation's size in older layers too, so read the sizes first (all three layers),
+    # then evict: reads of pages then touch one layer each.
+    rels = [RelTag(1663, 5, 16384 + r, 0) for r in range(3)]
+    try:
+        for rel in rels:
+            assert tl.get_rel_page(rel, 0, lsn) == expect[(rel, 0)]
+        assert client.read_stats.layer_downloads == 3
+        for desc, _, _ in tl.local_layer_files():
+            assert tl.evict_layer(desc)
+        assert tl.local_layer_files() == []
+        tl.downloads_running_max = 0
+        errors: list[BaseException] = []
+
+        def read(rel: RelTag, blkno: int) -> None:
+            try:
+                assert tl.get_rel_page(rel, blkno, lsn) == expect[(rel, blkno)]
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        with failpoint.armed("remote-before-download-layer", in_the_get):
+            threads = [threading.Thread(target=read, args=(rel, blkno))
+                       for rel in rels for blkno in (1, 2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        assert errors == []
+        assert tl.downloads_running_max == bound
+        assert client.read_stats.layer_downloads == 6  # 3 before the eviction, 3 now
+        assert len(tl.local_layer_files()) == 3
     finally:
         client.stop()
         repo.close()

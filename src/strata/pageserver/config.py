@@ -76,6 +76,10 @@ class PageserverConfig:
     """With remote storage and ranged reads: a read of a layer whose whole download runs
     in the background waits for it, instead of a ranged GET, when it should be done within
     this many seconds (by the measured download speed). 0: never wait."""
+    concurrent_downloads: int = 4
+    """With remote storage: at most this many whole-layer downloads of one timeline run at
+    once (a compute's start after an empty-disk restart needs many layers; 1: one at a
+    time)."""
     generation_check_period_s: float = 10.0
     """With remote storage: how often each tenant's generation marker is read; a tenant
     whose marker names a newer generation than its attachment stops uploading and
@@ -105,6 +109,9 @@ class PageserverConfig:
         if self.download_wait_s < 0:
             raise UserError(f"pageserver config download_wait_s must be >= 0, got "
                             f"{self.download_wait_s!r}")
+        if self.concurrent_downloads < 1:
+            raise UserError(f"pageserver config concurrent_downloads must be >= 1, got "
+                            f"{self.concurrent_downloads!r}")
         if self.generation_check_period_s < 0:
             raise UserError(f"pageserver config generation_check_period_s must be >= 0, "
                             f"got {self.generation_check_period_s!r}")

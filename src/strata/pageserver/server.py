@@ -243,6 +243,7 @@ class Pageserver:
             storage, timeline.tenant_id, timeline.timeline_id, tenant.generation, timeline.dir,
             ranged_reads_before_download=self.config.ranged_reads_before_download,
             download_wait_s=self.config.download_wait_s,
+            concurrent_downloads=self.config.concurrent_downloads,
             on_stale=lambda newer, where: self.mark_stale(tenant_id, newer, where))
         if tenant_id in self.stale:
             client.mark_stale()

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 RETRY_PAUSE_S = 2.0
 RANGED_READS_BEFORE_DOWNLOAD = 1
 DOWNLOAD_WAIT_S = 0.5
+CONCURRENT_DOWNLOADS = 4  # whole-layer downloads of one timeline at once
 # Whole-layer download speed assumed until one was measured (loopback SeaweedFS on a
 # loaded 2-core machine: 20-250 MB/s).
 INITIAL_DOWNLOAD_BYTES_PER_S = 50e6
@@ -134,6 +135,7 @@ class RemoteTimelineClient:
                  retry_pause_s: float = RETRY_PAUSE_S,
                  ranged_reads_before_download: int = RANGED_READS_BEFORE_DOWNLOAD,
                  download_wait_s: float = DOWNLOAD_WAIT_S,
+                 concurrent_downloads: int = CONCURRENT_DOWNLOADS,
                  on_stale: Callable[[int, str], None] | None = None) -> None:
         assert generation >= 1, generation
         assert ranged_reads_before_download >= 0, ranged_reads_before_download
@@ -145,6 +147,10 @@ class RemoteTimelineClient:
         # A read of a layer whose whole download runs waits for it if it should be done
         # within this many seconds (by the measured download speed), not a ranged GET.
         self.download_wait_s = download_wait_s
+        # At most this many whole-layer downloads of the timeline run at once (the
+        # timeline bounds them, storage/timeline.py).
+        assert concurrent_downloads >= 1, concurrent_downloads
+        self.concurrent_downloads = concurrent_downloads
         self.download_bytes_per_s = INITIAL_DOWNLOAD_BYTES_PER_S  # moving average
         self.read_stats = RemoteReadStats()
         self._stats_lock = threading.Lock()

@@ -109,6 +109,9 @@ class RemoteSink(Protocol):
     def download_wait_s(self) -> float:
         """A read of a layer whose whole download runs waits for it, instead of fetching
         by ranged reads, if it is expected to finish within this many seconds (0: never)."""
+    @property
+    def concurrent_downloads(self) -> int:
+        """At most this many whole-layer downloads of the timeline run at once (>= 1)."""
     def is_evictable(self, desc: LayerDesc) -> bool:
         """True if the last uploaded index names the layer (its local file may go)."""
     @property
@@ -147,7 +150,12 @@ class Timeline:
         self._layer_map = LayerMap()
         self._readers: dict[LayerDesc, LayerReader] = {}
         self._access: dict[LayerDesc, int] = {}  # layer -> tick of its last read
-        self._download_lock = threading.Lock()  # one whole-layer download at a time
+        # Whole-layer downloads: at most the remote's `concurrent_downloads` at once (made
+        # at the first one), and one per layer (the others wait for its event).
+        self._download_slots: threading.BoundedSemaphore | None = None
+        self._fetching: dict[LayerDesc, threading.Event] = {}
+        self.downloads_running = 0  # whole-layer GETs running now
+        self.downloads_running_max = 0  # the most that ran at once
         self._pinned: set[LayerDesc] = set()  # downloaded, not yet opened: not evictable
         # Layers not on local disk read by ranged reads of their remote object: their
         # readers, how many reads used each, and those being downloaded in the background.
@@ -552,33 +560,62 @@ class Timeline:
         return reader
 
     def _download(self, remote: RemoteSink, desc: LayerDesc) -> LayerReader:
-        """Download the whole layer file (one at a time per timeline) and open it."""
-        with self._download_lock:
+        """Download the whole layer file and open it: one download per layer (a second
+        read of it waits for the first's), at most the remote's `concurrent_downloads`
+        of the timeline at once."""
+        while True:
             reader = self._local_reader(desc)  # another read may have fetched it
             if reader is not None:
                 return reader
-            started = time.monotonic()
-            # Pinned from the download until the reader holds the file open: eviction
-            # skips it, so the file the read just fetched is there when it opens it.
             with self._lock:
-                self._pinned.add(desc)
-                self._download_began[desc] = time.monotonic()
-            try:
-                remote.download(desc)
-                failpoint("timeline-after-download-layer")
-                reader = self._local_reader(desc)
-            finally:
-                with self._lock:
-                    self._pinned.discard(desc)
-                    self._download_began.pop(desc, None)
-            if reader is None:
-                raise CorruptionError(f"layer file {desc.file_name()} vanished right after "
-                                      "its download", path=str(self.dir / desc.file_name()))
-            log.info("downloaded layer %s on demand in %.3fs", desc.file_name(),
-                     time.monotonic() - started)
+                running = self._fetching.get(desc)
+                if running is None:
+                    self._fetching[desc] = threading.Event()
+                    if self._download_slots is None:
+                        self._download_slots = threading.BoundedSemaphore(
+                            max(1, remote.concurrent_downloads))
+                    slots = self._download_slots
+                    break
+            running.wait()  # then its file is local, or it failed and this read tries
+        try:
+            with slots:
+                reader = self._download_now(remote, desc)
+        finally:
+            with self._lock:
+                self._fetching.pop(desc).set()
         with self._lock:  # the local file serves the next reads
             self._ranged.pop(desc, None)
             self._ranged_reads.pop(desc, None)
+        return reader
+
+    def _download_now(self, remote: RemoteSink, desc: LayerDesc) -> LayerReader:
+        """The GET of `_download`, holding a download slot."""
+        reader = self._local_reader(desc)
+        if reader is not None:
+            return reader
+        started = time.monotonic()
+        # Pinned from the download until the reader holds the file open: eviction
+        # skips it, so the file the read just fetched is there when it opens it.
+        with self._lock:
+            self._pinned.add(desc)
+            self._download_began[desc] = time.monotonic()
+            self.downloads_running += 1
+            self.downloads_running_max = max(self.downloads_running_max,
+                                             self.downloads_running)
+        try:
+            remote.download(desc)
+            failpoint("timeline-after-download-layer")
+            reader = self._local_reader(desc)
+        finally:
+            with self._lock:
+                self._pinned.discard(desc)
+                self._download_began.pop(desc, None)
+                self.downloads_running -= 1
+        if reader is None:
+            raise CorruptionError(f"layer file {desc.file_name()} vanished right after "
+                                  "its download", path=str(self.dir / desc.file_name()))
+        log.info("downloaded layer %s on demand in %.3fs", desc.file_name(),
+                 time.monotonic() - started)
         return reader
 
     def _background_download(self, remote: RemoteSink, desc: LayerDesc, reader: LayerReader,
