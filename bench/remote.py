@@ -27,10 +27,12 @@ are written and uploaded during the run), a pgbench database of about the same s
   baseline, and with its data directory deleted (attached from object storage; alternating
   whole layers (ranged_reads_before_download 0), ranged reads that never wait for a
   running download (download_wait_s 0) and the default (ranged reads; a read of a layer
-  whose download should finish within download_wait_s waits for it): the `ranged_vs_whole`
-  and `wait_vs_nowait` figures; one round quick, two full, BENCH_REMOTE_ROUNDS=N): the
-  `pageserver start` and `endpoint start` commands, the new compute's first query (one
-  row of pgbench_accounts), their sum, and a full scan of pgbench_accounts afterwards.
+  whose download should finish within download_wait_s waits for it), and whole layers
+  one download at a time (concurrent_downloads 1; the others 4): the `ranged_vs_whole`,
+  `wait_vs_nowait` and `whole_concurrent_vs_serial` figures; one round quick, two full,
+  BENCH_REMOTE_ROUNDS=N): the `pageserver start` and `endpoint start` commands, the new
+  compute's first query (one row of pgbench_accounts), their sum, and a full scan of
+  pgbench_accounts afterwards.
 """
 
 from __future__ import annotations
@@ -358,26 +360,32 @@ def _live(report: Report, size_mb: int, work: Path, quick: bool) -> None:
     # before it existed), and the default (ranged GETs, but a read of a layer whose
     # download should be done within download_wait_s waits for it); the figures are the
     # mean of the rounds (BENCH_REMOTE_ROUNDS, default 1 quick, 2 full).
-    settings = {"whole": (0, 0.0), "nowait": (1, 0.0), "default": (1, 0.5)}
+    # And whole layers one download at a time per timeline (concurrent_downloads = 1, as
+    # before it existed) against the default 4: the `whole_concurrent_vs_serial` figures.
+    settings = {"whole": (0, 0.0, 4), "nowait": (1, 0.0, 4), "default": (1, 0.5, 4),
+                "whole_serial": (0, 0.0, 1)}
     runs: dict[str, list[list[float]]] = {name: [] for name in settings}
     rounds = int(os.environ.get("BENCH_REMOTE_ROUNDS", "1" if quick else "2"))
     for _ in range(rounds):
-        for name, (ranged, wait_s) in settings.items():
+        for name, (ranged, wait_s, concurrent) in settings.items():
             _set_pageserver_config(env, "ranged_reads_before_download", ranged)
             _set_pageserver_config(env, "download_wait_s", wait_s)
+            _set_pageserver_config(env, "concurrent_downloads", concurrent)
             runs[name].append(_restart_first_query(env, True))
-    whole, nowait, cold = ([sum(col) / len(col) for col in zip(*runs[name], strict=True)]
-                           for name in settings)
-    for name, value, base, before, unwaited in (
-            ("pageserver_start", cold[0], warm[0], whole[0], nowait[0]),
-            ("endpoint_start", cold[1], warm[1], whole[1], nowait[1]),
-            ("first_query", cold[2], warm[2], whole[2], nowait[2]),
+    whole, nowait, cold, serial = (
+        [sum(col) / len(col) for col in zip(*runs[name], strict=True)] for name in settings)
+    for name, value, base, before, unwaited, whole_value, one_at_a_time in (
+            ("pageserver_start", cold[0], warm[0], whole[0], nowait[0], whole[0], serial[0]),
+            ("endpoint_start", cold[1], warm[1], whole[1], nowait[1], whole[1], serial[1]),
+            ("first_query", cold[2], warm[2], whole[2], nowait[2], whole[2], serial[2]),
             ("start_to_first_row", sum(cold[:3]), sum(warm[:3]), sum(whole[:3]),
-             sum(nowait[:3])),
-            ("full_scan", cold[3], warm[3], whole[3], nowait[3])):
+             sum(nowait[:3]), sum(whole[:3]), sum(serial[:3])),
+            ("full_scan", cold[3], warm[3], whole[3], nowait[3], whole[3], serial[3])):
         report.add(f"live_{name}_after_empty_restart_s_{size_mb}mb", value, "s", baseline=base)
         report.add(f"live_{name}_ranged_vs_whole_s_{size_mb}mb", value, "s", baseline=before)
         report.add(f"live_{name}_wait_vs_nowait_s_{size_mb}mb", value, "s", baseline=unwaited)
+        report.add(f"live_{name}_whole_concurrent_vs_serial_s_{size_mb}mb", whole_value, "s",
+                   baseline=one_at_a_time)
     env.run("stop", "--immediate")
 
 
