@@ -24,6 +24,8 @@ import pytest
 from test_cli import Cli
 from test_cli import cli as cli  # noqa: F401, PLC0414 - the fixture `cli`
 
+from strata.common.proc import free_port
+
 PASSWORD = "correct horse"
 
 
@@ -252,7 +254,10 @@ def test_wake_suspend_and_concurrent_wake(proxied: Cli) -> None:
     endpoint all get answers from one start; a start that fails is a clear error."""
     cli = proxied
     cli.run("timeline", "branch", "dev")
-    cli.run("endpoint", "create", "dev", "--branch", "dev", "--suspend-timeout-s", "1")
+    # A port of the user's (--port): strata never moves it, so a squatter on it below
+    # makes the wake fail (a port strata picked would be picked again).
+    cli.run("endpoint", "create", "dev", "--branch", "dev", "--suspend-timeout-s", "1",
+            "--port", str(free_port("127.0.0.1")))
     assert [r["role"] for r in cli.json("role", "list", "--branch", "dev")] == ["strata"]
     assert endpoint_state(cli, "dev")["state"] == "suspended"  # never started: wakes on use
     query(dsn(cli, "dev"), "create table t as select 42 as v")
