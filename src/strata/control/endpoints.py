@@ -1012,17 +1012,30 @@ def _stop_lazy_side(env: Environment, name: str) -> None:
     """Lazy mode: the FUSE server and its watchdog go once PostgreSQL is down; the mount
     is detached (the pgdata stays for the settings saved from it)."""
     paths = endpoint_paths(env, name)
-    if not paths.mountpoint.exists():
+    if not mountpoint_present(paths.mountpoint):
         return
     from strata.compute.lazy import cleanup_lazy_root
 
     cleanup_lazy_root(paths.compute_root)
 
 
+def mountpoint_present(path: Path) -> bool:
+    """Whether a lazy compute's mount point is there, a dead one included: while its FUSE
+    server stops (or after it died), stat fails with ENOTCONN, which `Path.exists` raises
+    (an `endpoint list` right after a sidecar's death failed on it)."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True  # ENOTCONN and the like: a mount whose server is gone
+    return True
+
+
 def compute_mode(env: Environment, name: str) -> ComputeMode | None:
     """The mode of the endpoint's current (or last) compute directory."""
     paths = endpoint_paths(env, name)
-    if paths.mountpoint.exists():
+    if mountpoint_present(paths.mountpoint):
         return ComputeMode.LAZY
     return ComputeMode.FULL if paths.datadir.exists() else None
 
