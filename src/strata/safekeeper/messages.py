@@ -235,7 +235,11 @@ class PullFrom:
     start_lsn: Annotated[Lsn, Wire.LSN]
 
     def __post_init__(self) -> None:
-        if not self.host or len(self.host.encode()) > MAX_TEXT_BYTES or "\0" in self.host:
+        try:
+            host_bytes = self.host.encode()
+        except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for it on the wire
+            raise ValueError(f"host {self.host!r} is not valid UTF-8 text") from None
+        if not host_bytes or len(host_bytes) > MAX_TEXT_BYTES or b"\0" in host_bytes:
             raise ValueError(f"host {self.host!r} must be 1-{MAX_TEXT_BYTES} bytes without NUL")
         if not 0 < self.port < 1 << 16:
             raise ValueError(f"port {self.port} is not in 1..65535")
