@@ -24,6 +24,7 @@ import pytest
 from test_cli import Cli
 from test_cli import cli as cli  # noqa: F401, PLC0414 - the fixture `cli`
 
+from polling import wait_until
 from strata.common.proc import free_port
 
 PASSWORD = "correct horse"
@@ -62,6 +63,27 @@ def wait_state(cli: Cli, name: str, state: str, timeout_s: float = 180) -> None:
     while (current := endpoint_state(cli, name)["state"]) != state:
         assert time.monotonic() < deadline, (name, current, state)
         time.sleep(0.5)
+
+
+def assert_cancels(conn: psycopg.Connection[Any], conninfo: str) -> None:
+    """A long query on `conn` (through the proxy) ends in QueryCanceled once the client
+    sends a CancelRequest; `conninfo` (a second connection) sees the query start."""
+    result: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            conn.execute("select pg_sleep(120)")
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            result.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_until(lambda: bool(query(conninfo, "select 1 from pg_stat_activity "
+                                            "where query = 'select pg_sleep(120)'")),
+               60, "the pg_sleep query to start")
+    conn.cancel_safe(timeout=60)
+    thread.join(timeout=60)
+    assert len(result) == 1 and isinstance(result[0], psycopg.errors.QueryCanceled), result
 
 
 def proxy_log(cli: Cli) -> str:
@@ -116,24 +138,7 @@ def test_clients_tls_sni_scram_and_cancel(proxied: Cli) -> None:
 
     with psycopg.connect(dsn(cli, "main")) as conn:
         assert endpoint_state(cli, "main")["connections"] == 1
-        result: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                conn.execute("select pg_sleep(120)")
-            except BaseException as err:  # noqa: BLE001 - handed to the test thread
-                result.append(err)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not query(dsn(cli, "main"), "select 1 from pg_stat_activity "
-                                          "where query = 'select pg_sleep(120)'"):
-            assert time.monotonic() < deadline, "the query did not start"
-            time.sleep(0.1)
-        conn.cancel_safe(timeout=60)
-        thread.join(timeout=60)
-        assert len(result) == 1 and isinstance(result[0], psycopg.errors.QueryCanceled), result
+        assert_cancels(conn, dsn(cli, "main"))
     assert endpoint_state(cli, "main")["connections"] == 0
 
     pgbench = dsn(cli, "main")
@@ -208,24 +213,7 @@ def test_plain_relay_in_kernel(proxied: Cli, monkeypatch: pytest.MonkeyPatch) ->
         assert hashlib.md5(out_bytes).hexdigest() == hashlib.md5(
             "".join(f"{i}-{'z' * 1000}\n" for i in range(5000)).encode()).hexdigest()
 
-        result: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                conn.execute("select pg_sleep(120)")
-            except BaseException as err:  # noqa: BLE001 - handed to the test thread
-                result.append(err)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not query(plain, "select 1 from pg_stat_activity "
-                               "where query = 'select pg_sleep(120)'"):
-            assert time.monotonic() < deadline, "the query did not start"
-            time.sleep(0.1)
-        conn.cancel_safe(timeout=60)
-        thread.join(timeout=60)
-        assert len(result) == 1 and isinstance(result[0], psycopg.errors.QueryCanceled), result
+        assert_cancels(conn, plain)
 
     # The compute closes first: the client reads the FATAL before the end.
     with psycopg.connect(plain, autocommit=True) as victim:

@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -99,21 +99,24 @@ async def _proxy_once(listener: socket.socket, compute_path: str,
         await served
 
 
-def _run(compute_serve: object, client: object, kernel: sockmap.Sockmap,
-         tmp_path: Path, sampled: threading.Event) -> tuple[object, list[int]]:
+_Compute = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def _run(compute_serve: _Compute, client: Callable[[int], bytes], kernel: sockmap.Sockmap,
+         tmp_path: Path, sampled: threading.Event) -> tuple[bytes, list[int]]:
     """Serve one client; `sampled` is set once the proxy has counted its relay threads
     (the clients keep their connection open, and the compute quiet, until then)."""
     compute_path = str(tmp_path / "compute.sock")
     relay_threads: list[int] = []
 
-    async def main() -> object:
-        compute = await asyncio.start_unix_server(compute_serve, compute_path)  # type: ignore[arg-type]
+    async def main() -> bytes:
+        compute = await asyncio.start_unix_server(compute_serve, compute_path)
         listener = socket.create_server(("127.0.0.1", 0))
         listener.setblocking(False)
         async with compute:
             proxy = asyncio.ensure_future(_proxy_once(listener, compute_path, kernel,
                                                       relay_threads, sampled))
-            result = await asyncio.to_thread(client, listener.getsockname()[1])  # type: ignore[arg-type]
+            result = await asyncio.to_thread(client, listener.getsockname()[1])
             await asyncio.wait_for(proxy, 60)
         listener.close()
         return result
@@ -191,28 +194,45 @@ def test_sockmap_compute_close_delivers_last_bytes(kernel: sockmap.Sockmap,
     assert relay_threads == [1]
 
 
-def test_sockmap_early_client(kernel: sockmap.Sockmap, tmp_path: Path) -> None:
-    """A client that sends before its 'ready' line: its bytes take the splice thread as
-    always, the answer the kernel."""
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def _echoing_compute(first: bytes) -> _Compute:
+    """A compute that reads the client's first line, answers `first`, then echoes
+    everything until the client ends."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readline()
-        writer.write(b"ready\n")
+        writer.write(first)
         while chunk := await reader.read(65536):
             writer.write(chunk)
             await writer.drain()
         writer.close()
+    return serve
 
+
+def _stepping_client(sampled: threading.Event,
+                     *steps: tuple[bytes, int]) -> Callable[[int], bytes]:
+    """A client that, for each step, sends its bytes and reads until it has received
+    that many bytes in all; it stays connected until the proxy has counted its relay
+    threads (`sampled`) and returns what it received."""
     def client(port: int) -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-            s.sendall(b"hello\nearly")
             got = bytearray()
-            while len(got) < 11:
-                got += s.recv(100)
+            for send, total in steps:
+                s.sendall(send)
+                while len(got) < total:
+                    chunk = s.recv(100)
+                    assert chunk, bytes(got)
+                    got += chunk
             assert sampled.wait(60)  # open while the proxy counts its relay threads
             return bytes(got)
+    return client
 
+
+def test_sockmap_early_client(kernel: sockmap.Sockmap, tmp_path: Path) -> None:
+    """A client that sends before its 'ready' line: its bytes take the splice thread as
+    always, the answer the kernel."""
     sampled = threading.Event()
-    got, relay_threads = _run(echo, client, kernel, tmp_path, sampled)
+    got, relay_threads = _run(_echoing_compute(b"ready\n"),
+                              _stepping_client(sampled, (b"hello\nearly", 11)),
+                              kernel, tmp_path, sampled)
     assert got == b"ready\nearly"
     assert relay_threads == [1]
 
@@ -221,27 +241,9 @@ def test_sockmap_busy_compute_falls_back_to_threads(kernel: sockmap.Sockmap,
                                                     tmp_path: Path) -> None:
     """A compute that sent more than its 'ready' line before the switch (bytes the
     verdict would never see) is relayed by two threads, in order."""
-    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readline()
-        writer.write(b"ready\nnotice\n")
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-        writer.close()
-
-    def client(port: int) -> bytes:
-        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-            s.sendall(b"hello\n")
-            got = bytearray()
-            while len(got) < 13:
-                got += s.recv(100)
-            s.sendall(b"echo")
-            while len(got) < 17:
-                got += s.recv(100)
-            assert sampled.wait(60)  # open while the proxy counts its relay threads
-            return bytes(got)
-
     sampled = threading.Event()
-    got, relay_threads = _run(chatty, client, kernel, tmp_path, sampled)
+    got, relay_threads = _run(_echoing_compute(b"ready\nnotice\n"),
+                              _stepping_client(sampled, (b"hello\n", 13), (b"echo", 17)),
+                              kernel, tmp_path, sampled)
     assert got == b"ready\nnotice\necho"
     assert relay_threads == [2]

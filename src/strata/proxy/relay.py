@@ -72,9 +72,7 @@ class _Pair:
             self._end()
 
     def _end(self) -> None:
-        for sock in (self.client, self.compute):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        _shutdown(self.client, self.compute)
         with self._lock:
             self._running -= 1
             last = self._running == 0
@@ -83,6 +81,14 @@ class _Pair:
             self.compute.close()
             with contextlib.suppress(RuntimeError):  # the loop is closed: proxy stopping
                 self.loop.call_soon_threadsafe(_set_done, self.done)
+
+
+def _shutdown(*socks: socket.socket) -> None:
+    """Shut both directions of each socket down (waking a thread blocked on it), ignoring
+    one already reset or closed by its peer; the descriptors stay open."""
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _set_done(done: asyncio.Future[None]) -> None:
@@ -309,9 +315,7 @@ class _Kernel:
             if not from_client and self.client.family != socket.AF_UNIX:
                 await self._drain_to_client()
         finally:
-            for sock in (self.client, self.compute):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            _shutdown(self.client, self.compute)
             await self._pump_done  # the splice thread is off the sockets
             self.client.close()
             self.compute.close()
