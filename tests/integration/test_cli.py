@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -536,12 +537,13 @@ def test_init_from_config_file_and_tenants(cli: Cli, test_dir: Path) -> None:
     assert len(uploaded()) == 2, uploaded()  # the main branch of each tenant
 
 
-def test_start_does_not_wait_for_the_walproposer(cli: Cli,
+def test_start_does_not_wait_for_the_walproposer(cli: Cli, test_dir: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """`endpoint start` returns once PostgreSQL accepts connections and its walproposer
-    sidecar runs, not once it streams: with the sidecar held for 45 s before it connects
-    (failpoint), the started endpoint answers reads, its status says the walproposer does
-    not stream yet, and a commit waits for it and then succeeds. A sidecar that fails
+    sidecar runs, not once it streams: with the sidecar held before it connects (failpoint,
+    until the test releases it), the started endpoint answers reads, its status says the
+    walproposer does not stream yet, and a commit waits for it (still waiting while the
+    sidecar is held) and succeeds once it is released. A sidecar that fails
     right after the start stops its PostgreSQL: the start says so, or (when it failed
     after the command returned) `endpoint list` shows the endpoint and its walproposer
     as died, with the sidecar's log; the next start works and keeps every commit."""
@@ -553,14 +555,31 @@ def test_start_does_not_wait_for_the_walproposer(cli: Cli,
     assert cli.json("endpoint", "list")[0]["walproposer"]["streaming"] is True
     cli.run("endpoint", "stop", "main")
 
-    monkeypatch.setenv("STRATA_FAILPOINTS", "walproposer-connect-pg=sleep(45)")
+    # Held until the test creates `release` (bounded: 300 s, then it goes on by itself).
+    release = test_dir / "release-walproposer"
+    monkeypatch.setenv("STRATA_FAILPOINTS", f"walproposer-connect-pg=wait(300,{release})")
     started = cli.json("endpoint", "start", "main")
     monkeypatch.delenv("STRATA_FAILPOINTS")
     assert values(started["local_connstr"]) == ["acked"]  # reads at once
     ep = cli.json("endpoint", "list")[0]
     assert ep["state"] == "running" and ep["walproposer"]["state"] == "running", ep
     assert ep["walproposer"]["streaming"] is False, ep
-    rows(started["local_connstr"], "insert into t values (2, 'waited')")  # waits, then ok
+    committed = threading.Event()
+    errors: list[BaseException] = []
+
+    def commit() -> None:
+        try:
+            rows(started["local_connstr"], "insert into t values (2, 'waited')")
+            committed.set()
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            errors.append(err)
+
+    committer = threading.Thread(target=commit, daemon=True)
+    committer.start()
+    assert not committed.wait(2), "a commit went through while the walproposer was held"
+    release.touch()
+    committer.join(180)
+    assert committed.is_set() and not errors, errors  # waited, then ok
     assert cli.json("endpoint", "list")[0]["walproposer"]["streaming"] is True
     cli.run("endpoint", "stop", "main")
 

@@ -8,11 +8,14 @@ raise its own exception). `enable(..., count=n)` fires only on the n-th hit. Dis
 
 The registry is process-wide and guarded by a lock, because flush and compaction may run
 on background threads. A test arms failpoints of a child process through its environment:
-`STRATA_FAILPOINTS="name=sleep(0.002);other=raise"` is read when this module is imported.
+`STRATA_FAILPOINTS="name=sleep(0.002);other=raise"` is read when this module is imported;
+`name=wait(SECONDS,PATH)` holds the step until the file PATH exists (the test creates it to
+release the process), at most SECONDS: an event instead of a long fixed sleep.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -95,21 +98,33 @@ def armed(name: str, action: Callable[[], None] | None = None, count: int = 1) -
 
 
 ENV_VAR = "STRATA_FAILPOINTS"
-_ENV_ITEM = re.compile(r"([a-z0-9_-]+)=(raise|sleep\(([0-9.]+)\))")
+_ENV_ITEM = re.compile(r"([a-z0-9_-]+)=(raise|sleep\(([0-9.]+)\)|wait\(([0-9.]+),([^;)]+)\))")
+_WAIT_POLL_S = 0.05
+
+
+def _wait_for_file(path: str, timeout_s: float) -> None:
+    """Return once `path` exists, or after `timeout_s` (then go on as a sleep would)."""
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(_WAIT_POLL_S)
 
 
 def enable_from_env(value: str | None = None) -> list[str]:
     """Arm the failpoints listed in `value` (default: $STRATA_FAILPOINTS), `;`-separated
-    `name=raise` or `name=sleep(SECONDS)`; returns the names armed."""
+    `name=raise`, `name=sleep(SECONDS)` or `name=wait(SECONDS,PATH)`; returns the names
+    armed."""
     text = os.environ.get(ENV_VAR, "") if value is None else value
     names = []
     for item in filter(None, (part.strip() for part in text.split(";"))):
         m = _ENV_ITEM.fullmatch(item)
         if m is None:
-            raise StrataError(f"{ENV_VAR} item {item!r}: expected name=raise or "
-                              f"name=sleep(SECONDS)")
-        delay_s = float(m.group(3)) if m.group(3) else None
-        action = None if delay_s is None else (lambda d=delay_s: time.sleep(d))
+            raise StrataError(f"{ENV_VAR} item {item!r}: expected name=raise, "
+                              f"name=sleep(SECONDS) or name=wait(SECONDS,PATH)")
+        action: Callable[[], None] | None = None
+        if m.group(3):
+            action = functools.partial(time.sleep, float(m.group(3)))
+        elif m.group(4):
+            action = functools.partial(_wait_for_file, m.group(5), float(m.group(4)))
         enable(m.group(1), action)
         names.append(m.group(1))
     return names
