@@ -2,12 +2,14 @@
 PostgreSQL 15 data directory that stock pgbench filled, against that load.
 
 Stock PostgreSQL makes the pgbench database (`pgbench -i -I dtGvp -s SCALE`, timed: the
-baseline `stock_load_s`), stops it cleanly; `import_s` is `strata tenant create
---import-datadir` on it, `import_mb_per_s` its rate over the directory's size without pg_wal, and
-`first_start_s` the first `strata endpoint start` on the imported tenant to a query of
-pgbench_branches, `first_scan_s` then a `count(*)` of pgbench_accounts (every page read
-from the pageserver). Scale `BENCH_IMPORT_SCALE` (default 10, ~150 MB; --quick 2).
-This is the cheap way to the 5 GB point of issues 13 and 16 (scale 320).
+baseline `stock_load_s`) and stops it cleanly, once per scale: bench/_stockdb.py caches
+it (/var/tmp/strata-bench-stockdb), so a later run reuses it and the `stock_load_s` of
+the run that built it (the note says which). `import_s` is `strata tenant create
+--import-datadir` on it, `import_mb_per_s` its rate over the directory's size without
+pg_wal, and `first_start_s` the first `strata endpoint start` on the imported tenant to
+a query of pgbench_branches, `first_scan_s` then a `count(*)` of pgbench_accounts (every
+page read from the pageserver). Scale `BENCH_IMPORT_SCALE` (default 10, ~150 MB;
+--quick 2). This is the cheap way to the 5 GB point of issues 13 and 16 (scale 320).
 """
 
 from __future__ import annotations
@@ -20,47 +22,29 @@ from pathlib import Path
 
 import psycopg
 
-from bench.compute import _pgbench, _strata
+from bench._stockdb import import_tenant, stock_pgbench_datadir
+from bench.compute import _strata
 from bench.report import Report
 from strata.common.proc import ensure_traversable
-from strata.compute.pgserver import PgServer
-
-
-def _imported_mb(root: Path) -> float:
-    """What the import reads: the data directory without pg_wal (only its last record is
-    read)."""
-    return sum(p.stat().st_size for p in root.rglob("*")
-               if p.is_file() and "pg_wal" not in p.relative_to(root).parts) / 1e6
 
 
 def run(report: Report, quick: bool) -> None:
     scale = int(os.environ.get("BENCH_IMPORT_SCALE", "2" if quick else "10"))
+    db = stock_pgbench_datadir(scale)
+    report.add("stock_load_s", db.load_s, "s")
+    report.note(f"scale {scale}: data directory of {db.size_mb:.0f} MB without pg_wal; "
+                + ("cached: stock_load_s is from the run that built it"
+                   if db.reused else "built and timed in this run"))
     with tempfile.TemporaryDirectory(prefix="strata-bench-import-") as tmp:
         base = Path(tmp)
         base.chmod(0o755)
         ensure_traversable(base)
-        stock = PgServer(base / "stock", log_path=base / "stock.log")
-        stock.initdb()
-        stock.start({"autovacuum": False})
-        try:
-            t = time.monotonic()
-            _pgbench(stock, "-i", "-I", "dtGvp", "-s", str(scale), "-q")
-            load_s = time.monotonic() - t
-        finally:
-            stock.stop("fast")
-        size_mb = _imported_mb(stock.datadir)
-        report.add("stock_load_s", load_s, "s")
-        report.note(f"scale {scale}: data directory of {size_mb:.0f} MB without pg_wal")
         repo = base / "cli"
         _strata(repo, "init")
         try:
-            t = time.monotonic()
-            _strata(repo, "tenant", "create", "--name", "imp", "--import-datadir",
-                    str(stock.datadir), timeout=7200)
-            import_s = time.monotonic() - t
-            report.add("import_s", import_s, "s", baseline=load_s)
-            report.add("import_mb_per_s", size_mb / import_s, "MB/s")
-            _strata(repo, "endpoint", "create", "imp", "--branch", "main", "--tenant", "imp")
+            import_s = import_tenant(repo, "imp", db)
+            report.add("import_s", import_s, "s", baseline=db.load_s)
+            report.add("import_mb_per_s", db.size_mb / import_s, "MB/s")
             t = time.monotonic()
             _strata(repo, "endpoint", "start", "imp")
             ep = next(e for e in json.loads(_strata(repo, "endpoint", "list", "--json"))
