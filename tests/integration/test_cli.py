@@ -299,13 +299,13 @@ def test_walproposer_death_stops_its_endpoint(cli: Cli) -> None:
     children = Path(f"/proc/{monitor}/task/{monitor}/children").read_text().split()
     assert len(children) == 1, children
     os.kill(int(children[0]), signal.SIGKILL)
-    # The sidecar's monitor stops PostgreSQL, then exits itself: wait for both (a list
-    # between the two shows the endpoint died and the monitor still running).
+    # The monitor points its pid file at the dead walproposer before it stops PostgreSQL
+    # (and then exits): a list that shows the endpoint died shows its walproposer died.
     deadline = time.monotonic() + 15
-    while ((ep := cli.json("endpoint", "list")[0])["state"] != "died"
-           or ep["walproposer"]["state"] not in ("died", "stopped")):
+    while (ep := cli.json("endpoint", "list")[0])["state"] != "died":
         assert time.monotonic() < deadline, ep
         time.sleep(0.1)
+    assert ep["walproposer"]["state"] == "died", ep
     log = (cli.repo_dir / "logs" / "walproposer-main.log").read_text()
     assert "walproposer exited with code -9; stopping PostgreSQL" in log
     cli.run("endpoint", "start", "main")
@@ -592,13 +592,14 @@ def test_start_does_not_wait_for_the_walproposer(cli: Cli, test_dir: Path,
     if failed.returncode != 0:
         assert "its walproposer sidecar exited" in failed.stderr, failed.stderr
         assert "failpoint 'walproposer-connect-pg' fired" in failed.stderr, failed.stderr
-    # The sidecar's monitor stops PostgreSQL, then exits itself (its interpreter's exit
-    # can outlast PostgreSQL's immediate stop): wait for both to be seen dead.
+    # The monitor points its pid file at the dead walproposer before it stops PostgreSQL
+    # (its own exit can outlast PostgreSQL's): the walproposer is died as soon as the
+    # endpoint is.
     deadline = time.monotonic() + 30
-    while ((ep := cli.json("endpoint", "list")[0])["state"] != "died"
-           or ep["walproposer"]["state"] != "died"):
+    while (ep := cli.json("endpoint", "list")[0])["state"] != "died":
         assert time.monotonic() < deadline, ep
         time.sleep(0.1)
+    assert ep["walproposer"]["state"] == "died", ep
     assert "failpoint 'walproposer-connect-pg' fired" in ep["walproposer"]["log_tail"], ep
     listed = cli.run("endpoint", "list").stdout + cli.run("endpoint", "list").stderr
     assert "died" in listed, listed

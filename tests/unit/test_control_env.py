@@ -271,6 +271,37 @@ def test_sidecar_exit_stops_postgres(tmp_path: Path) -> None:
         pm.kill()
 
 
+def test_sidecar_exit_marks_the_pid_file_before_postgres_stops(tmp_path: Path) -> None:
+    """The sidecar exits: before the postmaster gets SIGQUIT, the supervisor's pid file
+    names the sidecar's pid (gone), so `endpoint list` never shows the endpoint died while
+    its walproposer runs. The stand-in postmaster reads the file when SIGQUIT comes."""
+    pid_file, seen = tmp_path / "walproposer-main.pid", tmp_path / "seen-at-sigquit"
+    pid_file.write_text(f"{os.getpid()}\n")  # as the CLI writes the supervisor's pid
+    code = ("import pathlib, signal, sys, time\n"
+            "def quit(*_):\n"
+            f"    pathlib.Path({str(seen)!r}).write_text("
+            f"pathlib.Path({str(pid_file)!r}).read_text())\n"
+            "    sys.exit(0)\n"
+            "signal.signal(signal.SIGQUIT, quit)\n"
+            "time.sleep(60)\n")
+    pm = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "pgdata")])
+    started: list[int] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+        started.append(proc.pid)
+        return proc
+
+    try:
+        assert supervise(tmp_path / "pgdata", pm.pid, start, pid_file=pid_file) == 0
+        assert pm.wait(10) == 0
+    finally:
+        pm.kill()
+    assert seen.read_text() == f"{started[0]}\n"
+    assert pid_file.read_text() == f"{started[0]}\n"
+    assert not list(tmp_path.glob("*.died"))
+
+
 def test_sidecar_waits_for_the_postmaster_pid_on_stdin(tmp_path: Path) -> None:
     """`--wait-stdin`: the supervisor (started before PostgreSQL) takes the postmaster's
     pid from stdin and then supervises as usual; at end of input without one (a failed
@@ -348,12 +379,15 @@ def test_postgres_exit_stops_the_sidecar(tmp_path: Path) -> None:
     import threading
     killer = threading.Thread(target=kill_postmaster_soon)
     killer.start()
+    pid_file = tmp_path / "walproposer-main.pid"
+    pid_file.write_text(f"{os.getpid()}\n")
     try:
-        assert supervise(tmp_path / "pgdata", pm.pid, sidecar) == 0
+        assert supervise(tmp_path / "pgdata", pm.pid, sidecar, pid_file=pid_file) == 0
     finally:
         killer.join(10)
         pm.kill()
     assert stopped.exists()
+    assert pid_file.read_text() == f"{os.getpid()}\n"  # stopped, not died: left to the CLI
 
 
 def test_allocated_ports_differ_even_when_the_os_repeats_one(

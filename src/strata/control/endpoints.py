@@ -753,8 +753,10 @@ def _spawn_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
                    # It starts with PostgreSQL: it may have to wait for it to accept
                    # connections, for as long as the CLI would.
                    "--pg-reconnect-timeout-s", str(config.endpoint_defaults.start_timeout_s)]
+    # --pgdata first: the pid file's marker (sidecar_files) is the start of the command.
     argv = [sys.executable, "-m", "strata.control.sidecar", "--pgdata", str(datadir),
-            "--wait-stdin", "--walproposer", "--", *walproposer]
+            "--pid-file", str(files.pid_path), "--wait-stdin", "--walproposer", "--",
+            *walproposer]
     with open(files.log_path, "ab") as log:
         # Its token is good for this tenant only (strata.control.auth_setup).
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,

@@ -1,8 +1,8 @@
 """Supervision of an endpoint's walproposer sidecar beside its PostgreSQL: if either dies,
 both stop (architecture D7).
 
-    python -m strata.control.sidecar --pgdata DIR --postmaster-pid PID -- CHILD ARGV...
-    python -m strata.control.sidecar --pgdata DIR --wait-stdin --walproposer -- ARGS...
+    python -m strata.control.sidecar --pgdata DIR [--pid-file F] --postmaster-pid PID -- ARGV...
+    python -m strata.control.sidecar --pgdata DIR [--pid-file F] --wait-stdin --walproposer -- ARGS
 
 The endpoint's PostgreSQL waits for its synchronous standby, the walproposer, at every
 commit. A compute whose sidecar died would hang every commit forever, so when the
@@ -11,6 +11,12 @@ shutdown: no commit waiting for the sidecar returns success). When PostgreSQL ex
 clean stop, a crash, or the sidecar's own fencing), the sidecar is stopped too, rather
 than retrying a connection to a compute that is gone. `strata endpoint stop` stops
 PostgreSQL first and then this process (SIGTERM), which stops the sidecar.
+
+`--pid-file` names the file in which `strata endpoint start` keeps this process's pid.
+When the sidecar dies, this process writes the sidecar's (dead) pid there before it
+stops PostgreSQL, so that from then on the file names a process that is gone:
+`strata endpoint list` shows the walproposer as died no later than the endpoint, even
+while this process is still exiting.
 
 With `--walproposer` the arguments after `--` are the walproposer's (`python -m
 strata.compute.walproposer ARGS`): this process imports it once and forks the child
@@ -130,6 +136,16 @@ def fork_walproposer(args: Sequence[str]) -> ForkedChild:
         os._exit(code)
 
 
+def _mark_died(pid_file: Path | None, child_pid: int) -> None:
+    """Point `pid_file` at the sidecar that exited (a pid that no longer runs: what a
+    pid file of a process that died names), atomically."""
+    if pid_file is None:
+        return
+    tmp = pid_file.with_name(pid_file.name + ".died")
+    tmp.write_text(f"{child_pid}\n")
+    os.replace(tmp, pid_file)
+
+
 def _stop_child(proc: Child) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -143,10 +159,12 @@ def _stop_child(proc: Child) -> int:
 
 
 def supervise(pgdata: Path, postmaster_pid: int,
-              child: Sequence[str] | Callable[[], Child]) -> int:
+              child: Sequence[str] | Callable[[], Child], *,
+              pid_file: Path | None = None) -> int:
     """Run the sidecar (`child`: its command line, or a function that starts it) until it
     or the postmaster exits (or SIGTERM); returns the exit code: the sidecar's if it ended
-    first, else 0."""
+    first, else 0. If the sidecar ends first, `pid_file` (this process's pid file) is
+    pointed at it before PostgreSQL is stopped."""
     stop_requested: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -154,20 +172,21 @@ def supervise(pgdata: Path, postmaster_pid: int,
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _supervise(pgdata, postmaster_pid, child, stop_requested)
+        return _supervise(pgdata, postmaster_pid, child, stop_requested, pid_file)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 def _supervise(pgdata: Path, postmaster_pid: int, child: Sequence[str] | Callable[[], Child],
-               stop_requested: list[int]) -> int:
+               stop_requested: list[int], pid_file: Path | None) -> int:
     proc: Child = (child() if callable(child)
                    else subprocess.Popen(list(child), stdin=subprocess.DEVNULL))
     _say(f"walproposer started (pid {proc.pid}) for postmaster {postmaster_pid} ({pgdata})")
     while True:
         rc = proc.poll()
         if rc is not None:
+            _mark_died(pid_file, proc.pid)
             if _postmaster_alive(postmaster_pid, pgdata):
                 _say(f"walproposer exited with code {rc}; stopping PostgreSQL (pid "
                      f"{postmaster_pid}, immediate) so that no commit waits forever")
@@ -203,14 +222,16 @@ def _read_postmaster_pid() -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: python -m strata.control.sidecar --pgdata DIR (--postmaster-pid PID | "
-             "--wait-stdin) [--walproposer] -- ARGV...")
+    usage = ("usage: python -m strata.control.sidecar --pgdata DIR [--pid-file FILE] "
+             "(--postmaster-pid PID | --wait-stdin) [--walproposer] -- ARGV...")
     if "--" not in args:
         print(usage, file=sys.stderr)
         return 2
     split = args.index("--")
     parser = argparse.ArgumentParser(prog="python -m strata.control.sidecar", usage=usage)
     parser.add_argument("--pgdata", type=Path, required=True)
+    parser.add_argument("--pid-file", type=Path,
+                        help="this process's pid file: pointed at the sidecar if it dies")
     parser.add_argument("--postmaster-pid", type=int)
     parser.add_argument("--wait-stdin", action="store_true",
                         help="read the postmaster's pid from the first line of stdin")
@@ -240,9 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     assert pid is not None
     if not opts.walproposer:
-        return supervise(opts.pgdata, pid, child_args)
+        return supervise(opts.pgdata, pid, child_args, pid_file=opts.pid_file)
     wp_args = [*child_args, "--postmaster-pid", str(pid)] if opts.wait_stdin else child_args
-    return supervise(opts.pgdata, pid, lambda: fork_walproposer(wp_args))
+    return supervise(opts.pgdata, pid, lambda: fork_walproposer(wp_args),
+                     pid_file=opts.pid_file)
 
 
 if __name__ == "__main__":
