@@ -5,6 +5,7 @@ retries after failures, and generations (a stale attachment never deletes)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,57 @@ def test_generation_marker_only_rises(tmp_path: Path) -> None:
         read_generation(store, TENANT)
 
 
+def assert_objects_there(store: RemoteStorage, index: IndexPart) -> None:
+    """Every layer object `index` names is in `store` (NotFound if deleted), whole."""
+    for name, entry in index.layers.items():
+        data = store.get(PREFIX + entry.object_name(name))
+        assert (len(data), crc32c(data)) == (entry.size, entry.crc32c), name
+
+
+def _remove_a_while_generation_2_attaches(
+        tmp_path: Path, step: str, take: Callable[[Recording, int], None],
+) -> tuple[Recording, RemoteTimelineClient, IndexPart, LayerDesc]:
+    """Generation 1 (taken with `take`) uploads layers a and b, then removes `a`; at
+    failpoint `step` of that removal (or after it: "after") `take` hands out generation
+    2 and the new attachment reads the newest index. Checks that every object that index
+    names is there, whole, and that generation 1 deleted `a` only if it validated its
+    generation first (then it is not stale); returns the store, the stopped generation 1
+    client, the index the new attachment read, and `a`."""
+    store = Recording(LocalDirStorage(tmp_path / "remote"))
+    dir1 = tmp_path / "ps1"
+    dir1.mkdir()
+    a, b = layer(dir1, 0x100, 0x200), layer(dir1, 0x200, 0x300)
+    take(store, 1)
+    old = RemoteTimelineClient(store, TENANT, TIMELINE, 1, dir1)
+    old.start(meta(0x2FF), [a, b], None)
+    assert old.wait_idle(30)
+    seen: list[IndexPart | None] = []
+
+    def attach_new() -> None:  # the control plane, then the new pageserver's attach
+        if not seen:
+            take(store, 2)
+            seen.append(latest_index(store, TENANT, TIMELINE, 2))
+
+    (dir1 / a.file_name()).unlink()
+    if step == "after":
+        old.layer_removed(a)
+        assert old.wait_idle(30)
+        attach_new()
+    else:
+        with failpoint.armed(step, attach_new):
+            old.layer_removed(a)
+            assert old.wait_idle(30)
+    old.stop()
+    index = seen[0]
+    assert index is not None
+    assert_objects_there(store, index)
+    deleted = [key for op, key, _ in store.ops if op == "delete"]
+    validated_first = step in ("remote-before-delete-layers", "after")
+    assert deleted == ([PREFIX + a.file_name() + "-00000001"] if validated_first else [])
+    assert old.stale is not validated_first
+    return store, old, index, a
+
+
 # Where, among the stale attachment's deletion steps, the control plane hands out
 # generation 2 and the new attachment reads its index (before it uploaded one of its own:
 # the window the listing check alone left open).
@@ -253,41 +305,9 @@ def test_new_attachment_never_loses_an_object_it_read(tmp_path: Path, step: str)
     Whatever the interleaving, every object the index read by the new attachment names
     exists at the end, with its checksum; generation 1 deletes only when its validation
     came before the record."""
-    store = Recording(LocalDirStorage(tmp_path / "remote"))
-    dir1, dir2 = tmp_path / "ps1", tmp_path / "ps2"
-    dir1.mkdir()
-    dir2.mkdir()
-    a, b = layer(dir1, 0x100, 0x200), layer(dir1, 0x200, 0x300)
-    record_generation(store, TENANT, 1)
-    old = RemoteTimelineClient(store, TENANT, TIMELINE, 1, dir1)
-    old.start(meta(0x2FF), [a, b], None)
-    assert old.wait_idle(30)
-    seen: list[IndexPart | None] = []
-
-    def attach_new() -> None:  # the control plane, then the new pageserver's attach
-        if not seen:
-            record_generation(store, TENANT, 2)
-            seen.append(latest_index(store, TENANT, TIMELINE, 2))
-
-    (dir1 / a.file_name()).unlink()
-    if step == "after":
-        old.layer_removed(a)
-        assert old.wait_idle(30)
-        attach_new()
-    else:
-        with failpoint.armed(step, attach_new):
-            old.layer_removed(a)
-            assert old.wait_idle(30)
-    old.stop()
-    index = seen[0]
-    assert index is not None and index.generation == 1
-    for name, entry in index.layers.items():
-        data = store.get(PREFIX + entry.object_name(name))  # NotFound if deleted
-        assert (len(data), crc32c(data)) == (entry.size, entry.crc32c), name
-    deleted = [key for op, key, _ in store.ops if op == "delete"]
-    validated_first = step in ("remote-before-delete-layers", "after")
-    assert deleted == ([PREFIX + a.file_name() + "-00000001"] if validated_first else [])
-    assert old.stale is not validated_first
+    store, _old, index, a = _remove_a_while_generation_2_attaches(
+        tmp_path, step, lambda store, gen: record_generation(store, TENANT, gen))
+    assert index.generation == 1
     # The new attachment read the index without `a` unless it attached before that
     # index was uploaded; then `a` stays.
     assert (a.file_name() in index.layers) is (step == "remote-before-upload-index")
@@ -378,9 +398,7 @@ def test_racing_claims_never_lower_the_marker(tmp_path: Path) -> None:
     assert all(op != "delete" for op, _, _ in store.ops)
     index = seen[0]
     assert index is not None and a.file_name() in index.layers
-    for name, entry in index.layers.items():
-        data = store.get(PREFIX + entry.object_name(name))
-        assert (len(data), crc32c(data)) == (entry.size, entry.crc32c), name
+    assert_objects_there(store, index)
 
 
 @pytest.mark.parametrize("step", [*STEPS, "after"])
@@ -389,40 +407,10 @@ def test_attach_through_the_api_never_loses_an_object_it_read(tmp_path: Path,
     """As test_new_attachment_never_loses_an_object_it_read, with no control plane: each
     pageserver claims its generation itself (the stale one when it loaded the tenant, the
     new one in its attach, before reading the index)."""
-    store = Recording(LocalDirStorage(tmp_path / "remote"))
-    dir1 = tmp_path / "ps1"
-    dir1.mkdir()
-    a, b = layer(dir1, 0x100, 0x200), layer(dir1, 0x200, 0x300)
-    assert claim_generation(store, TENANT, 1) is None
-    old = RemoteTimelineClient(store, TENANT, TIMELINE, 1, dir1)
-    old.start(meta(0x2FF), [a, b], None)
-    assert old.wait_idle(30)
-    seen: list[IndexPart | None] = []
+    def claim(store: Recording, gen: int) -> None:
+        assert claim_generation(store, TENANT, gen) is None
 
-    def attach_new() -> None:
-        if not seen:
-            assert claim_generation(store, TENANT, 2) is None
-            seen.append(latest_index(store, TENANT, TIMELINE, 2))
-
-    (dir1 / a.file_name()).unlink()
-    if step == "after":
-        old.layer_removed(a)
-        assert old.wait_idle(30)
-        attach_new()
-    else:
-        with failpoint.armed(step, attach_new):
-            old.layer_removed(a)
-            assert old.wait_idle(30)
-    old.stop()
-    index = seen[0]
-    assert index is not None
-    for name, entry in index.layers.items():
-        data = store.get(PREFIX + entry.object_name(name))
-        assert (len(data), crc32c(data)) == (entry.size, entry.crc32c), name
-    validated_first = step in ("remote-before-delete-layers", "after")
-    deleted = [key for op, key, _ in store.ops if op == "delete"]
-    assert deleted == ([PREFIX + a.file_name() + "-00000001"] if validated_first else [])
-    assert old.stale is not validated_first
+    store, _old, _index, _a = _remove_a_while_generation_2_attaches(tmp_path, step, claim)
     check_order(store.ops)
 
 
