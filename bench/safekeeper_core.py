@@ -17,6 +17,7 @@ import random
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.report import Report
@@ -79,7 +80,7 @@ def _quorum(wal: bytes) -> None:
     queue: deque[tuple[int, bytes]] = deque()
     commit = Lsn(0)
 
-    def take(actions: list[object]) -> None:
+    def take(actions: Sequence[object]) -> None:
         nonlocal commit
         for a in actions:
             if isinstance(a, Send):

@@ -412,7 +412,7 @@ def test_modes_are_parsed_once_and_state_files_stay_compatible(tmp_path: Path) -
     assert env.config().wal_mode is WalMode.PAGESERVER
     assert 'wal_mode = "pageserver"' in env.config_path.read_text()
     tid = "ab" * 16
-    old = {"version": 1, "default_tenant": tid,
+    old: dict[str, Any] = {"version": 1, "default_tenant": tid,
            "tenants": {tid: {"name": "default", "branches": {"main": "cd" * 16},
                              "config": {}}},
            "endpoints": {

@@ -8,6 +8,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -18,8 +19,7 @@ from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.common.timestamp import parse_past_timestamp_us, parse_timestamp_us
 from strata.pageserver.background import BackgroundWork
-from strata.pageserver.config import PageserverConfig
-from strata.pageserver.http import tenant_config_from_json
+from strata.pageserver.config import PageserverConfig, tenant_config_from_json
 from strata.pageserver.metrics import PageserverMetrics, TimelineState
 from strata.pg.relfile import RelTag
 from strata.storage.repository import Repository
@@ -53,10 +53,11 @@ def test_tenant_config_from_json_merges_and_checks_types() -> None:
     base = TenantConfig(gc_horizon=5)
     conf = tenant_config_from_json(base, {"gc_period_s": 10, "image_creation_threshold": 2})
     assert (conf.gc_horizon, conf.gc_period_s, conf.image_creation_threshold) == (5, 10, 2)
-    for bad, fragment in [({"nope": 1}, "nope"), ({"gc_horizon": 1.5}, "integer"),
-                          ({"gc_period_s": "1"}, "number"), ({"gc_period_s": True}, "number"),
-                          ({"pitr_interval_s": 1e300}, "at most"),
-                          ({"checkpoint_distance": 0}, "> 0")]:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"nope": 1}, "nope"), ({"gc_horizon": 1.5}, "integer"),
+        ({"gc_period_s": "1"}, "number"), ({"gc_period_s": True}, "number"),
+        ({"pitr_interval_s": 1e300}, "at most"), ({"checkpoint_distance": 0}, "> 0")]
+    for bad, fragment in cases:
         with pytest.raises(UserError, match=fragment):
             tenant_config_from_json(base, bad)
 
