@@ -256,11 +256,33 @@ def test_backup_at_later_lsn_sees_later_state(timeline: Timeline) -> None:
     assert struct.unpack_from("<Q", wal, (X0 + 64) % SEG + 8)[0] == X0 + 8
 
 
+def test_pull_mode_slots_one_per_safekeeper(timeline: Timeline) -> None:
+    """Pull mode: slots sk1..sk3 at X instead of the walproposer's, in both modes; the
+    basebackup's pg_hba admits replication over loopback (the safekeepers)."""
+    for mode in ("full", "lazy"):
+        _, files, infos = backup(timeline, X0 + 64, mode=mode,
+                                 slot_names=("sk1", "sk2", "sk3"))
+        slots = sorted(n for n in files if n.startswith("pg_replslot/"))
+        assert slots == [f"pg_replslot/sk{i}/state" for i in (1, 2, 3)], mode
+        for i in (1, 2, 3):
+            assert files[f"pg_replslot/sk{i}/state"] == slot_state_bytes(f"sk{i}",
+                                                                        Lsn(X0 + 64))
+            assert infos[f"pg_replslot/sk{i}"].isdir()
+        hba = files["pg_hba.conf"].decode()
+        assert "host    replication     all     127.0.0.1/32    trust" in hba
+    _, files, _ = backup(timeline, X0, read_only=True, slot_names=("sk1", "sk2", "sk3"))
+    assert not any(n.startswith("pg_replslot/") for n in files)
+    with pytest.raises(UserError, match="repeat"):
+        backup(timeline, X0, slot_names=("sk1", "sk1"))
+    with pytest.raises(UserError, match="slot name"):
+        backup(timeline, X0, slot_names=("sk1", "SK-2"))
+
+
 def test_read_only_and_lazy(timeline: Timeline) -> None:
     _, files, _ = backup(timeline, X0, read_only=True)
     assert files["standby.signal"] == b""
     assert not any(n.startswith("pg_replslot/") for n in files)
-    _, files, infos = backup(timeline, X0, mode="lazy", slot_name="other_slot")
+    _, files, infos = backup(timeline, X0, mode="lazy", slot_names=("other_slot",))
     assert "base/5/16384" not in files and "global/1262" not in files
     assert files["base/5/pg_filenode.map"] == bytes([5]) * 512
     assert "pg_replslot/other_slot/state" in files
@@ -368,7 +390,15 @@ def test_compute_settings_primary_and_read_only() -> None:
     assert primary["max_prepared_transactions"] == 20
     assert primary["max_worker_processes"] == 16
     assert primary["max_wal_senders"] == 10
-    standby = compute_settings(ComputeConfig(read_only=True, settings={"work_mem": "8MB"}),
+    pulled = compute_settings(ComputeConfig(quorum_standbys=("sk1", "sk2", "sk3")), control)
+    assert pulled["synchronous_standby_names"] == "ANY 2 (sk1, sk2, sk3)"
+    five = ComputeConfig(quorum_standbys=tuple(f"sk{i}" for i in (1, 2, 3, 4, 7)))
+    assert compute_settings(five, control)["synchronous_standby_names"] == \
+        "ANY 3 (sk1, sk2, sk3, sk4, sk7)"
+    with pytest.raises(UserError, match="repeat"):
+        ComputeConfig(quorum_standbys=("sk1", "sk1"))
+    standby = compute_settings(ComputeConfig(read_only=True, settings={"work_mem": "8MB"},
+                                             quorum_standbys=("sk1", "sk2", "sk3")),
                                control)
     assert standby["hot_standby"] is True
     assert standby["synchronous_standby_names"] == ""

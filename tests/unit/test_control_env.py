@@ -22,7 +22,9 @@ from polling import wait_until
 from strata.common.errors import NotFound, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
+from strata.control.endpoints import _streaming_sql, pull_standbys
 from strata.control.env import (
+    CommitMode,
     ComputeMode,
     EndpointState,
     EnvConfig,
@@ -69,6 +71,8 @@ def test_dev_mode_has_no_safekeepers_unless_listed() -> None:
 @pytest.mark.parametrize("data, message", [
     ({"wal_mod": "pageserver"}, "unknown keys ['wal_mod']"),
     ({"wal_mode": "quorum"}, "wal_mode must be one of"),
+    ({"commit_mode": "both"}, "commit_mode must be one of ['push', 'pull']"),
+    ({"wal_mode": "pageserver", "commit_mode": "pull"}, "needs wal_mode = \"safekeepers\""),
     ({"wal_mode": "safekeepers", "safekeepers": []}, "needs [[safekeepers]] entries"),
     ({"safekeepers": [{"id": 1}, {"id": 1}]}, "ids must be unique, got [1, 1]"),
     ({"safekeepers": [{"id": 0}]}, "id must be a positive integer"),
@@ -400,6 +404,27 @@ def test_allocated_ports_differ_even_when_the_os_repeats_one(
     allocated = config.with_ports_allocated()
     assert allocated.console.port == 6000
     assert allocated.ports() == {6000} | set(range(5001, 5010))
+
+
+def test_commit_mode_push_by_default_pull_when_asked(tmp_path: Path) -> None:
+    """commit_mode (pull mode, docs/walproposer.md): push unless config.toml says pull;
+    a pull config round-trips; pull names one standby per safekeeper (sk<id>) and the
+    streaming check asks for a majority of them."""
+    push = EnvConfig.from_dict({})
+    assert push.commit_mode is CommitMode.PUSH and "commit_mode" not in push.to_dict()
+    assert pull_standbys(push) == ()
+    assert "'strata_walproposer') and state = 'streaming'" in _streaming_sql(push)
+    assert "count(*) >= 1 " in _streaming_sql(push)
+    pull = EnvConfig.from_dict({"commit_mode": "pull",
+                                "safekeepers": [{"id": 1}, {"id": 2}, {"id": 5}]})
+    assert pull.commit_mode is CommitMode.PULL
+    assert pull_standbys(pull) == ("sk1", "sk2", "sk5")
+    assert "count(*) >= 2 " in _streaming_sql(pull)
+    assert "in ('sk1', 'sk2', 'sk5')" in _streaming_sql(pull)
+    env = Environment.create(tmp_path / "env", pull)
+    assert 'commit_mode = "pull"' in env.config_path.read_text()
+    assert env.config().commit_mode is CommitMode.PULL
+    assert pull_standbys(EnvConfig.from_dict({"wal_mode": "pageserver"})) == ()
 
 
 def test_modes_are_parsed_once_and_state_files_stay_compatible(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ compute needs, and starts, stops or kills the server through `PgServer`:
   basebackup (D6), never from its own local files;
 * primaries: `synchronous_standby_names` = the WAL receiver's application name (the
   walproposer, or the pageserver in development mode, D7), and WAL senders and slots
-  for it;
+  for it; in pull mode `'ANY <majority> (sk1, sk2, sk3)'`, the safekeepers themselves
+  (`ComputeConfig.quorum_standbys`);
 * read-only endpoints: `hot_standby = on` and `standby.signal` (no upstream), with the
   settings a hot standby must have at least as high as the primary's recorded in
   pg_control (`CheckRequiredParameterValues`, xlogrecovery.c) raised to those values.
@@ -52,6 +53,10 @@ class ComputeConfig:
     """application_name of the synchronous standby that takes the WAL (primaries only;
     ignored for read-only). None runs without one: commits do not wait, so nothing is
     durable beyond this host (tests of the compute alone)."""
+    quorum_standbys: tuple[str, ...] = ()
+    """Pull mode: the application names (= slots) of the safekeepers, which replicate
+    from the compute themselves; a commit waits for a majority of them (`ANY <majority>
+    (...)`, PostgreSQL's quorum commit) and `receiver_name` is not used. Empty: off."""
     max_connections: int = 100
     max_prepared_transactions: int = 10
     max_locks_per_transaction: int = 64
@@ -66,6 +71,8 @@ class ComputeConfig:
                      "max_wal_senders", "max_replication_slots"):
             if getattr(self, name) < 1:
                 raise UserError(f"compute setting {name} = {getattr(self, name)}: must be >= 1")
+        if len(set(self.quorum_standbys)) != len(self.quorum_standbys):
+            raise UserError(f"compute quorum_standbys repeat: {list(self.quorum_standbys)}")
         if self.max_prepared_transactions < 0:
             raise UserError(f"compute setting max_prepared_transactions = "
                             f"{self.max_prepared_transactions}: must be >= 0")
@@ -79,6 +86,15 @@ _STANDBY_MINIMA = {
     "max_worker_processes": "max_worker_processes",
     "max_wal_senders": "max_wal_senders",
 }
+
+
+def standby_names(config: ComputeConfig) -> str:
+    """A primary's `synchronous_standby_names`: its one receiver, or in pull mode a
+    majority of the safekeepers (`ANY 2 (sk1, sk2, sk3)`)."""
+    names = config.quorum_standbys
+    if names:
+        return f"ANY {len(names) // 2 + 1} ({', '.join(names)})"
+    return config.receiver_name or ""
 
 
 def compute_settings(config: ComputeConfig, control: ControlFileData) -> dict[str, object]:
@@ -97,7 +113,7 @@ def compute_settings(config: ComputeConfig, control: ControlFileData) -> dict[st
         "max_wal_senders": config.max_wal_senders,
         "max_replication_slots": config.max_replication_slots,
         "hot_standby": config.read_only,
-        "synchronous_standby_names": "" if config.read_only else (config.receiver_name or ""),
+        "synchronous_standby_names": "" if config.read_only else standby_names(config),
     })
     # pg_control holds the primary's values; a primary may use these too (two-phase
     # state files need max_prepared_transactions > 0 to be restored at all).

@@ -382,7 +382,9 @@ def _fill_store(host: str, pg_port: int, tenant_id: TenantId, timeline_id: Timel
     phases["lease"] = time.monotonic() - started
     tar = io.BytesIO()  # small: a lazy basebackup has no relation files
     asyncio.run(fetch_basebackup(host, pg_port, tenant_id, timeline_id, tar, lsn,
-                                 read_only=config.read_only if config else False, mode="lazy"))
+                                 read_only=config.read_only if config else False, mode="lazy",
+                                 # pull mode: one slot per safekeeper (their names)
+                                 slots=config.quorum_standbys if config else ()))
     tar.seek(0)
     fetched = time.monotonic()
     phases["fetch"] = fetched - started - phases["lease"]

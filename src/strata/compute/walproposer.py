@@ -26,6 +26,15 @@ stop reporting. Losing the majority is not a reason: commits then wait in Postgr
 synchronous-replication queue (reads go on), the links keep reconnecting, a warning is logged
 every `quorum_warn_s`, and the waiting commits return as soon as a majority answers again.
 
+Pull mode (`SidecarConfig.pull`, `--pull`; docs/walproposer.md): the sidecar still elects
+itself and recovers the safekeepers up to the term start, then tells each one to replicate
+the compute's WAL itself through its own slot `sk<id>` (`PullFrom`); PostgreSQL's
+`synchronous_standby_names = 'ANY <majority> (sk1, ...)'` releases the commits. The sidecar
+streams nothing and reports nothing to PostgreSQL: it keeps its replication connection
+open (to notice the compute is gone), turns the safekeepers' answers into the quorum's
+commit LSN and sends that back to them in coalesced commit-only appends (at the tick), and
+still stops the postmaster when a higher term fences it.
+
 Safekeeper connections (the safekeeper's PG-protocol port, docs/safekeeper.md): a connection as user
 `strata`, the command `proposer <tenant> <timeline>`, then one encoded
 `strata.safekeeper.messages` message per CopyData in each direction. Every connection
@@ -82,8 +91,10 @@ from strata.safekeeper.proposer import (
     Proposer,
     ProposerAction,
     ProposerConfig,
+    PullTarget,
     Send,
     SyncDone,
+    pull_slot_name,
 )
 
 log = logging.getLogger(__name__)
@@ -272,14 +283,15 @@ class QuorumDriver:
 
     def __init__(self, config: QuorumConfig, system_id: int, *, sync: bool,
                  quorum_warn_s: float = 10.0,
-                 on_commit: Callable[[Lsn], None] | None = None) -> None:
+                 on_commit: Callable[[Lsn], None] | None = None,
+                 pull: PullTarget | None = None) -> None:
         self.config = config
         self.quorum_warn_s = quorum_warn_s
         pconf = ProposerConfig(
             tenant_id=config.tenant_id, timeline_id=config.timeline_id, system_id=system_id,
             wal_seg_size=config.wal_seg_size, proposer_id=config.proposer_id,
             acceptors=tuple(a.node_id for a in config.safekeepers), sync=sync,
-            retry_interval_s=config.retry_interval_s)
+            retry_interval_s=config.retry_interval_s, pull=pull)
         self.proposer = Proposer(pconf, random.Random(config.proposer_id))
         greeting = encode(ProposerGreeting(config.tenant_id, config.timeline_id, system_id,
                                            config.wal_seg_size, config.proposer_id))
@@ -306,7 +318,7 @@ class QuorumDriver:
         self._last_wal_s = float("-inf")  # when append_wal was last given WAL
         # How the driver spares the safekeepers (attributes, so bench/commit_ab.py can
         # compare with and without on one running cluster).
-        self.defer_slowest = config.defer_slowest
+        self.defer_slowest = config.defer_slowest and pull is None
         self.commit_only_idle_s = _COMMIT_ONLY_IDLE_S
         # The last message encoded and its bytes: the same append goes to every node.
         self._encoded: tuple[ProposerMessage | None, bytes] = (None, b"")
@@ -572,6 +584,9 @@ class SidecarConfig:
     pg_connect_retry_s: float = 0.02
     """Between attempts to connect to a PostgreSQL that does not accept connections yet
     (it is started right before the sidecar: each attempt is one local connect)."""
+    pull: bool = False
+    """Pull mode (module docstring): the safekeepers replicate from `pg_host:pg_port`
+    through slots `sk<id>` (`slot_name` is not used); the sidecar streams nothing."""
 
     def __post_init__(self) -> None:
         if self.quorum_warn_s <= 0:
@@ -632,9 +647,11 @@ class WalProposer:
                     await driver.stop()
 
     def _start_driver(self, system_id: int) -> QuorumDriver:
+        cfg = self.config
         driver = QuorumDriver(self.quorum, system_id, sync=False,
-                              quorum_warn_s=self.config.quorum_warn_s,
-                              on_commit=lambda _lsn: self._report_now())
+                              quorum_warn_s=cfg.quorum_warn_s,
+                              on_commit=lambda _lsn: self._report_now(),
+                              pull=PullTarget(cfg.pg_host, cfg.pg_port) if cfg.pull else None)
         self.driver = driver
         driver.start()
         return driver
@@ -660,13 +677,22 @@ class WalProposer:
         ident = await conn.simple_query("IDENTIFY_SYSTEM")
         row = dict(zip(ident.columns, ident.rows[0], strict=True))
         system_id = int(row["systemid"] or 0)
-        slot = await conn.simple_query(f"READ_REPLICATION_SLOT {self.config.slot_name}")
-        info = dict(zip(slot.columns, slot.rows[0], strict=True)) if slot.rows else {}
-        if info.get("slot_type") != "physical" or not info.get("restart_lsn"):
-            raise UserError(f"the compute at {self.config.pg_host}:{self.config.pg_port} has "
-                            f"no physical slot {self.config.slot_name} with a restart_lsn "
-                            f"({info}); it was not started from a Strata basebackup")
-        return system_id, Lsn.parse(str(info["restart_lsn"]))
+        names = ([pull_slot_name(a.node_id) for a in self.quorum.safekeepers]
+                 if self.config.pull else [self.config.slot_name])
+        starts = set()
+        for name in names:
+            slot = await conn.simple_query(f"READ_REPLICATION_SLOT {name}")
+            info = dict(zip(slot.columns, slot.rows[0], strict=True)) if slot.rows else {}
+            if info.get("slot_type") != "physical" or not info.get("restart_lsn"):
+                raise UserError(f"the compute at {self.config.pg_host}:{self.config.pg_port} "
+                                f"has no physical slot {name} with a restart_lsn ({info}); it "
+                                "was not started from a Strata basebackup"
+                                + (" with the pull-mode slots" if self.config.pull else ""))
+            starts.add(Lsn.parse(str(info["restart_lsn"])))
+        if len(starts) != 1:
+            raise UserError(f"the compute's slots {names} start at different LSNs "
+                            f"{sorted(starts)}; they must all be at its start")
+        return system_id, starts.pop()
 
     async def _serve(self, driver: QuorumDriver, conn: PgConnection, slot_lsn: Lsn) -> str:
         await _first_of(driver.elected_event.wait(), driver.done.wait())
@@ -679,8 +705,12 @@ class WalProposer:
                 f"started at {slot_lsn}: start a compute only after sync, at the LSN it "
                 "printed")
         self.reported_lsn = driver.proposer.commit_lsn
-        tasks = [asyncio.create_task(self._stream_pg(driver, conn), name="pg-stream")]
-        if self.config.pageserver_http is not None:
+        if self.config.pull:
+            # The safekeepers take the WAL themselves (PullFrom, sent by the Proposer).
+            tasks = [asyncio.create_task(self._watch_pg(conn), name="pg-watch")]
+        else:
+            tasks = [asyncio.create_task(self._stream_pg(driver, conn), name="pg-stream")]
+        if self.config.pageserver_http is not None and not self.config.pull:
             tasks.append(asyncio.create_task(self._poll_pageserver(), name="ps-lag"))
         try:
             done_wait = asyncio.create_task(driver.done.wait())
@@ -701,6 +731,20 @@ class WalProposer:
         log.warning("stopping the compute: %s", reason)
         self._on_fence(reason)
         return reason
+
+    async def _watch_pg(self, conn: PgConnection) -> None:
+        """Pull mode: notice that the compute is gone (an IDENTIFY_SYSTEM every status
+        interval on the idle replication connection, reconnecting while PostgreSQL is
+        reachable); `_connect_pg` raises once it stays unreachable."""
+        while True:
+            await asyncio.sleep(self.config.status_interval_s)
+            try:
+                await conn.simple_query("IDENTIFY_SYSTEM")
+                continue
+            except (StrataError, OSError) as err:
+                log.info("the connection to the compute ended: %s", err)
+            conn.abort()
+            conn = await self._connect_pg()
 
     async def _stream_pg(self, driver: QuorumDriver, conn: PgConnection) -> None:
         """Stream from the log's end, reconnecting while PostgreSQL is reachable."""
@@ -945,6 +989,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pageserver-file",
                    help="a JSON file with the pageserver's address, re-read when it changes "
                         "(a relocation; strata.compute.pageserver_address)")
+    p.add_argument("--pull", action="store_true",
+                   help="pull mode: the safekeepers replicate from --pg-host/--pg-port "
+                        "through slots sk<id>, PostgreSQL's synchronous_standby_names = "
+                        "'ANY <majority> (sk1, ...)' releases commits; no backpressure yet")
     p.add_argument("--max-write-lag-bytes", type=int, default=16 << 20)
     p.add_argument("--max-flush-lag-bytes", type=int)
     p.add_argument("--max-apply-lag-bytes", type=int)
@@ -978,7 +1026,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_write_lag_bytes=args.max_write_lag_bytes,
             max_flush_lag_bytes=args.max_flush_lag_bytes,
             max_apply_lag_bytes=args.max_apply_lag_bytes,
-            pg_reconnect_timeout_s=args.pg_reconnect_timeout_s, system_id=args.system_id)
+            pg_reconnect_timeout_s=args.pg_reconnect_timeout_s, system_id=args.system_id,
+            pull=args.pull)
         stopper = immediate_stopper(args.postmaster_pid or postmaster_pid(args.pgdata))
         reason = eventloop.run(WalProposer(quorum, sidecar, on_fence=stopper).run())
         print(json.dumps({"fenced": reason}), flush=True)

@@ -291,7 +291,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         if config.wal_mode is WalMode.SAFEKEEPERS else []
     storage = object_storage_status(env, config)
     seaweed = storage["seaweedfs"] if storage is not None else None
-    data: dict[str, Any] = {"wal_mode": config.wal_mode,
+    data: dict[str, Any] = {"wal_mode": config.wal_mode, "commit_mode": config.commit_mode,
             "pageserver": {**ps.to_json(), "timelines": timelines},
             "pageservers": [{"id": p.id, **s.to_json()}
                             for p, s in zip(config.pageservers, pageservers, strict=True)],

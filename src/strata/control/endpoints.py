@@ -85,6 +85,7 @@ from strata.compute.walproposer import (
 from strata.control import output
 from strata.control.auth_setup import child_env, token_for
 from strata.control.env import (
+    CommitMode,
     ComputeMode,
     EndpointState,
     EnvConfig,
@@ -105,6 +106,7 @@ from strata.pageserver.api import DEFAULT_SLOT_NAME
 from strata.pageserver.client import PageserverClient
 from strata.pg.controlfile import ControlFileData
 from strata.pg.pgclient import PgConnection
+from strata.safekeeper.proposer import pull_slot_name
 
 if TYPE_CHECKING:
     # psycopg is imported where it is used: `endpoint start` (and the proxy's wake) run
@@ -694,13 +696,15 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
     defaults = config.endpoint_defaults
     receiver = (DEFAULT_APPLICATION_NAME if config.wal_mode is WalMode.SAFEKEEPERS
                 else DEFAULT_RECEIVER_NAME)
+    # Pull mode: the safekeepers are the standbys (slots sk<id> at the start LSN too).
+    pulled = pull_standbys(config)
     settings: dict[str, object] = {"synchronous_commit": "on", **defaults.settings}
     if proxy_runs(env):
         # Clients come through the proxy, which uses the unix socket: no TCP port that a
         # client knowing a password could use to bypass it (and wake/suspend).
         settings["listen_addresses"] = ""
     compute_config = ComputeConfig(
-        read_only=ep.read_only, receiver_name=receiver,
+        read_only=ep.read_only, receiver_name=receiver, quorum_standbys=pulled,
         max_connections=defaults.max_connections,
         shared_buffers=defaults.shared_buffers, settings=settings)
     log_path = endpoint_files(env, ep.name).log_path
@@ -723,7 +727,8 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
     os.chmod(paths.compute_root, 0o755)
     # Spool the tar to disk: a large database must not have to fit in memory.
     with tempfile.TemporaryFile(dir=paths.root) as tar:
-        client.basebackup(tenant_id, timeline_id, tar, lsn, read_only=ep.read_only)
+        client.basebackup(tenant_id, timeline_id, tar, lsn, read_only=ep.read_only,
+                          slots=pulled)
         tar.seek(0)
         compute = Compute(paths.datadir, compute_config, host=defaults.host, port=ep.port,
                           log_path=log_path, user=service_user())
@@ -752,7 +757,9 @@ def _spawn_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,
                    "--pageserver-file", str(endpoint_paths(env, ep.name).pageserver_file),
                    # It starts with PostgreSQL: it may have to wait for it to accept
                    # connections, for as long as the CLI would.
-                   "--pg-reconnect-timeout-s", str(config.endpoint_defaults.start_timeout_s)]
+                   "--pg-reconnect-timeout-s", str(config.endpoint_defaults.start_timeout_s),
+                   # Pull mode: the safekeepers replicate over that same unix socket.
+                   *(["--pull"] if pull_standbys(config) else [])]
     # --pgdata first: the pid file's marker (sidecar_files) is the start of the command.
     argv = [sys.executable, "-m", "strata.control.sidecar", "--pgdata", str(datadir),
             "--pid-file", str(files.pid_path), "--wait-stdin", "--walproposer", "--",
@@ -785,8 +792,21 @@ def _abandon_sidecar(env: Environment, name: str, proc: subprocess.Popen[bytes])
         proc.wait(SIDECAR_STOP_TIMEOUT_S)
 
 
-_STREAMING_SQL = ("select count(*) from pg_stat_replication where application_name = "
-                  f"'{DEFAULT_APPLICATION_NAME}' and state = 'streaming'")
+def pull_standbys(config: EnvConfig) -> tuple[str, ...]:
+    """Pull mode's standbys, one per safekeeper (`sk<id>`: slot and application name);
+    () in push mode and in development mode."""
+    if config.wal_mode is not WalMode.SAFEKEEPERS or config.commit_mode is not CommitMode.PULL:
+        return ()
+    return tuple(pull_slot_name(sk.id) for sk in config.safekeepers)
+
+
+def _streaming_sql(config: EnvConfig) -> str:
+    """A query answering whether commits can be released: the walproposer streams, or in
+    pull mode a majority of the safekeepers do."""
+    names = pull_standbys(config) or (DEFAULT_APPLICATION_NAME,)
+    listed = ", ".join(f"'{name}'" for name in names)
+    return (f"select count(*) >= {len(names) // 2 + 1} from pg_stat_replication where "
+            f"application_name in ({listed}) and state = 'streaming'")
 
 
 def _check_sidecar_alive(env: Environment, ep: EndpointState, compute: Compute,
@@ -845,7 +865,8 @@ def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
                 raise UserError(f"endpoint {ep.name}: PostgreSQL (pid {pg_pid}) exited while "
                                 f"its walproposer started; last lines of {files.log_path}:\n"
                                 f"{files.log_tail()}")
-            return runner.run(_streaming_now(conns, socket_dir, ep.port))
+            return runner.run(_streaming_now(conns, socket_dir, ep.port,
+                                            _streaming_sql(config)))
 
         try:
             wait_for(streaming, timeout_s=config.endpoint_defaults.start_timeout_s,
@@ -861,19 +882,21 @@ def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
                 runner.run(conn.close())
 
 
-async def _streaming_now(conns: list[PgConnection], socket_dir: str, port: int) -> bool:
-    """One check of pg_stat_replication over the connection kept in `conns`."""
+async def _streaming_now(conns: list[PgConnection], socket_dir: str, port: int,
+                         sql: str) -> bool:
+    """One check of pg_stat_replication (`_streaming_sql`) over the connection kept in
+    `conns`."""
     try:
         if not conns:
             conns.append(await PgConnection.connect(socket_dir, port, user=SUPERUSER,
                                                     database="postgres", timeout_s=5))
-        result = await conns[0].simple_query(_STREAMING_SQL)
+        result = await conns[0].simple_query(sql)
     except StrataError:  # not accepting connections yet, or the connection broke
         for conn in conns:
             conn.abort()
         conns.clear()
         return False
-    return bool(result.rows) and int(result.rows[0][0] or 0) > 0
+    return bool(result.rows) and result.rows[0][0] in ("t", True)
 
 
 def _stop_stale_sidecar(env: Environment, name: str) -> None:
@@ -1100,7 +1123,7 @@ def endpoint_status(env: Environment, config: EnvConfig, ep: EndpointState) -> d
             out["current_lsn"] = row[0] if row else None
             if out["walproposer"] is not None:
                 # `endpoint start` does not wait for it: until it streams, commits wait.
-                row = conn.execute(_STREAMING_SQL).fetchone()
+                row = conn.execute(_streaming_sql(config)).fetchone()
                 out["walproposer"]["streaming"] = bool(row and row[0])
     except psycopg.Error as err:
         out["state"] = f"not responding ({str(err).strip().splitlines()[0]})"

@@ -81,6 +81,18 @@ class WalMode(_Choice):
     """Development mode: the pageserver is the primary's synchronous standby."""
 
 
+class CommitMode(_Choice):
+    """How a primary's commits reach the safekeepers (config.toml `commit_mode`, with
+    wal_mode = "safekeepers"; docs/walproposer.md)."""
+
+    PUSH = "push"
+    """The walproposer sidecar is the one synchronous standby and sends the WAL on."""
+    PULL = "pull"
+    """The safekeepers replicate from the compute themselves (slots sk1..skN,
+    `synchronous_standby_names = 'ANY <majority> (sk1, ...)'`); the sidecar elects, tells
+    them to pull, and hands them the commit LSN. Not the default until measured."""
+
+
 class ComputeMode(_Choice):
     """How an endpoint's data directory is built (`endpoint start --mode`)."""
 
@@ -285,6 +297,9 @@ class EnvConfig:
     """config.toml, validated. Ports 0 are allocated (and written back) by `strata init`."""
 
     wal_mode: WalMode = WalMode.SAFEKEEPERS
+    commit_mode: CommitMode = CommitMode.PUSH
+    """With wal_mode = "safekeepers": who moves the WAL from the compute to them (read
+    at each endpoint start)."""
     pageserver: PageserverSettings = field(default_factory=PageserverSettings)
     safekeepers: tuple[SafekeeperSettings, ...] = tuple(
         SafekeeperSettings(i + 1) for i in range(DEFAULT_SAFEKEEPERS))
@@ -311,6 +326,10 @@ class EnvConfig:
 
     def __post_init__(self) -> None:
         assert isinstance(self.wal_mode, WalMode), self.wal_mode
+        assert isinstance(self.commit_mode, CommitMode), self.commit_mode
+        if self.commit_mode is CommitMode.PULL and self.wal_mode is not WalMode.SAFEKEEPERS:
+            raise UserError("config commit_mode = \"pull\" needs wal_mode = \"safekeepers\" "
+                            "(the safekeepers pull the WAL)")
         if self.wal_mode is WalMode.SAFEKEEPERS and not self.safekeepers:
             raise UserError("config wal_mode = \"safekeepers\" needs [[safekeepers]] entries "
                             "(3 is usual: a majority of 2 keeps committing while one is down)")
@@ -326,7 +345,8 @@ class EnvConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EnvConfig:
-        _check_keys("(top level)", data, {"wal_mode", "pageserver", "safekeepers",
+        _check_keys("(top level)", data, {"wal_mode", "commit_mode", "pageserver",
+                                          "safekeepers",
                                           "tenant_defaults", "endpoint_defaults",
                                           "console", "proxy", "auth", "seaweedfs",
                                           "pageservers", "picked_ports"})
@@ -346,6 +366,8 @@ class EnvConfig:
         first = PageserverSettings.from_dict(_table("[pageserver]", data.get("pageserver", {})))
         return cls(
             wal_mode=wal_mode,
+            commit_mode=CommitMode.parse(data.get("commit_mode", CommitMode.PUSH.value),
+                                         "config commit_mode"),
             pageserver=first,
             more_pageservers=tuple(
                 PageserverSettings.more_from_dict(_table("[[pageservers]]", ps), first.config)
@@ -377,6 +399,8 @@ class EnvConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "wal_mode": self.wal_mode.value,
+            **({"commit_mode": self.commit_mode.value}
+               if self.commit_mode is not CommitMode.PUSH else {}),
             "auth": self.auth,
             "safekeepers": [asdict(sk) for sk in self.safekeepers],
             "pageserver": {"host": self.pageserver.host, "pg_port": self.pageserver.pg_port,
@@ -553,6 +577,9 @@ CONFIG_HEADER = """\
 # [[safekeepers]] by its walproposer sidecar; the pageserver follows the safekeepers (D7).
 # wal_mode = "pageserver": development mode (D7): the pageserver is each primary's
 # synchronous standby; [[safekeepers]] are not used.
+# commit_mode = "pull" (default "push"): the safekeepers replicate each primary's WAL
+# themselves (slots sk1..skN, synchronous_standby_names = 'ANY <majority> (sk1, ...)');
+# the sidecar only elects and hands them the commit LSN. Taken at each endpoint start.
 # [tenant_defaults]: keys of strata.pageserver.api.TenantConfig (checkpoint_distance, ...).
 # [pageserver.config]: extra pageserver.toml keys (wait_lsn_timeout_s, log_level, ...).
 # [endpoint_defaults.settings]: extra postgresql.conf entries for every endpoint.

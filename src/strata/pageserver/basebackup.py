@@ -20,6 +20,8 @@ shutdown at X, built from what import and ingest stored (docs/storage.md, key sp
   `pg_twophase/<xid>` for transactions still prepared at X (stored content + CRC-32C);
 * `pg_replslot/<slot>/state`: the walproposer's physical slot with restart_lsn = X
   (primaries only: a read-only endpoint has no walproposer; it gets `standby.signal`);
+  in pull mode one slot per safekeeper instead, `sk1..skN`, all at X (`slot_names`, the
+  command's `slots=sk1,sk2,sk3`);
 * the empty directories PostgreSQL expects, and minimal configuration files (the
   compute's settings are written by `strata.compute`).
 
@@ -44,7 +46,7 @@ import re
 import struct
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO, NamedTuple, TypeVar
 
 from strata.common.errors import CorruptionError, NotFound, UserError
@@ -213,21 +215,25 @@ class _TarWriter:
 
 
 def write_basebackup(timeline: Timeline, lsn: Lsn, out: BinaryIO, *, mode: str = "full",
-                     slot_name: str = DEFAULT_SLOT_NAME, read_only: bool = False,
+                     slot_names: Sequence[str] = (DEFAULT_SLOT_NAME,),
+                     read_only: bool = False,
                      prev_lsn: Lsn | None = None, now: int | None = None) -> BasebackupLsns:
     """Write a basebackup of `timeline` at `lsn` (a record end) to `out` as a tar stream.
 
     `prev_lsn` is the start of the record ending at `lsn` (the checkpoint's xl_prev);
     by default the timeline's prev_record_lsn when `lsn` is its last_record_lsn, else
     0/0, which PostgreSQL accepts. `now` (seconds since the epoch) is the checkpoint and
-    pg_control time. Returns where the checkpoint record landed and its end.
+    pg_control time. `slot_names`: the physical slots at `lsn` of a primary (the
+    walproposer's, or the safekeepers' `sk<id>` in pull mode). Returns where the checkpoint
+    record landed and its end.
     """
     started = time.monotonic()
     if mode not in MODES:
         raise UserError(f"unknown basebackup mode {mode!r}; use one of {', '.join(MODES)}")
     check_basebackup_lsn(timeline, lsn)
-    if not read_only:
-        slot_state = slot_state_bytes(slot_name, lsn)
+    if len(set(slot_names)) != len(slot_names):
+        raise UserError(f"basebackup slot names repeat: {list(slot_names)}")
+    slot_states = {} if read_only else {name: slot_state_bytes(name, lsn) for name in slot_names}
     prev = prev_lsn if prev_lsn is not None else (
         timeline.prev_record_lsn if lsn == timeline.last_record_lsn else Lsn(0))
     now = int(time.time()) if now is None else now
@@ -263,9 +269,9 @@ def write_basebackup(timeline: Timeline, lsn: Lsn, out: BinaryIO, *, mode: str =
         tar.add_file(f"pg_twophase/{xid:08X}", data)
     if read_only:
         tar.add_file("standby.signal", b"")
-    else:
-        tar.add_dir(f"pg_replslot/{slot_name}")
-        tar.add_file(f"pg_replslot/{slot_name}/state", slot_state)
+    for name, state in slot_states.items():
+        tar.add_dir(f"pg_replslot/{name}")
+        tar.add_file(f"pg_replslot/{name}/state", state)
     for name, data in wal.segments.items():
         if mode == "lazy":  # a format for Strata's lazy computes only: zeros are implied
             tar.add_sparse_file(f"pg_wal/{name}", data)

@@ -17,6 +17,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from strata.common.auth import AuthError, Forbidden, auth_headers, default_token
@@ -259,11 +260,12 @@ class PageserverClient(_Client):
 
     def basebackup(self, tenant_id: TenantId, timeline_id: TimelineId, out: BinaryIO,
                    lsn: Lsn | None = None, *, read_only: bool = False,
-                   mode: str = "full") -> int:
+                   mode: str = "full", slots: Sequence[str] = ()) -> int:
         """Write the tar stream to `out`; returns its size in bytes."""
         return asyncio.run(fetch_basebackup(self.host, self.pg_port, tenant_id, timeline_id,
                                             out, lsn, read_only=read_only, mode=mode,
-                                            timeout_s=self.timeout_s, token=self.token))
+                                            timeout_s=self.timeout_s, token=self.token,
+                                            slots=slots))
 
 
 class AsyncPageserverClient(_Client):
@@ -317,10 +319,11 @@ class AsyncPageserverClient(_Client):
 async def fetch_basebackup(host: str, port: int, tenant_id: TenantId, timeline_id: TimelineId,
                            out: BinaryIO, lsn: Lsn | None = None, *, read_only: bool = False,
                            mode: str = "full", timeout_s: float = 120,
-                           token: str | None = None) -> int:
+                           token: str | None = None, slots: Sequence[str] = ()) -> int:
     """Run `basebackup` on the pageserver's PG port and write the tar to `out`
     (`mode` 'lazy': without relation files, with their list, see basebackup.py;
-    `token` None: `$STRATA_AUTH_TOKEN`)."""
+    `token` None: `$STRATA_AUTH_TOKEN`; `slots`: the primary's physical slots, default
+    the walproposer's; pull mode's are `sk1..skN`)."""
     command = f"basebackup {tenant_id} {timeline_id}"
     if lsn is not None:
         command += f" {lsn}"
@@ -328,6 +331,8 @@ async def fetch_basebackup(host: str, port: int, tenant_id: TenantId, timeline_i
         command += " read_only"
     if mode == "lazy":
         command += " lazy"
+    if slots:
+        command += " slots=" + ",".join(slots)
     async with asyncio.timeout(timeout_s):
         conn = await PgConnection.connect(host, port, user="strata", timeout_s=timeout_s,
                                           password=token or default_token())

@@ -42,6 +42,7 @@ from strata.common.logctx import setup_logging, timeline_context
 from strata.common.lsn import Lsn
 from strata.common.proc import make_dir_for, service_user
 from strata.pageserver import pagestream as ps
+from strata.pageserver.api import DEFAULT_SLOT_NAME
 from strata.pageserver.background import BackgroundWork, ReadGates
 from strata.pageserver.config import PageserverConfig
 from strata.pageserver.datadir import logical_size
@@ -698,9 +699,14 @@ class Pageserver:
     async def _basebackup_command(self, args: list[str]) -> Reply:
         read_only = "read_only" in args
         mode = "lazy" if "lazy" in args else "full"
-        args = [a for a in args if a not in ("read_only", "lazy")]
+        # slots=sk1,sk2,sk3: pull mode's slots, one per safekeeper, instead of the sidecar's
+        slots = tuple(name for a in args if a.startswith("slots=")
+                      for name in a.removeprefix("slots=").split(",")) or (DEFAULT_SLOT_NAME,)
+        args = [a for a in args if a not in ("read_only", "lazy") and
+                not a.startswith("slots=")]
         if len(args) not in (2, 3):
-            raise UserError("usage: basebackup <tenant> <timeline> [lsn] [read_only] [lazy]")
+            raise UserError("usage: basebackup <tenant> <timeline> [lsn] [read_only] [lazy] "
+                            "[slots=NAME,...]")
         tenant_id = TenantId(TenantId.parse(args[0]).raw)
         timeline_id = TimelineId(TimelineId.parse(args[1]).raw)
         timeline = self.timeline(tenant_id, timeline_id)
@@ -716,7 +722,7 @@ class Pageserver:
                 async with self.read_gates(tenant_id).shared():
                     sink = _StreamSink(stream, loop)
                     await asyncio.to_thread(_write_basebackup, timeline, lsn, sink,
-                                            read_only, mode)
+                                            read_only, mode, slots)
                     await sink.aflush()
                     log.info("sent basebackup at %s (%d bytes, read_only=%s)", lsn,
                              sink.sent, read_only)
@@ -735,10 +741,12 @@ def _ancestors_first(tenant: Tenant) -> list[Timeline]:
 
 
 def _write_basebackup(timeline: Timeline, lsn: Lsn, sink: _StreamSink, read_only: bool,
-                      mode: str = "full") -> None:
+                      mode: str = "full",
+                      slots: tuple[str, ...] = (DEFAULT_SLOT_NAME,)) -> None:
     from strata.pageserver.basebackup import write_basebackup
 
-    write_basebackup(timeline, lsn, sink, read_only=read_only, mode=mode)  # type: ignore[arg-type]  # a write()-only sink
+    write_basebackup(timeline, lsn, sink, read_only=read_only, mode=mode,  # type: ignore[arg-type]  # a write()-only sink
+                     slot_names=slots)
     sink.flush()
 
 

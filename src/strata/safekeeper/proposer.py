@@ -16,6 +16,15 @@ Each returns actions, executed in order:
 - `SyncDone(end_lsn, prev_record_lsn)`: sync mode only: the commit LSN is durably `end_lsn` on
   a majority; start the compute there.
 
+Pull mode (`ProposerConfig.pull`, docs/walproposer.md): election and recovery up to the term
+start E are the same; then each acceptor whose flush LSN reached E in this term gets
+`PullFrom(term, host, port, sk<node>, E)` (again after each new connection to it: a
+restarted safekeeper forgets its source) and replicates the compute's WAL itself.
+`append_wal` is not used; the acceptors' `AppendResponse`s (one per fsync batch of pulled
+WAL) move the commit LSN as appends' answers do, and it goes back to them in commit-only
+appends (the driver coalesces them). `CommitAdvanced` then only tells the driver: PostgreSQL
+releases commits itself (`synchronous_standby_names = 'ANY <majority> (sk1, ...)'`).
+
 Time (`now`, seconds) and randomness (retry jitter) are arguments. The protocol is described
 in docs/safekeeper-protocol.md.
 """
@@ -38,6 +47,7 @@ from strata.safekeeper.messages import (
     ProposerElected,
     ProposerGreeting,
     ProposerMessage,
+    PullFrom,
     ReadWalRequest,
     ReadWalResponse,
     TermEntry,
@@ -47,6 +57,21 @@ from strata.safekeeper.messages import (
     history_up_to,
     log_term,
 )
+
+
+def pull_slot_name(node: int) -> str:
+    """The compute's physical slot (and application name) that safekeeper `node` pulls
+    through in pull mode: `sk<node>`."""
+    return f"sk{node}"
+
+
+@dataclass(frozen=True, slots=True)
+class PullTarget:
+    """Pull mode: where the safekeepers replicate the compute's WAL from (a host name or
+    address, or a unix socket directory for safekeepers on the compute's host)."""
+
+    host: str
+    port: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +90,8 @@ class ProposerConfig:
     # WAL that every started acceptor has and that is committed is dropped from memory once
     # this much has piled up; an acceptor that needs it later gets it from a peer (ReadWal).
     release_bytes: int = 4 << 20
+    pull: PullTarget | None = None
+    """Pull mode (see the module docstring); None: the proposer streams the WAL itself."""
 
     def __post_init__(self) -> None:
         if not 0 < self.proposer_id < 1 << 64:
@@ -78,6 +105,8 @@ class ProposerConfig:
             raise UserError(f"invalid proposer limits: append {self.max_append_bytes}, "
                             f"in flight {self.max_inflight_bytes}, read {self.max_read_bytes} "
                             f"(at most {MAX_READ_BYTES}), retry {self.retry_interval_s} s")
+        if self.pull is not None and self.sync:
+            raise UserError("sync mode streams no WAL: it cannot be in pull mode")
 
     @property
     def quorum(self) -> int:
@@ -144,6 +173,7 @@ class _Peer:
     last_data_s: float = float("-inf")  # the last append with WAL
     last_send_s: float = float("-inf")
     last_progress_s: float = float("-inf")
+    pull_sent: bool = False  # pull mode: PullFrom sent on its current connection
 
 
 @dataclass(slots=True)
@@ -218,6 +248,7 @@ class Proposer:
     def append_wal(self, now: float, data: bytes) -> list[ProposerAction]:
         """WAL from PostgreSQL, continuing our log at `end_lsn` (normal mode, once elected)."""
         assert not self.config.sync, "sync mode appends no WAL"
+        assert self.config.pull is None, "in pull mode the safekeepers take the WAL"
         assert self.phase in (Phase.ELECTED, Phase.FENCED), self.phase
         if self.phase is Phase.FENCED:
             return []
@@ -269,6 +300,9 @@ class Proposer:
     def _on_greeting(self, now: float, peer: _Peer,
                      msg: AcceptorGreeting) -> list[ProposerAction]:
         peer.greeting_term = msg.term
+        # A greeting answers a new connection: a restarted acceptor forgot its pull source,
+        # and the pull feedback goes to the connection that sent the last PullFrom.
+        peer.pull_sent = False
         if self.phase is Phase.GREETING:
             greeted = [p.greeting_term for p in self.peers.values() if p.greeting_term is not None]
             if len(greeted) < self.config.quorum:
@@ -414,8 +448,18 @@ class Proposer:
         peer.record_end = max(peer.record_end, msg.last_record_end)
         peer.durable_commit = max(peer.durable_commit, msg.commit_lsn)
         peer.sent_lsn = max(peer.sent_lsn, msg.flush_lsn)
-        assert peer.flush_lsn <= self.end_lsn, (peer.node, peer.flush_lsn, self.end_lsn)
-        return self._advance_commit() + self._pump(now)
+        out: list[ProposerAction] = []
+        if self.config.pull is None:
+            assert peer.flush_lsn <= self.end_lsn, (peer.node, peer.flush_lsn, self.end_lsn)
+        elif msg.flush_lsn < self.term_start_lsn:
+            peer.pull_sent = False  # not at E yet (a PullFrom then starts nothing): recover
+        elif not peer.pull_sent:
+            peer.pull_sent = True
+            target = self.config.pull
+            out.append(self._send(peer, PullFrom(self.term, target.host, target.port,
+                                                 pull_slot_name(peer.node),
+                                                 self.term_start_lsn), now))
+        return out + self._advance_commit() + self._pump(now)
 
     def _advance_commit(self) -> list[ProposerAction]:
         ends = sorted((p.record_end for p in self.peers.values() if p.synced), reverse=True)
@@ -479,6 +523,8 @@ class Proposer:
 
     def _release(self) -> None:
         """Drop committed WAL that every started acceptor has acknowledged."""
+        if self.config.pull is not None:
+            return  # it holds only the recovery up to the term start; they pull the rest
         held = [p.record_end if p.synced else (p.start_at or Lsn(0))
                 for p in self.peers.values() if p.start_at is not None]
         upto = min([self.commit_lsn, *held])
@@ -495,12 +541,14 @@ class Proposer:
         end = self.end_lsn
         assert self.timeline_start_lsn <= self.wal_start <= end, (
             self.timeline_start_lsn, self.wal_start, end)
-        assert self.commit_lsn <= end, (self.commit_lsn, end)
+        pulled = self.config.pull is not None  # acceptors go past our end on their own
+        assert pulled or self.commit_lsn <= end, (self.commit_lsn, end)
         for p in self.peers.values():
             if p.synced:
                 assert p.start_at is not None and p.start_at <= p.flush_lsn, p
-                assert p.record_end <= p.flush_lsn <= end, p
-                assert p.reported_flush <= p.flush_lsn and p.sent_lsn <= end, p
+                assert p.record_end <= p.flush_lsn and (pulled or p.flush_lsn <= end), p
+                assert p.reported_flush <= p.flush_lsn and (pulled or p.sent_lsn <= end), p
+            assert not p.pull_sent or (p.synced and p.flush_lsn >= self.term_start_lsn), p
         if self.fetch is not None:
             assert self.fetch.start <= self.fetch.pos <= self.fetch.end == self.wal_start, \
                 self.fetch

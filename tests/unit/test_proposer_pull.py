@@ -1,0 +1,341 @@
+"""The proposer core in pull mode, against the real acceptor cores (`allow_pull=True`).
+
+After the election and the recovery up to the term start E (unchanged), every voter whose
+flush LSN reached E gets `PullFrom(term, host, port, sk<node>, E)`, once per connection
+(again after a new greeting: a restarted safekeeper forgot its source); the proposer sends
+no WAL itself past E. A compute's walsenders feed each pulling acceptor (`pulled_wal`), and
+each acceptor answers its proposer one `AppendResponse` per fsync batch (the feedback of
+/work/briefs/pull-interface.md): the proposer's commit LSN is the majority-th highest record
+end at or past E, and goes back to the acceptors in commit-only appends. One acceptor down:
+commits go on; two: they wait, and catch up when one is back; a higher term fences.
+In-memory network in order, like tests/unit/test_proposer.py."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import pytest
+
+from sim.walgen import SYSID, WalGenerator
+from strata.common.errors import UserError
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
+from strata.safekeeper.acceptor import (
+    Acceptor,
+    AcceptorState,
+    ClosePull,
+    FlushWal,
+    PersistControl,
+    PullFeedback,
+    SendWal,
+    StartPull,
+    TruncateWal,
+    WriteWal,
+)
+from strata.safekeeper.messages import (
+    AcceptorMessage,
+    AppendRequest,
+    ProposerMessage,
+    PullFrom,
+    ReadWalResponse,
+)
+from strata.safekeeper.proposer import (
+    CommitAdvanced,
+    Elected,
+    Fenced,
+    Phase,
+    Proposer,
+    ProposerAction,
+    ProposerConfig,
+    PullTarget,
+    Send,
+    pull_slot_name,
+)
+
+SEG = 1 << 20
+TENANT = TenantId(bytes(16))
+TIMELINE = TimelineId(bytes(range(16)))
+START = 3 * SEG - 8192 + 600
+PREV = START - 64
+TARGET = PullTarget("/run/strata/main.sock", 55432)
+
+
+def config(**kwargs: object) -> ProposerConfig:
+    base: dict[str, object] = dict(tenant_id=TENANT, timeline_id=TIMELINE, system_id=SYSID,
+                                   wal_seg_size=SEG, proposer_id=1, acceptors=(1, 2, 3),
+                                   pull=TARGET)
+    base.update(kwargs)
+    return ProposerConfig(**base)  # type: ignore[arg-type]
+
+
+class PullCluster:
+    """Acceptor cores on memory disks, an in-order network to one proposer, and the
+    compute's WAL (`log`) that pulling acceptors replicate when `pull()` is called."""
+
+    def __init__(self) -> None:
+        self.state = AcceptorState.new_timeline(TENANT, TIMELINE, SYSID, SEG, Lsn(START),
+                                                Lsn(PREV))
+        self.acceptors = {n: Acceptor(self.state, allow_pull=True) for n in (1, 2, 3)}
+        self.durable = {n: self.state for n in self.acceptors}
+        self.wal = {n: bytearray() for n in self.acceptors}
+        self.pulling: dict[int, StartPull] = {}  # open replication connections
+        self.down: set[int] = set()
+        self.queue: deque[tuple[int, int, ProposerMessage | AcceptorMessage]] = deque()
+        self.events: list[ProposerAction] = []
+        self.sent: list[tuple[int, ProposerMessage]] = []  # everything the proposer sent
+        self.now = 0.0
+        self.log = bytearray()  # the compute's WAL from E
+        self.gen: WalGenerator | None = None
+        self.term_start = 0
+
+    def take(self, actions: list[ProposerAction]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                self.queue.append((0, a.node, a.msg))
+            else:
+                self.events.append(a)
+
+    def run(self, p: Proposer) -> None:
+        while self.queue:
+            src, dst, msg = self.queue.popleft()
+            if dst == 0:
+                assert not isinstance(msg, ProposerMessage)
+                self.take(p.handle(self.now, src, msg))
+                p.check_invariants()
+            elif dst not in self.down:
+                assert isinstance(msg, ProposerMessage)
+                self.sent.append((dst, msg))
+                self.execute(dst, self.acceptors[dst].handle(msg))
+
+    def execute(self, node: int, actions: list) -> None:  # type: ignore[type-arg]
+        wal = self.wal[node]
+        for action in actions:
+            match action:
+                case WriteWal(lsn=lsn, data=data):
+                    assert lsn.value == START + len(wal), (node, lsn)
+                    wal += data
+                case TruncateWal(lsn=lsn):
+                    del wal[lsn.value - START:]
+                case PersistControl(state=state):
+                    self.durable[node] = state
+                case FlushWal():
+                    pass
+                case SendWal(term=term, start_lsn=s, end_lsn=e):
+                    data = bytes(wal[s.value - START:e.value - START])
+                    self.queue.append((node, 0, ReadWalResponse(term, s, data)))
+                case StartPull():
+                    assert node not in self.pulling, node
+                    self.pulling[node] = action
+                case ClosePull():
+                    self.pulling.pop(node, None)
+                case PullFeedback():
+                    pass  # to the compute's walsender: the ANY 2 test is test_pull_quorum
+                case _:
+                    self.queue.append((node, 0, action))
+        self.acceptors[node].check_invariants()
+
+    def write(self, records: int, seed: int = 0) -> int:
+        """The compute writes `records` records; returns the end of its WAL."""
+        if self.gen is None:
+            e = next(e for e in self.events if isinstance(e, Elected))
+            self.term_start = e.start_lsn.value
+            self.gen = WalGenerator(e.start_lsn.value, e.prev_record_lsn.value, SEG)
+        rng = random.Random(seed)
+        for _ in range(records):
+            self.log += self.gen.random_record(rng)[1]
+        return int(self.gen.end_lsn)
+
+    def pull(self, p: Proposer, chunk: int = 700) -> None:
+        """Every pulling acceptor that is up replicates what it lacks of the compute's WAL,
+        in XLogData pieces of `chunk` bytes, and answers its proposer once per batch."""
+        for node, start in sorted(self.pulling.items()):
+            if node in self.down:
+                continue
+            acc = self.acceptors[node]
+            pos = acc.flush_lsn.value
+            end = self.term_start + len(self.log)
+            while pos < end:
+                piece = bytes(self.log[pos - self.term_start:pos - self.term_start + chunk])
+                self.execute(node, acc.pulled_wal(start.source.term, Lsn(pos), piece))
+                pos += len(piece)
+            self.queue.append((node, 0, acc._append_response()))
+        self.run(p)
+
+    def restart(self, node: int) -> None:
+        """The safekeeper restarts: a new acceptor from its control file and WAL."""
+        acc = Acceptor(self.durable[node], allow_pull=True)
+        scan = self.durable[node].scan_lsn.value
+        end = acc.recover_wal(bytes(self.wal[node][scan - START:]))
+        del self.wal[node][end.value - START:]
+        self.acceptors[node] = acc
+        self.pulling.pop(node, None)
+
+    def reconnect(self, p: Proposer, node: int) -> None:
+        """A new proposer connection to `node`: our greeting, its answer."""
+        self.queue.append((0, node, p._greeting()))
+        self.run(p)
+
+    def tick(self, p: Proposer, seconds: float) -> None:
+        self.now += seconds
+        self.take(p.tick(self.now))
+        self.run(p)
+
+    def pull_froms(self, node: int | None = None) -> list[tuple[int, PullFrom]]:
+        return [(n, m) for n, m in self.sent
+                if isinstance(m, PullFrom) and (node is None or n == node)]
+
+
+def elect(cluster: PullCluster, p: Proposer) -> Elected:
+    cluster.take(p.start(0.0))
+    cluster.run(p)
+    found = [e for e in cluster.events if isinstance(e, Elected)]
+    assert len(found) == 1, cluster.events
+    return found[0]
+
+
+def commits(cluster: PullCluster) -> list[Lsn]:
+    return [e.commit_lsn for e in cluster.events if isinstance(e, CommitAdvanced)]
+
+
+def test_after_the_election_every_voter_is_told_to_pull_from_the_term_start() -> None:
+    cluster = PullCluster()
+    p = Proposer(config(), random.Random(1))
+    e = elect(cluster, p)
+    froms = cluster.pull_froms()
+    assert sorted(n for n, _ in froms) == [1, 2, 3]
+    for node, msg in froms:
+        assert msg == PullFrom(e.term, TARGET.host, TARGET.port, pull_slot_name(node),
+                               e.start_lsn)
+        assert cluster.pulling[node].source.slot_name == f"sk{node}"
+    end = cluster.write(30)
+    cluster.pull(p)
+    assert commits(cluster)[-1] == Lsn(end) and p.commit_lsn == Lsn(end)
+    # The proposer sent no WAL: only empty appends (the commit LSN) went out.
+    appends = [m for _, m in cluster.sent if isinstance(m, AppendRequest)]
+    assert appends and all(not a.data for a in appends)
+    assert max(a.commit_lsn for a in appends) == Lsn(end)
+    for node in (1, 2, 3):
+        assert len(cluster.wal[node]) == end - START
+        assert cluster.acceptors[node].commit_lsn == Lsn(end)
+    # Nothing moved: no more PullFrom, no commit-only append.
+    before = len(cluster.sent)
+    cluster.pull(p)
+    assert cluster.sent[before:] == []
+
+
+def test_commits_go_on_with_one_down_wait_with_two_and_catch_up() -> None:
+    cluster = PullCluster()
+    p = Proposer(config(), random.Random(2))
+    elect(cluster, p)
+    cluster.down = {3}
+    end = cluster.write(20)
+    cluster.pull(p)
+    assert p.commit_lsn == Lsn(end)
+    cluster.down = {2, 3}
+    end2 = cluster.write(10, seed=1)
+    cluster.pull(p)
+    cluster.tick(p, 1.0)
+    assert p.commit_lsn == Lsn(end)  # only one acceptor has [end, end2)
+    assert len(cluster.wal[1]) == end2 - START
+    cluster.down = {3}
+    cluster.pull(p)
+    assert p.commit_lsn == Lsn(end2)
+    cluster.down = set()
+    cluster.pull(p)
+    cluster.tick(p, 1.0)
+    assert cluster.wal[3] == cluster.wal[1]
+    assert p.commit_lsn == Lsn(end2) and cluster.acceptors[3].commit_lsn == Lsn(end2)
+    assert commits(cluster) == sorted(commits(cluster))
+
+
+def test_a_restarted_or_reconnected_safekeeper_is_told_again() -> None:
+    cluster = PullCluster()
+    p = Proposer(config(), random.Random(3))
+    e = elect(cluster, p)
+    cluster.write(10)
+    cluster.pull(p)
+    assert len(cluster.pull_froms(2)) == 1
+    # A new connection (the proxy's link dropped): PullFrom again, which starts nothing new.
+    cluster.reconnect(p, 2)
+    cluster.tick(p, 1.0)
+    assert len(cluster.pull_froms(2)) == 2 and 2 in cluster.pulling
+    # A restart: the acceptor forgot its source; the repeat starts the stream again.
+    cluster.restart(2)
+    assert 2 not in cluster.pulling
+    cluster.reconnect(p, 2)
+    cluster.tick(p, 1.0)
+    assert cluster.pull_froms(2)[-1][1] == PullFrom(e.term, TARGET.host, TARGET.port, "sk2",
+                                                    e.start_lsn)
+    assert 2 in cluster.pulling
+    end = cluster.write(10, seed=4)
+    cluster.down = {1}
+    cluster.pull(p)
+    assert p.commit_lsn == Lsn(end)
+
+
+def test_a_voter_behind_the_term_start_is_recovered_before_it_pulls() -> None:
+    cluster = PullCluster()
+    # A first proposer (push mode) commits some WAL with node 3 down.
+    writer = Proposer(config(pull=None, proposer_id=7), random.Random(4))
+    cluster.down = {3}
+    cluster.take(writer.start(0.0))
+    cluster.run(writer)
+    gen = WalGenerator(START, PREV, SEG)
+    rng = random.Random(5)
+    for _ in range(15):
+        cluster.take(writer.append_wal(0.0, gen.random_record(rng)[1]))
+        cluster.run(writer)
+    old_end = int(gen.end_lsn)
+    assert len(cluster.wal[3]) == 0
+    # The compute restarts (new term, pull mode); node 3 is back but far behind E.
+    cluster.down = set()
+    cluster.events.clear()
+    p = Proposer(config(proposer_id=8), random.Random(6))
+    e = elect(cluster, p)
+    assert e.start_lsn == Lsn(old_end)
+    for _ in range(4):
+        cluster.tick(p, 1.0)
+    # It got the old WAL up to E by appends (from a donor), then PullFrom at E.
+    data_appends = [m for n, m in cluster.sent if n == 3 and isinstance(m, AppendRequest)
+                    and m.data]
+    assert data_appends and max(m.end_lsn for m in data_appends) == Lsn(old_end)
+    assert [m.start_lsn for _, m in cluster.pull_froms(3)] == [Lsn(old_end)]
+    assert cluster.wal[3] == cluster.wal[1]
+    cluster.down = {1}
+    end = cluster.write(10)
+    cluster.pull(p)
+    assert p.commit_lsn == Lsn(end)
+
+
+def test_a_higher_term_fences_the_pulling_proposer() -> None:
+    cluster = PullCluster()
+    old = Proposer(config(), random.Random(7))
+    elect(cluster, old)
+    cluster.write(5)
+    cluster.pull(old)
+    # Another compute's sidecar elects itself on 1 and 2: their streams close first.
+    new = Proposer(config(proposer_id=9), random.Random(8))
+    cluster.down = {3}
+    cluster.take(new.start(0.0))
+    cluster.run(new)
+    assert new.phase is Phase.ELECTED
+    # The old term's streams closed before the promise; they pull for the new term now.
+    assert [cluster.pulling[n].source.term for n in (1, 2, 3)] == [new.term, new.term,
+                                                                   old.term]
+    # The old proposer hears of it at its next heartbeat (a commit-only append).
+    cluster.down = set()
+    cluster.events.clear()
+    cluster.tick(old, 1.0)
+    assert [e for e in cluster.events if isinstance(e, Fenced)] == [Fenced(new.term)]
+    assert old.phase is Phase.FENCED
+
+
+def test_pull_mode_refuses_sync_and_appended_wal() -> None:
+    with pytest.raises(UserError, match="pull mode"):
+        config(sync=True)
+    p = Proposer(config(), random.Random(9))
+    cluster = PullCluster()
+    elect(cluster, p)
+    with pytest.raises(AssertionError, match="pull mode"):
+        p.append_wal(0.0, b"x")
