@@ -222,6 +222,17 @@ def test_after_the_election_every_voter_is_told_to_pull_from_the_term_start() ->
     before = len(cluster.sent)
     cluster.pull(p)
     assert cluster.sent[before:] == []
+    # While WAL keeps coming, heartbeats do not ask for a durable commit LSN; once the
+    # stream is idle, one does.
+    for seed in range(1, 4):
+        cluster.tick(p, 0.3)
+        end = cluster.write(3, seed=seed)
+        cluster.pull(p)
+    busy = [m for _, m in cluster.sent[before:] if isinstance(m, AppendRequest)]
+    assert busy and not any(m.persist_commit for m in busy)
+    assert cluster.durable[1].commit_lsn < Lsn(end)
+    cluster.tick(p, 1.0)
+    assert all(cluster.durable[n].commit_lsn == Lsn(end) for n in (1, 2, 3))
 
 
 def test_commits_go_on_with_one_down_wait_with_two_and_catch_up() -> None:

@@ -443,6 +443,10 @@ class Proposer:
             peer.flush_lsn = msg.flush_lsn
         if msg.flush_lsn > peer.flush_lsn or msg.last_record_end > peer.record_end:
             peer.last_progress_s = now
+            if self.config.pull is not None and peer.synced and msg.flush_lsn > peer.flush_lsn:
+                # It pulled WAL: the stream is not idle (the heartbeat persists the commit
+                # LSN only once it is, as with appended WAL).
+                peer.last_data_s = now
         peer.flush_lsn = max(peer.flush_lsn, msg.flush_lsn)
         peer.reported_flush = msg.flush_lsn
         peer.record_end = max(peer.record_end, msg.last_record_end)
