@@ -286,7 +286,7 @@ def pull_from(term: int, start: int = START, slot: str = "sk1") -> PullFrom:
 def test_pull_is_refused_unless_the_acceptor_allows_it() -> None:
     acc = new_acceptor()
     elect(acc, 1)
-    with pytest.raises(ProtocolError, match="does not pull WAL yet"):
+    with pytest.raises(ProtocolError, match="without allow_pull"):
         acc.handle(pull_from(1))
 
 

@@ -199,6 +199,17 @@ class CopyStream:
         except OSError as err:
             raise self._gone(err) from err
 
+    def write_nowait(self, payload: bytes) -> None:
+        """Queue one CopyData without waiting for the socket buffer to drain, for a message
+        sent from outside the handler's own task (it cannot interleave with another
+        message: each is written whole). `ClientGone` if the client went away."""
+        if self.client_gone or self._conn.writer.is_closing():
+            raise ClientGone("client gone")
+        try:
+            self._conn.write(wire.CopyData(payload))
+        except OSError as err:
+            raise self._gone(err) from err
+
     def next_buffered(self) -> bytes | None:
         """CopyBoth only: the client's next CopyData payload if it has already been read
         from the socket, else None (no I/O). Lets a handler take a whole batch of what

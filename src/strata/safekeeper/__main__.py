@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds between WAL upload passes (with --remote-storage)")
     p.add_argument("--removal-interval", type=float, default=1.0,
                    help="seconds between WAL removal passes")
+    p.add_argument("--pull-user", default="postgres",
+                   help="pull mode: the role this safekeeper replicates from a compute as "
+                        "(no password: the compute's pg_hba.conf admits it)")
     return p
 
 
@@ -88,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   removal_interval_s=args.removal_interval,
                                   remote_storage=args.remote_storage,
                                   backup_interval_s=args.backup_interval,
+                                  pull_user=args.pull_user,
                                   auth_public_key=args.auth_public_key.resolve()
                                   if args.auth_public_key is not None else None)
         config.workdir.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,9 @@
 - `FlushWal(upto)`: fsync the WAL written so far (everything below `upto` is durable);
 - `TruncateWal(lsn)`: cut the WAL at `lsn`, durably, before anything else happens;
 - `SendWal(term, start, end)`: read WAL [start, end) and send `ReadWalResponse(term, start, data)`;
-- pull mode (in progress, not driven by any process yet; `allow_pull=True`): `StartPull`,
-  `ClosePull`, `PullFeedback` (below), and the input `pulled_wal(term, begin, data)`;
+- pull mode (`allow_pull=True`, as the safekeeper builds it; safekeeper/pull.py drives it):
+  `StartPull`, `ClosePull`, `PullFeedback` (below), and the input
+  `pulled_wal(term, begin, data)`;
 - a reply message (`AcceptorGreeting`, `VoteResponse`, `AppendResponse`, `ReadWalResponse`):
   send it. Every position in a reply is durable by then, because the actions before it are.
 
@@ -196,9 +197,9 @@ class Acceptor:
     are not held up behind control-file writes. The WAL itself is always flushed before a
     reply reports it.
 
-    Pull mode (docs/safekeeper-protocol.md, "Pull mode (in progress)") is refused with a
-    `ProtocolError` unless `allow_pull`: no safekeeper process drives it yet. The pull
-    source is kept in memory only; after a restart the proposer must send `PullFrom` again.
+    Pull mode (docs/safekeeper-protocol.md, "Pull mode") is refused with a `ProtocolError`
+    unless `allow_pull` (the safekeeper's timelines always allow it). The pull source is
+    kept in memory only; after a restart the proposer must send `PullFrom` again.
     """
 
     def __init__(self, state: AcceptorState, *, commit_persist_bytes: int = 16 << 20,
@@ -268,6 +269,11 @@ class Acceptor:
     def log_term(self) -> int:
         """The term whose log this acceptor's log (up to its last record end) is a prefix of."""
         return log_term(self.state.term_history, self.last_record_end)
+
+    def append_response(self) -> AppendResponse:
+        """The acceptor's state as an `AppendResponse` (what the driver sends as pull
+        feedback to the proposer, and to a proposer whose pull a higher term closed)."""
+        return self._append_response()
 
     def _append_response(self) -> AppendResponse:
         return AppendResponse(self.state.term, self._elected_term(), self.flush_lsn,
@@ -442,11 +448,11 @@ class Acceptor:
                                 f"the limit is {MAX_READ_BYTES}")
         return [SendWal(msg.term, msg.start_lsn, msg.end_lsn)]
 
-    # --- pull mode (in progress) --------------------------------------------------------------
+    # --- pull mode --------------------------------------------------------------
     def _on_pull_from(self, msg: PullFrom) -> list[AcceptorAction]:
         if not self.allow_pull:
-            raise ProtocolError(f"PullFrom for term {msg.term}: this safekeeper does not pull "
-                                "WAL yet (pull mode is in progress)")
+            raise ProtocolError(f"PullFrom for term {msg.term}: this acceptor was built "
+                                "without allow_pull")
         if msg.term != self.state.term or self._elected_term() != msg.term:
             # Like an AppendRequest: a stale term, or ours before its ProposerElected.
             return [self._append_response()]

@@ -150,7 +150,9 @@ class _TimelineCollector(Collector):
                         ("segments_uploaded", "WAL segments uploaded to object storage"),
                         ("segments_downloaded", "WAL segments downloaded to serve removed WAL"),
                         ("wal_sent_bytes", "WAL bytes sent by walsenders"),
-                        ("messages", "proposer messages handled"))}
+                        ("messages", "proposer messages handled"),
+                        ("pull_batches", "pull mode: batches of pulled WAL applied"),
+                        ("pull_bytes", "pull mode: WAL bytes received from the compute"))}
         for (tenant, timeline), tl in list(self.sk.timelines.items()):
             values = [str(tenant), str(timeline)]
             feedback = tl.pageserver_feedback

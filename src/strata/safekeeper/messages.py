@@ -219,7 +219,7 @@ class ReadWalResponse:
 
 @dataclass(frozen=True, slots=True)
 class PullFrom:
-    """Pull mode (in progress; docs/safekeeper-protocol.md): stream `term`'s WAL yourself.
+    """Pull mode (docs/safekeeper-protocol.md): stream `term`'s WAL yourself.
 
     Sent by the proposer of `term` once this acceptor adopted its election and holds the log
     up to `start_lsn` (the term's start E): replicate from the compute at `host`:`port` on

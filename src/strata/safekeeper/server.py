@@ -63,6 +63,7 @@ from strata.safekeeper.messages import (
     ProposerElected,
     ProposerGreeting,
     ProposerMessage,
+    PullFrom,
     ReadWalRequest,
     VoteRequest,
     decode,
@@ -82,7 +83,7 @@ ID_FILE = "safekeeper.id"
 TENANTS_DIR = "tenants"
 _BATCH_MAX = 64  # proposer messages handled (and fsynced) together
 _PROPOSER_MESSAGES = (ProposerGreeting, VoteRequest, ProposerElected, AppendRequest,
-                      ReadWalRequest)
+                      ReadWalRequest, PullFrom)
 _DELETE_WAIT_S = 10.0  # for the connections of a deleted timeline to end
 
 
@@ -153,6 +154,9 @@ class SafekeeperConfig:
     """Object storage URL (strata.remote.storage) for WAL offload (wal_backup.py); None:
     WAL is kept locally until the pageserver made it durable."""
     backup_interval_s: float = 1.0
+    pull_user: str = "postgres"
+    """Pull mode: the role a safekeeper replicates from a compute as (safekeeper/pull.py;
+    the compute's pg_hba.conf must let it in for replication without a password)."""
 
     def __post_init__(self) -> None:
         if self.node_id <= 0:
@@ -203,6 +207,7 @@ class Safekeeper:
         try:
             tl = Timeline.open(directory, wal_keep_bytes=self.config.wal_keep_bytes)
             tl.remote = self.remote
+            tl.pull_user = self.config.pull_user
             self.timelines[key] = tl
         except (CorruptionError, OSError) as err:
             log.error("timeline %s/%s will not be served: %s", key[0], key[1], err)
@@ -277,6 +282,7 @@ class Safekeeper:
                 tl = await asyncio.to_thread(Timeline.create, directory, state,
                                              wal_keep_bytes=self.config.wal_keep_bytes)
             tl.remote = self.remote
+            tl.pull_user = self.config.pull_user
             self.timelines[key] = tl
             return tl, True
 
@@ -406,6 +412,10 @@ class Safekeeper:
         batch was being made durable are handled as one batch (one WAL fsync), and its
         replies go out in one socket write."""
         conn_id, peer = self._peer(tl, "proposer", session)
+
+        def reply_to(payload: bytes) -> None:  # pull feedback, from the puller's task
+            stream.write_nowait(payload)
+
         try:
             with timeline_context(tl.state.tenant_id, tl.state.timeline_id):
                 while (first := await stream.read()) is not None:
@@ -416,7 +426,7 @@ class Safekeeper:
                     for msg in batch:
                         if isinstance(msg, ProposerGreeting):
                             peer.proposer_id = msg.proposer_id
-                    replies = await tl.handle_batch(batch)
+                    replies = await tl.handle_batch(batch, reply_to)
                     if replies:
                         await stream.write(*replies)
         except ProtocolError as err:
@@ -425,6 +435,7 @@ class Safekeeper:
         except ConnectionError as err:
             log.info("proposer connection from %s lost: %s", session.peer, err)
         finally:
+            tl.forget_connection(reply_to)
             tl.peers.pop(conn_id, None)
 
     def _check_start(self, tl: Timeline, start: Lsn) -> None:

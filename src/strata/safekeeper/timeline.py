@@ -64,10 +64,12 @@ from strata.safekeeper.messages import (
     AppendResponse,
     ProposerGreeting,
     ProposerMessage,
+    PullFrom,
     ReadWalResponse,
     VoteResponse,
     encode,
 )
+from strata.safekeeper.pull import WalPuller
 from strata.safekeeper.wal_storage import WalStorage
 
 if TYPE_CHECKING:
@@ -77,6 +79,8 @@ log = logging.getLogger(__name__)
 INDEX_READ_INTERVAL_S = 10.0  # how often read_pageserver_index may read the index
 
 T = TypeVar("T")
+ReplyTo = Callable[[bytes], None]
+"""Sends one encoded message on a proposer connection at once, without waiting."""
 
 DELETED_SUFFIX = ".___deleted"  # a timeline directory being deleted; never loaded
 
@@ -165,6 +169,15 @@ class TimelineCounters:
     segments_downloaded: int = 0
     wal_sent_bytes: int = 0
     messages: int = 0
+    pull_batches: int = 0  # batches of pulled WAL applied (one fsync each at most)
+    pull_bytes: int = 0  # pulled WAL received (what was new of it is in wal_written_bytes)
+
+
+def _send(reply_to: ReplyTo, payload: bytes) -> None:
+    try:
+        reply_to(payload)
+    except ConnectionError as err:
+        log.info("a proposer connection is gone: %s", err)
 
 
 def _is_reply(action: AcceptorAction) -> bool:
@@ -198,6 +211,12 @@ class Timeline:
         self.remote: RemoteStorage | None = None  # object storage for WAL offload (server.py)
         self.backup_lock = asyncio.Lock()  # one upload pass at a time; deletion waits on it
         self._downloaded: tuple[int, bytes] | None = None  # the last segment downloaded
+        # Pull mode (pull.py): the replication client of the acceptor's pull source.
+        self.pull_user = "postgres"  # the role it connects to the compute as (server.py)
+        self.puller: WalPuller | None = None
+        self._reply_to: ReplyTo | None = None  # the proposer connection of this batch
+        self._pull_feedback: Lsn | None = None  # a PullFeedback deferred to the batch's end
+        self._fence_notice: ReplyTo | None = None  # the closed pull's proposer connection
 
     # --- creation and restart -----------------------------------------------------------
     @classmethod
@@ -234,7 +253,7 @@ class Timeline:
         state = self.state
         # All the WAL held must be valid up to the durable commit LSN (CorruptionError if not).
         self.wal.find_valid_end(state.commit_lsn, state.system_id)
-        acceptor = Acceptor(state)
+        acceptor = Acceptor(state, allow_pull=True)
         end = acceptor.recover_wal(self.wal.read(state.scan_lsn, self.wal.end_lsn))
         if end < state.commit_lsn:
             # Only a record's zero padding can cut it there: garbage in committed WAL.
@@ -253,7 +272,14 @@ class Timeline:
         return acceptor
 
     def close(self) -> None:
+        self.stop_pull()
         self.wal.close()
+
+    def stop_pull(self) -> None:
+        """Close the pull stream, if any (synchronous; see pull.py)."""
+        if self.puller is not None:
+            self.puller.close()
+            self.puller = None
 
     # --- the proposer protocol ------------------------------------------------------------
     def check_usable(self) -> None:
@@ -264,13 +290,20 @@ class Timeline:
                               f"safekeeper after an I/O failure: {self.broken}; restart the "
                               "safekeeper")
 
-    async def handle(self, msg: ProposerMessage) -> list[bytes]:
+    async def handle(self, msg: ProposerMessage, reply_to: ReplyTo | None = None) -> list[bytes]:
         """Apply one proposer message durably; the encoded replies to send, in order."""
-        return await self.handle_batch([msg])
+        return await self.handle_batch([msg], reply_to)
 
-    async def handle_batch(self, msgs: Sequence[ProposerMessage]) -> list[bytes]:
+    async def handle_batch(self, msgs: Sequence[ProposerMessage],
+                           reply_to: ReplyTo | None = None) -> list[bytes]:
         """Apply proposer messages (in order, from one connection) durably; the encoded
         replies to send, in order, all of them vouching only for durable state.
+
+        `reply_to` sends on that connection outside of the replies: the pull feedback of a
+        pull that a `PullFrom` of this batch started (or repeated) goes there. A higher
+        term's promise that closed a pull sends, after the batch, an `AppendResponse` with
+        the new term to the closed pull's proposer connection (so the old proposer learns
+        at once that it is fenced).
 
         The WAL of consecutive appends is fsynced once: a `FlushWal` is deferred past later
         `WriteWal`s (the replies wait for the batch's end), but never past any other action.
@@ -288,6 +321,8 @@ class Timeline:
             commit_before = self.acceptor.commit_lsn
             replies: list[bytes] = []
             self._flush_pending = False
+            self._reply_to = reply_to
+            self._fence_notice = None
             try:
                 for msg in msgs:
                     self.counters.messages += 1
@@ -299,15 +334,67 @@ class Timeline:
                             await self._reload()
                         raise
                     self._apply(actions, replies)
+                    if isinstance(msg, PullFrom) and self.puller is not None and \
+                            self.acceptor.pull_source == self.puller.source:
+                        self.puller.reply_to = reply_to  # a repeat: feedback goes here now
                 self._flush_deferred()
+                notice = self._fence_notice
+                if notice is not None and notice is not reply_to:
+                    # After the promise is durable: the old proposer is fenced.
+                    _send(notice, encode(self.acceptor.append_response()))
             finally:
+                self._reply_to = self._fence_notice = None
                 if self.acceptor.commit_lsn != commit_before:
                     self._notify_commit()
             return replies
 
+    async def apply_pulled(self, puller: WalPuller, pieces: Sequence[tuple[Lsn, bytes]], *,
+                           reply_requested: bool = False) -> None:
+        """Pull mode: a batch of the WAL `puller` received, applied durably (one fsync),
+        then one standby status update to the compute and one `AppendResponse` to the
+        proposer connection of the pull, both in this same step under the lock (so a
+        ClosePull of another connection's message comes before or after all of it).
+        Nothing at all once `puller` was closed."""
+        self.check_usable()
+        async with self.lock:
+            if puller.closed or self.puller is not puller:
+                return
+            self.check_usable()
+            self.counters.pull_batches += 1
+            term = puller.source.term
+            replies: list[bytes] = []
+            self._flush_pending = False
+            self._pull_feedback = None
+            try:
+                for begin, data in pieces:
+                    self.counters.pull_bytes += len(data)
+                    try:
+                        actions = self.acceptor.pulled_wal(term, begin, data)
+                    except ProtocolError as err:
+                        self._flush_deferred()
+                        log.error("pulled WAL refused, pull stopped: %s", err)
+                        await self._reload()  # the acceptor forgot its pull: stop it
+                        raise
+                    self._apply(actions, replies)
+                self._flush_deferred()
+            finally:
+                feedback, self._pull_feedback = self._pull_feedback, None
+            assert not replies, replies
+            if feedback is None and not reply_requested:
+                return
+            puller.send_status(self.acceptor.flush_lsn if feedback is None else feedback)
+            if feedback is not None and puller.reply_to is not None:
+                _send(puller.reply_to, encode(self.acceptor.append_response()))
+
+    def forget_connection(self, reply_to: ReplyTo) -> None:
+        """A proposer connection ended: no more pull feedback goes to it."""
+        if self.puller is not None and self.puller.reply_to is reply_to:
+            self.puller.reply_to = None
+
     async def _reload(self) -> None:
         """The message may be half applied in memory, never on disk: start over from disk
         (in a thread; the caller keeps the lock until it is done, even if cancelled)."""
+        self.stop_pull()  # the new acceptor does not pull (the proposer sends PullFrom again)
         work = asyncio.ensure_future(asyncio.to_thread(self._recover))
         try:
             try:
@@ -331,7 +418,8 @@ class Timeline:
 
     def _apply(self, actions: list[AcceptorAction], replies: list[bytes]) -> None:
         for action in actions:
-            if not isinstance(action, WriteWal | FlushWal) and not _is_reply(action):
+            if not isinstance(action, WriteWal | FlushWal | PullFeedback) and \
+                    not _is_reply(action):
                 self._flush_deferred()  # durable before anything that builds on it
             match action:
                 case PersistControl(state=state):
@@ -357,9 +445,20 @@ class Timeline:
                         raise ProtocolError(f"cannot send WAL [{start}, {end}) for term "
                                             f"{term}: {err}") from err
                     replies.append(encode(ReadWalResponse(term, start, data)))
-                case StartPull() | ClosePull() | PullFeedback():
-                    # Its Acceptor is built without allow_pull: PullFrom is a ProtocolError.
-                    raise AssertionError(f"pull mode is not driven yet: {action}")
+                case StartPull(source=source, start_lsn=start):
+                    self.stop_pull()  # none in practice: a ClosePull came first
+                    log.info("pulling WAL of term %d from %s:%d slot %s from %s", source.term,
+                             source.host, source.port, source.slot_name, start)
+                    self.puller = WalPuller(self, source, user=self.pull_user)
+                    self.puller.reply_to = self._reply_to
+                case ClosePull(term=term):
+                    # Before the promise that follows: no acknowledgement of `term` after it.
+                    if self.puller is not None:
+                        assert self.puller.source.term == term, (self.puller.source, term)
+                        self._fence_notice = self.puller.reply_to
+                        self.stop_pull()
+                case PullFeedback(flush_lsn=flush_lsn):
+                    self._pull_feedback = flush_lsn  # sent once the batch is durable
                 case _:
                     replies.append(encode(action))  # sent after the batch's last flush
 
@@ -385,6 +484,7 @@ class Timeline:
         """Refuse everything from now on with NotFound(`reason`); wake whoever waits."""
         assert self.deleted is None, f"timeline {self.state.timeline_id} deleted twice"
         self.deleted = reason
+        self.stop_pull()
         self.gone.set()
         self._notify_commit()
 
@@ -392,6 +492,7 @@ class Timeline:
         if self.broken is None:
             log.error("timeline %s out of service: %s", self.state.timeline_id, err)
             self.broken = str(err)
+        self.stop_pull()
         self._notify_commit()
 
     # --- the walsender ----------------------------------------------------------------------
@@ -600,5 +701,6 @@ class Timeline:
             "pageserver_index_lsn": str(self.pageserver_index_lsn),
             "backup_lsn": str(s.backup_lsn),
             "peers": [p.to_json() for p in self.peers.values()],
+            "pull": None if self.puller is None else self.puller.status(),
             "broken": self.broken,
         }

@@ -1,0 +1,179 @@
+"""`WalPuller`: pull mode's replication client, one per timeline that pulls.
+
+Started by the `StartPull` action of a timeline's acceptor (a `PullFrom` of the term it
+adopted, docs/safekeeper-protocol.md "Pull mode"): it connects to the compute as a physical
+replication client (application name = the slot name, which the compute's
+`synchronous_standby_names` counts), checks its system id, runs `START_REPLICATION SLOT
+<slot> PHYSICAL <the acceptor's flush LSN>` and hands every batch of XLogData to
+`Timeline.apply_pulled` (one fsync per batch, then one standby status update with write =
+flush = apply = the durable end, sent at once: no timer; and one `AppendResponse` to the
+proposer connection that sent the `PullFrom`).
+
+`close()` is synchronous and runs in the timeline's event loop while it holds the timeline
+lock (the `ClosePull` before a higher term's promise): it aborts the socket (anything still
+buffered for the compute is dropped) and cancels the task, so no status update of the old
+term can follow the promise; a batch that was waiting for the lock finds the puller closed
+and applies nothing.
+
+A dropped connection (the compute restarted, a network error) is retried with bounded
+backoff, resuming at the acceptor's flush LSN, as long as the acceptor still pulls from this
+source in this term.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from strata.common.errors import StrataError
+from strata.common.logctx import timeline_context
+from strata.pg import wire
+from strata.pg.pgclient import CopyBothStream, PgConnection
+from strata.pg.replication import identify_system, read_batch
+from strata.safekeeper.acceptor import PullSource
+
+if TYPE_CHECKING:
+    from strata.common.lsn import Lsn
+    from strata.safekeeper.timeline import Timeline
+
+log = logging.getLogger(__name__)
+
+BACKOFF_INITIAL_S = 0.05
+BACKOFF_MAX_S = 2.0
+CONNECT_TIMEOUT_S = 10.0
+_WARN_EVERY_FAILURES = 10
+PG_TIMELINE = 1  # Strata computes never promote (architecture D5)
+
+
+class WalPuller:
+    """Streams the compute's WAL of `source.term` into `timeline` until closed."""
+
+    def __init__(self, timeline: Timeline, source: PullSource, *, user: str) -> None:
+        self.timeline = timeline
+        self.source = source
+        self.user = user
+        self.closed = False
+        self.connections = 0  # successful START_REPLICATIONs
+        self.batches = 0
+        self.last_error: str | None = None
+        self.reported_lsn: Lsn | None = None  # the last flush LSN sent to the compute
+        # Sends one encoded message on the proposer connection that sent the PullFrom
+        # (the pull feedback); None once that connection is gone.
+        self.reply_to: Callable[[bytes], None] | None = None
+        self._conn: PgConnection | None = None
+        self._stream: CopyBothStream | None = None
+        self.task: asyncio.Task[None] = asyncio.create_task(
+            self._run(), name=f"pull-{source.slot_name}-{source.term}")
+
+    def describe(self) -> str:
+        s = self.source
+        return f"{s.host}:{s.port} slot {s.slot_name} (term {s.term})"
+
+    # --- closing -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the stream now (synchronous: nothing more is sent or delivered)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stream = None
+        if self._conn is not None:
+            self._conn.abort()
+            self._conn = None
+        self.task.cancel()
+        log.info("stopped pulling from %s", self.describe())
+
+    async def wait_closed(self) -> None:
+        if not self.task.done():
+            await asyncio.wait([self.task])
+
+    # --- the loop ------------------------------------------------------------------------
+    async def _run(self) -> None:
+        s = self.timeline.state
+        with timeline_context(s.tenant_id, s.timeline_id):
+            backoff = BACKOFF_INITIAL_S
+            failures = 0
+            while not self.closed and self._still_pulls():
+                connections = self.connections
+                try:
+                    await self._session()
+                except (StrataError, OSError) as err:
+                    self.last_error = str(err)
+                    failures += 1
+                    level = logging.WARNING if failures % _WARN_EVERY_FAILURES == 0 \
+                        else logging.INFO
+                    log.log(level, "pull from %s for %s/%s ended (%d in a row): %s; retrying "
+                            "in %.2fs", self.describe(), s.tenant_id, s.timeline_id, failures,
+                            err, backoff)
+                finally:
+                    self._drop_connection()
+                if self.connections != connections:
+                    backoff, failures = BACKOFF_INITIAL_S, 0  # it streamed for a while
+                    continue  # at once: the compute may only have dropped this connection
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _still_pulls(self) -> bool:
+        return self.timeline.acceptor.pull_source == self.source
+
+    def _drop_connection(self) -> None:
+        self._stream = None
+        if self._conn is not None:
+            self._conn.abort()
+            self._conn = None
+
+    async def _session(self) -> None:
+        src = self.source
+        tl = self.timeline
+        conn = await PgConnection.connect(src.host, src.port, user=self.user,
+                                          replication="true", application_name=src.slot_name,
+                                          timeout_s=CONNECT_TIMEOUT_S)
+        if self.closed:
+            conn.abort()
+            return
+        self._conn = conn
+        ident = await identify_system(conn)
+        if ident.system_id != tl.state.system_id or ident.timeline != PG_TIMELINE:
+            raise StrataError(f"the compute at {src.host}:{src.port} has system id "
+                              f"{ident.system_id} on PostgreSQL timeline {ident.timeline}; "
+                              f"timeline {tl.state.timeline_id} is system "
+                              f"{tl.state.system_id} on timeline {PG_TIMELINE}: not pulling "
+                              "from it")
+        start = tl.acceptor.flush_lsn
+        stream = await conn.start_copy_both(
+            f"START_REPLICATION SLOT {src.slot_name} PHYSICAL {start}")
+        if self.closed:
+            return
+        self._stream = stream
+        self.connections += 1
+        log.info("pulling WAL from %s at %s", self.describe(), start)
+        expected = start
+        while not self.closed:
+            batch = await read_batch(stream, expected)
+            expected = batch.end_lsn
+            await tl.apply_pulled(self, batch.pieces, reply_requested=batch.reply_requested)
+            self.batches += 1
+
+    def send_status(self, flush_lsn: Lsn) -> None:
+        """A standby status update (write = flush = apply = `flush_lsn`). Called by
+        `Timeline.apply_pulled` under the timeline lock, right after the fsync that made it
+        durable, so a ClosePull cannot come between the two."""
+        stream = self._stream
+        if stream is None or self.closed:
+            return
+        update = wire.StandbyStatusUpdate(flush_lsn.value, flush_lsn.value, flush_lsn.value,
+                                          wire.pg_timestamp(time.time()))
+        with contextlib.suppress(OSError):
+            if stream.send_nowait(update.encode()):
+                self.reported_lsn = flush_lsn
+
+    def status(self) -> dict[str, object]:
+        s = self.source
+        return {"term": s.term, "host": s.host, "port": s.port, "slot_name": s.slot_name,
+                "connected": self._stream is not None, "connections": self.connections,
+                "batches": self.batches,
+                "reported_lsn": None if self.reported_lsn is None else str(self.reported_lsn),
+                "last_error": self.last_error}
