@@ -26,11 +26,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from strata.common.errors import ProtocolError, StrataError, Unavailable, UserError
+from strata.common.errors import StrataError, Unavailable, UserError
 from strata.common.lsn import Lsn
 from strata.pageserver.wal_log import TIMELINE, WalLog
 from strata.pg import wire
 from strata.pg.pgclient import CopyBothStream, PgConnection, ServerError
+from strata.pg.replication import identify_system, read_batch
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +173,8 @@ class WalReceiver:
             conn.close_nowait()
 
     async def _identify(self, conn: PgConnection) -> None:
-        result = await conn.simple_query("IDENTIFY_SYSTEM")
-        if len(result.rows) != 1 or len(result.columns) < 4:
-            raise ProtocolError(f"IDENTIFY_SYSTEM returned {result.columns} {result.rows}")
-        row = dict(zip(result.columns, result.rows[0], strict=True))
-        system_id = int(row["systemid"] or 0)
-        timeline = int(row["timeline"] or 0)
+        ident = await identify_system(conn)
+        system_id, timeline = ident.system_id, ident.timeline
         if timeline != TIMELINE:
             # Strata computes never promote (architecture D5), and the log's segment
             # names assume timeline 1.
@@ -196,33 +193,18 @@ class WalReceiver:
         while True:
             try:
                 async with asyncio.timeout(self.config.status_interval_s):
-                    payload = await stream.read()
+                    # The first message, then every one already buffered: one fsync for all.
+                    batch = await read_batch(stream, Lsn(received))
             except TimeoutError:
                 # Idle: tell the sender we are alive (and our apply LSN may have moved).
                 await self._send_status(stream, received, False)
                 continue
-            if payload is None:
-                raise Unavailable("the compute ended the replication stream (CopyDone)")
-            reply_now = False
-            batch = 0
-            # Take every message already buffered, then fsync once for all of them.
-            while payload is not None:
-                msg = wire.decode_replication(payload)
-                match msg:
-                    case wire.XLogData(start_lsn=start, end_lsn=end, data=data):
-                        if start != received:
-                            raise ProtocolError(f"XLogData at {Lsn(start)} but we expect "
-                                                f"{Lsn(received)}; the stream has a gap")
-                        self.wal_log.append(Lsn(start), data)
-                        received += len(data)
-                        batch += len(data)
-                        self.server_end_lsn = Lsn(max(end, received))
-                    case wire.PrimaryKeepalive(end_lsn=end, reply_requested=requested):
-                        self.server_end_lsn = Lsn(end)
-                        reply_now = reply_now or requested
-                    case _:
-                        raise ProtocolError(f"unexpected {type(msg).__name__} from a walsender")
-                payload = stream.next_buffered() if batch < (1 << 22) else None
+            for start, data in batch.pieces:
+                self.wal_log.append(start, data)
+            received = batch.end_lsn.value
+            if batch.server_end_lsn:
+                self.server_end_lsn = batch.server_end_lsn
+            reply_now = batch.reply_requested
             if received > self.wal_log.flush_lsn.value:
                 await self._notify(await self._fsync())
             if self.wal_log.flush_lsn.value != reported_flush or reply_now:
