@@ -18,9 +18,10 @@ import pytest
 
 from strata.common import eventloop
 from strata.proxy import relay
+from strata.proxy.tlsrelay import TlsStream
 from strata.proxy.tls import make_self_signed, server_context
 
-WAYS = ("threads", "protocols", "protocols-tls")
+WAYS = ("threads", "protocols", "protocols-tls", "threads-tls")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,21 @@ async def _proxy_once(listener: socket.socket, compute_path: str, way: str,
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             raw = None
+            if way == "threads-tls":  # as the proxy: its own session from the handshake on
+                assert tls is not None
+                writer.write(b"S")
+                await relay.wait_writes_flushed(writer)
+                transport = writer.transport
+                transport.pause_reading()
+                stream = TlsStream(relay._detach(transport), tls)
+                await stream.handshake(relay.take_buffered(reader))
+                c_reader, c_writer = await asyncio.open_unix_connection(compute_path)
+                c_writer.write(await stream.readexactly(6))
+                stream.write(await c_reader.readline())
+                await relay.wait_writes_flushed(c_writer)
+                await stream.relay(*relay.take_over(c_reader, c_writer))
+                served.set_result(None)
+                return
             if tls is not None:  # as after an SSLRequest: 'S', then the client's hello
                 writer.write(b"S")
                 await writer.drain()

@@ -189,6 +189,17 @@ async def relay_threads(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     await asyncio.shield(done)
 
 
+def take_over(reader: asyncio.StreamReader,
+              writer: asyncio.StreamWriter) -> tuple[socket.socket, bytes]:
+    """A blocking socket of our own on the connection of `writer` (whose buffer must be
+    empty, see `wait_writes_flushed`), and the bytes `reader` read ahead."""
+    transport = cast(asyncio.Transport, writer.transport)
+    transport.pause_reading()
+    assert transport.get_write_buffer_size() == 0, transport
+    pending = take_buffered(reader)
+    return _detach(transport), pending
+
+
 # --- kernel (BPF sockmap) -------------------------------------------------------------------
 _TCP_INFO_BYTES_ACKED = 120
 """Offset of `tcpi_bytes_acked` (u64) in `struct tcp_info` (linux/tcp.h)."""

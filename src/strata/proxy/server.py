@@ -29,7 +29,7 @@ import ssl
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 from strata.common.errors import NotFound, ProtocolError, StrataError
 from strata.control.env import Environment
@@ -46,6 +46,7 @@ from strata.proxy import protocol, relay
 from strata.proxy.computes import Computes
 from strata.proxy.scram import AuthFailed, ScramExchange, ScramSecret
 from strata.proxy.sockmap import Sockmap, SockmapUnavailable
+from strata.proxy.tlsrelay import TlsStream
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,31 @@ WAKE_TIMEOUT_S = 600.0
 AUTH_MESSAGE_MAX_BYTES = 16 * 1024
 COMPUTE_STARTUP_MESSAGE_MAX_BYTES = 1024 * 1024
 _I32 = struct.Struct("!i")
+
+
+class _In(Protocol):
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+class _Out(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Client:
+    """A client's connection: asyncio's streams, or from its TLS handshake on (in the
+    `threads` TLS relay), the proxy's own TLS session for both."""
+
+    reader: _In
+    writer: _Out
+    tls: TlsStream | None = None
+    raw: asyncio.BaseTransport | None = None  # TCP under uvloop's TLS (the `loop` relay)
 
 
 class ClientError(Exception):
@@ -84,6 +110,7 @@ class ProxyServer:
         self._cancel_keys: dict[tuple[int, int], _CancelTarget] = {}
         self._sni: dict[int, str] = {}
         self.sockmap = _open_sockmap()
+        self.tls_threads = _tls_relay() == "threads"
         if ssl_context is not None:
             ssl_context.sni_callback = self._on_sni
 
@@ -103,14 +130,15 @@ class ProxyServer:
     # --- one client ----------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        client = _Client(reader, writer)
         try:
-            await self._serve_client(reader, writer)
+            await self._serve_client(client)
         except ClientError as err:
             log.info("refused client %s: %s", peer, err)
-            await _send_error(writer, err.code, str(err))
+            await _send_error(client.writer, err.code, str(err))
         except ProtocolError as err:
             log.info("closed client %s: %s", peer, err)
-            await _send_error(writer, protocol.PROTOCOL_VIOLATION, str(err))
+            await _send_error(client.writer, protocol.PROTOCOL_VIOLATION, str(err))
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError,
                 EOFError) as err:
             log.info("client %s went away during startup: %s", peer,
@@ -118,30 +146,48 @@ class ProxyServer:
         except Exception:
             log.exception("unexpected error serving client %s", peer)
         finally:
+            if not client.writer.is_closing():
+                client.writer.close()
             if not writer.is_closing():
                 writer.close()
 
-    async def _serve_client(self, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> None:
+    async def _start_tls(self, client: _Client, context: ssl.SSLContext) -> str | None:
+        """TLS after the client's SSLRequest; returns the SNI host name it sent."""
+        writer = cast(asyncio.StreamWriter, client.writer)
+        writer.write(b"S")
+        if not self.tls_threads:
+            await writer.drain()
+            client.raw = writer.transport
+            await writer.start_tls(context)
+            return self._sni.pop(id(writer.get_extra_info("ssl_object")), None)
+        # The proxy's own session from the handshake on (strata.proxy.tlsrelay): uvloop's
+        # TLS transport never touches it, so that the relay threads can take it over.
+        await relay.wait_writes_flushed(writer)
+        transport = cast(asyncio.Transport, writer.transport)
+        transport.pause_reading()
+        received = relay.take_buffered(cast(asyncio.StreamReader, client.reader))
+        tls = TlsStream(relay._detach(transport), context)  # noqa: SLF001
+        client.reader = client.writer = client.tls = tls
+        try:
+            await tls.handshake(received)
+        finally:
+            server_name = self._sni.pop(id(tls.ssl_object), None)
+        return server_name
+
+    async def _serve_client(self, client: _Client) -> None:
         accepted = time.monotonic()
         async with asyncio.timeout(STARTUP_TIMEOUT_S):
-            packet = await _read_startup(reader)
+            packet = await _read_startup(client.reader)
             server_name: str | None = None
             if isinstance(packet, GSSENCRequest):
-                writer.write(b"N")
-                packet = await _read_startup(reader)
-            raw: asyncio.BaseTransport | None = None  # TCP under TLS
+                client.writer.write(b"N")
+                packet = await _read_startup(client.reader)
             if isinstance(packet, SSLRequest):
                 if self.ssl_context is None:
-                    writer.write(b"N")
+                    client.writer.write(b"N")
                 else:
-                    writer.write(b"S")
-                    await writer.drain()
-                    raw = writer.transport
-                    await writer.start_tls(self.ssl_context)
-                    ssl_object = writer.get_extra_info("ssl_object")
-                    server_name = self._sni.pop(id(ssl_object), None)
-                packet = await _read_startup(reader)
+                    server_name = await self._start_tls(client, self.ssl_context)
+                packet = await _read_startup(client.reader)
             if isinstance(packet, CancelRequest):
                 await self._cancel(packet)
                 return
@@ -154,11 +200,10 @@ class ProxyServer:
             choice = protocol.choose_endpoint(server_name, self.domain, packet)
             name = choice.name
             if name is None:
-                name = await self._cleartext_auth(reader, writer, user)
+                name = await self._cleartext_auth(client.reader, client.writer, user)
             else:
-                await self._scram_auth(reader, writer, name, user)
-        await self._connect(reader, writer, name, packet, raw,
-                            auth_s=time.monotonic() - accepted)
+                await self._scram_auth(client.reader, client.writer, name, user)
+        await self._connect(client, name, packet, auth_s=time.monotonic() - accepted)
 
     def _secret(self, endpoint: str, user: str) -> ScramSecret:
         state = self.computes.state.get()
@@ -176,8 +221,7 @@ class ProxyServer:
                               f"password authentication failed for user {user!r}")
         return ScramSecret.parse(secret)
 
-    async def _scram_auth(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          endpoint: str, user: str) -> None:
+    async def _scram_auth(self, reader: _In, writer: _Out, endpoint: str, user: str) -> None:
         secret = self._secret(endpoint, user)
         writer.write(protocol.auth_sasl())
         mechanism, client_first = protocol.decode_sasl_initial_response(
@@ -193,8 +237,7 @@ class ProxyServer:
                               f"password authentication failed for user {user!r}") from None
         writer.write(protocol.auth_sasl_final(server_final))
 
-    async def _cleartext_auth(self, reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter, user: str) -> str:
+    async def _cleartext_auth(self, reader: _In, writer: _Out, user: str) -> str:
         """The password form `endpoint=<name>;<password>`; returns the endpoint."""
         writer.write(b"R" + _I32.pack(8) + _I32.pack(3))  # AuthenticationCleartextPassword
         text = protocol.decode_password(await _read_password_message(reader))
@@ -209,9 +252,8 @@ class ProxyServer:
         return name
 
     # --- compute -------------------------------------------------------------------------
-    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       name: str, startup: StartupMessage,
-                       raw: asyncio.BaseTransport | None, *, auth_s: float) -> None:
+    async def _connect(self, client: _Client, name: str, startup: StartupMessage, *,
+                       auth_s: float) -> None:
         self.computes.acquire(name)
         key: tuple[int, int] | None = None
         try:
@@ -237,8 +279,9 @@ class ProxyServer:
                 login_started = time.monotonic()
                 # Plain: ReadyForQuery is held back and sent by the relay once the sockets
                 # are in the sockmap, so that the client's first query finds them there.
-                hold = raw is None and self.sockmap is not None
-                started = await self._forward_compute_startup(c_reader, writer,
+                plain = client.tls is None and client.raw is None
+                hold = plain and self.sockmap is not None
+                started = await self._forward_compute_startup(c_reader, client.writer,
                                                               address.socket_path,
                                                               hold_ready=hold)
                 if started is None:
@@ -250,9 +293,18 @@ class ProxyServer:
                              "compute %.3fs", name, auth_s, wake_s,
                              time.monotonic() - login_started)
                 # Plain: the kernel (BPF sockmap) or a thread per direction, out of the
-                # event loop; TLS: the event loop's protocols (docs/proxy.md, "Relay").
-                await relay.wait_writes_flushed(writer, c_writer, raw=raw)
-                if raw is None:
+                # event loop; TLS: a thread per direction on the proxy's own session, or
+                # (STRATA_PROXY_TLS_RELAY=loop) the event loop's protocols (docs/proxy.md,
+                # "Relay").
+                if client.tls is not None:
+                    await client.tls.drain()
+                    await relay.wait_writes_flushed(c_writer)
+                    await client.tls.relay(*relay.take_over(c_reader, c_writer))
+                    return
+                reader = cast(asyncio.StreamReader, client.reader)
+                writer = cast(asyncio.StreamWriter, client.writer)
+                await relay.wait_writes_flushed(writer, c_writer, raw=client.raw)
+                if plain:
                     await relay.relay_threads(reader, writer, c_reader, c_writer,
                                               ready=ready, kernel=self.sockmap)
                 else:
@@ -265,7 +317,7 @@ class ProxyServer:
             self.computes.release(name)
 
     async def _forward_compute_startup(
-            self, c_reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+            self, c_reader: asyncio.StreamReader, writer: _Out,
             socket_path: str, *, hold_ready: bool) -> tuple[tuple[int, int], bytes] | None:
         """Forward the compute's messages up to ReadyForQuery (kept back and returned with
         `hold_ready`, else b""); returns the proxy's cancel key for this connection and
@@ -339,8 +391,22 @@ def _open_sockmap() -> Sockmap | None:
     return sockmap
 
 
+def _tls_relay() -> str:
+    """How TLS connections are relayed: `threads` (the default: the proxy's own session,
+    a thread per direction), or `loop` (STRATA_PROXY_TLS_RELAY=loop: uvloop's TLS
+    transport and the event loop's protocols, the relay before; kept for the A/B in
+    `bench/run proxy`, docs/proxy.md "Relay")."""
+    mode = os.environ.get("STRATA_PROXY_TLS_RELAY", "threads")
+    if mode not in ("threads", "loop"):
+        log.info("STRATA_PROXY_TLS_RELAY=%r is neither 'threads' nor 'loop': threads", mode)
+        return "threads"
+    log.info("TLS connections are relayed by %s", "a thread per direction"
+             if mode == "threads" else "the event loop's protocols")
+    return mode
+
+
 # --- startup-phase reads --------------------------------------------------------------------
-async def _read_startup(reader: asyncio.StreamReader) -> object:
+async def _read_startup(reader: _In) -> object:
     head = await reader.readexactly(4)
     length = int(_I32.unpack(head)[0])
     if length < 8 or length > MAX_STARTUP_PACKET_BYTES:
@@ -353,7 +419,7 @@ async def _read_startup(reader: asyncio.StreamReader) -> object:
     return packet
 
 
-async def _read_password_message(reader: asyncio.StreamReader) -> bytes:
+async def _read_password_message(reader: _In) -> bytes:
     """The body of the client's next message, which must be 'p' (password/SASL)."""
     header = await reader.readexactly(5)
     tag = header[:1]
@@ -365,7 +431,7 @@ async def _read_password_message(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(length - 4)
 
 
-async def _send_error(writer: asyncio.StreamWriter, code: str, message: str) -> None:
+async def _send_error(writer: _Out, code: str, message: str) -> None:
     if writer.is_closing():
         return
     try:
