@@ -28,7 +28,13 @@ restarts `main` once with the proxy stopped, which makes it listen on both.
   of an endpoint on a tenant imported from stock PostgreSQL's pgbench database at scale
   N (bench/_stockdb.py: built once, cached under /var/tmp; `strata tenant create
   --import-datadir`), the cheap way to the 5 GB point. Scales: env
-  PROXY_WAKE_IMPORT_SCALES (default 320; --quick none).
+  PROXY_WAKE_IMPORT_SCALES (default 320; --quick none);
+- the A/B of the proxy's relays, same run: each of env PROXY_VARIANTS (comma-separated,
+  default `tls_loop,plain_sockmap`, see VARIANTS; empty: none) is one more way through
+  the proxy, restarted with that relay: `tps_{workload}_{variant}` (to unix),
+  `..._vs_tls_direct` or `..._vs_tcp`, `proxy_cpu_us_per_tx_{workload}_{variant}`, and
+  `tps_{workload}_{tls,plain}_vs_{variant}`: the default relay against it (a note gives
+  each round's own ratio).
 """
 
 from __future__ import annotations
@@ -51,9 +57,11 @@ from bench.report import Report
 PASSWORD = "bench-password"
 
 
-def _strata(repo: Path, *args: str, stdin: str | None = None) -> str:
+def _strata(repo: Path, *args: str, stdin: str | None = None,
+            env: dict[str, str] | None = None) -> str:
     out = subprocess.run([str(Path(sys.executable).parent / "strata"), *args],
-                         env={**os.environ, "STRATA_REPO_DIR": str(repo)}, input=stdin,
+                         env={**os.environ, **(env or {}), "STRATA_REPO_DIR": str(repo)},
+                         input=stdin,
                          capture_output=True, text=True, timeout=3600, check=False)
     if out.returncode != 0:
         raise AssertionError(f"strata {' '.join(args)} failed:\n{out.stdout}{out.stderr}")
@@ -116,17 +124,46 @@ def _endpoint(repo: Path, name: str) -> dict[str, str]:
                 if e["name"] == name)
 
 
-def _throughput(report: Report, repo: Path, targets: dict[str, str], quick: bool) -> None:
+VARIANTS = {"tls_loop": ("tls", {"STRATA_PROXY_TLS_RELAY": "loop"}),
+            "plain_sockmap": ("plain", {"STRATA_PROXY_SOCKMAP": "1"})}
+"""The proxy's other relays, each run as one more way (the proxy restarted with its
+environment for it): `tls_loop`, TLS relayed by the event loop's protocols on uvloop's
+TLS transport (the relay before the threads); `plain_sockmap`, plain connections with
+the compute's bytes forwarded by a BPF sockmap (needs root)."""
+
+
+class _Proxy:
+    """The running proxy, restarted when a way needs another environment."""
+
+    def __init__(self, repo: Path) -> None:
+        self.repo = repo
+        self.env: dict[str, str] = {}
+        self.pid = int((repo / "run" / "proxy.pid").read_text())
+
+    def use(self, env: dict[str, str]) -> int:
+        if env != self.env:
+            _strata(self.repo, "proxy", "stop")
+            _strata(self.repo, "proxy", "start", env=env)
+            self.env = env
+            self.pid = int((self.repo / "run" / "proxy.pid").read_text())
+        return self.pid
+
+
+def _throughput(report: Report, repo: Path, targets: dict[str, str], quick: bool,
+                variants: list[str]) -> None:
     """pgbench through each target, interleaved (rotated order per round) so that the
-    machine's load drifts over all of them alike."""
+    machine's load drifts over all of them alike; `variants` (of VARIANTS) are more ways
+    through the proxy, each with its relay."""
     seconds, rounds = (5, 2) if quick else (15, 3)
-    proxy_pid = int((repo / "run" / "proxy.pid").read_text())
+    proxy = _Proxy(repo)
+    targets = {**targets, **{v: targets[VARIANTS[v][0]] for v in variants}}
     ways = list(targets)
     for workload, args in WORKLOADS.items():
         tps: dict[str, list[float]] = {w: [] for w in ways}
         cpu: dict[str, list[float]] = {w: [] for w in ways}
         for i in range(rounds):
             for way in ways[i % len(ways):] + ways[:i % len(ways)]:
+                proxy_pid = proxy.use(VARIANTS[way][1] if way in VARIANTS else {})
                 t, c = _pgbench(targets[way], args, seconds, proxy_pid)
                 tps[way].append(t)
                 cpu[way].append(c)
@@ -138,7 +175,7 @@ def _throughput(report: Report, repo: Path, targets: dict[str, str], quick: bool
         report.add(f"tps_{workload}_direct_tls", tls_direct, "tps", baseline=unix)
         report.add(f"tps_{workload}_tls_vs_tls_direct", statistics.median(tps["tls"]), "tps",
                    baseline=tls_direct)
-        for way in ("plain", "tls"):
+        for way in ("plain", "tls", *variants):
             to_unix = [t / d for t, d in zip(tps[way], tps["unix"], strict=True)]
             to_tcp = [t / d for t, d in zip(tps[way], tps["tcp"], strict=True)]
             report.note(f"{workload} {way}: per-round TPS ratios to unix "
@@ -151,6 +188,17 @@ def _throughput(report: Report, repo: Path, targets: dict[str, str], quick: bool
             # mostly measures how long each hop waits for a core).
             report.add(f"proxy_cpu_us_per_tx_{workload}_{way}", statistics.median(cpu[way]),
                        "us")
+        for variant in variants:  # the A/B: the default relay against this one
+            way = VARIANTS[variant][0]
+            report.add(f"tps_{workload}_{variant}_vs_tls_direct" if way == "tls" else
+                       f"tps_{workload}_{variant}_vs_tcp", statistics.median(tps[variant]),
+                       "tps", baseline=tls_direct if way == "tls" else tcp)
+            report.add(f"tps_{workload}_{way}_vs_{variant}", statistics.median(tps[way]),
+                       "tps", baseline=statistics.median(tps[variant]))
+            report.note(f"{workload} {way} vs {variant}: per-round TPS ratios "
+                        + " ".join(f"{a / b:.2f}" for a, b in zip(tps[way], tps[variant],
+                                                                  strict=True)))
+    proxy.use({})
 
 
 def _direct_tls(repo: Path, main: dict[str, str], tmp: Path) -> None:
@@ -236,6 +284,10 @@ def _wake_imported(report: Report, repo: Path, scale: int, tries: int = 3) -> No
 
 def run(report: Report, quick: bool) -> None:
     scales = [int(s) for s in os.environ.get("PROXY_WAKE_SCALES", "1").split(",") if s]
+    variants = [v for v in os.environ.get("PROXY_VARIANTS", ",".join(VARIANTS)).split(",")
+                if v]
+    unknown = set(variants) - set(VARIANTS)
+    assert not unknown, f"PROXY_VARIANTS: unknown {sorted(unknown)}; known {list(VARIANTS)}"
     imported = [int(s) for s in os.environ.get("PROXY_WAKE_IMPORT_SCALES",
                                                "" if quick else "320").split(",") if s]
     with tempfile.TemporaryDirectory(prefix="strata-bench-proxy-") as tmp:
@@ -275,7 +327,11 @@ def run(report: Report, quick: bool) -> None:
                            timeout=3600, check=True)
             _throughput(report, repo, {"unix": unix, "tcp": tcp, "tls_direct": tls_direct,
                                        "plain": dsns["plain_options"],
-                                       "tls": dsns["tls_sni"]}, quick)
+                                       "tls": dsns["tls_sni"]}, quick, variants)
+            if "plain_sockmap" in variants and "forwarded by the kernel (BPF sockmap)" not \
+                    in (repo / "logs" / "proxy.log").read_text():
+                report.note("plain_sockmap: the proxy could not use a BPF sockmap here; "
+                            "its figures are the splice threads'")
             for scale in scales:
                 _wake(report, repo, scale)
             for scale in imported:

@@ -18,8 +18,8 @@ import pytest
 
 from strata.common import eventloop
 from strata.proxy import relay
-from strata.proxy.tlsrelay import TlsStream
 from strata.proxy.tls import make_self_signed, server_context
+from strata.proxy.tlsrelay import TlsStream
 
 WAYS = ("threads", "protocols", "protocols-tls", "threads-tls")
 
@@ -71,10 +71,8 @@ async def _proxy_once(listener: socket.socket, compute_path: str, way: str,
                 assert tls is not None
                 writer.write(b"S")
                 await relay.wait_writes_flushed(writer)
-                transport = writer.transport
-                transport.pause_reading()
-                stream = TlsStream(relay._detach(transport), tls)
-                await stream.handshake(relay.take_buffered(reader))
+                stream, received = TlsStream.take_over(reader, writer, tls)
+                await stream.handshake(received)
                 c_reader, c_writer = await asyncio.open_unix_connection(compute_path)
                 c_writer.write(await stream.readexactly(6))
                 stream.write(await c_reader.readline())

@@ -12,8 +12,9 @@ Per client connection:
 4. the proxy logs in to the compute over its unix socket with the client's startup
    parameters, forwards the compute's answer (its BackendKeyData replaced by a key of
    the proxy's, so that a cancel request comes back here) up to ReadyForQuery,
-5. then relays bytes both ways (`strata.proxy.relay`: plain, a thread per direction
-   with os.splice; TLS, the event loop's protocols).
+5. then relays bytes both ways, a thread per direction (plain: `strata.proxy.relay`,
+   os.splice; TLS: `strata.proxy.tlsrelay`, the proxy's own TLS session from the
+   handshake on, which the event loop drives until the relay).
 
 A malformed or unexpected message closes that one connection with an ErrorResponse;
 the server goes on. Passwords and secrets are never logged.
@@ -109,6 +110,10 @@ class ProxyServer:
         self.computes = Computes(env)
         self._cancel_keys: dict[tuple[int, int], _CancelTarget] = {}
         self._sni: dict[int, str] = {}
+        # The clients' tasks: asyncio's stream protocol drops its reference to its task
+        # when its transport closes, which the TLS and plain relays do on taking the
+        # socket over; the loop itself holds tasks weakly only.
+        self._clients: set[asyncio.Task[None]] = set()
         self.sockmap = _open_sockmap()
         self.tls_threads = _tls_relay() == "threads"
         if ssl_context is not None:
@@ -131,6 +136,9 @@ class ProxyServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         client = _Client(reader, writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
         try:
             await self._serve_client(client)
         except ClientError as err:
@@ -146,6 +154,7 @@ class ProxyServer:
         except Exception:
             log.exception("unexpected error serving client %s", peer)
         finally:
+            self._clients.discard(task)
             if not client.writer.is_closing():
                 client.writer.close()
             if not writer.is_closing():
@@ -163,10 +172,8 @@ class ProxyServer:
         # The proxy's own session from the handshake on (strata.proxy.tlsrelay): uvloop's
         # TLS transport never touches it, so that the relay threads can take it over.
         await relay.wait_writes_flushed(writer)
-        transport = cast(asyncio.Transport, writer.transport)
-        transport.pause_reading()
-        received = relay.take_buffered(cast(asyncio.StreamReader, client.reader))
-        tls = TlsStream(relay._detach(transport), context)  # noqa: SLF001
+        tls, received = TlsStream.take_over(cast(asyncio.StreamReader, client.reader),
+                                            writer, context)
         client.reader = client.writer = client.tls = tls
         try:
             await tls.handshake(received)

@@ -26,6 +26,7 @@ import contextlib
 import socket
 import ssl
 import threading
+from typing import cast
 
 from strata.proxy import relay
 
@@ -48,6 +49,17 @@ class TlsStream:
         self._relayed = False
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
+
+    @classmethod
+    def take_over(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                  context: ssl.SSLContext) -> tuple[TlsStream, bytes]:
+        """A session on the connection of `writer` (its buffer flushed, see
+        `relay.wait_writes_flushed`), whose transport is closed; and the bytes `reader`
+        read ahead (the start of the client's hello, for `handshake`)."""
+        transport = cast(asyncio.Transport, writer.transport)
+        transport.pause_reading()
+        received = relay.take_buffered(reader)
+        return cls(relay._detach(transport), context), received  # noqa: SLF001
 
     # --- on the event loop: handshake, startup, authentication ----------------------------
     async def handshake(self, received: bytes = b"") -> None:
@@ -125,6 +137,13 @@ class TlsStream:
         """Close the connection (not once `relay` has it: the relay closes it)."""
         if not self._closed and not self._relayed:
             self._closed = True
+            # A close_notify first (libpq takes a bare end for an error, e.g. after a
+            # cancel request); what the socket takes now, as asyncio's transports do.
+            with contextlib.suppress(ssl.SSLError):
+                self.ssl_object.unwrap()
+            self._take_records()
+            with contextlib.suppress(OSError):
+                self.sock.send(self._unsent)
             self.sock.close()
 
     # --- in two threads: the relay ------------------------------------------------------------
