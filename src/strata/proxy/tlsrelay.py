@@ -264,9 +264,7 @@ class _TlsPair:
             self._end()
 
     def _end(self) -> None:
-        for sock in (self.stream.sock, self.compute):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        relay._shutdown(self.stream.sock, self.compute)  # noqa: SLF001
         with self._lock:
             self._running -= 1
             last = self._running == 0
