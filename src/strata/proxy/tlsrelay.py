@@ -47,6 +47,7 @@ class TlsStream:
         self._unsent = bytearray()  # records made on the loop, not yet sent
         self._closed = False
         self._relayed = False
+        self._look_first = True  # (relay) bytes may wait in the session: read it first
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
 
@@ -188,24 +189,46 @@ class TlsStream:
 
     def send_plain(self, data: bytes) -> None:
         """(A relay thread) encrypt `data` and send it to the client."""
+        with self._send_lock:
+            with self._lock:
+                self.ssl_object.write(data)
+                records = self.outgoing.read()
+            self.sock.sendall(records)
         with self._lock:
-            self.ssl_object.write(data)
-        self._flush(wait=True)
+            left = self.outgoing.pending  # made by the other thread meanwhile (rare)
+        if left:
+            self._flush(wait=True)
 
     def receive_plain(self) -> bytes:
-        """(A relay thread) the client's next decrypted bytes (b"" at its end)."""
+        """(A relay thread) the client's next decrypted bytes (b"" at its end).
+
+        One pass over the session per message: what arrived goes in and everything it
+        holds comes out under one hold of the lock; the session is read again only
+        while bytes wait in it (no SSLWantReadError raised per message)."""
+        received: bytes | None = None
         while True:
             chunks = []
+            ended = False
             with self._lock:
-                try:
-                    while data := self.ssl_object.read(READ_BYTES):
-                        chunks.append(data)
-                    ended = True  # close_notify
-                except ssl.SSLWantReadError:
-                    ended = False
-                except ssl.SSLEOFError:
-                    ended = True
+                if received is not None:
+                    if received:
+                        self.incoming.write(received)
+                    else:
+                        self.incoming.write_eof()
+                if received is not None or self._look_first:
+                    try:
+                        while data := self.ssl_object.read(READ_BYTES):
+                            chunks.append(data)
+                            if not self.incoming.pending and not self.ssl_object.pending():
+                                break
+                        else:
+                            ended = True  # close_notify
+                    except ssl.SSLWantReadError:
+                        pass
+                    except ssl.SSLEOFError:
+                        ended = True
                 made = self.outgoing.pending
+            self._look_first = ended
             if made:
                 self._flush(wait=False)
             if chunks:
@@ -213,11 +236,6 @@ class TlsStream:
             if ended:
                 return b""
             received = self.sock.recv(READ_BYTES)
-            with self._lock:
-                if received:
-                    self.incoming.write(received)
-                else:
-                    self.incoming.write_eof()
 
     def close_notify(self) -> None:
         """(A relay thread, the compute has ended) tell the client, as PostgreSQL would."""
