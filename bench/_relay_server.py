@@ -15,6 +15,7 @@ from strata.common import eventloop
 from strata.proxy import relay
 from strata.proxy.sockmap import Sockmap
 from strata.proxy.tls import server_context
+from strata.proxy.tlsrelay import TlsStream
 
 
 def _copy_loop(src: int, dst: int) -> None:
@@ -49,8 +50,16 @@ async def main(mode: str, port: int, socket_path: str, tls_dir: Path) -> None:
         except asyncio.IncompleteReadError:
             return  # bench/proxy_relay.py's check that the relay listens
         raw = None
+        if first == SSL_REQUEST and mode == "threads":  # the proxy's own TLS session
+            writer.write(b"S")
+            await relay.wait_writes_flushed(writer)
+            stream, received = TlsStream.take_over(reader, writer, context)
+            await stream.handshake(received)
+            c_reader, c_writer = await asyncio.open_unix_connection(socket_path)
+            await stream.relay(*relay.take_over(c_reader, c_writer))
+            return
         if first == SSL_REQUEST and mode != "protocols":
-            writer.write(b"N")  # TLS is relayed by the protocols only (docs/proxy.md)
+            writer.write(b"N")  # TLS: the protocols or the TLS threads only
             writer.close()
             return
         if first == SSL_REQUEST:

@@ -10,8 +10,9 @@ drifts over all of them alike; baseline: pgbench directly on the unix socket.
 Modes: `protocols` (asyncio protocols on uvloop), `threads` (a thread per direction,
 os.splice through a pipe), `threads-copy` (a thread per direction, recv/send),
 `sockmap` (the kernel forwards, a BPF sockmap, `strata.proxy.sockmap`; needs root); each
-plain, and `protocols-tls` (sslmode=require, TLS ended at the relay, as the proxy
-does). Environment: RELAY_MODES (comma-separated,
+plain, and `protocols-tls` and `threads-tls` (sslmode=require, TLS ended at the relay,
+as the proxy does: uvloop's TLS transport and the protocols, or the proxy's own session
+and a thread per direction, `strata.proxy.tlsrelay`). Environment: RELAY_MODES (comma-separated,
 default all), RELAY_CLIENTS (default 4).
 """
 
@@ -33,7 +34,7 @@ from strata.common.proc import free_port
 from strata.compute.pgserver import PgServer
 from strata.proxy.tls import make_self_signed
 
-MODES = ("protocols", "threads", "threads-copy", "sockmap", "protocols-tls")
+MODES = ("protocols", "threads", "threads-copy", "sockmap", "protocols-tls", "threads-tls")
 
 
 def _pgbench(dsn: str, seconds: int, clients: int) -> tuple[float, int]:

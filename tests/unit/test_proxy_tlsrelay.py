@@ -10,6 +10,8 @@ import asyncio
 import os
 import socket
 import ssl
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,68 @@ def test_bad_record_ends_the_relay(tmp_path: Path,
             return await asyncio.wait_for(compute_got, 30)
 
     assert eventloop.run(asyncio.wait_for(main(), 60)) == b"before"
+
+
+def test_compute_gone_while_client_sends(tmp_path: Path,
+                                         contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A compute that stops reading and then sends its last bytes and closes (as a
+    terminated backend's FATAL): the client's bytes sent meanwhile fail to reach it, yet
+    the client still gets the last bytes and a clean TLS end."""
+    server, client_ctx = contexts
+    compute_path = str(tmp_path / "compute.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(compute_path)
+    listener.listen()
+    client_sent = threading.Event()
+
+    def compute() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.recv(5) == b"hello"
+            conn.shutdown(socket.SHUT_RD)  # gone for the client's bytes: they fail
+            conn.sendall(b"ready")
+            client_sent.wait(30)
+            time.sleep(0.3)  # (ordering only: the relay's send of 'more' fails first)
+            conn.sendall(b"FATAL")
+
+    async def main() -> bytes:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"S")
+            await relay.wait_writes_flushed(writer)
+            stream, received = TlsStream.take_over(reader, writer, server)
+            await stream.handshake(received)
+            c_reader, c_writer = await asyncio.open_unix_connection(sock=_connect(
+                compute_path))
+            await stream.relay(*relay.take_over(c_reader, c_writer))
+
+        srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as tcp:
+                assert tcp.recv(1) == b"S"
+                s = client_ctx.wrap_socket(tcp, server_hostname="x.localhost",
+                                           suppress_ragged_eofs=False)
+                s.sendall(b"hello")
+                got = s.recv(5)
+                s.sendall(b"more")
+                client_sent.set()
+                while chunk := s.recv(100):  # SSLEOFError on a bare end
+                    got += chunk
+                return got
+
+        comp = threading.Thread(target=compute)
+        comp.start()
+        async with srv:
+            got = await asyncio.to_thread(client)
+        comp.join(30)
+        return got
+
+    assert eventloop.run(asyncio.wait_for(main(), 60)) == b"readyFATAL"
+    listener.close()
+
+
+def _connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(path)
+    return sock

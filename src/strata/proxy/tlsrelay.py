@@ -246,8 +246,12 @@ class TlsStream:
 
 
 class _TlsPair:
-    """The two threads of one TLS connection; the first direction to end shuts both
-    sockets down (which wakes the other thread), the last one closes them."""
+    """The two threads of one TLS connection. The client's end (or a bad record) shuts
+    both sockets down (which wakes the other thread); so does the compute's end, once
+    its last bytes (a FATAL) and a close_notify went to the client. A compute that
+    stops reading (gone: the send fails) ends the client-to-compute thread alone: the
+    other one still delivers what the compute sent before it closed. The last thread
+    closes both sockets."""
 
     def __init__(self, stream: TlsStream, compute: socket.socket,
                  loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]) -> None:
@@ -259,15 +263,23 @@ class _TlsPair:
         self._running = 2
 
     def up(self, pending: bytes) -> None:
+        shut = True
         try:
-            if pending:
-                self.compute.sendall(pending)
-            while data := self.stream.receive_plain():
-                self.compute.sendall(data)
+            data = pending
+            while True:
+                if data:
+                    try:
+                        self.compute.sendall(data)
+                    except OSError:
+                        shut = False  # the compute is gone: `down` sees its end
+                        return
+                data = self.stream.receive_plain()
+                if not data:
+                    return
         except (OSError, ssl.SSLError):
             pass  # a reset, a bad record, or the other direction's shutdown
         finally:
-            self._end()
+            self._end(shut=shut)
 
     def down(self, pending: bytes) -> None:
         try:
@@ -279,10 +291,11 @@ class _TlsPair:
         except (OSError, ssl.SSLError):
             pass
         finally:
-            self._end()
+            self._end(shut=True)
 
-    def _end(self) -> None:
-        relay._shutdown(self.stream.sock, self.compute)  # noqa: SLF001
+    def _end(self, *, shut: bool) -> None:
+        if shut:
+            relay._shutdown(self.stream.sock, self.compute)  # noqa: SLF001
         with self._lock:
             self._running -= 1
             last = self._running == 0
