@@ -12,6 +12,7 @@ import random
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,55 @@ def test_compute_close_closes_client(way: str, tmp_path: Path,
         return got
 
     assert eventloop.run(main()) == b"ready\nbye"
+
+
+def test_compute_gone_while_client_sends(tmp_path: Path) -> None:
+    """(Plain threads; TLS: test_proxy_tlsrelay.py.) A compute that stops reading, then
+    sends its last bytes and closes (as a terminated backend's FATAL): the client's bytes
+    sent meanwhile fail to reach it, yet the client still gets the last bytes."""
+    compute_path = str(tmp_path / "compute.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(compute_path)
+    listener.listen()
+    client_sent = threading.Event()
+
+    def compute() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.recv(5) == b"hello"
+            conn.shutdown(socket.SHUT_RD)  # gone for the client's bytes: they fail
+            conn.sendall(b"ready")
+            client_sent.wait(30)
+            time.sleep(0.3)  # (ordering only: the relay's send of 'more' fails first)
+            conn.sendall(b"FATAL")
+
+    async def main() -> bytes:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(compute_path)
+            c_reader, c_writer = await asyncio.open_unix_connection(sock=sock)
+            await relay.wait_writes_flushed(writer, c_writer)
+            await relay.relay_threads(reader, writer, c_reader, c_writer)
+
+        srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+                s.sendall(b"hello")
+                got = s.recv(5)
+                s.sendall(b"more")
+                client_sent.set()
+                while chunk := s.recv(100):
+                    got += chunk
+                return got
+
+        comp = threading.Thread(target=compute)
+        comp.start()
+        async with srv:
+            got = await asyncio.to_thread(client)
+        comp.join(30)
+        return got
+
+    assert eventloop.run(asyncio.wait_for(main(), 60)) == b"readyFATAL"
+    listener.close()

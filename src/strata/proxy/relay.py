@@ -51,7 +51,10 @@ THREAD_STACK_BYTES = 256 * 1024
 # --- thread pair ----------------------------------------------------------------------------
 class _Pair:
     """Two sockets relayed by two threads; the first direction to end shuts both sockets
-    down (which wakes the other thread), the last one closes them and tells the loop."""
+    down (which wakes the other thread), the last one closes them and tells the loop.
+    Except for a compute gone for the client's bytes (a send to it fails): that ends the
+    client-to-compute thread alone, so that the other one still delivers what the
+    compute sent before it closed (a terminated backend's FATAL), then ends both."""
 
     def __init__(self, client: socket.socket, compute: socket.socket,
                  loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]) -> None:
@@ -63,17 +66,24 @@ class _Pair:
         self._running = 2
 
     def pump(self, src: socket.socket, dst: socket.socket, pending: bytes) -> None:
+        shut = True
         try:
             if pending:
-                dst.sendall(pending)
+                try:
+                    dst.sendall(pending)
+                except OSError as err:
+                    raise _SendFailed from err
             _splice_loop(src.fileno(), dst.fileno())
+        except _SendFailed:
+            shut = dst is not self.compute
         except OSError:
             pass  # a reset or the other direction's shutdown: the connection is over
         finally:
-            self._end()
+            self._end(shut=shut)
 
-    def _end(self) -> None:
-        _shutdown(self.client, self.compute)
+    def _end(self, *, shut: bool = True) -> None:
+        if shut:
+            _shutdown(self.client, self.compute)
         with self._lock:
             self._running -= 1
             last = self._running == 0
@@ -97,8 +107,13 @@ def _set_done(done: asyncio.Future[None]) -> None:
         done.set_result(None)
 
 
+class _SendFailed(OSError):
+    """The destination socket refused bytes (its peer is gone or it was shut down)."""
+
+
 def _splice_loop(src: int, dst: int) -> None:
-    """Move bytes from socket `src` to socket `dst` through a pipe until `src` ends."""
+    """Move bytes from socket `src` to socket `dst` through a pipe until `src` ends
+    (_SendFailed when `dst` refuses them)."""
     read_end, write_end = os.pipe()
     try:
         while True:
@@ -106,7 +121,10 @@ def _splice_loop(src: int, dst: int) -> None:
             if n == 0:
                 return
             while n:
-                n -= os.splice(read_end, dst, n, flags=os.SPLICE_F_MOVE)
+                try:
+                    n -= os.splice(read_end, dst, n, flags=os.SPLICE_F_MOVE)
+                except OSError as err:
+                    raise _SendFailed(err.errno, err.strerror) from err
     finally:
         os.close(read_end)
         os.close(write_end)
