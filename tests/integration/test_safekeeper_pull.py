@@ -8,7 +8,9 @@ pg_stat_replication shows the safekeeper's flush), the pull feedback reaches the
 connection, a commit-only AppendRequest moves the safekeeper's commit LSN and its walsender
 (what the pageserver follows) then serves the pulled WAL; a dropped replication connection
 and a restarted primary are reconnected; a higher term's VoteRequest closes the stream
-before the promise, tells the old proposer, and a commit on the primary then hangs.
+before the promise, tells the old proposer, and a commit on the primary then hangs; a
+`PullLimit` (backpressure) holds commits while the WAL still arrives, and raising it
+releases them.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from strata.safekeeper.messages import (
     ProposerGreeting,
     ProposerMessage,
     PullFrom,
+    PullLimit,
     TermEntry,
     VoteRequest,
     VoteResponse,
@@ -290,4 +293,29 @@ def test_a_higher_term_closes_the_pull_before_its_promise(rig: Rig, loop: LoopTh
     assert isinstance(reply, AppendResponse) and reply.term == 2, reply
     assert rig.status()["pull"] is None
     loop.call(p2.close())
+    rig.check_log()
+
+
+def test_a_pull_limit_holds_commits_until_it_is_raised(rig: Rig, loop: LoopThread) -> None:
+    rig.commit("CREATE TABLE t (id int primary key, v text)")
+    end = rig.commit("INSERT INTO t VALUES (1, 'pulled')")
+    held = rig.sk_flush()
+    assert held >= end - 200
+    loop.call(rig.p1.send(PullLimit(1, held)))  # the pageserver lags: hold at this point
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        pending = pool.submit(rig.compute.sql, "INSERT INTO t VALUES (2, 'held')")
+        with pytest.raises(concurrent.futures.TimeoutError):
+            pending.result(3)
+        # The WAL still arrives and is fsynced (the proposer hears of it); only the
+        # compute is told no more than the limit.
+        wait_until(lambda: rig.sk_flush() > held, 30, "the held commit's WAL to be pulled")
+        assert Lsn.parse(rig.replication()[0][2]) == held
+        assert Lsn.parse(rig.status()["pull"]["reported_lsn"]) == held
+        loop.call(rig.p1.send(PullLimit(1, Lsn(1 << 60))))  # caught up: release
+        pending.result(60)
+    finally:
+        pool.shutdown(wait=False)
+    end = rig.commit("INSERT INTO t VALUES (3, 'after')")
+    assert Lsn.parse(rig.status()["pull"]["reported_lsn"]) >= end - 200
     rig.check_log()

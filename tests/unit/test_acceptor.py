@@ -2,9 +2,10 @@
 term once, truncates a divergent tail durably before adopting a new history and never again
 in the same term, writes only WAL that connects at its end, tracks record ends, caps its
 commit LSN at them and makes it durable on a commit-only append, serves WAL only in its
-term, and a restart from its durable state finds the same positions. Pull mode (in
-progress): PullFrom is taken only in the promised, adopted term and at or below the flush
-LSN, pulled WAL is an append of that term, and a higher promise closes the pull first."""
+term, and a restart from its durable state finds the same positions. Pull mode: PullFrom
+is taken only in the promised, adopted term and at or below the flush LSN, pulled WAL is an
+append of that term, a PullLimit holds only what the compute is told, and a higher promise
+closes the pull first."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from strata.safekeeper.messages import (
     ProposerElected,
     ProposerGreeting,
     PullFrom,
+    PullLimit,
     ReadWalRequest,
     ReadWalResponse,
     TermEntry,
@@ -278,7 +280,7 @@ def test_restart_cuts_a_torn_tail_at_the_last_valid_record() -> None:
     assert acc.recover_wal(data[:-3]) == Lsn(starts[-1])
 
 
-# --- pull mode (in progress) --------------------------------------------------------------------
+# --- pull mode --------------------------------------------------------------------------------
 def pull_from(term: int, start: int = START, slot: str = "sk1") -> PullFrom:
     return PullFrom(term, "compute", 5432, slot, Lsn(start))
 
@@ -315,6 +317,35 @@ def test_pull_from_only_in_the_promised_adopted_term_at_or_below_the_flush_lsn()
     assert acc.handle(pull_from(2)) == [resp]  # a repeat starts nothing
     with pytest.raises(ProtocolError, match="already pulls from compute:5432 slot sk1"):
         acc.handle(pull_from(2, slot="sk2"))
+
+
+def test_pull_limit_holds_what_the_compute_is_told_not_the_wal() -> None:
+    acc = new_acceptor(allow_pull=True)
+    elect(acc, 1)
+    assert acc.handle(PullLimit(1, Lsn(START))) == []  # not pulling yet: nothing to hold
+    acc.handle(pull_from(1))
+    data, starts = wal(20)
+    limit = Lsn(starts[5])
+    assert acc.handle(PullLimit(1, limit)) == [PullFeedback(1, Lsn(START))]  # not past it
+    actions = acc.pulled_wal(1, Lsn(START), data)
+    # The WAL is written and fsynced as ever (the proposer's positions move); only the
+    # flush LSN reported to the compute stops at the limit.
+    assert actions == [WriteWal(Lsn(START), data), FlushWal(Lsn(START + len(data))),
+                       PullFeedback(1, limit)]
+    assert acc.append_response().flush_lsn == Lsn(START + len(data))
+    # A lower limit never moves the report back; a higher one releases up to the flush.
+    assert acc.handle(PullLimit(1, Lsn(START))) == []
+    assert acc.pulled_wal(1, Lsn(START + len(data)), b"")[-1] == PullFeedback(1, limit)
+    assert acc.handle(PullLimit(1, Lsn(starts[10]))) == [PullFeedback(1, Lsn(starts[10]))]
+    assert acc.handle(PullLimit(1, Lsn(1 << 40))) == \
+        [PullFeedback(1, Lsn(START + len(data)))]
+    acc.check_invariants()
+    # A stale term's limit is refused with the acceptor's term (that proposer is fenced);
+    # a higher promise closes the pull and forgets the limit.
+    actions = acc.handle(VoteRequest(2, 20))
+    assert isinstance(actions[0], ClosePull) and acc.pull_limit is None
+    assert acc.handle(PullLimit(1, Lsn(1 << 40))) == [acc.append_response()]
+    assert acc.append_response().term == 2
 
 
 def test_pulled_wal_is_an_append_of_the_pulled_term() -> None:

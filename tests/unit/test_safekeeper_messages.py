@@ -20,6 +20,7 @@ from strata.safekeeper.messages import (
     ProposerElected,
     ProposerGreeting,
     PullFrom,
+    PullLimit,
     ReadWalRequest,
     ReadWalResponse,
     TermEntry,
@@ -59,6 +60,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(ReadWalRequest, u64, lsns, lsns),
     st.builds(ReadWalResponse, u64, lsns, st.binary(max_size=300)),
     st.builds(PullFrom, u64, hosts, st.integers(1, 65535), slot_names, lsns),
+    st.builds(PullLimit, u64, lsns),
 )
 
 

@@ -42,6 +42,7 @@ from strata.safekeeper.messages import (
     ProposerGreeting,
     ProposerMessage,
     PullFrom,
+    PullLimit,
     ReadWalRequest,
     ReadWalResponse,
     TermHistory,
@@ -208,6 +209,10 @@ class Acceptor:
         self.commit_persist_bytes = commit_persist_bytes
         self.allow_pull = allow_pull
         self.pull_source: PullSource | None = None  # only in the promised, adopted term
+        # Backpressure (PullLimit): the highest flush LSN the compute may be told, and the
+        # last one it was told; both forgotten when the pull stops.
+        self.pull_limit: Lsn | None = None
+        self.pull_reported = Lsn(0)
         self.flush_lsn = state.scan_lsn  # end of the WAL it holds (durable once replied)
         self.commit_lsn = state.commit_lsn  # in memory; state.commit_lsn is the durable one
         self._tracker = RecordBoundaryTracker(state.scan_lsn.value, state.scan_prev_lsn.value,
@@ -299,6 +304,8 @@ class Acceptor:
                 return self._on_read_wal(msg)
             case PullFrom():
                 return self._on_pull_from(msg)
+            case PullLimit():
+                return self._on_pull_limit(msg)
         raise ProtocolError(f"an acceptor does not handle {type(msg).__name__}")
 
     def _on_greeting(self, msg: ProposerGreeting) -> list[AcceptorAction]:
@@ -490,14 +497,34 @@ class Acceptor:
         assert term == self.state.term == self._elected_term(), (term, self.state)
         actions: list[AcceptorAction] = []
         self._write(term, begin_lsn, data, actions)
-        actions.append(PullFeedback(term, self.flush_lsn))
+        actions.append(PullFeedback(term, self.pull_report()))
         return actions
+
+    def pull_report(self) -> Lsn:
+        """The flush LSN to tell the compute: the durable end, held at the `PullLimit` if
+        one is set, and never below what it was told before on this pull."""
+        report = self.flush_lsn if self.pull_limit is None else \
+            min(self.flush_lsn, self.pull_limit)
+        self.pull_reported = max(self.pull_reported, report)
+        return self.pull_reported
+
+    def _on_pull_limit(self, msg: PullLimit) -> list[AcceptorAction]:
+        if msg.term != self.state.term or self._elected_term() != msg.term:
+            return [self._append_response()]  # stale: the proposer learns it is fenced
+        source = self.pull_source
+        if source is None or source.term != msg.term:
+            return []  # not pulling (yet): nothing to hold
+        before = self.pull_reported
+        self.pull_limit = msg.max_flush_lsn
+        report = self.pull_report()
+        return [PullFeedback(msg.term, report)] if report > before else []
 
     def _close_pull(self, actions: list[AcceptorAction]) -> None:
         """Before the acceptor moves to a higher term: stop pulling the old one."""
         if self.pull_source is not None:
             actions.append(ClosePull(self.pull_source.term))
             self.pull_source = None
+            self.pull_limit, self.pull_reported = None, Lsn(0)
 
     # --- checks -------------------------------------------------------------------------------
     def check_invariants(self) -> None:
@@ -526,3 +553,4 @@ class Acceptor:
             assert self.allow_pull
             assert source.term == s.term == self._elected_term(), (source, s.term, history)
             assert history[-1].start_lsn <= self.flush_lsn, (history, self.flush_lsn)
+        assert self.pull_reported <= self.flush_lsn, (self.pull_reported, self.flush_lsn)

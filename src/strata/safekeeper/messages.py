@@ -251,15 +251,30 @@ class PullFrom:
                              "a-z, 0-9 and _")
 
 
+@dataclass(frozen=True, slots=True)
+class PullLimit:
+    """Pull mode backpressure (docs/safekeeper-protocol.md, "Pull mode"): report at most
+    `max_flush_lsn` as flushed to the compute while pulling `term`'s WAL (PostgreSQL's
+    commits past it then wait, as for a slow standby). The proposer sends it from the
+    pageserver's position (its lag limits); raising it releases what was held. Only what
+    the acceptor tells the compute is held: its WAL, fsyncs and `AppendResponse`s are not.
+    No reply unless refused (a stale term: an `AppendResponse` with the acceptor's term).
+    """
+
+    TAG: ClassVar[int] = 11
+    term: Annotated[int, Wire.U64]
+    max_flush_lsn: Annotated[Lsn, Wire.LSN]
+
+
 ProposerMessage = (ProposerGreeting | VoteRequest | ProposerElected | AppendRequest
-                   | ReadWalRequest | PullFrom)
+                   | ReadWalRequest | PullFrom | PullLimit)
 AcceptorMessage = AcceptorGreeting | VoteResponse | AppendResponse | ReadWalResponse
 Message = ProposerMessage | AcceptorMessage
 
 _CLASSES: dict[int, type[Message]] = {
     cls.TAG: cls for cls in (ProposerGreeting, AcceptorGreeting, VoteRequest, VoteResponse,
                              ProposerElected, AppendRequest, AppendResponse, ReadWalRequest,
-                             ReadWalResponse, PullFrom)
+                             ReadWalResponse, PullFrom, PullLimit)
 }
 _U32 = struct.Struct("<I")
 _ENTRY = struct.Struct("<QQQ")

@@ -148,6 +148,7 @@ class WalPuller:
         if self.closed:
             return
         self._stream = stream
+        self.reported_lsn = None  # this walsender has been told nothing yet
         self.connections += 1
         log.info("pulling WAL from %s at %s", self.describe(), start)
         expected = start

@@ -64,6 +64,7 @@ from strata.safekeeper.messages import (
     ProposerGreeting,
     ProposerMessage,
     PullFrom,
+    PullLimit,
     ReadWalRequest,
     VoteRequest,
     decode,
@@ -83,7 +84,7 @@ ID_FILE = "safekeeper.id"
 TENANTS_DIR = "tenants"
 _BATCH_MAX = 64  # proposer messages handled (and fsynced) together
 _PROPOSER_MESSAGES = (ProposerGreeting, VoteRequest, ProposerElected, AppendRequest,
-                      ReadWalRequest, PullFrom)
+                      ReadWalRequest, PullFrom, PullLimit)
 _DELETE_WAIT_S = 10.0  # for the connections of a deleted timeline to end
 
 

@@ -322,7 +322,7 @@ class Timeline:
             replies: list[bytes] = []
             self._flush_pending = False
             self._reply_to = reply_to
-            self._fence_notice = None
+            self._fence_notice = self._pull_feedback = None
             try:
                 for msg in msgs:
                     self.counters.messages += 1
@@ -342,8 +342,10 @@ class Timeline:
                 if notice is not None and notice is not reply_to:
                     # After the promise is durable: the old proposer is fenced.
                     _send(notice, encode(self.acceptor.append_response()))
+                if self._pull_feedback is not None and self.puller is not None:
+                    self.puller.send_status(self._pull_feedback)  # a PullLimit released it
             finally:
-                self._reply_to = self._fence_notice = None
+                self._reply_to = self._fence_notice = self._pull_feedback = None
                 if self.acceptor.commit_lsn != commit_before:
                     self._notify_commit()
             return replies
@@ -362,6 +364,7 @@ class Timeline:
             self.check_usable()
             self.counters.pull_batches += 1
             term = puller.source.term
+            flush_before = self.acceptor.flush_lsn
             replies: list[bytes] = []
             self._flush_pending = False
             self._pull_feedback = None
@@ -380,10 +383,12 @@ class Timeline:
             finally:
                 feedback, self._pull_feedback = self._pull_feedback, None
             assert not replies, replies
-            if feedback is None and not reply_requested:
-                return
-            puller.send_status(self.acceptor.flush_lsn if feedback is None else feedback)
-            if feedback is not None and puller.reply_to is not None:
+            if feedback is None and reply_requested:
+                feedback = self.acceptor.pull_report()  # nothing new: say where we are
+            if feedback is not None and (reply_requested or puller.reported_lsn is None or
+                                         feedback > puller.reported_lsn):
+                puller.send_status(feedback)  # unless held at the PullLimit already
+            if self.acceptor.flush_lsn > flush_before and puller.reply_to is not None:
                 _send(puller.reply_to, encode(self.acceptor.append_response()))
 
     def forget_connection(self, reply_to: ReplyTo) -> None:
