@@ -418,32 +418,28 @@ def test_clear_errors(cli: Cli, test_dir: Path) -> None:
         assert f"port {port} -> {endpoint_port()}" in moved.stderr, moved.stderr
     assert rows(cli.local("main"), "select 1") == [(1,)]
     cli.run("endpoint", "stop", "main")
-    for delay_s in (5, 30):  # the test binds the port while the start sleeps before launch
-        port = endpoint_port()
-        proc = subprocess.Popen(
-            [STRATA, "--repo-dir", str(cli.repo_dir), "endpoint", "start", "main"],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-            env={**os.environ,
-                 "STRATA_FAILPOINTS": f"endpoint-before-postgres-launch=sleep({delay_s})"})
-        assert proc.stderr is not None
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if line.startswith(f"starting PostgreSQL 15 on 127.0.0.1:{port} "):
-                break
-        try:
-            squatter = _occupy(port)
-        except OSError:  # PostgreSQL bound it first: the test was late; again, slower
-            assert proc.wait(180) == 0, seen
-            cli.run("endpoint", "stop", "main")
-            continue
-        with squatter:
-            rest = proc.stderr.read()
-            assert proc.wait(180) == 0, (seen, rest)
-        assert f"port {port} -> {endpoint_port()}" in rest, rest
-        break
+    # The start is held before PostgreSQL's launch (failpoint) until the test, having
+    # bound the port, releases it.
+    port = endpoint_port()
+    release = test_dir / "release-launch"
+    proc = subprocess.Popen(
+        [STRATA, "--repo-dir", str(cli.repo_dir), "endpoint", "start", "main"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env={**os.environ,
+             "STRATA_FAILPOINTS": f"endpoint-before-postgres-launch=wait(300,{release})"})
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith(f"starting PostgreSQL 15 on 127.0.0.1:{port} "):
+            break
     else:
-        raise AssertionError("the test never bound the port before PostgreSQL did")
+        raise AssertionError(f"the start never reached PostgreSQL's launch: {seen}")
+    with _occupy(port):
+        release.touch()
+        rest = proc.stderr.read()
+        assert proc.wait(180) == 0, (seen, rest)
+    assert f"port {port} -> {endpoint_port()}" in rest, rest
     assert rows(cli.local("main"), "select 1") == [(1,)]
 
 
