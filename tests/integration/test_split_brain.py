@@ -229,19 +229,34 @@ def test_endpoint_start_waits_for_a_relocation(cli: Cli, test_dir: Path,  # noqa
     _known_rows(main, 1, 5000)
     cli.run("endpoint", "stop", "main")
     assert "added pageserver 2" in cli.run("pageserver", "add").stdout
-    monkeypatch.setenv(ENV_VAR, "relocate-before-switch=sleep(45)")
+    # The relocation is held until the test releases it: once the start says it waits.
+    release = test_dir / "release-relocation"
+    monkeypatch.setenv(ENV_VAR, f"relocate-before-switch=wait(300,{release})")
+    waiting = "waiting: a relocation or detach of the tenant of endpoint main"
     with subprocess.Popen([STRATA, "--repo-dir", str(cli.repo_dir), "tenant", "relocate",
                            "default", "--to", "2"], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as relocate:
         monkeypatch.delenv(ENV_VAR)
         _wait(lambda: list((cli.repo_dir / "pageserver-2").glob("tenants/*/timelines/*")),
               "for pageserver 2 to attach the tenant")
-        started = cli.run("endpoint", "start", "main", "--mode", "full", timeout_s=600)
+        with subprocess.Popen([STRATA, "--repo-dir", str(cli.repo_dir), "endpoint", "start",
+                               "main", "--mode", "full"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) as start:
+            assert start.stderr is not None
+            seen = []
+            for line in start.stderr:
+                seen.append(line)
+                if waiting in line:
+                    break
+            release.touch()
+            _, rest = start.communicate(timeout=600)
         out, err = relocate.communicate(timeout=600)
+    started_err = "".join(seen) + rest
+    assert start.returncode == 0, started_err
+    assert "Traceback" not in started_err, started_err
     assert relocate.returncode == 0, (out, err)
     assert "relocated tenant default" in out, out
-    assert "waiting: a relocation or detach of the tenant of endpoint main" in started.stderr, \
-        started.stderr
+    assert waiting in started_err, started_err
     ps2 = Environment(cli.repo_dir).config().pageserver_by_id(2)
     address = json.loads((cli.repo_dir / "endpoints" / "main" / "pageserver.json").read_text())
     assert address["pg"].endswith(f":{ps2.pg_port}"), address
