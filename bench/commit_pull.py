@@ -8,6 +8,9 @@ compute instead of a sidecar pushing it? An experiment, no production path: pgbe
   bench/safekeepers.py's `strata_compute`);
 - `strata_nice`: the same on a second cluster whose pageserver runs with `nice = 10`
   (pageserver.toml, docs/walproposer.md "Cheap changes");
+- `strata_pull`: a third cluster in pull mode (`commit_mode = "pull"`: the real
+  safekeepers replicate from the compute on slots sk1..sk3, ANY 2; the sidecar elects and
+  hands them the commit LSN; no backpressure yet), docs/walproposer.md "Pull mode";
 - `pull3`: a primary with the compute's durability (fsync off) and three Python receivers,
   each a direct physical-replication standby of it on its own slot, and PostgreSQL's own
   quorum commit `synchronous_standby_names = 'ANY 2 (sk1, sk2, sk3)'`. A receiver is the
@@ -109,9 +112,11 @@ def run(report: Report, quick: bool) -> None:
         ensure_traversable(base)
         rc = strata_compute(stack, base)[1]
         rc_nice = strata_compute(stack, base, "strata-nice", ["nice=10"])[1]
+        rc_pull = strata_compute(stack, base, "strata-pull", pull=True)[1]
         targets = [_Target("sync_rep", _stock_sync_rep(stack, base), base / "sync-tx"),
                    _Target("strata", rc.compute.server, base / "strata-tx"),
                    _Target("strata_nice", rc_nice.compute.server, base / "strata-nice-tx"),
+                   _Target("strata_pull", rc_pull.compute.server, base / "strata-pull-tx"),
                    _Target("pull3", _pull(stack, base / "pull3", 3), base / "pull3-tx"),
                    _Target("pull1", _pull(stack, base / "pull1", 1), base / "pull1-tx")]
         loads: list[float] = []
@@ -139,11 +144,14 @@ def run(report: Report, quick: bool) -> None:
         for name, (w_tps, w_p99) in worst.items():
             report.add(f"tps_ratio_worst_{name}", w_tps, "x")
             report.add(f"p99_ratio_worst_{name}", w_p99, "x")
-        assert rc.fenced == [] and rc_nice.fenced == [], (rc.fenced, rc_nice.fenced)
+        assert rc.fenced == [] == rc_nice.fenced == rc_pull.fenced, \
+            (rc.fenced, rc_nice.fenced, rc_pull.fenced)
         report.note(f"pgbench -s 1, TPC-B and -N, -c {'/'.join(map(str, CLIENTS))}, -T "
                     f"{seconds}, {rounds} alternating round(s) per setup and load (median tps, "
                     "pooled latencies); sync_rep: stock, one standby, fsync on; strata: "
                     "sidecar + 3 safekeepers + pageserver (strata_nice: its pageserver at "
-                    "nice 10); pull3: fsync-off primary, 3 Python receivers, ANY 2; pull1: "
+                    "nice 10; strata_pull: pull mode, the safekeepers replicate from the "
+                    "compute, no backpressure); pull3: fsync-off primary, 3 Python "
+                    "receivers, ANY 2; pull1: "
                     "the same, 1 receiver; load average "
                     f"after each load {', '.join(f'{x:.1f}' for x in loads)}")

@@ -2,7 +2,9 @@
 -N, each at 1, 4 and 8 clients) of a Strata compute (walproposer sidecar, commits on a
 majority of 3 safekeepers, pageserver following them), beside stock PostgreSQL with
 synchronous replication to one standby and stock PostgreSQL alone, in the same run on the
-same machine, all with the D2 WAL settings.
+same machine, all with the D2 WAL settings. `strata_pull`: a second Strata cluster in
+pull mode (the safekeepers replicate from the compute, `ANY 2 (sk1, sk2, sk3)`; docs/
+walproposer.md "Pull mode"), measured in the same rounds.
 
 Durability points: stock alone fsyncs its own WAL; stock sync-rep fsyncs on the primary and
 waits for the standby's fsync (synchronous_commit = on); the Strata compute runs with
@@ -116,13 +118,15 @@ def _stock_sync_rep(stack: contextlib.ExitStack, base: Path) -> PgServer:
 
 
 def strata_compute(stack: contextlib.ExitStack, base: Path, name: str = "strata",
-                   pageserver_overrides: list[str] | None = None,
+                   pageserver_overrides: list[str] | None = None, *, pull: bool = False,
                    ) -> tuple[Cluster, RunningCompute]:
     """A pageserver, 3 safekeepers and a compute with its sidecar (backpressure on), under
-    base/name."""
+    base/name. `pull`: pull mode (the safekeepers replicate from the compute, ANY 2; no
+    backpressure: not built in pull mode)."""
     loop = LoopThread()
     stack.callback(loop.close)
     cluster = Cluster.start(base / name, loop, pageserver_overrides=pageserver_overrides)
+    cluster.pull = pull
     stack.callback(cluster.stop_all)
     tenant, timeline = cluster.create_tenant()
     cluster.sidecar_settings = {
@@ -158,23 +162,32 @@ def run(report: Report, quick: bool) -> None:
         base.chmod(0o755)
         ensure_traversable(base)
         rc = strata_compute(stack, base)[1]
+        rc_pull = strata_compute(stack, base, "strata-pull", pull=True)[1]
         targets = [_Target("stock_alone", _stock_alone(stack, base), base / "alone-tx"),
                    _Target("stock_sync_rep", _stock_sync_rep(stack, base), base / "sync-tx"),
-                   _Target("safekeepers", rc.compute.server, base / "strata-tx")]
+                   _Target("safekeepers", rc.compute.server, base / "strata-tx"),
+                   _Target("strata_pull", rc_pull.compute.server, base / "strata-pull-tx")]
         worst_tps, worst_p99 = float("inf"), 0.0
+        worst_pull_tps, worst_pull_p99 = float("inf"), 0.0
+        loads: list[float] = []
         for workload, args in WORKLOADS:
             for clients in CLIENTS:
                 for round_no in range(rounds):
                     for target in targets:
                         target.measure(seconds, round_no, workload, args, clients)
+                loads.append(os.getloadavg()[0])
                 key = (workload, clients)
-                alone, sync_rep, strata = (t.result(key) for t in targets)
+                alone, sync_rep, strata, pulled = (t.result(key) for t in targets)
                 tag = f"{workload}_c{clients}"
                 report.add(f"tps_stock_sync_rep_{tag}", sync_rep[0], "tps", alone[0])
                 report.add(f"tps_safekeepers_{tag}", strata[0], "tps", sync_rep[0])
                 report.add(f"p99_ms_safekeepers_{tag}", strata[2], "ms", sync_rep[2])
+                report.add(f"tps_strata_pull_{tag}", pulled[0], "tps", sync_rep[0])
+                report.add(f"p99_ms_strata_pull_{tag}", pulled[2], "ms", sync_rep[2])
                 worst_tps = min(worst_tps, strata[0] / sync_rep[0])
                 worst_p99 = max(worst_p99, strata[2] / sync_rep[2])
+                worst_pull_tps = min(worst_pull_tps, pulled[0] / sync_rep[0])
+                worst_pull_p99 = max(worst_pull_p99, pulled[2] / sync_rep[2])
                 if key != HEADLINE:
                     continue
                 report.add("tps_stock_alone", alone[0], "tps")
@@ -190,6 +203,9 @@ def run(report: Report, quick: bool) -> None:
                 report.add("p99_ratio_vs_sync_rep", strata[2] / sync_rep[2], "x")
         report.add("tps_ratio_worst", worst_tps, "x")
         report.add("p99_ratio_worst", worst_p99, "x")
+        report.add("tps_ratio_worst_strata_pull", worst_pull_tps, "x")
+        report.add("p99_ratio_worst_strata_pull", worst_pull_p99, "x")
+        assert rc.fenced == [] and rc_pull.fenced == [], (rc.fenced, rc_pull.fenced)
         # Commits held back by backpressure (ingest lagging), over all Strata rounds.
         report.add("backpressure_held_s", rc.sidecar.held_back_s, "s")
         stack.close()
@@ -201,8 +217,11 @@ def run(report: Report, quick: bool) -> None:
                     f"-T {seconds}, {rounds} alternating round(s) per setup and load (median "
                     "tps, pooled latencies); D2 WAL settings everywhere; stock: fsync on; "
                     "Strata compute: fsync off, 3 safekeepers (2 must fsync), backpressure on "
-                    "(16 MB write lag); targets (issue 13): tps ratio >= 0.9, p99 ratio <= "
-                    "1.5 at every load; unsuffixed figures: TPC-B at -c 4")
+                    "(16 MB write lag); strata_pull: the same in pull mode (the safekeepers "
+                    "replicate from the compute, ANY 2; no backpressure); targets (issue "
+                    "13): tps ratio >= 0.9, p99 ratio <= 1.5 at every load; unsuffixed "
+                    "figures: TPC-B at -c 4; load average after each load "
+                    f"{', '.join(f'{x:.1f}' for x in loads)}")
         report.note(f"kill -9 rounds: {kill_rounds} with a cut multi-page record each; every "
                     "acknowledged transfer present after each, WAL one valid chain; load "
                     f"average at the end {os.getloadavg()[0]:.1f}")

@@ -62,6 +62,7 @@ from strata.compute.walproposer import (
 from strata.pageserver.client import PageserverClient
 from strata.pg.controlfile import ControlFileData
 from strata.safekeeper.client import SafekeeperClient
+from strata.safekeeper.proposer import pull_slot_name
 
 __all__ = ["APP_NAME", "COMPUTE_SETTINGS", "SLOT", "Cluster", "Env", "LoopThread",
            "PageserverProcess", "RunningCompute", "SafekeeperProcess", "ServiceProcess"]
@@ -367,6 +368,9 @@ class Cluster:
     loop: LoopThread
     quorum_warn_s: float = 3.0
     sidecar_settings: dict[str, Any] = field(default_factory=dict)
+    pull: bool = False
+    """Pull mode (docs/walproposer.md): computes get slots sk1..skN and `ANY <majority>`,
+    their sidecars `pull=True`; the safekeepers replicate from them."""
     computes: list[RunningCompute] = field(default_factory=list)
     system_ids: dict[TimelineId, int] = field(default_factory=dict)
     _seq: int = 0
@@ -445,7 +449,8 @@ class Cluster:
 
         sidecar_config = SidecarConfig(pg_host="127.0.0.1", pg_port=compute.port,
                                        quorum_warn_s=self.quorum_warn_s,
-                                       pg_reconnect_timeout_s=3, **self.sidecar_settings)
+                                       pg_reconnect_timeout_s=3, pull=self.pull,
+                                       **self.sidecar_settings)
         sidecar = WalProposer(self.quorum(tenant, timeline), sidecar_config, on_fence=on_fence)
         run = self.loop.spawn(sidecar.run())
         rc = RunningCompute(compute, sidecar, run, start, fenced)
@@ -458,9 +463,11 @@ class Cluster:
         self._seq += 1
         name = f"compute{self._seq}"
         tar = io.BytesIO()
-        self.env.client.basebackup(tenant, timeline, tar, start.lsn)
+        slots = tuple(pull_slot_name(sk.node_id) for sk in self.safekeepers) \
+            if self.pull else ()
+        self.env.client.basebackup(tenant, timeline, tar, start.lsn, slots=slots)
         tar.seek(0)
-        config = ComputeConfig(receiver_name=DEFAULT_APPLICATION_NAME,
+        config = ComputeConfig(receiver_name=DEFAULT_APPLICATION_NAME, quorum_standbys=slots,
                                settings={**COMPUTE_SETTINGS, **(settings or {})})
         compute = Compute.from_basebackup(tar, self.test_dir / name, config,
                                           log_path=self.test_dir / f"{name}.log")

@@ -1,0 +1,109 @@
+"""Pull mode end to end through the `strata` CLI (config.toml `commit_mode = "pull"`,
+docs/walproposer.md "Pull mode"): the safekeepers replicate each primary's WAL over its
+unix socket on slots sk1..sk3 and PostgreSQL releases a commit once two of them flushed
+it; the sidecar elects, tells them to pull and hands them the commit LSN.
+
+A story: commits (inserts and a short pgbench) go through; the config and
+pg_stat_replication show the quorum; a row survives an endpoint stop + start, and a
+branch at the head sees it through a new endpoint (the pageserver has it, from the
+safekeepers); every safekeeper's commit LSN reaches the last commit; with one safekeeper
+down commits go on, with two down a commit waits (reads go on) and returns once one is
+back; the walproposer is never fenced.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from pathlib import Path
+
+import pytest
+import test_cli
+from test_cli import Cli, rows, values
+
+from strata.common.lsn import Lsn
+from strata.common.proc import pg_bindir, run_as, service_user
+
+cli = test_cli.cli  # the fixture: an environment directory, stopped at the end
+
+
+def _commit_lsns(cli: Cli, branch: str) -> dict[int, Lsn]:
+    out = {}
+    for sk in cli.json("status")["safekeepers"]:
+        tl = next((t for t in sk["timelines"] if t["branch"] == branch), None)
+        out[sk["id"]] = Lsn.parse(tl["commit_lsn"]) if tl else Lsn(0)
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_pull_mode_end_to_end(cli: Cli, test_dir: Path) -> None:
+    config = test_dir / "pull.toml"
+    config.write_text('commit_mode = "pull"\n')
+    cli.run("init", "--config", str(config))
+    assert 'commit_mode = "pull"' in (cli.repo_dir / "config.toml").read_text()
+    cli.run("start")
+    main = cli.local("main")
+    with cli.superuser("main") as su:
+        names = su.execute("show synchronous_standby_names").fetchone()
+        assert names == ("ANY 2 (sk1, sk2, sk3)",), names
+        slots = su.execute("select slot_name from pg_replication_slots order by 1").fetchall()
+        assert slots == [("sk1",), ("sk2",), ("sk3",)], slots
+    rows(main, "create table t (id int primary key, v text)")
+    for i in range(20):
+        rows(main, f"insert into t values ({i}, 'row {i}')")
+    status = cli.json("status")
+    assert status["commit_mode"] == "pull"
+    ep = next(e for e in status["endpoints"] if e["name"] == "main")
+    assert ep["walproposer"]["state"] == "running" and ep["walproposer"]["streaming"], ep
+    with cli.superuser("main") as su:
+        repl = su.execute("select application_name, sync_state from pg_stat_replication "
+                          "where application_name like 'sk%' order by 1").fetchall()
+        assert repl == [("sk1", "quorum"), ("sk2", "quorum"), ("sk3", "quorum")], repl
+        run = su.execute("select 1").fetchone()
+        assert run == (1,)
+    # A short pgbench through the same path (as the superuser over the socket).
+    sock, port = ep["socket_dir"], ep["address"].rsplit(":", 1)[1]
+    pgbench = [pg_bindir() / "pgbench", "-h", sock, "-p", port, "-U", "postgres"]
+    for args in (["-i", "-s", "1", "-q"], ["-c", "2", "-T", "3", "-N", "-n"]):
+        done = run_as(service_user(), [*pgbench, *args, "postgres"])
+    assert b"tps = " in done.stdout, done.stdout
+
+    # Every safekeeper learns the commit LSN (commit-only messages from the sidecar).
+    committed = Lsn.parse(rows(main, "select pg_current_wal_flush_lsn()::text")[0][0])
+    deadline = time.monotonic() + 30
+    while min(_commit_lsns(cli, "main").values()) < committed - 200:
+        assert time.monotonic() < deadline, (_commit_lsns(cli, "main"), committed)
+        time.sleep(0.2)
+
+    # Survives a stop + start; a branch at the head has it (from the pageserver).
+    cli.run("endpoint", "stop", "main")
+    cli.run("endpoint", "start", "main")
+    main = cli.local("main")
+    assert values(main) == [f"row {i}" for i in range(20)]
+    rows(main, "insert into t values (100, 'after restart')")
+    cli.run("timeline", "branch", "head")
+    cli.run("endpoint", "create", "head", "--branch", "head")
+    cli.run("endpoint", "start", "head")
+    head = cli.local("head")
+    assert values(head)[-1] == "after restart" and len(values(head)) == 21
+    rows(head, "insert into t values (101, 'head only')")
+    assert values(main)[-1] == "after restart"
+    cli.run("endpoint", "stop", "head")
+
+    # One safekeeper down: commits go on. Two down: a commit waits, reads go on; one back:
+    # it returns.
+    cli.run("safekeeper", "stop", "2")
+    rows(main, "insert into t values (200, 'one down')")
+    cli.run("safekeeper", "stop", "3")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(rows, main, "insert into t values (201, 'waited')")
+        with pytest.raises(concurrent.futures.TimeoutError):
+            pending.result(5)
+        assert len(values(main)) == 22  # reads go on
+        cli.run("safekeeper", "start", "3")
+        pending.result(120)
+    cli.run("safekeeper", "start", "2")
+    rows(main, "insert into t values (202, 'all back')")
+    assert values(main)[-3:] == ["one down", "waited", "all back"]
+    ep = next(e for e in cli.json("endpoint", "list") if e["name"] == "main")
+    assert ep["state"] == "running" and ep["walproposer"]["state"] == "running", ep
