@@ -7,13 +7,15 @@ A story: commits (inserts and a short pgbench) go through; the config and
 pg_stat_replication show the quorum; a row survives an endpoint stop + start, and a
 branch at the head sees it through a new endpoint (the pageserver has it, from the
 safekeepers); every safekeeper's commit LSN reaches the last commit; with one safekeeper
-down commits go on, with two down a commit waits (reads go on) and returns once one is
-back; the walproposer is never fenced.
+killed (kill -9) commits go on, with two down a commit waits (reads go on) and returns
+once one is back; the walproposer is never fenced.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -90,9 +92,10 @@ def test_pull_mode_end_to_end(cli: Cli, test_dir: Path) -> None:
     assert values(main)[-1] == "after restart"
     cli.run("endpoint", "stop", "head")
 
-    # One safekeeper down: commits go on. Two down: a commit waits, reads go on; one back:
-    # it returns.
-    cli.run("safekeeper", "stop", "2")
+    # One safekeeper killed (kill -9): commits go on. Two down: a commit waits, reads go
+    # on; one back: it returns.
+    sk2 = next(sk for sk in cli.json("status")["safekeepers"] if sk["id"] == 2)
+    os.kill(sk2["pid"], signal.SIGKILL)
     rows(main, "insert into t values (200, 'one down')")
     cli.run("safekeeper", "stop", "3")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

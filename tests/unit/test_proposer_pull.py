@@ -148,7 +148,8 @@ class PullCluster:
 
     def pull(self, p: Proposer, chunk: int = 700) -> None:
         """Every pulling acceptor that is up replicates what it lacks of the compute's WAL,
-        in XLogData pieces of `chunk` bytes, and answers its proposer once per batch."""
+        in XLogData pieces of `chunk` bytes, and answers its proposer once per batch; then
+        the driver's timer ticks (20 ms), which sends the commit LSN."""
         for node, start in sorted(self.pulling.items()):
             if node in self.down:
                 continue
@@ -161,6 +162,7 @@ class PullCluster:
                 pos += len(piece)
             self.queue.append((node, 0, acc._append_response()))
         self.run(p)
+        self.tick(p, 0.02)
 
     def restart(self, node: int) -> None:
         """The safekeeper restarts: a new acceptor from its control file and WAL."""
@@ -222,6 +224,24 @@ def test_after_the_election_every_voter_is_told_to_pull_from_the_term_start() ->
     before = len(cluster.sent)
     cluster.pull(p)
     assert cluster.sent[before:] == []
+    # Feedback alone sends nothing: the commit LSN goes out at the tick, one commit-only
+    # append per acceptor however many answers came.
+    cluster.write(5, seed=9)
+    for node, start in sorted(cluster.pulling.items()):
+        acc = cluster.acceptors[node]
+        pos = acc.flush_lsn.value
+        for piece in (cluster.log[pos - cluster.term_start:][:100],
+                      cluster.log[pos - cluster.term_start + 100:]):
+            cluster.execute(node, acc.pulled_wal(start.source.term, Lsn(pos), bytes(piece)))
+            pos += len(piece)
+            cluster.queue.append((node, 0, acc._append_response()))
+    cluster.run(p)
+    assert cluster.sent[before:] == [] and p.commit_lsn == Lsn(cluster.term_start +
+                                                              len(cluster.log))
+    cluster.tick(p, 0.02)
+    assert sorted(n for n, m in cluster.sent[before:] if isinstance(m, AppendRequest)) == \
+        [1, 2, 3]
+    before = len(cluster.sent)
     # While WAL keeps coming, heartbeats do not ask for a durable commit LSN; once the
     # stream is idle, one does.
     for seed in range(1, 4):

@@ -22,8 +22,9 @@ start E are the same; then each acceptor whose flush LSN reached E in this term 
 restarted safekeeper forgets its source) and replicates the compute's WAL itself.
 `append_wal` is not used; the acceptors' `AppendResponse`s (one per fsync batch of pulled
 WAL) move the commit LSN as appends' answers do, and it goes back to them in commit-only
-appends (the driver coalesces them). `CommitAdvanced` then only tells the driver: PostgreSQL
-releases commits itself (`synchronous_standby_names = 'ANY <majority> (sk1, ...)'`).
+appends sent by `tick` (so at most one per acceptor per tick). `CommitAdvanced` then only
+tells the driver: PostgreSQL releases commits itself (`synchronous_standby_names = 'ANY
+<majority> (sk1, ...)'`).
 
 Time (`now`, seconds) and randomness (retry jitter) are arguments. The protocol is described
 in docs/safekeeper-protocol.md.
@@ -463,6 +464,11 @@ class Proposer:
             out.append(self._send(peer, PullFrom(self.term, target.host, target.port,
                                                  pull_slot_name(peer.node),
                                                  self.term_start_lsn), now))
+        if self.config.pull is not None and msg.flush_lsn >= self.end_lsn:
+            # Pull feedback (one per fsync batch of each safekeeper): the new commit LSN
+            # goes out from `tick` only, coalesced (one commit-only append per acceptor per
+            # tick, not one per feedback); answers of a recovery still pump the WAL.
+            return out + self._advance_commit()
         return out + self._advance_commit() + self._pump(now)
 
     def _advance_commit(self) -> list[ProposerAction]:
