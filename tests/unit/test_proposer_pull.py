@@ -189,10 +189,13 @@ class PullCluster:
 
 
 def elect(cluster: PullCluster, p: Proposer) -> Elected:
+    """Elected; then (the driver checked the compute's start) told to pull."""
     cluster.take(p.start(0.0))
     cluster.run(p)
     found = [e for e in cluster.events if isinstance(e, Elected)]
     assert len(found) == 1, cluster.events
+    cluster.take(p.start_pulling(cluster.now))
+    cluster.run(p)
     return found[0]
 
 
@@ -203,7 +206,14 @@ def commits(cluster: PullCluster) -> list[Lsn]:
 def test_after_the_election_every_voter_is_told_to_pull_from_the_term_start() -> None:
     cluster = PullCluster()
     p = Proposer(config(), random.Random(1))
-    e = elect(cluster, p)
+    # Not before the driver checked the compute's start (its slots at E), ticks or not.
+    cluster.take(p.start(0.0))
+    cluster.run(p)
+    cluster.tick(p, 1.0)
+    assert p.phase is Phase.ELECTED and cluster.pull_froms() == [] and not cluster.pulling
+    cluster.take(p.start_pulling(cluster.now))
+    cluster.run(p)
+    e = next(e for e in cluster.events if isinstance(e, Elected))
     froms = cluster.pull_froms()
     assert sorted(n for n, _ in froms) == [1, 2, 3]
     for node, msg in froms:
@@ -351,9 +361,10 @@ def test_a_higher_term_fences_the_pulling_proposer() -> None:
     cluster.take(new.start(0.0))
     cluster.run(new)
     assert new.phase is Phase.ELECTED
-    # The old term's streams closed before the promise; they pull for the new term now.
-    assert [cluster.pulling[n].source.term for n in (1, 2, 3)] == [new.term, new.term,
-                                                                   old.term]
+    # The old term's streams closed before the promise (the new sidecar has not checked
+    # its compute yet, so nobody pulls for the new term).
+    assert [cluster.pulling[n].source.term for n in cluster.pulling] == [old.term]
+    assert 3 in cluster.pulling
     # The old proposer hears of it at its next heartbeat (a commit-only append).
     cluster.down = set()
     cluster.events.clear()

@@ -482,6 +482,11 @@ class QuorumDriver:
                 stats.quorum_wait_s += now - arrivals.popleft()[1]
                 stats.quorum_waits += 1
 
+    def start_pulling(self) -> None:
+        """Pull mode: the compute starts at the term start; let the safekeepers pull."""
+        if self.fenced is None:
+            self._apply(self.proposer.start_pulling(time.monotonic()))
+
     def _on_connect(self, node: int) -> None:
         self._inflight[node].clear()  # what the old connection carried is lost or answered
         self._held_commit.pop(node, None)  # the Proposer's heartbeat resends the commit
@@ -706,7 +711,9 @@ class WalProposer:
                 "printed")
         self.reported_lsn = driver.proposer.commit_lsn
         if self.config.pull:
-            # The safekeepers take the WAL themselves (PullFrom, sent by the Proposer).
+            # The compute starts at E (checked above): the safekeepers may pull from it now
+            # (PullFrom, sent by the Proposer), and they take the WAL themselves.
+            driver.start_pulling()
             tasks = [asyncio.create_task(self._watch_pg(conn), name="pg-watch")]
         else:
             tasks = [asyncio.create_task(self._stream_pg(driver, conn), name="pg-stream")]

@@ -215,6 +215,10 @@ class Proposer:
         # fsyncs once per tick instead of once per commit. Ignored while the others that
         # are synced are fewer than a majority.
         self.deferred: int | None = None
+        # Pull mode: PullFrom goes out only once the driver checked that the compute
+        # started at the term start (`start_pulling`): before that the compute's WAL may
+        # not continue our log, and pulling would move its slots before the check.
+        self.pull_ready = False
 
     @property
     def end_lsn(self) -> Lsn:
@@ -255,6 +259,27 @@ class Proposer:
             return []
         self.wal += data
         return self._pump(now)
+
+    def start_pulling(self, now: float) -> list[ProposerAction]:
+        """Pull mode: the driver checked that the compute starts where our log ends (its
+        slots' restart_lsn is the term start): tell every acceptor at the term start to
+        pull, and later ones as they get there."""
+        assert self.config.pull is not None and self.phase in (Phase.ELECTED, Phase.FENCED)
+        self.pull_ready = True
+        out: list[ProposerAction] = []
+        if self.phase is Phase.ELECTED:
+            for p in self.peers.values():
+                if p.synced and not p.pull_sent and p.flush_lsn >= self.term_start_lsn:
+                    out += self._pull_from(now, p)
+        return out
+
+    def _pull_from(self, now: float, peer: _Peer) -> list[ProposerAction]:
+        target = self.config.pull
+        assert target is not None and self.pull_ready
+        peer.pull_sent = True
+        return [self._send(peer, PullFrom(self.term, target.host, target.port,
+                                          pull_slot_name(peer.node), self.term_start_lsn),
+                           now)]
 
     def tick(self, now: float) -> list[ProposerAction]:
         """Retry what got no answer; heartbeat; time out stalled streams."""
@@ -458,12 +483,8 @@ class Proposer:
             assert peer.flush_lsn <= self.end_lsn, (peer.node, peer.flush_lsn, self.end_lsn)
         elif msg.flush_lsn < self.term_start_lsn:
             peer.pull_sent = False  # not at E yet (a PullFrom then starts nothing): recover
-        elif not peer.pull_sent:
-            peer.pull_sent = True
-            target = self.config.pull
-            out.append(self._send(peer, PullFrom(self.term, target.host, target.port,
-                                                 pull_slot_name(peer.node),
-                                                 self.term_start_lsn), now))
+        elif not peer.pull_sent and self.pull_ready:
+            out += self._pull_from(now, peer)
         if self.config.pull is not None and msg.flush_lsn >= self.end_lsn:
             # Pull feedback (one per fsync batch of each safekeeper): the new commit LSN
             # goes out from `tick` only, coalesced (one commit-only append per acceptor per
