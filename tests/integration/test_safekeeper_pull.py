@@ -206,8 +206,8 @@ def test_commits_wait_for_the_pull_and_the_commit_lsn_follows(rig: Rig,
     # Synchronous commit to `sk1` returned: the safekeeper flushed the commit record, and
     # PostgreSQL saw its flush position (only a trailing non-commit record may be missing).
     assert rig.sk_flush() >= end - 200, (rig.sk_flush(), end)
-    wait_until(lambda: rig.replication()[0][2] is not None and
-               Lsn.parse(rig.replication()[0][2]) >= end - 200, 30, "pg_stat_replication")
+    wait_until(lambda: [Lsn.parse(r[2]) >= end - 200 for r in rig.replication()
+                        if r[2] is not None] == [True], 30, "pg_stat_replication")
     name, sync_state, _ = rig.replication()[0]
     assert (name, sync_state) == (SLOT, "sync")
     # The pull feedback reached the proposer that sent PullFrom.
@@ -302,6 +302,7 @@ def test_a_pull_limit_holds_commits_until_it_is_raised(rig: Rig, loop: LoopThrea
     held = rig.sk_flush()
     assert held >= end - 200
     loop.call(rig.p1.send(PullLimit(1, held)))  # the pageserver lags: hold at this point
+    wait_until(lambda: rig.status()["pull"]["limit"] == str(held), 30, "the limit to apply")
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         pending = pool.submit(rig.compute.sql, "INSERT INTO t VALUES (2, 'held')")

@@ -706,6 +706,8 @@ class Timeline:
             "pageserver_index_lsn": str(self.pageserver_index_lsn),
             "backup_lsn": str(s.backup_lsn),
             "peers": [p.to_json() for p in self.peers.values()],
-            "pull": None if self.puller is None else self.puller.status(),
+            "pull": None if self.puller is None else {
+                **self.puller.status(),
+                "limit": None if a.pull_limit is None else str(a.pull_limit)},
             "broken": self.broken,
         }
