@@ -114,7 +114,7 @@ if TYPE_CHECKING:
     import psycopg
 
     # Not at run time: it loads libfuse, which a host without FUSE lacks (full mode).
-    from strata.compute.lazy import LazyCompute
+    from strata.compute.lazy import LazyCompute, LazyOptions
 
 APP_ROLE = "strata"
 APP_DATABASE = "strata"
@@ -469,7 +469,10 @@ def start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
         if tenant is not None and not tenant.attached:  # detached while we waited
             raise UserError(f"tenant {tenant.name} is detached (it is only in object "
                             f"storage); attach it first: `strata tenant attach {tenant.name}`")
-        return _start_endpoint(env, config, ep, timeline_id, mode or ep.mode)
+        try:
+            return _start_endpoint(env, config, ep, timeline_id, mode or ep.mode)
+        finally:
+            remove_set_aside(endpoint_paths(env, ep.name))
 
 
 def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
@@ -494,11 +497,29 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
         ps_id = tenant_pageserver_id(env, ep.tenant_id)
         client = require_pageserver(env, config, ps_id)
         point_at_pageserver(env, config, ep.name, ps_id)
-        tenant_id = ep.tenant_id
         if not ep.read_only:
             _stop_stale_sidecar(env, ep.name)
-    where = f"branch {ep.branch} (timeline {timeline_id})"
+        mode = choose_mode(requested_mode)
+        fuse_proc = None
+        if mode is ComputeMode.LAZY:
+            # Its Python start overlaps the sync step and the basebackup; it gets the LSN
+            # once the sync step found it.
+            from strata.compute.lazy import cleanup_lazy_root, spawn_lazyfs
 
+            cleanup_lazy_root(paths.compute_root)
+            set_aside_compute_root(paths)
+            ps = config.pageserver_by_id(ps_id)
+            fuse_proc = spawn_lazyfs(ps.host, ps.pg_port, ep.tenant_id, timeline_id,
+                                     paths.compute_root, _lazy_options(env, config, ep))
+    return _start_checked(env, config, ep, timeline_id, mode, phase, client, fuse_proc)
+
+
+def _sync_and_wait(env: Environment, config: EnvConfig, ep: EndpointState,
+                   client: PageserverClient, timeline_id: TimelineId, phase: _Phases) -> Lsn:
+    """Steps 2 and 3: the LSN where the compute starts, ingested by the pageserver."""
+    defaults = config.endpoint_defaults
+    tenant_id = ep.tenant_id
+    where = f"branch {ep.branch} (timeline {timeline_id})"
     if ep.read_only:
         lsn = ep.read_lsn
         assert lsn is not None, ep
@@ -512,27 +533,50 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
                  timeout_s=defaults.start_timeout_s, interval_s=0.02,
                  what=f"waiting for the pageserver to ingest {where} up to {lsn} (is the "
                       "LSN beyond the branch's end?)")
+    return lsn
 
-    mode = choose_mode(requested_mode)
+
+def _start_checked(env: Environment, config: EnvConfig, ep: EndpointState,
+                   timeline_id: TimelineId, mode: ComputeMode, phase: _Phases,
+                   client: PageserverClient,
+                   fuse_proc: subprocess.Popen[bytes] | None) -> StartResult:
+    """Steps 2-7 of the start (after the checks); `fuse_proc`: lazy mode's FUSE server,
+    started already (`spawn_lazyfs`), waiting for its LSN."""
+    paths = endpoint_paths(env, ep.name)
+    tenant_id = ep.tenant_id
+    try:
+        lsn = _sync_and_wait(env, config, ep, client, timeline_id, phase)
+    except BaseException:
+        if fuse_proc is not None:
+            from strata.compute.lazy import abandon_lazyfs
+
+            abandon_lazyfs(fuse_proc)
+        raise
+
     sysid = None
     attempt = 0
     while True:
         attempt += 1
+        early, fuse_proc = fuse_proc, None  # for the first attempt only
         sidecar_proc: subprocess.Popen[bytes] | None = None
-        if not ep.read_only and config.wal_mode is WalMode.SAFEKEEPERS:
-            # Its Python start (and the walproposer's imports) overlap the basebackup.
-            if sysid is None:
-                sysid = system_id(env, client, tenant_id, timeline_id)
-            sidecar_proc = _spawn_sidecar(env, config, ep, tenant_id, timeline_id,
-                                          paths.datadir, sysid)
         log_start = _log_size(endpoint_files(env, ep.name).log_path)
         try:
+            if not ep.read_only and config.wal_mode is WalMode.SAFEKEEPERS:
+                # Its Python start (and the walproposer's imports) overlap the basebackup.
+                if sysid is None:
+                    sysid = system_id(env, client, tenant_id, timeline_id)
+                sidecar_proc = _spawn_sidecar(env, config, ep, tenant_id, timeline_id,
+                                              paths.datadir, sysid)
             compute = _build_and_launch(env, config, ep, client, tenant_id, timeline_id,
-                                        lsn, mode, phase, sidecar_proc)
+                                        lsn, mode, phase, sidecar_proc, early)
             break
         except BaseException as err:
             if sidecar_proc is not None:
                 _abandon_sidecar(env, ep.name, sidecar_proc)
+            if early is not None:
+                from strata.compute.lazy import abandon_lazyfs
+
+                abandon_lazyfs(early)  # nothing if its failed compute stopped it
             # Another process bound the port between the check and PostgreSQL's bind.
             moved = _repick_port(env, config, ep) if isinstance(err, UserError) and \
                 attempt < PORT_ATTEMPTS and _port_taken_since(env, ep, log_start) else None
@@ -612,7 +656,8 @@ def _port_taken_since(env: Environment, ep: EndpointState, offset: int) -> bool:
 def _build_and_launch(env: Environment, config: EnvConfig, ep: EndpointState,
                       client: PageserverClient, tenant_id: TenantId, timeline_id: TimelineId,
                       lsn: Lsn, mode: ComputeMode, phase: _Phases,
-                      sidecar_proc: subprocess.Popen[bytes] | None) -> Compute:
+                      sidecar_proc: subprocess.Popen[bytes] | None,
+                      fuse_proc: subprocess.Popen[bytes] | None = None) -> Compute:
     """Steps 4 and 5 of the start up to PostgreSQL being ready: the data directory, then
     PostgreSQL, whose pid goes to the waiting walproposer sidecar at once."""
     files = endpoint_files(env, ep.name)
@@ -623,7 +668,7 @@ def _build_and_launch(env: Environment, config: EnvConfig, ep: EndpointState,
     with phase("basebackup", f"building a fresh data directory at {lsn} in {paths.datadir} "
                              f"({how})"):
         compute, lazy = _fresh_datadir(env, config, ep, client, tenant_id, timeline_id, lsn,
-                                       mode)
+                                       mode, fuse_proc)
         if lazy is not None:
             phase.seconds.update({f"basebackup.{k}": v for k, v in lazy.phases.items()})
         if not ep.read_only:
@@ -683,16 +728,21 @@ def _app_role_known(env: Environment, ep: EndpointState, tenant_id: TenantId,
 
 def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
                    client: PageserverClient, tenant_id: TenantId, timeline_id: TimelineId,
-                   lsn: Lsn, mode: ComputeMode) -> tuple[Compute, LazyCompute | None]:
+                   lsn: Lsn, mode: ComputeMode, fuse_proc: subprocess.Popen[bytes] | None = None
+                   ) -> tuple[Compute, LazyCompute | None]:
     """A new compute directory at `lsn`: unpacked from a full basebackup, or (lazy) a
-    lazy basebackup with base/ and global/ on a mounted FUSE file system."""
-    from strata.compute.lazy import LazyOptions, cleanup_lazy_root, prepare_lazy_compute
+    lazy basebackup with base/ and global/ on a mounted FUSE file system (served by
+    `fuse_proc` if given: started in the fresh directory already)."""
+    from strata.compute.lazy import cleanup_lazy_root, prepare_lazy_compute
 
     paths = endpoint_paths(env, ep.name)
     paths.root.mkdir(parents=True, exist_ok=True)
     os.chmod(paths.root, 0o755)
-    # Whatever the last run left (a lazy one's FUSE server, watchdog and mount too).
-    cleanup_lazy_root(paths.compute_root, remove=True)
+    if fuse_proc is None:
+        # Whatever the last run left (a lazy one's FUSE server, watchdog and mount too)
+        # is stopped and detached, then set aside: it is deleted once the start is over.
+        cleanup_lazy_root(paths.compute_root)
+        set_aside_compute_root(paths)
     defaults = config.endpoint_defaults
     receiver = (DEFAULT_APPLICATION_NAME if config.wal_mode is WalMode.SAFEKEEPERS
                 else DEFAULT_RECEIVER_NAME)
@@ -714,13 +764,10 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
                                     paths.compute_root, compute_config,
                                     compute_host=defaults.host, port=ep.port,
                                     log_path=log_path, user=service_user(),
-                                    options=LazyOptions(
-                                        outage_wait_s=defaults.lazy_outage_wait_s,
-                                        # Its page reads are this tenant's only.
-                                        token=token_for(env, config, Scope(tenant_id)),
-                                        pageserver_file=paths.pageserver_file),
+                                    options=_lazy_options(env, config, ep),
                                     take_lease=lambda at, seconds: client.lease(
-                                        tenant_id, timeline_id, at, seconds))
+                                        tenant_id, timeline_id, at, seconds),
+                                    fuse_proc=fuse_proc)
         lazy.compute.server.socket_dir = paths.socket_dir
         return lazy.compute, lazy
     paths.compute_root.mkdir()
@@ -735,6 +782,46 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
         compute.server.socket_dir = paths.socket_dir
         compute.unpack(tar)
         return compute, None
+
+
+def _lazy_options(env: Environment, config: EnvConfig, ep: EndpointState) -> LazyOptions:
+    from strata.compute.lazy import LazyOptions
+
+    return LazyOptions(outage_wait_s=config.endpoint_defaults.lazy_outage_wait_s,
+                       # Its page reads are this tenant's only.
+                       token=token_for(env, config, Scope(ep.tenant_id)),
+                       pageserver_file=endpoint_paths(env, ep.name).pageserver_file)
+
+
+OLD_COMPUTE_PREFIX = "compute.old-"
+
+
+def set_aside_compute_root(paths: EndpointPaths) -> None:
+    """Move the last run's compute directory out of the way (a rename) for
+    `remove_set_aside`. Deleting it took up to a second of the start (at load 10: every
+    file the last compute wrote, one unlink each; a full-mode data directory is the
+    whole database); the start only needs its name free."""
+    root = paths.compute_root
+    if not os.path.lexists(root):
+        return
+    if mountpoint_present(paths.mountpoint) and os.path.ismount(paths.mountpoint):
+        raise Unavailable(f"{paths.mountpoint} is still mounted; refusing to replace {root}")
+    os.rename(root, paths.root / f"{OLD_COMPUTE_PREFIX}{time.time_ns()}")
+
+
+def remove_set_aside(paths: EndpointPaths) -> None:
+    """Delete the compute directories `set_aside_compute_root` moved aside, in a
+    detached, low-priority process: the start (or its failure) does not wait for it. A
+    directory left by a start that died is deleted by the next one."""
+    try:
+        old = [p for p in paths.root.iterdir() if p.name.startswith(OLD_COMPUTE_PREFIX)]
+    except FileNotFoundError:
+        return
+    if old:
+        subprocess.Popen(["nice", "-n", "19", "rm", "-rf", "--one-file-system", "--",
+                          *map(str, old)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _spawn_sidecar(env: Environment, config: EnvConfig, ep: EndpointState,

@@ -1,8 +1,9 @@
 """The lazy file system's FUSE server process (its watchdog is `watch.py`).
 
 `python -m strata.compute.lazyfs mount --store DIR --mountpoint DIR --pageserver HOST:PORT
---tenant T --timeline TL --lsn X [--wait-stdin]` (first waiting for a line on stdin, so
-that its start overlaps the starting process's basebackup) creates the segment files
+--tenant T --timeline TL --lsn X [--wait-stdin]` (first waiting for a line on stdin,
+`go` or `go X` without --lsn, so that its start overlaps the starting process's sync step
+and basebackup) creates the segment files
 of `DIR/strata_lazy_rels` as sparse files in `DIR/tree` (which holds the basebackup's
 `base/` and `global/`; each on first use, `layout.py`), renews the
 compute's LSN lease on X for as long as it runs (D5),
@@ -48,23 +49,39 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def _renew_lease(client: PageClientSync, lsn: Lsn, lease_s: float, stop: threading.Event) -> None:
-    while not stop.wait(lease_s / 3):
+    """Take the lease on `lsn` at once (the starting process holds one already), then
+    renew it every third of its length."""
+    wait_s = 0.0
+    while not stop.wait(wait_s):
+        wait_s = lease_s / 3
         try:
             client.lease(lsn, lease_s)
         except StrataError as err:
             # The lease still runs for up to two thirds of its length; try again soon.
             log.warning("could not renew the lease on %s: %s; retrying in 5s", lsn, err)
-            stop.wait(5)
+            wait_s = 5
+
+
+def _start_lsn(args: argparse.Namespace) -> Lsn | None:
+    """`--lsn`, or with `--wait-stdin` the LSN on the line read (`go LSN`; a bare `go`
+    keeps `--lsn`); None when the starting process gave up (end of file)."""
+    lsn = Lsn.parse(args.lsn) if args.lsn else None
+    if args.wait_stdin:
+        words = sys.stdin.readline().split()
+        if not words:
+            return None
+        if len(words) > 1:
+            lsn = Lsn.parse(words[1])
+    if lsn is None:
+        raise StrataError("no start LSN: give --lsn, or `go LSN` on stdin with --wait-stdin")
+    return lsn
 
 
 def mount_main(args: argparse.Namespace) -> int:
     store = Path(args.store)
     tenant, timeline = TenantId.parse(args.tenant), TimelineId.parse(args.timeline)
-    lsn = Lsn.parse(args.lsn)
     host, port = args.pageserver.rsplit(":", 1)
     with timeline_context(tenant, timeline):
-        # The connection and the lease come before the store is ready (with --wait-stdin
-        # while the starting process fills it): they are off the start's path.
         # Our own threads (the page client's loop, the lease renewer) must never take
         # SIGTERM: libfuse's handler only sets an exit flag, which ends the loop when the
         # signal interrupts the main thread or a FUSE worker, not one of ours. Threads
@@ -76,17 +93,23 @@ def mount_main(args: argparse.Namespace) -> int:
                 address = AddressFile(args.pageserver_file).pg
             client = PageClientSync(host, int(port), tenant, timeline,
                                     outage_wait_s=args.outage_wait_s, address=address)
-            client.lease(lsn, args.lease_s)
-            stop = threading.Event()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
+        # With --wait-stdin the starting process fills the store meanwhile (and holds a
+        # lease on the LSN it sends).
+        lsn = _start_lsn(args)
+        if lsn is None:
+            log.info("the starting process gave up before the store was ready; exiting")
+            client.close()
+            return 1
+        stop = threading.Event()
+        saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            # Its first lease (and the page connection) overlaps the mount.
             threading.Thread(target=_renew_lease, args=(client, lsn, args.lease_s, stop),
                              daemon=True, name="lease").start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
-        if args.wait_stdin and not sys.stdin.readline():
-            log.info("the starting process gave up before the store was ready; exiting")
-            stop.set()
-            client.close()
-            return 1
         remote, control, layout = plan_layout(store, args.readahead)
         fetcher = PageFetcher(client, lsn, checksums=control.data_checksum_version != 0)
         # The segment files are created on first use (layout.py).
@@ -123,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     mount.add_argument("--pageserver", required=True, help="host:pg_port")
     mount.add_argument("--tenant", required=True)
     mount.add_argument("--timeline", required=True)
-    mount.add_argument("--lsn", required=True)
+    mount.add_argument("--lsn", help="the start LSN (with --wait-stdin: unless the line "
+                                      "read is `go LSN`)")
     mount.add_argument("--lease-s", type=float, default=600.0)
     mount.add_argument("--readahead", type=int, default=DEFAULT_MAX_WINDOW,
                        help="largest readahead window in blocks")
@@ -134,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                             "changes (strata.compute.pageserver_address): reads follow a "
                             "relocation of the tenant"),
     mount.add_argument("--wait-stdin", action="store_true",
-                       help="read a line from stdin before using the store (the starting "
-                            "process fills it meanwhile); exit at end of file")
+                       help="read a line from stdin (`go` or `go LSN`) before using the "
+                            "store (the starting process fills it meanwhile); exit at "
+                            "end of file")
     args = parser.parse_args(argv)
     setup_logging()
     return mount_main(args)
