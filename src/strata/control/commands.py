@@ -22,15 +22,6 @@ from strata.common.errors import StrataError, UserError
 from strata.common.ids import TimelineId
 from strata.common.lsn import Lsn
 from strata.control import output
-from strata.control.attachments import (
-    attach_tenant,
-    detach_stale_attachment,
-    detach_tenant,
-    reattach_lost_tenants,
-    relocate_tenant,
-    require_object_storage,
-    tenant_attachments,
-)
 from strata.control.auth_setup import export_cli_token, make_keys, token_for
 from strata.control.endpoints import (
     APP_ROLE,
@@ -51,13 +42,6 @@ from strata.control.env import (
     WalMode,
     allocate_port,
 )
-from strata.control.object_storage import (
-    allocate_seaweed_ports,
-    object_storage_status,
-    seaweed_url,
-    start_seaweed,
-    stop_seaweed,
-)
 from strata.control.operations import (
     check_attached,
     client_if_running,
@@ -72,7 +56,6 @@ from strata.control.operations import (
     stop_named_endpoint,
     timeline_json,
 )
-from strata.control.proxy import ensure_certificate, proxy_status, start_proxy, stop_proxy
 from strata.control.services import (
     console_status,
     console_url,
@@ -130,6 +113,9 @@ def init(ctx: click.Context, config_file: Path | None, object_storage: str | Non
     tenant, branch and endpoint `main`.
 
     The pageserver and safekeepers are left running; `strata start` starts the endpoint."""
+    from strata.control.object_storage import start_seaweed, stop_seaweed
+    from strata.control.proxy import ensure_certificate
+
     root = ctx.find_root().obj
     assert isinstance(root, Path), root
     config = EnvConfig.load(config_file) if config_file else EnvConfig()
@@ -176,6 +162,8 @@ def init(ctx: click.Context, config_file: Path | None, object_storage: str | Non
 
 def _with_object_storage(config: EnvConfig, url: str, root: Path) -> EnvConfig:
     """`config` with the pageserver's remote_storage set (checked like the pageserver does)."""
+    from strata.control.object_storage import allocate_seaweed_ports, seaweed_url
+
     if url == "seaweedfs":
         ports = allocate_seaweed_ports()
         config = replace(config, seaweedfs=ports, picked_ports={
@@ -195,6 +183,9 @@ def start(ctx: click.Context) -> None:
     """Start SeaweedFS (if the environment runs one), the safekeepers, the pageserver
     (attaching from object storage the tenants it lost), the console, the proxy and every
     endpoint that was running (or, the first time, `main`)."""
+    from strata.control.object_storage import start_seaweed
+    from strata.control.proxy import start_proxy
+
     env = _env(ctx)
     config = env.config()
     if config.proxy.port == 0:  # an environment made before the proxy existed
@@ -244,6 +235,9 @@ def start(ctx: click.Context) -> None:
 def stop(ctx: click.Context, immediate: bool) -> None:
     """Stop the proxy, every endpoint, then the pageserver, the safekeepers and SeaweedFS
     (if the environment runs one)."""
+    from strata.control.object_storage import stop_seaweed
+    from strata.control.proxy import stop_proxy
+
     env = _env(ctx)
     stop_proxy(env, immediate=immediate)
     state = env.read_state()
@@ -263,6 +257,10 @@ def stop(ctx: click.Context, immediate: bool) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Every process: its address, health and LSNs."""
+    from strata.control.attachments import tenant_attachments
+    from strata.control.object_storage import object_storage_status
+    from strata.control.proxy import proxy_status
+
     env = _env(ctx)
     config = env.config()
     state = env.read_state()
@@ -407,6 +405,8 @@ def tenant_create(ctx: click.Context, name: str, settings: tuple[str, ...],
 def tenant_list(ctx: click.Context, as_json: bool) -> None:
     """The environment's tenants, with every running pageserver's attachment of each: a
     stale one (an older generation than the tenant's newest) should be detached."""
+    from strata.control.attachments import tenant_attachments
+
     env = _env(ctx)
     state = env.read_state()
     attachments = tenant_attachments(env, env.config(), state)
@@ -500,6 +500,8 @@ def tenant_relocate(ctx: click.Context, name: str, target: int) -> None:
     """Move TENANT to pageserver PAGESERVER (needs object storage): attached there with a
     new generation, caught up with the safekeepers, then detached from its current
     pageserver. Running endpoints follow; endpoint starts wait until it is done."""
+    from strata.control.attachments import relocate_tenant
+
     env = _env(ctx)
     config = env.config()
     tid = env.read_state().tenant_id(name)
@@ -517,6 +519,12 @@ def tenant_relocate(ctx: click.Context, name: str, target: int) -> None:
 def tenant_detach(ctx: click.Context, name: str, ps_id: int | None) -> None:
     """Detach TENANT from the pageserver: upload what object storage lacks, then drop its
     local files (its endpoints must be stopped). `strata tenant attach` brings it back."""
+    from strata.control.attachments import (
+        detach_stale_attachment,
+        detach_tenant,
+        require_object_storage,
+    )
+
     env = _env(ctx)
     config = env.config()
     require_object_storage(config)
@@ -537,6 +545,8 @@ def tenant_detach(ctx: click.Context, name: str, ps_id: int | None) -> None:
 def tenant_attach(ctx: click.Context, name: str) -> None:
     """Attach a detached TENANT from object storage with a new generation (layers are
     downloaded when reads need them)."""
+    from strata.control.attachments import attach_tenant, require_object_storage
+
     env = _env(ctx)
     config = env.config()
     require_object_storage(config)
@@ -766,6 +776,8 @@ def pageserver() -> None:
 def _start_pageservers(env: Environment, config: EnvConfig, ps_id: int | None) -> list[int]:
     """Start pageserver `ps_id` (None: every one) and attach from object storage every
     tenant it lost; their pids."""
+    from strata.control.attachments import reattach_lost_tenants
+
     pids = []
     for ps in config.pageservers if ps_id is None else [config.pageserver_by_id(ps_id)]:
         pids.append(start_pageserver(env, config, ps.id))
@@ -788,6 +800,8 @@ def pageserver_start(ctx: click.Context, ps_id: int | None) -> None:
     """Start the pageservers (and the environment's SeaweedFS, if it has one, which they
     need). A tenant a pageserver does not hold any more (its data directory was lost) is
     attached from object storage with a new generation."""
+    from strata.control.object_storage import start_seaweed
+
     env = _env(ctx)
     start_seaweed(env, env.config())
     config = env.config()  # SeaweedFS's ports, if another process took one
@@ -801,6 +815,8 @@ def pageserver_start(ctx: click.Context, ps_id: int | None) -> None:
 def pageserver_add(ctx: click.Context) -> None:
     """Add a pageserver to the environment (ports allocated, data in ENV/pageserver-N) and
     start it; move tenants to it with `strata tenant relocate TENANT --to N`."""
+    from strata.control.object_storage import start_seaweed
+
     env = _env(ctx)
     with env.locked():  # one add at a time: the id and ports are picked here
         config = env.config()

@@ -809,6 +809,23 @@ def set_aside_compute_root(paths: EndpointPaths) -> None:
     os.rename(root, paths.root / f"{OLD_COMPUTE_PREFIX}{time.time_ns()}")
 
 
+def _discard_compute_data(paths: EndpointPaths) -> None:
+    """After a stop (settings saved): the stopped compute's data directory and lazy store
+    are deleted in the background, so the next start has little to set aside (a start
+    right after the deletion began shares the disk with it). Its logs stay."""
+    root = paths.compute_root
+    if mountpoint_present(paths.mountpoint) and os.path.ismount(paths.mountpoint):
+        return  # the lazy side did not stop: the next start deals with it
+    bulky = [root / name for name in ("pgdata", "lazy") if os.path.lexists(root / name)]
+    if not bulky:
+        return
+    aside = paths.root / f"{OLD_COMPUTE_PREFIX}{time.time_ns()}"
+    aside.mkdir()
+    for path in bulky:
+        os.rename(path, aside / path.name)
+    remove_set_aside(paths)
+
+
 def remove_set_aside(paths: EndpointPaths) -> None:
     """Delete the compute directories `set_aside_compute_root` moved aside, in a
     detached, low-priority process: the start (or its failure) does not wait for it. A
@@ -1117,6 +1134,7 @@ def _stop_endpoint(env: Environment, ep: EndpointState, timeline_id: TimelineId,
             # the WAL it received, the shutdown checkpoint included.
             with output.step(f"releasing the pageserver's WAL receiver of {ep.name}"):
                 client.compute_start(ep.tenant_id, timeline_id)
+    _discard_compute_data(endpoint_paths(env, ep.name))
     return True
 
 
@@ -1149,7 +1167,9 @@ def compute_mode(env: Environment, name: str) -> ComputeMode | None:
     paths = endpoint_paths(env, name)
     if mountpoint_present(paths.mountpoint):
         return ComputeMode.LAZY
-    return ComputeMode.FULL if paths.datadir.exists() else None
+    # A stopped compute's data directory is gone (`_discard_compute_data`), its directory
+    # stays.
+    return ComputeMode.FULL if paths.compute_root.exists() else None
 
 
 def _save_settings(paths: EndpointPaths, timeline_id: TimelineId) -> None:
