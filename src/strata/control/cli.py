@@ -3,17 +3,34 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any
 
 import click
 
 from strata.common.errors import StrataError
 from strata.common.lsn import Lsn
+from strata.control import output
 from strata.control.env import DEFAULT_REPO_DIR, REPO_DIR_ENV, repo_dir_from
 
 
 class _Group(click.Group):
-    """Reports a StrataError as `strata: error: ...` and exit code 1, without a traceback."""
+    """Reports a StrataError as `strata: error: ...` and exit code 1, without a traceback.
+    A command that succeeded and asked for it (`output.exit_fast`) ends the process
+    without Python's teardown (~0.03 s of CPU, several times that on a busy machine, that
+    a script waiting for `endpoint start` would wait for), once its output is flushed;
+    only when run as the `strata` program (in-process callers pass `args`)."""
+
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(args, *rest, **kwargs)
+        except SystemExit as err:
+            if args is None and err.code in (None, 0) and output.exit_fast:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
+            raise
 
     def invoke(self, ctx: click.Context) -> object:
         try:

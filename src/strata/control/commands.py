@@ -710,6 +710,7 @@ def endpoint_start(ctx: click.Context, name: str, mode: str | None, as_json: boo
     else:
         _password_note(env, env.read_state().endpoint(name))
         output.result(started.connstr)
+    output.exit_fast = True
 
 
 def _password_note(env: Environment, ep: EndpointState) -> None:

@@ -20,6 +20,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
 
+exit_fast = False
+"""Set by a command whose process may end without Python's teardown once it succeeded
+(`strata.control.cli`): `endpoint start`, whose caller waits for the process to exit."""
+
 
 @functools.cache
 def _err() -> Console:
