@@ -31,7 +31,9 @@ from strata.remote.timeline_client import latest_index
 
 CONFIG = ("[tenant_defaults]\ncheckpoint_distance = 1048576\ngc_horizon = 0\n"
           "pitr_interval_s = 0\nimage_creation_threshold = 1\ngc_period_s = 3600\n"
-          "compaction_period_s = 3600\n")
+          "compaction_period_s = 3600\n\n"
+          # The stale pageserver's periodic marker check: every second (default 10 s).
+          "[pageserver.config]\ngeneration_check_period_s = 1\n")
 
 
 def _check_index(storage: RemoteStorage, prefix: str, index: IndexPart) -> None:
