@@ -175,13 +175,17 @@ def test_clients_tls_sni_scram_and_cancel(proxied: Cli) -> None:
 
 def test_plain_relay_in_kernel(proxied: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain connections with the compute's bytes forwarded by the kernel (a BPF
-    sockmap, STRATA_PROXY_SOCKMAP=1; the proxy logs whether it may use one): 50
+    sockmap, config [proxy] kernel_relay = true; the proxy logs whether it may use one): 50
     concurrent pgbench connections, a result and COPY data both ways larger than the
     socket buffers, a cancel, the compute closing first (the client reads its FATAL),
     the client closing first (its backend ends), and the connection count back at 0."""
     cli = proxied
     cli.run("proxy", "stop")
-    monkeypatch.setenv("STRATA_PROXY_SOCKMAP", "1")
+    monkeypatch.delenv("STRATA_PROXY_SOCKMAP", raising=False)
+    config = cli.repo_dir / "config.toml"
+    text = config.read_text()
+    assert "\n[proxy]\n" in text, text
+    config.write_text(text.replace("\n[proxy]\n", "\n[proxy]\nkernel_relay = true\n"))
     cli.run("proxy", "start")
     plain = dsn(cli, "main", how="options", sslmode="disable")
     assert query(plain, "select 1") == [(1,)]

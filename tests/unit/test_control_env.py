@@ -621,6 +621,17 @@ def test_only_ports_strata_picked_are_picked_again() -> None:
     assert edited.repick(["proxy.port"]) is None  # edited by the user: theirs now
 
 
+def test_proxy_kernel_relay_key() -> None:
+    """[proxy] kernel_relay: off by default, true survives config.toml, anything but a
+    boolean is refused with the key's name."""
+    assert EnvConfig.from_dict({}).proxy.kernel_relay is False
+    config = EnvConfig.from_dict({"proxy": {"kernel_relay": True}})
+    assert config.proxy.kernel_relay is True
+    assert EnvConfig.from_dict(config.to_dict()).proxy.kernel_relay is True
+    with pytest.raises(UserError, match=r"\[proxy\] kernel_relay must be true or false"):
+        EnvConfig.from_dict({"proxy": {"kernel_relay": "yes"}})
+
+
 def test_seaweedfs_ports_picked_again_move_the_s3_url() -> None:
     """SeaweedFS's ports picked at `init --object-storage seaweedfs` are strata's: picked
     again, a new S3 port moves the remote_storage URL that names it (and only that one);

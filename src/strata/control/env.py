@@ -244,14 +244,24 @@ class ProxySettings:
     """PEM certificate and key files; empty: the self-signed pair `strata init` made in
     proxy/ of the environment."""
     tls_key: str = ""
+    kernel_relay: bool = False
+    """Plain (not TLS) connections: the compute's bytes forwarded by the kernel (a BPF
+    sockmap; needs CAP_BPF and CAP_NET_ADMIN, else the splice threads, one log line);
+    docs/proxy.md "Kernel forwarding"."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProxySettings:
-        _check_keys("[proxy]", data, {"host", "port", "domain", "tls_cert", "tls_key"})
+        _check_keys("[proxy]", data, {"host", "port", "domain", "tls_cert", "tls_key",
+                                      "kernel_relay"})
+        kernel_relay = data.get("kernel_relay", False)
+        if not isinstance(kernel_relay, bool):
+            raise UserError(f"config [proxy] kernel_relay must be true or false, got "
+                            f"{kernel_relay!r}")
         out = cls(host=str(data.get("host", "127.0.0.1")),
                   port=_check_port("[proxy] port", data.get("port", 0)),
                   domain=str(data.get("domain", DEFAULT_PROXY_DOMAIN)).strip("."),
-                  tls_cert=str(data.get("tls_cert", "")), tls_key=str(data.get("tls_key", "")))
+                  tls_cert=str(data.get("tls_cert", "")), tls_key=str(data.get("tls_key", "")),
+                  kernel_relay=kernel_relay)
         if not out.domain:
             raise UserError("config [proxy] domain must not be empty (endpoints are named "
                             "<endpoint>.<domain> in TLS)")

@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = env.config().proxy
         cert, key = tls_files(env, settings)
         server = ProxyServer(env, host=settings.host, port=settings.port,
-                             domain=settings.domain, ssl_context=server_context(cert, key))
+                             domain=settings.domain, ssl_context=server_context(cert, key),
+                             kernel_relay=settings.kernel_relay)
     except StrataError as err:
         log.error("proxy cannot start: %s", err)
         return 1

@@ -101,7 +101,7 @@ class _CancelTarget:
 
 class ProxyServer:
     def __init__(self, env: Environment, *, host: str, port: int, domain: str,
-                 ssl_context: ssl.SSLContext | None) -> None:
+                 ssl_context: ssl.SSLContext | None, kernel_relay: bool = False) -> None:
         self.env = env
         self.host = host
         self.port = port
@@ -114,7 +114,7 @@ class ProxyServer:
         # when its transport closes, which the TLS and plain relays do on taking the
         # socket over; the loop itself holds tasks weakly only.
         self._clients: set[asyncio.Task[None]] = set()
-        self.sockmap = _open_sockmap()
+        self.sockmap = _open_sockmap(kernel_relay)
         self.tls_threads = _tls_relay() == "threads"
         if ssl_context is not None:
             ssl_context.sni_callback = self._on_sni
@@ -380,12 +380,13 @@ class ProxyServer:
         log.info("routed a cancel request to backend %d", target.process_id)
 
 
-def _open_sockmap() -> Sockmap | None:
+def _open_sockmap(kernel_relay: bool) -> Sockmap | None:
     """The kernel forwarding of plain connections' compute-to-client bytes when asked for
-    (STRATA_PROXY_SOCKMAP=1 in the proxy's environment; off by default: slower than the
-    threads on the loaded 2-core machine, docs/proxy.md "Relay"), or None (one log line,
-    also where BPF is not permitted): then threads relay them."""
-    if os.environ.get("STRATA_PROXY_SOCKMAP", "0") != "1":
+    (config `[proxy] kernel_relay = true`, or STRATA_PROXY_SOCKMAP=1 in the proxy's
+    environment, which the bench's A/B uses; off by default: docs/proxy.md "Kernel
+    forwarding"), or None (one log line, also where BPF is not permitted): then threads
+    relay them."""
+    if not kernel_relay and os.environ.get("STRATA_PROXY_SOCKMAP", "0") != "1":
         return None
     try:
         sockmap = Sockmap.open()
