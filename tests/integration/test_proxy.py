@@ -184,8 +184,8 @@ def test_plain_relay_in_kernel(proxied: Cli, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("STRATA_PROXY_SOCKMAP", raising=False)
     config = cli.repo_dir / "config.toml"
     text = config.read_text()
-    assert "\n[proxy]\n" in text, text
-    config.write_text(text.replace("\n[proxy]\n", "\n[proxy]\nkernel_relay = true\n"))
+    assert "kernel_relay = false\n" in text, text  # written by init: off by default
+    config.write_text(text.replace("kernel_relay = false\n", "kernel_relay = true\n"))
     cli.run("proxy", "start")
     plain = dsn(cli, "main", how="options", sslmode="disable")
     assert query(plain, "select 1") == [(1,)]
