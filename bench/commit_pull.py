@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.report import Report
@@ -103,6 +104,44 @@ def _pull(stack: contextlib.ExitStack, base: Path, receivers: int) -> PgServer:
     return primary
 
 
+def compare_in_rounds(report: Report, targets: Sequence[_Target], seconds: int, rounds: int,
+                      per_load: Callable[[str, tuple[str, int]], None] | None = None
+                      ) -> list[float]:
+    """Every workload and client count of WORKLOADS x CLIENTS in `rounds` alternating
+    rounds over `targets`; adds each target's tps, p50 and p99 against the first one
+    (the baseline) per load, then each one's worst tps and p99 ratios. `per_load(tag,
+    key)` adds a run's own figures after each load. Returns the load average after each."""
+    loads: list[float] = []
+    worst: dict[str, tuple[float, float]] = {t.name: (float("inf"), 0.0)
+                                             for t in targets[1:]}
+    base_name = targets[0].name
+    for workload, args in WORKLOADS:
+        for clients in CLIENTS:
+            for round_no in range(rounds):
+                for target in targets:
+                    target.measure(seconds, round_no, workload, args, clients)
+            loads.append(os.getloadavg()[0])
+            key = (workload, clients)
+            tag = f"{workload}_c{clients}"
+            base_tps, base_p50, base_p99 = targets[0].result(key)
+            report.add(f"tps_{base_name}_{tag}", base_tps, "tps")
+            report.add(f"p50_ms_{base_name}_{tag}", base_p50, "ms")
+            report.add(f"p99_ms_{base_name}_{tag}", base_p99, "ms")
+            for target in targets[1:]:
+                tps, p50, p99 = target.result(key)
+                report.add(f"tps_{target.name}_{tag}", tps, "tps", base_tps)
+                report.add(f"p50_ms_{target.name}_{tag}", p50, "ms", base_p50)
+                report.add(f"p99_ms_{target.name}_{tag}", p99, "ms", base_p99)
+                w_tps, w_p99 = worst[target.name]
+                worst[target.name] = (min(w_tps, tps / base_tps), max(w_p99, p99 / base_p99))
+            if per_load is not None:
+                per_load(tag, key)
+    for name, (w_tps, w_p99) in worst.items():
+        report.add(f"tps_ratio_worst_{name}", w_tps, "x")
+        report.add(f"p99_ratio_worst_{name}", w_p99, "x")
+    return loads
+
+
 def run(report: Report, quick: bool) -> None:
     seconds, rounds = (5, 1) if quick else (8, 3)
     with tempfile.TemporaryDirectory(prefix="strata-bench-pull-") as tmp, \
@@ -119,31 +158,7 @@ def run(report: Report, quick: bool) -> None:
                    _Target("strata_pull", rc_pull.compute.server, base / "strata-pull-tx"),
                    _Target("pull3", _pull(stack, base / "pull3", 3), base / "pull3-tx"),
                    _Target("pull1", _pull(stack, base / "pull1", 1), base / "pull1-tx")]
-        loads: list[float] = []
-        worst: dict[str, tuple[float, float]] = {t.name: (float("inf"), 0.0)
-                                                 for t in targets[1:]}
-        for workload, args in WORKLOADS:
-            for clients in CLIENTS:
-                for round_no in range(rounds):
-                    for target in targets:
-                        target.measure(seconds, round_no, workload, args, clients)
-                loads.append(os.getloadavg()[0])
-                key = (workload, clients)
-                tag = f"{workload}_c{clients}"
-                base_tps, base_p50, base_p99 = targets[0].result(key)
-                report.add(f"tps_sync_rep_{tag}", base_tps, "tps")
-                report.add(f"p50_ms_sync_rep_{tag}", base_p50, "ms")
-                report.add(f"p99_ms_sync_rep_{tag}", base_p99, "ms")
-                for target in targets[1:]:
-                    tps, p50, p99 = target.result(key)
-                    report.add(f"tps_{target.name}_{tag}", tps, "tps", base_tps)
-                    report.add(f"p50_ms_{target.name}_{tag}", p50, "ms", base_p50)
-                    report.add(f"p99_ms_{target.name}_{tag}", p99, "ms", base_p99)
-                    w_tps, w_p99 = worst[target.name]
-                    worst[target.name] = (min(w_tps, tps / base_tps), max(w_p99, p99 / base_p99))
-        for name, (w_tps, w_p99) in worst.items():
-            report.add(f"tps_ratio_worst_{name}", w_tps, "x")
-            report.add(f"p99_ratio_worst_{name}", w_p99, "x")
+        loads = compare_in_rounds(report, targets, seconds, rounds)
         assert rc.fenced == [] == rc_nice.fenced == rc_pull.fenced, \
             (rc.fenced, rc_nice.fenced, rc_pull.fenced)
         report.note(f"pgbench -s 1, TPC-B and -N, -c {'/'.join(map(str, CLIENTS))}, -T "

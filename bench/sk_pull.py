@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.commit_pull import _pull
+from bench.commit_pull import _pull, compare_in_rounds
 from bench.report import Report
-from bench.safekeepers import CLIENTS, STOCK_SETTINGS, WORKLOADS, _stock_sync_rep, _Target
+from bench.safekeepers import CLIENTS, STOCK_SETTINGS, _stock_sync_rep, _Target
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn, segment_file_name
 from strata.common.proc import ensure_traversable
@@ -136,34 +135,14 @@ def run(report: Report, quick: bool) -> None:
                    _Target("pull3", _pull(stack, base / "pull3", 3), base / "pull3-tx"),
                    _Target("sk_pull3", _sk_pull(stack, base / "skpull3"),
                            base / "skpull3-tx")]
-        loads: list[float] = []
-        worst: dict[str, tuple[float, float]] = {t.name: (float("inf"), 0.0)
-                                                 for t in targets[1:]}
-        for workload, args in WORKLOADS:
-            for clients in CLIENTS:
-                for round_no in range(rounds):
-                    for target in targets:
-                        target.measure(seconds, round_no, workload, args, clients)
-                loads.append(os.getloadavg()[0])
-                key = (workload, clients)
-                tag = f"{workload}_c{clients}"
-                base_tps, base_p50, base_p99 = targets[0].result(key)
-                report.add(f"tps_sync_rep_{tag}", base_tps, "tps")
-                report.add(f"p99_ms_sync_rep_{tag}", base_p99, "ms")
-                for target in targets[1:]:
-                    tps, p50, p99 = target.result(key)
-                    report.add(f"tps_{target.name}_{tag}", tps, "tps", base_tps)
-                    report.add(f"p50_ms_{target.name}_{tag}", p50, "ms", base_p50)
-                    report.add(f"p99_ms_{target.name}_{tag}", p99, "ms", base_p99)
-                    w_tps, w_p99 = worst[target.name]
-                    worst[target.name] = (min(w_tps, tps / base_tps), max(w_p99, p99 / base_p99))
-                pull_tps, _, pull_p99 = targets[1].result(key)
-                sk_tps, _, sk_p99 = targets[2].result(key)
-                report.add(f"tps_sk_pull3_vs_pull3_{tag}", sk_tps / pull_tps, "x")
-                report.add(f"p99_sk_pull3_vs_pull3_{tag}", sk_p99 / pull_p99, "x")
-        for name, (w_tps, w_p99) in worst.items():
-            report.add(f"tps_ratio_worst_{name}", w_tps, "x")
-            report.add(f"p99_ratio_worst_{name}", w_p99, "x")
+
+        def vs_pull3(tag: str, key: tuple[str, int]) -> None:
+            pull_tps, _, pull_p99 = targets[1].result(key)
+            sk_tps, _, sk_p99 = targets[2].result(key)
+            report.add(f"tps_sk_pull3_vs_pull3_{tag}", sk_tps / pull_tps, "x")
+            report.add(f"p99_sk_pull3_vs_pull3_{tag}", sk_p99 / pull_p99, "x")
+
+        loads = compare_in_rounds(report, targets, seconds, rounds, vs_pull3)
         report.note(f"pgbench -s 1, TPC-B and -N, -c {'/'.join(map(str, CLIENTS))}, -T "
                     f"{seconds}, {rounds} alternating round(s) per setup and load (median tps, "
                     "pooled latencies); sync_rep: stock, one standby, fsync on; pull3: "
