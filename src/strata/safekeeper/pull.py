@@ -79,10 +79,7 @@ class WalPuller:
         if self.closed:
             return
         self.closed = True
-        self._stream = None
-        if self._conn is not None:
-            self._conn.abort()
-            self._conn = None
+        self._drop_connection()
         self.task.cancel()
         log.info("stopped pulling from %s", self.describe())
 
