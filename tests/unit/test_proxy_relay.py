@@ -12,14 +12,13 @@ import random
 import socket
 import ssl
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from proxy_peers import ComputeGoneWhileClientSends, tls_contexts
 from strata.common import eventloop
 from strata.proxy import relay
-from strata.proxy.tls import make_self_signed, server_context
 from strata.proxy.tlsrelay import TlsStream
 
 WAYS = ("threads", "protocols", "protocols-tls", "threads-tls")
@@ -29,11 +28,7 @@ WAYS = ("threads", "protocols", "protocols-tls", "threads-tls")
 def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(the proxy's server context, as strata.proxy.tls makes it; a client context that
     does not check the self-signed certificate)."""
-    cert, key = make_self_signed(tmp_path_factory.mktemp("tls"), "localhost")
-    client = ssl.create_default_context()
-    client.check_hostname = False
-    client.verify_mode = ssl.CERT_NONE
-    return server_context(cert, key), client
+    return tls_contexts(tmp_path_factory.mktemp("tls"))
 
 
 class _EchoCompute:
@@ -227,49 +222,24 @@ def test_compute_gone_while_client_sends(tmp_path: Path) -> None:
     """(Plain threads; TLS: test_proxy_tlsrelay.py.) A compute that stops reading, then
     sends its last bytes and closes (as a terminated backend's FATAL): the client's bytes
     sent meanwhile fail to reach it, yet the client still gets the last bytes."""
-    compute_path = str(tmp_path / "compute.sock")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(compute_path)
-    listener.listen()
-    client_sent = threading.Event()
+    with ComputeGoneWhileClientSends(str(tmp_path / "compute.sock")) as compute:
 
-    def compute() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            assert conn.recv(5) == b"hello"
-            conn.shutdown(socket.SHUT_RD)  # gone for the client's bytes: they fail
-            conn.sendall(b"ready")
-            client_sent.wait(30)
-            time.sleep(0.3)  # (ordering only: the relay's send of 'more' fails first)
-            conn.sendall(b"FATAL")
+        async def main() -> bytes:
+            async def serve(reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+                c_reader, c_writer = await asyncio.open_unix_connection(
+                    sock=compute.connect())
+                await relay.wait_writes_flushed(writer, c_writer)
+                await relay.relay_threads(reader, writer, c_reader, c_writer)
 
-    async def main() -> bytes:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            sock = socket.socket(socket.AF_UNIX)
-            sock.connect(compute_path)
-            c_reader, c_writer = await asyncio.open_unix_connection(sock=sock)
-            await relay.wait_writes_flushed(writer, c_writer)
-            await relay.relay_threads(reader, writer, c_reader, c_writer)
+            srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+            port = srv.sockets[0].getsockname()[1]
 
-        srv = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port = srv.sockets[0].getsockname()[1]
+            def client() -> bytes:
+                with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+                    return compute.client_exchange(s)
 
-        def client() -> bytes:
-            with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-                s.sendall(b"hello")
-                got = s.recv(5)
-                s.sendall(b"more")
-                client_sent.set()
-                while chunk := s.recv(100):
-                    got += chunk
-                return got
+            async with srv:
+                return await asyncio.to_thread(client)
 
-        comp = threading.Thread(target=compute)
-        comp.start()
-        async with srv:
-            got = await asyncio.to_thread(client)
-        comp.join(30)
-        return got
-
-    assert eventloop.run(asyncio.wait_for(main(), 60)) == b"readyFATAL"
-    listener.close()
+        assert eventloop.run(asyncio.wait_for(main(), 60)) == compute.EXPECTED
