@@ -8,31 +8,20 @@ real `Acceptor` cores over an in-memory, in-order network (the simulator adds th
 from __future__ import annotations
 
 import random
-from collections import deque
 from pathlib import Path
 
 import zstandard
 
+from acceptor_cores import SEG, CoreCluster, elected
+from acceptor_cores import proposer_config as config
 from sim.walgen import SYSID, WalGenerator
-from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pg.walreader import WalStreamDecoder
-from strata.safekeeper.acceptor import (
-    Acceptor,
-    AcceptorState,
-    FlushWal,
-    PersistControl,
-    SendWal,
-    TruncateWal,
-    WriteWal,
-)
 from strata.safekeeper.messages import (
     AcceptorGreeting,
-    AcceptorMessage,
     AppendRequest,
     AppendResponse,
     ProposerElected,
-    ProposerMessage,
     ReadWalRequest,
     ReadWalResponse,
     TermEntry,
@@ -45,96 +34,19 @@ from strata.safekeeper.proposer import (
     Fenced,
     Phase,
     Proposer,
-    ProposerAction,
-    ProposerConfig,
     Send,
     SyncDone,
 )
 
-SEG = 1 << 20
-TENANT = TenantId(bytes(16))
-TIMELINE = TimelineId(bytes(range(16)))
 START = 5 * SEG - 2 * 8192 + 1000
 PREV = START - 64
 
 
-def config(**kwargs: object) -> ProposerConfig:
-    base: dict[str, object] = dict(tenant_id=TENANT, timeline_id=TIMELINE, system_id=SYSID,
-                                   wal_seg_size=SEG, proposer_id=1, acceptors=(1, 2, 3))
-    base.update(kwargs)
-    return ProposerConfig(**base)  # type: ignore[arg-type]
-
-
-class Cluster:
+class Cluster(CoreCluster):
     """Acceptor cores with memory disks behind a perfect in-order network."""
 
-    def __init__(self, n: int = 3, start: int = START, prev: int = PREV,
-                 sysid: int = SYSID) -> None:
-        self.start = start
-        state = AcceptorState.new_timeline(TENANT, TIMELINE, sysid, SEG, Lsn(start), Lsn(prev))
-        self.acceptors = {i: Acceptor(state) for i in range(1, n + 1)}
-        self.wal = {i: bytearray() for i in self.acceptors}
-        self.durable_commit = {i: Lsn(START) for i in self.acceptors}
-        self.down: set[int] = set()
-        self.queue: deque[tuple[int, int, ProposerMessage | AcceptorMessage]] = deque()
-        self.events: list[ProposerAction] = []
-        self.now = 0.0
-        self.gen: WalGenerator | None = None
-        # (proposer id, node): its ProposerElected and AppendRequests to node are lost
-        self.cut: set[tuple[int, int]] = set()
-
-    def take(self, actions: list[ProposerAction]) -> None:
-        for a in actions:
-            if isinstance(a, Send):
-                self.queue.append((0, a.node, a.msg))
-            else:
-                self.events.append(a)
-
-    def run(self, p: Proposer) -> None:
-        while self.queue:
-            src, dst, msg = self.queue.popleft()
-            if (p.config.proposer_id, dst) in self.cut and \
-                    isinstance(msg, ProposerElected | AppendRequest):
-                continue
-            if dst == 0:
-                assert not isinstance(msg, ProposerMessage)
-                self.take(p.handle(self.now, src, msg))
-                p.check_invariants()
-            elif dst not in self.down:
-                assert isinstance(msg, ProposerMessage)
-                self.deliver(dst, msg)
-
-    def deliver(self, node: int, msg: ProposerMessage) -> None:
-        acc = self.acceptors[node]
-        wal = self.wal[node]
-        for action in acc.handle(msg):
-            match action:
-                case WriteWal(lsn, data):
-                    assert lsn.value == self.start + len(wal)
-                    wal += data
-                case TruncateWal(lsn):
-                    del wal[lsn.value - self.start:]
-                case PersistControl(state):
-                    self.durable_commit[node] = state.commit_lsn
-                case FlushWal():
-                    pass
-                case SendWal(term, start, end):
-                    data = bytes(wal[start.value - self.start:end.value - self.start])
-                    self.queue.append((node, 0, ReadWalResponse(term, start, data)))
-                case _:
-                    self.queue.append((node, 0, action))
-        acc.check_invariants()
-
-    def tick(self, p: Proposer, seconds: float) -> None:
-        self.now += seconds
-        self.take(p.tick(self.now))
-        self.run(p)
-
-
-def elected(events: list[ProposerAction]) -> Elected:
-    found = [e for e in events if isinstance(e, Elected)]
-    assert len(found) == 1, events
-    return found[0]
+    def __init__(self, start: int = START, prev: int = PREV, sysid: int = SYSID) -> None:
+        super().__init__(start, prev, sysid=sysid)
 
 
 def test_term_is_above_every_greeting_of_a_majority() -> None:
@@ -307,7 +219,7 @@ def test_sync_mode_reports_the_agreed_end_once_it_is_a_durable_commit() -> None:
     done = [e for e in cluster.events if isinstance(e, SyncDone)]
     assert len(done) == 1 and done[0].end_lsn == Lsn(end)
     assert done[0].prev_record_lsn == cluster.acceptors[1].last_record_lsn
-    assert sum(c == Lsn(end) for c in cluster.durable_commit.values()) >= 2
+    assert sum(s.commit_lsn == Lsn(end) for s in cluster.durable.values()) >= 2
     assert sync.phase is Phase.DONE
 
 

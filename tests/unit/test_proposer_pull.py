@@ -13,32 +13,16 @@ In-memory network in order, like tests/unit/test_proposer.py."""
 from __future__ import annotations
 
 import random
-from collections import deque
 
 import pytest
 
-from sim.walgen import SYSID, WalGenerator
+from acceptor_cores import SEG, CoreCluster, elected, proposer_config
+from sim.walgen import WalGenerator
 from strata.common.errors import UserError
-from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.safekeeper.acceptor import (
-    Acceptor,
-    AcceptorState,
-    ClosePull,
-    FlushWal,
-    PersistControl,
-    PullFeedback,
-    SendWal,
-    StartPull,
-    TruncateWal,
-    WriteWal,
-)
 from strata.safekeeper.messages import (
-    AcceptorMessage,
     AppendRequest,
-    ProposerMessage,
     PullFrom,
-    ReadWalResponse,
 )
 from strata.safekeeper.proposer import (
     CommitAdvanced,
@@ -46,94 +30,28 @@ from strata.safekeeper.proposer import (
     Fenced,
     Phase,
     Proposer,
-    ProposerAction,
     ProposerConfig,
     PullTarget,
-    Send,
     pull_slot_name,
 )
 
-SEG = 1 << 20
-TENANT = TenantId(bytes(16))
-TIMELINE = TimelineId(bytes(range(16)))
 START = 3 * SEG - 8192 + 600
 PREV = START - 64
 TARGET = PullTarget("/run/strata/main.sock", 55432)
 
 
 def config(**kwargs: object) -> ProposerConfig:
-    base: dict[str, object] = dict(tenant_id=TENANT, timeline_id=TIMELINE, system_id=SYSID,
-                                   wal_seg_size=SEG, proposer_id=1, acceptors=(1, 2, 3),
-                                   pull=TARGET)
-    base.update(kwargs)
-    return ProposerConfig(**base)  # type: ignore[arg-type]
+    return proposer_config(**{"pull": TARGET, **kwargs})
 
 
-class PullCluster:
+class PullCluster(CoreCluster):
     """Acceptor cores on memory disks, an in-order network to one proposer, and the
     compute's WAL (`log`) that pulling acceptors replicate when `pull()` is called."""
 
     def __init__(self) -> None:
-        self.state = AcceptorState.new_timeline(TENANT, TIMELINE, SYSID, SEG, Lsn(START),
-                                                Lsn(PREV))
-        self.acceptors = {n: Acceptor(self.state, allow_pull=True) for n in (1, 2, 3)}
-        self.durable = {n: self.state for n in self.acceptors}
-        self.wal = {n: bytearray() for n in self.acceptors}
-        self.pulling: dict[int, StartPull] = {}  # open replication connections
-        self.down: set[int] = set()
-        self.queue: deque[tuple[int, int, ProposerMessage | AcceptorMessage]] = deque()
-        self.events: list[ProposerAction] = []
-        self.sent: list[tuple[int, ProposerMessage]] = []  # everything the proposer sent
-        self.now = 0.0
+        super().__init__(START, PREV, allow_pull=True)
         self.log = bytearray()  # the compute's WAL from E
-        self.gen: WalGenerator | None = None
         self.term_start = 0
-
-    def take(self, actions: list[ProposerAction]) -> None:
-        for a in actions:
-            if isinstance(a, Send):
-                self.queue.append((0, a.node, a.msg))
-            else:
-                self.events.append(a)
-
-    def run(self, p: Proposer) -> None:
-        while self.queue:
-            src, dst, msg = self.queue.popleft()
-            if dst == 0:
-                assert not isinstance(msg, ProposerMessage)
-                self.take(p.handle(self.now, src, msg))
-                p.check_invariants()
-            elif dst not in self.down:
-                assert isinstance(msg, ProposerMessage)
-                self.sent.append((dst, msg))
-                self.execute(dst, self.acceptors[dst].handle(msg))
-
-    def execute(self, node: int, actions: list) -> None:  # type: ignore[type-arg]
-        wal = self.wal[node]
-        for action in actions:
-            match action:
-                case WriteWal(lsn=lsn, data=data):
-                    assert lsn.value == START + len(wal), (node, lsn)
-                    wal += data
-                case TruncateWal(lsn=lsn):
-                    del wal[lsn.value - START:]
-                case PersistControl(state=state):
-                    self.durable[node] = state
-                case FlushWal():
-                    pass
-                case SendWal(term=term, start_lsn=s, end_lsn=e):
-                    data = bytes(wal[s.value - START:e.value - START])
-                    self.queue.append((node, 0, ReadWalResponse(term, s, data)))
-                case StartPull():
-                    assert node not in self.pulling, node
-                    self.pulling[node] = action
-                case ClosePull():
-                    self.pulling.pop(node, None)
-                case PullFeedback():
-                    pass  # to the compute's walsender: the ANY 2 test is test_pull_quorum
-                case _:
-                    self.queue.append((node, 0, action))
-        self.acceptors[node].check_invariants()
 
     def write(self, records: int, seed: int = 0) -> int:
         """The compute writes `records` records; returns the end of its WAL."""
@@ -164,23 +82,9 @@ class PullCluster:
         self.run(p)
         self.tick(p, 0.02)
 
-    def restart(self, node: int) -> None:
-        """The safekeeper restarts: a new acceptor from its control file and WAL."""
-        acc = Acceptor(self.durable[node], allow_pull=True)
-        scan = self.durable[node].scan_lsn.value
-        end = acc.recover_wal(bytes(self.wal[node][scan - START:]))
-        del self.wal[node][end.value - START:]
-        self.acceptors[node] = acc
-        self.pulling.pop(node, None)
-
     def reconnect(self, p: Proposer, node: int) -> None:
         """A new proposer connection to `node`: our greeting, its answer."""
         self.queue.append((0, node, p._greeting()))
-        self.run(p)
-
-    def tick(self, p: Proposer, seconds: float) -> None:
-        self.now += seconds
-        self.take(p.tick(self.now))
         self.run(p)
 
     def pull_froms(self, node: int | None = None) -> list[tuple[int, PullFrom]]:
@@ -192,11 +96,10 @@ def elect(cluster: PullCluster, p: Proposer) -> Elected:
     """Elected; then (the driver checked the compute's start) told to pull."""
     cluster.take(p.start(0.0))
     cluster.run(p)
-    found = [e for e in cluster.events if isinstance(e, Elected)]
-    assert len(found) == 1, cluster.events
+    e = elected(cluster.events)
     cluster.take(p.start_pulling(cluster.now))
     cluster.run(p)
-    return found[0]
+    return e
 
 
 def commits(cluster: PullCluster) -> list[Lsn]:

@@ -35,8 +35,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from sim.walgen import SYSID, WalGenerator
-from strata.common.ids import TenantId, TimelineId
+from acceptor_cores import SEG, new_timeline, proposer_config, restart_core
+from sim.walgen import WalGenerator
 from strata.common.lsn import Lsn
 from strata.safekeeper.acceptor import (
     Acceptor,
@@ -64,13 +64,9 @@ from strata.safekeeper.proposer import (
     Fenced,
     Proposer,
     ProposerAction,
-    ProposerConfig,
     Send,
 )
 
-SEG = 1 << 20
-TENANT = TenantId(bytes(16))
-TIMELINE = TimelineId(bytes(range(16)))
 START = 2 * SEG - 8192 + 400
 PREV = START - 80
 NODES = (1, 2, 3)
@@ -122,7 +118,7 @@ class Election:
 class PullQuorumMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        state = AcceptorState.new_timeline(TENANT, TIMELINE, SYSID, SEG, Lsn(START), Lsn(PREV))
+        state = new_timeline(START, PREV)
         self.nodes = {n: Node(Acceptor(state, allow_pull=True), state) for n in NODES}
         self.computes: dict[int, Compute] = {}
         self.next_proposer_id = 1
@@ -194,7 +190,7 @@ class PullQuorumMachine(RuleBasedStateMachine):
         messages are delivered by `election_step`, between other steps."""
         pid = self.next_proposer_id
         self.next_proposer_id += 1
-        proposer = Proposer(ProposerConfig(TENANT, TIMELINE, SYSID, SEG, pid, NODES),
+        proposer = Proposer(proposer_config(proposer_id=pid, acceptors=NODES),
                             random.Random(pid))
         self.election = Election(proposer, reachable, deque(proposer.start(0.0)))
 
@@ -325,11 +321,8 @@ class PullQuorumMachine(RuleBasedStateMachine):
     def restart(self, n: int) -> None:
         """The safekeeper restarts from its control file and WAL (its pull connection dies)."""
         node = self.nodes[n]
-        acc = Acceptor(node.durable, allow_pull=True)
-        scan = node.durable.scan_lsn.value
-        end = acc.recover_wal(bytes(node.wal[scan - START:])).value
-        del node.wal[end - START:]
-        node.acc, node.stream = acc, None
+        node.acc = restart_core(node.durable, node.wal, START, allow_pull=True)
+        node.stream = None
         for c in self.computes.values():
             c.sent.pop(n, None)
 
