@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fixtures_env import Env, PageserverProcess  # noqa: E402
+from fixtures_env import Env, LoopThread, PageserverProcess  # noqa: E402
 
 
 @pytest.fixture
@@ -37,3 +37,12 @@ def env(test_dir: Path, pageserver: PageserverProcess) -> Iterator[Env]:
         environment.stop_all()
     unexpected = environment.unexpected_log_errors()
     assert not unexpected, "\n".join(unexpected[:20])
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    """An event loop in a thread (for sidecars and in-process safekeepers); its `closers`
+    run, then its tasks are cancelled, at the end."""
+    lt = LoopThread()
+    yield lt
+    lt.close()

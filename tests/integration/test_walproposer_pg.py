@@ -12,98 +12,32 @@ stays within max_write_lag_bytes of what the pageserver ingested.
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from fixtures_env import COMPUTE_SETTINGS, Env, LoopThread, PageserverProcess
+from fixtures_env import Env, LoopThread, PageserverProcess
+from stub_rig import StubRig, current_lsn
 
 from polling import wait_until
 from sk_stub import StubSafekeeper
 from strata.common.errors import UserError
-from strata.common.lsn import Lsn
-from strata.compute.compute import Compute, ComputeConfig
 from strata.compute.walproposer import (
     DEFAULT_APPLICATION_NAME,
-    QuorumConfig,
-    SafekeeperAddr,
     SidecarConfig,
     WalProposer,
-    immediate_stopper,
-    postmaster_pid,
     sync_safekeepers,
 )
 from strata.pg.walreader import WalStreamDecoder
 
 
-class Rig:
+class Rig(StubRig[StubSafekeeper]):
     """A compute at X from the pageserver, three stub safekeepers at X, and a sidecar."""
 
-    def __init__(self, env: Env, loop: LoopThread, name: str, *, start: bool = True) -> None:
-        self.env = env
-        self.loop = loop
-        client = env.client
-        self.tenant, self.timeline = client.create_tenant()
-        self.x, self.prev = client.compute_start(self.tenant, self.timeline)
-        tar = io.BytesIO()
-        client.basebackup(self.tenant, self.timeline, tar, self.x)
-        tar.seek(0)
-        config = ComputeConfig(receiver_name=DEFAULT_APPLICATION_NAME,
-                               settings=COMPUTE_SETTINGS)
-        self.compute = Compute.from_basebackup(tar, env.test_dir / name, config,
-                                               log_path=env.test_dir / f"{name}.log")
-        env.computes.append(self.compute)
-        if start:
-            self.compute.start()
-        self.system_id = self.compute.control().system_identifier
-        self.sks = [StubSafekeeper(i + 1, self.tenant, self.timeline, self.system_id,
-                                   16 << 20, self.x, self.prev) for i in range(3)]
-        for sk in self.sks:
-            loop.call(sk.start())
-            loop.closers.append(sk.stop)
-        self.fenced: list[str] = []
-        self.sidecar: WalProposer | None = None
-        self.run: concurrent.futures.Future[str] | None = None
-
-    def quorum(self) -> QuorumConfig:
-        return QuorumConfig(self.tenant, self.timeline,
-                            tuple(SafekeeperAddr(s.node_id, "127.0.0.1", s.port)
-                                  for s in self.sks),
-                            retry_interval_s=0.1, connect_timeout_s=1, backoff_max_s=0.2)
-
-    def start_sidecar(self, **kwargs: Any) -> WalProposer:
-        stop = immediate_stopper(postmaster_pid(self.compute.datadir))
-
-        def on_fence(reason: str) -> None:
-            self.fenced.append(reason)
-            stop(reason)
-
-        sidecar = WalProposer(self.quorum(), SidecarConfig(
-            pg_host="127.0.0.1", pg_port=self.compute.port, **kwargs), on_fence=on_fence)
-        self.sidecar = sidecar
-        self.run = self.loop.spawn(sidecar.run())
-        run = self.run
-
-        async def cancel() -> None:
-            run.cancel()
-        self.loop.closers.insert(0, cancel)
-        return sidecar
-
-
-
-@pytest.fixture
-def loop() -> Iterator[LoopThread]:
-    lt = LoopThread()
-    yield lt
-    lt.close()
-
-
-def current_lsn(compute: Compute) -> Lsn:
-    return Lsn.parse(str(compute.sql("SELECT pg_current_wal_flush_lsn()")[0][0]))
+    def make_stub(self, node_id: int) -> StubSafekeeper:
+        return StubSafekeeper(node_id, self.tenant, self.timeline, self.system_id, 16 << 20,
+                              self.x, self.prev)
 
 
 def test_commits_wait_for_a_majority_also_after_losing_it(

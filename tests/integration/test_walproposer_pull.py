@@ -16,27 +16,24 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import io
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from fixtures_env import COMPUTE_SETTINGS, Env, LoopThread
+from stub_rig import SLOTS, StubRig, basebackup_compute, current_lsn
 
 from polling import wait_until
 from strata.common.errors import StrataError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.compute.compute import Compute, ComputeConfig
+from strata.compute.compute import ComputeConfig
 from strata.compute.walproposer import (
     QuorumConfig,
     SafekeeperAddr,
     SidecarConfig,
     WalProposer,
-    immediate_stopper,
-    postmaster_pid,
     sync_safekeepers,
 )
 from strata.pg import wire
@@ -64,8 +61,6 @@ from strata.safekeeper.messages import (
     encode,
 )
 from strata.safekeeper.proposer import pull_slot_name
-
-SLOTS = ("sk1", "sk2", "sk3")
 
 
 @dataclass
@@ -193,63 +188,14 @@ class PullStub:
             conn.abort()
 
 
-class PullRig:
+class PullRig(StubRig[PullStub]):
     """A compute at X with slots sk1..sk3 and ANY 2, three pulling stubs, a sidecar."""
 
-    def __init__(self, env: Env, loop: LoopThread, name: str) -> None:
-        self.env, self.loop = env, loop
-        client = env.client
-        self.tenant, self.timeline = client.create_tenant()
-        self.x, self.prev = client.compute_start(self.tenant, self.timeline)
-        tar = io.BytesIO()
-        client.basebackup(self.tenant, self.timeline, tar, self.x, slots=SLOTS)
-        tar.seek(0)
-        config = ComputeConfig(quorum_standbys=SLOTS, settings=COMPUTE_SETTINGS)
-        self.compute = Compute.from_basebackup(tar, env.test_dir / name, config,
-                                               log_path=env.test_dir / f"{name}.log")
-        env.computes.append(self.compute)
-        self.compute.start()
-        self.system_id = self.compute.control().system_identifier
-        self.sks = [PullStub(i + 1, self.tenant, self.timeline, self.system_id, self.x,
-                             self.prev) for i in range(3)]
-        for sk in self.sks:
-            loop.call(sk.start())
-            loop.closers.append(sk.stop)
-        self.fenced: list[str] = []
+    pull = True
 
-    def quorum(self) -> QuorumConfig:
-        return QuorumConfig(self.tenant, self.timeline,
-                            tuple(SafekeeperAddr(s.node_id, "127.0.0.1", s.port)
-                                  for s in self.sks),
-                            retry_interval_s=0.1, connect_timeout_s=1, backoff_max_s=0.2)
-
-    def start_sidecar(self, **kwargs: Any) -> WalProposer:
-        stop = immediate_stopper(postmaster_pid(self.compute.datadir))
-
-        def on_fence(reason: str) -> None:
-            self.fenced.append(reason)
-            stop(reason)
-
-        sidecar = WalProposer(self.quorum(), SidecarConfig(
-            pg_host="127.0.0.1", pg_port=self.compute.port, pull=True, **kwargs),
-            on_fence=on_fence)
-        run = self.loop.spawn(sidecar.run())
-
-        async def cancel() -> None:
-            run.cancel()
-        self.loop.closers.insert(0, cancel)
-        return sidecar
-
-
-@pytest.fixture
-def loop() -> Iterator[LoopThread]:
-    lt = LoopThread()
-    yield lt
-    lt.close()
-
-
-def current_lsn(compute: Compute) -> Lsn:
-    return Lsn.parse(str(compute.sql("SELECT pg_current_wal_flush_lsn()")[0][0]))
+    def make_stub(self, node_id: int) -> PullStub:
+        return PullStub(node_id, self.tenant, self.timeline, self.system_id, self.x,
+                        self.prev)
 
 
 def test_pull_mode_commits_on_two_of_three_and_waits_without_a_majority(
@@ -315,17 +261,10 @@ def test_pull_mode_newer_proposer_stops_the_compute(env: Env, loop: LoopThread) 
 def test_pull_mode_sidecar_refuses_a_compute_without_the_slots(
         env: Env, loop: LoopThread) -> None:
     """A compute from a push-mode basebackup (one walproposer slot) is refused."""
-    client = env.client
-    tenant, timeline = client.create_tenant()
-    x, _prev = client.compute_start(tenant, timeline)
-    tar = io.BytesIO()
-    client.basebackup(tenant, timeline, tar, x)
-    tar.seek(0)
-    compute = Compute.from_basebackup(tar, env.test_dir / "noslots",
-                                      ComputeConfig(receiver_name=None,
-                                                    settings=COMPUTE_SETTINGS),
-                                      log_path=env.test_dir / "noslots.log")
-    env.computes.append(compute)
+    tenant, timeline = env.client.create_tenant()
+    x, _prev = env.client.compute_start(tenant, timeline)
+    compute = basebackup_compute(env, tenant, timeline, x, "noslots", ComputeConfig(
+        receiver_name=None, settings=COMPUTE_SETTINGS))
     compute.start()
     quorum = QuorumConfig(tenant, timeline, (SafekeeperAddr(1, "127.0.0.1", 1),),
                           connect_timeout_s=1)

@@ -1,0 +1,117 @@
+"""The set-up of the walproposer sidecar's tests against a real PostgreSQL 15 compute and
+in-process stub safekeepers (test_walproposer_pg.py in push mode, test_walproposer_pull.py
+in pull mode): a compute started from the pageserver's basebackup at X, three stubs at X,
+and the sidecar run in the test's `loop` (conftest.py) that stops PostgreSQL when fenced.
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+from typing import Any, Generic, Protocol, TypeVar
+
+from fixtures_env import COMPUTE_SETTINGS, Env, LoopThread
+
+from strata.common.ids import TenantId, TimelineId
+from strata.common.lsn import Lsn
+from strata.compute.compute import Compute, ComputeConfig
+from strata.compute.walproposer import (
+    DEFAULT_APPLICATION_NAME,
+    QuorumConfig,
+    SafekeeperAddr,
+    SidecarConfig,
+    WalProposer,
+    immediate_stopper,
+    postmaster_pid,
+)
+
+SLOTS = ("sk1", "sk2", "sk3")  # pull mode: one slot a safekeeper
+
+
+class Stub(Protocol):
+    """What the rig needs of a stub safekeeper (tests/sk_stub.py, or the pull stub)."""
+
+    node_id: int
+    port: int
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Stub)
+
+
+def basebackup_compute(env: Env, tenant: TenantId, timeline: TimelineId, lsn: Lsn,
+                       name: str, config: ComputeConfig,
+                       slots: tuple[str, ...] = ()) -> Compute:
+    """A compute (not started; stopped with `env`) on the pageserver's basebackup of
+    `timeline` at `lsn`, with physical slots `slots` at `lsn`."""
+    tar = io.BytesIO()
+    env.client.basebackup(tenant, timeline, tar, lsn, slots=slots)
+    tar.seek(0)
+    compute = Compute.from_basebackup(tar, env.test_dir / name, config,
+                                      log_path=env.test_dir / f"{name}.log")
+    env.computes.append(compute)
+    return compute
+
+
+class StubRig(abc.ABC, Generic[S]):
+    """A new tenant's compute at X from the pageserver (push mode: the walproposer's slot
+    and synchronous standby; pull mode: slots sk1..sk3 and `ANY 2 (sk1, sk2, sk3)`), three
+    stub safekeepers at X (`make_stub`), and `start_sidecar`."""
+
+    pull = False
+
+    def __init__(self, env: Env, loop: LoopThread, name: str, *, start: bool = True) -> None:
+        self.env, self.loop = env, loop
+        self.tenant, self.timeline = env.client.create_tenant()
+        self.x, self.prev = env.client.compute_start(self.tenant, self.timeline)
+        if self.pull:
+            config = ComputeConfig(quorum_standbys=SLOTS, settings=COMPUTE_SETTINGS)
+        else:
+            config = ComputeConfig(receiver_name=DEFAULT_APPLICATION_NAME,
+                                   settings=COMPUTE_SETTINGS)
+        self.compute = basebackup_compute(env, self.tenant, self.timeline, self.x, name,
+                                          config, SLOTS if self.pull else ())
+        if start:
+            self.compute.start()
+        self.system_id = self.compute.control().system_identifier
+        self.sks = [self.make_stub(i + 1) for i in range(3)]
+        for sk in self.sks:
+            loop.call(sk.start())
+            loop.closers.append(sk.stop)
+        self.fenced: list[str] = []
+
+    @abc.abstractmethod
+    def make_stub(self, node_id: int) -> S:
+        """Stub safekeeper `node_id` of this timeline at X (not started)."""
+
+    def quorum(self) -> QuorumConfig:
+        return QuorumConfig(self.tenant, self.timeline,
+                            tuple(SafekeeperAddr(s.node_id, "127.0.0.1", s.port)
+                                  for s in self.sks),
+                            retry_interval_s=0.1, connect_timeout_s=1, backoff_max_s=0.2)
+
+    def start_sidecar(self, **kwargs: Any) -> WalProposer:
+        """The sidecar, running in the loop until the test ends; fenced, it records the
+        reason in `fenced` and stops PostgreSQL at once."""
+        stop = immediate_stopper(postmaster_pid(self.compute.datadir))
+
+        def on_fence(reason: str) -> None:
+            self.fenced.append(reason)
+            stop(reason)
+
+        sidecar = WalProposer(self.quorum(), SidecarConfig(
+            pg_host="127.0.0.1", pg_port=self.compute.port, pull=self.pull, **kwargs),
+            on_fence=on_fence)
+        run = self.loop.spawn(sidecar.run())
+
+        async def cancel() -> None:
+            run.cancel()
+        self.loop.closers.insert(0, cancel)
+        return sidecar
+
+
+def current_lsn(compute: Compute) -> Lsn:
+    return Lsn.parse(str(compute.sql("SELECT pg_current_wal_flush_lsn()")[0][0]))
