@@ -154,13 +154,6 @@ class Rig:
 
 
 @pytest.fixture
-def loop() -> Iterator[LoopThread]:
-    lt = LoopThread()
-    yield lt
-    lt.close()
-
-
-@pytest.fixture
 def rig(env: Env, loop: LoopThread, test_dir: Path) -> Iterator[Rig]:
     r = Rig(env, loop, test_dir)
     yield r

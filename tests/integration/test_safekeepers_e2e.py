@@ -56,13 +56,6 @@ INITIAL = 1000
 
 
 @pytest.fixture
-def loop() -> Iterator[LoopThread]:
-    lt = LoopThread()
-    yield lt
-    lt.close()
-
-
-@pytest.fixture
 def cluster(test_dir: Path, loop: LoopThread) -> Iterator[Cluster]:
     c = Cluster.start(test_dir, loop)
     try:
