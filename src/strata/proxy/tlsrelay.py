@@ -50,6 +50,10 @@ class TlsStream:
         self._look_first = True  # (relay) bytes may wait in the session: read it first
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
+        # (relay, client to compute) buffers reused for every message: no 64 kB object
+        # allocated (and shrunk) per socket read and per session read.
+        self._received = memoryview(bytearray(READ_BYTES))
+        self._decrypted = memoryview(bytearray(READ_BYTES))
 
     @classmethod
     def take_over(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -187,7 +191,7 @@ class TlsStream:
                 if not self.outgoing.pending:
                     return
 
-    def send_plain(self, data: bytes) -> None:
+    def send_plain(self, data: bytes | memoryview) -> None:
         """(A relay thread) encrypt `data` and send it to the client."""
         with self._send_lock:
             with self._lock:
@@ -199,43 +203,48 @@ class TlsStream:
         if left:
             self._flush(wait=True)
 
-    def receive_plain(self) -> bytes:
-        """(A relay thread) the client's next decrypted bytes (b"" at its end).
+    def receive_plain(self) -> memoryview:
+        """(A relay thread) the client's next decrypted bytes (empty at its end), valid
+        until the next call (a view of a buffer reused for every message).
 
         One pass over the session per message: what arrived goes in and everything it
-        holds comes out under one hold of the lock; the session is read again only
-        while bytes wait in it (no SSLWantReadError raised per message)."""
-        received: bytes | None = None
+        holds (up to READ_BYTES) comes out under one hold of the lock; the session is
+        read again only while bytes wait in it (no SSLWantReadError raised per
+        message)."""
+        received = -1  # nothing read from the socket yet in this call
+        out = self._decrypted
         while True:
-            chunks = []
+            got = 0
             ended = False
             with self._lock:
-                if received is not None:
-                    if received:
-                        self.incoming.write(received)
-                    else:
-                        self.incoming.write_eof()
-                if received is not None or self._look_first:
+                if received > 0:
+                    self.incoming.write(self._received[:received])
+                elif received == 0:
+                    self.incoming.write_eof()
+                if received >= 0 or self._look_first:
                     try:
-                        while data := self.ssl_object.read(READ_BYTES):
-                            chunks.append(data)
+                        while got < READ_BYTES:
+                            # With a buffer, read() returns a count (typeshed: bytes).
+                            n = cast(int, self.ssl_object.read(READ_BYTES - got, out[got:]))
+                            if not n:
+                                ended = True  # close_notify
+                                break
+                            got += n
                             if not self.incoming.pending and not self.ssl_object.pending():
                                 break
-                        else:
-                            ended = True  # close_notify
                     except ssl.SSLWantReadError:
                         pass
                     except ssl.SSLEOFError:
                         ended = True
                 made = self.outgoing.pending
-            self._look_first = ended
+            # Read the session first next time when it was left holding bytes (a full
+            # buffer) or ended.
+            self._look_first = ended or got == READ_BYTES
             if made:
                 self._flush(wait=False)
-            if chunks:
-                return b"".join(chunks)
-            if ended:
-                return b""
-            received = self.sock.recv(READ_BYTES)
+            if got or ended:
+                return out[:got]
+            received = self.sock.recv_into(self._received)
 
     def close_notify(self) -> None:
         """(A relay thread, the compute has ended) tell the client, as PostgreSQL would."""
@@ -265,7 +274,7 @@ class _TlsPair:
     def up(self, pending: bytes) -> None:
         shut = True
         try:
-            data = pending
+            data: bytes | memoryview = pending
             while True:
                 if data:
                     try:
@@ -282,11 +291,12 @@ class _TlsPair:
             self._end(shut=shut)
 
     def down(self, pending: bytes) -> None:
+        buffer = memoryview(bytearray(READ_BYTES))  # reused: no 64 kB object per read
         try:
             if pending:
                 self.stream.send_plain(pending)
-            while data := self.compute.recv(READ_BYTES):
-                self.stream.send_plain(data)
+            while n := self.compute.recv_into(buffer):
+                self.stream.send_plain(buffer[:n])
             self.stream.close_notify()
         except (OSError, ssl.SSLError):
             pass
