@@ -292,8 +292,19 @@ def test_wake_suspend_and_concurrent_wake(proxied: Cli) -> None:
     assert not errors, errors[:3]
     assert answers == [42] * 50
     assert proxy_log(cli).count("waking endpoint dev ") == 2  # one start per wake
-    # The proxy's own share of each wake is logged, for the connections that waited.
+    # The proxy's own share of each wake is logged, for the connections that waited;
+    # they logged in to the compute while the start was in its last phases.
     assert proxy_log(cli).count("connection to endpoint dev after its wake") >= 2
+    assert "(logged in during the start)" in proxy_log(cli)
+
+    # A role made while the endpoint sleeps exists only once the start has applied the
+    # roles: its early login is refused, and the login after the start works.
+    wait_state(cli, "dev", "suspended")
+    cli.run("role", "create", "late", "--branch", "dev", "--password-stdin",
+            input_text="late password\n")
+    late = dsn(cli, "dev", password="late password").replace("user=strata", "user=late")
+    assert query(late, "select current_user") == [("late",)]
+    assert "(logged in after the start)" in proxy_log(cli)
 
     # A compute that cannot start: its port is taken by someone else.
     wait_state(cli, "dev", "suspended")

@@ -20,11 +20,13 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from strata.common.errors import StrataError, Unavailable, UserError
+from strata.compute.postmaster_files import PID_FILE, STATUS_READY, PostmasterPid
 from strata.control.endpoints import endpoint_paths, running_pid, start_endpoint, stop_endpoint
 from strata.control.env import Environment
 from strata.control.services import (
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 
 STATUS_FILE = "proxy-status.json"
 SUSPEND_CHECK_INTERVAL_S = 0.5
+ACCEPTING_POLL_S = 0.01
+"""During a start, how often the proxy looks whether PostgreSQL accepts connections."""
 BUSY_WAIT_S = 120.0  # another `strata` command starting/stopping the endpoint
 
 
@@ -56,6 +60,9 @@ class _Endpoint:
     idle_since: float = 0.0
     starting: asyncio.Future[None] | None = None
     stopping: asyncio.Future[None] | None = None
+    accepting: asyncio.Future[str | None] | None = None
+    """While starting: the compute's socket once PostgreSQL accepts connections (None if
+    the start ended first), for the early login of the connections that wait."""
 
 
 class Computes:
@@ -90,10 +97,12 @@ class Computes:
         return self._get(name).connections
 
     # --- wake ----------------------------------------------------------------------------
-    async def wake(self, name: str) -> tuple[ComputeAddress, bool]:
+    async def wake(self, name: str, on_start: Callable[[], object] | None = None
+                   ) -> tuple[ComputeAddress, bool]:
         """The running compute of endpoint `name`, started if it is stopped, and whether
-        this caller waited for a start; concurrent callers share one start. (No await
-        between looking and starting: two callers never both start it.)"""
+        this caller waited for a start (`on_start` is called when it begins to wait);
+        concurrent callers share one start. (No await between looking and starting: two
+        callers never both start it.)"""
         ep = self._get(name)
         while ep.stopping is not None:
             await asyncio.shield(ep.stopping)
@@ -103,8 +112,12 @@ class Computes:
                 return address, False
             starting = asyncio.ensure_future(asyncio.to_thread(self._start, name))
             ep.starting = starting
+            ep.accepting = asyncio.ensure_future(
+                self._poll_accepting(name, starting, time.time() - 1))
             starting.add_done_callback(lambda _: self._start_done(ep))
             self._write_status()
+        if on_start is not None:
+            on_start()
         await asyncio.shield(ep.starting)
         address = self._address_if_running(name)
         if address is None:
@@ -113,6 +126,7 @@ class Computes:
 
     def _start_done(self, ep: _Endpoint) -> None:
         ep.starting = None
+        ep.accepting = None  # (ends by itself)
         self._write_status()
 
     def _address_if_running(self, name: str) -> ComputeAddress | None:
@@ -121,6 +135,43 @@ class Computes:
         ep = self.state.get().endpoint(name)
         socket_dir = endpoint_paths(self.env, name).socket_dir
         return ComputeAddress(str(socket_dir / f".s.PGSQL.{ep.port}"))
+
+    def accepting(self, name: str) -> asyncio.Future[str | None] | None:
+        """While `name` starts: its compute's unix socket once PostgreSQL accepts
+        connections (the start may still be in its last phases: the walproposer check,
+        the roles), or None if the start ended first."""
+        return self._get(name).accepting
+
+    async def _poll_accepting(self, name: str, starting: asyncio.Future[None],
+                              since: float) -> str | None:
+        """One poll per start, shared by the connections that wait for it."""
+        while not starting.done():
+            try:
+                socket_path = self.ready_socket(name, since)
+            except (StrataError, OSError, ValueError):
+                return None
+            if socket_path is not None:
+                return socket_path
+            await asyncio.sleep(ACCEPTING_POLL_S)
+        return None
+
+    def ready_socket(self, name: str, since: float) -> str | None:
+        """The unix socket of `name`'s PostgreSQL once its postmaster.pid, written at or
+        after `since` (time.time()), says it accepts connections, while a start may still
+        be in its last phases (the walproposer check, the roles); else None."""
+        pid_file = endpoint_paths(self.env, name).datadir / PID_FILE
+        try:
+            if pid_file.stat().st_mtime < since:
+                return None  # the last run's
+        except FileNotFoundError:
+            return None
+        pm = PostmasterPid.read(pid_file.parent)
+        if pm is None or pm.status != STATUS_READY:
+            return None
+        ep = self.state.get().endpoints.get(name)
+        if ep is None:
+            return None
+        return str(endpoint_paths(self.env, name).socket_dir / f".s.PGSQL.{ep.port}")
 
     def _start(self, name: str) -> None:
         """Worker thread: the control plane's start flow."""

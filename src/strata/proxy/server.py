@@ -84,6 +84,51 @@ class _Client:
     raw: asyncio.BaseTransport | None = None  # TCP under uvloop's TLS (the `loop` relay)
 
 
+EARLY_LOGIN_WAIT_S = 30.0
+"""After a wake, bound on the early login still in progress (then logged in again)."""
+
+
+@dataclass(slots=True)
+class _Login:
+    """A connection to a compute logged in during its start: the compute's answer up to
+    ReadyForQuery, read and kept until the start succeeded."""
+
+    socket_path: str
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    answer: bytes
+
+
+class _Replay:
+    """`answer` first, then what `reader` reads."""
+
+    def __init__(self, answer: bytes, reader: asyncio.StreamReader) -> None:
+        self.answer = answer
+        self.reader = reader
+
+    async def readexactly(self, n: int) -> bytes:
+        if not self.answer:
+            return await self.reader.readexactly(n)
+        head, self.answer = self.answer[:n], self.answer[n:]
+        if len(head) < n:
+            head += await self.reader.readexactly(n - len(head))
+        return head
+
+
+def _close_login(login: _Login | None) -> None:
+    if login is not None:
+        login.writer.close()
+
+
+def _drop_early_login(task: asyncio.Task[_Login | None], *, used: _Login | None) -> None:
+    """An early login not (or no longer) needed: stopped, or its connection closed unless
+    it is `used` (and closed by its user)."""
+    if not task.done():
+        task.cancel()  # it closes its connection
+    elif not task.cancelled() and task.exception() is None and task.result() is not used:
+        _close_login(task.result())
+
+
 class ClientError(Exception):
     """Ends a client's connection with an ErrorResponse carrying this SQLSTATE."""
 
@@ -263,32 +308,56 @@ class ProxyServer:
                        auth_s: float) -> None:
         self.computes.acquire(name)
         key: tuple[int, int] | None = None
+        early: asyncio.Task[_Login | None] | None = None
+        login: _Login | None = None
+
+        def log_in_early() -> None:
+            # The start waited for here: log in as soon as PostgreSQL accepts
+            # connections, overlapping the start's last phases (the compute's answer is
+            # kept until the start has succeeded).
+            nonlocal early
+            early = asyncio.create_task(self._early_login(name, startup))
+
         try:
             try:
                 wake_started = time.monotonic()
                 async with asyncio.timeout(WAKE_TIMEOUT_S):
-                    address, woke = await self.computes.wake(name)
+                    address, woke = await self.computes.wake(name, on_start=log_in_early)
                 wake_s = time.monotonic() - wake_started
             except (StrataError, TimeoutError) as err:
                 raise ClientError(protocol.CANNOT_CONNECT_NOW,
                                   f"endpoint {name} could not be started: "
                                   f"{str(err).splitlines()[0] if str(err) else 'timeout'}; "
                                   "see `strata status` and the proxy's log") from None
-            try:
-                c_reader, c_writer = await asyncio.open_unix_connection(
-                    address.socket_path, limit=COMPUTE_STARTUP_MESSAGE_MAX_BYTES)
-            except OSError as err:
-                raise ClientError(protocol.CANNOT_CONNECT_NOW,
-                                  f"endpoint {name} does not accept connections: "
-                                  f"{err.strerror}") from None
-            try:
+            login_started = time.monotonic()
+            if early is not None:
+                try:
+                    async with asyncio.timeout(EARLY_LOGIN_WAIT_S):
+                        login = await early
+                except Exception as err:  # noqa: BLE001 - then the usual login below
+                    if not isinstance(err, TimeoutError):  # (cancelled by the timeout)
+                        log.info("early login to endpoint %s failed: %r", name, err)
+            if login is not None and login.socket_path == address.socket_path:
+                c_reader, c_writer = login.reader, login.writer
+                answer: _In = _Replay(login.answer, c_reader)
+            else:
+                _close_login(login)
+                login = None
+                try:
+                    c_reader, c_writer = await asyncio.open_unix_connection(
+                        address.socket_path, limit=COMPUTE_STARTUP_MESSAGE_MAX_BYTES)
+                except OSError as err:
+                    raise ClientError(protocol.CANNOT_CONNECT_NOW,
+                                      f"endpoint {name} does not accept connections: "
+                                      f"{err.strerror}") from None
                 c_writer.write(protocol.startup_for_compute(startup).encode())
-                login_started = time.monotonic()
+                answer = c_reader
+            try:
                 # Plain: ReadyForQuery is held back and sent by the relay once the sockets
                 # are in the sockmap, so that the client's first query finds them there.
                 plain = client.tls is None and client.raw is None
                 hold = plain and self.sockmap is not None
-                started = await self._forward_compute_startup(c_reader, client.writer,
+                started = await self._forward_compute_startup(answer, client.writer,
                                                               address.socket_path,
                                                               hold_ready=hold)
                 if started is None:
@@ -297,8 +366,10 @@ class ProxyServer:
                 if woke:  # the proxy's own share of a wake, next to the start's
                     log.info("connection to endpoint %s after its wake: client startup and "
                              "authentication %.3fs, wait for the start %.2fs, login to the "
-                             "compute %.3fs", name, auth_s, wake_s,
-                             time.monotonic() - login_started)
+                             "compute %.3fs after the start (%s)", name, auth_s, wake_s,
+                             time.monotonic() - login_started,
+                             "logged in during the start" if login is not None
+                             else "logged in after the start")
                 # Plain: the kernel (BPF sockmap) or a thread per direction, out of the
                 # event loop; TLS: a thread per direction on the proxy's own session, or
                 # (STRATA_PROXY_TLS_RELAY=loop) the event loop's protocols (docs/proxy.md,
@@ -319,12 +390,52 @@ class ProxyServer:
             finally:
                 c_writer.close()
         finally:
+            if early is not None:
+                _drop_early_login(early, used=login)
             if key is not None:
                 self._cancel_keys.pop(key, None)
             self.computes.release(name)
 
+    async def _early_login(self, name: str, startup: StartupMessage) -> _Login | None:
+        """(During a wake) once the compute accepts connections, log in and read its answer
+        up to ReadyForQuery; None if it refused (e.g. the role is made later in the start:
+        the login is then done again after the start)."""
+        accepting = self.computes.accepting(name)
+        socket_path = await asyncio.shield(accepting) if accepting is not None else None
+        if socket_path is None:
+            return None
+        try:
+            c_reader, c_writer = await asyncio.open_unix_connection(
+                socket_path, limit=COMPUTE_STARTUP_MESSAGE_MAX_BYTES)
+        except OSError:
+            return None
+        login = _Login(socket_path, c_reader, c_writer, b"")
+        try:
+            c_writer.write(protocol.startup_for_compute(startup).encode())
+            answer = bytearray()
+            while True:
+                header = await c_reader.readexactly(5)
+                length = int(_I32.unpack_from(header, 1)[0])
+                if length < 4 or length > COMPUTE_STARTUP_MESSAGE_MAX_BYTES:
+                    break
+                body = await c_reader.readexactly(length - 4)
+                tag = header[:1]
+                if tag == b"E" or (tag == b"R" and body[:4] != _I32.pack(0)):
+                    break
+                answer += header + body
+                if tag == b"Z":
+                    login.answer = bytes(answer)
+                    return login
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            _close_login(login)
+            raise
+        _close_login(login)
+        return None
+
     async def _forward_compute_startup(
-            self, c_reader: asyncio.StreamReader, writer: _Out,
+            self, c_reader: _In, writer: _Out,
             socket_path: str, *, hold_ready: bool) -> tuple[tuple[int, int], bytes] | None:
         """Forward the compute's messages up to ReadyForQuery (kept back and returned with
         `hold_ready`, else b""); returns the proxy's cancel key for this connection and
