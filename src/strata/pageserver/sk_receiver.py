@@ -116,13 +116,29 @@ class SafekeeperReceiver(WalReceiver):
         self.poll_interval_s = poll_interval_s
         self.current: SafekeeperEndpoint | None = None
         self.switches = 0  # times it moved to another safekeeper, for tests and status
+        self._http: aiohttp.ClientSession | None = None  # while run() runs
+
+    async def run(self) -> None:
+        """The base class's loop, with one HTTP session for all the status polls: its
+        kept-alive connections to the safekeepers save a TCP connect and close per poll
+        and safekeeper (four polls a second while streaming)."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as http:
+            self._http = http
+            try:
+                await super().run()
+            finally:
+                self._http = None
 
     async def _commit_lsns(self) -> dict[int, Lsn]:
-        timeout = aiohttp.ClientTimeout(total=1.0)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            found = await asyncio.gather(*(
-                timeline_commit_lsn(session, sk, self.tenant_id, self.timeline_id)
-                for sk in self.safekeepers))
+        if self._http is None:  # called outside run()
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as http:
+                return await self._poll(http)
+        return await self._poll(self._http)
+
+    async def _poll(self, http: aiohttp.ClientSession) -> dict[int, Lsn]:
+        found = await asyncio.gather(*(
+            timeline_commit_lsn(http, sk, self.tenant_id, self.timeline_id)
+            for sk in self.safekeepers))
         return {sk.node_id: lsn for sk, lsn in zip(self.safekeepers, found, strict=True)
                 if lsn is not None}
 
