@@ -15,6 +15,8 @@ clients) in alternating rounds against
 
 Figures per setup and load: median tps (ratio to `sync_rep` in the same run) and p50/p99
 latency; `sk_pull3_vs_pull3_*` is the safekeeper's cost over the bare receiver.
+`sk_pull3_fsync`: the same as `sk_pull3` with the safekeepers' WAL flush calling fsync
+instead of fdatasync (as before 2026-12-07); `sk_pull3_vs_fsync_*` is that change's A/B.
 """
 
 from __future__ import annotations
@@ -94,6 +96,23 @@ async def _elect_and_pull(sk: SafekeeperProcess, tenant: TenantId, timeline: Tim
 
 
 def _sk_pull(stack: contextlib.ExitStack, base: Path) -> PgServer:
+    return sk_pull_setup(stack, base)[0]
+
+
+class _FsyncSafekeeper(SafekeeperProcess):  # type: ignore[misc]
+    """A safekeeper process whose WAL flush calls fsync where it calls fdatasync (what it
+    did before; the WAL flush is its only fdatasync): the A/B of that change."""
+
+    def argv(self) -> list[str]:
+        python, _, module, *args = super().argv()
+        return [python, "-c", "import os, runpy; os.fdatasync = os.fsync; runpy.run_module("
+                f"{module!r}, run_name='__main__', alter_sys=True)", *args]
+
+
+def sk_pull_setup(stack: contextlib.ExitStack, base: Path, *, fsync: bool = False
+                  ) -> tuple[PgServer, list[SafekeeperProcess]]:
+    """The `sk_pull3` setup under base: its primary and its three safekeeper processes
+    (`fsync`: _FsyncSafekeeper's)."""
     base.mkdir()
     ensure_traversable(base)
     primary = PgServer(base / "primary", log_path=base / "primary.log")
@@ -107,11 +126,14 @@ def _sk_pull(stack: contextlib.ExitStack, base: Path) -> PgServer:
                    "synchronous_standby_names": f"ANY 2 ({', '.join(NAMES)})"})
     stack.callback(primary.stop, "immediate")
     tenant, timeline = TenantId.generate(), TimelineId.generate()
+    sks: list[SafekeeperProcess] = []
     for i, name in enumerate(NAMES):
-        sk = SafekeeperProcess(i + 1, base / name, base / f"{name}.log",
-                               extra_args=["--pull-user", primary.superuser])
+        sk = (_FsyncSafekeeper if fsync else SafekeeperProcess)(
+            i + 1, base / name, base / f"{name}.log",
+            extra_args=["--pull-user", primary.superuser])
         sk.start()
         stack.callback(sk.stop)
+        sks.append(sk)
         sk.create_timeline(tenant, timeline, x, prev, system_id, seg)
         asyncio.run(_elect_and_pull(sk, tenant, timeline, system_id, seg, x, prev, primary,
                                     name))
@@ -121,7 +143,7 @@ def _sk_pull(stack: contextlib.ExitStack, base: Path) -> PgServer:
         assert time.monotonic() < deadline, \
             f"the safekeepers in {base} never became synchronous:\n{primary.log_tail()}"
         time.sleep(0.1)
-    return primary
+    return primary, sks
 
 
 def run(report: Report, quick: bool) -> None:
@@ -134,18 +156,26 @@ def run(report: Report, quick: bool) -> None:
         targets = [_Target("sync_rep", _stock_sync_rep(stack, base), base / "sync-tx"),
                    _Target("pull3", _pull(stack, base / "pull3", 3), base / "pull3-tx"),
                    _Target("sk_pull3", _sk_pull(stack, base / "skpull3"),
-                           base / "skpull3-tx")]
+                           base / "skpull3-tx"),
+                   _Target("sk_pull3_fsync",
+                           sk_pull_setup(stack, base / "skpull3-fsync", fsync=True)[0],
+                           base / "skpull3-fsync-tx")]
 
         def vs_pull3(tag: str, key: tuple[str, int]) -> None:
             pull_tps, _, pull_p99 = targets[1].result(key)
             sk_tps, _, sk_p99 = targets[2].result(key)
             report.add(f"tps_sk_pull3_vs_pull3_{tag}", sk_tps / pull_tps, "x")
             report.add(f"p99_sk_pull3_vs_pull3_{tag}", sk_p99 / pull_p99, "x")
+            old_tps, _, old_p99 = targets[3].result(key)
+            report.add(f"tps_sk_pull3_vs_fsync_{tag}", sk_tps / old_tps, "x")
+            report.add(f"p99_sk_pull3_vs_fsync_{tag}", sk_p99 / old_p99, "x")
 
         loads = compare_in_rounds(report, targets, seconds, rounds, vs_pull3)
         report.note(f"pgbench -s 1, TPC-B and -N, -c {'/'.join(map(str, CLIENTS))}, -T "
                     f"{seconds}, {rounds} alternating round(s) per setup and load (median tps, "
                     "pooled latencies); sync_rep: stock, one standby, fsync on; pull3: "
                     "fsync-off primary, 3 bare Python receivers, ANY 2; sk_pull3: the same "
-                    "with 3 safekeeper processes pulling (hand-elected, PullFrom); load "
+                    "with 3 safekeeper processes pulling (hand-elected, PullFrom); "
+                    "sk_pull3_fsync: the same, the safekeepers' WAL flush with fsync instead "
+                    "of fdatasync; load "
                     f"average after each load {', '.join(f'{x:.1f}' for x in loads)}")

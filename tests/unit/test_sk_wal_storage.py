@@ -75,6 +75,46 @@ def test_write_read_reopen_across_segments(tmp_path: Path) -> None:
     assert again.find_valid_end(START, SYSID) == end
 
 
+def test_flush_fdatasyncs_each_written_segment_and_the_new_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`flush` makes every segment written since the last one durable with fdatasync (its
+    bytes and its size), and fsyncs the directory (only) when a segment was created; a
+    flush with nothing written syncs nothing."""
+    synced: list[tuple[str, str]] = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+
+    def name(fd: int) -> str:
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def fdatasync(fd: int) -> None:
+        synced.append(("fdatasync", name(fd)))
+        real_fdatasync(fd)
+
+    def fsync(fd: int) -> None:
+        synced.append(("fsync", name(fd)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    storage = WalStorage(tmp_path, SEG, START)
+    storage.write(START, b"x" * (SEG - 40 + 100))  # the rest of segment 3, 100 B of 4
+    storage.flush()
+    assert synced == [("fdatasync", segment_file_name(3, 1, SEG)),
+                      ("fdatasync", segment_file_name(4, 1, SEG)),
+                      ("fsync", tmp_path.name)]
+    synced.clear()
+    storage.write(storage.end_lsn, b"y" * 100)
+    storage.flush()
+    assert synced == [("fdatasync", segment_file_name(4, 1, SEG))]
+    synced.clear()
+    storage.flush()
+    assert synced == []
+    storage.close()
+    again = WalStorage(tmp_path, SEG, START)
+    assert again.end_lsn == START + SEG - 40 + 200
+    again.close()
+
+
 def test_truncate_cuts_the_segment_and_removes_later_ones(tmp_path: Path) -> None:
     wal, ends = generate(300, size=9000)
     storage = WalStorage(tmp_path, SEG, START)

@@ -7,8 +7,9 @@ how far it has been written. The bytes of the timeline's first segment before th
 start LSN are a hole (never written, read as zeros and never served).
 
 Durability (docs/safekeeper-protocol.md, "What the safekeeper must do"): `write` only
-writes; `flush` fsyncs every file written since the last flush and the directory when a segment was
-created; `truncate` and `remove_below` fsync before returning.
+writes; `flush` fdatasyncs every file written since the last flush (data and size) and
+fsyncs the directory when a segment was created; `truncate` and `remove_below` fsync
+before returning.
 
 After a crash the files may end anywhere after the last flush, possibly with zeros or a torn
 record; `find_valid_end` decodes the records (CRC included) from the first one held and
@@ -135,9 +136,13 @@ class WalStorage:
         self.end_lsn = Lsn(pos)
 
     def flush(self) -> None:
-        """fsync every segment written since the last flush (and the directory if needed)."""
+        """fdatasync every segment written since the last flush (and fsync the directory if
+        needed). fdatasync makes the bytes and the file's new size durable (the size is
+        what reading them needs) without the timestamps' update that fsync also waits for,
+        as PostgreSQL's default `wal_sync_method` (A/B: docs/safekeeper.md, "What it costs
+        per commit")."""
         for segno in sorted(self._dirty):
-            os.fsync(self._fds[segno])
+            os.fdatasync(self._fds[segno])
         self._dirty.clear()
         if self._dir_dirty:
             fsync_dir(self.directory)
