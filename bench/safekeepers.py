@@ -4,7 +4,11 @@ majority of 3 safekeepers, pageserver following them), beside stock PostgreSQL w
 synchronous replication to one standby and stock PostgreSQL alone, in the same run on the
 same machine, all with the D2 WAL settings. `strata_pull`: a second Strata cluster in
 pull mode (the safekeepers replicate from the compute, `ANY 2 (sk1, sk2, sk3)`; docs/
-walproposer.md "Pull mode"), measured in the same rounds.
+walproposer.md "Pull mode"), measured in the same rounds. `stock_quorum3` (informative;
+issue 13's target stays against one standby): stock PostgreSQL with three stock standbys
+and `ANY 2 (standby1, standby2, standby3)`, the inherent cost of a quorum of three on
+this machine (`tps_stock_quorum3_*` against one standby, `*_strata_pull_vs_quorum3*`:
+pull mode against it).
 
 Durability points: stock alone fsyncs its own WAL; stock sync-rep fsyncs on the primary and
 waits for the standby's fsync (synchronous_commit = on); the Strata compute runs with
@@ -90,29 +94,40 @@ def _stock_alone(stack: contextlib.ExitStack, base: Path) -> PgServer:
     return server
 
 
-def _stock_sync_rep(stack: contextlib.ExitStack, base: Path) -> PgServer:
-    primary = PgServer(base / "primary", log_path=base / "primary.log")
+def _stock_sync_rep(stack: contextlib.ExitStack, base: Path, standbys: int = 1,
+                    prefix: str = "") -> PgServer:
+    """Stock PostgreSQL with synchronous replication to `standbys` stock standbys (fsync
+    on everywhere): to the one (`synchronous_standby_names = 'standby1'`, issue 13's
+    baseline), else to any majority of them (`ANY 2 (standby1, standby2, standby3)` for
+    three: PostgreSQL's own quorum commit, the shape of Strata's pull mode)."""
+    names = [f"standby{i + 1}" for i in range(standbys)]
+    sync_names = names[0] if standbys == 1 else f"ANY {standbys // 2 + 1} ({', '.join(names)})"
+    primary = PgServer(base / f"{prefix}primary", log_path=base / f"{prefix}primary.log")
     primary.initdb()
-    primary.start({**STOCK_SETTINGS, "synchronous_standby_names": "standby1"})
+    primary.start({**STOCK_SETTINGS, "synchronous_standby_names": sync_names})
     stack.callback(primary.stop, "immediate")
-    standby = PgServer(base / "standby", log_path=base / "standby.log")
-    make_dir_for(standby.datadir, standby.user)
-    primary.run_tool("pg_basebackup", "-h", primary.host, "-p", str(primary.port), "-U",
-                     "postgres", "-D", str(standby.datadir), "-X", "stream")
-    # Our own standby.signal and primary_conninfo (with the application name the primary
-    # waits for); -R's would win over ours from postgresql.auto.conf.
-    signal_file = standby.datadir / "standby.signal"
-    signal_file.write_bytes(b"")
-    chown_tree(signal_file, standby.user)
-    standby.start({**STOCK_SETTINGS, "hot_standby": True,
-                   "primary_conninfo": f"host={primary.host} port={primary.port} "
-                                       "user=postgres application_name=standby1"})
-    stack.callback(standby.stop, "immediate")
+    for i, name in enumerate(names):
+        suffix = "" if standbys == 1 else str(i + 1)
+        standby = PgServer(base / f"{prefix}standby{suffix}",
+                           log_path=base / f"{prefix}standby{suffix}.log")
+        make_dir_for(standby.datadir, standby.user)
+        primary.run_tool("pg_basebackup", "-h", primary.host, "-p", str(primary.port), "-U",
+                         "postgres", "-D", str(standby.datadir), "-X", "stream")
+        # Our own standby.signal and primary_conninfo (with the application name the
+        # primary waits for); -R's would win over ours from postgresql.auto.conf.
+        signal_file = standby.datadir / "standby.signal"
+        signal_file.write_bytes(b"")
+        chown_tree(signal_file, standby.user)
+        standby.start({**STOCK_SETTINGS, "hot_standby": True,
+                       "primary_conninfo": f"host={primary.host} port={primary.port} "
+                                           f"user=postgres application_name={name}"})
+        stack.callback(standby.stop, "immediate")
+    state = "sync" if standbys == 1 else "quorum"
     deadline = time.monotonic() + 30
     while primary.sql("SELECT count(*) FROM pg_stat_replication "
-                      "WHERE sync_state = 'sync'")[0][0] != 1:
-        assert time.monotonic() < deadline, f"the standby never became synchronous:\n" \
-            f"{standby.log_tail()}"
+                      "WHERE sync_state = %s", state)[0][0] != standbys:
+        assert time.monotonic() < deadline, f"the standbys of {primary.datadir} never " \
+            f"became synchronous:\n{primary.log_tail()}"
         time.sleep(0.1)
     return primary
 
@@ -165,10 +180,14 @@ def run(report: Report, quick: bool) -> None:
         rc_pull = strata_compute(stack, base, "strata-pull", pull=True)[1]
         targets = [_Target("stock_alone", _stock_alone(stack, base), base / "alone-tx"),
                    _Target("stock_sync_rep", _stock_sync_rep(stack, base), base / "sync-tx"),
+                   _Target("stock_quorum3", _stock_sync_rep(stack, base, 3, "quorum3-"),
+                           base / "quorum3-tx"),
                    _Target("safekeepers", rc.compute.server, base / "strata-tx"),
                    _Target("strata_pull", rc_pull.compute.server, base / "strata-pull-tx")]
         worst_tps, worst_p99 = float("inf"), 0.0
         worst_pull_tps, worst_pull_p99 = float("inf"), 0.0
+        worst_q3_tps, worst_q3_p99 = float("inf"), 0.0  # stock quorum of 3 vs one standby
+        worst_pull_q3_tps, worst_pull_q3_p99 = float("inf"), 0.0  # strata_pull vs it
         loads: list[float] = []
         for workload, args in WORKLOADS:
             for clients in CLIENTS:
@@ -177,13 +196,21 @@ def run(report: Report, quick: bool) -> None:
                         target.measure(seconds, round_no, workload, args, clients)
                 loads.append(os.getloadavg()[0])
                 key = (workload, clients)
-                alone, sync_rep, strata, pulled = (t.result(key) for t in targets)
+                alone, sync_rep, quorum3, strata, pulled = (t.result(key) for t in targets)
                 tag = f"{workload}_c{clients}"
                 report.add(f"tps_stock_sync_rep_{tag}", sync_rep[0], "tps", alone[0])
                 report.add(f"tps_safekeepers_{tag}", strata[0], "tps", sync_rep[0])
                 report.add(f"p99_ms_safekeepers_{tag}", strata[2], "ms", sync_rep[2])
                 report.add(f"tps_strata_pull_{tag}", pulled[0], "tps", sync_rep[0])
                 report.add(f"p99_ms_strata_pull_{tag}", pulled[2], "ms", sync_rep[2])
+                report.add(f"tps_stock_quorum3_{tag}", quorum3[0], "tps", sync_rep[0])
+                report.add(f"p99_ms_stock_quorum3_{tag}", quorum3[2], "ms", sync_rep[2])
+                report.add(f"tps_strata_pull_vs_quorum3_{tag}", pulled[0] / quorum3[0], "x")
+                report.add(f"p99_strata_pull_vs_quorum3_{tag}", pulled[2] / quorum3[2], "x")
+                worst_q3_tps = min(worst_q3_tps, quorum3[0] / sync_rep[0])
+                worst_q3_p99 = max(worst_q3_p99, quorum3[2] / sync_rep[2])
+                worst_pull_q3_tps = min(worst_pull_q3_tps, pulled[0] / quorum3[0])
+                worst_pull_q3_p99 = max(worst_pull_q3_p99, pulled[2] / quorum3[2])
                 worst_tps = min(worst_tps, strata[0] / sync_rep[0])
                 worst_p99 = max(worst_p99, strata[2] / sync_rep[2])
                 worst_pull_tps = min(worst_pull_tps, pulled[0] / sync_rep[0])
@@ -205,6 +232,10 @@ def run(report: Report, quick: bool) -> None:
         report.add("p99_ratio_worst", worst_p99, "x")
         report.add("tps_ratio_worst_strata_pull", worst_pull_tps, "x")
         report.add("p99_ratio_worst_strata_pull", worst_pull_p99, "x")
+        report.add("tps_ratio_worst_stock_quorum3", worst_q3_tps, "x")
+        report.add("p99_ratio_worst_stock_quorum3", worst_q3_p99, "x")
+        report.add("tps_ratio_worst_strata_pull_vs_quorum3", worst_pull_q3_tps, "x")
+        report.add("p99_ratio_worst_strata_pull_vs_quorum3", worst_pull_q3_p99, "x")
         assert rc.fenced == [] and rc_pull.fenced == [], (rc.fenced, rc_pull.fenced)
         # Commits held back by backpressure (ingest lagging), over all Strata rounds.
         report.add("backpressure_held_s", rc.sidecar.held_back_s, "s")
@@ -218,8 +249,11 @@ def run(report: Report, quick: bool) -> None:
                     "tps, pooled latencies); D2 WAL settings everywhere; stock: fsync on; "
                     "Strata compute: fsync off, 3 safekeepers (2 must fsync), backpressure on "
                     "(16 MB write lag); strata_pull: the same in pull mode (the safekeepers "
-                    "replicate from the compute, ANY 2; no backpressure); targets (issue "
-                    "13): tps ratio >= 0.9, p99 ratio <= 1.5 at every load; unsuffixed "
+                    "replicate from the compute, ANY 2; no backpressure); stock_quorum3 "
+                    "(informative: what a quorum of 3 costs stock PostgreSQL on this host): "
+                    "three stock standbys, ANY 2, fsync on; targets (issue "
+                    "13, against one standby): tps ratio >= 0.9, p99 ratio <= 1.5 at every "
+                    "load; unsuffixed "
                     "figures: TPC-B at -c 4; load average after each load "
                     f"{', '.join(f'{x:.1f}' for x in loads)}")
         report.note(f"kill -9 rounds: {kill_rounds} with a cut multi-page record each; every "
