@@ -34,7 +34,7 @@ restarts `main` once with the proxy stopped, which makes it listen on both.
   the proxy, restarted with that relay: `tps_{workload}_{variant}` (to unix),
   `..._vs_tls_direct` or `..._vs_tcp`, `proxy_cpu_us_per_tx_{workload}_{variant}`, and
   `tps_{workload}_{tls,plain}_vs_{variant}`: the default relay against it (a note gives
-  each round's own ratio).
+  each round's own ratio). Rounds: env PROXY_ROUNDS (default 3; --quick 2).
 """
 
 from __future__ import annotations
@@ -155,6 +155,7 @@ def _throughput(report: Report, repo: Path, targets: dict[str, str], quick: bool
     machine's load drifts over all of them alike; `variants` (of VARIANTS) are more ways
     through the proxy, each with its relay."""
     seconds, rounds = (5, 2) if quick else (15, 3)
+    rounds = int(os.environ.get("PROXY_ROUNDS", rounds))
     proxy = _Proxy(repo)
     targets = {**targets, **{v: targets[VARIANTS[v][0]] for v in variants}}
     ways = list(targets)
