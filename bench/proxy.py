@@ -30,7 +30,7 @@ restarts `main` once with the proxy stopped, which makes it listen on both.
   --import-datadir`), the cheap way to the 5 GB point. Scales: env
   PROXY_WAKE_IMPORT_SCALES (default 320; --quick none);
 - the A/B of the proxy's relays, same run: each of env PROXY_VARIANTS (comma-separated,
-  default `tls_loop,plain_sockmap`, see VARIANTS; empty: none) is one more way through
+  default `tls_loop,plain_threads`, see VARIANTS; empty: none) is one more way through
   the proxy, restarted with that relay: `tps_{workload}_{variant}` (to unix),
   `..._vs_tls_direct` or `..._vs_tcp`, `proxy_cpu_us_per_tx_{workload}_{variant}`, and
   `tps_{workload}_{tls,plain}_vs_{variant}`: the default relay against it (a note gives
@@ -125,11 +125,14 @@ def _endpoint(repo: Path, name: str) -> dict[str, str]:
 
 
 VARIANTS = {"tls_loop": ("tls", {"STRATA_PROXY_TLS_RELAY": "loop"}),
+            "plain_threads": ("plain", {"STRATA_PROXY_SOCKMAP": "0"}),
             "plain_sockmap": ("plain", {"STRATA_PROXY_SOCKMAP": "1"})}
 """The proxy's other relays, each run as one more way (the proxy restarted with its
 environment for it): `tls_loop`, TLS relayed by the event loop's protocols on uvloop's
-TLS transport (the relay before the threads); `plain_sockmap`, plain connections with
-the compute's bytes forwarded by a BPF sockmap (needs root)."""
+TLS transport (the relay before the threads); `plain_threads`, plain connections relayed
+by splice threads both ways (config `kernel_relay = false`); `plain_sockmap`, the
+compute's bytes forwarded by a BPF sockmap (the default `plain` where the proxy may use
+one: needs root; kept for environments whose config turns it off)."""
 
 
 class _Proxy:
@@ -285,7 +288,7 @@ def _wake_imported(report: Report, repo: Path, scale: int, tries: int = 3) -> No
 
 def run(report: Report, quick: bool) -> None:
     scales = [int(s) for s in os.environ.get("PROXY_WAKE_SCALES", "1").split(",") if s]
-    variants = [v for v in os.environ.get("PROXY_VARIANTS", ",".join(VARIANTS)).split(",")
+    variants = [v for v in os.environ.get("PROXY_VARIANTS", "tls_loop,plain_threads").split(",")
                 if v]
     unknown = set(variants) - set(VARIANTS)
     assert not unknown, f"PROXY_VARIANTS: unknown {sorted(unknown)}; known {list(VARIANTS)}"
@@ -329,10 +332,10 @@ def run(report: Report, quick: bool) -> None:
             _throughput(report, repo, {"unix": unix, "tcp": tcp, "tls_direct": tls_direct,
                                        "plain": dsns["plain_options"],
                                        "tls": dsns["tls_sni"]}, quick, variants)
-            if "plain_sockmap" in variants and "forwarded by the kernel (BPF sockmap)" not \
-                    in (repo / "logs" / "proxy.log").read_text():
-                report.note("plain_sockmap: the proxy could not use a BPF sockmap here; "
-                            "its figures are the splice threads'")
+            if "forwarded by the kernel (BPF sockmap)" not in \
+                    (repo / "logs" / "proxy.log").read_text():
+                report.note("the proxy could not use a BPF sockmap here: plain (and "
+                            "plain_sockmap) figures are the splice threads'")
             for scale in scales:
                 _wake(report, repo, scale)
             for scale in imported:

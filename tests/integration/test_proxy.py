@@ -173,23 +173,29 @@ def test_clients_tls_sni_scram_and_cancel(proxied: Cli) -> None:
         time.sleep(0.1)
 
 
-def test_plain_relay_in_kernel(proxied: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plain connections with the compute's bytes forwarded by the kernel (a BPF
-    sockmap, config [proxy] kernel_relay = true; the proxy logs whether it may use one): 50
-    concurrent pgbench connections, a result and COPY data both ways larger than the
-    socket buffers, a cancel, the compute closing first (the client reads its FATAL),
-    the client closing first (its backend ends), and the connection count back at 0."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "threads"])
+def test_plain_relay(proxied: Cli, monkeypatch: pytest.MonkeyPatch, kernel: bool) -> None:
+    """Plain connections with the compute's bytes forwarded by the kernel (a BPF sockmap,
+    config [proxy] kernel_relay = true, the default; the proxy logs whether it may use
+    one) or, with kernel_relay = false, by splice threads: 50 concurrent pgbench
+    connections, a result and COPY data both ways larger than the socket buffers, a
+    cancel, the compute closing first (the client reads its FATAL), the client closing
+    first (its backend ends), and the connection count back at 0."""
     cli = proxied
     cli.run("proxy", "stop")
     monkeypatch.delenv("STRATA_PROXY_SOCKMAP", raising=False)
     config = cli.repo_dir / "config.toml"
     text = config.read_text()
-    assert "kernel_relay = false\n" in text, text  # written by init: off by default
-    config.write_text(text.replace("kernel_relay = false\n", "kernel_relay = true\n"))
+    assert "kernel_relay = true\n" in text, text  # written by init: on by default
+    if not kernel:
+        config.write_text(text.replace("kernel_relay = true\n", "kernel_relay = false\n"))
     cli.run("proxy", "start")
     plain = dsn(cli, "main", how="options", sslmode="disable")
     assert query(plain, "select 1") == [(1,)]
-    if "forwarded by the kernel (BPF sockmap)" not in proxy_log(cli):
+    if not kernel:
+        assert "plain connections are relayed by splice threads (kernel_relay = false)" \
+            in proxy_log(cli)
+    elif "forwarded by the kernel (BPF sockmap)" not in proxy_log(cli):
         pytest.skip("the proxy may not use a BPF sockmap here: "
                     + next(line for line in proxy_log(cli).splitlines()
                            if "sockmap" in line))

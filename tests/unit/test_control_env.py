@@ -622,12 +622,12 @@ def test_only_ports_strata_picked_are_picked_again() -> None:
 
 
 def test_proxy_kernel_relay_key() -> None:
-    """[proxy] kernel_relay: off by default, true survives config.toml, anything but a
+    """[proxy] kernel_relay: on by default, false survives config.toml, anything but a
     boolean is refused with the key's name."""
-    assert EnvConfig.from_dict({}).proxy.kernel_relay is False
-    config = EnvConfig.from_dict({"proxy": {"kernel_relay": True}})
-    assert config.proxy.kernel_relay is True
-    assert EnvConfig.from_dict(config.to_dict()).proxy.kernel_relay is True
+    assert EnvConfig.from_dict({}).proxy.kernel_relay is True
+    config = EnvConfig.from_dict({"proxy": {"kernel_relay": False}})
+    assert config.proxy.kernel_relay is False
+    assert EnvConfig.from_dict(config.to_dict()).proxy.kernel_relay is False
     with pytest.raises(UserError, match=r"\[proxy\] kernel_relay must be true or false"):
         EnvConfig.from_dict({"proxy": {"kernel_relay": "yes"}})
 

@@ -244,16 +244,17 @@ class ProxySettings:
     """PEM certificate and key files; empty: the self-signed pair `strata init` made in
     proxy/ of the environment."""
     tls_key: str = ""
-    kernel_relay: bool = False
+    kernel_relay: bool = True
     """Plain (not TLS) connections: the compute's bytes forwarded by the kernel (a BPF
-    sockmap; needs CAP_BPF and CAP_NET_ADMIN, else the splice threads, one log line);
-    docs/proxy.md "Kernel forwarding"."""
+    sockmap) where the proxy may (CAP_BPF and CAP_NET_ADMIN), else the splice threads
+    (one log line); false: the splice threads always; docs/proxy.md "Kernel
+    forwarding"."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProxySettings:
         _check_keys("[proxy]", data, {"host", "port", "domain", "tls_cert", "tls_key",
                                       "kernel_relay"})
-        kernel_relay = data.get("kernel_relay", False)
+        kernel_relay = data.get("kernel_relay", True)
         if not isinstance(kernel_relay, bool):
             raise UserError(f"config [proxy] kernel_relay must be true or false, got "
                             f"{kernel_relay!r}")

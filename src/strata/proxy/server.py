@@ -492,12 +492,17 @@ class ProxyServer:
 
 
 def _open_sockmap(kernel_relay: bool) -> Sockmap | None:
-    """The kernel forwarding of plain connections' compute-to-client bytes when asked for
-    (config `[proxy] kernel_relay = true`, or STRATA_PROXY_SOCKMAP=1 in the proxy's
-    environment, which the bench's A/B uses; off by default: docs/proxy.md "Kernel
+    """The kernel forwarding of plain connections' compute-to-client bytes (config
+    `[proxy] kernel_relay = true`, the default; STRATA_PROXY_SOCKMAP=1 or 0 in the
+    proxy's environment overrides it, for the bench's A/B: docs/proxy.md "Kernel
     forwarding"), or None (one log line, also where BPF is not permitted): then threads
     relay them."""
-    if not kernel_relay and os.environ.get("STRATA_PROXY_SOCKMAP", "0") != "1":
+    override = os.environ.get("STRATA_PROXY_SOCKMAP", "")
+    if override in ("0", "1"):
+        kernel_relay = override == "1"
+    if not kernel_relay:
+        log.info("plain connections are relayed by splice threads (kernel_relay = false%s)",
+                 ", STRATA_PROXY_SOCKMAP=0" if override == "0" else "")
         return None
     try:
         sockmap = Sockmap.open()
