@@ -8,7 +8,9 @@ pg_stat_replication show the quorum; a row survives an endpoint stop + start, an
 branch at the head sees it through a new endpoint (the pageserver has it, from the
 safekeepers); every safekeeper's commit LSN reaches the last commit; with one safekeeper
 killed (kill -9) commits go on, with two down a commit waits (reads go on) and returns
-once one is back; the walproposer is never fenced.
+once one is back; the walproposer is never fenced. Backpressure: with the pageserver's
+ingest held, a commit past the lag limit waits (the sidecar's PullLimit) and returns once
+ingest goes on.
 """
 
 from __future__ import annotations
@@ -110,3 +112,56 @@ def test_pull_mode_end_to_end(cli: Cli, test_dir: Path) -> None:
     assert values(main)[-3:] == ["one down", "waited", "all back"]
     ep = next(e for e in cli.json("endpoint", "list") if e["name"] == "main")
     assert ep["state"] == "running" and ep["walproposer"]["state"] == "running", ep
+
+
+def _pull_flush_lsns(cli: Cli, branch: str) -> list[Lsn]:
+    """What the safekeepers told the compute (pg_stat_replication), sk1..sk3."""
+    with cli.superuser(branch) as su:
+        got = su.execute("select flush_lsn::text from pg_stat_replication where "
+                         "application_name like 'sk%' order by application_name").fetchall()
+    return [Lsn.parse(r[0]) for r in got if r[0] is not None]
+
+
+@pytest.mark.timeout(900)
+def test_pull_mode_backpressure_holds_commits_while_ingest_is_held(
+        cli: Cli, test_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ingest held (the pageserver's `ingest-apply-record` failpoint waits for a file): a
+    commit of more WAL than max_write_lag_bytes (16 MiB) waits although every safekeeper
+    has it (their commit LSN passes what they tell the compute: the sidecar's PullLimit);
+    released, it returns."""
+    release = test_dir / "ingest-release"
+    release.touch()
+    monkeypatch.setenv("STRATA_FAILPOINTS", f"ingest-apply-record=wait(600,{release})")
+    config = test_dir / "pull.toml"
+    config.write_text('commit_mode = "pull"\n')
+    cli.run("init", "--config", str(config))
+    cli.run("start")
+    main = cli.local("main")
+    rows(main, "create table big (v text)")
+    rows(main, "insert into big values ('before')")
+    release.unlink()  # the next record the pageserver applies waits for the file
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # About 30 MiB of WAL in one transaction: its commit is past the limit.
+        pending = pool.submit(rows, main, "insert into big select repeat(md5(i::text), 30) "
+                                          "from generate_series(1, 30000) i")
+        deadline = time.monotonic() + 300
+        held = 0
+        while held < 3:  # three looks, 1 s apart, all held
+            assert time.monotonic() < deadline, (_commit_lsns(cli, "main"),
+                                                 _pull_flush_lsns(cli, "main"))
+            assert not pending.done(), pending.result()
+            reported = _pull_flush_lsns(cli, "main")
+            on_safekeepers = sorted(_commit_lsns(cli, "main").values())[1]
+            # Two safekeepers have (and committed) WAL past what any of them told the
+            # compute: held by the PullLimit, not by slow safekeepers.
+            if len(reported) == 3 and on_safekeepers - max(reported) > 1 << 20:
+                held += 1
+            else:
+                held = 0
+            time.sleep(1)
+        assert not pending.done()
+        release.touch()
+        pending.result(300)
+    assert rows(main, "select count(*) from big")[0][0] == 30001
+    rows(main, "insert into big values ('after')")
+    assert rows(main, "select count(*) from big")[0][0] == 30002

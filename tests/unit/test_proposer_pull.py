@@ -8,6 +8,8 @@ each acceptor answers its proposer one `AppendResponse` per fsync batch (the fee
 /work/briefs/pull-interface.md): the proposer's commit LSN is the majority-th highest record
 end at or past E, and goes back to the acceptors in commit-only appends. One acceptor down:
 commits go on; two: they wait, and catch up when one is back; a higher term fences.
+Backpressure: `limit_pull` sends `PullLimit` to every pulling acceptor, right after each
+`PullFrom` too (a restarted acceptor forgot it), and never lowers it.
 In-memory network in order, like tests/unit/test_proposer.py."""
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from strata.common.lsn import Lsn
 from strata.safekeeper.messages import (
     AppendRequest,
     PullFrom,
+    PullLimit,
 )
 from strata.safekeeper.proposer import (
     CommitAdvanced,
@@ -274,6 +277,51 @@ def test_a_higher_term_fences_the_pulling_proposer() -> None:
     cluster.tick(old, 1.0)
     assert [e for e in cluster.events if isinstance(e, Fenced)] == [Fenced(new.term)]
     assert old.phase is Phase.FENCED
+
+
+def pull_limits(cluster: PullCluster, node: int) -> list[Lsn]:
+    return [m.max_flush_lsn for n, m in cluster.sent if isinstance(m, PullLimit) and n == node]
+
+
+def test_pull_limit_follows_every_pull_from_and_holds_what_acceptors_report() -> None:
+    cluster = PullCluster()
+    p = Proposer(config(), random.Random(11))
+    # Set before anyone pulls (the sidecar sets it before start_pulling): nothing is sent
+    # yet, and each PullFrom is followed by it.
+    cluster.take(p.limit_pull(0.0, Lsn(START)))
+    assert not cluster.queue
+    e = elect(cluster, p)
+    for node in (1, 2, 3):
+        kinds = [type(m) for n, m in cluster.sent if n == node and
+                 isinstance(m, PullFrom | PullLimit)]
+        assert kinds == [PullFrom, PullLimit], (node, kinds)
+        assert pull_limits(cluster, node) == [Lsn(START)]
+    end = cluster.write(20)
+    cluster.pull(p)
+    # The acceptors have the WAL and the commit LSN moves (only what they tell the
+    # compute is held) ...
+    assert p.commit_lsn == Lsn(end)
+    for acc in cluster.acceptors.values():
+        assert acc.flush_lsn == Lsn(end) and acc.pull_limit == Lsn(START)
+        assert acc.pull_report() == e.start_lsn  # ... but the compute hears only E
+    # A lower limit is never sent; a higher one goes to every pulling acceptor at once.
+    assert p.limit_pull(cluster.now, Lsn(START - 1)) == []
+    mid = Lsn(START + (end - START) // 2)
+    cluster.take(p.limit_pull(cluster.now, mid))
+    cluster.run(p)
+    assert all(pull_limits(cluster, n) == [Lsn(START), mid] for n in (1, 2, 3))
+    assert all(acc.pull_report() == mid for acc in cluster.acceptors.values())
+    # A restarted safekeeper forgot its source and its limit: told both again.
+    cluster.restart(2)
+    assert cluster.acceptors[2].pull_limit is None
+    cluster.reconnect(p, 2)
+    cluster.tick(p, 1.0)
+    assert pull_limits(cluster, 2) == [Lsn(START), mid, mid]
+    assert 2 in cluster.pulling and cluster.acceptors[2].pull_limit == mid
+    # Lifted past the end: everything is reported.
+    cluster.take(p.limit_pull(cluster.now, Lsn(end + (16 << 20))))
+    cluster.run(p)
+    assert all(acc.pull_report() == Lsn(end) for acc in cluster.acceptors.values())
 
 
 def test_pull_mode_refuses_sync_and_appended_wal() -> None:

@@ -33,7 +33,10 @@ the compute's WAL itself through its own slot `sk<id>` (`PullFrom`); PostgreSQL'
 streams nothing and reports nothing to PostgreSQL: it keeps its replication connection
 open (to notice the compute is gone), turns the safekeepers' answers into the quorum's
 commit LSN and sends that back to them in coalesced commit-only appends (at the tick), and
-still stops the postmaster when a higher term fences it.
+still stops the postmaster when a higher term fences it. Backpressure in pull mode: the
+same limits past the pageserver's positions go to the safekeepers as `PullLimit` (they
+report at most that LSN to PostgreSQL, so commits past it wait), raised as ingest moves;
+until the pageserver's position is known they hold at the commit LSN of the election.
 
 Safekeeper connections (the safekeeper's PG-protocol port, docs/safekeeper.md): a connection as user
 `strata`, the command `proposer <tenant> <timeline>`, then one encoded
@@ -487,6 +490,11 @@ class QuorumDriver:
         if self.fenced is None:
             self._apply(self.proposer.start_pulling(time.monotonic()))
 
+    def limit_pull(self, lsn: Lsn) -> None:
+        """Pull mode's backpressure (`Proposer.limit_pull`)."""
+        if self.fenced is None:
+            self._apply(self.proposer.limit_pull(time.monotonic(), lsn))
+
     def _on_connect(self, node: int) -> None:
         self._inflight[node].clear()  # what the old connection carried is lost or answered
         self._held_commit.pop(node, None)  # the Proposer's heartbeat resends the commit
@@ -623,6 +631,7 @@ class WalProposer:
         self._poll_now = asyncio.Event()  # wakes a relaxed pageserver poll (lag past half)
         self._pg_stream: CopyBothStream | None = None  # replication from PostgreSQL
         self._last_report_s = -1.0
+        self._pull_limit: Lsn | None = None  # pull mode: the last PullLimit sent
         self._held_s = 0.0  # closed periods with the report held below the commit LSN
         self._held_since: float | None = None
 
@@ -712,12 +721,16 @@ class WalProposer:
         self.reported_lsn = driver.proposer.commit_lsn
         if self.config.pull:
             # The compute starts at E (checked above): the safekeepers may pull from it now
-            # (PullFrom, sent by the Proposer), and they take the WAL themselves.
+            # (PullFrom, sent by the Proposer, followed by the PullLimit set here), and they
+            # take the WAL themselves.
+            self._limit_now()
             driver.start_pulling()
             tasks = [asyncio.create_task(self._watch_pg(conn), name="pg-watch")]
+            if self.config.pageserver_http is not None:
+                tasks.append(asyncio.create_task(self._limit_loop(), name="pull-limit"))
         else:
             tasks = [asyncio.create_task(self._stream_pg(driver, conn), name="pg-stream")]
-        if self.config.pageserver_http is not None and not self.config.pull:
+        if self.config.pageserver_http is not None:
             tasks.append(asyncio.create_task(self._poll_pageserver(), name="ps-lag"))
         try:
             done_wait = asyncio.create_task(driver.done.wait())
@@ -839,10 +852,58 @@ class WalProposer:
             self._held_s += now - self._held_since
             self._held_since = None
 
+    def pull_limit_lsn(self) -> Lsn | None:
+        """Pull mode: the highest flush LSN the safekeepers may report to PostgreSQL: the
+        lowest of the lag limits past the pageserver's positions (not capped by the commit
+        LSN, which the sidecar learns after PostgreSQL does), never lower than before; the
+        election's commit LSN while the pageserver's position is unknown (as push mode
+        holds its reports); None without a pageserver or limits (nothing held)."""
+        cfg = self.config
+        limits = [(index, limit) for index, limit in ((0, cfg.max_write_lag_bytes),
+                                                      (1, cfg.max_flush_lag_bytes),
+                                                      (1, cfg.max_apply_lag_bytes))
+                  if limit is not None]
+        if cfg.pageserver_http is None or not limits:
+            return None
+        if self.pageserver_lsns is None:
+            return self._pull_limit if self._pull_limit is not None else self.reported_lsn
+        lsn = min(self.pageserver_lsns[index] + limit for index, limit in limits)
+        return lsn if self._pull_limit is None else max(lsn, self._pull_limit)
+
+    def _limit_now(self) -> None:
+        """Pull mode's report: a higher `PullLimit` to the safekeepers once the pageserver
+        moved (and a faster poll once the commit LSN passed half a limit)."""
+        driver = self.driver
+        if driver is None or driver.fenced is not None:
+            return
+        limit = self.pull_limit_lsn()
+        if limit is None:
+            return
+        commit = driver.proposer.commit_lsn
+        if not self._poll_now.is_set() and not self.lag_is_small(commit):
+            self._poll_now.set()
+        self._note_held(time.monotonic(), held=limit < commit)
+        if limit != self._pull_limit:
+            self._pull_limit = limit
+            driver.limit_pull(limit)
+
+    async def _limit_loop(self) -> None:
+        """Pull mode: a new limit when the pageserver's position moved (`_report`)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.status_interval_s):
+                    await self._report.wait()
+            self._report.clear()
+            self._limit_now()
+
     def _report_now(self, *, periodic: bool = False) -> None:
         """Tell PostgreSQL the LSN it may release commits up to, at once (called as the
         quorum's commit LSN advances, so a commit wakes without waiting for a timer); also
-        every `status_interval_s` as a keepalive, with the LSN unchanged or not."""
+        every `status_interval_s` as a keepalive, with the LSN unchanged or not. In pull
+        mode the safekeepers report: this only moves their `PullLimit` (`_limit_now`)."""
+        if self.config.pull:
+            self._limit_now()
+            return
         driver, stream = self.driver, self._pg_stream
         if driver is None or stream is None or driver.fenced is not None:
             return  # never acknowledge anything after losing the term
@@ -999,7 +1060,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pull", action="store_true",
                    help="pull mode: the safekeepers replicate from --pg-host/--pg-port "
                         "through slots sk<id>, PostgreSQL's synchronous_standby_names = "
-                        "'ANY <majority> (sk1, ...)' releases commits; no backpressure yet")
+                        "'ANY <majority> (sk1, ...)' releases commits; with "
+                        "--pageserver-http the lag limits go to the safekeepers (PullLimit)")
     p.add_argument("--max-write-lag-bytes", type=int, default=16 << 20)
     p.add_argument("--max-flush-lag-bytes", type=int)
     p.add_argument("--max-apply-lag-bytes", type=int)

@@ -24,7 +24,9 @@ restarted safekeeper forgets its source) and replicates the compute's WAL itself
 WAL) move the commit LSN as appends' answers do, and it goes back to them in commit-only
 appends sent by `tick` (so at most one per acceptor per tick). `CommitAdvanced` then only
 tells the driver: PostgreSQL releases commits itself (`synchronous_standby_names = 'ANY
-<majority> (sk1, ...)'`).
+<majority> (sk1, ...)'`). Backpressure: `limit_pull(now, lsn)` sends `PullLimit(term, lsn)`
+to every acceptor that pulls (and after each later `PullFrom`): they report at most `lsn`
+to the compute, so its commits past it wait.
 
 Time (`now`, seconds) and randomness (retry jitter) are arguments. The protocol is described
 in docs/safekeeper-protocol.md.
@@ -49,6 +51,7 @@ from strata.safekeeper.messages import (
     ProposerGreeting,
     ProposerMessage,
     PullFrom,
+    PullLimit,
     ReadWalRequest,
     ReadWalResponse,
     TermEntry,
@@ -219,6 +222,9 @@ class Proposer:
         # started at the term start (`start_pulling`): before that the compute's WAL may
         # not continue our log, and pulling would move its slots before the check.
         self.pull_ready = False
+        # Pull mode's backpressure (`limit_pull`): the highest flush LSN the acceptors may
+        # report to the compute; None: nothing held.
+        self.pull_limit: Lsn | None = None
 
     @property
     def end_lsn(self) -> Lsn:
@@ -277,9 +283,28 @@ class Proposer:
         target = self.config.pull
         assert target is not None and self.pull_ready
         peer.pull_sent = True
-        return [self._send(peer, PullFrom(self.term, target.host, target.port,
-                                          pull_slot_name(peer.node), self.term_start_lsn),
-                           now)]
+        pull = PullFrom(self.term, target.host, target.port, pull_slot_name(peer.node),
+                        self.term_start_lsn)
+        out: list[ProposerAction] = [self._send(peer, pull, now)]
+        if self.pull_limit is not None:
+            # An acceptor forgets the limit when its pull stops (and ignores one sent
+            # before it pulls): every PullFrom is followed by the current one.
+            out.append(self._send(peer, PullLimit(self.term, self.pull_limit), now))
+        return out
+
+    def limit_pull(self, now: float, lsn: Lsn) -> list[ProposerAction]:
+        """Pull mode's backpressure: the acceptors report at most `lsn` as flushed to the
+        compute (`PullLimit`), so its commits past it wait; a higher `lsn` releases them.
+        Sent to every acceptor told to pull (with ANY <majority>, one acceptor alone holds
+        nothing back), and again after each later `PullFrom`. Never lowered."""
+        assert self.config.pull is not None, "only in pull mode"
+        if self.pull_limit is not None and lsn <= self.pull_limit:
+            return []
+        self.pull_limit = lsn
+        if self.phase is not Phase.ELECTED:
+            return []
+        return [self._send(p, PullLimit(self.term, lsn), now)
+                for p in self.peers.values() if p.pull_sent]
 
     def tick(self, now: float) -> list[ProposerAction]:
         """Retry what got no answer; heartbeat; time out stalled streams."""
