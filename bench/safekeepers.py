@@ -14,7 +14,8 @@ Durability points: stock alone fsyncs its own WAL; stock sync-rep fsyncs on the 
 waits for the standby's fsync (synchronous_commit = on); the Strata compute runs with
 fsync = off (its data directory is disposable, D6) and waits for two of three safekeepers'
 fsyncs. Latency is pgbench's per-transaction latency (`--log`), which includes the commit
-wait. Also: the kill -9 loop of the e2e test, more rounds (compute restarts per minute).
+wait. Also: the kill -9 loop of the e2e test, more rounds (compute restarts per minute),
+in push mode and in pull mode (`_pull`).
 """
 
 from __future__ import annotations
@@ -136,8 +137,8 @@ def strata_compute(stack: contextlib.ExitStack, base: Path, name: str = "strata"
                    pageserver_overrides: list[str] | None = None, *, pull: bool = False,
                    ) -> tuple[Cluster, RunningCompute]:
     """A pageserver, 3 safekeepers and a compute with its sidecar (backpressure on), under
-    base/name. `pull`: pull mode (the safekeepers replicate from the compute, ANY 2; no
-    backpressure: not built in pull mode)."""
+    base/name. `pull`: pull mode (the safekeepers replicate from the compute, ANY 2; the
+    backpressure goes to them as PullLimit)."""
     loop = LoopThread()
     stack.callback(loop.close)
     cluster = Cluster.start(base / name, loop, pageserver_overrides=pageserver_overrides)
@@ -151,14 +152,15 @@ def strata_compute(stack: contextlib.ExitStack, base: Path, name: str = "strata"
     return cluster, rc
 
 
-def _kill9_rounds(base: Path, rounds: int) -> tuple[float, int]:
-    """The e2e kill -9 scenario (bank load, a record spanning pages cut on the safekeepers,
-    kill -9, new compute, every acked transfer checked), `rounds` times: seconds per round
-    and transfers acknowledged."""
+def _kill9_rounds(base: Path, rounds: int, *, pull: bool = False) -> tuple[float, int]:
+    """The e2e kill -9 scenario (bank load, a record spanning pages cut on the safekeepers
+    (push mode only), kill -9, new compute, every acked transfer checked), `rounds` times:
+    seconds per round and transfers acknowledged."""
     from test_safekeepers_e2e import kill9_rounds
 
     loop = LoopThread()
-    cluster = Cluster.start(base / "restarts", loop)
+    cluster = Cluster.start(base / ("restarts-pull" if pull else "restarts"), loop)
+    cluster.pull = pull
     try:
         t0 = time.monotonic()
         acked = kill9_rounds(cluster, rounds)
@@ -244,18 +246,23 @@ def run(report: Report, quick: bool) -> None:
         round_s, acked = _kill9_rounds(base, kill_rounds)
         report.add("kill9_restart_round_s", round_s, "s")
         report.add("kill9_transfers_acked", acked, "transfers")
+        round_s, acked = _kill9_rounds(base, kill_rounds, pull=True)
+        report.add("kill9_restart_round_s_pull", round_s, "s")
+        report.add("kill9_transfers_acked_pull", acked, "transfers")
         report.note(f"pgbench -s 1, TPC-B and -N, -c {'/'.join(map(str, CLIENTS))}, "
                     f"-T {seconds}, {rounds} alternating round(s) per setup and load (median "
                     "tps, pooled latencies); D2 WAL settings everywhere; stock: fsync on; "
                     "Strata compute: fsync off, 3 safekeepers (2 must fsync), backpressure on "
                     "(16 MB write lag); strata_pull: the same in pull mode (the safekeepers "
-                    "replicate from the compute, ANY 2; no backpressure); stock_quorum3 "
+                    "replicate from the compute, ANY 2; backpressure as PullLimit); "
+                    "stock_quorum3 "
                     "(informative: what a quorum of 3 costs stock PostgreSQL on this host): "
                     "three stock standbys, ANY 2, fsync on; targets (issue "
                     "13, against one standby): tps ratio >= 0.9, p99 ratio <= 1.5 at every "
                     "load; unsuffixed "
                     "figures: TPC-B at -c 4; load average after each load "
                     f"{', '.join(f'{x:.1f}' for x in loads)}")
-        report.note(f"kill -9 rounds: {kill_rounds} with a cut multi-page record each; every "
-                    "acknowledged transfer present after each, WAL one valid chain; load "
+        report.note(f"kill -9 rounds: {kill_rounds} per mode, push with a cut multi-page "
+                    "record each, pull (_pull) without; every acknowledged transfer present "
+                    "after each, WAL one valid chain; load "
                     f"average at the end {os.getloadavg()[0]:.1f}")

@@ -9,7 +9,9 @@ Proves:
 - kill -9 of the compute under load, five times, each time with the head of a record that
   spans pages on the safekeepers and its tail dropped (failpoint walproposer-drop-tail): a
   new compute starts every time, every acknowledged commit is there, and the timeline's WAL
-  decodes as one chain (CRC and xl_prev) from its start to the commit LSN;
+  decodes as one chain (CRC and xl_prev) from its start to the commit LSN; the same in
+  pull mode (the safekeepers replicate from the compute, ANY 2), without the cut (the
+  sidecar streams nothing to cut);
 - two computes on one timeline: the older is stopped once it sees the newer term, only the
   newer commits, and no acknowledged commit is lost;
 - two of three safekeepers down for a minute: commits wait, reads work, the compute is not
@@ -197,9 +199,16 @@ def test_kill9_compute_under_load_with_partial_multipage_records(cluster: Cluste
     kill9_rounds(cluster, 5)
 
 
+def test_kill9_compute_under_load_in_pull_mode(cluster: Cluster) -> None:
+    cluster.pull = True
+    kill9_rounds(cluster, 5)
+
+
 def kill9_rounds(cluster: Cluster, rounds: int) -> int:
-    """Run the bank under load, cut a multi-page record, kill -9 the compute, start a new
-    one and check it, `rounds` times; then check the WAL chain. Returns transfers acked."""
+    """Run the bank under load, cut a multi-page record (push mode: in pull mode the
+    safekeepers read the compute's WAL themselves, and a kill leaves what they pulled of
+    a record), kill -9 the compute, start a new one and check it, `rounds` times; then
+    check the WAL chain. Returns transfers acked."""
     tenant, timeline = cluster.create_tenant()
     start_lsn = cluster.env.client.timeline(tenant, timeline).last_record_lsn
     rc = cluster.start_compute(tenant, timeline)
@@ -210,9 +219,10 @@ def kill9_rounds(cluster: Cluster, rounds: int) -> int:
         bank.start(first_id=round_no * 100_000_000 + 1)
         wait_until(lambda b=bank: sum(b.progress) >= 15, 30,  # type: ignore[misc]
                    "transfers before the crash")
-        failpoint.enable("walproposer-drop-tail")
-        wait_until(lambda: failpoint.hits("walproposer-drop-tail") > 0, 30,
-                   "a record spanning pages to cut")
+        if not cluster.pull:
+            failpoint.enable("walproposer-drop-tail")
+            wait_until(lambda: failpoint.hits("walproposer-drop-tail") > 0, 30,
+                       "a record spanning pages to cut")
         rc.compute.kill9()
         bank.stop()
         failpoint.disable("walproposer-drop-tail")
