@@ -10,7 +10,7 @@ compute instead of a sidecar pushing it? An experiment, no production path: pgbe
   (pageserver.toml, docs/walproposer.md "Cheap changes");
 - `strata_pull`: a third cluster in pull mode (`commit_mode = "pull"`: the real
   safekeepers replicate from the compute on slots sk1..sk3, ANY 2; the sidecar elects and
-  hands them the commit LSN; no backpressure yet), docs/walproposer.md "Pull mode";
+  hands them the commit LSN and the backpressure limit, PullLimit), docs/walproposer.md "Pull mode";
 - `pull3`: a primary with the compute's durability (fsync off) and three Python receivers,
   each a direct physical-replication standby of it on its own slot, and PostgreSQL's own
   quorum commit `synchronous_standby_names = 'ANY 2 (sk1, sk2, sk3)'`. A receiver is the
@@ -166,7 +166,7 @@ def run(report: Report, quick: bool) -> None:
                     "pooled latencies); sync_rep: stock, one standby, fsync on; strata: "
                     "sidecar + 3 safekeepers + pageserver (strata_nice: its pageserver at "
                     "nice 10; strata_pull: pull mode, the safekeepers replicate from the "
-                    "compute, no backpressure); pull3: fsync-off primary, 3 Python "
+                    "compute, backpressure as PullLimit); pull3: fsync-off primary, 3 Python "
                     "receivers, ANY 2; pull1: "
                     "the same, 1 receiver; load average "
                     f"after each load {', '.join(f'{x:.1f}' for x in loads)}")
