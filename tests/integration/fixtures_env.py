@@ -48,12 +48,9 @@ from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn
 from strata.compute.compute import Compute, ComputeConfig
 from strata.compute.pgserver import PgServer
+from strata.compute.quorum import DEFAULT_APPLICATION_NAME, QuorumConfig, SafekeeperAddr, SyncResult
 from strata.compute.walproposer import (
-    DEFAULT_APPLICATION_NAME,
-    QuorumConfig,
-    SafekeeperAddr,
     SidecarConfig,
-    SyncResult,
     WalProposer,
     immediate_stopper,
     postmaster_pid,

@@ -15,10 +15,8 @@ from fixtures_env import COMPUTE_SETTINGS, Env, LoopThread
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.compute.compute import Compute, ComputeConfig
+from strata.compute.quorum import DEFAULT_APPLICATION_NAME, QuorumConfig, SafekeeperAddr
 from strata.compute.walproposer import (
-    DEFAULT_APPLICATION_NAME,
-    QuorumConfig,
-    SafekeeperAddr,
     SidecarConfig,
     WalProposer,
     immediate_stopper,

@@ -4,6 +4,7 @@ Strata's own client, including CopyOut/CopyBoth streams, errors and garbage."""
 from __future__ import annotations
 
 import asyncio
+import io
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -13,10 +14,11 @@ import psycopg
 import pytest
 
 from polling import wait_until_async
-from strata.common.errors import NotFound
+from strata.common.errors import NotFound, ProtocolError
 from strata.common.proc import pg_bindir
 from strata.compute.pgserver import PgServer
 from strata.pg import wire
+from strata.pg.blockingclient import BlockingPgConnection, copy_data
 from strata.pg.pgclient import PgConnection, ServerError
 from strata.pg.pgserve import (
     Command,
@@ -327,6 +329,61 @@ def test_own_client_against_postgres_md5_and_cleartext(
                                        password="wrong")
 
     asyncio.run(scenario())
+
+
+def test_blocking_client_against_postgres(pg_factory: Callable[..., PgServer]) -> None:
+    """The blocking client (`endpoint start`'s basebackup and sync) authenticates to a real
+    PostgreSQL 15 with md5 and cleartext passwords, reads CopyOut data, and raises the
+    asyncio client's errors (an ErrorResponse keeps the connection usable)."""
+    pg = pg_factory("blocking")
+    pg.initdb()
+    hba = pg.datadir / "pg_hba.conf"
+    hba.write_text("host all md5user 127.0.0.1/32 md5\n"
+                   "host all textuser 127.0.0.1/32 password\n" + hba.read_text())
+    pg.start({"password_encryption": "md5"})
+    pg.sql("create role md5user login password 's3cret'")
+    pg.sql("create role textuser login password 'plain'")
+    for user, password in (("md5user", "s3cret"), ("textuser", "plain")):
+        conn = BlockingPgConnection.connect(pg.host, pg.port, user=user, database="postgres",
+                                            password=password, timeout_s=10)
+        try:
+            out = io.BytesIO()
+            size = conn.copy_out("copy (select g, current_user from generate_series(1, 3000) g)"
+                                 " to stdout", out, None)
+            lines = out.getvalue().decode().splitlines()
+            assert size == len(out.getvalue()) and len(lines) == 3000
+            assert lines[0] == f"1\t{user}" and lines[-1] == f"3000\t{user}"
+            with pytest.raises(ServerError) as info:
+                conn.copy_out("copy no_such_table to stdout", io.BytesIO(), None)
+            assert info.value.code == "42P01"
+            with pytest.raises(ProtocolError, match="RowDescription"):
+                conn.copy_out("select 1", io.BytesIO(), None)
+        finally:
+            conn.close()
+    with pytest.raises(ServerError, match="28P01"):
+        BlockingPgConnection.connect(pg.host, pg.port, user="md5user", database="postgres",
+                                     password="wrong")
+    # Over the unix socket (trust).
+    conn = BlockingPgConnection.connect(str(pg.socket_dir), pg.port, user="postgres",
+                                        database="postgres")
+    out = io.BytesIO()
+    conn.copy_out("copy (select 42) to stdout", out, None)
+    assert out.getvalue() == b"42\n"
+    conn.close()
+
+
+def test_blocking_client_copy_both(server: ServerThread) -> None:
+    conn = BlockingPgConnection.connect("127.0.0.1", server.port, user="bob", timeout_s=10)
+    try:
+        with pytest.raises(ServerError) as info:
+            conn.start_copy_both("missing", None)
+        assert info.value.code == "42704"
+        conn.start_copy_both("echo", None)
+        for word in (b"get", b"page", b"x" * 10000):
+            conn.send(copy_data(word))
+            assert conn.read_copy_data("echo") == word.upper()
+    finally:
+        conn.close()
 
 
 def test_psycopg_reads_copy_out_and_a_failing_copy_keeps_the_connection(

@@ -30,7 +30,8 @@ from sim.walgen import SYSID, WalGenerator
 from strata.common.errors import NotFound, Unavailable
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn, segment_file_name
-from strata.compute.walproposer import QuorumConfig, QuorumDriver, SafekeeperAddr
+from strata.compute.quorum import QuorumConfig, SafekeeperAddr
+from strata.compute.walproposer import QuorumDriver
 from strata.pg import wire
 from strata.pg.pgclient import CopyBothStream, PgConnection, ServerError
 from strata.safekeeper.client import SafekeeperClient

@@ -23,8 +23,8 @@ from stub_rig import StubRig, current_lsn
 from polling import wait_until
 from sk_stub import StubSafekeeper
 from strata.common.errors import UserError
+from strata.compute.quorum import DEFAULT_APPLICATION_NAME
 from strata.compute.walproposer import (
-    DEFAULT_APPLICATION_NAME,
     SidecarConfig,
     WalProposer,
     sync_safekeepers,

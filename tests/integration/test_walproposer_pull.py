@@ -29,9 +29,8 @@ from strata.common.errors import StrataError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.compute.compute import ComputeConfig
+from strata.compute.quorum import QuorumConfig, SafekeeperAddr
 from strata.compute.walproposer import (
-    QuorumConfig,
-    SafekeeperAddr,
     SidecarConfig,
     WalProposer,
     sync_safekeepers,

@@ -21,15 +21,12 @@ import pytest
 from polling import wait_until_async
 from sim.walgen import SYSID, WalGenerator
 from sk_stub import StubSafekeeper
+from strata.common.errors import Unavailable
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.compute.walproposer import (
-    QuorumConfig,
-    QuorumDriver,
-    SafekeeperAddr,
-    parse_safekeepers,
-    sync_safekeepers,
-)
+from strata.compute.quorum import QuorumConfig, SafekeeperAddr, SyncResult, parse_safekeepers
+from strata.compute.safekeeper_sync import sync_safekeepers_blocking
+from strata.compute.walproposer import QuorumDriver, sync_safekeepers
 
 T = TypeVar("T")
 SEG = 1 << 20
@@ -73,16 +70,30 @@ def run(coro: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(asyncio.wait_for(coro(), 60))
 
 
+Sync = Callable[[QuorumConfig, int, float], Awaitable[SyncResult]]
+
+
+async def _blocking_sync(config: QuorumConfig, system_id: int, timeout_s: float) -> SyncResult:
+    # In a thread: the stub safekeepers run on this event loop.
+    return await asyncio.to_thread(sync_safekeepers_blocking, config, system_id, timeout_s)
+
+
+@pytest.fixture(params=["asyncio", "blocking"])
+def sync(request: pytest.FixtureRequest) -> Sync:
+    """Both sync drivers: the sidecar's (asyncio) and `endpoint start`'s (blocking)."""
+    return sync_safekeepers if request.param == "asyncio" else _blocking_sync
+
+
 def test_parse_safekeepers() -> None:
     addrs = parse_safekeepers("127.0.0.1:5001, 7@localhost:5002")
     assert addrs == (SafekeeperAddr(1, "127.0.0.1", 5001), SafekeeperAddr(7, "localhost", 5002))
 
 
-def test_sync_on_new_timeline_returns_its_start() -> None:
+def test_sync_on_new_timeline_returns_its_start(sync: Sync) -> None:
     async def body() -> None:
         sks = await started(3)
         try:
-            result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
+            result = await sync(quorum_config(sks), SYSID, 10)
             assert (result.lsn, result.prev_lsn) == (START, PREV)
             durable = [s.state.commit_lsn for s in sks if s.state is not None]
             assert sum(c == START for c in durable) >= 2, durable
@@ -91,7 +102,7 @@ def test_sync_on_new_timeline_returns_its_start() -> None:
     run(body)
 
 
-def test_commit_with_one_down_restart_catches_up_then_sync_finds_the_end() -> None:
+def test_commit_with_one_down_restart_catches_up_then_sync_finds_the_end(sync: Sync) -> None:
     async def body() -> None:
         sks = await started(3)
         gen = WalGenerator(START.value, PREV.value, SEG)
@@ -116,7 +127,7 @@ def test_commit_with_one_down_restart_catches_up_then_sync_finds_the_end() -> No
         finally:
             await driver.stop()
         prev = Lsn(gen.prev_lsn)
-        result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
+        result = await sync(quorum_config(sks), SYSID, 10)
         assert (result.lsn, result.prev_lsn) == (end, prev)
         await stop_all(sks)
     run(body)
@@ -211,7 +222,7 @@ def test_sync_and_two_safekeepers_defer_none() -> None:
     run(body)
 
 
-def test_partial_record_is_truncated_by_sync() -> None:
+def test_partial_record_is_truncated_by_sync(sync: Sync) -> None:
     async def body() -> None:
         sks = await started(3)
         gen = WalGenerator(START.value, PREV.value, SEG)
@@ -225,7 +236,7 @@ def test_partial_record_is_truncated_by_sync() -> None:
                                                for s in sks), 10, "partial tail on all")
         finally:
             await driver.stop()
-        result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
+        result = await sync(quorum_config(sks), SYSID, 10)
         assert (result.lsn, result.prev_lsn) == (complete_end, complete_prev)
         await stop_all(sks)
     run(body)
@@ -264,7 +275,7 @@ def test_majority_loss_waits_with_warnings_then_commits_resume(
     run(body)
 
 
-def test_newer_proposer_fences_the_older() -> None:
+def test_newer_proposer_fences_the_older(sync: Sync) -> None:
     async def body() -> None:
         sks = await started(3)
         gen = WalGenerator(START.value, PREV.value, SEG)
@@ -273,7 +284,7 @@ def test_newer_proposer_fences_the_older() -> None:
             old.append_wal(gen.record(b"a" * 50)[1])
             end = Lsn(gen.end_lsn)
             await wait_until_async(lambda: old.commit_lsn == end, 10, "commit")
-            result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
+            result = await sync(quorum_config(sks), SYSID, 10)
             assert result.lsn == end
             # The old proposer learns the higher term at its next heartbeat or append.
             old.append_wal(gen.record(b"b" * 50)[1])
@@ -285,12 +296,12 @@ def test_newer_proposer_fences_the_older() -> None:
     run(body)
 
 
-def test_sync_with_one_safekeeper_unreachable() -> None:
+def test_sync_with_one_safekeeper_unreachable(sync: Sync) -> None:
     async def body() -> None:
         sks = await started(3)
         await sks[1].stop()
         try:
-            result = await sync_safekeepers(quorum_config(sks), SYSID, timeout_s=10)
+            result = await sync(quorum_config(sks), SYSID, 10)
             assert result.lsn == START
         finally:
             await stop_all(sks)
@@ -311,5 +322,44 @@ def test_wal_arriving_while_a_majority_is_busy_shares_one_append() -> None:
             assert all(s.appends_with_wal <= 3 for s in sks), [s.appends_with_wal for s in sks]
         finally:
             await driver.stop()
+            await stop_all(sks)
+    run(body)
+
+
+def test_sync_recovers_a_lagging_safekeeper(sync: Sync) -> None:
+    """One safekeeper missed WAL that a majority committed; sync brings it up to the end
+    (read from another one, ReadWal) before it commits there."""
+    async def body() -> None:
+        sks = await started(3)
+        gen = WalGenerator(START.value, PREV.value, SEG)
+        driver = await elected(sks)
+        try:
+            await sks[2].stop()
+            for _ in range(20):
+                driver.append_wal(gen.record(b"w" * 300)[1])
+            end = Lsn(gen.end_lsn)
+            await wait_until_async(lambda: driver.commit_lsn == end, 10, "commit with 2 of 3")
+        finally:
+            await driver.stop()
+        await sks[0].stop()  # the lagging one is needed for a majority now
+        await sks[2].start()
+        try:
+            result = await sync(quorum_config(sks), SYSID, 10)
+            assert result.lsn == end
+            assert bytes(sks[2].wal) == bytes(sks[1].wal), "not recovered"
+        finally:
+            await stop_all(sks)
+    run(body)
+
+
+def test_sync_without_a_majority_is_unavailable(sync: Sync) -> None:
+    async def body() -> None:
+        sks = await started(3)
+        await sks[0].stop()
+        await sks[1].stop()
+        try:
+            with pytest.raises(Unavailable, match="are a majority of the safekeepers up"):
+                await sync(quorum_config(sks), SYSID, 1.0)
+        finally:
             await stop_all(sks)
     run(body)

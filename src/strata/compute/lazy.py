@@ -28,7 +28,6 @@ the control plane falls back to full mode with that reason as its warning.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import importlib.util
@@ -56,7 +55,7 @@ from strata.compute.lazyfs.layout import TREE
 from strata.compute.lazyfs.manifest import MANIFEST_NAME
 from strata.compute.lazyfs.watch import FUSERMOUNT, detach
 from strata.compute.pgserver import PgServer
-from strata.pageserver.client import fetch_basebackup
+from strata.pageserver.client import read_basebackup
 
 log = logging.getLogger(__name__)
 
@@ -404,10 +403,10 @@ def _fill_store(host: str, pg_port: int, tenant_id: TenantId, timeline_id: Timel
             client.lease(lsn, options.lease_s)
     phases["lease"] = time.monotonic() - started
     tar = io.BytesIO()  # small: a lazy basebackup has no relation files
-    asyncio.run(fetch_basebackup(host, pg_port, tenant_id, timeline_id, tar, lsn,
-                                 read_only=config.read_only if config else False, mode="lazy",
-                                 # pull mode: one slot per safekeeper (their names)
-                                 slots=config.quorum_standbys if config else ()))
+    read_basebackup(host, pg_port, tenant_id, timeline_id, tar, lsn,
+                    read_only=config.read_only if config else False, mode="lazy",
+                    # pull mode: one slot per safekeeper (their names)
+                    slots=config.quorum_standbys if config else ())
     tar.seek(0)
     fetched = time.monotonic()
     phases["fetch"] = fetched - started - phases["lease"]

@@ -61,7 +61,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from strata.common import eventloop
@@ -70,7 +70,14 @@ from strata.common.errors import ProtocolError, StrataError, Unavailable, UserEr
 from strata.common.failpoint import FailpointHit, failpoint
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import setup_logging, timeline_context
-from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn, check_segment_size
+from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn
+from strata.compute.quorum import (
+    DEFAULT_APPLICATION_NAME,
+    QuorumConfig,
+    SafekeeperAddr,
+    SyncResult,
+    parse_safekeepers,
+)
 from strata.pageserver.api import DEFAULT_SLOT_NAME
 from strata.pg import wire
 from strata.pg.constants import SIZE_OF_XLOG_LONG_PHD, XLOG_BLCKSZ
@@ -102,7 +109,6 @@ from strata.safekeeper.proposer import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_APPLICATION_NAME = "strata_walproposer"
 EXIT_FENCED = 3  # the CLI's exit code when the sidecar was fenced
 _TICK_S = 0.02
 _STAGE_MAX_BYTES = 128 * 1024  # staged WAL goes out at once beyond this (one append's worth)
@@ -110,64 +116,6 @@ _COMMIT_ONLY_IDLE_S = 0.1  # held commit-only appends go once no WAL came for th
 _ACCEPTOR_MESSAGES = (AcceptorGreeting, VoteResponse, AppendResponse, ReadWalResponse)
 _LINK_QUEUE_MAX = 4096  # messages; beyond this a dead link drops them (tick resends)
 _ARRIVALS_MAX = 4096  # WAL pieces timed for CommitPathStats (the oldest are forgotten)
-
-
-@dataclass(frozen=True, slots=True)
-class SafekeeperAddr:
-    """A safekeeper's node id and PG-protocol address."""
-
-    node_id: int
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str, default_id: int) -> SafekeeperAddr:
-        """`ID@HOST:PORT` or `HOST:PORT` (the id is then `default_id`)."""
-        node, _, rest = text.rpartition("@")
-        host, _, port = rest.rpartition(":")
-        try:
-            return cls(int(node) if node else default_id, host or "127.0.0.1", int(port))
-        except ValueError as err:
-            raise UserError(f"safekeeper address {text!r}: expected ID@HOST:PORT") from err
-
-
-def parse_safekeepers(text: str) -> tuple[SafekeeperAddr, ...]:
-    """A comma-separated list of safekeeper addresses; ids default to 1, 2, ... by position."""
-    addrs = tuple(SafekeeperAddr.parse(item.strip(), i + 1)
-                  for i, item in enumerate(text.split(",")) if item.strip())
-    if not addrs:
-        raise UserError("no safekeepers given; pass --safekeepers ID@HOST:PORT,...")
-    if len({a.node_id for a in addrs}) != len(addrs):
-        raise UserError(f"safekeeper ids repeat in {text!r}")
-    return addrs
-
-
-@dataclass(frozen=True, slots=True)
-class QuorumConfig:
-    """Which timeline, which safekeepers, and how patient to be with them."""
-
-    tenant_id: TenantId
-    timeline_id: TimelineId
-    safekeepers: tuple[SafekeeperAddr, ...]
-    wal_seg_size: int = DEFAULT_WAL_SEGMENT_SIZE
-    user: str = "strata"
-    retry_interval_s: float = 0.25
-    connect_timeout_s: float = 5.0
-    backoff_max_s: float = 1.0
-    defer_slowest: bool = False
-    """With more safekeepers than a majority, the one heard from least recently gets WAL
-    only at the driver's tick (`QuorumDriver._pick_deferred`). Off: in the fifth round's
-    A/B (docs/walproposer.md) it saved fsyncs but the worst-load figures were worse."""
-    proposer_id: int = field(default_factory=lambda: secrets.randbits(62) + 1)
-
-    def __post_init__(self) -> None:
-        check_segment_size(self.wal_seg_size)
-        assert self.safekeepers, "no safekeepers"
-        assert self.proposer_id > 0, self.proposer_id
-
-    @property
-    def quorum(self) -> int:
-        return len(self.safekeepers) // 2 + 1
 
 
 @dataclass(slots=True)
@@ -266,17 +214,6 @@ def _decode_acceptor(payload: bytes) -> AcceptorMessage:
 
 
 # --- the driver ---------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class SyncResult:
-    """The agreed end of the log after sync, and the start of the record ending there."""
-
-    lsn: Lsn
-    prev_lsn: Lsn
-
-    def to_json(self) -> str:
-        return json.dumps({"lsn": str(self.lsn), "prev_lsn": str(self.prev_lsn)})
-
-
 class QuorumDriver:
     """Runs one `Proposer` against the safekeepers: links, timer, and the actions' effects.
 

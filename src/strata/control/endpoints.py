@@ -48,7 +48,6 @@ Strata's own use over the endpoint's unix socket: a superuser could turn
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -76,12 +75,8 @@ from strata.compute.pageserver_address import FILE_NAME as PAGESERVER_FILE
 from strata.compute.pageserver_address import write_address
 from strata.compute.pgserver import port_taken
 from strata.compute.postmaster_files import clear_crashed_postmaster
-from strata.compute.walproposer import (
-    DEFAULT_APPLICATION_NAME,
-    QuorumConfig,
-    SafekeeperAddr,
-    sync_safekeepers,
-)
+from strata.compute.quorum import DEFAULT_APPLICATION_NAME, QuorumConfig, SafekeeperAddr
+from strata.compute.safekeeper_sync import sync_safekeepers_blocking
 from strata.control import output
 from strata.control.auth_setup import child_env, token_for
 from strata.control.env import (
@@ -93,6 +88,7 @@ from strata.control.env import (
     WalMode,
     allocate_port,
 )
+from strata.control.proxy import proxy_files
 from strata.control.services import require_pageserver, safekeeper_client, tenant_pageserver_id
 from strata.control.supervisor import (
     ProcessFiles,
@@ -105,7 +101,6 @@ from strata.control.supervisor import (
 from strata.pageserver.api import DEFAULT_SLOT_NAME
 from strata.pageserver.client import PageserverClient
 from strata.pg.controlfile import ControlFileData
-from strata.pg.pgclient import PgConnection
 from strata.safekeeper.proposer import pull_slot_name
 
 if TYPE_CHECKING:
@@ -115,6 +110,10 @@ if TYPE_CHECKING:
 
     # Not at run time: it loads libfuse, which a host without FUSE lacks (full mode).
     from strata.compute.lazy import LazyCompute, LazyOptions
+
+    # asyncio and Strata's asyncio client are imported where used (the application
+    # role's checks): the start path runs without them (issue 13).
+    from strata.pg.pgclient import PgConnection
 
 APP_ROLE = "strata"
 APP_DATABASE = "strata"
@@ -244,9 +243,6 @@ def connstr(env: Environment, config: EnvConfig, ep: EndpointState, *,
 
 
 def proxy_runs(env: Environment) -> bool:
-    # Imported here: strata.control.proxy imports the proxy, which imports this module.
-    from strata.control.proxy import proxy_files
-
     return proxy_files(env).read_pid() is not None
 
 
@@ -364,8 +360,8 @@ def sync_wal(env: Environment, config: EnvConfig, client: PageserverClient,
     sysid = system_id(env, client, tenant_id, timeline_id)
     timeout_s = config.endpoint_defaults.start_timeout_s
     try:
-        result = asyncio.run(sync_safekeepers(quorum_config(config, tenant_id, timeline_id),
-                                              sysid, timeout_s=timeout_s))
+        result = sync_safekeepers_blocking(quorum_config(config, tenant_id, timeline_id),
+                                           sysid, timeout_s=timeout_s)
     except Unavailable as err:
         raise Unavailable(f"{err}; see `strata status` and start them with `strata "
                           "safekeeper start`") from err
@@ -958,6 +954,8 @@ def _wait_streaming(env: Environment, config: EnvConfig, ep: EndpointState,
                     compute: Compute, proc: subprocess.Popen[bytes]) -> None:
     """Wait until PostgreSQL streams to its walproposer (bounded); if it does not, stop
     both and say why with the sidecar's log. Strata's own client over the unix socket."""
+    import asyncio
+
     files = sidecar_files(env, ep.name)
     pg_pid = compute.pid
     assert pg_pid is not None, ep.name
@@ -990,6 +988,8 @@ async def _streaming_now(conns: list[PgConnection], socket_dir: str, port: int,
                          sql: str) -> bool:
     """One check of pg_stat_replication (`_streaming_sql`) over the connection kept in
     `conns`."""
+    from strata.pg.pgclient import PgConnection
+
     try:
         if not conns:
             conns.append(await PgConnection.connect(socket_dir, port, user=SUPERUSER,
@@ -1050,6 +1050,8 @@ def apply_roles(env: Environment, ep: EndpointState, roles: dict[str, str], *,
     all of them, and the read (Strata's own client: no psycopg import on a wake) costs
     no commit. `before_write` runs once before the first change (at a start: the wait
     for the walproposer, which the commit needs)."""
+    import asyncio
+
     held = asyncio.run(_held_roles(str(endpoint_paths(env, ep.name).socket_dir), ep.port,
                                    list(roles)))
     changes = {name: secret for name, secret in roles.items()
@@ -1075,6 +1077,8 @@ def _sql_literal(text: str) -> str:
 async def _held_roles(socket_dir: str, port: int,
                       names: list[str]) -> dict[str, tuple[str | None, bool]]:
     """rolname -> (rolpassword, rolcanlogin) of those of `names` that exist."""
+    from strata.pg.pgclient import PgConnection
+
     listed = ", ".join(_sql_literal(name) for name in names)
     async with await PgConnection.connect(socket_dir, port, user=SUPERUSER,
                                           database="postgres", timeout_s=5) as conn:

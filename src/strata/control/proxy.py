@@ -16,8 +16,6 @@ from strata.control.supervisor import (
     start_service,
     stop_service,
 )
-from strata.proxy.computes import read_status_file
-from strata.proxy.tls import make_self_signed
 
 PROXY_START_TIMEOUT_S = 30.0
 PROXY_STOP_TIMEOUT_S = 60.0  # a wake or suspend in progress finishes first
@@ -33,6 +31,8 @@ def ensure_certificate(env: Environment, config: EnvConfig) -> None:
     if config.proxy.tls_cert:
         return
     if not (env.proxy_dir / "server.crt").exists():
+        from strata.proxy.tls import make_self_signed
+
         make_self_signed(env.proxy_dir, config.proxy.domain)
 
 
@@ -74,6 +74,10 @@ def proxy_status(env: Environment, config: EnvConfig) -> dict[str, Any]:
     settings = config.proxy
     endpoints: dict[str, Any] = {}
     if pid is not None:
+        # Imported here: the proxy's modules import asyncio, which `endpoint start` (that
+        # asks `proxy_files` whether the proxy runs) does without (issue 13).
+        from strata.proxy.computes import read_status_file
+
         data = read_status_file(env)
         if data is not None and data.get("pid") == pid:
             endpoints = data.get("endpoints", {})

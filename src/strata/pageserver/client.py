@@ -1,24 +1,26 @@
 """A small client of the pageserver for tests and the CLI: its HTTP API and its basebackup.
 
 `PageserverClient` is synchronous (urllib, for tests and the CLI); `AsyncPageserverClient`
-is the same API over aiohttp. `fetch_basebackup` reads the CopyOut tar stream of
-`basebackup <tenant> <timeline> [lsn]` over the PostgreSQL-protocol port with
-`strata.pg.pgclient`. With `token` (default: `$STRATA_AUTH_TOKEN`) every request carries
-it (a Bearer header on HTTP, the password on the pg port; strata.common.auth). An error
+is the same API over aiohttp. `read_basebackup` (blocking, `strata.pg.blockingclient`:
+the CLI's start path imports neither asyncio nor `strata.pg.wire`) and `fetch_basebackup`
+(asyncio, `strata.pg.pgclient`) read the CopyOut tar stream of
+`basebackup <tenant> <timeline> [lsn]` over the PostgreSQL-protocol port. With `token`
+(default: `$STRATA_AUTH_TOKEN`) every request carries it (a Bearer header on HTTP, the
+password on the pg port; strata.common.auth). An error
 answer becomes the Strata error of its HTTP status (404 NotFound, 409 CorruptionError,
 503 Unavailable, else UserError) with the server's message.
 """
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from strata.common.auth import AuthError, Forbidden, auth_headers, default_token
 from strata.common.errors import (
@@ -32,8 +34,10 @@ from strata.common.errors import (
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pageserver.api import LeaseInfo, TimelineInfo
-from strata.pg import wire
-from strata.pg.pgclient import PgConnection, ServerError
+from strata.pg.blockingclient import BlockingPgConnection
+
+if TYPE_CHECKING:
+    from strata.pg.pgclient import PgConnection
 
 
 def error_for(status: int, message: str, kind: str | None = None) -> StrataError:
@@ -262,10 +266,9 @@ class PageserverClient(_Client):
                    lsn: Lsn | None = None, *, read_only: bool = False,
                    mode: str = "full", slots: Sequence[str] = ()) -> int:
         """Write the tar stream to `out`; returns its size in bytes."""
-        return asyncio.run(fetch_basebackup(self.host, self.pg_port, tenant_id, timeline_id,
-                                            out, lsn, read_only=read_only, mode=mode,
-                                            timeout_s=self.timeout_s, token=self.token,
-                                            slots=slots))
+        return read_basebackup(self.host, self.pg_port, tenant_id, timeline_id, out, lsn,
+                               read_only=read_only, mode=mode, timeout_s=self.timeout_s,
+                               token=self.token, slots=slots)
 
 
 class AsyncPageserverClient(_Client):
@@ -316,14 +319,8 @@ class AsyncPageserverClient(_Client):
                                       token=self.token)
 
 
-async def fetch_basebackup(host: str, port: int, tenant_id: TenantId, timeline_id: TimelineId,
-                           out: BinaryIO, lsn: Lsn | None = None, *, read_only: bool = False,
-                           mode: str = "full", timeout_s: float = 120,
-                           token: str | None = None, slots: Sequence[str] = ()) -> int:
-    """Run `basebackup` on the pageserver's PG port and write the tar to `out`
-    (`mode` 'lazy': without relation files, with their list, see basebackup.py;
-    `token` None: `$STRATA_AUTH_TOKEN`; `slots`: the primary's physical slots, default
-    the walproposer's; pull mode's are `sk1..skN`)."""
+def _basebackup_command(tenant_id: TenantId, timeline_id: TimelineId, lsn: Lsn | None,
+                        read_only: bool, mode: str, slots: Sequence[str]) -> str:
     command = f"basebackup {tenant_id} {timeline_id}"
     if lsn is not None:
         command += f" {lsn}"
@@ -333,6 +330,38 @@ async def fetch_basebackup(host: str, port: int, tenant_id: TenantId, timeline_i
         command += " lazy"
     if slots:
         command += " slots=" + ",".join(slots)
+    return command
+
+
+def read_basebackup(host: str, port: int, tenant_id: TenantId, timeline_id: TimelineId,
+                    out: BinaryIO, lsn: Lsn | None = None, *, read_only: bool = False,
+                    mode: str = "full", timeout_s: float = 120, token: str | None = None,
+                    slots: Sequence[str] = ()) -> int:
+    """Run `basebackup` on the pageserver's PG port and write the tar to `out`, within
+    `timeout_s` (`mode` 'lazy': without relation files, with their list, see
+    basebackup.py; `token` None: `$STRATA_AUTH_TOKEN`; `slots`: the primary's physical
+    slots, default the walproposer's; pull mode's are `sk1..skN`). Blocking; returns the
+    tar's size in bytes."""
+    command = _basebackup_command(tenant_id, timeline_id, lsn, read_only, mode, slots)
+    deadline = time.monotonic() + timeout_s
+    conn = BlockingPgConnection.connect(host, port, user="strata", timeout_s=timeout_s,
+                                        password=token or default_token())
+    try:
+        return conn.copy_out(command, out, deadline)
+    finally:
+        conn.close()
+
+
+async def fetch_basebackup(host: str, port: int, tenant_id: TenantId, timeline_id: TimelineId,
+                           out: BinaryIO, lsn: Lsn | None = None, *, read_only: bool = False,
+                           mode: str = "full", timeout_s: float = 120,
+                           token: str | None = None, slots: Sequence[str] = ()) -> int:
+    """`read_basebackup` on an event loop (`strata.pg.pgclient`)."""
+    import asyncio
+
+    from strata.pg.pgclient import PgConnection
+
+    command = _basebackup_command(tenant_id, timeline_id, lsn, read_only, mode, slots)
     async with asyncio.timeout(timeout_s):
         conn = await PgConnection.connect(host, port, user="strata", timeout_s=timeout_s,
                                           password=token or default_token())
@@ -344,6 +373,9 @@ async def fetch_basebackup(host: str, port: int, tenant_id: TenantId, timeline_i
 
 async def _read_copy_out(conn: PgConnection, command: str, out: BinaryIO) -> int:
     # pgclient has no CopyOut reader; the message loop is short enough to have here.
+    from strata.pg import wire
+    from strata.pg.pgclient import ServerError
+
     await conn._send(wire.Query(command).encode())
     size = 0
     error: wire.ErrorResponse | None = None
