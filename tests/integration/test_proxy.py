@@ -299,9 +299,11 @@ def test_wake_suspend_and_concurrent_wake(proxied: Cli) -> None:
     assert answers == [42] * 50
     assert proxy_log(cli).count("waking endpoint dev ") == 2  # one start per wake
     # The proxy's own share of each wake is logged, for the connections that waited;
-    # they logged in to the compute while the start was in its last phases.
+    # they logged in to the compute while the start was in its last phases, and were
+    # relayed once it was past its checks (its last step, the proxy's roles, still on).
     assert proxy_log(cli).count("connection to endpoint dev after its wake") >= 2
-    assert "(logged in during the start)" in proxy_log(cli)
+    assert "(logged in during the start" in proxy_log(cli)
+    assert proxy_log(cli).count("endpoint dev is past its start's checks") == 2
 
     # A role made while the endpoint sleeps exists only once the start has applied the
     # roles: its early login is refused, and the login after the start works.

@@ -27,6 +27,7 @@ from typing import Any
 
 from strata.common.errors import StrataError, Unavailable, UserError
 from strata.compute.postmaster_files import PID_FILE, STATUS_READY, PostmasterPid
+from strata.control import output
 from strata.control.endpoints import endpoint_paths, running_pid, start_endpoint, stop_endpoint
 from strata.control.env import Environment
 from strata.control.services import (
@@ -42,6 +43,9 @@ STATUS_FILE = "proxy-status.json"
 SUSPEND_CHECK_INTERVAL_S = 0.5
 ACCEPTING_POLL_S = 0.01
 """During a start, how often the proxy looks whether PostgreSQL accepts connections."""
+ROLES_STEP = "checking the proxy's roles"
+"""The start's last step (`strata.control.endpoints.start_endpoint`, its progress line):
+what comes before it (PostgreSQL, the walproposer check, the application role) passed."""
 BUSY_WAIT_S = 120.0  # another `strata` command starting/stopping the endpoint
 
 
@@ -63,6 +67,11 @@ class _Endpoint:
     accepting: asyncio.Future[str | None] | None = None
     """While starting: the compute's socket once PostgreSQL accepts connections (None if
     the start ended first), for the early login of the connections that wait."""
+    checked: asyncio.Future[None] | None = None
+    last_start: asyncio.Future[None] | None = None
+    """The latest start (kept once done: `finish_start` gives its outcome)."""
+    """While starting: done once the start is past its checks (the walproposer, the
+    application role), in its last step (the proxy's roles), see `wake`."""
 
 
 class Computes:
@@ -97,36 +106,68 @@ class Computes:
         return self._get(name).connections
 
     # --- wake ----------------------------------------------------------------------------
-    async def wake(self, name: str, on_start: Callable[[], object] | None = None
-                   ) -> tuple[ComputeAddress, bool]:
-        """The running compute of endpoint `name`, started if it is stopped, and whether
-        this caller waited for a start (`on_start` is called when it begins to wait);
-        concurrent callers share one start. (No await between looking and starting: two
-        callers never both start it.)"""
+    async def wake(self, name: str, on_start: Callable[[], object] | None = None, *,
+                   until_checked: bool = False) -> tuple[ComputeAddress, bool, bool]:
+        """The running compute of endpoint `name`, started if it is stopped, whether this
+        caller waited for a start (`on_start` is called when it begins to wait), and
+        whether that start has ended; concurrent callers share one start. With
+        `until_checked`, return as soon as the start is past its checks, in its last
+        step (the proxy's roles; then `finish_start` waits for the rest). (No await
+        between looking and starting: two callers never both start it.)"""
         ep = self._get(name)
         while ep.stopping is not None:
             await asyncio.shield(ep.stopping)
         if ep.starting is None:
             address = self._address_if_running(name)
             if address is not None:
-                return address, False
-            starting = asyncio.ensure_future(asyncio.to_thread(self._start, name))
-            ep.starting = starting
+                return address, False, True
+            loop = asyncio.get_running_loop()
+            checked: asyncio.Future[None] = loop.create_future()
+            starting = asyncio.ensure_future(asyncio.to_thread(
+                self._start, name,
+                lambda: loop.call_soon_threadsafe(_set_result, checked)))
+            ep.starting = ep.last_start = starting
+            ep.checked = checked
             ep.accepting = asyncio.ensure_future(
                 self._poll_accepting(name, starting, time.time() - 1))
-            starting.add_done_callback(lambda _: self._start_done(ep))
+            starting.add_done_callback(lambda f: self._start_done(ep, name, f))
             self._write_status()
         if on_start is not None:
             on_start()
-        await asyncio.shield(ep.starting)
+        running, past_checks = ep.starting, ep.checked
+        assert running is not None and past_checks is not None
+        if until_checked:  # (asyncio.wait cancels neither, even when this is cancelled)
+            await asyncio.wait([running, past_checks], return_when=asyncio.FIRST_COMPLETED)
+        if not until_checked or running.done():
+            await asyncio.shield(running)
         address = self._address_if_running(name)
         if address is None:
             raise Unavailable(f"endpoint {name} stopped right after it started; see its log")
-        return address, True
+        return address, True, running.done()
 
-    def _start_done(self, ep: _Endpoint) -> None:
+    def start_ended(self, name: str) -> bool:
+        return self._get(name).starting is None
+
+    async def finish_start(self, name: str) -> ComputeAddress:
+        """(After `wake(until_checked=True)` returned before its start ended) the compute
+        once that start has ended; the start's error if it failed."""
+        ep = self._get(name)
+        if ep.last_start is not None:
+            await asyncio.shield(ep.last_start)
+        address = self._address_if_running(name)
+        if address is None:
+            raise Unavailable(f"endpoint {name} stopped right after it started; see its log")
+        return address
+
+    def _start_done(self, ep: _Endpoint, name: str, starting: asyncio.Future[None]) -> None:
         ep.starting = None
         ep.accepting = None  # (ends by itself)
+        ep.checked = None
+        # Retrieved here too: the connections relayed before its end do not await it.
+        if not starting.cancelled() and starting.exception() is not None:
+            log.info("the start of endpoint %s failed: %s", name,
+                     str(starting.exception()).splitlines()[0]
+                     if str(starting.exception()) else repr(starting.exception()))
         self._write_status()
 
     def _address_if_running(self, name: str) -> ComputeAddress | None:
@@ -173,16 +214,25 @@ class Computes:
             return None
         return str(endpoint_paths(self.env, name).socket_dir / f".s.PGSQL.{ep.port}")
 
-    def _start(self, name: str) -> None:
-        """Worker thread: the control plane's start flow."""
+    def _start(self, name: str, on_checked: Callable[[], object]) -> None:
+        """Worker thread: the control plane's start flow; `on_checked` is called once it
+        begins its last step (ROLES_STEP)."""
         started = time.monotonic()
         state = self.env.read_state()
         ep = state.endpoint(name)
         log.info("waking endpoint %s (branch %s)", name, ep.branch)
         phases = ""
+
+        def progress(line: str) -> None:
+            if line.startswith(ROLES_STEP) and line.endswith(" ..."):
+                log.info("endpoint %s is past its start's checks (%.2fs): clients logged "
+                         "in early are relayed", name, time.monotonic() - started)
+                on_checked()
+
         try:
-            result = start_endpoint(self.env, self.env.config(), ep,
-                                    state.timeline_id(ep.tenant_id, ep.branch))
+            with output.progress_to(progress):
+                result = start_endpoint(self.env, self.env.config(), ep,
+                                        state.timeline_id(ep.tenant_id, ep.branch))
             phases = ", ".join(f"{k} {v:.2f}s" for k, v in result.phases.items()
                                if "." not in k)
         except UserError as err:
@@ -280,3 +330,8 @@ def read_status_file(env: Environment) -> dict[str, Any] | None:
     except (FileNotFoundError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _set_result(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

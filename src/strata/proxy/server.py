@@ -319,16 +319,16 @@ class ProxyServer:
             early = asyncio.create_task(self._early_login(name, startup))
 
         try:
+            wake_started = time.monotonic()
             try:
-                wake_started = time.monotonic()
+                # Back once the start is past its checks, in its last step (the proxy's
+                # roles): a client logged in early is relayed then; else after the start.
                 async with asyncio.timeout(WAKE_TIMEOUT_S):
-                    address, woke = await self.computes.wake(name, on_start=log_in_early)
-                wake_s = time.monotonic() - wake_started
+                    address, woke, ended = await self.computes.wake(
+                        name, on_start=log_in_early, until_checked=True)
             except (StrataError, TimeoutError) as err:
-                raise ClientError(protocol.CANNOT_CONNECT_NOW,
-                                  f"endpoint {name} could not be started: "
-                                  f"{str(err).splitlines()[0] if str(err) else 'timeout'}; "
-                                  "see `strata status` and the proxy's log") from None
+                raise _not_started(name, err) from None
+            wake_s = time.monotonic() - wake_started
             login_started = time.monotonic()
             if early is not None:
                 try:
@@ -337,6 +337,20 @@ class ProxyServer:
                 except Exception as err:  # noqa: BLE001 - then the usual login below
                     if not isinstance(err, TimeoutError):  # (cancelled by the timeout)
                         log.info("early login to endpoint %s failed: %r", name, err)
+                if not ended and self.computes.start_ended(name):
+                    # The start ended meanwhile: its error (or a compute it stopped).
+                    try:
+                        address = await self.computes.finish_start(name)
+                    except StrataError as err:
+                        raise _not_started(name, err) from None
+                    ended = True
+            if not ended and (login is None or login.socket_path != address.socket_path):
+                try:  # no early login to use: the start's end first (the role may be new)
+                    async with asyncio.timeout(WAKE_TIMEOUT_S):
+                        address = await self.computes.finish_start(name)
+                except (StrataError, TimeoutError) as err:
+                    raise _not_started(name, err) from None
+                ended = True
             if login is not None and login.socket_path == address.socket_path:
                 c_reader, c_writer = login.reader, login.writer
                 answer: _In = _Replay(login.answer, c_reader)
@@ -368,8 +382,10 @@ class ProxyServer:
                              "authentication %.3fs, wait for the start %.2fs, login to the "
                              "compute %.3fs after the start (%s)", name, auth_s, wake_s,
                              time.monotonic() - login_started,
-                             "logged in during the start" if login is not None
-                             else "logged in after the start")
+                             "logged in after the start" if login is None
+                             else "logged in during the start" if ended
+                             else "logged in during the start, relayed during its roles "
+                                  "step")
                 # Plain: the kernel (BPF sockmap) or a thread per direction, out of the
                 # event loop; TLS: a thread per direction on the proxy's own session, or
                 # (STRATA_PROXY_TLS_RELAY=loop) the event loop's protocols (docs/proxy.md,
@@ -489,6 +505,13 @@ class ProxyServer:
         await c_writer.drain()
         c_writer.close()
         log.info("routed a cancel request to backend %d", target.process_id)
+
+
+def _not_started(name: str, err: Exception) -> ClientError:
+    return ClientError(protocol.CANNOT_CONNECT_NOW,
+                       f"endpoint {name} could not be started: "
+                       f"{str(err).splitlines()[0] if str(err) else 'timeout'}; "
+                       "see `strata status` and the proxy's log")
 
 
 def _open_sockmap(kernel_relay: bool) -> Sockmap | None:
