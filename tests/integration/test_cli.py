@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import signal
 import socket
 import subprocess
@@ -549,7 +550,18 @@ def test_start_does_not_wait_for_the_walproposer(cli: Cli, test_dir: Path,
     rows(main, "create table t (id int primary key, v text)")
     rows(main, "insert into t values (1, 'acked')")
     assert cli.json("endpoint", "list")[0]["walproposer"]["streaming"] is True
+    lazy = cli.json("endpoint", "list")[0]["compute_mode"] == "lazy"
     cli.run("endpoint", "stop", "main")
+    prewarm_file = cli.repo_dir / "endpoints" / "main" / "prewarm"
+    if lazy:
+        # The blocks the lazy compute read first (its FUSE server saves them as it exits),
+        # for the next start's prewarm.
+        deadline = time.monotonic() + 30
+        while not prewarm_file.exists():
+            assert time.monotonic() < deadline, "no prewarm file"
+            time.sleep(0.1)
+        assert any(line.startswith("/base/") for line in
+                   prewarm_file.read_text().splitlines()), prewarm_file.read_text()
 
     # Held until the test creates `release` (bounded: 300 s, then it goes on by itself).
     release = test_dir / "release-walproposer"
@@ -557,6 +569,13 @@ def test_start_does_not_wait_for_the_walproposer(cli: Cli, test_dir: Path,
     started = cli.json("endpoint", "start", "main")
     monkeypatch.delenv("STRATA_FAILPOINTS")
     assert values(started["local_connstr"]) == ["acked"]  # reads at once
+    if lazy:
+        # The FUSE server fetched the listed blocks (in the background, from its start).
+        fuse_log = cli.repo_dir / "endpoints" / "main" / "compute" / "lazyfs.log"
+        deadline = time.monotonic() + 60
+        while not re.search(r"prewarm: fetched \d+ of [1-9]", fuse_log.read_text()):
+            assert time.monotonic() < deadline, fuse_log.read_text()[-3000:]
+            time.sleep(0.1)
     ep = cli.json("endpoint", "list")[0]
     assert ep["state"] == "running" and ep["walproposer"]["state"] == "running", ep
     assert ep["walproposer"]["streaming"] is False, ep

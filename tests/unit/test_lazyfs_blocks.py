@@ -16,11 +16,13 @@ from hypothesis import strategies as st
 
 from strata.common.errors import Unavailable, UserError
 from strata.common.lsn import Lsn
+from strata.compute.lazyfs import prewarm as prewarm_module
 from strata.compute.lazyfs.blockstate import RemoteFile
 from strata.compute.lazyfs.fetcher import PageFetcher
 from strata.compute.lazyfs.fs import LazyFs
 from strata.compute.lazyfs.layout import Layout
 from strata.compute.lazyfs.manifest import SegmentFile, parse_manifest, segment_files
+from strata.compute.lazyfs.prewarm import ReadLog, load, prewarm
 from strata.pg.constants import BLCKSZ, ForkNumber
 from strata.pg.relfile import RelTag
 
@@ -311,3 +313,75 @@ def test_concurrent_first_uses_create_each_file_once(
         st = (tree / "base/5" / name).stat()
         assert (st.st_size, st.st_mode & 0o777, st.st_uid) == (size, 0o600, os.getuid())
     assert not pages.requests  # creating a file fetches nothing
+
+
+# --- prewarm (prewarm.py) -------------------------------------------------------------------
+def test_read_log_keeps_the_first_distinct_blocks_and_saves_them_once(tmp_path: Path,
+        pending_fs: tuple[LazyFs, Pages, Path]) -> None:
+    ops, _, _ = pending_fs
+    ops.reads = ReadLog(tmp_path / "prewarm", limit=6)
+    fh = ops.open("/base/5/16384", os.O_RDONLY)
+    ops.read(None, BLCKSZ, 5 * BLCKSZ, fh)
+    ops.read(None, 2 * BLCKSZ, 2 * BLCKSZ, fh)  # blocks 2, 3 (+ readahead: not noted)
+    ops.read(None, BLCKSZ, 5 * BLCKSZ, fh)  # again: noted once
+    fh2 = ops.open("/base/5/16385", os.O_RDWR)
+    ops.write(None, b"w" * 4 * BLCKSZ, 0, fh2)  # the whole file: fully local
+    ops.read(None, BLCKSZ, BLCKSZ, fh2)  # ... and its reads are still noted
+    ops.read(None, BLCKSZ, 9 * BLCKSZ, fh)
+    ops.read(None, BLCKSZ, 7 * BLCKSZ, fh)  # the 6th block: the list is full
+    ops.read(None, BLCKSZ, 11 * BLCKSZ, fh)  # past the limit: not noted
+    ops.release("/base/5/16384", fh)
+    ops.release("/base/5/16385", fh2)
+    for _ in range(100):  # the list is full: saved by a thread
+        if (tmp_path / "prewarm").exists():
+            break
+        threading.Event().wait(0.05)
+    assert (tmp_path / "prewarm").read_text() == "/base/5/16384 5,2,3,9,7\n/base/5/16385 1\n"
+    assert load(tmp_path / "prewarm") == [("/base/5/16384", [5, 2, 3, 9, 7]),
+                                          ("/base/5/16385", [1])]
+    (tmp_path / "prewarm").unlink()
+    ops.reads.save()  # saved already: not again
+    assert not (tmp_path / "prewarm").exists()
+    empty = ReadLog(tmp_path / "empty")
+    empty.save()  # nothing read: nothing written (a good list is never replaced by none)
+    assert not (tmp_path / "empty").exists()
+    (tmp_path / "bad").write_text("/base/5/16384 1,x\n/base/5/16385 3\nnonsense\n")
+    assert load(tmp_path / "bad") == [("/base/5/16385", [3])]
+    assert load(tmp_path / "missing") == []
+
+
+def test_prewarm_fetches_what_is_still_remote_and_never_overwrites_a_write(
+        pending_fs: tuple[LazyFs, Pages, Path]) -> None:
+    ops, pages, tree = pending_fs
+    fh = ops.open("/base/5/16384", os.O_RDWR)
+    ops.read(None, BLCKSZ, 0, fh)  # block 0 (and readahead) local already
+    written = b"w" * BLCKSZ
+    ops.write(None, written, 9 * BLCKSZ, fh)
+    pages.requests.clear()
+    plan = [("/base/5/16384", [0, 9, *range(10, 20)]), ("/base/5/16385", [3, 2]),
+            ("/base/5/gone", [0]), ("/base/5/16386", [0])]
+    assert prewarm(ops, plan) == 12
+    # One GetPages across the files (BATCH_BLOCKS at a time), what is local left out.
+    assert pages.requests == [[(REL, b) for b in range(10, 20)]
+                              + [(RelTag(1663, 5, 16385, ForkNumber.MAIN), b) for b in (3, 2)]]
+    pages.requests.clear()
+    assert ops.read(None, BLCKSZ, 9 * BLCKSZ, fh) == written
+    assert ops.read(None, 10 * BLCKSZ, 10 * BLCKSZ, fh) == b"".join(
+        page(REL, b) for b in range(10, 20))
+    assert pages.requests == []  # all local
+    assert (tree / "base/5/16385").read_bytes()[2 * BLCKSZ:4 * BLCKSZ] == page(
+        RelTag(1663, 5, 16385, ForkNumber.MAIN), 2) + page(RelTag(1663, 5, 16385,
+                                                                   ForkNumber.MAIN), 3)
+    ops.release("/base/5/16384", fh)
+    pages.fail = True  # an unreachable pageserver ends the prewarm, quietly
+    assert prewarm(ops, [("/base/5/16385", [0, 1])]) == 0
+
+
+def test_prewarm_batches_span_files(pending_fs: tuple[LazyFs, Pages, Path],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    ops, pages, _ = pending_fs
+    monkeypatch.setattr(prewarm_module, "BATCH_BLOCKS", 4)
+    other = RelTag(1663, 5, 16385, ForkNumber.MAIN)
+    assert prewarm(ops, [("/base/5/16384", [0, 1, 2]), ("/base/5/16385", [0, 1, 2])]) == 6
+    assert pages.requests == [[(REL, 0), (REL, 1), (REL, 2), (other, 0)],
+                              [(other, 1), (other, 2)]]

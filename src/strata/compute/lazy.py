@@ -86,6 +86,9 @@ class LazyOptions:
     pageserver_file: Path | None = None
     """A file with the pageserver's address (strata.compute.pageserver_address) that the
     FUSE process re-reads when it changes (a relocation); None: the address given."""
+    prewarm_file: Path | None = None
+    """Where the FUSE process keeps the blocks PostgreSQL read first, and prefetches them
+    from at the next start (strata.compute.lazyfs.prewarm); None: no prewarm."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.outage_wait_s <= 3600:
@@ -301,7 +304,9 @@ def spawn_lazyfs(host: str, pg_port: int, tenant_id: TenantId, timeline_id: Time
                         "--readahead", str(options.readahead_blocks),
                         "--outage-wait-s", str(options.outage_wait_s), "--wait-stdin",
                         *(["--pageserver-file", str(options.pageserver_file)]
-                          if options.pageserver_file is not None else [])],
+                          if options.pageserver_file is not None else []),
+                        *(["--prewarm-file", str(options.prewarm_file)]
+                          if options.prewarm_file is not None else [])],
                        root / "lazyfs.log", stdin=subprocess.PIPE, env=_fuse_env(options.token))
     (root / FUSE_PID_FILE).write_text(f"{fuse_proc.pid}\n")
     return fuse_proc

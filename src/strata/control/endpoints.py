@@ -166,6 +166,12 @@ class EndpointPaths:
         return self.root / "saved" / str(timeline_id)
 
     @property
+    def prewarm_file(self) -> Path:
+        """The blocks the last lazy compute read first: its FUSE server fetches them at the
+        next start before PostgreSQL asks (strata.compute.lazyfs.prewarm)."""
+        return self.root / "prewarm"
+
+    @property
     def pageserver_file(self) -> Path:
         """The address of the tenant's pageserver, which the running compute's FUSE server
         and walproposer re-read when `strata tenant relocate` rewrites it."""
@@ -786,7 +792,8 @@ def _lazy_options(env: Environment, config: EnvConfig, ep: EndpointState) -> Laz
     return LazyOptions(outage_wait_s=config.endpoint_defaults.lazy_outage_wait_s,
                        # Its page reads are this tenant's only.
                        token=token_for(env, config, Scope(ep.tenant_id)),
-                       pageserver_file=endpoint_paths(env, ep.name).pageserver_file)
+                       pageserver_file=endpoint_paths(env, ep.name).pageserver_file,
+                       prewarm_file=endpoint_paths(env, ep.name).prewarm_file)
 
 
 OLD_COMPUTE_PREFIX = "compute.old-"

@@ -10,7 +10,9 @@ compute's LSN lease on X for as long as it runs (D5),
 and serves `DIR/tree` at the mount point in the foreground until unmounted or sent
 SIGTERM. While the pageserver is unreachable, a read waits for it up to `--outage-wait-s`
 (default 60). With `--pageserver-file F` the address is F's (re-read when F changes:
-`strata tenant relocate` moves running computes to another pageserver). As it exits it
+`strata tenant relocate` moves running computes to another pageserver). With
+`--prewarm-file F` it fetches the blocks F lists in the background at once and saves to F
+the blocks PostgreSQL reads first (`prewarm.py`). As it exits it
 logs the pages it fetched, its CPU time and the FUSE operations it answered by kind, with
 their count, seconds and errors (`opstats.py`; `bench/run regress` reads that line).
 """
@@ -36,6 +38,7 @@ from strata.compute.lazyfs.fetcher import PageFetcher
 from strata.compute.lazyfs.fs import LazyFs
 from strata.compute.lazyfs.layout import TREE, plan_layout
 from strata.compute.lazyfs.opstats import Counted, OpStats
+from strata.compute.lazyfs.prewarm import ReadLog, load, prewarm
 from strata.compute.lazyfs.watch import FUSERMOUNT, detach
 from strata.compute.pageserver_address import AddressFile
 from strata.pageserver.page_client import PageClientSync
@@ -114,6 +117,18 @@ def mount_main(args: argparse.Namespace) -> int:
         fetcher = PageFetcher(client, lsn, checksums=control.data_checksum_version != 0)
         # The segment files are created on first use (layout.py).
         ops = LazyFs(str(store / TREE), fetcher, remote, layout)
+        if args.prewarm_file:
+            # The blocks the last run read first, fetched while PostgreSQL starts; this
+            # run's first reads are noted for the next start (prewarm.py).
+            ops.reads = ReadLog(Path(args.prewarm_file))
+            plan = load(ops.reads.path)
+            if plan:
+                saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+                try:
+                    threading.Thread(target=prewarm, args=(ops, plan), daemon=True,
+                                     name="prewarm").start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
         stats = OpStats()
         log.info("serving %s at %s: %d remote segment files at %s", store / TREE,
                  args.mountpoint, len(remote), lsn)
@@ -128,6 +143,8 @@ def mount_main(args: argparse.Namespace) -> int:
             log.info("%s was unmounted (fuse_main returned %s)", args.mountpoint, err)
         finally:
             stop.set()
+            if ops.reads is not None:
+                ops.reads.save()
             client.close()
             cpu = os.times()
             log.info("file system server exits: fetched %d pages in %d requests; "
@@ -157,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="a JSON file with the pageserver's address, re-read when it "
                             "changes (strata.compute.pageserver_address): reads follow a "
                             "relocation of the tenant"),
+    mount.add_argument("--prewarm-file",
+                       help="fetch the blocks this file lists before PostgreSQL reads them, "
+                            "and write there the blocks this run reads first (prewarm.py)")
     mount.add_argument("--wait-stdin", action="store_true",
                        help="read a line from stdin (`go` or `go LSN`) before using the "
                             "store (the starting process fills it meanwhile); exit at "

@@ -36,13 +36,18 @@ class PageFetcher:
 
     def fetch(self, rel: RelTag, blknos: list[int]) -> list[bytes]:
         """Pages of `rel` at the start LSN, in the order of `blknos` (relation block numbers)."""
-        pages = self.source.get_pages(((rel, b) for b in blknos), self.lsn)
-        assert len(pages) == len(blknos), (len(pages), len(blknos))
+        return self.fetch_blocks([(rel, b) for b in blknos])
+
+    def fetch_blocks(self, blocks: list[tuple[RelTag, int]]) -> list[bytes]:
+        """Pages of blocks of any relations at the start LSN, in order (one GetPages per
+        `pagestream.MAX_BATCH_PAGES` blocks; the prewarm's batches span files)."""
+        pages = self.source.get_pages(blocks, self.lsn)
+        assert len(pages) == len(blocks), (len(pages), len(blocks))
         for page in pages:
-            assert len(page) == BLCKSZ, (rel, len(page))
+            assert len(page) == BLCKSZ, (blocks[0], len(page))
         if self.checksums:
-            pages = [with_checksum(p, b) for p, b in zip(pages, blknos, strict=True)]
+            pages = [with_checksum(p, b) for p, (_, b) in zip(pages, blocks, strict=True)]
         with self._lock:
             self.requests += 1
-            self.pages += len(blknos)
+            self.pages += len(blocks)
         return pages

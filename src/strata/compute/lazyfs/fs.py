@@ -46,6 +46,7 @@ from strata.common.errors import StrataError
 from strata.compute.lazyfs.blockstate import RemoteFile
 from strata.compute.lazyfs.fetcher import PageFetcher
 from strata.compute.lazyfs.layout import Layout
+from strata.compute.lazyfs.prewarm import ReadLog
 from strata.pg.constants import BLCKSZ
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ _FUSE_CAP_AUTO_INVAL_DATA = 1 << 12  # fuse_common.h (libfuse 3)
 class OpenFile:
     fd: int
     remote: RemoteFile | None
+    path: str
 
 
 def _ceil_blocks(nbytes: int) -> int:
@@ -83,6 +85,8 @@ class LazyFs(fuse.Operations):  # type: ignore[misc]  # untyped base class
         self._open: dict[int, OpenFile] = {}
         self._fh = itertools.count(1)
         self.fetch_errors = 0
+        self.reads: ReadLog | None = None
+        """Notes the blocks read first, for the next start's prewarm (prewarm.py)."""
 
     # --- helpers -----------------------------------------------------------------------
     def _real(self, path: str) -> str:
@@ -133,6 +137,34 @@ class LazyFs(fuse.Operations):  # type: ignore[misc]  # untyped base class
                     continue
                 rf.mark_local(blkno, blkno + 1)
         return unplaced
+
+    # --- for the prewarm (prewarm.py) -------------------------------------------------------
+    def remote_file(self, path: str) -> RemoteFile | None:
+        with self._lock:
+            return self.remote.get(path)
+
+    def store_path(self, path: str) -> str:
+        """The store file of `path` (created first if the layout still has it pending)."""
+        return self._real(path)
+
+    def install_fetched(self, batch: list[tuple[RemoteFile, int, list[int]]]) -> int:
+        """Fetch the blocks of several files (file, store fd, blocks) in one round trip and
+        install those still remote; returns how many were fetched (what a full disk cannot
+        take is left remote: a read fetches it again)."""
+        assert self.fetcher is not None, "prewarm without a pageserver"
+        wanted = [(rf.source, rf.first_block + b) for rf, _, blocks in batch for b in blocks]
+        try:
+            pages = self.fetcher.fetch_blocks(wanted)
+        except StrataError as err:
+            self.fetch_errors += 1
+            log.error("could not fetch %d blocks at %s: %s", len(wanted), self.fetcher.lsn,
+                      err)
+            raise
+        at = 0
+        for rf, fd, blocks in batch:
+            self._install(rf, fd, blocks, pages[at:at + len(blocks)])
+            at += len(blocks)
+        return len(wanted)
 
     def _make_local(self, rf: RemoteFile, fd: int, blocks: list[int]) -> None:
         """Fetch and install `blocks` that are still remote (before a partial overwrite)."""
@@ -275,7 +307,7 @@ class LazyFs(fuse.Operations):  # type: ignore[misc]  # untyped base class
     def _register(self, path: str, fd: int) -> int:
         fh = next(self._fh)
         with self._lock:
-            self._open[fh] = OpenFile(fd, self.remote.get(path))
+            self._open[fh] = OpenFile(fd, self.remote.get(path), path)
         return fh
 
     def open(self, path: str, flags: int) -> int:
@@ -303,9 +335,13 @@ class LazyFs(fuse.Operations):  # type: ignore[misc]  # untyped base class
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         of = self._file(fh)
         rf = of.remote
-        if rf is None or rf.fully_local or size == 0:
+        if rf is None or size == 0:
             return os.pread(of.fd, size, offset)
         first, end = offset // BLCKSZ, _ceil_blocks(offset + size)
+        if self.reads is not None:
+            self.reads.note(of.path, first, end)
+        if rf.fully_local:
+            return os.pread(of.fd, size, offset)
         with rf.lock:
             wanted = rf.plan_fetch(first, end)
         if not wanted:
