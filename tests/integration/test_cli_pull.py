@@ -12,7 +12,7 @@ once one is back; the walproposer is never fenced. Backpressure: with the pagese
 ingest held, a commit past the lag limit waits (the sidecar's PullLimit) and returns once
 ingest goes on. Issue 13's crash loop in pull mode: kill -9 of the postmaster under a
 writer, then `endpoint start`, 20 rounds: every start works and keeps every acknowledged
-commit.
+commit. Pull is the default; push mode when config.toml asks for it.
 """
 
 from __future__ import annotations
@@ -217,3 +217,28 @@ def test_pull_mode_kill9_of_the_postmaster_then_start_20_rounds(cli: Cli,
     rows(main, "insert into acked values (-1)")
     ep = next(e for e in cli.json("endpoint", "list") if e["name"] == "main")
     assert ep["state"] == "running" and ep["walproposer"]["state"] == "running", ep
+
+
+@pytest.mark.timeout(600)
+def test_push_mode_when_config_asks_for_it(cli: Cli, test_dir: Path) -> None:
+    """Pull is the default; config.toml `commit_mode = "push"` still gives the sidecar as
+    the one synchronous standby (its slot, no sk<id> slots), and commits go through it."""
+    config = test_dir / "push.toml"
+    config.write_text('commit_mode = "push"\n')
+    cli.run("init", "--config", str(config))
+    assert 'commit_mode = "push"' in (cli.repo_dir / "config.toml").read_text()
+    cli.run("start")
+    main = cli.local("main")
+    rows(main, "create table t (id int primary key, v text)")
+    rows(main, "insert into t values (1, 'pushed')")
+    assert values(main) == ["pushed"]
+    assert cli.json("status")["commit_mode"] == "push"
+    with cli.superuser("main") as su:
+        names = su.execute("show synchronous_standby_names").fetchone()
+        assert names == ("strata_walproposer",), names
+        slots = su.execute("select slot_name from pg_replication_slots order by 1").fetchall()
+        assert slots == [("strata_walproposer",)], slots
+        repl = su.execute("select application_name, sync_state from pg_stat_replication "
+                          "order by 1").fetchall()
+        assert ("strata_walproposer", "sync") in repl, repl
+        assert not [r for r in repl if r[0].startswith("sk")], repl

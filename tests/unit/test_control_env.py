@@ -406,17 +406,21 @@ def test_allocated_ports_differ_even_when_the_os_repeats_one(
     assert allocated.ports() == {6000} | set(range(5001, 5010))
 
 
-def test_commit_mode_push_by_default_pull_when_asked(tmp_path: Path) -> None:
-    """commit_mode (pull mode, docs/walproposer.md): push unless config.toml says pull;
-    a pull config round-trips; pull names one standby per safekeeper (sk<id>) and the
-    streaming check asks for a majority of them."""
-    push = EnvConfig.from_dict({})
-    assert push.commit_mode is CommitMode.PUSH and "commit_mode" not in push.to_dict()
+def test_commit_mode_pull_by_default_push_when_asked(tmp_path: Path) -> None:
+    """commit_mode (pull mode, docs/walproposer.md): pull unless config.toml says push
+    (or wal_mode is "pageserver"); both round-trip and are always written; pull names one
+    standby per safekeeper (sk<id>) and the streaming check asks for a majority of them."""
+    assert EnvConfig().commit_mode is CommitMode.PULL
+    assert EnvConfig.from_dict({}).commit_mode is CommitMode.PULL
+    dev = EnvConfig.from_dict({"wal_mode": "pageserver"})
+    assert dev.commit_mode is CommitMode.PUSH and dev.to_dict()["commit_mode"] == "push"
+    push = EnvConfig.from_dict({"commit_mode": "push"})
+    assert push.commit_mode is CommitMode.PUSH and push.to_dict()["commit_mode"] == "push"
+    assert EnvConfig.from_dict(push.to_dict()).commit_mode is CommitMode.PUSH
     assert pull_standbys(push) == ()
     assert "'strata_walproposer') and state = 'streaming'" in _streaming_sql(push)
     assert "count(*) >= 1 " in _streaming_sql(push)
-    pull = EnvConfig.from_dict({"commit_mode": "pull",
-                                "safekeepers": [{"id": 1}, {"id": 2}, {"id": 5}]})
+    pull = EnvConfig.from_dict({"safekeepers": [{"id": 1}, {"id": 2}, {"id": 5}]})
     assert pull.commit_mode is CommitMode.PULL
     assert pull_standbys(pull) == ("sk1", "sk2", "sk5")
     assert "count(*) >= 2 " in _streaming_sql(pull)

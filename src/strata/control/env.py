@@ -90,7 +90,8 @@ class CommitMode(_Choice):
     PULL = "pull"
     """The safekeepers replicate from the compute themselves (slots sk1..skN,
     `synchronous_standby_names = 'ANY <majority> (sk1, ...)'`); the sidecar elects, tells
-    them to pull, and hands them the commit LSN. Not the default until measured."""
+    them to pull, hands them the commit LSN and its backpressure limit. The default with
+    wal_mode = "safekeepers" (it measured faster than push: docs/walproposer.md)."""
 
 
 class ComputeMode(_Choice):
@@ -308,9 +309,10 @@ class EnvConfig:
     """config.toml, validated. Ports 0 are allocated (and written back) by `strata init`."""
 
     wal_mode: WalMode = WalMode.SAFEKEEPERS
-    commit_mode: CommitMode = CommitMode.PUSH
+    commit_mode: CommitMode = CommitMode.PULL
     """With wal_mode = "safekeepers": who moves the WAL from the compute to them (read
-    at each endpoint start)."""
+    at each endpoint start). Default pull; push with wal_mode = "pageserver", where it
+    does not apply."""
     pageserver: PageserverSettings = field(default_factory=PageserverSettings)
     safekeepers: tuple[SafekeeperSettings, ...] = tuple(
         SafekeeperSettings(i + 1) for i in range(DEFAULT_SAFEKEEPERS))
@@ -377,8 +379,10 @@ class EnvConfig:
         first = PageserverSettings.from_dict(_table("[pageserver]", data.get("pageserver", {})))
         return cls(
             wal_mode=wal_mode,
-            commit_mode=CommitMode.parse(data.get("commit_mode", CommitMode.PUSH.value),
-                                         "config commit_mode"),
+            commit_mode=CommitMode.parse(
+                data.get("commit_mode", (CommitMode.PULL if wal_mode is WalMode.SAFEKEEPERS
+                                         else CommitMode.PUSH).value),
+                "config commit_mode"),
             pageserver=first,
             more_pageservers=tuple(
                 PageserverSettings.more_from_dict(_table("[[pageservers]]", ps), first.config)
@@ -410,8 +414,7 @@ class EnvConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "wal_mode": self.wal_mode.value,
-            **({"commit_mode": self.commit_mode.value}
-               if self.commit_mode is not CommitMode.PUSH else {}),
+            "commit_mode": self.commit_mode.value,
             "auth": self.auth,
             "safekeepers": [asdict(sk) for sk in self.safekeepers],
             "pageserver": {"host": self.pageserver.host, "pg_port": self.pageserver.pg_port,
@@ -588,9 +591,10 @@ CONFIG_HEADER = """\
 # [[safekeepers]] by its walproposer sidecar; the pageserver follows the safekeepers (D7).
 # wal_mode = "pageserver": development mode (D7): the pageserver is each primary's
 # synchronous standby; [[safekeepers]] are not used.
-# commit_mode = "pull" (default "push"): the safekeepers replicate each primary's WAL
+# commit_mode = "pull" (the default): the safekeepers replicate each primary's WAL
 # themselves (slots sk1..skN, synchronous_standby_names = 'ANY <majority> (sk1, ...)');
-# the sidecar only elects and hands them the commit LSN. Taken at each endpoint start.
+# the sidecar only elects and hands them the commit LSN. "push": the sidecar is the one
+# synchronous standby and sends the WAL on. Taken at each endpoint start.
 # [tenant_defaults]: keys of strata.pageserver.api.TenantConfig (checkpoint_distance, ...).
 # [pageserver.config]: extra pageserver.toml keys (wait_lsn_timeout_s, log_level, ...).
 # [endpoint_defaults.settings]: extra postgresql.conf entries for every endpoint.
