@@ -459,9 +459,12 @@ class _Phases:
 
 
 def start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
-                   timeline_id: TimelineId, mode: ComputeMode | None = None) -> StartResult:
+                   timeline_id: TimelineId, mode: ComputeMode | None = None,
+                   on_checked: Callable[[], object] | None = None) -> StartResult:
     """Start endpoint `ep` on timeline `timeline_id` in compute `mode` (None: `ep.mode`,
-    else lazy where usable)."""
+    else lazy where usable). `on_checked` is called when the start is past its checks (the
+    walproposer, the application role) and begins its last step, the proxy's roles (only
+    when the branch has some; the proxy relays clients it logged in early from then on)."""
     with endpoint_lock(env, ep.name), \
             tenant_lock(env, ep.tenant_id, exclusive=False,
                         waiting=f"a relocation or detach of the tenant of endpoint {ep.name} "
@@ -472,14 +475,14 @@ def start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
             raise UserError(f"tenant {tenant.name} is detached (it is only in object "
                             f"storage); attach it first: `strata tenant attach {tenant.name}`")
         try:
-            return _start_endpoint(env, config, ep, timeline_id, mode or ep.mode)
+            return _start_endpoint(env, config, ep, timeline_id, mode or ep.mode, on_checked)
         finally:
             remove_set_aside(endpoint_paths(env, ep.name))
 
 
 def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
-                    timeline_id: TimelineId,
-                    requested_mode: ComputeMode | None) -> StartResult:
+                    timeline_id: TimelineId, requested_mode: ComputeMode | None,
+                    on_checked: Callable[[], object] | None) -> StartResult:
     phase = _Phases()
     paths = endpoint_paths(env, ep.name)
     defaults = config.endpoint_defaults
@@ -513,7 +516,8 @@ def _start_endpoint(env: Environment, config: EnvConfig, ep: EndpointState,
             ps = config.pageserver_by_id(ps_id)
             fuse_proc = spawn_lazyfs(ps.host, ps.pg_port, ep.tenant_id, timeline_id,
                                      paths.compute_root, _lazy_options(env, config, ep))
-    return _start_checked(env, config, ep, timeline_id, mode, phase, client, fuse_proc)
+    return _start_checked(env, config, ep, timeline_id, mode, phase, client, fuse_proc,
+                          on_checked)
 
 
 def _sync_and_wait(env: Environment, config: EnvConfig, ep: EndpointState,
@@ -541,9 +545,11 @@ def _sync_and_wait(env: Environment, config: EnvConfig, ep: EndpointState,
 def _start_checked(env: Environment, config: EnvConfig, ep: EndpointState,
                    timeline_id: TimelineId, mode: ComputeMode, phase: _Phases,
                    client: PageserverClient,
-                   fuse_proc: subprocess.Popen[bytes] | None) -> StartResult:
+                   fuse_proc: subprocess.Popen[bytes] | None,
+                   on_checked: Callable[[], object] | None) -> StartResult:
     """Steps 2-7 of the start (after the checks); `fuse_proc`: lazy mode's FUSE server,
-    started already (`spawn_lazyfs`), waiting for its LSN."""
+    started already (`spawn_lazyfs`), waiting for its LSN; `on_checked`: see
+    `start_endpoint`."""
     paths = endpoint_paths(env, ep.name)
     tenant_id = ep.tenant_id
     try:
@@ -605,6 +611,8 @@ def _start_checked(env: Environment, config: EnvConfig, ep: EndpointState,
         branch_roles = env.read_state().tenants[ep.tenant_id].roles.get(ep.branch)
         if branch_roles and not ep.read_only:
             with output.step(f"checking the proxy's roles {sorted(branch_roles)}"):
+                if on_checked is not None:
+                    on_checked()
                 apply_roles(env, ep, branch_roles, before_write=streaming)
     if has_role:
         return StartResult(connstr(env, config, ep), local_connstr(env, ep), mode, lsn,

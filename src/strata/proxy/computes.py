@@ -27,7 +27,6 @@ from typing import Any
 
 from strata.common.errors import StrataError, Unavailable, UserError
 from strata.compute.postmaster_files import PID_FILE, STATUS_READY, PostmasterPid
-from strata.control import output
 from strata.control.endpoints import endpoint_paths, running_pid, start_endpoint, stop_endpoint
 from strata.control.env import Environment
 from strata.control.services import (
@@ -43,9 +42,6 @@ STATUS_FILE = "proxy-status.json"
 SUSPEND_CHECK_INTERVAL_S = 0.5
 ACCEPTING_POLL_S = 0.01
 """During a start, how often the proxy looks whether PostgreSQL accepts connections."""
-ROLES_STEP = "checking the proxy's roles"
-"""The start's last step (`strata.control.endpoints.start_endpoint`, its progress line):
-what comes before it (PostgreSQL, the walproposer check, the application role) passed."""
 BUSY_WAIT_S = 120.0  # another `strata` command starting/stopping the endpoint
 
 
@@ -68,10 +64,10 @@ class _Endpoint:
     """While starting: the compute's socket once PostgreSQL accepts connections (None if
     the start ended first), for the early login of the connections that wait."""
     checked: asyncio.Future[None] | None = None
-    last_start: asyncio.Future[None] | None = None
-    """The latest start (kept once done: `finish_start` gives its outcome)."""
     """While starting: done once the start is past its checks (the walproposer, the
     application role), in its last step (the proxy's roles), see `wake`."""
+    last_start: asyncio.Future[None] | None = None
+    """The latest start (kept once done: `finish_start` gives its outcome)."""
 
 
 class Computes:
@@ -216,23 +212,22 @@ class Computes:
 
     def _start(self, name: str, on_checked: Callable[[], object]) -> None:
         """Worker thread: the control plane's start flow; `on_checked` is called once it
-        begins its last step (ROLES_STEP)."""
+        begins its last step (the proxy's roles: `start_endpoint`'s `on_checked`)."""
         started = time.monotonic()
         state = self.env.read_state()
         ep = state.endpoint(name)
         log.info("waking endpoint %s (branch %s)", name, ep.branch)
         phases = ""
 
-        def progress(line: str) -> None:
-            if line.startswith(ROLES_STEP) and line.endswith(" ..."):
-                log.info("endpoint %s is past its start's checks (%.2fs): clients logged "
-                         "in early are relayed", name, time.monotonic() - started)
-                on_checked()
+        def past_checks() -> None:
+            log.info("endpoint %s is past its start's checks (%.2fs): clients logged "
+                     "in early are relayed", name, time.monotonic() - started)
+            on_checked()
 
         try:
-            with output.progress_to(progress):
-                result = start_endpoint(self.env, self.env.config(), ep,
-                                        state.timeline_id(ep.tenant_id, ep.branch))
+            result = start_endpoint(self.env, self.env.config(), ep,
+                                    state.timeline_id(ep.tenant_id, ep.branch),
+                                    on_checked=past_checks)
             phases = ", ".join(f"{k} {v:.2f}s" for k, v in result.phases.items()
                                if "." not in k)
         except UserError as err:
