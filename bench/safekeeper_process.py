@@ -100,7 +100,7 @@ def run(report: Report, quick: bool) -> None:
         total = (8 if quick else 64) << 20
 
         async def scenario() -> tuple[list[float], float, dict[str, float]]:
-            driver = QuorumDriver(quorum(nodes, tenant, timeline), SYSID, sync=False)
+            driver = QuorumDriver(quorum(nodes, tenant, timeline), SYSID)
             driver.start()
             try:
                 async with asyncio.timeout(30):

@@ -49,12 +49,12 @@ from strata.common.lsn import DEFAULT_WAL_SEGMENT_SIZE, Lsn
 from strata.compute.compute import Compute, ComputeConfig
 from strata.compute.pgserver import PgServer
 from strata.compute.quorum import DEFAULT_APPLICATION_NAME, QuorumConfig, SafekeeperAddr, SyncResult
+from strata.compute.safekeeper_sync import sync_safekeepers
 from strata.compute.walproposer import (
     SidecarConfig,
     WalProposer,
     immediate_stopper,
     postmaster_pid,
-    sync_safekeepers,
 )
 from strata.pageserver.client import PageserverClient
 from strata.pg.controlfile import ControlFileData
@@ -429,8 +429,8 @@ class Cluster:
                             retry_interval_s=0.1, connect_timeout_s=1, backoff_max_s=0.2)
 
     def sync(self, tenant: TenantId, timeline: TimelineId) -> SyncResult:
-        return self.loop.call(sync_safekeepers(self.quorum(tenant, timeline),
-                                               self.system_ids[timeline], timeout_s=30))
+        return sync_safekeepers(self.quorum(tenant, timeline), self.system_ids[timeline],
+                                timeout_s=30)
 
     # --- computes ------------------------------------------------------------------------
     def start_compute(self, tenant: TenantId, timeline: TimelineId,

@@ -107,7 +107,7 @@ def quorum(sks: list[Sk], tenant: TenantId, timeline: TimelineId) -> QuorumConfi
 
 @contextlib.asynccontextmanager
 async def proposer(config: QuorumConfig) -> AsyncIterator[QuorumDriver]:
-    driver = QuorumDriver(config, SYSID, sync=False)
+    driver = QuorumDriver(config, SYSID)
     driver.start()
     try:
         async with asyncio.timeout(20):

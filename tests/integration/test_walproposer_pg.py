@@ -24,10 +24,10 @@ from polling import wait_until
 from sk_stub import StubSafekeeper
 from strata.common.errors import UserError
 from strata.compute.quorum import DEFAULT_APPLICATION_NAME
+from strata.compute.safekeeper_sync import sync_safekeepers
 from strata.compute.walproposer import (
     SidecarConfig,
     WalProposer,
-    sync_safekeepers,
 )
 from strata.pg.walreader import WalStreamDecoder
 
@@ -118,7 +118,7 @@ def test_newer_proposer_stops_the_compute(env: Env, loop: LoopThread) -> None:
     rig.compute.sql("CREATE TABLE t (id int)")
     rig.compute.sql("INSERT INTO t VALUES (1)")
     acked = current_lsn(rig.compute)
-    result = loop.call(sync_safekeepers(rig.quorum(), rig.system_id, timeout_s=10))
+    result = sync_safekeepers(rig.quorum(), rig.system_id, timeout_s=10)
     assert result.lsn >= acked - 200
     wait_until(lambda: not rig.compute.is_running(), 10, "the fenced compute to stop")
     assert rig.fenced and "another proposer" in rig.fenced[0]

@@ -30,10 +30,10 @@ from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.compute.compute import ComputeConfig
 from strata.compute.quorum import QuorumConfig, SafekeeperAddr
+from strata.compute.safekeeper_sync import sync_safekeepers
 from strata.compute.walproposer import (
     SidecarConfig,
     WalProposer,
-    sync_safekeepers,
 )
 from strata.pg import wire
 from strata.pg.pgclient import PgConnection
@@ -249,7 +249,7 @@ def test_pull_mode_newer_proposer_stops_the_compute(env: Env, loop: LoopThread) 
     rig.compute.sql("CREATE TABLE t (id int)")
     rig.compute.sql("INSERT INTO t VALUES (1)")
     acked = current_lsn(rig.compute)
-    result = loop.call(sync_safekeepers(rig.quorum(), rig.system_id, timeout_s=10))
+    result = sync_safekeepers(rig.quorum(), rig.system_id, timeout_s=10)
     assert result.lsn >= acked - 200
     # The promise closed every stub's stream (ClosePull) before it was made durable.
     assert all(sk.pull_task is None for sk in rig.sks)

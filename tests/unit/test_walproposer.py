@@ -25,8 +25,8 @@ from strata.common.errors import Unavailable
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.compute.quorum import QuorumConfig, SafekeeperAddr, SyncResult, parse_safekeepers
-from strata.compute.safekeeper_sync import sync_safekeepers_blocking
-from strata.compute.walproposer import QuorumDriver, sync_safekeepers
+from strata.compute.safekeeper_sync import sync_safekeepers
+from strata.compute.walproposer import QuorumDriver
 
 T = TypeVar("T")
 SEG = 1 << 20
@@ -51,7 +51,7 @@ async def started(n: int) -> list[StubSafekeeper]:
 
 async def elected(sks: list[StubSafekeeper], **kwargs: Any) -> QuorumDriver:
     """A walproposer (not a sync) over `sks`, started, once it has won an election."""
-    driver = QuorumDriver(quorum_config(sks), SYSID, sync=False, **kwargs)
+    driver = QuorumDriver(quorum_config(sks), SYSID, **kwargs)
     driver.start()
     try:
         await wait_until_async(lambda: driver.elected is not None, 10, "election")
@@ -73,15 +73,16 @@ def run(coro: Callable[[], Awaitable[T]]) -> T:
 Sync = Callable[[QuorumConfig, int, float], Awaitable[SyncResult]]
 
 
-async def _blocking_sync(config: QuorumConfig, system_id: int, timeout_s: float) -> SyncResult:
-    # In a thread: the stub safekeepers run on this event loop.
-    return await asyncio.to_thread(sync_safekeepers_blocking, config, system_id, timeout_s)
+async def _sync_in_thread(config: QuorumConfig, system_id: int,
+                          timeout_s: float) -> SyncResult:
+    # In a thread: the sync driver blocks, and the stub safekeepers run on this event loop.
+    return await asyncio.to_thread(sync_safekeepers, config, system_id, timeout_s)
 
 
-@pytest.fixture(params=["asyncio", "blocking"])
-def sync(request: pytest.FixtureRequest) -> Sync:
-    """Both sync drivers: the sidecar's (asyncio) and `endpoint start`'s (blocking)."""
-    return sync_safekeepers if request.param == "asyncio" else _blocking_sync
+@pytest.fixture
+def sync() -> Sync:
+    """The one-shot sync (`strata.compute.safekeeper_sync`), awaitable from the tests."""
+    return _sync_in_thread
 
 
 def test_parse_safekeepers() -> None:

@@ -1,5 +1,5 @@
-"""The sync step of `strata endpoint start` without asyncio: the walproposer's one-shot sync
-mode (`strata.compute.walproposer.sync_safekeepers`, D7) as blocking code.
+"""The walproposer's one-shot sync mode (D7) as blocking code: the sync step of `strata
+endpoint start` and of `python -m strata.compute.walproposer --sync`.
 
 The same `Proposer` (sans-IO, `strata.safekeeper.proposer`) in sync mode, driven over one
 connection per safekeeper (`strata.pg.blockingclient`: user `strata`, the command
@@ -8,17 +8,17 @@ CopyData). Each link is a thread that (re)connects with backoff, sends our greet
 what waited while it was down, and queues every message it reads; the calling thread
 hands them to the Proposer in arrival order and runs its timer (`tick`, resends), so the
 Proposer is only ever touched by one thread. A proposer that another one outbids is
-replaced by a new one (a new id, a higher term) until the deadline, as the asyncio
-version does.
+replaced by a new one (a new id, a higher term) until the deadline.
 
-Why a second driver: `endpoint start` runs it once per start, and importing the asyncio
-one (asyncio, the sidecar, `strata.pg.wire`) was ~40 ms of CPU, the largest piece of the
-CLI's own start after click (issue 13). The sidecar keeps the asyncio driver; the
-Proposer, which holds the protocol's logic, is shared.
+Why not asyncio, as the sidecar (`strata.compute.walproposer.QuorumDriver`): `endpoint
+start` runs it once per start, and importing the asyncio stack (asyncio, the sidecar,
+`strata.pg.wire`) was ~40 ms of CPU, the largest piece of the CLI's own start after click
+(issue 13). The Proposer, which holds the protocol's logic, is shared.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import random
 import secrets
@@ -54,6 +54,8 @@ from strata.safekeeper.proposer import (
     Send,
     SyncDone,
 )
+
+log = logging.getLogger(__name__)
 
 _TICK_S = 0.02  # as the asyncio driver's
 _LINK_QUEUE_MAX = 4096  # messages waiting for a link that is down (the oldest are dropped)
@@ -203,19 +205,24 @@ def _attempt(config: QuorumConfig, system_id: int,
     return result, fenced, errors
 
 
-def sync_safekeepers_blocking(config: QuorumConfig, system_id: int,
-                              timeout_s: float = 30.0) -> SyncResult:
-    """Elect, recover and durably commit the agreed end of the log on a majority (D7), as
-    `strata.compute.walproposer.sync_safekeepers` does. Returns where the next compute
-    starts; Unavailable when no majority answers within `timeout_s`."""
+def sync_safekeepers(config: QuorumConfig, system_id: int,
+                     timeout_s: float = 30.0) -> SyncResult:
+    """Elect, recover and durably commit the agreed end of the log on a majority (D7).
+
+    Returns where the next compute starts. A proposer that another one outbids is replaced
+    by a new one (a new id, a higher term) until `timeout_s`; Unavailable when no majority
+    answers by then."""
     deadline = time.monotonic() + timeout_s
     attempt = config
     while True:
         result, fenced, errors = _attempt(attempt, system_id, deadline)
         if result is not None:
+            log.info("sync of timeline %s done: the log ends at %s (previous record %s)",
+                     config.timeline_id, result.lsn, result.prev_lsn)
             return result
         if time.monotonic() >= deadline or fenced is None:
             raise Unavailable(f"sync of timeline {config.timeline_id} did not finish in "
                               f"{timeout_s}s ({fenced or errors}); are a majority of the "
                               "safekeepers up?")
+        log.info("sync proposer outbid (%s); retrying with a new one", fenced)
         attempt = replace(attempt, proposer_id=secrets.randbits(62) + 1)

@@ -1,8 +1,9 @@
 """The walproposer sidecar: drives the quorum `Proposer` for one compute over real sockets.
 
-Architecture D7. Two ways to run it, sharing one driver (`QuorumDriver`):
+Architecture D7. Two ways to run it, sharing the sans-IO `Proposer`:
 
-* **sync** (`sync_safekeepers`, `--sync`): a one-shot proposer that elects, recovers, makes
+* **sync** (`--sync`: `strata.compute.safekeeper_sync.sync_safekeepers`, blocking code that
+  drives the same Proposer): a one-shot proposer that elects, recovers, makes
   the commit LSN durable on a majority at the agreed end X of the log, and returns X and the
   start of the record that ends there. The control plane then starts a compute from the
   pageserver at exactly X.
@@ -50,12 +51,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import random
-import secrets
 import signal
 import sys
 import time
@@ -75,7 +74,6 @@ from strata.compute.quorum import (
     DEFAULT_APPLICATION_NAME,
     QuorumConfig,
     SafekeeperAddr,
-    SyncResult,
     parse_safekeepers,
 )
 from strata.pageserver.api import DEFAULT_SLOT_NAME
@@ -103,7 +101,6 @@ from strata.safekeeper.proposer import (
     ProposerConfig,
     PullTarget,
     Send,
-    SyncDone,
     pull_slot_name,
 )
 
@@ -221,7 +218,7 @@ class QuorumDriver:
     so its calls never interleave.
     """
 
-    def __init__(self, config: QuorumConfig, system_id: int, *, sync: bool,
+    def __init__(self, config: QuorumConfig, system_id: int, *,
                  quorum_warn_s: float = 10.0,
                  on_commit: Callable[[Lsn], None] | None = None,
                  pull: PullTarget | None = None) -> None:
@@ -230,7 +227,7 @@ class QuorumDriver:
         pconf = ProposerConfig(
             tenant_id=config.tenant_id, timeline_id=config.timeline_id, system_id=system_id,
             wal_seg_size=config.wal_seg_size, proposer_id=config.proposer_id,
-            acceptors=tuple(a.node_id for a in config.safekeepers), sync=sync,
+            acceptors=tuple(a.node_id for a in config.safekeepers),
             retry_interval_s=config.retry_interval_s, pull=pull)
         self.proposer = Proposer(pconf, random.Random(config.proposer_id))
         greeting = encode(ProposerGreeting(config.tenant_id, config.timeline_id, system_id,
@@ -241,15 +238,13 @@ class QuorumDriver:
         self._on_commit = on_commit
         self.elected: Elected | None = None
         self.elected_event = asyncio.Event()
-        self.sync_result: SyncResult | None = None
         self.fenced: str | None = None
-        self.done = asyncio.Event()  # sync finished or fenced
+        self.done = asyncio.Event()  # fenced
         self.commit_lsn = Lsn(0)
         self._last_heard: dict[int, float] = {}
         self._started_s = 0.0
         self._warned_s: float | None = None  # the last "no majority" warning
         self._tasks: list[asyncio.Task[None]] = []
-        self._sync = sync
         self._staged = bytearray()  # WAL not yet given to the Proposer (append_wal)
         # Per node, the ends of the appends with WAL it has not acknowledged yet, and a
         # commit-only append held back meanwhile (see _send).
@@ -353,8 +348,7 @@ class QuorumDriver:
         and the third one's fsyncs (once per tick, not per commit) leave the shared disk
         to theirs. A safekeeper that stops answering so becomes the deferred one a tick
         later, and the others carry the commits."""
-        if self._sync or not self.defer_slowest or \
-                len(self.links) <= self.config.quorum:
+        if not self.defer_slowest or len(self.links) <= self.config.quorum:
             self.proposer.deferred = None
             return
         heard = self._last_heard
@@ -410,9 +404,6 @@ class QuorumDriver:
                 case Fenced(term=term):
                     self._fence(f"a safekeeper knows term {term}, above our term "
                                 f"{self.proposer.term}: another proposer took over")
-                case SyncDone(end_lsn=end, prev_record_lsn=prev):
-                    self.sync_result = SyncResult(end, prev)
-                    self.done.set()
 
     def _note_committed(self, lsn: Lsn) -> None:
         arrivals, stats = self._arrivals, self.stats
@@ -446,8 +437,8 @@ class QuorumDriver:
         commit; nothing waits for it but the safekeepers' walsenders (the pageserver), by
         one tick at most once the stream is idle. Commit-only appends cost no control-file
         write (the Proposer asks for one only when the stream is idle, and such an append
-        goes at once, as does everything in sync mode)."""
-        if isinstance(msg, AppendRequest) and not self._sync:
+        goes at once)."""
+        if isinstance(msg, AppendRequest):
             if msg.data:
                 self._held_commit.pop(node, None)
                 self._inflight[node].append(msg.end_lsn)
@@ -469,40 +460,6 @@ class QuorumDriver:
             log.warning("fenced: %s", reason)
             self.fenced = reason
             self.done.set()
-
-
-# --- sync mode ------------------------------------------------------------------------------
-async def sync_safekeepers(config: QuorumConfig, system_id: int,
-                           timeout_s: float = 30.0) -> SyncResult:
-    """Elect, recover and durably commit the agreed end of the log on a majority (D7).
-
-    Returns where the next compute starts. A proposer that another one outbids is replaced
-    by a new one (a new id, a higher term) until `timeout_s`; Unavailable when no majority
-    answers by then."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    attempt = config
-    with timeline_context(config.tenant_id, config.timeline_id):
-        while True:
-            left = deadline - loop.time()
-            driver = QuorumDriver(attempt, system_id, sync=True, quorum_warn_s=timeout_s)
-            driver.start()
-            try:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(left):
-                        await driver.done.wait()
-            finally:
-                await driver.stop()
-            if driver.sync_result is not None:
-                log.info("sync done: the log ends at %s (previous record %s)",
-                         driver.sync_result.lsn, driver.sync_result.prev_lsn)
-                return driver.sync_result
-            if loop.time() >= deadline or driver.fenced is None:
-                raise Unavailable(f"sync of timeline {config.timeline_id} did not finish in "
-                                  f"{timeout_s}s ({driver.fenced or driver._link_errors()}); "
-                                  "are a majority of the safekeepers up?")
-            log.info("sync proposer outbid (%s); retrying with a new one", driver.fenced)
-            attempt = dataclasses.replace(attempt, proposer_id=secrets.randbits(62) + 1)
 
 
 # --- the sidecar ------------------------------------------------------------------------------
@@ -599,7 +556,7 @@ class WalProposer:
 
     def _start_driver(self, system_id: int) -> QuorumDriver:
         cfg = self.config
-        driver = QuorumDriver(self.quorum, system_id, sync=False,
+        driver = QuorumDriver(self.quorum, system_id,
                               quorum_warn_s=cfg.quorum_warn_s,
                               on_commit=lambda _lsn: self._report_now(),
                               pull=PullTarget(cfg.pg_host, cfg.pg_port) if cfg.pull else None)
@@ -1015,7 +972,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sync:
             if args.system_id is None:
                 raise UserError("--sync needs --system-id (the cluster's pg_control value)")
-            result = eventloop.run(sync_safekeepers(quorum, args.system_id, args.timeout_s))
+            from strata.compute.safekeeper_sync import sync_safekeepers
+            result = sync_safekeepers(quorum, args.system_id, args.timeout_s)
             print(result.to_json(), flush=True)
             return 0
         if args.pg_port is None or args.pgdata is None:

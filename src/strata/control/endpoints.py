@@ -76,7 +76,7 @@ from strata.compute.pageserver_address import write_address
 from strata.compute.pgserver import port_taken
 from strata.compute.postmaster_files import clear_crashed_postmaster
 from strata.compute.quorum import DEFAULT_APPLICATION_NAME, QuorumConfig, SafekeeperAddr
-from strata.compute.safekeeper_sync import sync_safekeepers_blocking
+from strata.compute.safekeeper_sync import sync_safekeepers
 from strata.control import output
 from strata.control.auth_setup import child_env, token_for
 from strata.control.env import (
@@ -366,7 +366,7 @@ def sync_wal(env: Environment, config: EnvConfig, client: PageserverClient,
     sysid = system_id(env, client, tenant_id, timeline_id)
     timeout_s = config.endpoint_defaults.start_timeout_s
     try:
-        result = sync_safekeepers_blocking(quorum_config(config, tenant_id, timeline_id),
+        result = sync_safekeepers(quorum_config(config, tenant_id, timeline_id),
                                            sysid, timeout_s=timeout_s)
     except Unavailable as err:
         raise Unavailable(f"{err}; see `strata status` and start them with `strata "
