@@ -7,9 +7,12 @@ and the sidecar run in the test's `loop` (conftest.py) that stops PostgreSQL whe
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import io
+from collections.abc import Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
+import pytest
 from fixtures_env import COMPUTE_SETTINGS, Env, LoopThread
 
 from strata.common.ids import TenantId, TimelineId
@@ -22,6 +25,7 @@ from strata.compute.walproposer import (
     immediate_stopper,
     postmaster_pid,
 )
+from strata.pg.walreader import DecodedRecord, WalStreamDecoder
 
 SLOTS = ("sk1", "sk2", "sk3")  # pull mode: one slot a safekeeper
 
@@ -31,6 +35,10 @@ class Stub(Protocol):
 
     node_id: int
     port: int
+    wal: bytearray  # what it holds from X on
+
+    @property
+    def end_lsn(self) -> Lsn: ...
 
     async def start(self) -> None: ...
 
@@ -109,6 +117,47 @@ class StubRig(abc.ABC, Generic[S]):
             run.cancel()
         self.loop.closers.insert(0, cancel)
         return sidecar
+
+
+    def write_rows(self) -> Lsn:
+        """Table t with 50 rows of 500 bytes, one commit each, through the sidecar; every
+        acknowledged commit is in the WAL a majority of the stubs holds (they answer only
+        after their FlushWal). Returns the compute's WAL end."""
+        compute = self.compute
+        compute.sql("CREATE TABLE t (id int primary key, v text)")
+        for i in range(50):
+            compute.sql("INSERT INTO t VALUES (%s, repeat('x', 500))", i)
+        end = current_lsn(compute)
+        on_majority = sorted((s.end_lsn for s in self.sks), reverse=True)[1]
+        assert on_majority >= end - 200, (on_majority, end)  # a trailing non-commit record
+        return end
+
+    def stub_records(self) -> list[DecodedRecord]:
+        """The first stub's WAL, which must decode as one chain of records from X."""
+        decoder = WalStreamDecoder(self.x, 16 << 20, at_record_start=True)
+        decoder.feed(bytes(self.sks[0].wal))
+        records = list(decoder)
+        assert records and records[0].lsn == self.x.value
+        assert records[0].prev == self.prev.value
+        return records
+
+    def commit_waits_without_majority(self, back: Sequence[int]) -> None:
+        """With stubs 1 and 2 stopped, a commit waits, reads go on and the compute is not
+        stopped; once the stubs at indexes `back` are started again the commit returns."""
+        compute, loop = self.compute, self.loop
+        loop.call(self.sks[0].stop())
+        loop.call(self.sks[1].stop())
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(compute.sql, "INSERT INTO t VALUES (1000, 'waits')")
+            with pytest.raises(concurrent.futures.TimeoutError):
+                pending.result(3)
+            assert compute.sql("SELECT count(*) FROM t WHERE id < 1000") == [(50,)]
+            assert compute.is_running() and self.fenced == []
+            for i in back:
+                loop.call(self.sks[i].start())
+            pending.result(60)
+        assert compute.sql("SELECT v FROM t WHERE id = 1000") == [("waits",)]
+        assert self.fenced == [] and compute.is_running()
 
 
 def current_lsn(compute: Compute) -> Lsn:

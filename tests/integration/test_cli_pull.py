@@ -37,6 +37,23 @@ from strata.common.proc import pg_bindir, run_as, service_user
 cli = test_cli.cli  # the fixture: an environment directory, stopped at the end
 
 
+def _init(cli: Cli, test_dir: Path, mode: str) -> None:
+    """`strata init` with a config.toml that asks for `commit_mode = mode`."""
+    config = test_dir / f"{mode}.toml"
+    config.write_text(f'commit_mode = "{mode}"\n')
+    cli.run("init", "--config", str(config))
+    assert f'commit_mode = "{mode}"' in (cli.repo_dir / "config.toml").read_text()
+
+
+def _standbys(cli: Cli) -> tuple[str, list[str]]:
+    """Main's compute: its synchronous_standby_names and its replication slots."""
+    with cli.superuser("main") as su:
+        row = su.execute("show synchronous_standby_names").fetchone()
+        slots = su.execute("select slot_name from pg_replication_slots order by 1").fetchall()
+    assert row is not None
+    return row[0], [slot for (slot,) in slots]
+
+
 def _commit_lsns(cli: Cli, branch: str) -> dict[int, Lsn]:
     out = {}
     for sk in cli.json("status")["safekeepers"]:
@@ -47,17 +64,10 @@ def _commit_lsns(cli: Cli, branch: str) -> dict[int, Lsn]:
 
 @pytest.mark.timeout(900)
 def test_pull_mode_end_to_end(cli: Cli, test_dir: Path) -> None:
-    config = test_dir / "pull.toml"
-    config.write_text('commit_mode = "pull"\n')
-    cli.run("init", "--config", str(config))
-    assert 'commit_mode = "pull"' in (cli.repo_dir / "config.toml").read_text()
+    _init(cli, test_dir, "pull")
     cli.run("start")
     main = cli.local("main")
-    with cli.superuser("main") as su:
-        names = su.execute("show synchronous_standby_names").fetchone()
-        assert names == ("ANY 2 (sk1, sk2, sk3)",), names
-        slots = su.execute("select slot_name from pg_replication_slots order by 1").fetchall()
-        assert slots == [("sk1",), ("sk2",), ("sk3",)], slots
+    assert _standbys(cli) == ("ANY 2 (sk1, sk2, sk3)", ["sk1", "sk2", "sk3"])
     rows(main, "create table t (id int primary key, v text)")
     for i in range(20):
         rows(main, f"insert into t values ({i}, 'row {i}')")
@@ -138,9 +148,7 @@ def test_pull_mode_backpressure_holds_commits_while_ingest_is_held(
     release = test_dir / "ingest-release"
     release.touch()
     monkeypatch.setenv("STRATA_FAILPOINTS", f"ingest-apply-record=wait(600,{release})")
-    config = test_dir / "pull.toml"
-    config.write_text('commit_mode = "pull"\n')
-    cli.run("init", "--config", str(config))
+    _init(cli, test_dir, "pull")
     cli.run("start")
     main = cli.local("main")
     rows(main, "create table big (v text)")
@@ -190,9 +198,7 @@ def test_pull_mode_kill9_of_the_postmaster_then_start_20_rounds(cli: Cli,
     once, 20 times: every start works, every acknowledged commit is there afterwards
     (released by ANY 2 of the pulling safekeepers, so on a majority), and the new compute
     commits again."""
-    config = test_dir / "pull.toml"
-    config.write_text('commit_mode = "pull"\n')
-    cli.run("init", "--config", str(config))
+    _init(cli, test_dir, "pull")
     cli.run("start")
     main = cli.local("main")
     rows(main, "create table acked (id int primary key)")
@@ -223,21 +229,15 @@ def test_pull_mode_kill9_of_the_postmaster_then_start_20_rounds(cli: Cli,
 def test_push_mode_when_config_asks_for_it(cli: Cli, test_dir: Path) -> None:
     """Pull is the default; config.toml `commit_mode = "push"` still gives the sidecar as
     the one synchronous standby (its slot, no sk<id> slots), and commits go through it."""
-    config = test_dir / "push.toml"
-    config.write_text('commit_mode = "push"\n')
-    cli.run("init", "--config", str(config))
-    assert 'commit_mode = "push"' in (cli.repo_dir / "config.toml").read_text()
+    _init(cli, test_dir, "push")
     cli.run("start")
     main = cli.local("main")
     rows(main, "create table t (id int primary key, v text)")
     rows(main, "insert into t values (1, 'pushed')")
     assert values(main) == ["pushed"]
     assert cli.json("status")["commit_mode"] == "push"
+    assert _standbys(cli) == ("strata_walproposer", ["strata_walproposer"])
     with cli.superuser("main") as su:
-        names = su.execute("show synchronous_standby_names").fetchone()
-        assert names == ("strata_walproposer",), names
-        slots = su.execute("select slot_name from pg_replication_slots order by 1").fetchall()
-        assert slots == [("strata_walproposer",)], slots
         repl = su.execute("select application_name, sync_state from pg_stat_replication "
                           "order by 1").fetchall()
         assert ("strata_walproposer", "sync") in repl, repl

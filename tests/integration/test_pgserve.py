@@ -297,11 +297,10 @@ def test_stop_lets_a_running_query_finish_and_closes_idle_connections() -> None:
         busy.close()
 
 
-def test_own_client_against_postgres_md5_and_cleartext(
-        pg_factory: Callable[..., PgServer]) -> None:
-    """Strata's client authenticates to a real PostgreSQL 15 with md5 and cleartext
-    passwords, and reads results and errors from it."""
-    pg = pg_factory("auth")
+def _pg_with_password_roles(pg_factory: Callable[..., PgServer], name: str) -> PgServer:
+    """A PostgreSQL 15 with role md5user (password s3cret, md5) and role textuser (password
+    plain, cleartext), both allowed from 127.0.0.1 only with their password."""
+    pg = pg_factory(name)
     pg.initdb()
     hba = pg.datadir / "pg_hba.conf"
     hba.write_text("host all md5user 127.0.0.1/32 md5\n"
@@ -309,6 +308,14 @@ def test_own_client_against_postgres_md5_and_cleartext(
     pg.start({"password_encryption": "md5"})
     pg.sql("create role md5user login password 's3cret'")
     pg.sql("create role textuser login password 'plain'")
+    return pg
+
+
+def test_own_client_against_postgres_md5_and_cleartext(
+        pg_factory: Callable[..., PgServer]) -> None:
+    """Strata's client authenticates to a real PostgreSQL 15 with md5 and cleartext
+    passwords, and reads results and errors from it."""
+    pg = _pg_with_password_roles(pg_factory, "auth")
 
     async def scenario() -> None:
         async with await PgConnection.connect(pg.host, pg.port, user="md5user",
@@ -335,14 +342,7 @@ def test_blocking_client_against_postgres(pg_factory: Callable[..., PgServer]) -
     """The blocking client (`endpoint start`'s basebackup and sync) authenticates to a real
     PostgreSQL 15 with md5 and cleartext passwords, reads CopyOut data, and raises the
     asyncio client's errors (an ErrorResponse keeps the connection usable)."""
-    pg = pg_factory("blocking")
-    pg.initdb()
-    hba = pg.datadir / "pg_hba.conf"
-    hba.write_text("host all md5user 127.0.0.1/32 md5\n"
-                   "host all textuser 127.0.0.1/32 password\n" + hba.read_text())
-    pg.start({"password_encryption": "md5"})
-    pg.sql("create role md5user login password 's3cret'")
-    pg.sql("create role textuser login password 'plain'")
+    pg = _pg_with_password_roles(pg_factory, "blocking")
     for user, password in (("md5user", "s3cret"), ("textuser", "plain")):
         conn = BlockingPgConnection.connect(pg.host, pg.port, user=user, database="postgres",
                                             password=password, timeout_s=10)
