@@ -75,14 +75,13 @@ from strata.pg.visibilitymap import (
 )
 from strata.pg.walreader import DecodedRecord
 from strata.pg.wire import POSTGRES_EPOCH_UNIX_US
-from strata.storage.key import slru_block_key
+from strata.storage.key import Key, rel_block_key, slru_block_key
 from strata.storage.timeline import Timeline, TimelineBroken
-from strata.storage.value import Image, Patch, PatchOp, PatchWrite, WalImage
+from strata.storage.value import Image, Patch, PatchOp, PatchWrite, WalImage, encode_wal_image
 
 log = logging.getLogger(__name__)
 
-
-
+_BLOCK_KEYS_KEPT = 1 << 16  # WalIngest's cache of block keys is emptied at this size
 
 # --- pg_xact and pg_multixact patches ----------------------------------------------------
 
@@ -218,6 +217,9 @@ class WalIngest:
             raise NotFound(f"timeline {timeline.timeline_id} has no checkpoint at {lsn}: "
                            f"import a data directory into it before ingesting WAL") from err
         self.stats = IngestStats()
+        # (spcnode, dbnode, relnode, forknum, blkno) -> (RelTag, Key) of recently written
+        # blocks: making both costs more than the rest of a block's put.
+        self._block_keys: dict[tuple[int, int, int, int, int], tuple[RelTag, Key]] = {}
 
     # --- entry point ----------------------------------------------------------------
     def ingest(self, record: DecodedRecord) -> None:
@@ -226,7 +228,7 @@ class WalIngest:
         if tl.broken_reason is not None:
             raise TimelineBroken(f"timeline {tl.timeline_id} is broken ({tl.broken_reason}); "
                                  f"not ingesting the record at {Lsn(record.lsn)}")
-        if record.end_lsn <= tl.last_record_lsn.value:
+        if record.end_lsn <= tl.last_record_end:
             raise UserError(f"the record at {Lsn(record.lsn)} ends at {Lsn(record.end_lsn)}, "
                             f"not after last_record_lsn {tl.last_record_lsn} of timeline "
                             f"{tl.timeline_id}; feed WAL from last_record_lsn on")
@@ -237,10 +239,12 @@ class WalIngest:
         before = self.checkpoint
         try:
             self._advance_xid(record.xid)
-            self._put_images(record, lsn)
+            if record.blocks:
+                self._put_images(record, lsn)
             if decoded is not None:
                 self._apply(decoded, lsn)
-            if self.checkpoint != before:
+            # (`is not` first: the counters are replaced only when they change)
+            if self.checkpoint is not before and self.checkpoint != before:
                 put_checkpoint(tl, lsn, self.checkpoint)
         except Exception as err:
             # Part of the record is stored and the rest cannot be: never serve that.
@@ -267,20 +271,32 @@ class WalIngest:
                                  f"{Lsn(record.lsn)} and keep the setting on")
 
     def _put_images(self, record: DecodedRecord, lsn: Lsn) -> None:
+        """Each block's image as a `WalImage` (encoded directly: `encode_wal_image`)."""
+        tl = self.timeline
+        keys = self._block_keys
+        gist = record.rmid == RmgrId.GIST
         for block in record.blocks:
-            rel = RelTag(block.spcnode, block.dbnode, block.relnode, block.forknum)
-            fixup = is_gist_left_child(record.rmid, record.info, block.block_id)
-            value = WalImage(block.bimg_info, block.hole_offset, block.hole_length, block.image,
-                             record.end_lsn, fixup)
-            self.timeline.put_rel_page(rel, block.blkno, lsn, value)
-            self.stats.gist_fixups += fixup
+            where = (block.spcnode, block.dbnode, block.relnode, block.forknum, block.blkno)
+            rel_key = keys.get(where)
+            if rel_key is None:
+                if len(keys) >= _BLOCK_KEYS_KEPT:
+                    keys.clear()
+                rel = RelTag(block.spcnode, block.dbnode, block.relnode, block.forknum)
+                rel_key = keys[where] = (rel, rel_block_key(rel, block.blkno))
+            fixup = gist and is_gist_left_child(record.rmid, record.info, block.block_id)
+            tl.put_rel_page_encoded(
+                rel_key[0], block.blkno, rel_key[1], lsn,
+                encode_wal_image(block.bimg_info, block.hole_offset, block.hole_length,
+                                 block.image, record.end_lsn, fixup), WalImage.is_image)
+            if fixup:
+                self.stats.gist_fixups += 1
         self.stats.images += len(record.blocks)
 
     def _advance_xid(self, xid: int) -> None:
         cp = self.checkpoint
         next_xid = advance_next_xid(cp.next_xid, xid)
         if next_xid != cp.next_xid:
-            self.checkpoint = dataclasses.replace(cp, next_xid=next_xid)
+            self.checkpoint = cp.with_next_xid(next_xid)
 
     # --- per record type ------------------------------------------------------------------
     def _apply(self, d: rec_types.Record, lsn: Lsn) -> None:

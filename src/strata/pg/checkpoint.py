@@ -57,6 +57,16 @@ class CheckPoint:
         """The 32-bit xid part of nextXid (what pg_controldata prints after the colon)."""
         return self.next_xid & 0xFFFFFFFF
 
+    def with_next_xid(self, next_xid: int) -> CheckPoint:
+        """This checkpoint with another `next_xid` (`dataclasses.replace` costs several
+        times more, and ingest does this once per transaction)."""
+        return CheckPoint(self.redo, self.this_timeline_id, self.prev_timeline_id,
+                          self.full_page_writes, next_xid, self.next_oid, self.next_multi,
+                          self.next_multi_offset, self.oldest_xid, self.oldest_xid_db,
+                          self.oldest_multi, self.oldest_multi_db, self.time,
+                          self.oldest_commit_ts_xid, self.newest_commit_ts_xid,
+                          self.oldest_active_xid)
+
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, *, path: str | None = None,
                    offset: int = 0) -> CheckPoint:

@@ -216,6 +216,11 @@ class Timeline:
         return Lsn(self._last_record)
 
     @property
+    def last_record_end(self) -> int:
+        """`last_record_lsn` as a plain int (ingest's per-record checks make no Lsn)."""
+        return self._last_record
+
+    @property
     def prev_record_lsn(self) -> Lsn:
         return Lsn(self._prev_record)
 
@@ -298,6 +303,13 @@ class Timeline:
 
     def put_rel_page(self, rel: RelTag, blkno: int, lsn: Lsn, value: Value) -> None:
         """Store a block version; extends the fork to blkno + 1 if it is shorter."""
+        self.put_rel_page_encoded(rel, blkno, rel_block_key(rel, blkno), lsn,
+                                  encode_value(value), value.is_image)
+
+    def put_rel_page_encoded(self, rel: RelTag, blkno: int, key: Key, lsn: Lsn, data: bytes,
+                             is_image: bool) -> None:
+        """`put_rel_page` of a value already encoded (`encode_value`), with its key
+        `rel_block_key(rel, blkno)`: ingest's path, which keeps the keys it made."""
         rec = self._current_size(rel)
         if rec is None:
             # PostgreSQL may write a block of a fork whose creation came before our WAL
@@ -305,7 +317,7 @@ class Timeline:
             self._write_size(rel, lsn, SizeRecord.created(lsn.value).extended(blkno + 1))
         elif blkno >= rec.nblocks:
             self._write_size(rel, lsn, rec.extended(blkno + 1))
-        self._put_bytes(rel_block_key(rel, blkno), lsn.value, encode_value(value), value.is_image)
+        self._put_bytes(key, lsn.value, data, is_image)
 
     def create_rel(self, rel: RelTag, lsn: Lsn) -> None:
         """Create an empty fork (no-op if it exists): a cut at 0, so old blocks are dead."""

@@ -167,8 +167,8 @@ def encode_value(v: Value) -> bytes:
     if isinstance(v, Image):
         return bytes((TAG_IMAGE,)) + v.data
     if isinstance(v, WalImage):
-        return _WAL_IMAGE_HDR.pack(TAG_WAL_IMAGE, v.bimg_info, v.hole_offset, v.hole_length,
-                                   int(v.gist_fixup), v.page_lsn) + v.data
+        return encode_wal_image(v.bimg_info, v.hole_offset, v.hole_length, v.data, v.page_lsn,
+                                v.gist_fixup)
     if isinstance(v, Patch):
         parts = [bytes((TAG_PATCH,)), _U32.pack(len(v.ops))]
         for op in v.ops:
@@ -180,6 +180,14 @@ def encode_value(v: Value) -> bytes:
         return b"".join(parts)
     assert isinstance(v, Tombstone), v
     return bytes((TAG_TOMBSTONE,))
+
+
+def encode_wal_image(bimg_info: int, hole_offset: int, hole_length: int, data: bytes,
+                     page_lsn: int, gist_fixup: bool) -> bytes:
+    """`encode_value(WalImage(...))` without making the WalImage: ingest's hot path (one
+    per block reference of every record)."""
+    return _WAL_IMAGE_HDR.pack(TAG_WAL_IMAGE, bimg_info, hole_offset, hole_length,
+                               1 if gist_fixup else 0, page_lsn) + data
 
 
 def is_image_bytes(b: bytes | bytearray | memoryview) -> bool:
