@@ -19,6 +19,10 @@ restarts `main` once with the proxy stopped, which makes it listen on both.
   against TLS direct;
 - `proxy_cpu_us_per_tx_{select_only,tpcb}_{plain,tls}`: the proxy process's CPU time
   per transaction (independent of the machine's load, unlike the TPS ratio);
+- `roundtrip_ms_{way}`: TPC-B's BEGIN latency (pgbench -r, median of rounds), one round
+  trip through each way (the server does nothing for it), baseline: the tcp way's; a
+  TPC-B transaction is 7 round trips and a commit, so this shows what the proxy adds to
+  each (notes also give the baselines' TPS per round, their spread);
 - `wake_s{N}`: connect to a suspended endpoint until the first query answers, at pgbench
   scale N (scale 1 ~ 15 MB; 320 ~ 5 GB), after `load_s{N}` seconds of `pgbench -i`
   (server-side data generation) through the proxy; notes give the start's phases and the
@@ -96,17 +100,22 @@ def _cpu_s(pid: int) -> float:
 WORKLOADS = {"select_only": ["-S"], "tpcb": []}
 
 
-def _pgbench(dsn: str, args: list[str], seconds: int, proxy_pid: int) -> tuple[float, float]:
-    """pgbench -c 4 -j 2 `args`: (tps, the proxy's CPU microseconds per transaction)."""
+def _pgbench(dsn: str, args: list[str], seconds: int,
+             proxy_pid: int) -> tuple[float, float, float]:
+    """pgbench -c 4 -j 2 -r `args`: (tps, the proxy's CPU microseconds per transaction,
+    the first statement's mean latency in ms: for TPC-B its BEGIN, a bare round trip)."""
     cpu = _cpu_s(proxy_pid)
-    out = subprocess.run(["pgbench", "-n", *args, "-c", "4", "-j", "2", "-T", str(seconds),
-                          dsn], capture_output=True, text=True, timeout=seconds + 300,
-                         check=True)
+    out = subprocess.run(["pgbench", "-n", "-r", *args, "-c", "4", "-j", "2", "-T",
+                          str(seconds), dsn], capture_output=True, text=True,
+                         timeout=seconds + 300, check=True)
     cpu = _cpu_s(proxy_pid) - cpu
     m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out.stdout)
     n = re.search(r"number of transactions actually processed: ([0-9]+)", out.stdout)
-    assert m is not None and n is not None, out.stdout
-    return float(m.group(1)), cpu * 1e6 / max(1, int(n.group(1)))
+    # -r: "statement latencies in milliseconds", one "  <ms>  <failures>  <command>" line
+    # per statement (\set lines come first, with their own tiny latencies).
+    lat = re.findall(r"^\s+([0-9.]+)\s+[0-9]+\s+([A-Za-z].*)$", out.stdout, re.MULTILINE)
+    assert m is not None and n is not None and lat, out.stdout
+    return float(m.group(1)), cpu * 1e6 / max(1, int(n.group(1))), float(lat[0][0])
 
 
 def _wait_suspended(repo: Path, name: str) -> None:
@@ -165,15 +174,31 @@ def _throughput(report: Report, repo: Path, targets: dict[str, str], quick: bool
     for workload, args in WORKLOADS.items():
         tps: dict[str, list[float]] = {w: [] for w in ways}
         cpu: dict[str, list[float]] = {w: [] for w in ways}
+        first: dict[str, list[float]] = {w: [] for w in ways}
+        loads = []
         for i in range(rounds):
             for way in ways[i % len(ways):] + ways[:i % len(ways)]:
                 proxy_pid = proxy.use(VARIANTS[way][1] if way in VARIANTS else {})
-                t, c = _pgbench(targets[way], args, seconds, proxy_pid)
+                t, c, f = _pgbench(targets[way], args, seconds, proxy_pid)
                 tps[way].append(t)
                 cpu[way].append(c)
-        report.note(f"pgbench {' '.join(args) or '(TPC-B)'} -c 4 -j 2 -T {seconds}, "
-                    f"{rounds} rounds; load average {os.getloadavg()[0]:.1f}")
+                first[way].append(f)
+            loads.append(os.getloadavg()[0])
+        report.note(f"pgbench {' '.join(args) or '(TPC-B)'} -c 4 -j 2 -T {seconds} -r, "
+                    f"{rounds} rounds; load average {min(loads):.1f}-{max(loads):.1f}")
         unix, tcp = statistics.median(tps["unix"]), statistics.median(tps["tcp"])
+        for way in ("unix", "tcp", "tls_direct"):  # the baselines' own spread
+            report.note(f"{workload} {way}: TPS per round "
+                        + " ".join(f"{t:.0f}" for t in tps[way]))
+        if workload == "tpcb":
+            # BEGIN does nothing in the server: its latency is one round trip through
+            # each way, which a TPC-B transaction makes 7 of (and the commit's wait).
+            base_rt = statistics.median(first["tcp"])
+            for way in ways:
+                if way != "tcp":
+                    report.add(f"roundtrip_ms_{way}", statistics.median(first[way]), "ms",
+                               baseline=base_rt)
+            report.add("roundtrip_ms_tcp", base_rt, "ms")
         report.add(f"tps_{workload}_direct_tcp", tcp, "tps", baseline=unix)
         tls_direct = statistics.median(tps["tls_direct"])
         report.add(f"tps_{workload}_direct_tls", tls_direct, "tps", baseline=unix)
