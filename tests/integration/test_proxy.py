@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import scramp
 from test_cli import Cli
 from test_cli import cli as cli  # noqa: F401, PLC0414 - the fixture `cli`
 
@@ -329,6 +330,73 @@ def _startup_packet(params: dict[str, str], code: int = 196608) -> bytes:
     body = struct.pack("!i", code) + b"".join(
         k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
     return struct.pack("!i", len(body) + 4) + body
+
+
+def _recv_message(s: socket.socket) -> tuple[bytes, bytes]:
+    """The next backend message on `s`: (type byte, body)."""
+    head = b""
+    while len(head) < 5:
+        chunk = s.recv(5 - len(head))
+        assert chunk, "the proxy closed the connection"
+        head += chunk
+    body = b""
+    while len(body) < struct.unpack("!i", head[1:5])[0] - 4:
+        chunk = s.recv(struct.unpack("!i", head[1:5])[0] - 4 - len(body))
+        assert chunk, "the proxy closed the connection"
+        body += chunk
+    return head[:1], body
+
+
+def _password_message(body: bytes) -> bytes:
+    return b"p" + struct.pack("!i", len(body) + 4) + body
+
+
+def test_compute_login_during_scram(proxied: Cli) -> None:
+    """To a running compute, the proxy logs in while the client does SCRAM: a backend
+    with the client's startup parameters exists before the client has authenticated;
+    a client that then goes away leaves no backend behind, and one that authenticates
+    is relayed to that very backend."""
+    cli = proxied
+    conninfo = dsn(cli, "main")
+
+    def backends(name: str) -> list[int]:
+        return [row[0] for row in query(conninfo, "select pid from pg_stat_activity "
+                                                  f"where application_name = '{name}'")]
+
+    params = {"user": "strata", "database": "strata", "options": "endpoint=main"}
+    with socket.create_connection(("127.0.0.1", proxy_port(cli)), timeout=60) as s:
+        s.sendall(_startup_packet({**params, "application_name": "probe-leaves"}))
+        assert _recv_message(s)[0] == b"R"  # AuthenticationSASL: the client's turn
+        wait_until(lambda: len(backends("probe-leaves")) == 1, 60,
+                   "the proxy's login to the compute during SCRAM")
+    wait_until(lambda: not backends("probe-leaves"), 60,
+               "the login of a client that went away to end")
+
+    client = scramp.ScramClient(["SCRAM-SHA-256"], "strata", PASSWORD)
+    with socket.create_connection(("127.0.0.1", proxy_port(cli)), timeout=60) as s:
+        s.sendall(_startup_packet({**params, "application_name": "probe-stays"}))
+        assert _recv_message(s)[0] == b"R"
+        wait_until(lambda: len(backends("probe-stays")) == 1, 60,
+                   "the proxy's login to the compute during SCRAM")
+        [early_pid] = backends("probe-stays")
+        first = client.get_client_first().encode()
+        s.sendall(_password_message(b"SCRAM-SHA-256\0" + struct.pack("!i", len(first))
+                                    + first))
+        tag, body = _recv_message(s)
+        assert tag == b"R" and body[:4] == struct.pack("!i", 11), (tag, body)
+        client.set_server_first(body[4:].decode())
+        s.sendall(_password_message(client.get_client_final().encode()))
+        tag, body = _recv_message(s)
+        assert tag == b"R" and body[:4] == struct.pack("!i", 12), (tag, body)
+        client.set_server_final(body[4:].decode())
+        while (tag := _recv_message(s)[0]) != b"Z":
+            assert tag in (b"R", b"S", b"K"), tag
+        sql = b"select pg_backend_pid()\0"
+        s.sendall(b"Q" + struct.pack("!i", len(sql) + 4) + sql)
+        while (message := _recv_message(s))[0] != b"D":
+            assert message[0] == b"T", message
+        body = message[1]
+        assert int(body[6:6 + struct.unpack("!i", body[2:6])[0]]) == early_pid
 
 
 def test_malformed_startup_packets(proxied: Cli) -> None:

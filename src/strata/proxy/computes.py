@@ -173,6 +173,21 @@ class Computes:
         socket_dir = endpoint_paths(self.env, name).socket_dir
         return ComputeAddress(str(socket_dir / f".s.PGSQL.{ep.port}"))
 
+    def running_socket(self, name: str) -> str | None:
+        """The unix socket of `name`'s compute if it runs and is neither starting nor
+        stopping, else None (also for a name the environment does not have: no entry is
+        made for it)."""
+        ep = self._endpoints.get(name)
+        if ep is not None and (ep.starting is not None or ep.stopping is not None):
+            return None
+        try:
+            if name not in self.state.get().endpoints:
+                return None
+            address = self._address_if_running(name)
+        except (StrataError, OSError, ValueError):
+            return None
+        return None if address is None else address.socket_path
+
     def accepting(self, name: str) -> asyncio.Future[str | None] | None:
         """While `name` starts: its compute's unix socket once PostgreSQL accepts
         connections (the start may still be in its last phases: the walproposer check,

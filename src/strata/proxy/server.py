@@ -161,6 +161,9 @@ class ProxyServer:
         self._clients: set[asyncio.Task[None]] = set()
         self.sockmap = _open_sockmap(kernel_relay)
         self.tls_threads = _tls_relay() == "threads"
+        # STRATA_PROXY_PRELOGIN=0: no login to a running compute during the client's SCRAM
+        # (then after it, as before), for the A/B in docs/proxy.md.
+        self.pre_login = os.environ.get("STRATA_PROXY_PRELOGIN", "1") != "0"
         if ssl_context is not None:
             ssl_context.sni_callback = self._on_sni
 
@@ -251,11 +254,22 @@ class ProxyServer:
                 raise ProtocolError("the startup message names no user")
             choice = protocol.choose_endpoint(server_name, self.domain, packet)
             name = choice.name
+            pre_login: asyncio.Task[_Login | None] | None = None
             if name is None:
                 name = await self._cleartext_auth(client.reader, client.writer, user)
             else:
-                await self._scram_auth(client.reader, client.writer, name, user)
-        await self._connect(client, name, packet, auth_s=time.monotonic() - accepted)
+                secret = self._secret(name, user)
+                # A running compute: log in to it while the client does SCRAM (as
+                # PostgreSQL forks a backend before it authenticates a client).
+                pre_login = self._pre_login(name, packet)
+                try:
+                    await self._scram_auth(client.reader, client.writer, user, secret)
+                except BaseException:
+                    if pre_login is not None:
+                        _drop_early_login(pre_login, used=None)
+                    raise
+        await self._connect(client, name, packet, auth_s=time.monotonic() - accepted,
+                            pre_login=pre_login)
 
     def _secret(self, endpoint: str, user: str) -> ScramSecret:
         state = self.computes.state.get()
@@ -273,8 +287,8 @@ class ProxyServer:
                               f"password authentication failed for user {user!r}")
         return ScramSecret.parse(secret)
 
-    async def _scram_auth(self, reader: _In, writer: _Out, endpoint: str, user: str) -> None:
-        secret = self._secret(endpoint, user)
+    async def _scram_auth(self, reader: _In, writer: _Out, user: str,
+                          secret: ScramSecret) -> None:
         writer.write(protocol.auth_sasl())
         mechanism, client_first = protocol.decode_sasl_initial_response(
             await _read_password_message(reader))
@@ -305,10 +319,14 @@ class ProxyServer:
 
     # --- compute -------------------------------------------------------------------------
     async def _connect(self, client: _Client, name: str, startup: StartupMessage, *,
-                       auth_s: float) -> None:
+                       auth_s: float,
+                       pre_login: asyncio.Task[_Login | None] | None = None) -> None:
+        """Relay the authenticated client to `name`'s compute, woken if it sleeps;
+        `pre_login`: a login to its running compute begun during the client's SCRAM
+        (used if that compute still runs, else dropped)."""
         self.computes.acquire(name)
         key: tuple[int, int] | None = None
-        early: asyncio.Task[_Login | None] | None = None
+        early: asyncio.Task[_Login | None] | None = pre_login
         login: _Login | None = None
 
         def log_in_early() -> None:
@@ -316,6 +334,8 @@ class ProxyServer:
             # connections, overlapping the start's last phases (the compute's answer is
             # kept until the start has succeeded).
             nonlocal early
+            if early is not None:  # a login to the compute before (suspended since)
+                _drop_early_login(early, used=None)
             early = asyncio.create_task(self._early_login(name, startup))
 
         try:
@@ -420,6 +440,20 @@ class ProxyServer:
         socket_path = await asyncio.shield(accepting) if accepting is not None else None
         if socket_path is None:
             return None
+        return await self._login(socket_path, startup)
+
+    def _pre_login(self, name: str, startup: StartupMessage) -> asyncio.Task[_Login | None] | None:
+        """(During the client's SCRAM) a login to `name`'s compute if it runs (and is
+        neither starting nor stopping), else None; `_connect` uses it once the client
+        has authenticated, and nothing reaches the client before."""
+        socket_path = self.computes.running_socket(name) if self.pre_login else None
+        if socket_path is None:
+            return None
+        return asyncio.create_task(self._login(socket_path, startup))
+
+    async def _login(self, socket_path: str, startup: StartupMessage) -> _Login | None:
+        """Log in to the compute at `socket_path` with the client's startup parameters and
+        read its answer up to ReadyForQuery (kept); None if it refused or went away."""
         try:
             c_reader, c_writer = await asyncio.open_unix_connection(
                 socket_path, limit=COMPUTE_STARTUP_MESSAGE_MAX_BYTES)
