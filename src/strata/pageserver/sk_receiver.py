@@ -11,7 +11,9 @@ last commit LSN, or lags by more than `switch_lag_bytes`) for `switch_after_s`.
 The streaming itself is the development-mode receiver's (`WalReceiver._stream`): XLogData is
 appended to the log, and each status update reports write = flush = received and apply =
 `Timeline.wal_durable_lsn` (`disk_consistent_lsn`, or with remote storage
-`remote_consistent_lsn`), which the safekeepers use to drop WAL. The log is not fsynced
+`remote_consistent_lsn`), which the safekeepers use to drop WAL. Updates go out when the
+apply LSN moves (and once a second, or when the safekeeper asks), not after every batch:
+the safekeeper decoded one per commit for nothing. The log is not fsynced
 (`WalReceiverConfig.fsync_wal=False`): the safekeepers keep every byte above the apply
 LSN, so after a crash the pageserver cuts its log back to `last_record_lsn` (which is then
 `disk_consistent_lsn`) and streams the rest again (`TimelineWal.start`); an fsync per

@@ -9,7 +9,9 @@ batch of XLogData is appended and fsynced; then a standby status update reports
 write = received, flush = fsynced (so a commit returns only once the WAL is
 durable here) and apply = a caller-supplied LSN (later the pageserver's
 disk_consistent_lsn). Consumers follow `flush_lsn` through `on_flush` or
-`wait_for_flush`.
+`wait_for_flush`. Without `fsync_wal` (the safekeepers' receiver, whose sender uses only
+the apply LSN) a status update goes out only when the apply LSN moved, when the sender
+asks for one, and at least every `status_interval_s`, not after every batch.
 
 The connection is re-established with bounded exponential backoff when it drops
 or the compute restarts; streaming always resumes at the log's end, so the log
@@ -190,26 +192,39 @@ class WalReceiver:
     async def _stream(self, stream: CopyBothStream) -> None:
         received = self.wal_log.end_lsn.value
         reported_flush = -1
+        reported_apply = -1
+        interval = self.config.status_interval_s
+        loop = asyncio.get_running_loop()
+        last_status = loop.time()
         while True:
             try:
-                async with asyncio.timeout(self.config.status_interval_s):
+                async with asyncio.timeout(interval):
                     # The first message, then every one already buffered: one fsync for all.
                     batch = await read_batch(stream, Lsn(received))
             except TimeoutError:
                 # Idle: tell the sender we are alive (and our apply LSN may have moved).
-                await self._send_status(stream, received, False)
+                reported_apply = await self._send_status(stream, received, False)
+                last_status = loop.time()
                 continue
             for start, data in batch.pieces:
                 self.wal_log.append(start, data)
             received = batch.end_lsn.value
             if batch.server_end_lsn:
                 self.server_end_lsn = batch.server_end_lsn
-            reply_now = batch.reply_requested
             if received > self.wal_log.flush_lsn.value:
                 await self._notify(await self._fsync())
-            if self.wal_log.flush_lsn.value != reported_flush or reply_now:
+            if self.config.fsync_wal:
+                # The sender waits for our flush (a compute's synchronous standby).
+                report = self.wal_log.flush_lsn.value != reported_flush
+            else:
+                # Only the apply LSN means something to the sender (the safekeepers drop
+                # WAL below it); write = flush = received is reported every `interval`.
+                report = (self._apply_lsn().value != reported_apply
+                          or loop.time() - last_status >= interval)
+            if report or batch.reply_requested:
                 reported_flush = self.wal_log.flush_lsn.value
-                await self._send_status(stream, received, False)
+                reported_apply = await self._send_status(stream, received, False)
+                last_status = loop.time()
 
     async def _fsync(self) -> Lsn:
         if not self.config.fsync_wal:
@@ -226,12 +241,15 @@ class WalReceiver:
             raise
 
     async def _send_status(self, stream: CopyBothStream, received: int,
-                           reply_requested: bool) -> None:
+                           reply_requested: bool) -> int:
+        """Send a status update; returns the apply LSN it reported."""
+        apply = self._apply_lsn().value
         update = wire.StandbyStatusUpdate(
             write_lsn=received, flush_lsn=self.wal_log.flush_lsn.value,
-            apply_lsn=self._apply_lsn().value, send_time_us=wire.pg_timestamp(time.time()),
+            apply_lsn=apply, send_time_us=wire.pg_timestamp(time.time()),
             reply_requested=reply_requested)
         await stream.send(update.encode())
+        return apply
 
     async def _notify(self, flushed: Lsn) -> None:
         async with self._flushed:
