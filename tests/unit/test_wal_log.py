@@ -151,3 +151,44 @@ def test_publish_moves_flush_without_fsync_and_sync_all(tmp_path: Path) -> None:
     assert reopened.end_lsn == start + len(data)
     assert reopened.read(start, reopened.end_lsn) == data
     reopened.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=40),
+       reads=st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=20))
+def test_reads_of_the_in_memory_tail_equal_the_files(
+        tmp_path_factory: pytest.TempPathFactory, sizes: list[int],
+        reads: list[tuple[float, float]]) -> None:
+    directory = tmp_path_factory.mktemp("wal")
+    start = Lsn(SEG - 7000)  # the appends cross into the next segment
+    wal = WalLog.create(directory, start, seg_size=SEG)
+    wal.tail_bytes = 5000  # so that most reads reach below the tail
+    pos = start
+    for n in sizes:
+        wal.append(pos, payload(pos.value, n))
+        pos += n
+    reopened = WalLog.open(directory)  # reads only the files
+    total = pos - start
+    for a, b in reads:
+        lo, hi = sorted((int(a * total), int(b * total)))
+        want = payload(start.value + lo, hi - lo)
+        assert wal.read(start + lo, start + hi) == want
+        assert reopened.read(start + lo, start + hi) == want
+    wal.close()
+    reopened.close()
+
+
+def test_the_last_appends_are_read_from_memory(tmp_path: Path) -> None:
+    start = Lsn(SEG)
+    wal = WalLog.create(tmp_path, start, seg_size=SEG)
+    data = payload(start.value, 5000)
+    wal.append(start, data)
+    # Damage the file behind the log's back: the tail still serves the appended bytes,
+    # a log reopened from the files sees the damage.
+    with open(wal.segment_path(1), "r+b") as f:
+        f.write(b"\0" * 100)
+    assert wal.read(start + 10, start + 200) == data[10:200]
+    reopened = WalLog.open(tmp_path)
+    assert reopened.read(start + 10, start + 200) == bytes(90) + data[100:200]
+    reopened.close()
+    wal.close()

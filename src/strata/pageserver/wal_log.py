@@ -22,6 +22,9 @@ are not reported as flushed until the next `fsync()`). After a machine crash a
 file system may leave the unfsynced tail of the last segment short or
 zero-filled; a consumer that must be certain verifies records past the last
 flush it was told about (a record decoder stops at the first invalid record).
+
+The last `TAIL_BYTES` (1 MB) appended are also kept in memory: ingest reads the bytes the
+receiver has just appended, and a read within that tail opens no file.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ log = logging.getLogger(__name__)
 
 META_FILE = "wal_log.meta"
 TIMELINE = 1  # Strata computes always run on PostgreSQL timeline 1 (architecture D5)
+# The last bytes appended are kept in memory too, so that `read` of what was just received
+# (ingest follows the receiver closely) needs no file open and read.
+TAIL_BYTES = 1 << 20
 
 
 class WalLog:
@@ -62,6 +68,12 @@ class WalLog:
         self._unsynced_fds: list[int] = []  # full segments closed but not yet fsynced
         # remove_below and reload_end both list and change the segment files (threads)
         self._files_lock = threading.Lock()
+        # The chunks appended last, (lsn, bytes), contiguous up to `_end`, about TAIL_BYTES
+        # in all. Appends extend the list; trimming replaces it (a reader in another
+        # thread keeps a consistent snapshot).
+        self._tail: list[tuple[int, bytes]] = []
+        self._tail_bytes = 0
+        self.tail_bytes = TAIL_BYTES
 
     # --- open ---------------------------------------------------------------------
     @classmethod
@@ -135,6 +147,19 @@ class WalLog:
             assert written == n, (written, n, segno, offset)  # regular files write fully
             pos += n
             self._end += n
+        if data:
+            self._keep_tail(lsn.value, bytes(data))
+
+    def _keep_tail(self, lsn: int, data: bytes) -> None:
+        tail = self._tail
+        tail.append((lsn, data))
+        self._tail_bytes += len(data)
+        if self._tail_bytes - len(tail[0][1]) >= self.tail_bytes:
+            drop = 0
+            while self._tail_bytes - len(tail[drop][1]) >= self.tail_bytes:
+                self._tail_bytes -= len(tail[drop][1])
+                drop += 1
+            self._tail = tail[drop:]
 
     def _segment_fd(self, segno: int) -> int:
         if self._fd_segno == segno:
@@ -212,6 +237,9 @@ class WalLog:
         if start < self._start or end > self._end or start > end:
             raise UserError(f"WAL range {start_lsn}..{end_lsn} is not in the log "
                             f"({self.start_lsn}..{self.end_lsn}) in {self.directory}")
+        cached = _read_tail(self._tail, start, end)
+        if cached is not None:
+            return cached
         parts = []
         pos = start
         while pos < end:
@@ -266,6 +294,23 @@ class WalLog:
             os.close(self._fd)
             self._fd = None
             self._fd_segno = -1
+
+
+def _read_tail(tail: list[tuple[int, bytes]], start: int, end: int) -> bytes | None:
+    """The bytes [start, end) from the in-memory tail, or None if it does not hold them all."""
+    if not tail or start < tail[0][0] or start == end:
+        return None
+    parts: list[bytes] = []
+    for i in range(len(tail) - 1, -1, -1):  # the newest first: reads are near the end
+        lsn, data = tail[i]
+        if lsn >= end:
+            continue  # appended after what is asked for
+        parts.append(data[max(start - lsn, 0):end - lsn])
+        if lsn <= start:
+            break
+    parts.reverse()
+    out = b"".join(parts)
+    return out if len(out) == end - start else None
 
 
 def _write_meta(directory: Path, start_lsn: Lsn, seg_size: int) -> None:
