@@ -8,8 +8,9 @@ the proxy's certificate), what a remote client would have, to compare TLS throug
 proxy with. A compute started while the proxy runs does not listen on TCP, so the bench
 restarts `main` once with the proxy stopped, which makes it listen on both.
 
-- `connect_ms_{direct_tcp,tls_sni,plain_options}`: connect + `select 1` + close
-  (median), baseline: the same over the unix socket (a note gives the ratios to tcp);
+- `connect_ms_{direct_tcp,direct_tls,tls_sni,plain_options}`: connect + `select 1` +
+  close (median; the ways interleaved over 5 rounds), baseline: the same over the unix
+  socket (a note gives the ratios to tcp and to tls_direct);
 - `tps_{select_only,tpcb}_{direct_tcp,plain,tls}`: pgbench -c 4 -j 2, `-S` (tiny
   read-only transactions, the proxy's worst case) and the default TPC-B-like script
   (whose commits go through the safekeepers), at scale 4; the ways interleaved over the
@@ -81,14 +82,25 @@ def _dsns(repo: Path, endpoint: str) -> dict[str, str]:
                              f"options=endpoint={endpoint}"}
 
 
-def _connect_ms(dsn: str, n: int) -> float:
+def _connect_ms(dsn: str, n: int) -> list[float]:
     times = []
     for _ in range(n):
         t = time.perf_counter()
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("select 1").fetchone()
         times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+    return times
+
+
+def _connect_interleaved(dsns: dict[str, str], n: int, rounds: int = 5) -> dict[str, float]:
+    """Median connect + `select 1` + close time (ms) of each way, `n` connects each, in
+    `rounds` rounds with the ways' order rotated per round (the load drifts over all)."""
+    times: dict[str, list[float]] = {way: [] for way in dsns}
+    ways = list(dsns)
+    for i in range(rounds):
+        for way in ways[i % len(ways):] + ways[:i % len(ways)]:
+            times[way] += _connect_ms(dsns[way], max(1, n // rounds))
+    return {way: statistics.median(t) for way, t in times.items()}
 
 
 def _cpu_s(pid: int) -> float:
@@ -343,15 +355,17 @@ def run(report: Report, quick: bool) -> None:
                         "port with TLS and SCRAM; the proxy's figures include SCRAM and, for "
                         "tls, TLS")
             dsns = _dsns(repo, "main")
-            n = 20 if quick else 100
-            base = _connect_ms(unix, n)
-            base_tcp = _connect_ms(tcp, n)
+            connect = _connect_interleaved({"unix": unix, "tcp": tcp, "tls": tls_direct,
+                                            **dsns}, 20 if quick else 100)
+            base, base_tcp = connect["unix"], connect["tcp"]
             report.add("connect_ms_direct_tcp", base_tcp, "ms", baseline=base)
-            report.add("connect_ms_direct_tls", _connect_ms(tls_direct, n), "ms", baseline=base)
-            for how, dsn in dsns.items():
-                ms = _connect_ms(dsn, n)
+            report.add("connect_ms_direct_tls", connect["tls"], "ms", baseline=base)
+            for how in dsns:
+                ms = connect[how]
                 report.add(f"connect_ms_{how}", ms, "ms", baseline=base)
-                report.note(f"connect_ms_{how}: {ms / base_tcp:.2f}x the tcp baseline")
+                report.note(f"connect_ms_{how}: {ms / base_tcp:.2f}x the tcp baseline"
+                            + (f", {ms / connect['tls']:.2f}x tls_direct"
+                               if how == "tls_sni" else ""))
             subprocess.run(["pgbench", "-i", "-q", "-s", "4", unix], capture_output=True,
                            timeout=3600, check=True)
             _throughput(report, repo, {"unix": unix, "tcp": tcp, "tls_direct": tls_direct,
