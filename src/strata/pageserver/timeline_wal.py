@@ -6,9 +6,10 @@ walreceiver_proc.py: the compute's commits wait for its replies, which must not 
 for this process's interpreter lock), which appends it to the timeline's `WalLog`
 (`<timeline dir>/wal/`) and fsyncs it. The ingest task follows the log's
 `flush_lsn`: it feeds the bytes to a `WalStreamDecoder` and applies every complete
-record to the `Timeline` with G's `WalIngest`, in a worker thread so the event loop
-keeps serving (a batch of at most 64 KB, with no frozen layer waiting, on the loop's own
-thread: the thread hops cost more than such a batch). It flushes frozen in-memory
+record to the `Timeline` with G's `WalIngest` on the loop's own thread, in steps of at most
+64 KB with a yield to the loop between them so that it keeps serving (the worker-thread
+hops and interpreter-lock hand-offs cost more than such a step); in a worker thread only
+while a frozen layer waits to be written. It flushes frozen in-memory
 layers as they appear, and the whole open layer after `checkpoint_timeout_s` of quiet.
 The receiver reports
 `Timeline.wal_durable_lsn` as its apply LSN (`disk_consistent_lsn`, or with remote
@@ -64,8 +65,8 @@ WAL_DIR = "wal"
 RECEIVER_FILE = "walreceiver.json"
 SAFEKEEPERS_FILE = "safekeepers.json"
 _IDLE_CHECK_S = 0.5  # how often a quiet ingest task looks at checkpoint_timeout_s
-# Batches up to this size are read and applied on the event loop's thread (see _ingest);
-# at most half the checkpoint_distance too, so such a batch freezes at most one layer.
+# Ingest on the event loop's thread goes in steps of this size (see _ingest); at most half
+# the checkpoint_distance too, so such a step freezes at most one layer.
 _INLINE_BATCH_BYTES = 64 * 1024
 
 
@@ -349,14 +350,18 @@ class TimelineWal:
                 return
             flush = wal_log.flush_lsn.value
             if self._fed < flush:
-                end = min(flush, self._fed + self._batch_bytes)
-                # A small batch (a few commits) is read and applied on the loop's thread:
-                # two worker-thread hops cost more than the work. Not when frozen layers
-                # wait (a record could then write one inline) or a test slows ingest down.
-                inline = (end - self._fed <= min(_INLINE_BATCH_BYTES,
-                                                 timeline.conf.checkpoint_distance // 2)
-                          and timeline.frozen_layer_count() == 0
+                # Read and applied on the loop's thread, in steps of at most 64 KB with a
+                # yield to the loop between them: worker-thread hops (and the interpreter
+                # lock going back and forth) cost more than such a step. In a worker
+                # thread, in batches of `batch_bytes`, when frozen layers wait (a record
+                # could then write one inline) or a test slows ingest down.
+                inline = (timeline.frozen_layer_count() == 0
                           and not failpoint_armed("ingest-apply-record"))
+                if inline:
+                    end = min(flush, self._fed + min(_INLINE_BATCH_BYTES,
+                                                     timeline.conf.checkpoint_distance // 2))
+                else:
+                    end = min(flush, self._fed + self._batch_bytes)
                 if inline:
                     data = wal_log.read(Lsn(self._fed), Lsn(end))
                 else:
@@ -379,6 +384,8 @@ class TimelineWal:
                     self._caught_up = True
                 async with self._progress:
                     self._progress.notify_all()
+                if inline and not self._caught_up:
+                    await asyncio.sleep(0)  # let the loop serve between inline steps
                 continue
             self._caught_up = True
             async with self._progress:
