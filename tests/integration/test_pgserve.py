@@ -369,6 +369,16 @@ def test_blocking_client_against_postgres(pg_factory: Callable[..., PgServer]) -
     out = io.BytesIO()
     conn.copy_out("copy (select 42) to stdout", out, None)
     assert out.getvalue() == b"42\n"
+    # A simple query: text rows, NULL as None, an empty result, errors after ReadyForQuery.
+    rows = conn.simple_query("select g, case when g = 2 then null else 'é' || g end "
+                             "from generate_series(1, 3) g", None)
+    assert rows == [("1", "é1"), ("2", None), ("3", "é3")]
+    assert conn.simple_query("select 1 where false", None) == []
+    assert conn.simple_query("set application_name = 'x'", None) == []
+    with pytest.raises(ServerError) as info:
+        conn.simple_query("select * from no_such_table", None)
+    assert info.value.code == "42P01"
+    assert conn.simple_query("select current_user", None) == [("postgres",)]
     conn.close()
 
 

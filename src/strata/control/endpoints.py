@@ -719,9 +719,8 @@ def _app_role(env: Environment, ep: EndpointState, tenant_id: TenantId,
             return _ensure_app_role(env, ep)
     if _app_role_known(env, ep, tenant_id, timeline_id):
         return True
-    before_write()
     with output.step(f"creating the application role {APP_ROLE!r} (once per branch)"):
-        _ensure_app_role(env, ep)
+        _ensure_app_role(env, ep, before_write)
     with env.locked() as state:
         timelines = state.tenants[tenant_id].app_role_timelines
         if timeline_id not in timelines:
@@ -1041,18 +1040,26 @@ def _restore_saved(paths: EndpointPaths, timeline_id: TimelineId, compute: Compu
     output.info(f"restored ALTER SYSTEM settings and statistics saved in {saved}")
 
 
-def _ensure_app_role(env: Environment, ep: EndpointState) -> bool:
+def _ensure_app_role(env: Environment, ep: EndpointState,
+                     before_write: Callable[[], None] | None = None) -> bool:
     """Create role and database `strata` on a primary; on a standby report whether they
-    exist. Returns True if the application role can log in."""
+    exist. Returns True if the application role can log in. `before_write` runs only
+    when something is created: the first start of a branch made from one that has them
+    (`strata timeline branch`) reads, so it does not wait for the walproposer."""
+    # Read with Strata's own blocking client: psycopg is imported only to create them.
+    rows = _superuser_query(
+        env, ep, f"select (select count(*) from pg_roles where rolname = "
+                 f"{_sql_literal(APP_ROLE)}), (select count(*) from pg_database where "
+                 f"datname = {_sql_literal(APP_DATABASE)})")
+    role, db = (value != "0" for value in rows[0])
+    if ep.read_only or (role and db):
+        return role and db
+    if before_write is not None:
+        before_write()
     with superuser_connect(env, ep) as conn:
-        role = conn.execute("select 1 from pg_roles where rolname = %s", (APP_ROLE,)).fetchone()
-        db = conn.execute("select 1 from pg_database where datname = %s",
-                          (APP_DATABASE,)).fetchone()
-        if ep.read_only:
-            return role is not None and db is not None
-        if role is None:
+        if not role:
             conn.execute(f"create role {APP_ROLE} login createdb createrole")
-        if db is None:
+        if not db:
             conn.execute(f"create database {APP_DATABASE} owner {APP_ROLE}")
     return True
 
@@ -1065,10 +1072,7 @@ def apply_roles(env: Environment, ep: EndpointState, roles: dict[str, str], *,
     all of them, and the read (Strata's own client: no psycopg import on a wake) costs
     no commit. `before_write` runs once before the first change (at a start: the wait
     for the walproposer, which the commit needs)."""
-    import asyncio
-
-    held = asyncio.run(_held_roles(str(endpoint_paths(env, ep.name).socket_dir), ep.port,
-                                   list(roles)))
+    held = _held_roles(env, ep, list(roles))
     changes = {name: secret for name, secret in roles.items()
                if held.get(name) != (secret, True)}
     if not changes:
@@ -1089,18 +1093,27 @@ def _sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-async def _held_roles(socket_dir: str, port: int,
-                      names: list[str]) -> dict[str, tuple[str | None, bool]]:
+def _held_roles(env: Environment, ep: EndpointState,
+                names: list[str]) -> dict[str, tuple[str | None, bool]]:
     """rolname -> (rolpassword, rolcanlogin) of those of `names` that exist."""
-    from strata.pg.pgclient import PgConnection
-
     listed = ", ".join(_sql_literal(name) for name in names)
-    async with await PgConnection.connect(socket_dir, port, user=SUPERUSER,
-                                          database="postgres", timeout_s=5) as conn:
-        result = await conn.simple_query(
-            "select rolname, rolpassword, rolcanlogin from pg_authid "
-            f"where rolname in ({listed})")
-    return {str(name): (password, login == "t") for name, password, login in result.rows}
+    rows = _superuser_query(env, ep, "select rolname, rolpassword, rolcanlogin from pg_authid "
+                                     f"where rolname in ({listed})")
+    return {str(name): (password, login == "t") for name, password, login in rows}
+
+
+def _superuser_query(env: Environment, ep: EndpointState,
+                     query: str) -> list[tuple[str | None, ...]]:
+    """The text rows of `query` as the superuser over the unix socket, with Strata's own
+    blocking client (no psycopg or asyncio import on a start's path)."""
+    from strata.pg.blockingclient import BlockingPgConnection
+
+    conn = BlockingPgConnection.connect(str(endpoint_paths(env, ep.name).socket_dir), ep.port,
+                                        user=SUPERUSER, database="postgres", timeout_s=5)
+    try:
+        return conn.simple_query(query, time.monotonic() + 30)
+    finally:
+        conn.close()
 
 
 def _write_restricted_hba(paths: EndpointPaths) -> None:

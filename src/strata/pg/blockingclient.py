@@ -1,6 +1,7 @@
 """A blocking PostgreSQL v3 client for the few exchanges on `strata endpoint start`'s path:
 start-up (trust, cleartext or md5 password), a command answered with CopyOut (the
-pageserver's `basebackup`) or CopyBoth (a safekeeper's `proposer` stream).
+pageserver's `basebackup`) or CopyBoth (a safekeeper's `proposer` stream), and a simple
+query answered with text rows (the application role's check on a compute).
 
 Why not `strata.pg.pgclient`: that one runs on asyncio over `strata.pg.wire`'s message
 classes, and importing the two (~30 ms of CPU, several times that on a busy machine) was
@@ -25,6 +26,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # strata.pg.wire.DEFAULT_MAX_MESSAGE_BYTES
 _READ_CHUNK_BYTES = 256 * 1024
 _HEADER = struct.Struct("!cI")
 _I32 = struct.Struct("!i")
+_I16 = struct.Struct("!h")
 # Authentication request codes (pqcomm.h AUTH_REQ_*).
 _AUTH_OK, _AUTH_CLEARTEXT, _AUTH_MD5 = 0, 3, 5
 
@@ -48,6 +50,25 @@ def _typed(tag: bytes, body: bytes) -> bytes:
 def copy_data(payload: bytes) -> bytes:
     """A CopyData message ('d') carrying `payload`."""
     return _typed(b"d", payload)
+
+
+def _data_row(body: bytes) -> tuple[str | None, ...]:
+    """The text values of a DataRow ('D') body: int16 count, then per column an int32
+    length (-1: NULL) and that many bytes."""
+    count = _I16.unpack_from(body)[0]
+    offset = 2
+    values: list[str | None] = []
+    for _ in range(count):
+        length = _I32.unpack_from(body, offset)[0]
+        offset += 4
+        if length < 0:
+            values.append(None)
+            continue
+        values.append(body[offset:offset + length].decode())
+        offset += length
+    if offset != len(body):
+        raise ProtocolError(f"DataRow of {len(body)} bytes holds {offset} bytes of columns")
+    return tuple(values)
 
 
 class BlockingPgConnection:
@@ -203,6 +224,28 @@ class BlockingPgConnection:
                             raise CorruptionError(str(err)) from None
                         raise
                 return size
+            else:
+                self._unexpected(tag, body, f"{command!r} on {self.describe}",
+                                 f"in the reply to {command!r}")
+
+    def simple_query(self, command: str, deadline: float | None) -> list[tuple[str | None, ...]]:
+        """Run `command` (one statement, simple protocol) and return its rows as text
+        (None for NULL). An error from the server is raised once it is ready again."""
+        self.send(_typed(b"Q", _cstr(command)))
+        rows: list[tuple[str | None, ...]] = []
+        error: tuple[bytes, bytes] | None = None
+        while True:
+            tag, body = self.read_message(deadline, repr(command))
+            if tag == b"D":
+                rows.append(_data_row(body))
+            elif tag in (b"T", b"C", b"I", b"N", b"S"):
+                pass
+            elif tag == b"E":
+                error = (tag, body)
+            elif tag == b"Z":
+                if error is not None:
+                    self._unexpected(*error, f"{command!r} on {self.describe}", "")
+                return rows
             else:
                 self._unexpected(tag, body, f"{command!r} on {self.describe}",
                                  f"in the reply to {command!r}")
