@@ -314,10 +314,11 @@ def safekeeper_endpoints(config: EnvConfig) -> list[dict[str, Any]]:
 
 
 def ensure_safekeeper_timeline(env: Environment, config: EnvConfig, client: PageserverClient,
-                               tenant_id: TenantId, timeline_id: TimelineId) -> list[int]:
+                               tenant_id: TenantId, timeline_id: TimelineId, *,
+                               follow: bool = True) -> list[int]:
     """Create the timeline on every safekeeper that lacks it, at the pageserver's head of
-    it (a new branch: its branch LSN and the record before it), then point the pageserver
-    at the safekeepers. Returns the ids of the safekeepers it was created on.
+    it (a new branch: its branch LSN and the record before it), then (`follow`) point the
+    pageserver at the safekeepers. Returns the ids of the safekeepers it was created on.
 
     A safekeeper that does not answer is skipped: a majority is enough to sync and
     commit; it is created there at the next start that finds it up."""
@@ -339,9 +340,10 @@ def ensure_safekeeper_timeline(env: Environment, config: EnvConfig, client: Page
                     tenant_id, timeline_id, start_lsn=info.last_record_lsn,
                     prev_lsn=info.prev_record_lsn, system_id=sysid,
                     seg_size=DEFAULT_WAL_SEGMENT_SIZE)
-    # Idempotent: the pageserver persists the list and restarts its receiver from what it
-    # has ingested.
-    client.follow_safekeepers(tenant_id, timeline_id, safekeeper_endpoints(config))
+    if follow:
+        # Idempotent: the pageserver persists the list and restarts its receiver from what
+        # it has ingested.
+        client.follow_safekeepers(tenant_id, timeline_id, safekeeper_endpoints(config))
     return [sk.id for sk in missing]
 
 
@@ -362,7 +364,7 @@ def sync_wal(env: Environment, config: EnvConfig, client: PageserverClient,
     record at the tail."""
     if config.wal_mode is WalMode.PAGESERVER:
         return client.compute_start(tenant_id, timeline_id)
-    ensure_safekeeper_timeline(env, config, client, tenant_id, timeline_id)
+    ensure_safekeeper_timeline(env, config, client, tenant_id, timeline_id, follow=False)
     sysid = system_id(env, client, tenant_id, timeline_id)
     timeout_s = config.endpoint_defaults.start_timeout_s
     try:
@@ -371,6 +373,13 @@ def sync_wal(env: Environment, config: EnvConfig, client: PageserverClient,
     except Unavailable as err:
         raise Unavailable(f"{err}; see `strata status` and start them with `strata "
                           "safekeeper start`") from err
+    # After the sync, not before: the pageserver's (re)started WAL receiver streams from
+    # the safekeeper with the highest commit LSN. Before the sync every safekeeper could
+    # still report the same one while the last record (the previous compute's shutdown
+    # checkpoint, acknowledged by a majority only) is missing on the one picked; the
+    # receiver then left it only after its 1 s switch timeout, and the start's
+    # `wait_ingest` waited for that (~1.3 s, in a few starts in ten after a stop).
+    client.follow_safekeepers(tenant_id, timeline_id, safekeeper_endpoints(config))
     return result.lsn, result.prev_lsn
 
 
