@@ -8,9 +8,10 @@ Architecture D6 (lazy mode). `start_lazy_compute` does, for one compute director
    unpacks it into ROOT/pgdata;
 3. moves `base/` and `global/` into ROOT/lazy/tree (the local store) and replaces them
    with symlinks into the mount point ROOT/mnt;
-4. starts the FUSE server (`python -m strata.compute.lazyfs mount`), waits for the
-   mount, and starts its watchdog (`... watch`), which stops PostgreSQL at once if the
-   FUSE server dies and stops the FUSE server when PostgreSQL exits;
+4. starts the FUSE server (`python -m strata.compute.lazyfs mount`) and its watchdog
+   (`... watch`, started before step 1 so that its Python start overlaps the basebackup,
+   not PostgreSQL's), which stops PostgreSQL at once if the FUSE server dies and stops
+   the FUSE server when PostgreSQL exits; waits for the mount;
 5. starts PostgreSQL (`restart_after_crash = off` comes with every compute).
 
 After a crash of either process the endpoint is restarted from a fresh basebackup in a
@@ -312,6 +313,17 @@ def spawn_lazyfs(host: str, pg_port: int, tenant_id: TenantId, timeline_id: Time
     return fuse_proc
 
 
+def _spawn_watchdog(root: Path, fuse_pid: int) -> subprocess.Popen[bytes]:
+    """The watchdog of the lazy compute in `root` (`strata.compute.lazyfs.watch`); it
+    calls no service, so it gets no token."""
+    watch_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs.watch",
+                         "--fuse-pid", str(fuse_pid), "--datadir", str(root / "pgdata"),
+                         "--mountpoint", str(root / "mnt")], root / "lazyfs-watch.log",
+                        env={k: v for k, v in os.environ.items() if k != TOKEN_ENV})
+    (root / WATCH_PID_FILE).write_text(f"{watch_proc.pid}\n")
+    return watch_proc
+
+
 def abandon_lazyfs(fuse_proc: subprocess.Popen[bytes]) -> None:
     """Stop a FUSE server of `spawn_lazyfs` that was not handed its LSN."""
     assert fuse_proc.stdin is not None
@@ -350,20 +362,26 @@ def prepare_lazy_compute(host: str, pg_port: int, tenant_id: TenantId,
         fuse_proc = spawn_lazyfs(host, pg_port, tenant_id, timeline_id, root, options)
     fuse_log = root / "lazyfs.log"
     assert fuse_proc.stdin is not None
+    # The watchdog (a Python start, ~30 ms of CPU quiet) starts now, not once the file
+    # system is mounted: its start overlaps the basebackup instead of PostgreSQL's. Until
+    # the postmaster writes its pid file it only watches the FUSE server (if that exits,
+    # so does the watchdog, detaching a mount if there is one).
+    watch_proc = _spawn_watchdog(root, fuse_proc.pid)
     try:
         compute = _fill_store(host, pg_port, tenant_id, timeline_id, lsn, root, config,
                               options, phases, compute_host=compute_host, port=port,
                               log_path=log_path, user=user, take_lease=take_lease)
     except BaseException:
         abandon_lazyfs(fuse_proc)
+        _terminate(watch_proc, 10)
         raise
     # If it died meanwhile, the wait for the mount below says so with its log.
     with contextlib.suppress(BrokenPipeError):
         fuse_proc.stdin.write(f"go {lsn}\n".encode())
         fuse_proc.stdin.close()
     filled = time.monotonic()
-    datadir, mnt = compute.datadir, root / "mnt"
-    lazy = LazyCompute(root, compute, fuse_proc, None, lsn)
+    mnt = root / "mnt"
+    lazy = LazyCompute(root, compute, fuse_proc, watch_proc, lsn)
     try:
         deadline = time.monotonic() + options.mount_timeout_s
         while not os.path.ismount(mnt):
@@ -375,11 +393,6 @@ def prepare_lazy_compute(host: str, pg_port: int, tenant_id: TenantId,
                                   f"{options.mount_timeout_s}s:\n{_tail(fuse_log)}")
             time.sleep(0.01)
         phases["mount"] = time.monotonic() - filled
-        lazy.watch_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs.watch",
-                                  "--fuse-pid", str(fuse_proc.pid), "--datadir", str(datadir),
-                                  "--mountpoint", str(mnt)], root / "lazyfs-watch.log",
-                                 env={k: v for k, v in os.environ.items() if k != TOKEN_ENV})
-        (root / WATCH_PID_FILE).write_text(f"{lazy.watch_proc.pid}\n")
     except BaseException:
         lazy.stop("immediate", timeout_s=20)
         raise
