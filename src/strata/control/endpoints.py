@@ -809,7 +809,37 @@ def _lazy_options(env: Environment, config: EnvConfig, ep: EndpointState) -> Laz
                        # Its page reads are this tenant's only.
                        token=token_for(env, config, Scope(ep.tenant_id)),
                        pageserver_file=endpoint_paths(env, ep.name).pageserver_file,
-                       prewarm_file=endpoint_paths(env, ep.name).prewarm_file)
+                       prewarm_file=_seeded_prewarm_file(env, ep))
+
+
+def _seeded_prewarm_file(env: Environment, ep: EndpointState) -> Path:
+    """The endpoint's prewarm file. An endpoint that has none yet (its first lazy start)
+    gets a copy of another endpoint's of the same tenant (one on the same branch first,
+    then the newest): its first connections read the same catalog blocks (a branch shares
+    its parent's relation files until it rewrites them), so its first start is prewarmed
+    as a restart is. A listed block that no longer exists is skipped (prewarm.py), and
+    the endpoint's own reads replace the copy once it has run."""
+    path = endpoint_paths(env, ep.name).prewarm_file
+    if path.exists():
+        return path
+    best: tuple[tuple[bool, float], Path] | None = None
+    for other in env.read_state().endpoints.values():
+        if other.tenant_id != ep.tenant_id or other.name == ep.name:
+            continue
+        candidate = endpoint_paths(env, other.name).prewarm_file
+        try:
+            key = (other.branch == ep.branch, candidate.stat().st_mtime)
+        except OSError:
+            continue
+        if best is None or key > best[0]:
+            best = (key, candidate)
+    if best is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(best[1].read_bytes())
+        except OSError as err:  # a hint only: the start goes on without it
+            output.info(f"warning: could not copy {best[1]} to {path}: {err}")
+    return path
 
 
 OLD_COMPUTE_PREFIX = "compute.old-"
