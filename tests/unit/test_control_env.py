@@ -22,7 +22,12 @@ from polling import wait_until
 from strata.common.errors import NotFound, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
-from strata.control.endpoints import _streaming_sql, pull_standbys
+from strata.control.endpoints import (
+    _seeded_prewarm_file,
+    _streaming_sql,
+    endpoint_paths,
+    pull_standbys,
+)
 from strata.control.env import (
     CommitMode,
     ComputeMode,
@@ -737,3 +742,33 @@ def test_tenant_lock_shared_by_starts_exclusive_for_a_relocation(
         order.append("starts done")
     mover.join(30)
     assert order == ["starts done", "relocated"]
+
+
+def test_a_first_start_is_prewarmed_from_an_endpoint_of_its_tenant(tmp_path: Path) -> None:
+    env = Environment.create(tmp_path / "env", EnvConfig())
+    tid, other_tid = TenantId.parse("ab" * 16), TenantId.parse("ef" * 16)
+    with env.locked() as state:
+        for name, tenant, branch in (("a", tid, "main"), ("b", tid, "dev"), ("c", tid, "x"),
+                                     ("new", tid, "dev"), ("alien", other_tid, "dev")):
+            state.endpoints[name] = EndpointState(name, tenant, branch, 5432)
+    ep = env.read_state().endpoint("new")
+    prewarm = endpoint_paths(env, "new").prewarm_file
+    # No other endpoint of the tenant has run: nothing to copy.
+    assert _seeded_prewarm_file(env, ep) == prewarm and not prewarm.exists()
+
+    def write(name: str, text: str, mtime: float) -> None:
+        path = endpoint_paths(env, name).prewarm_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        os.utime(path, (mtime, mtime))
+
+    write("alien", "/base/1/1259 9\n", 400)  # another tenant's: never copied
+    write("a", "/base/5/1259 0,1\n", 300)  # the newest of the tenant's
+    write("c", "/base/5/1259 7\n", 100)
+    assert _seeded_prewarm_file(env, ep).read_text() == "/base/5/1259 0,1\n"
+    prewarm.unlink()
+    write("b", "/base/5/1249 3\n", 200)  # on the same branch: preferred to the newest
+    assert _seeded_prewarm_file(env, ep).read_text() == "/base/5/1249 3\n"
+    # Its own file, once it has one, is kept.
+    prewarm.write_text("/global/1260 0\n")
+    assert _seeded_prewarm_file(env, ep).read_text() == "/global/1260 0\n"
