@@ -58,11 +58,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from strata.common.auth import Scope
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
@@ -114,6 +115,8 @@ if TYPE_CHECKING:
     # asyncio and Strata's asyncio client are imported where used (the application
     # role's checks): the start path runs without them (issue 13).
     from strata.pg.pgclient import PgConnection
+
+T = TypeVar("T")
 
 APP_ROLE = "strata"
 APP_DATABASE = "strata"
@@ -323,28 +326,55 @@ def ensure_safekeeper_timeline(env: Environment, config: EnvConfig, client: Page
     A safekeeper that does not answer is skipped: a majority is enough to sync and
     commit; it is created there at the next start that finds it up."""
     missing = []
-    for sk in config.safekeepers:
-        try:
-            safekeeper_client(sk).timeline(tenant_id, timeline_id)
-        except NotFound:
+    looked = _on_each(config.safekeepers,
+                      lambda sk: safekeeper_client(sk).timeline(tenant_id, timeline_id))
+    for sk, (_, err) in zip(config.safekeepers, looked, strict=True):
+        if isinstance(err, NotFound):
             missing.append(sk)
-        except Unavailable as err:
+        elif isinstance(err, Unavailable):
             output.info(f"warning: {err}")
+        elif err is not None:
+            raise err
     if missing:
         info = client.timeline(tenant_id, timeline_id)
         sysid = system_id(env, client, tenant_id, timeline_id)
         with output.step(f"creating timeline {timeline_id} on safekeepers "
                          f"{[sk.id for sk in missing]} at {info.last_record_lsn}"):
-            for sk in missing:
-                safekeeper_client(sk).create_timeline(
+            for _, err in _on_each(missing, lambda sk: safekeeper_client(sk).create_timeline(
                     tenant_id, timeline_id, start_lsn=info.last_record_lsn,
                     prev_lsn=info.prev_record_lsn, system_id=sysid,
-                    seg_size=DEFAULT_WAL_SEGMENT_SIZE)
+                    seg_size=DEFAULT_WAL_SEGMENT_SIZE)):
+                if err is not None:
+                    raise err
     if follow:
         # Idempotent: the pageserver persists the list and restarts its receiver from what
         # it has ingested.
         client.follow_safekeepers(tenant_id, timeline_id, safekeeper_endpoints(config))
     return [sk.id for sk in missing]
+
+
+def _on_each(items: Sequence[T], call: Callable[[T], object]
+             ) -> list[tuple[object, Exception | None]]:
+    """`call(item)` for every item at once, one thread each (the safekeepers' HTTP
+    round trips of a start overlap instead of adding up): (result, None) or (None, the
+    exception it raised), in the order of `items`."""
+    out: list[tuple[object, Exception | None]] = [(None, None)] * len(items)
+
+    def run(i: int, item: T) -> None:
+        try:
+            out[i] = (call(item), None)
+        except Exception as err:  # noqa: BLE001  # handed to the caller
+            out[i] = (None, err)
+
+    threads = [threading.Thread(target=run, args=(i, item), name=f"start-call-{i}")
+               for i, item in enumerate(items[1:], 1)]
+    for thread in threads:
+        thread.start()
+    if items:
+        run(0, items[0])  # the first one in this thread
+    for thread in threads:
+        thread.join()
+    return out
 
 
 def quorum_config(config: EnvConfig, tenant_id: TenantId,
