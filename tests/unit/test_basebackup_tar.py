@@ -340,6 +340,32 @@ def test_lazy_wal_segment_sends_only_its_written_pages(timeline: Timeline,
             Compute(tmp_path / f"bad{i}").unpack(out)
 
 
+def test_unpacks_into_a_premade_skeleton_but_not_over_files(timeline: Timeline,
+                                                            tmp_path: Path) -> None:
+    """The start makes the data directory's empty directories ahead of the basebackup
+    (`strata.compute.lazy._premake_datadir`); the unpacking takes them, and still refuses
+    a directory that holds a file."""
+    from strata.compute.lazy import _premake_datadir
+    from strata.pg.constants import PGDATA_DIRS
+
+    out = io.BytesIO()
+    write_basebackup(timeline, Lsn(X0), out, mode="lazy", now=1_800_000_000)
+    premade = tmp_path / "premade" / "pgdata"
+    premade.parent.mkdir()
+    _premake_datadir(premade)
+    assert all((premade / name).is_dir() for name in PGDATA_DIRS)
+    out.seek(0)
+    Compute(premade).unpack(out)
+    assert (premade / "global" / "pg_control").is_file()
+
+    taken = tmp_path / "taken"
+    _premake_datadir(taken)
+    (taken / "pg_wal" / "leftover").write_bytes(b"x")
+    out.seek(0)
+    with pytest.raises(UserError, match="is not empty"):
+        Compute(taken).unpack(out)
+
+
 @pytest.mark.parametrize(("lsn", "message"), [
     (X0 + 4, "not 8-byte aligned"),
     (X0 + 72, "beyond the last record"),

@@ -159,7 +159,7 @@ class Compute:
     def unpack(self, tar: BinaryIO) -> None:
         """Unpack a basebackup tar stream into the (absent or empty) data directory."""
         datadir = self.datadir
-        if datadir.exists() and any(datadir.iterdir()):
+        if datadir.exists() and _holds_files(datadir):
             raise UserError(f"compute data directory {datadir} is not empty; remove it or "
                             "pick another")
         make_dir_for(datadir, self.server.user)
@@ -234,6 +234,15 @@ class Compute:
 
     def sql(self, query: str, *params: Any, dbname: str = "postgres") -> list[tuple[Any, ...]]:
         return self.server.sql(query, *params, dbname=dbname)
+
+
+def _holds_files(directory: Path) -> bool:
+    """Whether `directory` holds anything but (nested) empty directories: those may be
+    made ahead of the unpacking (`strata.compute.lazy.spawn_lazyfs`)."""
+    for _, _, files in os.walk(directory):
+        if files:
+            return True
+    return False
 
 
 def _safe_member_path(name: str) -> PurePosixPath:

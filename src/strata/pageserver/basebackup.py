@@ -65,7 +65,7 @@ from strata.pageserver.datadir import (
     twophase_files,
 )
 from strata.pg.checksum import with_checksum
-from strata.pg.constants import BLCKSZ, GLOBALTABLESPACE_OID, ForkNumber
+from strata.pg.constants import BLCKSZ, GLOBALTABLESPACE_OID, PGDATA_DIRS, ForkNumber
 from strata.pg.crc import crc32c
 from strata.pg.relfile import RelTag, relation_path, relation_segments
 from strata.pg.slru import segment_file_name
@@ -84,14 +84,7 @@ T = TypeVar("T")
 MODES = ("full", "lazy")
 LAZY_MANIFEST = "strata_lazy_rels"
 
-# Directories initdb creates that a started server expects (initdb.c `subdirs`), in an
-# order where parents come first. Relation, SLRU, WAL and slot files go inside them.
-EMPTY_DIRS = (
-    "global", "base", "pg_commit_ts", "pg_dynshmem", "pg_logical", "pg_logical/mappings",
-    "pg_logical/snapshots", "pg_multixact", "pg_multixact/members", "pg_multixact/offsets",
-    "pg_notify", "pg_replslot", "pg_serial", "pg_snapshots", "pg_stat", "pg_stat_tmp",
-    "pg_subtrans", "pg_tblspc", "pg_twophase", "pg_wal", "pg_wal/archive_status", "pg_xact",
-)
+EMPTY_DIRS = PGDATA_DIRS  # every basebackup has them (strata.pg.constants)
 
 POSTGRESQL_CONF = (b"# Written by the Strata basebackup. The compute's settings are in an\n"
                    b"# included file written by strata.compute.\n")

@@ -13,6 +13,15 @@ PG_CONTROL_VERSION = 1300
 CATALOG_VERSION_NO = 202209061
 MAXIMUM_ALIGNOF = 8
 
+# Directories initdb creates that a started server expects (initdb.c `subdirs`), in an
+# order where parents come first. Relation, SLRU, WAL and slot files go inside them.
+PGDATA_DIRS = (
+    "global", "base", "pg_commit_ts", "pg_dynshmem", "pg_logical", "pg_logical/mappings",
+    "pg_logical/snapshots", "pg_multixact", "pg_multixact/members", "pg_multixact/offsets",
+    "pg_notify", "pg_replslot", "pg_serial", "pg_snapshots", "pg_stat", "pg_stat_tmp",
+    "pg_subtrans", "pg_tblspc", "pg_twophase", "pg_wal", "pg_wal/archive_status", "pg_xact",
+)
+
 # pg_tablespace OIDs (pg_tablespace.dat)
 DEFAULTTABLESPACE_OID = 1663
 GLOBALTABLESPACE_OID = 1664
