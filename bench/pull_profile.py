@@ -9,7 +9,10 @@ process on the commit path, and what the compute's backends and walsenders wait 
   elected, no sidecar, no pageserver (bench/sk_pull.py);
 - more variants from `STRATA_PULL_PROFILE` (comma-separated, default
   `strata_pull,sk_pull3`): `strata_pull_nice` (the same cluster as strata_pull with its
-  pageserver at `nice = 10`), `pull3` (three bare Python receivers, bench/commit_pull.py).
+  pageserver at `nice = 10`), `strata_pull_tick20` (the same with the sidecar's timer at
+  20 ms, push mode's tick, instead of pull mode's 50 ms: its commit-only appends to the
+  safekeepers go 2.5 times as often), `pull3` (three bare Python receivers,
+  bench/commit_pull.py).
 
 Each round runs pgbench (TPC-B and -N at -c 4; --quick: 8 s, 1 round; else 15 s, 2
 rounds) on each setup in turn (alternating, so the other helpers' load hits them alike)
@@ -254,8 +257,14 @@ def _profile(setup: Setup, seconds: int, args: tuple[str, ...], into: Result) ->
 
 
 def _strata_pull(stack: contextlib.ExitStack, base: Path, name: str,
-                 overrides: list[str] | None = None) -> Setup:
+                 overrides: list[str] | None = None, *, tick_s: float | None = None) -> Setup:
     cluster, rc = strata_compute(stack, base, name, overrides, pull=True)
+    if tick_s is not None:
+        deadline = time.monotonic() + 60
+        while rc.sidecar.driver is None:  # the sidecar starts in the cluster's loop thread
+            assert time.monotonic() < deadline, "the sidecar did not start its driver"
+            time.sleep(0.05)
+        rc.sidecar.driver.tick_s = tick_s  # read by its timer at every tick
     assert cluster.env.pageserver.proc is not None
     sks = [sk.proc.pid for sk in cluster.safekeepers if sk.proc is not None]
     thread = cluster.loop.thread.native_id
@@ -279,6 +288,8 @@ def _setups(stack: contextlib.ExitStack, base: Path, names: list[str]) -> list[S
             setups.append(_strata_pull(stack, base, "strata_pull"))
         elif name == "strata_pull_nice":
             setups.append(_strata_pull(stack, base, "strata_pull_nice", ["nice=10"]))
+        elif name == "strata_pull_tick20":
+            setups.append(_strata_pull(stack, base, "strata_pull_tick20", tick_s=0.02))
         elif name == "sk_pull3":
             primary, sks = sk_pull_setup(stack, base / "sk_pull3")
             setups.append(Setup(name, primary, {"safekeepers": [

@@ -27,6 +27,7 @@ from strata.common.lsn import Lsn
 from strata.compute.quorum import QuorumConfig, SafekeeperAddr, SyncResult, parse_safekeepers
 from strata.compute.safekeeper_sync import sync_safekeepers
 from strata.compute.walproposer import QuorumDriver
+from strata.safekeeper.proposer import PullTarget
 
 T = TypeVar("T")
 SEG = 1 << 20
@@ -205,6 +206,21 @@ def test_a_deferred_safekeeper_takes_over_when_another_stops_answering() -> None
             assert driver.fenced is None
         finally:
             await driver.stop()
+            await stop_all(sks)
+    run(body)
+
+
+def test_pull_mode_ticks_less_often_than_push_mode() -> None:
+    """In pull mode nothing on the commit path waits for the timer: it ticks every 50 ms
+    (push mode every 20 ms), so its commit-only appends wake the safekeepers less often."""
+    async def body() -> None:
+        sks = await started(3)
+        try:
+            config = quorum_config(sks)
+            push = QuorumDriver(config, SYSID)
+            pull = QuorumDriver(config, SYSID, pull=PullTarget("127.0.0.1", 5432))
+            assert (push.tick_s, pull.tick_s) == (0.02, 0.05)
+        finally:
             await stop_all(sks)
     run(body)
 

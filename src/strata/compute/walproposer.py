@@ -108,6 +108,12 @@ log = logging.getLogger(__name__)
 
 EXIT_FENCED = 3  # the CLI's exit code when the sidecar was fenced
 _TICK_S = 0.02
+# Pull mode's tick: nothing on the commit path waits for it (the safekeepers tell
+# PostgreSQL themselves); it only carries the commit LSN to the safekeepers (for their
+# walsenders to the pageserver), retries and heartbeats (every `retry_interval_s`), so a
+# longer one saves each of three safekeepers and the sidecar a wake-up per tick, under
+# load and idle (docs/walproposer.md, "Where pull mode's time goes").
+_PULL_TICK_S = 0.05
 _STAGE_MAX_BYTES = 128 * 1024  # staged WAL goes out at once beyond this (one append's worth)
 _COMMIT_ONLY_IDLE_S = 0.1  # held commit-only appends go once no WAL came for this long
 _ACCEPTOR_MESSAGES = (AcceptorGreeting, VoteResponse, AppendResponse, ReadWalResponse)
@@ -255,6 +261,7 @@ class QuorumDriver:
         # compare with and without on one running cluster).
         self.defer_slowest = config.defer_slowest and pull is None
         self.commit_only_idle_s = _COMMIT_ONLY_IDLE_S
+        self.tick_s = _TICK_S if pull is None else _PULL_TICK_S
         # The last message encoded and its bytes: the same append goes to every node.
         self._encoded: tuple[ProposerMessage | None, bytes] = (None, b"")
         self.stats = CommitPathStats()
@@ -328,18 +335,19 @@ class QuorumDriver:
         """The timer: retries and heartbeats (`Proposer.tick`), staged WAL that waited a
         whole tick, and the no-majority warning. Nothing on the commit path waits for it."""
         while not self.done.is_set():
-            await asyncio.sleep(_TICK_S)
+            await asyncio.sleep(self.tick_s)
             now = time.monotonic()
             self._flush_staged(force=True)
-            # Held commit-only appends go once the stream is idle: while commits keep
-            # coming (one client's too) the next append carries the commit LSN anyway.
+            self._pick_deferred()
+            self._apply(self.proposer.tick(now))
+            # Held commit-only appends (the tick's own too: in pull mode every one comes
+            # from it) go once the stream is idle: while commits keep coming (one
+            # client's too) the next append carries the commit LSN anyway.
             if now - self._last_wal_s >= self.commit_only_idle_s:
                 for node, held in list(self._held_commit.items()):
                     if not self._inflight[node]:
                         del self._held_commit[node]
                         self.links[node].send(held)
-            self._pick_deferred()
-            self._apply(self.proposer.tick(now))
             self._check_quorum(now)
 
     def _pick_deferred(self) -> None:
@@ -429,7 +437,7 @@ class QuorumDriver:
 
     def _send(self, node: int, msg: ProposerMessage) -> None:
         """Send at once (into the link's socket buffer), except a commit-only append: it is
-        held until the next tick (at most `_TICK_S`; longer while that node still has
+        held until the next tick (at most `tick_s`; longer while that node still has
         appends with WAL to answer), and dropped when an append with WAL goes first, since
         that carries a commit LSN at least as new (to the Proposer a dropped message is a
         lost one). While commits keep coming the commit LSN so rides on the next append
