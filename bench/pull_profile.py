@@ -11,8 +11,10 @@ process on the commit path, and what the compute's backends and walsenders wait 
   `strata_pull,sk_pull3`): `strata_pull_nice` (the same cluster as strata_pull with its
   pageserver at `nice = 10`), `strata_pull_tick20` (the same with the sidecar's timer at
   20 ms, push mode's tick, instead of pull mode's 50 ms: its commit-only appends to the
-  safekeepers go 2.5 times as often), `pull3` (three bare Python receivers,
-  bench/commit_pull.py).
+  safekeepers go 2.5 times as often), `strata_pull_answer_each` (the same with the
+  safekeepers' `--pull-answer-interval-ms 0`: an `AppendResponse` to the sidecar after every
+  fsync batch of pulled WAL instead of at most one per 20 ms), `pull3` (three bare Python
+  receivers, bench/commit_pull.py).
 
 Each round runs pgbench (TPC-B and -N at -c 4; --quick: 8 s, 1 round; else 15 s, 2
 rounds) on each setup in turn (alternating, so the other helpers' load hits them alike)
@@ -257,8 +259,10 @@ def _profile(setup: Setup, seconds: int, args: tuple[str, ...], into: Result) ->
 
 
 def _strata_pull(stack: contextlib.ExitStack, base: Path, name: str,
-                 overrides: list[str] | None = None, *, tick_s: float | None = None) -> Setup:
-    cluster, rc = strata_compute(stack, base, name, overrides, pull=True)
+                 overrides: list[str] | None = None, *, tick_s: float | None = None,
+                 safekeeper_args: list[str] | None = None) -> Setup:
+    cluster, rc = strata_compute(stack, base, name, overrides, pull=True,
+                                 safekeeper_args=safekeeper_args)
     if tick_s is not None:
         deadline = time.monotonic() + 60
         while rc.sidecar.driver is None:  # the sidecar starts in the cluster's loop thread
@@ -290,6 +294,9 @@ def _setups(stack: contextlib.ExitStack, base: Path, names: list[str]) -> list[S
             setups.append(_strata_pull(stack, base, "strata_pull_nice", ["nice=10"]))
         elif name == "strata_pull_tick20":
             setups.append(_strata_pull(stack, base, "strata_pull_tick20", tick_s=0.02))
+        elif name == "strata_pull_answer_each":
+            setups.append(_strata_pull(stack, base, name,
+                                       safekeeper_args=["--pull-answer-interval-ms", "0"]))
         elif name == "sk_pull3":
             primary, sks = sk_pull_setup(stack, base / "sk_pull3")
             setups.append(Setup(name, primary, {"safekeepers": [

@@ -135,13 +135,20 @@ def _stock_sync_rep(stack: contextlib.ExitStack, base: Path, standbys: int = 1,
 
 def strata_compute(stack: contextlib.ExitStack, base: Path, name: str = "strata",
                    pageserver_overrides: list[str] | None = None, *, pull: bool = False,
+                   safekeeper_args: list[str] | None = None,
                    ) -> tuple[Cluster, RunningCompute]:
     """A pageserver, 3 safekeepers and a compute with its sidecar (backpressure on), under
     base/name. `pull`: pull mode (the safekeepers replicate from the compute, ANY 2; the
-    backpressure goes to them as PullLimit)."""
+    backpressure goes to them as PullLimit). `safekeeper_args`: more command-line options
+    of the safekeepers (they are restarted with them before the timeline is created)."""
     loop = LoopThread()
     stack.callback(loop.close)
     cluster = Cluster.start(base / name, loop, pageserver_overrides=pageserver_overrides)
+    for sk in cluster.safekeepers:
+        if safekeeper_args:
+            sk.stop()
+            sk.extra_args = [*sk.extra_args, *safekeeper_args]
+            sk.start()
     cluster.pull = pull
     stack.callback(cluster.stop_all)
     tenant, timeline = cluster.create_tenant()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,8 @@ class Rig:
     """A primary at X with slot sk1 as its synchronous standby, one safekeeper process
     with the timeline at X, and a proposer (id 1) elected in term 1 that told it to pull."""
 
-    def __init__(self, env: Env, loop: LoopThread, test_dir: Path) -> None:
+    def __init__(self, env: Env, loop: LoopThread, test_dir: Path,
+                 sk_args: list[str] | None = None) -> None:
         self.env, self.loop = env, loop
         client = env.client
         self.tenant, self.timeline = client.create_tenant()
@@ -103,7 +105,8 @@ class Rig:
         self.compute.start()
         self.compute.sql("SELECT pg_create_physical_replication_slot(%s)", SLOT)
         self.system_id = self.compute.control().system_identifier
-        self.sk = SafekeeperProcess(1, test_dir / "sk1", test_dir / "sk1.log")
+        self.sk = SafekeeperProcess(1, test_dir / "sk1", test_dir / "sk1.log",
+                                    extra_args=sk_args)
         self.sk.start()
         self.sk.create_timeline(self.tenant, self.timeline, self.x, self.prev, self.system_id,
                                 SEG)
@@ -244,6 +247,41 @@ def test_commits_wait_for_the_pull_and_the_commit_lsn_follows(rig: Rig,
     assert rig.sk_flush() >= end - 200
     assert rig.status()["pull"]["connections"] >= 3
     rig.check_log()
+
+
+def test_pull_answers_go_at_most_once_per_interval_with_the_latest_position(
+        env: Env, loop: LoopThread, test_dir: Path) -> None:
+    """After pulled WAL the proposer gets an AppendResponse at most once per
+    `--pull-answer-interval-ms` (here 500 ms), not one per fsync batch, and the last one
+    carries the position of the last batch."""
+    interval_s = 0.5
+    rig = Rig(env, loop, test_dir, ["--pull-answer-interval-ms", str(interval_s * 1000)])
+    try:
+        t0 = time.monotonic()
+        end = rig.commit("CREATE TABLE t (id int primary key, v text)")
+        for i in range(20):  # synchronous commits: one fsync batch each at least
+            end = rig.commit(f"INSERT INTO t VALUES ({i}, 'x')")
+        flushed = rig.sk_flush()
+        assert flushed >= end - 200, (flushed, end)
+        assert rig.status()["pull"]["batches"] >= 21
+
+        async def answers_until_flushed() -> int:
+            count = 0
+            while True:
+                msg = await rig.p1.recv()
+                assert isinstance(msg, AppendResponse) and msg.term == 1, msg
+                count += 1
+                if msg.flush_lsn >= flushed:
+                    return count
+        count = loop.call(answers_until_flushed())
+        elapsed = time.monotonic() - t0
+        # Sent at least interval_s apart; one may have left just before t0 (a record
+        # PostgreSQL wrote on its own).
+        assert count <= elapsed / interval_s + 2, (count, elapsed)
+        rig.check_log()
+    finally:
+        loop.call(rig.p1.close())
+        rig.sk.kill9()
 
 
 def test_a_higher_term_closes_the_pull_before_its_promise(rig: Rig, loop: LoopThread) -> None:

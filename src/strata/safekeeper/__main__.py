@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pull-user", default="postgres",
                    help="pull mode: the role this safekeeper replicates from a compute as "
                         "(no password: the compute's pg_hba.conf admits it)")
+    p.add_argument("--pull-answer-interval-ms", type=float, default=20.0,
+                   help="pull mode: the AppendResponse to the proposer after pulled WAL goes "
+                        "at most this often (the latest position; 0: one per fsync batch)")
     return p
 
 
@@ -92,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   remote_storage=args.remote_storage,
                                   backup_interval_s=args.backup_interval,
                                   pull_user=args.pull_user,
+                                  pull_answer_interval_s=args.pull_answer_interval_ms / 1000,
                                   auth_public_key=args.auth_public_key.resolve()
                                   if args.auth_public_key is not None else None)
         config.workdir.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,10 @@ Pull mode (`ProposerConfig.pull`, docs/walproposer.md): election and recovery up
 start E are the same; then each acceptor whose flush LSN reached E in this term gets
 `PullFrom(term, host, port, sk<node>, E)` (again after each new connection to it: a
 restarted safekeeper forgets its source) and replicates the compute's WAL itself.
-`append_wal` is not used; the acceptors' `AppendResponse`s (one per fsync batch of pulled
-WAL) move the commit LSN as appends' answers do, and it goes back to them in commit-only
-appends sent by `tick` (so at most one per acceptor per tick). `CommitAdvanced` then only
+`append_wal` is not used; the acceptors' `AppendResponse`s (after pulled WAL, at most one
+per `pull_answer_interval_s` of the safekeeper) move the commit LSN as appends' answers do,
+and it goes back to them in commit-only appends sent by `tick` (so at most one per acceptor
+per tick). `CommitAdvanced` then only
 tells the driver: PostgreSQL releases commits itself (`synchronous_standby_names = 'ANY
 <majority> (sk1, ...)'`). Backpressure: `limit_pull(now, lsn)` sends `PullLimit(term, lsn)`
 to every acceptor that pulls (and after each later `PullFrom`): they report at most `lsn`

@@ -6,8 +6,8 @@ replication client (application name = the slot name, which the compute's
 `synchronous_standby_names` counts), checks its system id, runs `START_REPLICATION SLOT
 <slot> PHYSICAL <the acceptor's flush LSN>` and hands every batch of XLogData to
 `Timeline.apply_pulled` (one fsync per batch, then one standby status update with write =
-flush = apply = the durable end, sent at once: no timer; and one `AppendResponse` to the
-proposer connection that sent the `PullFrom`).
+flush = apply = the durable end, sent at once: no timer; and an `AppendResponse` to the
+proposer connection that sent the `PullFrom`, at most every `pull_answer_interval_s`).
 
 `close()` is synchronous and runs in the timeline's event loop while it holds the timeline
 lock (the `ClosePull` before a higher term's promise): it aborts the socket (anything still
@@ -64,6 +64,9 @@ class WalPuller:
         # Sends one encoded message on the proposer connection that sent the PullFrom
         # (the pull feedback); None once that connection is gone.
         self.reply_to: Callable[[bytes], None] | None = None
+        # The last AppendResponse sent there and the one due (Timeline.apply_pulled).
+        self.answered_s = float("-inf")
+        self.answer_timer: asyncio.TimerHandle | None = None
         self._conn: PgConnection | None = None
         self._stream: CopyBothStream | None = None
         self.task: asyncio.Task[None] = asyncio.create_task(
@@ -79,6 +82,9 @@ class WalPuller:
         if self.closed:
             return
         self.closed = True
+        if self.answer_timer is not None:
+            self.answer_timer.cancel()
+            self.answer_timer = None
         self._drop_connection()
         self.task.cancel()
         log.info("stopped pulling from %s", self.describe())

@@ -70,6 +70,7 @@ from strata.safekeeper.messages import (
     decode,
 )
 from strata.safekeeper.timeline import (
+    PULL_ANSWER_INTERVAL_S,
     Peer,
     Timeline,
     directory_bytes,
@@ -158,12 +159,18 @@ class SafekeeperConfig:
     pull_user: str = "postgres"
     """Pull mode: the role a safekeeper replicates from a compute as (safekeeper/pull.py;
     the compute's pg_hba.conf must let it in for replication without a password)."""
+    pull_answer_interval_s: float = PULL_ANSWER_INTERVAL_S
+    """Pull mode: the `AppendResponse` to the proposer after pulled WAL goes at most this
+    often, with the latest position (`Timeline.apply_pulled`); 0: one per fsync batch."""
 
     def __post_init__(self) -> None:
         if self.node_id <= 0:
             raise UserError(f"safekeeper id must be a positive integer, got {self.node_id}")
         if self.wal_keep_bytes < 0:
             raise UserError(f"wal_keep_bytes must be >= 0, got {self.wal_keep_bytes}")
+        if self.pull_answer_interval_s < 0:
+            raise UserError("the pull answer interval must be >= 0, got "
+                            f"{self.pull_answer_interval_s * 1000:g} ms")
 
 
 class Safekeeper:
@@ -209,6 +216,7 @@ class Safekeeper:
             tl = Timeline.open(directory, wal_keep_bytes=self.config.wal_keep_bytes)
             tl.remote = self.remote
             tl.pull_user = self.config.pull_user
+            tl.pull_answer_interval_s = self.config.pull_answer_interval_s
             self.timelines[key] = tl
         except (CorruptionError, OSError) as err:
             log.error("timeline %s/%s will not be served: %s", key[0], key[1], err)
@@ -284,6 +292,7 @@ class Safekeeper:
                                              wal_keep_bytes=self.config.wal_keep_bytes)
             tl.remote = self.remote
             tl.pull_user = self.config.pull_user
+            tl.pull_answer_interval_s = self.config.pull_answer_interval_s
             self.timelines[key] = tl
             return tl, True
 

@@ -77,6 +77,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 INDEX_READ_INTERVAL_S = 10.0  # how often read_pageserver_index may read the index
+# Pull mode: the AppendResponse to the proposer after pulled WAL goes at most this often
+# (with the latest position). The proposer only uses it for the commit LSN it sends back
+# at its tick (50 ms), so one per fsync batch of each of three safekeepers (hundreds a
+# second under load, each a wake-up and a decode in the sidecar) bought nothing.
+PULL_ANSWER_INTERVAL_S = 0.02
 
 T = TypeVar("T")
 ReplyTo = Callable[[bytes], None]
@@ -213,6 +218,7 @@ class Timeline:
         self._downloaded: tuple[int, bytes] | None = None  # the last segment downloaded
         # Pull mode (pull.py): the replication client of the acceptor's pull source.
         self.pull_user = "postgres"  # the role it connects to the compute as (server.py)
+        self.pull_answer_interval_s = PULL_ANSWER_INTERVAL_S  # (server.py)
         self.puller: WalPuller | None = None
         self._reply_to: ReplyTo | None = None  # the proposer connection of this batch
         self._pull_feedback: Lsn | None = None  # a PullFeedback deferred to the batch's end
@@ -352,17 +358,21 @@ class Timeline:
 
     async def apply_pulled(self, puller: WalPuller, pieces: Sequence[tuple[Lsn, bytes]], *,
                            reply_requested: bool = False) -> None:
-        """Pull mode: a batch of the WAL `puller` received, applied durably (one fsync),
-        then one standby status update to the compute and one `AppendResponse` to the
-        proposer connection of the pull, both in this same step under the lock (so a
-        ClosePull of another connection's message comes before or after all of it).
-        Nothing at all once `puller` was closed."""
+        """Pull mode: a batch of the WAL `puller` received, applied durably (one fsync and
+        one write: the batch's pieces are contiguous), then one standby status update to
+        the compute in this same step under the lock (so a ClosePull of another
+        connection's message comes before or after all of it), and an `AppendResponse` to
+        the proposer connection of the pull: at once if none went in the last
+        `pull_answer_interval_s`, else once that interval is over, with the position then
+        (`_answer_pull`). Nothing at all once `puller` was closed."""
         self.check_usable()
         async with self.lock:
             if puller.closed or self.puller is not puller:
                 return
             self.check_usable()
             self.counters.pull_batches += 1
+            if len(pieces) > 1:
+                pieces = [(pieces[0][0], b"".join(data for _, data in pieces))]
             term = puller.source.term
             flush_before = self.acceptor.flush_lsn
             replies: list[bytes] = []
@@ -388,8 +398,25 @@ class Timeline:
             if feedback is not None and (reply_requested or puller.reported_lsn is None or
                                          feedback > puller.reported_lsn):
                 puller.send_status(feedback)  # unless held at the PullLimit already
-            if self.acceptor.flush_lsn > flush_before and puller.reply_to is not None:
-                _send(puller.reply_to, encode(self.acceptor.append_response()))
+            if self.acceptor.flush_lsn > flush_before and puller.answer_timer is None:
+                wait = puller.answered_s + self.pull_answer_interval_s - time.monotonic()
+                if wait <= 0:
+                    self._answer_pull(puller)
+                else:  # the answer then carries this batch's position and any later one's
+                    puller.answer_timer = asyncio.get_running_loop().call_later(
+                        wait, self._answer_pull, puller)
+
+    def _answer_pull(self, puller: WalPuller) -> None:
+        """The pull's `AppendResponse` (the acceptor's durable position) to the proposer
+        connection that sent the `PullFrom`, unless the pull was closed meanwhile (the
+        ClosePull before a higher term's promise cancels the timer too). Runs on the event
+        loop outside of any locked step: nothing under the lock awaits between applying
+        WAL and its fsync, so the position it sends is durable."""
+        puller.answer_timer = None
+        if puller.closed or self.puller is not puller or puller.reply_to is None:
+            return
+        puller.answered_s = time.monotonic()
+        _send(puller.reply_to, encode(self.acceptor.append_response()))
 
     def forget_connection(self, reply_to: ReplyTo) -> None:
         """A proposer connection ended: no more pull feedback goes to it."""
