@@ -54,6 +54,14 @@ def _standbys(cli: Cli) -> tuple[str, list[str]]:
     return row[0], [slot for (slot,) in slots]
 
 
+def _compute_id(cli: Cli) -> str:
+    """Main's compute's strata.compute_id (set per start; PullFrom.compute_id)."""
+    with cli.superuser("main") as su:
+        row = su.execute("show strata.compute_id").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
 def _commit_lsns(cli: Cli, branch: str) -> dict[int, Lsn]:
     out = {}
     for sk in cli.json("status")["safekeepers"]:
@@ -95,11 +103,15 @@ def test_pull_mode_end_to_end(cli: Cli, test_dir: Path) -> None:
         assert time.monotonic() < deadline, (_commit_lsns(cli, "main"), committed)
         time.sleep(0.2)
 
-    # Survives a stop + start; a branch at the head has it (from the pageserver).
+    # Survives a stop + start; a branch at the head has it (from the pageserver). The new
+    # compute has its own id, which the safekeepers are told to pull from.
+    first_id = _compute_id(cli)
     cli.run("endpoint", "stop", "main")
     cli.run("endpoint", "start", "main")
     main = cli.local("main")
     assert values(main) == [f"row {i}" for i in range(20)]
+    second_id = _compute_id(cli)
+    assert len(first_id) == len(second_id) == 16 and first_id != second_id
     rows(main, "insert into t values (100, 'after restart')")
     cli.run("timeline", "branch", "head")
     cli.run("endpoint", "create", "head", "--branch", "head")

@@ -90,15 +90,19 @@ class Rig:
     with the timeline at X, and a proposer (id 1) elected in term 1 that told it to pull."""
 
     def __init__(self, env: Env, loop: LoopThread, test_dir: Path,
-                 sk_args: list[str] | None = None) -> None:
+                 sk_args: list[str] | None = None, compute_id: str = "") -> None:
         self.env, self.loop = env, loop
+        self.compute_id = compute_id
         client = env.client
         self.tenant, self.timeline = client.create_tenant()
         self.x, self.prev = client.compute_start(self.tenant, self.timeline)
         tar = io.BytesIO()
         client.basebackup(self.tenant, self.timeline, tar, self.x)
         tar.seek(0)
-        config = ComputeConfig(receiver_name=SLOT, settings=COMPUTE_SETTINGS)
+        settings = dict(COMPUTE_SETTINGS)
+        if compute_id:
+            settings["strata.compute_id"] = compute_id
+        config = ComputeConfig(receiver_name=SLOT, settings=settings)
         self.compute = Compute.from_basebackup(tar, test_dir / "compute", config,
                                                log_path=test_dir / "compute.log")
         env.computes.append(self.compute)
@@ -128,7 +132,7 @@ class Rig:
         return p
 
     def pull_from(self, term: int) -> PullFrom:
-        return PullFrom(term, "127.0.0.1", self.compute.port, SLOT, self.x)
+        return PullFrom(term, "127.0.0.1", self.compute.port, SLOT, self.x, self.compute_id)
 
     def status(self) -> dict[str, Any]:
         return self.sk.timeline_status(self.tenant, self.timeline)
@@ -247,6 +251,43 @@ def test_commits_wait_for_the_pull_and_the_commit_lsn_follows(rig: Rig,
     assert rig.sk_flush() >= end - 200
     assert rig.status()["pull"]["connections"] >= 3
     rig.check_log()
+
+
+def test_a_pull_with_a_compute_id_refuses_another_compute_on_its_address(
+        env: Env, loop: LoopThread, test_dir: Path) -> None:
+    """Told to pull from compute "first" (`PullFrom.compute_id`), the safekeeper streams
+    from it and reconnects to it, but not to a compute with another `strata.compute_id` on
+    the same address (a restart as another compute, whose WAL is a later term's): commits
+    there wait, its slot does not move, and the safekeeper says why."""
+    rig = Rig(env, loop, test_dir, compute_id="first")
+    try:
+        rig.commit("CREATE TABLE t (id int primary key, v text)")
+        end = rig.commit("INSERT INTO t VALUES (1, 'first')")
+        assert rig.sk_flush() >= end - 200
+        rig.compute.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_replication")
+        end = rig.commit("INSERT INTO t VALUES (2, 'first, reconnected')")
+        assert rig.sk_flush() >= end - 200
+
+        rig.compute.sql("ALTER SYSTEM SET strata.compute_id = 'second'")
+        rig.compute.stop()
+        rig.compute.start()
+        slot = "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s"
+        before = rig.compute.sql(slot, SLOT)
+        flushed = rig.sk_flush()
+        with pytest.raises(concurrent.futures.TimeoutError):
+            pool = concurrent.futures.ThreadPoolExecutor(1)
+            try:
+                pool.submit(rig.compute.sql, "INSERT INTO t VALUES (3, 'second')").result(3)
+            finally:
+                pool.shutdown(wait=False)  # the hung commit ends with the compute
+        wait_until(lambda: "not compute first" in rig.sk.log_text(), 30,
+                   "the safekeeper's refusal in its log")
+        assert rig.sk_flush() == flushed
+        assert rig.compute.sql(slot, SLOT) == before
+        assert rig.replication() == []
+    finally:
+        loop.call(rig.p1.close())
+        rig.sk.kill9()
 
 
 def test_pull_answers_go_at_most_once_per_interval_with_the_latest_position(

@@ -117,15 +117,17 @@ def test_after_the_election_every_voter_is_told_to_pull_from_the_term_start() ->
     cluster.run(p)
     cluster.tick(p, 1.0)
     assert p.phase is Phase.ELECTED and cluster.pull_froms() == [] and not cluster.pulling
-    cluster.take(p.start_pulling(cluster.now))
+    cluster.take(p.start_pulling(cluster.now, "c0ffee"))
     cluster.run(p)
     e = next(e for e in cluster.events if isinstance(e, Elected))
     froms = cluster.pull_froms()
     assert sorted(n for n, _ in froms) == [1, 2, 3]
     for node, msg in froms:
+        # The compute the driver checked, by its id: an acceptor pulls from no other one.
         assert msg == PullFrom(e.term, TARGET.host, TARGET.port, pull_slot_name(node),
-                               e.start_lsn)
+                               e.start_lsn, "c0ffee")
         assert cluster.pulling[node].source.slot_name == f"sk{node}"
+        assert cluster.pulling[node].source.compute_id == "c0ffee"
     end = cluster.write(30)
     cluster.pull(p)
     assert commits(cluster)[-1] == Lsn(end) and p.commit_lsn == Lsn(end)

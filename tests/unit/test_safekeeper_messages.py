@@ -106,6 +106,9 @@ def test_pull_from_is_checked_when_built_and_when_decoded() -> None:
     good = PullFrom(3, "compute-1.local", 55432, "sk1", Lsn(0x1000))
     with pytest.raises(ValueError, match="not valid UTF-8"):
         PullFrom(3, "\ud800", 55432, "sk1", Lsn(0x1000))
+    for bad_id in ("a-b", "x" * 65, "é"):
+        with pytest.raises(ValueError, match="compute id"):
+            PullFrom(3, "compute-1.local", 55432, "sk1", Lsn(0x1000), bad_id)
     wire = encode(good)
     # Each bad value, put on the wire by hand (encode() takes only valid messages).
     host_at = 1 + 8 + 4  # tag, term, host length
@@ -115,12 +118,12 @@ def test_pull_from_is_checked_when_built_and_when_decoded() -> None:
         host, slot = (bad, b"sk1") if field == "host" else (b"compute-1.local", bad)
         raw = (wire[:host_at - 4] + len(host).to_bytes(4, "little") + host
                + (55432).to_bytes(2, "little") + len(slot).to_bytes(4, "little") + slot
-               + (0x1000).to_bytes(8, "little"))
+               + (0x1000).to_bytes(8, "little") + bytes(4))  # no compute id
         with pytest.raises(ProtocolError, match=f"PullFrom.*({field}|host|slot name)"):
             decode(raw)
     assert decode(wire[:host_at - 4] + (15).to_bytes(4, "little") + b"compute-1.local"
                   + (55432).to_bytes(2, "little") + (3).to_bytes(4, "little") + b"sk1"
-                  + (0x1000).to_bytes(8, "little")) == good
+                  + (0x1000).to_bytes(8, "little") + bytes(4)) == good
     zero_port = bytearray(wire)
     zero_port[host_at + 15:host_at + 17] = b"\0\0"
     with pytest.raises(ProtocolError, match="port 0 is not in 1..65535"):
@@ -162,7 +165,9 @@ GOLDEN: list[tuple[Message, str]] = [
     (ReadWalResponse(6, Lsn(0x1000), b"\x00\x01"),
      "0906000000000000000010000000000000020000000001"),
     (PullFrom(6, "pg", 5432, "sk2", Lsn(0x20F0)),
-     "0a0600000000000000020000007067381503000000736b32f020000000000000"),
+     "0a0600000000000000020000007067381503000000736b32f02000000000000000000000"),
+    (PullFrom(6, "pg", 5432, "sk2", Lsn(0x20F0), "ab12"),
+     "0a0600000000000000020000007067381503000000736b32f0200000000000000400000061623132"),
 ]
 
 

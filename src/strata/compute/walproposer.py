@@ -79,7 +79,7 @@ from strata.compute.quorum import (
 from strata.pageserver.api import DEFAULT_SLOT_NAME
 from strata.pg import wire
 from strata.pg.constants import SIZE_OF_XLOG_LONG_PHD, XLOG_BLCKSZ
-from strata.pg.pgclient import CopyBothStream, PgConnection
+from strata.pg.pgclient import CopyBothStream, PgConnection, ServerError
 from strata.safekeeper.messages import (
     AcceptorGreeting,
     AcceptorMessage,
@@ -421,10 +421,11 @@ class QuorumDriver:
                 stats.quorum_wait_s += now - arrivals.popleft()[1]
                 stats.quorum_waits += 1
 
-    def start_pulling(self) -> None:
-        """Pull mode: the compute starts at the term start; let the safekeepers pull."""
+    def start_pulling(self, compute_id: str = "") -> None:
+        """Pull mode: the compute starts at the term start; let the safekeepers pull (from
+        the compute whose `strata.compute_id` is `compute_id`, if not empty)."""
         if self.fenced is None:
-            self._apply(self.proposer.start_pulling(time.monotonic()))
+            self._apply(self.proposer.start_pulling(time.monotonic(), compute_id))
 
     def limit_pull(self, lsn: Lsn) -> None:
         """Pull mode's backpressure (`Proposer.limit_pull`)."""
@@ -527,6 +528,7 @@ class WalProposer:
         self.config = sidecar
         self._on_fence = on_fence
         self.driver: QuorumDriver | None = None
+        self.compute_id = ""  # pull mode: the compute's strata.compute_id (`_identify`)
         self.reported_lsn = Lsn(0)  # what PostgreSQL was last told (write = flush = apply)
         self.pageserver_lsns: tuple[Lsn, Lsn] | None = None  # (last_record, disk_consistent)
         self._report = asyncio.Event()  # wakes the report loop (backpressure, keepalives)
@@ -608,6 +610,8 @@ class WalProposer:
         if len(starts) != 1:
             raise UserError(f"the compute's slots {names} start at different LSNs "
                             f"{sorted(starts)}; they must all be at its start")
+        if self.config.pull:
+            self.compute_id = await _compute_id(conn)
         return system_id, starts.pop()
 
     async def _serve(self, driver: QuorumDriver, conn: PgConnection, slot_lsn: Lsn) -> str:
@@ -626,7 +630,7 @@ class WalProposer:
             # (PullFrom, sent by the Proposer, followed by the PullLimit set here), and they
             # take the WAL themselves.
             self._limit_now()
-            driver.start_pulling()
+            driver.start_pulling(self.compute_id)
             tasks = [asyncio.create_task(self._watch_pg(conn), name="pg-watch")]
             if self.config.pageserver_http is not None:
                 tasks.append(asyncio.create_task(self._limit_loop(), name="pull-limit"))
@@ -925,6 +929,16 @@ def immediate_stopper(pid: int) -> Callable[[str], None]:
             os.kill(pid, signal.SIGQUIT)
             log.warning("sent SIGQUIT to postmaster %d: %s", pid, reason)
     return stop
+
+
+async def _compute_id(conn: PgConnection) -> str:
+    """The compute's `strata.compute_id` setting (`strata endpoint start` gives every start
+    its own; the safekeepers then pull from that compute only), or "" if it has none."""
+    try:
+        rows = (await conn.simple_query("SHOW strata.compute_id")).rows
+    except ServerError:  # unrecognized: a compute not started by `strata endpoint start`
+        return ""
+    return str(rows[0][0] or "") if rows else ""
 
 
 # --- command line -----------------------------------------------------------------------------

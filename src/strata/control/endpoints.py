@@ -797,6 +797,11 @@ def _fresh_datadir(env: Environment, config: EnvConfig, ep: EndpointState,
     # Pull mode: the safekeepers are the standbys (slots sk<id> at the start LSN too).
     pulled = pull_standbys(config)
     settings: dict[str, object] = {"synchronous_commit": "on", **defaults.settings}
+    if pulled:
+        # Each start is another compute: its sidecar names it to the safekeepers, and a
+        # safekeeper still pulling for an older term (from the compute before a restart on
+        # the same socket) refuses to stream from this one (PullFrom.compute_id).
+        settings["strata.compute_id"] = os.urandom(8).hex()
     if proxy_runs(env):
         # Clients come through the proxy, which uses the unix socket: no TCP port that a
         # client knowing a password could use to bypass it (and wake/suspend).

@@ -153,6 +153,7 @@ class PullSource:
     host: str
     port: int
     slot_name: str
+    compute_id: str = ""  # if set: only the compute whose strata.compute_id it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,7 +471,7 @@ class Acceptor:
         if msg.start_lsn > self.flush_lsn:
             # Not brought up to the term start yet: the reply says where it is.
             return [self._append_response()]
-        source = PullSource(msg.term, msg.host, msg.port, msg.slot_name)
+        source = PullSource(msg.term, msg.host, msg.port, msg.slot_name, msg.compute_id)
         if self.pull_source == source:
             return [self._append_response()]  # a repeat (the proposer reconnected)
         if self.pull_source is not None:

@@ -225,6 +225,9 @@ class PullFrom:
     up to `start_lsn` (the term's start E): replicate from the compute at `host`:`port` on
     the physical replication slot `slot_name` (also the application name the compute's
     `synchronous_standby_names` counts) and treat every byte as an AppendRequest of `term`.
+    `compute_id`, if not empty: pull only from the compute whose `strata.compute_id` setting
+    has this value (a compute restarted on the same address is another one, whose WAL
+    belongs to a later term: an old term's puller must not stream it or move its slot).
     """
 
     TAG: ClassVar[int] = 10
@@ -233,6 +236,7 @@ class PullFrom:
     port: Annotated[int, Wire.U16]
     slot_name: Annotated[str, Wire.TEXT]
     start_lsn: Annotated[Lsn, Wire.LSN]
+    compute_id: Annotated[str, Wire.TEXT] = ""
 
     def __post_init__(self) -> None:
         try:
@@ -249,6 +253,10 @@ class PullFrom:
             # PostgreSQL's rule for replication slot names (slot.c).
             raise ValueError(f"slot name {name!r} must be 1-{NAMEDATALEN - 1} characters of "
                              "a-z, 0-9 and _")
+        if not (len(self.compute_id) <= 64 and self.compute_id.isascii()
+                and self.compute_id.isalnum() or self.compute_id == ""):
+            raise ValueError(f"compute id {self.compute_id!r} must be at most 64 ASCII "
+                             "letters and digits")
 
 
 @dataclass(frozen=True, slots=True)

@@ -223,6 +223,7 @@ class Proposer:
         # started at the term start (`start_pulling`): before that the compute's WAL may
         # not continue our log, and pulling would move its slots before the check.
         self.pull_ready = False
+        self.pull_compute_id = ""  # the compute's strata.compute_id, from start_pulling
         # Pull mode's backpressure (`limit_pull`): the highest flush LSN the acceptors may
         # report to the compute; None: nothing held.
         self.pull_limit: Lsn | None = None
@@ -267,12 +268,14 @@ class Proposer:
         self.wal += data
         return self._pump(now)
 
-    def start_pulling(self, now: float) -> list[ProposerAction]:
+    def start_pulling(self, now: float, compute_id: str = "") -> list[ProposerAction]:
         """Pull mode: the driver checked that the compute starts where our log ends (its
         slots' restart_lsn is the term start): tell every acceptor at the term start to
-        pull, and later ones as they get there."""
+        pull, and later ones as they get there; `compute_id`: that compute's
+        `strata.compute_id` (`PullFrom.compute_id`), if it has one."""
         assert self.config.pull is not None and self.phase in (Phase.ELECTED, Phase.FENCED)
         self.pull_ready = True
+        self.pull_compute_id = compute_id
         out: list[ProposerAction] = []
         if self.phase is Phase.ELECTED:
             for p in self.peers.values():
@@ -285,7 +288,7 @@ class Proposer:
         assert target is not None and self.pull_ready
         peer.pull_sent = True
         pull = PullFrom(self.term, target.host, target.port, pull_slot_name(peer.node),
-                        self.term_start_lsn)
+                        self.term_start_lsn, self.pull_compute_id)
         out: list[ProposerAction] = [self._send(peer, pull, now)]
         if self.pull_limit is not None:
             # An acceptor forgets the limit when its pull stops (and ignores one sent

@@ -3,7 +3,9 @@
 Started by the `StartPull` action of a timeline's acceptor (a `PullFrom` of the term it
 adopted, docs/safekeeper-protocol.md "Pull mode"): it connects to the compute as a physical
 replication client (application name = the slot name, which the compute's
-`synchronous_standby_names` counts), checks its system id, runs `START_REPLICATION SLOT
+`synchronous_standby_names` counts), checks its system id (and, if the `PullFrom` named
+one, its `strata.compute_id`: a compute restarted on the same address is another compute,
+whose WAL belongs to a later term), runs `START_REPLICATION SLOT
 <slot> PHYSICAL <the acceptor's flush LSN>` and hands every batch of XLogData to
 `Timeline.apply_pulled` (one fsync per batch, then one standby status update with write =
 flush = apply = the durable end, sent at once: no timer; and an `AppendResponse` to the
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING
 from strata.common.errors import StrataError
 from strata.common.logctx import timeline_context
 from strata.pg import wire
-from strata.pg.pgclient import CopyBothStream, PgConnection
+from strata.pg.pgclient import CopyBothStream, PgConnection, ServerError
 from strata.pg.replication import identify_system, read_batch
 from strata.safekeeper.acceptor import PullSource
 
@@ -74,7 +76,8 @@ class WalPuller:
 
     def describe(self) -> str:
         s = self.source
-        return f"{s.host}:{s.port} slot {s.slot_name} (term {s.term})"
+        compute = f"compute {s.compute_id} at " if s.compute_id else ""
+        return f"{compute}{s.host}:{s.port} slot {s.slot_name} (term {s.term})"
 
     # --- closing -----------------------------------------------------------------------
     def close(self) -> None:
@@ -145,6 +148,8 @@ class WalPuller:
                               f"timeline {tl.state.timeline_id} is system "
                               f"{tl.state.system_id} on timeline {PG_TIMELINE}: not pulling "
                               "from it")
+        if src.compute_id:
+            await self._check_compute_id(conn)
         start = tl.acceptor.flush_lsn
         stream = await conn.start_copy_both(
             f"START_REPLICATION SLOT {src.slot_name} PHYSICAL {start}")
@@ -160,6 +165,23 @@ class WalPuller:
             expected = batch.end_lsn
             await tl.apply_pulled(self, batch.pieces, reply_requested=batch.reply_requested)
             self.batches += 1
+
+    async def _check_compute_id(self, conn: PgConnection) -> None:
+        """The compute at the source's address must be the one the proposer named: after a
+        restart on the same address it is a new compute, whose WAL and slots belong to a
+        later term (its own sidecar tells the safekeepers to pull from it)."""
+        src = self.source
+        try:
+            rows = (await conn.simple_query("SHOW strata.compute_id")).rows
+        except ServerError as err:  # an unrecognized parameter: a compute without an id
+            raise StrataError(f"the compute at {src.host}:{src.port} has no compute id "
+                              f"({err}); term {src.term} pulls from compute "
+                              f"{src.compute_id}: not pulling from it") from None
+        found = rows[0][0] if rows else None
+        if found != src.compute_id:
+            raise StrataError(f"the compute at {src.host}:{src.port} is compute {found}, "
+                              f"not compute {src.compute_id} of term {src.term} (restarted "
+                              "since: its own sidecar names it): not pulling from it")
 
     def send_status(self, flush_lsn: Lsn) -> None:
         """A standby status update (write = flush = apply = `flush_lsn`). Called by
