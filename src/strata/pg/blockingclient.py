@@ -17,6 +17,7 @@ import hashlib
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import BinaryIO
 
 from strata.common.errors import CorruptionError, ProtocolError, Unavailable, UserError
@@ -203,49 +204,47 @@ class BlockingPgConnection:
         """Run `command`, which answers with CopyOut; write its data to `out` and return
         its size. An error from the server is raised once it is ready again (XX001, data
         corruption, as CorruptionError)."""
-        self.send(_typed(b"Q", _cstr(command)))
         size = 0
-        error: tuple[bytes, bytes] | None = None
-        while True:
-            tag, body = self.read_message(deadline, repr(command))
-            if tag == b"d":
-                out.write(body)
-                size += len(body)
-            elif tag in (b"H", b"c", b"C", b"N", b"S"):
-                pass
-            elif tag == b"E":
-                error = (tag, body)
-            elif tag == b"Z":
-                if error is not None:
-                    try:
-                        self._unexpected(*error, f"{command!r} on {self.describe}", "")
-                    except UserError as err:
-                        if getattr(err, "code", None) == "XX001":
-                            raise CorruptionError(str(err)) from None
-                        raise
-                return size
-            else:
-                self._unexpected(tag, body, f"{command!r} on {self.describe}",
-                                 f"in the reply to {command!r}")
+
+        def on_data(body: bytes) -> None:
+            nonlocal size
+            out.write(body)
+            size += len(body)
+        try:
+            self._run(command, deadline, b"d", on_data, (b"H", b"c", b"C", b"N", b"S"))
+        except UserError as err:
+            if getattr(err, "code", None) == "XX001":
+                raise CorruptionError(str(err)) from None
+            raise
+        return size
 
     def simple_query(self, command: str, deadline: float | None) -> list[tuple[str | None, ...]]:
         """Run `command` (one statement, simple protocol) and return its rows as text
         (None for NULL). An error from the server is raised once it is ready again."""
-        self.send(_typed(b"Q", _cstr(command)))
         rows: list[tuple[str | None, ...]] = []
+        self._run(command, deadline, b"D", lambda body: rows.append(_data_row(body)),
+                  (b"T", b"C", b"I", b"N", b"S"))
+        return rows
+
+    def _run(self, command: str, deadline: float | None, data_tag: bytes,
+             on_data: Callable[[bytes], object], ignored: tuple[bytes, ...]) -> None:
+        """Send `command` as a simple Query and read up to ReadyForQuery: each `data_tag`
+        message's body goes to `on_data`, `ignored` tags are skipped, and an ErrorResponse
+        is raised once the server is ready again (the connection stays usable)."""
+        self.send(_typed(b"Q", _cstr(command)))
         error: tuple[bytes, bytes] | None = None
         while True:
             tag, body = self.read_message(deadline, repr(command))
-            if tag == b"D":
-                rows.append(_data_row(body))
-            elif tag in (b"T", b"C", b"I", b"N", b"S"):
+            if tag == data_tag:
+                on_data(body)
+            elif tag in ignored:
                 pass
             elif tag == b"E":
                 error = (tag, body)
             elif tag == b"Z":
                 if error is not None:
                     self._unexpected(*error, f"{command!r} on {self.describe}", "")
-                return rows
+                return
             else:
                 self._unexpected(tag, body, f"{command!r} on {self.describe}",
                                  f"in the reply to {command!r}")
