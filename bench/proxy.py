@@ -35,7 +35,7 @@ restarts `main` once with the proxy stopped, which makes it listen on both.
   --import-datadir`), the cheap way to the 5 GB point. Scales: env
   PROXY_WAKE_IMPORT_SCALES (default 320; --quick none);
 - the A/B of the proxy's relays, same run: each of env PROXY_VARIANTS (comma-separated,
-  default `tls_loop,plain_threads`, see VARIANTS; empty: none) is one more way through
+  default `tls_threads,plain_threads`, see VARIANTS; empty: none) is one more way through
   the proxy, restarted with that relay: `tps_{workload}_{variant}` (to unix),
   `..._vs_tls_direct` or `..._vs_tcp`, `proxy_cpu_us_per_tx_{workload}_{variant}`, and
   `tps_{workload}_{tls,plain}_vs_{variant}`: the default relay against it (a note gives
@@ -145,12 +145,13 @@ def _endpoint(repo: Path, name: str) -> dict[str, str]:
                 if e["name"] == name)
 
 
-VARIANTS = {"tls_loop": ("tls", {"STRATA_PROXY_TLS_RELAY": "loop"}),
+VARIANTS = {"tls_threads": ("tls", {"STRATA_PROXY_TLS_RELAY": "threads"}),
             "plain_threads": ("plain", {"STRATA_PROXY_SOCKMAP": "0"}),
             "plain_sockmap": ("plain", {"STRATA_PROXY_SOCKMAP": "1"})}
 """The proxy's other relays, each run as one more way (the proxy restarted with its
-environment for it): `tls_loop`, TLS relayed by the event loop's protocols on uvloop's
-TLS transport (the relay before the threads); `plain_threads`, plain connections relayed
+environment for it): `tls_threads`, TLS relayed by a thread per direction on the proxy's
+own TLS session (the default relay of sessions 24-27; the default `tls` is the event
+loop's protocols on uvloop's TLS transport); `plain_threads`, plain connections relayed
 by splice threads both ways (config `kernel_relay = false`); `plain_sockmap`, the
 compute's bytes forwarded by a BPF sockmap (the default `plain` where the proxy may use
 one: needs root; kept for environments whose config turns it off)."""
@@ -325,7 +326,7 @@ def _wake_imported(report: Report, repo: Path, scale: int, tries: int = 3) -> No
 
 def run(report: Report, quick: bool) -> None:
     scales = [int(s) for s in os.environ.get("PROXY_WAKE_SCALES", "1").split(",") if s]
-    variants = [v for v in os.environ.get("PROXY_VARIANTS", "tls_loop,plain_threads").split(",")
+    variants = [v for v in os.environ.get("PROXY_VARIANTS", "tls_threads,plain_threads").split(",")
                 if v]
     unknown = set(variants) - set(VARIANTS)
     assert not unknown, f"PROXY_VARIANTS: unknown {sorted(unknown)}; known {list(VARIANTS)}"

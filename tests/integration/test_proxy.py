@@ -203,16 +203,26 @@ def test_plain_relay(proxied: Cli, monkeypatch: pytest.MonkeyPatch, kernel: bool
     _relay_checks(cli, plain)
 
 
-def test_tls_relay_in_threads(proxied: Cli) -> None:
-    """TLS connections relayed by the proxy's threads on its own TLS session (the
-    default, strata.proxy.tlsrelay), under the same checks as the kernel's relay: 50
-    concurrent pgbench connections, a result and COPY data both ways larger than the
-    socket buffers, a cancel, the compute closing first, the client closing first, and
-    the connection count back at 0."""
-    cli = proxied
+@pytest.mark.parametrize("relay", ["loop", "threads"])
+def test_tls_relay(proxied: Cli, monkeypatch: pytest.MonkeyPatch, relay: str) -> None:
+    """TLS connections relayed by the event loop's protocols on uvloop's TLS transport
+    (the default) or, with STRATA_PROXY_TLS_RELAY=threads, by the proxy's threads on its
+    own TLS session (strata.proxy.tlsrelay), under the same checks as the kernel's
+    relay: 50 concurrent pgbench connections, a result and COPY data both ways larger
+    than the socket buffers, a cancel, the compute closing first, the client closing
+    first, and the connection count back at 0."""
+    cli = proxied  # its proxy was started by `strata start`: the default relay
+    if relay == "threads":
+        cli.run("proxy", "stop")
+        monkeypatch.setenv("STRATA_PROXY_TLS_RELAY", "threads")
+        cli.run("proxy", "start")
     tls = dsn(cli, "main")
     assert query(tls, "select 1") == [(1,)]
-    assert "TLS connections are relayed by a thread per direction" in proxy_log(cli)
+    expected = {"loop": "TLS connections are relayed by the event loop's protocols",
+                "threads": "TLS connections are relayed by a thread per direction"}[relay]
+    started = [line for line in proxy_log(cli).splitlines()
+               if "TLS connections are relayed by" in line]
+    assert started and expected in started[-1], started
     _relay_checks(cli, tls)
 
 

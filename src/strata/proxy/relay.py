@@ -11,11 +11,11 @@ The ways:
   the sockets are in the sockmap), the kernel forwards the compute's bytes instead of
   the compute-to-client thread, and one thread of the process (`_Watcher`, epoll for
   EPOLLRDHUP) wakes when a compute closes.
-  Plain only: TLS connections are relayed by threads too, on the proxy's own
-  session (`strata.proxy.tlsrelay`), never on a session of uvloop's TLS transport (a
-  mode that took that over to the threads corrupted a record about 1 run in 10 and
-  was removed, docs/proxy.md "Relay");
-- `relay_protocols` (the proxy's for TLS with STRATA_PROXY_TLS_RELAY=loop): asyncio
+  Plain only: TLS connections relayed by threads (STRATA_PROXY_TLS_RELAY=threads) run
+  on the proxy's own session (`strata.proxy.tlsrelay`), never on a session of uvloop's
+  TLS transport (a mode that took that over to the threads corrupted a record about 1
+  run in 10 and was removed, docs/proxy.md "Relay");
+- `relay_protocols` (the proxy's for TLS, the default since session 28): asyncio
   protocols write what one side receives to the other (no coroutine per message),
   with back-pressure (a full send buffer pauses reading from the other side).
 

@@ -12,9 +12,11 @@ Per client connection:
 4. the proxy logs in to the compute over its unix socket with the client's startup
    parameters, forwards the compute's answer (its BackendKeyData replaced by a key of
    the proxy's, so that a cancel request comes back here) up to ReadyForQuery,
-5. then relays bytes both ways, a thread per direction (plain: `strata.proxy.relay`,
-   os.splice; TLS: `strata.proxy.tlsrelay`, the proxy's own TLS session from the
-   handshake on, which the event loop drives until the relay).
+5. then relays bytes both ways: plain out of the event loop (`strata.proxy.relay`: a
+   BPF sockmap and a splice thread, or a splice thread per direction); TLS by the event
+   loop's protocols on uvloop's TLS transport (`relay.relay_protocols`, the default), or
+   with STRATA_PROXY_TLS_RELAY=threads a thread per direction on the proxy's own TLS
+   session from the handshake on (`strata.proxy.tlsrelay`).
 
 A malformed or unexpected message closes that one connection with an ErrorResponse;
 the server goes on. Passwords and secrets are never logged.
@@ -76,7 +78,8 @@ class _Out(Protocol):
 @dataclass(slots=True)
 class _Client:
     """A client's connection: asyncio's streams, or from its TLS handshake on (in the
-    `threads` TLS relay), the proxy's own TLS session for both."""
+    `threads` TLS relay, STRATA_PROXY_TLS_RELAY=threads), the proxy's own TLS session
+    for both."""
 
     reader: _In
     writer: _Out
@@ -407,9 +410,9 @@ class ProxyServer:
                              else "logged in during the start, relayed during its roles "
                                   "step")
                 # Plain: the kernel (BPF sockmap) or a thread per direction, out of the
-                # event loop; TLS: a thread per direction on the proxy's own session, or
-                # (STRATA_PROXY_TLS_RELAY=loop) the event loop's protocols (docs/proxy.md,
-                # "Relay").
+                # event loop; TLS: the event loop's protocols, or
+                # (STRATA_PROXY_TLS_RELAY=threads) a thread per direction on the proxy's
+                # own session (docs/proxy.md, "Relay").
                 if client.tls is not None:
                     await client.tls.drain()
                     await relay.wait_writes_flushed(c_writer)
@@ -573,14 +576,14 @@ def _open_sockmap(kernel_relay: bool) -> Sockmap | None:
 
 
 def _tls_relay() -> str:
-    """How TLS connections are relayed: `threads` (the default: the proxy's own session,
-    a thread per direction), or `loop` (STRATA_PROXY_TLS_RELAY=loop: uvloop's TLS
-    transport and the event loop's protocols, the relay before; kept for the A/B in
-    `bench/run proxy`, docs/proxy.md "Relay")."""
-    mode = os.environ.get("STRATA_PROXY_TLS_RELAY", "threads")
+    """How TLS connections are relayed: `loop` (the default since session 28: uvloop's
+    TLS transport and the event loop's protocols), or `threads`
+    (STRATA_PROXY_TLS_RELAY=threads: the proxy's own session, a thread per direction;
+    the default before, kept for the A/B in `bench/run proxy`, docs/proxy.md "Relay")."""
+    mode = os.environ.get("STRATA_PROXY_TLS_RELAY", "loop")
     if mode not in ("threads", "loop"):
-        log.info("STRATA_PROXY_TLS_RELAY=%r is neither 'threads' nor 'loop': threads", mode)
-        return "threads"
+        log.info("STRATA_PROXY_TLS_RELAY=%r is neither 'loop' nor 'threads': loop", mode)
+        mode = "loop"
     log.info("TLS connections are relayed by %s", "a thread per direction"
              if mode == "threads" else "the event loop's protocols")
     return mode
