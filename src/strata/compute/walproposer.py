@@ -62,6 +62,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from strata.common import eventloop
 from strata.common.auth import default_token
@@ -103,6 +104,9 @@ from strata.safekeeper.proposer import (
     Send,
     pull_slot_name,
 )
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -842,11 +846,19 @@ class WalProposer:
             self._pg_stream = None
 
     async def _poll_pageserver(self) -> None:
+        import aiohttp  # only when configured
+
+        # One session for every poll (up to 20 a second while ingest lags): its kept-alive
+        # connection saves a TCP connect and close per poll on both sides.
+        async with aiohttp.ClientSession() as session:
+            await self._poll_pageserver_with(session)
+
+    async def _poll_pageserver_with(self, session: aiohttp.ClientSession) -> None:
         from strata.pageserver.client import AsyncPageserverClient  # only when configured
 
         assert self.config.pageserver_http is not None
         host, port = self.config.pageserver_http
-        client = AsyncPageserverClient(host, port, 0, timeout_s=5)
+        client = AsyncPageserverClient(host, port, 0, timeout_s=5, session=session)
         address = None
         if self.config.pageserver_file is not None:
             from strata.compute.pageserver_address import AddressFile
@@ -857,7 +869,8 @@ class WalProposer:
             if address is not None and address.http(failed) != (client.host,
                                                                 client.http_port):
                 log.info("the pageserver moved to %s:%d: polling it", *address.http())
-                client = AsyncPageserverClient(*address.http(), 0, timeout_s=5)
+                client = AsyncPageserverClient(*address.http(), 0, timeout_s=5,
+                                               session=session)
             failed = False
             try:
                 info = await client.timeline(self.quorum.tenant_id, self.quorum.timeline_id,

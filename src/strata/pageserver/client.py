@@ -1,7 +1,8 @@
 """A small client of the pageserver for tests and the CLI: its HTTP API and its basebackup.
 
 `PageserverClient` is synchronous (urllib, for tests and the CLI); `AsyncPageserverClient`
-is the same API over aiohttp. `read_basebackup` (blocking, `strata.pg.blockingclient`:
+is the same API over aiohttp (a new session per request, or the caller's kept-alive
+one). `read_basebackup` (blocking, `strata.pg.blockingclient`:
 the CLI's start path imports neither asyncio nor `strata.pg.wire`) and `fetch_basebackup`
 (asyncio, `strata.pg.pgclient`) read the CopyOut tar stream of
 `basebackup <tenant> <timeline> [lsn]` over the PostgreSQL-protocol port. With `token`
@@ -13,6 +14,7 @@ answer becomes the Strata error of its HTTP status (404 NotFound, 409 Corruption
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import time
@@ -37,6 +39,8 @@ from strata.pageserver.api import LeaseInfo, TimelineInfo
 from strata.pg.blockingclient import BlockingPgConnection
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from strata.pg.pgclient import PgConnection
 
 
@@ -272,7 +276,16 @@ class PageserverClient(_Client):
 
 
 class AsyncPageserverClient(_Client):
-    """The same HTTP API over aiohttp (for code already on an event loop)."""
+    """The same HTTP API over aiohttp (for code already on an event loop).
+
+    With `session`, every request goes over that `aiohttp.ClientSession` (the caller's, which
+    it closes; its kept-alive connection saves a TCP connect and close per request, e.g. the
+    walproposer's pageserver polls); without, each request opens and closes its own."""
+
+    def __init__(self, host: str, http_port: int, pg_port: int, timeout_s: float = 120, *,
+                 token: str | None = None, session: aiohttp.ClientSession | None = None) -> None:
+        super().__init__(host, http_port, pg_port, timeout_s, token=token)
+        self.session = session
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         # Imported here: aiohttp takes ~0.2 s to import, and the CLI uses the sync client.
@@ -280,9 +293,14 @@ class AsyncPageserverClient(_Client):
 
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as session, session.request(
+            async with contextlib.AsyncExitStack() as stack:
+                session = self.session
+                if session is None:
+                    session = await stack.enter_async_context(
+                        aiohttp.ClientSession(timeout=timeout))
+                resp = await stack.enter_async_context(session.request(
                     method, f"http://{self.host}:{self.http_port}{path}", json=body,
-                    headers=auth_headers(self.token)) as resp:
+                    headers=auth_headers(self.token), timeout=timeout))
                 text = await resp.text()
                 if resp.status >= 400:
                     message, kind = _error_text(text)
