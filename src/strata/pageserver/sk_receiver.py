@@ -6,7 +6,9 @@ never ingests a tail that a later term truncates. `SafekeeperReceiver` picks the
 whose timeline state (its HTTP timeline status: `commit_lsn`) is the most advanced,
 streams from it from the end of the timeline's `WalLog`, and switches to another one when
 its connection ends, or when a peer has committed WAL that it cannot give (it missed the
-last commit LSN, or lags by more than `switch_lag_bytes`) for `switch_after_s`.
+last commit LSN, or lags by more than `switch_lag_bytes`) for `switch_after_s`. While
+streaming it polls every safekeeper's commit LSN each `relaxed_poll_s` (1 s), and each
+`poll_interval_s` (0.25 s) while such a peer is seen.
 
 The streaming itself is the development-mode receiver's (`WalReceiver._stream`): XLogData is
 appended to the log, and each status update reports write = flush = received and apply =
@@ -100,7 +102,7 @@ class SafekeeperReceiver(WalReceiver):
                  apply_lsn: Callable[[], Lsn] | None = None,
                  on_flush: Callable[[Lsn], None] | None = None,
                  switch_lag_bytes: int = 1 << 20, switch_after_s: float = 1.0,
-                 poll_interval_s: float = 0.25) -> None:
+                 poll_interval_s: float = 0.25, relaxed_poll_s: float = 1.0) -> None:
         if not safekeepers:
             raise UserError(f"timeline {timeline_id}: no safekeepers to follow")
         first = safekeepers[0]
@@ -115,7 +117,8 @@ class SafekeeperReceiver(WalReceiver):
         self.safekeepers = tuple(safekeepers)
         self.switch_lag_bytes = switch_lag_bytes
         self.switch_after_s = switch_after_s
-        self.poll_interval_s = poll_interval_s
+        self.poll_interval_s = poll_interval_s  # while a peer is ahead of what we received
+        self.relaxed_poll_s = max(relaxed_poll_s, poll_interval_s)  # while none is
         self.current: SafekeeperEndpoint | None = None
         self.switches = 0  # times it moved to another safekeeper, for tests and status
         self._http: aiohttp.ClientSession | None = None  # while run() runs
@@ -197,7 +200,10 @@ class SafekeeperReceiver(WalReceiver):
         behind_since: float | None = None
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.poll_interval_s)
+            # Each poll asks every safekeeper (an HTTP request each, on both sides' CPU):
+            # often only while one has committed WAL beyond what we received.
+            await asyncio.sleep(self.relaxed_poll_s if behind_since is None
+                                else self.poll_interval_s)
             lsns = await self._commit_lsns()
             received = self.wal_log.end_lsn
             best = max(lsns.values(), default=Lsn(0))
