@@ -35,11 +35,12 @@ restarts `main` once with the proxy stopped, which makes it listen on both.
   --import-datadir`), the cheap way to the 5 GB point. Scales: env
   PROXY_WAKE_IMPORT_SCALES (default 320; --quick none);
 - the A/B of the proxy's relays, same run: each of env PROXY_VARIANTS (comma-separated,
-  default `tls_threads,plain_threads`, see VARIANTS; empty: none) is one more way through
-  the proxy, restarted with that relay: `tps_{workload}_{variant}` (to unix),
-  `..._vs_tls_direct` or `..._vs_tcp`, `proxy_cpu_us_per_tx_{workload}_{variant}`, and
-  `tps_{workload}_{tls,plain}_vs_{variant}`: the default relay against it (a note gives
-  each round's own ratio). Rounds: env PROXY_ROUNDS (default 3; --quick 2).
+  default `tls_threads,plain_threads,plain_nice0,tls_nice0`, see VARIANTS; empty: none)
+  is one more way through the proxy, restarted with that relay (or priority):
+  `tps_{workload}_{variant}` (to unix), `..._vs_tls_direct` or `..._vs_tcp`,
+  `proxy_cpu_us_per_tx_{workload}_{variant}`, and `tps_{workload}_{tls,plain}_vs_{variant}`:
+  the default against it (a note gives each round's own ratio). Rounds: env
+  PROXY_ROUNDS (default 3; --quick 2).
 """
 
 from __future__ import annotations
@@ -147,14 +148,21 @@ def _endpoint(repo: Path, name: str) -> dict[str, str]:
 
 VARIANTS = {"tls_threads": ("tls", {"STRATA_PROXY_TLS_RELAY": "threads"}),
             "plain_threads": ("plain", {"STRATA_PROXY_SOCKMAP": "0"}),
-            "plain_sockmap": ("plain", {"STRATA_PROXY_SOCKMAP": "1"})}
+            "plain_sockmap": ("plain", {"STRATA_PROXY_SOCKMAP": "1"}),
+            "plain_nice0": ("plain", {"STRATA_PROXY_NICE": "0"}),
+            "tls_nice0": ("tls", {"STRATA_PROXY_NICE": "0"})}
 """The proxy's other relays, each run as one more way (the proxy restarted with its
 environment for it): `tls_threads`, TLS relayed by a thread per direction on the proxy's
 own TLS session (the default relay of sessions 24-27; the default `tls` is the event
 loop's protocols on uvloop's TLS transport); `plain_threads`, plain connections relayed
 by splice threads both ways (config `kernel_relay = false`); `plain_sockmap`, the
 compute's bytes forwarded by a BPF sockmap (the default `plain` where the proxy may use
-one: needs root; kept for environments whose config turns it off)."""
+one: needs root; kept for environments whose config turns it off); `plain_nice0` and
+`tls_nice0`, the default relays with the proxy at nice 0 (not at its own priority,
+strata.proxy.main.PROXY_NICE)."""
+
+
+DEFAULT_VARIANTS = "tls_threads,plain_threads,plain_nice0,tls_nice0"
 
 
 class _Proxy:
@@ -326,7 +334,7 @@ def _wake_imported(report: Report, repo: Path, scale: int, tries: int = 3) -> No
 
 def run(report: Report, quick: bool) -> None:
     scales = [int(s) for s in os.environ.get("PROXY_WAKE_SCALES", "1").split(",") if s]
-    variants = [v for v in os.environ.get("PROXY_VARIANTS", "tls_threads,plain_threads").split(",")
+    variants = [v for v in os.environ.get("PROXY_VARIANTS", DEFAULT_VARIANTS).split(",")
                 if v]
     unknown = set(variants) - set(VARIANTS)
     assert not unknown, f"PROXY_VARIANTS: unknown {sorted(unknown)}; known {list(VARIANTS)}"

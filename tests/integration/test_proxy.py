@@ -27,6 +27,7 @@ from test_cli import cli as cli  # noqa: F401, PLC0414 - the fixture `cli`
 
 from polling import wait_until
 from strata.common.proc import free_port
+from strata.proxy.main import PROXY_NICE
 
 PASSWORD = "correct horse"
 
@@ -85,6 +86,11 @@ def assert_cancels(conn: psycopg.Connection[Any], conninfo: str) -> None:
     conn.cancel_safe(timeout=60)
     thread.join(timeout=60)
     assert len(result) == 1 and isinstance(result[0], psycopg.errors.QueryCanceled), result
+
+
+def nice_of(pid: int) -> int:
+    """Process `pid`'s nice value (proc(5) stat field 19)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 def proxy_log(cli: Cli) -> str:
@@ -308,6 +314,15 @@ def test_wake_suspend_and_concurrent_wake(proxied: Cli) -> None:
         t.join(timeout=600)
     assert not errors, errors[:3]
     assert answers == [42] * 50
+    # The proxy runs at its own priority (where it may lower its nice: as root, here);
+    # the compute it woke, started from one of its threads, does not inherit it.
+    proxy_pid = int((cli.repo_dir / "run" / "proxy.pid").read_text())
+    if os.geteuid() == 0:
+        assert nice_of(proxy_pid) == PROXY_NICE, proxy_log(cli)
+    with psycopg.connect(dsn(cli, "dev"), autocommit=True) as conn:
+        row = conn.execute("select pg_backend_pid()").fetchone()
+        assert row is not None
+        assert nice_of(row[0]) == 0
     assert proxy_log(cli).count("waking endpoint dev ") == 2  # one start per wake
     # The proxy's own share of each wake is logged, for the connections that waited;
     # they logged in to the compute while the start was in its last phases, and were

@@ -70,6 +70,13 @@ class _Endpoint:
     """The latest start (kept once done: `finish_start` gives its outcome)."""
 
 
+def normal_priority() -> None:
+    """(A worker thread) back to nice 0 (from the proxy's, strata.proxy.main.PROXY_NICE),
+    so that the processes a start or stop runs (PostgreSQL, its helpers) inherit nice 0."""
+    if os.getpriority(os.PRIO_PROCESS, 0) < 0:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)  # this thread only (raising nice needs no right)
+
+
 class Computes:
     """The endpoints of one environment as the proxy sees them (one asyncio loop)."""
 
@@ -228,6 +235,7 @@ class Computes:
     def _start(self, name: str, on_checked: Callable[[], object]) -> None:
         """Worker thread: the control plane's start flow; `on_checked` is called once it
         begins its last step (the proxy's roles: `start_endpoint`'s `on_checked`)."""
+        normal_priority()
         started = time.monotonic()
         state = self.env.read_state()
         ep = state.endpoint(name)
@@ -304,6 +312,7 @@ class Computes:
             self._write_status()
 
     def _stop(self, name: str, timeout_s: float) -> None:
+        normal_priority()
         if running_pid(self.env, name) is None:
             return
         state = self.env.read_state()

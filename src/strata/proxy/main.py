@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -25,6 +26,46 @@ def tls_files(env: Environment, settings: ProxySettings) -> tuple[Path, Path]:
     if settings.tls_cert:
         return Path(settings.tls_cert), Path(settings.tls_key)
     return env.proxy_dir / CERT_FILE, env.proxy_dir / KEY_FILE
+
+
+PROXY_NICE = -10
+"""The proxy's scheduling priority (nice; STRATA_PROXY_NICE=N overrides it, 0 = none):
+each relayed message waits for the proxy to be scheduled, once or twice per round
+trip, and on a loaded machine that wait is most of what the proxy adds to a query
+(docs/proxy.md, "Session 28"). The proxy's own CPU is small (tens of microseconds per
+round trip)."""
+
+
+def _set_priority() -> None:
+    """Run the proxy's threads (the event loop, the relay threads it starts) at nice
+    PROXY_NICE, and with sched_autogroup (the default on Linux desktops and here, which
+    shares the CPU between sessions first, so that a thread's nice counts only within
+    its session) its session's autogroup too, when the proxy leads its session (`strata
+    start` starts it in one of its own). Lowering nice needs CAP_SYS_NICE: without it,
+    one log line and nice 0."""
+    value = os.environ.get("STRATA_PROXY_NICE", "")
+    try:
+        nice = int(value) if value else PROXY_NICE
+    except ValueError:
+        log.info("STRATA_PROXY_NICE=%r is not an integer: nice %d", value, PROXY_NICE)
+        nice = PROXY_NICE
+    if nice == 0 and os.getpriority(os.PRIO_PROCESS, 0) == 0:
+        log.info("the proxy runs at nice 0")
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)  # this thread, and the threads it starts
+    except OSError as err:
+        log.info("the proxy runs at nice %d: it may not set nice %d (%s)",
+                 os.getpriority(os.PRIO_PROCESS, 0), nice, err.strerror)
+        return
+    autogroup = Path("/proc/self/autogroup")
+    if os.getsid(0) == os.getpid() and autogroup.exists():
+        try:
+            autogroup.write_text(f"{nice}\n")
+        except OSError as err:
+            log.info("cannot set the proxy's autogroup nice to %d: %s", nice, err.strerror)
+    log.info("the proxy runs at nice %d (%s)", nice,
+             autogroup.read_text().strip() if autogroup.exists() else "no autogroup")
 
 
 async def _serve(server: ProxyServer) -> None:
@@ -54,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except StrataError as err:
         log.error("proxy cannot start: %s", err)
         return 1
+    _set_priority()
     try:
         # uvloop: its TLS and transports cost about half of asyncio's CPU per relayed
         # message (docs/proxy.md, "Throughput").
