@@ -11,7 +11,10 @@ process on the commit path, and what the compute's backends and walsenders wait 
   `strata_pull,sk_pull3`): `strata_pull_nice` (the same cluster as strata_pull with its
   pageserver at `nice = 10`), `strata_pull_tick20` (the same with the sidecar's timer at
   20 ms, push mode's tick, instead of pull mode's 50 ms: its commit-only appends to the
-  safekeepers go 2.5 times as often), `strata_pull_answer_each` (the same with the
+  safekeepers go 2.5 times as often), `strata_pull_sk_nice` (the same with every
+  safekeeper thread, and a safekeeper's own autogroup, at nice -10: the commit path ahead
+  of the pageserver, the sidecar and the other helpers' work; needs root),
+  `strata_pull_answer_each` (the same with the
   safekeepers' `--pull-answer-interval-ms 0`: an `AppendResponse` to the sidecar after every
   fsync batch of pulled WAL instead of at most one per 20 ms), `pull3` (three bare Python
   receivers, bench/commit_pull.py).
@@ -52,6 +55,7 @@ from strata.compute.pgserver import PgServer
 
 LOADS: tuple[tuple[str, tuple[str, ...]], ...] = (("tpcb", ()), ("simple", ("-N",)))
 CLIENTS = 4
+SK_NICE = -10  # strata_pull_sk_nice: the safekeepers' nice value (set as root)
 SAMPLE_INTERVAL_S = 0.02
 SYS = "_sys"  # a service's kernel CPU, also counted in its total
 TICK = os.sysconf("SC_CLK_TCK")
@@ -282,6 +286,20 @@ def _strata_pull(stack: contextlib.ExitStack, base: Path, name: str,
                  {"sidecar": thread}, check)
 
 
+def _renice(pid: int, nice: int) -> None:
+    """Every thread of `pid` (nice is per thread on Linux) and, when the process has an
+    autogroup of its own (a session other than this process's), that autogroup too: with
+    `kernel.sched_autogroup_enabled`, CPU is shared between autogroups first. Needs root
+    for a negative value."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+    group = Path(f"/proc/{pid}/autogroup")
+    with contextlib.suppress(OSError):
+        if group.read_text().split()[0] != Path("/proc/self/autogroup").read_text().split()[0]:
+            group.write_text(str(nice))
+
+
 def _setups(stack: contextlib.ExitStack, base: Path, names: list[str]) -> list[Setup]:
     from bench.commit_pull import _pull
     from bench.sk_pull import sk_pull_setup
@@ -292,6 +310,11 @@ def _setups(stack: contextlib.ExitStack, base: Path, names: list[str]) -> list[S
             setups.append(_strata_pull(stack, base, "strata_pull"))
         elif name == "strata_pull_nice":
             setups.append(_strata_pull(stack, base, "strata_pull_nice", ["nice=10"]))
+        elif name == "strata_pull_sk_nice":
+            setup = _strata_pull(stack, base, name)
+            for pid in setup.services["safekeepers"]:
+                _renice(pid, SK_NICE)
+            setups.append(setup)
         elif name == "strata_pull_tick20":
             setups.append(_strata_pull(stack, base, "strata_pull_tick20", tick_s=0.02))
         elif name == "strata_pull_answer_each":
