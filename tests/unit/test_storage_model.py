@@ -7,6 +7,11 @@ disk_consistent_lsn, as ingest does). The model is a list of whole-state snapsho
 per timeline: {rel: (nblocks, {blkno: page})}. After each step a random timeline is
 read at random LSNs: every read at a retained LSN must equal the model; a read below
 a GC cutoff must raise, never return data.
+
+SLRU pages (long delta chains, read through the timeline's value cache with its
+threshold lowered to one delta) are in the same model as one-block pseudo relations
+`SLRU_TAGS` (tablespace 0, so never listed as relations): puts of images and patches,
+and tombstones.
 """
 
 from __future__ import annotations
@@ -26,14 +31,20 @@ from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.pg.constants import BKPIMAGE_COMPRESS_ZSTD
 from strata.pg.relfile import RelTag
+from strata.pg.slru import SlruKind
+from strata.storage import timeline as timeline_module
 from strata.storage.compaction import compact
+from strata.storage.key import slru_block_key
 from strata.storage.repository import Repository
 from strata.storage.tenant import Tenant, TenantConfig
 from strata.storage.timeline import Timeline
-from strata.storage.value import Image, Patch, PatchOp, Value, WalImage
+from strata.storage.value import Image, Patch, PatchOp, Tombstone, Value, WalImage
 
 RELS = [RelTag(1663, 5, 16384, 0), RelTag(1663, 5, 16384, 1), RelTag(1663, 5, 16390, 0)]
 MAX_BLOCK = 7
+SLRU_KEYS = [slru_block_key(SlruKind.CLOG, 0, 0), slru_block_key(SlruKind.CLOG, 0, 1),
+             slru_block_key(SlruKind.MULTIXACT_MEMBERS, 0, 0)]
+SLRU_TAGS = [RelTag(0, 0, i, 0) for i in range(len(SLRU_KEYS))]  # the model's names
 ZERO = bytes(8192)
 INITDB = 0x100
 _zstd = zstandard.ZstdCompressor()
@@ -77,6 +88,18 @@ def apply_model(state: State, op: Op) -> State:
     elif kind == "create":
         if rel not in new:
             new[rel] = (0, {})
+    elif kind == "slru_put":  # a Tombstone's page reads as zeros under a patch
+        assert value is not None
+        if isinstance(value, Image):
+            data = value.data
+        else:
+            assert isinstance(value, Patch)
+            base = bytearray(blocks.get(0, ZERO))
+            value.apply(base)
+            data = bytes(base)
+        new[rel] = (1, {0: data})
+    elif kind == "slru_drop":
+        new.pop(rel, None)
     return new
 
 
@@ -89,6 +112,11 @@ def apply_timeline(tl: Timeline, lsn: int, op: Op) -> None:
         tl.truncate_rel(rel, n, Lsn(lsn))
     elif kind == "drop":
         tl.drop_rel(rel, Lsn(lsn))
+    elif kind == "slru_put":
+        assert value is not None
+        tl.put(SLRU_KEYS[rel.relnode], Lsn(lsn), value)
+    elif kind == "slru_drop":
+        tl.put(SLRU_KEYS[rel.relnode], Lsn(lsn), Tombstone())
     else:
         tl.create_rel(rel, Lsn(lsn))
 
@@ -126,6 +154,9 @@ class StorageMachine(RuleBasedStateMachine):
         self.tenant_id = TenantId(bytes(16))
         self.repo.create_tenant(self.tenant_id, self.conf)
         self.model: dict[TimelineId, ModelTimeline] = {}
+        # Every SLRU value built from a delta is remembered, not only long chains.
+        self.chain_deltas = timeline_module.CACHE_CHAIN_DELTAS
+        timeline_module.CACHE_CHAIN_DELTAS = 1
 
     @property
     def tenant(self) -> Tenant:
@@ -135,6 +166,7 @@ class StorageMachine(RuleBasedStateMachine):
         return self.tenant.get_timeline(m.timeline_id)
 
     def teardown(self) -> None:
+        timeline_module.CACHE_CHAIN_DELTAS = self.chain_deltas
         self.repo.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -181,6 +213,25 @@ class StorageMachine(RuleBasedStateMachine):
             ops.append(("put", rel, blkno, value))
         lsn, prev = self.next_lsn(m, data)
         self.ingest(m, lsn, prev, ops)
+
+    @rule(data=st.data())
+    def write_slru(self, data: st.DataObject) -> None:
+        """A run of records on SLRU pages, mostly patches (as commits set status bits)."""
+        m = self.pick(data)
+        for _ in range(data.draw(st.integers(1, 6), label="records")):
+            tag = data.draw(st.sampled_from(SLRU_TAGS), label="slru page")
+            kind = data.draw(st.sampled_from(["patch"] * 6 + ["image", "tombstone"]),
+                             label="slru value")
+            if kind == "tombstone":
+                op: Op = ("slru_drop", tag, 0, None)
+            elif kind == "image":
+                op = ("slru_put", tag, 0, Image(page(data.draw(st.integers(0, 255)))))
+            else:
+                offset = data.draw(st.integers(0, 8191), label="offset")
+                op = ("slru_put", tag, 0,
+                      Patch((PatchOp(offset, 0x03, data.draw(st.integers(0, 3))),)))
+            lsn, prev = self.next_lsn(m, data)
+            self.ingest(m, lsn, prev, [op])
 
     @rule(data=st.data())
     def truncate(self, data: st.DataObject) -> None:
@@ -318,6 +369,17 @@ class StorageMachine(RuleBasedStateMachine):
                 raise AssertionError(f"read at {at} below the GC cutoff returned data")
             return
         state = m.state_at(lsn)
+        for key, tag in zip(SLRU_KEYS, SLRU_TAGS, strict=True):
+            if tag in state:
+                assert tl.get(key, at) == state[tag][1][0], (key, at)
+            else:
+                try:
+                    tl.get(key, at)
+                except NotFound:
+                    pass
+                else:
+                    raise AssertionError(f"SLRU page {key} at {at} exists, not in the model")
+        state = {rel: v for rel, v in state.items() if rel.spcnode != 0}
         assert tl.list_rels(1663, 5, at) == set(state), (at, sorted(state))
         for rel in RELS:
             if rel not in state:

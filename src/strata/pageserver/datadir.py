@@ -100,9 +100,11 @@ def slru_segment_pages(timeline: Timeline, kind: SlruKind, segno: int, lsn: Lsn)
 
 
 def slru_segments(timeline: Timeline, kind: SlruKind, lsn: Lsn) -> list[int]:
-    """The numbers of the segments that exist at `lsn`, ascending."""
-    return [key.segno() for key, _ in timeline.scan(slru_range(kind), lsn)
-            if key.is_slru_segment_size()]
+    """The numbers of the segments that exist at `lsn`, ascending. Only the size keys
+    are read: the pages are read once, by `read_slru_segment`."""
+    return [key.segno() for key in timeline.candidate_keys(slru_range(kind), lsn.value)
+            if key.is_slru_segment_size() and
+            slru_segment_pages(timeline, kind, key.segno(), lsn) is not None]
 
 
 def read_slru_segment(timeline: Timeline, kind: SlruKind, segno: int, lsn: Lsn) -> bytes:

@@ -114,8 +114,10 @@ class InMemoryLayer:
         assert len(data) == length, (self.path, offset, length, len(data))
         return data
 
-    def get_versions(self, key: Key, end_lsn: int) -> list[tuple[int, bytes, bool]]:
-        """Versions of `key` with lsn < end_lsn, newest first, stopping after an image."""
+    def get_versions(self, key: Key, end_lsn: int,
+                     floor: int = 0) -> list[tuple[int, bytes, bool]]:
+        """Versions of `key` with floor <= lsn < end_lsn, newest first, stopping after an
+        image."""
         versions = self._index.get(key)
         if not versions:
             return []
@@ -124,6 +126,8 @@ class InMemoryLayer:
             lsn, offset, length, is_image = versions[i]
             if lsn >= end_lsn:
                 continue
+            if lsn < floor:
+                break
             out.append((lsn, self._read(offset, length), is_image))
             if is_image:
                 break

@@ -414,8 +414,10 @@ class LayerFileReader:
         raise self._corrupt(f"unknown blob compression {flag}", offset)
 
     # --- queries ----------------------------------------------------------------------
-    def get_versions_raw(self, key: bytes, end_lsn: int) -> list[tuple[int, bytes]]:
-        """Versions of `key` with lsn < end_lsn, newest first, up to the first image."""
+    def get_versions_raw(self, key: bytes, end_lsn: int,
+                         floor: int = 0) -> list[tuple[int, bytes]]:
+        """Versions of `key` with floor <= lsn < end_lsn, newest first, up to the first
+        image."""
         g, data_block, data = self._lower_bound(key + _lsn_bytes(end_lsn))
         g -= 1
         found: list[tuple[int, int, int]] = []  # lsn, blob offset, blob length
@@ -424,7 +426,7 @@ class LayerFileReader:
             if b != data_block:
                 data, data_block = self._block(b)[0], b
             k, lsn, offset, length, flags = self._entry(data, g - b * ENTRIES_PER_BLOCK)
-            if k != key:
+            if k != key or lsn < floor:
                 break
             found.append((lsn, offset, length))
             if flags & ENTRY_IMAGE:

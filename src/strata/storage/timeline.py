@@ -51,6 +51,7 @@ from strata.storage.lsn_time import LsnTimeIndex
 from strata.storage.lsn_waiters import LsnWaiters
 from strata.storage.metadata import TimelineMetadata, save_metadata
 from strata.storage.rel import SizeRecord
+from strata.storage.value_cache import ValueCache
 from strata.storage.value import (
     Image,
     Tombstone,
@@ -70,6 +71,8 @@ EPHEMERAL_PREFIX = "ephemeral-"
 _MAX_FROZEN = 2  # frozen layers waiting for flush before finish_record flushes inline
 _INF = (1 << 64) - 1
 _ACCESS_TICKS = itertools.count(1)  # orders layer reads for eviction (coldest first)
+# A value reconstructed from at least this many deltas is remembered (`_chained_value`).
+CACHE_CHAIN_DELTAS = 16
 BACKGROUND_DOWNLOAD_DELAY_S = 0.5  # at most, after the ranged read that started it
 
 
@@ -80,7 +83,8 @@ class TimelineBroken(CorruptionError):
 class LayerReader(Protocol):
     """What the timeline needs from the delta and image layer readers."""
 
-    def get_versions_raw(self, key: bytes, end_lsn: int) -> list[tuple[int, bytes]]: ...
+    def get_versions_raw(self, key: bytes, end_lsn: int,
+                         floor: int = 0) -> list[tuple[int, bytes]]: ...
     def iter_range_raw(self, key_range: KeyRange,
                        end_lsn: int) -> Iterator[tuple[bytes, int, bytes]]: ...
     def keys(self) -> Iterator[tuple[Key, Lsn, int]]: ...
@@ -175,6 +179,8 @@ class Timeline:
         self._size_gen = 0  # bumped by every size write (see _size_record)
         self._lsn_times = LsnTimeIndex(directory)
         self._lsn_waiters = LsnWaiters(self._last_record)
+        # SLRU pages reconstructed from long delta chains, by LSN (`_chained_value`).
+        self.value_cache = ValueCache()
         self.broken_reason: str | None = None
         self.remote: RemoteSink | None = None  # set by the pageserver with remote storage
 
@@ -426,6 +432,12 @@ class Timeline:
         An image layer whose key range holds `key` ends the walk even without a value:
         it is a complete picture of its range, so a missing key was absent at its LSN.
         """
+        return self._walk(key, lsn, floor)[0]
+
+    def _walk(self, key: Key, lsn: int, floor: int) -> tuple[list[tuple[int, bytes]], bool]:
+        """`_versions`, and whether they alone give the value: False when the walk
+        stopped at `floor` (what is below it may matter), True when it ended at an image,
+        an image layer or the start of the timeline's history."""
         out: list[tuple[int, bytes]] = []
         key_bytes: bytes | None = None
         end = lsn + 1  # exclusive
@@ -437,15 +449,13 @@ class Timeline:
             for mem in mems:
                 if mem.start_lsn >= end:
                     continue
-                for v_lsn, data, is_image in mem.get_versions(key, end):
-                    if v_lsn < floor:
-                        return out
+                for v_lsn, data, is_image in mem.get_versions(key, end, floor):
                     out.append((v_lsn, data))
                     if is_image:
-                        return out
+                        return out, True
                 end = mem.start_lsn
                 if end <= floor:
-                    return out
+                    return out, False
             while end > floor:
                 with tl._lock:  # the layer map is not safe against a concurrent insert
                     desc = tl._layer_map.search(key, Lsn(end))
@@ -458,20 +468,18 @@ class Timeline:
                 read_end = min(end, desc.lsn_range[1].value)
                 if key_bytes is None:
                     key_bytes = key.to_bytes()
-                for v_lsn, data in reader.get_versions_raw(key_bytes, read_end):
-                    if v_lsn < floor:
-                        return out
+                for v_lsn, data in reader.get_versions_raw(key_bytes, read_end, floor):
                     out.append((v_lsn, data))
                     if is_image_bytes(data):
-                        return out
-                if not desc.is_delta:
-                    return out
+                        return out, True
+                if not desc.is_delta:  # a complete picture, unless below the floor
+                    return out, desc.lsn_range[0].value >= floor
                 end = desc.lsn_range[0].value
             if tl.ancestor is None:
                 break
             end = min(end, tl._ancestor_lsn + 1)
             tl = tl.ancestor
-        return out
+        return out, end > floor
 
     def _reader(self, desc: LayerDesc) -> LayerReader:
         """The layer's reader, downloading the file first if it is not local. Call
@@ -700,10 +708,42 @@ class Timeline:
         return added
 
     def _get_value(self, key: Key, lsn: int, floor: int = 0) -> bytes | None:
+        if floor == 0 and key.is_slru_block():
+            return self._chained_value(key, lsn)
         versions = self._versions(key, lsn, floor)
         if not versions:
             return None
         return reconstruct([decode_value(data) for _, data in reversed(versions)])
+
+    def _chained_value(self, key: Key, lsn: int) -> bytes | None:
+        """`_get_value` for keys whose deltas pile up (SLRU pages: one per commit), through
+        `value_cache`: the versions above the newest value remembered at or below `lsn`
+        (on this timeline, else the ancestor's value at the branch point) applied to it.
+        A value read at or below `last_record_lsn` is final, so it is remembered when it
+        took `CACHE_CHAIN_DELTAS` deltas or more, or was built on a remembered one."""
+        tl = self
+        while tl.ancestor is not None and lsn <= tl._ancestor_lsn:
+            tl = tl.ancestor  # the branch has no versions at or below its branch point
+        own_floor = tl._ancestor_lsn + 1 if tl.ancestor is not None else 0
+        base = tl.value_cache.get(key, lsn, max(own_floor, tl._gc_cutoff))
+        floor = base.lsn + 1 if base is not None else own_floor
+        versions, complete = tl._walk(key, lsn, floor)
+        start: bytes | None = None
+        if not complete and floor > 0:
+            if base is not None:
+                start = base.value
+            else:
+                assert tl.ancestor is not None, (tl, floor)
+                start = tl.ancestor._chained_value(key, tl._ancestor_lsn)
+        if versions:
+            values = [decode_value(data) for _, data in reversed(versions)]
+            value = reconstruct(values if start is None else [Image(start), *values])
+        else:
+            value = start
+        if lsn <= tl._last_record and (len(versions) >= CACHE_CHAIN_DELTAS or
+                                       (base is not None and versions)):
+            tl.value_cache.put(key, lsn, value)
+        return value
 
     def get(self, key: Key, lsn: Lsn) -> bytes:
         """The value of `key` as of `lsn` (inclusive); NotFound if it does not exist."""
