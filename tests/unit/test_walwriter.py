@@ -22,6 +22,7 @@ from strata.pg.walwriter import (
     checkpoint_record_lsn,
     install_synthetic_start,
     synthesize_wal,
+    written_runs,
 )
 
 MB = 1 << 20
@@ -129,6 +130,8 @@ def test_layouts(next_lsn: str, seg_size: int, record_lsn: str, end_lsn: str,
     wal = synth(next_lsn, seg_size)
     assert (str(wal.record_lsn), str(wal.end_lsn)) == (record_lsn, end_lsn)
     assert list(wal.segments) == names
+    # The pages the lazy basebackup sends are those that are not all zeros.
+    assert wal.data_runs == {name: written_runs(data) for name, data in wal.segments.items()}
 
 
 def test_exact_headers_of_a_segment_crossing() -> None:

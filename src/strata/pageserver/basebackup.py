@@ -74,7 +74,6 @@ from strata.pg.walwriter import (
     FULL_SIZE_PAX_HEADER,
     format_data_map,
     synthesize_wal,
-    written_runs,
 )
 from strata.storage.timeline import Timeline
 
@@ -184,10 +183,10 @@ class _TarWriter:
     def add_file(self, path: str, data: bytes) -> None:
         self.add_stream(path, len(data), iter((data,)))
 
-    def add_sparse_file(self, path: str, data: bytes) -> None:
-        """`data` as only its pages that are not all zeros, with the pax headers that say
-        where they go (`DATA_MAP_PAX_HEADER`) and how long the file is."""
-        runs = written_runs(data)
+    def add_sparse_file(self, path: str, data: bytes, runs: list[tuple[int, int]]) -> None:
+        """`data` as only its pages that are not all zeros (`runs`, as `written_runs`
+        gives them), with the pax headers that say where they go (`DATA_MAP_PAX_HEADER`)
+        and how long the file is."""
         info = self._info(path, tarfile.REGTYPE, _FILE_MODE, sum(n for _, n in runs))
         info.pax_headers = {FULL_SIZE_PAX_HEADER: str(len(data)),
                             DATA_MAP_PAX_HEADER: format_data_map(runs)}
@@ -267,7 +266,7 @@ def write_basebackup(timeline: Timeline, lsn: Lsn, out: BinaryIO, *, mode: str =
         tar.add_file(f"pg_replslot/{name}/state", state)
     for name, data in wal.segments.items():
         if mode == "lazy":  # a format for Strata's lazy computes only: zeros are implied
-            tar.add_sparse_file(f"pg_wal/{name}", data)
+            tar.add_sparse_file(f"pg_wal/{name}", data, wal.data_runs[name])
         else:
             tar.add_file(f"pg_wal/{name}", data)
     tar.add_file("global/pg_control", new_control.to_bytes())

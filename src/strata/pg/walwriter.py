@@ -78,6 +78,9 @@ class SyntheticWal:
     system_identifier: int
     seg_size: int
     segments: dict[str, bytes]  # segment file name -> seg_size bytes, in WAL order
+    # segment file name -> (offset, length) of each run of its pages that are not all
+    # zeros (the pages given a header): `written_runs` of the segment, without reading it
+    data_runs: dict[str, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
 
 
 # A lazy basebackup carries only the pages of each synthesized segment that are not all
@@ -192,6 +195,7 @@ def synthesize_wal(next_record_lsn: Lsn, prev_lsn: Lsn, checkpoint: CheckPoint, 
     record = checkpoint_record(checkpoint, prev_lsn)
 
     segments: dict[int, bytearray] = {}
+    headers: set[int] = set()  # the LSNs of the pages given a header: all that is written
 
     def segment_for(pos: int) -> bytearray:
         """The segment holding `pos`; page 0 gets a plain long header on first use."""
@@ -200,6 +204,7 @@ def synthesize_wal(next_record_lsn: Lsn, prev_lsn: Lsn, checkpoint: CheckPoint, 
             segments[segno] = bytearray(seg_size)
             _write_page_header(segments[segno], segno * seg_size, 0, 0, system_identifier,
                                seg_size)
+            headers.add(segno * seg_size)
         return segments[segno]
 
     pos = record_lsn.value
@@ -210,6 +215,7 @@ def synthesize_wal(next_record_lsn: Lsn, prev_lsn: Lsn, checkpoint: CheckPoint, 
     info = XLP_FIRST_IS_CONTRECORD if gap else 0
     _write_page_header(segment_for(page), page, info, gap, system_identifier,
                        seg_size)
+    headers.add(page)
     written = 0
     while True:
         chunk = min(len(record) - written, page + XLOG_BLCKSZ - pos)
@@ -225,13 +231,29 @@ def synthesize_wal(next_record_lsn: Lsn, prev_lsn: Lsn, checkpoint: CheckPoint, 
         rem_len = len(record) - written
         _write_page_header(segment_for(page), page,
                            XLP_FIRST_IS_CONTRECORD, rem_len, system_identifier, seg_size)
+        headers.add(page)
         pos += page_header_size(page, seg_size)
     end_lsn = Lsn(pos).align(8)
     return SyntheticWal(
         record_lsn=record_lsn, end_lsn=end_lsn, prev_lsn=prev_lsn, checkpoint=checkpoint,
         system_identifier=system_identifier, seg_size=seg_size,
         segments={segment_file_name(segno, TIMELINE, seg_size): bytes(data)
-                  for segno, data in sorted(segments.items())})
+                  for segno, data in sorted(segments.items())},
+        data_runs={segment_file_name(segno, TIMELINE, seg_size):
+                   _page_runs(sorted(lsn % seg_size for lsn in headers
+                                     if lsn // seg_size == segno))
+                   for segno in sorted(segments)})
+
+
+def _page_runs(offsets: list[int]) -> list[tuple[int, int]]:
+    """(offset, length) runs of the whole pages at the sorted `offsets`."""
+    runs: list[tuple[int, int]] = []
+    for offset in offsets:
+        if runs and runs[-1][0] + runs[-1][1] == offset:
+            runs[-1] = (runs[-1][0], runs[-1][1] + XLOG_BLCKSZ)
+        else:
+            runs.append((offset, XLOG_BLCKSZ))
+    return runs
 
 
 def install_synthetic_start(datadir: Path, control: ControlFileData, wal: SyntheticWal, *,
