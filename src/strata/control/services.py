@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -332,6 +330,9 @@ def console_argv(env: Environment) -> list[str]:
 
 
 def _console_responds(url: str) -> bool:
+    import urllib.error  # here: the CLI's other commands (endpoint start) do without it
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url + "login", timeout=5) as resp:
             return bool(resp.status == 200)

@@ -1,10 +1,11 @@
 """A small client of the pageserver for tests and the CLI: its HTTP API and its basebackup.
 
-`PageserverClient` is synchronous (urllib, for tests and the CLI); `AsyncPageserverClient`
-is the same API over aiohttp (a new session per request, or the caller's kept-alive
-one). `read_basebackup` (blocking, `strata.pg.blockingclient`:
-the CLI's start path imports neither asyncio nor `strata.pg.wire`) and `fetch_basebackup`
-(asyncio, `strata.pg.pgclient`) read the CopyOut tar stream of
+`PageserverClient` is synchronous (`strata.common.httpjson`, for tests and the CLI);
+`AsyncPageserverClient` is the same API over aiohttp (a new session per request, or the
+caller's kept-alive one). `read_basebackup` (blocking, `strata.pg.blockingclient`: the
+CLI's start path imports neither asyncio nor `strata.pg.wire`, nor urllib and
+http.client) and `fetch_basebackup` (asyncio, `strata.pg.pgclient`) read the CopyOut tar
+stream of
 `basebackup <tenant> <timeline> [lsn]` over the PostgreSQL-protocol port. With `token`
 (default: `$STRATA_AUTH_TOKEN`) every request carries it (a Bearer header on HTTP, the
 password on the pg port; strata.common.auth). An error
@@ -15,15 +16,13 @@ answer becomes the Strata error of its HTTP status (404 NotFound, 409 Corruption
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from strata.common import httpjson
 from strata.common.auth import AuthError, Forbidden, auth_headers, default_token
 from strata.common.errors import (
     CorruptionError,
@@ -97,25 +96,23 @@ class PageserverClient(_Client):
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://{self.host}:{self.http_port}{path}", data=data,
-                                     method=method,
-                                     headers={"Content-Type": "application/json",
-                                              **auth_headers(self.token)})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as err:
-            message, kind = _error_text(err.read().decode(errors="replace"))
-            raise error_for(err.code, f"{method} {path}: {message}", kind) from err
-        except (OSError, http.client.HTTPException) as err:
+            resp = httpjson.request(self.host, self.http_port, method, path, body=data,
+                                    headers={"Content-Type": "application/json",
+                                             **auth_headers(self.token)},
+                                    timeout_s=self.timeout_s)
+        except (OSError, httpjson.HttpProtocolError) as err:
             raise self._unavailable(method, path, err) from err
+        if resp.status >= 400:
+            message, kind = _error_text(resp.body.decode(errors="replace"))
+            raise error_for(resp.status, f"{method} {path}: {message}", kind)
+        return json.loads(resp.body or b"null")
 
     def _unavailable(self, method: str, path: str, err: BaseException) -> Unavailable:
-        """No answer: refused (URLError), hung (TimeoutError), died mid-answer
-        (RemoteDisconnected, a reset) or a garbled answer (HTTPException)."""
-        reason = err.reason if isinstance(err, urllib.error.URLError) else err
+        """No answer: refused, hung (TimeoutError), died mid-answer (RemoteDisconnected,
+        a reset) or a garbled answer (BadStatusLine, BadResponse)."""
         what = f"no answer within {self.timeout_s:g}s" \
-            if isinstance(reason, TimeoutError) else f"{type(reason).__name__}: {reason}"
+            if isinstance(err, TimeoutError) else f"{type(err).__name__}: {err}"
         return Unavailable(f"the pageserver at {self.host}:{self.http_port} did not answer "
                            f"{method} {path} ({what}); check that it runs (`strata status`) "
                            "and its log")
@@ -258,13 +255,15 @@ class PageserverClient(_Client):
 
     def metrics_text(self) -> str:
         """The Prometheus text of GET /metrics."""
-        req = urllib.request.Request(f"http://{self.host}:{self.http_port}/metrics",
-                                     headers=auth_headers(self.token))
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return resp.read().decode()  # type: ignore[no-any-return]
-        except (OSError, http.client.HTTPException) as err:
+            resp = httpjson.request(self.host, self.http_port, "GET", "/metrics",
+                                    headers=auth_headers(self.token), timeout_s=self.timeout_s)
+        except (OSError, httpjson.HttpProtocolError) as err:
             raise self._unavailable("GET", "/metrics", err) from err
+        if resp.status >= 400:
+            message, kind = _error_text(resp.body.decode(errors="replace"))
+            raise error_for(resp.status, f"GET /metrics: {message}", kind)
+        return resp.body.decode()
 
     def basebackup(self, tenant_id: TenantId, timeline_id: TimelineId, out: BinaryIO,
                    lsn: Lsn | None = None, *, read_only: bool = False,

@@ -1,5 +1,5 @@
 """A synchronous client of one safekeeper's HTTP API (docs/safekeeper.md), for the CLI
-and tests (urllib; the pageserver's counterpart is `strata.pageserver.client`).
+and tests (`strata.common.httpjson`; the pageserver's counterpart is `strata.pageserver.client`).
 
 With `token` (default: `$STRATA_AUTH_TOKEN`) every request carries it as a Bearer header
 (strata.common.auth). An error answer becomes a Strata error naming the safekeeper and
@@ -9,13 +9,11 @@ anything else UserError; no answer at all is Unavailable.
 
 from __future__ import annotations
 
-import http.client
 import json
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from strata.common import httpjson
 from strata.common.auth import AuthError, Forbidden, auth_headers, default_token
 from strata.common.errors import NotFound, StrataError, Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
@@ -71,24 +69,23 @@ class SafekeeperClient:
                 timeout_s: float | None = None) -> Any:
         """One call: the decoded JSON answer (None for an empty one)."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://{self.host}:{self.http_port}{path}", data=data,
-                                     method=method,
-                                     headers={"Content-Type": "application/json",
-                                              **auth_headers(self.token)})
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
-                return json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as err:
-            try:
-                message = json.loads(err.read()).get("error", err.reason)
-            except (ValueError, AttributeError):
-                message = err.reason
-            cls = _ERRORS.get(err.code, UserError)
-            raise cls(f"{self.label} ({self.host}:{self.http_port}) refused {method} {path}: "
-                      f"{message}") from err
-        except (OSError, http.client.HTTPException) as err:
+            resp = httpjson.request(self.host, self.http_port, method, path, body=data,
+                                    headers={"Content-Type": "application/json",
+                                             **auth_headers(self.token)},
+                                    timeout_s=timeout_s or self.timeout_s)
+        except (OSError, httpjson.HttpProtocolError) as err:
             raise Unavailable(f"{self.label} does not answer on {self.host}:{self.http_port}: "
-                              f"{err}") from err
+                              f"{type(err).__name__}: {err}") from err
+        if resp.status >= 400:
+            try:
+                message = json.loads(resp.body).get("error", resp.reason)
+            except (ValueError, AttributeError):
+                message = resp.reason
+            cls = _ERRORS.get(resp.status, UserError)
+            raise cls(f"{self.label} ({self.host}:{self.http_port}) refused {method} {path}: "
+                      f"{message}")
+        return json.loads(resp.body or b"null")
 
     def status(self) -> dict[str, Any]:
         """GET /v1/status: its id, pg port, start time, timelines and refused timelines."""
