@@ -185,3 +185,19 @@ def test_log_term_counts_an_entry_that_starts_at_the_end() -> None:
     assert log_term(history, Lsn(299)) == 3
     assert log_term(history, Lsn(300)) == 4
     assert history_up_to(history, Lsn(250)) == history[:2]
+
+
+def test_codecs_are_made_at_first_use_for_every_class() -> None:
+    """The codecs are built lazily (not at import, issue 13); each class's layout still
+    names one wire type per field (asserted when its codec is made)."""
+    from dataclasses import fields
+
+    from strata.safekeeper import messages
+
+    for tag, cls in messages._CLASSES.items():
+        codec = messages._codec(tag)
+        assert codec is not None and codec.cls is cls and messages._CODECS[tag] is codec
+        assert [name for name, _ in messages._layout(cls)] == [f.name for f in fields(cls)]
+    assert messages._codec(200) is None
+    with pytest.raises(ProtocolError, match="unknown safekeeper protocol message tag 200"):
+        decode(bytes([200]))

@@ -472,19 +472,33 @@ def _to_wire(name: str, wire: Wire, value: Any) -> object:
     return value.raw
 
 
-_CODECS = {tag: _Codec(cls) for tag, cls in _CLASSES.items()}
+_CODECS: dict[int, _Codec] = {}
+"""Tag -> its class's codec, made at the first message of that class: not at import
+(evaluating every class's annotations took ~2 ms of the CLI's start, issue 13)."""
+
+
+def _codec(tag: int) -> _Codec | None:
+    codec = _CODECS.get(tag)
+    if codec is None:
+        cls = _CLASSES.get(tag)
+        if cls is None:
+            return None
+        codec = _CODECS[tag] = _Codec(cls)  # two threads may both make it: the same
+    return codec
 
 
 def encode(msg: Message) -> bytes:
     """The wire form of `msg`: tag, then its fields in order."""
-    return _CODECS[msg.TAG].encode(msg)
+    codec = _CODECS.get(msg.TAG) or _codec(msg.TAG)
+    assert codec is not None, msg
+    return codec.encode(msg)
 
 
 def decode(buf: bytes) -> Message:
     """Parse one message; `ProtocolError` says what is wrong with it."""
     if not buf:
         raise ProtocolError("empty safekeeper protocol message")
-    codec = _CODECS.get(buf[0])
+    codec = _CODECS.get(buf[0]) or _codec(buf[0])
     if codec is None:
         raise ProtocolError(f"unknown safekeeper protocol message tag {buf[0]}")
     return codec.decode(bytes(buf))
