@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import importlib.util
 import io
+import json
 import logging
 import os
 import shutil
@@ -52,7 +53,9 @@ from strata.common.errors import Unavailable, UserError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
 from strata.common.proc import RunAs, chown_tree
+from strata.compute import fuse_early
 from strata.compute.compute import Compute, ComputeConfig
+from strata.compute.fuse_early import FUSE_LIBRARY_ENV
 from strata.compute.lazyfs.layout import TREE
 from strata.compute.lazyfs.manifest import MANIFEST_NAME
 from strata.compute.lazyfs.watch import FUSERMOUNT, detach
@@ -104,13 +107,9 @@ class LazyOptions:
                             "must be 1..256 (one GetPages batch)")
 
 
-LIBFUSE = "libfuse3.so.3"
-"""The libfuse the FUSE server loads (mfusepy's `$FUSE_LIBRARY_PATH`, which overrides it)."""
-FUSE_LIBRARY_ENV = "FUSE_LIBRARY_PATH"
-
-
-def _libfuse() -> str:
-    return os.environ.get(FUSE_LIBRARY_ENV) or LIBFUSE
+# The libfuse the FUSE server loads (mfusepy's `$FUSE_LIBRARY_PATH`, which
+# overrides it); in `strata.compute.fuse_early`, which the CLI imports before the rest.
+_libfuse = fuse_early.libfuse
 
 
 def fuse_unusable_reason() -> str | None:
@@ -304,20 +303,42 @@ def spawn_lazyfs(host: str, pg_port: int, tenant_id: TenantId, timeline_id: Time
                               name="premake-datadir", daemon=True)
     thread.start()
     _PREMADE[root] = thread
-    fuse_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", "mount",
-                        "--store", str(root / "lazy"), "--mountpoint", str(root / "mnt"),
-                        "--pageserver", f"{host}:{pg_port}", "--tenant", str(tenant_id),
-                        "--timeline", str(timeline_id),
-                        "--lease-s", str(options.lease_s),
-                        "--readahead", str(options.readahead_blocks),
-                        "--outage-wait-s", str(options.outage_wait_s), "--wait-stdin",
-                        *(["--pageserver-file", str(options.pageserver_file)]
-                          if options.pageserver_file is not None else []),
-                        *(["--prewarm-file", str(options.prewarm_file)]
-                          if options.prewarm_file is not None else [])],
-                       root / "lazyfs.log", stdin=subprocess.PIPE, env=_fuse_env(options.token))
+    args = ["mount", "--store", str(root / "lazy"), "--mountpoint", str(root / "mnt"),
+            "--pageserver", f"{host}:{pg_port}", "--tenant", str(tenant_id),
+            "--timeline", str(timeline_id),
+            "--lease-s", str(options.lease_s),
+            "--readahead", str(options.readahead_blocks),
+            "--outage-wait-s", str(options.outage_wait_s), "--wait-stdin",
+            *(["--pageserver-file", str(options.pageserver_file)]
+              if options.pageserver_file is not None else []),
+            *(["--prewarm-file", str(options.prewarm_file)]
+              if options.prewarm_file is not None else [])]
+    fuse_proc = _hand_early(args, root / "lazyfs.log", options.token)
+    if fuse_proc is None:
+        fuse_proc = _spawn([sys.executable, "-m", "strata.compute.lazyfs", *args],
+                           root / "lazyfs.log", stdin=subprocess.PIPE,
+                           env=_fuse_env(options.token))
     (root / FUSE_PID_FILE).write_text(f"{fuse_proc.pid}\n")
     return fuse_proc
+
+
+def _hand_early(args: list[str], log_path: Path,
+                token: str | None) -> subprocess.Popen[bytes] | None:
+    """The FUSE server the CLI started first thing (`strata.compute.fuse_early`), handed
+    its arguments, log file and token; None if there is none or it is gone."""
+    proc = fuse_early.take()
+    if proc is None:
+        return None
+    assert proc.stdin is not None
+    line = json.dumps({"argv": args, "log": str(log_path),
+                       "token": token if token is not None else os.environ.get(TOKEN_ENV)})
+    try:
+        proc.stdin.write(line.encode() + b"\n")
+        proc.stdin.flush()
+    except OSError:  # it died (BrokenPipeError): start one the usual way
+        abandon_lazyfs(proc)
+        return None
+    return proc
 
 
 def _spawn_watchdog(root: Path, fuse_pid: int) -> subprocess.Popen[bytes]:
@@ -517,12 +538,21 @@ def _pid_from(path: Path) -> int | None:
 
 
 def _pid_alive(pid: int, cmdline_has: str) -> bool:
-    """Whether `pid` runs and is ours (its command line names `cmdline_has`)."""
+    """Whether `pid` runs and is ours: its command line names `cmdline_has`, or it is an
+    early FUSE server (`strata.compute.fuse_early`, started before its root was known)
+    whose output goes to a log file under `cmdline_has`."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return cmdline_has.encode() in cmdline
+    if cmdline_has.encode() in cmdline:
+        return True
+    if not cmdline.endswith(b"\0-m\0strata.compute.lazyfs\0early\0"):
+        return False
+    try:
+        return os.readlink(f"/proc/{pid}/fd/1").startswith(cmdline_has.rstrip("/") + "/")
+    except OSError:
+        return False
 
 
 def cleanup_lazy_root(root: Path, *, remove: bool = False, timeout_s: float = 30) -> None:

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
-import click
+if os.path.basename(sys.argv[0]) == "strata":
+    # `strata endpoint start`: the lazy FUSE server's Python start overlaps this
+    # program's imports (the mount waits for it; strata.compute.fuse_early).
+    from strata.compute import fuse_early
+
+    if fuse_early.wanted(sys.argv[1:]):
+        fuse_early.spawn()
+
+from typing import Any  # noqa: E402
+
+import click  # noqa: E402
 
 from strata.common.errors import StrataError
 from strata.common.lsn import Lsn

@@ -20,6 +20,7 @@ their count, seconds and errors (`opstats.py`; `bench/run regress` reads that li
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import mfusepy as fuse
 
+from strata.common.auth import TOKEN_ENV
 from strata.common.errors import StrataError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import setup_logging, timeline_context
@@ -154,7 +156,31 @@ def mount_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _early_argv() -> list[str] | None:
+    """`early` (strata.compute.fuse_early): this process was started before its
+    arguments were known, with its output discarded. Read them from stdin (one JSON
+    line), send the output to the log file named there and take the token; None at end
+    of file (the CLI did not need this process)."""
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    spec = json.loads(line)
+    fd = os.open(spec["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    if spec.get("token"):
+        os.environ[TOKEN_ENV] = spec["token"]
+    else:
+        os.environ.pop(TOKEN_ENV, None)
+    return [str(a) for a in spec["argv"]]
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:] == ["early"]:
+        argv = _early_argv()
+        if argv is None:
+            return 0
     parser = argparse.ArgumentParser(prog="python -m strata.compute.lazyfs")
     sub = parser.add_subparsers(dest="command", required=True)
     mount = sub.add_parser("mount", help="serve a lazy compute's base/ and global/")
