@@ -1,7 +1,9 @@
 """pg_control: parse every field of a real PostgreSQL 15 file, write it back byte-identical."""
 
 import dataclasses
+import os
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -148,3 +150,21 @@ def test_round_trip(c: ControlFileData) -> None:
     assert len(raw) == PG_CONTROL_FILE_SIZE
     assert raw[296:] == bytes(PG_CONTROL_FILE_SIZE - 296)
     assert ControlFileData.from_bytes(raw) == c
+
+
+def test_compute_remembers_pg_control_for_one_read(tmp_path: Path) -> None:
+    """`Compute.remember_control` (a lazy compute, before global/ moves onto its FUSE
+    mount): the next `control()` is that copy, later ones read the file again."""
+    from strata.common.proc import RunAs
+    from strata.compute.compute import Compute
+
+    (tmp_path / "global").mkdir()
+    control = tmp_path / "global" / "pg_control"
+    control.write_bytes(INITDB_CONTROL)
+    me = RunAs("me", os.getuid(), os.getgid(), str(tmp_path))
+    compute = Compute(tmp_path, user=me)
+    compute.remember_control()
+    control.unlink()
+    assert compute.control().system_identifier == 7712039671004227018
+    with pytest.raises(FileNotFoundError):
+        compute.control()

@@ -135,6 +135,7 @@ class Compute:
         self.config = config if config is not None else ComputeConfig()
         self.server = PgServer(datadir, port=port, host=host, log_path=log_path,
                                user=user or service_user())
+        self._control: ControlFileData | None = None  # `remember_control`
 
     @classmethod
     def from_basebackup(cls, tar: BinaryIO, datadir: Path, config: ComputeConfig | None = None,
@@ -190,8 +191,19 @@ class Compute:
         log.info("unpacked basebackup into %s (%d files)", datadir, count)
 
     def control(self) -> ControlFileData:
+        """The data directory's pg_control; the copy `remember_control` read, once."""
+        remembered, self._control = self._control, None
+        if remembered is not None:
+            return remembered
         path = self.datadir / "global" / "pg_control"
         return ControlFileData.from_bytes(path.read_bytes(), path=str(path))
+
+    def remember_control(self) -> None:
+        """Read pg_control now for the next `control()` (the launch's settings): a lazy
+        compute's `global/` then moves onto its FUSE mount, where that read would wait
+        for the FUSE server while it is busy with the prewarm (up to 0.1 s loaded)."""
+        self._control = None
+        self._control = self.control()
 
     def settings(self) -> dict[str, object]:
         return compute_settings(self.config, self.control())

@@ -496,6 +496,7 @@ def _fill_store(host: str, pg_port: int, tenant_id: TenantId, timeline_id: Timel
     if not manifest.is_file():
         raise UserError(f"the pageserver at {host}:{pg_port} sent a basebackup without "
                         f"{MANIFEST_NAME}: it does not support lazy mode; use full mode")
+    compute.remember_control()  # before global/ is only reachable through the mount
     # The store may be another file system (a dedicated disk): move, do not rename.
     shutil.move(manifest, store / MANIFEST_NAME)
     for name in LAZY_DIRS:
