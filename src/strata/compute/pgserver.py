@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READY_POLL_S = 0.01
+READY_POLL_S = 0.003  # a small file read per poll; a start waits for nothing else
 # "2026-12-06 00:08:01.123 UTC [17719] FATAL:  message" (log_line_prefix '%m [%p] ').
 _SEVERE = re.compile(r"\b(FATAL|PANIC):\s+(.*)")
 _DETAIL = re.compile(r"\b(DETAIL|HINT):\s+(.*)")
