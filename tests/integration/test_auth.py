@@ -284,13 +284,21 @@ def test_cli_environment_with_auth(test_dir: Path) -> None:
         strata("endpoint", "start", "main")
         ep = json.loads(strata("endpoint", "list", "--json").stdout)[0]
         assert ep["compute_mode"] == "lazy", ep
-        fuse_pid = (repo / "endpoints" / "main" / "compute" / "lazyfs.pid").read_text()
+        # `strata endpoint start` started the FUSE server before its arguments were known
+        # (strata.compute.fuse_early): it got its token on its stdin, not in its
+        # environment, which must not hold another (e.g. the CLI's admin) token; its log
+        # names the scope of the token it uses.
+        compute = repo / "endpoints" / "main" / "compute"
+        fuse_pid = (compute / "lazyfs.pid").read_text()
         environ = Path(f"/proc/{int(fuse_pid)}/environ").read_bytes().split(b"\0")
-        fuse_token = next(v for k, _, v in (e.partition(b"=") for e in environ)
-                          if k == b"STRATA_AUTH_TOKEN").decode()
-        payload = fuse_token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        assert claims["scope"] == f"tenant:{tenant}", claims
+        env_tokens = [v for k, _, v in (e.partition(b"=") for e in environ)
+                      if k == b"STRATA_AUTH_TOKEN"]
+        for fuse_token in env_tokens:  # a server spawned the usual way has it there
+            payload = fuse_token.decode().split(".")[1]
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            assert claims["scope"] == f"tenant:{tenant}", claims
+        assert f"page requests carry a token of scope tenant:{tenant}" in \
+            (compute / "lazyfs.log").read_text()
         with psycopg.connect(ep["local_connstr"], autocommit=True) as conn:  # pages read
             assert conn.execute("select count(*) > 0 from pg_class").fetchone() == (True,)
         # Key rotation: the running pageserver takes the new key set without a restart.

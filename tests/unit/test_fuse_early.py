@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from strata.common.auth import TOKEN_ENV
 from strata.compute import fuse_early, lazy
 
 
@@ -32,15 +33,23 @@ def test_which_commands_start_it(argv: list[str], wanted: bool) -> None:
     assert fuse_early.wanted(argv) is wanted
 
 
-def test_unused_early_server_exits_at_end_of_stdin() -> None:
+def test_unused_early_server_exits_at_end_of_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It runs without the CLI's token (which may be an admin one) and exits at the end
+    of its stdin."""
     if lazy.fuse_unusable_reason() is not None:
         pytest.skip("FUSE is not usable here (the server imports libfuse)")
+    assert fuse_early.TOKEN_ENV == TOKEN_ENV
+    monkeypatch.setenv(TOKEN_ENV, "admin-token")
     fuse_early.spawn()
     proc = fuse_early.take()
     assert proc is not None and proc.stdin is not None
     assert fuse_early.take() is None  # taken once
-    proc.stdin.close()
-    assert proc.wait(60) == 0
+    try:
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        assert not [e for e in environ if e.startswith(TOKEN_ENV.encode() + b"=")]
+    finally:
+        proc.stdin.close()
+        assert proc.wait(60) == 0
 
 
 def test_cleanup_recognises_an_early_server_by_its_log(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ after the CLI's own imports. So the `strata` program, before it imports anything
 (`strata.control.cli`), spawns `python -m strata.compute.lazyfs early` when its
 arguments are `endpoint start` (not `--mode full`): that process imports the server and
 waits for one JSON line on its stdin, the server's arguments, its log file and its
-token (`{"argv": [...], "log": PATH, "token": TOKEN or null}`), then runs as
+token (`{"argv": [...], "log": PATH, "token": TOKEN or null}`; it is started without the
+CLI's `$STRATA_AUTH_TOKEN`, and its log names the scope of the token it got), then runs as
 `spawn_lazyfs` would have started it (then waiting for `go LSN`). `spawn_lazyfs` takes
 it (`take`) instead of spawning one; a start that does not use it (full mode, an error
 first) leaves it to exit at the end of its stdin, when the CLI exits.
@@ -21,6 +22,7 @@ import subprocess
 import sys
 
 FUSE_LIBRARY_ENV = "FUSE_LIBRARY_PATH"
+TOKEN_ENV = "STRATA_AUTH_TOKEN"  # strata.common.auth's (not imported here: it is not light)
 LIBFUSE = "libfuse3.so.3"  # what fuse_unusable_reason loads: mfusepy then needs no lookup
 
 _early: subprocess.Popen[bytes] | None = None
@@ -60,7 +62,11 @@ def spawn() -> None:
         _early = subprocess.Popen(
             [sys.executable, "-m", "strata.compute.lazyfs", "early"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, FUSE_LIBRARY_ENV: libfuse()})
+            start_new_session=True,
+            # Not the CLI's token (it may be an admin one): the server gets its tenant's
+            # token with its arguments.
+            env={**{k: v for k, v in os.environ.items() if k != TOKEN_ENV},
+                 FUSE_LIBRARY_ENV: libfuse()})
     except OSError:
         _early = None
 

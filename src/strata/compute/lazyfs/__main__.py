@@ -20,6 +20,7 @@ their count, seconds and errors (`opstats.py`; `bench/run regress` reads that li
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -209,7 +210,20 @@ def main(argv: list[str] | None = None) -> int:
                             "end of file")
     args = parser.parse_args(argv)
     setup_logging()
+    log.info("page requests carry %s", _token_scope(os.environ.get(TOKEN_ENV)))
     return mount_main(args)
+
+
+def _token_scope(token: str | None) -> str:
+    """What the log says of the token (its scope claim, never the token itself)."""
+    if not token:
+        return "no token"
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return f"a token of scope {claims['scope']}"
+    except (IndexError, ValueError, KeyError, TypeError):
+        return "a token that is not a JWT"
 
 
 if __name__ == "__main__":
