@@ -51,7 +51,6 @@ from strata.storage.lsn_time import LsnTimeIndex
 from strata.storage.lsn_waiters import LsnWaiters
 from strata.storage.metadata import TimelineMetadata, save_metadata
 from strata.storage.rel import SizeRecord
-from strata.storage.value_cache import ValueCache
 from strata.storage.value import (
     Image,
     Tombstone,
@@ -61,6 +60,7 @@ from strata.storage.value import (
     is_image_bytes,
     reconstruct,
 )
+from strata.storage.value_cache import ValueCache
 
 if TYPE_CHECKING:
     from strata.storage.tenant import TenantConfig
