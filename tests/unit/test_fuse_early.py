@@ -36,8 +36,6 @@ def test_which_commands_start_it(argv: list[str], wanted: bool) -> None:
 def test_unused_early_server_exits_at_end_of_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
     """It runs without the CLI's token (which may be an admin one) and exits at the end
     of its stdin."""
-    if lazy.fuse_unusable_reason() is not None:
-        pytest.skip("FUSE is not usable here (the server imports libfuse)")
     assert fuse_early.TOKEN_ENV == TOKEN_ENV
     monkeypatch.setenv(TOKEN_ENV, "admin-token")
     fuse_early.spawn()

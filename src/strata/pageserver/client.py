@@ -96,17 +96,22 @@ class PageserverClient(_Client):
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
+        answer = self._call(method, path, data, {"Content-Type": "application/json"})
+        return json.loads(answer or b"null")
+
+    def _call(self, method: str, path: str, data: bytes | None = None,
+              headers: dict[str, str] | None = None) -> bytes:
+        """One HTTP request: the body of a success, else the Strata error of its status."""
         try:
             resp = httpjson.request(self.host, self.http_port, method, path, body=data,
-                                    headers={"Content-Type": "application/json",
-                                             **auth_headers(self.token)},
+                                    headers={**(headers or {}), **auth_headers(self.token)},
                                     timeout_s=self.timeout_s)
         except (OSError, httpjson.HttpProtocolError) as err:
             raise self._unavailable(method, path, err) from err
         if resp.status >= 400:
             message, kind = _error_text(resp.body.decode(errors="replace"))
             raise error_for(resp.status, f"{method} {path}: {message}", kind)
-        return json.loads(resp.body or b"null")
+        return resp.body
 
     def _unavailable(self, method: str, path: str, err: BaseException) -> Unavailable:
         """No answer: refused, hung (TimeoutError), died mid-answer (RemoteDisconnected,
@@ -255,15 +260,7 @@ class PageserverClient(_Client):
 
     def metrics_text(self) -> str:
         """The Prometheus text of GET /metrics."""
-        try:
-            resp = httpjson.request(self.host, self.http_port, "GET", "/metrics",
-                                    headers=auth_headers(self.token), timeout_s=self.timeout_s)
-        except (OSError, httpjson.HttpProtocolError) as err:
-            raise self._unavailable("GET", "/metrics", err) from err
-        if resp.status >= 400:
-            message, kind = _error_text(resp.body.decode(errors="replace"))
-            raise error_for(resp.status, f"GET /metrics: {message}", kind)
-        return resp.body.decode()
+        return self._call("GET", "/metrics").decode()
 
     def basebackup(self, tenant_id: TenantId, timeline_id: TimelineId, out: BinaryIO,
                    lsn: Lsn | None = None, *, read_only: bool = False,
