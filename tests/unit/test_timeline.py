@@ -148,6 +148,32 @@ def test_truncate_then_sparse_regrowth_reads_zeros(tmp_path: Path) -> None:
     assert tl.get_rel_page(REL, 1, Lsn(0x300)) == page(2)
 
 
+def test_current_nblocks_is_the_size_at_the_record_in_progress(tmp_path: Path) -> None:
+    """Ingest's `current_nblocks` sees the puts of the record not yet finished, 0 for a
+    fork that does not exist, and agrees with `rel_size` once the record is finished,
+    also for a fork whose size only an on-disk layer holds (a restart: no cache)."""
+    repo, tenant = make_tenant(tmp_path)
+    tl = new_timeline(tenant)
+    assert tl.current_nblocks(REL) == 0
+    tl.put_rel_page(REL, 3, Lsn(0x200), Image(page(1)))
+    assert tl.current_nblocks(REL) == 4  # before finish_record
+    tl.finish_record(Lsn(0x200), Lsn(0x100))
+    assert tl.current_nblocks(REL) == tl.rel_size(REL, Lsn(0x200)) == 4
+    tl.truncate_rel(REL, 2, Lsn(0x300))
+    assert tl.current_nblocks(REL) == 2
+    tl.finish_record(Lsn(0x300), Lsn(0x200))
+    tl.flush()
+    tl_id = tl.timeline_id
+    repo.close()
+    repo2 = Repository(tmp_path, clock=Clock())
+    tl2 = repo2.get_tenant(tenant.tenant_id).get_timeline(tl_id)
+    assert tl2.current_nblocks(REL) == tl2.rel_size(REL, Lsn(0x300)) == 2
+    tl2.drop_rel(REL, Lsn(0x400))
+    assert tl2.current_nblocks(REL) == 0
+    assert tl2.current_nblocks(REL2) == 0
+    repo2.close()
+
+
 def test_drop_and_recreate_forgets_old_blocks(tmp_path: Path) -> None:
     _, tenant = make_tenant(tmp_path)
     tl = new_timeline(tenant)

@@ -247,8 +247,11 @@ def relmaps(timeline: Timeline, lsn: Lsn) -> dict[tuple[int, int], bytes]:
 
 
 # --- checkpoint counters and the control file ---------------------------------------------
+_CHECKPOINT_KEY = checkpoint_key()  # put once per transaction by ingest: made once
+
+
 def put_checkpoint(timeline: Timeline, lsn: Lsn, checkpoint: CheckPoint) -> None:
-    timeline.put(checkpoint_key(), lsn, Image(checkpoint.to_bytes()))
+    timeline.put(_CHECKPOINT_KEY, lsn, Image(checkpoint.to_bytes()))
 
 
 def get_checkpoint(timeline: Timeline, lsn: Lsn) -> CheckPoint:

@@ -77,10 +77,19 @@ from strata.pg.walreader import DecodedRecord
 from strata.pg.wire import POSTGRES_EPOCH_UNIX_US
 from strata.storage.key import Key, rel_block_key, slru_block_key
 from strata.storage.timeline import Timeline, TimelineBroken
-from strata.storage.value import Image, Patch, PatchOp, PatchWrite, WalImage, encode_wal_image
+from strata.storage.value import (
+    Image,
+    Patch,
+    PatchOp,
+    PatchWrite,
+    WalImage,
+    encode_value,
+    encode_wal_image,
+)
 
 log = logging.getLogger(__name__)
 
+_VM_FORK = int(ForkNumber.VISIBILITYMAP)
 _BLOCK_KEYS_KEPT = 1 << 16  # WalIngest's cache of block keys is emptied at this size
 
 # --- pg_xact and pg_multixact patches ----------------------------------------------------
@@ -218,8 +227,16 @@ class WalIngest:
                            f"import a data directory into it before ingesting WAL") from err
         self.stats = IngestStats()
         # (spcnode, dbnode, relnode, forknum, blkno) -> (RelTag, Key) of recently written
-        # blocks: making both costs more than the rest of a block's put.
+        # blocks: making both costs more than the rest of a block's put. One RelTag per
+        # fork (`_rels`), so the timeline's caches find it by identity, not by __eq__.
         self._block_keys: dict[tuple[int, int, int, int, int], tuple[RelTag, Key]] = {}
+        self._rels: dict[tuple[int, int, int, int], RelTag] = {}
+        # (kind, segno, blkno) -> Key of the SLRU pages written (pg_xact: one per commit).
+        self._slru_keys: dict[SlruPage, Key] = {}
+        # The end LSN of the last record as an Lsn: the next record starts there (unless
+        # a page header lies between), so it is its start LSN too without a new Lsn.
+        self._last_end = timeline.last_record_lsn
+        self._xid_seen = -1  # the xid `_advance_xid` saw last
 
     # --- entry point ----------------------------------------------------------------
     def ingest(self, record: DecodedRecord) -> None:
@@ -251,7 +268,9 @@ class WalIngest:
             tl.mark_broken(f"applying the {record_type_name(record.rmid, record.info)} "
                            f"record at {Lsn(record.lsn)} failed half-way: {err}")
             raise
-        tl.finish_record(lsn, Lsn(record.lsn))
+        prev = self._last_end
+        tl.finish_record(lsn, prev if prev.value == record.lsn else Lsn(record.lsn))
+        self._last_end = lsn
         self.stats.records += 1
         self.stats.wal_bytes += record.tot_len
 
@@ -276,13 +295,11 @@ class WalIngest:
         keys = self._block_keys
         gist = record.rmid == RmgrId.GIST
         for block in record.blocks:
-            where = (block.spcnode, block.dbnode, block.relnode, block.forknum, block.blkno)
-            rel_key = keys.get(where)
+            rel_key = keys.get((block.spcnode, block.dbnode, block.relnode, block.forknum,
+                                block.blkno))
             if rel_key is None:
-                if len(keys) >= _BLOCK_KEYS_KEPT:
-                    keys.clear()
-                rel = RelTag(block.spcnode, block.dbnode, block.relnode, block.forknum)
-                rel_key = keys[where] = (rel, rel_block_key(rel, block.blkno))
+                rel_key = self._block_key(block.spcnode, block.dbnode, block.relnode,
+                                          block.forknum, block.blkno)
             fixup = gist and is_gist_left_child(record.rmid, record.info, block.block_id)
             tl.put_rel_page_encoded(
                 rel_key[0], block.blkno, rel_key[1], lsn,
@@ -292,7 +309,39 @@ class WalIngest:
                 self.stats.gist_fixups += 1
         self.stats.images += len(record.blocks)
 
+    def _block_key(self, spcnode: int, dbnode: int, relnode: int, forknum: int,
+                   blkno: int) -> tuple[RelTag, Key]:
+        """The (RelTag, Key) of a block, from `_block_keys` or made and kept there."""
+        where = (spcnode, dbnode, relnode, forknum, blkno)
+        rel_key = self._block_keys.get(where)
+        if rel_key is None:
+            if len(self._block_keys) >= _BLOCK_KEYS_KEPT:
+                self._block_keys.clear()
+                self._rels.clear()
+            rel = self._rel(spcnode, dbnode, relnode, forknum)
+            rel_key = self._block_keys[where] = (rel, rel_block_key(rel, blkno))
+        return rel_key
+
+    def _rel(self, spcnode: int, dbnode: int, relnode: int, forknum: int) -> RelTag:
+        where = (spcnode, dbnode, relnode, forknum)
+        rel = self._rels.get(where)
+        if rel is None:
+            rel = self._rels[where] = RelTag(spcnode, dbnode, relnode, forknum)
+        return rel
+
+    def _slru_key(self, kind: SlruKind, segno: int, blkno: int) -> Key:
+        page = (kind, segno, blkno)
+        key = self._slru_keys.get(page)
+        if key is None:
+            if len(self._slru_keys) >= _BLOCK_KEYS_KEPT:
+                self._slru_keys.clear()
+            key = self._slru_keys[page] = slru_block_key(kind, segno, blkno)
+        return key
+
     def _advance_xid(self, xid: int) -> None:
+        if xid == self._xid_seen:
+            return  # nextXid only grows: past this xid already (a transaction's records)
+        self._xid_seen = xid
         cp = self.checkpoint
         next_xid = advance_next_xid(cp.next_xid, xid)
         if next_xid != cp.next_xid:
@@ -352,18 +401,17 @@ class WalIngest:
         by_rel: dict[tuple[int, int, int], list[int]] = {}
         for rel, heap_block in clear.heap_blocks:
             by_rel.setdefault(rel, []).append(heap_block)
-        for rel, heap_blocks in by_rel.items():
-            vm = RelTag(*rel, int(ForkNumber.VISIBILITYMAP))
-            nblocks = self._nblocks(vm, lsn)
+        for (spcnode, dbnode, relnode), heap_blocks in by_rel.items():
+            nblocks = self.timeline.current_nblocks(self._rel(spcnode, dbnode, relnode,
+                                                              _VM_FORK))
             for block, patch in vm_clear_patches(heap_blocks, clear.flags).items():
                 # visibilitymap_clear reads the map page without extending the fork.
                 if block < nblocks:
-                    self.timeline.put_rel_page(vm, block, lsn, patch)
+                    vm, key = self._block_key(spcnode, dbnode, relnode, _VM_FORK, block)
+                    self.timeline.put_rel_page_encoded(vm, block, key, lsn,
+                                                       encode_value(patch), patch.is_image)
                     self.stats.vm_clears += 1
 
-    def _nblocks(self, rel: RelTag, lsn: Lsn) -> int:
-        tl = self.timeline
-        return tl.rel_size(rel, lsn) if tl.rel_exists(rel, lsn) else 0
 
     def _xact_end(self, d: rec_types.XactCommit | rec_types.XactAbort, lsn: Lsn) -> None:
         xids = (d.xid, *d.subxacts)
@@ -372,7 +420,7 @@ class WalIngest:
         committed = isinstance(d, rec_types.XactCommit)
         status = slru.XidStatus.COMMITTED if committed else slru.XidStatus.ABORTED
         for (kind, segno, blkno), patch in clog_patches(xids, status).items():
-            self.timeline.put(slru_block_key(kind, segno, blkno), lsn, patch)
+            self.timeline.put(self._slru_key(kind, segno, blkno), lsn, patch)
             self.stats.clog_patches += 1
         for rel in d.dropped_rels:
             for fork in rel_forks(rel):
@@ -395,7 +443,7 @@ class WalIngest:
             tl.truncate_rel(RelTag(*d.rel, int(ForkNumber.FSM)), 0, lsn)
         if d.truncates_vm:
             vm = RelTag(*d.rel, int(ForkNumber.VISIBILITYMAP))
-            nblocks = self._nblocks(vm, lsn)
+            nblocks = self.timeline.current_nblocks(vm)
             plan = vm_truncate_plan(d.blkno)
             if plan.tail_patch is not None and plan.tail_block is not None \
                     and plan.tail_block < nblocks:

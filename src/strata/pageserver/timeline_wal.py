@@ -417,7 +417,7 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
 
 def _apply_all(decoder: WalStreamDecoder, applier: RecordApplier, timeline: Timeline) -> None:
     """Apply every complete record the decoder holds (in a worker thread)."""
-    last = timeline.last_record_lsn.value
+    last = timeline.last_record_end
     for record in decoder:
         if record.end_lsn <= last:
             continue  # cannot happen when starting at last_record_lsn; kept for safety
@@ -425,7 +425,7 @@ def _apply_all(decoder: WalStreamDecoder, applier: RecordApplier, timeline: Time
         applier.ingest(record)
         if timeline.broken_reason is not None:
             return
-        assert timeline.last_record_lsn.value == record.end_lsn, \
+        assert timeline.last_record_end == record.end_lsn, \
             (timeline.last_record_lsn, Lsn(record.end_lsn))
         last = record.end_lsn
 

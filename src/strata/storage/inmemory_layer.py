@@ -8,7 +8,8 @@ is_image) under the key. The layer is *open* while it takes writes, then *frozen
 `checkpoint_distance` bytes of WAL or `checkpoint_timeout`.
 
 Writes are buffered in memory and appended to the file in chunks; reads look in the
-buffer or `pread` the file. A lock serializes the buffer against concurrent readers.
+buffer or `pread` the file. A lock keeps readers off the buffer while it is written out
+and replaced (appends to it need none: one writer, see `put`).
 """
 
 from __future__ import annotations
@@ -66,10 +67,14 @@ class InMemoryLayer:
             assert versions is not None
             _, offset, length, prev_is_image = versions[-1]
             data, is_image = _fold(self._read(offset, length), data), prev_is_image
-        with self._lock:
-            offset = self._file_bytes + len(self._buf)
-            self._buf += data
-            if len(self._buf) >= _FLUSH_BYTES:
+        # Without the lock: puts come from one thread at a time (ingest), the append is
+        # one step under the interpreter lock and leaves the bytes a reader may slice as
+        # they were; only replacing the buffer (`_write_buffer`) must exclude readers.
+        buf = self._buf
+        offset = self._file_bytes + len(buf)
+        buf += data
+        if len(buf) >= _FLUSH_BYTES:
+            with self._lock:
                 self._write_buffer()
         entry = (lsn, offset, len(data), is_image)
         if versions is None:

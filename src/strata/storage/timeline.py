@@ -316,7 +316,8 @@ class Timeline:
                              is_image: bool) -> None:
         """`put_rel_page` of a value already encoded (`encode_value`), with its key
         `rel_block_key(rel, blkno)`: ingest's path, which keeps the keys it made."""
-        rec = self._current_size(rel)
+        cached = self._rel_cache.get(rel)  # `_current_size` without its two calls
+        rec = cached[1] if cached is not None else self._current_size(rel)
         if rec is None:
             # PostgreSQL may write a block of a fork whose creation came before our WAL
             # (or is implied by the record); the fork exists from here on.
@@ -347,6 +348,13 @@ class Timeline:
             self._put_bytes(rel_size_key(rel), lsn.value, encode_value(value), True)
             self._rel_cache[rel] = (lsn.value, rec)
             self._size_gen += 1
+
+    def current_nblocks(self, rel: RelTag) -> int:
+        """The size of `rel` including the puts of the record being ingested, 0 if it
+        does not exist (ingest's view: `rel_size` at that record's LSN)."""
+        cached = self._rel_cache.get(rel)
+        rec = cached[1] if cached is not None else self._current_size(rel)
+        return 0 if rec is None else rec.nblocks
 
     def _current_size(self, rel: RelTag) -> SizeRecord | None:
         """The newest size record of `rel` (including puts of the record in progress)."""
