@@ -174,6 +174,21 @@ def test_current_nblocks_is_the_size_at_the_record_in_progress(tmp_path: Path) -
     repo2.close()
 
 
+def test_key_sizes_by_makes_the_callers_reltag_the_cache_key(tmp_path: Path) -> None:
+    """After `key_sizes_by(rel)` the size cache holds that very object for the fork (so
+    ingest's lookups match by identity), and the sizes it answers do not change."""
+    _, tenant = make_tenant(tmp_path)
+    tl = new_timeline(tenant)
+    record(tl, 0x200, (2, page(1)))
+    ours = RelTag(REL.spcnode, REL.dbnode, REL.relnode, REL.forknum)
+    assert ours == REL and ours is not REL
+    tl.key_sizes_by(ours)
+    assert [k for k in tl._rel_cache if k == REL][0] is ours
+    assert tl.current_nblocks(ours) == tl.rel_size(REL, Lsn(0x200)) == 3
+    tl.key_sizes_by(REL2)  # not cached: nothing to re-key, nothing added
+    assert REL2 not in tl._rel_cache
+
+
 def test_drop_and_recreate_forgets_old_blocks(tmp_path: Path) -> None:
     _, tenant = make_tenant(tmp_path)
     tl = new_timeline(tenant)

@@ -327,6 +327,7 @@ class WalIngest:
         rel = self._rels.get(where)
         if rel is None:
             rel = self._rels[where] = RelTag(spcnode, dbnode, relnode, forknum)
+            self.timeline.key_sizes_by(rel)
         return rel
 
     def _slru_key(self, kind: SlruKind, segno: int, blkno: int) -> Key:

@@ -349,6 +349,15 @@ class Timeline:
             self._rel_cache[rel] = (lsn.value, rec)
             self._size_gen += 1
 
+    def key_sizes_by(self, rel: RelTag) -> None:
+        """Make `rel` the object the size cache holds for its fork (if it holds one):
+        ingest passes one RelTag object per fork, which a lookup then matches by identity
+        instead of the dataclass's __eq__ (a Python call per block put)."""
+        with self._size_lock:
+            entry = self._rel_cache.pop(rel, None)
+            if entry is not None:
+                self._rel_cache[rel] = entry
+
     def current_nblocks(self, rel: RelTag) -> int:
         """The size of `rel` including the puts of the record being ingested, 0 if it
         does not exist (ingest's view: `rel_size` at that record's LSN)."""

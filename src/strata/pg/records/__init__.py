@@ -1,9 +1,12 @@
 """Decode the main data of WAL records into typed descriptions of what the pageserver
 must apply itself (the changes PostgreSQL makes without a block image, D2).
 
-`decode_record(rmid, info, main_data, blocks)` returns a frozen dataclass from one of
-the per-resource-manager modules, or None for records the pageserver needs nothing
-from beyond their block images (btree, gin, ..., heap prune, standby locks).
+`decode_record(rmid, info, main_data, blocks)` returns a dataclass from one of the
+per-resource-manager modules, or None for records the pageserver needs nothing from
+beyond their block images (btree, gin, ..., heap prune, standby locks). The dataclasses
+are not frozen: ingest makes one per record, and a frozen dataclass's `__init__` (an
+`object.__setattr__` call per field) costs about three times a plain one's; nothing
+changes them after decoding.
 A record of a handled resource manager with an unknown info code, or whose main
 data does not fit its PostgreSQL 15 layout, raises `CorruptionError` naming the
 resource manager, record type and LSN.

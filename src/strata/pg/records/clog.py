@@ -18,14 +18,14 @@ CLOG_NAMES = {CLOG_ZEROPAGE: "ZEROPAGE", CLOG_TRUNCATE: "TRUNCATE"}
 _TRUNCATE = struct.Struct("<iII")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClogZeroPage:
     """Initialize pg_xact page `pageno` to zeros."""
 
     pageno: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClogTruncate:
     """Remove pg_xact segments before the one holding page `pageno`."""
 

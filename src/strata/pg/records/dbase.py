@@ -24,7 +24,7 @@ _FILE_COPY = struct.Struct("<IIII")
 _WAL_LOG = struct.Struct("<II")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DbaseCreateFileCopy:
     """Copy the whole directory of `src_db_id` in `src_tablespace_id` to the new DB."""
 
@@ -34,7 +34,7 @@ class DbaseCreateFileCopy:
     src_tablespace_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DbaseCreateWalLog:
     """Create the directory of `db_id` in `tablespace_id`; its pages follow in WAL."""
 
@@ -42,7 +42,7 @@ class DbaseCreateWalLog:
     tablespace_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DbaseDrop:
     """Remove the directories of `db_id` in each of `tablespace_ids`."""
 

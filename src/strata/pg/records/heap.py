@@ -78,7 +78,7 @@ _LOCK = struct.Struct("<IHBB")  # locking_xid / xmax, offnum, infobits_set, flag
 _VISIBLE = struct.Struct("<IB")  # cutoff_xid, flags (SizeOfHeapVisible = 5)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class VmClear:
     """Clear `flags` (VISIBILITYMAP_ALL_VISIBLE | _ALL_FROZEN) for each heap block.
 
@@ -95,7 +95,7 @@ class VmClear:
         return tuple((rel, clear_bits(blkno, self.flags)) for rel, blkno in self.heap_blocks)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeapInsert:
     offnum: int
     flags: int
@@ -103,7 +103,7 @@ class HeapInsert:
     vm_clear: VmClear | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeapMultiInsert:
     """Heap2 MULTI_INSERT; `offsets` is empty when the page is initialized (INIT_PAGE)."""
 
@@ -114,7 +114,7 @@ class HeapMultiInsert:
     vm_clear: VmClear | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeapDelete:
     xmax: int
     offnum: int
@@ -123,7 +123,7 @@ class HeapDelete:
     vm_clear: VmClear | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeapUpdate:
     """UPDATE or HOT_UPDATE (`hot`)."""
 
@@ -138,7 +138,7 @@ class HeapUpdate:
     vm_clear: VmClear | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeapLock:
     """Heap LOCK, or Heap2 LOCK_UPDATED (`updated`); `xmax` is the locker."""
 
@@ -150,7 +150,7 @@ class HeapLock:
     vm_clear: VmClear | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeapVisible:
     """Heap2 VISIBLE: set `flags` in the VM for `heap_block`; the VM page is `vm_block`
     (both have block references, so their images carry the change)."""

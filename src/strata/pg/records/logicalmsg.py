@@ -20,7 +20,7 @@ _HEADER = struct.Struct("<I?3xQQ")
 assert _HEADER.size == 24, _HEADER.size
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LogicalMessage:
     db_id: int
     transactional: bool

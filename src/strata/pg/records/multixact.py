@@ -40,21 +40,21 @@ _TRUNCATE = struct.Struct("<IIIII")
 SIZE_OF_MEMBER = 8
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MultiXactZeroOffPage:
     """Initialize pg_multixact/offsets page `pageno` to zeros."""
 
     pageno: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MultiXactZeroMemPage:
     """Initialize pg_multixact/members page `pageno` to zeros."""
 
     pageno: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MultiXactCreate:
     """Multixact `mid` has `members` ((xid, status) pairs) starting at member offset
     `moff`; nextMulti becomes at least mid + 1 and nextOffset moff + len(members)."""
@@ -68,7 +68,7 @@ class MultiXactCreate:
         return len(self.members)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MultiXactTruncate:
     """Remove offsets for [start_trunc_off, end_trunc_off) and members for
     [start_trunc_memb, end_trunc_memb); `oldest_multi_db` holds the oldest multi."""

@@ -20,7 +20,7 @@ RELMAPPER_FILESIZE = 512
 _HEADER = struct.Struct("<IIi")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RelmapUpdate:
     """Write `data` as the pg_filenode.map of database `dbid` in tablespace `tsid`."""
 

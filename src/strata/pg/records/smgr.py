@@ -26,7 +26,7 @@ _CREATE = struct.Struct("<IIIi")
 _TRUNCATE = struct.Struct("<IIIIi")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SmgrCreate:
     """Create an empty fork `forknum` of `rel`."""
 
@@ -34,7 +34,7 @@ class SmgrCreate:
     forknum: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SmgrTruncate:
     """Truncate the forks named by `flags` of `rel`; the main fork to `blkno` blocks.
 

@@ -24,7 +24,7 @@ _RUNNING_XACTS = struct.Struct("<ii?3xIII")
 assert _RUNNING_XACTS.size == 24, _RUNNING_XACTS.size
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RunningXacts:
     """Transactions running at the time of the record (`xids` top-level, `subxids`)."""
 

@@ -67,7 +67,7 @@ _DBINFO = struct.Struct("<II")  # xl_xact_dbinfo: dbId, tsId
 MAXALIGN = 8
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XactOrigin:
     """Replication origin of a transaction (xl_xact_origin)."""
 
@@ -75,7 +75,7 @@ class XactOrigin:
     timestamp: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XactCommit:
     """COMMIT or COMMIT_PREPARED: mark `xid` and `subxacts` committed in pg_xact.
 
@@ -99,7 +99,7 @@ class XactCommit:
     origin: XactOrigin | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XactAbort:
     """ABORT or ABORT_PREPARED: mark `xid` and `subxacts` aborted in pg_xact.
 
@@ -120,7 +120,7 @@ class XactAbort:
     origin: XactOrigin | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XactPrepare:
     """PREPARE: the two-phase state of `xid`; `state_data` IS the pg_twophase file
     content, less the CRC-32C that `state_file()` appends."""
@@ -145,7 +145,7 @@ class XactPrepare:
         return self.state_data + crc32c(self.state_data).to_bytes(4, "little")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XactAssignment:
     """ASSIGNMENT: `subxacts` belong to top-level `xtop` (for hot standby)."""
 
@@ -153,7 +153,7 @@ class XactAssignment:
     subxacts: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XactInvalidations:
     """INVALIDATIONS: catalog cache invalidation messages (16 bytes each)."""
 

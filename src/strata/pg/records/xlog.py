@@ -54,7 +54,7 @@ _RESTORE_POINT = struct.Struct(f"<q{MAXFNAMELEN}s")  # rp_time, rp_name
 _OVERWRITE_CONTRECORD = struct.Struct("<Qq")  # overwritten_lsn, overwrite_time
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XlogCheckpoint:
     """CHECKPOINT_SHUTDOWN (`shutdown`) or CHECKPOINT_ONLINE."""
 
@@ -62,38 +62,38 @@ class XlogCheckpoint:
     checkpoint: CheckPoint
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XlogNextOid:
     """OIDs up to `next_oid` may have been handed out (GetNewObjectId logs ahead)."""
 
     next_oid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XlogSwitch:
     """The rest of the WAL segment is unused; the next record starts in the next one."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XlogNoop:
     """A record with no effect (its data is arbitrary)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XlogFpi:
     """FPI (log_newpage) or FPI_FOR_HINT (`for_hint`): only block images."""
 
     for_hint: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XlogBackupEnd:
     """End of an online backup that started at `start_lsn`."""
 
     start_lsn: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XlogParameterChange:
     """Settings that a standby must match (xl_parameter_change)."""
 
@@ -107,7 +107,7 @@ class XlogParameterChange:
     track_commit_timestamp: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XlogRestorePoint:
     """pg_create_restore_point(`name`) at TimestampTz `time`."""
 
@@ -115,19 +115,19 @@ class XlogRestorePoint:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XlogFpwChange:
     full_page_writes: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XlogEndOfRecovery:
     end_time: int
     this_timeline_id: int
     prev_timeline_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class XlogOverwriteContrecord:
     """A partial record at `overwritten_lsn` was abandoned at TimestampTz `time`."""
 
