@@ -11,7 +11,8 @@ a GC cutoff must raise, never return data.
 SLRU pages (long delta chains, read through the timeline's value cache with its
 threshold lowered to one delta) are in the same model as one-block pseudo relations
 `SLRU_TAGS` (tablespace 0, so never listed as relations): puts of images and patches,
-and tombstones.
+and tombstones. Ingest's bound on their delta chains is lowered to `SLRU_BOUND` deltas,
+so patches often become images; no read of them applies more.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ SLRU_KEYS = [slru_block_key(SlruKind.CLOG, 0, 0), slru_block_key(SlruKind.CLOG, 
              slru_block_key(SlruKind.MULTIXACT_MEMBERS, 0, 0)]
 SLRU_TAGS = [RelTag(0, 0, i, 0) for i in range(len(SLRU_KEYS))]  # the model's names
 ZERO = bytes(8192)
+SLRU_BOUND = 2  # timeline.SLRU_IMAGE_DELTAS in this test
 INITDB = 0x100
 _zstd = zstandard.ZstdCompressor()
 
@@ -157,6 +159,8 @@ class StorageMachine(RuleBasedStateMachine):
         # Every SLRU value built from a delta is remembered, not only long chains.
         self.chain_deltas = timeline_module.CACHE_CHAIN_DELTAS
         timeline_module.CACHE_CHAIN_DELTAS = 1
+        self.image_deltas = timeline_module.SLRU_IMAGE_DELTAS
+        timeline_module.SLRU_IMAGE_DELTAS = SLRU_BOUND
 
     @property
     def tenant(self) -> Tenant:
@@ -167,6 +171,7 @@ class StorageMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         timeline_module.CACHE_CHAIN_DELTAS = self.chain_deltas
+        timeline_module.SLRU_IMAGE_DELTAS = self.image_deltas
         self.repo.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -344,6 +349,15 @@ class StorageMachine(RuleBasedStateMachine):
                     assert tl.gc_cutoff.value <= lsn, (tl.gc_cutoff, Lsn(lsn))
             for child in tl.children:
                 assert tl.gc_cutoff <= child.ancestor_lsn, (tl.gc_cutoff, child.ancestor_lsn)
+
+    @invariant()
+    def slru_chains_bounded(self) -> None:
+        for m in self.model.values():
+            tl = self.tl(m)
+            at = Lsn(max(m.last_lsn, INITDB))
+            if self.readable(tl, at.value):
+                for key in SLRU_KEYS:
+                    assert tl.delta_chain(key, at) <= SLRU_BOUND, (key, at)
 
     @rule(data=st.data())
     def check_reads(self, data: st.DataObject) -> None:

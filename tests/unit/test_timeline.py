@@ -17,8 +17,10 @@ from strata.pageserver.datadir import drop_database, list_databases, put_databas
 from strata.pg.constants import BKPIMAGE_COMPRESS_ZSTD
 from strata.pg.page import page_lsn
 from strata.pg.relfile import RelTag
+from strata.pg.slru import SlruKind
+from strata.storage import timeline as timeline_module
 from strata.storage.compaction import compact
-from strata.storage.key import checkpoint_key, twophase_key, twophase_range
+from strata.storage.key import checkpoint_key, slru_block_key, twophase_key, twophase_range
 from strata.storage.repository import Repository
 from strata.storage.tenant import Tenant, TenantConfig
 from strata.storage.timeline import Timeline, TimelineBroken
@@ -595,3 +597,59 @@ def test_delete_timeline_refused_with_branches(tmp_path: Path) -> None:
     assert tenant.list_timelines() == []
     assert Repository(tmp_path).get_tenant(tenant.tenant_id).list_timelines() == []
     repo.close()
+
+
+def clog_commit(tl: Timeline, lsn: int, xid: int) -> bytes:
+    """One commit record: the status bits of `xid` on pg_xact page 0 (a delta); the
+    page's expected content after it is returned by `clog_page`."""
+    tl.put(slru_block_key(SlruKind.CLOG, 0, 0), Lsn(lsn),
+           Patch((PatchOp(xid // 4, 0x03 << (2 * (xid % 4)), 0x01 << (2 * (xid % 4))),)))
+    tl.finish_record(Lsn(lsn), Lsn(lsn - 8))
+    return clog_page(xid + 1)
+
+
+def clog_page(xids: int) -> bytes:
+    """pg_xact page 0 with xids 0 .. xids - 1 committed."""
+    data = bytearray(8192)
+    for xid in range(xids):
+        data[xid // 4] |= 0x01 << (2 * (xid % 4))
+    return bytes(data)
+
+
+def test_slru_delta_chains_are_bounded(tmp_path: Path) -> None:
+    """A commit per record: a read of the pg_xact page never applies more than
+    SLRU_IMAGE_DELTAS deltas, on the timeline, on a new branch and after a restart
+    (the delta count is not on disk: the first delta after either is an image)."""
+    bound = timeline_module.SLRU_IMAGE_DELTAS
+    key = slru_block_key(SlruKind.CLOG, 0, 0)
+    repo, tenant = make_tenant(tmp_path)
+    tl = new_timeline(tenant)
+    tl.put(key, Lsn(0x108), Image(ZERO))
+    tl.finish_record(Lsn(0x108), Lsn(0x100))
+    lsn, commits = 0x108, 3 * bound + 10
+    for xid in range(commits):
+        lsn += 8
+        clog_commit(tl, lsn, xid)
+        if xid % 100 == 99:
+            tl.flush()
+        assert tl.delta_chain(key, Lsn(lsn)) == (xid + 1) % (bound + 1)
+    assert tl.slru_images_written == commits // (bound + 1)
+    assert tl.get(key, Lsn(lsn)) == clog_page(commits)
+    assert tl.get(key, Lsn(0x108 + 8 * bound)) == clog_page(bound)  # older LSNs: exact
+
+    branch = tenant.branch_timeline(TimelineId(os.urandom(16)), tl.timeline_id, Lsn(lsn))
+    assert branch.delta_chain(key, Lsn(lsn)) <= bound
+    assert clog_commit(branch, lsn + 8, commits) == branch.get(key, Lsn(lsn + 8))
+    assert branch.delta_chain(key, Lsn(lsn + 8)) == 0  # the branch's first delta: an image
+    assert branch.slru_images_written == 1
+
+    tid = tl.timeline_id
+    tl.flush()
+    repo.close()
+    repo2 = Repository(tmp_path, clock=Clock())
+    tl2 = repo2.get_tenant(tenant.tenant_id).get_timeline(tid)
+    expected = clog_commit(tl2, lsn + 8, commits)
+    assert tl2.delta_chain(key, Lsn(lsn + 8)) == 0
+    assert tl2.get(key, Lsn(lsn + 8)) == expected
+    assert tl2.get(key, Lsn(lsn)) == clog_page(commits)
+    repo2.close()

@@ -13,6 +13,11 @@ broken timeline refuses reads with its reason.
 
 Requests waiting for WAL up to an LSN wait in `lsn_waiters.LsnWaiters`; commit times
 for point-in-time reads are in `lsn_time.LsnTimeIndex` (the timeline walks ancestors).
+
+SLRU pages get a delta per change (pg_xact: one per commit); `put` writes a full image
+instead once `SLRU_IMAGE_DELTAS` deltas followed the page's last image on this timeline
+(and at the first delta of a page since the timeline was loaded or branched, when that
+count is unknown), so a read never applies more than `SLRU_IMAGE_DELTAS` deltas.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from strata.common.errors import CorruptionError, NotFound, Unavailable, UserErr
 from strata.common.failpoint import FailpointHit, failpoint
 from strata.common.ids import TenantId, TimelineId
 from strata.common.lsn import Lsn
+from strata.pg.constants import BLCKSZ
 from strata.pg.page import ZERO_PAGE
 from strata.pg.relfile import RelTag
 from strata.storage.delta_layer import DeltaLayerWriter
@@ -53,6 +59,7 @@ from strata.storage.metadata import TimelineMetadata, save_metadata
 from strata.storage.rel import SizeRecord
 from strata.storage.value import (
     Image,
+    Patch,
     Tombstone,
     Value,
     decode_value,
@@ -73,6 +80,9 @@ _INF = (1 << 64) - 1
 _ACCESS_TICKS = itertools.count(1)  # orders layer reads for eviction (coldest first)
 # A value reconstructed from at least this many deltas is remembered (`_chained_value`).
 CACHE_CHAIN_DELTAS = 16
+# An SLRU page delta that would follow this many deltas since the page's last image is
+# written as an image instead (`Timeline.put`): the longest chain a read applies.
+SLRU_IMAGE_DELTAS = 128
 BACKGROUND_DOWNLOAD_DELAY_S = 0.5  # at most, after the ranged read that started it
 
 
@@ -181,6 +191,9 @@ class Timeline:
         self._lsn_waiters = LsnWaiters(self._last_record)
         # SLRU pages reconstructed from long delta chains, by LSN (`_chained_value`).
         self.value_cache = ValueCache()
+        # Deltas put since the last image, per SLRU page put since the load (`put`).
+        self._slru_deltas: dict[Key, int] = {}
+        self.slru_images_written = 0  # deltas `put` turned into images
         self.broken_reason: str | None = None
         self.remote: RemoteSink | None = None  # set by the pageserver with remote storage
 
@@ -262,7 +275,11 @@ class Timeline:
 
     # --- writes ------------------------------------------------------------
     def put(self, key: Key, lsn: Lsn, value: Value) -> None:
-        """Store `value` for `key` at `lsn` (the end LSN of the record being ingested)."""
+        """Store `value` for `key` at `lsn` (the end LSN of the record being ingested).
+
+        A delta of an SLRU page may be stored as the page's image (`_slru_value`)."""
+        if key.is_slru_block():
+            value = self._slru_value(key, lsn.value, value)
         data = encode_value(value)
         if key.is_rel_size():
             with self._size_lock:
@@ -271,6 +288,26 @@ class Timeline:
                 self._size_gen += 1
             return
         self._put_bytes(key, lsn.value, data, value.is_image)
+
+    def _slru_value(self, key: Key, lsn: int, value: Value) -> Value:
+        """`value`, or the page's image at `lsn` when `value` is a delta that would be
+        the `SLRU_IMAGE_DELTAS` + 1st since the page's last image, or the first since
+        the load (the count is not kept on disk: after a restart or on a new branch the
+        chain below is of unknown length, up to its own bound). The image is built by a
+        read at `lsn` (so with the deltas of this record already put) and `value`, at
+        most `SLRU_IMAGE_DELTAS` deltas applied, once per that many puts."""
+        if not isinstance(value, Patch):
+            self._slru_deltas[key] = 0
+            return value
+        count = self._slru_deltas.get(key)
+        if count is not None and count < SLRU_IMAGE_DELTAS:
+            self._slru_deltas[key] = count + 1
+            return value
+        page = bytearray(self._get_value(key, lsn) or bytes(BLCKSZ))
+        value.apply(page)
+        self._slru_deltas[key] = 0
+        self.slru_images_written += 1
+        return Image(bytes(page))
 
     def _put_bytes(self, key: Key, lsn: int, data: bytes, is_image: bool) -> None:
         if lsn <= self._last_record:
@@ -761,6 +798,12 @@ class Timeline:
                                        (base is not None and versions)):
             tl.value_cache.put(key, lsn, value)
         return value
+
+    def delta_chain(self, key: Key, lsn: Lsn) -> int:
+        """How many deltas a read of `key` at `lsn` applies with no remembered value: the
+        versions from `lsn` down to an image (through the ancestors), less the image."""
+        self._check_readable(lsn.value)
+        return sum(not is_image_bytes(data) for _, data in self._versions(key, lsn.value, 0))
 
     def get(self, key: Key, lsn: Lsn) -> bytes:
         """The value of `key` as of `lsn` (inclusive); NotFound if it does not exist."""
