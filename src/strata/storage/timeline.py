@@ -279,7 +279,10 @@ class Timeline:
 
         A delta of an SLRU page may be stored as the page's image (`_slru_value`)."""
         if key.is_slru_block():
-            value = self._slru_value(key, lsn.value, value)
+            value, deltas = self._slru_value(key, lsn.value, value)
+            self._put_bytes(key, lsn.value, encode_value(value), value.is_image)
+            self._slru_deltas[key] = deltas  # once stored
+            return
         data = encode_value(value)
         if key.is_rel_size():
             with self._size_lock:
@@ -289,25 +292,23 @@ class Timeline:
             return
         self._put_bytes(key, lsn.value, data, value.is_image)
 
-    def _slru_value(self, key: Key, lsn: int, value: Value) -> Value:
-        """`value`, or the page's image at `lsn` when `value` is a delta that would be
-        the `SLRU_IMAGE_DELTAS` + 1st since the page's last image, or the first since
+    def _slru_value(self, key: Key, lsn: int, value: Value) -> tuple[Value, int]:
+        """The value to store for `key` at `lsn` and the page's deltas since its last image
+        with it: `value`, or the page's image at `lsn` when `value` is a delta that would
+        be the `SLRU_IMAGE_DELTAS` + 1st since the page's last image, or the first since
         the load (the count is not kept on disk: after a restart or on a new branch the
         chain below is of unknown length, up to its own bound). The image is built by a
-        read at `lsn` (so with the deltas of this record already put) and `value`, at
+        read at `lsn` (so with the deltas of this record already put) and `value`: at
         most `SLRU_IMAGE_DELTAS` deltas applied, once per that many puts."""
         if not isinstance(value, Patch):
-            self._slru_deltas[key] = 0
-            return value
+            return value, 0
         count = self._slru_deltas.get(key)
         if count is not None and count < SLRU_IMAGE_DELTAS:
-            self._slru_deltas[key] = count + 1
-            return value
+            return value, count + 1
         page = bytearray(self._get_value(key, lsn) or bytes(BLCKSZ))
         value.apply(page)
-        self._slru_deltas[key] = 0
         self.slru_images_written += 1
-        return Image(bytes(page))
+        return Image(bytes(page)), 0
 
     def _put_bytes(self, key: Key, lsn: int, data: bytes, is_image: bool) -> None:
         if lsn <= self._last_record:
