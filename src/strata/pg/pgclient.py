@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 from strata.common.errors import ProtocolError, Unavailable, UserError
 from strata.pg import wire
@@ -325,6 +326,47 @@ class CopyBothStream:
         conn._pending = msg
         return None
 
+    def divert(self, sink: CopyDataSink) -> None:
+        """From now on, hand the server's CopyData payloads to `sink` straight from the
+        transport's data callback (`sink.copy_data(payloads)`: every whole payload of a
+        chunk read, in order), instead of through `read()`; the end of the stream
+        (CopyDone, an ErrorResponse, a lost connection, a malformed message) goes to
+        `sink.stream_ended(error)`, once, after every payload before it. What was already
+        received is handed over first, before this returns. After this, the connection
+        only sends (`send_nowait`) and aborts; `pause_reading`/`resume_reading` hold the
+        stream in the kernel's buffers while the sink is busy. For a receiver that acts on
+        each batch synchronously (pull mode's safekeeper, safekeeper/pull.py)."""
+        conn = self._conn
+        transport = self._transport()
+        protocol = _DivertedCopyBoth(self, sink)
+        reader = conn._reader
+        # What the StreamReader holds already (asyncio keeps it in `_buffer`).
+        held: bytearray = reader._buffer  # type: ignore[attr-defined]
+        buffered = bytes(held)
+        held.clear()
+        eof = reader.at_eof()
+        transport.set_protocol(protocol)
+        if not transport.is_reading():
+            transport.resume_reading()  # the StreamReader may have paused it (its limit)
+        if buffered:
+            conn._messages.feed(buffered)
+        protocol.process()
+        if eof or reader.exception() is not None:
+            protocol.end(Unavailable(f"{conn.describe} closed the connection"))
+
+    def _transport(self) -> asyncio.Transport:
+        return cast(asyncio.Transport, self._conn._writer.transport)
+
+    def pause_reading(self) -> None:
+        transport = self._transport()
+        if not transport.is_closing() and transport.is_reading():
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        transport = self._transport()
+        if not transport.is_closing() and not transport.is_reading():
+            transport.resume_reading()
+
     async def send(self, payload: bytes) -> None:
         assert not self.client_done, "CopyData after our CopyDone"
         await self._conn._send(wire.CopyData(payload).encode())
@@ -357,3 +399,79 @@ class CopyBothStream:
                     raise ServerError(msg, f"{self.command!r} on {self._conn.describe}")
                 case _:
                     pass  # CommandComplete, a result set of the timeline switch, notices
+
+
+class CopyDataSink(Protocol):
+    """Where `CopyBothStream.divert` hands a stream's payloads."""
+
+    def copy_data(self, payloads: list[bytes]) -> None: ...
+
+    def stream_ended(self, error: BaseException) -> None: ...
+
+
+class _DivertedCopyBoth(asyncio.Protocol):
+    """The transport's protocol once a CopyBoth stream is diverted to a sink."""
+
+    def __init__(self, stream: CopyBothStream, sink: CopyDataSink) -> None:
+        self.stream = stream
+        self.sink = sink
+        self.ended = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.ended:
+            return
+        self.stream._conn._messages.feed(data)
+        self.process()
+
+    def process(self) -> None:
+        """Hand over every whole message buffered (CopyData payloads in one call)."""
+        conn = self.stream._conn
+        payloads: list[bytes] = []
+        error: BaseException | None = None
+        try:
+            msg = conn._pending
+            conn._pending = None
+            if msg is None:
+                conn._messages.take_copy_data(payloads)
+                msg = conn._messages.next_backend()
+            while msg is not None:
+                if isinstance(msg, wire.CopyData):
+                    payloads.append(msg.data)
+                elif isinstance(msg, wire.CopyDone):
+                    self.stream.server_done = True
+                    error = Unavailable(f"{self.stream.command!r}: the sender ended the "
+                                        "replication stream (CopyDone)")
+                    break
+                elif isinstance(msg, wire.ErrorResponse):
+                    self.stream.server_done = True
+                    error = ServerError(msg, f"{self.stream.command!r} on {conn.describe}")
+                    break
+                elif isinstance(msg, wire.NoticeResponse):
+                    conn.notices.append(msg)
+                elif isinstance(msg, wire.ParameterStatus):
+                    conn.parameters[msg.name] = msg.value
+                else:
+                    error = ProtocolError(f"{conn.describe}: unexpected "
+                                          f"{type(msg).__name__} in CopyBoth mode")
+                    break
+                conn._messages.take_copy_data(payloads)
+                msg = conn._messages.next_backend()
+        except ProtocolError as err:
+            error = err
+        if payloads and not self.ended:
+            self.sink.copy_data(payloads)
+        if error is not None:
+            self.end(error)
+
+    def end(self, error: BaseException) -> None:
+        if not self.ended:
+            self.ended = True
+            self.sink.stream_ended(error)
+
+    def eof_received(self) -> bool | None:
+        self.end(Unavailable(f"{self.stream._conn.describe} closed the connection"))
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        detail = f": {exc}" if exc is not None else ""
+        self.end(Unavailable(f"connection to {self.stream._conn.describe} lost{detail}"))

@@ -3,19 +3,24 @@
 A receiver connects with `replication="true"` (strata.pg.pgclient), asks `IDENTIFY_SYSTEM`
 (`identify_system`), opens `START_REPLICATION SLOT <slot> PHYSICAL <lsn>`, then reads the
 stream a batch at a time (`read_batch`): the first message it waits for plus every message
-already buffered, so that one fsync and one standby status update cover them all.
+already buffered, so that one fsync and one standby status update cover them all; or, for a
+receiver fed from the transport's data callback (`CopyBothStream.divert`), `decode_batch`
+of a chunk's payloads.
 Used by the pageserver's development-mode receiver (pageserver/walreceiver.py) and by a
 safekeeper that pulls WAL (safekeeper/pull.py).
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from strata.common.errors import ProtocolError, Unavailable
 from strata.common.lsn import Lsn
 from strata.pg import wire
 from strata.pg.pgclient import CopyBothStream, PgConnection
+from strata.pg.wire import XLogData
 
 DEFAULT_BATCH_BYTES = 1 << 22  # WAL taken into one batch at most (then: fsync, feedback)
 
@@ -63,26 +68,61 @@ async def read_batch(stream: CopyBothStream, expected: Lsn, *,
         raise Unavailable(f"{stream.command!r}: the sender ended the replication stream "
                           "(CopyDone)")
     batch = ReplicationBatch(end_lsn=expected)
+    end = expected.value
     size = 0
     while payload is not None:
-        match wire.decode_replication(payload):
-            case wire.XLogData(start_lsn=start, end_lsn=end, data=data):
-                if start != batch.end_lsn.value:
-                    raise ProtocolError(f"XLogData at {Lsn(start)} but the stream is at "
-                                        f"{batch.end_lsn}; it has a gap")
-                if data:
-                    batch.pieces.append((batch.end_lsn, data))
-                batch.end_lsn += len(data)
-                size += len(data)
-                batch.server_end_lsn = Lsn(max(end, batch.end_lsn.value))
-            case wire.PrimaryKeepalive(end_lsn=end, reply_requested=requested):
-                batch.server_end_lsn = Lsn(end)
-                batch.reply_requested = batch.reply_requested or requested
-            case msg:
-                raise ProtocolError(f"unexpected {type(msg).__name__} from a walsender")
+        end = _add_message(batch, end, payload)
+        size = end - expected.value
         payload = stream.next_buffered() if size < max_bytes else None
+    batch.end_lsn = Lsn(end)
     return batch
 
 
-__all__ = ["DEFAULT_BATCH_BYTES", "ReplicationBatch", "SystemIdentity", "identify_system",
-           "read_batch"]
+def decode_batch(payloads: Sequence[bytes], expected: Lsn) -> ReplicationBatch:
+    """The batch that these CopyData payloads of a physical replication stream make, in
+    order (what `read_batch` does once the payloads have arrived); `expected` is where the
+    next XLogData must start (a gap is a ProtocolError)."""
+    batch = ReplicationBatch(end_lsn=expected)
+    end = expected.value
+    for payload in payloads:
+        end = _add_message(batch, end, payload)
+    batch.end_lsn = Lsn(end)
+    return batch
+
+
+_XLOGDATA_HEADER = struct.Struct(">QQq")  # 'w': start, the sender's end, send time
+_KEEPALIVE = struct.Struct(">QqB")  # 'k': the sender's end, send time, reply requested
+
+
+def _add_message(batch: ReplicationBatch, end: int, payload: bytes) -> int:
+    """Add one replication message to `batch`, whose WAL ends at `end` so far; the new
+    end. The two messages a walsender sends are decoded here without
+    `wire.decode_replication`'s objects (once per message on the commit path of pull
+    mode); anything else goes through it, for its checks and errors."""
+    kind = payload[0] if payload else -1
+    if kind == _W and len(payload) >= XLogData.HEADER_BYTES:
+        start, server_end, _ = _XLOGDATA_HEADER.unpack_from(payload, 1)
+        if start != end:
+            raise ProtocolError(f"XLogData at {Lsn(start)} but the stream is at "
+                                f"{Lsn(end)}; it has a gap")
+        size = len(payload) - XLogData.HEADER_BYTES
+        if size:
+            batch.pieces.append((Lsn(end), payload[XLogData.HEADER_BYTES:]))
+            end += size
+        batch.server_end_lsn = Lsn(max(server_end, end))
+        return end
+    if kind == _K and len(payload) == _KEEPALIVE.size + 1 and payload[-1] <= 1:
+        server_end, _, requested = _KEEPALIVE.unpack_from(payload, 1)
+        batch.server_end_lsn = Lsn(server_end)
+        batch.reply_requested = batch.reply_requested or requested == 1
+        return end
+    msg = wire.decode_replication(payload)  # raises ProtocolError if it is malformed
+    raise ProtocolError(f"unexpected {type(msg).__name__} from a walsender")
+
+
+_W = ord("w")
+_K = ord("k")
+
+
+__all__ = ["DEFAULT_BATCH_BYTES", "ReplicationBatch", "SystemIdentity", "decode_batch",
+           "identify_system", "read_batch"]

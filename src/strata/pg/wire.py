@@ -603,6 +603,9 @@ def _decode_backend(tag: int, body: bytes) -> BackendMessage:
 
 # --- the stream reader ------------------------------------------------------------
 
+_COPY_DATA = ord("d")
+
+
 class MessageReader:
     """Splits a byte stream of one direction into whole messages.
 
@@ -650,6 +653,26 @@ class MessageReader:
         if self.side == "frontend":
             return _decode_frontend(tag, body)
         return _decode_backend(tag, body)
+
+    def take_copy_data(self, out: list[bytes]) -> None:
+        """Append to `out` the payloads of the whole CopyData messages at the head of the
+        stream, up to the first other or incomplete message (left for `next()`, which
+        also reports a bad length). What `next()` would return as `CopyData`s, without a
+        message object each: a replication stream's hot path (pgclient's diverted
+        CopyBoth)."""
+        assert self.side == "backend", self.side
+        buf = self._buf
+        n = len(buf)
+        pos = 0
+        while n - pos >= 5 and buf[pos] == _COPY_DATA:
+            length = int(_I32.unpack_from(buf, pos + 1)[0])
+            end = pos + 1 + length
+            if length < 4 or length > self.max_message_bytes or end > n:
+                break
+            out.append(bytes(buf[pos + 5:end]))
+            pos = end
+        if pos:
+            del buf[:pos]
 
     def next_backend(self) -> BackendMessage | None:
         """`next()` typed for `side="backend"`."""

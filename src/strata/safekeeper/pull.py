@@ -6,16 +6,20 @@ replication client (application name = the slot name, which the compute's
 `synchronous_standby_names` counts), checks its system id (and, if the `PullFrom` named
 one, its `strata.compute_id`: a compute restarted on the same address is another compute,
 whose WAL belongs to a later term), runs `START_REPLICATION SLOT
-<slot> PHYSICAL <the acceptor's flush LSN>` and hands every batch of XLogData to
-`Timeline.apply_pulled` (one fsync per batch, then one standby status update with write =
-flush = apply = the durable end, sent at once: no timer; and an `AppendResponse` to the
-proposer connection that sent the `PullFrom`, at most every `pull_answer_interval_s`).
+<slot> PHYSICAL <the acceptor's flush LSN>` and applies every batch of XLogData (one fsync
+per batch, then one standby status update with write = flush = apply = the durable end,
+sent at once: no timer; and an `AppendResponse` to the proposer connection that sent the
+`PullFrom`, at most every `pull_answer_interval_s`). The stream is diverted to
+`copy_data` (`CopyBothStream.divert`): a chunk read from the socket is one batch, applied
+in that callback when the timeline lock is free (`Timeline.try_apply_pulled`, the fast
+path: no coroutine hop), else queued in order for a drain task (`Timeline.apply_pulled`).
 
 `close()` is synchronous and runs in the timeline's event loop while it holds the timeline
 lock (the `ClosePull` before a higher term's promise): it aborts the socket (anything still
 buffered for the compute is dropped) and cancels the task, so no status update of the old
-term can follow the promise; a batch that was waiting for the lock finds the puller closed
-and applies nothing.
+term can follow the promise; a batch that was waiting for the lock (queued, or its drain
+task) finds the puller closed and applies nothing, and no data callback comes after the
+abort.
 
 A dropped connection (the compute restarted, a network error) is retried with bounded
 backoff, resuming at the acceptor's flush LSN, as long as the acceptor still pulls from this
@@ -33,13 +37,18 @@ from typing import TYPE_CHECKING
 
 from strata.common.errors import StrataError
 from strata.common.logctx import timeline_context
+from strata.common.lsn import Lsn
 from strata.pg import wire
 from strata.pg.pgclient import CopyBothStream, PgConnection, ServerError
-from strata.pg.replication import identify_system, read_batch
+from strata.pg.replication import (
+    DEFAULT_BATCH_BYTES,
+    ReplicationBatch,
+    decode_batch,
+    identify_system,
+)
 from strata.safekeeper.acceptor import PullSource
 
 if TYPE_CHECKING:
-    from strata.common.lsn import Lsn
     from strata.safekeeper.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -71,6 +80,14 @@ class WalPuller:
         self.answer_timer: asyncio.TimerHandle | None = None
         self._conn: PgConnection | None = None
         self._stream: CopyBothStream | None = None
+        # The session's stream (copy_data): where the next XLogData must start, its end
+        # (set with the error that ends it), and the batches waiting for the timeline lock.
+        self.fast_batches = 0  # batches applied in the data callback (try_apply_pulled)
+        self._expected = Lsn(0)
+        self._ended: asyncio.Future[None] | None = None
+        self._queue: list[ReplicationBatch] = []
+        self._queued_bytes = 0
+        self._drain: asyncio.Task[None] | None = None
         self.task: asyncio.Task[None] = asyncio.create_task(
             self._run(), name=f"pull-{source.slot_name}-{source.term}")
 
@@ -159,12 +176,73 @@ class WalPuller:
         self.reported_lsn = None  # this walsender has been told nothing yet
         self.connections += 1
         log.info("pulling WAL from %s at %s", self.describe(), start)
-        expected = start
-        while not self.closed:
-            batch = await read_batch(stream, expected)
-            expected = batch.end_lsn
-            await tl.apply_pulled(self, batch.pieces, reply_requested=batch.reply_requested)
-            self.batches += 1
+        self._expected = start
+        ended = self._ended = asyncio.get_running_loop().create_future()
+        try:
+            stream.divert(self)  # batches now arrive in copy_data, applied there if it can
+            await ended  # the stream's end or the first failure, raised
+        finally:
+            if ended.done() and not ended.cancelled():
+                ended.exception()  # retrieved (raised above unless the task was cancelled)
+            self._ended = None
+            self._queue.clear()
+            self._queued_bytes = 0
+            if self._drain is not None:
+                self._drain.cancel()
+                self._drain = None
+
+    # --- the stream's batches (CopyBothStream.divert) ------------------------------------
+    def copy_data(self, payloads: list[bytes]) -> None:
+        """The payloads of one chunk read from the compute: one batch. Applied at once,
+        in this callback, when the timeline lock is free and nothing is queued before it
+        (`Timeline.try_apply_pulled`: no coroutine hop, no task); else queued for the
+        drain task, which applies the queue as one batch under the lock."""
+        ended = self._ended
+        if self.closed or ended is None or ended.done():
+            return
+        try:
+            batch = decode_batch(payloads, self._expected)
+            self._expected = batch.end_lsn
+            if not self._queue and self._drain is None and self.timeline.try_apply_pulled(
+                    self, batch.pieces, reply_requested=batch.reply_requested):
+                self.batches += 1
+                self.fast_batches += 1
+                return
+        except (StrataError, OSError) as err:
+            self._end(err)
+            return
+        self._queue.append(batch)
+        self._queued_bytes += batch.wal_bytes
+        if self._queued_bytes >= DEFAULT_BATCH_BYTES and self._stream is not None:
+            self._stream.pause_reading()  # the compute waits in its socket meanwhile
+        if self._drain is None:
+            self._drain = asyncio.create_task(self._drain_queue(),
+                                              name=f"pull-drain-{self.source.slot_name}")
+
+    async def _drain_queue(self) -> None:
+        """Apply what `copy_data` queued (all of it as one batch) under the lock."""
+        try:
+            while self._queue and not self.closed:
+                queue, self._queue = self._queue, []
+                self._queued_bytes = 0
+                if self._stream is not None:
+                    self._stream.resume_reading()
+                pieces = [piece for batch in queue for piece in batch.pieces]
+                requested = any(batch.reply_requested for batch in queue)
+                await self.timeline.apply_pulled(self, pieces, reply_requested=requested)
+                self.batches += 1
+        except (StrataError, OSError) as err:
+            self._end(err)
+        finally:
+            self._drain = None
+
+    def stream_ended(self, error: BaseException) -> None:
+        self._end(error)
+
+    def _end(self, error: BaseException) -> None:
+        ended = self._ended
+        if ended is not None and not ended.done():
+            ended.set_exception(error)
 
     async def _check_compute_id(self, conn: PgConnection) -> None:
         """The compute at the source's address must be the one the proposer named: after a
@@ -200,6 +278,6 @@ class WalPuller:
         s = self.source
         return {"term": s.term, "host": s.host, "port": s.port, "slot_name": s.slot_name,
                 "connected": self._stream is not None, "connections": self.connections,
-                "batches": self.batches,
+                "batches": self.batches, "fast_batches": self.fast_batches,
                 "reported_lsn": None if self.reported_lsn is None else str(self.reported_lsn),
                 "last_error": self.last_error}

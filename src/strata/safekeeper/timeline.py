@@ -6,8 +6,9 @@ actions of one `Acceptor.handle()` run in order, each finished before the next s
 `FlushWal`/`TruncateWal` fsync before any later reply, so every reply vouches only for
 durable state. That I/O runs on the event loop's thread with nothing awaited in between,
 so a cancelled connection cannot interrupt a message halfway (the in-memory acceptor
-would otherwise be ahead of the disk). One `asyncio.Lock` orders messages from all
-connections and the WAL reads of walsenders.
+would otherwise be ahead of the disk). One lock (`StepLock`, FIFO) orders messages from all
+connections, the batches of pulled WAL and the WAL reads of walsenders; pull mode takes it
+synchronously when it is free (`try_apply_pulled`).
 
 Restart (`Timeline.open`): load the control file, check that all the WAL held is valid
 (records decoded with CRCs) up to the durable commit LSN, give the WAL from the scan point
@@ -44,6 +45,7 @@ from strata.common.durable import TEMP_SUFFIX, fsync_dir
 from strata.common.errors import CorruptionError, NotFound, ProtocolError, Unavailable
 from strata.common.failpoint import failpoint
 from strata.common.lsn import Lsn
+from strata.common.steplock import StepLock
 from strata.remote.timeline_client import latest_index
 from strata.safekeeper import control_file, wal_backup
 from strata.safekeeper.acceptor import (
@@ -199,7 +201,8 @@ class Timeline:
         self.wal = wal
         self.wal_keep_bytes = wal_keep_bytes
         self.acceptor = self._recover()
-        self.lock = asyncio.Lock()
+        self.lock = StepLock()  # try_acquire: pull mode's fast path (pull.py)
+        self._reloading: asyncio.Future[None] | None = None  # try_apply_pulled's reload
         self.broken: str | None = None  # an I/O failure: refuse everything from now on
         self.deleted: str | None = None  # deleted: refuse everything with this NotFound
         self.gone = asyncio.Event()  # set once deleted: the connections serving it end
@@ -367,44 +370,86 @@ class Timeline:
         (`_answer_pull`). Nothing at all once `puller` was closed."""
         self.check_usable()
         async with self.lock:
-            if puller.closed or self.puller is not puller:
-                return
-            self.check_usable()
-            self.counters.pull_batches += 1
-            if len(pieces) > 1:
-                pieces = [(pieces[0][0], b"".join(data for _, data in pieces))]
-            term = puller.source.term
-            flush_before = self.acceptor.flush_lsn
-            replies: list[bytes] = []
-            self._flush_pending = False
-            self._pull_feedback = None
             try:
-                for begin, data in pieces:
-                    self.counters.pull_bytes += len(data)
-                    try:
-                        actions = self.acceptor.pulled_wal(term, begin, data)
-                    except ProtocolError as err:
-                        self._flush_deferred()
-                        log.error("pulled WAL refused, pull stopped: %s", err)
-                        await self._reload()  # the acceptor forgot its pull: stop it
-                        raise
-                    self._apply(actions, replies)
-                self._flush_deferred()
-            finally:
-                feedback, self._pull_feedback = self._pull_feedback, None
-            assert not replies, replies
-            if feedback is None and reply_requested:
-                feedback = self.acceptor.pull_report()  # nothing new: say where we are
-            if feedback is not None and (reply_requested or puller.reported_lsn is None or
-                                         feedback > puller.reported_lsn):
-                puller.send_status(feedback)  # unless held at the PullLimit already
-            if self.acceptor.flush_lsn > flush_before and puller.answer_timer is None:
-                wait = puller.answered_s + self.pull_answer_interval_s - time.monotonic()
-                if wait <= 0:
-                    self._answer_pull(puller)
-                else:  # the answer then carries this batch's position and any later one's
-                    puller.answer_timer = asyncio.get_running_loop().call_later(
-                        wait, self._answer_pull, puller)
+                self._apply_pulled_locked(puller, pieces, reply_requested)
+            except ProtocolError:
+                await self._reload()  # the acceptor forgot its pull: stop it
+                raise
+
+    def try_apply_pulled(self, puller: WalPuller, pieces: Sequence[tuple[Lsn, bytes]], *,
+                         reply_requested: bool = False) -> bool:
+        """`apply_pulled` without waiting: done now (True) if nobody holds or waits for the
+        lock, else nothing (False: the caller awaits `apply_pulled`). Pull mode's fast path
+        (pull.py): a batch applied from the replication connection's data callback, with
+        no coroutine hop. A refused batch (ProtocolError) leaves the lock held by a task
+        that reloads the acceptor from disk, as `apply_pulled` does before it raises."""
+        self.check_usable()
+        if not self.lock.try_acquire():
+            return False
+        release = True
+        try:
+            self._apply_pulled_locked(puller, pieces, reply_requested)
+        except ProtocolError:
+            release = False  # the reload task has the lock now
+            self._reloading = asyncio.ensure_future(self._reload_and_release())
+            raise
+        finally:
+            if release:
+                self.lock.release()
+        return True
+
+    async def _reload_and_release(self) -> None:
+        try:
+            await self._reload()
+        except (Unavailable, asyncio.CancelledError) as err:
+            log.error("reloading timeline %s after refused pulled WAL: %s",
+                      self.state.timeline_id, err)
+        finally:
+            self.lock.release()
+
+    def _apply_pulled_locked(self, puller: WalPuller, pieces: Sequence[tuple[Lsn, bytes]],
+                             reply_requested: bool) -> None:
+        """`apply_pulled`'s step, under the lock, with nothing awaited. A ProtocolError
+        (refused WAL) is raised after the deferred flush: the caller reloads."""
+        if puller.closed or self.puller is not puller:
+            return
+        self.check_usable()
+        counters = self.counters
+        counters.pull_batches += 1
+        if len(pieces) > 1:
+            pieces = [(pieces[0][0], b"".join([data for _, data in pieces]))]
+        term = puller.source.term
+        acceptor = self.acceptor
+        flush_before = acceptor.flush_lsn
+        replies: list[bytes] = []
+        self._flush_pending = False
+        self._pull_feedback = None
+        try:
+            for begin, data in pieces:
+                counters.pull_bytes += len(data)
+                try:
+                    actions = acceptor.pulled_wal(term, begin, data)
+                except ProtocolError as err:
+                    self._flush_deferred()
+                    log.error("pulled WAL refused, pull stopped: %s", err)
+                    raise
+                self._apply(actions, replies)
+            self._flush_deferred()
+        finally:
+            feedback, self._pull_feedback = self._pull_feedback, None
+        assert not replies, replies
+        if feedback is None and reply_requested:
+            feedback = acceptor.pull_report()  # nothing new: say where we are
+        if feedback is not None and (reply_requested or puller.reported_lsn is None or
+                                     feedback > puller.reported_lsn):
+            puller.send_status(feedback)  # unless held at the PullLimit already
+        if puller.answer_timer is None and acceptor.flush_lsn > flush_before:
+            wait = puller.answered_s + self.pull_answer_interval_s - time.monotonic()
+            if wait <= 0:
+                self._answer_pull(puller)
+            else:  # the answer then carries this batch's position and any later one's
+                puller.answer_timer = asyncio.get_running_loop().call_later(
+                    wait, self._answer_pull, puller)
 
     def _answer_pull(self, puller: WalPuller) -> None:
         """The pull's `AppendResponse` (the acceptor's durable position) to the proposer

@@ -106,6 +106,8 @@ class WalStorage:
         return fd
 
     def _close_idle(self) -> None:
+        if len(self._fds) <= _MAX_OPEN_FILES:
+            return  # the usual case: no list of the open files per flush
         for segno in list(self._fds):
             if len(self._fds) <= _MAX_OPEN_FILES:
                 break
