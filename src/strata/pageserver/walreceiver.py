@@ -206,8 +206,13 @@ class WalReceiver:
                 reported_apply = await self._send_status(stream, received, False)
                 last_status = loop.time()
                 continue
-            for start, data in batch.pieces:
-                self.wal_log.append(start, data)
+            if len(batch.pieces) == 1:
+                self.wal_log.append(*batch.pieces[0])
+            elif batch.pieces:
+                # One write (and one piece of the log's in-memory tail) for the batch:
+                # its pieces are contiguous (read_batch).
+                self.wal_log.append(batch.pieces[0][0],
+                                    b"".join(data for _, data in batch.pieces))
             received = batch.end_lsn.value
             if batch.server_end_lsn:
                 self.server_end_lsn = batch.server_end_lsn
