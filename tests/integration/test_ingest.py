@@ -37,6 +37,7 @@ from strata.pg.crc import crc32c
 from strata.pg.relfile import RelTag, parse_path, relation_path
 from strata.pg.slru import SlruKind, clog_get_status, clog_page, page_in_segment, segment_of_page
 from strata.pg.walreader import read_wal_files
+from strata.storage import timeline as timeline_module
 from strata.storage.key import (
     checkpoint_key,
     relmap_key,
@@ -46,6 +47,8 @@ from strata.storage.key import (
 )
 from strata.storage.repository import Repository
 from strata.storage.timeline import Timeline, TimelineBroken
+
+SLRU_BOUND = 8  # timeline.SLRU_IMAGE_DELTAS in the reproduction test
 
 EXTRAS = [
     # GiST built empty, then filled: PAGE_SPLIT and PAGE_UPDATE with a left child.
@@ -143,9 +146,13 @@ def _unlogged_relnodes(server: PgServer) -> set[tuple[int, int]]:
 
 
 def test_import_and_ingest_reproduce_the_data_directory(
-        pg_factory: Callable[..., PgServer], test_dir: Path) -> None:
+        pg_factory: Callable[..., PgServer], test_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Import + ingest of every record since initdb gives exactly PostgreSQL's pages,
-    sizes, pg_xact, relmaps, two-phase state and counters at the final LSN."""
+    sizes, pg_xact, relmaps, two-phase state and counters at the final LSN. SLRU delta
+    chains are bounded at `SLRU_BOUND` deltas here, so the workload's few dozen commits
+    also store pg_xact images ingest built from them."""
+    monkeypatch.setattr(timeline_module, "SLRU_IMAGE_DELTAS", SLRU_BOUND)
     server = pg_factory("pg")
     server.initdb()
     bootstrap = _copy_bootstrap(server, test_dir)
@@ -246,13 +253,17 @@ def _check_sizes(timeline: Timeline, datadir: Path, lsn: Lsn,
 
 
 def _check_pg_xact(timeline: Timeline, server: PgServer, lsn: Lsn) -> None:
-    """The status of every xid PostgreSQL has assigned equals the data directory's."""
+    """The status of every xid PostgreSQL has assigned equals the data directory's, with
+    the pages' delta chains bounded (ingest turned some commits' deltas into images)."""
+    assert timeline.slru_images_written > 0
     next_xid = int(server.sql("select txid_current()")[0][0]) & 0xFFFFFFFF
     server.sql("checkpoint")  # flush the pg_xact buffers (touches no relation page)
     pages = {clog_page(xid) for xid in range(3, next_xid)}
     for page in sorted(pages):
         segno, blkno = segment_of_page(page), page_in_segment(page)
-        ours = timeline.get(slru_block_key(SlruKind.CLOG, segno, blkno), lsn)
+        key = slru_block_key(SlruKind.CLOG, segno, blkno)
+        ours = timeline.get(key, lsn)
+        assert timeline.delta_chain(key, lsn) <= SLRU_BOUND, page
         path = server.datadir / "pg_xact" / f"{segno:04X}"
         theirs = path.read_bytes()[blkno * BLCKSZ:(blkno + 1) * BLCKSZ]
         first, last = page * 32768, min((page + 1) * 32768, next_xid)
