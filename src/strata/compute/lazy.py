@@ -56,8 +56,7 @@ from strata.common.proc import RunAs, chown_tree
 from strata.compute import fuse_early
 from strata.compute.compute import Compute, ComputeConfig
 from strata.compute.fuse_early import FUSE_LIBRARY_ENV
-from strata.compute.lazyfs.layout import TREE
-from strata.compute.lazyfs.manifest import MANIFEST_NAME
+from strata.compute.lazyfs import MANIFEST_NAME, TREE
 from strata.compute.lazyfs.watch import FUSERMOUNT, detach
 from strata.compute.pgserver import PgServer
 from strata.pageserver.client import read_basebackup

@@ -9,4 +9,13 @@ the basebackup's relation list into segment files, which `layout.py` creates in 
 store on first use; `fs.py` is the file system and
 `__main__.py` the FUSE server's process (`python -m strata.compute.lazyfs mount ...`) and
 `watch.py` its watchdog's (`python -m strata.compute.lazyfs.watch ...`).
+
+The two names below are here, not in `manifest.py` and `layout.py`, so that the CLI's
+`strata.compute.lazy` reaches them without importing those modules and their dataclasses.
 """
+
+MANIFEST_NAME = "strata_lazy_rels"
+"""The basebackup's list of relation files (`manifest.py`), moved into the store."""
+
+TREE = "tree"
+"""The store's directory of files that the FUSE server serves (`layout.py`)."""

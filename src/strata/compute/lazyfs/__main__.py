@@ -36,10 +36,11 @@ from strata.common.errors import StrataError
 from strata.common.ids import TenantId, TimelineId
 from strata.common.logctx import setup_logging, timeline_context
 from strata.common.lsn import Lsn
+from strata.compute.lazyfs import TREE
 from strata.compute.lazyfs.blockstate import DEFAULT_MAX_WINDOW
 from strata.compute.lazyfs.fetcher import PageFetcher
 from strata.compute.lazyfs.fs import LazyFs
-from strata.compute.lazyfs.layout import TREE, plan_layout
+from strata.compute.lazyfs.layout import plan_layout
 from strata.compute.lazyfs.opstats import Counted, OpStats
 from strata.compute.lazyfs.prewarm import ReadLog, load, prewarm
 from strata.compute.lazyfs.watch import FUSERMOUNT, detach

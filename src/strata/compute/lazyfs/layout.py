@@ -31,14 +31,13 @@ import threading
 from pathlib import Path
 
 from strata.common.errors import UserError
+from strata.compute.lazyfs import MANIFEST_NAME, TREE
 from strata.compute.lazyfs.blockstate import DEFAULT_MAX_WINDOW, RemoteFile
-from strata.compute.lazyfs.manifest import MANIFEST_NAME, parse_manifest, segment_files
+from strata.compute.lazyfs.manifest import parse_manifest, segment_files
 from strata.pg.constants import BLCKSZ
 from strata.pg.controlfile import ControlFileData
 
 log = logging.getLogger(__name__)
-
-TREE = "tree"
 
 
 class Layout:

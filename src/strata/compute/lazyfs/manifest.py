@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from strata.common.errors import CorruptionError, UserError
+from strata.compute.lazyfs import MANIFEST_NAME
 from strata.pg.constants import DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID, ForkNumber
 from strata.pg.relfile import RelTag, relation_path, relation_segments
-
-MANIFEST_NAME = "strata_lazy_rels"
 
 
 @dataclass(frozen=True, slots=True)

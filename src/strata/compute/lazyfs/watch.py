@@ -11,7 +11,6 @@ take ~0.2 s of CPU from that start on a small machine for nothing it uses.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import select
@@ -20,8 +19,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from strata.common.logctx import setup_logging
+
+if TYPE_CHECKING:  # argparse only in the watchdog's process, not in the CLI's (`detach`)
+    import argparse
 
 log = logging.getLogger("strata.compute.lazyfs")
 
@@ -99,6 +102,8 @@ def watch_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="python -m strata.compute.lazyfs.watch",
                                      description="stop PostgreSQL and the file system "
                                                  "together")
