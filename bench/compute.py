@@ -222,11 +222,11 @@ def stock_start_s(base: Path, tries: int = 3) -> float:
     return statistics.median(times)
 
 
-def _cli_start(repo: Path) -> tuple[float, dict[str, float], str]:
-    """`strata endpoint start main --json` to the first query answered: (seconds, the
+def _cli_start(repo: Path, endpoint: str = "main") -> tuple[float, dict[str, float], str]:
+    """`strata endpoint start ENDPOINT --json` to the first query answered: (seconds, the
     command's phases, connection string)."""
     t = time.monotonic()
-    started = json.loads(_strata(repo, "endpoint", "start", "main", "--json"))
+    started = json.loads(_strata(repo, "endpoint", "start", endpoint, "--json"))
     with psycopg.connect(started["local_connstr"], autocommit=True) as conn:
         row = conn.execute("select count(*) from pgbench_branches").fetchone()
     assert row is not None and row[0] > 0, row

@@ -40,7 +40,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from bench._stockdb import import_tenant, stock_pgbench_datadir
-from bench.compute import _strata, cli_starts, stock_start_s
+from bench.compute import _cli_start, _strata, cli_starts, stock_start_s
 from bench.report import Report
 from strata.common.proc import ensure_traversable, pg_bindir, run_as, service_user
 
@@ -127,14 +127,7 @@ def branch_starts(report: Report, base: Path, xacts: int, branches: int = 2) -> 
             name = f"b{i}"
             _strata(repo, "timeline", "branch", name, "--parent", "main")
             _strata(repo, "endpoint", "create", name, "--branch", name)
-            t = time.monotonic()
-            started = json.loads(_strata(repo, "endpoint", "start", name, "--json"))
-            with psycopg.connect(started["local_connstr"], autocommit=True) as conn:
-                row = conn.execute("select count(*) from pgbench_branches").fetchone()
-            assert row is not None and row[0] > 0, row
-            elapsed = time.monotonic() - t
-            phases = dict(started["phases_s"])
-            phases["first_query"] = elapsed - float(started["total_s"])
+            elapsed, phases, _url = _cli_start(repo, name)
             served = _pageserver_basebackup_s(repo)
             if served is not None:
                 phases["basebackup.pageserver"] = served
