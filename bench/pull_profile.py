@@ -17,7 +17,11 @@ process on the commit path, and what the compute's backends and walsenders wait 
   `strata_pull_answer_each` (the same with the
   safekeepers' `--pull-answer-interval-ms 0`: an `AppendResponse` to the sidecar after every
   fsync batch of pulled WAL instead of at most one per 20 ms), `pull3` (three bare Python
-  receivers, bench/commit_pull.py).
+  receivers, bench/commit_pull.py), `stock_sync1` (issue 13's baseline, what `bench/run
+  safekeepers` compares against: stock PostgreSQL, fsync on, synchronous replication to one
+  stock standby (bench/safekeepers.py `_stock_sync_rep`); its primary's walsender is
+  `pg_walsender_other`, the standby's processes `standby_walreceiver`, `standby_startup`
+  and `standby_other` (its postmaster, checkpointer, background writer)).
 
 Each round runs pgbench (TPC-B and -N at -c 4; --quick: 8 s, 1 round; else 15 s, 2
 rounds) on each setup in turn (alternating, so the other helpers' load hits them alike)
@@ -119,6 +123,9 @@ class Setup:
     services: dict[str, list[int]]  # kind -> pids (with their descendants)
     threads: dict[str, int] = field(default_factory=dict)  # kind -> a thread of this process
     check: Callable[[], None] = lambda: None  # raises if the setup went wrong (fenced)
+    # kind -> pids counted alone (not their descendants: a standby's postmaster, whose
+    # children are counted by kind in `services`)
+    alone: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _postgres_kind(pid: int, walsender_names: dict[int, str]) -> str:
@@ -170,6 +177,11 @@ class CpuMeter:
                     if sst is not None:
                         snap[(kind, pid)] = (kind, sst[0] + (sst[1] if pid == top else 0.0))
                         snap[(kind + SYS, pid)] = (kind + SYS, sst[3])
+        for kind, pids in self.setup.alone.items():
+            for pid in pids:
+                ast = _stat(pid)
+                if ast is not None:
+                    snap[(kind, pid)] = (kind, ast[0])
         for kind, tid in self.setup.threads.items():
             tst = _stat(os.getpid(), tid)
             if tst is not None:
@@ -300,6 +312,26 @@ def _renice(pid: int, nice: int) -> None:
             group.write_text(str(nice))
 
 
+def _stock_sync1(stack: contextlib.ExitStack, base: Path) -> Setup:
+    """bench/safekeepers.py's stock_sync_rep: a stock primary (fsync on) replicating
+    synchronously to one stock standby; the standby's processes by kind."""
+    from bench.safekeepers import _stock_sync_rep
+
+    primary = _stock_sync_rep(stack, base, 1, "stock_sync1-")
+    pid_file = base / "stock_sync1-standby" / "postmaster.pid"
+    standby_pm = int(pid_file.read_text().split()[0])
+    services: dict[str, list[int]] = {"standby_walreceiver": [], "standby_startup": [],
+                                      "standby_other": []}
+    for pid in _children(standby_pm):
+        cmd = _cmdline(pid)
+        kind = "standby_walreceiver" if "walreceiver" in cmd else \
+            "standby_startup" if "startup" in cmd else "standby_other"
+        services[kind].append(pid)
+    assert services["standby_walreceiver"] and services["standby_startup"], \
+        f"stock_sync1: no walreceiver or startup process under the standby {standby_pm}"
+    return Setup("stock_sync1", primary, services, alone={"standby_other": [standby_pm]})
+
+
 def _setups(stack: contextlib.ExitStack, base: Path, names: list[str]) -> list[Setup]:
     from bench.commit_pull import _pull
     from bench.sk_pull import sk_pull_setup
@@ -320,6 +352,8 @@ def _setups(stack: contextlib.ExitStack, base: Path, names: list[str]) -> list[S
         elif name == "strata_pull_answer_each":
             setups.append(_strata_pull(stack, base, name,
                                        safekeeper_args=["--pull-answer-interval-ms", "0"]))
+        elif name == "stock_sync1":
+            setups.append(_stock_sync1(stack, base))
         elif name == "sk_pull3":
             primary, sks = sk_pull_setup(stack, base / "sk_pull3")
             setups.append(Setup(name, primary, {"safekeepers": [
