@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from strata.pg.constants import (
     BLCKSZ,
@@ -35,9 +36,13 @@ _OID = r"[1-9][0-9]{0,9}"
 _FILE = re.compile(rf"^({_OID})(_fsm|_vm|_init)?(?:\.({_OID}))?$")
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class RelTag:
-    """One fork of one relation (relfilenode.h RelFileNode + ForkNumber)."""
+class RelTag(NamedTuple):
+    """One fork of one relation (relfilenode.h RelFileNode + ForkNumber).
+
+    A tuple (a `NamedTuple`), not a dataclass: ingest looks a fork up in the timeline's
+    size cache on every block put, and a tuple's hash and equality run in C where a
+    dataclass's are Python calls; its order (field by field) is the dataclass's.
+    """
 
     spcnode: int
     dbnode: int

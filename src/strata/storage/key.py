@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from strata.pg.relfile import RelTag
 from strata.pg.slru import SlruKind
@@ -49,10 +50,7 @@ _SLRU_SEGMENT_SIZE = 0  # field5 of an SLRU segment-size key
 _SLRU_BLOCK = 1  # field5 of an SLRU block key
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Key:
-    """An 18-byte key; field order is comparison order (the same as byte order)."""
-
+class _KeyFields(NamedTuple):
     field1: int
     field2: int
     field3: int
@@ -60,18 +58,32 @@ class Key:
     field5: int
     field6: int
 
-    def __post_init__(self) -> None:
-        assert 0 <= self.field1 <= _U8, self
-        assert 0 <= self.field2 <= _U32, self
-        assert 0 <= self.field3 <= _U32, self
-        assert 0 <= self.field4 <= _U32, self
-        assert 0 <= self.field5 <= _U8, self
-        assert 0 <= self.field6 <= _U32, self
+
+class Key(_KeyFields):
+    """An 18-byte key; field order is comparison order (the same as byte order).
+
+    A tuple of its six fields (a `NamedTuple`), not a dataclass: ingest hashes a key on
+    every put and layer files sort them, and a tuple's hash, equality and order run in C
+    where a dataclass's are Python calls. The order, the equality of equal fields and the
+    encoding are the dataclass's; a `Key` also equals a plain tuple of the same six ints,
+    which nothing compares it with.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, field1: int, field2: int, field3: int, field4: int, field5: int,
+                field6: int) -> Key:
+        assert 0 <= field1 <= _U8, field1
+        assert 0 <= field2 <= _U32, field2
+        assert 0 <= field3 <= _U32, field3
+        assert 0 <= field4 <= _U32, field4
+        assert 0 <= field5 <= _U8, field5
+        assert 0 <= field6 <= _U32, field6
+        return tuple.__new__(cls, (field1, field2, field3, field4, field5, field6))
 
     # --- encoding ---------------------------------------------------------
     def to_bytes(self) -> bytes:
-        return _KEY.pack(self.field1, self.field2, self.field3, self.field4,
-                         self.field5, self.field6)
+        return _KEY.pack(*self)
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Key:
