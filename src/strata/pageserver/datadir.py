@@ -251,7 +251,12 @@ _CHECKPOINT_KEY = checkpoint_key()  # put once per transaction by ingest: made o
 
 
 def put_checkpoint(timeline: Timeline, lsn: Lsn, checkpoint: CheckPoint) -> None:
-    timeline.put(_CHECKPOINT_KEY, lsn, Image(checkpoint.to_bytes()))
+    put_checkpoint_bytes(timeline, lsn, checkpoint.to_bytes())
+
+
+def put_checkpoint_bytes(timeline: Timeline, lsn: Lsn, encoded: bytes) -> None:
+    """`put_checkpoint` of a checkpoint already encoded (`CheckPoint.to_bytes`)."""
+    timeline.put(_CHECKPOINT_KEY, lsn, Image(encoded))
 
 
 def get_checkpoint(timeline: Timeline, lsn: Lsn) -> CheckPoint:

@@ -34,6 +34,7 @@ from strata.pageserver.datadir import (
     get_checkpoint,
     get_relmap,
     put_checkpoint,
+    put_checkpoint_bytes,
     put_database,
     put_relmap,
     put_slru_segment_size,
@@ -45,6 +46,7 @@ from strata.pageserver.datadir import (
 )
 from strata.pg import records as rec_types
 from strata.pg import slru
+from strata.pg.checkpoint import CheckPoint, with_next_xid_bytes
 from strata.pg.constants import (
     BLCKSZ,
     XLOG_GIST_PAGE_SPLIT,
@@ -221,10 +223,17 @@ class WalIngest:
         self.timeline = timeline
         lsn = timeline.last_record_lsn
         try:
-            self.checkpoint = get_checkpoint(timeline, lsn)
+            checkpoint = get_checkpoint(timeline, lsn)
         except NotFound as err:
             raise NotFound(f"timeline {timeline.timeline_id} has no checkpoint at {lsn}: "
                            f"import a data directory into it before ingesting WAL") from err
+        # The checkpoint counters (`checkpoint`) as the CheckPoint of every counter but
+        # nextXid, which moves once per transaction and is kept apart as an int (making
+        # a 16-field CheckPoint per transaction cost more than the rest of a commit).
+        self._checkpoint = checkpoint
+        self._next_xid = checkpoint.next_xid
+        # `_checkpoint` and its encoding, which a new nextXid is spliced into.
+        self._encoded: tuple[CheckPoint, bytes] = (checkpoint, checkpoint.to_bytes())
         self.stats = IngestStats()
         # (spcnode, dbnode, relnode, forknum, blkno) -> (RelTag, Key) of recently written
         # blocks: making both costs more than the rest of a block's put. One RelTag per
@@ -237,6 +246,17 @@ class WalIngest:
         # a page header lies between), so it is its start LSN too without a new Lsn.
         self._last_end = timeline.last_record_lsn
         self._xid_seen = -1  # the xid `_advance_xid` saw last
+
+    @property
+    def checkpoint(self) -> CheckPoint:
+        """The checkpoint counters as of the last record applied."""
+        cp = self._checkpoint
+        return cp if cp.next_xid == self._next_xid else cp.with_next_xid(self._next_xid)
+
+    @checkpoint.setter
+    def checkpoint(self, checkpoint: CheckPoint) -> None:
+        self._checkpoint = checkpoint
+        self._next_xid = checkpoint.next_xid
 
     # --- entry point ----------------------------------------------------------------
     def ingest(self, record: DecodedRecord) -> None:
@@ -253,16 +273,20 @@ class WalIngest:
         self._check_images(record)
         decoded = decode(record)  # CorruptionError for a record that does not decode
         lsn = Lsn(record.end_lsn)
-        before = self.checkpoint
+        before, before_xid = self._checkpoint, self._next_xid
         try:
             self._advance_xid(record.xid)
             if record.blocks:
                 self._put_images(record, lsn)
             if decoded is not None:
                 self._apply(decoded, lsn)
-            # (`is not` first: the counters are replaced only when they change)
-            if self.checkpoint is not before and self.checkpoint != before:
-                put_checkpoint(tl, lsn, self.checkpoint)
+            if self._checkpoint is not before:
+                # (`is not` first: the counters other than nextXid are replaced only by
+                # the records that may change them)
+                if self.checkpoint != before.with_next_xid(before_xid):
+                    put_checkpoint(tl, lsn, self.checkpoint)
+            elif self._next_xid != before_xid:
+                put_checkpoint_bytes(tl, lsn, self._encode_checkpoint())
         except Exception as err:
             # Part of the record is stored and the rest cannot be: never serve that.
             tl.mark_broken(f"applying the {record_type_name(record.rmid, record.info)} "
@@ -339,14 +363,20 @@ class WalIngest:
             key = self._slru_keys[page] = slru_block_key(kind, segno, blkno)
         return key
 
+    def _encode_checkpoint(self) -> bytes:
+        """`self.checkpoint.to_bytes()`, from the last encoding of `_checkpoint`."""
+        cp, encoded = self._encoded
+        if cp is not self._checkpoint:
+            cp = self._checkpoint
+            encoded = cp.to_bytes()
+            self._encoded = (cp, encoded)
+        return with_next_xid_bytes(encoded, self._next_xid)
+
     def _advance_xid(self, xid: int) -> None:
         if xid == self._xid_seen:
             return  # nextXid only grows: past this xid already (a transaction's records)
         self._xid_seen = xid
-        cp = self.checkpoint
-        next_xid = advance_next_xid(cp.next_xid, xid)
-        if next_xid != cp.next_xid:
-            self.checkpoint = cp.with_next_xid(next_xid)
+        self._next_xid = advance_next_xid(self._next_xid, xid)
 
     # --- per record type ------------------------------------------------------------------
     def _apply(self, d: rec_types.Record, lsn: Lsn) -> None:

@@ -25,6 +25,16 @@ SIZE_OF_CHECKPOINT = 88
 # '<' = no implicit alignment; padding is spelled out with 'x' so the offsets above are explicit.
 _CHECKPOINT = struct.Struct("<QIIB7xQIIIIIII4xqIII4x")
 assert _CHECKPOINT.size == SIZE_OF_CHECKPOINT, _CHECKPOINT.size
+NEXT_XID_OFFSET = 24  # of nextXid (u64) in the struct
+_U64 = struct.Struct("<Q")
+
+
+def with_next_xid_bytes(encoded: bytes, next_xid: int) -> bytes:
+    """`encoded` (a `CheckPoint.to_bytes()`) with another nextXid: what
+    `CheckPoint.with_next_xid(next_xid).to_bytes()` gives, without the 16-field object
+    (ingest stores the checkpoint once per transaction, for its new nextXid)."""
+    return (encoded[:NEXT_XID_OFFSET] + _U64.pack(next_xid)
+            + encoded[NEXT_XID_OFFSET + _U64.size:])
 
 
 @dataclass(frozen=True, slots=True)
