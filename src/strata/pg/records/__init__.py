@@ -103,19 +103,21 @@ Record = (
 
 _Decoder = Callable[[Cursor, int, Sequence[BlockLike], int], "Record | None"]
 
+# The resource managers other than heap, heap2 and transaction (which `_decode` tests
+# first: most records are theirs), by id.
 _DECODERS: dict[int, _Decoder] = {
     RmgrId.XLOG: lambda cur, info, blocks, xid: xlog.decode(cur, info),
-    RmgrId.TRANSACTION: lambda cur, info, blocks, xid: xact.decode(cur, info, xid),
     RmgrId.STORAGE: lambda cur, info, blocks, xid: smgr.decode(cur, info),
     RmgrId.CLOG: lambda cur, info, blocks, xid: clog.decode(cur, info),
     RmgrId.DATABASE: lambda cur, info, blocks, xid: dbase.decode(cur, info),
     RmgrId.MULTIXACT: lambda cur, info, blocks, xid: multixact.decode(cur, info),
     RmgrId.RELMAP: lambda cur, info, blocks, xid: relmap.decode(cur, info),
     RmgrId.STANDBY: lambda cur, info, blocks, xid: standby.decode(cur, info),
-    RmgrId.HEAP2: lambda cur, info, blocks, xid: heap.decode_heap2(cur, info, blocks),
-    RmgrId.HEAP: lambda cur, info, blocks, xid: heap.decode_heap(cur, info, blocks),
     RmgrId.LOGICALMSG: lambda cur, info, blocks, xid: logicalmsg.decode(cur, info),
 }
+_HEAP = int(RmgrId.HEAP)
+_HEAP2 = int(RmgrId.HEAP2)
+_TRANSACTION = int(RmgrId.TRANSACTION)
 
 
 def decode_record(rmid: int, info: int, main_data: bytes,
@@ -127,6 +129,22 @@ def decode_record(rmid: int, info: int, main_data: bytes,
     xl_xid, which COMMIT and ABORT report as their top-level xid; `lsn` only goes
     into error messages. Raises `CorruptionError` for a record that does not decode.
     """
+    return _decode(rmid, info, main_data, blocks, xl_xid, lsn)
+
+
+def _decode(rmid: int, info: int, main_data: bytes, blocks: Sequence[BlockLike], xl_xid: int,
+            lsn: int | None) -> Record | None:
+    # Once per record ingested: the common resource managers are called directly, the
+    # rest through `_DECODERS`.
+    if rmid == _HEAP:
+        return heap.decode_heap(Cursor(bytes(main_data), rmid, info, lsn),
+                                info & XLR_RMGR_INFO_MASK, blocks)
+    if rmid == _TRANSACTION:
+        return xact.decode(Cursor(bytes(main_data), rmid, info, lsn),
+                           info & XLR_RMGR_INFO_MASK, xl_xid)
+    if rmid == _HEAP2:
+        return heap.decode_heap2(Cursor(bytes(main_data), rmid, info, lsn),
+                                 info & XLR_RMGR_INFO_MASK, blocks)
     decoder = _DECODERS.get(rmid)
     if decoder is None:
         return None
@@ -153,5 +171,5 @@ class DecodedRecordLike(Protocol):
 
 def decode(record: DecodedRecordLike) -> Record | None:
     """`decode_record` for a record from `strata.pg.walreader`."""
-    return decode_record(record.rmid, record.info, record.main_data, record.blocks,
-                         xl_xid=record.xid, lsn=record.lsn)
+    return _decode(record.rmid, record.info, record.main_data, record.blocks, record.xid,
+                   record.lsn)
