@@ -20,7 +20,13 @@ from strata.pg.relfile import RelTag
 from strata.pg.slru import SlruKind
 from strata.storage import timeline as timeline_module
 from strata.storage.compaction import compact
-from strata.storage.key import checkpoint_key, slru_block_key, twophase_key, twophase_range
+from strata.storage.key import (
+    Key,
+    checkpoint_key,
+    slru_block_key,
+    twophase_key,
+    twophase_range,
+)
 from strata.storage.repository import Repository
 from strata.storage.tenant import Tenant, TenantConfig
 from strata.storage.timeline import Timeline, TimelineBroken
@@ -614,6 +620,52 @@ def clog_page(xids: int) -> bytes:
     for xid in range(xids):
         data[xid // 4] |= 0x01 << (2 * (xid % 4))
     return bytes(data)
+
+
+def test_slru_images_are_built_from_the_kept_chain(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the first image, `put` builds each SLRU image from the page's last image and
+    the deltas it put since, without a read; a page whose chain was dropped (more pages
+    than `_SLRU_CHAINS_KEPT` imaged since) is read again. Both give the exact page."""
+    bound = timeline_module.SLRU_IMAGE_DELTAS
+    kept = timeline_module._SLRU_CHAINS_KEPT
+    key = slru_block_key(SlruKind.CLOG, 0, 0)
+    _repo, tenant = make_tenant(tmp_path)
+    tl = new_timeline(tenant)
+    tl.put(key, Lsn(0x108), Image(ZERO))
+    tl.finish_record(Lsn(0x108), Lsn(0x100))
+    lsn, commits = 0x108, 2 * (bound + 1)
+    reads: list[Key] = []
+    get_value = tl._get_value
+
+    def counting_get_value(k: Key, at: int, floor: int = 0) -> bytes | None:
+        reads.append(k)
+        return get_value(k, at, floor)
+
+    monkeypatch.setattr(tl, "_get_value", counting_get_value)
+    for xid in range(commits):
+        lsn += 8
+        clog_commit(tl, lsn, xid)
+    assert tl.slru_images_written == 2
+    assert reads == []  # both images came from the chain
+    monkeypatch.undo()
+    assert tl.get(key, Lsn(lsn)) == clog_page(commits)
+    assert tl.get(key, Lsn(0x108 + 8 * (bound + 1))) == clog_page(bound + 1)  # an image
+
+    # Image `kept` other pages: the chain of page 0 is dropped, and its next image read.
+    for page in range(1, kept + 1):
+        lsn += 8
+        tl.put(slru_block_key(SlruKind.CLOG, 0, page), Lsn(lsn), Image(ZERO))
+        tl.finish_record(Lsn(lsn), Lsn(lsn - 8))
+    assert key not in tl._slru_chains
+    monkeypatch.setattr(tl, "_get_value", counting_get_value)
+    for xid in range(commits, commits + bound + 1):
+        lsn += 8
+        clog_commit(tl, lsn, xid)
+    assert tl.slru_images_written == 3
+    assert reads == [key]
+    monkeypatch.undo()
+    assert tl.get(key, Lsn(lsn)) == clog_page(commits + bound + 1)
 
 
 def test_slru_delta_chains_are_bounded(tmp_path: Path) -> None:

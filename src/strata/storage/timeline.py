@@ -17,7 +17,9 @@ for point-in-time reads are in `lsn_time.LsnTimeIndex` (the timeline walks ances
 SLRU pages get a delta per change (pg_xact: one per commit); `put` writes a full image
 instead once `SLRU_IMAGE_DELTAS` deltas followed the page's last image on this timeline
 (and at the first delta of a page since the timeline was loaded or branched, when that
-count is unknown), so a read never applies more than `SLRU_IMAGE_DELTAS` deltas.
+count is unknown), so a read never applies more than `SLRU_IMAGE_DELTAS` deltas. That
+image is built from what `put` kept of the page (its last image and the deltas since,
+`_slru_chains`) when it kept it, else by a read.
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ CACHE_CHAIN_DELTAS = 16
 # An SLRU page delta that would follow this many deltas since the page's last image is
 # written as an image instead (`Timeline.put`): the longest chain a read applies.
 SLRU_IMAGE_DELTAS = 128
+# SLRU pages whose last image and deltas since `put` keeps (`_slru_chains`): the pages in
+# use (pg_xact: the page of the current xids), not every page a long run touched.
+_SLRU_CHAINS_KEPT = 64
 BACKGROUND_DOWNLOAD_DELAY_S = 0.5  # at most, after the ranged read that started it
 
 
@@ -193,6 +198,10 @@ class Timeline:
         self.value_cache = ValueCache()
         # Deltas put since the last image, per SLRU page put since the load (`put`).
         self._slru_deltas: dict[Key, int] = {}
+        # Per SLRU page put since the load: its last image put and the deltas put since,
+        # in order, which make its value at the last put (`_slru_value` builds the next
+        # image from them instead of a read through the layers); the pages imaged last.
+        self._slru_chains: dict[Key, tuple[bytes, list[Patch]]] = {}
         self.slru_images_written = 0  # deltas `put` turned into images
         self.broken_reason: str | None = None
         self.remote: RemoteSink | None = None  # set by the pageserver with remote storage
@@ -282,6 +291,7 @@ class Timeline:
             value, deltas = self._slru_value(key, lsn.value, value)
             self._put_bytes(key, lsn.value, encode_value(value), value.is_image)
             self._slru_deltas[key] = deltas  # once stored
+            self._keep_slru_chain(key, value)
             return
         data = encode_value(value)
         if key.is_rel_size():
@@ -305,10 +315,32 @@ class Timeline:
         count = self._slru_deltas.get(key)
         if count is not None and count < SLRU_IMAGE_DELTAS:
             return value, count + 1
-        page = bytearray(self._get_value(key, lsn) or bytes(BLCKSZ))
+        chain = self._slru_chains.get(key) if count is not None else None
+        if chain is not None:
+            # The page's value at `lsn` without a read: what every put since its last
+            # image stored (the same bytes a read would reconstruct from them).
+            page = bytearray(chain[0])
+            for delta in chain[1]:
+                delta.apply(page)
+        else:
+            page = bytearray(self._get_value(key, lsn) or bytes(BLCKSZ))
         value.apply(page)
         self.slru_images_written += 1
         return Image(bytes(page)), 0
+
+    def _keep_slru_chain(self, key: Key, stored: Value) -> None:
+        """Note the value `put` stored for an SLRU page in `_slru_chains`."""
+        chains = self._slru_chains
+        if isinstance(stored, Patch):
+            chain = chains.get(key)
+            if chain is not None:
+                chain[1].append(stored)
+            return
+        chains.pop(key, None)
+        if isinstance(stored, Image):
+            if len(chains) >= _SLRU_CHAINS_KEPT:
+                del chains[next(iter(chains))]  # the page imaged longest ago
+            chains[key] = (stored.data, [])
 
     def _put_bytes(self, key: Key, lsn: int, data: bytes, is_image: bool) -> None:
         if lsn <= self._last_record:
