@@ -50,7 +50,7 @@ from strata.storage.key import (
     twophase_range,
 )
 from strata.storage.timeline import Timeline
-from strata.storage.value import Image, Tombstone
+from strata.storage.value import Image, Tombstone, encode_image
 
 PG_VERSION_CONTENT = f"{PG_MAJORVERSION}\n".encode()
 SLRU_DIRS: dict[SlruKind, str] = {
@@ -256,7 +256,7 @@ def put_checkpoint(timeline: Timeline, lsn: Lsn, checkpoint: CheckPoint) -> None
 
 def put_checkpoint_bytes(timeline: Timeline, lsn: Lsn, encoded: bytes) -> None:
     """`put_checkpoint` of a checkpoint already encoded (`CheckPoint.to_bytes`)."""
-    timeline.put(_CHECKPOINT_KEY, lsn, Image(encoded))
+    timeline.put_encoded(_CHECKPOINT_KEY, lsn, encode_image(encoded), True)
 
 
 def get_checkpoint(timeline: Timeline, lsn: Lsn) -> CheckPoint:

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from strata.common.errors import NotFound, UserError
 from strata.common.lsn import Lsn
@@ -75,7 +76,7 @@ from strata.pg.visibilitymap import (
     vm_block,
     vm_page_offset,
 )
-from strata.pg.walreader import DecodedRecord
+from strata.pg.walreader import BlockRef, DecodedRecord
 from strata.pg.wire import POSTGRES_EPOCH_UNIX_US
 from strata.storage.key import Key, rel_block_key, slru_block_key
 from strata.storage.timeline import Timeline, TimelineBroken
@@ -270,7 +271,9 @@ class WalIngest:
                             f"not after last_record_lsn {tl.last_record_lsn} of timeline "
                             f"{tl.timeline_id}; feed WAL from last_record_lsn on")
         # Everything that can refuse the record comes before the first put.
-        self._check_images(record)
+        for block in record.blocks:
+            if not block.has_image:
+                self._refuse(record, block)
         decoded = decode(record)  # CorruptionError for a record that does not decode
         lsn = Lsn(record.end_lsn)
         before, before_xid = self._checkpoint, self._next_xid
@@ -298,20 +301,18 @@ class WalIngest:
         self.stats.records += 1
         self.stats.wal_bytes += record.tot_len
 
-    def _check_images(self, record: DecodedRecord) -> None:
-        for block in record.blocks:
-            if block.has_image:
-                continue
-            reason = (f"the {record_type_name(record.rmid, record.info)} record at "
-                      f"{Lsn(record.lsn)} (resource manager {record.rmgr_name}) has block "
-                      f"reference {block.block_id} (rel {block.spcnode}/{block.dbnode}/"
-                      f"{block.relnode} fork {block.forknum} block {block.blkno}) without a "
-                      f"page image: wal_consistency_checking was not 'all' for it, so the "
-                      f"page cannot be reconstructed")
-            self.timeline.mark_broken(reason)
-            raise TimelineBroken(f"timeline {self.timeline.timeline_id} marked broken: "
-                                 f"{reason}; re-create it from a branch before "
-                                 f"{Lsn(record.lsn)} and keep the setting on")
+    def _refuse(self, record: DecodedRecord, block: BlockRef) -> NoReturn:
+        """Mark the timeline broken for a block reference without an image, and raise."""
+        reason = (f"the {record_type_name(record.rmid, record.info)} record at "
+                  f"{Lsn(record.lsn)} (resource manager {record.rmgr_name}) has block "
+                  f"reference {block.block_id} (rel {block.spcnode}/{block.dbnode}/"
+                  f"{block.relnode} fork {block.forknum} block {block.blkno}) without a "
+                  f"page image: wal_consistency_checking was not 'all' for it, so the "
+                  f"page cannot be reconstructed")
+        self.timeline.mark_broken(reason)
+        raise TimelineBroken(f"timeline {self.timeline.timeline_id} marked broken: "
+                             f"{reason}; re-create it from a branch before "
+                             f"{Lsn(record.lsn)} and keep the setting on")
 
     def _put_images(self, record: DecodedRecord, lsn: Lsn) -> None:
         """Each block's image as a `WalImage` (encoded directly: `encode_wal_image`)."""

@@ -342,6 +342,13 @@ class Timeline:
                 del chains[next(iter(chains))]  # the page imaged longest ago
             chains[key] = (stored.data, [])
 
+    def put_encoded(self, key: Key, lsn: Lsn, data: bytes, is_image: bool) -> None:
+        """`put` of a value already encoded (`encode_value`), for a key that is neither
+        an SLRU block nor a relation size (whose puts `put` keeps track of): ingest's
+        checkpoint, once per transaction."""
+        assert not key.is_slru_block() and not key.is_rel_size(), key
+        self._put_bytes(key, lsn.value, data, is_image)
+
     def _put_bytes(self, key: Key, lsn: int, data: bytes, is_image: bool) -> None:
         if lsn <= self._last_record:
             raise UserError(f"put at LSN {Lsn(lsn)} on timeline {self.timeline_id} is not "

@@ -163,9 +163,17 @@ class Tombstone:
 Value = Image | WalImage | Patch | Tombstone
 
 
+_IMAGE_TAG = bytes((TAG_IMAGE,))
+
+
+def encode_image(data: bytes) -> bytes:
+    """`encode_value(Image(data))` without making the Image."""
+    return _IMAGE_TAG + data
+
+
 def encode_value(v: Value) -> bytes:
     if isinstance(v, Image):
-        return bytes((TAG_IMAGE,)) + v.data
+        return _IMAGE_TAG + v.data
     if isinstance(v, WalImage):
         return encode_wal_image(v.bimg_info, v.hole_offset, v.hole_length, v.data, v.page_lsn,
                                 v.gist_fixup)
