@@ -37,6 +37,7 @@ from strata.pg.slru import (
     SlruKind,
     XidStatus,
     clog_get_status,
+    clog_set_status,
 )
 from strata.pg.transam import (
     advance_next_xid,
@@ -57,7 +58,7 @@ from strata.storage.key import (
 )
 from strata.storage.repository import Repository
 from strata.storage.timeline import Timeline, TimelineBroken
-from strata.storage.value import Image, Patch
+from strata.storage.value import Image, Patch, PatchOp
 
 U32 = 0xFFFFFFFF
 
@@ -149,6 +150,22 @@ def test_clog_patches_set_final_status_per_page() -> None:
         [XidStatus.COMMITTED, XidStatus.COMMITTED, XidStatus.ABORTED]
     far = CLOG_XACTS_PER_PAGE * SLRU_PAGES_PER_SEGMENT * 3 + 7
     assert set(clog_patches([far], XidStatus.ABORTED)) == {(SlruKind.CLOG, 3, 0)}
+
+
+def test_clog_patches_agree_with_clog_set_status() -> None:
+    """clog_patches works the pg_xact rules out inline: the same page and bits as
+    `slru.clog_set_status` (TransactionIdToPage/Byte/BIndex) for xids at byte, page,
+    segment and 32-bit boundaries."""
+    per_segment = CLOG_XACTS_PER_PAGE * SLRU_PAGES_PER_SEGMENT
+    xids = [0, 3, 4, 5, CLOG_XACTS_PER_PAGE - 1, CLOG_XACTS_PER_PAGE, per_segment - 1,
+            per_segment, 5 * per_segment + 12345, 0xFFFFFFFF]
+    for status in (XidStatus.COMMITTED, XidStatus.ABORTED):
+        for xid in xids:
+            bits = clog_set_status(xid, status)
+            where = (SlruKind.CLOG, bits.page // SLRU_PAGES_PER_SEGMENT,
+                     bits.page % SLRU_PAGES_PER_SEGMENT)
+            assert clog_patches([xid], status) == {
+                where: Patch((PatchOp(bits.offset, bits.clear_mask, bits.set_mask),))}, xid
 
 
 def test_clog_truncate_removes_whole_segments_before_the_cutoff() -> None:

@@ -111,11 +111,22 @@ def clog_patches(xids: Iterable[int], status: slru.XidStatus) -> dict[SlruPage, 
     xid ABORTED (TransactionIdSetTreeStatus, clog.c); the intermediate SUB_COMMITTED
     state is never visible after the record.
     """
+    # Once per commit: `slru.clog_set_status` and `_slru_page` worked out inline on the
+    # xid (without their BitsPatch and checks; a unit test compares the two).
     ops: dict[SlruPage, list[PatchOp | PatchWrite]] = {}
+    status_bits = int(status)
     for xid in xids:
-        bits = slru.clog_set_status(xid, status)
-        ops.setdefault(_slru_page(SlruKind.CLOG, bits.page), []).append(
-            PatchOp(bits.offset, bits.clear_mask, bits.set_mask))
+        assert 0 <= xid <= 0xFFFFFFFF, xid
+        pageno, in_page = divmod(xid, slru.CLOG_XACTS_PER_PAGE)
+        shift = (xid % slru.CLOG_XACTS_PER_BYTE) * slru.CLOG_BITS_PER_XACT
+        op = PatchOp(in_page // slru.CLOG_XACTS_PER_BYTE, slru.CLOG_XACT_BITMASK << shift,
+                     status_bits << shift)
+        where = (SlruKind.CLOG, *divmod(pageno, slru.SLRU_PAGES_PER_SEGMENT))
+        page_ops = ops.get(where)
+        if page_ops is None:
+            ops[where] = [op]
+        else:
+            page_ops.append(op)
     return {page: Patch(tuple(page_ops)) for page, page_ops in ops.items()}
 
 
