@@ -166,3 +166,15 @@ def test_take_copy_data_matches_next(messages: list[tuple[str, bytes]], cut: int
             got.append(msg.data if isinstance(msg, wire.CopyData) else type(msg))
     assert got == expected
     assert fast.buffered_bytes == plain.buffered_bytes == 0
+
+
+@given(st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 64) - 1),
+       st.integers(0, (1 << 64) - 1), st.integers(-(1 << 63), (1 << 63) - 1), st.booleans())
+def test_encode_status_copy_data_is_the_copydata_of_a_status_update(
+        write: int, flush: int, apply: int, send_time_us: int, reply: bool) -> None:
+    update = wire.StandbyStatusUpdate(write, flush, apply, send_time_us, reply)
+    encoded = wire.encode_status_copy_data(write, flush, apply, send_time_us, reply)
+    assert encoded == wire.CopyData(update.encode()).encode()
+    assert encoded[:1] == b"d"
+    assert struct.unpack_from("!i", encoded, 1)[0] == len(encoded) - 1
+    assert wire.decode_replication(encoded[5:]) == update

@@ -381,6 +381,16 @@ class CopyBothStream:
         self._conn.send_nowait(wire.CopyData(payload).encode())
         return True
 
+    def send_message_nowait(self, message: bytes) -> bool:
+        """`send_nowait` of a message already encoded whole (a CopyData with its header,
+        e.g. `wire.encode_status_copy_data`), written to the transport directly: the
+        per-batch status update of pull mode. False (nothing sent) when closing."""
+        transport = self._conn._writer.transport
+        if transport.is_closing():
+            return False
+        transport.write(message)
+        return True
+
     async def finish(self) -> None:
         """Send CopyDone, drain the server's remaining CopyData, and wait until the
         command completes (the connection is then usable again)."""

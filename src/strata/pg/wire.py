@@ -747,6 +747,21 @@ class StandbyStatusUpdate:
             + bytes([self.reply_requested])
 
 
+# A whole CopyData message holding a StandbyStatusUpdate: 'd', its length (4 + 34), then
+# 'r', write, flush, apply, send time, reply requested.
+_STATUS_COPY_DATA = struct.Struct("!cIcQQQqB")
+_STATUS_COPY_DATA_LENGTH = 4 + 1 + 8 * 4 + 1
+
+
+def encode_status_copy_data(write_lsn: int, flush_lsn: int, apply_lsn: int,
+                            send_time_us: int, reply_requested: bool = False) -> bytes:
+    """`CopyData(StandbyStatusUpdate(...).encode()).encode()` in one `struct` call, with no
+    message object: a pulling safekeeper sends one per batch of WAL (safekeeper/pull.py).
+    Plain ints (hot path)."""
+    return _STATUS_COPY_DATA.pack(b"d", _STATUS_COPY_DATA_LENGTH, b"r", write_lsn, flush_lsn,
+                                  apply_lsn, send_time_us, reply_requested)
+
+
 @dataclass(frozen=True, slots=True)
 class HotStandbyFeedback:
     """'h': the standby's xmin and catalog_xmin with their epochs."""

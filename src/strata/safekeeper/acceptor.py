@@ -413,8 +413,9 @@ class Acceptor:
                 raise ProtocolError(f"term {term} sent damaged WAL at {self.flush_lsn}: "
                                     f"{err}") from err
             actions.append(WriteWal(self.flush_lsn, piece))
-            if not self._bounds or self._bounds[-1][0] < self.last_record_end:
-                self._bounds.append((self.last_record_end, self.last_record_lsn))
+            record_end = self.last_record_end
+            if not self._bounds or self._bounds[-1][0] < record_end:
+                self._bounds.append((record_end, self.last_record_lsn))
             self.flush_lsn = end_lsn
             actions.append(FlushWal(self.flush_lsn))
         # A gap (begin_lsn > flush_lsn) writes nothing; the reply tells where to resume.

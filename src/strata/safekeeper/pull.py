@@ -29,7 +29,6 @@ source in this term.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -268,11 +267,14 @@ class WalPuller:
         stream = self._stream
         if stream is None or self.closed:
             return
-        update = wire.StandbyStatusUpdate(flush_lsn.value, flush_lsn.value, flush_lsn.value,
-                                          wire.pg_timestamp(time.time()))
-        with contextlib.suppress(OSError):
-            if stream.send_nowait(update.encode()):
-                self.reported_lsn = flush_lsn
+        lsn = flush_lsn.value
+        message = wire.encode_status_copy_data(lsn, lsn, lsn, wire.pg_timestamp(time.time()))
+        try:
+            sent = stream.send_message_nowait(message)
+        except OSError:
+            return
+        if sent:
+            self.reported_lsn = flush_lsn
 
     def status(self) -> dict[str, object]:
         s = self.source
