@@ -112,11 +112,24 @@ class RecordBoundaryTracker:
                 self._page_done = pos
                 off += size
                 continue
+            page_end = (pos | _PAGE_MASK) + 1
             if self._rec_start < 0:
                 if n - off < 4:
                     return off
-                self._begin_record(pos, _U32.unpack_from(buf, off)[0])
-            page_end = (pos | _PAGE_MASK) + 1
+                tot_len = _U32.unpack_from(buf, off)[0]
+                if SIZE_OF_XLOG_RECORD <= tot_len <= min(page_end - pos, n - off):
+                    # The usual record: all of it on this page and in `buf` (so its header
+                    # too): what _begin_record, the loop below and _end_record do, at once.
+                    end = (pos + tot_len + 7) & ~7
+                    if buf[off + 17] == _RM_XLOG_ID and \
+                            buf[off + 16] & XLR_RMGR_INFO_MASK == XLOG_SWITCH:
+                        end = (end + self.seg_size - 1) // self.seg_size * self.seg_size
+                    self._done_lsn = pos
+                    self._rec_remaining = 0
+                    self._skip_to = end
+                    off += tot_len
+                    continue
+                self._begin_record(pos, tot_len)
             take = min(self._rec_remaining, page_end - pos, n - off)
             if len(self._rec_head) < _HEAD_NEEDED:
                 self._rec_head += buf[off:off + min(take, _HEAD_NEEDED - len(self._rec_head))]
