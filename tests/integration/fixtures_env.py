@@ -4,7 +4,8 @@ computes started on them.
 - `PageserverProcess` runs `python -m strata.pageserver` on free ports (it binds port 0 and
   reports the ports in `pageserver.ports`); `SafekeeperProcess` runs `python -m
   strata.safekeeper` on fixed free ports, so that a restarted safekeeper is found at the same
-  address. Both (`ServiceProcess`) stop with SIGTERM (returning the exit code) or SIGKILL.
+  address. Both (`ServiceProcess`) run in a session of their own, as the control plane
+  starts them, and stop with SIGTERM (returning the exit code) or SIGKILL.
 - `Env` is a pageserver and dev-mode computes: `Env.start_compute(tenant, timeline,
   lsn=None, read_only=False)` does what the control plane does for a dev-mode compute:
   compute_start (for a primary), fetch the basebackup over the PG port, start a stock
@@ -29,6 +30,7 @@ import asyncio
 import concurrent.futures
 import io
 import json
+import os
 import re
 import signal
 import subprocess
@@ -109,9 +111,16 @@ class ServiceProcess(abc.ABC):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.prepare()
         with open(self.log_path, "ab") as log:
+            # In a session of its own, as the control plane starts it (control/supervisor.py)
+            # and as PgServer starts PostgreSQL: with the kernel's autogroups, each session
+            # is one group that the scheduler weighs as one process, so services in the
+            # test's (or bench's) session would share one CPU share with it and with one
+            # another while every stock PostgreSQL they are compared with has its own
+            # (docs/walproposer.md, "The commit latency tail").
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
         proc = self.proc
+        assert os.getsid(proc.pid) == proc.pid, (os.getsid(proc.pid), proc.pid)
 
         def ready() -> bool:
             if proc.poll() is not None:
