@@ -622,6 +622,16 @@ def clog_page(xids: int) -> bytes:
     return bytes(data)
 
 
+def clog_timeline(tmp_path: Path) -> tuple[Repository, Tenant, Timeline, Key]:
+    """A new timeline whose pg_xact page 0 is an all-zero image at 0/108."""
+    key = slru_block_key(SlruKind.CLOG, 0, 0)
+    repo, tenant = make_tenant(tmp_path)
+    tl = new_timeline(tenant)
+    tl.put(key, Lsn(0x108), Image(ZERO))
+    tl.finish_record(Lsn(0x108), Lsn(0x100))
+    return repo, tenant, tl, key
+
+
 def test_slru_images_are_built_from_the_kept_chain(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the first image, `put` builds each SLRU image from the page's last image and
@@ -629,11 +639,7 @@ def test_slru_images_are_built_from_the_kept_chain(tmp_path: Path,
     than `_SLRU_CHAINS_KEPT` imaged since) is read again. Both give the exact page."""
     bound = timeline_module.SLRU_IMAGE_DELTAS
     kept = timeline_module._SLRU_CHAINS_KEPT
-    key = slru_block_key(SlruKind.CLOG, 0, 0)
-    _repo, tenant = make_tenant(tmp_path)
-    tl = new_timeline(tenant)
-    tl.put(key, Lsn(0x108), Image(ZERO))
-    tl.finish_record(Lsn(0x108), Lsn(0x100))
+    _repo, _tenant, tl, key = clog_timeline(tmp_path)
     lsn, commits = 0x108, 2 * (bound + 1)
     reads: list[Key] = []
     get_value = tl._get_value
@@ -673,11 +679,7 @@ def test_slru_delta_chains_are_bounded(tmp_path: Path) -> None:
     SLRU_IMAGE_DELTAS deltas, on the timeline, on a new branch and after a restart
     (the delta count is not on disk: the first delta after either is an image)."""
     bound = timeline_module.SLRU_IMAGE_DELTAS
-    key = slru_block_key(SlruKind.CLOG, 0, 0)
-    repo, tenant = make_tenant(tmp_path)
-    tl = new_timeline(tenant)
-    tl.put(key, Lsn(0x108), Image(ZERO))
-    tl.finish_record(Lsn(0x108), Lsn(0x100))
+    repo, tenant, tl, key = clog_timeline(tmp_path)
     lsn, commits = 0x108, 3 * bound + 10
     for xid in range(commits):
         lsn += 8
