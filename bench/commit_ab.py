@@ -4,7 +4,8 @@ variants, each set on the live processes before its round, so that the shared ma
 load and disk hit all variants alike.
 
 Variants (choose with `STRATA_COMMIT_AB=a,b[,...]`; the first is the baseline; default
-`base,ps_nice`):
+`base,ps_nice`); the compute runs in push mode, or in pull mode (the default commit mode)
+with `STRATA_COMMIT_AB_MODE=pull`:
 
 - `base`: the defaults;
 - `old`: no deferred safekeeper, commit-only appends at the first tick with nothing in
@@ -13,7 +14,10 @@ Variants (choose with `STRATA_COMMIT_AB=a,b[,...]`; the first is the baseline; d
   (`QuorumConfig.defer_slowest`, off by default);
 - `ps_nice`: the pageserver's threads (its WAL ingest, off the commit path) at nice 10,
   so that the sidecar and the safekeepers get a core first (the bench runs as root, so it
-  can set them back to 0 for the other variants).
+  can set them back to 0 for the other variants);
+- `nostagger` (pull mode): the tick's commit-only appends to every safekeeper at once,
+  not spread over the tick (`QuorumDriver.stagger_commits`);
+- `tick100`, `tick200` (pull mode): the sidecar's tick at 100 or 200 ms instead of 50 ms.
 
 Per variant and load (TPC-B and -N, 1, 4 and 8 clients): median tps (the baseline's is
 the others' baseline), p50 and p99 transaction latency (pgbench --log, pooled over the
@@ -50,15 +54,22 @@ def _renice(pid: int, value: int) -> None:
 
 def _variants(driver: walproposer.QuorumDriver, ps_pid: int
               ) -> dict[str, Callable[[], None]]:
-    def setter(defer: bool, idle_s: float, ps_nice: int) -> Callable[[], None]:
+    tick, stagger = driver.tick_s, driver.stagger_commits  # the defaults of this mode
+
+    def setter(defer: bool, idle_s: float, ps_nice: int, *, stagger: bool = stagger,
+               tick_s: float = tick) -> Callable[[], None]:
         def apply() -> None:
             driver.defer_slowest, driver.commit_only_idle_s = defer, idle_s
+            driver.stagger_commits, driver.tick_s = stagger, tick_s
             _renice(ps_pid, ps_nice)
         return apply
 
     idle = walproposer._COMMIT_ONLY_IDLE_S
     return {"base": setter(False, idle, 0), "old": setter(False, 0.0, 0),
-            "defer": setter(True, idle, 0), "ps_nice": setter(False, idle, _PS_NICE)}
+            "defer": setter(True, idle, 0), "ps_nice": setter(False, idle, _PS_NICE),
+            "nostagger": setter(False, idle, 0, stagger=False),
+            "tick100": setter(False, idle, 0, tick_s=0.1),
+            "tick200": setter(False, idle, 0, tick_s=0.2)}
 
 
 def _latencies(log_dir: Path, prefix: str) -> list[float]:
@@ -80,7 +91,9 @@ def run(report: Report, quick: bool) -> None:
         base = Path(tmp)
         base.chmod(0o755)
         ensure_traversable(base)
-        cluster, rc = strata_compute(stack, base)
+        mode = os.environ.get("STRATA_COMMIT_AB_MODE", "push")
+        assert mode in ("push", "pull"), f"STRATA_COMMIT_AB_MODE={mode}: push or pull"
+        cluster, rc = strata_compute(stack, base, pull=mode == "pull")
         server = rc.compute.server
         _pgbench(server, "-i", "-s", "1", "-q")
         driver = rc.sidecar.driver
@@ -139,7 +152,8 @@ def run(report: Report, quick: bool) -> None:
                         report.add(f"{metric}_{name}_{tag}", statistics.mean(f[key]), unit,
                                    None if is_base else statistics.mean(first[key]))
         assert rc.fenced == [], rc.fenced
-        report.note(f"pgbench -s 1 on one Strata compute, {rounds} rounds of {seconds} s per "
+        report.note(f"pgbench -s 1 on one Strata compute ({mode} mode), {rounds} rounds of "
+                    f"{seconds} s per "
                     f"variant and load, variants alternating: {', '.join(names)} (baseline "
                     f"{names[0]}); load average after each load "
                     f"{', '.join(f'{x:.1f}' for x in loads)}")

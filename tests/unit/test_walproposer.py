@@ -225,6 +225,38 @@ def test_pull_mode_ticks_less_often_than_push_mode() -> None:
     run(body)
 
 
+def test_pull_mode_staggers_the_ticks_commit_only_appends() -> None:
+    """In pull mode the tick's held commit-only appends go one safekeeper at a time, a
+    third of a tick apart (sk1 at once), each with the latest commit LSN held for it when
+    it goes; with `stagger_commits` off, all at once (push mode's way)."""
+    async def body() -> None:
+        sks = await started(3)
+        try:
+            driver = QuorumDriver(quorum_config(sks), SYSID,
+                                  pull=PullTarget("127.0.0.1", 5432))
+            assert driver.stagger_commits
+            driver.tick_s = 0.3
+            sent: list[tuple[int, bytes]] = []
+            for node, link in driver.links.items():
+                link.send = lambda data, node=node: sent.append((node, data))  # type: ignore[method-assign]
+            driver._held_commit = {1: b"c1", 2: b"c2", 3: b"c3"}
+            driver._release_held_commits()
+            assert sent == [(1, b"c1")]
+            driver._held_commit[3] = b"c3-newer"  # a later commit LSN, held meanwhile
+            await wait_until_async(lambda: len(sent) == 3, 5, "the staggered appends")
+            assert sent == [(1, b"c1"), (2, b"c2"), (3, b"c3-newer")]
+            assert driver._held_commit == {}
+
+            sent.clear()
+            driver.stagger_commits = False
+            driver._held_commit = {1: b"d1", 2: b"d2", 3: b"d3"}
+            driver._release_held_commits()
+            assert sorted(sent) == [(1, b"d1"), (2, b"d2"), (3, b"d3")]
+        finally:
+            await stop_all(sks)
+    run(body)
+
+
 def test_sync_and_two_safekeepers_defer_none() -> None:
     async def body() -> None:
         sks = await started(2)

@@ -266,6 +266,9 @@ class QuorumDriver:
         self.defer_slowest = config.defer_slowest and pull is None
         self.commit_only_idle_s = _COMMIT_ONLY_IDLE_S
         self.tick_s = _TICK_S if pull is None else _PULL_TICK_S
+        # Pull mode: the tick's commit-only appends spread over the tick, one safekeeper at
+        # a time (`_release_held_commits`).
+        self.stagger_commits = pull is not None
         # The last message encoded and its bytes: the same append goes to every node.
         self._encoded: tuple[ProposerMessage | None, bytes] = (None, b"")
         self.stats = CommitPathStats()
@@ -348,11 +351,33 @@ class QuorumDriver:
             # from it) go once the stream is idle: while commits keep coming (one
             # client's too) the next append carries the commit LSN anyway.
             if now - self._last_wal_s >= self.commit_only_idle_s:
-                for node, held in list(self._held_commit.items()):
-                    if not self._inflight[node]:
-                        del self._held_commit[node]
-                        self.links[node].send(held)
+                self._release_held_commits()
             self._check_quorum(now)
+
+    def _release_held_commits(self) -> None:
+        """Send the held commit-only appends. In pull mode (`stagger_commits`) the i-th
+        safekeeper's goes i/n of a tick later (the latest commit LSN then), so that the
+        safekeepers do not all wake for one at the same moment, next to a commit's own
+        batch (docs/walproposer.md, "The commit latency tail")."""
+        if not self.stagger_commits:
+            for node in list(self._held_commit):
+                self._release_held(node)
+            return
+        loop = asyncio.get_running_loop()
+        step = self.tick_s / len(self.links)
+        for i, node in enumerate(sorted(self.links)):
+            if i == 0:
+                self._release_held(node)
+            else:
+                loop.call_later(i * step, self._release_held, node)
+
+    def _release_held(self, node: int) -> None:
+        """Send `node` its held commit-only append, if any and nothing is in flight to it."""
+        if self.done.is_set() or self._inflight[node]:
+            return
+        held = self._held_commit.pop(node, None)
+        if held is not None:
+            self.links[node].send(held)
 
     def _pick_deferred(self) -> None:
         """The safekeeper heard from least recently gets WAL only at the tick (see
