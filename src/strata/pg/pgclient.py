@@ -375,20 +375,15 @@ class CopyBothStream:
         """Queue one CopyData without waiting for the socket buffer to drain; False (and
         nothing sent) when the connection is closing. For senders whose protocol bounds
         what is in flight and treats a lost message as lost (the walproposer's links)."""
-        assert not self.client_done, "CopyData after our CopyDone"
-        if self._conn._writer.transport.is_closing():
-            return False
-        self._conn.send_nowait(wire.CopyData(payload).encode())
-        return True
+        return self.send_message_nowait(wire.CopyData(payload).encode())
 
     def send_message_nowait(self, message: bytes) -> bool:
         """`send_nowait` of a message already encoded whole (a CopyData with its header,
-        e.g. `wire.encode_status_copy_data`), written to the transport directly: the
-        per-batch status update of pull mode. False (nothing sent) when closing."""
-        transport = self._conn._writer.transport
-        if transport.is_closing():
+        e.g. `wire.encode_status_copy_data`: the per-batch status update of pull mode)."""
+        assert not self.client_done, "CopyData after our CopyDone"
+        if self._conn._writer.transport.is_closing():
             return False
-        transport.write(message)
+        self._conn.send_nowait(message)
         return True
 
     async def finish(self) -> None:
