@@ -27,7 +27,8 @@ Each round runs pgbench (TPC-B and -N at -c 4; --quick: 8 s, 1 round; else 15 s,
 rounds) on each setup in turn (alternating, so the other helpers' load hits them alike)
 while a separate process samples `pg_stat_activity` every 20 ms. CPU comes from
 /proc/PID/stat (user + system): the postmaster's children by kind (client backends that
-exited are in the postmaster's reaped-children times), the safekeepers, the pageserver
+exited are in the postmaster's reaped-children times; pull mode's sidecar watches the
+compute on a plain session, `pg_sidecar_session`), the safekeepers, the pageserver
 with its children, the sidecar's thread of this process, pgbench (this process's reaped
 children minus the sampler) and the rest of the machine (/proc/stat busy time minus all
 of these: mostly the other helpers on a shared machine). Figures: microseconds of CPU per
@@ -56,6 +57,7 @@ from bench.report import Report
 from bench.safekeepers import _pgbench, strata_compute
 from strata.common.proc import ensure_traversable
 from strata.compute.pgserver import PgServer
+from strata.compute.quorum import DEFAULT_APPLICATION_NAME
 
 LOADS: tuple[tuple[str, tuple[str, ...]], ...] = (("tpcb", ()), ("simple", ("-N",)))
 CLIENTS = 4
@@ -153,6 +155,11 @@ class CpuMeter:
         self.walsender_names = {pid: name for pid, name in setup.server.sql(
             "select pid, coalesce(application_name, '') from pg_stat_activity "
             "where backend_type = 'walsender'")}
+        # The sidecar's plain session (pull mode watches the compute on one): its own kind,
+        # not a client backend that stop() would wait for.
+        self.sidecar_sessions = {pid for (pid,) in setup.server.sql(
+            "select pid from pg_stat_activity where backend_type = 'client backend' "
+            "and application_name = %s", DEFAULT_APPLICATION_NAME)}
         self.start = self._snapshot()
         self.t0 = time.monotonic()
 
@@ -168,6 +175,7 @@ class CpuMeter:
             cst = _stat(pid)
             if cst is not None:
                 kind = "pg_sampler" if pid == self.sampler_pid else \
+                    "pg_sidecar_session" if pid in self.sidecar_sessions else \
                     _postgres_kind(pid, self.walsender_names)
                 snap[(kind, pid)] = (kind, cst[0])
         for kind, pids in self.setup.services.items():
@@ -195,7 +203,8 @@ class CpuMeter:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(
                 _postgres_kind(pid, self.walsender_names) == "pg_backends"
-                for pid in _children(self.pm) if pid != self.sampler_pid):
+                for pid in _children(self.pm)
+                if pid != self.sampler_pid and pid not in self.sidecar_sessions):
             time.sleep(0.02)
         end = self._snapshot()
         cpu: dict[str, float] = {}

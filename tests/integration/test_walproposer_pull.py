@@ -202,9 +202,8 @@ def test_pull_mode_commits_on_two_of_three_and_waits_without_a_majority(
     end = rig.write_rows()
     rows = rig.compute.sql("SELECT application_name, sync_state FROM pg_stat_replication "
                            "ORDER BY 1")
-    # The sidecar's own connection (idle, for IDENTIFY_SYSTEM) never counts as a standby.
-    assert rows == [*[(name, "quorum") for name in SLOTS], ("strata_walproposer", "async")], \
-        rows
+    # The sidecar has no walsender (it watches the compute on a plain session).
+    assert rows == [(name, "quorum") for name in SLOTS], rows
     assert [sk.pulls for sk in rig.sks] == [1, 1, 1]
     # The sidecar streamed nothing: only commit-only appends came from it after X.
     assert sidecar.driver is not None and sidecar.driver.stats.appends == 0
@@ -217,6 +216,35 @@ def test_pull_mode_commits_on_two_of_three_and_waits_without_a_majority(
     # (restarted: it forgot its source; the sidecar tells it again) is a majority.
     rig.commit_waits_without_majority(back=(0,))
     assert rig.sks[0].pulls == 2
+
+
+def test_pull_mode_sidecar_watches_the_compute_without_a_walsender(
+        env: Env, loop: LoopThread) -> None:
+    """In pull mode the sidecar watches the compute on a plain session, not on its
+    replication connection (closed once the safekeepers pull): PostgreSQL wakes every
+    walsender at every commit's WAL flush (`WalSndWakeup`), streaming or not, so an idle
+    one cost a process wake-up per commit. The watch still notices a lost connection: its
+    backend terminated, the sidecar connects again, and the compute is not fenced."""
+    rig = PullRig(env, loop, "pullwatch")
+    rig.start_sidecar(status_interval_s=0.1)
+    rig.write_rows()
+
+    def sidecar_sessions() -> list[tuple[int, str]]:
+        return [(int(pid), str(kind)) for pid, kind in rig.compute.sql(
+            "SELECT pid, backend_type FROM pg_stat_activity "
+            "WHERE application_name = 'strata_walproposer'")]
+
+    wait_until(lambda: [kind for _, kind in sidecar_sessions()] == ["client backend"], 10,
+               "the sidecar's plain session as its only connection")
+    walsenders = rig.compute.sql("SELECT application_name FROM pg_stat_replication "
+                                 "ORDER BY 1")
+    assert walsenders == [(name,) for name in SLOTS], walsenders
+    [(pid, _)] = sidecar_sessions()
+    rig.compute.sql("SELECT pg_terminate_backend(%s)", pid)
+    wait_until(lambda: [(p != pid, kind) for p, kind in sidecar_sessions()]
+               == [(True, "client backend")], 10, "the sidecar's new plain session")
+    rig.compute.sql("INSERT INTO t VALUES (1000, 'after')")  # commits go on
+    assert rig.fenced == []
 
 
 def test_pull_mode_newer_proposer_stops_the_compute(env: Env, loop: LoopThread) -> None:

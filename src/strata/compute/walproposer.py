@@ -31,8 +31,9 @@ Pull mode (`SidecarConfig.pull`, `--pull`; docs/walproposer.md): the sidecar sti
 itself and recovers the safekeepers up to the term start, then tells each one to replicate
 the compute's WAL itself through its own slot `sk<id>` (`PullFrom`); PostgreSQL's
 `synchronous_standby_names = 'ANY <majority> (sk1, ...)'` releases the commits. The sidecar
-streams nothing and reports nothing to PostgreSQL: it keeps its replication connection
-open (to notice the compute is gone), turns the safekeepers' answers into the quorum's
+streams nothing and reports nothing to PostgreSQL: it keeps a plain session open (to notice
+the compute is gone; not a replication connection, whose idle walsender every commit would
+wake), turns the safekeepers' answers into the quorum's
 commit LSN and sends that back to them in coalesced commit-only appends (at the tick), and
 still stops the postmaster when a higher term fences it. Backpressure in pull mode: the
 same limits past the pageserver's positions go to the safekeepers as `PullLimit` (they
@@ -604,15 +605,21 @@ class WalProposer:
         return driver
 
     # --- PostgreSQL side ------------------------------------------------------------------
-    async def _connect_pg(self) -> PgConnection:
+    async def _connect_pg(self, *, replication: bool = True) -> PgConnection:
+        """A connection to the compute, retried while it does not accept one yet. Not
+        `replication`: a plain session, for which a refusal (ServerError: no such database,
+        ...) is raised at once, since the caller has a way around it (`_connect_watch`)."""
         cfg = self.config
         deadline = time.monotonic() + cfg.pg_reconnect_timeout_s
         while True:
             try:
                 return await PgConnection.connect(
-                    cfg.pg_host, cfg.pg_port, user=cfg.pg_user, replication="true",
+                    cfg.pg_host, cfg.pg_port, user=cfg.pg_user,
+                    replication="true" if replication else None,
                     application_name=cfg.application_name, timeout_s=5)
             except (StrataError, OSError) as err:
+                if isinstance(err, ServerError) and not replication:
+                    raise
                 if time.monotonic() > deadline:
                     raise Unavailable(f"the compute at {cfg.pg_host}:{cfg.pg_port} is "
                                       f"unreachable for {cfg.pg_reconnect_timeout_s}s: "
@@ -688,18 +695,41 @@ class WalProposer:
         return reason
 
     async def _watch_pg(self, conn: PgConnection) -> None:
-        """Pull mode: notice that the compute is gone (an IDENTIFY_SYSTEM every status
-        interval on the idle replication connection, reconnecting while PostgreSQL is
-        reachable); `_connect_pg` raises once it stays unreachable."""
-        while True:
-            await asyncio.sleep(self.config.status_interval_s)
-            try:
-                await conn.simple_query("IDENTIFY_SYSTEM")
-                continue
-            except (StrataError, OSError) as err:
-                log.info("the connection to the compute ended: %s", err)
-            conn.abort()
-            conn = await self._connect_pg()
+        """Pull mode: notice that the compute is gone (a query every status interval,
+        reconnecting while PostgreSQL is reachable); `_connect_pg` raises once it stays
+        unreachable. The replication connection of `_identify` is closed first and the
+        watch runs on a plain session (`_connect_watch`): an idle walsender is woken by
+        every commit (each WAL flush sets every walsender's latch, `WalSndWakeup` in
+        walsender.c, whether it streams or not), one process wake-up per commit for
+        nothing (docs/walproposer.md, "Commits per batch")."""
+        conn.abort()
+        watch: PgConnection | None = None
+        try:
+            watch, query = await self._connect_watch()
+            while True:
+                await asyncio.sleep(self.config.status_interval_s)
+                try:
+                    await watch.simple_query(query)
+                    continue
+                except (StrataError, OSError) as err:
+                    log.info("the connection to the compute ended: %s", err)
+                watch.abort()
+                watch = None
+                watch, query = await self._connect_watch()
+        finally:
+            if watch is not None:
+                watch.abort()
+
+    async def _connect_watch(self) -> tuple[PgConnection, str]:
+        """The watch's connection and its query: a plain session (its backend sleeps through
+        commits), or, if the compute refuses one (its user's database dropped, ...), a
+        replication connection as before (woken by every commit, but still a watch)."""
+        try:
+            return await self._connect_pg(replication=False), "SELECT 1"
+        except ServerError as err:
+            log.info("watching the compute on a replication connection: a plain session "
+                     "was refused (%s)", err)
+            return await self._connect_pg(), "IDENTIFY_SYSTEM"
 
     async def _stream_pg(self, driver: QuorumDriver, conn: PgConnection) -> None:
         """Stream from the log's end, reconnecting while PostgreSQL is reachable."""
