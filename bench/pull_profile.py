@@ -33,7 +33,9 @@ with its children, the sidecar's thread of this process, pgbench (this process's
 children minus the sampler) and the rest of the machine (/proc/stat busy time minus all
 of these: mostly the other helpers on a shared machine). Figures: microseconds of CPU per
 committed transaction (`cpu_us_per_tx_SETUP_LOAD_PROCESS`; `PROCESS_sys`: the part of a
-Strata process's CPU spent in the kernel: fsync, sockets), tps, and the share of
+Strata process's CPU spent in the kernel: fsync, sockets), tps, batches of pulled WAL per
+committed transaction per safekeeper (`batches_per_tx_SETUP_LOAD`, from their
+`safekeeper_timeline_pull_batches_total`: one fdatasync each), and the share of
 samples per wait event (`wait_SETUP_LOAD_KIND_EVENT`, in % of that kind's samples).
 """
 
@@ -48,10 +50,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.report import Report
 from bench.safekeepers import _pgbench, strata_compute
@@ -128,6 +133,8 @@ class Setup:
     # kind -> pids counted alone (not their descendants: a standby's postmaster, whose
     # children are counted by kind in `services`)
     alone: dict[str, list[int]] = field(default_factory=dict)
+    # the safekeepers' HTTP ports (pull setups): batches of pulled WAL per transaction
+    sk_http_ports: list[int] = field(default_factory=list)
 
 
 def _postgres_kind(pid: int, walsender_names: dict[int, str]) -> str:
@@ -245,8 +252,21 @@ def _sampler(connstr: str, seconds: float) -> None:
 class Result:
     tps: list[float] = field(default_factory=list)
     transactions: int = 0
+    batches: float = 0.0  # batches of pulled WAL applied, all safekeepers together
     cpu: dict[str, float] = field(default_factory=dict)
     waits: Counter[str] = field(default_factory=Counter)
+
+
+def _pull_batches(http_ports: list[int]) -> float:
+    """The safekeepers' `safekeeper_timeline_pull_batches_total`, summed (one fsync each)."""
+    total = 0.0
+    for port in http_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            total += sum(sample.value for sample in family.samples
+                         if sample.name == "safekeeper_timeline_pull_batches_total")
+    return total
 
 
 def _profile(setup: Setup, seconds: int, args: tuple[str, ...], into: Result) -> None:
@@ -258,12 +278,14 @@ def _profile(setup: Setup, seconds: int, args: tuple[str, ...], into: Result) ->
     ready = sampler.stdout.readline()
     assert ready, f"{setup.name}: the pg_stat_activity sampler did not start"
     meter = CpuMeter(setup, json.loads(ready)["pid"])
+    batches0 = _pull_batches(setup.sk_http_ports)
     busy0 = _machine_busy_s()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = _pgbench(setup.server, "-c", str(CLIENTS), "-j", "2", "-T", str(seconds), "-n",
                    *args)
     sampled = json.loads(sampler.stdout.readline())
     cpu = meter.stop()
+    into.batches += _pull_batches(setup.sk_http_ports) - batches0
     busy = _machine_busy_s() - busy0
     sampler.communicate(timeout=60)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -304,7 +326,8 @@ def _strata_pull(stack: contextlib.ExitStack, base: Path, name: str,
 
     return Setup(name, rc.compute.server, {"safekeepers": sks,
                                            "pageserver": [cluster.env.pageserver.proc.pid]},
-                 {"sidecar": thread}, check)
+                 {"sidecar": thread}, check,
+                 sk_http_ports=[sk.http_port for sk in cluster.safekeepers])
 
 
 def _renice(pid: int, nice: int) -> None:
@@ -366,7 +389,8 @@ def _setups(stack: contextlib.ExitStack, base: Path, names: list[str]) -> list[S
         elif name == "sk_pull3":
             primary, sks = sk_pull_setup(stack, base / "sk_pull3")
             setups.append(Setup(name, primary, {"safekeepers": [
-                sk.proc.pid for sk in sks if sk.proc is not None]}))
+                sk.proc.pid for sk in sks if sk.proc is not None]},
+                sk_http_ports=[sk.http_port for sk in sks]))
         elif name == "pull3":
             primary = _pull(stack, base / "pull3", 3)
             assert primary.pid is not None
@@ -401,6 +425,9 @@ def run(report: Report, quick: bool) -> None:
             for setup in setups:
                 r = results[setup.name]
                 report.add(f"tps_{setup.name}_{tag}", sorted(r.tps)[len(r.tps) // 2], "tps")
+                if setup.sk_http_ports:  # per safekeeper: its fsyncs per transaction
+                    report.add(f"batches_per_tx_{setup.name}_{tag}",
+                               r.batches / len(setup.sk_http_ports) / r.transactions, "batches")
                 for kind, secs in sorted(r.cpu.items()):
                     report.add(f"cpu_us_per_tx_{setup.name}_{tag}_{kind}",
                                secs / r.transactions * 1e6, "us")
