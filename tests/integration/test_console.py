@@ -29,7 +29,7 @@ from strata.common.lsn import Lsn
 from strata.common.proc import ensure_traversable
 from strata.console.api import Console
 from strata.console.jobs import Jobs
-from strata.console.metrics import Sampler
+from strata.console.metrics import Sampler, connection_counts
 from strata.console.server import make_app
 from strata.control.env import Environment
 
@@ -249,6 +249,8 @@ def test_metrics_sampler_fills_the_hour(console: ConsoleEnv) -> None:
     last = samples[-1]
     assert last["layers"] >= 1 and last["layer_bytes"] > 0, last
     assert last["getpage_requests"] is not None and last["commit_lag_bytes"] is not None
+    # No client is connected now: the sidecar's own session (pull mode) is not counted.
+    assert connection_counts(Environment(console.repo_dir)) == {"main": 0}
     # A restarted console starts with the stored hour, not with empty charts.
     restarted = Sampler(Environment(console.repo_dir))
     assert any(s.at == last["at"] and "main" in s.connections for s in restarted.ring)

@@ -13,7 +13,8 @@ Each sample holds, summed over the timelines of the environment:
                          pageserver's last_record_lsn; commit_lag_bytes is their gap summed
     ingest_lag_bytes     pageserver: WAL received but not yet applied
     layers, layer_bytes  pageserver: layer files of every timeline, and their bytes
-    connections          per running endpoint, its client backends (pg_stat_activity)
+    connections          per running endpoint, its client backends (pg_stat_activity),
+                         not counting the sidecar's own session (pull mode's watch)
 
 `parse_sample` is pure (text in, numbers out) so the arithmetic is tested without servers.
 """
@@ -35,6 +36,7 @@ from typing import Any
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
+from strata.compute.quorum import DEFAULT_APPLICATION_NAME
 from strata.control.endpoints import running_pid, superuser_connect
 from strata.control.env import Environment, WalMode
 
@@ -122,7 +124,7 @@ def _get(url: str) -> str | None:
         return None
 
 
-def _connections(env: Environment) -> dict[str, int]:
+def connection_counts(env: Environment) -> dict[str, int]:
     out: dict[str, int] = {}
     for ep in env.read_state().endpoints.values():
         if running_pid(env, ep.name) is None:
@@ -131,7 +133,8 @@ def _connections(env: Environment) -> dict[str, int]:
             with superuser_connect(env, ep) as conn:
                 row = conn.execute("select count(*) from pg_stat_activity where "
                                    "backend_type = 'client backend' and pid <> "
-                                   "pg_backend_pid()").fetchone()
+                                   "pg_backend_pid() and application_name <> %s",
+                                   (DEFAULT_APPLICATION_NAME,)).fetchone()
         except psycopg.Error:
             continue  # stopping or starting: no figure this time
         out[ep.name] = int(row[0]) if row else 0
@@ -184,7 +187,7 @@ class Sampler:
         sk_texts = [t for sk in config.safekeepers
                     if config.wal_mode is WalMode.SAFEKEEPERS
                     and (t := _get(f"http://{sk.host}:{sk.http_port}/metrics")) is not None]
-        sample = parse_sample(time.time(), ps_text, sk_texts, _connections(self.env))
+        sample = parse_sample(time.time(), ps_text, sk_texts, connection_counts(self.env))
         self.ring.append(sample)
         try:
             self._store(sample)
