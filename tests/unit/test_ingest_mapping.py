@@ -22,6 +22,7 @@ from strata.pageserver.ingest import (
     clog_patches,
     is_gist_left_child,
     multixact_create_patches,
+    vm_clear_encoded,
     vm_clear_patches,
     vm_truncate_plan,
 )
@@ -58,7 +59,7 @@ from strata.storage.key import (
 )
 from strata.storage.repository import Repository
 from strata.storage.timeline import Timeline, TimelineBroken
-from strata.storage.value import Image, Patch, PatchOp
+from strata.storage.value import Image, Patch, PatchOp, encode_value
 
 U32 = 0xFFFFFFFF
 
@@ -258,6 +259,18 @@ def test_vm_clear_patches_group_by_map_page() -> None:
     page = _apply(patches[0], bytes(MAP_OFFSET) + b"\xff" * (BLCKSZ - MAP_OFFSET))
     assert get_bits(page, 0) == 0 and get_bits(page, 5) == 0
     assert get_bits(page, 1) == 3 and get_bits(page, 4) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(heap_blocks=st.lists(st.integers(0, 0xFFFFFFFE), max_size=4)
+       | st.lists(st.integers(0, 3 * HEAPBLOCKS_PER_PAGE), max_size=6),
+       flags=st.sampled_from([1, 2, 3]))
+def test_vm_clear_encoded_is_vm_clear_patches_encoded(heap_blocks: list[int],
+                                                      flags: int) -> None:
+    """Ingest's inline VM clear stores the same bytes as `vm_clear_patches`."""
+    assert vm_clear_encoded(heap_blocks, flags) == {
+        block: encode_value(patch)
+        for block, patch in vm_clear_patches(heap_blocks, flags).items()}
 
 
 def test_gist_left_child_blocks() -> None:

@@ -7,6 +7,8 @@ import struct
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from strata.common.errors import CorruptionError
 from strata.pg.constants import RmgrId
@@ -155,3 +157,35 @@ def test_vm_patches_point_at_the_vm_page_bits() -> None:
     frozen_only.apply(page)
     # Block 2 has bits 4-5 of byte 24; only its all-frozen bit (the higher one) is cleared.
     assert page[24] == 0b11011111
+
+
+@settings(max_examples=400, deadline=None)
+@given(heap2=st.booleans(), info=st.integers(0, 0xFF), data=st.binary(max_size=20),
+       two_blocks=st.booleans())
+def test_images_only_agrees_with_the_decoders(heap2: bool, info: int, data: bytes,
+                                              two_blocks: bool) -> None:
+    """`heap.images_only` (ingest's shortcut) is True only for records the full decoder
+    decodes without raising into None or a record that clears no VM bits."""
+    blocks = [Block(0, 12), Block(1, 13)] if two_blocks else [Block(0, 12)]
+    rmid = RmgrId.HEAP2 if heap2 else RmgrId.HEAP
+    if not h.images_only(heap2, info, data):
+        return
+    d = decode_record(rmid, info, data, blocks)
+    assert d is None or (isinstance(d, (HeapInsert, HeapMultiInsert, HeapDelete, HeapUpdate,
+                                        HeapLock)) and d.vm_clear is None), d
+
+
+def test_images_only_for_the_common_records() -> None:
+    """Plain updates, inserts and locks skip the decoder; one that clears VM bits, a
+    short one, VISIBLE and MULTI_INSERT do not."""
+    update = struct.pack("<IHBBIH", 1, 2, 0, 0, 3, 4)
+    assert h.images_only(False, h.XLOG_HEAP_HOT_UPDATE, update)
+    assert h.images_only(False, h.XLOG_HEAP_UPDATE | h.XLOG_HEAP_INIT_PAGE, update)
+    assert h.images_only(False, h.XLOG_HEAP_INSERT, struct.pack("<HB", 7, 0))
+    assert h.images_only(False, h.XLOG_HEAP_LOCK, struct.pack("<IHBB", 1, 2, 0, 0))
+    assert h.images_only(True, h.XLOG_HEAP2_PRUNE, b"")
+    cleared = struct.pack("<IHBBIH", 1, 2, 0, h.XLH_UPDATE_OLD_ALL_VISIBLE_CLEARED, 3, 4)
+    assert not h.images_only(False, h.XLOG_HEAP_UPDATE, cleared)
+    assert not h.images_only(False, h.XLOG_HEAP_UPDATE, update[:-1])
+    assert not h.images_only(True, h.XLOG_HEAP2_VISIBLE, struct.pack("<IB", 1, 1))
+    assert not h.images_only(True, h.XLOG_HEAP2_MULTI_INSERT, struct.pack("<BxH", 0, 0))

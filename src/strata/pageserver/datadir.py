@@ -251,11 +251,12 @@ _CHECKPOINT_KEY = checkpoint_key()  # put once per transaction by ingest: made o
 
 
 def put_checkpoint(timeline: Timeline, lsn: Lsn, checkpoint: CheckPoint) -> None:
-    put_checkpoint_bytes(timeline, lsn, checkpoint.to_bytes())
+    put_checkpoint_bytes(timeline, lsn.value, checkpoint.to_bytes())
 
 
-def put_checkpoint_bytes(timeline: Timeline, lsn: Lsn, encoded: bytes) -> None:
-    """`put_checkpoint` of a checkpoint already encoded (`CheckPoint.to_bytes`)."""
+def put_checkpoint_bytes(timeline: Timeline, lsn: int, encoded: bytes) -> None:
+    """`put_checkpoint` of a checkpoint already encoded (`CheckPoint.to_bytes`), at an
+    LSN given as an int (ingest's hot path: `Timeline.put_encoded`)."""
     timeline.put_encoded(_CHECKPOINT_KEY, lsn, encode_image(encoded), True)
 
 

@@ -56,7 +56,7 @@ from strata.pg.constants import (
     RmgrId,
 )
 from strata.pg.page import ZERO_PAGE
-from strata.pg.records import decode, record_type_name
+from strata.pg.records import decode_effects, record_type_name
 from strata.pg.relfile import RelTag
 from strata.pg.slru import SlruKind
 from strata.pg.transam import (
@@ -70,7 +70,12 @@ from strata.pg.transam import (
     u32_follows,
 )
 from strata.pg.visibilitymap import (
+    BITS_PER_HEAPBLOCK,
+    HEAPBLOCKS_PER_BYTE,
+    HEAPBLOCKS_PER_PAGE,
     MAP_OFFSET,
+    MAX_BLOCK_NUMBER,
+    VISIBILITYMAP_VALID_BITS,
     clear_bits,
     vm_bit_shift,
     vm_block,
@@ -86,13 +91,16 @@ from strata.storage.value import (
     PatchOp,
     PatchWrite,
     WalImage,
-    encode_value,
+    encode_bits_patch,
     encode_wal_image,
 )
 
 log = logging.getLogger(__name__)
 
 _VM_FORK = int(ForkNumber.VISIBILITYMAP)
+# The records whose only effect beyond their block images is clearing VM bits.
+_VM_CLEARING = (rec_types.HeapInsert, rec_types.HeapMultiInsert, rec_types.HeapDelete,
+                rec_types.HeapUpdate, rec_types.HeapLock)
 _BLOCK_KEYS_KEPT = 1 << 16  # WalIngest's cache of block keys is emptied at this size
 
 # --- pg_xact and pg_multixact patches ----------------------------------------------------
@@ -193,6 +201,25 @@ def vm_clear_patches(heap_blocks: Iterable[int], flags: int) -> dict[int, Patch]
     return {block: Patch(tuple(block_ops)) for block, block_ops in ops.items()}
 
 
+def vm_clear_encoded(heap_blocks: Iterable[int], flags: int) -> dict[int, bytes]:
+    """`vm_clear_patches`, each patch encoded (`encode_value`), worked out inline on
+    the block numbers without the `VmClear`/`PatchOp`/`Patch` objects: ingest's path
+    (a heap record on a page that was all-visible; a unit test compares the two)."""
+    assert flags and not flags & ~VISIBILITYMAP_VALID_BITS, flags
+    ops: dict[int, list[tuple[int, int, int]]] = {}
+    for heap_block in heap_blocks:
+        assert 0 <= heap_block <= MAX_BLOCK_NUMBER, heap_block
+        block, in_page = divmod(heap_block, HEAPBLOCKS_PER_PAGE)
+        byte, slot = divmod(in_page, HEAPBLOCKS_PER_BYTE)
+        op = (MAP_OFFSET + byte, flags << (slot * BITS_PER_HEAPBLOCK), 0)
+        block_ops = ops.get(block)
+        if block_ops is None:
+            ops[block] = [op]
+        else:
+            block_ops.append(op)
+    return {block: encode_bits_patch(block_ops) for block, block_ops in ops.items()}
+
+
 def is_gist_left_child(rmid: int, info: int, block_id: int) -> bool:
     """The block whose NSN and F_FOLLOW_RIGHT gistplacetopage sets after XLogInsert:
     block 1 of PAGE_UPDATE, block 0 of PAGE_SPLIT (gistXLogUpdate / gistXLogSplit)."""
@@ -254,9 +281,6 @@ class WalIngest:
         self._rels: dict[tuple[int, int, int, int], RelTag] = {}
         # (kind, segno, blkno) -> Key of the SLRU pages written (pg_xact: one per commit).
         self._slru_keys: dict[SlruPage, Key] = {}
-        # The end LSN of the last record as an Lsn: the next record starts there (unless
-        # a page header lies between), so it is its start LSN too without a new Lsn.
-        self._last_end = timeline.last_record_lsn
         self._xid_seen = -1  # the xid `_advance_xid` saw last
 
     @property
@@ -285,30 +309,32 @@ class WalIngest:
         for block in record.blocks:
             if not block.has_image:
                 self._refuse(record, block)
-        decoded = decode(record)  # CorruptionError for a record that does not decode
-        lsn = Lsn(record.end_lsn)
+        # CorruptionError for a record that does not decode; None for most heap records
+        decoded = decode_effects(record)
+        # The end LSN as an int: the puts of the common records (block images, VM
+        # clears, the checkpoint) and `finish_record_at` take it so, which spares an
+        # `Lsn` per record; the rarer records make one (`_apply`).
+        end = record.end_lsn
         before, before_xid = self._checkpoint, self._next_xid
         try:
             self._advance_xid(record.xid)
             if record.blocks:
-                self._put_images(record, lsn)
+                self._put_images(record, end)
             if decoded is not None:
-                self._apply(decoded, lsn)
+                self._apply(decoded, end)
             if self._checkpoint is not before:
                 # (`is not` first: the counters other than nextXid are replaced only by
                 # the records that may change them)
                 if self.checkpoint != before.with_next_xid(before_xid):
-                    put_checkpoint(tl, lsn, self.checkpoint)
+                    put_checkpoint(tl, Lsn(end), self.checkpoint)
             elif self._next_xid != before_xid:
-                put_checkpoint_bytes(tl, lsn, self._encode_checkpoint())
+                put_checkpoint_bytes(tl, end, self._encode_checkpoint())
         except Exception as err:
             # Part of the record is stored and the rest cannot be: never serve that.
             tl.mark_broken(f"applying the {record_type_name(record.rmid, record.info)} "
                            f"record at {Lsn(record.lsn)} failed half-way: {err}")
             raise
-        prev = self._last_end
-        tl.finish_record(lsn, prev if prev.value == record.lsn else Lsn(record.lsn))
-        self._last_end = lsn
+        tl.finish_record_at(end, record.lsn)
         self.stats.records += 1
         self.stats.wal_bytes += record.tot_len
 
@@ -325,7 +351,7 @@ class WalIngest:
                              f"{reason}; re-create it from a branch before "
                              f"{Lsn(record.lsn)} and keep the setting on")
 
-    def _put_images(self, record: DecodedRecord, lsn: Lsn) -> None:
+    def _put_images(self, record: DecodedRecord, lsn: int) -> None:
         """Each block's image as a `WalImage` (encoded directly: `encode_wal_image`)."""
         tl = self.timeline
         keys = self._block_keys
@@ -340,7 +366,7 @@ class WalIngest:
             tl.put_rel_page_encoded(
                 rel_key[0], block.blkno, rel_key[1], lsn,
                 encode_wal_image(block.bimg_info, block.hole_offset, block.hole_length,
-                                 block.image, record.end_lsn, fixup), WalImage.is_image)
+                                 block.image, lsn, fixup), WalImage.is_image)
             if fixup:
                 self.stats.gist_fixups += 1
         self.stats.images += len(record.blocks)
@@ -391,12 +417,13 @@ class WalIngest:
         self._next_xid = advance_next_xid(self._next_xid, xid)
 
     # --- per record type ------------------------------------------------------------------
-    def _apply(self, d: rec_types.Record, lsn: Lsn) -> None:
+    def _apply(self, d: rec_types.Record, end: int) -> None:
+        if isinstance(d, _VM_CLEARING):  # most records: heap changes, LSN kept an int
+            if d.vm_clear is not None:
+                self._vm_clear(d.vm_clear, end)
+            return
+        lsn = Lsn(end)
         match d:
-            case (rec_types.HeapInsert() | rec_types.HeapMultiInsert() | rec_types.HeapDelete()
-                  | rec_types.HeapUpdate() | rec_types.HeapLock()):
-                if d.vm_clear is not None:
-                    self._vm_clear(d.vm_clear, lsn)
             case rec_types.XactCommit() | rec_types.XactAbort():
                 self._xact_end(d, lsn)
             case rec_types.XactPrepare():
@@ -440,19 +467,19 @@ class WalIngest:
             case _:
                 pass  # SWITCH, FPI (images only), standby, invalidations, logical messages
 
-    def _vm_clear(self, clear: rec_types.VmClear, lsn: Lsn) -> None:
+    def _vm_clear(self, clear: rec_types.VmClear, lsn: int) -> None:
         by_rel: dict[tuple[int, int, int], list[int]] = {}
         for rel, heap_block in clear.heap_blocks:
             by_rel.setdefault(rel, []).append(heap_block)
         for (spcnode, dbnode, relnode), heap_blocks in by_rel.items():
             nblocks = self.timeline.current_nblocks(self._rel(spcnode, dbnode, relnode,
                                                               _VM_FORK))
-            for block, patch in vm_clear_patches(heap_blocks, clear.flags).items():
+            for block, patch in vm_clear_encoded(heap_blocks, clear.flags).items():
                 # visibilitymap_clear reads the map page without extending the fork.
                 if block < nblocks:
                     vm, key = self._block_key(spcnode, dbnode, relnode, _VM_FORK, block)
-                    self.timeline.put_rel_page_encoded(vm, block, key, lsn,
-                                                       encode_value(patch), patch.is_image)
+                    self.timeline.put_rel_page_encoded(vm, block, key, lsn, patch,
+                                                       Patch.is_image)
                     self.stats.vm_clears += 1
 
 

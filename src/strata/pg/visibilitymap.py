@@ -25,7 +25,7 @@ VISIBILITYMAP_ALL_FROZEN = 0x02
 VISIBILITYMAP_VALID_BITS = 0x03
 
 assert HEAPBLOCKS_PER_PAGE == 32672, HEAPBLOCKS_PER_PAGE
-_MAX_BLOCK = 0xFFFFFFFE  # MaxBlockNumber
+MAX_BLOCK_NUMBER = 0xFFFFFFFE  # MaxBlockNumber (block.h)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,19 +43,19 @@ class VmClear:
 
 def vm_block(heap_block: int) -> int:
     """HEAPBLK_TO_MAPBLOCK."""
-    assert 0 <= heap_block <= _MAX_BLOCK, heap_block
+    assert 0 <= heap_block <= MAX_BLOCK_NUMBER, heap_block
     return heap_block // HEAPBLOCKS_PER_PAGE
 
 
 def vm_byte(heap_block: int) -> int:
     """HEAPBLK_TO_MAPBYTE: byte within the map area (after the page header)."""
-    assert 0 <= heap_block <= _MAX_BLOCK, heap_block
+    assert 0 <= heap_block <= MAX_BLOCK_NUMBER, heap_block
     return (heap_block % HEAPBLOCKS_PER_PAGE) // HEAPBLOCKS_PER_BYTE
 
 
 def vm_bit_shift(heap_block: int) -> int:
     """HEAPBLK_TO_OFFSET: shift of the block's 2 bits within its byte."""
-    assert 0 <= heap_block <= _MAX_BLOCK, heap_block
+    assert 0 <= heap_block <= MAX_BLOCK_NUMBER, heap_block
     return (heap_block % HEAPBLOCKS_PER_BYTE) * BITS_PER_HEAPBLOCK
 
 

@@ -342,12 +342,13 @@ class Timeline:
                 del chains[next(iter(chains))]  # the page imaged longest ago
             chains[key] = (stored.data, [])
 
-    def put_encoded(self, key: Key, lsn: Lsn, data: bytes, is_image: bool) -> None:
+    def put_encoded(self, key: Key, lsn: int, data: bytes, is_image: bool) -> None:
         """`put` of a value already encoded (`encode_value`), for a key that is neither
         an SLRU block nor a relation size (whose puts `put` keeps track of): ingest's
-        checkpoint, once per transaction."""
+        checkpoint, once per transaction. `lsn` is an int: ingest's hot path makes no
+        `Lsn` per record (a frozen dataclass with checks: ~0.5-1 us each)."""
         assert not key.is_slru_block() and not key.is_rel_size(), key
-        self._put_bytes(key, lsn.value, data, is_image)
+        self._put_bytes(key, lsn, data, is_image)
 
     def _put_bytes(self, key: Key, lsn: int, data: bytes, is_image: bool) -> None:
         if lsn <= self._last_record:
@@ -369,16 +370,20 @@ class Timeline:
 
     def finish_record(self, end_lsn: Lsn, prev_lsn: Lsn) -> None:
         """All puts of the record ending at `end_lsn` are done: advance and wake waiters."""
-        if end_lsn.value < self._last_record:
-            raise UserError(f"finish_record at {end_lsn} is behind last_record_lsn "
+        self.finish_record_at(end_lsn.value, prev_lsn.value)
+
+    def finish_record_at(self, end_lsn: int, prev_lsn: int) -> None:
+        """`finish_record` with the LSNs as ints: ingest's hot path (once per record)."""
+        if end_lsn < self._last_record:
+            raise UserError(f"finish_record at {Lsn(end_lsn)} is behind last_record_lsn "
                             f"{self.last_record_lsn} on timeline {self.timeline_id}")
         layer = self._open
-        assert layer is None or layer.max_lsn <= end_lsn.value, (layer.max_lsn, end_lsn)
-        self._last_record = end_lsn.value
-        self._prev_record = prev_lsn.value
-        self._lsn_waiters.advance(end_lsn.value)
+        assert layer is None or layer.max_lsn <= end_lsn, (layer.max_lsn, end_lsn)
+        self._last_record = end_lsn
+        self._prev_record = prev_lsn
+        self._lsn_waiters.advance(end_lsn)
         if layer is not None and (
-                end_lsn.value - layer.start_lsn >= self.conf.checkpoint_distance
+                end_lsn - layer.start_lsn >= self.conf.checkpoint_distance
                 or self.clock() - layer.created_at >= self.conf.checkpoint_timeout_s):
             self.freeze()
             if len(self._frozen) > _MAX_FROZEN:
@@ -386,44 +391,45 @@ class Timeline:
 
     def put_rel_page(self, rel: RelTag, blkno: int, lsn: Lsn, value: Value) -> None:
         """Store a block version; extends the fork to blkno + 1 if it is shorter."""
-        self.put_rel_page_encoded(rel, blkno, rel_block_key(rel, blkno), lsn,
+        self.put_rel_page_encoded(rel, blkno, rel_block_key(rel, blkno), lsn.value,
                                   encode_value(value), value.is_image)
 
-    def put_rel_page_encoded(self, rel: RelTag, blkno: int, key: Key, lsn: Lsn, data: bytes,
+    def put_rel_page_encoded(self, rel: RelTag, blkno: int, key: Key, lsn: int, data: bytes,
                              is_image: bool) -> None:
         """`put_rel_page` of a value already encoded (`encode_value`), with its key
-        `rel_block_key(rel, blkno)`: ingest's path, which keeps the keys it made."""
+        `rel_block_key(rel, blkno)`: ingest's path, which keeps the keys it made, and
+        passes `lsn` as an int (no `Lsn` per block: `put_encoded`)."""
         cached = self._rel_cache.get(rel)  # `_current_size` without its two calls
         rec = cached[1] if cached is not None else self._current_size(rel)
         if rec is None:
             # PostgreSQL may write a block of a fork whose creation came before our WAL
             # (or is implied by the record); the fork exists from here on.
-            self._write_size(rel, lsn, SizeRecord.created(lsn.value).extended(blkno + 1))
+            self._write_size(rel, lsn, SizeRecord.created(lsn).extended(blkno + 1))
         elif blkno >= rec.nblocks:
             self._write_size(rel, lsn, rec.extended(blkno + 1))
-        self._put_bytes(key, lsn.value, data, is_image)
+        self._put_bytes(key, lsn, data, is_image)
 
     def create_rel(self, rel: RelTag, lsn: Lsn) -> None:
         """Create an empty fork (no-op if it exists): a cut at 0, so old blocks are dead."""
         if self._current_size(rel) is None:
-            self._write_size(rel, lsn, SizeRecord.created(lsn.value))
+            self._write_size(rel, lsn.value, SizeRecord.created(lsn.value))
 
     def truncate_rel(self, rel: RelTag, nblocks: int, lsn: Lsn) -> None:
         """Shrink a fork to `nblocks` (no-op if it does not exist or is not longer)."""
         rec = self._current_size(rel)
         if rec is None or nblocks >= rec.nblocks:
             return
-        self._write_size(rel, lsn, rec.truncated(lsn.value, nblocks))
+        self._write_size(rel, lsn.value, rec.truncated(lsn.value, nblocks))
 
     def drop_rel(self, rel: RelTag, lsn: Lsn) -> None:
         if self._current_size(rel) is not None:
-            self._write_size(rel, lsn, None)
+            self._write_size(rel, lsn.value, None)
 
-    def _write_size(self, rel: RelTag, lsn: Lsn, rec: SizeRecord | None) -> None:
+    def _write_size(self, rel: RelTag, lsn: int, rec: SizeRecord | None) -> None:
         value: Value = Tombstone() if rec is None else Image(rec.encode())
         with self._size_lock:
-            self._put_bytes(rel_size_key(rel), lsn.value, encode_value(value), True)
-            self._rel_cache[rel] = (lsn.value, rec)
+            self._put_bytes(rel_size_key(rel), lsn, encode_value(value), True)
+            self._rel_cache[rel] = (lsn, rec)
             self._size_gen += 1
 
     def key_sizes_by(self, rel: RelTag) -> None:

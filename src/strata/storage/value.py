@@ -35,6 +35,7 @@ Encoding (little-endian; first byte is the tag, 0 is never valid):
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -164,11 +165,22 @@ Value = Image | WalImage | Patch | Tombstone
 
 
 _IMAGE_TAG = bytes((TAG_IMAGE,))
+_PATCH_TAG = bytes((TAG_PATCH,))
 
 
 def encode_image(data: bytes) -> bytes:
     """`encode_value(Image(data))` without making the Image."""
     return _IMAGE_TAG + data
+
+
+def encode_bits_patch(ops: Sequence[tuple[int, int, int]]) -> bytes:
+    """`encode_value(Patch(tuple(PatchOp(*op) for op in ops)))` without making the
+    objects: ingest's VM clears (`ops` are (offset, clear_mask, set_mask))."""
+    parts = [_PATCH_TAG, _U32.pack(len(ops))]
+    for offset, clear_mask, set_mask in ops:
+        assert 0 <= offset <= 0xFFFFFFFF, offset
+        parts.append(_BITS.pack(_OP_BITS, offset, clear_mask, set_mask))
+    return b"".join(parts)
 
 
 def encode_value(v: Value) -> bytes:
@@ -178,7 +190,7 @@ def encode_value(v: Value) -> bytes:
         return encode_wal_image(v.bimg_info, v.hole_offset, v.hole_length, v.data, v.page_lsn,
                                 v.gist_fixup)
     if isinstance(v, Patch):
-        parts = [bytes((TAG_PATCH,)), _U32.pack(len(v.ops))]
+        parts = [_PATCH_TAG, _U32.pack(len(v.ops))]
         for op in v.ops:
             if isinstance(op, PatchOp):
                 parts.append(_BITS.pack(_OP_BITS, op.offset, op.clear_mask, op.set_mask))

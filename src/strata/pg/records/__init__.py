@@ -85,7 +85,8 @@ __all__ = [
     "XactAbort", "XactAssignment", "XactCommit", "XactInvalidations", "XactOrigin",
     "XactPrepare", "XlogBackupEnd", "XlogCheckpoint", "XlogEndOfRecovery", "XlogFpi",
     "XlogFpwChange", "XlogNextOid", "XlogNoop", "XlogOverwriteContrecord",
-    "XlogParameterChange", "XlogRestorePoint", "XlogSwitch", "decode", "decode_record",
+    "XlogParameterChange", "XlogRestorePoint", "XlogSwitch", "decode", "decode_effects",
+    "decode_record",
     "record_type_name",
 ]
 
@@ -173,3 +174,15 @@ def decode(record: DecodedRecordLike) -> Record | None:
     """`decode_record` for a record from `strata.pg.walreader`."""
     return _decode(record.rmid, record.info, record.main_data, record.blocks, record.xid,
                    record.lsn)
+
+
+def decode_effects(record: DecodedRecordLike) -> Record | None:
+    """`decode(record)`, or None without decoding for a Heap or Heap2 record that changes
+    nothing beyond its block images (`heap.images_only`: no VM bits cleared): what
+    ingest applies, without a dataclass for most of its records. Raises
+    `CorruptionError` exactly when `decode` does."""
+    rmid = record.rmid
+    if rmid == _HEAP or rmid == _HEAP2:
+        if heap.images_only(rmid == _HEAP2, record.info, record.main_data):
+            return None
+    return decode(record)

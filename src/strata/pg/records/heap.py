@@ -78,6 +78,48 @@ _LOCK = struct.Struct("<IHBB")  # locking_xid / xmax, offnum, infobits_set, flag
 _VISIBLE = struct.Struct("<IB")  # cutoff_xid, flags (SizeOfHeapVisible = 5)
 
 
+# Per Heap op that may clear VM bits: (its main data's size, the offset of its flags
+# byte in it, the flags that clear bits), from the xl_heap_* layouts above.
+_VM_FLAGS: dict[int, tuple[int, int, int]] = {
+    XLOG_HEAP_INSERT: (_INSERT.size, 2, XLH_INSERT_ALL_VISIBLE_CLEARED),
+    XLOG_HEAP_DELETE: (_DELETE.size, 7, XLH_DELETE_ALL_VISIBLE_CLEARED),
+    XLOG_HEAP_UPDATE: (_UPDATE.size, 7, XLH_UPDATE_OLD_ALL_VISIBLE_CLEARED
+                       | XLH_UPDATE_NEW_ALL_VISIBLE_CLEARED),
+    XLOG_HEAP_HOT_UPDATE: (_UPDATE.size, 7, XLH_UPDATE_OLD_ALL_VISIBLE_CLEARED
+                           | XLH_UPDATE_NEW_ALL_VISIBLE_CLEARED),
+    XLOG_HEAP_LOCK: (_LOCK.size, 7, XLH_LOCK_ALL_FROZEN_CLEARED),
+    # TRUNCATE, CONFIRM, INPLACE: `decode_heap` reads nothing (no VM bits).
+    XLOG_HEAP_TRUNCATE: (0, -1, 0),
+    XLOG_HEAP_CONFIRM: (0, -1, 0),
+    XLOG_HEAP_INPLACE: (0, -1, 0),
+}
+# The same for Heap2: LOCK_UPDATED; the ops `decode_heap2` reads nothing of. Not
+# MULTI_INSERT (an offsets array to check) nor VISIBLE (its flags and blocks are checked).
+_VM_FLAGS2: dict[int, tuple[int, int, int]] = {
+    XLOG_HEAP2_LOCK_UPDATED: (_LOCK.size, 7, XLH_LOCK_ALL_FROZEN_CLEARED),
+    XLOG_HEAP2_REWRITE: (0, -1, 0),
+    XLOG_HEAP2_PRUNE: (0, -1, 0),
+    XLOG_HEAP2_VACUUM: (0, -1, 0),
+    XLOG_HEAP2_FREEZE_PAGE: (0, -1, 0),
+    XLOG_HEAP2_NEW_CID: (0, -1, 0),
+}
+
+
+def images_only(heap2: bool, info: int, main_data: bytes) -> bool:
+    """Whether a Heap (Heap2 if `heap2`) record changes nothing beyond its block images,
+    known from its flags alone: `decode_heap` (`decode_heap2`) would return None or a
+    record whose `vm_clear` is None, and would not raise. False means: decode it.
+    Ingest's path (most records are heap records, and most clear no VM bits); a unit
+    test checks it against the decoders."""
+    found = (_VM_FLAGS2 if heap2 else _VM_FLAGS).get(info & XLOG_HEAP_OPMASK)
+    if found is None:
+        return False
+    size, flags_at, clearing = found
+    if len(main_data) < size:
+        return False  # too short: the decoder raises CorruptionError
+    return flags_at < 0 or not main_data[flags_at] & clearing
+
+
 @dataclass(slots=True)
 class VmClear:
     """Clear `flags` (VISIBILITYMAP_ALL_VISIBLE | _ALL_FROZEN) for each heap block.
