@@ -102,23 +102,24 @@ Record = (
     | LogicalMessage
 )
 
-_Decoder = Callable[[Cursor, int, Sequence[BlockLike], int], "Record | None"]
+_Decoder = Callable[[Cursor, int], "Record | None"]
 
 # The resource managers other than heap, heap2 and transaction (which `_decode` tests
-# first: most records are theirs), by id.
+# first: most records are theirs, and their decoders take the blocks or the xid too).
 _DECODERS: dict[int, _Decoder] = {
-    RmgrId.XLOG: lambda cur, info, blocks, xid: xlog.decode(cur, info),
-    RmgrId.STORAGE: lambda cur, info, blocks, xid: smgr.decode(cur, info),
-    RmgrId.CLOG: lambda cur, info, blocks, xid: clog.decode(cur, info),
-    RmgrId.DATABASE: lambda cur, info, blocks, xid: dbase.decode(cur, info),
-    RmgrId.MULTIXACT: lambda cur, info, blocks, xid: multixact.decode(cur, info),
-    RmgrId.RELMAP: lambda cur, info, blocks, xid: relmap.decode(cur, info),
-    RmgrId.STANDBY: lambda cur, info, blocks, xid: standby.decode(cur, info),
-    RmgrId.LOGICALMSG: lambda cur, info, blocks, xid: logicalmsg.decode(cur, info),
+    RmgrId.XLOG: xlog.decode,
+    RmgrId.STORAGE: smgr.decode,
+    RmgrId.CLOG: clog.decode,
+    RmgrId.DATABASE: dbase.decode,
+    RmgrId.MULTIXACT: multixact.decode,
+    RmgrId.RELMAP: relmap.decode,
+    RmgrId.STANDBY: standby.decode,
+    RmgrId.LOGICALMSG: logicalmsg.decode,
 }
 _HEAP = int(RmgrId.HEAP)
 _HEAP2 = int(RmgrId.HEAP2)
 _TRANSACTION = int(RmgrId.TRANSACTION)
+_DECODED = frozenset((_HEAP, _HEAP2, _TRANSACTION, *_DECODERS))
 
 
 def decode_record(rmid: int, info: int, main_data: bytes,
@@ -135,22 +136,19 @@ def decode_record(rmid: int, info: int, main_data: bytes,
 
 def _decode(rmid: int, info: int, main_data: bytes, blocks: Sequence[BlockLike], xl_xid: int,
             lsn: int | None) -> Record | None:
+    if rmid not in _DECODED:
+        return None  # btree, gin, ...: their block images are all there is
+    cur = Cursor(bytes(main_data), rmid, info, lsn)
+    rm_info = info & XLR_RMGR_INFO_MASK
     # Once per record ingested: the common resource managers are called directly, the
     # rest through `_DECODERS`.
     if rmid == _HEAP:
-        return heap.decode_heap(Cursor(bytes(main_data), rmid, info, lsn),
-                                info & XLR_RMGR_INFO_MASK, blocks)
+        return heap.decode_heap(cur, rm_info, blocks)
     if rmid == _TRANSACTION:
-        return xact.decode(Cursor(bytes(main_data), rmid, info, lsn),
-                           info & XLR_RMGR_INFO_MASK, xl_xid)
+        return xact.decode(cur, rm_info, xl_xid)
     if rmid == _HEAP2:
-        return heap.decode_heap2(Cursor(bytes(main_data), rmid, info, lsn),
-                                 info & XLR_RMGR_INFO_MASK, blocks)
-    decoder = _DECODERS.get(rmid)
-    if decoder is None:
-        return None
-    cur = Cursor(bytes(main_data), rmid, info, lsn)
-    return decoder(cur, info & XLR_RMGR_INFO_MASK, blocks, xl_xid)
+        return heap.decode_heap2(cur, rm_info, blocks)
+    return _DECODERS[rmid](cur, rm_info)
 
 
 class DecodedRecordLike(Protocol):
