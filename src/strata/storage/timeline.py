@@ -19,7 +19,7 @@ instead once `SLRU_IMAGE_DELTAS` deltas followed the page's last image on this t
 (and at the first delta of a page since the timeline was loaded or branched, when that
 count is unknown), so a read never applies more than `SLRU_IMAGE_DELTAS` deltas. That
 image is built from what `put` kept of the page (its last image and the deltas since,
-`_slru_chains`) when it kept it, else by a read.
+`_slru_chains`, `storage/slru_chains.py`) when it kept it, else by a read.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from strata.storage.lsn_time import LsnTimeIndex
 from strata.storage.lsn_waiters import LsnWaiters
 from strata.storage.metadata import TimelineMetadata, save_metadata
 from strata.storage.rel import SizeRecord
+from strata.storage.slru_chains import SlruChains
 from strata.storage.value import (
     Image,
     Patch,
@@ -196,12 +197,10 @@ class Timeline:
         self._lsn_waiters = LsnWaiters(self._last_record)
         # SLRU pages reconstructed from long delta chains, by LSN (`_chained_value`).
         self.value_cache = ValueCache()
-        # Deltas put since the last image, per SLRU page put since the load (`put`).
-        self._slru_deltas: dict[Key, int] = {}
-        # Per SLRU page put since the load: its last image put and the deltas put since,
-        # in order, which make its value at the last put (`_slru_value` builds the next
-        # image from them instead of a read through the layers); the pages imaged last.
-        self._slru_chains: dict[Key, tuple[bytes, list[Patch]]] = {}
+        # Per SLRU page put since the load: the deltas put since its last image, and for
+        # the pages imaged last that image and those deltas (`_slru_value` builds the
+        # next image from them instead of a read through the layers).
+        self._slru_chains = SlruChains(_SLRU_CHAINS_KEPT)
         self.slru_images_written = 0  # deltas `put` turned into images
         self.broken_reason: str | None = None
         self.remote: RemoteSink | None = None  # set by the pageserver with remote storage
@@ -288,10 +287,9 @@ class Timeline:
 
         A delta of an SLRU page may be stored as the page's image (`_slru_value`)."""
         if key.is_slru_block():
-            value, deltas = self._slru_value(key, lsn.value, value)
+            value = self._slru_value(key, lsn.value, value)
             self._put_bytes(key, lsn.value, encode_value(value), value.is_image)
-            self._slru_deltas[key] = deltas  # once stored
-            self._keep_slru_chain(key, value)
+            self._slru_chains.stored(key, value)  # once stored
             return
         data = encode_value(value)
         if key.is_rel_size():
@@ -302,45 +300,25 @@ class Timeline:
             return
         self._put_bytes(key, lsn.value, data, value.is_image)
 
-    def _slru_value(self, key: Key, lsn: int, value: Value) -> tuple[Value, int]:
-        """The value to store for `key` at `lsn` and the page's deltas since its last image
-        with it: `value`, or the page's image at `lsn` when `value` is a delta that would
-        be the `SLRU_IMAGE_DELTAS` + 1st since the page's last image, or the first since
-        the load (the count is not kept on disk: after a restart or on a new branch the
-        chain below is of unknown length, up to its own bound). The image is built by a
-        read at `lsn` (so with the deltas of this record already put) and `value`: at
+    def _slru_value(self, key: Key, lsn: int, value: Value) -> Value:
+        """The value to store for `key` at `lsn`: `value`, or the page's image at `lsn`
+        when `value` is a delta that would be the `SLRU_IMAGE_DELTAS` + 1st since the
+        page's last image, or the first since the load (the count is not kept on disk:
+        after a restart or on a new branch the chain below is of unknown length, up to
+        its own bound). The image is built from what `_slru_chains` kept of the page,
+        else by a read at `lsn` (so with the deltas of this record already put): at
         most `SLRU_IMAGE_DELTAS` deltas applied, once per that many puts."""
         if not isinstance(value, Patch):
-            return value, 0
-        count = self._slru_deltas.get(key)
+            return value
+        count = self._slru_chains.deltas(key)
         if count is not None and count < SLRU_IMAGE_DELTAS:
-            return value, count + 1
-        chain = self._slru_chains.get(key) if count is not None else None
-        if chain is not None:
-            # The page's value at `lsn` without a read: what every put since its last
-            # image stored (the same bytes a read would reconstruct from them).
-            page = bytearray(chain[0])
-            for delta in chain[1]:
-                delta.apply(page)
-        else:
+            return value
+        page = self._slru_chains.page(key) if count is not None else None
+        if page is None:
             page = bytearray(self._get_value(key, lsn) or bytes(BLCKSZ))
         value.apply(page)
         self.slru_images_written += 1
-        return Image(bytes(page)), 0
-
-    def _keep_slru_chain(self, key: Key, stored: Value) -> None:
-        """Note the value `put` stored for an SLRU page in `_slru_chains`."""
-        chains = self._slru_chains
-        if isinstance(stored, Patch):
-            chain = chains.get(key)
-            if chain is not None:
-                chain[1].append(stored)
-            return
-        chains.pop(key, None)
-        if isinstance(stored, Image):
-            if len(chains) >= _SLRU_CHAINS_KEPT:
-                del chains[next(iter(chains))]  # the page imaged longest ago
-            chains[key] = (stored.data, [])
+        return Image(bytes(page))
 
     def put_encoded(self, key: Key, lsn: int, data: bytes, is_image: bool) -> None:
         """`put` of a value already encoded (`encode_value`), for a key that is neither
