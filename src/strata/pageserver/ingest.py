@@ -238,6 +238,43 @@ def rel_forks(rel: tuple[int, int, int]) -> list[RelTag]:
 # --- the ingest state machine ---------------------------------------------------------------
 
 @dataclass(slots=True)
+class CheckpointCounters:
+    """The checkpoint counters (D6) as ingest keeps them, in three parts: `base`, the
+    `CheckPoint` of every counter but nextXid; `next_xid`, which moves once per
+    transaction and is kept apart as an int (making a 16-field CheckPoint per
+    transaction cost more than the rest of a commit); and `encoding`, a base and its
+    `to_bytes()`, which a new nextXid is spliced into (`with_next_xid_bytes`)."""
+
+    base: CheckPoint
+    next_xid: int
+    encoding: tuple[CheckPoint, bytes]
+
+    @classmethod
+    def of(cls, checkpoint: CheckPoint) -> CheckpointCounters:
+        return cls(checkpoint, checkpoint.next_xid, (checkpoint, checkpoint.to_bytes()))
+
+    @property
+    def checkpoint(self) -> CheckPoint:
+        """All the counters as one `CheckPoint`."""
+        cp = self.base
+        return cp if cp.next_xid == self.next_xid else cp.with_next_xid(self.next_xid)
+
+    def replace(self, checkpoint: CheckPoint) -> None:
+        """Every counter from `checkpoint` (a new `base`, so `is` tells it changed)."""
+        self.base = checkpoint
+        self.next_xid = checkpoint.next_xid
+
+    def to_bytes(self) -> bytes:
+        """`self.checkpoint.to_bytes()`, from the last encoding of `base`."""
+        cp, encoded = self.encoding
+        if cp is not self.base:
+            cp = self.base
+            encoded = cp.to_bytes()
+            self.encoding = (cp, encoded)
+        return with_next_xid_bytes(encoded, self.next_xid)
+
+
+@dataclass(slots=True)
 class IngestStats:
     """Counts of what ingest did (for tests, benchmarks and metrics)."""
 
@@ -266,13 +303,7 @@ class WalIngest:
         except NotFound as err:
             raise NotFound(f"timeline {timeline.timeline_id} has no checkpoint at {lsn}: "
                            f"import a data directory into it before ingesting WAL") from err
-        # The checkpoint counters (`checkpoint`) as the CheckPoint of every counter but
-        # nextXid, which moves once per transaction and is kept apart as an int (making
-        # a 16-field CheckPoint per transaction cost more than the rest of a commit).
-        self._checkpoint = checkpoint
-        self._next_xid = checkpoint.next_xid
-        # `_checkpoint` and its encoding, which a new nextXid is spliced into.
-        self._encoded: tuple[CheckPoint, bytes] = (checkpoint, checkpoint.to_bytes())
+        self._counters = CheckpointCounters.of(checkpoint)
         self.stats = IngestStats()
         # (spcnode, dbnode, relnode, forknum, blkno) -> (RelTag, Key) of recently written
         # blocks: making both costs more than the rest of a block's put. One RelTag per
@@ -286,13 +317,11 @@ class WalIngest:
     @property
     def checkpoint(self) -> CheckPoint:
         """The checkpoint counters as of the last record applied."""
-        cp = self._checkpoint
-        return cp if cp.next_xid == self._next_xid else cp.with_next_xid(self._next_xid)
+        return self._counters.checkpoint
 
     @checkpoint.setter
     def checkpoint(self, checkpoint: CheckPoint) -> None:
-        self._checkpoint = checkpoint
-        self._next_xid = checkpoint.next_xid
+        self._counters.replace(checkpoint)
 
     # --- entry point ----------------------------------------------------------------
     def ingest(self, record: DecodedRecord) -> None:
@@ -315,20 +344,21 @@ class WalIngest:
         # clears, the checkpoint) and `finish_record_at` take it so, which spares an
         # `Lsn` per record; the rarer records make one (`_apply`).
         end = record.end_lsn
-        before, before_xid = self._checkpoint, self._next_xid
+        counters = self._counters
+        before, before_xid = counters.base, counters.next_xid
         try:
             self._advance_xid(record.xid)
             if record.blocks:
                 self._put_images(record, end)
             if decoded is not None:
                 self._apply(decoded, end)
-            if self._checkpoint is not before:
+            if counters.base is not before:
                 # (`is not` first: the counters other than nextXid are replaced only by
                 # the records that may change them)
-                if self.checkpoint != before.with_next_xid(before_xid):
-                    put_checkpoint(tl, Lsn(end), self.checkpoint)
-            elif self._next_xid != before_xid:
-                put_checkpoint_bytes(tl, end, self._encode_checkpoint())
+                if counters.checkpoint != before.with_next_xid(before_xid):
+                    put_checkpoint(tl, Lsn(end), counters.checkpoint)
+            elif counters.next_xid != before_xid:
+                put_checkpoint_bytes(tl, end, counters.to_bytes())
         except Exception as err:
             # Part of the record is stored and the rest cannot be: never serve that.
             tl.mark_broken(f"applying the {record_type_name(record.rmid, record.info)} "
@@ -401,20 +431,12 @@ class WalIngest:
             key = self._slru_keys[page] = slru_block_key(kind, segno, blkno)
         return key
 
-    def _encode_checkpoint(self) -> bytes:
-        """`self.checkpoint.to_bytes()`, from the last encoding of `_checkpoint`."""
-        cp, encoded = self._encoded
-        if cp is not self._checkpoint:
-            cp = self._checkpoint
-            encoded = cp.to_bytes()
-            self._encoded = (cp, encoded)
-        return with_next_xid_bytes(encoded, self._next_xid)
-
     def _advance_xid(self, xid: int) -> None:
         if xid == self._xid_seen:
             return  # nextXid only grows: past this xid already (a transaction's records)
         self._xid_seen = xid
-        self._next_xid = advance_next_xid(self._next_xid, xid)
+        counters = self._counters
+        counters.next_xid = advance_next_xid(counters.next_xid, xid)
 
     # --- per record type ------------------------------------------------------------------
     def _apply(self, d: rec_types.Record, end: int) -> None:
