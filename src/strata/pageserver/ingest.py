@@ -92,7 +92,7 @@ from strata.storage.value import (
     PatchWrite,
     WalImage,
     encode_bits_patch,
-    encode_wal_image,
+    wal_image_header,
 )
 
 log = logging.getLogger(__name__)
@@ -382,7 +382,8 @@ class WalIngest:
                              f"{Lsn(record.lsn)} and keep the setting on")
 
     def _put_images(self, record: DecodedRecord, lsn: int) -> None:
-        """Each block's image as a `WalImage` (encoded directly: `encode_wal_image`)."""
+        """Each block's image as a `WalImage`, encoded directly (`encode_wal_image`) in
+        two parts, its header and the image as the WAL has it (not joined)."""
         tl = self.timeline
         keys = self._block_keys
         gist = record.rmid == RmgrId.GIST
@@ -395,8 +396,8 @@ class WalIngest:
             fixup = gist and is_gist_left_child(record.rmid, record.info, block.block_id)
             tl.put_rel_page_encoded(
                 rel_key[0], block.blkno, rel_key[1], lsn,
-                encode_wal_image(block.bimg_info, block.hole_offset, block.hole_length,
-                                 block.image, lsn, fixup), WalImage.is_image)
+                wal_image_header(block.bimg_info, block.hole_offset, block.hole_length, lsn,
+                                 fixup), WalImage.is_image, block.image)
             if fixup:
                 self.stats.gist_fixups += 1
         self.stats.images += len(record.blocks)

@@ -56,34 +56,57 @@ class InMemoryLayer:
         self.value_bytes = 0
 
     # --- writes -----------------------------------------------------------
-    def put(self, key: Key, lsn: int, data: bytes, is_image: bool) -> None:
+    def put(self, key: Key, lsn: int, data: bytes, is_image: bool, rest: bytes = b"") -> None:
+        """Store the value `data + rest` (two parts, so that a caller with a header and
+        a page image does not join them into a new object first)."""
         assert self.end_lsn is None, f"put into frozen layer {self.path}"
         assert lsn >= self.start_lsn, (lsn, self.start_lsn)
         versions = self._index.get(key)
-        same_lsn = versions is not None and versions[-1][0] == lsn
-        if same_lsn and not is_image:
-            # Two puts of one key in one record: a layer file holds one value per
-            # (key, lsn), so fold the delta into the value already there.
-            assert versions is not None
-            _, offset, length, prev_is_image = versions[-1]
-            data, is_image = _fold(self._read(offset, length), data), prev_is_image
+        if versions is not None and versions[-1][0] >= lsn:
+            self._put_at_or_before_last(key, versions, lsn, data + rest, is_image)
+            return
         # Without the lock: puts come from one thread at a time (ingest), the append is
         # one step under the interpreter lock and leaves the bytes a reader may slice as
         # they were; only replacing the buffer (`_write_buffer`) must exclude readers.
+        # (Each part is appended in one step, and the index entry that lets a reader
+        # see the value is added after both.)
         buf = self._buf
         offset = self._file_bytes + len(buf)
         buf += data
+        if rest:
+            buf += rest
+        length = len(data) + len(rest)
+        if len(buf) >= _FLUSH_BYTES:
+            with self._lock:
+                self._write_buffer()
+        entry = (lsn, offset, length, is_image)
+        if versions is None:
+            self._index[key] = [entry]
+            self._key_gen += 1  # after the insert: a sort that missed the key is stale
+        else:
+            versions.append(entry)
+        if lsn > self.max_lsn:
+            self.max_lsn = lsn
+        self.value_bytes += length
+
+    def _put_at_or_before_last(self, key: Key, versions: list[Version], lsn: int, data: bytes,
+                               is_image: bool) -> None:
+        """`put` of a key whose newest version is at `lsn` or later (not ingest's order)."""
+        same_lsn = versions[-1][0] == lsn
+        if same_lsn and not is_image:
+            # Two puts of one key in one record: a layer file holds one value per
+            # (key, lsn), so fold the delta into the value already there.
+            _, offset, length, prev_is_image = versions[-1]
+            data, is_image = _fold(self._read(offset, length), data), prev_is_image
+        buf = self._buf
+        offset = self._file_bytes + len(buf)
+        buf += data  # without the lock: see `put`
         if len(buf) >= _FLUSH_BYTES:
             with self._lock:
                 self._write_buffer()
         entry = (lsn, offset, len(data), is_image)
-        if versions is None:
-            self._index[key] = [entry]
-            self._key_gen += 1  # after the insert: a sort that missed the key is stale
-        elif same_lsn:
+        if same_lsn:
             versions[-1] = entry  # a later image in the same record replaces the value
-        elif versions[-1][0] < lsn:
-            versions.append(entry)
         else:
             # Out-of-order put (not done by ingest, which writes in LSN order).
             bisect.insort(versions, entry, key=lambda v: v[0])

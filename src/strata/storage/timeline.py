@@ -328,7 +328,8 @@ class Timeline:
         assert not key.is_slru_block() and not key.is_rel_size(), key
         self._put_bytes(key, lsn, data, is_image)
 
-    def _put_bytes(self, key: Key, lsn: int, data: bytes, is_image: bool) -> None:
+    def _put_bytes(self, key: Key, lsn: int, data: bytes, is_image: bool,
+                   rest: bytes = b"") -> None:
         if lsn <= self._last_record:
             raise UserError(f"put at LSN {Lsn(lsn)} on timeline {self.timeline_id} is not "
                             f"after last_record_lsn {Lsn(self._last_record)}; WAL must be "
@@ -336,7 +337,7 @@ class Timeline:
         layer = self._open
         if layer is None:
             layer = self._new_open_layer()
-        layer.put(key, lsn, data, is_image)
+        layer.put(key, lsn, data, is_image, rest)
 
     def _new_open_layer(self) -> InMemoryLayer:
         with self._lock:
@@ -373,8 +374,9 @@ class Timeline:
                                   encode_value(value), value.is_image)
 
     def put_rel_page_encoded(self, rel: RelTag, blkno: int, key: Key, lsn: int, data: bytes,
-                             is_image: bool) -> None:
-        """`put_rel_page` of a value already encoded (`encode_value`), with its key
+                             is_image: bool, rest: bytes = b"") -> None:
+        """`put_rel_page` of a value already encoded (`encode_value`) as `data + rest`
+        (a WAL image's header and image: not joined into a new object), with its key
         `rel_block_key(rel, blkno)`: ingest's path, which keeps the keys it made, and
         passes `lsn` as an int (no `Lsn` per block: `put_encoded`)."""
         cached = self._rel_cache.get(rel)  # `_current_size` without its two calls
@@ -385,7 +387,7 @@ class Timeline:
             self._write_size(rel, lsn, SizeRecord.created(lsn).extended(blkno + 1))
         elif blkno >= rec.nblocks:
             self._write_size(rel, lsn, rec.extended(blkno + 1))
-        self._put_bytes(key, lsn, data, is_image)
+        self._put_bytes(key, lsn, data, is_image, rest)
 
     def create_rel(self, rel: RelTag, lsn: Lsn) -> None:
         """Create an empty fork (no-op if it exists): a cut at 0, so old blocks are dead."""

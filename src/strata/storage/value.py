@@ -204,10 +204,17 @@ def encode_value(v: Value) -> bytes:
 
 def encode_wal_image(bimg_info: int, hole_offset: int, hole_length: int, data: bytes,
                      page_lsn: int, gist_fixup: bool) -> bytes:
-    """`encode_value(WalImage(...))` without making the WalImage: ingest's hot path (one
-    per block reference of every record)."""
+    """`encode_value(WalImage(...))` without making the WalImage."""
+    return wal_image_header(bimg_info, hole_offset, hole_length, page_lsn, gist_fixup) + data
+
+
+def wal_image_header(bimg_info: int, hole_offset: int, hole_length: int, page_lsn: int,
+                     gist_fixup: bool) -> bytes:
+    """The encoding of a `WalImage` up to its data (`encode_wal_image` is this + data):
+    ingest's hot path (one per block reference of every record) stores the two parts
+    without joining them."""
     return _WAL_IMAGE_HDR.pack(TAG_WAL_IMAGE, bimg_info, hole_offset, hole_length,
-                               1 if gist_fixup else 0, page_lsn) + data
+                               1 if gist_fixup else 0, page_lsn)
 
 
 def is_image_bytes(b: bytes | bytearray | memoryview) -> bool:

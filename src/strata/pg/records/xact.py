@@ -185,10 +185,15 @@ class _Parsed:
     origin: XactOrigin | None = None
 
 
+# What a commit/abort without XLOG_XACT_HAS_INFO has (most commits): shared, never
+# changed (`_parse_end` fills a new `_Parsed` otherwise).
+_NO_PARTS = _Parsed()
+
+
 def _parse_end(cur: Cursor, info: int, is_commit: bool) -> _Parsed:
-    p = _Parsed()
     if not info & XLOG_XACT_HAS_INFO:
-        return p
+        return _NO_PARTS
+    p = _Parsed()
     xinfo = p.xinfo = cur.u32("xinfo")
     if xinfo & XACT_XINFO_HAS_DBINFO:
         p.db_id, p.ts_id = cur.unpack(_DBINFO, "dbinfo")
