@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -101,6 +101,8 @@ _VM_FORK = int(ForkNumber.VISIBILITYMAP)
 # The records whose only effect beyond their block images is clearing VM bits.
 _VM_CLEARING = (rec_types.HeapInsert, rec_types.HeapMultiInsert, rec_types.HeapDelete,
                 rec_types.HeapUpdate, rec_types.HeapLock)
+_COMMITTED = slru.XidStatus.COMMITTED
+_ABORTED = slru.XidStatus.ABORTED
 _BLOCK_KEYS_KEPT = 1 << 16  # WalIngest's cache of block keys is emptied at this size
 
 # --- pg_xact and pg_multixact patches ----------------------------------------------------
@@ -112,30 +114,48 @@ def _slru_page(kind: SlruKind, pageno: int) -> SlruPage:
     return kind, slru.segment_of_page(pageno), slru.page_in_segment(pageno)
 
 
-def clog_patches(xids: Iterable[int], status: slru.XidStatus) -> dict[SlruPage, Patch]:
+def clog_patches(xids: Sequence[int], status: slru.XidStatus) -> dict[SlruPage, Patch]:
     """Set `status` for each xid in pg_xact: one Patch per page, ops in xid order.
 
     A commit with subtransactions ends with every xid COMMITTED, an abort with every
     xid ABORTED (TransactionIdSetTreeStatus, clog.c); the intermediate SUB_COMMITTED
     state is never visible after the record.
     """
-    # Once per commit: `slru.clog_set_status` and `_slru_page` worked out inline on the
-    # xid (without their BitsPatch and checks; a unit test compares the two).
-    ops: dict[SlruPage, list[PatchOp | PatchWrite]] = {}
     status_bits = int(status)
+    if len(xids) == 1:
+        # Most commits: no subtransactions, one op on one page, nothing to group.
+        where, op = _clog_op(xids[0], status_bits)
+        return {where: Patch((op,))}
+    ops: dict[SlruPage, list[PatchOp | PatchWrite]] = {}
     for xid in xids:
-        assert 0 <= xid <= 0xFFFFFFFF, xid
-        pageno, in_page = divmod(xid, slru.CLOG_XACTS_PER_PAGE)
-        shift = (xid % slru.CLOG_XACTS_PER_BYTE) * slru.CLOG_BITS_PER_XACT
-        op = PatchOp(in_page // slru.CLOG_XACTS_PER_BYTE, slru.CLOG_XACT_BITMASK << shift,
-                     status_bits << shift)
-        where = (SlruKind.CLOG, *divmod(pageno, slru.SLRU_PAGES_PER_SEGMENT))
+        where, op = _clog_op(xid, status_bits)
         page_ops = ops.get(where)
         if page_ops is None:
             ops[where] = [op]
         else:
             page_ops.append(op)
     return {page: Patch(tuple(page_ops)) for page, page_ops in ops.items()}
+
+
+_CLOG = SlruKind.CLOG
+_CLOG_XACTS_PER_PAGE = slru.CLOG_XACTS_PER_PAGE
+_CLOG_XACTS_PER_BYTE = slru.CLOG_XACTS_PER_BYTE
+_CLOG_BITS_PER_XACT = slru.CLOG_BITS_PER_XACT
+_CLOG_XACT_BITMASK = slru.CLOG_XACT_BITMASK
+_SLRU_PAGES_PER_SEGMENT = slru.SLRU_PAGES_PER_SEGMENT
+
+
+def _clog_op(xid: int, status_bits: int) -> tuple[SlruPage, PatchOp]:
+    """The pg_xact page of `xid` and the op that sets its status bits: once per commit,
+    `slru.clog_set_status` and `_slru_page` worked out inline on the xid (without their
+    BitsPatch and checks; a unit test compares the two)."""
+    assert 0 <= xid <= 0xFFFFFFFF, xid
+    pageno, in_page = divmod(xid, _CLOG_XACTS_PER_PAGE)
+    byte, slot = divmod(in_page, _CLOG_XACTS_PER_BYTE)
+    shift = slot * _CLOG_BITS_PER_XACT
+    segno, blkno = divmod(pageno, _SLRU_PAGES_PER_SEGMENT)
+    return ((_CLOG, segno, blkno),
+            PatchOp(byte, _CLOG_XACT_BITMASK << shift, status_bits << shift))
 
 
 def multixact_create_patches(mid: int, moff: int,
@@ -510,8 +530,7 @@ class WalIngest:
         xids = (d.xid, *d.subxacts)
         for xid in xids:
             self._advance_xid(xid)
-        committed = isinstance(d, rec_types.XactCommit)
-        status = slru.XidStatus.COMMITTED if committed else slru.XidStatus.ABORTED
+        status = _COMMITTED if isinstance(d, rec_types.XactCommit) else _ABORTED
         for (kind, segno, blkno), patch in clog_patches(xids, status).items():
             self.timeline.put(self._slru_key(kind, segno, blkno), lsn, patch)
             self.stats.clog_patches += 1
