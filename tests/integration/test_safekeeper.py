@@ -201,11 +201,14 @@ def test_quorum_commit_and_restart_recovery(sks: SkFactory) -> None:
             assert samples[("safekeeper_timeline_wal_fsyncs_total", str(timeline))] > 0
             assert await asyncio.to_thread(nodes[1].stop) == 0
             await asyncio.to_thread(nodes[2].kill9)
-            # As if the machine had lost power mid-write: garbage after the last record.
+            # As if the machine had lost power mid-write: garbage after the last record (the
+            # segment is preallocated: the garbage lands in its zeros, the size stays).
             last_seg = nodes[2].timeline_dir(tenant, timeline) / segment_file_name(
                 Lsn(gen.end_lsn).segno(SEG), 1, SEG)
-            with open(last_seg, "ab") as f:
-                f.write(random.Random(9).randbytes(3000))
+            assert last_seg.stat().st_size == SEG
+            with open(last_seg, "r+b") as f:
+                f.seek(Lsn(gen.end_lsn).segment_offset(SEG))
+                f.write(random.Random(9).randbytes(3000))  # its last byte is not 0
             for sk in nodes[1:]:
                 await asyncio.to_thread(sk.start)
                 after = sk.status(tenant, timeline)

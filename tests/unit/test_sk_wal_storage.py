@@ -1,5 +1,7 @@
 """Safekeeper WAL storage and restart: segment files, truncation, removal, the end of valid
-WAL after a crash, damage below the commit LSN, and a `Timeline` rebuilt from its files."""
+WAL after a crash, damage below the commit LSN, and a `Timeline` rebuilt from its files.
+Preallocation itself (prepared segments, a crash while preparing, a truncation that must
+not come back): test_sk_wal_storage_prealloc.py."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from strata.safekeeper.messages import (
     decode,
 )
 from strata.safekeeper.timeline import Timeline
-from strata.safekeeper.wal_storage import WalStorage
+from strata.safekeeper.wal_storage import PREPARED_SUFFIX, WalStorage
 
 SEG = 1 << 20
 START = Lsn(3 * SEG + 40)
@@ -51,8 +53,10 @@ def segments(directory: Path) -> list[str]:
 
 
 def test_write_read_reopen_across_segments(tmp_path: Path) -> None:
-    """WAL lands at its offsets in PostgreSQL-named 1 MB segments (the first has a hole
-    before the timeline start); reads return it and a reopen finds the same end."""
+    """WAL lands at its offsets in PostgreSQL-named 1 MB segments, each full size (zeros
+    before the timeline start and after the WAL); reads return it; a reopen knows only an
+    upper bound of the end (the last segment's end), decoding finds the same end, and the
+    cut there leaves the files as they were."""
     wal, _ = generate(300, size=9000)
     storage = WalStorage(tmp_path, SEG, START)
     assert (storage.wal_start_lsn, storage.end_lsn) == (START, START)
@@ -65,21 +69,28 @@ def test_write_read_reopen_across_segments(tmp_path: Path) -> None:
     assert storage.end_lsn == end
     assert segments(tmp_path) == [segment_file_name(n, 1, SEG)
                                   for n in range(START.segno(SEG), end.segno(SEG) + 1)]
+    assert all((tmp_path / name).stat().st_size == SEG for name in segments(tmp_path))
     first = (tmp_path / segment_file_name(3, 1, SEG)).read_bytes()
     assert first[:40] == bytes(40) and first[40:200] == wal[:160]
+    last = (tmp_path / segment_file_name(end.segno(SEG), 1, SEG)).read_bytes()
+    assert last[end.segment_offset(SEG):] == bytes(SEG - end.segment_offset(SEG))
     assert storage.read(START + 12345, START + 2_000_000) == wal[12345:2_000_000]
     storage.close()
     again = WalStorage(tmp_path, SEG, START)
-    assert (again.wal_start_lsn, again.end_lsn) == (START, end)
-    assert again.read(START, end) == wal
+    assert (again.wal_start_lsn, again.end_lsn) == (START, Lsn((end.segno(SEG) + 1) * SEG))
     assert again.find_valid_end(START, SYSID) == end
+    assert again.truncate(end).zeroed_bytes == 0  # nothing but zeros after the WAL
+    assert again.end_lsn == end
+    assert again.read(START, end) == wal
+    again.close()
 
 
 def test_flush_fdatasyncs_each_written_segment_and_the_new_names(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`flush` makes every segment written since the last one durable with fdatasync (its
-    bytes and its size), and fsyncs the directory (only) when a segment was created; a
-    flush with nothing written syncs nothing."""
+    bytes; the size never changes), and fsyncs the directory (only) when a segment was
+    renamed into place; a flush with nothing written syncs nothing. (The zero-fill of a
+    new segment fdatasyncs its `.___prepared` file, before the rename: not counted.)"""
     synced: list[tuple[str, str]] = []
     real_fdatasync, real_fsync = os.fdatasync, os.fsync
 
@@ -87,7 +98,8 @@ def test_flush_fdatasyncs_each_written_segment_and_the_new_names(
         return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
 
     def fdatasync(fd: int) -> None:
-        synced.append(("fdatasync", name(fd)))
+        if not name(fd).endswith(PREPARED_SUFFIX):
+            synced.append(("fdatasync", name(fd)))
         real_fdatasync(fd)
 
     def fsync(fd: int) -> None:
@@ -111,20 +123,29 @@ def test_flush_fdatasyncs_each_written_segment_and_the_new_names(
     assert synced == []
     storage.close()
     again = WalStorage(tmp_path, SEG, START)
-    assert again.end_lsn == START + SEG - 40 + 200
+    assert again.find_valid_end(START, SYSID) == START  # b"x" is no WAL: it ends at once
+    ys = START + SEG - 40 + 100
+    assert again.read(ys - 1, ys + 101) == b"x" + b"y" * 100 + b"\0"
     again.close()
 
 
 def test_truncate_cuts_the_segment_and_removes_later_ones(tmp_path: Path) -> None:
+    """A cut zeroes the rest of its segment (the file keeps its full size) and removes the
+    later segments."""
     wal, ends = generate(300, size=9000)
     storage = WalStorage(tmp_path, SEG, START)
     storage.write(START, wal)
     cut = Lsn(ends[120])  # in the second segment
     assert cut.segno(SEG) == 4
-    storage.truncate(cut)
+    done = storage.truncate(cut)
+    assert done.zeroed_bytes == SEG - cut.segment_offset(SEG)  # WAL went on after segment 4
+    assert done.segments_removed == (START + len(wal)).segno(SEG) - 4
     assert storage.end_lsn == cut
     assert segments(tmp_path) == [segment_file_name(n, 1, SEG) for n in (3, 4)]
-    assert (tmp_path / segment_file_name(4, 1, SEG)).stat().st_size == cut.segment_offset(SEG)
+    kept = (tmp_path / segment_file_name(4, 1, SEG)).read_bytes()
+    assert len(kept) == SEG
+    assert kept[:cut.segment_offset(SEG)] == wal[4 * SEG - START.value:cut - START]
+    assert kept[cut.segment_offset(SEG):] == bytes(SEG - cut.segment_offset(SEG))
     storage.write(cut, wal[cut - START:])  # writing goes on from the cut
     storage.flush()
     storage.close()
@@ -185,19 +206,41 @@ def test_remove_below_keeps_the_last_segment(tmp_path: Path) -> None:
     assert segments(tmp_path) == [segment_file_name(end.segno(SEG), 1, SEG)]
     storage.close()
     again = WalStorage(tmp_path, SEG, START)
-    assert (again.wal_start_lsn, again.end_lsn) == (end.segment_start(SEG), end)
+    assert again.wal_start_lsn == end.segment_start(SEG)
     assert again.find_valid_end(end.segment_start(SEG), SYSID) == end
+    again.close()
+
+
+def test_remove_below_keeps_the_segment_of_the_last_byte(tmp_path: Path) -> None:
+    """WAL that ends exactly at a segment's end: that segment is kept (it holds the last
+    byte), even with the next one in place already."""
+    storage = WalStorage(tmp_path, SEG, START)
+    storage.write(START, b"w" * (2 * SEG - 40))  # the WAL ends at the end of segment 4
+    storage.flush()
+    assert storage.end_lsn == Lsn(5 * SEG)
+    assert storage.remove_below(Lsn(5 * SEG)) == 1  # segment 3 only
+    assert segments(tmp_path) == [segment_file_name(4, 1, SEG)]
+    storage.write(storage.end_lsn, b"v" * 10)  # segment 5 now holds the last byte
+    assert storage.remove_below(Lsn(5 * SEG)) == 1
+    assert segments(tmp_path) == [segment_file_name(5, 1, SEG)]
+    storage.close()
 
 
 def test_a_missing_segment_ends_the_files(tmp_path: Path) -> None:
-    """A segment file after a missing one is beyond a torn end: the files end at the gap."""
+    """A segment file after a missing one is beyond a torn end: the files end at the gap,
+    and the cut there removes it."""
     wal, _ = generate(400, seed=4, size=9000)
     storage = WalStorage(tmp_path, SEG, START)
     storage.write(START, wal)
     storage.flush()
     storage.close()
     os.unlink(tmp_path / segment_file_name(5, 1, SEG))
-    assert WalStorage(tmp_path, SEG, START).end_lsn == Lsn(5 * SEG)
+    again = WalStorage(tmp_path, SEG, START)
+    assert again.end_lsn == Lsn(5 * SEG)
+    end = again.find_valid_end(START, SYSID)
+    assert end < Lsn(5 * SEG)  # the record crossing into segment 5 is incomplete
+    assert again.truncate(end).segments_removed == 1  # segment 6, after the gap
+    again.close()
 
 
 # --- a timeline rebuilt from its files ------------------------------------------------------
@@ -227,7 +270,8 @@ def elect_and_append(tl: Timeline, wal: bytes, pieces: int) -> AppendResponse:
 
 def test_timeline_restart_recovers_state_and_cuts_a_torn_tail(tmp_path: Path) -> None:
     """After the acceptor appended WAL durably, a restart finds the same term, history and
-    WAL end; bytes a crash left after the last complete record are cut from the files."""
+    WAL end (the segment is full size: decoding finds it); bytes a crash left after the last
+    complete record are zeroed in the files."""
     wal, ends = generate(120, seed=6)
     directory = tmp_path / "tl"
     state = AcceptorState.new_timeline(TenantId.generate(), TimelineId.generate(), SYSID, SEG,
@@ -247,11 +291,16 @@ def test_timeline_restart_recovers_state_and_cuts_a_torn_tail(tmp_path: Path) ->
     again.close()
 
     seg = directory / segment_file_name(3, 1, SEG)
-    with open(seg, "ab") as f:
-        f.write(wal[ends[50] - START.value:ends[51] - START.value - 3])  # a torn record
+    end_offset = (START + len(wal)).segment_offset(SEG)
+    torn = wal[ends[50] - START.value:ends[51] - START.value - 3]  # a torn record
+    with open(seg, "r+b") as f:
+        f.seek(end_offset)
+        f.write(torn)
     third = Timeline.open(directory, wal_keep_bytes=0)
     assert third.acceptor.flush_lsn == START + len(wal)
-    assert seg.stat().st_size == (START + len(wal)).segment_offset(SEG)
+    data = seg.read_bytes()
+    assert len(data) == SEG
+    assert data[end_offset:] == bytes(SEG - end_offset)
     third.close()
 
 

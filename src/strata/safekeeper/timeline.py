@@ -261,22 +261,28 @@ class Timeline:
             raise
 
     def _recover(self) -> Acceptor:
-        """A fresh acceptor from the durable state and the valid WAL after its scan point."""
+        """A fresh acceptor from the durable state and the valid WAL after its scan point.
+
+        The end of the WAL comes from decoding the files, never from their size (the
+        segments are preallocated: zeros follow the WAL) nor from the control file, which
+        holds no flush position: the durable commit LSN is only a floor (valid WAL ending
+        below it is corruption). The files are then cut at the end found, which zeroes
+        whatever a crash left after it in its segment (wal_storage.py)."""
         state = self.state
         # All the WAL held must be valid up to the durable commit LSN (CorruptionError if not).
-        self.wal.find_valid_end(state.commit_lsn, state.system_id)
+        valid_end = self.wal.find_valid_end(state.commit_lsn, state.system_id)
         acceptor = Acceptor(state, allow_pull=True)
-        end = acceptor.recover_wal(self.wal.read(state.scan_lsn, self.wal.end_lsn))
+        end = acceptor.recover_wal(self.wal.read(state.scan_lsn, valid_end))
         if end < state.commit_lsn:
             # Only a record's zero padding can cut it there: garbage in committed WAL.
             raise CorruptionError(f"WAL ends at {end}, below the durable commit LSN "
                                   f"{state.commit_lsn} (a record's padding is damaged); this "
                                   "safekeeper must not serve the timeline (restore it from a "
                                   "peer)", path=str(self.directory))
-        if end < self.wal.end_lsn:
-            log.info("cutting %d bytes of torn WAL after %s (the files ended at %s)",
-                     self.wal.end_lsn - end, end, self.wal.end_lsn)
-            self.wal.truncate(end)
+        cut = self.wal.truncate(end)
+        if cut.zeroed_bytes or cut.segments_removed:
+            log.info("cutting %d bytes of torn WAL after %s (zeroed) and %d later segment "
+                     "files", cut.zeroed_bytes, end, cut.segments_removed)
         acceptor.check_invariants()
         log.info("timeline %s: term %d, WAL %s..%s, last record end %s, commit %s",
                  state.timeline_id, state.term, self.wal.wal_start_lsn, acceptor.flush_lsn,

@@ -5,7 +5,9 @@ The rules (pure; `timeline.py` does the I/O, `server.py` runs the loop):
 - **What is uploaded.** A segment is uploaded once it is complete and committed: its last
   byte is below the commit LSN (`segments_to_upload`). The commit LSN is in this
   safekeeper's durable WAL, and committed WAL is never truncated, so the bytes of such a
-  segment never change again.
+  segment never change again. Only LSNs decide: a segment file is full size from its
+  creation (preallocated, zeros after the WAL: wal_storage.py), so its size says nothing
+  about how much WAL it holds, and no partial segment is ever uploaded.
 - **Who uploads.** Every safekeeper of the quorum runs the same rule. The object name is
   deterministic (`segment_key`: `wal/<tenant>/<timeline>/<segment file name>`) and the
   content of a committed segment is identical on every safekeeper that holds it, so
