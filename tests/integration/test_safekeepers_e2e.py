@@ -12,6 +12,10 @@ Proves:
   decodes as one chain (CRC and xl_prev) from its start to the commit LSN; the same in
   pull mode (the safekeepers replicate from the compute, ANY 2), without the cut (the
   sidecar streams nothing to cut);
+- pull mode across two WAL segment switches (the safekeepers' segments are preallocated,
+  the next one prepared ahead and renamed into place), then kill -9 of all three
+  safekeepers at once: they find their WAL's end by decoding (every segment file is full
+  size), the compute commits on, and every acknowledged transfer is there;
 - two computes on one timeline: the older is stopped once it sees the newer term, only the
   newer commits, and no acknowledged commit is lost;
 - two of three safekeepers down for a minute: commits wait, reads work, the compute is not
@@ -202,6 +206,35 @@ def test_kill9_compute_under_load_with_partial_multipage_records(cluster: Cluste
 def test_kill9_compute_under_load_in_pull_mode(cluster: Cluster) -> None:
     cluster.pull = True
     kill9_rounds(cluster, 5)
+
+
+def test_pull_mode_two_segment_switches_then_kill9_all_safekeepers(cluster: Cluster) -> None:
+    cluster.pull = True
+    seg = 16 << 20
+    tenant, timeline, rc, bank = start_bank(cluster, clients=3, blob_bytes=24_000)
+    try:
+        first = Lsn.parse(cluster.safekeepers[0].timeline_status(tenant, timeline)["flush_lsn"])
+        wait_until(lambda: Lsn.parse(cluster.safekeepers[0].timeline_status(
+            tenant, timeline)["flush_lsn"]).segno(seg) >= first.segno(seg) + 2, 180,
+            "WAL across two segment boundaries")
+        for sk in cluster.safekeepers:
+            sk.kill9()
+        acked_at_kill = len(bank.acked)
+        for sk in cluster.safekeepers:
+            sk.start()
+        wait_until(lambda: len(bank.acked) >= acked_at_kill + 30, 60,
+                   "commits after all safekeepers were killed and restarted")
+    finally:
+        bank.stop()
+    assert not bank.errors, bank.errors
+    for sk in cluster.safekeepers:
+        directory = sk.workdir / "tenants" / str(tenant) / str(timeline)
+        sizes = [p.stat().st_size for p in directory.iterdir() if len(p.name) == 24]
+        assert len(sizes) >= 3 and set(sizes) == {seg}, (sk.node_id, sizes)
+    assert rc.fenced == [], rc.fenced
+    stop_compute(rc)
+    rc2 = cluster.start_compute(tenant, timeline)
+    check_bank(rc2.compute, bank.acked)
 
 
 def kill9_rounds(cluster: Cluster, rounds: int) -> int:
