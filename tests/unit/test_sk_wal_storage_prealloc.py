@@ -74,6 +74,25 @@ def test_the_next_segment_is_prepared_ahead_and_renamed_into_place(tmp_path: Pat
     again.close()
 
 
+def test_a_new_timeline_has_its_first_segment_and_its_writes_zero_fill_nothing(
+        tmp_path: Path) -> None:
+    """`Timeline.create` puts the first segment in place (zeros, full size) where it runs
+    (a worker thread in the server); appends over two segments then take the prepared
+    next one: the writer zero-fills nothing itself."""
+    wal, ends = generate(200, seed=16, size=9000)
+    assert Lsn(ends[-1]).segno(SEG) == 4
+    directory = tmp_path / "tl"
+    state = AcceptorState.new_timeline(TenantId.generate(), TimelineId.generate(), SYSID, SEG,
+                                       START, PREV)
+    tl = Timeline.create(directory, state, wal_keep_bytes=0)
+    assert segments(directory) == [segment_file_name(3, 1, SEG)]
+    assert (directory / segment_file_name(3, 1, SEG)).read_bytes() == bytes(SEG)
+    assert (tl.wal.segments_created, tl.wal.segments_prepared) == (1, 0)
+    assert elect_and_append(tl, wal, pieces=5).flush_lsn == Lsn(ends[-1])
+    assert (tl.wal.segments_created, tl.wal.segments_prepared) == (1, 1)
+    tl.close()
+
+
 def test_a_failed_preparation_is_done_again_by_the_writer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A zero-fill that fails in the worker thread (a full disk, say) is done again by the

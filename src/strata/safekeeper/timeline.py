@@ -247,7 +247,16 @@ class Timeline:
         log.info("created timeline %s/%s at %s (previous record %s, system %d)",
                  state.tenant_id, state.timeline_id, state.timeline_start_lsn,
                  state.timeline_start_prev_lsn, state.system_id)
-        return cls.open(directory, wal_keep_bytes=wal_keep_bytes)
+        timeline = cls.open(directory, wal_keep_bytes=wal_keep_bytes)
+        try:
+            # Its first WAL segment too, zero-filled here (the server runs this in a worker
+            # thread) rather than by the first write on the event loop. A crash before it
+            # leaves a timeline without it, which the first write then creates.
+            timeline.wal.create_end_segment()
+        except BaseException:
+            timeline.close()
+            raise
+        return timeline
 
     @classmethod
     def open(cls, directory: Path, *, wal_keep_bytes: int) -> Timeline:

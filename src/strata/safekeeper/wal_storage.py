@@ -13,7 +13,9 @@ buffer list as an appending file needs (ext4 without a journal here: 2.6 block r
 call instead of 1.5-1.7, docs/safekeeper.md). The next segment is prepared ahead in a
 worker thread as soon as the writer starts a segment, so no commit waits for 16 MB of
 zeros; if it is not ready when needed the writer waits for it, and with none prepared
-(the first segment of a timeline, after a truncation) it creates one itself. A segment
+(after a truncation, a failed preparation, or a timeline created before preallocation) it
+creates one itself. A new timeline's first segment is created with the timeline
+(`create_end_segment`, off the event loop). A segment
 file from before preallocation (shorter than the segment size) is filled up with zeros
 the first time it is written to. A crash (or `close`) can leave a `*.___prepared` file: it
 is removed when the storage is opened.
@@ -257,7 +259,16 @@ class WalStorage:
         if remove:
             prepared.path.unlink(missing_ok=True)
 
-    def _install(self, segno: int) -> None:
+    def create_end_segment(self) -> None:
+        """Put the segment holding `end_lsn` in place now, durably, if it is missing: a new
+        timeline's first segment, zero-filled where the caller runs (`Timeline.create`, in
+        a worker thread) instead of by its first write on the event loop."""
+        segno = self.end_lsn.value // self.seg_size
+        if not self.segment_path(segno).exists():
+            self._install(segno, why="the timeline's first")
+            self.flush()  # the directory fsync: the name is durable too
+
+    def _install(self, segno: int, why: str = "in the writer (none was prepared)") -> None:
         """Put segment `segno` in place, full size and zero-filled (durable, except its name
         until the next flush fsyncs the directory): the prepared one (waiting for it if
         its zero-fill is still running), else one zero-filled here."""
@@ -280,7 +291,7 @@ class WalStorage:
         os.rename(temp, path)
         self.segments_created += 1
         self._dir_dirty = True
-        log.info("created WAL segment %s in the writer (none was prepared)", path.name)
+        log.info("created WAL segment %s %s", path.name, why)
 
     def _start_segment(self, segno: int, fd: int) -> None:
         """The first write into `segno` since opening (or a truncation): a segment from
