@@ -299,3 +299,26 @@ def test_a_segment_from_before_preallocation_is_filled_up(tmp_path: Path) -> Non
     again = WalStorage(tmp_path, SEG, START)
     assert again.find_valid_end(START, SYSID) == START + len(wal)
     again.close()
+
+
+def test_after_a_switch_record_the_end_is_its_segment_end(tmp_path: Path) -> None:
+    """Real PostgreSQL 15 WAL with an XLOG_SWITCH (test_record_bounds' fixture),
+    written up to the switch record and only part of its zero padding: reopened, the WAL
+    ends at the segment's end (the preallocated file holds the rest of the padding, the
+    same zeros the compute's WAL has)."""
+    from test_record_bounds import real_wal
+    seg, base, data, bounds = real_wal()
+    switch_lsn, switch_end = [b for b in bounds if b[1] % seg == 0][0]
+    assert switch_end - switch_lsn > 1000  # a switch record and its padding
+    sysid = int.from_bytes(data[24:32], "little")  # the long page header's xlp_sysid
+    written = switch_lsn - base + 200  # the switch record and a little of its padding
+    # The files start at the fixture's segment start, after the timeline start (the
+    # segment before is removed, as after the pageserver got it).
+    storage = WalStorage(tmp_path, seg, Lsn(base - seg))
+    storage.write(Lsn(base - seg), bytes(seg) + data[:written])
+    storage.flush()
+    assert storage.remove_below(Lsn(base)) == 1
+    storage.close()
+    again = WalStorage(tmp_path, seg, Lsn(base - seg))
+    assert again.find_valid_end(Lsn(base), sysid) == Lsn(switch_end)
+    again.close()
