@@ -18,7 +18,8 @@ computes started on them.
   3. a stock PostgreSQL 15 on it, whose only synchronous standby is the walproposer
      sidecar, run here in a background event loop (`LoopThread`, so that tests can arm its
      failpoints and read its state); `Cluster.sidecar_argv` gives the same sidecar as a
-     command line.
+     command line, and `Cluster.start_compute_process` runs it as `strata endpoint start`
+     does (`SidecarProcess`: under its supervisor, a process and a session of its own).
 
 The fixtures that use these are in conftest.py (`pageserver`, `env`) and in the test files.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
+import contextlib
 import io
 import json
 import os
@@ -64,7 +66,8 @@ from strata.safekeeper.client import SafekeeperClient
 from strata.safekeeper.proposer import pull_slot_name
 
 __all__ = ["APP_NAME", "COMPUTE_SETTINGS", "SLOT", "Cluster", "Env", "LoopThread",
-           "PageserverProcess", "RunningCompute", "SafekeeperProcess", "ServiceProcess"]
+           "PageserverProcess", "RunningCompute", "SafekeeperProcess", "ServiceProcess",
+           "SidecarCompute", "SidecarProcess"]
 
 T = TypeVar("T")
 SLOT = "strata_walproposer"
@@ -267,6 +270,45 @@ class SafekeeperProcess(ServiceProcess):
                 "http_port": self.http_port}
 
 
+class SidecarProcess(ServiceProcess):
+    """A compute's walproposer sidecar as `strata endpoint start` runs it (control/
+    endpoints.py `_spawn_sidecar`): `python -m strata.control.sidecar ... --walproposer --
+    ARGS`, the supervisor that forks the walproposer and stops PostgreSQL if it dies, in a
+    session of its own. Ready once PostgreSQL can release commits (the walproposer streams;
+    in pull mode a majority of the safekeepers do). SIGTERM stops both the sidecar and
+    PostgreSQL (immediate)."""
+
+    what = "walproposer sidecar"
+
+    def __init__(self, compute: Compute, log_path: Path, walproposer_args: list[str],
+                 standbys: tuple[str, ...]) -> None:
+        super().__init__(compute.datadir.parent, log_path)
+        self.compute = compute
+        self.walproposer_args = walproposer_args
+        names = standbys or (DEFAULT_APPLICATION_NAME,)
+        listed = ", ".join(f"'{name}'" for name in names)
+        self.ready_sql = (f"select count(*) >= {len(names) // 2 + 1} from pg_stat_replication "
+                          f"where application_name in ({listed}) and state = 'streaming'")
+
+    def argv(self) -> list[str]:
+        datadir = self.compute.datadir
+        return [sys.executable, "-m", "strata.control.sidecar", "--pgdata", str(datadir),
+                "--postmaster-pid", str(postmaster_pid(datadir)), "--walproposer", "--",
+                *self.walproposer_args]
+
+    def ready(self) -> bool:
+        return bool(self.compute.server.sql(self.ready_sql)[0][0])
+
+    def kill9(self) -> None:
+        """SIGKILL to its process group (the supervisor and the forked walproposer: a
+        killed supervisor alone would leave the walproposer behind)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 @dataclass
 class Env:
     """A pageserver and the computes a test started on it."""
@@ -365,6 +407,24 @@ class RunningCompute:
 
 
 @dataclass
+class SidecarCompute:
+    """A compute whose sidecar runs as a process of its own (`Cluster.start_compute_process`)."""
+
+    compute: Compute
+    sidecar: SidecarProcess
+    start: SyncResult
+
+    def sidecar_exited(self) -> str | None:
+        """None while the sidecar runs, else its exit code and log tail (it was fenced or
+        failed: its supervisor stopped PostgreSQL too)."""
+        proc = self.sidecar.proc
+        if proc is not None and proc.poll() is None:
+            return None
+        code = None if proc is None else proc.returncode
+        return f"the sidecar exited with {code}:\n{self.sidecar.log_tail()}"
+
+
+@dataclass
 class Cluster:
     """A pageserver, N safekeepers and the computes a test started."""
 
@@ -378,6 +438,7 @@ class Cluster:
     """Pull mode (docs/walproposer.md): computes get slots sk1..skN and `ANY <majority>`,
     their sidecars `pull=True`; the safekeepers replicate from them."""
     computes: list[RunningCompute] = field(default_factory=list)
+    sidecar_computes: list[SidecarCompute] = field(default_factory=list)
     system_ids: dict[TimelineId, int] = field(default_factory=dict)
     _seq: int = 0
 
@@ -394,6 +455,8 @@ class Cluster:
         return cls(test_dir, Env(test_dir, ps), sks, loop)
 
     def stop_all(self) -> None:
+        for sc in self.sidecar_computes:
+            sc.sidecar.kill9()
         for rc in self.computes:
             rc.run.cancel()
             if rc.compute.is_running():
@@ -462,6 +525,32 @@ class Cluster:
         rc = RunningCompute(compute, sidecar, run, start, fenced)
         self.computes.append(rc)
         return rc
+
+    def start_compute_process(self, tenant: TenantId, timeline: TimelineId,
+                              settings: dict[str, object] | None = None,
+                              pageserver_http: bool = False) -> SidecarCompute:
+        """A compute whose sidecar runs as `strata endpoint start` runs it: a process (its
+        supervisor and the forked walproposer) in a session of its own, not in this
+        process's loop thread (`start_compute`). `pageserver_http`: backpressure from the
+        pageserver (the sidecar's `--pageserver-http`). Returns once commits can be
+        released."""
+        start = self.sync(tenant, timeline)
+        compute = self.start_postgres(tenant, timeline, start, settings)
+        args = self.sidecar_argv(tenant, timeline, compute)[3:]  # after python -m MODULE
+        args += ["--system-id", str(self.system_ids[timeline]), "--quorum-warn-s",
+                 str(self.quorum_warn_s), "--pg-reconnect-timeout-s", "3"]
+        if pageserver_http:
+            args += ["--pageserver-http", f"127.0.0.1:{self.env.pageserver.http_port}"]
+        if self.pull:
+            args.append("--pull")
+        standbys = tuple(pull_slot_name(sk.node_id) for sk in self.safekeepers) \
+            if self.pull else ()
+        sidecar = SidecarProcess(compute, self.test_dir / f"{compute.datadir.name}-sidecar.log",
+                                 args, standbys)
+        sidecar.start()
+        sc = SidecarCompute(compute, sidecar, start)
+        self.sidecar_computes.append(sc)
+        return sc
 
     def start_postgres(self, tenant: TenantId, timeline: TimelineId, start: SyncResult,
                        settings: dict[str, object] | None = None) -> Compute:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import os
 import re
 import subprocess
 import sys
@@ -469,6 +470,37 @@ def test_sidecar_command_line_commits_then_is_fenced(cluster: Cluster) -> None:
             proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+    # What it committed is where the next compute starts.
+    rc = cluster.start_compute(tenant, timeline)
+    assert rc.compute.sql("SELECT i FROM t") == [(1,)]
+
+
+def test_sidecar_process_runs_as_endpoint_start_runs_it(cluster: Cluster) -> None:
+    """`Cluster.start_compute_process` (what bench/safekeepers.py measures): the sidecar's
+    supervisor and the walproposer it forks in a session of their own, not the test's
+    (with autogroups, a sidecar in the test's or bench's session would share one CPU share
+    with it and pgbench); commits go through the quorum in pull mode; SIGTERM stops the
+    walproposer and PostgreSQL, as `strata endpoint stop` does."""
+    cluster.pull = True
+    tenant, timeline = cluster.create_tenant()
+    sc = cluster.start_compute_process(tenant, timeline, pageserver_http=True)
+    proc = sc.sidecar.proc
+    assert proc is not None and sc.sidecar_exited() is None
+    assert os.getsid(proc.pid) == proc.pid != os.getsid(0), (proc.pid, os.getsid(0))
+    children = [int(pid) for pid in
+                Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(children) == 1, children  # the forked walproposer, in the same session
+    assert os.getsid(children[0]) == proc.pid
+    assert "walproposer" in sc.sidecar.log_text()
+    sc.compute.sql("CREATE TABLE t (i int)")
+    sc.compute.sql("INSERT INTO t VALUES (1)")  # returns once a majority has it
+    assert sc.compute.sql("SELECT application_name, sync_state FROM pg_stat_replication "
+                          "WHERE application_name LIKE 'sk%' ORDER BY 1") == \
+        [("sk1", "quorum"), ("sk2", "quorum"), ("sk3", "quorum")]
+    assert sc.sidecar.stop() == 0
+    wait_until(lambda: not sc.compute.is_running(), 10, "the sidecar's stop to stop PostgreSQL")
+    assert not Path(f"/proc/{children[0]}").exists()
+    assert sc.sidecar_exited() is not None
     # What it committed is where the next compute starts.
     rc = cluster.start_compute(tenant, timeline)
     assert rc.compute.sql("SELECT i FROM t") == [(1,)]
