@@ -833,9 +833,26 @@ async def serve(config: PageserverConfig) -> None:
 
 def lower_priority(nice: int) -> None:
     """Raise this thread's nice value to `nice` (never lower it: that needs privileges).
-    Called before any other thread starts, so every thread and child inherits it."""
+    Called before any other thread starts, so every thread and child inherits it.
+
+    With sched_autogroup (Linux's default where it is built in) the scheduler shares the
+    CPU between sessions first and a thread's nice counts only within its session: the
+    pageserver leads a session of its own (`strata start`, the test fixtures), so the
+    nice is set on its session's autogroup too, or it would not yield to the commit path's
+    other processes at all (docs/walproposer.md, "The commit latency tail")."""
     if nice > os.getpriority(os.PRIO_PROCESS, 0):
         os.setpriority(os.PRIO_PROCESS, 0, nice)
+    autogroup = Path("/proc/self/autogroup")
+    if nice > 0 and os.getsid(0) == os.getpid() and autogroup.exists():
+        # "/autogroup-N nice M" (empty in the root task group: nothing to set); raising
+        # it needs no privilege, lowering it does
+        fields = autogroup.read_text().split()
+        if fields and nice > int(fields[-1]):
+            try:
+                autogroup.write_text(f"{nice}\n")
+            except OSError as err:
+                log.info("cannot set the pageserver's autogroup nice to %d: %s", nice,
+                         err.strerror)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
