@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from strata.common.errors import CorruptionError, UserError
 from strata.common.lsn import Lsn
+from strata.pg import walreader
 from strata.pg.constants import RmgrId
 from strata.pg.walreader import DecodedRecord, WalStreamDecoder, read_wal_files
 
@@ -379,3 +380,58 @@ def test_start_and_end_bounds(tmp_path: Path) -> None:
         assert [r.lsn for r in got] == [r.lsn for r in records[i:]]
     got = list(read_wal_files(tmp_path, Lsn(records[7].lsn + 4)))  # mid-record
     assert [r.lsn for r in got] == [r.lsn for r in records[8:]]
+
+
+def _in_page_record_bytes() -> list[tuple[int, bytes]]:
+    """(lsn, bytes) of the fixture's records that lie within one page."""
+    data = _fixture()[2]
+    return [(r.lsn, data[r.lsn - BASE:r.lsn - BASE + r.tot_len]) for r in all_records()
+            if r.lsn >> 13 == (r.lsn + r.tot_len - 1) >> 13]
+
+
+@cache
+def _usual_records() -> tuple[tuple[int, bytes], ...]:
+    """The fixture's records that the one-unpack path decodes (one block, compressed image
+    with a hole): most of a Strata compute's WAL."""
+    return tuple((lsn, rec) for lsn, rec in _in_page_record_bytes()
+                 if len(rec) >= walreader._USUAL_END
+                 and walreader._decode_usual(lsn, rec, *_header(rec)) is not None)
+
+
+def _header(rec: bytes) -> tuple[int, int, int, int, int]:
+    tot_len, xid, prev, info, rmid, _crc = walreader._RECORD_HEADER.unpack_from(rec, 0)
+    return tot_len, xid, prev, info, rmid
+
+
+def test_the_usual_records_take_the_one_unpack_path_and_decode_as_the_general_path() -> None:
+    usual = _usual_records()
+    assert len(usual) > len(all_records()) // 4, (len(usual), len(all_records()))
+    for lsn, rec in usual:
+        assert walreader._decode_usual(lsn, rec, *_header(rec)) == \
+            walreader._decode_general(lsn, rec, *_header(rec))
+
+
+@given(st.data())
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_one_unpack_path_accepts_only_what_the_general_path_decodes_alike(
+        data: st.DataObject) -> None:
+    """Damage the headers of a usual record (block, image, rel, main data headers and
+    lengths): the one-unpack path either declines (None) or returns what the general path
+    returns; where the general path raises, it declines."""
+    lsn, rec = data.draw(st.sampled_from(_usual_records()))
+    buf = bytearray(rec)
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(walreader.SIZE_OF_XLOG_RECORD, walreader._USUAL_END - 1))
+        buf[at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, 2))  # a shorter record too (tot_len follows)
+    damaged = bytes(buf[:len(buf) - cut])
+    tot_len = len(damaged)
+    _, xid, prev, info, rmid = _header(damaged)
+    usual = walreader._decode_usual(lsn, damaged, tot_len, xid, prev, info, rmid)
+    try:
+        general: DecodedRecord | None = walreader._decode_general(lsn, damaged, tot_len, xid,
+                                                                  prev, info, rmid)
+    except walreader.WalCorruption:
+        general = None
+    if usual is not None:
+        assert usual == general

@@ -69,6 +69,13 @@ _BLOCK_HEADER = struct.Struct("<BH")
 _IMAGE_HEADER = struct.Struct("<HHB")
 # RelFileNode (spcNode, dbNode, relNode) followed by the BlockNumber.
 _REL_AND_BLOCK = struct.Struct("<IIII")
+# The usual record, read in one go (`_decode_usual`): block 0's header, its image header with a
+# hole length (a compressed image with a hole), its RelFileNode and block number, then the
+# short main data header: block_id, fork_flags, data_length, bimg length, hole_offset,
+# bimg_info, hole_length, spcnode, dbnode, relnode, blkno, XLR_BLOCK_ID_DATA_SHORT, main length.
+_USUAL = struct.Struct("<BBHHHBHIIIIBB")
+_USUAL_END = SIZE_OF_XLOG_RECORD + _USUAL.size  # where its image begins
+_IMAGE_NEW_REL = BKPBLOCK_HAS_IMAGE | BKPBLOCK_SAME_REL  # masked: has an image, names its rel
 
 _PAGE_MASK = XLOG_BLCKSZ - 1
 _MAX_RMID = max(RMGR_NAMES)  # custom rmgrs (128..255) need extensions; Strata has none (D1)
@@ -184,6 +191,16 @@ def decode_record(lsn: int, rec: bytes) -> DecodedRecord:
     if google_crc32c.extend(google_crc32c.value(rec[SIZE_OF_XLOG_RECORD:]), rec[:20]) != crc:
         raise _corrupt(lsn, f"incorrect resource manager data checksum in record "
                             f"(xl_crc {crc:#010x}); the WAL is damaged")
+    if tot_len >= _USUAL_END:
+        usual = _decode_usual(lsn, rec, tot_len, xid, prev, info, rmid)
+        if usual is not None:
+            return usual
+    return _decode_general(lsn, rec, tot_len, xid, prev, info, rmid)
+
+
+def _decode_general(lsn: int, rec: bytes, tot_len: int, xid: int, prev: int, info: int,
+                    rmid: int) -> DecodedRecord:
+    """`DecodeXLogRecord` for any record (its CRC checked): every header and length checked."""
     blocks: list[BlockRef] = []
     pos = SIZE_OF_XLOG_RECORD
     remaining = tot_len - SIZE_OF_XLOG_RECORD
@@ -292,6 +309,36 @@ def decode_record(lsn: int, rec: bytes) -> DecodedRecord:
     assert pos + main_len == tot_len, (pos, main_len, tot_len)
     return DecodedRecord(lsn, 0, tot_len, xid, prev, info, rmid, blocks, main_data,
                          origin, toplevel_xid, fpi_len)
+
+
+def _decode_usual(lsn: int, rec: bytes, tot_len: int, xid: int, prev: int, info: int,
+                  rmid: int) -> DecodedRecord | None:
+    """The usual record of a Strata compute (wal_consistency_checking = all, compressed
+    images), decoded with one unpack: one block reference (block 0, its own RelFileNode, a
+    compressed image with a hole, data or none), then short main data. None when `rec` is
+    not exactly that or fails any check: `decode_record`'s general path then decodes it
+    (and raises what it finds wrong), so this path returns only what that one would.
+    """
+    (block_id, fork_flags, data_len, bimg_len, hole_offset, bimg_info, hole_length, spc, db,
+     rel, blkno, main_id, main_len) = _USUAL.unpack_from(rec, SIZE_OF_XLOG_RECORD)
+    if (block_id != 0 or main_id != XLR_BLOCK_ID_DATA_SHORT
+            or fork_flags & _IMAGE_NEW_REL != BKPBLOCK_HAS_IMAGE
+            or not bimg_info & BKPIMAGE_HAS_HOLE or not bimg_info & BKPIMAGE_COMPRESSED_MASK
+            # _check_image's checks for a compressed image with a hole:
+            or hole_offset == 0 or hole_length == 0 or bimg_len == BLCKSZ
+            or hole_offset + hole_length > BLCKSZ
+            # BKPBLOCK_HAS_DATA if and only if there is data:
+            or (data_len == 0) == bool(fork_flags & BKPBLOCK_HAS_DATA)
+            or _USUAL_END + bimg_len + data_len + main_len != tot_len):
+        return None
+    data_at = _USUAL_END + bimg_len
+    main_at = data_at + data_len
+    block = BlockRef(0, spc, db, rel, fork_flags & BKPBLOCK_FORK_MASK, blkno, fork_flags, True,
+                     bool(bimg_info & BKPIMAGE_APPLY), bool(fork_flags & BKPBLOCK_WILL_INIT),
+                     data_len != 0, bimg_info, hole_offset, hole_length,
+                     rec[_USUAL_END:data_at], rec[data_at:main_at] if data_len else b"")
+    return DecodedRecord(lsn, 0, tot_len, xid, prev, info, rmid, [block], rec[main_at:],
+                         0, 0, bimg_len)
 
 
 def _check_image(lsn: int, block_id: int, bimg_len: int, hole_offset: int, hole_length: int,
@@ -555,8 +602,11 @@ class WalStreamDecoder:
         if tot_len < SIZE_OF_XLOG_RECORD or tot_len > _MAX_RECORD_LEN:
             raise _corrupt(lsn, f"invalid record length: wanted at least {SIZE_OF_XLOG_RECORD}, "
                                 f"got xl_tot_len {tot_len}")
-        if lsn + SIZE_OF_XLOG_RECORD <= page_end and off + SIZE_OF_XLOG_RECORD <= len(buf):
-            self._check_header(lsn, buf, off)  # before waiting for a huge, bogus record
+        if (lsn + SIZE_OF_XLOG_RECORD <= page_end and off + SIZE_OF_XLOG_RECORD <= len(buf)
+                and (buf[off + 17] > _MAX_RMID or self._last_lsn is None)):
+            # Before waiting for a huge, bogus record. (With a previous record, the only
+            # check is xl_rmid's: the prev-link is checked against that record after CRC.)
+            self._check_header(lsn, buf, off)
         if lsn + tot_len <= page_end:
             if off + tot_len > len(buf):
                 return None
