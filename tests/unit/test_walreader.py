@@ -4,6 +4,7 @@ consistently, bad input raises a CorruptionError naming the LSN, never garbage o
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -389,49 +390,92 @@ def _in_page_record_bytes() -> list[tuple[int, bytes]]:
             if r.lsn >> 13 == (r.lsn + r.tot_len - 1) >> 13]
 
 
+def _general(lsn: int, rec: bytes) -> DecodedRecord:
+    tot_len, xid, prev, info, rmid, _crc = walreader._RECORD_HEADER.unpack_from(rec, 0)
+    return walreader._decode_general(lsn, rec, tot_len, xid, prev, info, rmid)
+
+
+def _with_crc(rec: bytes | bytearray) -> bytes:
+    out = bytearray(rec)
+    struct.pack_into("<I", out, 20, google_crc32c.extend(google_crc32c.value(bytes(out[24:])),
+                                                         bytes(out[:20])))
+    return bytes(out)
+
+
 @cache
 def _usual_records() -> tuple[tuple[int, bytes], ...]:
-    """The fixture's records that the one-unpack path decodes (one block, compressed image
-    with a hole): most of a Strata compute's WAL."""
-    return tuple((lsn, rec) for lsn, rec in _in_page_record_bytes()
-                 if len(rec) >= walreader._USUAL_END
-                 and walreader._decode_usual(lsn, rec, *_header(rec)) is not None)
-
-
-def _header(rec: bytes) -> tuple[int, int, int, int, int]:
-    tot_len, xid, prev, info, rmid, _crc = walreader._RECORD_HEADER.unpack_from(rec, 0)
-    return tot_len, xid, prev, info, rmid
+    """The fixture's records that `decode_record` decodes with one unpack (one block,
+    compressed image with a hole): without `_decode_general`, they still decode."""
+    usual = []
+    records = _in_page_record_bytes()
+    general = walreader._decode_general
+    try:
+        walreader._decode_general = None  # type: ignore[assignment]
+        for lsn, rec in records:
+            try:
+                walreader.decode_record(lsn, rec)
+            except TypeError:  # it called _decode_general
+                continue
+            usual.append((lsn, rec))
+    finally:
+        walreader._decode_general = general
+    return tuple(usual)
 
 
 def test_the_usual_records_take_the_one_unpack_path_and_decode_as_the_general_path() -> None:
     usual = _usual_records()
     assert len(usual) > len(all_records()) // 4, (len(usual), len(all_records()))
     for lsn, rec in usual:
-        assert walreader._decode_usual(lsn, rec, *_header(rec)) == \
-            walreader._decode_general(lsn, rec, *_header(rec))
+        assert walreader.decode_record(lsn, rec) == _general(lsn, rec)
+
+
+def _decoded_or_error(decode: Callable[[int, bytes], DecodedRecord], lsn: int,
+                      rec: bytes) -> DecodedRecord | str:
+    try:
+        return decode(lsn, rec)
+    except walreader.WalCorruption as err:
+        return str(err)
+
+
+def test_the_one_unpack_path_and_the_general_path_agree_on_every_bit_flip() -> None:
+    """Each bit of a usual record's block, image, rel and main data headers flipped, and
+    each pair of bytes zeroed (the CRC made right again): `decode_record` decodes or fails
+    as the general path does."""
+    for lsn, rec in _usual_records()[:3]:
+        for at in range(walreader.SIZE_OF_XLOG_RECORD, walreader._USUAL_END):
+            for bit in range(9):
+                buf = bytearray(rec)
+                if bit < 8:
+                    buf[at] ^= 1 << bit
+                else:
+                    buf[at:at + 2] = b"\0\0"
+                damaged = _with_crc(buf)
+                assert _decoded_or_error(walreader.decode_record, lsn, damaged) == \
+                    _decoded_or_error(_general, lsn, damaged), (at, bit)
 
 
 @given(st.data())
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_the_one_unpack_path_accepts_only_what_the_general_path_decodes_alike(
-        data: st.DataObject) -> None:
+def test_the_one_unpack_path_decodes_or_fails_as_the_general_path(data: st.DataObject) -> None:
     """Damage the headers of a usual record (block, image, rel, main data headers and
-    lengths): the one-unpack path either declines (None) or returns what the general path
-    returns; where the general path raises, it declines."""
+    lengths; the CRC made right again): `decode_record` returns what the general path
+    returns, or raises the same error."""
     lsn, rec = data.draw(st.sampled_from(_usual_records()))
     buf = bytearray(rec)
     for _ in range(data.draw(st.integers(1, 3))):
         at = data.draw(st.integers(walreader.SIZE_OF_XLOG_RECORD, walreader._USUAL_END - 1))
         buf[at] = data.draw(st.integers(0, 255))
-    cut = data.draw(st.integers(0, 2))  # a shorter record too (tot_len follows)
-    damaged = bytes(buf[:len(buf) - cut])
-    tot_len = len(damaged)
-    _, xid, prev, info, rmid = _header(damaged)
-    usual = walreader._decode_usual(lsn, damaged, tot_len, xid, prev, info, rmid)
-    try:
-        general: DecodedRecord | None = walreader._decode_general(lsn, damaged, tot_len, xid,
-                                                                  prev, info, rmid)
-    except walreader.WalCorruption:
-        general = None
-    if usual is not None:
-        assert usual == general
+    cut = data.draw(st.integers(0, 2))  # a shorter record too (xl_tot_len follows)
+    del buf[len(buf) - cut:]
+    struct.pack_into("<I", buf, 0, len(buf))
+    damaged = _with_crc(buf)
+    assert _decoded_or_error(walreader.decode_record, lsn, damaged) == \
+        _decoded_or_error(_general, lsn, damaged)
+
+
+def test_a_block_ref_slices_to_its_page_address() -> None:
+    """Ingest keys its cache with `block[1:6]`: BlockRef's field order says what that is."""
+    blocks = [b for r in all_records() for b in r.blocks]
+    assert blocks
+    for b in blocks:
+        assert b[1:6] == (b.spcnode, b.dbnode, b.relnode, b.forknum, b.blkno)

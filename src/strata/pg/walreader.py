@@ -21,6 +21,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import google_crc32c
 
@@ -69,12 +70,13 @@ _BLOCK_HEADER = struct.Struct("<BH")
 _IMAGE_HEADER = struct.Struct("<HHB")
 # RelFileNode (spcNode, dbNode, relNode) followed by the BlockNumber.
 _REL_AND_BLOCK = struct.Struct("<IIII")
-# The usual record, read in one go (`_decode_usual`): block 0's header, its image header with a
-# hole length (a compressed image with a hole), its RelFileNode and block number, then the
-# short main data header: block_id, fork_flags, data_length, bimg length, hole_offset,
-# bimg_info, hole_length, spcnode, dbnode, relnode, blkno, XLR_BLOCK_ID_DATA_SHORT, main length.
-_USUAL = struct.Struct("<BBHHHBHIIIIBB")
-_USUAL_END = SIZE_OF_XLOG_RECORD + _USUAL.size  # where its image begins
+# The usual record (`decode_record`), read in one go: the record header (as _RECORD_HEADER),
+# block 0's header, its image header with a hole length (a compressed image with a hole), its
+# RelFileNode and block number, then the short main data header: block_id, fork_flags,
+# data_length, bimg length, hole_offset, bimg_info, hole_length, spcnode, dbnode, relnode,
+# blkno, XLR_BLOCK_ID_DATA_SHORT, main length.
+_USUAL = struct.Struct("<IIQBBxxI" "BBHHHBHIIIIBB")
+_USUAL_END = _USUAL.size  # where its image begins
 _IMAGE_NEW_REL = BKPBLOCK_HAS_IMAGE | BKPBLOCK_SAME_REL  # masked: has an image, names its rel
 
 _PAGE_MASK = XLOG_BLCKSZ - 1
@@ -85,9 +87,13 @@ _RM_XLOG_ID = 0
 _TIMELINE = 1
 
 
-@dataclass(slots=True)
-class BlockRef:
-    """One block reference of a record (`DecodedBkpBlock` in xlogreader.h)."""
+class BlockRef(NamedTuple):
+    """One block reference of a record (`DecodedBkpBlock` in xlogreader.h).
+
+    A NamedTuple: the decoder makes one per block reference with `_new_block` (tuple.__new__,
+    half the cost of a dataclass's __init__), and `block[1:6]` is the block's
+    (spcnode, dbnode, relnode, forknum, blkno), as ingest keys its cache.
+    """
 
     block_id: int
     spcnode: int
@@ -115,6 +121,11 @@ class BlockRef:
     @property
     def compressed(self) -> bool:
         return bool(self.bimg_info & BKPIMAGE_COMPRESSED_MASK)
+
+
+# BlockRef(...) runs NamedTuple's __new__ (a Python function); the decoder's hot path builds
+# the tuple directly: _new_block(BlockRef, (the 16 fields in order)).
+_new_block = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -184,24 +195,59 @@ def decode_record(lsn: int, rec: bytes) -> DecodedRecord:
     Follows `ValidXLogRecord` and `DecodeXLogRecord` (xlogreader.c): the block headers come
     first, then the images and block data in block order, then the main data; every length
     is checked against the record's length. `end_lsn` is left as 0 for the caller to set.
+
+    The usual record of a Strata compute (wal_consistency_checking = all, compressed images:
+    three in four) is decoded here with one unpack: block 0 with its own RelFileNode and a
+    compressed image with a hole (data or none), then short main data. Any other record, or
+    one that fails any check below, goes to `_decode_general`, which raises what it finds
+    wrong: this path returns only what that one would return.
     """
-    tot_len, xid, prev, info, rmid, crc = _RECORD_HEADER.unpack_from(rec, 0)
-    assert tot_len == len(rec), (tot_len, len(rec))
-    # CRC-32C over the payload, then over the header up to xl_crc (postgres15.md sec 3).
+    tot_len = len(rec)
+    if tot_len < _USUAL_END:
+        tot_len, xid, prev, info, rmid, crc = _RECORD_HEADER.unpack_from(rec, 0)
+        assert tot_len == len(rec), (tot_len, len(rec))
+        _check_crc(lsn, rec, crc)
+        return _decode_general(lsn, rec, tot_len, xid, prev, info, rmid)
+    (xl_tot_len, xid, prev, info, rmid, crc, block_id, fork_flags, data_len, bimg_len,
+     hole_offset, bimg_info, hole_length, spc, db, rel, blkno, main_id,
+     main_len) = _USUAL.unpack_from(rec, 0)
+    assert xl_tot_len == tot_len, (xl_tot_len, tot_len)
+    _check_crc(lsn, rec, crc)
+    if (block_id != 0 or main_id != XLR_BLOCK_ID_DATA_SHORT
+            or fork_flags & _IMAGE_NEW_REL != BKPBLOCK_HAS_IMAGE
+            or not bimg_info & BKPIMAGE_HAS_HOLE or not bimg_info & BKPIMAGE_COMPRESSED_MASK
+            # _check_image's checks for a compressed image with a hole:
+            or hole_offset == 0 or hole_length == 0 or bimg_len == BLCKSZ
+            or hole_offset + hole_length > BLCKSZ
+            # BKPBLOCK_HAS_DATA if and only if there is data:
+            or (data_len == 0) == bool(fork_flags & BKPBLOCK_HAS_DATA)
+            or _USUAL_END + bimg_len + data_len + main_len != tot_len):
+        return _decode_general(lsn, rec, tot_len, xid, prev, info, rmid)
+    data_at = _USUAL_END + bimg_len
+    main_at = data_at + data_len
+    block = _new_block(BlockRef, (
+        0, spc, db, rel, fork_flags & BKPBLOCK_FORK_MASK, blkno, fork_flags, True,
+        bool(bimg_info & BKPIMAGE_APPLY), bool(fork_flags & BKPBLOCK_WILL_INIT), data_len != 0,
+        bimg_info, hole_offset, hole_length, rec[_USUAL_END:data_at],
+        rec[data_at:main_at] if data_len else b""))
+    return DecodedRecord(lsn, 0, tot_len, xid, prev, info, rmid, [block], rec[main_at:],
+                         0, 0, bimg_len)
+
+
+def _check_crc(lsn: int, rec: bytes, crc: int) -> None:
+    """`ValidXLogRecord`: CRC-32C over the payload, then over the header up to xl_crc
+    (postgres15.md sec 3)."""
     if google_crc32c.extend(google_crc32c.value(rec[SIZE_OF_XLOG_RECORD:]), rec[:20]) != crc:
         raise _corrupt(lsn, f"incorrect resource manager data checksum in record "
                             f"(xl_crc {crc:#010x}); the WAL is damaged")
-    if tot_len >= _USUAL_END:
-        usual = _decode_usual(lsn, rec, tot_len, xid, prev, info, rmid)
-        if usual is not None:
-            return usual
-    return _decode_general(lsn, rec, tot_len, xid, prev, info, rmid)
 
 
 def _decode_general(lsn: int, rec: bytes, tot_len: int, xid: int, prev: int, info: int,
                     rmid: int) -> DecodedRecord:
     """`DecodeXLogRecord` for any record (its CRC checked): every header and length checked."""
-    blocks: list[BlockRef] = []
+    # Each block's fields but its image and data, in block order (those follow all headers).
+    heads: list[tuple[int, int, int, int, int, int, int, bool, bool, bool, bool, int, int,
+                      int]] = []
     pos = SIZE_OF_XLOG_RECORD
     remaining = tot_len - SIZE_OF_XLOG_RECORD
     datatotal = 0
@@ -281,11 +327,11 @@ def _decode_general(lsn: int, rec: bytes, tot_len: int, xid: int, prev: int, inf
                 blkno = _U32.unpack_from(rec, pos)[0]
                 pos += 4
                 remaining -= 4
-            blocks.append(BlockRef(
+            heads.append((
                 block_id, spc, db, rel, fork_flags & BKPBLOCK_FORK_MASK, blkno, fork_flags,
                 has_image, bool(bimg_info & BKPIMAGE_APPLY),
                 bool(fork_flags & BKPBLOCK_WILL_INIT), has_data, bimg_info, hole_offset,
-                hole_length, b"", b""))
+                hole_length))
             lengths.append(bimg_len)
             lengths.append(data_len)
     except (IndexError, struct.error):
@@ -295,50 +341,23 @@ def _decode_general(lsn: int, rec: bytes, tot_len: int, xid: int, prev: int, inf
         raise _corrupt(lsn, f"record with invalid length {tot_len}: headers say "
                             f"{datatotal} payload bytes, {remaining} remain")
     fpi_len = 0
-    for i, block in enumerate(blocks):
+    blocks: list[BlockRef] = []
+    for i, head in enumerate(heads):
+        image = data = b""
         n = lengths[2 * i]
         if n:
-            block.image = rec[pos:pos + n]
+            image = rec[pos:pos + n]
             fpi_len += n
             pos += n
         n = lengths[2 * i + 1]
         if n:
-            block.data = rec[pos:pos + n]
+            data = rec[pos:pos + n]
             pos += n
+        blocks.append(_new_block(BlockRef, (*head, image, data)))
     main_data = rec[pos:pos + main_len]
     assert pos + main_len == tot_len, (pos, main_len, tot_len)
     return DecodedRecord(lsn, 0, tot_len, xid, prev, info, rmid, blocks, main_data,
                          origin, toplevel_xid, fpi_len)
-
-
-def _decode_usual(lsn: int, rec: bytes, tot_len: int, xid: int, prev: int, info: int,
-                  rmid: int) -> DecodedRecord | None:
-    """The usual record of a Strata compute (wal_consistency_checking = all, compressed
-    images), decoded with one unpack: one block reference (block 0, its own RelFileNode, a
-    compressed image with a hole, data or none), then short main data. None when `rec` is
-    not exactly that or fails any check: `decode_record`'s general path then decodes it
-    (and raises what it finds wrong), so this path returns only what that one would.
-    """
-    (block_id, fork_flags, data_len, bimg_len, hole_offset, bimg_info, hole_length, spc, db,
-     rel, blkno, main_id, main_len) = _USUAL.unpack_from(rec, SIZE_OF_XLOG_RECORD)
-    if (block_id != 0 or main_id != XLR_BLOCK_ID_DATA_SHORT
-            or fork_flags & _IMAGE_NEW_REL != BKPBLOCK_HAS_IMAGE
-            or not bimg_info & BKPIMAGE_HAS_HOLE or not bimg_info & BKPIMAGE_COMPRESSED_MASK
-            # _check_image's checks for a compressed image with a hole:
-            or hole_offset == 0 or hole_length == 0 or bimg_len == BLCKSZ
-            or hole_offset + hole_length > BLCKSZ
-            # BKPBLOCK_HAS_DATA if and only if there is data:
-            or (data_len == 0) == bool(fork_flags & BKPBLOCK_HAS_DATA)
-            or _USUAL_END + bimg_len + data_len + main_len != tot_len):
-        return None
-    data_at = _USUAL_END + bimg_len
-    main_at = data_at + data_len
-    block = BlockRef(0, spc, db, rel, fork_flags & BKPBLOCK_FORK_MASK, blkno, fork_flags, True,
-                     bool(bimg_info & BKPIMAGE_APPLY), bool(fork_flags & BKPBLOCK_WILL_INIT),
-                     data_len != 0, bimg_info, hole_offset, hole_length,
-                     rec[_USUAL_END:data_at], rec[data_at:main_at] if data_len else b"")
-    return DecodedRecord(lsn, 0, tot_len, xid, prev, info, rmid, [block], rec[main_at:],
-                         0, 0, bimg_len)
 
 
 def _check_image(lsn: int, block_id: int, bimg_len: int, hole_offset: int, hole_length: int,
