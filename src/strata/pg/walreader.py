@@ -77,6 +77,11 @@ _REL_AND_BLOCK = struct.Struct("<IIII")
 # blkno, XLR_BLOCK_ID_DATA_SHORT, main length.
 _USUAL = struct.Struct("<IIQBBxxI" "BBHHHBHIIIIBB")
 _USUAL_END = _USUAL.size  # where its image begins
+# Or, where _USUAL read block 1's id instead of the main data's, block 1 naming the same
+# relation (`_decode_two`), read from its fork_flags on: fork_flags, data_length, bimg
+# length, hole_offset, bimg_info, hole_length, blkno, XLR_BLOCK_ID_DATA_SHORT, main length.
+_TWO = struct.Struct("<BHHHBHIBB")
+_TWO_END = _USUAL_END - 1 + _TWO.size  # where block 0's image begins
 _IMAGE_NEW_REL = BKPBLOCK_HAS_IMAGE | BKPBLOCK_SAME_REL  # masked: has an image, names its rel
 
 _PAGE_MASK = XLOG_BLCKSZ - 1
@@ -213,15 +218,21 @@ def decode_record(lsn: int, rec: bytes) -> DecodedRecord:
      main_len) = _USUAL.unpack_from(rec, 0)
     assert xl_tot_len == tot_len, (xl_tot_len, tot_len)
     _check_crc(lsn, rec, crc)
-    if (block_id != 0 or main_id != XLR_BLOCK_ID_DATA_SHORT
-            or fork_flags & _IMAGE_NEW_REL != BKPBLOCK_HAS_IMAGE
+    if (block_id != 0 or fork_flags & _IMAGE_NEW_REL != BKPBLOCK_HAS_IMAGE
             or not bimg_info & BKPIMAGE_HAS_HOLE or not bimg_info & BKPIMAGE_COMPRESSED_MASK
             # _check_image's checks for a compressed image with a hole:
             or hole_offset == 0 or hole_length == 0 or bimg_len == BLCKSZ
             or hole_offset + hole_length > BLCKSZ
             # BKPBLOCK_HAS_DATA if and only if there is data:
-            or (data_len == 0) == bool(fork_flags & BKPBLOCK_HAS_DATA)
-            or _USUAL_END + bimg_len + data_len + main_len != tot_len):
+            or (data_len == 0) == bool(fork_flags & BKPBLOCK_HAS_DATA)):
+        return _decode_general(lsn, rec, tot_len, xid, prev, info, rmid)
+    if main_id != XLR_BLOCK_ID_DATA_SHORT:
+        if main_id == 1 and tot_len >= _TWO_END:
+            return _decode_two(lsn, rec, tot_len, xid, prev, info, rmid, fork_flags, data_len,
+                               bimg_len, hole_offset, bimg_info, hole_length, spc, db, rel,
+                               blkno)
+        return _decode_general(lsn, rec, tot_len, xid, prev, info, rmid)
+    if _USUAL_END + bimg_len + data_len + main_len != tot_len:
         return _decode_general(lsn, rec, tot_len, xid, prev, info, rmid)
     data_at = _USUAL_END + bimg_len
     main_at = data_at + data_len
@@ -232,6 +243,43 @@ def decode_record(lsn: int, rec: bytes) -> DecodedRecord:
         rec[data_at:main_at] if data_len else b""))
     return DecodedRecord(lsn, 0, tot_len, xid, prev, info, rmid, [block], rec[main_at:],
                          0, 0, bimg_len)
+
+
+def _decode_two(lsn: int, rec: bytes, tot_len: int, xid: int, prev: int, info: int, rmid: int,
+                fork_flags: int, data_len: int, bimg_len: int, hole_offset: int,
+                bimg_info: int, hole_length: int, spc: int, db: int, rel: int,
+                blkno: int) -> DecodedRecord:
+    """`decode_record`'s usual block 0 (checked there) followed by block 1 of the same
+    relation with a compressed image with a hole, then short main data: a heap update to
+    another page. Anything else, or a failed check, goes to `_decode_general`."""
+    (fork_flags1, data_len1, bimg_len1, hole_offset1, bimg_info1, hole_length1, blkno1,
+     main_id, main_len) = _TWO.unpack_from(rec, _USUAL_END - 1)
+    if (fork_flags1 & _IMAGE_NEW_REL != _IMAGE_NEW_REL or main_id != XLR_BLOCK_ID_DATA_SHORT
+            or not bimg_info1 & BKPIMAGE_HAS_HOLE or not bimg_info1 & BKPIMAGE_COMPRESSED_MASK
+            # _check_image's checks for a compressed image with a hole:
+            or hole_offset1 == 0 or hole_length1 == 0 or bimg_len1 == BLCKSZ
+            or hole_offset1 + hole_length1 > BLCKSZ
+            # BKPBLOCK_HAS_DATA if and only if there is data:
+            or (data_len1 == 0) == bool(fork_flags1 & BKPBLOCK_HAS_DATA)
+            or _TWO_END + bimg_len + data_len + bimg_len1 + data_len1 + main_len != tot_len):
+        return _decode_general(lsn, rec, tot_len, xid, prev, info, rmid)
+    data_at = _TWO_END + bimg_len
+    image1_at = data_at + data_len
+    data1_at = image1_at + bimg_len1
+    main_at = data1_at + data_len1
+    blocks = [
+        _new_block(BlockRef, (
+            0, spc, db, rel, fork_flags & BKPBLOCK_FORK_MASK, blkno, fork_flags, True,
+            bool(bimg_info & BKPIMAGE_APPLY), bool(fork_flags & BKPBLOCK_WILL_INIT),
+            data_len != 0, bimg_info, hole_offset, hole_length, rec[_TWO_END:data_at],
+            rec[data_at:image1_at] if data_len else b"")),
+        _new_block(BlockRef, (
+            1, spc, db, rel, fork_flags1 & BKPBLOCK_FORK_MASK, blkno1, fork_flags1, True,
+            bool(bimg_info1 & BKPIMAGE_APPLY), bool(fork_flags1 & BKPBLOCK_WILL_INIT),
+            data_len1 != 0, bimg_info1, hole_offset1, hole_length1, rec[image1_at:data1_at],
+            rec[data1_at:main_at] if data_len1 else b""))]
+    return DecodedRecord(lsn, 0, tot_len, xid, prev, info, rmid, blocks, rec[main_at:],
+                         0, 0, bimg_len + bimg_len1)
 
 
 def _check_crc(lsn: int, rec: bytes, crc: int) -> None:
