@@ -475,11 +475,3 @@ def test_the_one_unpack_path_decodes_or_fails_as_the_general_path(data: st.DataO
     damaged = _with_crc(buf)
     assert _decoded_or_error(walreader.decode_record, lsn, damaged) == \
         _decoded_or_error(_general, lsn, damaged)
-
-
-def test_a_block_ref_slices_to_its_page_address() -> None:
-    """Ingest keys its cache with `block[1:6]`: BlockRef's field order says what that is."""
-    blocks = [b for r in all_records() for b in r.blocks]
-    assert blocks
-    for b in blocks:
-        assert b[1:6] == (b.spcnode, b.dbnode, b.relnode, b.forknum, b.blkno)

@@ -408,10 +408,11 @@ class WalIngest:
         keys = self._block_keys
         gist = record.rmid == RmgrId.GIST
         for block in record.blocks:
-            where = block[1:6]  # (spcnode, dbnode, relnode, forknum, blkno): BlockRef's order
-            rel_key = keys.get(where)
+            rel_key = keys.get((block.spcnode, block.dbnode, block.relnode, block.forknum,
+                                block.blkno))
             if rel_key is None:
-                rel_key = self._block_key(*where)
+                rel_key = self._block_key(block.spcnode, block.dbnode, block.relnode,
+                                          block.forknum, block.blkno)
             fixup = gist and is_gist_left_child(record.rmid, record.info, block.block_id)
             tl.put_rel_page_encoded(
                 rel_key[0], block.blkno, rel_key[1], lsn,

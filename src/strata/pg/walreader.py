@@ -21,7 +21,6 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import google_crc32c
 
@@ -92,13 +91,9 @@ _RM_XLOG_ID = 0
 _TIMELINE = 1
 
 
-class BlockRef(NamedTuple):
-    """One block reference of a record (`DecodedBkpBlock` in xlogreader.h).
-
-    A NamedTuple: the decoder makes one per block reference with `_new_block` (tuple.__new__,
-    half the cost of a dataclass's __init__), and `block[1:6]` is the block's
-    (spcnode, dbnode, relnode, forknum, blkno), as ingest keys its cache.
-    """
+@dataclass(slots=True)
+class BlockRef:
+    """One block reference of a record (`DecodedBkpBlock` in xlogreader.h)."""
 
     block_id: int
     spcnode: int
@@ -128,9 +123,6 @@ class BlockRef(NamedTuple):
         return bool(self.bimg_info & BKPIMAGE_COMPRESSED_MASK)
 
 
-# BlockRef(...) runs NamedTuple's __new__ (a Python function); the decoder's hot path builds
-# the tuple directly: _new_block(BlockRef, (the 16 fields in order)).
-_new_block = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -236,11 +228,11 @@ def decode_record(lsn: int, rec: bytes) -> DecodedRecord:
         return _decode_general(lsn, rec, tot_len, xid, prev, info, rmid)
     data_at = _USUAL_END + bimg_len
     main_at = data_at + data_len
-    block = _new_block(BlockRef, (
+    block = BlockRef(
         0, spc, db, rel, fork_flags & BKPBLOCK_FORK_MASK, blkno, fork_flags, True,
         bool(bimg_info & BKPIMAGE_APPLY), bool(fork_flags & BKPBLOCK_WILL_INIT), data_len != 0,
         bimg_info, hole_offset, hole_length, rec[_USUAL_END:data_at],
-        rec[data_at:main_at] if data_len else b""))
+        rec[data_at:main_at] if data_len else b"")
     return DecodedRecord(lsn, 0, tot_len, xid, prev, info, rmid, [block], rec[main_at:],
                          0, 0, bimg_len)
 
@@ -268,16 +260,16 @@ def _decode_two(lsn: int, rec: bytes, tot_len: int, xid: int, prev: int, info: i
     data1_at = image1_at + bimg_len1
     main_at = data1_at + data_len1
     blocks = [
-        _new_block(BlockRef, (
+        BlockRef(
             0, spc, db, rel, fork_flags & BKPBLOCK_FORK_MASK, blkno, fork_flags, True,
             bool(bimg_info & BKPIMAGE_APPLY), bool(fork_flags & BKPBLOCK_WILL_INIT),
             data_len != 0, bimg_info, hole_offset, hole_length, rec[_TWO_END:data_at],
-            rec[data_at:image1_at] if data_len else b"")),
-        _new_block(BlockRef, (
+            rec[data_at:image1_at] if data_len else b""),
+        BlockRef(
             1, spc, db, rel, fork_flags1 & BKPBLOCK_FORK_MASK, blkno1, fork_flags1, True,
             bool(bimg_info1 & BKPIMAGE_APPLY), bool(fork_flags1 & BKPBLOCK_WILL_INIT),
             data_len1 != 0, bimg_info1, hole_offset1, hole_length1, rec[image1_at:data1_at],
-            rec[data1_at:main_at] if data_len1 else b""))]
+            rec[data1_at:main_at] if data_len1 else b"")]
     return DecodedRecord(lsn, 0, tot_len, xid, prev, info, rmid, blocks, rec[main_at:],
                          0, 0, bimg_len + bimg_len1)
 
@@ -401,7 +393,7 @@ def _decode_general(lsn: int, rec: bytes, tot_len: int, xid: int, prev: int, inf
         if n:
             data = rec[pos:pos + n]
             pos += n
-        blocks.append(_new_block(BlockRef, (*head, image, data)))
+        blocks.append(BlockRef(*head, image, data))
     main_data = rec[pos:pos + main_len]
     assert pos + main_len == tot_len, (pos, main_len, tot_len)
     return DecodedRecord(lsn, 0, tot_len, xid, prev, info, rmid, blocks, main_data,
