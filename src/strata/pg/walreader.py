@@ -123,8 +123,6 @@ class BlockRef:
         return bool(self.bimg_info & BKPIMAGE_COMPRESSED_MASK)
 
 
-
-
 @dataclass(slots=True)
 class DecodedRecord:
     """One WAL record: header fields, block refs and main data. LSNs are plain ints."""
