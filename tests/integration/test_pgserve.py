@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import uvloop
 
 from polling import wait_until_async
 from strata.common.errors import NotFound, ProtocolError
@@ -74,6 +75,16 @@ async def handler(session: Session, sql: str) -> Rows | Command | CopyOut | Copy
                 await stream.write(b"first")
                 raise NotFound("layer file for key 7 is gone")
             return CopyOut(fail_midway)
+        case ["closed"]:
+            async def write_after_close(stream: CopyStream) -> None:
+                await stream.write(b"first")
+                # The transport closed under the handler, as the loop closes it when a
+                # read or a write on it failed (the client was killed), before the
+                # handler's next write.
+                stream._conn.writer.transport.abort()  # noqa: SLF001
+                await asyncio.sleep(0.05)
+                await stream.write(b"second")
+            return CopyBoth(write_after_close)
         case ["echo"]:
             async def echo(stream: CopyStream) -> None:
                 while (data := await stream.read()) is not None:
@@ -463,6 +474,41 @@ def test_client_reset_mid_copy_logs_no_error(query: str,
 
     with caplog.at_level("DEBUG"):
         asyncio.run(scenario())
+    problems = [r for r in caplog.records if r.levelno >= 30 or r.exc_info]
+    assert problems == [], [r.getMessage() for r in problems]
+    assert any("went away" in r.getMessage() or "lost" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop],
+                         ids=["asyncio", "uvloop"])
+def test_a_copy_writing_to_a_client_that_is_gone_logs_no_error(
+        loop_factory: Callable[[], asyncio.AbstractEventLoop],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A copy handler that writes on its own schedule (a safekeeper's walsender) after the
+    loop closed the transport of a client that was killed: with uvloop (the services' loop)
+    the write raised RuntimeError, which ended the copy with an ERROR and a traceback
+    (seen in CI: test_pageserver_kill9_with_a_torn_wal_log_tail); it is the client going
+    away, one INFO line, and the server goes on serving."""
+
+    async def scenario() -> None:
+        srv = PgProtocolServer(handler, host="127.0.0.1", port=0)
+        await srv.start()
+        try:
+            conn = await PgConnection.connect("127.0.0.1", srv.port, user="u")
+            conn.send_nowait(wire.Query("closed").encode())
+            await asyncio.sleep(0.2)
+            conn.abort()
+            await wait_until_async(lambda: not srv._tasks, 30,  # noqa: SLF001
+                                   "the connection task to end")
+            other = await PgConnection.connect("127.0.0.1", srv.port, user="u")
+            assert (await other.simple_query("select 1")).rows == [("1",)]
+            await other.close()
+        finally:
+            await srv.stop(grace_s=0.1)
+
+    with caplog.at_level("DEBUG"), asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(scenario())
     problems = [r for r in caplog.records if r.levelno >= 30 or r.exc_info]
     assert problems == [], [r.getMessage() for r in problems]
     assert any("went away" in r.getMessage() or "lost" in r.getMessage()

@@ -193,6 +193,10 @@ class CopyStream:
     async def write(self, *payloads: bytes) -> None:
         """Send CopyData (one per payload, in one socket write) and wait for the socket
         buffer to drain (backpressure)."""
+        if self._conn.writer.is_closing():
+            # The loop closed the transport (a read or a write on it failed: the client
+            # was killed); uvloop's write would raise RuntimeError, not an OSError.
+            raise self._gone(ConnectionResetError("the connection is closed"))
         try:
             self._conn.write(*(wire.CopyData(p) for p in payloads))
             await self._conn.drain()
